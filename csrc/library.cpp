@@ -1,0 +1,17 @@
+// Schemas of every jitrope operator, in one TORCH_LIBRARY block. Kernels live beside each op:
+// csrc/cpu/<op>_cpu.cpp, csrc/cuda/<op>_cuda.cu, csrc/autograd/<op>_autograd.cpp; the C++
+// entry with argument checks is csrc/ops/<op>.cpp.
+#include <torch/library.h>
+
+TORCH_LIBRARY(jitrope, m) {
+  // Factorized 2D position add (SPEC §3).
+  m.def(
+      "pos2d_add(Tensor x, Tensor pos_h, Tensor pos_w, int[2] grid, int token_offset=0, "
+      "int row_offset=0, int col_offset=0) -> Tensor");
+  m.def(
+      "pos2d_add_(Tensor(a!) x, Tensor pos_h, Tensor pos_w, int[2] grid, int token_offset=0, "
+      "int row_offset=0, int col_offset=0) -> Tensor(a!)");
+  // Fused 2D rotary embedding (SPEC §2).
+  m.def("rope2d(Tensor x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor");
+  m.def("rope2d_(Tensor(a!) x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor(a!)");
+}

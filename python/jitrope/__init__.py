@@ -1,0 +1,48 @@
+"""jitrope: fused 2D positional-encoding ops (2D RoPE, factorized 2D position add) and a JiT
+diffusion transformer built from them.
+
+Importing the package loads the C++/CUDA extension ``jitrope._C``, which registers the
+``torch.ops.jitrope.*`` operators. Without it, everything still runs with the pure-PyTorch
+references (``pos_impl="torch"``), and a warning says so.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__version__ = "0.1.0"
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.jitrope.*)
+
+    HAS_EXTENSION = True
+    EXTENSION_ERROR: str | None = None
+except ImportError as e:  # not built, or built against another torch
+    HAS_EXTENSION = False
+    EXTENSION_ERROR = str(e)
+    warnings.warn(
+        "jitrope: the C++/CUDA extension jitrope._C could not be loaded "
+        f"({e}); the fused ops are unavailable and models fall back to pos_impl='torch'. "
+        "Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_cuda_kernels() -> bool:
+    """True when the loaded extension was built with its CUDA kernels."""
+    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("jitrope::pos2d_add", "CUDA")
+
+
+if HAS_EXTENSION and not has_cuda_kernels():
+    warnings.warn(
+        "jitrope: this build of the extension has CPU kernels only (built with JITROPE_CPU_ONLY=1, "
+        "without nvcc, or against a CPU build of torch); CUDA tensors will not run the fused ops.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+from . import ops, reference, rope  # noqa: E402
+
+__all__ = ["ops", "reference", "rope", "HAS_EXTENSION", "has_cuda_kernels", "__version__"]

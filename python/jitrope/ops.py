@@ -1,0 +1,98 @@
+"""Python entry points of jitrope's fused operators (SPEC.md §2, §3).
+
+Thin wrappers over ``torch.ops.jitrope.*``. The kernels (CPU, CUDA) and the autograd formulas
+are C++ (csrc/), so the ops train the same way from LibTorch; this module adds the fake
+(meta) kernels that let ``torch.compile`` trace them, and documents the API.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import HAS_EXTENSION, EXTENSION_ERROR
+
+__all__ = ["rope2d", "rope2d_", "pos2d_add", "pos2d_add_"]
+
+
+def _require_extension(name: str) -> None:
+    if not HAS_EXTENSION:
+        raise RuntimeError(
+            f"jitrope.ops.{name}: the C++ extension jitrope._C is not loaded ({EXTENSION_ERROR}); "
+            "build it with `pip install --no-build-isolation -e .` or use the reference in "
+            "jitrope.reference (pos_impl='torch')."
+        )
+
+
+def _check_inplace(name: str, x: Tensor) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            f"jitrope.ops.{name}: the in-place op is for inference; x requires grad, so call the "
+            f"out-of-place {name[:-1]} (or run under torch.no_grad())."
+        )
+
+
+def rope2d(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True) -> Tensor:
+    """Rotate channel pairs of ``x: [..., H, N, D]`` by 2D angles (fused 2D RoPE).
+
+    Args:
+        x: float16/bfloat16/float32/float64 ``[..., H, N, D]``, D even, any strides (a q/k view of
+            a fused qkv projection, e.g. ``[2, B, H, N, D]``, is read in place without a copy).
+        coords: float ``[N, 2]`` per-token (row y, column x); fractional values are fine and
+            (0, 0) leaves a token unrotated (class / register tokens).
+        freqs: float ``[2, D/2]`` shared by all heads or ``[H, 2, D/2]`` per head; differentiable
+            (learned "mixed" frequencies).
+        interleaved: pairs are channels (2m, 2m+1) (EVA-02 / JiT) if True, else (m, m + D/2).
+
+    Pair m of token n in head h turns by ``coords[n,0]*freqs[h,0,m] + coords[n,1]*freqs[h,1,m]``,
+    computed in float32 (float64 for float64 x). Returns a new tensor shaped like ``x``.
+    """
+    _require_extension("rope2d")
+    return torch.ops.jitrope.rope2d.default(x, coords, freqs, interleaved)
+
+
+def rope2d_(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True) -> Tensor:
+    """In-place :func:`rope2d` for inference; returns ``x``."""
+    _require_extension("rope2d_")
+    _check_inplace("rope2d_", x)
+    torch.ops.jitrope.rope2d_.default(x, coords, freqs, interleaved)
+    return x
+
+
+def pos2d_add(
+    x: Tensor,
+    pos_h: Tensor,
+    pos_w: Tensor,
+    grid: Sequence[int],
+    *,
+    token_offset: int = 0,
+    row_offset: int = 0,
+    col_offset: int = 0,
+) -> Tensor:
+    """Add a factorized 2D position embedding to a grid of tokens of ``x: [B, N, D]``.
+
+    Token ``t = token_offset + i * gw + j`` (row i, column j of ``grid = (gh, gw)``) gets
+    ``pos_h[row_offset + i] + pos_w[col_offset + j]``; all other tokens (prefix tokens, other
+    segments) are copied unchanged. ``pos_h: [max_h, D]`` and ``pos_w: [max_w, D]`` have x's dtype
+    and device. Gradients reach x, pos_h and pos_w (reduced in float32, deterministically).
+    """
+    _require_extension("pos2d_add")
+    return torch.ops.jitrope.pos2d_add.default(x, pos_h, pos_w, list(grid), token_offset, row_offset, col_offset)
+
+
+def pos2d_add_(
+    x: Tensor,
+    pos_h: Tensor,
+    pos_w: Tensor,
+    grid: Sequence[int],
+    *,
+    token_offset: int = 0,
+    row_offset: int = 0,
+    col_offset: int = 0,
+) -> Tensor:
+    """In-place :func:`pos2d_add` for inference; returns ``x``."""
+    _require_extension("pos2d_add_")
+    _check_inplace("pos2d_add_", x)
+    torch.ops.jitrope.pos2d_add_.default(x, pos_h, pos_w, list(grid), token_offset, row_offset, col_offset)
+    return x

@@ -1,0 +1,79 @@
+"""Builds jitrope's Python extension jitrope._C from csrc/sources.txt (the list CMake reads too).
+
+CUDA kernels are built when torch is a CUDA build and nvcc is found, unless JITROPE_CPU_ONLY=1.
+TORCH_CUDA_ARCH_LIST is honoured; by default it covers sm_80..sm_90 plus PTX.
+"""
+import os
+import glob
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def read_sources():
+    lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
+    return [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+
+
+def _find_cuda_home():
+    # torch guesses CUDA_HOME from the folder of `nvcc` on PATH, which is wrong when that is a
+    # wrapper in /usr/local/bin; prefer the toolkit's standard location.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for home in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if Path(home, "bin", "nvcc").exists():
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+def make_extensions():
+    _find_cuda_home()
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    cpu_only = os.environ.get("JITROPE_CPU_ONLY", "0") not in ("", "0")
+    with_cuda = not cpu_only and torch.version.cuda is not None and CUDA_HOME is not None
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0+PTX"
+    print(
+        f"jitrope: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
+        + (f" for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "")
+    )
+
+    sources = [s for s in read_sources() if with_cuda or not s.endswith(".cu")]
+    sources.append("csrc/python_module.cpp")
+    macros = []
+    cxx = ["-O3", "-fdiagnostics-color=always"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    if with_cuda:
+        macros.append(("JITROPE_WITH_CUDA", "1"))
+    ext = (CUDAExtension if with_cuda else CppExtension)(
+        name="jitrope._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc")],
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        py_limited_api=True,
+    )
+    return [ext]
+
+
+def cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="jitrope",
+    version="0.1.0",
+    description="Fused 2D RoPE and factorized 2D position ops for a JiT diffusion transformer",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=make_extensions(),
+    cmdclass=cmdclass(),
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    python_requires=">=3.9",
+)
