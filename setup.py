@@ -49,10 +49,16 @@ def make_extensions():
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     if with_cuda:
         macros.append(("JITROPE_WITH_CUDA", "1"))
+    include_dirs = [str(ROOT / "csrc")]
+    if with_cuda:
+        # ATen's CUDA headers include cuSPARSE/cuBLAS headers; a minimal toolkit lacks them and
+        # the torch wheel's nvidia/* packages provide them.
+        site = Path(torch.__file__).resolve().parent.parent
+        include_dirs += sorted(glob.glob(str(site / "nvidia" / "*" / "include")))
     ext = (CUDAExtension if with_cuda else CppExtension)(
         name="jitrope._C",
         sources=sources,
-        include_dirs=[str(ROOT / "csrc")],
+        include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
         py_limited_api=True,
