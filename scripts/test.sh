@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up a machine and runs every test: pytest (ops, model, training) and the GoogleTest binary
+# through ctest. CUDA tests run where a GPU is present and are skipped otherwise.
+#   bash scripts/test.sh            # everything
+#   bash scripts/test.sh -k rope2d  # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+bash scripts/install_deps.sh
+bash scripts/build.sh
+export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== pytest"
+python -m pytest -q "$@"
+
+echo "== GoogleTest (ctest)"
+cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > build/cmake-configure.log 2>&1 \
+  || { cat build/cmake-configure.log; exit 1; }
+cmake --build build/cmake -j "$(nproc)"
+ctest --test-dir build/cmake --output-on-failure -j "$(nproc)"
