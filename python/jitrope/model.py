@@ -1,0 +1,665 @@
+"""JiT ("Just image Transformer", Li & He 2025) with a swappable positional encoding (SPEC.md §5, §6).
+
+The architecture follows the official ``model_jit.py``: bottleneck patch embedding, adaLN-Zero
+blocks with RMSNorm (eps 1e-6, float32), attention with qkv bias and qk-norm *then* RoPE, a SwiGLU
+MLP with a fused ``w12``, a timestep embedder and a label embedding with a null class, in-context
+class tokens from ``in_context_start`` and a zero-initialised final layer. Added here: a condition
+image (its own patch embedding; tokens appended from block 0, dropped before the final layer) and
+the positional encodings of :mod:`jitrope.posenc`, chosen by ``JiTConfig.pos_embed``.
+
+    cfg = JiTConfig.preset("JiT-S/4", pos_embed="rope2d", cond_img_size=32)
+    model = JiT(cfg)
+    x_pred = model(z, t, y, cond=cond_img, cond_drop=drop_mask)   # [B, 3, 64, 64]
+
+Classifier-free guidance: the trainer drops labels by passing ``y = cfg.num_classes`` (the null
+class, ``model.null_class``) and drops condition images with ``cond_drop`` (a ``[B]`` bool mask);
+``cond=None`` uses the null condition for the whole batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .posenc import (
+    POS_EMBEDS,
+    SCALINGS,
+    OpImpl,
+    PosEncGeometry,
+    SeqLayout,
+    build_pos_encoding,
+    check_pos_embed,
+    resolve_impl,
+)
+
+__all__ = [
+    "JiTConfig",
+    "JiT",
+    "JiTBlock",
+    "Attention",
+    "SwiGLUFFN",
+    "RMSNorm",
+    "QKNorm",
+    "BottleneckPatchEmbed",
+    "TimestepEmbedder",
+    "LabelEmbedder",
+    "FinalLayer",
+    "PRESETS",
+]
+
+
+# Paper presets (ImageNet, 256 tokens: 256px at patch 16, 512px at patch 32) and the small ones of
+# this project. Bottleneck 48 at patch 4 is 3*4*4: a patch has only 48 values to compress.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "JiT-B/16": dict(img_size=256, patch_size=16, depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128,
+                     in_context_len=32, in_context_start=4, num_classes=1000),
+    "JiT-B/32": dict(img_size=512, patch_size=32, depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128,
+                     in_context_len=32, in_context_start=4, num_classes=1000),
+    "JiT-L/16": dict(img_size=256, patch_size=16, depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128,
+                     in_context_len=32, in_context_start=8, num_classes=1000),
+    "JiT-L/32": dict(img_size=512, patch_size=32, depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128,
+                     in_context_len=32, in_context_start=8, num_classes=1000),
+    "JiT-H/16": dict(img_size=256, patch_size=16, depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256,
+                     in_context_len=32, in_context_start=10, num_classes=1000, proj_dropout=0.2),
+    "JiT-H/32": dict(img_size=512, patch_size=32, depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256,
+                     in_context_len=32, in_context_start=10, num_classes=1000, proj_dropout=0.2),
+    # 64x64 at patch 4: the problem statement's 16x16 grid of 256 tokens (+64 for a 32x32 condition).
+    "JiT-S/4": dict(img_size=64, patch_size=4, depth=12, hidden_size=384, num_heads=6, bottleneck_dim=48,
+                    in_context_len=32, in_context_start=4, num_classes=9),
+    "JiT-T/4": dict(img_size=64, patch_size=4, depth=12, hidden_size=192, num_heads=3, bottleneck_dim=48,
+                    in_context_len=32, in_context_start=4, num_classes=9),
+    # CPU-sized, 32x32 at patch 4 (8x8 grid).
+    "JiT-T/4-32": dict(img_size=32, patch_size=4, depth=12, hidden_size=192, num_heads=3, bottleneck_dim=48,
+                       in_context_len=8, in_context_start=4, num_classes=9),
+    "JiT-XT/4-32": dict(img_size=32, patch_size=4, depth=6, hidden_size=128, num_heads=2, bottleneck_dim=48,
+                        in_context_len=8, in_context_start=2, num_classes=9),
+    # Trains in seconds on a CPU (tests): 16x16 images, 4x4 grid.
+    "tiny": dict(img_size=16, patch_size=4, depth=2, hidden_size=64, num_heads=2, bottleneck_dim=16,
+                 in_context_len=4, in_context_start=1, num_classes=9),
+}
+
+_CHOICES = {
+    "pos_impl": ("fused", "torch"),
+    "pos_scaling": SCALINGS,
+    "null_cond": ("learned", "zeros"),
+    "attn_impl": ("sdpa", "fp32"),
+}
+
+
+@dataclass
+class JiTConfig:
+    """Every knob of :class:`JiT`; the defaults are the ``JiT-S/4`` preset with the paper's encoding.
+
+    Positional encoding: ``pos_embed`` (SPEC §5: learned1d | sincos2d | factorized2d | rope2d |
+    rope2d_mixed | sincos2d+rope2d), ``pos_impl`` (fused | torch), ``pos_scaling`` (how grids other
+    than the training one are placed: extrapolate | interpolate), ``pos_max_grid`` /
+    ``pos_max_cond_grid`` (factorized2d table sizes; default twice the training grids).
+    Condition image: ``cond_img_size`` (None = none), its patch size (default ``patch_size``) and
+    bottleneck, ``null_cond`` (learned | zeros). ``attn_impl``: sdpa (``F.scaled_dot_product_attention``)
+    or fp32 (the original's float32 logits by hand).
+    """
+
+    img_size: int = 64
+    patch_size: int = 4
+    in_channels: int = 3
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    bottleneck_dim: int = 48
+    num_classes: int = 9
+    in_context_len: int = 32
+    in_context_start: int = 4
+    attn_dropout: float = 0.0
+    proj_dropout: float = 0.0
+    pos_embed: str = "sincos2d+rope2d"
+    pos_impl: str = "fused"
+    pos_scaling: str = "extrapolate"
+    pos_max_grid: Optional[Tuple[int, int]] = None
+    pos_max_cond_grid: Optional[Tuple[int, int]] = None
+    rope_theta: float = 10000.0
+    cond_img_size: Optional[int] = None
+    cond_patch_size: Optional[int] = None
+    cond_in_channels: int = 3
+    cond_bottleneck_dim: Optional[int] = None
+    null_cond: str = "learned"
+    attn_impl: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        for name in ("pos_max_grid", "pos_max_cond_grid"):
+            v = getattr(self, name)
+            if v is not None:
+                if isinstance(v, int):
+                    v = (v, v)
+                v = tuple(int(a) for a in v)
+                if len(v) != 2:
+                    raise ValueError(f"{name} must be (max_h, max_w), got {getattr(self, name)!r}")
+                setattr(self, name, v)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field."""
+
+        def positive(*names):
+            for n in names:
+                if not (isinstance(getattr(self, n), int) and getattr(self, n) > 0):
+                    raise ValueError(f"{n} must be a positive integer, got {getattr(self, n)!r}")
+
+        positive("img_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "bottleneck_dim",
+                 "num_classes", "cond_in_channels")
+        for field, choices in _CHOICES.items():
+            if getattr(self, field) not in choices:
+                raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {list(POS_EMBEDS)}, got {self.pos_embed!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        check_pos_embed(self.pos_embed, width=self.hidden_size, num_heads=self.num_heads)
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        for n in ("attn_dropout", "proj_dropout"):
+            if not 0.0 <= getattr(self, n) < 1.0:
+                raise ValueError(f"{n} must be in [0, 1), got {getattr(self, n)}")
+        if self.in_context_len < 0:
+            raise ValueError(f"in_context_len must be >= 0, got {self.in_context_len}")
+        if self.in_context_len > 0 and not 0 <= self.in_context_start < self.depth:
+            raise ValueError(
+                f"in_context_start must be in [0, depth={self.depth}) when in_context_len > 0, "
+                f"got {self.in_context_start}"
+            )
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ValueError(f"rope_theta must be positive and finite, got {self.rope_theta}")
+        if self.pos_max_grid is not None and any(m < g for m, g in zip(self.pos_max_grid, self.grid)):
+            raise ValueError(f"pos_max_grid {self.pos_max_grid} must cover the training grid {self.grid}")
+        if self.cond_img_size is not None:
+            if not (isinstance(self.cond_img_size, int) and self.cond_img_size > 0):
+                raise ValueError(f"cond_img_size must be a positive integer or None, got {self.cond_img_size!r}")
+            for n in ("cond_patch_size", "cond_bottleneck_dim"):
+                v = getattr(self, n)
+                if v is not None and not (isinstance(v, int) and v > 0):
+                    raise ValueError(f"{n} must be a positive integer or None, got {v!r}")
+            if self.cond_img_size % self.cond_patch:
+                raise ValueError(
+                    f"cond_img_size ({self.cond_img_size}) must be a multiple of cond_patch_size ({self.cond_patch})"
+                )
+            cg = self.cond_grid
+            if self.pos_max_cond_grid is not None and any(m < g for m, g in zip(self.pos_max_cond_grid, cg)):
+                raise ValueError(f"pos_max_cond_grid {self.pos_max_cond_grid} must cover the condition grid {cg}")
+
+    # Derived geometry.
+    @property
+    def grid(self) -> Tuple[int, int]:
+        g = self.img_size // self.patch_size
+        return (g, g)
+
+    @property
+    def cond_patch(self) -> int:
+        return self.cond_patch_size or self.patch_size
+
+    @property
+    def cond_grid(self) -> Optional[Tuple[int, int]]:
+        if self.cond_img_size is None:
+            return None
+        g = self.cond_img_size // self.cond_patch
+        return (g, g)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        # The official SwiGLUFFN: int(int(width * mlp_ratio) * 2 / 3), e.g. 2048 for width 768.
+        return int(int(self.hidden_size * self.mlp_ratio) * 2 / 3)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "JiTConfig":
+        """A named preset (:data:`PRESETS`) with fields replaced by ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown JiT preset {name!r}; known: {list(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "JiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown JiTConfig field(s): {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# ----------------------------------------------------------------------------------- layers
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (the official JiT / LLaMA one), returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """The q_norm and k_norm RMSNorms over head_dim, applied to the stacked ``[2, B, H, N, D]`` pair.
+
+    One call for both keeps q and k in one tensor, which ``rope2d`` then rotates in one call.
+    Row 0 of ``weight`` is q's scale, row 1 k's.
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2, head_dim))
+        self.eps = eps
+
+    def forward(self, qk: Tensor) -> Tensor:
+        h = qk.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.view(2, *([1] * (qk.dim() - 2)), -1)
+        return (w * h).to(qk.dtype)
+
+
+class BottleneckPatchEmbed(nn.Module):
+    """Conv p x p (in -> bottleneck, no bias) then 1x1 Conv (-> width): a low-rank patch projection."""
+
+    def __init__(self, patch_size: int, in_chans: int, bottleneck_dim: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj1 = nn.Conv2d(in_chans, bottleneck_dim, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.proj2 = nn.Conv2d(bottleneck_dim, embed_dim, kernel_size=1, stride=1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # [B, gh*gw, D], row-major
+
+    def reset_parameters(self) -> None:
+        # Like nn.Linear over the flattened kernels (official init), not Conv2d's default.
+        nn.init.xavier_uniform_(self.proj1.weight.view(self.proj1.weight.shape[0], -1))
+        nn.init.xavier_uniform_(self.proj2.weight.view(self.proj2.weight.shape[0], -1))
+        nn.init.zeros_(self.proj2.bias)
+
+
+class TimestepEmbedder(nn.Module):
+    """256 sinusoidal features of raw t in [0, 1], then Linear-SiLU-Linear (weights std 0.02)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+        if dim % 2:
+            emb = torch.cat((emb, torch.zeros_like(emb[:, :1])), dim=-1)
+        return emb
+
+    def forward(self, t: Tensor) -> Tensor:
+        # Features in float32; handed to the MLP in its parameter dtype (float64 for gradcheck).
+        emb = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """``Embedding(num_classes + 1, D)``; the last row (label ``num_classes``) is the null class."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.embedding_table(labels)
+
+
+def attention_fp32(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """The official JiT attention: logits and softmax in float32 outside autocast (stabler in bf16)."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = (q.float() @ k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        attn = logits.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p, training=True)
+    return attn.to(v.dtype) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with qkv bias, qk-norm, then 2D RoPE on the q/k pair in one call."""
+
+    def __init__(self, dim: int, num_heads: int, *, rope_fn, attn_impl: str = "sdpa",
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.qk_norm = QKNorm(self.head_dim)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rope_fn = rope_fn
+        self.attn_impl = attn_impl
+
+    def forward(self, x: Tensor, coords: Optional[Tensor] = None, freqs: Optional[Tensor] = None) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3,B,H,N,D] view
+        qk = self.qk_norm(qkv[:2])
+        if freqs is not None:
+            qk = self.rope_fn(qk, coords, freqs)  # one fused call for q and k, any strides
+        q, k = qk.unbind(0)
+        v = qkv[2]
+        p = self.attn_drop if self.training else 0.0
+        if self.attn_impl == "fp32":
+            out = attention_fp32(q, k, v, dropout_p=p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU MLP with the two input projections fused into one ``w12``."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=True)
+        self.w3 = nn.Linear(hidden_dim, dim, bias=True)
+        self.ffn_dropout = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(self.ffn_dropout(F.silu(x1) * x2))
+
+
+class JiTBlock(nn.Module):
+    """adaLN-Zero transformer block: ``x + gate * f(modulate(RMSNorm(x)))`` for attention and MLP.
+
+    ``coords``/``freqs`` are the RoPE inputs of this layer (None: the encoding has no rotary part).
+    """
+
+    def __init__(self, cfg: JiTConfig, *, rope_fn, attn_drop: float, proj_drop: float):
+        super().__init__()
+        w = cfg.hidden_size
+        self.norm1 = RMSNorm(w, eps=1e-6)
+        self.attn = Attention(w, cfg.num_heads, rope_fn=rope_fn, attn_impl=cfg.attn_impl,
+                              attn_drop=attn_drop, proj_drop=proj_drop)
+        self.norm2 = RMSNorm(w, eps=1e-6)
+        self.mlp = SwiGLUFFN(w, cfg.mlp_hidden, drop=proj_drop)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor, coords: Optional[Tensor] = None, freqs: Optional[Tensor] = None) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), coords, freqs)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm, adaLN (shift, scale) and a Linear to p*p*C pixel values per token; all zero-init."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = RMSNorm(hidden_size, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------------- model
+class JiT(nn.Module):
+    """Just image Transformer; ``forward(x, t, y, cond=None, *, cond_drop=None, pos_scaling=None)``.
+
+    Sequence ``[in-context (L_ctx, from block in_context_start) | image (gh*gw) | condition (ch*cw)]``
+    (SPEC §1), described by :meth:`sequence_layout`.
+    """
+
+    def __init__(self, cfg: JiTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        w = cfg.hidden_size
+        self.impl: OpImpl = resolve_impl(cfg.pos_impl)
+
+        self.t_embedder = TimestepEmbedder(w)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, w)
+        self.x_embedder = BottleneckPatchEmbed(cfg.patch_size, cfg.in_channels, cfg.bottleneck_dim, w)
+
+        self.cond_embedder: Optional[BottleneckPatchEmbed] = None
+        self.null_cond: Optional[nn.Parameter] = None
+        if cfg.cond_img_size is not None:
+            self.cond_embedder = BottleneckPatchEmbed(
+                cfg.cond_patch, cfg.cond_in_channels, cfg.cond_bottleneck_dim or cfg.bottleneck_dim, w
+            )
+            if cfg.null_cond == "learned":
+                # One vector for every null condition token: positions still tell them apart, and it
+                # works for any condition grid.
+                self.null_cond = nn.Parameter(torch.zeros(w))
+
+        self.in_context_posemb: Optional[nn.Parameter] = None
+        if cfg.in_context_len > 0:
+            self.in_context_posemb = nn.Parameter(torch.zeros(1, cfg.in_context_len, w))
+
+        gh, gw = cfg.grid
+        cg = cfg.cond_grid
+        geom = PosEncGeometry(
+            width=w,
+            num_heads=cfg.num_heads,
+            depth=cfg.depth,
+            grid=cfg.grid,
+            cond_grid=cg,
+            max_grid=cfg.pos_max_grid or (2 * gh, 2 * gw),
+            max_cond_grid=None if cg is None else (cfg.pos_max_cond_grid or (2 * cg[0], 2 * cg[1])),
+            theta=cfg.rope_theta,
+            impl=self.impl,
+        )
+        self.pos = build_pos_encoding(cfg.pos_embed, geom)
+
+        lo, hi = cfg.depth // 4, 3 * cfg.depth // 4  # dropout only in the middle half, as the original
+        self.blocks = nn.ModuleList(
+            JiTBlock(
+                cfg,
+                rope_fn=self.impl.rope2d,
+                attn_drop=cfg.attn_dropout if lo <= i < hi else 0.0,
+                proj_drop=cfg.proj_dropout if lo <= i < hi else 0.0,
+            )
+            for i in range(cfg.depth)
+        )
+        self.final_layer = FinalLayer(w, cfg.patch_size, cfg.in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official JiT / DiT initialisation (adaLN-Zero, zero final layer)."""
+
+        def _basic_init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(_basic_init)
+        self.x_embedder.reset_parameters()
+        if self.cond_embedder is not None:
+            self.cond_embedder.reset_parameters()
+        if self.null_cond is not None:
+            nn.init.normal_(self.null_cond, std=0.02)
+        if self.in_context_posemb is not None:
+            nn.init.normal_(self.in_context_posemb, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def null_class(self) -> int:
+        """The label that selects the null-class embedding (classifier-free guidance)."""
+        return self.cfg.num_classes
+
+    @property
+    def pos_impl(self) -> str:
+        """The op implementation actually in use ('torch' when 'fused' fell back)."""
+        return self.impl.name
+
+    # ------------------------------------------------------------------ sequence geometry
+    def sequence_layout(
+        self,
+        img_hw: Optional[Tuple[int, int]] = None,
+        cond_hw: Optional[Tuple[int, int]] = None,
+        *,
+        scaling: Optional[str] = None,
+    ) -> SeqLayout:
+        """Layout of the full sequence for an image of ``img_hw`` (default: the training size).
+
+        With a condition image configured, ``cond_hw=None`` means the null condition, whose grid
+        follows the image grid in the training ratio. ``layout.n_tokens`` is the length once the
+        in-context tokens are in (e.g. 32 + 256 + 64 for JiT-S/4 with a 32x32 condition).
+        """
+        cfg = self.cfg
+        scaling = scaling or cfg.pos_scaling
+        if scaling not in SCALINGS:
+            raise ValueError(f"pos_scaling must be one of {list(SCALINGS)}, got {scaling!r}")
+        H, W = img_hw if img_hw is not None else (cfg.img_size, cfg.img_size)
+        p = cfg.patch_size
+        if H % p or W % p or H <= 0 or W <= 0:
+            raise ValueError(f"image size {H}x{W} is not a positive multiple of patch_size={p}")
+        grid = (H // p, W // p)
+        cond_grid = None
+        if cfg.cond_img_size is not None:
+            if cond_hw is not None:
+                ch, cw = cond_hw
+                cp = cfg.cond_patch
+                if ch % cp or cw % cp or ch <= 0 or cw <= 0:
+                    raise ValueError(f"condition image size {ch}x{cw} is not a positive multiple of cond_patch_size={cp}")
+                cond_grid = (ch // cp, cw // cp)
+            else:
+                (th, tw), (tch, tcw) = cfg.grid, cfg.cond_grid
+                if (grid[0] * tch) % th or (grid[1] * tcw) % tw:
+                    raise ValueError(
+                        f"the null condition has no integer grid for image grid {grid} (training grids: "
+                        f"image {cfg.grid}, condition {cfg.cond_grid}); pass a condition image"
+                    )
+                cond_grid = (grid[0] * tch // th, grid[1] * tcw // tw)
+        elif cond_hw is not None:
+            raise ValueError("a condition image was given but the model has none (cond_img_size=None)")
+        return SeqLayout(grid, cond_grid, cfg.in_context_len, cfg.grid, cfg.cond_grid, scaling)
+
+    def rope_coords(self, layout: SeqLayout, *, with_context: bool = True, device=None) -> Optional[Tensor]:
+        """RoPE (row, column) of every token of ``layout`` (None when the encoding has no RoPE)."""
+        return self.pos.rope_coords(layout, layout.prefix if with_context else 0, device=device)
+
+    # ------------------------------------------------------------------ forward
+    def _cond_tokens(self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: SeqLayout,
+                     like: Tensor) -> Tensor:
+        B, _, D = like.shape
+        if self.null_cond is not None:
+            null = self.null_cond.to(like.dtype).expand(B, layout.n_cond, D)
+        else:
+            null = like.new_zeros(()).expand(B, layout.n_cond, D)
+        if cond is None:
+            return null
+        if cond.dim() != 4 or cond.shape[0] != B or cond.shape[1] != self.cfg.cond_in_channels:
+            raise ValueError(
+                f"cond must be [B={B}, {self.cfg.cond_in_channels}, Hc, Wc], got {tuple(cond.shape)}"
+            )
+        tokens = self.cond_embedder(cond).to(like.dtype)
+        if cond_drop is not None:
+            if cond_drop.shape != (B,) or cond_drop.dtype != torch.bool:
+                raise ValueError(f"cond_drop must be a [B={B}] bool tensor, got {cond_drop.dtype} {tuple(cond_drop.shape)}")
+            tokens = torch.where(cond_drop.view(B, 1, 1), null, tokens)
+        return tokens
+
+    def unpatchify(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+        """``[B, gh*gw, p*p*C]`` -> ``[B, C, gh*p, gw*p]``."""
+        p, c = self.cfg.patch_size, self.cfg.in_channels
+        gh, gw = grid
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, gh * p, gw * p)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Optional[Tensor] = None,
+        cond: Optional[Tensor] = None,
+        *,
+        cond_drop: Optional[Tensor] = None,
+        pos_scaling: Optional[str] = None,
+    ) -> Tensor:
+        """Predict the clean image.
+
+        Args:
+            x: noisy images ``[B, C, H, W]`` (H, W multiples of the patch size).
+            t: ``[B]`` (or a scalar) noise level in [0, 1], 1 = data.
+            y: ``[B]`` long class labels; ``num_classes`` (or ``y=None`` for all) is the null class.
+            cond: condition images ``[B, C, Hc, Wc]``, or None for the null condition.
+            cond_drop: ``[B]`` bool, True replaces that sample's condition by the null condition.
+            pos_scaling: override ``cfg.pos_scaling`` for this call (other grid sizes).
+        Returns:
+            x-prediction ``[B, C, H, W]``.
+        """
+        cfg = self.cfg
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        B = x.shape[0]
+        layout = self.sequence_layout(
+            tuple(x.shape[-2:]), None if cond is None else tuple(cond.shape[-2:]), scaling=pos_scaling
+        )
+        if t.dim() == 0:
+            t = t.expand(B)
+        if y is None:
+            y = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
+
+        y_emb = self.y_embedder(y)
+        c = self.t_embedder(t) + y_emb
+
+        h = self.x_embedder(x)
+        if self.cond_embedder is not None:
+            h = torch.cat((h, self._cond_tokens(cond, cond_drop, layout, h)), dim=1)
+        h = self.pos.add(h, layout)
+
+        L, start = cfg.in_context_len, cfg.in_context_start
+        coords = self.pos.rope_coords(layout, 0, device=x.device)
+        coords_ctx = self.pos.rope_coords(layout, L, device=x.device) if L > 0 else coords
+        for i, block in enumerate(self.blocks):
+            if L > 0 and i == start:
+                ctx = y_emb.unsqueeze(1).expand(-1, L, -1) + self.in_context_posemb
+                h = torch.cat((ctx.to(h.dtype), h), dim=1)
+            h = block(h, c, coords_ctx if (L > 0 and i >= start) else coords, self.pos.rope_freqs(i))
+
+        # Only image tokens reach the final layer: in-context and condition tokens are dropped.
+        n0 = L if L > 0 else 0
+        h = h[:, n0 : n0 + layout.n_image]
+        h = self.final_layer(h, c)
+        return self.unpatchify(h, layout.grid)

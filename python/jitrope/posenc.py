@@ -1,0 +1,473 @@
+"""Positional encodings of the JiT model, one class per ``JiTConfig.pos_embed`` value (SPEC.md §5).
+
+Every encoding has the same two hooks, so the model never asks which one it runs:
+
+* ``add(x, layout)``: the *additive* part, applied once to the token sequence
+  ``[image tokens | condition tokens]`` right after patch embedding;
+* ``rope_coords(layout, prefix)`` / ``rope_freqs(layer)``: the *rotary* part, the ``[N, 2]`` token
+  coordinates and the frequencies every attention layer hands to ``rope2d`` for its q/k pair.
+  ``None`` from both means "no rotation".
+
+An encoding is a :class:`PositionalEncoding` made of parts from :data:`PARTS`; :data:`POS_EMBEDS`
+maps each ``pos_embed`` value to its parts (``"sincos2d+rope2d"`` is the sin-cos table plus axial
+RoPE). The geometry of a call (grids, prefix, resize mode) travels in a :class:`SeqLayout`.
+
+Condition tokens carry real 2D positions under every encoding: aligned grid centres for RoPE and
+sin-cos (``rope.sequence_coords``), their own row/column tables for ``factorized2d``, their own
+slots for ``learned1d``. Other grid sizes than the training one follow ``SeqLayout.scaling``:
+``"extrapolate"`` uses integer positions beyond the training range (RoPE, sin-cos; ``factorized2d``
+up to its table size), ``"interpolate"`` maps the new grid onto the training range (RoPE and sin-cos
+at fractional coordinates, learned tables resampled bilinearly). ``learned1d`` cannot extrapolate
+and says so.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import HAS_EXTENSION, EXTENSION_ERROR, ops, reference
+from .rope import axial_freqs, sequence_coords
+
+__all__ = [
+    "SeqLayout",
+    "PosEncGeometry",
+    "OpImpl",
+    "resolve_impl",
+    "PosPart",
+    "Learned1D",
+    "SinCos2D",
+    "Factorized2D",
+    "Rope2D",
+    "Rope2DMixed",
+    "PositionalEncoding",
+    "PARTS",
+    "POS_EMBEDS",
+    "SCALINGS",
+    "build_pos_encoding",
+    "check_pos_embed",
+    "sincos_2d",
+]
+
+Grid = Tuple[int, int]
+SCALINGS = ("extrapolate", "interpolate")
+
+
+class SeqLayout(NamedTuple):
+    """Geometry of one model sequence ``[prefix (L_ctx) | image grid | condition grid]``.
+
+    ``grid``/``cond_grid`` are the token grids of this call, ``train_grid``/``train_cond_grid``
+    those the model was built for; ``scaling`` says how to place a grid that differs from the
+    training one (``"extrapolate"`` or ``"interpolate"``). A NamedTuple so torch.compile treats it
+    as plain constants.
+    """
+
+    grid: Grid
+    cond_grid: Optional[Grid]
+    prefix: int
+    train_grid: Grid
+    train_cond_grid: Optional[Grid]
+    scaling: str = "extrapolate"
+
+    @property
+    def n_image(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n_cond(self) -> int:
+        return 0 if self.cond_grid is None else self.cond_grid[0] * self.cond_grid[1]
+
+    @property
+    def n_tokens(self) -> int:
+        """Length of the sequence once the in-context (prefix) tokens are in."""
+        return self.prefix + self.n_image + self.n_cond
+
+    @property
+    def segments(self) -> Dict[str, Tuple[int, int]]:
+        """``{"context" | "image" | "cond": (start, end)}`` token ranges in the full sequence."""
+        a, b = self.prefix, self.prefix + self.n_image
+        return {"context": (0, a), "image": (a, b), "cond": (b, b + self.n_cond)}
+
+    @property
+    def at_train_size(self) -> bool:
+        return self.grid == self.train_grid and self.cond_grid == self.train_cond_grid
+
+    def ref_grid(self) -> Optional[Grid]:
+        """Grid that coordinates are laid onto: the training grid when interpolating, else none."""
+        return self.train_grid if self.scaling == "interpolate" else None
+
+    def coords(self, prefix: int = 0, *, device=None) -> Tensor:
+        """``[prefix + n_image + n_cond, 2]`` float32 (row, column) of every token (SPEC §2)."""
+        return sequence_coords(
+            self.grid, prefix=prefix, cond_grid=self.cond_grid, ref_grid=self.ref_grid(), device=device
+        )
+
+
+class PosEncGeometry(NamedTuple):
+    """What an encoding needs to know about the model to build its tables."""
+
+    width: int
+    num_heads: int
+    depth: int
+    grid: Grid
+    cond_grid: Optional[Grid]
+    max_grid: Grid  # row/column table sizes of factorized2d (image)
+    max_cond_grid: Optional[Grid]  # ... and of its condition tables
+    theta: float
+    impl: "OpImpl"
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+class OpImpl(NamedTuple):
+    """The two position ops, fused (``jitrope.ops``) or reference (``jitrope.reference``)."""
+
+    name: str
+    rope2d: Callable[..., Tensor]
+    pos2d_add: Callable[..., Tensor]
+
+
+_TORCH_IMPL = OpImpl("torch", reference.rope2d_ref, reference.pos2d_add_ref)
+_FUSED_IMPL = OpImpl("fused", ops.rope2d, ops.pos2d_add)
+_warned_fallback = False
+
+
+def resolve_impl(pos_impl: str) -> OpImpl:
+    """``"fused"`` -> the C++/CUDA ops, ``"torch"`` -> the references.
+
+    ``"fused"`` without a loadable extension falls back to the references and warns once per
+    process (SPEC §9): the numbers are the same, only slower.
+    """
+    global _warned_fallback
+    if pos_impl == "torch":
+        return _TORCH_IMPL
+    if pos_impl != "fused":
+        raise ValueError(f"pos_impl must be 'fused' or 'torch', got {pos_impl!r}")
+    if HAS_EXTENSION:
+        return _FUSED_IMPL
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"jitrope: pos_impl='fused' but the extension is not loaded ({EXTENSION_ERROR}); "
+            "using the pure-PyTorch reference ops (pos_impl='torch') instead.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _TORCH_IMPL
+
+
+def sincos_2d(coords: Tensor, dim: int, *, temperature: float = 10000.0) -> Tensor:
+    """MAE / DiT 2D sin-cos embedding evaluated at ``coords: [N, 2]`` (row, column) -> ``[N, dim]``.
+
+    Same layout as MAE's ``get_2d_sincos_pos_embed``: the first half of the channels encodes the
+    column, the second the row, each as ``[sin(p * w_k), cos(p * w_k)]`` with
+    ``w_k = temperature ** (-k / (dim / 4))``. Fractional coordinates are fine (aligned condition
+    tokens, interpolated grids). Computed in float64, returned as float32.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_2d: dim must be a multiple of 4, got {dim}")
+    q = dim // 4
+    omega = temperature ** (-torch.arange(q, dtype=torch.float64, device=coords.device) / q)
+    c = coords.to(torch.float64)
+
+    def one_axis(p: Tensor) -> Tensor:
+        out = p[:, None] * omega[None, :]
+        return torch.cat((out.sin(), out.cos()), dim=1)
+
+    return torch.cat((one_axis(c[:, 1]), one_axis(c[:, 0])), dim=1).to(torch.float32)
+
+
+def _resize_grid_table(table: Tensor, src: Grid, dst: Grid) -> Tensor:
+    """Bilinearly resample a row-major ``[src_h * src_w, D]`` table to ``[dst_h * dst_w, D]``.
+
+    ``align_corners=False`` samples at the same cell centres as ``rope.grid_coords(ref_grid=...)``,
+    so every interpolated encoding agrees on where a token sits.
+    """
+    if tuple(src) == tuple(dst):
+        return table
+    d = table.shape[-1]
+    img = table.reshape(1, src[0], src[1], d).permute(0, 3, 1, 2)
+    out = F.interpolate(img.float(), size=tuple(dst), mode="bilinear", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], d).to(table.dtype)
+
+
+def _resize_axis_table(table: Tensor, n: int) -> Tensor:
+    """Linearly resample a ``[m, D]`` table of positions along one axis to ``[n, D]`` (cell centres)."""
+    if table.shape[0] == n:
+        return table
+    out = F.interpolate(table.t()[None].float(), size=n, mode="linear", align_corners=False)
+    return out[0].t().to(table.dtype)
+
+
+class PosPart(nn.Module):
+    """One ingredient of a positional encoding. Subclasses override what they provide.
+
+    Class attributes declare the shape constraints the part puts on the model, checked by
+    :func:`check_pos_embed`: ``head_dim_multiple`` (RoPE splits a head into row/column quarters),
+    ``width_multiple`` (sin-cos splits the width into row/column sin/cos quarters).
+    """
+
+    rotary = False
+    head_dim_multiple = 1
+    width_multiple = 1
+
+    def __init__(self, geom: PosEncGeometry):
+        super().__init__()
+        self.geom_impl = geom.impl
+
+    def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        return x
+
+    def rope_coords(self, layout: SeqLayout, prefix: int, device=None) -> Optional[Tensor]:
+        return None
+
+    def rope_freqs(self, layer: int) -> Optional[Tensor]:
+        return None
+
+
+class Learned1D(PosPart):
+    """The seed's scheme: one learnable vector per token slot (std 0.02), added.
+
+    Condition tokens get their own slots after the image slots (the "extra handling" a fixed 1D
+    table needs for the 256 -> 320 sequence). The table only knows the training grid: another grid
+    raises unless ``scaling="interpolate"``, which resamples each segment's slots as a 2D grid.
+    """
+
+    def __init__(self, geom: PosEncGeometry):
+        super().__init__(geom)
+        n = geom.grid[0] * geom.grid[1]
+        n_cond = 0 if geom.cond_grid is None else geom.cond_grid[0] * geom.cond_grid[1]
+        self.n_image = n
+        self.train_grid = tuple(geom.grid)
+        self.train_cond_grid = None if geom.cond_grid is None else tuple(geom.cond_grid)
+        self.pos_embed = nn.Parameter(torch.empty(n + n_cond, geom.width))
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def table(self, layout: SeqLayout) -> Tensor:
+        if layout.at_train_size:
+            return self.pos_embed
+        if layout.scaling != "interpolate":
+            raise ValueError(
+                f"pos_embed='learned1d' has one slot per training token (image grid {self.train_grid}, "
+                f"condition grid {self.train_cond_grid}) and cannot extrapolate to image grid "
+                f"{layout.grid} / condition grid {layout.cond_grid}; set pos_scaling='interpolate' to "
+                "resample the table bilinearly, or use a 2D encoding"
+            )
+        img = _resize_grid_table(self.pos_embed[: self.n_image], self.train_grid, layout.grid)
+        if layout.cond_grid is None:
+            return img
+        cond = _resize_grid_table(self.pos_embed[self.n_image :], self.train_cond_grid, layout.cond_grid)
+        return torch.cat((img, cond), dim=0)
+
+    def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        return x + self.table(layout).to(x.dtype)
+
+
+class SinCos2D(PosPart):
+    """Fixed 2D sin-cos table (MAE / DiT / JiT), added; computed for any grid.
+
+    Image tokens sit at integer (row, column), condition tokens at the centres they cover on the
+    image grid; with ``scaling="interpolate"`` other grids are laid onto the training range.
+    The training-size table is a non-persistent buffer (checkpoints stay encoding-agnostic).
+    """
+
+    width_multiple = 4
+
+    def __init__(self, geom: PosEncGeometry):
+        super().__init__(geom)
+        self.width = geom.width
+        train = SeqLayout(geom.grid, geom.cond_grid, 0, geom.grid, geom.cond_grid)
+        self.register_buffer("table", sincos_2d(train.coords(), geom.width), persistent=False)
+
+    def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        table = self.table if layout.at_train_size else sincos_2d(layout.coords(device=x.device), self.width)
+        return x + table.to(x.dtype)
+
+
+class Factorized2D(PosPart):
+    """Seed option B: learnable row and column tables (std 0.02), added by ``pos2d_add``.
+
+    The image grid uses ``pos_h: [max_h, D]``, ``pos_w: [max_w, D]``; condition tokens have their
+    own pair (``cond_pos_h``/``cond_pos_w``) added by a second ``pos2d_add`` at their token offset,
+    so a coarser condition grid gets positions of its own rather than borrowed image rows.
+    Extrapolation uses rows up to the table size (rows beyond the training grid are only as good
+    as their training, which never touched them); interpolation resamples the trained rows.
+    """
+
+    def __init__(self, geom: PosEncGeometry):
+        super().__init__(geom)
+        self.train_grid = tuple(geom.grid)
+        self.train_cond_grid = None if geom.cond_grid is None else tuple(geom.cond_grid)
+        self.pos_h = nn.Parameter(torch.empty(geom.max_grid[0], geom.width))
+        self.pos_w = nn.Parameter(torch.empty(geom.max_grid[1], geom.width))
+        tables = [self.pos_h, self.pos_w]
+        if geom.cond_grid is not None:
+            self.cond_pos_h = nn.Parameter(torch.empty(geom.max_cond_grid[0], geom.width))
+            self.cond_pos_w = nn.Parameter(torch.empty(geom.max_cond_grid[1], geom.width))
+            tables += [self.cond_pos_h, self.cond_pos_w]
+        for t in tables:
+            nn.init.normal_(t, std=0.02)
+
+    @staticmethod
+    def _tables(pos_h: Tensor, pos_w: Tensor, grid: Grid, train: Grid, scaling: str, what: str):
+        if scaling == "interpolate" and tuple(grid) != tuple(train):
+            return _resize_axis_table(pos_h[: train[0]], grid[0]), _resize_axis_table(pos_w[: train[1]], grid[1])
+        if grid[0] > pos_h.shape[0] or grid[1] > pos_w.shape[0]:
+            raise ValueError(
+                f"pos_embed='factorized2d': the {what} grid {tuple(grid)} is larger than its row/column "
+                f"tables ({pos_h.shape[0]}, {pos_w.shape[0]}); raise pos_max_grid / pos_max_cond_grid "
+                "or use pos_scaling='interpolate'"
+            )
+        return pos_h, pos_w
+
+    def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        pos2d_add = self.geom_impl.pos2d_add
+        ph, pw = self._tables(self.pos_h, self.pos_w, layout.grid, self.train_grid, layout.scaling, "image")
+        # The op wants tables in x's dtype: cast explicitly (autocast does not touch custom ops).
+        x = pos2d_add(x, ph.to(x.dtype), pw.to(x.dtype), layout.grid)
+        if layout.cond_grid is not None:
+            ph, pw = self._tables(
+                self.cond_pos_h, self.cond_pos_w, layout.cond_grid, self.train_cond_grid, layout.scaling, "condition"
+            )
+            x = pos2d_add(x, ph.to(x.dtype), pw.to(x.dtype), layout.cond_grid, token_offset=layout.n_image)
+        return x
+
+
+class Rope2D(PosPart):
+    """Seed option A / JiT: axial 2D RoPE on q and k (EVA-02 ``VisionRotaryEmbeddingFast`` layout).
+
+    Half of each head's interleaved pairs turn with the row, half with the column. In-context
+    tokens sit at (0, 0) (not rotated), condition tokens at the aligned centres of SPEC §2.
+    """
+
+    rotary = True
+    head_dim_multiple = 4
+
+    def __init__(self, geom: PosEncGeometry):
+        super().__init__(geom)
+        # float32 and non-persistent: derived from the config, kept out of autocast and checkpoints.
+        self.register_buffer("freqs", axial_freqs(geom.head_dim, geom.theta), persistent=False)
+
+    def rope_coords(self, layout: SeqLayout, prefix: int, device=None) -> Optional[Tensor]:
+        return layout.coords(prefix, device=device)
+
+    def rope_freqs(self, layer: int) -> Optional[Tensor]:
+        return _angle_precision(self.freqs)
+
+
+def _angle_precision(freqs: Tensor) -> Tensor:
+    # Angles are float32 at least (SPEC §2), even in a model cast wholesale to bf16/fp16.
+    return freqs if freqs.dtype in (torch.float32, torch.float64) else freqs.float()
+
+
+class Rope2DMixed(Rope2D):
+    """RoPE-Mixed (Heo et al. 2024): learned frequencies per layer and head, ``[depth, H, 2, D/2]``.
+
+    Initialised from the axial frequencies with the (row, column) directions of each head turned
+    by a random angle (the paper's init), so pairs can mix both axes; trained through the op's
+    gradient to ``freqs``.
+    """
+
+    def __init__(self, geom: PosEncGeometry):
+        PosPart.__init__(self, geom)
+        base = axial_freqs(geom.head_dim, geom.theta)  # [2, D/2]: (row coef, column coef) per pair
+        f = base[0] + base[1]  # each pair's magnitude
+        quarter = geom.head_dim // 4
+        angle = torch.rand(geom.depth, geom.num_heads, 1) * (2 * math.pi)
+        cos, sin = angle.cos(), angle.sin()
+        # Row pairs point along (cos a, sin a) in (row, column); column pairs along (-sin a, cos a).
+        is_row = torch.arange(geom.head_dim // 2) < quarter
+        row_coef = torch.where(is_row, f * cos, -f * sin)
+        col_coef = torch.where(is_row, f * sin, f * cos)
+        self.freqs = nn.Parameter(torch.stack((row_coef, col_coef), dim=2))
+
+    def rope_freqs(self, layer: int) -> Optional[Tensor]:
+        return _angle_precision(self.freqs[layer])
+
+
+PARTS: Dict[str, Type[PosPart]] = {
+    "learned1d": Learned1D,
+    "sincos2d": SinCos2D,
+    "factorized2d": Factorized2D,
+    "rope2d": Rope2D,
+    "rope2d_mixed": Rope2DMixed,
+}
+
+# pos_embed value -> the parts it is made of (SPEC §5).
+POS_EMBEDS: Dict[str, Tuple[str, ...]] = {
+    "learned1d": ("learned1d",),
+    "sincos2d": ("sincos2d",),
+    "factorized2d": ("factorized2d",),
+    "rope2d": ("rope2d",),
+    "rope2d_mixed": ("rope2d_mixed",),
+    "sincos2d+rope2d": ("sincos2d", "rope2d"),
+}
+
+
+def check_pos_embed(name: str, *, width: int, num_heads: int) -> None:
+    """Raise ``ValueError`` naming the config field when ``name`` cannot work with these shapes."""
+    if name not in POS_EMBEDS:
+        raise ValueError(f"pos_embed must be one of {list(POS_EMBEDS)}, got {name!r}")
+    for part in POS_EMBEDS[name]:
+        cls = PARTS[part]
+        head_dim = width // num_heads
+        if head_dim % cls.head_dim_multiple:
+            raise ValueError(
+                f"pos_embed={name!r} needs hidden_size / num_heads (head_dim) to be a multiple of "
+                f"{cls.head_dim_multiple}, got hidden_size={width}, num_heads={num_heads} (head_dim={head_dim})"
+            )
+        if width % cls.width_multiple:
+            raise ValueError(
+                f"pos_embed={name!r} needs hidden_size to be a multiple of {cls.width_multiple}, got {width}"
+            )
+
+
+class PositionalEncoding(nn.Module):
+    """A ``pos_embed`` value: its parts, applied in order (additive) / delegated to (rotary)."""
+
+    def __init__(self, name: str, geom: PosEncGeometry):
+        super().__init__()
+        check_pos_embed(name, width=geom.width, num_heads=geom.num_heads)
+        self.name = name
+        self.impl = geom.impl
+        self.parts = nn.ModuleDict({p: PARTS[p](geom) for p in POS_EMBEDS[name]})
+        rotary = [p for p, m in self.parts.items() if m.rotary]
+        if len(rotary) > 1:
+            raise ValueError(f"pos_embed={name!r} combines more than one rotary encoding: {rotary}")
+        # A name, not the module: a second attribute would register the part twice.
+        self._rotary: Optional[str] = rotary[0] if rotary else None
+
+    @property
+    def rotary(self) -> bool:
+        return self._rotary is not None
+
+    def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        """Additive encodings of ``x: [B, n_image + n_cond, D]`` (before in-context tokens)."""
+        for part in self.parts.values():
+            x = part.add(x, layout)
+        return x
+
+    def rope_coords(self, layout: SeqLayout, prefix: int, device=None) -> Optional[Tensor]:
+        """``[prefix + n_image + n_cond, 2]`` float32 coordinates for ``rope2d``, or None (no RoPE)."""
+        if self._rotary is None:
+            return None
+        return self.parts[self._rotary].rope_coords(layout, prefix, device=device)
+
+    def rope_freqs(self, layer: int) -> Optional[Tensor]:
+        """Frequencies for attention layer ``layer`` (``[2, D/2]`` or ``[H, 2, D/2]``), or None."""
+        if self._rotary is None:
+            return None
+        return self.parts[self._rotary].rope_freqs(layer)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, impl={self.impl.name!r}"
+
+
+def build_pos_encoding(name: str, geom: PosEncGeometry) -> PositionalEncoding:
+    return PositionalEncoding(name, geom)
