@@ -262,6 +262,15 @@ def test_gradients_reach_every_parameter(pos_embed):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_every_parameter_is_in_the_graph_without_dropped_conditions():
+    # DDP (find_unused_parameters=False) fails on a parameter that no step's graph reaches.
+    cfg = tiny("factorized2d", cond_img_size=8)
+    model = perturb_zero_init(build(cfg))
+    x, t, y, cond = make_batch(cfg)
+    model(x, t, y, cond=cond).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.parametrize("pos_embed", ENCODINGS)
 def test_small_model_overfits_one_batch(pos_embed):
     # x-prediction MSE at fixed, low noise levels: the model must memorise 4 images.

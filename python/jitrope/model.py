@@ -593,11 +593,15 @@ class JiT(nn.Module):
                 f"cond must be [B={B}, {self.cfg.cond_in_channels}, Hc, Wc], got {tuple(cond.shape)}"
             )
         tokens = self.cond_embedder(cond).to(like.dtype)
-        if cond_drop is not None:
-            if cond_drop.shape != (B,) or cond_drop.dtype != torch.bool:
-                raise ValueError(f"cond_drop must be a [B={B}] bool tensor, got {cond_drop.dtype} {tuple(cond_drop.shape)}")
-            tokens = torch.where(cond_drop.view(B, 1, 1), null, tokens)
-        return tokens
+        if cond_drop is None:
+            if self.null_cond is None:
+                return tokens
+            # Route through the select anyway: the learned null vector stays in every step's graph,
+            # so DDP never finds it unused in a batch that drops no condition.
+            cond_drop = torch.zeros(B, dtype=torch.bool, device=like.device)
+        if cond_drop.shape != (B,) or cond_drop.dtype != torch.bool:
+            raise ValueError(f"cond_drop must be a [B={B}] bool tensor, got {cond_drop.dtype} {tuple(cond_drop.shape)}")
+        return torch.where(cond_drop.view(B, 1, 1).to(like.device), null, tokens)
 
     def unpatchify(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``[B, gh*gw, p*p*C]`` -> ``[B, C, gh*p, gw*p]``."""
