@@ -219,7 +219,7 @@ class PosPart(nn.Module):
 
     def __init__(self, geom: PosEncGeometry):
         super().__init__()
-        self.geom_impl = geom.impl
+        self.ops_impl = geom.impl
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
         return x
@@ -327,7 +327,7 @@ class Factorized2D(PosPart):
         return pos_h, pos_w
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
-        pos2d_add = self.geom_impl.pos2d_add
+        pos2d_add = self.ops_impl.pos2d_add
         ph, pw = self._tables(self.pos_h, self.pos_w, layout.grid, self.train_grid, layout.scaling, "image")
         # The op wants tables in x's dtype: cast explicitly (autocast does not touch custom ops).
         x = pos2d_add(x, ph.to(x.dtype), pw.to(x.dtype), layout.grid)
@@ -375,7 +375,7 @@ class Rope2DMixed(Rope2D):
     """
 
     def __init__(self, geom: PosEncGeometry):
-        PosPart.__init__(self, geom)
+        PosPart.__init__(self, geom)  # not Rope2D's: here ``freqs`` is a parameter, not a buffer
         base = axial_freqs(geom.head_dim, geom.theta)  # [2, D/2]: (row coef, column coef) per pair
         f = base[0] + base[1]  # each pair's magnitude
         quarter = geom.head_dim // 4
