@@ -1,0 +1,238 @@
+"""Checkpoints: weights in safetensors, training state in a weights-only torch file, atomic, last K kept.
+
+Layout of a run directory::
+
+    <out_dir>/config.yaml                          the resolved config of the run
+    <out_dir>/checkpoints/step_00001000/
+        weights.safetensors   model.* / ema0.* / ema1.* tensors; metadata: format, step, config, ema_decays, class_names
+        state.pt              optimizer, lr schedule, RNG and data-order state (tensors and primitives only)
+
+A checkpoint folder is written under a temporary name and renamed into place, so every
+``step_*`` folder is complete; a reader never sees half of one. Loading never unpickles code:
+safetensors for weights, ``torch.load(weights_only=True)`` for the state. Any problem raises a
+:class:`CheckpointError` that names the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT",
+    "save_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "load_weights",
+    "load_train_state",
+    "check_state_dict",
+]
+
+FORMAT = "jitrope-ckpt-1"
+WEIGHTS = "weights.safetensors"
+STATE = "state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model / run."""
+
+
+def _unshare(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Contiguous CPU tensors, none sharing storage (safetensors refuses shared or strided ones)."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().to("cpu")
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        if key in seen or not v.is_contiguous():
+            v = v.clone(memory_format=torch.contiguous_format)
+        elif key is not None:
+            seen.add(key)
+        out[k] = v.contiguous()
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir,
+    step: int,
+    *,
+    model: Mapping[str, Tensor],
+    emas: Sequence[Mapping[str, Tensor]] = (),
+    ema_decays: Sequence[float] = (),
+    state: Optional[Mapping[str, Any]] = None,
+    config: Optional[Mapping[str, Any]] = None,
+    class_names: Sequence[str] = (),
+    keep_last: int = 3,
+) -> Path:
+    """Write ``<run_dir>/checkpoints/step_<step>/`` atomically; drop all but the newest ``keep_last``."""
+    from safetensors.torch import save_file
+
+    ck = Path(run_dir) / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    final = ck / f"step_{step:08d}"
+    tmp = ck / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = {f"model.{k}": v for k, v in model.items()}
+        for i, e in enumerate(emas):
+            tensors.update({f"ema{i}.{k}": v for k, v in e.items()})
+        meta = {
+            "format": FORMAT,
+            "step": str(step),
+            "config": json.dumps(dict(config or {})),
+            "ema_decays": json.dumps([float(d) for d in ema_decays]),
+            "num_emas": str(len(emas)),
+            "class_names": json.dumps(list(class_names)),
+        }
+        save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=meta)
+        if state is not None:
+            torch.save(dict(state), tmp / STATE)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving a step: move the old one aside first (rename is atomic)
+            old = ck / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(ck)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last > 0:
+        for _, p in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir) -> List[Tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first, as ``(step, folder)``."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    out = []
+    for p in ck.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / WEIGHTS).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir) -> Optional[Path]:
+    cks = list_checkpoints(run_dir)
+    return cks[-1][1] if cks else None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run folder (-> its newest checkpoint), a ``step_*`` folder, or a ``weights.safetensors``
+    file -> the ``weights.safetensors`` file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist (give a run folder, a step_* folder or a {WEIGHTS} file)")
+    if p.is_file():
+        return p
+    if (p / WEIGHTS).is_file():
+        return p / WEIGHTS
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"{p} holds no checkpoint (no {WEIGHTS} and no checkpoints/step_*/{WEIGHTS})")
+    return latest / WEIGHTS
+
+
+def load_weights(path) -> Dict[str, Any]:
+    """Read a weights file: ``{"model": sd, "emas": [sd, ...], "ema_decays": [...], "step": int,
+    "config": dict, "class_names": [...], "path": Path}``."""
+    from safetensors import SafetensorError, safe_open
+
+    f = resolve_checkpoint(path)
+    try:
+        with safe_open(str(f), "pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e}); it may be truncated or corrupt") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: format {meta.get('format')!r} is not {FORMAT!r}; not a jitrope checkpoint")
+    try:
+        n_ema = int(meta.get("num_emas", "0"))
+        out: Dict[str, Any] = {
+            "step": int(meta["step"]),
+            "config": json.loads(meta.get("config", "{}")),
+            "ema_decays": json.loads(meta.get("ema_decays", "[]")),
+            "class_names": json.loads(meta.get("class_names", "[]")),
+            "path": f,
+        }
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{f}: bad metadata ({e})") from None
+    groups: Dict[str, Dict[str, Tensor]] = {}
+    for k, v in tensors.items():
+        prefix, _, name = k.partition(".")
+        groups.setdefault(prefix, {})[name] = v
+    expected = {"model"} | {f"ema{i}" for i in range(n_ema)}
+    if set(groups) - expected or "model" not in groups:
+        raise CheckpointError(f"{f}: tensor groups {sorted(groups)} do not match the expected {sorted(expected)}")
+    out["model"] = groups["model"]
+    out["emas"] = [groups.get(f"ema{i}", {}) for i in range(n_ema)]
+    return out
+
+
+def load_train_state(ckpt_dir) -> Dict[str, Any]:
+    """The ``state.pt`` beside a weights file (tensors and primitives only: ``weights_only=True``)."""
+    p = Path(ckpt_dir)
+    if p.is_file():
+        p = p.parent
+    f = p / STATE
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing: cannot resume training from {p} (weights only?)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (unpickling errors come in many types)
+        raise CheckpointError(f"{f}: cannot load the training state ({type(e).__name__}: {e})") from None
+
+
+def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], *, where: str) -> None:
+    """Raise a CheckpointError naming missing / unexpected keys and shape mismatches."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in got and tuple(got[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+
+        def few(xs):
+            return ", ".join(xs[:6]) + (f" (+{len(xs) - 6} more)" if len(xs) > 6 else "")
+
+        if missing:
+            parts.append(f"missing {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch {few(shapes)}")
+        raise CheckpointError(f"{where} does not fit the model: {'; '.join(parts)}")

@@ -1,0 +1,331 @@
+"""Run configuration: YAML files plus dotted ``key=value`` overrides, checked against dataclasses.
+
+A config has five sections. ``model.*`` are exactly the fields of :class:`jitrope.model.JiTConfig`
+(plus ``model.preset``, a name for ``JiTConfig.preset``); ``train``, ``data``, ``diffusion`` and
+``sample`` are the dataclasses below. Precedence: dataclass defaults < ``base:`` file(s) < the YAML
+file < command-line overrides. Unknown keys and values of the wrong type are rejected with a
+:class:`ConfigError` that names them (and suggests the closest known key).
+
+    cfg = load_config("configs/emoji32_cpu.yaml", ["model.pos_embed=factorized2d", "train.steps=100"])
+    cfg.train.steps, cfg.model["pos_embed"], cfg.model_config()  # -> JiTConfig
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "TrainConfig",
+    "DataConfig",
+    "DiffusionConfig",
+    "SampleConfig",
+    "load_config",
+    "config_from_dict",
+    "parse_overrides",
+    "model_fields",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key(s)."""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 64  # global batch, split evenly over the DDP ranks
+    out_dir: str = "runs/default"
+    blr: float = 5e-5  # lr = blr * batch_size / 256 unless lr is set
+    lr: Optional[float] = None
+    warmup_steps: int = 100  # linear warmup, then constant
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decays: Tuple[float, ...] = (0.9999, 0.9996)  # the first one is sampled by default
+    ema_warmup: bool = False  # decay_k = min(decay, (1 + k) / (10 + k)): useful for short runs
+    label_drop: float = 0.1  # p(class -> null class), enables CFG over classes
+    cond_drop: float = 0.1  # p(condition image -> null condition), enables CFG over the condition
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    sample_every: int = 500  # sample grid PNG into out_dir/samples; 0 disables
+    sample_steps: int = 20  # sampler steps of those periodic grids
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | none
+    compile: bool = False  # torch.compile the model
+    num_threads: int = 0  # torch.set_num_threads on CPU; 0 = leave torch's default
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar (hidden when stderr is not a terminal)
+
+
+@dataclass
+class DataConfig:
+    name: str = "emoji"  # emoji | folder | synthetic
+    root: Optional[str] = None  # emoji: cache dir ($JITROPE_DATA or ~/.cache/jitrope); folder: the image folder
+    img_size: int = 64
+    vendors: Tuple[str, ...] = ("google", "twitter", "apple", "facebook")
+    cond: str = "none"  # none | downsample (same image, smaller) | other_vendor (same emoji, another vendor)
+    holdout: float = 0.05  # fraction of emoji (by id hash; fixed) held out for evaluation
+    skin_tones: bool = False  # emoji: also use the skin-tone variants
+    hflip: bool = False  # random horizontal flips
+    num_images: int = 512  # synthetic only
+    download: bool = True  # emoji: fetch with npm pack when the cache has no data
+
+
+@dataclass
+class DiffusionConfig:
+    P_mean: float = -0.8
+    P_std: float = 0.8
+    t_eps: float = 0.05
+    noise_scale: float = 1.0
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 50
+    sampler: str = "heun"  # heun | euler
+    cfg: float = 2.0
+    cfg_interval: Tuple[float, float] = (0.1, 1.0)
+    ema: str = "0"  # "0", "1" (index into train.ema_decays) or "none" (raw weights)
+
+
+_SECTIONS = {"train": TrainConfig, "data": DataConfig, "diffusion": DiffusionConfig, "sample": SampleConfig}
+_CHOICES = {
+    ("data", "name"): ("emoji", "folder", "synthetic"),
+    ("data", "cond"): ("none", "downsample", "other_vendor"),
+    ("train", "amp"): ("auto", "bf16", "none"),
+    ("sample", "sampler"): ("heun", "euler"),
+}
+
+
+def model_fields() -> Dict[str, Any]:
+    """``{name: type}`` of the fields of ``JiTConfig`` (the valid ``model.*`` keys)."""
+    from .model import JiTConfig
+
+    hints = typing.get_type_hints(JiTConfig)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(JiTConfig)}
+
+
+@dataclass
+class Config:
+    model: Dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def model_config(self):
+        """The ``JiTConfig`` this config describes (``model.preset`` first, then the other keys)."""
+        from .model import JiTConfig
+
+        kw = dict(self.model)
+        preset = kw.pop("preset", None)
+        return JiTConfig.preset(preset, **kw) if preset else JiTConfig(**kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"model": copy.deepcopy(self.model)}
+        for name in _SECTIONS:
+            d = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- parsing
+def _unknown(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"{key} (did you mean {close[0]}?)" if close else key
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Convert ``value`` (from YAML) to the annotated type ``tp``, or raise naming ``key``."""
+    if tp is Any:
+        return value
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key {key}: null is not allowed (expected {getattr(inner, '__name__', inner)})")
+    tp = inner
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key {key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key {key}: expected {len(args)} values, got {list(value)}")
+            items = [_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            a = args[0] if args else Any
+            items = [_coerce(f"{key}[{i}]", v, a) for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """``["train.steps=10", "model.pos_embed=rope2d"]`` -> nested dict (values parsed as YAML)."""
+    out: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: the key must be section.key (e.g. train.steps=100)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def _merge(base: Dict[str, Any], new: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    for sec, vals in new.items():
+        if vals is None:
+            continue
+        if not isinstance(vals, Mapping):
+            raise ConfigError(f"{where}: section {sec!r} must be a mapping of keys, got {vals!r}")
+        base.setdefault(sec, {}).update(vals)
+    return base
+
+
+def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base:' includes itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    bases = raw.pop("base", None) or []
+    merged: Dict[str, Any] = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _read_yaml(path.parent / b, seen + (path.resolve(),)), str(path.parent / b))
+    return _merge(merged, raw, str(path))
+
+
+def config_from_dict(d: Mapping[str, Any], *, where: str = "config") -> Config:
+    """Validate a nested ``{section: {key: value}}`` dict (unknown keys -> ConfigError) into a Config."""
+    bad: List[str] = []
+    known_sections = ["model", *_SECTIONS]
+    for sec in d:
+        if sec not in known_sections:
+            bad.append(_unknown(sec, known_sections))
+    mfields = model_fields()
+    mkeys = list(mfields) + ["preset"]
+    model: Dict[str, Any] = {}
+    for k, v in (d.get("model") or {}).items():
+        if k not in mkeys:
+            bad.append(_unknown(f"model.{k}", [f"model.{m}" for m in mkeys]))
+            continue
+        model[k] = _coerce(f"model.{k}", v, str if k == "preset" else mfields[k])
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for k, v in (d.get(name) or {}).items():
+            if k not in hints:
+                bad.append(_unknown(f"{name}.{k}", [f"{name}.{h}" for h in hints]))
+                continue
+            v = _coerce(f"{name}.{k}", v, hints[k])
+            choices = _CHOICES.get((name, k))
+            if choices and v not in choices:
+                raise ConfigError(f"config key {name}.{k}: {v!r} is not one of {list(choices)}")
+            kw[k] = v
+        sections[name] = cls(**kw)
+    if bad:
+        raise ConfigError(f"{where}: unknown config key(s): {', '.join(bad)}")
+    cfg = Config(model=model, **sections)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    t = cfg.train
+    if t.steps < 0 or t.batch_size <= 0:
+        raise ConfigError(f"train.steps must be >= 0 and train.batch_size > 0, got {t.steps}, {t.batch_size}")
+    if not t.ema_decays or not all(0.0 <= e < 1.0 for e in t.ema_decays):
+        raise ConfigError(f"train.ema_decays must be a non-empty list of decays in [0, 1), got {list(t.ema_decays)}")
+    for k in ("label_drop", "cond_drop"):
+        if not 0.0 <= getattr(t, k) < 1.0:
+            raise ConfigError(f"train.{k} must be in [0, 1), got {getattr(t, k)}")
+    lo, hi = cfg.sample.cfg_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ConfigError(f"sample.cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {[lo, hi]}")
+    if cfg.sample.ema not in ("none",) + tuple(str(i) for i in range(len(t.ema_decays))):
+        raise ConfigError(
+            f"sample.ema must be 'none' or an index into train.ema_decays (0..{len(t.ema_decays) - 1}), got {cfg.sample.ema!r}"
+        )
+    if cfg.diffusion.noise_scale <= 0 or cfg.diffusion.t_eps <= 0:
+        raise ConfigError("diffusion.noise_scale and diffusion.t_eps must be positive")
+
+
+def load_config(path=None, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (YAML; may name ``base:`` files relative to it), apply dotted overrides, validate."""
+    d: Dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        d = _read_yaml(Path(path))
+        where = str(path)
+    d = _merge(d, parse_overrides(overrides), "overrides")
+    return config_from_dict(d, where=where)

@@ -1,0 +1,229 @@
+"""x-prediction diffusion with a velocity loss, samplers and guidance (SPEC §7, JiT defaults).
+
+Path: ``z_t = t * x + (1 - t) * e`` with ``e ~ N(0, noise_scale^2)``; ``t = 1`` is data, ``t = 0`` noise.
+The network predicts ``x``; both the target and the prediction are turned into velocities
+``v = (x - z) / max(1 - t, t_eps)`` and the loss is their mean squared difference. Training draws
+``t = sigmoid(N(P_mean, P_std))``. Sampling integrates ``dz/dt = v`` from ``t = 0`` to 1 on
+``linspace(0, 1, steps + 1)`` with Heun (the last step Euler, as 1 - t = 0 there) or Euler.
+Classifier-free guidance: ``v = v_u + w(t) (v_c - v_u)``, ``w = cfg`` for t in ``cfg_interval`` and
+1 outside; the unconditional branch has the null class (``y = num_classes``) and the null
+condition image.
+
+The network is any callable ``net(z, t, y, cond=None, cond_drop=None) -> x_pred`` (``JiT`` is one);
+``cond_drop`` is a ``[B]`` bool mask selecting the samples whose condition image is replaced by the
+null condition, and ``cond`` is omitted for networks without a condition image.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Diffusion", "EMA", "guidance_weight"]
+
+
+def _expand(t: Tensor, like: Tensor) -> Tensor:
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def guidance_weight(t: Tensor, cfg: float, interval: Sequence[float] = (0.1, 1.0)) -> Tensor:
+    """``w(t)``: ``cfg`` where ``lo <= t <= hi``, else 1."""
+    lo, hi = interval
+    inside = (t >= lo) & (t <= hi)
+    return torch.where(inside, torch.full_like(t, float(cfg)), torch.ones_like(t))
+
+
+@dataclass
+class Diffusion:
+    """The denoising objective and the samplers; holds no weights."""
+
+    P_mean: float = -0.8
+    P_std: float = 0.8
+    t_eps: float = 0.05
+    noise_scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Diffusion":
+        """From a ``DiffusionConfig`` (or anything with the same attributes)."""
+        return cls(P_mean=cfg.P_mean, P_std=cfg.P_std, t_eps=cfg.t_eps, noise_scale=cfg.noise_scale)
+
+    # ------------------------------------------------------------------------------ training
+    def sample_t(self, n: int, *, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+        """Logit-normal training times ``sigmoid(N(P_mean, P_std))``, ``[n]``."""
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device) * self.P_std + self.P_mean)
+
+    def noisy(self, x: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """``z_t = t x + (1 - t) * noise_scale * noise`` (``noise`` standard normal)."""
+        t = _expand(t, x)
+        return t * x + (1 - t) * (self.noise_scale * noise)
+
+    def to_velocity(self, x_pred: Tensor, z: Tensor, t: Tensor) -> Tensor:
+        return (x_pred - z) / _expand(1 - t, z).clamp_min(self.t_eps)
+
+    def loss(
+        self,
+        net: Callable,
+        x: Tensor,
+        y: Tensor,
+        cond: Optional[Tensor] = None,
+        cond_drop: Optional[Tensor] = None,
+        *,
+        t: Optional[Tensor] = None,
+        noise: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Mean ``(v - v_pred)^2`` over a batch. ``t`` ([B]) and ``noise`` (standard normal, x's
+        shape) are drawn when not given. Labels / condition dropout is the caller's (pass the null
+        class in ``y`` and a ``cond_drop`` mask)."""
+        if t is None:
+            t = self.sample_t(x.shape[0], generator=generator, device=x.device)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = self.noisy(x, t, noise)
+        x_pred = _call(net, z, t, y, cond, cond_drop).float()
+        v = self.to_velocity(x, z, t)
+        v_pred = self.to_velocity(x_pred, z, t)
+        return (v - v_pred).pow(2).mean()
+
+    # ------------------------------------------------------------------------------ sampling
+    def velocity(
+        self,
+        net: Callable,
+        z: Tensor,
+        t: Tensor,
+        y: Tensor,
+        cond: Optional[Tensor] = None,
+        *,
+        cfg: float = 1.0,
+        cfg_interval: Sequence[float] = (0.1, 1.0),
+        null_class: Optional[int] = None,
+    ) -> Tensor:
+        """The (guided) velocity at ``(z, t)``. With ``cfg != 1`` the conditional and the
+        unconditional branch (null class, null condition) run as one batch of 2B."""
+        if cfg == 1.0:
+            return self.to_velocity(_call(net, z, t, y, cond, None).float(), z, t)
+        if null_class is None:
+            raise ValueError("classifier-free guidance needs null_class (= the model's num_classes)")
+        B = z.shape[0]
+        zz, tt = torch.cat([z, z]), torch.cat([t, t])
+        yy = torch.cat([y, torch.full_like(y, null_class)])
+        cc = torch.cat([cond, cond]) if cond is not None else None
+        drop = torch.arange(2 * B, device=z.device) >= B if cond is not None else None
+        v = self.to_velocity(_call(net, zz, tt, yy, cc, drop).float(), zz, tt)
+        v_c, v_u = v[:B], v[B:]
+        return v_u + _expand(guidance_weight(t, cfg, cfg_interval), v_c) * (v_c - v_u)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        net: Callable,
+        y: Tensor,
+        cond: Optional[Tensor] = None,
+        *,
+        shape: Optional[Tuple[int, ...]] = None,
+        steps: int = 50,
+        sampler: str = "heun",
+        cfg: float = 1.0,
+        cfg_interval: Sequence[float] = (0.1, 1.0),
+        null_class: Optional[int] = None,
+        noise: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> Tensor:
+        """Integrate from ``z0 = noise_scale * noise`` at t = 0 to t = 1; returns the final ``z``.
+
+        ``shape`` ([B, C, H, W]) or ``noise`` gives the size. ``progress(k)`` is called after each
+        step. Heun takes ``2 * steps - 1`` network evaluations, Euler ``steps``.
+        """
+        if sampler not in ("heun", "euler"):
+            raise ValueError(f"sampler must be heun or euler, got {sampler!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        device = y.device
+        if noise is None:
+            if shape is None:
+                raise ValueError("sample: give shape or noise")
+            noise = torch.randn(shape, generator=generator, device=device)
+        z = self.noise_scale * noise.to(device=device, dtype=torch.float32)
+        ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
+        kw = dict(cfg=cfg, cfg_interval=cfg_interval, null_class=null_class)
+
+        def vel(z_, t_):
+            return self.velocity(net, z_, torch.full((z_.shape[0],), t_, device=device), y, cond, **kw)
+
+        for i in range(steps):
+            t0, t1 = ts[i], ts[i + 1]
+            v0 = vel(z, t0)
+            if sampler == "euler" or i == steps - 1:
+                z = z + (t1 - t0) * v0
+            else:
+                z_euler = z + (t1 - t0) * v0
+                z = z + (t1 - t0) * 0.5 * (v0 + vel(z_euler, t1))
+            if progress is not None:
+                progress(i + 1)
+        return z
+
+
+def _call(net: Callable, z: Tensor, t: Tensor, y: Tensor, cond: Optional[Tensor], cond_drop: Optional[Tensor]) -> Tensor:
+    if cond is None:
+        return net(z, t, y)
+    return net(z, t, y, cond=cond, cond_drop=cond_drop)
+
+
+class EMA:
+    """Exponential moving averages of a module's parameters, one per decay (SPEC: 0.9999, 0.9996).
+
+    ``update()`` after each optimizer step: ``ema <- decay * ema + (1 - decay) * param``; with
+    ``warmup`` the decay of update k is ``min(decay, (1 + k) / (10 + k))``. Buffers are not averaged;
+    :meth:`state_dict` takes them from the live module.
+    """
+
+    def __init__(self, module: nn.Module, decays: Sequence[float] = (0.9999, 0.9996), *, warmup: bool = False):
+        self.module = module
+        self.decays = tuple(float(d) for d in decays)
+        self.warmup = warmup
+        self.names = [n for n, p in module.named_parameters()]
+        self.shadows: List[List[Tensor]] = [[p.detach().clone() for p in module.parameters()] for _ in self.decays]
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        params = [p.detach() for p in self.module.parameters()]
+        k = self.num_updates
+        for decay, shadow in zip(self.decays, self.shadows):
+            d = min(decay, (1 + k) / (10 + k)) if self.warmup else decay
+            torch._foreach_lerp_(shadow, params, 1.0 - d)
+        self.num_updates += 1
+
+    def state_dict(self, index: int) -> Dict[str, Tensor]:
+        """A full module state dict with the parameters of EMA ``index``."""
+        sd = dict(self.module.state_dict())
+        sd.update(zip(self.names, self.shadows[index]))
+        return sd
+
+    def parameters_dict(self, index: int) -> Dict[str, Tensor]:
+        return dict(zip(self.names, self.shadows[index]))
+
+    @torch.no_grad()
+    def load_parameters(self, index: int, params: Dict[str, Tensor]) -> None:
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise KeyError(f"EMA {index}: missing parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for n, s in zip(self.names, self.shadows[index]):
+            src = params[n]
+            if src.shape != s.shape:
+                raise ValueError(f"EMA {index}: parameter {n} has shape {tuple(src.shape)}, the model has {tuple(s.shape)}")
+            s.copy_(src)
+
+    def copy_to(self, index: int, target: nn.Module) -> nn.Module:
+        """Load EMA ``index`` into ``target`` (a module of the same architecture); returns it."""
+        target.load_state_dict(self.state_dict(index))
+        return target
+
+    def averaged_module(self, index: int) -> nn.Module:
+        """A deep copy of the module holding EMA ``index``, in eval mode."""
+        m = copy.deepcopy(self.module)
+        return self.copy_to(index, m).eval()

@@ -1,0 +1,242 @@
+"""Evaluate a checkpoint without any downloaded network: prints and writes JSON metrics.
+
+    python -m jitrope.evaluate --ckpt runs/emoji32 --data emoji
+    python -m jitrope.evaluate --ckpt runs/emoji32/checkpoints/step_00002000 --out eval.json --n-per-class 16
+
+Metrics (all on the held-out split unless ``--split`` says otherwise):
+
+- ``vloss``: the training loss (velocity MSE) at fixed times ``t`` (``--t-grid``) with fixed noise
+  (seeded per image), per t and averaged: comparable across runs and encodings; ``x_mse_*`` is the
+  same error in x space (``vloss * max(1 - t, t_eps)^2``), which large t does not dominate.
+- ``class_samples``: ``--n-per-class`` class-conditional samples per class (guided as in
+  ``sample.*``). ``nn_class_acc``: share of samples whose nearest training image (pixel L2 at 16x16)
+  has the asked class (chance = the largest class share); ``nn_rms``: RMS distance to that nearest
+  image (lower = more data-like; near 0 = copying); ``pixel_*``: per-channel mean / std of samples
+  against the held-out images.
+- ``cond_samples`` (models with a condition image): samples for held-out conditions.
+  ``cond_rms``: RMS between the sample downsampled to the condition size and the condition
+  (how well samples follow it; for ``downsample`` conditions the target is exactly that);
+  ``target_rms``: RMS to the held-out image itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import BatchMaker, DataError, build_dataset, resize_images, to_float
+from .diffusion import Diffusion
+from .sample import SampleError, generate, load_model
+
+__all__ = ["evaluate", "main"]
+
+
+@torch.no_grad()
+def heldout_vloss(model, diffusion: Diffusion, maker: BatchMaker, t_grid: Sequence[float], *, max_images: int,
+                  batch_size: int, seed: int, device) -> Dict[str, Any]:
+    n = min(len(maker.ds), max_images)
+    idx = torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, model.cfg.in_channels, model.cfg.img_size, model.cfg.img_size, generator=g)
+    u = torch.rand(n, 2, generator=g)
+    per_t = []
+    for tv in t_grid:
+        tot = 0.0
+        for s in range(0, n, batch_size):
+            sl = slice(s, s + batch_size)
+            x, y, cond = maker(idx[sl], u[sl])
+            tt = torch.full((x.shape[0],), float(tv), device=device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+                loss = diffusion.loss(model, x, y, cond, None, t=tt, noise=noise[sl].to(device))
+            tot += float(loss) * x.shape[0]
+        per_t.append(tot / n)
+    # v - v_pred = (x - x_pred) / max(1 - t, t_eps): the same error in x space, where large t is not amplified
+    per_t_x = [v * max(1.0 - t, diffusion.t_eps) ** 2 for v, t in zip(per_t, t_grid)]
+    return {"t": [float(t) for t in t_grid], "per_t": per_t, "mean": sum(per_t) / len(per_t),
+            "x_mse_per_t": per_t_x, "x_mse_mean": sum(per_t_x) / len(per_t_x), "n_images": n}
+
+
+def _nearest(samples: Tensor, ref: Tensor, chunk: int = 256):
+    """Index of and RMS distance to the nearest ``ref`` image (both float, flattened at 16x16)."""
+    a = resize_images(samples, min(16, samples.shape[-1])).flatten(1)
+    b = resize_images(ref, min(16, ref.shape[-1])).flatten(1)
+    best_d, best_i = [], []
+    for s in range(0, a.shape[0], chunk):
+        d = torch.cdist(a[s : s + chunk], b)
+        v, i = d.min(1)
+        best_d.append(v)
+        best_i.append(i)
+    d = torch.cat(best_d) / math.sqrt(a.shape[1])
+    return torch.cat(best_i), d
+
+
+def evaluate(
+    ckpt,
+    *,
+    data: Optional[str] = None,
+    data_root: Optional[str] = None,
+    split: str = "val",
+    ema: Optional[str] = None,
+    t_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    max_images: int = 512,
+    n_per_class: int = 8,
+    n_cond: int = 32,
+    steps: Optional[int] = None,
+    sampler: Optional[str] = None,
+    cfg_scale: Optional[float] = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device="cpu",
+    log=print,
+) -> Dict[str, Any]:
+    """Compute the metrics of the module docstring; returns them as a dict."""
+    t0 = time.perf_counter()
+    model, cfg, info = load_model(ckpt, ema=ema if ema is not None else cfg_ema(ckpt), device=device)
+    dcfg = cfg.data
+    if data is not None:
+        if data in ("emoji", "synthetic", "folder"):
+            dcfg.name = data
+        else:  # a folder of images
+            dcfg.name, dcfg.root = "folder", data
+    if data_root is not None:
+        dcfg.root = data_root
+    eval_set = build_dataset(dcfg, split, seed=cfg.train.seed, log=log)
+    train_set = build_dataset(dcfg, "train", seed=cfg.train.seed, log=log)
+    if eval_set.num_classes != model.cfg.num_classes:
+        raise DataError(f"data {dcfg.name} has {eval_set.num_classes} classes, the model {model.cfg.num_classes}")
+    mc = model.cfg
+    maker = BatchMaker(eval_set, cond="none" if mc.cond_img_size is None else (dcfg.cond if dcfg.cond != "none" else "downsample"),
+                       cond_size=mc.cond_img_size, device=device)
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    s = cfg.sample
+    kw = dict(steps=steps or s.steps, sampler=sampler or s.sampler, cfg=s.cfg if cfg_scale is None else cfg_scale,
+              cfg_interval=tuple(s.cfg_interval), batch_size=batch_size, device=device)
+    out: Dict[str, Any] = {
+        "checkpoint": str(info["path"]),
+        "step": info["step"],
+        "weights": info["weights"],
+        "data": dcfg.name,
+        "split": split,
+        "pos_embed": mc.pos_embed,
+        "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "device"},
+    }
+    log(f"{info['path']} (step {info['step']}, {info['weights']}); {len(eval_set)} {split} images")
+    out["vloss"] = heldout_vloss(model, diffusion, maker, t_grid, max_images=max_images, batch_size=batch_size,
+                                 seed=seed, device=device)
+    vl = out["vloss"]
+    log(f"  held-out v-loss {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f}); per t: " + " ".join(f"{v:.3f}" for v in vl["per_t"]))
+
+    # class-conditional samples
+    k = mc.num_classes
+    labels = torch.arange(k).repeat_interleave(n_per_class)
+    x = generate(model, diffusion, labels, None, seed=seed, **kw)
+    ref = to_float(train_set.images)
+    nn_i, nn_d = _nearest(x, ref)
+    acc = (train_set.labels[nn_i] == labels).float()
+    held = to_float(eval_set.images)
+    counts = torch.bincount(train_set.labels, minlength=k).float()
+    out["class_samples"] = {
+        "n": len(labels),
+        "nn_class_acc": float(acc.mean()),
+        "nn_class_acc_chance": float(counts.max() / counts.sum()),
+        "nn_class_acc_per_class": [float(acc[labels == c].mean()) for c in range(k)],
+        "nn_rms": float(nn_d.mean()),
+        "pixel_mean": x.mean((0, 2, 3)).tolist(),
+        "pixel_std": x.std((0, 2, 3)).tolist(),
+        "data_pixel_mean": held.mean((0, 2, 3)).tolist(),
+        "data_pixel_std": held.std((0, 2, 3)).tolist(),
+    }
+    cs = out["class_samples"]
+    log(f"  class samples: nn-class acc {cs['nn_class_acc']:.3f} (chance {cs['nn_class_acc_chance']:.3f}), "
+        f"nn rms {cs['nn_rms']:.3f}, pixel mean {sum(cs['pixel_mean']) / 3:.3f} vs data {sum(cs['data_pixel_mean']) / 3:.3f}, "
+        f"std {sum(cs['pixel_std']) / 3:.3f} vs {sum(cs['data_pixel_std']) / 3:.3f}")
+
+    if mc.cond_img_size is not None:
+        m = min(n_cond, len(eval_set))
+        idx = torch.linspace(0, len(eval_set) - 1, m).round().long()
+        u = torch.rand(m, 2, generator=torch.Generator().manual_seed(seed + 1))
+        xt, y, cond = maker(idx, u)
+        xs = generate(model, diffusion, y.cpu(), cond.cpu(), seed=seed + 2, **kw)
+        cond_rms = (resize_images(xs, mc.cond_img_size) - cond.cpu()).pow(2).flatten(1).mean(1).sqrt()
+        target_rms = (xs - xt.cpu()).pow(2).flatten(1).mean(1).sqrt()
+        out["cond_samples"] = {"n": m, "cond_rms": float(cond_rms.mean()), "target_rms": float(target_rms.mean()),
+                               "cond_mode": maker.cond}
+        log(f"  condition samples ({maker.cond}): cond rms {out['cond_samples']['cond_rms']:.3f}, "
+            f"target rms {out['cond_samples']['target_rms']:.3f}")
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def cfg_ema(ckpt) -> str:
+    from .checkpoint import load_weights
+
+    return str((load_weights(ckpt)["config"].get("sample") or {}).get("ema", "0"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jitrope.evaluate",
+        description="Evaluate a JiT checkpoint on held-out data: v-loss on a fixed t grid with fixed noise, "
+        "class-following of samples by nearest training image, pixel statistics, and (with a condition "
+        "image) how closely samples follow their condition. Prints a summary and writes JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, help="run folder (newest checkpoint), checkpoints/step_* folder or weights file")
+    p.add_argument("--data", default=None, help="emoji | synthetic | a folder of class subfolders (default: the run's data)")
+    p.add_argument("--data-root", default=None, help="override data.root (emoji cache folder)")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val")
+    p.add_argument("--out", default=None, help="JSON file (default: <run>/eval/step_<N>.json)")
+    p.add_argument("--ema", default=None, help="EMA index 0 / 1 or none (default: the run's sample.ema)")
+    p.add_argument("--t-grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated t values of the v-loss")
+    p.add_argument("--max-images", type=int, default=512, help="held-out images in the v-loss")
+    p.add_argument("--n-per-class", type=int, default=8, help="class-conditional samples per class")
+    p.add_argument("--n-cond", type=int, default=32, help="condition-image samples")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default sample.steps)")
+    p.add_argument("--sampler", choices=("heun", "euler"), default=None)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default sample.cfg)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        t_grid = [float(v) for v in args.t_grid.split(",")]
+        if not all(0.0 <= t < 1.0 for t in t_grid):
+            raise ValueError
+    except ValueError:
+        print(f"error: --t-grid wants comma-separated values in [0, 1), got {args.t_grid!r}", file=sys.stderr)
+        return 2
+    try:
+        res = evaluate(args.ckpt, data=args.data, data_root=args.data_root, split=args.split, ema=args.ema, t_grid=t_grid,
+                       max_images=args.max_images, n_per_class=args.n_per_class, n_cond=args.n_cond, steps=args.steps,
+                       sampler=args.sampler, cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed, device=device)
+    except (CheckpointError, DataError, ConfigError, SampleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        out = Path(args.out)
+    else:
+        p = Path(res["checkpoint"]).parent  # .../checkpoints/step_N
+        run = p.parent.parent if p.parent.name == "checkpoints" else p
+        out = run / "eval" / f"step_{res['step']:08d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""Train a JiT on emoji (or a folder of images) with the x-prediction / v-loss objective.
+
+    python -m jitrope.train --config configs/emoji32_cpu.yaml
+    python -m jitrope.train --config configs/emoji32_cpu.yaml model.pos_embed=factorized2d train.out_dir=runs/f2d
+    python -m jitrope.train --config configs/emoji32_cpu.yaml train.steps=4000 --resume
+    torchrun --nproc_per_node=2 -m jitrope.train --config configs/emoji64_s4.yaml
+
+Every random draw of step k (data order, t, noise, label / condition dropout, dropout inside the
+model) comes from generators seeded with ``(train.seed, k)``, and a checkpoint holds the
+optimizer, EMA and data-order state, so a resumed run continues bit for bit as if it had never
+stopped. The global batch of a step is the same for any number of ranks; rank r takes every
+N-th sample of it. Only rank 0 writes (checkpoints, config, TensorBoard, sample grids).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    latest_checkpoint,
+    load_train_state,
+    load_weights,
+    save_checkpoint,
+)
+from .config import Config, ConfigError, load_config
+from .data import BatchMaker, DataError, IndexStream, build_dataset, to_float
+from .diffusion import EMA, Diffusion
+
+__all__ = ["train", "main", "lr_at", "step_generator"]
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Learning rate of update ``step`` (0-based): ``blr * batch / 256`` (or ``train.lr``), linear warmup."""
+    t = cfg.train
+    base = t.lr if t.lr is not None else t.blr * t.batch_size / 256
+    if t.warmup_steps > 0:
+        return base * min(1.0, (step + 1) / t.warmup_steps)
+    return base
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """The CPU generator of ``stream`` at ``step`` (independent of ranks, resumes, batch layout)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+
+
+class _Dist:
+    def __init__(self, device_kind: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, x: Tensor) -> Tensor:
+        if self.enabled:
+            x = x.clone()
+            dist.all_reduce(x)
+            x /= self.world
+        return x
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    d = torch.device(name)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device(f"cuda:{local_rank}")
+    return d
+
+
+def _diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str) -> List[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{prefix}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+class _Logger:
+    """TensorBoard scalars and images on rank 0 (a warning, not an error, without tensorboard)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            except ImportError as e:
+                warnings.warn(f"TensorBoard logging is off: {e} (pip install tensorboard)", RuntimeWarning, stacklevel=2)
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, step: int, img) -> None:
+        if self.tb is not None:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(img), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _sample_grid(model_cfg, ema_model, diffusion: Diffusion, cfg: Config, val_maker: Optional[BatchMaker],
+                 class_names: Sequence[str], device) -> Any:
+    """One row per class (EMA weights, CFG from sample.*), plus condition rows when the model has a
+    condition image: [condition | samples] for held-out images."""
+    from .sample import generate, make_grid
+
+    n = 8
+    k = model_cfg.num_classes
+    labels = torch.arange(k).repeat_interleave(n)
+    rows, cond_rows = list(class_names), None
+    if model_cfg.cond_img_size is not None and val_maker is not None:
+        m = min(4, len(val_maker.ds))
+        idx = torch.linspace(0, len(val_maker.ds) - 1, m).long()
+        u = step_generator(cfg.train.seed, 0, 9)
+        _, yv, cv = val_maker(idx, torch.rand(m, 2, generator=u))
+        cond_rows = cv.cpu()
+        labels = torch.cat([labels, yv.cpu().repeat_interleave(n)])
+        # class rows get the null condition: the model's cond=None path is per batch, so the
+        # condition rows are sampled separately below
+    s = cfg.sample
+    kw = dict(steps=cfg.train.sample_steps, sampler=s.sampler, cfg=s.cfg, cfg_interval=s.cfg_interval,
+              seed=cfg.train.seed, batch_size=64, device=device)
+    x = generate(ema_model, diffusion, labels[: k * n], None, **kw)
+    imgs = [x]
+    if cond_rows is not None:
+        lab = labels[k * n :]
+        xc = generate(ema_model, diffusion, lab, cond_rows.repeat_interleave(n, dim=0), **kw)
+        size = model_cfg.img_size
+        shown = torch.nn.functional.interpolate(cond_rows, size=(size, size), mode="nearest")
+        for r in range(len(cond_rows)):
+            imgs.append(torch.cat([shown[r : r + 1], xc[r * n : (r + 1) * n]]))
+            rows.append(f"cond | {class_names[int(lab[r * n])]}")
+        # class rows have n images, condition rows n + 1: pad the class rows with a blank first cell
+        blank = torch.ones(1, *x.shape[1:])
+        imgs[0] = torch.cat([torch.cat([blank, x[i * n : (i + 1) * n]]) for i in range(k)])
+        ncol = n + 1
+    else:
+        ncol = n
+    scale = max(1, 64 // model_cfg.img_size)
+    return make_grid(torch.cat(imgs), ncol, row_labels=rows, scale=scale)
+
+
+def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
+    """Run (or continue) the training that ``cfg`` describes.
+
+    Returns ``{"step", "loss" (mean of the last log interval), "run_dir", "model", "ema"}``.
+    """
+    from .model import JiT
+
+    t = cfg.train
+    dev0 = _pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+    D = _Dist(dev0.type)
+    device = dev0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats (decaying Adam moments, tiny grads) stall CPUs
+        if t.num_threads > 0:
+            torch.set_num_threads(t.num_threads)
+    say = log if D.main else (lambda *a, **k: None)
+    run_dir = Path(t.out_dir)
+    logger = None
+    try:
+        # ---------------------------------------------------------------- resume or fresh start
+        ckpt_dir = latest_checkpoint(run_dir)
+        if ckpt_dir is not None and not resume:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints (newest {ckpt_dir.name}); pass --resume to continue "
+                "or choose another train.out_dir"
+            )
+        if resume and ckpt_dir is None:
+            say(f"--resume: no checkpoint in {run_dir}, starting from scratch")
+
+        # ---------------------------------------------------------------- data (rank 0 fetches first)
+        if not D.main:
+            D.barrier()
+        ds = build_dataset(cfg.data, "train", seed=t.seed, log=say)
+        try:
+            val = build_dataset(cfg.data, "val", seed=t.seed, log=say)
+        except DataError:
+            val = None
+        if D.main:
+            D.barrier()
+        mcfg = cfg.model_config()
+        if mcfg.num_classes != ds.num_classes:
+            raise ConfigError(f"model.num_classes={mcfg.num_classes} but data {cfg.data.name} has {ds.num_classes} classes")
+        if mcfg.img_size != cfg.data.img_size:
+            raise ConfigError(f"model.img_size={mcfg.img_size} but data.img_size={cfg.data.img_size}")
+        if (mcfg.cond_img_size is None) != (cfg.data.cond == "none"):
+            raise ConfigError(
+                f"model.cond_img_size={mcfg.cond_img_size} and data.cond={cfg.data.cond} disagree: a condition "
+                "image needs both (e.g. model.cond_img_size=16 data.cond=downsample) or neither"
+            )
+        bm_kw = dict(cond=cfg.data.cond, cond_size=mcfg.cond_img_size, device=device)
+        maker = BatchMaker(ds, hflip=cfg.data.hflip, **bm_kw)
+        val_maker = BatchMaker(val, **bm_kw) if val is not None else None
+        if t.batch_size % D.world:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {D.world} ranks")
+
+        # ---------------------------------------------------------------- model, EMA, optimizer
+        torch.manual_seed(t.seed)
+        model = JiT(mcfg).to(device)
+        if mcfg.pos_impl == "fused" and model.pos_impl != "fused":
+            say("warning: the fused ops are unavailable, training with pos_impl=torch (same numbers, slower)")
+        ema = EMA(model, t.ema_decays, warmup=t.ema_warmup)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.95), weight_decay=0.0)
+        stream = IndexStream(len(ds), t.seed, rank=D.rank, world=D.world)
+        step = 0
+        if ckpt_dir is not None:
+            step = _restore(ckpt_dir, cfg, model, ema, opt, stream, device)
+            say(f"resumed from {ckpt_dir} at step {step}")
+        net = model
+        if D.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if t.compile:
+            net = torch.compile(net)
+        diffusion = Diffusion.from_config(cfg.diffusion)
+        amp = t.amp == "bf16" or (t.amp == "auto" and device.type == "cuda")
+
+        if D.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.yaml")
+            logger = _Logger(run_dir, t.tensorboard)
+        n_params = sum(p.numel() for p in model.parameters())
+        say(
+            f"{len(ds)} training images ({cfg.data.name}, {ds.num_classes} classes), "
+            f"{len(val) if val is not None else 0} held out; JiT {n_params / 1e6:.2f}M params, "
+            f"pos_embed={mcfg.pos_embed} ({model.pos_impl}), {D.world} rank(s) on {device}, "
+            f"batch {t.batch_size}, lr {lr_at(cfg, t.warmup_steps):.2e}"
+        )
+
+        # ---------------------------------------------------------------- the loop
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=(not D.main) or (not t.progress) or None)
+        B, shard = t.batch_size, slice(D.rank, None, D.world)
+        H = mcfg.img_size
+        loss_acc, n_acc, last_loss = torch.zeros((), device=device), 0, float("nan")
+        t_log, imgs_log = time.perf_counter(), 0
+        grad_norm = torch.zeros(())
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        while step < t.steps:
+            idx = stream.next(B)
+            g = step_generator(t.seed, step)
+            tt = diffusion.sample_t(B, generator=g)[shard]
+            noise = torch.randn(B, mcfg.in_channels, H, H, generator=g)[shard]
+            u = torch.rand(B, 4, generator=g)[shard]
+            x, y, cond = maker(idx, u[:, 2:])
+            y = torch.where(u[:, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
+            cond_drop = (u[:, 1] < t.cond_drop).to(device) if cond is not None else None
+            torch.manual_seed(step_generator(t.seed, step, 1).initial_seed() + D.rank)  # dropout in the model
+            for gr in opt.param_groups:
+                gr["lr"] = lr_at(cfg, step)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = diffusion.loss(net, x, y, cond, cond_drop, t=tt.to(device), noise=noise.to(device))
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update()
+            step += 1
+            loss_acc += loss.detach()
+            n_acc += 1
+            imgs_log += B
+            bar.update(1)
+
+            if step % t.log_every == 0 or step == t.steps:
+                mean_loss = float(D.mean(loss_acc / n_acc))
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"the loss is {mean_loss} at step {step}; lower train.blr or raise train.warmup_steps")
+                now = time.perf_counter()
+                ips = imgs_log / max(now - t_log, 1e-9)
+                last_loss = mean_loss
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+                if logger is not None:
+                    logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr_at(cfg, step - 1),
+                                          "train/grad_norm": float(grad_norm), "train/images_per_s": ips})
+                if D.main and bar.disable:
+                    say(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad {float(grad_norm):.3f}  {ips:.1f} img/s")
+                loss_acc.zero_()
+                n_acc, t_log, imgs_log = 0, now, 0
+
+            if D.main and t.sample_every > 0 and (step % t.sample_every == 0 or step == t.steps):
+                ema_model = ema.averaged_module(0)
+                grid = _sample_grid(mcfg, ema_model, diffusion, cfg, val_maker, ds.class_names, device)
+                (run_dir / "samples").mkdir(exist_ok=True)
+                grid.save(run_dir / "samples" / f"step_{step:08d}.png")
+                logger.image("samples/ema0", step, grid)
+                del ema_model
+            if step % t.ckpt_every == 0 or step == t.steps:
+                if D.main:
+                    save_checkpoint(
+                        run_dir,
+                        step,
+                        model=model.state_dict(),
+                        emas=[ema.state_dict(i) for i in range(len(t.ema_decays))],
+                        ema_decays=t.ema_decays,
+                        state=_train_state(opt, stream, ema, step, device, D),
+                        config=cfg.to_dict(),
+                        class_names=ds.class_names,
+                        keep_last=t.keep_last,
+                    )
+                D.barrier()
+        bar.close()
+        return {"step": step, "loss": last_loss, "run_dir": run_dir, "model": model, "ema": ema}
+    finally:
+        if logger is not None:
+            logger.close()
+        D.close()
+
+
+def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist) -> Dict[str, Any]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "scheduler": {"kind": "linear_warmup_constant", "step": step},
+        "data": stream.state_dict(),
+        "ema_updates": ema.num_updates,
+        "rng": rng,
+        "world_size": D.world,
+    }
+
+
+def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device) -> int:
+    w = load_weights(ckpt_dir)
+    f = w["path"]
+    saved = w["config"]
+    now = cfg.to_dict()
+    diffs = _diff_keys(saved.get("model", {}), now["model"], "model")
+    for sec in ("data", "diffusion"):
+        diffs += _diff_keys(saved.get(sec, {}), now[sec], sec)
+    for k in ("seed", "batch_size", "ema_decays"):
+        if saved.get("train", {}).get(k) != now["train"][k]:
+            diffs.append(f"train.{k}: checkpoint {saved.get('train', {}).get(k)!r} vs now {now['train'][k]!r}")
+    if diffs:
+        raise CheckpointError(f"{f} was written by a run with another config: {'; '.join(diffs)}")
+    check_state_dict(model.state_dict(), w["model"], where=f"{f} [model]")
+    if len(w["emas"]) != len(ema.decays):
+        raise CheckpointError(f"{f} holds {len(w['emas'])} EMAs, the run has {len(ema.decays)} (train.ema_decays)")
+    for i, e in enumerate(w["emas"]):
+        check_state_dict(model.state_dict(), e, where=f"{f} [ema{i}]")
+    model.load_state_dict(w["model"])
+    for i, e in enumerate(w["emas"]):
+        ema.load_parameters(i, {k: v.to(device) for k, v in e.items()})
+    st = load_train_state(ckpt_dir)
+    try:
+        opt.load_state_dict(st["optimizer"])
+        stream.load_state_dict(st["data"])
+        ema.num_updates = int(st["ema_updates"])
+        torch.set_rng_state(st["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in st["rng"]:
+            torch.cuda.set_rng_state(st["rng"]["cuda"], device)
+        step = int(st["step"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{Path(ckpt_dir) / 'state.pt'}: does not fit this run ({type(e).__name__}: {e})") from None
+    if step != w["step"]:
+        raise CheckpointError(f"{ckpt_dir}: weights are from step {w['step']} but state.pt from step {step}")
+    return step
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jitrope.train",
+        description="Train a JiT diffusion transformer (x-prediction, v-loss). Settings come from a YAML "
+        "config and dotted overrides, e.g. model.pos_embed=factorized2d train.steps=2000 train.out_dir=runs/a. "
+        "Sections: model.* (JiTConfig fields, or model.preset), train.*, data.*, diffusion.*, sample.*; "
+        "--print-config shows all keys with their values. Run under torchrun for data parallel "
+        "training (gloo on CPU, nccl on GPU).",
+    )
+    p.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        out = train(cfg, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: step {out['step']}, loss {out['loss']:.4f}, run {out['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Config files, dotted overrides and their validation."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from jitrope.config import Config, ConfigError, config_from_dict, load_config, model_fields, parse_overrides
+from jitrope.model import JiTConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_the_config_library_has_tiny_cpu_and_gpu_configs():
+    names = [p.stem for p in CONFIGS]
+    assert any("tiny" in n for n in names) and "emoji32_cpu" in names
+    assert any(n.startswith("emoji64") for n in names)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_builds_its_model_config(path):
+    cfg = load_config(path)
+    mc = cfg.model_config()
+    assert isinstance(mc, JiTConfig)
+    assert mc.img_size == cfg.data.img_size
+    assert (mc.cond_img_size is None) == (cfg.data.cond == "none")
+    if path.stem.startswith("emoji64"):  # the problem statement's geometry: 256 + 64 tokens
+        assert mc.grid == (16, 16) and mc.cond_grid == (8, 8)
+
+
+def test_overrides_are_typed_and_win_over_the_file():
+    cfg = load_config(
+        "configs/tiny_cpu.yaml",
+        ["model.pos_embed=factorized2d", "train.steps=7", "train.blr=5e-5", "train.ema_decays=[0.9,0.8]",
+         "sample.cfg_interval=[0.2,0.9]", "model.pos_max_grid=[8,8]", "data.root=null", "train.lr=0.001"],
+    )
+    assert cfg.model["pos_embed"] == "factorized2d" and cfg.model_config().pos_embed == "factorized2d"
+    assert cfg.train.steps == 7 and cfg.train.blr == 5e-5 and cfg.train.lr == 0.001
+    assert cfg.train.ema_decays == (0.9, 0.8) and cfg.sample.cfg_interval == (0.2, 0.9)
+    assert cfg.model_config().pos_max_grid == (8, 8) and cfg.data.root is None
+
+
+def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"train\.stpes \(did you mean train\.steps\?\)"):
+        load_config("configs/tiny_cpu.yaml", ["train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"model\.pos_embd \(did you mean model\.pos_embed\?\)"):
+        load_config(None, ["model.pos_embd=rope2d"])
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): optim"):
+        config_from_dict({"optim": {"lr": 1}})
+    # every bad key of a file is named at once
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"train": {"foo": 1, "bar": 2}})
+    assert "train.foo" in str(e.value) and "train.bar" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("train.steps=ten", "train.steps: expected an integer"),
+        ("train.tensorboard=maybe", "train.tensorboard: expected true/false"),
+        ("train.ema_decays=[1.5]", "train.ema_decays"),
+        ("data.cond=sideways", "data.cond"),
+        ("sample.sampler=rk4", "sample.sampler"),
+        ("sample.cfg_interval=[0.9,0.1]", "cfg_interval"),
+        ("sample.ema=5", "sample.ema"),
+        ("model.depth=2.5", "model.depth: expected an integer"),
+        ("steps=3", "section.key"),
+        ("train.steps", "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("configs/tiny_cpu.yaml", [override])
+
+
+def test_model_keys_are_exactly_the_jitconfig_fields():
+    assert set(model_fields()) == {f.name for f in dataclasses.fields(JiTConfig)}
+    cfg = load_config(None, ["model.preset=tiny", "model.depth=3"])
+    mc = cfg.model_config()
+    assert mc.depth == 3 and mc.hidden_size == JiTConfig.preset("tiny").hidden_size
+
+
+def test_base_files_yaml_round_trip_and_errors(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 5\n  batch_size: 8\nmodel:\n  preset: tiny\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  steps: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.train.steps == 9 and cfg.train.batch_size == 8 and cfg.model == {"preset": "tiny"}
+    cfg.save(tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert again.to_dict() == cfg.to_dict()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_parse_overrides_nests_and_parses_yaml_values():
+    assert parse_overrides(["a.b=1", "a.c=x y", "d.e=[1, 2]", "--f.g=true"]) == {
+        "a": {"b": 1, "c": "x y"}, "d": {"e": [1, 2]}, "f": {"g": True}}
+    assert isinstance(Config().train.ema_decays, tuple)
