@@ -1,0 +1,151 @@
+"""Training: exact resume, checkpoint safety, the CLI, and a 2-process gloo torchrun run."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jitrope import train as T
+from jitrope.checkpoint import CheckpointError, list_checkpoints, load_weights, save_checkpoint
+from jitrope.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+# The tests run the reference ops: they check the training machinery, not the kernels.
+BASE = ["model.pos_impl=torch", "train.progress=false", "train.tensorboard=false"]
+
+
+def _cfg(out_dir, *extra):
+    return load_config(TINY, BASE + [f"train.out_dir={out_dir}", *extra])
+
+
+def _weights(run_dir, step):
+    return load_file(str(Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "weights.safetensors"))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    quiet = dict(log=lambda *a, **k: None)
+    T.train(_cfg(tmp_path / "straight", "train.steps=20"), **quiet)
+    T.train(_cfg(tmp_path / "split", "train.steps=10"), **quiet)
+    out = T.train(_cfg(tmp_path / "split", "train.steps=20"), resume=True, **quiet)
+    assert out["step"] == 20
+    a, b = _weights(tmp_path / "straight", 20), _weights(tmp_path / "split", 20)
+    assert a.keys() == b.keys() and any(k.startswith("ema1.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the run really trained: weights moved away from the zero-initialised final layer
+    assert a["model.final_layer.linear.weight"].abs().sum() > 0
+    sa = torch.load(tmp_path / "straight/checkpoints/step_00000020/state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "split/checkpoints/step_00000020/state.pt", weights_only=True)
+    assert sa["data"] == sb["data"] and sa["step"] == 20
+    assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [10, 20]  # keep_last: 2
+
+
+class Evil:
+    """Unpickling this would run code from the test module: weights_only refuses it."""
+
+
+def test_existing_checkpoints_need_resume_and_a_matching_config(tmp_path):
+    quiet = dict(log=lambda *a, **k: None)
+    T.train(_cfg(tmp_path, "train.steps=4", "train.ckpt_every=2"), **quiet)
+    assert (tmp_path / "config.yaml").is_file()
+    with pytest.raises(CheckpointError, match="--resume"):
+        T.train(_cfg(tmp_path, "train.steps=6"), **quiet)
+    with pytest.raises(CheckpointError, match=r"model.pos_embed: checkpoint 'rope2d' vs now 'factorized2d'"):
+        T.train(_cfg(tmp_path, "train.steps=6", "model.pos_embed=factorized2d"), resume=True, **quiet)
+    with pytest.raises(CheckpointError, match="train.batch_size"):
+        T.train(_cfg(tmp_path, "train.steps=6", "train.batch_size=8"), resume=True, **quiet)
+    # a truncated weights file is named in the error
+    f = tmp_path / "checkpoints" / "step_00000004" / "weights.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{f}: not a readable safetensors"):
+        T.train(_cfg(tmp_path, "train.steps=6"), resume=True, **quiet)
+    # a state.pt holding code is refused by weights_only loading
+    f.unlink()
+    import shutil
+
+    shutil.rmtree(f.parent)
+    st = tmp_path / "checkpoints" / "step_00000002" / "state.pt"
+    torch.save({"step": 2, "evil": Evil()}, st)
+    with pytest.raises(CheckpointError, match="state.pt: cannot load the training state"):
+        T.train(_cfg(tmp_path, "train.steps=6"), resume=True, **quiet)
+
+
+def test_checkpoint_writes_are_atomic_and_mismatches_named(tmp_path, monkeypatch):
+    sd = {"w": torch.ones(2, 2), "tied": None}
+    sd["tied"] = sd["w"]  # shared storage is written as two tensors
+    save_checkpoint(tmp_path, 1, model=sd, config={"a": 1}, keep_last=2)
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, model=sd)
+    monkeypatch.undo()
+    ck = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000001"]  # no half-written step_2, no temp folder
+    w = load_weights(tmp_path)
+    assert w["step"] == 1 and torch.equal(w["model"]["tied"], sd["w"]) and w["config"] == {"a": 1}
+    from jitrope.checkpoint import check_state_dict
+
+    with pytest.raises(CheckpointError, match=r"missing b.*unexpected tied.*shape mismatch w: checkpoint \(2, 2\) vs model \(3,\)"):
+        check_state_dict({"w": torch.zeros(3), "b": torch.zeros(1)}, w["model"], where="X")
+    (tmp_path / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(CheckpointError, match="other.safetensors"):
+        load_weights(tmp_path / "other.safetensors")
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, model=sd, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_cli_help_print_config_and_errors(tmp_path, capsys):
+    assert "dotted overrides" in T.build_parser().format_help()
+    assert T.main(["--config", TINY, "--print-config", "model.pos_embed=sincos2d"]) == 0
+    assert "pos_embed: sincos2d" in capsys.readouterr().out
+    assert T.main(["--config", TINY, "train.nope=1"]) == 2
+    assert "unknown config key(s): train.nope" in capsys.readouterr().err
+    assert T.main(["--config", TINY, *BASE, "model.num_classes=3", f"train.out_dir={tmp_path}"]) == 2
+    assert "model.num_classes=3 but data synthetic has 9 classes" in capsys.readouterr().err
+
+
+def test_lr_schedule_is_linear_warmup_then_constant():
+    cfg = load_config(TINY, ["train.lr=null", "train.blr=5e-5", "train.batch_size=512", "train.warmup_steps=4"])
+    lrs = [T.lr_at(cfg, s) for s in range(6)]
+    assert lrs == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
+
+
+WORKER = """
+import os, sys
+from safetensors.torch import save_file
+from jitrope.config import load_config
+from jitrope.train import train
+out = train(load_config(sys.argv[1], sys.argv[3:]))
+rank = int(os.environ["RANK"])
+save_file({k: v.contiguous() for k, v in out["model"].state_dict().items()}, f"{sys.argv[2]}/rank{rank}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_torchrun_keeps_ranks_identical(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), TINY,
+           str(tmp_path), *BASE, f"train.out_dir={tmp_path / 'run'}", "train.steps=4", "train.ckpt_every=4",
+           "train.device=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert r0["final_layer.linear.weight"].abs().sum() > 0
+    # only rank 0 wrote, and what it wrote is what the ranks hold
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [4]
+    w = load_weights(tmp_path / "run")["model"]
+    assert all(torch.equal(w[k], r0[k]) for k in r0)
