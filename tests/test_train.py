@@ -149,3 +149,24 @@ def test_two_process_gloo_torchrun_keeps_ranks_identical(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [4]
     w = load_weights(tmp_path / "run")["model"]
     assert all(torch.equal(w[k], r0[k]) for k in r0)
+
+
+def _fused_cpu_kernels():
+    import jitrope
+
+    return jitrope.HAS_EXTENSION and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"jitrope::{op}", "CPU") for op in ("rope2d", "pos2d_add")
+    )
+
+
+@pytest.mark.skipif(not _fused_cpu_kernels(), reason="the extension's CPU kernels are not built")
+@pytest.mark.parametrize("pos_embed", ["rope2d", "factorized2d"])
+def test_fused_and_torch_ops_train_alike(tmp_path, pos_embed):
+    losses = {}
+    for impl in ("fused", "torch"):
+        cfg = load_config(TINY, BASE + [f"model.pos_impl={impl}", f"model.pos_embed={pos_embed}", "train.steps=3",
+                                         "train.log_every=3", f"train.out_dir={tmp_path / impl}"])
+        out = T.train(cfg, log=lambda *a, **k: None)
+        assert out["model"].pos_impl == impl
+        losses[impl] = out["loss"]
+    assert losses["fused"] == pytest.approx(losses["torch"], rel=1e-4)

@@ -4,7 +4,8 @@ Layout of a run directory::
 
     <out_dir>/config.yaml                          the resolved config of the run
     <out_dir>/checkpoints/step_00001000/
-        weights.safetensors   model.* / ema0.* / ema1.* tensors; metadata: format, step, config, ema_decays, class_names
+        weights.safetensors   model.* / ema0.* / ema1.* tensors; metadata: format, step, config, ema_decays, class_names,
+                              model_config (the resolved JiTConfig, so presets may change later)
         state.pt              optimizer, lr schedule, RNG and data-order state (tensors and primitives only)
 
 A checkpoint folder is written under a temporary name and renamed into place, so every
@@ -84,6 +85,7 @@ def save_checkpoint(
     state: Optional[Mapping[str, Any]] = None,
     config: Optional[Mapping[str, Any]] = None,
     class_names: Sequence[str] = (),
+    model_config: Optional[Mapping[str, Any]] = None,
     keep_last: int = 3,
 ) -> Path:
     """Write ``<run_dir>/checkpoints/step_<step>/`` atomically; drop all but the newest ``keep_last``."""
@@ -105,6 +107,7 @@ def save_checkpoint(
             "ema_decays": json.dumps([float(d) for d in ema_decays]),
             "num_emas": str(len(emas)),
             "class_names": json.dumps(list(class_names)),
+            "model_config": json.dumps(dict(model_config or {})),
         }
         save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=meta)
         if state is not None:
@@ -165,7 +168,7 @@ def resolve_checkpoint(path) -> Path:
 
 def load_weights(path) -> Dict[str, Any]:
     """Read a weights file: ``{"model": sd, "emas": [sd, ...], "ema_decays": [...], "step": int,
-    "config": dict, "class_names": [...], "path": Path}``."""
+    "config": dict, "class_names": [...], "model_config": dict (resolved JiTConfig fields), "path": Path}``."""
     from safetensors import SafetensorError, safe_open
 
     f = resolve_checkpoint(path)
@@ -184,6 +187,7 @@ def load_weights(path) -> Dict[str, Any]:
             "config": json.loads(meta.get("config", "{}")),
             "ema_decays": json.loads(meta.get("ema_decays", "[]")),
             "class_names": json.loads(meta.get("class_names", "[]")),
+            "model_config": json.loads(meta.get("model_config", "{}")),
             "path": f,
         }
     except (KeyError, ValueError) as e:

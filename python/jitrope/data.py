@@ -3,8 +3,9 @@
 Everything is small, so a data set is an :class:`ImageSet` of in-memory uint8 tensors. The emoji set:
 
 1. ``npm pack emoji-datasource-<vendor>@16.0.0`` into ``<root>/npm/`` (root: ``data.root``,
-   ``$JITROPE_DATA`` or ``~/.cache/jitrope``), verified against the sha512 ``integrity`` that npm
-   reports and the checksums pinned below; a tarball put there by hand is checked against the pins.
+   ``$JITROPE_DATA`` or ``~/.cache/jitrope``; npm: ``$JITROPE_NPM`` or ``npm`` on PATH), verified
+   against the sha512 ``integrity`` that npm reports and the checksums pinned below; a tarball put
+   there by hand is checked against the pins.
 2. The 64x64 PNGs and ``emoji.json`` are unpacked once into a temporary folder, counted, and only
    then renamed into place, so a half-written folder is never used.
 3. Images are alpha-composited on white, labelled with their ``emoji.json`` category (9 classes,

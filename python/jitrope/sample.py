@@ -44,10 +44,12 @@ def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = 
     path = w["path"]
     try:
         cfg = config_from_dict(w["config"], where=f"config stored in {path}")
+        if w.get("model_config"):  # the resolved fields: independent of later changes to presets
+            cfg.model = dict(w["model_config"])
         if pos_impl is not None:
             cfg.model["pos_impl"] = pos_impl
         mcfg = cfg.model_config()
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: its stored config does not build a model: {e}") from None
     model = JiT(mcfg)
     if ema in ("none", "raw", "model"):

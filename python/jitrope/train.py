@@ -332,6 +332,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
                         state=_train_state(opt, stream, ema, step, device, D),
                         config=cfg.to_dict(),
                         class_names=ds.class_names,
+                        model_config=mcfg.to_dict(),
                         keep_last=t.keep_last,
                     )
                 D.barrier()
