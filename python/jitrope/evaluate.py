@@ -8,9 +8,11 @@ Metrics (all on the held-out split unless ``--split`` says otherwise):
 - ``vloss``: the training loss (velocity MSE) at fixed times ``t`` (``--t-grid``) with fixed noise
   (seeded per image), per t and averaged: comparable across runs and encodings; ``x_mse_*`` is the
   same error in x space (``vloss * max(1 - t, t_eps)^2``), which large t does not dominate.
+  ``vloss_null_cond`` (models with a condition image): the same with the null condition.
 - ``class_samples``: ``--n-per-class`` class-conditional samples per class (guided as in
   ``sample.*``). ``nn_class_acc``: share of samples whose nearest training image (pixel L2 at 16x16)
-  has the asked class (chance = the largest class share); ``nn_rms``: RMS distance to that nearest
+  has the asked class (chance = the largest class share; ``nn_class_acc_real``, the same
+  classifier on the real held-out images, is its ceiling); ``nn_rms``: RMS distance to that nearest
   image (lower = more data-like; near 0 = copying); ``pixel_*``: per-channel mean / std of samples
   against the held-out images.
 - ``cond_samples`` (models with a condition image): samples for held-out conditions.
@@ -42,7 +44,7 @@ __all__ = ["evaluate", "main"]
 
 @torch.no_grad()
 def heldout_vloss(model, diffusion: Diffusion, maker: BatchMaker, t_grid: Sequence[float], *, max_images: int,
-                  batch_size: int, seed: int, device) -> Dict[str, Any]:
+                  batch_size: int, seed: int, device, drop_cond: bool = False) -> Dict[str, Any]:
     n = min(len(maker.ds), max_images)
     idx = torch.arange(n)
     g = torch.Generator().manual_seed(seed)
@@ -56,7 +58,8 @@ def heldout_vloss(model, diffusion: Diffusion, maker: BatchMaker, t_grid: Sequen
             x, y, cond = maker(idx[sl], u[sl])
             tt = torch.full((x.shape[0],), float(tv), device=device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-                loss = diffusion.loss(model, x, y, cond, None, t=tt, noise=noise[sl].to(device))
+                drop = torch.ones(x.shape[0], dtype=torch.bool, device=device) if (drop_cond and cond is not None) else None
+                loss = diffusion.loss(model, x, y, cond, drop, t=tt, noise=noise[sl].to(device))
             tot += float(loss) * x.shape[0]
         per_t.append(tot / n)
     # v - v_pred = (x - x_pred) / max(1 - t, t_eps): the same error in x space, where large t is not amplified
@@ -134,6 +137,11 @@ def evaluate(
                                  seed=seed, device=device)
     vl = out["vloss"]
     log(f"  held-out v-loss {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f}); per t: " + " ".join(f"{v:.3f}" for v in vl["per_t"]))
+    if mc.cond_img_size is not None:  # the same with the null condition: class-only denoising
+        out["vloss_null_cond"] = heldout_vloss(model, diffusion, maker, t_grid, max_images=max_images,
+                                               batch_size=batch_size, seed=seed, device=device, drop_cond=True)
+        vl = out["vloss_null_cond"]
+        log(f"  ... with the null condition {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f})")
 
     # class-conditional samples
     k = mc.num_classes
@@ -144,10 +152,13 @@ def evaluate(
     acc = (train_set.labels[nn_i] == labels).float()
     held = to_float(eval_set.images)
     counts = torch.bincount(train_set.labels, minlength=k).float()
+    real_i, _ = _nearest(held, ref)  # the same nearest-neighbour classifier on real held-out images: its ceiling
+    real_acc = float((train_set.labels[real_i] == eval_set.labels).float().mean())
     out["class_samples"] = {
         "n": len(labels),
         "nn_class_acc": float(acc.mean()),
         "nn_class_acc_chance": float(counts.max() / counts.sum()),
+        "nn_class_acc_real": real_acc,
         "nn_class_acc_per_class": [float(acc[labels == c].mean()) for c in range(k)],
         "nn_rms": float(nn_d.mean()),
         "pixel_mean": x.mean((0, 2, 3)).tolist(),
@@ -156,7 +167,8 @@ def evaluate(
         "data_pixel_std": held.std((0, 2, 3)).tolist(),
     }
     cs = out["class_samples"]
-    log(f"  class samples: nn-class acc {cs['nn_class_acc']:.3f} (chance {cs['nn_class_acc_chance']:.3f}), "
+    log(f"  class samples: nn-class acc {cs['nn_class_acc']:.3f} (chance {cs['nn_class_acc_chance']:.3f}, "
+        f"real held-out images {cs['nn_class_acc_real']:.3f}), "
         f"nn rms {cs['nn_rms']:.3f}, pixel mean {sum(cs['pixel_mean']) / 3:.3f} vs data {sum(cs['data_pixel_mean']) / 3:.3f}, "
         f"std {sum(cs['pixel_std']) / 3:.3f} vs {sum(cs['data_pixel_std']) / 3:.3f}")
 
@@ -206,12 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--num-threads", type=int, default=0, help="CPU threads (0: torch's default; 1 is fastest on a busy machine)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.set_flush_denormal(True)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
     try:
         t_grid = [float(v) for v in args.t_grid.split(",")]
         if not all(0.0 <= t < 1.0 for t in t_grid):
