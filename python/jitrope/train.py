@@ -423,7 +423,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: step {out['step']}, loss {out['loss']:.4f}, run {out['run_dir']}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {out['step']}, loss {out['loss']:.4f}, run {out['run_dir']}")
     return 0
 
 
