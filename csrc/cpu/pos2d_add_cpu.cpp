@@ -12,12 +12,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "math/pos2d_add_math.h"
@@ -46,29 +44,15 @@ struct RowsArgs {
   int64_t token_offset, cells, gw, row_offset, col_offset;
 };
 
-// out[d] = x[d] + (ph[d] + pw[d]) in the compute type, rounded once. Reduced types are widened
-// explicitly: at::vec::map3 would add them in their own precision when the build has no
-// vectorized float (the generic, non-AVX Vectorized an extension gets).
+// out[d] = x[d] + (ph[d] + pw[d]) in the compute type, rounded once. A plain loop: GCC vectorizes
+// it for float32, float64 and bfloat16 (widening is a shift) with the baseline ISA an extension is
+// built for, where at::vec's generic reduced-type conversions are scalar calls.
 template <typename scalar_t>
-void add_position_row(scalar_t* out, const scalar_t* x, const scalar_t* ph, const scalar_t* pw, int64_t D) {
+void add_position_row(
+    scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph,
+    const scalar_t* __restrict__ pw, int64_t D) {
   using acc = acc_t<scalar_t>;
-  using aVec = at::vec::Vectorized<acc>;
-  int64_t d = 0;
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    for (; d + aVec::size() <= D; d += aVec::size()) {
-      pos2d::add_position(aVec::loadu(x + d), aVec::loadu(ph + d), aVec::loadu(pw + d)).store(out + d);
-    }
-  } else {
-    using sVec = at::vec::Vectorized<scalar_t>;
-    for (; d + sVec::size() <= D; d += sVec::size()) {
-      auto [x0, x1] = at::vec::convert_to_float<scalar_t>(sVec::loadu(x + d));
-      auto [h0, h1] = at::vec::convert_to_float<scalar_t>(sVec::loadu(ph + d));
-      auto [w0, w1] = at::vec::convert_to_float<scalar_t>(sVec::loadu(pw + d));
-      at::vec::convert_from_float<scalar_t>(pos2d::add_position(x0, h0, w0), pos2d::add_position(x1, h1, w1))
-          .store(out + d);
-    }
-  }
-  for (; d < D; ++d) {
+  for (int64_t d = 0; d < D; ++d) {
     out[d] = static_cast<scalar_t>(
         pos2d::add_position(static_cast<acc>(x[d]), static_cast<acc>(ph[d]), static_cast<acc>(pw[d])));
   }
@@ -153,24 +137,11 @@ at::Tensor& pos2d_add__cpu(
   return x;
 }
 
-// acc[d] += src[d] for d < n, in the compute type (float32 for float16/bfloat16 sources).
+// acc[d] += src[d] in the compute type (float32 for float16/bfloat16 sources); vectorized by the
+// compiler like add_position_row.
 template <typename scalar_t, typename acc_type>
-void accumulate(acc_type* acc, const scalar_t* src, int64_t n) {
-  using aVec = at::vec::Vectorized<acc_type>;
-  int64_t d = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_type>) {
-    for (; d + aVec::size() <= n; d += aVec::size()) {
-      (aVec::loadu(acc + d) + aVec::loadu(src + d)).store(acc + d);
-    }
-  } else {
-    using sVec = at::vec::Vectorized<scalar_t>;
-    for (; d + sVec::size() <= n; d += sVec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(sVec::loadu(src + d));
-      (aVec::loadu(acc + d) + lo).store(acc + d);
-      (aVec::loadu(acc + d + aVec::size()) + hi).store(acc + d + aVec::size());
-    }
-  }
-  for (; d < n; ++d) {
+void accumulate(acc_type* __restrict__ acc, const scalar_t* __restrict__ src, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) {
     acc[d] += static_cast<acc_type>(src[d]);
   }
 }
@@ -235,7 +206,9 @@ void backward_kernel(
           accumulate(s.data(), partials + (k * cells + first + c * step) * D, D);
         }
       }
-      at::vec::convert(s.data(), out, D);
+      for (int64_t d = 0; d < D; ++d) {
+        out[d] = static_cast<scalar_t>(s[d]);
+      }
     }
   });
 }
