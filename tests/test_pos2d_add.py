@@ -26,6 +26,7 @@ CASES = [
     (2, 2, (0, 3), 1, 4, (1, 3), (1, 0), "contiguous"),  # an empty grid: a plain copy
     (1, 0, (1, 7), 0, 16, (1, 8), (0, 1), "tables_strided"),  # tables are non-contiguous views
     (3, 4, (6, 5), 2, 32, (8, 8), (2, 3), "contiguous"),  # D a multiple of every 16-byte pack width
+    (2, 0, (3, 3), 1, 16, (3, 3), (0, 0), "misaligned"),  # x starts one element into its storage
 ]
 
 
@@ -37,6 +38,10 @@ def _layout(t, layout, B, N, D, g):
         wide = torch.zeros(B, N, 2 * D, dtype=t.dtype, device=t.device)
         wide[..., ::2] = t
         return wide[..., ::2]
+    if layout == "misaligned":
+        flat = torch.zeros(B * N * D + 1, dtype=t.dtype, device=t.device)
+        flat[1:] = t.reshape(-1)
+        return flat[1:].view(B, N, D)
     if layout == "token_slice":
         long = torch.randn(B, N + 2, D, generator=g, dtype=torch.float64).to(t.dtype).to(t.device)
         long[:, 1:-1] = t
@@ -334,11 +339,13 @@ def test_cuda_matches_cpu_bit_for_bit(dtype):
 
 
 @cuda_only
-def test_cuda_64bit_indexing():
-    """Over 2^31 elements: offsets past 2^31 are written and summed correctly."""
+@pytest.mark.parametrize("D", [1024, 1025], ids=["packed-int32-index", "scalar-int64-index"])
+def test_cuda_64bit_indexing(D):
+    """Over 2^31 elements: offsets past 2^31 are written and summed correctly, with 16-byte packs
+    and 32-bit item indices (D = 1024) and with single elements and 64-bit indices (D = 1025)."""
     free, _ = torch.cuda.mem_get_info()
-    B, N, D = 2, (1 << 20) + 8, 1024  # 2^31 + 16K elements of bfloat16
-    if free < 4 * B * N * D * 2:
+    B, N = 2, (1 << 20) + 8  # > 2^31 elements of bfloat16
+    if free < 3 * B * N * D * 2 + (1 << 30):
         pytest.skip("not enough GPU memory")
     x = torch.zeros(B, N, D, dtype=torch.bfloat16, device="cuda")
     pos_h = torch.arange(4, dtype=torch.bfloat16, device="cuda")[:, None].expand(4, D).contiguous()
@@ -351,3 +358,5 @@ def test_cuda_64bit_indexing():
     del out
     grad_h, grad_w = torch.ops.jitrope.pos2d_add_backward(x.fill_(1), [4, 4], 4, 4, t0, 0, 0)
     assert torch.equal(grad_h, torch.full_like(grad_h, 8)) and torch.equal(grad_w, torch.full_like(grad_w, 8))
+    ops.pos2d_add_(x, pos_h, pos_w, (4, 4), token_offset=t0)
+    assert torch.equal(x[:, t0:], (want + 1).expand(B, 16, D))
