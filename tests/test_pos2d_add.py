@@ -247,7 +247,7 @@ def _bad_inputs(device):
         ("dtype", lambda: f(x, h.double(), w, (2, 2)), r"pos_h must have x's dtype torch.float32, got torch.float64"),
         ("rows", lambda: f(x, h, w, (3, 2), row_offset=1), r"grid rows need pos_h\[1 : 1 \+ gh\] with gh = 3, but pos_h has max_h = 3"),
         ("cols", lambda: f(x, h, w, (2, 5)), r"grid columns need pos_w\[0 : 0 \+ gw\] with gw = 5, but pos_w has max_w = 4"),
-        ("N", lambda: f(x, h, w, (3, 3), token_offset=2), r"wanted N >= token_offset \+ gh\*gw, got N = 10"),
+        ("N", lambda: f(x, h, w, (3, 3), token_offset=2), r"wanted N >= token_offset \+ gh\*gw, got N = 10 \(x of shape \[2, 10, 6\]\)"),
         ("token_offset", lambda: f(x, h, w, (2, 2), token_offset=-1), r"token_offset must be >= 0, got -1"),
         ("row_offset", lambda: f(x, h, w, (2, 2), row_offset=-2), r"row_offset must be >= 0, got -2"),
         ("col_offset", lambda: f(x, h, w, (2, 2), col_offset=-3), r"col_offset must be >= 0, got -3"),

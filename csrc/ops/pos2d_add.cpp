@@ -105,7 +105,7 @@ void check_table(
 void check_geometry(
     const char* op,
     const char* x_name,
-    int64_t N,
+    const at::Tensor& x,
     at::IntArrayRef grid,
     int64_t max_h,
     int64_t max_w,
@@ -115,6 +115,7 @@ void check_geometry(
   TORCH_CHECK(grid.size() == 2, op, ": grid must be (gh, gw), got ", grid.size(), " values ", grid);
   const int64_t gh = grid[0];
   const int64_t gw = grid[1];
+  const int64_t N = x.size(1);
   TORCH_CHECK(gh >= 0 && gw >= 0, op, ": grid (gh, gw) must be non-negative, got ", grid);
   TORCH_CHECK(token_offset >= 0, op, ": token_offset must be >= 0, got ", token_offset);
   TORCH_CHECK(row_offset >= 0, op, ": row_offset must be >= 0, got ", row_offset);
@@ -130,7 +131,8 @@ void check_geometry(
   TORCH_CHECK(
       token_offset <= N && (gw == 0 || gh <= (N - token_offset) / gw), op, ": grid ", grid,
       " has gh*gw tokens starting at token_offset = ", token_offset, ", more than ", x_name,
-      " holds: wanted N >= token_offset + gh*gw, got N = ", N);
+      " holds: wanted N >= token_offset + gh*gw, got N = ", N, " (", x_name, " of shape ", x.sizes(),
+      ")");
 }
 
 }  // namespace
@@ -149,8 +151,7 @@ void check_pos2d_add_args(
   check_table(op, "pos_h", "max_h", pos_h, x);
   check_table(op, "pos_w", "max_w", pos_w, x);
   check_geometry(
-      op, "x", x.size(1), grid, pos_h.size(0), pos_w.size(0), token_offset, row_offset,
-      col_offset);
+      op, "x", x, grid, pos_h.size(0), pos_w.size(0), token_offset, row_offset, col_offset);
   if (inplace) {
     // Writing x must neither write one element twice nor change the tables being read.
     at::assert_no_internal_overlap(x);
@@ -171,7 +172,7 @@ void check_pos2d_add_backward_args(
   check_activation(op, "grad_out", grad_out);
   TORCH_CHECK(max_h >= 0 && max_w >= 0, op, ": max_h and max_w must be >= 0, got ", max_h, " and ", max_w);
   check_geometry(
-      op, "grad_out", grad_out.size(1), grid, max_h, max_w, token_offset, row_offset, col_offset);
+      op, "grad_out", grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
 }
 
 }  // namespace jitrope

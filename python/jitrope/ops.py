@@ -100,9 +100,10 @@ def pos2d_add_(
 
 # Fake (meta) kernels: shapes, dtypes and strides of what the C++ kernels return, with the same
 # argument checks, so that torch.compile and FakeTensor trace the ops.
-def _check_pos2d_geometry(op: str, x_name: str, N, grid, max_h, max_w, token_offset, row_offset, col_offset):
+def _check_pos2d_geometry(op: str, x_name: str, x: Tensor, grid, max_h, max_w, token_offset, row_offset, col_offset):
     torch._check(len(grid) == 2, lambda: f"{op}: grid must be (gh, gw), got {len(grid)} values {list(grid)}")
     gh, gw = grid
+    N = x.shape[1]
     torch._check(gh >= 0 and gw >= 0, lambda: f"{op}: grid (gh, gw) must be non-negative, got {list(grid)}")
     for name, value in (("token_offset", token_offset), ("row_offset", row_offset), ("col_offset", col_offset)):
         torch._check(value >= 0, lambda: f"{op}: {name} must be >= 0, got {value}")
@@ -119,7 +120,7 @@ def _check_pos2d_geometry(op: str, x_name: str, N, grid, max_h, max_w, token_off
     torch._check(
         token_offset + gh * gw <= N,
         lambda: f"{op}: grid {list(grid)} has gh*gw tokens starting at token_offset = {token_offset}, more than "
-        f"{x_name} holds: wanted N >= token_offset + gh*gw, got N = {N}",
+        f"{x_name} holds: wanted N >= token_offset + gh*gw, got N = {N} ({x_name} of shape {list(x.shape)})",
     )
 
 
@@ -146,7 +147,7 @@ def _check_pos2d_add_fake(op, x, pos_h, pos_w, grid, token_offset, row_offset, c
             table.device == x.device, lambda: f"{op}: {name} must be on x's device {x.device}, got {table.device}"
         )
     _check_pos2d_geometry(
-        op, "x", x.shape[1], grid, pos_h.shape[0], pos_w.shape[0], token_offset, row_offset, col_offset
+        op, "x", x, grid, pos_h.shape[0], pos_w.shape[0], token_offset, row_offset, col_offset
     )
 
 
@@ -168,7 +169,7 @@ if HAS_EXTENSION:
         _check_pos2d_activation(op, "grad_out", grad_out)
         torch._check(max_h >= 0 and max_w >= 0, lambda: f"{op}: max_h and max_w must be >= 0, got {max_h} and {max_w}")
         _check_pos2d_geometry(
-            op, "grad_out", grad_out.shape[1], grid, max_h, max_w, token_offset, row_offset, col_offset
+            op, "grad_out", grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset
         )
         D = grad_out.shape[2]
         return grad_out.new_empty((max_h, D)), grad_out.new_empty((max_w, D))

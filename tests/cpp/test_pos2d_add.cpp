@@ -172,7 +172,7 @@ TEST(Pos2dAdd, ErrorsNameTheArgument) {
                "grid rows need pos_h[1 : 1 + gh] with gh = 3, but pos_h has max_h = 3 rows");
   expect_error([&] { pos2d_add(x, h, w, {2, 5}); },
                "grid columns need pos_w[0 : 0 + gw] with gw = 5, but pos_w has max_w = 4 rows");
-  expect_error([&] { pos2d_add(x, h, w, {3, 3}, 2); }, "wanted N >= token_offset + gh*gw, got N = 10");
+  expect_error([&] { pos2d_add(x, h, w, {3, 3}, 2); }, "wanted N >= token_offset + gh*gw, got N = 10 (x of shape [2, 10, 6])");
   expect_error([&] { pos2d_add(x, h, w, {2, 2}, -1); }, "token_offset must be >= 0, got -1");
   expect_error([&] { pos2d_add(x, h, w, {2, 2}, 0, -2); }, "row_offset must be >= 0, got -2");
   expect_error([&] { pos2d_add(x, h, w, {2, 2}, 0, 0, -3); }, "col_offset must be >= 0, got -3");
