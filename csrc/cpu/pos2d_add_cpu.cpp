@@ -4,7 +4,7 @@
 // over rows, each row one vectorized pass x + (pos_h[row] + pos_w[col]) or a memcpy, so it moves
 // the bytes of a copy of x plus the (cache-resident) table rows; the in-place twin visits only
 // the grid's rows. Backward: stage 1 sums grad_out over fixed batch chunks, one task per
-// (chunk, grid cell), into float32 partials [chunks, gh*gw, D] (one read of the grid's part of
+// (chunk, grid cell), into float32 (float64 for float64) partials [chunks, gh*gw, D] (one read of the grid's part of
 // grad_out); stage 2 sums the partials per table row, one task per output row. The order of every
 // sum is fixed by math/pos2d_add_math.h, independent of the thread count, and the CUDA kernels use
 // the same order.
