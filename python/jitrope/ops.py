@@ -96,3 +96,80 @@ def pos2d_add_(
     _check_inplace("pos2d_add_", x)
     torch.ops.jitrope.pos2d_add_.default(x, pos_h, pos_w, list(grid), token_offset, row_offset, col_offset)
     return x
+
+
+# Fake (meta) kernels: shapes, dtypes and strides of what the C++ kernels return, with the same
+# argument checks, so that torch.compile and FakeTensor trace the ops.
+def _check_pos2d_geometry(op: str, x_name: str, x: Tensor, grid, max_h, max_w, token_offset, row_offset, col_offset):
+    torch._check(len(grid) == 2, lambda: f"{op}: grid must be (gh, gw), got {len(grid)} values {list(grid)}")
+    gh, gw = grid
+    N = x.shape[1]
+    torch._check(gh >= 0 and gw >= 0, lambda: f"{op}: grid (gh, gw) must be non-negative, got {list(grid)}")
+    for name, value in (("token_offset", token_offset), ("row_offset", row_offset), ("col_offset", col_offset)):
+        torch._check(value >= 0, lambda: f"{op}: {name} must be >= 0, got {value}")
+    torch._check(
+        row_offset + gh <= max_h,
+        lambda: f"{op}: grid rows need pos_h[{row_offset} : {row_offset} + gh] with gh = {gh}, but pos_h has "
+        f"max_h = {max_h} rows (wanted max_h >= row_offset + gh)",
+    )
+    torch._check(
+        col_offset + gw <= max_w,
+        lambda: f"{op}: grid columns need pos_w[{col_offset} : {col_offset} + gw] with gw = {gw}, but pos_w has "
+        f"max_w = {max_w} rows (wanted max_w >= col_offset + gw)",
+    )
+    torch._check(
+        token_offset + gh * gw <= N,
+        lambda: f"{op}: grid {list(grid)} has gh*gw tokens starting at token_offset = {token_offset}, more than "
+        f"{x_name} holds: wanted N >= token_offset + gh*gw, got N = {N} ({x_name} of shape {list(x.shape)})",
+    )
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_pos2d_activation(op: str, name: str, t: Tensor):
+    torch._check(t.dim() == 3, lambda: f"{op}: {name} must be a 3-D tensor [B, N, D], got shape {list(t.shape)}")
+    torch._check(
+        t.dtype in _FLOAT_DTYPES, lambda: f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
+    )
+
+
+def _check_pos2d_add_fake(op, x, pos_h, pos_w, grid, token_offset, row_offset, col_offset):
+    _check_pos2d_activation(op, "x", x)
+    D = x.shape[2]
+    for name, rows, table in (("pos_h", "max_h", pos_h), ("pos_w", "max_w", pos_w)):
+        torch._check(
+            table.dim() == 2 and table.shape[1] == D,
+            lambda: f"{op}: {name} must be [{rows}, D] with x's D = {D}, got shape {list(table.shape)}",
+        )
+        torch._check(table.dtype == x.dtype, lambda: f"{op}: {name} must have x's dtype {x.dtype}, got {table.dtype}")
+        torch._check(
+            table.device == x.device, lambda: f"{op}: {name} must be on x's device {x.device}, got {table.device}"
+        )
+    _check_pos2d_geometry(
+        op, "x", x, grid, pos_h.shape[0], pos_w.shape[0], token_offset, row_offset, col_offset
+    )
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("jitrope::pos2d_add")
+    def _pos2d_add_fake(x, pos_h, pos_w, grid, token_offset=0, row_offset=0, col_offset=0):
+        _check_pos2d_add_fake("pos2d_add", x, pos_h, pos_w, grid, token_offset, row_offset, col_offset)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("jitrope::pos2d_add_")
+    def _pos2d_add__fake(x, pos_h, pos_w, grid, token_offset=0, row_offset=0, col_offset=0):
+        _check_pos2d_add_fake("pos2d_add_", x, pos_h, pos_w, grid, token_offset, row_offset, col_offset)
+        return x
+
+    @torch.library.register_fake("jitrope::pos2d_add_backward")
+    def _pos2d_add_backward_fake(grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset):
+        op = "pos2d_add_backward"
+        _check_pos2d_activation(op, "grad_out", grad_out)
+        torch._check(max_h >= 0 and max_w >= 0, lambda: f"{op}: max_h and max_w must be >= 0, got {max_h} and {max_w}")
+        _check_pos2d_geometry(
+            op, "grad_out", grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset
+        )
+        D = grad_out.shape[2]
+        return grad_out.new_empty((max_h, D)), grad_out.new_empty((max_w, D))

@@ -1,0 +1,351 @@
+// CUDA kernels of jitrope::pos2d_add. Layout: x and grad_out are read as (b, t) rows of D channels
+// through their batch and token strides (a strided channel dim is copied to contiguous first),
+// tables are contiguous [rows, D], outputs contiguous. Forward: a grid-stride loop over
+// (b, t, channel pack) items, a pack being 16 bytes (V = 16 / itemsize elements) when D, the
+// strides and every pointer allow aligned vector loads and stores, one element otherwise; 32-bit
+// item indices when they fit. Each item reads its x pack and, for a grid token, two table packs
+// (cached: the tables are small and reused by every batch row), and writes one pack: the traffic
+// of a copy of x. The in-place twin visits only the grid's tokens. Backward, deterministic and
+// without atomics: stage 1, one thread per (batch chunk, grid cell, channel pack) sums grad_out
+// over the chunk's rows in ascending order into float32 partials [chunks, gh*gw, D] (coalesced
+// along channels; one read of the grid's part of grad_out); stage 2, one thread per output
+// element sums its partials in the fixed order of math/pos2d_add_math.h and writes zeros for
+// table rows the grid does not use. The CPU kernels add in the same order, so both give the same
+// bits. Math is float32 (float64 for float64).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "math/pos2d_add_math.h"
+#include "ops/pos2d_add.h"
+
+namespace jitrope {
+namespace {
+
+using pos2d::acc_t;
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t, int V>
+struct alignas(sizeof(scalar_t) * V) Pack {
+  scalar_t v[V];
+};
+
+template <typename scalar_t, int V>
+__device__ __forceinline__ Pack<scalar_t, V> load_pack(const scalar_t* p) {
+  return *reinterpret_cast<const Pack<scalar_t, V>*>(p);
+}
+
+template <typename scalar_t, int V>
+__device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t, V>& v) {
+  *reinterpret_cast<Pack<scalar_t, V>*>(p) = v;
+}
+
+// Elements per 16-byte pack, or 1 when D, a stride or a pointer is not a multiple of it.
+template <typename scalar_t>
+int pack_width(int64_t D, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
+  constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
+  bool ok = D % V == 0;
+  for (int64_t s : strides) {
+    ok = ok && s % V == 0;
+  }
+  for (const void* p : ptrs) {
+    ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  }
+  return ok ? V : 1;
+}
+
+int64_t grid_blocks(int64_t items) {
+  const int64_t needed = (items + kThreads - 1) / kThreads;
+  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} *
+      (at::cuda::getCurrentDeviceProperties()->maxThreadsPerMultiProcessor / kThreads) * 4;
+  return std::max<int64_t>(1, std::min(needed, resident));
+}
+
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* x;
+  int64_t x_sb, x_st;
+  scalar_t* out;
+  int64_t out_sb, out_st;
+  const scalar_t* pos_h;
+  const scalar_t* pos_w;
+  int64_t D;
+  int64_t t_begin;  // first token visited
+  int64_t token_offset, cells, gw, row_offset, col_offset;
+};
+
+// items = B * tokens * (D / V); item -> (row = (b, t_begin + tt), pack dv). Token and grid
+// arithmetic runs in index_t (32-bit when every value fits), addresses in 64-bit.
+template <typename scalar_t, int V, typename index_t>
+__global__ void __launch_bounds__(kThreads) pos2d_add_forward_kernel(
+    const ForwardArgs<scalar_t> a, const index_t items, const index_t tokens, const index_t packs) {
+  using acc = acc_t<scalar_t>;
+  const index_t t0 = static_cast<index_t>(a.token_offset);
+  const index_t cells = static_cast<index_t>(a.cells);
+  const index_t gw = static_cast<index_t>(a.gw);
+  const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x;
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < items; idx += stride) {
+    const index_t row = idx / packs;
+    const index_t d = (idx - row * packs) * V;
+    const index_t b = row / tokens;
+    const index_t t = static_cast<index_t>(a.t_begin) + (row - b * tokens);
+    Pack<scalar_t, V> v = load_pack<scalar_t, V>(a.x + b * a.x_sb + int64_t{t} * a.x_st + d);
+    index_t i, j;
+    if (pos2d::grid_cell<index_t>(t, t0, cells, gw, i, j)) {
+      const Pack<scalar_t, V> h = load_pack<scalar_t, V>(a.pos_h + (a.row_offset + i) * a.D + d);
+      const Pack<scalar_t, V> w = load_pack<scalar_t, V>(a.pos_w + (a.col_offset + j) * a.D + d);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        v.v[k] = static_cast<scalar_t>(pos2d::add_position<acc>(
+            static_cast<acc>(v.v[k]), static_cast<acc>(h.v[k]), static_cast<acc>(w.v[k])));
+      }
+    }
+    store_pack<scalar_t, V>(a.out + b * a.out_sb + int64_t{t} * a.out_st + d, v);
+  }
+}
+
+template <typename scalar_t, int V>
+void launch_forward_packed(const ForwardArgs<scalar_t>& a, int64_t B, int64_t tokens, int64_t N) {
+  const int64_t packs = a.D / V;
+  const int64_t items = B * tokens * packs;
+  if (items == 0) {
+    return;
+  }
+  const int64_t blocks = grid_blocks(items);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  // 32-bit indices leave headroom for idx + stride and cover every token index t < N.
+  constexpr int64_t kInt32Safe = int64_t{1} << 30;
+  if (items < kInt32Safe && N < kInt32Safe) {
+    pos2d_add_forward_kernel<scalar_t, V, int32_t><<<blocks, kThreads, 0, stream>>>(
+        a, static_cast<int32_t>(items), static_cast<int32_t>(tokens), static_cast<int32_t>(packs));
+  } else {
+    pos2d_add_forward_kernel<scalar_t, V, int64_t><<<blocks, kThreads, 0, stream>>>(a, items, tokens, packs);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_forward(
+    const at::Tensor& x,
+    at::Tensor& out,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset,
+    bool grid_rows_only) {
+  const at::Tensor ph = pos_h.contiguous();
+  const at::Tensor pw = pos_w.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  const int64_t cells = grid[0] * grid[1];
+  const int64_t t_begin = grid_rows_only ? token_offset : 0;
+  const int64_t tokens = grid_rows_only ? cells : N;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_cuda", [&] {
+    const ForwardArgs<scalar_t> a{
+        x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+        out.data_ptr<scalar_t>(), out.stride(0), out.stride(1),
+        ph.const_data_ptr<scalar_t>(), pw.const_data_ptr<scalar_t>(),
+        D, t_begin, token_offset, cells, grid[1], row_offset, col_offset};
+    const int V = pack_width<scalar_t>(
+        D, {a.x_sb, a.x_st, a.out_sb, a.out_st}, {a.x, a.out, a.pos_h, a.pos_w});
+    if (V > 1) {
+      launch_forward_packed<scalar_t, 16 / sizeof(scalar_t)>(a, B, tokens, N);
+    } else {
+      launch_forward_packed<scalar_t, 1>(a, B, tokens, N);
+    }
+  });
+}
+
+// Unit channel stride is all the kernels need; batch and token strides are taken as they are.
+at::Tensor with_unit_channel_stride(const at::Tensor& t) {
+  return (t.size(2) <= 1 || t.stride(2) == 1) ? t : t.contiguous();
+}
+
+at::Tensor pos2d_add_cuda(
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  check_pos2d_add_args(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset, /*inplace=*/false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xr = with_unit_channel_stride(x);
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  launch_forward(xr, out, pos_h, pos_w, grid, token_offset, row_offset, col_offset, false);
+  return out;
+}
+
+at::Tensor& pos2d_add__cuda(
+    at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  check_pos2d_add_args(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset, /*inplace=*/true);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.size(2) <= 1 || x.stride(2) == 1) {
+    launch_forward(x, x, pos_h, pos_w, grid, token_offset, row_offset, col_offset, true);
+  } else {
+    at::Tensor xc = x.contiguous();
+    launch_forward(xc, xc, pos_h, pos_w, grid, token_offset, row_offset, col_offset, true);
+    x.copy_(xc);
+  }
+  return x;
+}
+
+// Stage 1: item = (chunk k, cell, pack dv), in that order from slowest to fastest, so that
+// partials[item * V + lane] is partials[k][cell][dv * V + lane].
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads) pos2d_add_partials_kernel(
+    const scalar_t* __restrict__ g,
+    const int64_t g_sb,
+    const int64_t g_st,
+    const int64_t B,
+    const int64_t token_offset,
+    const int64_t cells,
+    const int64_t packs,
+    const int64_t chunk,
+    const int64_t items,
+    acc_t<scalar_t>* __restrict__ partials) {
+  using acc = acc_t<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < items; idx += stride) {
+    const int64_t dv = idx % packs;
+    const int64_t kc = idx / packs;
+    const int64_t cell = kc % cells;
+    const int64_t k = kc / cells;
+    const int64_t b_end = (k + 1) * chunk < B ? (k + 1) * chunk : B;
+    const scalar_t* src = g + (token_offset + cell) * g_st + dv * V;
+    acc s[V];
+#pragma unroll
+    for (int lane = 0; lane < V; ++lane) {
+      s[lane] = acc(0);
+    }
+    // Unrolled so that several rows' loads are in flight; each lane still adds in row order.
+#pragma unroll 4
+    for (int64_t b = k * chunk; b < b_end; ++b) {
+      const Pack<scalar_t, V> v = load_pack<scalar_t, V>(src + b * g_sb);
+#pragma unroll
+      for (int lane = 0; lane < V; ++lane) {
+        s[lane] += static_cast<acc>(v.v[lane]);
+      }
+    }
+#pragma unroll
+    for (int lane = 0; lane < V; ++lane) {
+      partials[idx * V + lane] = s[lane];
+    }
+  }
+}
+
+// Stage 2: item = (table row r over pos_h then pos_w, channel d); adjacent threads take adjacent
+// channels, so both the partials they read and the gradients they write are coalesced.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) pos2d_add_table_grads_kernel(
+    const acc_t<scalar_t>* __restrict__ partials,
+    const int64_t chunks,
+    const int64_t gh,
+    const int64_t gw,
+    const int64_t D,
+    const int64_t max_h,
+    const int64_t max_w,
+    const int64_t row_offset,
+    const int64_t col_offset,
+    scalar_t* __restrict__ grad_h,
+    scalar_t* __restrict__ grad_w) {
+  using acc = acc_t<scalar_t>;
+  const int64_t items = (max_h + max_w) * D;
+  const int64_t chunk_stride = gh * gw * D;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < items; idx += stride) {
+    const int64_t r = idx / D;
+    const int64_t d = idx - r * D;
+    acc s = acc(0);
+    if (r < max_h) {
+      const int64_t i = r - row_offset;
+      if (i >= 0 && i < gh) {
+        s = pos2d::sum_partials(partials + i * gw * D + d, chunks, chunk_stride, gw, D);
+      }
+      grad_h[idx] = static_cast<scalar_t>(s);
+    } else {
+      const int64_t j = r - max_h - col_offset;
+      if (j >= 0 && j < gw) {
+        s = pos2d::sum_partials(partials + j * D + d, chunks, chunk_stride, gh, gw * D);
+      }
+      grad_w[idx - max_h * D] = static_cast<scalar_t>(s);
+    }
+  }
+}
+
+template <typename scalar_t, int V>
+void launch_partials(
+    const at::Tensor& g, int64_t token_offset, int64_t cells, const pos2d::BatchChunks& chunks,
+    acc_t<scalar_t>* partials) {
+  const int64_t packs = g.size(2) / V;
+  const int64_t items = chunks.count * cells * packs;
+  if (items == 0) {
+    return;
+  }
+  pos2d_add_partials_kernel<scalar_t, V><<<grid_blocks(items), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      g.const_data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.size(0), token_offset, cells, packs,
+      chunks.size, items, partials);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_cuda(
+    const at::Tensor& grad_out,
+    at::IntArrayRef grid,
+    int64_t max_h,
+    int64_t max_w,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  check_pos2d_add_backward_args(grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const at::Tensor g = with_unit_channel_stride(grad_out);
+  const int64_t B = g.size(0), D = g.size(2);
+  const int64_t gh = grid[0], gw = grid[1];
+  const int64_t cells = gh * gw;
+  at::Tensor grad_h = at::empty({max_h, D}, g.options());
+  at::Tensor grad_w = at::empty({max_w, D}, g.options());
+  const pos2d::BatchChunks chunks = pos2d::batch_chunks(B, cells * D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pos2d_add_backward_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    at::Tensor partials = at::empty({chunks.count, cells, D}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    if (pack_width<scalar_t>(D, {g.stride(0), g.stride(1)}, {gp}) > 1) {
+      launch_partials<scalar_t, 16 / sizeof(scalar_t)>(g, token_offset, cells, chunks, partials.data_ptr<acc>());
+    } else {
+      launch_partials<scalar_t, 1>(g, token_offset, cells, chunks, partials.data_ptr<acc>());
+    }
+    const int64_t items = (max_h + max_w) * D;
+    if (items > 0) {
+      pos2d_add_table_grads_kernel<scalar_t><<<grid_blocks(items), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          partials.const_data_ptr<acc>(), chunks.count, gh, gw, D, max_h, max_w, row_offset, col_offset,
+          grad_h.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_h, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, CUDA, m) {
+  m.impl("pos2d_add", &pos2d_add_cuda);
+  m.impl("pos2d_add_", &pos2d_add__cuda);
+  m.impl("pos2d_add_backward", &pos2d_add_backward_cuda);
+}
+
+}  // namespace jitrope

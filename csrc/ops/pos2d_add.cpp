@@ -1,0 +1,178 @@
+// C++ entry points of jitrope::pos2d_add (dispatcher calls, like torchvision's ops/roi_align.cpp)
+// and the one place its arguments are validated.
+#include "ops/pos2d_add.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace jitrope {
+
+at::Tensor pos2d_add(
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("jitrope::pos2d_add", "")
+                       .typed<decltype(pos2d_add)>();
+  return op.call(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
+}
+
+at::Tensor& pos2d_add_(
+    at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("jitrope::pos2d_add_", "")
+                       .typed<decltype(pos2d_add_)>();
+  return op.call(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor> pos2d_add_backward(
+    const at::Tensor& grad_out,
+    at::IntArrayRef grid,
+    int64_t max_h,
+    int64_t max_w,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("jitrope::pos2d_add_backward", "")
+                       .typed<decltype(pos2d_add_backward)>();
+  return op.call(grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_symint(
+    const at::Tensor& grad_out,
+    at::IntArrayRef grid,
+    c10::SymInt max_h,
+    c10::SymInt max_w,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("jitrope::pos2d_add_backward", "")
+                       .typed<decltype(pos2d_add_backward_symint)>();
+  return op.call(grad_out, grid, std::move(max_h), std::move(max_w), token_offset, row_offset, col_offset);
+}
+
+namespace {
+
+// "torch.float32", as Python users know dtypes.
+std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
+void check_activation(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(
+      t.dim() == 3, op, ": ", name, " must be a 3-D tensor [B, N, D], got shape ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype_name(dtype));
+}
+
+// A position table: [rows, D] with x's D, dtype and device.
+void check_table(
+    const char* op, const char* name, const char* rows, const at::Tensor& table, const at::Tensor& x) {
+  TORCH_CHECK(table.defined(), op, ": ", name, " is an undefined tensor");
+  const int64_t D = x.size(2);
+  TORCH_CHECK(
+      table.dim() == 2 && table.size(1) == D, op, ": ", name, " must be [", rows,
+      ", D] with x's D = ", D, ", got shape ", table.sizes());
+  TORCH_CHECK(
+      table.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
+      dtype_name(x.scalar_type()), ", got ", dtype_name(table.scalar_type()));
+  TORCH_CHECK(
+      table.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(),
+      ", got ", table.device());
+}
+
+// The grid (gh, gw) at the offsets must fit in the tables (max_h, max_w rows) and in N tokens.
+// Written as differences so that no sum or product of user values can overflow.
+void check_geometry(
+    const char* op,
+    const char* x_name,
+    const at::Tensor& x,
+    at::IntArrayRef grid,
+    int64_t max_h,
+    int64_t max_w,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  TORCH_CHECK(grid.size() == 2, op, ": grid must be (gh, gw), got ", grid.size(), " values ", grid);
+  const int64_t gh = grid[0];
+  const int64_t gw = grid[1];
+  const int64_t N = x.size(1);
+  TORCH_CHECK(gh >= 0 && gw >= 0, op, ": grid (gh, gw) must be non-negative, got ", grid);
+  TORCH_CHECK(token_offset >= 0, op, ": token_offset must be >= 0, got ", token_offset);
+  TORCH_CHECK(row_offset >= 0, op, ": row_offset must be >= 0, got ", row_offset);
+  TORCH_CHECK(col_offset >= 0, op, ": col_offset must be >= 0, got ", col_offset);
+  TORCH_CHECK(
+      row_offset <= max_h && gh <= max_h - row_offset, op, ": grid rows need pos_h[",
+      row_offset, " : ", row_offset, " + gh] with gh = ", gh, ", but pos_h has max_h = ", max_h,
+      " rows (wanted max_h >= row_offset + gh)");
+  TORCH_CHECK(
+      col_offset <= max_w && gw <= max_w - col_offset, op, ": grid columns need pos_w[",
+      col_offset, " : ", col_offset, " + gw] with gw = ", gw, ", but pos_w has max_w = ", max_w,
+      " rows (wanted max_w >= col_offset + gw)");
+  TORCH_CHECK(
+      token_offset <= N && (gw == 0 || gh <= (N - token_offset) / gw), op, ": grid ", grid,
+      " has gh*gw tokens starting at token_offset = ", token_offset, ", more than ", x_name,
+      " holds: wanted N >= token_offset + gh*gw, got N = ", N, " (", x_name, " of shape ", x.sizes(),
+      ")");
+}
+
+}  // namespace
+
+void check_pos2d_add_args(
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset,
+    bool inplace) {
+  const char* op = inplace ? "pos2d_add_" : "pos2d_add";
+  check_activation(op, "x", x);
+  check_table(op, "pos_h", "max_h", pos_h, x);
+  check_table(op, "pos_w", "max_w", pos_w, x);
+  check_geometry(
+      op, "x", x, grid, pos_h.size(0), pos_w.size(0), token_offset, row_offset, col_offset);
+  if (inplace) {
+    // Writing x must neither write one element twice nor change the tables being read.
+    at::assert_no_internal_overlap(x);
+    at::assert_no_overlap(x, pos_h);
+    at::assert_no_overlap(x, pos_w);
+  }
+}
+
+void check_pos2d_add_backward_args(
+    const at::Tensor& grad_out,
+    at::IntArrayRef grid,
+    int64_t max_h,
+    int64_t max_w,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  constexpr const char* op = "pos2d_add_backward";
+  check_activation(op, "grad_out", grad_out);
+  TORCH_CHECK(max_h >= 0 && max_w >= 0, op, ": max_h and max_w must be >= 0, got ", max_h, " and ", max_w);
+  check_geometry(
+      op, "grad_out", grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
+}
+
+}  // namespace jitrope

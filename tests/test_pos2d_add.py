@@ -1,0 +1,362 @@
+"""Battery for jitrope::pos2d_add (SPEC §3, §4): parity with the reference, gradients, opcheck,
+low precision, determinism, errors, torch.compile. Every test runs on CPU and CUDA (skipped
+without a GPU); one input generator feeds them all."""
+import re
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import jitrope
+from jitrope import ops
+from jitrope.reference import pos2d_add_ref
+
+pytestmark = pytest.mark.skipif(not jitrope.HAS_EXTENSION, reason="the C++ extension is not built")
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+# B, prefix tokens, grid (gh, gw), trailing tokens, D, tables (max_h, max_w), (row_offset, col_offset), layout
+CASES = [
+    (2, 0, (4, 4), 0, 8, (4, 4), (0, 0), "contiguous"),
+    (3, 3, (3, 5), 4, 6, (5, 7), (1, 2), "contiguous"),  # non-square, prefix + trailing, offsets
+    (2, 1, (2, 3), 2, 5, (3, 3), (0, 0), "transposed"),  # odd D; x is a [N, B, D] buffer seen as [B, N, D]
+    (2, 2, (3, 2), 1, 7, (4, 2), (1, 0), "channel_strided"),  # x[..., ::2]: a copy path
+    (3, 1, (2, 2), 3, 4, (2, 3), (0, 1), "token_slice"),  # x[:, 1:-1] of a longer sequence
+    (0, 1, (2, 3), 0, 4, (2, 3), (0, 0), "contiguous"),  # B = 0
+    (2, 2, (0, 3), 1, 4, (1, 3), (1, 0), "contiguous"),  # an empty grid: a plain copy
+    (1, 0, (1, 7), 0, 16, (1, 8), (0, 1), "tables_strided"),  # tables are non-contiguous views
+    (3, 4, (6, 5), 2, 32, (8, 8), (2, 3), "contiguous"),  # D a multiple of every 16-byte pack width
+    (2, 0, (3, 3), 1, 16, (3, 3), (0, 0), "misaligned"),  # x starts one element into its storage
+]
+
+
+def _layout(t, layout, B, N, D, g):
+    """t: a contiguous [B, N, D]; returns an equal tensor with the layout's strides."""
+    if layout == "transposed":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "channel_strided":
+        wide = torch.zeros(B, N, 2 * D, dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "misaligned":
+        flat = torch.zeros(B * N * D + 1, dtype=t.dtype, device=t.device)
+        flat[1:] = t.reshape(-1)
+        return flat[1:].view(B, N, D)
+    if layout == "token_slice":
+        long = torch.randn(B, N + 2, D, generator=g, dtype=torch.float64).to(t.dtype).to(t.device)
+        long[:, 1:-1] = t
+        return long[:, 1:-1]
+    return t
+
+
+def sample_inputs(device, dtype, requires_grad=False, cases=CASES):
+    """Yields (x, pos_h, pos_w, grid, kwargs) for ops.pos2d_add, covering the layouts above."""
+    g = torch.Generator().manual_seed(1234)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+
+    for B, prefix, (gh, gw), trailing, D, (max_h, max_w), (ro, co), layout in cases:
+        N = prefix + gh * gw + trailing
+        x = _layout(rnd(B, N, D), layout, B, N, D, g)
+        if layout == "tables_strided":
+            pos_h = rnd(D, max_h).t()
+            pos_w = rnd(2 * max_w, D)[::2]
+        else:
+            pos_h, pos_w = rnd(max_h, D), rnd(max_w, D)
+        # detach() keeps the view's strides and makes a leaf.
+        x, pos_h, pos_w = (t.detach().requires_grad_(requires_grad) for t in (x, pos_h, pos_w))
+        yield x, pos_h, pos_w, (gh, gw), dict(token_offset=prefix, row_offset=ro, col_offset=co)
+
+
+def _ids(cases=CASES):
+    return [f"B{c[0]}-grid{c[2][0]}x{c[2][1]}-D{c[4]}-{c[7]}" for c in cases]
+
+
+def _tols(dtype):
+    return dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_matches_reference(device, dtype):
+    for x, pos_h, pos_w, grid, kw in sample_inputs(device, dtype):
+        out = ops.pos2d_add(x, pos_h, pos_w, grid, **kw)
+        ref = pos2d_add_ref(x, pos_h, pos_w, grid, **kw)
+        assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+        torch.testing.assert_close(out, ref, **_tols(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_matches_reference(device, dtype):
+    g = torch.Generator().manual_seed(7)
+    for x, pos_h, pos_w, grid, kw in sample_inputs(device, dtype, requires_grad=True):
+        grad = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+        got = torch.autograd.grad(ops.pos2d_add(x, pos_h, pos_w, grid, **kw), (x, pos_h, pos_w), grad)
+        want = torch.autograd.grad(pos2d_add_ref(x, pos_h, pos_w, grid, **kw), (x, pos_h, pos_w), grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **_tols(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_and_gradgradcheck(device):
+    for x, pos_h, pos_w, grid, kw in sample_inputs(device, torch.float64, requires_grad=True):
+        fn = lambda a, h, w: ops.pos2d_add(a, h, w, grid, **kw)  # noqa: E731
+        fast = x.numel() > 400
+        assert torch.autograd.gradcheck(fn, (x, pos_h, pos_w), fast_mode=fast)
+        assert torch.autograd.gradgradcheck(fn, (x, pos_h, pos_w), fast_mode=fast)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_single_input(device):
+    # Only one of the three inputs requires grad: the other gradients are not computed.
+    x, pos_h, pos_w, grid, kw = next(sample_inputs(device, torch.float64, cases=CASES[1:2]))
+    for i in range(3):
+        args = [x, pos_h, pos_w]
+        args[i] = args[i].detach().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: ops.pos2d_add(*(args[:i] + [t] + args[i + 1 :]), grid, **kw), (args[i],))
+
+
+OPCHECK_CASES = [CASES[1], CASES[2], CASES[3], CASES[5]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=_ids(OPCHECK_CASES))
+def test_opcheck(device, case):
+    for x, pos_h, pos_w, grid, kw in sample_inputs(device, torch.float32, requires_grad=True, cases=[case]):
+        args = (x, pos_h, pos_w, list(grid), kw["token_offset"], kw["row_offset"], kw["col_offset"])
+        torch.library.opcheck(torch.ops.jitrope.pos2d_add.default, args)
+        with torch.no_grad():
+            plain = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+            torch.library.opcheck(torch.ops.jitrope.pos2d_add_.default, plain)
+        grad_out = torch.randn_like(x).requires_grad_()
+        bargs = (grad_out, list(grid), pos_h.shape[0], pos_w.shape[0], *args[4:])
+        torch.library.opcheck(torch.ops.jitrope.pos2d_add_backward.default, bargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_flash_attention_rule(device, dtype):
+    """Kernel error vs a float64 reference is at most ~2x that of the same-precision eager run."""
+    cases = CASES + [(4, 1, (16, 16), 64, 64, (16, 16), (0, 0), "contiguous")]
+    g = torch.Generator().manual_seed(3)
+    for x, pos_h, pos_w, grid, kw in sample_inputs(device, dtype, requires_grad=True, cases=cases):
+        if x.numel() == 0:
+            continue
+        grad = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+        x64, h64, w64 = (t.detach().double().requires_grad_() for t in (x, pos_h, pos_w))
+        ref = pos2d_add_ref(x64, h64, w64, grid, **kw)
+        ref_grads = torch.autograd.grad(ref, (x64, h64, w64), grad.double())
+        out = ops.pos2d_add(x, pos_h, pos_w, grid, **kw)
+        eager = pos2d_add_ref(x, pos_h, pos_w, grid, **kw)
+        got_grads = torch.autograd.grad(out, (x, pos_h, pos_w), grad)
+        eager_grads = torch.autograd.grad(eager, (x, pos_h, pos_w), grad)
+        # Both round x + (pos_h + pos_w), formed in float32, once: the same bits.
+        assert torch.equal(out, eager)
+        pairs = [(out, eager, ref)] + list(zip(got_grads, eager_grads, ref_grads))
+        for got, base, want in pairs:
+            err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+            base_err = (base.double() - want).abs().max().item() if want.numel() else 0.0
+            assert err <= 2 * base_err + 1e-6, (err, base_err)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backward_is_deterministic(device, dtype):
+    x, pos_h, pos_w, grid, kw = next(
+        sample_inputs(device, dtype, requires_grad=True, cases=[(37, 2, (7, 9), 3, 40, (9, 9), (1, 0), "contiguous")])
+    )
+    grad = torch.randn_like(x)
+
+    def grads():
+        return torch.autograd.grad(ops.pos2d_add(x, pos_h, pos_w, grid, **kw), (pos_h, pos_w), grad)
+
+    first = grads()
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, threads}:  # the summation order does not depend on the thread count either
+            torch.set_num_threads(n)
+            for a, b in zip(first, grads()):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_inplace_twin(device, dtype):
+    for x, pos_h, pos_w, grid, kw in sample_inputs(device, dtype):
+        want = ops.pos2d_add(x, pos_h, pos_w, grid, **kw)
+        y = x.clone() if x.is_contiguous() else x  # keep the strided views: they are written through
+        version = y._version
+        assert ops.pos2d_add_(y, pos_h, pos_w, grid, **kw) is y
+        assert torch.equal(y, want)
+        if y.numel() and grid[0] * grid[1]:
+            assert y._version > version
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_refuses_grad(device):
+    x, pos_h, pos_w, grid, kw = next(sample_inputs(device, torch.float32, requires_grad=True))
+    with pytest.raises(RuntimeError, match="in-place op is for inference"):
+        ops.pos2d_add_(x, pos_h, pos_w, grid, **kw)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad|requires grad"):
+        torch.ops.jitrope.pos2d_add_(x, pos_h, pos_w, list(grid), kw["token_offset"], 0, 0)
+    with torch.no_grad():
+        ops.pos2d_add_(x, pos_h, pos_w, grid, **kw)  # allowed for inference
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_refuses_overlap(device):
+    x = torch.randn(1, 4, 8, device=device).expand(3, 4, 8)
+    pos = torch.randn(2, 8, device=device)
+    with pytest.raises(RuntimeError, match="internal overlap|more than one element"):
+        ops.pos2d_add_(x, pos, pos, (2, 2))
+    buf = torch.randn(4, 8, device=device)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        ops.pos2d_add_(buf[None], buf, buf, (2, 2))
+
+
+def test_conditional_sequence_256_to_320():
+    """The problem statement's case: 16x16 image tokens then an 8x8 condition grid (256 -> 320)."""
+    D = 32
+    x = torch.randn(2, 320, D)
+    img_h, img_w = torch.randn(16, D), torch.randn(16, D)
+    cond_h, cond_w = torch.randn(8, D), torch.randn(8, D)
+    out = ops.pos2d_add(x, img_h, img_w, (16, 16))
+    out = ops.pos2d_add(out, cond_h, cond_w, (8, 8), token_offset=256)
+    want = x.clone()
+    for n in range(256):
+        want[:, n] += img_h[n // 16] + img_w[n % 16]
+    for n in range(64):
+        want[:, 256 + n] += cond_h[n // 8] + cond_w[n % 8]
+    torch.testing.assert_close(out, want)
+
+
+def _bad_inputs(device):
+    """(description, call, regex the message must match): each names the argument and shapes."""
+    x = torch.randn(2, 10, 6, device=device)
+    h, w = torch.randn(3, 6, device=device), torch.randn(4, 6, device=device)
+    f = ops.pos2d_add
+    return [
+        ("x rank", lambda: f(x[0], h, w, (2, 2)), r"x must be a 3-D tensor \[B, N, D\], got shape \[10, 6\]"),
+        ("pos_h D", lambda: f(x, h[:, :5], w, (2, 2)), r"pos_h must be \[max_h, D\] with x's D = 6, got shape \[3, 5\]"),
+        ("pos_w rank", lambda: f(x, h, w[None], (2, 2)), r"pos_w must be \[max_w, D\] with x's D = 6, got shape \[1, 4, 6\]"),
+        ("int x", lambda: f(x.long(), h.long(), w.long(), (2, 2)), r"x must be float32, float64, float16 or bfloat16, got torch.int64"),
+        ("dtype", lambda: f(x, h.double(), w, (2, 2)), r"pos_h must have x's dtype torch.float32, got torch.float64"),
+        ("rows", lambda: f(x, h, w, (3, 2), row_offset=1), r"grid rows need pos_h\[1 : 1 \+ gh\] with gh = 3, but pos_h has max_h = 3"),
+        ("cols", lambda: f(x, h, w, (2, 5)), r"grid columns need pos_w\[0 : 0 \+ gw\] with gw = 5, but pos_w has max_w = 4"),
+        ("N", lambda: f(x, h, w, (3, 3), token_offset=2), r"wanted N >= token_offset \+ gh\*gw, got N = 10 \(x of shape \[2, 10, 6\]\)"),
+        ("token_offset", lambda: f(x, h, w, (2, 2), token_offset=-1), r"token_offset must be >= 0, got -1"),
+        ("row_offset", lambda: f(x, h, w, (2, 2), row_offset=-2), r"row_offset must be >= 0, got -2"),
+        ("col_offset", lambda: f(x, h, w, (2, 2), col_offset=-3), r"col_offset must be >= 0, got -3"),
+        ("grid sign", lambda: f(x, h, w, (-1, 2)), r"grid \(gh, gw\) must be non-negative"),
+        ("grid length", lambda: torch.ops.jitrope.pos2d_add(x, h, w, [2, 2, 2]), r"grid|int\[2\]|expected"),
+        ("inplace rows", lambda: ops.pos2d_add_(x.clone(), h, w, (4, 2)), r"pos2d_add_: grid rows need pos_h"),
+        ("backward N", lambda: torch.ops.jitrope.pos2d_add_backward(x, [4, 4], 4, 4, 0, 0, 0),
+         r"pos2d_add_backward: grid \[4, 4\] has gh\*gw tokens .* more than grad_out holds"),
+        ("backward max_h", lambda: torch.ops.jitrope.pos2d_add_backward(x, [2, 2], 1, 4, 0, 0, 0),
+         r"pos2d_add_backward: grid rows need pos_h\[0 : 0 \+ gh\] with gh = 2, but pos_h has max_h = 1"),
+    ]
+
+
+BAD_NAMES = [b[0] for b in _bad_inputs("cpu")]
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_inputs_raise_clear_errors(device, name):
+    """Real kernels and the fake kernels (device 'meta') give the same messages."""
+    _, call, pattern = next(b for b in _bad_inputs(device) if b[0] == name)
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_mismatch(device):
+    other = "meta" if device == "cpu" else "cpu"
+    x = torch.randn(2, 4, 6, device=device)
+    h = torch.randn(2, 6, device=device)
+    with pytest.raises(RuntimeError, match=r"pos_w must be on x's device|device"):
+        ops.pos2d_add(x, h, torch.randn(2, 6, device=other), (2, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph(device, dynamic):
+    torch._dynamo.reset()
+
+    def block(x, pos_h, pos_w):
+        y = ops.pos2d_add(x, pos_h, pos_w, (3, 4), token_offset=1, col_offset=1)
+        return (y * y).sum(dim=-1)
+
+    x, pos_h, pos_w, grid, kw = next(
+        sample_inputs(device, torch.float32, requires_grad=True, cases=[(2, 1, (3, 4), 2, 8, (3, 5), (0, 1), "contiguous")])
+    )
+    compiled = torch.compile(block, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    out = compiled(x, pos_h, pos_w)
+    want = block(x, pos_h, pos_w)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, (x, pos_h, pos_w), g), torch.autograd.grad(want, (x, pos_h, pos_w), g)
+    )
+
+
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+    x = torch.randn(2, 14, 8, requires_grad=True)
+    pos_h, pos_w = torch.randn(3, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+
+    def block(x, pos_h, pos_w):
+        return ops.pos2d_add(x, pos_h, pos_w, (3, 4), token_offset=2).square().sum()
+
+    compiled = torch.compile(block, fullgraph=True)
+    got = torch.autograd.grad(compiled(x, pos_h, pos_w), (x, pos_h, pos_w))
+    want = torch.autograd.grad(block(x, pos_h, pos_w), (x, pos_h, pos_w))
+    torch.testing.assert_close(got, want)
+
+
+cuda_only = pytest.mark.skipif(
+    not (torch.cuda.is_available() and jitrope.has_cuda_kernels()), reason="needs a CUDA device and the CUDA kernels"
+)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu_bit_for_bit(dtype):
+    """Both devices run the same arithmetic in the same order (math/pos2d_add_math.h)."""
+    cases = CASES + [(70, 1, (16, 16), 64, 768, (16, 16), (0, 0), "contiguous")]
+    for x, pos_h, pos_w, grid, kw in sample_inputs("cpu", dtype, requires_grad=True, cases=cases):
+        xc, hc, wc = (t.detach().cuda().requires_grad_() for t in (x, pos_h, pos_w))
+        grad = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+        out = ops.pos2d_add(x, pos_h, pos_w, grid, **kw)
+        outc = ops.pos2d_add(xc, hc, wc, grid, **kw)
+        assert torch.equal(out, outc.cpu())
+        for a, b in zip(torch.autograd.grad(out, (pos_h, pos_w), grad), torch.autograd.grad(outc, (hc, wc), grad.cuda())):
+            assert torch.equal(a, b.cpu())
+
+
+@cuda_only
+@pytest.mark.parametrize("D", [1024, 1025], ids=["packed-int32-index", "scalar-int64-index"])
+def test_cuda_64bit_indexing(D):
+    """Over 2^31 elements: offsets past 2^31 are written and summed correctly, with 16-byte packs
+    and 32-bit item indices (D = 1024) and with single elements and 64-bit indices (D = 1025)."""
+    free, _ = torch.cuda.mem_get_info()
+    B, N = 2, (1 << 20) + 8  # > 2^31 elements of bfloat16
+    if free < 3 * B * N * D * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    x = torch.zeros(B, N, D, dtype=torch.bfloat16, device="cuda")
+    pos_h = torch.arange(4, dtype=torch.bfloat16, device="cuda")[:, None].expand(4, D).contiguous()
+    pos_w = 10 * pos_h
+    t0 = N - 16
+    out = ops.pos2d_add(x, pos_h, pos_w, (4, 4), token_offset=t0)
+    want = (pos_h[:, None] + pos_w[None]).reshape(16, D)
+    assert torch.equal(out[1, t0:], want) and torch.equal(out[0, t0:], want)
+    assert not out[:, :t0].any()
+    del out
+    grad_h, grad_w = torch.ops.jitrope.pos2d_add_backward(x.fill_(1), [4, 4], 4, 4, t0, 0, 0)
+    assert torch.equal(grad_h, torch.full_like(grad_h, 8)) and torch.equal(grad_w, torch.full_like(grad_w, 8))
+    ops.pos2d_add_(x, pos_h, pos_w, (4, 4), token_offset=t0)
+    assert torch.equal(x[:, t0:], (want + 1).expand(B, 16, D))
