@@ -1,0 +1,299 @@
+// CPU kernels of jitrope::rope2d, rope2d_ and rope2d_backward. x is [..., H, N, D] with any strides
+// (the leading dims and H are walked as "planes" of [N, D], see Rope2dGeometry). A first pass fills
+// a cos/sin table [Hf, N, D/2] in the accumulation type (float32; float64 for float64 x), so each
+// token's angles are computed once and reused by every head (Hf = 1) and every leading index. The
+// rotation pass is an at::parallel_for over the rows (group, plane, token), in memory order for a
+// contiguous x; a row with channel stride 1 is deinterleaved into a local block and rotated in
+// loops the compiler vectorizes. Traffic: x read once, the result written once; the table is
+// 1/(leading * H / Hf) of x and stays in cache. The freqs gradient runs in parallel over tokens:
+// each thread owns its tokens' rows of dL/dphi [Hf, N, D/2] and sums the planes into them in a
+// fixed order, then the rows are contracted with coords in a fixed order, so the result has the
+// same bits for any thread count.
+#include <algorithm>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "math/rope2d_math.h"
+#include "ops/rope2d.h"
+
+namespace jitrope {
+namespace {
+
+using rope2d_math::kMaxTensors;
+using rope2d_math::Rope2dGeometry;
+
+constexpr int64_t kBlock = 64;           // pairs rotated per local block
+constexpr int64_t kGrainElems = 32768;   // elements of x per parallel task, at least
+
+template <typename F>
+void with_interleaved(bool interleaved, F&& f) {
+  if (interleaved) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// cos/sin of every (group, token, pair): table[0] is cos, table[1] is sin, each [Hf, N, D/2].
+template <typename acc_t>
+at::Tensor angle_table(const at::Tensor& coords, const at::Tensor& freqs, int64_t n_tokens, int64_t half) {
+  const int64_t groups = freqs.size(0);
+  auto table = at::empty({2, groups, n_tokens, half}, coords.options());
+  const acc_t* c = coords.const_data_ptr<acc_t>();
+  const acc_t* f = freqs.const_data_ptr<acc_t>();
+  acc_t* cos_t = table.mutable_data_ptr<acc_t>();
+  acc_t* sin_t = cos_t + groups * n_tokens * half;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, half * 8));
+  at::parallel_for(0, groups * n_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t g = r / n_tokens, n = r % n_tokens;
+      const acc_t* fy = f + (2 * g) * half;
+      const acc_t* fx = fy + half;
+      for (int64_t m = 0; m < half; ++m) {
+        const acc_t phi = rope2d_math::angle(c[2 * n], c[2 * n + 1], fy[m], fx[m]);
+        rope2d_math::sin_cos(phi, &sin_t[r * half + m], &cos_t[r * half + m]);
+      }
+    }
+  });
+  return table;
+}
+
+// One row: out = R(sign * phi) in, pair by pair.
+template <bool kInterleaved, bool kContig, typename scalar_t, typename acc_t>
+inline void rotate_row(
+    const scalar_t* in, int64_t in_cs, scalar_t* out, int64_t out_cs, const acc_t* cos_row, const acc_t* sin_row,
+    acc_t sign, int64_t half) {
+  using rope2d_math::channel_a;
+  using rope2d_math::channel_b;
+  if constexpr (kContig) {
+    in_cs = 1;
+    out_cs = 1;
+  }
+  acc_t a[kBlock], b[kBlock];
+  for (int64_t m0 = 0; m0 < half; m0 += kBlock) {
+    const int64_t len = std::min(kBlock, half - m0);
+    for (int64_t j = 0; j < len; ++j) {
+      a[j] = static_cast<acc_t>(in[channel_a<kInterleaved>(m0 + j, half) * in_cs]);
+      b[j] = static_cast<acc_t>(in[channel_b<kInterleaved>(m0 + j, half) * in_cs]);
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      acc_t oa, ob;
+      rope2d_math::rotate(a[j], b[j], cos_row[m0 + j], sign * sin_row[m0 + j], oa, ob);
+      out[channel_a<kInterleaved>(m0 + j, half) * out_cs] = static_cast<scalar_t>(oa);
+      out[channel_b<kInterleaved>(m0 + j, half) * out_cs] = static_cast<scalar_t>(ob);
+    }
+  }
+}
+
+// One row of the backward with the angle gradient: gx = R(-phi) g, dphi += dL/dphi.
+template <bool kInterleaved, bool kContig, typename scalar_t, typename acc_t>
+inline void rotate_row_angle_grad(
+    const scalar_t* g, int64_t g_cs, const scalar_t* x, int64_t x_cs, scalar_t* gx, int64_t gx_cs,
+    const acc_t* cos_row, const acc_t* sin_row, acc_t* dphi, int64_t half) {
+  using rope2d_math::channel_a;
+  using rope2d_math::channel_b;
+  if constexpr (kContig) {
+    g_cs = 1;
+    x_cs = 1;
+    gx_cs = 1;
+  }
+  acc_t ga[kBlock], gb[kBlock], xa[kBlock], xb[kBlock];
+  for (int64_t m0 = 0; m0 < half; m0 += kBlock) {
+    const int64_t len = std::min(kBlock, half - m0);
+    for (int64_t j = 0; j < len; ++j) {
+      ga[j] = static_cast<acc_t>(g[channel_a<kInterleaved>(m0 + j, half) * g_cs]);
+      gb[j] = static_cast<acc_t>(g[channel_b<kInterleaved>(m0 + j, half) * g_cs]);
+      xa[j] = static_cast<acc_t>(x[channel_a<kInterleaved>(m0 + j, half) * x_cs]);
+      xb[j] = static_cast<acc_t>(x[channel_b<kInterleaved>(m0 + j, half) * x_cs]);
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      acc_t oa, ob;
+      rope2d_math::rotate(ga[j], gb[j], cos_row[m0 + j], -sin_row[m0 + j], oa, ob);
+      dphi[m0 + j] += rope2d_math::angle_grad(xa[j], xb[j], oa, ob);
+      gx[channel_a<kInterleaved>(m0 + j, half) * gx_cs] = static_cast<scalar_t>(oa);
+      gx[channel_b<kInterleaved>(m0 + j, half) * gx_cs] = static_cast<scalar_t>(ob);
+    }
+  }
+}
+
+// Offsets of plane q of group g for every tensor.
+inline void plane_offsets(const Rope2dGeometry& geo, int64_t g, int64_t q, int64_t (&off)[kMaxTensors]) {
+  geo.planes.offsets(static_cast<uint32_t>(q), off);
+  for (int t = 0; t < kMaxTensors; ++t) {
+    off[t] += g * geo.group_stride[t];
+  }
+}
+
+// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_).
+void rotate_cpu(
+    const at::Tensor& in, const at::Tensor& out, const at::Tensor& coords, const at::Tensor& freqs,
+    bool interleaved, bool inverse) {
+  const bool per_head = freqs.dim() == 3;
+  Rope2dGeometry geo;
+  if (!detail::make_rope2d_geometry({&in, &out}, per_head, geo)) {
+    auto tmp = at::empty(in.sizes(), in.options());
+    rotate_cpu(in.contiguous(), tmp, coords, freqs, interleaved, inverse);
+    out.copy_(tmp);
+    return;
+  }
+  const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group;
+    const at::Tensor table = angle_table<acc_t>(c, f, N, half);
+    const acc_t* cos_t = table.const_data_ptr<acc_t>();
+    const acc_t* sin_t = cos_t + geo.groups * N * half;
+    const scalar_t* in_p = in.const_data_ptr<scalar_t>();
+    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
+    const acc_t sign = inverse ? acc_t(-1) : acc_t(1);
+    const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
+    with_interleaved(interleaved, [&](auto interleaved_tag) {
+      constexpr bool kI = decltype(interleaved_tag)::value;
+      at::parallel_for(0, geo.groups * P * N, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end;) {
+          const int64_t plane = r / N, g = plane / P;
+          int64_t off[kMaxTensors];
+          plane_offsets(geo, g, plane % P, off);
+          const int64_t n_end = std::min(N, r % N + (end - r));
+          for (int64_t n = r % N; n < n_end; ++n, ++r) {
+            const scalar_t* src = in_p + off[0] + n * geo.token_stride[0];
+            scalar_t* dst = out_p + off[1] + n * geo.token_stride[1];
+            const int64_t t = (g * N + n) * half;
+            if (contig) {
+              rotate_row<kI, true>(src, 1, dst, 1, cos_t + t, sin_t + t, sign, half);
+            } else {
+              rotate_row<kI, false>(
+                  src, geo.channel_stride[0], dst, geo.channel_stride[1], cos_t + t, sin_t + t, sign, half);
+            }
+          }
+        }
+      });
+    });
+  });
+}
+
+// grad_x = grad_out rotated by -phi and grad_freqs from x (the forward input).
+void backward_with_freqs_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& grad_x, const at::Tensor& grad_freqs,
+    const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  const bool per_head = freqs.dim() == 3;
+  Rope2dGeometry geo;
+  if (!detail::make_rope2d_geometry({&grad_out, &grad_x, &x}, per_head, geo)) {
+    auto tmp = at::empty(grad_out.sizes(), grad_out.options());
+    backward_with_freqs_cpu(grad_out.contiguous(), x.contiguous(), tmp, grad_freqs, coords, freqs, interleaved);
+    grad_x.copy_(tmp);
+    return;
+  }
+  const auto [c, f] = detail::rope2d_acc_tables(grad_out, coords, freqs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "rope2d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group, groups = geo.groups;
+    const at::Tensor table = angle_table<acc_t>(c, f, N, half);
+    const acc_t* cos_t = table.const_data_ptr<acc_t>();
+    const acc_t* sin_t = cos_t + groups * N * half;
+    at::Tensor dphi = at::zeros({groups, N, half}, c.options());
+    acc_t* dphi_p = dphi.mutable_data_ptr<acc_t>();
+    const scalar_t* g_p = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+    scalar_t* gx_p = grad_x.mutable_data_ptr<scalar_t>();
+    const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1 && geo.channel_stride[2] == 1;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
+    with_interleaved(interleaved, [&](auto interleaved_tag) {
+      constexpr bool kI = decltype(interleaved_tag)::value;
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+        for (int64_t g = 0; g < groups; ++g) {
+          for (int64_t q = 0; q < P; ++q) {
+            int64_t off[kMaxTensors];
+            plane_offsets(geo, g, q, off);
+            for (int64_t n = n0; n < n1; ++n) {
+              const scalar_t* gr = g_p + off[0] + n * geo.token_stride[0];
+              scalar_t* gxr = gx_p + off[1] + n * geo.token_stride[1];
+              const scalar_t* xr = x_p + off[2] + n * geo.token_stride[2];
+              const int64_t t = (g * N + n) * half;
+              if (contig) {
+                rotate_row_angle_grad<kI, true>(gr, 1, xr, 1, gxr, 1, cos_t + t, sin_t + t, dphi_p + t, half);
+              } else {
+                rotate_row_angle_grad<kI, false>(
+                    gr, geo.channel_stride[0], xr, geo.channel_stride[2], gxr, geo.channel_stride[1], cos_t + t,
+                    sin_t + t, dphi_p + t, half);
+              }
+            }
+          }
+        }
+      });
+    });
+    // grad_freqs[g, 0, m] = sum_n y_n dphi[g, n, m], grad_freqs[g, 1, m] = sum_n x_n dphi[g, n, m].
+    at::Tensor acc = at::zeros({groups, 2, half}, c.options());
+    acc_t* acc_p = acc.mutable_data_ptr<acc_t>();
+    const acc_t* c_p = c.const_data_ptr<acc_t>();
+    for (int64_t g = 0; g < groups; ++g) {
+      acc_t* gy = acc_p + 2 * g * half;
+      acc_t* gxx = gy + half;
+      for (int64_t n = 0; n < N; ++n) {
+        const acc_t* d = dphi_p + (g * N + n) * half;
+        const acc_t y = c_p[2 * n], xc = c_p[2 * n + 1];
+        for (int64_t m = 0; m < half; ++m) {
+          gy[m] += y * d[m];
+          gxx[m] += xc * d[m];
+        }
+      }
+    }
+    grad_freqs.copy_(acc.view(grad_freqs.sizes()));
+  });
+}
+
+at::Tensor rope2d_cpu(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  check_rope2d_args("rope2d", "x", x, coords, freqs);
+  auto out = at::empty_like(x);
+  if (out.numel() > 0) {
+    rotate_cpu(x, out, coords, freqs, interleaved, /*inverse=*/false);
+  }
+  return out;
+}
+
+at::Tensor& rope2d__cpu(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true);
+  if (x.numel() > 0) {
+    rotate_cpu(x, x, coords, freqs, interleaved, /*inverse=*/false);
+  }
+  return x;
+}
+
+std::tuple<at::Tensor, at::Tensor> rope2d_backward_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    const std::optional<at::Tensor>& x,
+    bool interleaved) {
+  const bool want_freqs = x.has_value() && x->defined();
+  check_rope2d_args("rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr);
+  auto grad_x = at::empty_like(grad_out);
+  if (!want_freqs) {
+    if (grad_x.numel() > 0) {
+      rotate_cpu(grad_out, grad_x, coords, freqs, interleaved, /*inverse=*/true);
+    }
+    return {grad_x, at::empty({0}, freqs.options())};
+  }
+  auto grad_freqs = at::empty(freqs.sizes(), freqs.options());
+  if (grad_x.numel() == 0) {
+    grad_freqs.zero_();
+  } else {
+    backward_with_freqs_cpu(grad_out, *x, grad_x, grad_freqs, coords, freqs, interleaved);
+  }
+  return {grad_x, grad_freqs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, CPU, m) {
+  m.impl("rope2d", &rope2d_cpu);
+  m.impl("rope2d_", &rope2d__cpu);
+  m.impl("rope2d_backward", &rope2d_backward_cpu);
+}
+
+}  // namespace jitrope
