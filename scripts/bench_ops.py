@@ -1,0 +1,232 @@
+"""Benchmark jitrope's fused ops against eager PyTorch and a plain copy of the same bytes.
+
+For each op and case it prints the fused time, the eager (reference) time, the time of a plain copy
+of the bytes the op reads and writes (a clone of x; forward+backward: a clone of x and of the
+gradient), and the ratios fused/copy (1.0 = as fast as a copy, the memory-bandwidth bound) and
+eager/fused (the speed-up), for the forward and the forward+backward. Times are medians over
+--reps runs after --warmup runs, taken with CUDA events on a GPU.
+
+    python scripts/bench_ops.py --op rope2d --device cpu --dtype float32
+    python scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --json bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+
+import jitrope  # noqa: E402
+from jitrope import ops  # noqa: E402
+from jitrope.reference import rope2d_ref  # noqa: E402
+from jitrope.rope import axial_freqs, sequence_coords  # noqa: E402
+
+# ---------------------------------------------------------------- generic harness
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(
+    op: str,
+    case: str,
+    pass_: str,
+    *,
+    fused: Callable[[], object],
+    eager: Callable[[], object],
+    copy: Callable[[], object],
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    note: str = "",
+) -> Dict[str, object]:
+    """One table row: fused, eager and copy times of the same work, and their ratios."""
+    t = {name: time_ms(fn, device, warmup=args.warmup, reps=args.reps) for name, fn in (("fused", fused), ("eager", eager), ("copy", copy))}
+    return {
+        "op": op,
+        "case": case,
+        "pass": pass_,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "fused_ms": t["fused"],
+        "eager_ms": t["eager"],
+        "copy_ms": t["copy"],
+        "fused_over_copy": t["fused"] / t["copy"],
+        "eager_over_fused": t["eager"] / t["fused"],
+        "note": note,
+    }
+
+
+COLUMNS = [
+    ("op", "op", "{}"),
+    ("case", "case", "{}"),
+    ("pass", "pass", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("fused_ms", "fused ms", "{:.3f}"),
+    ("eager_ms", "eager ms", "{:.3f}"),
+    ("copy_ms", "copy ms", "{:.3f}"),
+    ("fused_over_copy", "fused/copy", "{:.2f}"),
+    ("eager_over_fused", "eager/fused", "{:.2f}"),
+    ("note", "note", "{}"),
+]
+
+
+def print_table(rows: List[Dict[str, object]]) -> None:
+    cells = [[fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
+    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (_, head, _) in enumerate(COLUMNS)]
+    print("  ".join(head.ljust(w) for (_, head, _), w in zip(COLUMNS, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+# ---------------------------------------------------------------- rope2d
+
+
+def _rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), -1).flatten(-2)
+
+
+def _eva_tables(coords: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype):
+    """EVA-02 / JiT per-token tables [N, D]: each pair's angle repeated on both of its channels."""
+    phi = (coords[:, None, 0] * freqs[None, 0] + coords[:, None, 1] * freqs[None, 1]).repeat_interleave(2, -1)
+    return phi.cos().to(dtype), phi.sin().to(dtype)
+
+
+def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> List[Dict[str, object]]:
+    """JiT-like q and k (B=8, H=12, N=32 in-context + 16x16 image tokens, D=64) as one [2, B, H, N, D]
+    view of a qkv projection. Fused: one rope2d call on the view. Eager: the EVA-02 / JiT way,
+    x*cos + rotate_half(x)*sin on q and on k with precomputed per-token tables (learned per-head
+    frequencies: jitrope.reference.rope2d_ref). Copy: a clone of the view (plus one of the
+    gradient for forward+backward)."""
+    B, H, D, prefix, grid = 8, 12, 64, 32, (16, 16)
+    N = prefix + grid[0] * grid[1]
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, generator=gen)
+    x = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
+    coords = sequence_coords(grid, prefix=prefix, device=device)
+    freqs = axial_freqs(D, device=device)
+    cos, sin = _eva_tables(coords, freqs, dtype)
+
+    def eva(t):
+        return t * cos + _rotate_half_interleaved(t) * sin
+
+    case = f"B{B} H{H} N{N} D{D} qk-view"
+    rows = [
+        measure(
+            "rope2d", case, "fwd", device=device, dtype=dtype, args=args,
+            fused=lambda: ops.rope2d(x, coords, freqs),
+            eager=lambda: (eva(x[0]), eva(x[1])),
+            copy=lambda: x.clone(),
+        )
+    ]
+
+    xg = x.detach().requires_grad_()
+    g = torch.randn(x.shape, device=device, dtype=dtype, generator=gen)
+
+    def fused_fb():
+        return torch.autograd.grad(ops.rope2d(xg, coords, freqs), xg, g)
+
+    def eager_fb():
+        return torch.autograd.grad((eva(xg[0]), eva(xg[1])), xg, (g[0], g[1]))
+
+    rows.append(
+        measure(
+            "rope2d", case, "fwd+bwd", device=device, dtype=dtype, args=args,
+            fused=fused_fb, eager=eager_fb, copy=lambda: (x.clone(), g.clone()),
+        )
+    )
+
+    # RoPE-Mixed: learned per-head frequencies get a gradient too.
+    fh = (torch.randn(H, 2, D // 2, device=device, generator=gen) * 0.1).requires_grad_()
+
+    def fused_mixed():
+        return torch.autograd.grad(ops.rope2d(xg, coords, fh), (xg, fh), g)
+
+    def eager_mixed():
+        return torch.autograd.grad(rope2d_ref(xg, coords, fh), (xg, fh), g)
+
+    rows.append(
+        measure(
+            "rope2d", case + " per-head learned freqs", "fwd+bwd", device=device, dtype=dtype, args=args,
+            fused=fused_mixed, eager=eager_mixed, copy=lambda: (x.clone(), g.clone()),
+            note="eager = jitrope.reference.rope2d_ref",
+        )
+    )
+    return rows
+
+
+# ---------------------------------------------------------------- command line
+
+BENCHES: Dict[str, Callable[[torch.device, torch.dtype, argparse.Namespace], List[Dict[str, object]]]] = {
+    "rope2d": bench_rope2d,
+}
+OPS = ["pos2d_add", "rope2d"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", choices=[*OPS, "all"], default="all", help="which op to benchmark")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    p.add_argument("--dtype", default=None, help="comma-separated dtypes (default: float32 on CPU, bfloat16,float32 on CUDA)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    p.add_argument("--reps", type=int, default=30, help="timed runs (the median is reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+
+    if not jitrope.HAS_EXTENSION:
+        print(f"jitrope extension not built: {jitrope.EXTENSION_ERROR}", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtypes = args.dtype or ("bfloat16,float32" if device.type == "cuda" else "float32")
+    dtypes = [getattr(torch, d.strip()) for d in dtypes.split(",")]
+    names = OPS if args.op == "all" else [args.op]
+
+    rows: List[Dict[str, object]] = []
+    for name in names:
+        if name not in BENCHES:
+            print(f"{name}: no benchmark in this version of the script", file=sys.stderr)
+            continue
+        for dtype in dtypes:
+            with torch.inference_mode(False):
+                rows.extend(BENCHES[name](device, dtype, args))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; median of {args.reps} runs\n")
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
