@@ -416,3 +416,28 @@ def test_condition_grid_sits_at_aligned_centres():
     seq = sequence_coords((gh, gw), prefix=32, cond_grid=(ch, cw))
     assert seq.shape == (32 + 256 + 64, 2)
     assert torch.equal(seq[:32], torch.zeros(32, 2)) and torch.equal(seq[288:], cond.float())
+
+
+def test_axial_freqs_layout_and_grid_helpers():
+    D, theta = 16, 100.0
+    f = axial_freqs(D, theta, dtype=torch.float64)
+    k = torch.arange(D // 4, dtype=torch.float64)
+    fk = theta ** (-k / (D // 4))
+    assert f.shape == (2, D // 2)
+    # pairs m < D/4 turn with the row, pairs m >= D/4 with the column
+    assert torch.equal(f[0], torch.cat((fk, torch.zeros(D // 4, dtype=torch.float64))))
+    assert torch.equal(f[1], torch.cat((torch.zeros(D // 4, dtype=torch.float64), fk)))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        axial_freqs(6)
+    # row-major grid: token n is (n // gw, n % gw)
+    g = grid_coords(3, 4)
+    assert torch.equal(g[6], torch.tensor([1.0, 2.0])) and g.shape == (12, 2)
+    # interpolation: a 32x32 sampling grid laid over a 16x16 training grid stays in its range
+    big = grid_coords(32, 32, ref_grid=(16, 16))
+    assert big.min().item() == -0.25 and big.max().item() == 15.25
+    # a token of the image grid and a prefix token rotate as SPEC §2 says
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    coords = sequence_coords((2, 2), prefix=1, dtype=torch.float64)
+    out = ops.rope2d(x, coords, f)
+    assert torch.equal(out[:, 0], x[:, 0])
+    torch.testing.assert_close(out, rope2d_ref(x, coords, f), rtol=1e-12, atol=1e-12)
