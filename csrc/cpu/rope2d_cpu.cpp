@@ -1,16 +1,19 @@
-// CPU kernels of jitrope::rope2d, rope2d_ and rope2d_backward. x is [..., H, N, D] with any strides
-// (the leading dims and H are walked as "planes" of [N, D], see Rope2dGeometry). A first pass fills
-// a cos/sin table [Hf, N, D/2] in the accumulation type (float32; float64 for float64 x), so each
-// token's angles are computed once and reused by every head (Hf = 1) and every leading index. The
-// rotation pass is an at::parallel_for over the rows (group, plane, token), in memory order for a
-// contiguous x; a row with channel stride 1 is deinterleaved into a local block and rotated in
-// loops the compiler vectorizes. Traffic: x read once, the result written once; the table is
+// CPU kernels of jitrope::rope2d, rope2d_ and rope2d_backward. x is [..., H, N, D] with any strides.
+// A first pass fills a cos/sin table [Hf, N, D/2] in the accumulation type (float32; float64 for
+// float64 x), so each token's angles are computed once and reused by every head (Hf = 1) and every
+// leading index. The rotation is an at::parallel_for over the rows of D channels walked in x's
+// memory order (dims sorted by stride, as a copy walks them: B, N, then q/k and heads for a qkv
+// view); a row with channel stride 1 is deinterleaved into a local block and rotated in loops the
+// compiler vectorizes. Traffic: x read once, the result written once; the table is
 // 1/(leading * H / Hf) of x and stays in cache. The freqs gradient runs in parallel over tokens:
-// each thread owns its tokens' rows of dL/dphi [Hf, N, D/2] and sums the planes into them in a
-// fixed order, then the rows are contracted with coords in a fixed order, so the result has the
-// same bits for any thread count.
+// each thread owns its tokens' rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices)
+// into them in plane order, then the rows are contracted with coords in token order, so the result
+// has the same bits for any thread count.
 #include <algorithm>
+#include <cstdlib>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -128,48 +131,109 @@ inline void plane_offsets(const Rope2dGeometry& geo, int64_t g, int64_t q, int64
   }
 }
 
+// The rows of D channels of x (every index but the last) as dims sorted by in's strides, outermost
+// first, then coalesced, so that a walk over rows follows memory (B, N, 2, H for a qkv view) like a
+// copy would. Each dim steps in, out and the row of the cos/sin table ((group * N + n) * D/2).
+struct RowWalk {
+  struct Dim {
+    int64_t size;
+    int64_t stride[3];  // in, out, table
+  };
+  std::vector<Dim> dims;
+  int64_t rows = 1;
+};
+
+RowWalk make_row_walk(const at::Tensor& in, const at::Tensor& out, bool per_head) {
+  const int64_t nd = in.dim(), n_tokens = in.size(-2), half = in.size(-1) / 2;
+  std::vector<RowWalk::Dim> dims;
+  for (int64_t d = 0; d < nd - 1; ++d) {
+    const int64_t table = d == nd - 2 ? half : (d == nd - 3 && per_head ? n_tokens * half : 0);
+    if (in.size(d) != 1) {
+      dims.push_back({in.size(d), {in.stride(d), out.stride(d), table}});
+    }
+  }
+  std::stable_sort(dims.begin(), dims.end(), [](const RowWalk::Dim& a, const RowWalk::Dim& b) {
+    return a.stride[0] != b.stride[0] ? a.stride[0] > b.stride[0] : a.stride[1] > b.stride[1];
+  });
+  RowWalk walk;
+  for (const auto& dim : dims) {
+    walk.rows *= dim.size;
+    bool merge = !walk.dims.empty();
+    for (int t = 0; merge && t < 3; ++t) {
+      merge = walk.dims.back().stride[t] == dim.stride[t] * dim.size;
+    }
+    if (merge) {
+      walk.dims.back().size *= dim.size;
+      std::copy(dim.stride, dim.stride + 3, walk.dims.back().stride);
+    } else {
+      walk.dims.push_back(dim);
+    }
+  }
+  return walk;
+}
+
+// Position in a RowWalk: split once per parallel task, then stepped row by row.
+struct RowCursor {
+  const RowWalk& walk;
+  std::vector<int64_t> index;
+  int64_t off[3] = {0, 0, 0};
+
+  RowCursor(const RowWalk& w, int64_t row) : walk(w), index(w.dims.size(), 0) {
+    for (int64_t d = static_cast<int64_t>(w.dims.size()) - 1; d >= 0; --d) {
+      index[d] = row % w.dims[d].size;
+      row /= w.dims[d].size;
+      for (int t = 0; t < 3; ++t) {
+        off[t] += index[d] * w.dims[d].stride[t];
+      }
+    }
+  }
+
+  void next() {
+    for (int64_t d = static_cast<int64_t>(walk.dims.size()) - 1; d >= 0; --d) {
+      const auto& dim = walk.dims[d];
+      for (int t = 0; t < 3; ++t) {
+        off[t] += dim.stride[t];
+      }
+      if (++index[d] < dim.size) {
+        return;
+      }
+      for (int t = 0; t < 3; ++t) {
+        off[t] -= dim.size * dim.stride[t];
+      }
+      index[d] = 0;
+    }
+  }
+};
+
 // out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_).
 void rotate_cpu(
     const at::Tensor& in, const at::Tensor& out, const at::Tensor& coords, const at::Tensor& freqs,
     bool interleaved, bool inverse) {
-  const bool per_head = freqs.dim() == 3;
-  Rope2dGeometry geo;
-  if (!detail::make_rope2d_geometry({&in, &out}, per_head, geo)) {
-    auto tmp = at::empty(in.sizes(), in.options());
-    rotate_cpu(in.contiguous(), tmp, coords, freqs, interleaved, inverse);
-    out.copy_(tmp);
-    return;
-  }
+  const RowWalk walk = make_row_walk(in, out, freqs.dim() == 3);
   const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group;
+    const int64_t N = in.size(-2), half = in.size(-1) / 2;
     const at::Tensor table = angle_table<acc_t>(c, f, N, half);
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
-    const acc_t* sin_t = cos_t + geo.groups * N * half;
+    const acc_t* sin_t = cos_t + f.size(0) * N * half;
     const scalar_t* in_p = in.const_data_ptr<scalar_t>();
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     const acc_t sign = inverse ? acc_t(-1) : acc_t(1);
-    const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1;
+    const int64_t in_cs = in.stride(-1), out_cs = out.stride(-1);
+    const bool contig = in_cs == 1 && out_cs == 1;
     const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
     with_interleaved(interleaved, [&](auto interleaved_tag) {
       constexpr bool kI = decltype(interleaved_tag)::value;
-      at::parallel_for(0, geo.groups * P * N, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end;) {
-          const int64_t plane = r / N, g = plane / P;
-          int64_t off[kMaxTensors];
-          plane_offsets(geo, g, plane % P, off);
-          const int64_t n_end = std::min(N, r % N + (end - r));
-          for (int64_t n = r % N; n < n_end; ++n, ++r) {
-            const scalar_t* src = in_p + off[0] + n * geo.token_stride[0];
-            scalar_t* dst = out_p + off[1] + n * geo.token_stride[1];
-            const int64_t t = (g * N + n) * half;
-            if (contig) {
-              rotate_row<kI, true>(src, 1, dst, 1, cos_t + t, sin_t + t, sign, half);
-            } else {
-              rotate_row<kI, false>(
-                  src, geo.channel_stride[0], dst, geo.channel_stride[1], cos_t + t, sin_t + t, sign, half);
-            }
+      at::parallel_for(0, walk.rows, grain, [&](int64_t begin, int64_t end) {
+        RowCursor row(walk, begin);
+        for (int64_t r = begin; r < end; ++r, row.next()) {
+          const scalar_t* src = in_p + row.off[0];
+          scalar_t* dst = out_p + row.off[1];
+          if (contig) {
+            rotate_row<kI, true>(src, 1, dst, 1, cos_t + row.off[2], sin_t + row.off[2], sign, half);
+          } else {
+            rotate_row<kI, false>(src, in_cs, dst, out_cs, cos_t + row.off[2], sin_t + row.off[2], sign, half);
           }
         }
       });
@@ -205,22 +269,46 @@ void backward_with_freqs_cpu(
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
     with_interleaved(interleaved, [&](auto interleaved_tag) {
       constexpr bool kI = decltype(interleaved_tag)::value;
+      auto row = [&](int64_t g, int64_t n, const int64_t (&off)[kMaxTensors]) {
+        const scalar_t* gr = g_p + off[0] + n * geo.token_stride[0];
+        scalar_t* gxr = gx_p + off[1] + n * geo.token_stride[1];
+        const scalar_t* xr = x_p + off[2] + n * geo.token_stride[2];
+        const int64_t t = (g * N + n) * half;
+        if (contig) {
+          rotate_row_angle_grad<kI, true>(gr, 1, xr, 1, gxr, 1, cos_t + t, sin_t + t, dphi_p + t, half);
+        } else {
+          rotate_row_angle_grad<kI, false>(
+              gr, geo.channel_stride[0], xr, geo.channel_stride[2], gxr, geo.channel_stride[1], cos_t + t,
+              sin_t + t, dphi_p + t, half);
+        }
+      };
+      // Either loop order sums each (group, token) row over the planes in plane order; take the one
+      // closer to memory order (tokens outermost for a [B, N, 3, H, D] qkv view).
+      int64_t inner_plane_stride = std::numeric_limits<int64_t>::max();
+      if (geo.planes.ndim > 0) {
+        inner_plane_stride = std::abs(geo.planes.strides[0][0]);
+      }
+      if (groups > 1) {
+        inner_plane_stride = std::min(inner_plane_stride, std::abs(geo.group_stride[0]));
+      }
+      const bool tokens_outer = std::abs(geo.token_stride[0]) > inner_plane_stride;
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-        for (int64_t g = 0; g < groups; ++g) {
-          for (int64_t q = 0; q < P; ++q) {
-            int64_t off[kMaxTensors];
-            plane_offsets(geo, g, q, off);
-            for (int64_t n = n0; n < n1; ++n) {
-              const scalar_t* gr = g_p + off[0] + n * geo.token_stride[0];
-              scalar_t* gxr = gx_p + off[1] + n * geo.token_stride[1];
-              const scalar_t* xr = x_p + off[2] + n * geo.token_stride[2];
-              const int64_t t = (g * N + n) * half;
-              if (contig) {
-                rotate_row_angle_grad<kI, true>(gr, 1, xr, 1, gxr, 1, cos_t + t, sin_t + t, dphi_p + t, half);
-              } else {
-                rotate_row_angle_grad<kI, false>(
-                    gr, geo.channel_stride[0], xr, geo.channel_stride[2], gxr, geo.channel_stride[1], cos_t + t,
-                    sin_t + t, dphi_p + t, half);
+        int64_t off[kMaxTensors];
+        if (tokens_outer) {
+          for (int64_t n = n0; n < n1; ++n) {
+            for (int64_t g = 0; g < groups; ++g) {
+              for (int64_t q = 0; q < P; ++q) {
+                plane_offsets(geo, g, q, off);
+                row(g, n, off);
+              }
+            }
+          }
+        } else {
+          for (int64_t g = 0; g < groups; ++g) {
+            for (int64_t q = 0; q < P; ++q) {
+              plane_offsets(geo, g, q, off);
+              for (int64_t n = n0; n < n1; ++n) {
+                row(g, n, off);
               }
             }
           }
