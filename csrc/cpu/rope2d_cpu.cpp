@@ -29,8 +29,17 @@ namespace {
 using rope2d_math::kMaxTensors;
 using rope2d_math::Rope2dGeometry;
 
-constexpr int64_t kBlock = 64;           // pairs rotated per local block
-constexpr int64_t kGrainElems = 32768;   // elements of x per parallel task, at least
+constexpr int64_t kGrainElems = 32768;  // elements of x per parallel task, at least
+// Rows are prefetched this far ahead of the walk: a qkv view reads q and k and skips v, a gap the
+// hardware prefetcher does not bridge (the walk then runs 2x slower than a copy of the view).
+constexpr int64_t kPrefetchBytes = 8192;
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(c + b, /*rw=*/0, /*locality=*/0);
+  }
+}
 
 template <typename F>
 void with_interleaved(bool interleaved, F&& f) {
@@ -41,9 +50,11 @@ void with_interleaved(bool interleaved, F&& f) {
   }
 }
 
-// cos/sin of every (group, token, pair): table[0] is cos, table[1] is sin, each [Hf, N, D/2].
+// cos/sin of every (group, token, pair): table[0] is cos, table[1] is sin (-sin when `inverse`, the
+// rotation of the backward), each [Hf, N, D/2].
 template <typename acc_t>
-at::Tensor angle_table(const at::Tensor& coords, const at::Tensor& freqs, int64_t n_tokens, int64_t half) {
+at::Tensor angle_table(
+    const at::Tensor& coords, const at::Tensor& freqs, int64_t n_tokens, int64_t half, bool inverse) {
   const int64_t groups = freqs.size(0);
   auto table = at::empty({2, groups, n_tokens, half}, coords.options());
   const acc_t* c = coords.const_data_ptr<acc_t>();
@@ -58,68 +69,72 @@ at::Tensor angle_table(const at::Tensor& coords, const at::Tensor& freqs, int64_
       const acc_t* fx = fy + half;
       for (int64_t m = 0; m < half; ++m) {
         const acc_t phi = rope2d_math::angle(c[2 * n], c[2 * n + 1], fy[m], fx[m]);
-        rope2d_math::sin_cos(phi, &sin_t[r * half + m], &cos_t[r * half + m]);
+        acc_t sn, cs;
+        rope2d_math::sin_cos(phi, &sn, &cs);
+        cos_t[r * half + m] = cs;
+        sin_t[r * half + m] = inverse ? -sn : sn;
       }
     }
   });
   return table;
 }
 
-// One row: out = R(sign * phi) in, pair by pair.
-template <bool kInterleaved, bool kContig, typename scalar_t, typename acc_t>
+// One row of D channels rotated pair by pair: out = R(phi) in with (c, s) = (cos, sin) of the row's
+// angles. Three forms of the same loop, so that the compiler vectorizes the contiguous ones without
+// run-time alias checks: distinct contiguous rows, one contiguous row in place, any strides.
+template <bool kInterleaved, typename scalar_t, typename acc_t>
 inline void rotate_row(
-    const scalar_t* in, int64_t in_cs, scalar_t* out, int64_t out_cs, const acc_t* cos_row, const acc_t* sin_row,
-    acc_t sign, int64_t half) {
-  using rope2d_math::channel_a;
-  using rope2d_math::channel_b;
-  if constexpr (kContig) {
-    in_cs = 1;
-    out_cs = 1;
-  }
-  acc_t a[kBlock], b[kBlock];
-  for (int64_t m0 = 0; m0 < half; m0 += kBlock) {
-    const int64_t len = std::min(kBlock, half - m0);
-    for (int64_t j = 0; j < len; ++j) {
-      a[j] = static_cast<acc_t>(in[channel_a<kInterleaved>(m0 + j, half) * in_cs]);
-      b[j] = static_cast<acc_t>(in[channel_b<kInterleaved>(m0 + j, half) * in_cs]);
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      acc_t oa, ob;
-      rope2d_math::rotate(a[j], b[j], cos_row[m0 + j], sign * sin_row[m0 + j], oa, ob);
-      out[channel_a<kInterleaved>(m0 + j, half) * out_cs] = static_cast<scalar_t>(oa);
-      out[channel_b<kInterleaved>(m0 + j, half) * out_cs] = static_cast<scalar_t>(ob);
-    }
+    const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const acc_t* __restrict__ c,
+    const acc_t* __restrict__ s, int64_t half) {
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    acc_t oa, ob;
+    rope2d_math::rotate(static_cast<acc_t>(in[ia]), static_cast<acc_t>(in[ib]), c[m], s[m], oa, ob);
+    out[ia] = static_cast<scalar_t>(oa);
+    out[ib] = static_cast<scalar_t>(ob);
   }
 }
 
-// One row of the backward with the angle gradient: gx = R(-phi) g, dphi += dL/dphi.
+template <bool kInterleaved, typename scalar_t, typename acc_t>
+inline void rotate_row_in_place(
+    scalar_t* io, const acc_t* __restrict__ c, const acc_t* __restrict__ s, int64_t half) {
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    acc_t oa, ob;
+    rope2d_math::rotate(static_cast<acc_t>(io[ia]), static_cast<acc_t>(io[ib]), c[m], s[m], oa, ob);
+    io[ia] = static_cast<scalar_t>(oa);
+    io[ib] = static_cast<scalar_t>(ob);
+  }
+}
+
+template <bool kInterleaved, typename scalar_t, typename acc_t>
+inline void rotate_row_strided(
+    const scalar_t* in, int64_t in_cs, scalar_t* out, int64_t out_cs, const acc_t* c, const acc_t* s, int64_t half) {
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    acc_t oa, ob;
+    rope2d_math::rotate(static_cast<acc_t>(in[ia * in_cs]), static_cast<acc_t>(in[ib * in_cs]), c[m], s[m], oa, ob);
+    out[ia * out_cs] = static_cast<scalar_t>(oa);
+    out[ib * out_cs] = static_cast<scalar_t>(ob);
+  }
+}
+
+// One row of the backward with the angle gradient: gx = R(-phi) g (s holds -sin), dphi += dL/dphi.
 template <bool kInterleaved, bool kContig, typename scalar_t, typename acc_t>
 inline void rotate_row_angle_grad(
-    const scalar_t* g, int64_t g_cs, const scalar_t* x, int64_t x_cs, scalar_t* gx, int64_t gx_cs,
-    const acc_t* cos_row, const acc_t* sin_row, acc_t* dphi, int64_t half) {
-  using rope2d_math::channel_a;
-  using rope2d_math::channel_b;
+    const scalar_t* __restrict__ g, int64_t g_cs, const scalar_t* __restrict__ x, int64_t x_cs,
+    scalar_t* __restrict__ gx, int64_t gx_cs, const acc_t* __restrict__ c, const acc_t* __restrict__ s,
+    acc_t* __restrict__ dphi, int64_t half) {
   if constexpr (kContig) {
-    g_cs = 1;
-    x_cs = 1;
-    gx_cs = 1;
+    g_cs = x_cs = gx_cs = 1;
   }
-  acc_t ga[kBlock], gb[kBlock], xa[kBlock], xb[kBlock];
-  for (int64_t m0 = 0; m0 < half; m0 += kBlock) {
-    const int64_t len = std::min(kBlock, half - m0);
-    for (int64_t j = 0; j < len; ++j) {
-      ga[j] = static_cast<acc_t>(g[channel_a<kInterleaved>(m0 + j, half) * g_cs]);
-      gb[j] = static_cast<acc_t>(g[channel_b<kInterleaved>(m0 + j, half) * g_cs]);
-      xa[j] = static_cast<acc_t>(x[channel_a<kInterleaved>(m0 + j, half) * x_cs]);
-      xb[j] = static_cast<acc_t>(x[channel_b<kInterleaved>(m0 + j, half) * x_cs]);
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      acc_t oa, ob;
-      rope2d_math::rotate(ga[j], gb[j], cos_row[m0 + j], -sin_row[m0 + j], oa, ob);
-      dphi[m0 + j] += rope2d_math::angle_grad(xa[j], xb[j], oa, ob);
-      gx[channel_a<kInterleaved>(m0 + j, half) * gx_cs] = static_cast<scalar_t>(oa);
-      gx[channel_b<kInterleaved>(m0 + j, half) * gx_cs] = static_cast<scalar_t>(ob);
-    }
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    acc_t oa, ob;
+    rope2d_math::rotate(static_cast<acc_t>(g[ia * g_cs]), static_cast<acc_t>(g[ib * g_cs]), c[m], s[m], oa, ob);
+    dphi[m] += rope2d_math::angle_grad(static_cast<acc_t>(x[ia * x_cs]), static_cast<acc_t>(x[ib * x_cs]), oa, ob);
+    gx[ia * gx_cs] = static_cast<scalar_t>(oa);
+    gx[ib * gx_cs] = static_cast<scalar_t>(ob);
   }
 }
 
@@ -214,26 +229,34 @@ void rotate_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t N = in.size(-2), half = in.size(-1) / 2;
-    const at::Tensor table = angle_table<acc_t>(c, f, N, half);
+    const at::Tensor table = angle_table<acc_t>(c, f, N, half, inverse);
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
     const acc_t* sin_t = cos_t + f.size(0) * N * half;
     const scalar_t* in_p = in.const_data_ptr<scalar_t>();
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
-    const acc_t sign = inverse ? acc_t(-1) : acc_t(1);
+    const bool in_place = in_p == out_p;
     const int64_t in_cs = in.stride(-1), out_cs = out.stride(-1);
     const bool contig = in_cs == 1 && out_cs == 1;
     const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
+    const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
     with_interleaved(interleaved, [&](auto interleaved_tag) {
       constexpr bool kI = decltype(interleaved_tag)::value;
       at::parallel_for(0, walk.rows, grain, [&](int64_t begin, int64_t end) {
         RowCursor row(walk, begin);
-        for (int64_t r = begin; r < end; ++r, row.next()) {
-          const scalar_t* src = in_p + row.off[0];
-          scalar_t* dst = out_p + row.off[1];
-          if (contig) {
-            rotate_row<kI, true>(src, 1, dst, 1, cos_t + row.off[2], sin_t + row.off[2], sign, half);
+        RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
+        for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
+          if (contig && r + prefetch_rows < end) {
+            prefetch_row(in_p + ahead.off[0], row_bytes);
+          }
+          const acc_t* cr = cos_t + row.off[2];
+          const acc_t* sr = sin_t + row.off[2];
+          if (contig && in_place) {
+            rotate_row_in_place<kI>(out_p + row.off[1], cr, sr, half);
+          } else if (contig) {
+            rotate_row<kI>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
           } else {
-            rotate_row<kI, false>(src, in_cs, dst, out_cs, cos_t + row.off[2], sin_t + row.off[2], sign, half);
+            rotate_row_strided<kI>(in_p + row.off[0], in_cs, out_p + row.off[1], out_cs, cr, sr, half);
           }
         }
       });
@@ -257,7 +280,7 @@ void backward_with_freqs_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "rope2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group, groups = geo.groups;
-    const at::Tensor table = angle_table<acc_t>(c, f, N, half);
+    const at::Tensor table = angle_table<acc_t>(c, f, N, half, /*inverse=*/true);
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
     const acc_t* sin_t = cos_t + groups * N * half;
     at::Tensor dphi = at::zeros({groups, N, half}, c.options());
