@@ -3,12 +3,12 @@
 // float64 x), so each token's angles are computed once and reused by every head (Hf = 1) and every
 // leading index. The rotation is an at::parallel_for over the rows of D channels walked in x's
 // memory order (dims sorted by stride, as a copy walks them: B, N, then q/k and heads for a qkv
-// view); a row with channel stride 1 is deinterleaved into a local block and rotated in loops the
-// compiler vectorizes. Traffic: x read once, the result written once; the table is
-// 1/(leading * H / Hf) of x and stays in cache. The freqs gradient runs in parallel over tokens:
-// each thread owns its tokens' rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices)
-// into them in plane order, then the rows are contracted with coords in token order, so the result
-// has the same bits for any thread count.
+// view), rows prefetched ahead; a row with channel stride 1 is rotated by a loop the compiler
+// vectorizes. Traffic: x read once, the result written once; the table, 1/(leading * H / Hf) of x,
+// stays in cache. The freqs gradient runs in parallel over tokens: each thread owns its tokens'
+// rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices) into them in plane order, then
+// the rows are contracted with coords in token order, so the result has the same bits for any
+// thread count.
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
@@ -51,31 +51,35 @@ void with_interleaved(bool interleaved, F&& f) {
 }
 
 // cos/sin of every (group, token, pair): table[0] is cos, table[1] is sin (-sin when `inverse`, the
-// rotation of the backward), each [Hf, N, D/2].
+// rotation of the backward), each [Hf, N, D/2]. The angles come from the shared math; their sin and
+// cos from ATen's vectorized (1-ulp) kernels: with per-head freqs the table has H * N * D/2 entries
+// and scalar libm calls would cost more than the rotation itself.
 template <typename acc_t>
 at::Tensor angle_table(
     const at::Tensor& coords, const at::Tensor& freqs, int64_t n_tokens, int64_t half, bool inverse) {
   const int64_t groups = freqs.size(0);
-  auto table = at::empty({2, groups, n_tokens, half}, coords.options());
+  auto phi = at::empty({groups, n_tokens, half}, coords.options());
   const acc_t* c = coords.const_data_ptr<acc_t>();
   const acc_t* f = freqs.const_data_ptr<acc_t>();
-  acc_t* cos_t = table.mutable_data_ptr<acc_t>();
-  acc_t* sin_t = cos_t + groups * n_tokens * half;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, half * 8));
+  acc_t* phi_p = phi.mutable_data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, half));
   at::parallel_for(0, groups * n_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t g = r / n_tokens, n = r % n_tokens;
       const acc_t* fy = f + (2 * g) * half;
       const acc_t* fx = fy + half;
       for (int64_t m = 0; m < half; ++m) {
-        const acc_t phi = rope2d_math::angle(c[2 * n], c[2 * n + 1], fy[m], fx[m]);
-        acc_t sn, cs;
-        rope2d_math::sin_cos(phi, &sn, &cs);
-        cos_t[r * half + m] = cs;
-        sin_t[r * half + m] = inverse ? -sn : sn;
+        phi_p[r * half + m] = rope2d_math::angle(c[2 * n], c[2 * n + 1], fy[m], fx[m]);
       }
     }
   });
+  auto table = at::empty({2, groups, n_tokens, half}, coords.options());
+  auto cos_t = table.select(0, 0), sin_t = table.select(0, 1);
+  at::cos_out(cos_t, phi);
+  at::sin_out(sin_t, phi);
+  if (inverse) {
+    sin_t.neg_();
+  }
   return table;
 }
 
@@ -290,6 +294,8 @@ void backward_with_freqs_cpu(
     scalar_t* gx_p = grad_x.mutable_data_ptr<scalar_t>();
     const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1 && geo.channel_stride[2] == 1;
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
+    const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
     with_interleaved(interleaved, [&](auto interleaved_tag) {
       constexpr bool kI = decltype(interleaved_tag)::value;
       auto row = [&](int64_t g, int64_t n, const int64_t (&off)[kMaxTensors]) {
@@ -331,6 +337,10 @@ void backward_with_freqs_cpu(
             for (int64_t q = 0; q < P; ++q) {
               plane_offsets(geo, g, q, off);
               for (int64_t n = n0; n < n1; ++n) {
+                if (contig && n + prefetch_rows < n1) {
+                  prefetch_row(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
+                  prefetch_row(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
+                }
                 row(g, n, off);
               }
             }
