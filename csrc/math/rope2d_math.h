@@ -1,7 +1,8 @@
 // Per-element math of jitrope::rope2d (SPEC §2), shared by the CPU and the CUDA kernels so that
-// the CPU tests exercise the arithmetic the GPU runs: the angle of a channel pair, its sine and
-// cosine, the rotation, the angle gradient, the channels of a pair, and the offset of a "plane"
-// (one [N, D] matrix of x, i.e. one leading index and head) from its linear index.
+// the CPU tests exercise the arithmetic the GPU runs: the angle of a channel pair, the rotation,
+// the angle gradient, the channels of a pair, and the offset of a "plane" (one [N, D] matrix of x:
+// one leading index and head) from its linear index. sin_cos is the GPU's (sincosf); the CPU fills
+// its cos/sin table with ATen's vectorized sin/cos instead.
 #pragma once
 
 #include <cmath>
