@@ -20,5 +20,12 @@ TORCH_LIBRARY(jitrope, m) {
       "int token_offset, int row_offset, int col_offset) -> (Tensor, Tensor)");
   // Fused 2D rotary embedding (SPEC §2).
   m.def("rope2d(Tensor x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor");
-  m.def("rope2d_(Tensor(a!) x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor(a!)");
+  // The inplace tag lets functionalization (torch.compile, AOT) handle the aliased return.
+  m.def(
+      "rope2d_(Tensor(a!) x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor(a!)",
+      {at::Tag::inplace});
+  // (grad_x, grad_freqs): grad_freqs is computed when x (the forward input) is given, else empty.
+  m.def(
+      "rope2d_backward(Tensor grad_out, Tensor coords, Tensor freqs, Tensor? x, bool interleaved=True) "
+      "-> (Tensor, Tensor)");
 }

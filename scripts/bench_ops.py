@@ -1,24 +1,25 @@
 #!/usr/bin/env python
 """Benchmark jitrope's fused ops against eager PyTorch and a plain copy of the same bytes.
 
-For every op and size it prints, for the forward and for forward+backward: the fused op's time,
-the eager time (the same math in plain PyTorch ops), the time of a plain copy of the bytes the op
-must move (forward: one clone of x; forward+backward: one clone of x and one of grad_out), and the
-ratios fused/copy (1.0 = as fast as memory allows) and eager/fused (the speed-up). Times are
-medians over --iters runs after --warmup runs; CUDA times come from CUDA events.
+For each op and case it prints the fused time, the eager (reference) time, the time of a plain copy
+of the bytes the op reads and writes (a clone of x; forward+backward: a clone of x and of the
+gradient), and the ratios fused/copy (1.0 = as fast as a copy, the memory-bandwidth bound) and
+eager/fused (the speed-up), for the forward and the forward+backward. Times are medians over
+--reps runs after --warmup runs, taken with CUDA events on a GPU.
 
-    python scripts/bench_ops.py --op pos2d_add --device cpu --dtype float32 --json bench.json
+    python scripts/bench_ops.py --op rope2d --device cpu --dtype float32
+    python scripts/bench_ops.py --op pos2d_add --threads 2
+    python scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --json bench.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict, List
 
 import torch
 
@@ -26,72 +27,95 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 import jitrope  # noqa: E402
 from jitrope import ops  # noqa: E402
+from jitrope.reference import rope2d_ref  # noqa: E402
+from jitrope.rope import axial_freqs, sequence_coords  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-# ----------------------------------------------------------------------------------------------
-# Generic harness: timing, one result row per (op, size, pass), table and JSON output.
+# ---------------------------------------------------------------- generic harness
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> float:
     """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
-    times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(iters):
+        times = []
+        for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def result_row(op: str, size: str, pass_: str, fused: float, eager: float, copy: float) -> dict:
+def measure(
+    op: str,
+    case: str,
+    pass_: str,
+    *,
+    fused: Callable[[], object],
+    eager: Callable[[], object],
+    copy: Callable[[], object],
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    note: str = "",
+) -> Dict[str, object]:
+    """One table row: fused, eager and copy times of the same work, and their ratios."""
+    t = {name: time_ms(fn, device, warmup=args.warmup, reps=args.reps) for name, fn in (("fused", fused), ("eager", eager), ("copy", copy))}
     return {
         "op": op,
-        "size": size,
+        "case": case,
         "pass": pass_,
-        "fused_ms": fused,
-        "eager_ms": eager,
-        "copy_ms": copy,
-        "fused_over_copy": fused / copy,
-        "eager_over_fused": eager / fused,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "fused_ms": t["fused"],
+        "eager_ms": t["eager"],
+        "copy_ms": t["copy"],
+        "fused_over_copy": t["fused"] / t["copy"],
+        "eager_over_fused": t["eager"] / t["fused"],
+        "note": note,
     }
 
 
-def print_table(rows: list[dict]) -> None:
-    head = f"{'op':<10} {'size':<32} {'pass':<8} {'fused ms':>9} {'eager ms':>9} {'copy ms':>9} {'fused/copy':>10} {'eager/fused':>11}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(
-            f"{r['op']:<10} {r['size']:<32} {r['pass']:<8} {r['fused_ms']:>9.3f} {r['eager_ms']:>9.3f} "
-            f"{r['copy_ms']:>9.3f} {r['fused_over_copy']:>10.2f} {r['eager_over_fused']:>11.2f}"
-        )
+COLUMNS = [
+    ("op", "op", "{}"),
+    ("case", "case", "{}"),
+    ("pass", "pass", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("fused_ms", "fused ms", "{:.3f}"),
+    ("eager_ms", "eager ms", "{:.3f}"),
+    ("copy_ms", "copy ms", "{:.3f}"),
+    ("fused_over_copy", "fused/copy", "{:.2f}"),
+    ("eager_over_fused", "eager/fused", "{:.2f}"),
+    ("note", "note", "{}"),
+]
 
 
-def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], grad: torch.Tensor) -> Callable[[], object]:
-    """A closure running fn(*inputs) and its backward to every input."""
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
+def print_table(rows: List[Dict[str, object]]) -> None:
+    cells = [[fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
+    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (_, head, _) in enumerate(COLUMNS)]
+    print("  ".join(head.ljust(w) for (_, head, _), w in zip(COLUMNS, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
-# ----------------------------------------------------------------------------------------------
-# pos2d_add
+# ---------------------------------------------------------------- pos2d_add
 
 
-def bench_pos2d_add(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    # (B, N, D, grid, token_offset): the problem statement's 16x16 grid of 256 tokens at width 768,
-    # the 8x8 condition grid appended after them (256 -> 320), and a larger image.
+def bench_pos2d_add(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> List[Dict[str, object]]:
+    """(B, N, D, grid, token_offset): the problem statement's 16x16 grid of 256 tokens at width 768,
+    the 8x8 condition grid appended after them (256 -> 320), and a larger image. Eager: the
+    broadcast add a model would write (a cat when the grid does not cover the sequence). Copy: a
+    clone of x (plus one of the gradient for forward+backward)."""
     sizes = [(64, 256, 768, (16, 16), 0), (64, 320, 768, (8, 8), 256), (16, 1024, 1152, (32, 32), 0)]
     if args.quick:
         sizes = sizes[:1]
@@ -110,66 +134,150 @@ def bench_pos2d_add(args: argparse.Namespace, device: torch.device, dtype: torch
         def eager(x, pos_h, pos_w):
             table = (pos_h[:, None] + pos_w[None]).reshape(1, gh * gw, D)
             if t0 == 0 and t1 == N:
-                return x + table  # the broadcast add a model would write
+                return x + table
             return torch.cat((x[:, :t0], x[:, t0:t1] + table, x[:, t1:]), dim=1)
 
-        size = f"B{B} N{N} D{D} grid{gh}x{gw}@{t0}"
-        w, n = args.warmup, args.iters
-        copy = time_ms(lambda: x.clone(), device, w, n)
+        case = f"B{B} N{N} D{D} grid{gh}x{gw}@{t0}"
         rows.append(
-            result_row(
-                "pos2d_add", size, "fwd",
-                time_ms(lambda: fused(x, pos_h, pos_w), device, w, n),
-                time_ms(lambda: eager(x, pos_h, pos_w), device, w, n),
-                copy,
+            measure(
+                "pos2d_add", case, "fwd", device=device, dtype=dtype, args=args,
+                fused=lambda: fused(x, pos_h, pos_w),
+                eager=lambda: eager(x, pos_h, pos_w),
+                copy=lambda: x.clone(),
             )
         )
         inputs = tuple(t.detach().requires_grad_() for t in (x, pos_h, pos_w))
         rows.append(
-            result_row(
-                "pos2d_add", size, "fwd+bwd",
-                time_ms(fwd_bwd(fused, inputs, grad), device, w, n),
-                time_ms(fwd_bwd(eager, inputs, grad), device, w, n),
-                time_ms(lambda: (x.clone(), grad.clone()), device, w, n),
+            measure(
+                "pos2d_add", case, "fwd+bwd", device=device, dtype=dtype, args=args,
+                fused=lambda: torch.autograd.grad(fused(*inputs), inputs, grad),
+                eager=lambda: torch.autograd.grad(eager(*inputs), inputs, grad),
+                copy=lambda: (x.clone(), grad.clone()),
             )
         )
     return rows
 
 
-BENCHES: dict[str, Callable[[argparse.Namespace, torch.device, torch.dtype], list[dict]]] = {
+# ---------------------------------------------------------------- rope2d
+
+
+def _rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), -1).flatten(-2)
+
+
+def _eva_tables(coords: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype):
+    """EVA-02 / JiT per-token tables [N, D]: each pair's angle repeated on both of its channels."""
+    phi = (coords[:, None, 0] * freqs[None, 0] + coords[:, None, 1] * freqs[None, 1]).repeat_interleave(2, -1)
+    return phi.cos().to(dtype), phi.sin().to(dtype)
+
+
+def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> List[Dict[str, object]]:
+    """JiT-like q and k (B=8, H=12, N=32 in-context + 16x16 image tokens, D=64) as one [2, B, H, N, D]
+    view of a qkv projection. Fused: one rope2d call on the view. Eager: the EVA-02 / JiT way,
+    x*cos + rotate_half(x)*sin on q and on k with precomputed per-token tables (learned per-head
+    frequencies: jitrope.reference.rope2d_ref). Copy: a clone of the view (plus one of the
+    gradient for forward+backward)."""
+    B, H, D, prefix, grid = 8, 12, 64, 32, (16, 16)
+    N = prefix + grid[0] * grid[1]
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, generator=gen)
+    x = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
+    coords = sequence_coords(grid, prefix=prefix, device=device)
+    freqs = axial_freqs(D, device=device)
+    cos, sin = _eva_tables(coords, freqs, dtype)
+
+    def eva(t):
+        return t * cos + _rotate_half_interleaved(t) * sin
+
+    case = f"B{B} H{H} N{N} D{D} qk-view"
+    rows = [
+        measure(
+            "rope2d", case, "fwd", device=device, dtype=dtype, args=args,
+            fused=lambda: ops.rope2d(x, coords, freqs),
+            eager=lambda: (eva(x[0]), eva(x[1])),
+            copy=lambda: x.clone(),
+        )
+    ]
+
+    xg = x.detach().requires_grad_()
+    g = torch.randn(x.shape, device=device, dtype=dtype, generator=gen)
+
+    def fused_fb():
+        return torch.autograd.grad(ops.rope2d(xg, coords, freqs), xg, g)
+
+    def eager_fb():
+        return torch.autograd.grad((eva(xg[0]), eva(xg[1])), xg, (g[0], g[1]))
+
+    rows.append(
+        measure(
+            "rope2d", case, "fwd+bwd", device=device, dtype=dtype, args=args,
+            fused=fused_fb, eager=eager_fb, copy=lambda: (x.clone(), g.clone()),
+        )
+    )
+
+    # RoPE-Mixed: learned per-head frequencies get a gradient too.
+    fh = (torch.randn(H, 2, D // 2, device=device, generator=gen) * 0.1).requires_grad_()
+
+    def fused_mixed():
+        return torch.autograd.grad(ops.rope2d(xg, coords, fh), (xg, fh), g)
+
+    def eager_mixed():
+        return torch.autograd.grad(rope2d_ref(xg, coords, fh), (xg, fh), g)
+
+    rows.append(
+        measure(
+            "rope2d", case + " per-head learned freqs", "fwd+bwd", device=device, dtype=dtype, args=args,
+            fused=fused_mixed, eager=eager_mixed, copy=lambda: (x.clone(), g.clone()),
+            note="eager = jitrope.reference.rope2d_ref",
+        )
+    )
+    return rows
+
+
+# ---------------------------------------------------------------- command line
+
+BENCHES: Dict[str, Callable[[torch.device, torch.dtype, argparse.Namespace], List[Dict[str, object]]]] = {
     "pos2d_add": bench_pos2d_add,
+    "rope2d": bench_rope2d,
 }
+OPS = list(BENCHES)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--op", choices=["pos2d_add", "rope2d", "all"], default="all", help="which op to time")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    parser.add_argument("--iters", type=int, default=15, help="timed runs; the median is reported")
-    parser.add_argument("--quick", action="store_true", help="only the first size of each op")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    args = parser.parse_args(argv)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", choices=[*OPS, "all"], default="all", help="which op to benchmark")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    p.add_argument("--dtype", default=None, help="comma-separated dtypes (default: float32 on CPU, bfloat16,float32 on CUDA)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    p.add_argument("--reps", type=int, default=30, help="timed runs (the median is reported)")
+    p.add_argument("--quick", action="store_true", help="only the first size of each op")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
 
     if not jitrope.HAS_EXTENSION:
-        parser.error(f"the C++ extension is not built: {jitrope.EXTENSION_ERROR}")
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    names = list(BENCHES) if args.op == "all" else [args.op]
-    missing = [n for n in names if n not in BENCHES]
-    if missing:
-        parser.error(f"no benchmark for {', '.join(missing)} in this tree")
-    rows = [row for name in names for row in BENCHES[name](args, device, dtype)]
-    for r in rows:
-        r.update(device=str(device), dtype=args.dtype)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-    print(f"jitrope ops, {args.dtype} on {device} ({where}), torch {torch.__version__}; median of {args.iters} runs")
+        print(f"jitrope extension not built: {jitrope.EXTENSION_ERROR}", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtypes = args.dtype or ("bfloat16,float32" if device.type == "cuda" else "float32")
+    dtypes = [getattr(torch, d.strip()) for d in dtypes.split(",")]
+    names = OPS if args.op == "all" else [args.op]
+
+    rows: List[Dict[str, object]] = []
+    for name in names:
+        for dtype in dtypes:
+            with torch.inference_mode(False):
+                rows.extend(BENCHES[name](device, dtype, args))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; median of {args.reps} runs\n")
     print_table(rows)
     if args.json:
-        meta = {"torch": torch.__version__, "device": str(device), "device_name": where, "dtype": args.dtype}
-        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-        print(f"wrote {args.json}")
+        args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,9 +30,14 @@ except ImportError as e:  # not built, or built against another torch
     )
 
 
+OPS = ("pos2d_add", "pos2d_add_", "pos2d_add_backward", "rope2d", "rope2d_", "rope2d_backward")
+
+
 def has_cuda_kernels() -> bool:
-    """True when the loaded extension was built with its CUDA kernels."""
-    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("jitrope::pos2d_add", "CUDA")
+    """True when the loaded extension was built with the CUDA kernels of every op."""
+    return HAS_EXTENSION and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"jitrope::{op}", "CUDA") for op in OPS
+    )
 
 
 if HAS_EXTENSION and not has_cuda_kernels():

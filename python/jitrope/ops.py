@@ -6,7 +6,7 @@ are C++ (csrc/), so the ops train the same way from LibTorch; this module adds t
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -58,6 +58,56 @@ def rope2d_(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = Tru
     _check_inplace("rope2d_", x)
     torch.ops.jitrope.rope2d_.default(x, coords, freqs, interleaved)
     return x
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_rope2d_fake(op: str, x_name: str, x: Tensor, coords: Tensor, freqs: Tensor) -> None:
+    # Mirrors check_rope2d_args (csrc/ops/rope2d.cpp) for tracing; the kernels check again.
+    torch._check(x.dtype in _FLOAT_DTYPES, lambda: f"{op}: {x_name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    torch._check(x.dim() >= 3, lambda: f"{op}: {x_name} must have shape [..., H, N, D] (at least 3 dims), got {tuple(x.shape)}")
+    H, N, D = x.shape[-3:]
+    torch._check(D % 2 == 0, lambda: f"{op}: {x_name} must have an even last dim D (channel pairs), got D = {D}")
+    torch._check(coords.dtype.is_floating_point, lambda: f"{op}: coords must be a floating tensor [N, 2], got dtype {coords.dtype}")
+    torch._check(coords.dim() == 2, lambda: f"{op}: coords must have shape [N, 2] = [{N}, 2], got {tuple(coords.shape)}")
+    torch._check(coords.shape[0] == N, lambda: f"{op}: coords must have shape [N, 2] = [{N}, 2], got {tuple(coords.shape)}")
+    torch._check(coords.shape[1] == 2, lambda: f"{op}: coords must have shape [N, 2] = [{N}, 2], got {tuple(coords.shape)}")
+    torch._check(freqs.dtype.is_floating_point, lambda: f"{op}: freqs must be a floating tensor, got dtype {freqs.dtype}")
+    torch._check(
+        freqs.dim() in (2, 3),
+        lambda: f"{op}: freqs must have shape [2, D/2] or [H, 2, D/2] = [{H}, 2, {D // 2}], got {tuple(freqs.shape)}",
+    )
+    if freqs.dim() == 3:
+        torch._check(freqs.shape[0] == H, lambda: f"{op}: freqs must have shape [H, 2, D/2] = [{H}, 2, {D // 2}], got {tuple(freqs.shape)}")
+    torch._check(freqs.shape[-2] == 2, lambda: f"{op}: freqs must have shape [..., 2, D/2] = [..., 2, {D // 2}], got {tuple(freqs.shape)}")
+    torch._check(freqs.shape[-1] == D // 2, lambda: f"{op}: freqs must have shape [..., 2, D/2] = [..., 2, {D // 2}], got {tuple(freqs.shape)}")
+    torch._check(coords.device == x.device, lambda: f"{op}: coords must be on {x_name}'s device {x.device}, got {coords.device}")
+    torch._check(freqs.device == x.device, lambda: f"{op}: freqs must be on {x_name}'s device {x.device}, got {freqs.device}")
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("jitrope::rope2d")
+    def _rope2d_fake(x: Tensor, coords: Tensor, freqs: Tensor, interleaved: bool = True) -> Tensor:
+        _check_rope2d_fake("rope2d", "x", x, coords, freqs)
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("jitrope::rope2d_")
+    def _rope2d__fake(x: Tensor, coords: Tensor, freqs: Tensor, interleaved: bool = True) -> Tensor:
+        _check_rope2d_fake("rope2d_", "x", x, coords, freqs)
+        return x
+
+    @torch.library.register_fake("jitrope::rope2d_backward")
+    def _rope2d_backward_fake(
+        grad_out: Tensor, coords: Tensor, freqs: Tensor, x: Optional[Tensor], interleaved: bool = True
+    ) -> Tuple[Tensor, Tensor]:
+        _check_rope2d_fake("rope2d_backward", "grad_out", grad_out, coords, freqs)
+        if x is None:
+            return torch.empty_like(grad_out), freqs.new_empty(0)
+        torch._check(x.shape == grad_out.shape, lambda: f"rope2d_backward: x (the forward input) must have grad_out's shape {tuple(grad_out.shape)}, got {tuple(x.shape)}")
+        torch._check(x.dtype == grad_out.dtype, lambda: f"rope2d_backward: x (the forward input) must have grad_out's dtype {grad_out.dtype}, got {x.dtype}")
+        return torch.empty_like(grad_out), freqs.new_empty(freqs.shape)
 
 
 def pos2d_add(

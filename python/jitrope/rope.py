@@ -13,7 +13,7 @@ from torch import Tensor
 __all__ = ["axial_freqs", "grid_coords", "prefix_coords", "sequence_coords"]
 
 
-def axial_freqs(head_dim: int, theta: float = 10000.0, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def axial_freqs(head_dim: int, theta: float = 10000.0, *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """JiT / EVA-02 axial 2D RoPE frequencies, ``[2, head_dim / 2]``.
 
     ``f_k = theta ** (-k / (head_dim / 4))`` for ``k < head_dim / 4``; pairs ``m < head_dim / 4`` turn
@@ -27,7 +27,7 @@ def axial_freqs(head_dim: int, theta: float = 10000.0, *, dtype: torch.dtype = t
     f = theta ** (-torch.arange(q, dtype=torch.float64) / q)
     zeros = torch.zeros(q, dtype=torch.float64)
     freqs = torch.stack((torch.cat((f, zeros)), torch.cat((zeros, f))))
-    return freqs.to(dtype)
+    return freqs.to(dtype=dtype, device=device)
 
 
 def grid_coords(

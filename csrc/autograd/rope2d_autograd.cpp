@@ -1,0 +1,120 @@
+// Autograd of jitrope::rope2d as a C++ autograd::Function, so the op trains from LibTorch as well
+// as from Python. The backward is its own op (rope2d_backward, CPU + CUDA kernels). The forward
+// input x is saved only when freqs requires grad (dL/dphi needs it); coords is a constant.
+// Double backward is not supported and says so. rope2d_ (in-place, inference) refuses inputs that
+// need a gradient and bumps x's version so that autograd notices the mutation.
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/library.h>
+
+#include "ops/rope2d.h"
+
+namespace jitrope {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Variable;
+using torch::autograd::variable_list;
+
+class Rope2dFunction : public torch::autograd::Function<Rope2dFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const Variable& x, const Variable& coords, const Variable& freqs, bool interleaved) {
+    ctx->saved_data["interleaved"] = interleaved;
+    ctx->save_for_backward({coords, freqs, freqs.requires_grad() ? x : Variable()});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return {rope2d(x, coords, freqs, interleaved)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Variable& coords = saved[0];
+    const Variable& freqs = saved[1];
+    const Variable& x = saved[2];
+    if (!grad_outputs[0].defined()) {
+      return {Variable(), Variable(), Variable(), Variable()};
+    }
+    auto [grad_x, grad_freqs] = rope2d_backward(
+        grad_outputs[0], coords, freqs, x.defined() ? std::optional<at::Tensor>(x) : std::nullopt,
+        ctx->saved_data["interleaved"].toBool());
+    return {grad_x, Variable(), x.defined() ? grad_freqs : Variable(), Variable()};
+  }
+};
+
+[[noreturn]] void double_backward_unsupported() {
+  TORCH_CHECK(
+      false,
+      "jitrope::rope2d: double backward (the gradient of rope2d_backward, e.g. create_graph=True "
+      "followed by a second backward) is not supported");
+}
+
+// rope2d_backward on the Autograd key: one Function with the forward input x and one without
+// (autograd Functions take defined tensors only). Their own backward refuses.
+class Rope2dBackwardFunction : public torch::autograd::Function<Rope2dBackwardFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* /*ctx*/, const Variable& grad_out, const Variable& coords, const Variable& freqs,
+      bool interleaved) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_x, grad_freqs] = rope2d_backward(grad_out, coords, freqs, std::nullopt, interleaved);
+    return {grad_x, grad_freqs};
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, const variable_list& /*grad_outputs*/) {
+    double_backward_unsupported();
+  }
+};
+
+class Rope2dBackwardWithInputFunction : public torch::autograd::Function<Rope2dBackwardWithInputFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* /*ctx*/, const Variable& grad_out, const Variable& coords, const Variable& freqs,
+      const Variable& x, bool interleaved) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_x, grad_freqs] = rope2d_backward(grad_out, coords, freqs, x, interleaved);
+    return {grad_x, grad_freqs};
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, const variable_list& /*grad_outputs*/) {
+    double_backward_unsupported();
+  }
+};
+
+at::Tensor rope2d_autograd(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  return Rope2dFunction::apply(x, coords, freqs, interleaved)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> rope2d_backward_autograd(
+    const at::Tensor& grad_out,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    const std::optional<at::Tensor>& x,
+    bool interleaved) {
+  const auto out = x.has_value() && x->defined()
+      ? Rope2dBackwardWithInputFunction::apply(grad_out, coords, freqs, *x, interleaved)
+      : Rope2dBackwardFunction::apply(grad_out, coords, freqs, interleaved);
+  return {out[0], out[1]};
+}
+
+at::Tensor& rope2d__autograd(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  TORCH_CHECK(
+      !(at::GradMode::is_enabled() && (x.requires_grad() || freqs.requires_grad())),
+      "rope2d_: the in-place op is for inference and has no gradient, but x or freqs requires grad; call "
+      "rope2d, or run under no_grad");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    rope2d_(x, coords, freqs, interleaved);
+  }
+  torch::autograd::increment_version(x);
+  return x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, Autograd, m) {
+  m.impl("rope2d", &rope2d_autograd);
+  m.impl("rope2d_", &rope2d__autograd);
+  m.impl("rope2d_backward", &rope2d_backward_autograd);
+}
+
+}  // namespace jitrope

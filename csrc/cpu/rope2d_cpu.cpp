@@ -1,0 +1,420 @@
+// CPU kernels of jitrope::rope2d, rope2d_ and rope2d_backward. x is [..., H, N, D] with any strides.
+// A first pass fills a cos/sin table [Hf, N, D/2] in the accumulation type (float32; float64 for
+// float64 x), so each token's angles are computed once and reused by every head (Hf = 1) and every
+// leading index. The rotation is an at::parallel_for over the rows of D channels walked in x's
+// memory order (dims sorted by stride, as a copy walks them: B, N, then q/k and heads for a qkv
+// view), rows prefetched ahead; a row with channel stride 1 is rotated by a loop the compiler
+// vectorizes. Traffic: x read once, the result written once; the table, 1/(leading * H / Hf) of x,
+// stays in cache. The freqs gradient runs in parallel over tokens: each thread owns its tokens'
+// rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices) into them in plane order, then
+// the rows are contracted with coords in token order, so the result has the same bits for any
+// thread count.
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "math/rope2d_math.h"
+#include "ops/rope2d.h"
+
+namespace jitrope {
+namespace {
+
+using rope2d_math::kMaxTensors;
+using rope2d_math::Rope2dGeometry;
+
+constexpr int64_t kGrainElems = 32768;  // elements of x per parallel task, at least
+// Rows are prefetched this far ahead of the walk: a qkv view reads q and k and skips v, a gap the
+// hardware prefetcher does not bridge (the walk then runs 2x slower than a copy of the view).
+constexpr int64_t kPrefetchBytes = 8192;
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(c + b, /*rw=*/0, /*locality=*/0);
+  }
+}
+
+template <typename F>
+void with_interleaved(bool interleaved, F&& f) {
+  if (interleaved) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// cos/sin of every (group, token, pair): table[0] is cos, table[1] is sin (-sin when `inverse`, the
+// rotation of the backward), each [Hf, N, D/2]. The angles come from the shared math; their sin and
+// cos from ATen's vectorized (1-ulp) kernels: with per-head freqs the table has H * N * D/2 entries
+// and scalar libm calls would cost more than the rotation itself.
+template <typename acc_t>
+at::Tensor angle_table(
+    const at::Tensor& coords, const at::Tensor& freqs, int64_t n_tokens, int64_t half, bool inverse) {
+  const int64_t groups = freqs.size(0);
+  auto phi = at::empty({groups, n_tokens, half}, coords.options());
+  const acc_t* c = coords.const_data_ptr<acc_t>();
+  const acc_t* f = freqs.const_data_ptr<acc_t>();
+  acc_t* phi_p = phi.mutable_data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, half));
+  at::parallel_for(0, groups * n_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t g = r / n_tokens, n = r % n_tokens;
+      const acc_t* fy = f + (2 * g) * half;
+      const acc_t* fx = fy + half;
+      for (int64_t m = 0; m < half; ++m) {
+        phi_p[r * half + m] = rope2d_math::angle(c[2 * n], c[2 * n + 1], fy[m], fx[m]);
+      }
+    }
+  });
+  auto table = at::empty({2, groups, n_tokens, half}, coords.options());
+  auto cos_t = table.select(0, 0), sin_t = table.select(0, 1);
+  at::cos_out(cos_t, phi);
+  at::sin_out(sin_t, phi);
+  if (inverse) {
+    sin_t.neg_();
+  }
+  return table;
+}
+
+// One row of D channels rotated pair by pair: out = R(phi) in with (c, s) = (cos, sin) of the row's
+// angles. Three forms of the same loop, so that the compiler vectorizes the contiguous ones without
+// run-time alias checks: distinct contiguous rows, one contiguous row in place, any strides.
+template <bool kInterleaved, typename scalar_t, typename acc_t>
+inline void rotate_row(
+    const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const acc_t* __restrict__ c,
+    const acc_t* __restrict__ s, int64_t half) {
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    acc_t oa, ob;
+    rope2d_math::rotate(static_cast<acc_t>(in[ia]), static_cast<acc_t>(in[ib]), c[m], s[m], oa, ob);
+    out[ia] = static_cast<scalar_t>(oa);
+    out[ib] = static_cast<scalar_t>(ob);
+  }
+}
+
+template <bool kInterleaved, typename scalar_t, typename acc_t>
+inline void rotate_row_in_place(
+    scalar_t* io, const acc_t* __restrict__ c, const acc_t* __restrict__ s, int64_t half) {
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    acc_t oa, ob;
+    rope2d_math::rotate(static_cast<acc_t>(io[ia]), static_cast<acc_t>(io[ib]), c[m], s[m], oa, ob);
+    io[ia] = static_cast<scalar_t>(oa);
+    io[ib] = static_cast<scalar_t>(ob);
+  }
+}
+
+template <bool kInterleaved, typename scalar_t, typename acc_t>
+inline void rotate_row_strided(
+    const scalar_t* in, int64_t in_cs, scalar_t* out, int64_t out_cs, const acc_t* c, const acc_t* s, int64_t half) {
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    acc_t oa, ob;
+    rope2d_math::rotate(static_cast<acc_t>(in[ia * in_cs]), static_cast<acc_t>(in[ib * in_cs]), c[m], s[m], oa, ob);
+    out[ia * out_cs] = static_cast<scalar_t>(oa);
+    out[ib * out_cs] = static_cast<scalar_t>(ob);
+  }
+}
+
+// One row of the backward with the angle gradient: gx = R(-phi) g (s holds -sin), dphi += dL/dphi.
+template <bool kInterleaved, bool kContig, typename scalar_t, typename acc_t>
+inline void rotate_row_angle_grad(
+    const scalar_t* __restrict__ g, int64_t g_cs, const scalar_t* __restrict__ x, int64_t x_cs,
+    scalar_t* __restrict__ gx, int64_t gx_cs, const acc_t* __restrict__ c, const acc_t* __restrict__ s,
+    acc_t* __restrict__ dphi, int64_t half) {
+  if constexpr (kContig) {
+    g_cs = x_cs = gx_cs = 1;
+  }
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    acc_t oa, ob;
+    rope2d_math::rotate(static_cast<acc_t>(g[ia * g_cs]), static_cast<acc_t>(g[ib * g_cs]), c[m], s[m], oa, ob);
+    dphi[m] += rope2d_math::angle_grad(static_cast<acc_t>(x[ia * x_cs]), static_cast<acc_t>(x[ib * x_cs]), oa, ob);
+    gx[ia * gx_cs] = static_cast<scalar_t>(oa);
+    gx[ib * gx_cs] = static_cast<scalar_t>(ob);
+  }
+}
+
+// Offsets of plane q of group g for every tensor.
+inline void plane_offsets(const Rope2dGeometry& geo, int64_t g, int64_t q, int64_t (&off)[kMaxTensors]) {
+  geo.planes.offsets(static_cast<uint32_t>(q), off);
+  for (int t = 0; t < kMaxTensors; ++t) {
+    off[t] += g * geo.group_stride[t];
+  }
+}
+
+// The rows of D channels of x (every index but the last) as dims sorted by in's strides, outermost
+// first, then coalesced, so that a walk over rows follows memory (B, N, 2, H for a qkv view) like a
+// copy would. Each dim steps in, out and the row of the cos/sin table ((group * N + n) * D/2).
+struct RowWalk {
+  struct Dim {
+    int64_t size;
+    int64_t stride[3];  // in, out, table
+  };
+  std::vector<Dim> dims;
+  int64_t rows = 1;
+};
+
+RowWalk make_row_walk(const at::Tensor& in, const at::Tensor& out, bool per_head) {
+  const int64_t nd = in.dim(), n_tokens = in.size(-2), half = in.size(-1) / 2;
+  std::vector<RowWalk::Dim> dims;
+  for (int64_t d = 0; d < nd - 1; ++d) {
+    const int64_t table = d == nd - 2 ? half : (d == nd - 3 && per_head ? n_tokens * half : 0);
+    if (in.size(d) != 1) {
+      dims.push_back({in.size(d), {in.stride(d), out.stride(d), table}});
+    }
+  }
+  std::stable_sort(dims.begin(), dims.end(), [](const RowWalk::Dim& a, const RowWalk::Dim& b) {
+    return a.stride[0] != b.stride[0] ? a.stride[0] > b.stride[0] : a.stride[1] > b.stride[1];
+  });
+  RowWalk walk;
+  for (const auto& dim : dims) {
+    walk.rows *= dim.size;
+    bool merge = !walk.dims.empty();
+    for (int t = 0; merge && t < 3; ++t) {
+      merge = walk.dims.back().stride[t] == dim.stride[t] * dim.size;
+    }
+    if (merge) {
+      walk.dims.back().size *= dim.size;
+      std::copy(dim.stride, dim.stride + 3, walk.dims.back().stride);
+    } else {
+      walk.dims.push_back(dim);
+    }
+  }
+  return walk;
+}
+
+// Position in a RowWalk: split once per parallel task, then stepped row by row.
+struct RowCursor {
+  const RowWalk& walk;
+  std::vector<int64_t> index;
+  int64_t off[3] = {0, 0, 0};
+
+  RowCursor(const RowWalk& w, int64_t row) : walk(w), index(w.dims.size(), 0) {
+    for (int64_t d = static_cast<int64_t>(w.dims.size()) - 1; d >= 0; --d) {
+      index[d] = row % w.dims[d].size;
+      row /= w.dims[d].size;
+      for (int t = 0; t < 3; ++t) {
+        off[t] += index[d] * w.dims[d].stride[t];
+      }
+    }
+  }
+
+  void next() {
+    for (int64_t d = static_cast<int64_t>(walk.dims.size()) - 1; d >= 0; --d) {
+      const auto& dim = walk.dims[d];
+      for (int t = 0; t < 3; ++t) {
+        off[t] += dim.stride[t];
+      }
+      if (++index[d] < dim.size) {
+        return;
+      }
+      for (int t = 0; t < 3; ++t) {
+        off[t] -= dim.size * dim.stride[t];
+      }
+      index[d] = 0;
+    }
+  }
+};
+
+// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_).
+void rotate_cpu(
+    const at::Tensor& in, const at::Tensor& out, const at::Tensor& coords, const at::Tensor& freqs,
+    bool interleaved, bool inverse) {
+  const RowWalk walk = make_row_walk(in, out, freqs.dim() == 3);
+  const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t N = in.size(-2), half = in.size(-1) / 2;
+    const at::Tensor table = angle_table<acc_t>(c, f, N, half, inverse);
+    const acc_t* cos_t = table.const_data_ptr<acc_t>();
+    const acc_t* sin_t = cos_t + f.size(0) * N * half;
+    const scalar_t* in_p = in.const_data_ptr<scalar_t>();
+    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
+    const bool in_place = in_p == out_p;
+    const int64_t in_cs = in.stride(-1), out_cs = out.stride(-1);
+    const bool contig = in_cs == 1 && out_cs == 1;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
+    const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
+    with_interleaved(interleaved, [&](auto interleaved_tag) {
+      constexpr bool kI = decltype(interleaved_tag)::value;
+      at::parallel_for(0, walk.rows, grain, [&](int64_t begin, int64_t end) {
+        RowCursor row(walk, begin);
+        RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
+        for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
+          if (contig && r + prefetch_rows < end) {
+            prefetch_row(in_p + ahead.off[0], row_bytes);
+          }
+          const acc_t* cr = cos_t + row.off[2];
+          const acc_t* sr = sin_t + row.off[2];
+          if (contig && in_place) {
+            rotate_row_in_place<kI>(out_p + row.off[1], cr, sr, half);
+          } else if (contig) {
+            rotate_row<kI>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
+          } else {
+            rotate_row_strided<kI>(in_p + row.off[0], in_cs, out_p + row.off[1], out_cs, cr, sr, half);
+          }
+        }
+      });
+    });
+  });
+}
+
+// grad_x = grad_out rotated by -phi and grad_freqs from x (the forward input).
+void backward_with_freqs_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& grad_x, const at::Tensor& grad_freqs,
+    const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  const bool per_head = freqs.dim() == 3;
+  Rope2dGeometry geo;
+  if (!detail::make_rope2d_geometry({&grad_out, &grad_x, &x}, per_head, geo)) {
+    auto tmp = at::empty(grad_out.sizes(), grad_out.options());
+    backward_with_freqs_cpu(grad_out.contiguous(), x.contiguous(), tmp, grad_freqs, coords, freqs, interleaved);
+    grad_x.copy_(tmp);
+    return;
+  }
+  const auto [c, f] = detail::rope2d_acc_tables(grad_out, coords, freqs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "rope2d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group, groups = geo.groups;
+    const at::Tensor table = angle_table<acc_t>(c, f, N, half, /*inverse=*/true);
+    const acc_t* cos_t = table.const_data_ptr<acc_t>();
+    const acc_t* sin_t = cos_t + groups * N * half;
+    at::Tensor dphi = at::zeros({groups, N, half}, c.options());
+    acc_t* dphi_p = dphi.mutable_data_ptr<acc_t>();
+    const scalar_t* g_p = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+    scalar_t* gx_p = grad_x.mutable_data_ptr<scalar_t>();
+    const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1 && geo.channel_stride[2] == 1;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
+    const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
+    with_interleaved(interleaved, [&](auto interleaved_tag) {
+      constexpr bool kI = decltype(interleaved_tag)::value;
+      auto row = [&](int64_t g, int64_t n, const int64_t (&off)[kMaxTensors]) {
+        const scalar_t* gr = g_p + off[0] + n * geo.token_stride[0];
+        scalar_t* gxr = gx_p + off[1] + n * geo.token_stride[1];
+        const scalar_t* xr = x_p + off[2] + n * geo.token_stride[2];
+        const int64_t t = (g * N + n) * half;
+        if (contig) {
+          rotate_row_angle_grad<kI, true>(gr, 1, xr, 1, gxr, 1, cos_t + t, sin_t + t, dphi_p + t, half);
+        } else {
+          rotate_row_angle_grad<kI, false>(
+              gr, geo.channel_stride[0], xr, geo.channel_stride[2], gxr, geo.channel_stride[1], cos_t + t,
+              sin_t + t, dphi_p + t, half);
+        }
+      };
+      // Either loop order sums each (group, token) row over the planes in plane order; take the one
+      // closer to memory order (tokens outermost for a [B, N, 3, H, D] qkv view).
+      int64_t inner_plane_stride = std::numeric_limits<int64_t>::max();
+      if (geo.planes.ndim > 0) {
+        inner_plane_stride = std::abs(geo.planes.strides[0][0]);
+      }
+      if (groups > 1) {
+        inner_plane_stride = std::min(inner_plane_stride, std::abs(geo.group_stride[0]));
+      }
+      const bool tokens_outer = std::abs(geo.token_stride[0]) > inner_plane_stride;
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+        int64_t off[kMaxTensors];
+        if (tokens_outer) {
+          for (int64_t n = n0; n < n1; ++n) {
+            for (int64_t g = 0; g < groups; ++g) {
+              for (int64_t q = 0; q < P; ++q) {
+                plane_offsets(geo, g, q, off);
+                row(g, n, off);
+              }
+            }
+          }
+        } else {
+          for (int64_t g = 0; g < groups; ++g) {
+            for (int64_t q = 0; q < P; ++q) {
+              plane_offsets(geo, g, q, off);
+              for (int64_t n = n0; n < n1; ++n) {
+                if (contig && n + prefetch_rows < n1) {
+                  prefetch_row(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
+                  prefetch_row(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
+                }
+                row(g, n, off);
+              }
+            }
+          }
+        }
+      });
+    });
+    // grad_freqs[g, 0, m] = sum_n y_n dphi[g, n, m], grad_freqs[g, 1, m] = sum_n x_n dphi[g, n, m].
+    at::Tensor acc = at::zeros({groups, 2, half}, c.options());
+    acc_t* acc_p = acc.mutable_data_ptr<acc_t>();
+    const acc_t* c_p = c.const_data_ptr<acc_t>();
+    for (int64_t g = 0; g < groups; ++g) {
+      acc_t* gy = acc_p + 2 * g * half;
+      acc_t* gxx = gy + half;
+      for (int64_t n = 0; n < N; ++n) {
+        const acc_t* d = dphi_p + (g * N + n) * half;
+        const acc_t y = c_p[2 * n], xc = c_p[2 * n + 1];
+        for (int64_t m = 0; m < half; ++m) {
+          gy[m] += y * d[m];
+          gxx[m] += xc * d[m];
+        }
+      }
+    }
+    grad_freqs.copy_(acc.view(grad_freqs.sizes()));
+  });
+}
+
+at::Tensor rope2d_cpu(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  check_rope2d_args("rope2d", "x", x, coords, freqs);
+  auto out = at::empty_like(x);
+  if (out.numel() > 0) {
+    rotate_cpu(x, out, coords, freqs, interleaved, /*inverse=*/false);
+  }
+  return out;
+}
+
+at::Tensor& rope2d__cpu(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true);
+  if (x.numel() > 0) {
+    rotate_cpu(x, x, coords, freqs, interleaved, /*inverse=*/false);
+  }
+  return x;
+}
+
+std::tuple<at::Tensor, at::Tensor> rope2d_backward_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    const std::optional<at::Tensor>& x,
+    bool interleaved) {
+  const bool want_freqs = x.has_value() && x->defined();
+  check_rope2d_args("rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr);
+  auto grad_x = at::empty_like(grad_out);
+  if (!want_freqs) {
+    if (grad_x.numel() > 0) {
+      rotate_cpu(grad_out, grad_x, coords, freqs, interleaved, /*inverse=*/true);
+    }
+    return {grad_x, at::empty({0}, freqs.options())};
+  }
+  auto grad_freqs = at::empty(freqs.sizes(), freqs.options());
+  if (grad_x.numel() == 0) {
+    grad_freqs.zero_();
+  } else {
+    backward_with_freqs_cpu(grad_out, *x, grad_x, grad_freqs, coords, freqs, interleaved);
+  }
+  return {grad_x, grad_freqs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, CPU, m) {
+  m.impl("rope2d", &rope2d_cpu);
+  m.impl("rope2d_", &rope2d__cpu);
+  m.impl("rope2d_backward", &rope2d_backward_cpu);
+}
+
+}  // namespace jitrope

@@ -1,0 +1,402 @@
+// CUDA kernels of jitrope::rope2d, rope2d_ and rope2d_backward. x is [..., H, N, D] with any strides:
+// the leading dims (and H when freqs is shared) are walked as "planes" of [N, D] by a coalesced
+// multi-dim indexer with 64-bit offsets, so q and k of a qkv projection go in one launch as one
+// [2, B, H, N, D] view without a copy. A thread owns one token and a few channel pairs (one 16-byte
+// vector when the channel stride is 1 and every offset is 16-byte aligned, else one pair through
+// scalar loads); it computes their sin/cos once (sincosf, float32; float64 for float64 x) and
+// rotates them in every plane of its block's chunk of planes (kUnroll rows in flight). Blocks are
+// (token tile) x (plane chunk) x (frequency group: 1, or one per head). Traffic: x read once, the
+// result written once; sin/cos costs one evaluation per pair per chunk of >= 4 planes. The freqs
+// gradient needs no atomics: each thread sums dL/dphi over its planes, a block sums its tokens
+// (times their coordinates) in a fixed order into a partial [chunk, group, token tile, 2, D/2], and
+// a second kernel reduces the partials in a fixed order; the launch shape does not depend on the
+// device, so the bits are the same on every run and every GPU.
+#include <algorithm>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "math/rope2d_math.h"
+#include "ops/rope2d.h"
+
+namespace jitrope {
+namespace {
+
+using rope2d_math::kMaxTensors;
+using rope2d_math::Rope2dGeometry;
+
+constexpr int kThreads = 256;
+constexpr int64_t kTargetBlocks = 2048;
+constexpr int64_t kMinPlanesPerBlock = 4;
+constexpr int64_t kMinPlanesPerBlockAngleGrad = 16;
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// The channel pairs one thread handles in one row: with vector access, the kVec / 2 pairs of one
+// 16-byte vector (interleaved) or kVec pairs from one vector of a-channels and one of b-channels
+// (half-split); without, one pair through two scalar loads at any channel stride.
+template <typename scalar_t, bool kVectorized, bool kInterleaved>
+struct PairItem {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kVec = kVectorized ? static_cast<int>(16 / sizeof(scalar_t)) : 1;
+  static constexpr int kPairs = kVectorized ? (kInterleaved ? kVec / 2 : kVec) : 1;
+  static constexpr int kLoads = (kVectorized && kInterleaved) ? 1 : 2;
+  using V = Vec<scalar_t, kVec>;
+  V raw[kLoads];
+
+  // Element offset, from the row start, of load l of item j.
+  __device__ static int64_t offset(int l, int64_t j, int64_t half, int64_t channel_stride) {
+    if constexpr (kVectorized) {
+      return (kInterleaved || l == 0) ? j * kVec : half + j * kVec;
+    } else {
+      return (l == 0 ? rope2d_math::channel_a<kInterleaved>(j, half) : rope2d_math::channel_b<kInterleaved>(j, half)) *
+          channel_stride;
+    }
+  }
+
+  __device__ void load(const scalar_t* row, int64_t j, int64_t half, int64_t channel_stride) {
+    JITROPE_UNROLL
+    for (int l = 0; l < kLoads; ++l) {
+      raw[l] = *reinterpret_cast<const V*>(row + offset(l, j, half, channel_stride));
+    }
+  }
+
+  __device__ void store(scalar_t* row, int64_t j, int64_t half, int64_t channel_stride) const {
+    JITROPE_UNROLL
+    for (int l = 0; l < kLoads; ++l) {
+      *reinterpret_cast<V*>(row + offset(l, j, half, channel_stride)) = raw[l];
+    }
+  }
+
+  __device__ acc_t a(int t) const {
+    if constexpr (kLoads == 1) {
+      return static_cast<acc_t>(raw[0].v[2 * t]);
+    } else {
+      return static_cast<acc_t>(raw[0].v[t]);
+    }
+  }
+
+  __device__ acc_t b(int t) const {
+    if constexpr (kLoads == 1) {
+      return static_cast<acc_t>(raw[0].v[2 * t + 1]);
+    } else {
+      return static_cast<acc_t>(raw[1].v[t]);
+    }
+  }
+
+  __device__ void set(int t, acc_t a, acc_t b) {
+    if constexpr (kLoads == 1) {
+      raw[0].v[2 * t] = static_cast<scalar_t>(a);
+      raw[0].v[2 * t + 1] = static_cast<scalar_t>(b);
+    } else {
+      raw[0].v[t] = static_cast<scalar_t>(a);
+      raw[1].v[t] = static_cast<scalar_t>(b);
+    }
+  }
+};
+
+// Block (bdx, bdy) = (pair items of a row, tokens); grid = (token tiles, plane chunks, groups).
+// Tensor 0 is read (x, or grad_out in the backward), tensor 1 written (may be tensor 0 for
+// rope2d_), tensor 2 is the forward input x when kAngleGrad.
+template <typename scalar_t, bool kVectorized, bool kInterleaved, bool kAngleGrad>
+__global__ void __launch_bounds__(kThreads) rope2d_cuda_kernel(
+    const scalar_t* in,
+    scalar_t* out,
+    const scalar_t* x,
+    const at::opmath_type<scalar_t>* coords,
+    const at::opmath_type<scalar_t>* freqs,
+    at::opmath_type<scalar_t>* partial,
+    const Rope2dGeometry geo,
+    const int64_t planes_per_block,
+    const bool inverse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Item = PairItem<scalar_t, kVectorized, kInterleaved>;
+  constexpr int kPairs = Item::kPairs;
+  constexpr int kUnroll = kAngleGrad ? 2 : 4;
+
+  const int64_t half = geo.half;
+  const int64_t items = half / kPairs;
+  const int64_t g = blockIdx.z;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * planes_per_block;
+  const int64_t q1 = q0 + planes_per_block < geo.planes_per_group ? q0 + planes_per_block : geo.planes_per_group;
+  const bool token_ok = n < geo.n_tokens;
+  const acc_t cy = token_ok ? coords[2 * n] : acc_t(0);
+  const acc_t cx = token_ok ? coords[2 * n + 1] : acc_t(0);
+  const acc_t* fy = freqs + 2 * g * half;
+  const acc_t* fx = fy + half;
+  int64_t row0[kMaxTensors];
+  JITROPE_UNROLL
+  for (int t = 0; t < kMaxTensors; ++t) {
+    row0[t] = n * geo.token_stride[t] + g * geo.group_stride[t];
+  }
+
+  // Every thread runs the same number of j0 steps: the angle-gradient path synchronizes the block.
+  for (int64_t j0 = 0; j0 < items; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    acc_t dphi[kPairs];
+    JITROPE_UNROLL
+    for (int t = 0; t < kPairs; ++t) {
+      dphi[t] = 0;
+    }
+    if (token_ok && j < items) {
+      acc_t c[kPairs], s[kPairs];
+      JITROPE_UNROLL
+      for (int t = 0; t < kPairs; ++t) {
+        const int64_t m = j * kPairs + t;
+        rope2d_math::sin_cos(rope2d_math::angle(cy, cx, fy[m], fx[m]), &s[t], &c[t]);
+        s[t] = inverse ? -s[t] : s[t];
+      }
+      for (int64_t q = q0; q < q1; q += kUnroll) {
+        Item it[kUnroll];
+        Item xi[kAngleGrad ? kUnroll : 1];
+        scalar_t* dst[kUnroll];
+        JITROPE_UNROLL
+        for (int u = 0; u < kUnroll; ++u) {
+          if (q + u < q1) {
+            int64_t off[kMaxTensors];
+            geo.planes.offsets(static_cast<uint32_t>(q + u), off);
+            it[u].load(in + row0[0] + off[0], j, half, geo.channel_stride[0]);
+            dst[u] = out + row0[1] + off[1];
+            if constexpr (kAngleGrad) {
+              xi[u].load(x + row0[2] + off[2], j, half, geo.channel_stride[2]);
+            }
+          }
+        }
+        JITROPE_UNROLL
+        for (int u = 0; u < kUnroll; ++u) {
+          if (q + u < q1) {
+            JITROPE_UNROLL
+            for (int t = 0; t < kPairs; ++t) {
+              acc_t oa, ob;
+              rope2d_math::rotate(it[u].a(t), it[u].b(t), c[t], s[t], oa, ob);
+              if constexpr (kAngleGrad) {
+                dphi[t] += rope2d_math::angle_grad(xi[u].a(t), xi[u].b(t), oa, ob);
+              }
+              it[u].set(t, oa, ob);
+            }
+            it[u].store(dst[u], j, half, geo.channel_stride[1]);
+          }
+        }
+      }
+    }
+    if constexpr (kAngleGrad) {
+      // Sum the block's tokens, times their coordinates, in token order.
+      __shared__ acc_t red[kThreads][2 * kPairs];
+      const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+      JITROPE_UNROLL
+      for (int t = 0; t < kPairs; ++t) {
+        red[tid][t] = cy * dphi[t];
+        red[tid][kPairs + t] = cx * dphi[t];
+      }
+      __syncthreads();
+      if (threadIdx.y == 0 && j < items) {
+        acc_t sy[kPairs], sx[kPairs];
+        JITROPE_UNROLL
+        for (int t = 0; t < kPairs; ++t) {
+          sy[t] = 0;
+          sx[t] = 0;
+        }
+        for (int r = 0; r < static_cast<int>(blockDim.y); ++r) {
+          const int src = r * blockDim.x + threadIdx.x;
+          JITROPE_UNROLL
+          for (int t = 0; t < kPairs; ++t) {
+            sy[t] += red[src][t];
+            sx[t] += red[src][kPairs + t];
+          }
+        }
+        acc_t* dst = partial +
+            ((static_cast<int64_t>(blockIdx.y) * gridDim.z + g) * gridDim.x + blockIdx.x) * 2 * half;
+        JITROPE_UNROLL
+        for (int t = 0; t < kPairs; ++t) {
+          dst[j * kPairs + t] = sy[t];
+          dst[half + j * kPairs + t] = sx[t];
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// grad[g, k, m] = sum over (chunk, token tile) of partial[chunk, g, tile, k, m]: one block per output,
+// a fixed strided split over the threads, then a fixed tree.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) rope2d_freqs_grad_kernel(
+    const acc_t* partial, acc_t* grad, int64_t chunks, int64_t groups, int64_t token_tiles, int64_t half) {
+  const int64_t o = blockIdx.x;
+  const int64_t g = o / (2 * half);
+  const int64_t km = o % (2 * half);
+  const int64_t terms = chunks * token_tiles;
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < terms; i += kThreads) {
+    const int64_t c = i / token_tiles, b = i % token_tiles;
+    sum += partial[((c * groups + g) * token_tiles + b) * 2 * half + km];
+  }
+  __shared__ acc_t red[kThreads];
+  red[threadIdx.x] = sum;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w >>= 1) {
+    if (static_cast<int>(threadIdx.x) < w) {
+      red[threadIdx.x] += red[threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    grad[o] = red[0];
+  }
+}
+
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Rotates `in` into `out` by phi (or -phi when `inverse`); with the forward input `x`, rotates by
+// -phi and returns the freqs gradient [Hf, 2, D/2] in the accumulation dtype.
+at::Tensor rotate_cuda(
+    const at::Tensor& in, const at::Tensor& out, const at::Tensor* x, const at::Tensor& coords,
+    const at::Tensor& freqs, bool interleaved, bool inverse) {
+  const bool per_head = freqs.dim() == 3;
+  Rope2dGeometry geo;
+  const bool fits = x != nullptr ? detail::make_rope2d_geometry({&in, &out, x}, per_head, geo)
+                                 : detail::make_rope2d_geometry({&in, &out}, per_head, geo);
+  if (!fits) {
+    auto tmp = at::empty(in.sizes(), in.options());
+    const auto xc = x != nullptr ? x->contiguous() : at::Tensor();
+    auto grad = rotate_cuda(in.contiguous(), tmp, x != nullptr ? &xc : nullptr, coords, freqs, interleaved, inverse);
+    out.copy_(tmp);
+    return grad;
+  }
+  const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
+  const int64_t half = geo.half, groups = geo.groups, planes = geo.planes_per_group;
+  TORCH_CHECK(groups <= kMaxGridY, "rope2d: the CUDA kernel takes at most 65535 heads with per-head freqs, got ", groups);
+  at::Tensor grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int64_t kVec = 16 / sizeof(scalar_t);
+    // Vector access: channel stride 1, pairs split evenly into vectors, every row start aligned.
+    bool vectorized = interleaved ? (2 * half) % kVec == 0 : half % kVec == 0;
+    const scalar_t* ptrs[kMaxTensors] = {
+        in.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+        x != nullptr ? x->const_data_ptr<scalar_t>() : nullptr};
+    for (int t = 0; t < (x != nullptr ? 3 : 2); ++t) {
+      vectorized = vectorized && geo.channel_stride[t] == 1 && reinterpret_cast<uintptr_t>(ptrs[t]) % 16 == 0 &&
+          geo.token_stride[t] % kVec == 0 && geo.group_stride[t] % kVec == 0;
+      for (int d = 0; d < geo.planes.ndim; ++d) {
+        vectorized = vectorized && geo.planes.strides[d][t] % kVec == 0;
+      }
+    }
+    const int64_t pairs_per_item = vectorized ? (interleaved ? kVec / 2 : kVec) : 1;
+    const int64_t items = half / pairs_per_item;
+    const int bdx = static_cast<int>(std::min<int64_t>(items, kThreads));
+    const int bdy = kThreads / bdx;
+    const int64_t token_tiles = ceil_div(geo.n_tokens, bdy);
+    // Enough blocks to fill any GPU, each reusing its sin/cos over a few planes; fixed numbers,
+    // not the device's SM count, so the freqs-gradient reduction order is device-independent.
+    int64_t planes_per_block = ceil_div(planes * token_tiles * groups, kTargetBlocks);
+    planes_per_block =
+        std::max(planes_per_block, std::min(planes, x != nullptr ? kMinPlanesPerBlockAngleGrad : kMinPlanesPerBlock));
+    planes_per_block = std::max(planes_per_block, ceil_div(planes, kMaxGridY));
+    const int64_t chunks = ceil_div(planes, planes_per_block);
+    const dim3 grid(static_cast<unsigned>(token_tiles), static_cast<unsigned>(chunks), static_cast<unsigned>(groups));
+    const dim3 block(bdx, bdy);
+    at::Tensor partial;
+    if (x != nullptr) {
+      partial = at::empty({chunks, groups, token_tiles, 2, half}, c.options());
+    }
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    with_bool(vectorized, [&](auto vec_tag) {
+      with_bool(interleaved, [&](auto interleaved_tag) {
+        with_bool(x != nullptr, [&](auto angle_grad_tag) {
+          constexpr bool kVectorized = decltype(vec_tag)::value;
+          constexpr bool kInterleaved = decltype(interleaved_tag)::value;
+          constexpr bool kAngleGrad = decltype(angle_grad_tag)::value;
+          rope2d_cuda_kernel<scalar_t, kVectorized, kInterleaved, kAngleGrad><<<grid, block, 0, stream>>>(
+              ptrs[0], out.mutable_data_ptr<scalar_t>(), ptrs[2], c.const_data_ptr<acc_t>(),
+              f.const_data_ptr<acc_t>(), kAngleGrad ? partial.mutable_data_ptr<acc_t>() : nullptr, geo,
+              planes_per_block, inverse);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+    if (x != nullptr) {
+      grad = at::empty({groups, 2, half}, c.options());
+      rope2d_freqs_grad_kernel<acc_t><<<static_cast<unsigned>(groups * 2 * half), kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), grad.mutable_data_ptr<acc_t>(), chunks, groups, token_tiles, half);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return grad;
+}
+
+at::Tensor rope2d_cuda(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  check_rope2d_args("rope2d", "x", x, coords, freqs);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty_like(x);
+  if (out.numel() > 0) {
+    rotate_cuda(x, out, nullptr, coords, freqs, interleaved, /*inverse=*/false);
+  }
+  return out;
+}
+
+at::Tensor& rope2d__cuda(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() > 0) {
+    rotate_cuda(x, x, nullptr, coords, freqs, interleaved, /*inverse=*/false);
+  }
+  return x;
+}
+
+std::tuple<at::Tensor, at::Tensor> rope2d_backward_cuda(
+    const at::Tensor& grad_out,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    const std::optional<at::Tensor>& x,
+    bool interleaved) {
+  const bool want_freqs = x.has_value() && x->defined();
+  check_rope2d_args("rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  auto grad_x = at::empty_like(grad_out);
+  if (!want_freqs) {
+    if (grad_x.numel() > 0) {
+      rotate_cuda(grad_out, grad_x, nullptr, coords, freqs, interleaved, /*inverse=*/true);
+    }
+    return {grad_x, at::empty({0}, freqs.options())};
+  }
+  auto grad_freqs = at::empty(freqs.sizes(), freqs.options());
+  if (grad_x.numel() == 0) {
+    grad_freqs.zero_();
+  } else {
+    grad_freqs.copy_(rotate_cuda(grad_out, grad_x, &*x, coords, freqs, interleaved, /*inverse=*/true)
+                         .view(grad_freqs.sizes()));
+  }
+  return {grad_x, grad_freqs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, CUDA, m) {
+  m.impl("rope2d", &rope2d_cuda);
+  m.impl("rope2d_", &rope2d__cuda);
+  m.impl("rope2d_backward", &rope2d_backward_cuda);
+}
+
+}  // namespace jitrope

@@ -1,0 +1,133 @@
+// Per-element math of jitrope::rope2d (SPEC §2), shared by the CPU and the CUDA kernels so that
+// the CPU tests exercise the arithmetic the GPU runs: the angle of a channel pair, the rotation,
+// the angle gradient, the channels of a pair, and the offset of a "plane" (one [N, D] matrix of x:
+// one leading index and head) from its linear index. sin_cos is the GPU's (sincosf); the CPU fills
+// its cos/sin table with ATen's vectorized sin/cos instead.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <c10/macros/Macros.h>
+// Header-only and host-safe (used by TensorIterator's offset calculator on host and device).
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+
+// Loop unrolling hint for nvcc; host compilers unroll the constant-trip loops at -O3 on their own.
+#if defined(__CUDACC__)
+#define JITROPE_UNROLL _Pragma("unroll")
+#else
+#define JITROPE_UNROLL
+#endif
+
+namespace jitrope::rope2d_math {
+
+// phi = y * f_y + x * f_x. The products are rounded separately (no FMA contraction on the GPU) so
+// that the CPU kernel, the CUDA kernel and the PyTorch reference compute the same angle.
+C10_HOST_DEVICE inline float angle(float y, float x, float fy, float fx) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(y, fy), __fmul_rn(x, fx));
+#else
+  return y * fy + x * fx;
+#endif
+}
+
+C10_HOST_DEVICE inline double angle(double y, double x, double fy, double fx) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(__dmul_rn(y, fy), __dmul_rn(x, fx));
+#else
+  return y * fy + x * fx;
+#endif
+}
+
+// Accurate sine and cosine (never the fast-math intrinsics: angles reach tens of radians).
+C10_HOST_DEVICE inline void sin_cos(float phi, float* s, float* c) {
+#if defined(__CUDA_ARCH__)
+  ::sincosf(phi, s, c);
+#else
+  *s = std::sin(phi);
+  *c = std::cos(phi);
+#endif
+}
+
+C10_HOST_DEVICE inline void sin_cos(double phi, double* s, double* c) {
+#if defined(__CUDA_ARCH__)
+  ::sincos(phi, s, c);
+#else
+  *s = std::sin(phi);
+  *c = std::cos(phi);
+#endif
+}
+
+// (out_a, out_b) = R(phi) (a, b); the inverse rotation R(-phi) is the same call with -s.
+template <typename acc_t>
+C10_HOST_DEVICE inline void rotate(acc_t a, acc_t b, acc_t c, acc_t s, acc_t& out_a, acc_t& out_b) {
+  out_a = a * c - b * s;
+  out_b = a * s + b * c;
+}
+
+// dL/dphi of one pair from the input (a, b) and the input gradient (ga, gb) = R(-phi) (dL/dout):
+// d out/dphi = R(phi) (-b, a), and rotations preserve the cross product, so
+// dL/dphi = <R(phi)^T dL/dout, (-b, a)> = gb * a - ga * b.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t angle_grad(acc_t a, acc_t b, acc_t ga, acc_t gb) {
+  return gb * a - ga * b;
+}
+
+// Channels of pair m: (2m, 2m+1) when interleaved (EVA-02 / JiT), else (m, m + D/2) (rotate_half).
+template <bool kInterleaved>
+C10_HOST_DEVICE inline int64_t channel_a(int64_t m, int64_t /*half*/) {
+  return kInterleaved ? 2 * m : m;
+}
+
+template <bool kInterleaved>
+C10_HOST_DEVICE inline int64_t channel_b(int64_t m, int64_t half) {
+  return kInterleaved ? 2 * m + 1 : m + half;
+}
+
+// Planes of a group (see Rope2dGeometry) as coalesced dims, innermost first, each with one stride
+// per tensor; plane sizes fit in 32 bits so the index is split with multiply-shift division (the
+// same divider TensorIterator uses on host and device), offsets are 64-bit.
+constexpr int kMaxPlaneDims = 6;
+constexpr int kMaxTensors = 3;
+
+struct PlaneIndexer {
+  int ndim = 0;
+  at::cuda::detail::IntDivider<uint32_t> sizes[kMaxPlaneDims];
+  int64_t strides[kMaxPlaneDims][kMaxTensors] = {};
+
+  C10_HOST_DEVICE inline void offsets(uint32_t plane, int64_t (&off)[kMaxTensors]) const {
+    JITROPE_UNROLL
+    for (int t = 0; t < kMaxTensors; ++t) {
+      off[t] = 0;
+    }
+    JITROPE_UNROLL
+    for (int d = 0; d < kMaxPlaneDims; ++d) {
+      if (d == ndim) {
+        break;
+      }
+      const auto qr = sizes[d].divmod(plane);
+      plane = qr.div;
+      JITROPE_UNROLL
+      for (int t = 0; t < kMaxTensors; ++t) {
+        off[t] += static_cast<int64_t>(qr.mod) * strides[d][t];
+      }
+    }
+  }
+};
+
+// Where x (tensor 0: x or grad_out), the result (1) and, in the backward, the forward input (2) live.
+// A plane is one [N, D] matrix; planes sharing a frequency row form a group: one group of all
+// [..., H] planes when freqs is shared, H groups (one per head, offset group * group_stride) when
+// freqs is per head. Plane q of group g starts at group_stride * g + planes.offsets(q).
+struct Rope2dGeometry {
+  int64_t n_tokens = 0;      // N
+  int64_t half = 0;          // D / 2 pairs per token
+  int64_t groups = 1;        // rows of the frequency table: 1 or H
+  int64_t planes_per_group = 0;
+  int64_t token_stride[kMaxTensors] = {};
+  int64_t channel_stride[kMaxTensors] = {};
+  int64_t group_stride[kMaxTensors] = {};
+  PlaneIndexer planes;
+};
+
+}  // namespace jitrope::rope2d_math

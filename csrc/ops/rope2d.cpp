@@ -1,0 +1,197 @@
+// C++ entry points of jitrope::rope2d (dispatcher calls), its argument check and the geometry the
+// CPU and CUDA kernels share.
+#include "ops/rope2d.h"
+
+#include <array>
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace jitrope {
+
+at::Tensor rope2d(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("jitrope::rope2d", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(x, coords, freqs, interleaved);
+}
+
+at::Tensor& rope2d_(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("jitrope::rope2d_", "")
+                       .typed<at::Tensor&(at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(x, coords, freqs, interleaved);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope2d_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    const std::optional<at::Tensor>& x,
+    bool interleaved) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("jitrope::rope2d_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           bool)>();
+  return op.call(grad_out, coords, freqs, x, interleaved);
+}
+
+void check_rope2d_args(
+    const char* op,
+    const char* x_name,
+    const at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    const at::Tensor* fwd_x,
+    bool inplace) {
+  TORCH_CHECK(x.defined(), op, ": ", x_name, " is an undefined tensor");
+  TORCH_CHECK(coords.defined(), op, ": coords is an undefined tensor");
+  TORCH_CHECK(freqs.defined(), op, ": freqs is an undefined tensor");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(
+      dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+      op, ": ", x_name, " must be float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK(
+      x.dim() >= 3, op, ": ", x_name, " must have shape [..., H, N, D] (at least 3 dims), got ", x.sizes());
+  const int64_t H = x.size(-3), N = x.size(-2), D = x.size(-1);
+  TORCH_CHECK(
+      D % 2 == 0, op, ": ", x_name, " must have an even last dim D (channel pairs), got D = ", D, " in ",
+      x_name, " of shape ", x.sizes());
+  TORCH_CHECK(
+      at::isFloatingType(coords.scalar_type()), op, ": coords must be a floating tensor [N, 2], got dtype ",
+      coords.scalar_type());
+  TORCH_CHECK(
+      coords.dim() == 2 && coords.size(0) == N && coords.size(1) == 2, op, ": coords must have shape [N, 2] = [", N,
+      ", 2] (one (row, column) per token of ", x_name, ": [..., H, N, D] = ", x.sizes(), "), got ", coords.sizes());
+  TORCH_CHECK(
+      at::isFloatingType(freqs.scalar_type()), op, ": freqs must be a floating tensor [2, D/2] or [H, 2, D/2], got dtype ",
+      freqs.scalar_type());
+  const bool shared = freqs.dim() == 2 && freqs.size(0) == 2 && freqs.size(1) == D / 2;
+  const bool per_head = freqs.dim() == 3 && freqs.size(0) == H && freqs.size(1) == 2 && freqs.size(2) == D / 2;
+  TORCH_CHECK(
+      shared || per_head, op, ": freqs must have shape [2, D/2] = [2, ", D / 2, "] (shared) or [H, 2, D/2] = [", H,
+      ", 2, ", D / 2, "] (per head) for ", x_name, " of shape ", x.sizes(), ", got ", freqs.sizes());
+  TORCH_CHECK(
+      coords.device() == x.device(), op, ": coords must be on ", x_name, "'s device ", x.device(), ", got ",
+      coords.device());
+  TORCH_CHECK(
+      freqs.device() == x.device(), op, ": freqs must be on ", x_name, "'s device ", x.device(), ", got ",
+      freqs.device());
+  if (fwd_x != nullptr) {
+    TORCH_CHECK(
+        fwd_x->sizes() == x.sizes(), op, ": x (the forward input) must have grad_out's shape ", x.sizes(), ", got ",
+        fwd_x->sizes());
+    TORCH_CHECK(
+        fwd_x->scalar_type() == dt, op, ": x (the forward input) must have grad_out's dtype ", dt, ", got ",
+        fwd_x->scalar_type());
+    TORCH_CHECK(
+        fwd_x->device() == x.device(), op, ": x (the forward input) must be on grad_out's device ", x.device(),
+        ", got ", fwd_x->device());
+  }
+  if (inplace) {
+    TORCH_CHECK(
+        at::has_internal_overlap(x) != at::MemOverlap::Yes, op, ": ", x_name,
+        " has overlapping memory (e.g. an expanded tensor) and cannot be rotated in place; use rope2d");
+    for (const auto* t : {&coords, &freqs}) {
+      const auto status = at::get_overlap_status(x, *t);
+      TORCH_CHECK(
+          status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ", x_name,
+          " shares memory with coords or freqs and cannot be rotated in place");
+    }
+  }
+}
+
+namespace detail {
+
+at::ScalarType rope2d_acc_type(at::ScalarType x_dtype) {
+  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> rope2d_acc_tables(
+    const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs) {
+  const auto acc = rope2d_acc_type(x.scalar_type());
+  const int64_t half = x.size(-1) / 2;
+  auto c = coords.to(acc).contiguous();
+  auto f = freqs.to(acc).contiguous().view({-1, 2, half});
+  return {c, f};
+}
+
+bool make_rope2d_geometry(
+    std::initializer_list<const at::Tensor*> tensors, bool per_head, rope2d_math::Rope2dGeometry& geo) {
+  using rope2d_math::kMaxPlaneDims;
+  using rope2d_math::kMaxTensors;
+  const at::Tensor& x = **tensors.begin();
+  const int64_t nd = x.dim();
+  const int64_t nt = static_cast<int64_t>(tensors.size());
+  TORCH_INTERNAL_ASSERT(nt >= 1 && nt <= kMaxTensors);
+
+  std::array<at::IntArrayRef, kMaxTensors> strides;
+  int64_t t = 0;
+  for (const auto* ten : tensors) {
+    TORCH_INTERNAL_ASSERT(ten->sizes() == x.sizes());
+    strides[t++] = ten->strides();
+  }
+  geo = rope2d_math::Rope2dGeometry{};
+  geo.n_tokens = x.size(-2);
+  geo.half = x.size(-1) / 2;
+  geo.groups = per_head ? x.size(-3) : 1;
+  for (t = 0; t < nt; ++t) {
+    geo.token_stride[t] = strides[t][nd - 2];
+    geo.channel_stride[t] = strides[t][nd - 1];
+    geo.group_stride[t] = per_head ? strides[t][nd - 3] : 0;
+  }
+
+  // Plane dims, outermost first: the leading dims, and H too when all heads share one group.
+  // Merge a dim into the one outside it when every tensor steps through both as one dim.
+  struct Dim {
+    int64_t size;
+    std::array<int64_t, kMaxTensors> stride;
+  };
+  std::vector<Dim> dims;
+  const int64_t n_plane_dims = per_head ? nd - 3 : nd - 2;
+  int64_t planes = 1;
+  for (int64_t d = 0; d < n_plane_dims; ++d) {
+    Dim cur{x.size(d), {}};
+    for (t = 0; t < nt; ++t) {
+      cur.stride[t] = strides[t][d];
+    }
+    planes *= cur.size;
+    if (cur.size == 1) {
+      continue;
+    }
+    bool merge = !dims.empty();
+    for (t = 0; merge && t < nt; ++t) {
+      merge = dims.back().stride[t] == cur.stride[t] * cur.size;
+    }
+    if (merge) {
+      dims.back().size *= cur.size;
+      dims.back().stride = cur.stride;
+    } else {
+      dims.push_back(cur);
+    }
+  }
+  TORCH_CHECK(
+      planes <= std::numeric_limits<int32_t>::max(), "rope2d: x has ", planes,
+      " [N, D] matrices per frequency row (product of the leading dims", per_head ? "" : " and H",
+      "); at most 2^31 - 1 are supported");
+  geo.planes_per_group = planes;
+  if (static_cast<int64_t>(dims.size()) > kMaxPlaneDims) {
+    return false;
+  }
+  geo.planes.ndim = static_cast<int>(dims.size());
+  for (size_t i = 0; i < dims.size(); ++i) {
+    const Dim& dim = dims[dims.size() - 1 - i];
+    geo.planes.sizes[i] = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(dim.size));
+    for (t = 0; t < nt; ++t) {
+      geo.planes.strides[i][t] = dim.stride[t];
+    }
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace jitrope

@@ -1,0 +1,443 @@
+"""Tests of jitrope::rope2d (SPEC §2, §4): one input generator feeding parity, gradient, opcheck,
+low-precision, determinism, error and torch.compile tests, on every device present."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from torch import Tensor
+
+import jitrope
+from jitrope import ops
+from jitrope.reference import rope2d_ref
+from jitrope.rope import axial_freqs, grid_coords, sequence_coords
+
+pytestmark = pytest.mark.skipif(not jitrope.HAS_EXTENSION, reason=f"extension not built: {jitrope.EXTENSION_ERROR}")
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+@dataclass
+class Sample:
+    name: str
+    base: Tensor  # the leaf that owns x's memory
+    view: Callable[[Tensor], Tensor]  # x = view(base), often a non-contiguous view
+    coords: Tensor
+    freqs: Tensor
+    interleaved: bool
+
+    @property
+    def x(self) -> Tensor:
+        return self.view(self.base)
+
+    def args(self):
+        return (self.x, self.coords, self.freqs, self.interleaved)
+
+    def __repr__(self) -> str:
+        return f"Sample({self.name}, x={tuple(self.x.shape)}, freqs={tuple(self.freqs.shape)}, interleaved={self.interleaved})"
+
+
+def _qkv_view(B, N, H, D):
+    return lambda t: t.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
+
+
+def sample_inputs(device, dtype, requires_grad=False, *, freqs_grad=None) -> List[Sample]:
+    """Random [..., H, N, D] inputs: odd sizes, views of a qkv projection, strided and offset views,
+    B = 0, more leading dims than the kernels coalesce, fractional coordinates with a prefix token
+    at (0, 0), shared and per-head frequencies, both pair conventions."""
+    freqs_grad = requires_grad if freqs_grad is None else freqs_grad
+    gen = torch.Generator().manual_seed(20251215)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    contiguous = lambda t: t  # noqa: E731
+    # (name, base shape, view, (H, N, D), per_head, interleaved)
+    specs = [
+        ("qkv_view", (2, 5, 3 * 3 * 8), _qkv_view(2, 5, 3, 8), (3, 5, 8), False, True),
+        ("qkv_view_per_head_half", (1, 7, 3 * 2 * 12), _qkv_view(1, 7, 2, 12), (2, 7, 12), True, False),
+        ("no_leading_odd_half", (3, 9, 6), contiguous, (3, 9, 6), False, False),
+        ("channel_stride_2", (2, 1, 4, 8), lambda t: t[..., ::2], (1, 4, 4), True, True),
+        ("heads_tokens_transposed", (3, 5, 2, 4), lambda t: t.transpose(1, 2), (2, 5, 4), True, True),
+        ("offset_view", (2, 3, 5, 9), lambda t: t[..., 1:], (3, 5, 8), False, True),
+        ("batch_0", (0, 2, 3, 4), contiguous, (2, 3, 4), False, True),
+        ("seven_leading_dims", (2,) * 7 + (1, 3, 4), lambda t: t.permute(6, 5, 4, 3, 2, 1, 0, 7, 8, 9), (1, 3, 4), False, True),
+        ("one_token_one_pair", (3, 1, 2), contiguous, (3, 1, 2), True, False),
+        ("wide_head", (1, 2, 3, 160), contiguous, (2, 3, 160), False, False),
+        ("jit_like", (2, 17, 3 * 2 * 64), _qkv_view(2, 17, 2, 64), (2, 17, 64), False, True),
+    ]
+    samples = []
+    for name, shape, view, (H, N, D), per_head, interleaved in specs:
+        base = rnd(*shape)
+        coords = torch.rand(N, 2, generator=gen, dtype=torch.float64) * 20 - 4
+        coords[0] = 0  # a prefix / class token
+        freqs = rnd(H, 2, D // 2) if per_head else rnd(2, D // 2)
+        if name == "qkv_view":
+            coords = coords.t().contiguous().t()  # non-contiguous coords
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        samples.append(
+            Sample(
+                name,
+                base.to(device=device, dtype=dtype).requires_grad_(requires_grad),
+                view,
+                coords.to(device=device, dtype=acc),
+                freqs.to(device=device, dtype=acc).requires_grad_(freqs_grad),
+                interleaved,
+            )
+        )
+    assert samples[1].x.shape == (2, 1, 2, 7, 12) and samples[3].x.stride(-1) == 2
+    return samples
+
+
+def _ids(samples):
+    return [s.name for s in samples]
+
+
+SAMPLE_NAMES = _ids(sample_inputs("cpu", torch.float64))
+
+
+def _ref64(s: Sample, x=None) -> Tensor:
+    x = s.x if x is None else x
+    return rope2d_ref(x.double(), s.coords.double(), s.freqs.double(), interleaved=s.interleaved)
+
+
+# ---------------------------------------------------------------- forward parity
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_matches_reference(device, dtype):
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for s in sample_inputs(device, dtype):
+        out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
+        ref = rope2d_ref(*s.args()[:3], interleaved=s.interleaved)
+        assert out.shape == s.x.shape and out.dtype == dtype
+        assert out.stride() == torch.empty_like(s.x).stride(), s
+        torch.testing.assert_close(out, ref, **tol, msg=lambda m: f"{s}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_inplace_matches_out_of_place(device, dtype):
+    for s in sample_inputs(device, dtype):
+        x = s.x
+        expected = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
+        base = s.base.detach().clone()
+        y = s.view(base)
+        version = y._version
+        ret = ops.rope2d_(y, s.coords, s.freqs, interleaved=s.interleaved)
+        assert ret is y
+        assert y._version > version or y.numel() == 0
+        assert torch.equal(y, expected), s
+        assert torch.equal(x, s.x)  # the input of the out-of-place op is untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW_PRECISION])
+def test_prefix_tokens_untouched(device, dtype):
+    for s in sample_inputs(device, dtype):
+        out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
+        assert torch.equal(out[..., :1, :], s.x[..., :1, :]), s  # token 0 sits at (0, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_views_equal_separate_q_and_k(device, dtype):
+    B, N, H, D = 3, 11, 4, 16
+    qkv = torch.randn(B, N, 3 * H * D, device=device).to(dtype)
+    coords = sequence_coords((3, 3), prefix=2, device=device)
+    for freqs in (axial_freqs(D, device=device), torch.randn(H, 2, D // 2, device=device)):
+        x = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        both = ops.rope2d(x[:2], coords, freqs)
+        q = ops.rope2d(x[0].contiguous(), coords, freqs)
+        k = ops.rope2d(x[1].contiguous(), coords, freqs)
+        assert torch.equal(both[0], q) and torch.equal(both[1], k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_split_equals_interleaved_under_channel_permutation(device):
+    for s in sample_inputs(device, torch.float32):
+        D = s.x.shape[-1]
+        # interleaved pair m is channels (2m, 2m+1); half-split pair m is (m, m + D/2)
+        to_half = torch.cat((torch.arange(0, D, 2), torch.arange(1, D, 2))).to(device)
+        x = s.x
+        a = ops.rope2d(x, s.coords, s.freqs, interleaved=True)[..., to_half]
+        b = ops.rope2d(x[..., to_half], s.coords, s.freqs, interleaved=False)
+        assert torch.equal(a, b), s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_head_freqs_equal_shared_freqs_head_by_head(device):
+    B, H, N, D = 2, 3, 6, 8
+    x = torch.randn(B, H, N, D, device=device)
+    coords = torch.rand(N, 2, device=device) * 7
+    freqs = torch.randn(H, 2, D // 2, device=device)
+    out = ops.rope2d(x, coords, freqs)
+    for h in range(H):
+        assert torch.equal(out[:, h : h + 1], ops.rope2d(x[:, h : h + 1], coords, freqs[h]))
+
+
+# EVA-02 VisionRotaryEmbeddingFast / JiT: per-token cos/sin tables over D channels (each frequency
+# repeated for both channels of an interleaved pair; rows first, then columns), identity rows for
+# class tokens, and x * cos + rotate_half(x) * sin.
+def _eva_tables(head_dim, gh, gw, n_prefix, theta=10000.0, dtype=torch.float64):
+    dim = head_dim // 2
+    f = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype)[: dim // 2] / dim))
+    fh = torch.einsum("i,f->if", torch.arange(gh, dtype=dtype), f).repeat_interleave(2, -1)
+    fw = torch.einsum("j,f->jf", torch.arange(gw, dtype=dtype), f).repeat_interleave(2, -1)
+    ang = torch.cat((fh[:, None, :].expand(gh, gw, dim), fw[None, :, :].expand(gh, gw, dim)), -1).reshape(gh * gw, -1)
+    ang = torch.cat((torch.zeros(n_prefix, head_dim, dtype=dtype), ang))
+    return ang.cos(), ang.sin()
+
+
+def _rotate_half_interleaved(x):
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), -1).flatten(-2)
+
+
+def _eva_apply(x, cos, sin):
+    return x * cos + _rotate_half_interleaved(x) * sin
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_eva_style_table_implementation(device, dtype):
+    B, H, D, (gh, gw), prefix = 2, 3, 32, (5, 7), 4
+    N = prefix + gh * gw
+    qkv = torch.randn(B, N, 3 * H * D, dtype=dtype, device=device)
+    x = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
+    cos, sin = (t.to(device=device, dtype=dtype) for t in _eva_tables(D, gh, gw, prefix))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = ops.rope2d(x, sequence_coords((gh, gw), prefix=prefix, dtype=acc, device=device), axial_freqs(D, dtype=acc, device=device))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, _eva_apply(x, cos, sin), **tol)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("freqs_grad", [True, False], ids=["x_and_freqs", "x_only"])
+def test_gradcheck(device, freqs_grad):
+    for s in sample_inputs(device, torch.float64, requires_grad=True, freqs_grad=freqs_grad):
+        inputs = (s.base, s.freqs) if freqs_grad else (s.base,)
+
+        def fn(base, freqs=s.freqs, s=s):
+            return ops.rope2d(s.view(base), s.coords, freqs, interleaved=s.interleaved)
+
+        big = s.base.numel() > 2000
+        assert torch.autograd.gradcheck(fn, inputs, fast_mode=big), s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_matches_reference_autograd(device):
+    for s in sample_inputs(device, torch.float64, requires_grad=True):
+        out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
+        g = torch.randn_like(out)
+        gx, gf = torch.autograd.grad(out, (s.base, s.freqs), g)
+        ref = rope2d_ref(*s.args()[:3], interleaved=s.interleaved)
+        rx, rf = torch.autograd.grad(ref, (s.base, s.freqs), g)
+        torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gf, rf, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_raises(device):
+    s = sample_inputs(device, torch.float64, requires_grad=True)[0]
+    out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
+    v = torch.randn_like(out, requires_grad=True)
+    gx, gf = torch.autograd.grad(out, (s.base, s.freqs), v, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (gx.sum() + gf.sum()).backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device):
+    s = sample_inputs(device, torch.float32, requires_grad=True)[-1]
+    out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (s.base, s.freqs), g, retain_graph=True)
+    for threads in (1, torch.get_num_threads()):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            again = torch.autograd.grad(out, (s.base, s.freqs), g, retain_graph=True)
+        finally:
+            torch.set_num_threads(prev)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_error_within_twice_eager(device, dtype):
+    """flash-attention's rule: against a float64 reference, the kernel's error is at most about
+    twice that of the same-precision eager implementation (jitrope.reference), forward and backward."""
+    for s in sample_inputs(device, dtype, requires_grad=True):
+        if s.x.numel() == 0:
+            continue
+        out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
+        eager = rope2d_ref(*s.args()[:3], interleaved=s.interleaved)
+        g = torch.randn_like(out)
+        base64 = s.base.detach().double().requires_grad_()
+        freqs64 = s.freqs.detach().double().requires_grad_()
+        ref = rope2d_ref(s.view(base64), s.coords.double(), freqs64, interleaved=s.interleaved)
+        grads = torch.autograd.grad(out, (s.base, s.freqs), g)
+        grads_eager = torch.autograd.grad(eager, (s.base, s.freqs), g)
+        grads_ref = torch.autograd.grad(ref, (base64, freqs64), g.double())
+        for name, k, e, r in [("out", out, eager, ref), *zip(("grad_x", "grad_freqs"), grads, grads_eager, grads_ref)]:
+            err_k = (k.double() - r).abs().max().item()
+            err_e = (e.double() - r).abs().max().item()
+            eps = 1e-6 * max(1.0, r.abs().max().item())
+            assert err_k <= 2 * err_e + eps, f"{s} {name}: kernel error {err_k:.3g} vs eager {err_e:.3g}"
+
+
+# ---------------------------------------------------------------- opcheck and torch.compile
+
+
+OPCHECK_SAMPLES = ["qkv_view", "heads_tokens_transposed", "batch_0", "offset_view"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPCHECK_SAMPLES)
+def test_opcheck(device, name):
+    s = next(s for s in sample_inputs(device, torch.float32, requires_grad=True) if s.name == name)
+    x, coords, freqs, interleaved = s.args()
+    torch.library.opcheck(torch.ops.jitrope.rope2d.default, (x, coords, freqs, interleaved))
+    with torch.no_grad():
+        y = s.view(s.base.detach().clone())
+        torch.library.opcheck(torch.ops.jitrope.rope2d_.default, (y, coords, freqs.detach(), interleaved))
+    # rope2d_backward is not differentiable itself (see test_double_backward_raises): no-grad inputs.
+    g = torch.randn(x.shape, device=device)
+    for fwd_x in (x.detach(), None):
+        torch.library.opcheck(torch.ops.jitrope.rope2d_backward.default, (g, coords, freqs.detach(), fwd_x, interleaved))
+
+
+def _attention_with_rope(qkv, coords, freqs, H, D):
+    B, N, _ = qkv.shape
+    x = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k = ops.rope2d(x[:2], coords, freqs).unbind(0)
+    return F.scaled_dot_product_attention(q, k, x[2]).transpose(1, 2).reshape(B, N, H * D)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    B, H, D, N = 2, 2, 8, 6
+    qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
+    coords = torch.rand(N, 2, device=device) * 3
+    freqs = torch.randn(H, 2, D // 2, device=device, requires_grad=True)
+    compiled = torch.compile(_attention_with_rope, fullgraph=True, backend=backend)
+    out = compiled(qkv, coords, freqs, H, D)
+    ref = _attention_with_rope(qkv, coords, freqs, H, D)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (qkv, freqs), g), torch.autograd.grad(ref, (qkv, freqs), g))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_inputs(device):
+    x = torch.randn(2, 3, 5, 8, device=device)
+    c = torch.zeros(5, 2, device=device)
+    f = torch.zeros(2, 4, device=device)
+    return [
+        ("x 2-D", (torch.randn(5, 8, device=device), c, f), r"x must have shape \[\.\.\., H, N, D\] \(at least 3 dims\), got \[5, 8\]"),
+        ("D odd", (torch.randn(2, 5, 7, device=device), c, torch.zeros(2, 3, device=device)), r"x must have an even last dim D"),
+        ("x integer", (x.long(), c, f), r"x must be float16, bfloat16, float32 or float64, got Long"),
+        ("coords N", (x, torch.zeros(4, 2, device=device), f), r"coords must have shape \[N, 2\] = \[5, 2\].*got \[4, 2\]"),
+        ("coords 3 cols", (x, torch.zeros(5, 3, device=device), f), r"coords must have shape \[N, 2\] = \[5, 2\]"),
+        ("coords integer", (x, c.long(), f), r"coords must be a floating tensor"),
+        ("freqs D/2", (x, c, torch.zeros(2, 3, device=device)), r"freqs must have shape \[2, D/2\] = \[2, 4\] \(shared\) or \[H, 2, D/2\] = \[3, 2, 4\]"),
+        ("freqs H", (x, c, torch.zeros(2, 2, 4, device=device)), r"freqs must have shape .*\[H, 2, D/2\] = \[3, 2, 4\].*got \[2, 2, 4\]"),
+        ("freqs integer", (x, c, f.long()), r"freqs must be a floating tensor"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    for what, (x, c, f), match in _bad_inputs(device):
+        for fn in (ops.rope2d, ops.rope2d_):
+            with pytest.raises((RuntimeError, ValueError), match=match):
+                fn(x.clone(), c, f)
+        with pytest.raises((RuntimeError, ValueError), match=match.replace("x must", "grad_out must")):
+            torch.ops.jitrope.rope2d_backward(x, c, f, None, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_backward_and_inplace_inputs(device):
+    x = torch.randn(2, 3, 5, 8, device=device)
+    c, f = torch.zeros(5, 2, device=device), torch.zeros(2, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"x \(the forward input\) must have grad_out's shape \[2, 3, 5, 8\], got \[2, 3, 5, 6\]"):
+        torch.ops.jitrope.rope2d_backward(x, c, f, torch.randn(2, 3, 5, 6, device=device), True)
+    with pytest.raises(RuntimeError, match=r"x \(the forward input\) must have grad_out's dtype"):
+        torch.ops.jitrope.rope2d_backward(x, c, f, x.double(), True)
+    with pytest.raises(RuntimeError, match="overlapping memory"):
+        ops.rope2d_(torch.randn(1, 5, 8, device=device).expand(3, 5, 8), c, f)
+    xg = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="in-place op is for inference"):
+        ops.rope2d_(xg, c, f)
+    with pytest.raises(RuntimeError, match="in-place op is for inference"):
+        torch.ops.jitrope.rope2d_(xg, c, f, True)  # the C++ autograd kernel refuses too
+    with pytest.raises(RuntimeError, match="in-place op is for inference"):
+        torch.ops.jitrope.rope2d_(x.clone(), c, f.clone().requires_grad_(), True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_mismatch_raises():
+    x = torch.randn(2, 3, 5, 8, device="cuda")
+    c, f = torch.zeros(5, 2), torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match=r"coords must be on x's device cuda:0, got cpu"):
+        ops.rope2d(x, c, f.cuda())
+    with pytest.raises(RuntimeError, match=r"freqs must be on x's device cuda:0, got cpu"):
+        ops.rope2d(x, c.cuda(), f)
+
+
+# ---------------------------------------------------------------- coordinates (SPEC §2)
+
+
+def test_condition_grid_sits_at_aligned_centres():
+    gh = gw = 16
+    ch = cw = 8
+    cond = grid_coords(ch, cw, ref_grid=(gh, gw), dtype=torch.float64)
+    i = torch.arange(ch, dtype=torch.float64)
+    expect = (i + 0.5) * gh / ch - 0.5  # SPEC §2
+    assert torch.equal(cond[:, 0], expect.repeat_interleave(cw))
+    assert torch.equal(cond[:, 1], expect.repeat(ch))
+    # each condition token sits at the centre of the 2x2 image patches it covers
+    img = grid_coords(gh, gw, dtype=torch.float64).view(ch, 2, cw, 2, 2).permute(0, 2, 1, 3, 4).reshape(ch * cw, 4, 2)
+    torch.testing.assert_close(cond, img.mean(1), rtol=0, atol=0)
+    seq = sequence_coords((gh, gw), prefix=32, cond_grid=(ch, cw))
+    assert seq.shape == (32 + 256 + 64, 2)
+    assert torch.equal(seq[:32], torch.zeros(32, 2)) and torch.equal(seq[288:], cond.float())
+
+
+def test_axial_freqs_layout_and_grid_helpers():
+    D, theta = 16, 100.0
+    f = axial_freqs(D, theta, dtype=torch.float64)
+    k = torch.arange(D // 4, dtype=torch.float64)
+    fk = theta ** (-k / (D // 4))
+    assert f.shape == (2, D // 2)
+    # pairs m < D/4 turn with the row, pairs m >= D/4 with the column
+    assert torch.equal(f[0], torch.cat((fk, torch.zeros(D // 4, dtype=torch.float64))))
+    assert torch.equal(f[1], torch.cat((torch.zeros(D // 4, dtype=torch.float64), fk)))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        axial_freqs(6)
+    # row-major grid: token n is (n // gw, n % gw)
+    g = grid_coords(3, 4)
+    assert torch.equal(g[6], torch.tensor([1.0, 2.0])) and g.shape == (12, 2)
+    # interpolation: a 32x32 sampling grid laid over a 16x16 training grid stays in its range
+    big = grid_coords(32, 32, ref_grid=(16, 16))
+    assert big.min().item() == -0.25 and big.max().item() == 15.25
+    # a token of the image grid and a prefix token rotate as SPEC §2 says
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    coords = sequence_coords((2, 2), prefix=1, dtype=torch.float64)
+    out = ops.rope2d(x, coords, f)
+    assert torch.equal(out[:, 0], x[:, 0])
+    torch.testing.assert_close(out, rope2d_ref(x, coords, f), rtol=1e-12, atol=1e-12)
