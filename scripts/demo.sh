@@ -14,12 +14,12 @@ python - <<'PY'
 # Condition images: held-out emoji at the model's condition size (16x16).
 from pathlib import Path
 from PIL import Image
-from jitrope.data import load_emoji, heldout_mask, to_uint8, resize_images
+from jitrope.data import load_emoji, heldout_mask, resize_images
 ds = load_emoji(None)
 held = heldout_mask(ds.split_keys, 0.05).nonzero().flatten()[:8]
 out = Path("samples/cond"); out.mkdir(parents=True, exist_ok=True)
 for k, i in enumerate(held.tolist()):
-    img = to_uint8(resize_images(ds.images[i:i + 1], 16))[0].permute(1, 2, 0).numpy()
+    img = resize_images(ds.images[i:i + 1], 16)[0].permute(1, 2, 0).numpy()  # uint8 RGB
     Image.fromarray(img).save(out / f"cond_{k}.png")
 PY
 python -m jitrope.sample --ckpt runs/emoji32_cpu --cond samples/cond --out samples/emoji32_cond.png
