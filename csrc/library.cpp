@@ -3,7 +3,32 @@
 // entry with argument checks is csrc/ops/<op>.cpp.
 #include <torch/library.h>
 
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// at::Tag::inplace (mutates and returns its first argument, so that torch.compile can
+// functionalize the op) is newer than some PyTorch releases we build against (2.11 lacks it).
+template <typename TagT, typename = void>
+struct HasInplaceTag : std::false_type {};
+template <typename TagT>
+struct HasInplaceTag<TagT, std::void_t<decltype(TagT::inplace)>> : std::true_type {};
+
+template <typename TagT = at::Tag>
+std::vector<at::Tag> inplace_tags() {
+  if constexpr (HasInplaceTag<TagT>::value) {
+    return {TagT::inplace};
+  } else {
+    return {};
+  }
+}
+
+}  // namespace
+
 TORCH_LIBRARY(jitrope, m) {
+  // A named (lvalue) vector: a temporary would bind to Library::def's (schema, kernel) overload.
+  const std::vector<at::Tag> inplace = inplace_tags();
   // Factorized 2D position add (SPEC §3).
   m.def(
       "pos2d_add(Tensor x, Tensor pos_h, Tensor pos_w, int[2] grid, int token_offset=0, "
@@ -12,7 +37,7 @@ TORCH_LIBRARY(jitrope, m) {
   m.def(
       "pos2d_add_(Tensor(a!) x, Tensor pos_h, Tensor pos_w, int[2] grid, int token_offset=0, "
       "int row_offset=0, int col_offset=0) -> Tensor(a!)",
-      {at::Tag::inplace});
+      inplace);
   // (grad_pos_h, grad_pos_w) of pos2d_add; the table sizes are SymInts so that autograd can
   // pass symbolic sizes under torch.compile's dynamic shapes.
   m.def(
@@ -23,7 +48,7 @@ TORCH_LIBRARY(jitrope, m) {
   // The inplace tag lets functionalization (torch.compile, AOT) handle the aliased return.
   m.def(
       "rope2d_(Tensor(a!) x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor(a!)",
-      {at::Tag::inplace});
+      inplace);
   // (grad_x, grad_freqs): grad_freqs is computed when x (the forward input) is given, else empty.
   m.def(
       "rope2d_backward(Tensor grad_out, Tensor coords, Tensor freqs, Tensor? x, bool interleaved=True) "

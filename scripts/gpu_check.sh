@@ -1,47 +1,71 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a lent GPU machine (no internet there: nothing is downloaded).
-# Builds the extension for sm_90, runs the CUDA tests, compute-sanitizer over every op, and the
-# benchmarks; everything it prints is also written under $OUT (default: build/gpu_check).
+# Builds the extension for sm_90, runs the CUDA tests, the benchmarks (ops against a copy of the
+# same bytes and against eager PyTorch; a JiT-B/16 training step fused vs torch), and
+# compute-sanitizer over every op. Each step has a time limit so the whole check ends in about
+# 8 minutes. Logs go to $LOGS (default build/gpu_check); the summary table is printed last.
 #   bash scripts/gpu_check.sh
+# A missing test dependency (e.g. expecttest) is installed from ./.whl/*.whl when that folder
+# exists (wheels downloaded beforehand; see docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-build/gpu_check}"
-mkdir -p "$OUT"
+LOGS="${LOGS:-build/gpu_check}"
+mkdir -p "$LOGS"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
 status=0
+summary=()
 step() { echo; echo "== $*"; }
-# run LOG CMD...: runs CMD, keeps its output in $OUT/LOG, shows the tail, records a failure.
+# run SECONDS LOG CMD...: runs CMD under a time limit, keeps its output in $LOGS/LOG, shows the
+# tail, records the outcome for the summary.
 run() {
-  local log="$OUT/$1"; shift
-  "$@" > "$log" 2>&1; local rc=$?
-  tail -n 25 "$log"
-  [ $rc = 0 ] || { echo "FAILED (exit $rc): $*"; status=1; }
+  local limit="$1" log="$LOGS/$2"; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$log" 2>&1; local rc=$?
+  tail -n 20 "$log"
+  local what="ok"
+  if [ $rc = 124 ]; then what="TIMEOUT after ${limit}s"; status=1
+  elif [ $rc != 0 ]; then what="FAILED (exit $rc)"; status=1; fi
+  summary+=("$(printf '%-28s %-22s %4ds' "${log##*/}" "$what" $((SECONDS - t0)))")
 }
 
 step "machine"
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee -a "$OUT/machine.txt"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  nvcc --version | tail -n 2; } 2>&1 | tee "$LOGS/machine.txt"
+if ! "$PY" -c "import expecttest" 2>/dev/null && ls .whl/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/jitrope_site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/jitrope_site"
+fi
 
-step "build (sm_90)"
-run build.txt python setup.py -q build_ext --inplace
+step "build (sm_$(echo "$TORCH_CUDA_ARCH_LIST" | tr -d .))"
+run 300 build.txt "$PY" setup.py build_ext --inplace
+"$PY" -c "import jitrope, sys; print('extension', jitrope.HAS_EXTENSION, 'cuda kernels', jitrope.has_cuda_kernels()); sys.exit(not jitrope.has_cuda_kernels())" \
+  || { echo "no CUDA kernels: stopping"; exit 1; }
 
-step "CUDA tests (pytest)"
-run pytest_ops_cuda.txt python -m pytest -q tests/test_rope2d.py tests/test_pos2d_add.py -k cuda
-run pytest_model.txt python -m pytest -q tests/test_model.py
+step "CUDA tests of the ops (pytest -k cuda)"
+run 180 pytest_ops_cuda.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_rope2d.py tests/test_pos2d_add.py -k cuda
+
+step "benchmarks: ops (bf16, fp32)"
+run 120 bench_ops.txt "$PY" scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --json "$LOGS/bench_ops.json"
+
+step "benchmarks: JiT-B/16 train step (256 + 64 condition tokens, batch 32, bf16 autocast)"
+run 120 bench_model.txt "$PY" scripts/bench_model.py --device cuda --amp --preset JiT-B/16 --cond 128 \
+  --batch 32 --pos-embed all --warmup 3 --iters 10
 
 step "compute-sanitizer"
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for tool in memcheck racecheck initcheck synccheck; do
-  run "sanitizer_$tool.txt" "$SAN" --tool "$tool" --error-exitcode 1 python scripts/sanitize_ops.py
+  run 120 "sanitizer_$tool.txt" "$SAN" --tool "$tool" --error-exitcode 1 "$PY" scripts/sanitize_ops.py
 done
 
-step "benchmarks"
-for dtype in bfloat16 float32; do
-  run "bench_ops_$dtype.txt" python scripts/bench_ops.py --device cuda --dtype "$dtype" --json "$OUT/bench_ops_$dtype.json"
-done
-run bench_model.txt python scripts/bench_model.py --device cuda --json "$OUT/bench_model.json"
+step "CUDA tests of the model (pytest -k cuda)"
+run 120 pytest_model_cuda.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda
 
-step "gpu_check: $([ $status = 0 ] && echo all passed || echo FAILURES above)"
+step "summary"
+printf '%s\n' "${summary[@]}" | tee "$LOGS/summary.txt"
+echo "gpu_check: $([ $status = 0 ] && echo all passed || echo FAILURES above)"
 exit $status

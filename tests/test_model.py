@@ -18,6 +18,8 @@ from jitrope.model import PRESETS, JiT, JiTConfig
 from jitrope.posenc import POS_EMBEDS, OpImpl, SeqLayout, sincos_2d
 from jitrope.rope import axial_freqs
 
+from conftest import DEVICES
+
 ENCODINGS = list(POS_EMBEDS)
 ROTARY = [e for e in ENCODINGS if "rope" in e]
 
@@ -148,11 +150,12 @@ def _pair(pos_embed: str, dtype: torch.dtype):
 
 
 @needs_extension
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pos_embed", ENCODINGS)
-def test_fused_matches_torch_forward_and_grads(pos_embed):
-    ref, fused = _pair(pos_embed, torch.float64)
-    x, t, y, cond = make_batch(ref.cfg, dtype=torch.float64)
-    drop = torch.tensor([False, True, False])
+def test_fused_matches_torch_forward_and_grads(device, pos_embed):
+    ref, fused = (m.to(device) for m in _pair(pos_embed, torch.float64))
+    x, t, y, cond = (a.to(device) for a in make_batch(ref.cfg, dtype=torch.float64))
+    drop = torch.tensor([False, True, False], device=device)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     outs = [m(xi, t, y, cond=cond, cond_drop=drop) for m, xi in zip((ref, fused), xs)]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
@@ -166,11 +169,35 @@ def test_fused_matches_torch_forward_and_grads(pos_embed):
 
 
 @needs_extension
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pos_embed", ["factorized2d", "rope2d", "rope2d_mixed"])
-def test_fused_matches_torch_float32(pos_embed):
-    ref, fused = _pair(pos_embed, torch.float32)
-    x, t, y, cond = make_batch(ref.cfg)
+def test_fused_matches_torch_float32(device, pos_embed):
+    ref, fused = (m.to(device) for m in _pair(pos_embed, torch.float32))
+    x, t, y, cond = (a.to(device) for a in make_batch(ref.cfg))
     torch.testing.assert_close(fused(x, t, y, cond=cond), ref(x, t, y, cond=cond), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pos_embed", ["factorized2d", "rope2d", "sincos2d+rope2d"])
+def test_bf16_autocast_train_steps_fused_track_torch(device, pos_embed):
+    """A few AdamW steps under bf16 autocast (as on a GPU): the fused and torch models stay close."""
+    if not jitrope.HAS_EXTENSION:
+        pytest.skip(f"jitrope._C not loaded: {jitrope.EXTENSION_ERROR}")
+    ref, fused = (m.to(device) for m in _pair(pos_embed, torch.float32))
+    x, t, y, cond = (a.to(device) for a in make_batch(ref.cfg, B=4))
+    losses = {}
+    for name, m in (("torch", ref), ("fused", fused)):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(3):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                loss = (m(x, t, y, cond=cond).float() - x).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses[k])).all() for k in losses)
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["torch"]), rtol=2e-2, atol=1e-3)
 
 
 class _Counting:

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, INPLACE_OPCHECK_UTILS
 
 import jitrope
 from jitrope import ops
@@ -129,7 +129,7 @@ def test_opcheck(device, case):
         torch.library.opcheck(torch.ops.jitrope.pos2d_add.default, args)
         with torch.no_grad():
             plain = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
-            torch.library.opcheck(torch.ops.jitrope.pos2d_add_.default, plain)
+            torch.library.opcheck(torch.ops.jitrope.pos2d_add_.default, plain, test_utils=INPLACE_OPCHECK_UTILS)
         grad_out = torch.randn_like(x).requires_grad_()
         bargs = (grad_out, list(grid), pos_h.shape[0], pos_w.shape[0], *args[4:])
         torch.library.opcheck(torch.ops.jitrope.pos2d_add_backward.default, bargs)

@@ -8,7 +8,7 @@ from typing import Callable, List
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
+from conftest import DEVICES, INPLACE_OPCHECK_UTILS
 from torch import Tensor
 
 import jitrope
@@ -310,7 +310,7 @@ def test_opcheck(device, name):
     torch.library.opcheck(torch.ops.jitrope.rope2d.default, (x, coords, freqs, interleaved))
     with torch.no_grad():
         y = s.view(s.base.detach().clone())
-        torch.library.opcheck(torch.ops.jitrope.rope2d_.default, (y, coords, freqs.detach(), interleaved))
+        torch.library.opcheck(torch.ops.jitrope.rope2d_.default, (y, coords, freqs.detach(), interleaved), test_utils=INPLACE_OPCHECK_UTILS)
     # rope2d_backward is not differentiable itself (see test_double_backward_raises): no-grad inputs.
     g = torch.randn(x.shape, device=device)
     for fwd_x in (x.detach(), None):
