@@ -46,8 +46,14 @@ run 300 build.txt "$PY" setup.py build_ext --inplace
 "$PY" -c "import jitrope, sys; print('extension', jitrope.HAS_EXTENSION, 'cuda kernels', jitrope.has_cuda_kernels()); sys.exit(not jitrope.has_cuda_kernels())" \
   || { echo "no CUDA kernels: stopping"; exit 1; }
 
+# With pytest-xdist (there on the GPU image) the tests run in worker processes: a crash fails one
+# test and the rest still run.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+
 step "CUDA tests of the ops (pytest -k cuda)"
-run 180 pytest_ops_cuda.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_rope2d.py tests/test_pos2d_add.py -k cuda
+run 180 pytest_ops_cuda.txt "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rfE \
+  tests/test_rope2d.py tests/test_pos2d_add.py -k cuda
 
 step "benchmarks: ops (bf16, fp32)"
 run 120 bench_ops.txt "$PY" scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --json "$LOGS/bench_ops.json"
@@ -63,7 +69,7 @@ for tool in memcheck racecheck initcheck synccheck; do
 done
 
 step "CUDA tests of the model (pytest -k cuda)"
-run 120 pytest_model_cuda.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda
+run 120 pytest_model_cuda.txt "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rfE tests/test_model.py -k cuda
 
 step "summary"
 printf '%s\n' "${summary[@]}" | tee "$LOGS/summary.txt"

@@ -39,6 +39,52 @@ C10_HOST_DEVICE inline double angle(double y, double x, double fy, double fx) {
 #endif
 }
 
+// Products and sums rounded one by one, never contracted into FMAs: nvcc fuses a * b + c * d
+// differently in different kernel instantiations (interleaved / half-split, vector / scalar),
+// which would make results differ by an ulp between layouts of the same data.
+C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+C10_HOST_DEVICE inline double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+C10_HOST_DEVICE inline float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+C10_HOST_DEVICE inline double sub_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
 // Accurate sine and cosine (never the fast-math intrinsics: angles reach tens of radians).
 C10_HOST_DEVICE inline void sin_cos(float phi, float* s, float* c) {
 #if defined(__CUDA_ARCH__)
@@ -61,8 +107,8 @@ C10_HOST_DEVICE inline void sin_cos(double phi, double* s, double* c) {
 // (out_a, out_b) = R(phi) (a, b); the inverse rotation R(-phi) is the same call with -s.
 template <typename acc_t>
 C10_HOST_DEVICE inline void rotate(acc_t a, acc_t b, acc_t c, acc_t s, acc_t& out_a, acc_t& out_b) {
-  out_a = a * c - b * s;
-  out_b = a * s + b * c;
+  out_a = sub_rn(mul_rn(a, c), mul_rn(b, s));
+  out_b = add_rn(mul_rn(a, s), mul_rn(b, c));
 }
 
 // dL/dphi of one pair from the input (a, b) and the input gradient (ga, gb) = R(-phi) (dL/dout):
@@ -70,7 +116,7 @@ C10_HOST_DEVICE inline void rotate(acc_t a, acc_t b, acc_t c, acc_t s, acc_t& ou
 // dL/dphi = <R(phi)^T dL/dout, (-b, a)> = gb * a - ga * b.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t angle_grad(acc_t a, acc_t b, acc_t ga, acc_t gb) {
-  return gb * a - ga * b;
+  return sub_rn(mul_rn(gb, a), mul_rn(ga, b));
 }
 
 // Channels of pair m: (2m, 2m+1) when interleaved (EVA-02 / JiT), else (m, m + D/2) (rotate_half).
