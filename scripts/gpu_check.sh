@@ -16,6 +16,14 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+# Build with the system compiler. On the lent H200 image the build otherwise picked
+# /opt/gcc/bin/g++ (a wrapper), and the extension it made crashed (SIGSEGV in
+# std::ostream::operator<<(long)) as soon as an argument check formatted its error message;
+# /usr/bin/g++ (the same GCC 13.3) builds a working one. JITROPE_CXX overrides.
+SYS_CXX="${JITROPE_CXX:-/usr/bin/g++}"
+if [ -x "$SYS_CXX" ]; then
+  export CXX="$SYS_CXX" CC="${SYS_CXX/g++/gcc}" LDSHARED="$SYS_CXX -shared"
+fi
 status=0
 summary=()
 step() { echo; echo "== $*"; }
@@ -35,7 +43,7 @@ run() {
 step "machine"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  nvcc --version | tail -n 2; } 2>&1 | tee "$LOGS/machine.txt"
+  nvcc --version | tail -n 2; echo "CXX=${CXX:-unset}: $(${CXX:-c++} --version | head -n 1)"; } 2>&1 | tee "$LOGS/machine.txt"
 if ! "$PY" -c "import expecttest" 2>/dev/null && ls .whl/*.whl > /dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/jitrope_site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/jitrope_site"
