@@ -16,11 +16,13 @@ from pathlib import Path
 from PIL import Image
 from jitrope.data import load_emoji, heldout_mask, resize_images
 ds = load_emoji(None)
-held = heldout_mask(ds.split_keys, 0.05).nonzero().flatten()[:8]
+held = heldout_mask(ds.split_keys, 0.05).nonzero().flatten()
+# One held-out emoji (never trained on) of each of the first 8 classes, so the grid spans the data.
+picks = [next(i for i in held.tolist() if ds.labels[i] == c) for c in range(8)]
 out = Path("samples/cond"); out.mkdir(parents=True, exist_ok=True)
-for k, i in enumerate(held.tolist()):
+for k, i in enumerate(picks):
     img = resize_images(ds.images[i:i + 1], 16)[0].permute(1, 2, 0).numpy()  # uint8 RGB
-    Image.fromarray(img).save(out / f"cond_{k}.png")
+    Image.fromarray(img).save(out / f"heldout_{k}_{ds.class_names[ds.labels[i]].split()[0].lower()}.png")
 PY
 python -m jitrope.sample --ckpt runs/emoji32_cpu --cond samples/cond --out samples/emoji32_cond.png
 echo "samples written to samples/emoji32_classes.png and samples/emoji32_cond.png"
