@@ -4,6 +4,7 @@ CUDA kernels are built when torch is a CUDA build and nvcc is found, unless JITR
 TORCH_CUDA_ARCH_LIST is honoured; by default it covers sm_80..sm_90 plus PTX.
 """
 import os
+import sys
 import glob
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def make_extensions():
     sources.append("csrc/python_module.cpp")
     macros = []
     cxx = ["-O3", "-fdiagnostics-color=always"]
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is inline: without -fopenmp the CPU kernels run on one thread whatever
+        # torch.set_num_threads says. Compile-only: GOMP_* resolve at load time to the OpenMP
+        # runtime torch already loaded, so there is one thread pool, sized by torch.
+        cxx.append("-fopenmp")
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     if with_cuda:
         macros.append(("JITROPE_WITH_CUDA", "1"))
