@@ -30,12 +30,9 @@ from typing import Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-from jitrope.posenc import POS_EMBEDS  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-try:
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover - tqdm is a requirement; keep the script usable without it
-    tqdm = None
+from jitrope.posenc import POS_EMBEDS  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -144,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           flush=True)
     results: Dict[str, Dict] = {}
     failures: List[str] = []
-    bar = tqdm(total=len(args.names), desc="encodings", unit="run") if tqdm else None
+    bar = tqdm(total=len(args.names), desc="encodings", unit="run")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, n, args): n for n in args.names}
         for fut in as_completed(futures):
@@ -156,11 +153,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except RuntimeError as e:
                 failures.append(str(e))
                 msg = str(e)
-            (bar.write if bar else print)(msg)
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+            bar.write(msg)
+            bar.update(1)
+    bar.close()
     ordered = [results[n] for n in args.names if n in results]
     if ordered:
         out = Path(args.report) if args.report else Path(args.out_dir) / "ablation.md"

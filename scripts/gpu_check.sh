@@ -12,7 +12,6 @@ cd "$(dirname "$0")/.."
 LOGS="${LOGS:-build/gpu_check}"
 mkdir -p "$LOGS"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
@@ -50,7 +49,7 @@ if ! "$PY" -c "import expecttest" 2>/dev/null && ls .whl/*.whl > /dev/null 2>&1;
 fi
 
 step "build (sm_$(echo "$TORCH_CUDA_ARCH_LIST" | tr -d .))"
-run 300 build.txt "$PY" setup.py build_ext --inplace
+run 300 build.txt env PYTHON="$PY" bash scripts/build.sh
 "$PY" -c "import jitrope, sys; print('extension', jitrope.HAS_EXTENSION, 'cuda kernels', jitrope.has_cuda_kernels()); sys.exit(not jitrope.has_cuda_kernels())" \
   || { echo "no CUDA kernels: stopping"; exit 1; }
 

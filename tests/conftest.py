@@ -27,8 +27,7 @@ DEVICES = [
 # The in-place twins (rope2d_, pos2d_add_) carry torch.Tag.inplace where PyTorch has it (2.12+),
 # which torch.compile needs to functionalize an op that returns its mutated input. Older
 # releases (the GPU check machine has 2.11) cannot AOT-trace them; every other check still runs.
-INPLACE_OPCHECK_UTILS = (
-    ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if hasattr(torch.Tag, "inplace")
-    else ("test_schema", "test_autograd_registration", "test_faketensor")
+INPLACE_OPCHECK_UTILS = tuple(
+    u for u in torch.library._OPCHECK_DEFAULT_UTILS
+    if hasattr(torch.Tag, "inplace") or u != "test_aot_dispatch_dynamic"
 )

@@ -177,12 +177,11 @@ def test_fused_matches_torch_float32(device, pos_embed):
     torch.testing.assert_close(fused(x, t, y, cond=cond), ref(x, t, y, cond=cond), rtol=1e-4, atol=1e-5)
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pos_embed", ["factorized2d", "rope2d", "sincos2d+rope2d"])
 def test_bf16_autocast_train_steps_fused_track_torch(device, pos_embed):
     """A few AdamW steps under bf16 autocast (as on a GPU): the fused and torch models stay close."""
-    if not jitrope.HAS_EXTENSION:
-        pytest.skip(f"jitrope._C not loaded: {jitrope.EXTENSION_ERROR}")
     ref, fused = (m.to(device) for m in _pair(pos_embed, torch.float32))
     x, t, y, cond = (a.to(device) for a in make_batch(ref.cfg, B=4))
     losses = {}

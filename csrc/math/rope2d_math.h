@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <c10/macros/Macros.h>
 // Header-only and host-safe (used by TensorIterator's offset calculator on host and device).
@@ -21,68 +22,41 @@
 
 namespace jitrope::rope2d_math {
 
-// phi = y * f_y + x * f_x. The products are rounded separately (no FMA contraction on the GPU) so
-// that the CPU kernel, the CUDA kernel and the PyTorch reference compute the same angle.
-C10_HOST_DEVICE inline float angle(float y, float x, float fy, float fx) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(__fmul_rn(y, fy), __fmul_rn(x, fx));
-#else
-  return y * fy + x * fx;
-#endif
-}
-
-C10_HOST_DEVICE inline double angle(double y, double x, double fy, double fx) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(__dmul_rn(y, fy), __dmul_rn(x, fx));
-#else
-  return y * fy + x * fx;
-#endif
-}
-
 // Products and sums rounded one by one, never contracted into FMAs: nvcc fuses a * b + c * d
 // differently in different kernel instantiations (interleaved / half-split, vector / scalar),
-// which would make results differ by an ulp between layouts of the same data.
-C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+// which would make results differ by an ulp between layouts of the same data, and from the CPU.
+// T is float or double (the accumulation types); a - b is add_rn(a, -b), which is exact.
+template <typename T>
+C10_HOST_DEVICE inline T mul_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  if constexpr (std::is_same_v<T, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
 }
-C10_HOST_DEVICE inline double mul_rn(double a, double b) {
+
+template <typename T>
+C10_HOST_DEVICE inline T add_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-C10_HOST_DEVICE inline float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-C10_HOST_DEVICE inline double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
+  if constexpr (std::is_same_v<T, float>) {
+    return __fadd_rn(a, b);
+  } else {
+    return __dadd_rn(a, b);
+  }
 #else
   return a + b;
 #endif
 }
-C10_HOST_DEVICE inline float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-C10_HOST_DEVICE inline double sub_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
+
+// phi = y * f_y + x * f_x, the products rounded separately so that the CPU kernel, the CUDA
+// kernel and the PyTorch reference compute the same angle.
+template <typename T>
+C10_HOST_DEVICE inline T angle(T y, T x, T fy, T fx) {
+  return add_rn(mul_rn(y, fy), mul_rn(x, fx));
 }
 
 // Accurate sine and cosine (never the fast-math intrinsics: angles reach tens of radians).
@@ -107,7 +81,7 @@ C10_HOST_DEVICE inline void sin_cos(double phi, double* s, double* c) {
 // (out_a, out_b) = R(phi) (a, b); the inverse rotation R(-phi) is the same call with -s.
 template <typename acc_t>
 C10_HOST_DEVICE inline void rotate(acc_t a, acc_t b, acc_t c, acc_t s, acc_t& out_a, acc_t& out_b) {
-  out_a = sub_rn(mul_rn(a, c), mul_rn(b, s));
+  out_a = add_rn(mul_rn(a, c), -mul_rn(b, s));
   out_b = add_rn(mul_rn(a, s), mul_rn(b, c));
 }
 
@@ -116,7 +90,7 @@ C10_HOST_DEVICE inline void rotate(acc_t a, acc_t b, acc_t c, acc_t s, acc_t& ou
 // dL/dphi = <R(phi)^T dL/dout, (-b, a)> = gb * a - ga * b.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t angle_grad(acc_t a, acc_t b, acc_t ga, acc_t gb) {
-  return sub_rn(mul_rn(gb, a), mul_rn(ga, b));
+  return add_rn(mul_rn(gb, a), -mul_rn(ga, b));
 }
 
 // Channels of pair m: (2m, 2m+1) when interleaved (EVA-02 / JiT), else (m, m + D/2) (rotate_half).
