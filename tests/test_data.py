@@ -240,6 +240,42 @@ def test_image_folder_loader(tmp_path):
         load_image_folder(tmp_path, 16)
 
 
+def test_images_of_any_bit_depth_convert_to_8_bit_rgba(tmp_path):
+    import numpy as np
+
+    from jitrope.data import to_rgba8
+
+    g = np.random.default_rng(0)
+    v16 = g.integers(0, 65536, size=(5, 7), dtype=np.uint16)
+    Image.fromarray(v16).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG
+    vf = g.random((5, 7), dtype=np.float32)
+    Image.fromarray(vf, "F").save(tmp_path / "f.tif")  # a float TIFF in [0, 1]
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+        got = np.asarray(to_rgba8(im))
+    want = np.rint(v16.astype(np.float64) / 257.0).astype(np.uint8)  # scaled, not clamped to white
+    assert got.shape == (5, 7, 4) and (got[..., 0] == want).all() and (got[..., 2] == want).all() and (got[..., 3] == 255).all()
+    with Image.open(tmp_path / "f.tif") as im:
+        got = np.asarray(to_rgba8(im))
+    assert (got[..., 1] == np.rint(vf.astype(np.float64) * 255).astype(np.uint8)).all()
+    for bad, match in ((np.full((4, 4), 2.0, np.float32), r"float image values must lie in \[0, 1\]"),
+                       (np.full((4, 4), np.nan, np.float32), "float image values")):
+        Image.fromarray(bad, "F").save(tmp_path / "bad.tif")
+        with Image.open(tmp_path / "bad.tif") as im, pytest.raises(DataError, match=match):
+            to_rgba8(im)
+    with pytest.raises(DataError, match="32-bit integer image values"):
+        to_rgba8(Image.fromarray(np.full((3, 3), -5, np.int32), "I"))
+    # ordinary modes keep their exact 8-bit values
+    rgb = g.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
+    assert (np.asarray(to_rgba8(Image.fromarray(rgb)))[..., :3] == rgb).all()
+    assert (np.asarray(to_rgba8(Image.fromarray(rgb).convert("P")))[..., 3] == 255).all()
+    # the folder loader uses it: a 16-bit class image is grey, not white
+    (tmp_path / "set" / "a").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "set" / "a" / "mid.png")
+    ds = load_image_folder(tmp_path / "set", 8)
+    assert (ds.images == 128).all()
+
+
 def test_resize_is_a_box_filter_for_integer_factors():
     x = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
     assert resize_images(x, 2).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]

@@ -82,15 +82,46 @@ def test_samples_do_not_depend_on_the_batch_size(tiny_run):
         (["--cond", "{tmp}/missing.png"], "does not exist"),
         (["--img-size", "18"], "not a multiple of the patch size"),
         (["--ema", "7"], "--ema '7' is not one of them"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--n", "0"], "--n must be >= 1, got 0"),
+        (["--cfg", "-3"], "--cfg (guidance scale) must be a finite number >= 0, got -3.0"),
+        (["--cfg", "nan"], "--cfg (guidance scale) must be a finite number >= 0, got nan"),
+        (["--img-size", "0"], "--img-size must be >= 1, got 0"),
+        (["--img-size", "-4"], "--img-size must be >= 1, got -4"),
+        (["--scale", "0"], "--scale must be >= 1"),
+        (["--classes", ""], "no classes in ''"),
+        (["--classes", ",", "--cond", "{tmp}/c8.png"], "no classes in ','"),
+        (["--cond", "{tmp}/float_out_of_range.tif"], "float image values must lie in [0, 1]"),
     ],
 )
 def test_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys, args, message):
     Image.new("RGB", (12, 12)).save(tmp_path / "wrong_size.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "c8.png")
+    Image.new("F", (8, 8), 3.5).save(tmp_path / "float_out_of_range.tif")
     (tmp_path / "not_an_image.png").write_bytes(b"hello")
     args = [a.format(tmp=tmp_path) for a in args]
     assert S.main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), "--steps", "1", "--no-progress", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_unwritable_output_fails_before_sampling(tiny_run, capsys, monkeypatch):
+    called = []
+    monkeypatch.setattr(S, "generate", lambda *a, **k: called.append(1))
+    assert S.main(["--ckpt", str(tiny_run), "--out", "/proc/x/out.png", "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the folder of --out /proc/x is not writable") and err.count("\n") == 1
+    assert not called
+
+
+def test_evaluate_refuses_nonsense_numbers_and_unwritable_output(tiny_run, capsys):
+    for args, message in ((["--max-images", "0"], "--max-images must be >= 1, got 0"),
+                          (["--n-per-class", "0"], "--n-per-class must be >= 1"),
+                          (["--cfg", "nan"], "--cfg (guidance scale) must be a finite number"),
+                          (["--out", "/proc/x/e.json"], "the folder of --out /proc/x is not writable")):
+        assert E.main(["--ckpt", str(tiny_run), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_wrong_size_condition_can_be_resized(tiny_run, tmp_path):

@@ -7,18 +7,24 @@ Layout of a run directory::
         weights.safetensors   model.* / ema0.* / ema1.* tensors; metadata: format, step, config, ema_decays, class_names,
                               model_config (the resolved JiTConfig, so presets may change later)
         state.pt              optimizer, lr schedule, RNG and data-order state (tensors and primitives only)
+        manifest.json         sha256 and size of each file above, written last
 
 A checkpoint folder is written under a temporary name and renamed into place, so every
-``step_*`` folder is complete; a reader never sees half of one. Loading never unpickles code:
-safetensors for weights, ``torch.load(weights_only=True)`` for the state. Any problem raises a
-:class:`CheckpointError` that names the file and what is wrong.
+``step_*`` folder is complete; a reader never sees half of one. Loading verifies the digests of
+the files it reads (bit rot, a copy cut short) and never unpickles code: safetensors for weights,
+``torch.load(weights_only=True)`` for the state. Any problem raises a :class:`CheckpointError`
+that names the file and what is wrong. Given a run folder, the newest checkpoint that verifies is
+used, with a warning naming each newer one that was skipped; an explicit ``step_*`` folder or
+file that fails is an error. Checkpoints written before manifests existed load with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -36,11 +42,15 @@ __all__ = [
     "load_weights",
     "load_train_state",
     "check_state_dict",
+    "verify_checkpoint",
+    "newest_valid_checkpoint",
+    "clean_stale_temps",
 ]
 
 FORMAT = "jitrope-ckpt-1"
 WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -112,6 +122,8 @@ def save_checkpoint(
         save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=meta)
         if state is not None:
             torch.save(dict(state), tmp / STATE)
+        files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -130,6 +142,86 @@ def save_checkpoint(
         for _, p in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+# (path, size, mtime) -> digest of files already verified in this process: sample / evaluate read
+# a checkpoint more than once, and hashing a large one twice is wasted time
+_VERIFIED: Dict[Tuple[str, int, int], str] = {}
+
+
+def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE)) -> None:
+    """Check ``files`` of a ``step_*`` folder against its manifest; raise a CheckpointError naming
+    the first file that is missing or differs. Files the manifest does not list (and folders
+    without a manifest, written by older versions) pass with a warning."""
+    d = Path(ckpt_dir)
+    mf = d / MANIFEST
+    if not mf.is_file():
+        _warn(f"{d} has no {MANIFEST} (written by an older jitrope): loading it without verifying its digests")
+        return
+    try:
+        listed = json.loads(mf.read_text())["files"]
+        if not isinstance(listed, dict):
+            raise ValueError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mf}: unreadable manifest ({e}); the checkpoint is damaged") from None
+    for name in files:
+        f = d / name
+        if name not in listed:
+            if f.exists():
+                _warn(f"{f} is not listed in {mf}: loading it without verifying its digest")
+            continue
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (listed in {mf})")
+        st = f.stat()
+        want = listed[name]
+        if st.st_size != want.get("bytes"):
+            raise CheckpointError(f"{f}: {st.st_size} bytes, the manifest says {want.get('bytes')}; the file is truncated or damaged")
+        key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+        got = _VERIFIED.get(key) or _sha256(f)
+        if got != want.get("sha256"):
+            raise CheckpointError(f"{f}: sha256 {got[:16]}... does not match the manifest ({str(want.get('sha256'))[:16]}...); the file is damaged")
+        _VERIFIED[key] = got
+
+
+def newest_valid_checkpoint(run_dir, files: Sequence[str] = (WEIGHTS, STATE)) -> Optional[Path]:
+    """The newest ``step_*`` folder of a run whose ``files`` verify; each newer one that fails is
+    skipped with a warning saying why. None when the run has no checkpoint; a CheckpointError when
+    it has some but none verifies."""
+    cks = list_checkpoints(run_dir)
+    errors = []
+    for _, p in reversed(cks):
+        try:
+            verify_checkpoint(p, files)
+        except CheckpointError as e:
+            _warn(f"skipping checkpoint {p.name}: {e}")
+            errors.append(str(e))
+            continue
+        return p
+    if cks:
+        raise CheckpointError(f"no checkpoint of {run_dir} verifies: {'; '.join(errors)}")
+    return None
+
+
+def clean_stale_temps(run_dir) -> List[Path]:
+    """Remove ``.tmp-step_*`` / ``.old-step_*`` folders that a killed writer left in
+    ``<run_dir>/checkpoints``; returns what was removed. Call only while no other process writes
+    to the run."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    stale = [p for p in ck.iterdir() if p.is_dir() and p.name.startswith((".tmp-step_", ".old-step_"))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(run_dir) -> List[Tuple[int, Path]]:
@@ -151,19 +243,21 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A run folder (-> its newest checkpoint), a ``step_*`` folder, or a ``weights.safetensors``
-    file -> the ``weights.safetensors`` file."""
+    """A run folder (-> its newest checkpoint whose weights verify), a ``step_*`` folder, or a
+    ``weights.safetensors`` file -> the verified ``weights.safetensors`` file."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist (give a run folder, a step_* folder or a {WEIGHTS} file)")
     if p.is_file():
+        verify_checkpoint(p.parent, [p.name])
         return p
-    if (p / WEIGHTS).is_file():
+    if (p / WEIGHTS).is_file() or _STEP_DIR.match(p.name):
+        verify_checkpoint(p, [WEIGHTS])
         return p / WEIGHTS
-    latest = latest_checkpoint(p)
-    if latest is None:
+    newest = newest_valid_checkpoint(p, [WEIGHTS])
+    if newest is None:
         raise CheckpointError(f"{p} holds no checkpoint (no {WEIGHTS} and no checkpoints/step_*/{WEIGHTS})")
-    return latest / WEIGHTS
+    return newest / WEIGHTS
 
 
 def load_weights(path) -> Dict[str, Any]:
@@ -212,6 +306,7 @@ def load_train_state(ckpt_dir) -> Dict[str, Any]:
     f = p / STATE
     if not f.is_file():
         raise CheckpointError(f"{f} is missing: cannot resume training from {p} (weights only?)")
+    verify_checkpoint(p, [STATE])
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors come in many types)
@@ -227,7 +322,13 @@ def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], 
         for k in expected
         if k in got and tuple(got[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or shapes:
+    # a silent cast (int32 -> float32, float64 -> float32) would hide a checkpoint of another model
+    dtypes = [
+        f"{k}: checkpoint {got[k].dtype} vs model {expected[k].dtype}"
+        for k in expected
+        if k in got and got[k].dtype != expected[k].dtype
+    ]
+    if missing or unexpected or shapes or dtypes:
         parts = []
 
         def few(xs):
@@ -239,4 +340,6 @@ def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], 
             parts.append(f"unexpected {few(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch {few(shapes)}")
+        if dtypes:
+            parts.append(f"dtype mismatch {few(dtypes)}")
         raise CheckpointError(f"{where} does not fit the model: {'; '.join(parts)}")

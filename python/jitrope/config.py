@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -56,14 +57,14 @@ class TrainConfig:
     label_drop: float = 0.1  # p(class -> null class), enables CFG over classes
     cond_drop: float = 0.1  # p(condition image -> null condition), enables CFG over the condition
     log_every: int = 10
-    ckpt_every: int = 500
-    keep_last: int = 3
+    ckpt_every: int = 500  # a checkpoint every this many steps, and one at the end
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
     sample_every: int = 500  # sample grid PNG into out_dir/samples; 0 disables
     sample_steps: int = 20  # sampler steps of those periodic grids
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | none
-    compile: bool = False  # torch.compile the model
-    num_threads: int = 0  # torch.set_num_threads on CPU; 0 = leave torch's default
+    compile_mode: str = "none"  # none | default | reduce-overhead | max-autotune: torch.compile(model, mode=...)
+    num_threads: Optional[int] = None  # torch.set_num_threads on CPU; null leaves torch's default
     tensorboard: bool = True
     progress: bool = True  # tqdm bar (hidden when stderr is not a terminal)
 
@@ -104,6 +105,7 @@ _CHOICES = {
     ("data", "name"): ("emoji", "folder", "synthetic"),
     ("data", "cond"): ("none", "downsample", "other_vendor"),
     ("train", "amp"): ("auto", "bf16", "none"),
+    ("train", "compile_mode"): ("none", "default", "reduce-overhead", "max-autotune"),
     ("sample", "sampler"): ("heun", "euler"),
 }
 
@@ -264,8 +266,9 @@ def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     return _merge(merged, raw, str(path))
 
 
-def config_from_dict(d: Mapping[str, Any], *, where: str = "config") -> Config:
-    """Validate a nested ``{section: {key: value}}`` dict (unknown keys -> ConfigError) into a Config."""
+def config_from_dict(d: Mapping[str, Any], *, where: str = "config", stored: bool = False) -> Config:
+    """Validate a nested ``{section: {key: value}}`` dict (unknown keys -> ConfigError) into a Config.
+    ``stored``: the config of a checkpoint, which may hold values of older versions."""
     bad: List[str] = []
     known_sections = ["model", *_SECTIONS]
     for sec in d:
@@ -283,7 +286,7 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config") -> Config:
     for name, cls in _SECTIONS.items():
         hints = typing.get_type_hints(cls)
         kw = {}
-        for k, v in (d.get(name) or {}).items():
+        for k, v in _legacy(name, dict(d.get(name) or {}), stored).items():
             if k not in hints:
                 bad.append(_unknown(f"{name}.{k}", [f"{name}.{h}" for h in hints]))
                 continue
@@ -300,10 +303,46 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config") -> Config:
     return cfg
 
 
+def _legacy(section: str, d: Dict[str, Any], stored: bool) -> Dict[str, Any]:
+    """Keys and values of older versions, still found in the configs stored in checkpoints."""
+    if section == "train" and "compile" in d:
+        old = d.pop("compile")
+        if "compile_mode" not in d and isinstance(old, bool):
+            d["compile_mode"] = "default" if old else "none"
+        elif not isinstance(old, bool):
+            raise ConfigError(f"config key train.compile: expected true/false, got {old!r} (it is now train.compile_mode)")
+    if stored and section == "train" and d.get("num_threads") == 0:  # 0 used to mean "torch's default"
+        d["num_threads"] = None
+    return d
+
+
+def _positive(key: str, value, minimum=1) -> None:
+    if value < minimum:
+        raise ConfigError(f"config key {key} must be >= {minimum}, got {value}")
+
+
 def _check(cfg: Config) -> None:
     t = cfg.train
-    if t.steps < 0 or t.batch_size <= 0:
-        raise ConfigError(f"train.steps must be >= 0 and train.batch_size > 0, got {t.steps}, {t.batch_size}")
+    # 0 never silently means "the default": every count must be a real one
+    for k in ("steps", "batch_size", "log_every", "ckpt_every", "sample_steps"):
+        _positive(f"train.{k}", getattr(t, k))
+    for k in ("keep_last", "sample_every", "warmup_steps"):
+        _positive(f"train.{k}", getattr(t, k), 0)
+    if t.num_threads is not None:
+        _positive("train.num_threads", t.num_threads)
+    for k in ("blr", "lr"):
+        v = getattr(t, k)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"config key train.{k} must be a positive number, got {v}")
+    if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
+        raise ConfigError(f"config key train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    _positive("data.img_size", cfg.data.img_size)
+    _positive("data.num_images", cfg.data.num_images)
+    if not cfg.data.vendors:
+        raise ConfigError("config key data.vendors is empty")
+    _positive("sample.steps", cfg.sample.steps)
+    if not (math.isfinite(cfg.sample.cfg) and cfg.sample.cfg >= 0):
+        raise ConfigError(f"config key sample.cfg (guidance scale) must be a finite number >= 0, got {cfg.sample.cfg}")
     if not t.ema_decays or not all(0.0 <= e < 1.0 for e in t.ema_decays):
         raise ConfigError(f"train.ema_decays must be a non-empty list of decays in [0, 1), got {list(t.ema_decays)}")
     for k in ("label_drop", "cond_drop"):
@@ -318,6 +357,10 @@ def _check(cfg: Config) -> None:
         )
     if cfg.diffusion.noise_scale <= 0 or cfg.diffusion.t_eps <= 0:
         raise ConfigError("diffusion.noise_scale and diffusion.t_eps must be positive")
+    try:  # model.* errors (an unknown pos_embed, a bad size) now, not as a traceback at model build
+        cfg.model_config()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model config: {e}") from None
 
 
 def load_config(path=None, overrides: Sequence[str] = ()) -> Config:

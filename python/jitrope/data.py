@@ -54,6 +54,7 @@ __all__ = [
     "resize_images",
     "to_float",
     "to_uint8",
+    "to_rgba8",
 ]
 
 EMOJI_VERSION = "16.0.0"
@@ -189,10 +190,35 @@ def heldout_mask(keys: Sequence[str], fraction: float) -> Tensor:
     return torch.tensor([int.from_bytes(hashlib.sha256(k.encode()).digest()[:4], "big") < thresh for k in keys], dtype=torch.bool)
 
 
+def to_rgba8(im):
+    """Any PIL image -> 8-bit RGBA. 16-bit and 32-bit integer grayscale (PNG / TIFF) is scaled by
+    65535 -> 255, float grayscale (TIFF) must lie in [0, 1] and is scaled by 255; a plain
+    ``convert`` would clamp the first almost to white and turn the second black. Modes PIL cannot
+    convert, and values out of range, raise a :class:`DataError`."""
+    from PIL import Image
+    import numpy as np
+
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            if not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+                raise DataError(f"float image values must lie in [0, 1], got [{a.min():g}, {a.max():g}]")
+            a = a * 255.0
+        else:  # I;16* and I: Pillow's modes for 16-bit images
+            if a.min() < 0 or a.max() > 65535:
+                raise DataError(f"32-bit integer image values must lie in [0, 65535] (16-bit data), got [{a.min():g}, {a.max():g}]")
+            a = a / 257.0
+        return Image.fromarray(np.rint(a).astype(np.uint8), "L").convert("RGBA")
+    try:
+        return im.convert("RGBA")
+    except ValueError as e:
+        raise DataError(f"cannot convert an image of mode {im.mode} to RGB ({e})") from None
+
+
 def _composite_on_white(im) -> Tensor:
     from PIL import Image
 
-    rgba = im.convert("RGBA")
+    rgba = to_rgba8(im)
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, rgba).convert("RGB")
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.size[1], rgb.size[0], 3).permute(2, 0, 1).clone()
@@ -480,10 +506,10 @@ def load_image_folder(path, img_size: int) -> ImageSet:
                 with Image.open(p) as im:
                     w, h = im.size
                     s = min(w, h)
-                    im = im.convert("RGBA").crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                    im = to_rgba8(im).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
                     im = im.resize((img_size, img_size), Image.LANCZOS)
                     imgs.append(_composite_on_white(im))
-            except OSError as e:
+            except (OSError, DataError) as e:
                 raise DataError(f"{p}: unreadable image ({e})") from None
             labels.append(c)
             names.append(f"{cls}/{p.name}")

@@ -33,10 +33,11 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, resolve_checkpoint
 from .config import ConfigError
 from .data import BatchMaker, DataError, build_dataset, resize_images, to_float
 from .diffusion import Diffusion
+from .fileio import check_writable_dir
 from .sample import SampleError, generate, load_model
 
 __all__ = ["evaluate", "main"]
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--num-threads", type=int, default=0, help="CPU threads (0: torch's default; 1 is fastest on a busy machine)")
+    p.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: torch's; 1 is fastest on a busy machine)")
     return p
 
 
@@ -226,7 +227,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_flush_denormal(True)
-    if args.num_threads > 0:
+    # numbers that make no sense are refused up front; a given 0 never means "the default"
+    for name in ("max_images", "n_per_class", "n_cond", "steps", "batch_size", "num_threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
+            return 2
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        print(f"error: --cfg (guidance scale) must be a finite number >= 0, got {args.cfg}", file=sys.stderr)
+        return 2
+    if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     try:
         t_grid = [float(v) for v in args.t_grid.split(",")]
@@ -236,20 +246,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --t-grid wants comma-separated values in [0, 1), got {args.t_grid!r}", file=sys.stderr)
         return 2
     try:
-        res = evaluate(args.ckpt, data=args.data, data_root=args.data_root, split=args.split, ema=args.ema, t_grid=t_grid,
+        ckpt = resolve_checkpoint(args.ckpt)  # verified once; a run folder falls back past damaged ones
+        p = ckpt.parent  # .../checkpoints/step_N
+        run = p.parent.parent if p.parent.name == "checkpoints" else p
+        out_dir = Path(args.out).parent if args.out else run / "eval"
+        check_writable_dir(out_dir, "the folder of --out")  # before the evaluation, so no work is lost
+        res = evaluate(ckpt, data=args.data, data_root=args.data_root, split=args.split, ema=args.ema, t_grid=t_grid,
                        max_images=args.max_images, n_per_class=args.n_per_class, n_cond=args.n_cond, steps=args.steps,
                        sampler=args.sampler, cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed, device=device)
-    except (CheckpointError, DataError, ConfigError, SampleError) as e:
+        out = Path(args.out) if args.out else out_dir / f"step_{res['step']:08d}.json"
+        out.write_text(json.dumps(res, indent=2))
+    except (CheckpointError, DataError, ConfigError, SampleError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        out = Path(args.out)
-    else:
-        p = Path(res["checkpoint"]).parent  # .../checkpoints/step_N
-        run = p.parent.parent if p.parent.name == "checkpoints" else p
-        out = run / "eval" / f"step_{res['step']:08d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, check_state_dict, load_weights, resolve_checkpoint
 from .config import Config, ConfigError, config_from_dict
-from .data import IMAGE_EXTENSIONS, DataError, _composite_on_white, resize_images, to_float, to_uint8
+from .data import IMAGE_EXTENSIONS, DataError, _composite_on_white, resize_images, to_float, to_rgba8, to_uint8
 from .diffusion import Diffusion
+from .fileio import check_writable_dir
 
 __all__ = ["load_model", "generate", "make_grid", "parse_classes", "load_cond_images", "main"]
 
@@ -43,11 +44,12 @@ def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = 
     w = load_weights(ckpt)
     path = w["path"]
     try:
-        cfg = config_from_dict(w["config"], where=f"config stored in {path}")
+        stored = dict(w["config"])
         if w.get("model_config"):  # the resolved fields: independent of later changes to presets
-            cfg.model = dict(w["model_config"])
+            stored["model"] = dict(w["model_config"])
         if pos_impl is not None:
-            cfg.model["pos_impl"] = pos_impl
+            stored["model"] = {**stored.get("model", {}), "pos_impl": pos_impl}
+        cfg = config_from_dict(stored, where=f"config stored in {path}", stored=True)
         mcfg = cfg.model_config()
     except (ConfigError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: its stored config does not build a model: {e}") from None
@@ -214,9 +216,9 @@ def load_cond_images(path, size: int, *, resize: bool = False) -> Tuple[Tensor, 
                             f"condition image {f} is {im.size[0]}x{im.size[1]}, the model expects {size}x{size} "
                             "(model.cond_img_size); pass --cond-resize to resize it"
                         )
-                    im = im.convert("RGBA").resize((size, size), Image.LANCZOS)
+                    im = to_rgba8(im).resize((size, size), Image.LANCZOS)
                 out.append(_composite_on_white(im))
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, DataError) as e:
             raise SampleError(f"cannot read condition image {f}: {e}") from None
     return to_float(torch.stack(out)), [f.name for f in files]
 
@@ -255,18 +257,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="sample at another size (where the positional encoding allows)")
     p.add_argument("--ema", default=None, help="which weights: EMA index 0 / 1, or none (raw); default sample.ema of the run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--num-threads", type=int, default=0, help="CPU threads (0: torch's default; 1 is fastest on a busy machine)")
+    p.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: torch's; 1 is fastest on a busy machine)")
     p.add_argument("--pos-impl", choices=("fused", "torch"), default=None, help="override model.pos_impl")
-    p.add_argument("--scale", type=int, default=0, help="upscale factor of the grid (0: to about 64 px per image)")
+    p.add_argument("--scale", type=int, default=None, help="upscale factor of the grid (default: to about 64 px per image)")
     p.add_argument("--no-singles", action="store_true", help="write the grid only")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
-def _cpu_setup(num_threads: int) -> None:
+def _cpu_setup(num_threads: Optional[int]) -> None:
     torch.set_flush_denormal(True)
-    if num_threads > 0:
+    if num_threads is not None:
         torch.set_num_threads(num_threads)
+
+
+def check_args(args) -> None:
+    """Refuse numbers that make no sense before any work; a given 0 never means "the default"."""
+    for name in ("n", "batch_size", "steps", "img_size", "scale", "num_threads"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise SampleError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        raise SampleError(f"--cfg (guidance scale) must be a finite number >= 0, got {args.cfg}")
 
 
 def _device(name: str) -> torch.device:
@@ -278,20 +290,22 @@ def _device(name: str) -> torch.device:
 def run(args) -> Path:
     from tqdm import tqdm
 
+    check_args(args)
     device = _device(args.device)
     _cpu_setup(args.num_threads)
-    w_cfg = load_weights(args.ckpt)["config"]  # cheap enough; gives the default EMA before building
+    out = Path(args.out)
+    check_writable_dir(out.parent, "the folder of --out")  # before sampling, so no work is lost
+    ckpt = resolve_checkpoint(args.ckpt)  # verified once; a run folder falls back past damaged ones
+    w_cfg = load_weights(ckpt)["config"]  # cheap enough; gives the default EMA before building
     ema = args.ema if args.ema is not None else str((w_cfg.get("sample") or {}).get("ema", "0"))
-    model, cfg, info = load_model(args.ckpt, ema=ema, device=device, pos_impl=args.pos_impl)
+    model, cfg, info = load_model(ckpt, ema=ema, device=device, pos_impl=args.pos_impl)
     s = cfg.sample
-    steps = args.steps or s.steps
+    steps = args.steps if args.steps is not None else s.steps
     sampler = args.sampler or s.sampler
     scale = args.cfg if args.cfg is not None else s.cfg
     interval = args.cfg_interval or tuple(s.cfg_interval)
-    if args.n < 1 or args.batch_size < 1 or steps < 1:
-        raise SampleError("--n, --batch-size and --steps must be positive")
     class_names = info["class_names"]
-    img_size = args.img_size or model.cfg.img_size
+    img_size = args.img_size if args.img_size is not None else model.cfg.img_size
     if img_size % model.cfg.patch_size:
         raise SampleError(f"--img-size {img_size} is not a multiple of the patch size {model.cfg.patch_size}")
 
@@ -302,7 +316,7 @@ def run(args) -> Path:
         csize = model.cfg.cond_img_size * img_size // model.cfg.img_size
         conds, cond_names = load_cond_images(args.cond, csize, resize=args.cond_resize)
         rows = len(conds)
-        cls = parse_classes(args.classes, class_names) if args.classes else [len(class_names)]
+        cls = parse_classes(args.classes, class_names) if args.classes is not None else [len(class_names)]
         if len(cls) == 1:
             cls = cls * rows
         elif len(cls) != rows:
@@ -334,9 +348,7 @@ def run(args) -> Path:
                          torch.nn.functional.interpolate(row_cond, size=(img_size, img_size), mode="nearest"))
         imgs = torch.cat([torch.cat([shown[r : r + 1], imgs[r * args.n : (r + 1) * args.n]]) for r in range(len(row_cond))])
         ncol += 1
-    scale_f = args.scale or max(1, 64 // img_size)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    scale_f = args.scale if args.scale is not None else max(1, 64 // img_size)
     make_grid(imgs, ncol, row_labels=row_labels, scale=scale_f).save(out)
     if not args.no_singles:
         from PIL import Image
@@ -356,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (SampleError, CheckpointError, DataError, ConfigError) as e:
+    except (SampleError, CheckpointError, DataError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,14 +30,17 @@ from torch import Tensor
 from .checkpoint import (
     CheckpointError,
     check_state_dict,
+    clean_stale_temps,
     latest_checkpoint,
     load_train_state,
     load_weights,
+    newest_valid_checkpoint,
     save_checkpoint,
 )
 from .config import Config, ConfigError, load_config
 from .data import BatchMaker, DataError, IndexStream, build_dataset, to_float
 from .diffusion import EMA, Diffusion
+from .fileio import check_writable_dir
 
 __all__ = ["train", "main", "lr_at", "step_generator"]
 
@@ -88,9 +91,17 @@ class _Dist:
 def _pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    d = torch.device(name)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device(f"cuda:{local_rank}")
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device (auto | cpu | cuda | cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name} but this machine has no usable CUDA device; use train.device=cpu or auto")
+        if d.index is None:
+            d = torch.device(f"cuda:{local_rank}")
+        if d.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return d
 
 
@@ -185,19 +196,24 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
         torch.cuda.set_device(device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal floats (decaying Adam moments, tiny grads) stall CPUs
-        if t.num_threads > 0:
+        if t.num_threads is not None:
             torch.set_num_threads(t.num_threads)
     say = log if D.main else (lambda *a, **k: None)
     run_dir = Path(t.out_dir)
     logger = None
     try:
         # ---------------------------------------------------------------- resume or fresh start
-        ckpt_dir = latest_checkpoint(run_dir)
-        if ckpt_dir is not None and not resume:
+        if D.main:
+            check_writable_dir(run_dir, "train.out_dir")  # before the data and the model, not at the first checkpoint
+            for p in clean_stale_temps(run_dir):
+                say(f"removed {p}, left by an interrupted checkpoint write")
+        newest = latest_checkpoint(run_dir)
+        if newest is not None and not resume:
             raise CheckpointError(
-                f"{run_dir} already holds checkpoints (newest {ckpt_dir.name}); pass --resume to continue "
+                f"{run_dir} already holds checkpoints (newest {newest.name}); pass --resume to continue "
                 "or choose another train.out_dir"
             )
+        ckpt_dir = newest_valid_checkpoint(run_dir) if resume else None
         if resume and ckpt_dir is None:
             say(f"--resume: no checkpoint in {run_dir}, starting from scratch")
 
@@ -235,17 +251,19 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
         ema = EMA(model, t.ema_decays, warmup=t.ema_warmup)
         opt = torch.optim.AdamW(model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.95), weight_decay=0.0)
         stream = IndexStream(len(ds), t.seed, rank=D.rank, world=D.world)
-        step = 0
+        step, last_loss = 0, float("nan")
         if ckpt_dir is not None:
-            step = _restore(ckpt_dir, cfg, model, ema, opt, stream, device)
+            step, last_loss = _restore(ckpt_dir, cfg, model, ema, opt, stream, device)
             say(f"resumed from {ckpt_dir} at step {step}")
+            if step >= t.steps:
+                say(f"the run is already at step {step} >= train.steps={t.steps}; raise train.steps to train on")
         net = model
         if D.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if t.compile:
-            net = torch.compile(net)
+        if t.compile_mode != "none":
+            net = torch.compile(net, mode=t.compile_mode)
         diffusion = Diffusion.from_config(cfg.diffusion)
         amp = t.amp == "bf16" or (t.amp == "auto" and device.type == "cuda")
 
@@ -268,7 +286,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
                    disable=(not D.main) or (not t.progress) or None)
         B, shard = t.batch_size, slice(D.rank, None, D.world)
         H = mcfg.img_size
-        loss_acc, n_acc, last_loss = torch.zeros((), device=device), 0, float("nan")
+        loss_acc, n_acc = torch.zeros((), device=device), 0
         t_log, imgs_log = time.perf_counter(), 0
         grad_norm = torch.zeros(())
         params = [p for p in model.parameters() if p.requires_grad]
@@ -329,7 +347,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
                         model=model.state_dict(),
                         emas=[ema.state_dict(i) for i in range(len(t.ema_decays))],
                         ema_decays=t.ema_decays,
-                        state=_train_state(opt, stream, ema, step, device, D),
+                        state=_train_state(opt, stream, ema, step, device, D, last_loss),
                         config=cfg.to_dict(),
                         class_names=ds.class_names,
                         model_config=mcfg.to_dict(),
@@ -344,7 +362,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
         D.close()
 
 
-def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist) -> Dict[str, Any]:
+def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist, loss: float) -> Dict[str, Any]:
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -356,10 +374,11 @@ def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist
         "ema_updates": ema.num_updates,
         "rng": rng,
         "world_size": D.world,
+        "loss": loss,  # the last logged mean loss: what a resumed, already finished run reports
     }
 
 
-def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device) -> int:
+def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device) -> Tuple[int, float]:
     w = load_weights(ckpt_dir)
     f = w["path"]
     saved = w["config"]
@@ -389,11 +408,12 @@ def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStr
         if device.type == "cuda" and "cuda" in st["rng"]:
             torch.cuda.set_rng_state(st["rng"]["cuda"], device)
         step = int(st["step"])
+        loss = float(st.get("loss", float("nan")))  # checkpoints of older versions do not hold it
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{Path(ckpt_dir) / 'state.pt'}: does not fit this run ({type(e).__name__}: {e})") from None
     if step != w["step"]:
         raise CheckpointError(f"{ckpt_dir}: weights are from step {w['step']} but state.pt from step {step}")
-    return step
+    return step, loss
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,14 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags may come between the overrides
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
         out = train(cfg, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

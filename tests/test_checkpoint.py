@@ -1,0 +1,209 @@
+"""Runs a user can trust (issue 12): checksummed checkpoints that fall back, stale temp folders
+cleaned, dtypes checked, and a training process killed while it checkpoints."""
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jitrope import sample as S
+from jitrope import train as T
+from jitrope.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    list_checkpoints,
+    load_train_state,
+    load_weights,
+    newest_valid_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from jitrope.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+BASE = ["model.pos_impl=torch", "train.progress=false", "train.tensorboard=false"]
+QUIET = dict(log=lambda *a, **k: None)
+
+
+def _cfg(out_dir, *extra):
+    return load_config(TINY, BASE + [f"train.out_dir={out_dir}", *extra])
+
+
+def _flip_data_bytes(f: Path, n: int = 8, seed: int = 0) -> None:
+    """Flip bits in the tensor data of a safetensors file, past its JSON header: the file still
+    parses, only a digest can tell."""
+    raw = bytearray(f.read_bytes())
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    rng = random.Random(seed)
+    for i in rng.sample(range(start, len(raw)), n):
+        raw[i] ^= 0xFF
+    f.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("run4")
+    out = T.train(_cfg(run, "train.steps=4", "train.ckpt_every=2", "train.log_every=2"), **QUIET)
+    return run, out["loss"]
+
+
+def _copy(run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_manifest_digests_every_file(run4):
+    run, _ = run4
+    for _, ck in list_checkpoints(run):
+        m = json.loads((ck / "manifest.json").read_text())
+        assert sorted(m["files"]) == ["state.pt", "weights.safetensors"]
+        assert all(len(v["sha256"]) == 64 and v["bytes"] == (ck / k).stat().st_size for k, v in m["files"].items())
+
+
+def test_bit_flip_falls_back_for_a_run_and_fails_for_an_explicit_step(run4, tmp_path, capsys):
+    run = _copy(run4[0], tmp_path)
+    bad = run / "checkpoints" / "step_00000004"
+    _flip_data_bytes(bad / "weights.safetensors")
+    # a run folder: the newest checkpoint that verifies, with a warning naming the skipped one
+    w = load_weights(run)
+    assert w["step"] == 2
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step_00000004" in err and "sha256" in err and "weights.safetensors" in err
+    # an explicit step folder or file that fails is an error naming the file
+    for explicit in (bad, bad / "weights.safetensors"):
+        with pytest.raises(CheckpointError, match=r"step_00000004/weights.safetensors: sha256 .* does not match"):
+            load_weights(explicit)
+    assert S.main(["--ckpt", str(bad), "--out", str(tmp_path / "g.png"), "--steps", "1", "--n", "1",
+                   "--no-progress"]) == 2
+    assert "does not match the manifest" in capsys.readouterr().err
+    out = tmp_path / "fallback.png"
+    assert S.main(["--ckpt", str(run), "--out", str(out), "--steps", "1", "--n", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert out.is_file() and "step 2" in captured.out and "skipping checkpoint step_00000004" in captured.err
+    # --resume falls back too, and the resumed run finishes
+    res = T.train(_cfg(run, "train.steps=6", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
+    assert res["step"] == 6 and "skipping checkpoint step_00000004" in capsys.readouterr().err
+    assert load_weights(run)["step"] == 6
+
+
+def test_damaged_state_is_refused_by_its_digest(run4, tmp_path, capsys):
+    run = _copy(run4[0], tmp_path)
+    st = run / "checkpoints" / "step_00000004" / "state.pt"
+    raw = bytearray(st.read_bytes())
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(len(raw) // 2, len(raw) - 64, (1,), generator=g).item()
+    raw[pos : pos + 32] = torch.randint(0, 256, (32,), generator=g, dtype=torch.uint8).numpy().tobytes()
+    st.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"state.pt: sha256 .* does not match"):
+        load_train_state(st.parent)
+    assert newest_valid_checkpoint(run).name == "step_00000002"
+    assert "skipping checkpoint step_00000004" in capsys.readouterr().err
+    # weights alone still verify: sampling the run keeps using step 4
+    assert resolve_checkpoint(run).parent.name == "step_00000004"
+
+
+def test_no_checkpoint_verifies_is_an_error(run4, tmp_path):
+    run = _copy(run4[0], tmp_path)
+    for _, ck in list_checkpoints(run):
+        (ck / "weights.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(CheckpointError, match="no checkpoint of .* verifies"):
+        T.train(_cfg(run, "train.steps=6"), resume=True, **QUIET)
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(run4, tmp_path, capsys):
+    run = _copy(run4[0], tmp_path)
+    ck = run / "checkpoints" / "step_00000004"
+    (ck / "manifest.json").unlink()
+    assert load_weights(ck)["step"] == 4
+    assert f"{ck} has no manifest.json (written by an older jitrope)" in capsys.readouterr().err
+    (ck.parent / "step_00000002" / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        load_weights(ck.parent / "step_00000002")
+
+
+def test_finished_run_resumed_reports_its_last_loss(run4, tmp_path, capsys):
+    run = _copy(run4[0], tmp_path)
+    out = T.train(_cfg(run, "train.steps=4", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
+    assert out["step"] == 4 and out["loss"] == run4[1] and out["loss"] == out["loss"]
+    assert T.main(["--config", TINY, *BASE, f"train.out_dir={run}", "train.steps=4", "train.ckpt_every=2",
+                   "train.log_every=2", "--resume"]) == 0
+    o = capsys.readouterr().out
+    assert f"loss {run4[1]:.4f}" in o and "nan" not in o and "already at step 4" in o
+
+
+def test_checkpoint_dtypes_must_match_the_model(tmp_path):
+    model = {"w": torch.randn(3, 2), "b": torch.randn(3)}
+    save_checkpoint(tmp_path, 1, model={"w": torch.randint(0, 5, (3, 2), dtype=torch.int32), "b": model["b"]})
+    w = load_weights(tmp_path)
+    with pytest.raises(CheckpointError, match=r"dtype mismatch w: checkpoint torch.int32 vs model torch.float32"):
+        check_state_dict(model, w["model"], where="X")
+    check_state_dict({"b": model["b"].double()}, {"b": model["b"].double()}, where="X")
+
+
+def test_stale_temp_folders_are_cleaned_at_the_next_start(run4, tmp_path):
+    run = _copy(run4[0], tmp_path)
+    ck = run / "checkpoints"
+    for name in (".tmp-step_00000006-deadbeef", ".old-step_00000004-cafef00d"):
+        (ck / name).mkdir()
+        (ck / name / "weights.safetensors").write_bytes(b"half")
+    logs = []
+    T.train(_cfg(run, "train.steps=5", "train.ckpt_every=2"), resume=True, log=logs.append)
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith(".")) == []
+    assert any(".tmp-step_00000006-deadbeef" in m for m in logs)
+
+
+KILLED_RUN = """
+import sys
+from jitrope.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_checkpointing_leaves_a_loadable_run(tmp_path):
+    """Kill a run that checkpoints every step at random moments; each time the newest complete
+    checkpoint verifies and loads, and a resumed run finishes."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    # checkpoints every step and keep_last=1: most of the time goes to writing and pruning them
+    args = [sys.executable, "-c", KILLED_RUN, "--config", TINY, *BASE, f"train.out_dir={run}", "train.steps=100000",
+            "train.ckpt_every=1", "train.keep_last=1", "train.log_every=1000", "--resume"]
+    rng = random.Random(1234)
+    t_end = time.monotonic() + 45
+    kills = 0
+    while kills < 4 and time.monotonic() < t_end:
+        before = max((s for s, _ in list_checkpoints(run)), default=0)
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while max((s for s, _ in list_checkpoints(run)), default=0) <= before:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "no new checkpoint within 30 s"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))  # a random moment of the following writes
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stderr.close()
+        kills += 1
+        newest = newest_valid_checkpoint(run)
+        assert newest is not None
+        w = load_weights(newest)
+        assert load_train_state(newest)["step"] == w["step"]
+    assert kills >= 2
+    step = load_weights(run)["step"]
+    out = T.train(_cfg(run, f"train.steps={step + 2}", "train.ckpt_every=1", "train.keep_last=1"), resume=True, **QUIET)
+    assert out["step"] == step + 2 and out["loss"] == out["loss"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
