@@ -195,3 +195,16 @@ def test_fused_and_torch_ops_train_alike(tmp_path, pos_embed):
         assert out["model"].pos_impl == impl
         losses[impl] = out["loss"]
     assert losses["fused"] == pytest.approx(losses["torch"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_mode_default_trains_like_eager(tmp_path):
+    """train.compile_mode wraps the model in torch.compile(mode=...) (inductor on the CPU: ~40 s here)."""
+    losses = {}
+    for mode in ("none", "default"):
+        cfg = load_config(TINY, BASE + [f"train.compile_mode={mode}", "train.steps=2", "train.log_every=2",
+                                         f"train.out_dir={tmp_path / mode}"])
+        out = T.train(cfg, log=lambda *a, **k: None)
+        assert out["step"] == 2
+        losses[mode] = out["loss"]
+    assert losses["default"] == pytest.approx(losses["none"], rel=1e-3)
