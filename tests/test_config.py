@@ -56,14 +56,18 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
 @pytest.mark.parametrize(
     "override,match",
     [
-        ("train.steps=ten", "train.steps: expected an integer"),
-        ("train.tensorboard=maybe", "train.tensorboard: expected true/false"),
+        ("train.steps=ten", "config key train.steps: Value 'ten' of type 'str' could not be converted to Integer"),
+        ("train.steps=null", "config key train.steps: Incompatible value 'None' for field of type 'int'"),
+        ("train.tensorboard=maybe", "config key train.tensorboard: Value 'maybe' is not a valid bool"),
+        ("train.ema_decays=[0.9,x]", "config key train.ema_decays: a value could not be converted to Float (got [0.9, 'x'])"),
+        ("sample.cfg_interval=[0.1]", "config key sample.cfg_interval: TupleConfig length 1 does not match type hint length 2"),
         ("train.ema_decays=[1.5]", "train.ema_decays"),
         ("data.cond=sideways", "data.cond"),
         ("sample.sampler=rk4", "sample.sampler"),
         ("sample.cfg_interval=[0.9,0.1]", "cfg_interval"),
         ("sample.ema=5", "sample.ema"),
-        ("model.depth=2.5", "model.depth: expected an integer"),
+        ("model.depth=2.5", "config key model.depth: Value '2.5' of type 'float' could not be converted to Integer"),
+        ("model.preset=[1]", "config key model.preset: expected a preset name"),
         ("steps=3", "section.key"),
         # numbers that make no sense; 0 never means "the default"
         ("train.steps=0", "train.steps must be >= 1, got 0"),
@@ -128,3 +132,17 @@ def test_legacy_keys_of_stored_configs_still_load():
     assert config_from_dict({"train": {"compile": False}}).train.compile_mode == "none"
     with pytest.raises(ConfigError, match="train.num_threads must be >= 1"):
         config_from_dict({"train": {"num_threads": 0}})  # typed by a user, 0 is refused
+
+
+def test_interpolation_resolves_and_print_config_shows_the_resolved_values(tmp_path, capsys):
+    from jitrope import train as T
+
+    (tmp_path / "c.yaml").write_text("base: %s\nmodel:\n  img_size: ${data.img_size}\ndata:\n  img_size: 16\n"
+                                     % (Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"))
+    cfg = load_config(tmp_path / "c.yaml", ["train.out_dir=runs/${model.pos_embed}"])
+    assert cfg.model["img_size"] == 16 and cfg.train.out_dir == "runs/rope2d"
+    assert T.main(["--config", str(tmp_path / "c.yaml"), "--print-config", "data.img_size=32", "model.cond_img_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "img_size: 32" in out and "${" not in out
+    with pytest.raises(ConfigError, match="config key model.img_size: .*nope"):
+        load_config(tmp_path / "c.yaml", ["model.img_size=${data.nope}"])

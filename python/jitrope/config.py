@@ -3,7 +3,9 @@
 A config has five sections. ``model.*`` are exactly the fields of :class:`jitrope.model.JiTConfig`
 (plus ``model.preset``, a name for ``JiTConfig.preset``); ``train``, ``data``, ``diffusion`` and
 ``sample`` are the dataclasses below. Precedence: dataclass defaults < ``base:`` file(s) < the YAML
-file < command-line overrides. Unknown keys and values of the wrong type are rejected with a
+file < command-line overrides. The dataclasses are OmegaConf structured configs: files and
+overrides (``OmegaConf.from_dotlist``) are merged onto them, which types every value and resolves
+``${section.key}`` interpolations. Unknown keys and values of the wrong type are rejected with a
 :class:`ConfigError` that names them (and suggests the closest known key).
 
     cfg = load_config("configs/emoji32_cpu.yaml", ["model.pos_embed=factorized2d", "train.steps=100"])
@@ -15,14 +17,16 @@ import copy
 import dataclasses
 import difflib
 import math
-import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .fileio import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -132,7 +136,7 @@ class Config:
 
         kw = dict(self.model)
         preset = kw.pop("preset", None)
-        return JiTConfig.preset(preset, **kw) if preset else JiTConfig(**kw)
+        return JiTConfig.preset(preset, **kw) if preset else JiTConfig.from_dict(kw)
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"model": copy.deepcopy(self.model)}
@@ -145,10 +149,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_yaml())
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -157,70 +158,33 @@ def _unknown(key: str, known: Sequence[str]) -> str:
     return f"{key} (did you mean {close[0]}?)" if close else key
 
 
-def _strip_optional(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else tp), True
-    return tp, False
+def _omega_error(e: OmegaConfBaseException, prefix: str = "", where: Optional[Tuple[str, Any]] = None) -> ConfigError:
+    """OmegaConf's message without its reference_type / object_type lines, naming the full key."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    key = getattr(e, "full_key", None)
+    if key:
+        return ConfigError(f"config key {prefix}{key}: {msg}")
+    if where is not None:  # OmegaConf names no key for some errors inside tuples: say which value it was
+        msg = msg.replace("Value '$VALUE' of type '$VALUE_TYPE'", "a value")
+        return ConfigError(f"config key {where[0]}: {msg} (got {where[1]!r})")
+    return ConfigError(f"config: {msg}")
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
-    """Convert ``value`` (from YAML) to the annotated type ``tp``, or raise naming ``key``."""
-    if tp is Any:
-        return value
-    inner, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"config key {key}: null is not allowed (expected {getattr(inner, '__name__', inner)})")
-    tp = inner
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"config key {key}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            value = [value]
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"config key {key}: expected {len(args)} values, got {list(value)}")
-            items = [_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            a = args[0] if args else Any
-            items = [_coerce(f"{key}[{i}]", v, a) for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+def _failing_key(d: Mapping[str, Any]) -> Optional[Tuple[str, Any]]:
+    """The first ``(section.key, value)`` of ``d`` that does not merge onto the schema alone."""
+    for sec, vals in d.items():
+        for k, v in (vals or {}).items() if sec in _SECTIONS else ():
             try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
-        return str(value)
-    return value
+                OmegaConf.merge(OmegaConf.structured(_SECTIONS[sec]), {k: v})
+            except OmegaConfBaseException:
+                return f"{sec}.{k}", v
+    return None
 
 
 def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
-    """``["train.steps=10", "model.pos_embed=rope2d"]`` -> nested dict (values parsed as YAML)."""
-    out: Dict[str, Any] = {}
+    """``["train.steps=10", "model.pos_embed=rope2d"]`` -> nested dict (values parsed by
+    ``OmegaConf.from_dotlist``: YAML-like scalars and ``[a, b]`` lists)."""
+    items = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -229,76 +193,87 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
         parts = key.split(".")
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"override {item!r}: the key must be section.key (e.g. train.steps=100)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
-        out.setdefault(parts[0], {})[parts[1]] = value
-    return out
+        items.append(f"{key}={raw}")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=False)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides {list(overrides)}: cannot parse a value: {str(e).splitlines()[0]}") from None
 
 
-def _merge(base: Dict[str, Any], new: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    for sec, vals in new.items():
-        if vals is None:
-            continue
-        if not isinstance(vals, Mapping):
-            raise ConfigError(f"{where}: section {sec!r} must be a mapping of keys, got {vals!r}")
-        base.setdefault(sec, {}).update(vals)
-    return base
-
-
-def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its ``base:`` files (relative to it) merged below it, unvalidated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: 'base:' includes itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        raw = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
+    if not isinstance(raw, DictConfig):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
     bases = raw.pop("base", None) or []
-    merged: Dict[str, Any] = {}
-    for b in [bases] if isinstance(bases, str) else bases:
-        merged = _merge(merged, _read_yaml(path.parent / b, seen + (path.resolve(),)), str(path.parent / b))
-    return _merge(merged, raw, str(path))
+    layers = [_read_yaml(path.parent / b, seen + (path.resolve(),)) for b in ([bases] if isinstance(bases, str) else bases)]
+    for sec, vals in raw.items():
+        if vals is not None and not isinstance(vals, DictConfig):
+            raise ConfigError(f"{path}: section {sec!r} must be a mapping of keys, got {vals!r}")
+    return OmegaConf.merge(*layers, raw) if layers else raw
+
+
+def _check_keys(d: Mapping[str, Any], where: str) -> None:
+    """Every unknown section and key at once, each with the closest known one."""
+    bad: List[str] = []
+    known_sections = ["model", *_SECTIONS]
+    mkeys = [*model_fields(), "preset"]
+    for sec, vals in d.items():
+        if sec not in known_sections:
+            bad.append(_unknown(sec, known_sections))
+            continue
+        if vals is not None and not isinstance(vals, Mapping):
+            raise ConfigError(f"{where}: section {sec!r} must be a mapping of keys, got {vals!r}")
+        known = mkeys if sec == "model" else [f.name for f in dataclasses.fields(_SECTIONS[sec])]
+        bad += [_unknown(f"{sec}.{k}", [f"{sec}.{m}" for m in known]) for k in (vals or {}) if k not in known]
+    if bad:
+        raise ConfigError(f"{where}: unknown config key(s): {', '.join(bad)}")
+
+
+def _typed_model(model: Mapping[str, Any]) -> Dict[str, Any]:
+    """The given ``model.*`` keys, typed against the JiTConfig fields (the others stay unset, so a
+    preset fills them in)."""
+    from .model import JiTConfig
+
+    model = dict(model)
+    preset = model.pop("preset", None)
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"config key model.preset: expected a preset name, got {preset!r}")
+    try:
+        typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(JiTConfig), model))
+    except OmegaConfBaseException as e:
+        raise _omega_error(e, "model.") from None
+    out = {k: typed[k] for k in model}
+    return {"preset": preset, **out} if preset is not None else out
 
 
 def config_from_dict(d: Mapping[str, Any], *, where: str = "config", stored: bool = False) -> Config:
-    """Validate a nested ``{section: {key: value}}`` dict (unknown keys -> ConfigError) into a Config.
+    """Validate a nested ``{section: {key: value}}`` dict (unknown keys -> ConfigError) into a Config:
+    merged onto the dataclass schema with OmegaConf (types checked, ``${...}`` interpolations resolved).
     ``stored``: the config of a checkpoint, which may hold values of older versions."""
-    bad: List[str] = []
-    known_sections = ["model", *_SECTIONS]
-    for sec in d:
-        if sec not in known_sections:
-            bad.append(_unknown(sec, known_sections))
-    mfields = model_fields()
-    mkeys = list(mfields) + ["preset"]
-    model: Dict[str, Any] = {}
-    for k, v in (d.get("model") or {}).items():
-        if k not in mkeys:
-            bad.append(_unknown(f"model.{k}", [f"model.{m}" for m in mkeys]))
-            continue
-        model[k] = _coerce(f"model.{k}", v, str if k == "preset" else mfields[k])
-    sections = {}
-    for name, cls in _SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        kw = {}
-        for k, v in _legacy(name, dict(d.get(name) or {}), stored).items():
-            if k not in hints:
-                bad.append(_unknown(f"{name}.{k}", [f"{name}.{h}" for h in hints]))
-                continue
-            v = _coerce(f"{name}.{k}", v, hints[k])
-            choices = _CHOICES.get((name, k))
-            if choices and v not in choices:
-                raise ConfigError(f"config key {name}.{k}: {v!r} is not one of {list(choices)}")
-            kw[k] = v
-        sections[name] = cls(**kw)
-    if bad:
-        raise ConfigError(f"{where}: unknown config key(s): {', '.join(bad)}")
-    cfg = Config(model=model, **sections)
+    if isinstance(d, DictConfig):
+        d = OmegaConf.to_container(d, resolve=False)
+    d = {sec: (_legacy(sec, dict(v), stored) if sec in _SECTIONS and isinstance(v, Mapping) else v) for sec, v in d.items()}
+    _check_keys(d, where)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in d.items() if v is not None})
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _omega_error(e, where=_failing_key(d)) from None
+    cfg.model = _typed_model(cfg.model)
+    for (sec, k), choices in _CHOICES.items():
+        v = getattr(getattr(cfg, sec), k)
+        if v not in choices:
+            raise ConfigError(f"config key {sec}.{k}: {v!r} is not one of {list(choices)}")
     _check(cfg)
     return cfg
 
@@ -365,10 +340,6 @@ def _check(cfg: Config) -> None:
 
 def load_config(path=None, overrides: Sequence[str] = ()) -> Config:
     """Read ``path`` (YAML; may name ``base:`` files relative to it), apply dotted overrides, validate."""
-    d: Dict[str, Any] = {}
-    where = "config"
-    if path is not None:
-        d = _read_yaml(Path(path))
-        where = str(path)
-    d = _merge(d, parse_overrides(overrides), "overrides")
-    return config_from_dict(d, where=where)
+    layers = [_read_yaml(Path(path))] if path is not None else []
+    layers.append(OmegaConf.create(parse_overrides(overrides)))
+    return config_from_dict(OmegaConf.merge(*layers), where=str(path) if path is not None else "config")
