@@ -14,7 +14,6 @@ N-th sample of it. Only rank 0 writes (checkpoints, config, TensorBoard, sample 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -38,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, load_config
-from .data import BatchMaker, DataError, IndexStream, build_dataset, to_float
+from .data import BatchMaker, DataError, IndexStream, build_dataset
 from .diffusion import EMA, Diffusion
 from .fileio import check_writable_dir
 
@@ -182,184 +181,228 @@ def _sample_grid(model_cfg, ema_model, diffusion: Diffusion, cfg: Config, val_ma
 
 
 def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
-    """Run (or continue) the training that ``cfg`` describes.
+    """Run (or continue) the training that ``cfg`` describes: setup, resume, then the loop of
+    :meth:`_Run.train_step` with logging, sample grids and checkpoints.
 
     Returns ``{"step", "loss" (mean of the last log interval), "run_dir", "model", "ema"}``.
     """
-    from .model import JiT
-
     t = cfg.train
-    dev0 = _pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
-    D = _Dist(dev0.type)
-    device = dev0
+    device = _pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+    D = _Dist(device.type)
+    _setup_device(device, t.num_threads)
+    say = log if D.main else (lambda *a, **k: None)
+    run = None
+    try:
+        ckpt_dir = _find_resume_point(Path(t.out_dir), resume, D, say)
+        run = _Run(cfg, device, D, say)
+        if ckpt_dir is not None:
+            run.step, run.last_loss = _restore(ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device)
+            say(f"resumed from {ckpt_dir} at step {run.step}")
+            if run.step >= t.steps:
+                say(f"the run is already at step {run.step} >= train.steps={t.steps}; raise train.steps to train on")
+        run.start()
+        run.loop()
+        return {"step": run.step, "loss": run.last_loss, "run_dir": run.run_dir, "model": run.model, "ema": run.ema}
+    finally:
+        if run is not None and run.logger is not None:
+            run.logger.close()
+        D.close()
+
+
+def _setup_device(device: torch.device, num_threads: Optional[int]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal floats (decaying Adam moments, tiny grads) stall CPUs
-        if t.num_threads is not None:
-            torch.set_num_threads(t.num_threads)
-    say = log if D.main else (lambda *a, **k: None)
-    run_dir = Path(t.out_dir)
-    logger = None
-    try:
-        # ---------------------------------------------------------------- resume or fresh start
-        if D.main:
-            check_writable_dir(run_dir, "train.out_dir")  # before the data and the model, not at the first checkpoint
-            for p in clean_stale_temps(run_dir):
-                say(f"removed {p}, left by an interrupted checkpoint write")
-        newest = latest_checkpoint(run_dir)
-        if newest is not None and not resume:
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints (newest {newest.name}); pass --resume to continue "
-                "or choose another train.out_dir"
-            )
-        ckpt_dir = newest_valid_checkpoint(run_dir) if resume else None
-        if resume and ckpt_dir is None:
-            say(f"--resume: no checkpoint in {run_dir}, starting from scratch")
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
 
-        # ---------------------------------------------------------------- data (rank 0 fetches first)
+
+def _find_resume_point(run_dir: Path, resume: bool, D: _Dist, say) -> Optional[Path]:
+    """The checkpoint to continue from (None: a fresh start). Checks the output folder before any
+    long work and removes the temp folders of interrupted checkpoint writes."""
+    if D.main:
+        check_writable_dir(run_dir, "train.out_dir")  # before the data and the model, not at the first checkpoint
+        for p in clean_stale_temps(run_dir):
+            say(f"removed {p}, left by an interrupted checkpoint write")
+    newest = latest_checkpoint(run_dir)
+    if newest is not None and not resume:
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints (newest {newest.name}); pass --resume to continue "
+            "or choose another train.out_dir"
+        )
+    ckpt_dir = newest_valid_checkpoint(run_dir) if resume else None
+    if resume and ckpt_dir is None:
+        say(f"--resume: no checkpoint in {run_dir}, starting from scratch")
+    return ckpt_dir
+
+
+def _check_data_fits(cfg: Config, mcfg, ds, world: int) -> None:
+    if mcfg.num_classes != ds.num_classes:
+        raise ConfigError(f"model.num_classes={mcfg.num_classes} but data {cfg.data.name} has {ds.num_classes} classes")
+    if mcfg.img_size != cfg.data.img_size:
+        raise ConfigError(f"model.img_size={mcfg.img_size} but data.img_size={cfg.data.img_size}")
+    if (mcfg.cond_img_size is None) != (cfg.data.cond == "none"):
+        raise ConfigError(
+            f"model.cond_img_size={mcfg.cond_img_size} and data.cond={cfg.data.cond} disagree: a condition "
+            "image needs both (e.g. model.cond_img_size=16 data.cond=downsample) or neither"
+        )
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
+
+
+class _Run:
+    """The state of one training run and its steps: data, model, EMA and optimizer (built in
+    ``__init__``), then :meth:`start`, and :meth:`loop` over :meth:`train_step`, :meth:`log_step`,
+    :meth:`sample_step` and :meth:`checkpoint_step`."""
+
+    def __init__(self, cfg: Config, device: torch.device, D: _Dist, say):
+        from .model import JiT
+
+        self.cfg, self.t, self.device, self.D, self.say = cfg, cfg.train, device, D, say
+        self.run_dir, self.logger = Path(cfg.train.out_dir), None
+        self._build_data()
+        torch.manual_seed(self.t.seed)
+        self.model = JiT(self.mcfg).to(device)
+        if self.mcfg.pos_impl == "fused" and self.model.pos_impl != "fused":
+            say("warning: the fused ops are unavailable, training with pos_impl=torch (same numbers, slower)")
+        self.ema = EMA(self.model, self.t.ema_decays, warmup=self.t.ema_warmup)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.95), weight_decay=0.0)
+        self.stream = IndexStream(len(self.ds), self.t.seed, rank=D.rank, world=D.world)
+        self.step, self.last_loss = 0, float("nan")
+
+    def _build_data(self) -> None:
+        """Rank 0 fetches (and caches) the data first; the others read the cache after it."""
+        cfg, D = self.cfg, self.D
         if not D.main:
             D.barrier()
-        ds = build_dataset(cfg.data, "train", seed=t.seed, log=say)
+        self.ds = build_dataset(cfg.data, "train", seed=self.t.seed, log=self.say)
         try:
-            val = build_dataset(cfg.data, "val", seed=t.seed, log=say)
+            self.val = build_dataset(cfg.data, "val", seed=self.t.seed, log=self.say)
         except DataError:
-            val = None
+            self.val = None
         if D.main:
             D.barrier()
-        mcfg = cfg.model_config()
-        if mcfg.num_classes != ds.num_classes:
-            raise ConfigError(f"model.num_classes={mcfg.num_classes} but data {cfg.data.name} has {ds.num_classes} classes")
-        if mcfg.img_size != cfg.data.img_size:
-            raise ConfigError(f"model.img_size={mcfg.img_size} but data.img_size={cfg.data.img_size}")
-        if (mcfg.cond_img_size is None) != (cfg.data.cond == "none"):
-            raise ConfigError(
-                f"model.cond_img_size={mcfg.cond_img_size} and data.cond={cfg.data.cond} disagree: a condition "
-                "image needs both (e.g. model.cond_img_size=16 data.cond=downsample) or neither"
-            )
-        bm_kw = dict(cond=cfg.data.cond, cond_size=mcfg.cond_img_size, device=device)
-        maker = BatchMaker(ds, hflip=cfg.data.hflip, **bm_kw)
-        val_maker = BatchMaker(val, **bm_kw) if val is not None else None
-        if t.batch_size % D.world:
-            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {D.world} ranks")
+        self.mcfg = cfg.model_config()
+        _check_data_fits(cfg, self.mcfg, self.ds, D.world)
+        bm_kw = dict(cond=cfg.data.cond, cond_size=self.mcfg.cond_img_size, device=self.device)
+        self.maker = BatchMaker(self.ds, hflip=cfg.data.hflip, **bm_kw)
+        self.val_maker = BatchMaker(self.val, **bm_kw) if self.val is not None else None
 
-        # ---------------------------------------------------------------- model, EMA, optimizer
-        torch.manual_seed(t.seed)
-        model = JiT(mcfg).to(device)
-        if mcfg.pos_impl == "fused" and model.pos_impl != "fused":
-            say("warning: the fused ops are unavailable, training with pos_impl=torch (same numbers, slower)")
-        ema = EMA(model, t.ema_decays, warmup=t.ema_warmup)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.95), weight_decay=0.0)
-        stream = IndexStream(len(ds), t.seed, rank=D.rank, world=D.world)
-        step, last_loss = 0, float("nan")
-        if ckpt_dir is not None:
-            step, last_loss = _restore(ckpt_dir, cfg, model, ema, opt, stream, device)
-            say(f"resumed from {ckpt_dir} at step {step}")
-            if step >= t.steps:
-                say(f"the run is already at step {step} >= train.steps={t.steps}; raise train.steps to train on")
-        net = model
+    def start(self) -> None:
+        """Wrap the model (DDP, torch.compile), write the run's config and open the logs."""
+        t, D, device = self.t, self.D, self.device
+        self.net = self.model
         if D.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.net = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         if t.compile_mode != "none":
-            net = torch.compile(net, mode=t.compile_mode)
-        diffusion = Diffusion.from_config(cfg.diffusion)
-        amp = t.amp == "bf16" or (t.amp == "auto" and device.type == "cuda")
-
+            self.net = torch.compile(self.net, mode=t.compile_mode)
+        self.diffusion = Diffusion.from_config(self.cfg.diffusion)
+        self.amp = t.amp == "bf16" or (t.amp == "auto" and device.type == "cuda")
         if D.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(run_dir / "config.yaml")
-            logger = _Logger(run_dir, t.tensorboard)
-        n_params = sum(p.numel() for p in model.parameters())
-        say(
-            f"{len(ds)} training images ({cfg.data.name}, {ds.num_classes} classes), "
-            f"{len(val) if val is not None else 0} held out; JiT {n_params / 1e6:.2f}M params, "
-            f"pos_embed={mcfg.pos_embed} ({model.pos_impl}), {D.world} rank(s) on {device}, "
-            f"batch {t.batch_size}, lr {lr_at(cfg, t.warmup_steps):.2e}"
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.run_dir / "config.yaml")
+            self.logger = _Logger(self.run_dir, t.tensorboard)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.say(
+            f"{len(self.ds)} training images ({self.cfg.data.name}, {self.ds.num_classes} classes), "
+            f"{len(self.val) if self.val is not None else 0} held out; JiT {n_params / 1e6:.2f}M params, "
+            f"pos_embed={self.mcfg.pos_embed} ({self.model.pos_impl}), {D.world} rank(s) on {device}, "
+            f"batch {t.batch_size}, lr {lr_at(self.cfg, t.warmup_steps):.2e}"
         )
 
-        # ---------------------------------------------------------------- the loop
+    def loop(self) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=(not D.main) or (not t.progress) or None)
+        t, D = self.t, self.D
+        self.bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=(not D.main) or (not t.progress) or None)
+        self.loss_acc, self.n_acc = torch.zeros((), device=self.device), 0
+        self.t_log, self.imgs_log = time.perf_counter(), 0
+        self.grad_norm = torch.zeros(())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
+        while self.step < t.steps:
+            self.train_step()
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.log_step()
+            if D.main and t.sample_every > 0 and (self.step % t.sample_every == 0 or self.step == t.steps):
+                self.sample_step()
+            if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                self.checkpoint_step()
+        self.bar.close()
+
+    def train_step(self) -> None:
+        """One optimizer update; every random draw comes from generators seeded with (seed, step)."""
+        t, D, device, mcfg, step = self.t, self.D, self.device, self.mcfg, self.step
         B, shard = t.batch_size, slice(D.rank, None, D.world)
-        H = mcfg.img_size
-        loss_acc, n_acc = torch.zeros((), device=device), 0
-        t_log, imgs_log = time.perf_counter(), 0
-        grad_norm = torch.zeros(())
-        params = [p for p in model.parameters() if p.requires_grad]
-        model.train()
-        while step < t.steps:
-            idx = stream.next(B)
-            g = step_generator(t.seed, step)
-            tt = diffusion.sample_t(B, generator=g)[shard]
-            noise = torch.randn(B, mcfg.in_channels, H, H, generator=g)[shard]
-            u = torch.rand(B, 4, generator=g)[shard]
-            x, y, cond = maker(idx, u[:, 2:])
-            y = torch.where(u[:, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
-            cond_drop = (u[:, 1] < t.cond_drop).to(device) if cond is not None else None
-            torch.manual_seed(step_generator(t.seed, step, 1).initial_seed() + D.rank)  # dropout in the model
-            for gr in opt.param_groups:
-                gr["lr"] = lr_at(cfg, step)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                loss = diffusion.loss(net, x, y, cond, cond_drop, t=tt.to(device), noise=noise.to(device))
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update()
-            step += 1
-            loss_acc += loss.detach()
-            n_acc += 1
-            imgs_log += B
-            bar.update(1)
+        idx = self.stream.next(B)
+        g = step_generator(t.seed, step)
+        tt = self.diffusion.sample_t(B, generator=g)[shard]
+        noise = torch.randn(B, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g)[shard]
+        u = torch.rand(B, 4, generator=g)[shard]
+        x, y, cond = self.maker(idx, u[:, 2:])
+        y = torch.where(u[:, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
+        cond_drop = (u[:, 1] < t.cond_drop).to(device) if cond is not None else None
+        torch.manual_seed(step_generator(t.seed, step, 1).initial_seed() + D.rank)  # dropout in the model
+        for gr in self.opt.param_groups:
+            gr["lr"] = lr_at(self.cfg, step)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.diffusion.loss(self.net, x, y, cond, cond_drop, t=tt.to(device), noise=noise.to(device))
+        loss.backward()
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update()
+        self.step += 1
+        self.loss_acc += loss.detach()
+        self.n_acc += 1
+        self.imgs_log += B
+        self.bar.update(1)
 
-            if step % t.log_every == 0 or step == t.steps:
-                mean_loss = float(D.mean(loss_acc / n_acc))
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"the loss is {mean_loss} at step {step}; lower train.blr or raise train.warmup_steps")
-                now = time.perf_counter()
-                ips = imgs_log / max(now - t_log, 1e-9)
-                last_loss = mean_loss
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                if logger is not None:
-                    logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr_at(cfg, step - 1),
-                                          "train/grad_norm": float(grad_norm), "train/images_per_s": ips})
-                if D.main and bar.disable:
-                    say(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad {float(grad_norm):.3f}  {ips:.1f} img/s")
-                loss_acc.zero_()
-                n_acc, t_log, imgs_log = 0, now, 0
+    def log_step(self) -> None:
+        """The mean loss of the interval (over ranks), throughput, TensorBoard scalars."""
+        step, t = self.step, self.t
+        mean_loss = float(self.D.mean(self.loss_acc / self.n_acc))
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"the loss is {mean_loss} at step {step}; lower train.blr or raise train.warmup_steps")
+        now = time.perf_counter()
+        ips = self.imgs_log / max(now - self.t_log, 1e-9)
+        self.last_loss = mean_loss
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+        if self.logger is not None:
+            self.logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr_at(self.cfg, step - 1),
+                                       "train/grad_norm": float(self.grad_norm), "train/images_per_s": ips})
+        if self.D.main and self.bar.disable:
+            self.say(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad {float(self.grad_norm):.3f}  {ips:.1f} img/s")
+        self.loss_acc.zero_()
+        self.n_acc, self.t_log, self.imgs_log = 0, now, 0
 
-            if D.main and t.sample_every > 0 and (step % t.sample_every == 0 or step == t.steps):
-                ema_model = ema.averaged_module(0)
-                grid = _sample_grid(mcfg, ema_model, diffusion, cfg, val_maker, ds.class_names, device)
-                (run_dir / "samples").mkdir(exist_ok=True)
-                grid.save(run_dir / "samples" / f"step_{step:08d}.png")
-                logger.image("samples/ema0", step, grid)
-                del ema_model
-            if step % t.ckpt_every == 0 or step == t.steps:
-                if D.main:
-                    save_checkpoint(
-                        run_dir,
-                        step,
-                        model=model.state_dict(),
-                        emas=[ema.state_dict(i) for i in range(len(t.ema_decays))],
-                        ema_decays=t.ema_decays,
-                        state=_train_state(opt, stream, ema, step, device, D, last_loss),
-                        config=cfg.to_dict(),
-                        class_names=ds.class_names,
-                        model_config=mcfg.to_dict(),
-                        keep_last=t.keep_last,
-                    )
-                D.barrier()
-        bar.close()
-        return {"step": step, "loss": last_loss, "run_dir": run_dir, "model": model, "ema": ema}
-    finally:
-        if logger is not None:
-            logger.close()
-        D.close()
+    def sample_step(self) -> None:
+        ema_model = self.ema.averaged_module(0)
+        grid = _sample_grid(self.mcfg, ema_model, self.diffusion, self.cfg, self.val_maker, self.ds.class_names, self.device)
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+        grid.save(self.run_dir / "samples" / f"step_{self.step:08d}.png")
+        self.logger.image("samples/ema0", self.step, grid)
+
+    def checkpoint_step(self) -> None:
+        t, D = self.t, self.D
+        if D.main:
+            save_checkpoint(
+                self.run_dir,
+                self.step,
+                model=self.model.state_dict(),
+                emas=[self.ema.state_dict(i) for i in range(len(t.ema_decays))],
+                ema_decays=t.ema_decays,
+                state=_train_state(self.opt, self.stream, self.ema, self.step, self.device, D, self.last_loss),
+                config=self.cfg.to_dict(),
+                class_names=self.ds.class_names,
+                model_config=self.mcfg.to_dict(),
+                keep_last=t.keep_last,
+            )
+        D.barrier()
 
 
 def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist, loss: float) -> Dict[str, Any]:
