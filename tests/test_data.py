@@ -126,12 +126,14 @@ def test_fetch_unpacks_once_and_loads_composited_labelled_images(fake_npm):
 
     # second time: from the tensor cache, neither npm nor the unpacked folders are touched
     calls = fake_npm["log"].read_text()
-    orig = D.fetch_emoji
-    D.fetch_emoji = lambda *a, **k: pytest.fail("fetch_emoji called although the cache exists")
+    from jitrope import emoji as EM
+
+    orig = EM.fetch_emoji
+    EM.fetch_emoji = lambda *a, **k: pytest.fail("fetch_emoji called although the cache exists")
     try:
         again = _load(fake_npm)
     finally:
-        D.fetch_emoji = orig
+        EM.fetch_emoji = orig
     assert torch.equal(again.images, ds.images) and again.names == ds.names
     assert fake_npm["log"].read_text() == calls
 
@@ -209,13 +211,15 @@ def test_emoji_split_keeps_vendors_together(fake_npm):
     from jitrope.config import DataConfig
 
     cfg = DataConfig(name="emoji", root=str(fake_npm["root"]), img_size=32, vendors=("google", "twitter"), holdout=0.5)
-    D_load = D.load_emoji
+    from jitrope import datasets as DS
+
+    D_load = DS.load_emoji
     try:
-        D.load_emoji = lambda root, **kw: D_load(root, **{**kw, "version": VERSION, "npm": fake_npm["npm"]})
+        DS.load_emoji = lambda root, **kw: D_load(root, **{**kw, "version": VERSION, "npm": fake_npm["npm"]})
         tr = D.build_dataset(cfg, "train", log=lambda *_: None)
         va = D.build_dataset(cfg, "val", log=lambda *_: None)
     finally:
-        D.load_emoji = D_load
+        DS.load_emoji = D_load
     assert len(tr) + len(va) == 9 and tr.images.shape[-1] == 32
     assert not set(tr.split_keys) & set(va.split_keys)
 

@@ -1,0 +1,325 @@
+"""The emoji set from npm (SPEC §8): fetch, verify, unpack, and load as an :class:`ImageSet`.
+
+1. ``npm pack emoji-datasource-<vendor>@16.0.0`` into ``<root>/npm/`` (root: ``data.root``,
+   ``$JITROPE_DATA`` or ``~/.cache/jitrope``; npm: ``$JITROPE_NPM`` or ``npm`` on PATH), verified
+   against the sha512 ``integrity`` that npm reports and the checksums pinned below; a tarball put
+   there by hand is checked against the pins.
+2. The 64x64 PNGs and ``emoji.json`` are unpacked once into a temporary folder, counted, and only
+   then renamed into place, so a half-written folder is never used.
+3. Images are alpha-composited on white, labelled with their ``emoji.json`` category (9 classes,
+   "Component" left out) and vendor, and cached as one safetensors file per vendor, which later
+   runs load in a fraction of a second.
+
+The same emoji from different vendors shares a ``group`` (image pairs for ``data.cond=other_vendor``).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .fileio import atomic_path, atomic_write_text
+from .imageset import DataError, ImageSet, _composite_on_white, resize_images
+
+EMOJI_VERSION = "16.0.0"
+EMOJI_VENDORS = ("google", "twitter", "apple", "facebook")
+# emoji-datasource's own category order; "Component" (skin-tone swatches, hair parts) is left out.
+EMOJI_CATEGORIES = (
+    "Smileys & Emotion",
+    "People & Body",
+    "Animals & Nature",
+    "Food & Drink",
+    "Travel & Places",
+    "Activities",
+    "Objects",
+    "Symbols",
+    "Flags",
+)
+# Recorded from `npm pack --json` and sha256sum of the 16.0.0 tarballs; n64 = files under img/<vendor>/64/.
+PINS: Dict[Tuple[str, str], Dict[str, object]] = {
+    ("emoji-datasource-google", "16.0.0"): dict(
+        size=74344091,
+        n64=3786,
+        integrity="sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A==",
+        sha256="fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438",
+    ),
+    ("emoji-datasource-twitter", "16.0.0"): dict(
+        size=61683754,
+        n64=3786,
+        integrity="sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ==",
+        sha256="f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877",
+    ),
+    ("emoji-datasource-apple", "16.0.0"): dict(
+        size=99291668,
+        n64=3793,
+        integrity="sha512-dVYjsK0FnCry9F+PBtnivhG2K0xdwlmqYaSgiUtztUdAGPYiHYhZcVKvNBqC791g2qyEcFNTBO6utg4eQ3uLTw==",
+        sha256="b34d1665e136f163b0d4433318df151895b785186e8c729b2211b43017945075",
+    ),
+    ("emoji-datasource-facebook", "16.0.0"): dict(
+        size=102958917,
+        n64=3645,
+        integrity="sha512-b9ZxJdB7nMWGckH1vyCjPSosaa6MJYuojPPFiQ0LmDIZS8vlG454XKcmTFKrXIMAA72O4MRJMYFhvWI8pjyciQ==",
+        sha256="017038cf5a4e7fcf03dd9133cbed43d4c281c4b3ce7b927c7160261b92b8821e",
+    ),
+}
+_CACHE_FORMAT = "1"
+
+
+def data_root(root=None) -> Path:
+    """``root``, else ``$JITROPE_DATA``, else ``~/.cache/jitrope``."""
+    if root:
+        return Path(root).expanduser()
+    env = os.environ.get("JITROPE_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "jitrope"
+
+
+def _sha512_integrity(path: Path) -> Tuple[str, str, int]:
+    h512, h256, n = hashlib.sha512(), hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h512.update(chunk)
+            h256.update(chunk)
+            n += len(chunk)
+    return "sha512-" + base64.b64encode(h512.digest()).decode(), h256.hexdigest(), n
+
+
+def _verify_tarball(tgz: Path, meta: Optional[dict], pin: Optional[dict]) -> None:
+    integrity, sha256, size = _sha512_integrity(tgz)
+    problems = []
+    if meta is not None:
+        if meta.get("integrity") and meta["integrity"] != integrity:
+            problems.append(f"sha512 {integrity} != {meta['integrity']} reported by npm")
+        if meta.get("size") is not None and int(meta["size"]) != size:
+            problems.append(f"size {size} != {meta['size']} reported by npm")
+    if pin is not None:
+        if pin["integrity"] != integrity or pin["sha256"] != sha256:
+            problems.append(f"sha256 {sha256} != pinned {pin['sha256']}")
+        if pin["size"] != size:
+            problems.append(f"size {size} != pinned {pin['size']}")
+    if meta is None and pin is None:
+        problems.append("no npm metadata (.json beside it) and no pinned checksum to check it against")
+    if problems:
+        raise DataError(f"{tgz}: verification failed: {'; '.join(problems)}. Delete it and run again to re-download.")
+
+
+def _npm_pack(package: str, version: str, dest_dir: Path, npm: Optional[str], log: Callable[[str], None]) -> Tuple[Path, dict]:
+    exe = npm or os.environ.get("JITROPE_NPM") or "npm"
+    path = shutil.which(exe)
+    if path is None:
+        raise DataError(
+            f"npm was not found (looked for {exe!r} on PATH); it is needed to download {package}@{version}. "
+            "Install Node.js and npm (e.g. `apt-get install npm`), or put the tarball from `npm pack "
+            f"{package}@{version}` into {dest_dir} by hand, or train on your own images with data.name=folder."
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=".npm-pack-", dir=dest_dir))
+    try:
+        log(f"downloading {package}@{version} with npm pack ...")
+        proc = subprocess.run(
+            [path, "pack", f"{package}@{version}", "--json", "--pack-destination", str(tmp)],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise DataError(f"`npm pack {package}@{version}` failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        try:
+            meta = json.loads(proc.stdout)[0]
+            tgz = tmp / meta["filename"]
+        except (ValueError, KeyError, IndexError) as e:
+            raise DataError(f"`npm pack {package}@{version} --json` printed no usable JSON ({e}): {proc.stdout[:500]!r}") from None
+        if not tgz.is_file():
+            raise DataError(f"`npm pack {package}@{version}` reported {meta['filename']} but wrote no such file")
+        _verify_tarball(tgz, meta, PINS.get((package, version)))
+        final = dest_dir / tgz.name
+        atomic_write_text(final.with_suffix(".json"), json.dumps(meta))
+        os.replace(tgz, final)
+        return final, meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_emoji(
+    vendor: str,
+    *,
+    root=None,
+    version: str = EMOJI_VERSION,
+    download: bool = True,
+    npm: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Make sure ``<root>/emoji-<version>/<vendor>/`` holds the unpacked, verified package; return it.
+
+    Holds ``emoji.json``, ``LICENSE`` and ``img/<vendor>/64/*.png``.
+    """
+    root = data_root(root)
+    package = f"emoji-datasource-{vendor}"
+    final = root / f"emoji-{version}" / vendor
+    if (final / "emoji.json").is_file():
+        return final
+    npm_dir = root / "npm"
+    npm_dir.mkdir(parents=True, exist_ok=True)
+    tgz = npm_dir / f"{package}-{version}.tgz"
+    pin = PINS.get((package, version))
+    if tgz.is_file():
+        meta_path = tgz.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        _verify_tarball(tgz, meta, pin)
+    elif download:
+        tgz, meta = _npm_pack(package, version, npm_dir, npm, log)
+    else:
+        raise DataError(
+            f"the emoji data for {vendor} is missing: no {final} and no {tgz}. Run "
+            f"`python scripts/prepare_data.py --root {root}` (needs npm) or set data.download=true."
+        )
+    expected = None
+    if meta is not None and meta.get("files"):
+        expected = sum(1 for f in meta["files"] if f["path"].startswith(f"img/{vendor}/64/") and f["path"].endswith(".png"))
+    elif pin is not None:
+        expected = int(pin["n64"])
+
+    log(f"unpacking {tgz.name} ...")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{vendor}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        n_png = 0
+        prefix = f"package/img/{vendor}/64/"
+        try:
+            with tarfile.open(tgz, "r:gz") as tar:
+                for m in tar:
+                    name = m.name
+                    if not m.isfile():
+                        continue
+                    if name in ("package/emoji.json", "package/LICENSE"):
+                        rel = name[len("package/"):]
+                    elif name.startswith(prefix) and name.endswith(".png") and "/" not in name[len(prefix):]:
+                        rel = name[len("package/"):]
+                        n_png += 1
+                    else:
+                        continue
+                    out = tmp / rel
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(m) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{tgz}: cannot unpack ({e}); delete it and run again to re-download") from None
+        if not (tmp / "emoji.json").is_file():
+            raise DataError(f"{tgz}: has no package/emoji.json")
+        if n_png == 0 or (expected is not None and n_png != expected):
+            raise DataError(f"{tgz}: found {n_png} images under {prefix}, expected {expected if expected is not None else '> 0'}")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "emoji.json").is_file():  # not just lost a race to another process
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _emoji_items(meta: list, vendor: str, skin_tones: bool):
+    """(image file, category, variant code points, base code points, short name) of each usable emoji."""
+    flag = f"has_img_{vendor}"
+    for e in meta:
+        cat = e.get("category")
+        if cat not in EMOJI_CATEGORIES:
+            continue
+        base = e["unified"]
+        if e.get(flag, True):
+            yield e["image"], cat, base, base, e.get("short_name", base)
+        if skin_tones:
+            for v in (e.get("skin_variations") or {}).values():
+                if v.get(flag, True):
+                    yield v["image"], cat, v["unified"], base, e.get("short_name", base)
+
+
+def _load_vendor(vendor: str, *, root, version, skin_tones, download, npm, log) -> Tuple[Tensor, List[dict]]:
+    from PIL import Image
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    root = data_root(root)
+    cache = root / f"emoji-{version}" / "cache" / f"{vendor}{'-skin' if skin_tones else ''}-64.safetensors"
+    if cache.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(cache), "pt") as f:
+                md = f.metadata() or {}
+            if md.get("format") == _CACHE_FORMAT:
+                return load_file(str(cache))["images"], json.loads(md["items"])
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            log(f"ignoring unreadable cache {cache} ({e}); rebuilding it")
+    pkg = fetch_emoji(vendor, root=root, version=version, download=download, npm=npm, log=log)
+    meta = json.loads((pkg / "emoji.json").read_text())
+    imgs, items = [], []
+    for image, cat, unified, base, short in _emoji_items(meta, vendor, skin_tones):
+        p = pkg / "img" / vendor / "64" / image
+        if not p.is_file():
+            continue  # emoji.json claims an image the package does not ship
+        try:
+            with Image.open(p) as im:
+                t = _composite_on_white(im)
+        except OSError as e:
+            raise DataError(f"{p}: unreadable image ({e}); delete {pkg} to unpack it again") from None
+        if t.shape[-2:] != (64, 64):
+            t = resize_images(t[None], 64)[0]
+        imgs.append(t)
+        items.append(dict(category=cat, unified=unified, base=base, name=short))
+    if not imgs:
+        raise DataError(f"{pkg}: no usable images")
+    images = torch.stack(imgs)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        save_file({"images": images}, str(tmp), metadata={"format": _CACHE_FORMAT, "items": json.dumps(items)})
+    return images, items
+
+
+def load_emoji(
+    root=None,
+    *,
+    vendors: Sequence[str] = EMOJI_VENDORS,
+    version: str = EMOJI_VERSION,
+    skin_tones: bool = False,
+    download: bool = True,
+    npm: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> ImageSet:
+    """All emoji of ``vendors`` at 64x64 (fetching and caching on first use)."""
+    vendors = list(vendors)
+    if not vendors:
+        raise DataError("data.vendors is empty")
+    bad = [v for v in vendors if v not in EMOJI_VENDORS]
+    if bad:
+        raise DataError(f"unknown emoji vendor(s) {bad}; choose from {list(EMOJI_VENDORS)}")
+    all_imgs, labels, domains, items = [], [], [], []
+    for d, v in enumerate(vendors):
+        imgs, its = _load_vendor(v, root=root, version=version, skin_tones=skin_tones, download=download, npm=npm, log=log)
+        all_imgs.append(imgs)
+        labels += [EMOJI_CATEGORIES.index(it["category"]) for it in its]
+        domains += [d] * len(its)
+        items += its
+    group_ids: Dict[str, int] = {}
+    for u in sorted({it["unified"] for it in items}):
+        group_ids[u] = len(group_ids)
+    return ImageSet(
+        images=torch.cat(all_imgs),
+        labels=torch.tensor(labels, dtype=torch.long),
+        class_names=list(EMOJI_CATEGORIES),
+        groups=torch.tensor([group_ids[it["unified"]] for it in items], dtype=torch.long),
+        domains=torch.tensor(domains, dtype=torch.long),
+        domain_names=vendors,
+        names=[f"{it['name']} ({it['unified'].lower()}, {vendors[d]})" for it, d in zip(items, domains)],
+        split_keys=[it["base"] for it in items],
+    )
