@@ -8,6 +8,7 @@ import stat
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -245,8 +246,6 @@ def test_image_folder_loader(tmp_path):
 
 
 def test_images_of_any_bit_depth_convert_to_8_bit_rgba(tmp_path):
-    import numpy as np
-
     from jitrope.data import to_rgba8
 
     g = np.random.default_rng(0)
@@ -333,3 +332,22 @@ def test_synthetic_data_is_deterministic():
     a, b = make_synthetic(18, 16, seed=1), make_synthetic(18, 16, seed=1)
     assert torch.equal(a.images, b.images) and a.labels.tolist() == [i % 9 for i in range(18)]
     assert not torch.equal(a.images, make_synthetic(18, 16, seed=2).images)
+
+
+def test_heldout_condition_picks_are_held_out_one_per_class(tmp_path):
+    from jitrope.data import heldout_picks, make_synthetic, write_heldout_conditions
+
+    ds = make_synthetic(300, 16, seed=3)
+    held = heldout_mask(ds.split_keys, 0.2)
+    picks = heldout_picks(ds, 0.2, 5)
+    assert [int(ds.labels[i]) for i in picks] == list(range(5)) and all(held[i] for i in picks)
+    # the first held-out item of its class, in data order
+    assert all(not (held[:i] & (ds.labels[:i] == ds.labels[i])).any() for i in picks)
+    paths = write_heldout_conditions(ds, tmp_path / "c", 8, holdout=0.2, num_classes=3)
+    assert [p.name for p in paths] == [f"heldout_{k}_{ds.class_names[k].split()[0].lower()}.png" for k in range(3)]
+    got = torch.from_numpy(np.array(Image.open(paths[1]))).permute(2, 0, 1)
+    assert torch.equal(got, resize_images(ds.images[picks[1] : picks[1] + 1], 8)[0])
+    with pytest.raises(DataError, match="num_classes must be in 1..9"):
+        heldout_picks(ds, 0.2, 0)
+    with pytest.raises(DataError, match="has no held-out item at holdout=0.0"):
+        heldout_picks(ds, 0.0, 1)

@@ -138,6 +138,21 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, args, message):
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_console_entry_points_name_the_cli_mains():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(scripts) == ["jitrope-evaluate", "jitrope-sample", "jitrope-train"]
+    for target in scripts.values():
+        module, _, func = target.partition(":")
+        main = getattr(importlib.import_module(module), func)
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        assert e.value.code == 0
+    assert not (ROOT / "scripts" / "train.py").exists() and not (ROOT / "scripts" / "sample.py").exists()
+
+
 def test_lr_schedule_is_linear_warmup_then_constant():
     cfg = load_config(TINY, ["train.lr=null", "train.blr=5e-5", "train.batch_size=512", "train.warmup_steps=4"])
     lrs = [T.lr_at(cfg, s) for s in range(6)]

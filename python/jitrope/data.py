@@ -8,13 +8,21 @@ This module gathers the public names of the modules that hold them, one concern 
   the lowest ``holdout`` fraction, whatever the vendors, sizes or order);
 - :mod:`jitrope.emoji`: fetching the npm emoji set (pinned, verified, unpacked atomically) and
   loading it;
-- :mod:`jitrope.datasets`: the folder and synthetic sets, and :func:`build_dataset`;
+- :mod:`jitrope.datasets`: the folder and synthetic sets, :func:`build_dataset`, and the choice
+  of held-out condition images (:func:`heldout_picks`, :func:`write_heldout_conditions`);
 - :mod:`jitrope.batching`: :class:`IndexStream` and :class:`BatchMaker`.
 """
 from __future__ import annotations
 
 from .batching import BatchMaker, IndexStream
-from .datasets import SYNTHETIC_CLASSES, build_dataset, load_image_folder, make_synthetic
+from .datasets import (
+    SYNTHETIC_CLASSES,
+    build_dataset,
+    heldout_picks,
+    load_image_folder,
+    make_synthetic,
+    write_heldout_conditions,
+)
 from .emoji import EMOJI_CATEGORIES, EMOJI_VENDORS, EMOJI_VERSION, PINS, data_root, fetch_emoji, load_emoji
 from .imageset import (
     IMAGE_EXTENSIONS,
@@ -44,6 +52,8 @@ __all__ = [
     "make_synthetic",
     "heldout_mask",
     "build_dataset",
+    "heldout_picks",
+    "write_heldout_conditions",
     "IndexStream",
     "BatchMaker",
     "resize_images",

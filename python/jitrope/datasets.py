@@ -1,14 +1,15 @@
 """The data sets a run trains on: the emoji set, a folder of class subfolders, synthetic shapes;
-:func:`build_dataset` picks one by ``data.name`` and takes its fixed train / val split."""
+:func:`build_dataset` picks one by ``data.name`` and takes its fixed train / val split, and
+:func:`heldout_picks` chooses held-out condition images for sampling."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, List, Optional
 
 import torch
 
 from .emoji import load_emoji
-from .imageset import IMAGE_EXTENSIONS, DataError, ImageSet, _composite_on_white, heldout_mask, to_rgba8
+from .imageset import IMAGE_EXTENSIONS, DataError, ImageSet, _composite_on_white, heldout_mask, resize_images, to_rgba8
 
 
 def load_image_folder(path, img_size: int) -> ImageSet:
@@ -122,3 +123,36 @@ def build_dataset(data_cfg, split: str = "train", *, seed: int = 0, log: Callabl
         if len(ds) == 0:
             raise DataError(f"the {split} split of {name} is empty (data.holdout={data_cfg.holdout}, {len(held)} images)")
     return ds
+
+
+def heldout_picks(ds: ImageSet, holdout: float, num_classes: Optional[int] = None) -> List[int]:
+    """Indices of one held-out item (never trained on at ``data.holdout=holdout``) of each of the
+    first ``num_classes`` classes (default: all), the first in data order: condition images for a
+    grid that spans the data. A class without a held-out item is an error naming it."""
+    held = heldout_mask(ds.split_keys, holdout).nonzero().flatten().tolist()
+    k = ds.num_classes if num_classes is None else num_classes
+    if not 1 <= k <= ds.num_classes:
+        raise DataError(f"num_classes must be in 1..{ds.num_classes}, got {k}")
+    picks = []
+    for c in range(k):
+        hit = next((i for i in held if int(ds.labels[i]) == c), None)
+        if hit is None:
+            raise DataError(f"class {ds.class_names[c]!r} has no held-out item at holdout={holdout}")
+        picks.append(hit)
+    return picks
+
+
+def write_heldout_conditions(ds: ImageSet, out_dir, size: int, *, holdout: float, num_classes: Optional[int] = None) -> List[Path]:
+    """Write :func:`heldout_picks` as ``size`` x ``size`` PNGs (``heldout_<k>_<class>.png``) into
+    ``out_dir``, for ``jitrope-sample --cond out_dir``."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, i in enumerate(heldout_picks(ds, holdout, num_classes)):
+        img = resize_images(ds.images[i : i + 1], size)[0].permute(1, 2, 0).numpy()  # uint8 RGB
+        p = out_dir / f"heldout_{k}_{ds.class_names[int(ds.labels[i])].split()[0].lower()}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
