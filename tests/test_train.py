@@ -223,3 +223,18 @@ def test_compile_mode_default_trains_like_eager(tmp_path):
         assert out["step"] == 2
         losses[mode] = out["loss"]
     assert losses["default"] == pytest.approx(losses["none"], rel=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_mode_reduce_overhead_trains_on_the_gpu(tmp_path):
+    """CUDA graphs (reduce-overhead) around the model with the fused ops: same loss as eager."""
+    losses = {}
+    for mode in ("none", "reduce-overhead"):
+        cfg = load_config(TINY, ["model.pos_impl=fused", "train.progress=false", "train.tensorboard=false",
+                                 "train.device=cuda", "train.amp=none", f"train.compile_mode={mode}", "train.steps=3",
+                                 "train.log_every=3", f"train.out_dir={tmp_path / mode}"])
+        out = T.train(cfg, log=lambda *a, **k: None)
+        assert out["step"] == 3
+        losses[mode] = out["loss"]
+    assert losses["reduce-overhead"] == pytest.approx(losses["none"], rel=1e-3)
