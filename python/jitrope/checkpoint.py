@@ -165,7 +165,8 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE)) -> None
     d = Path(ckpt_dir)
     mf = d / MANIFEST
     if not mf.is_file():
-        _warn(f"{d} has no {MANIFEST} (written by an older jitrope): loading it without verifying its digests")
+        _warn(f"{d} has no {MANIFEST} (written by an older jitrope, or a file copied out of its checkpoint): "
+              "loading it without verifying its digests")
         return
     try:
         listed = json.loads(mf.read_text())["files"]
