@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from jitrope import evaluate as E
 from jitrope import sample as S
 from jitrope import train as T
 from jitrope.checkpoint import (
@@ -91,6 +92,12 @@ def test_bit_flip_falls_back_for_a_run_and_fails_for_an_explicit_step(run4, tmp_
     assert S.main(["--ckpt", str(run), "--out", str(out), "--steps", "1", "--n", "1", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert out.is_file() and "step 2" in captured.out and "skipping checkpoint step_00000004" in captured.err
+    ev = tmp_path / "ev.json"
+    assert E.main(["--ckpt", str(run), "--out", str(ev), "--max-images", "4", "--n-per-class", "1", "--n-cond", "2",
+                   "--steps", "1", "--device", "cpu"]) == 0
+    assert json.loads(ev.read_text())["step"] == 2 and "skipping checkpoint step_00000004" in capsys.readouterr().err
+    assert E.main(["--ckpt", str(bad), "--out", str(ev), "--steps", "1"]) == 2
+    assert "does not match the manifest" in capsys.readouterr().err
     # --resume falls back too, and the resumed run finishes
     res = T.train(_cfg(run, "train.steps=6", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
     assert res["step"] == 6 and "skipping checkpoint step_00000004" in capsys.readouterr().err

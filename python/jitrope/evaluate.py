@@ -37,7 +37,7 @@ from .checkpoint import CheckpointError, resolve_checkpoint
 from .config import ConfigError
 from .data import BatchMaker, DataError, build_dataset, resize_images, to_float
 from .diffusion import Diffusion
-from .fileio import check_writable_dir
+from .fileio import atomic_write_text, check_writable_dir
 from .sample import SampleError, generate, load_model
 
 __all__ = ["evaluate", "main"]
@@ -255,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        max_images=args.max_images, n_per_class=args.n_per_class, n_cond=args.n_cond, steps=args.steps,
                        sampler=args.sampler, cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed, device=device)
         out = Path(args.out) if args.out else out_dir / f"step_{res['step']:08d}.json"
-        out.write_text(json.dumps(res, indent=2))
+        atomic_write_text(out, json.dumps(res, indent=2))
     except (CheckpointError, DataError, ConfigError, SampleError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
