@@ -89,6 +89,7 @@ def test_samples_do_not_depend_on_the_batch_size(tiny_run):
         (["--img-size", "0"], "--img-size must be >= 1, got 0"),
         (["--img-size", "-4"], "--img-size must be >= 1, got -4"),
         (["--scale", "0"], "--scale must be >= 1"),
+        (["--device", "gpu0"], "--device 'gpu0' is not a device"),
         (["--classes", ""], "no classes in ''"),
         (["--classes", ",", "--cond", "{tmp}/c8.png"], "no classes in ','"),
         (["--cond", "{tmp}/float_out_of_range.tif"], "float image values must lie in [0, 1]"),
@@ -105,6 +106,14 @@ def test_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys, args, message)
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_one_error_line(tiny_run, tmp_path, capsys):
+    for main in (S.main, E.main):
+        assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.json"), "--device", "cuda", "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device cuda: this machine has no usable CUDA device") and err.count("\n") == 1
+
+
 def test_unwritable_output_fails_before_sampling(tiny_run, capsys, monkeypatch):
     called = []
     monkeypatch.setattr(S, "generate", lambda *a, **k: called.append(1))
@@ -118,7 +127,8 @@ def test_evaluate_refuses_nonsense_numbers_and_unwritable_output(tiny_run, capsy
     for args, message in ((["--max-images", "0"], "--max-images must be >= 1, got 0"),
                           (["--n-per-class", "0"], "--n-per-class must be >= 1"),
                           (["--cfg", "nan"], "--cfg (guidance scale) must be a finite number"),
-                          (["--out", "/proc/x/e.json"], "the folder of --out /proc/x is not writable")):
+                          (["--out", "/proc/x/e.json"], "the folder of --out /proc/x is not writable"),
+                          (["--device", "gpu0"], "--device 'gpu0' is not a device")):
         assert E.main(["--ckpt", str(tiny_run), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: ") and err.count("\n") == 1, err

@@ -38,7 +38,7 @@ from .config import ConfigError
 from .data import BatchMaker, DataError, build_dataset, resize_images, to_float
 from .diffusion import Diffusion
 from .fileio import atomic_write_text, check_writable_dir
-from .sample import SampleError, generate, load_model
+from .sample import SampleError, _device, generate, load_model
 
 __all__ = ["evaluate", "main"]
 
@@ -225,7 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_flush_denormal(True)
     # numbers that make no sense are refused up front; a given 0 never means "the default"
     for name in ("max_images", "n_per_class", "n_cond", "steps", "batch_size", "num_threads"):
@@ -246,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --t-grid wants comma-separated values in [0, 1), got {args.t_grid!r}", file=sys.stderr)
         return 2
     try:
+        device = str(_device(args.device))
         ckpt = resolve_checkpoint(args.ckpt)  # verified once; a run folder falls back past damaged ones
         p = ckpt.parent  # .../checkpoints/step_N
         run = p.parent.parent if p.parent.name == "checkpoints" else p

@@ -284,7 +284,13 @@ def check_args(args) -> None:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        raise SampleError(f"--device {name!r} is not a device (auto | cpu | cuda | cuda:N)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {name}: this machine has no usable CUDA device; use --device cpu or auto")
+    return d
 
 
 def run(args) -> Path:
