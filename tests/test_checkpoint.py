@@ -199,9 +199,14 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_run(tmp_path):
                 assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
                 assert time.monotonic() < deadline, "no new checkpoint within 30 s"
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))  # a random moment of the following writes
+            # wait for the next write to begin (its temp folder appears), then kill at a random
+            # moment of it: while tensors, the state or the manifest are written, or at the rename
+            while not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir()):
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "no checkpoint write began within 30 s"
+            time.sleep(rng.uniform(0.0, 0.02))
         finally:
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.send_signal(signal.SIGKILL)  # a no-op when the process has already ended
             proc.wait()
             proc.stderr.close()
         kills += 1
