@@ -1,6 +1,4 @@
 """The x-prediction / v-loss objective, the samplers, guidance and EMA on cases with known answers."""
-import math
-
 import pytest
 import torch
 from torch import nn

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, check_state_dict, load_weights, resolve_checkpoint
-from .config import Config, ConfigError, config_from_dict
+from .config import ConfigError, config_from_dict
 from .data import IMAGE_EXTENSIONS, DataError, _composite_on_white, resize_images, to_float, to_rgba8, to_uint8
 from .diffusion import Diffusion
 from .fileio import check_writable_dir
