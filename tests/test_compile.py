@@ -8,8 +8,6 @@ the battery is fast; one case goes through inductor end to end. Tiny configs, CP
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend

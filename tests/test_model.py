@@ -331,6 +331,24 @@ def test_torch_path_keeps_rope_tables(monkeypatch, pos_embed):
     assert n_big == (cfg.depth if mixed else 2) and made.n == n_big
 
 
+@pytest.mark.parametrize("pos_embed", ["sincos2d+rope2d", "factorized2d"])
+def test_tables_kept_under_inference_mode_do_not_reach_autograd(pos_embed):
+    # Sampling under inference_mode, then training at the same size: a table kept from the first
+    # call would be an inference tensor, which autograd refuses to save.
+    cfg = tiny(pos_embed, cond_img_size=8)
+    model = perturb_zero_init(build(cfg))
+    for p in model.pos.parameters():
+        p.requires_grad_(False)  # frozen tables are kept across calls even with grad enabled
+    x, t, y, cond = make_batch(cfg, img_hw=(24, 24), cond_hw=(12, 12))
+    with torch.inference_mode():
+        ref = model(x, t, y, cond=cond)
+    xg = x.clone().requires_grad_(True)
+    out = model(xg, t, y, cond=cond)
+    out.sum().backward()
+    assert xg.grad is not None
+    torch.testing.assert_close(out.detach(), ref)
+
+
 def test_torch_path_keeps_summed_factorized_tables(monkeypatch):
     cfg = tiny("factorized2d", cond_img_size=8)
     model = perturb_zero_init(build(cfg))

@@ -21,7 +21,7 @@ up to its table size), ``"interpolate"`` maps the new grid onto the training ran
 at fractional coordinates, learned tables resampled bilinearly). ``learned1d`` cannot extrapolate
 and says so.
 
-``pos_impl="torch"`` is as fast as a user's eager code: like the published JiT (EVA-02
+``pos_impl="torch"`` does what a user's eager code does: like the published JiT (EVA-02
 ``VisionRotaryEmbeddingFast``) it keeps RoPE's cos/sin tables for the training sequence as buffers,
 and derived tables of other grids (cos/sin, sin-cos, summed factorized tables) are kept across calls
 while the parameters they come from are unchanged. Tables made from parameters that are being
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import HAS_EXTENSION, EXTENSION_ERROR, ops, reference
+from . import HAS_EXTENSION, EXTENSION_ERROR, ops
 from .rope import axial_freqs, sequence_coords
 
 __all__ = [
@@ -45,6 +45,9 @@ __all__ = [
     "PosEncGeometry",
     "IMPLS",
     "resolve_impl",
+    "qk_norm_rope_fused",
+    "qk_norm_rope_tables",
+    "rope_cos_sin",
     "PosPart",
     "Learned1D",
     "SinCos2D",
