@@ -334,7 +334,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, pos: PositionalEncoding, layout: SeqLayout) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3,B,H,N,D] view
-        # q and k together, read in place from the projection; a contiguous [2, B, H, N, D] comes back.
+        # q and k together, read in place from the projection; a new [2, B, H, N, D] comes back.
         qk = pos.qk_norm_rope(qkv[:2], self.qk_norm.weight, self.layer, layout, eps=self.qk_norm.eps)
         q, k = qk.unbind(0)
         v = qkv[2]
