@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on a lent GPU machine (no internet there: nothing is downloaded).
-# Builds the extension for sm_90, runs the CUDA tests, the benchmarks (ops against a copy of the
-# same bytes and against eager PyTorch; a JiT-B/16 training step fused vs torch), and
-# compute-sanitizer over every op. Each step has a time limit so the whole check ends in about
-# 8 minutes. Logs go to $LOGS (default build/gpu_check); the summary table is printed last.
-#   bash scripts/gpu_check.sh
+# The GPU check on a lent GPU machine (no internet there: nothing is downloaded).
+# Builds the extension for sm_90, then two parts, both by default or the ones named:
+#   ops:   the CUDA tests of the ops, their benchmarks (against a copy of the same bytes and eager
+#          PyTorch) and compute-sanitizer over every op;
+#   model: the CUDA tests of the model (fused vs torch, torch.compile with CUDA graphs) and the
+#          JiT-B/16 training-step benchmark (batch 64, bf16), eager and compiled with
+#          mode="reduce-overhead", fused vs torch.
+# Each step has a time limit. A device call may run 10 minutes: build + one part fits in one
+# call, both parts may not, so on a cold machine run them as two calls (the second call on the
+# still-warm machine reuses the build). Logs go to $LOGS (default build/gpu_check); the summary
+# table is printed last.
+#   bash scripts/gpu_check.sh            # both parts
+#   bash scripts/gpu_check.sh model      # build + the model part
 # A missing test dependency (e.g. expecttest) is installed from ./.whl/*.whl when that folder
 # exists (wheels downloaded beforehand; see docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PARTS="${*:-ops model}"
+for part in $PARTS; do
+  case "$part" in ops|model) ;; *) echo "gpu_check: unknown part '$part' (ops | model)"; exit 2 ;; esac
+done
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 LOGS="${LOGS:-build/gpu_check}"
 mkdir -p "$LOGS"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -58,25 +70,32 @@ run 300 build.txt env PYTHON="$PY" bash scripts/build.sh
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 
-step "CUDA tests of the ops (pytest -k cuda)"
-run 180 pytest_ops_cuda.txt "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rfE \
-  tests/test_rope2d.py tests/test_pos2d_add.py -k cuda
+if want ops; then
+  step "CUDA tests of the ops (pytest -k cuda)"
+  run 180 pytest_ops_cuda.txt "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rfE \
+    tests/test_rope2d.py tests/test_pos2d_add.py -k cuda
 
-step "benchmarks: ops (bf16, fp32)"
-run 120 bench_ops.txt "$PY" scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --json "$LOGS/bench_ops.json"
+  step "benchmarks: ops (bf16, fp32)"
+  run 120 bench_ops.txt "$PY" scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --json "$LOGS/bench_ops.json"
 
-step "benchmarks: JiT-B/16 train step (256 + 64 condition tokens, batch 32, bf16 autocast)"
-run 120 bench_model.txt "$PY" scripts/bench_model.py --device cuda --amp --preset JiT-B/16 --cond 128 \
-  --batch 32 --pos-embed all --warmup 3 --iters 10
+  step "compute-sanitizer"
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck initcheck synccheck; do
+    run 120 "sanitizer_$tool.txt" "$SAN" --tool "$tool" --error-exitcode 1 "$PY" scripts/sanitize_ops.py
+  done
+fi
 
-step "compute-sanitizer"
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-for tool in memcheck racecheck initcheck synccheck; do
-  run 120 "sanitizer_$tool.txt" "$SAN" --tool "$tool" --error-exitcode 1 "$PY" scripts/sanitize_ops.py
-done
+if want model; then
+  step "CUDA tests of the model (pytest -k cuda: fused vs torch, reduce-overhead training)"
+  run 180 pytest_model_cuda.txt "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rfE \
+    tests/test_model.py tests/test_compile.py -k cuda
 
-step "CUDA tests of the model (pytest -k cuda)"
-run 120 pytest_model_cuda.txt "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rfE tests/test_model.py -k cuda
+  # Training step only: every compiled graph adds inductor's compile time on a cold machine, and
+  # the sampling forward would double the graphs (add --what train sample for it).
+  step "benchmarks: JiT-B/16 train step, batch 64, bf16 autocast, eager and reduce-overhead, fused vs torch"
+  run 300 bench_model.txt "$PY" scripts/bench_model.py --device cuda --compile none reduce-overhead \
+    --what train --json "$LOGS/bench_model.json"
+fi
 
 step "summary"
 printf '%s\n' "${summary[@]}" | tee "$LOGS/summary.txt"

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import jitrope
-from jitrope import posenc, reference
+from jitrope import ops, posenc, reference
 from jitrope.model import PRESETS, JiT, JiTConfig
-from jitrope.posenc import POS_EMBEDS, OpImpl, SeqLayout, sincos_2d
+from jitrope.posenc import POS_EMBEDS, SeqLayout, sincos_2d
 from jitrope.rope import axial_freqs
 
 from conftest import DEVICES
@@ -125,7 +125,7 @@ def test_rope_coords_of_each_segment():
                     in_context_len=4, in_context_start=1, pos_embed="rope2d", pos_impl="torch", cond_img_size=32)
     model = build(cfg)
     layout = model.sequence_layout()
-    coords = model.rope_coords(layout)
+    coords = layout.coords(layout.prefix)
     assert coords.shape == (324, 2) and coords.dtype == torch.float32
     assert torch.equal(coords[:4], torch.zeros(4, 2))  # in-context: identity rotation
     img = coords[4:260]
@@ -135,8 +135,10 @@ def test_rope_coords_of_each_segment():
     assert torch.equal(cond[0], torch.tensor([0.5, 0.5]))
     assert torch.equal(cond[9], torch.tensor([2.5, 2.5]))
     assert torch.equal(cond[-1], torch.tensor([14.5, 14.5]))
-    assert model.rope_coords(layout, with_context=False).shape == (320, 2)
-    assert build(dataclasses.replace(cfg, pos_embed="factorized2d")).rope_coords(layout) is None
+    assert layout.coords(0).shape == (320, 2)
+    rope = model.pos.rotary
+    torch.testing.assert_close(rope.coords, coords, rtol=0, atol=0)  # the training sequence's buffer
+    assert build(dataclasses.replace(cfg, pos_embed="factorized2d")).pos.rotary is None
 
 
 # ----------------------------------------------------------------------------- fused == torch
@@ -216,7 +218,8 @@ class _Counting:
 def test_ops_are_called_once_per_layer_with_explicit_casts(monkeypatch, pos_embed, autocast):
     rope, p2d = _Counting(reference.rope2d_ref), _Counting(reference.pos2d_add_ref)
     monkeypatch.setattr(posenc, "HAS_EXTENSION", True)
-    monkeypatch.setattr(posenc, "_FUSED_IMPL", OpImpl("fused", rope, p2d))
+    monkeypatch.setattr(ops, "rope2d", rope)
+    monkeypatch.setattr(ops, "pos2d_add", p2d)
     cfg = tiny(pos_embed, pos_impl="fused", cond_img_size=8)
     model = perturb_zero_init(build(cfg))
     x, t, y, cond = make_batch(cfg, B=2)
@@ -240,6 +243,161 @@ def test_ops_are_called_once_per_layer_with_explicit_casts(monkeypatch, pos_embe
         assert d0 == d1 == [act, act, act]  # tables cast to x's dtype
     else:
         assert not p2d.calls
+
+
+def _qkv_view(B=3, H=2, N=7, D=8, dtype=torch.float32, seed=0):
+    """The strided q/k view of a fused qkv projection, ``[2, B, H, N, D]`` (not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, N, 3 * H * D, generator=g, dtype=torch.float64).to(dtype)
+    return qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_qk_norm_rope_tables_is_norm_then_rope2d_ref(dtype, per_head):
+    qk = _qkv_view(dtype=dtype)
+    assert not qk.is_contiguous()
+    H, N, D = qk.shape[-3:]
+    g = torch.Generator().manual_seed(1)
+    weight = 1 + 0.3 * torch.randn(2, D, generator=g)
+    coords = torch.rand(N, 2, generator=g) * 6 - 1
+    freqs = torch.randn(H, 2, D // 2, generator=g) if per_head else axial_freqs(D)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def norm(x, w, to):  # SPEC §3a's norm, statistics in `to`
+        h = x.to(to)
+        return w.to(to).view(2, 1, 1, 1, D) * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    cos_sin = posenc.rope_cos_sin(coords, freqs, acc)
+    out = posenc.qk_norm_rope_tables(qk, weight, cos_sin, 1e-6)
+    assert out.dtype == dtype and out.shape == qk.shape and out.is_contiguous()
+    # Same arithmetic as the reference rotation in the same precision: equal bit for bit.
+    expect = reference.rope2d_ref(norm(qk, weight, acc), coords, freqs).to(dtype)
+    assert torch.equal(out, expect)
+    # And against float64 within the output dtype's rounding.
+    exact = reference.rope2d_ref(norm(qk, weight.double(), torch.float64), coords.double(), freqs.double())
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+    no_rot = posenc.qk_norm_rope_tables(qk, weight, None, 1e-6)
+    assert torch.equal(no_rot, norm(qk, weight, acc).to(dtype))
+    empty = posenc.qk_norm_rope_tables(_qkv_view(B=0, dtype=dtype), weight, cos_sin, 1e-6)
+    assert empty.shape == (2, 0, H, N, D)
+
+
+class _CountCalls:
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.n += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("pos_embed", ["rope2d", "sincos2d+rope2d", "rope2d_mixed"])
+def test_torch_path_keeps_rope_tables(monkeypatch, pos_embed):
+    """cos/sin are made once per grid (buffers at the training size), per layer and forward while
+    RoPE-Mixed's frequencies train, and again only when the grid or the frequencies change."""
+    cfg = tiny(pos_embed, cond_img_size=8)
+    model = perturb_zero_init(build(cfg))
+    made = _CountCalls(posenc.rope_cos_sin)
+    monkeypatch.setattr(posenc, "rope_cos_sin", made)
+    x, t, y, cond = make_batch(cfg)
+    mixed = pos_embed == "rope2d_mixed"
+
+    model(x, t, y, cond=cond).sum().backward()  # training: tables that need gradients are made per call
+    assert made.n == (cfg.depth if mixed else 0)
+    if mixed:
+        assert model.pos.rotary.freqs.grad.abs().sum() > 0
+    made.n = 0
+    with torch.no_grad():
+        a = model(x, t, y, cond=cond)
+        n_first = made.n
+        b = model(x, t, y, cond=cond)
+    assert n_first == (cfg.depth if mixed else 0) and made.n == n_first  # kept across no-grad calls
+    assert torch.equal(a, b)
+    if mixed:
+        with torch.no_grad():
+            model.pos.rotary.freqs.mul_(1.5)  # an optimizer step: the tables follow
+            c = model(x, t, y, cond=cond)
+        assert made.n == 2 * n_first and not torch.equal(c, a)
+
+    made.n = 0
+    xb, tb, yb, cb = make_batch(cfg, img_hw=(24, 24), cond_hw=(12, 12))
+    with torch.no_grad():
+        model(xb, tb, yb, cond=cb)
+        n_big = made.n
+        model(xb, tb, yb, cond=cb)
+    # One table per layer (mixed) or per sequence length (with and without in-context tokens).
+    assert n_big == (cfg.depth if mixed else 2) and made.n == n_big
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos2d+rope2d", "factorized2d"])
+def test_tables_kept_under_inference_mode_do_not_reach_autograd(pos_embed):
+    # Sampling under inference_mode, then training at the same size: a table kept from the first
+    # call would be an inference tensor, which autograd refuses to save.
+    cfg = tiny(pos_embed, cond_img_size=8)
+    model = perturb_zero_init(build(cfg))
+    for p in model.pos.parameters():
+        p.requires_grad_(False)  # frozen tables are kept across calls even with grad enabled
+    x, t, y, cond = make_batch(cfg, img_hw=(24, 24), cond_hw=(12, 12))
+    with torch.inference_mode():
+        ref = model(x, t, y, cond=cond)
+    xg = x.clone().requires_grad_(True)
+    out = model(xg, t, y, cond=cond)
+    out.sum().backward()
+    assert xg.grad is not None
+    torch.testing.assert_close(out.detach(), ref)
+
+
+def test_torch_path_keeps_summed_factorized_tables(monkeypatch):
+    cfg = tiny("factorized2d", cond_img_size=8)
+    model = perturb_zero_init(build(cfg))
+    part = model.pos.parts["factorized2d"]
+    summed = _CountCalls(part._summed)
+    monkeypatch.setattr(part, "_summed", summed)
+    h = torch.randn(3, 16 + 4, cfg.hidden_size)
+    layout = model.sequence_layout()
+    # The reference op, segment by segment: bit for bit.
+    ref = reference.pos2d_add_ref(h, part.pos_h, part.pos_w, (4, 4))
+    ref = reference.pos2d_add_ref(ref, part.cond_pos_h, part.cond_pos_w, (2, 2), token_offset=16)
+    assert torch.equal(model.pos.add(h, layout), ref)
+    assert torch.equal(model.pos.add(h, layout), ref)
+    assert summed.n == 2  # the tables train: made in every call
+    with torch.no_grad():
+        model.pos.add(h, layout)
+        model.pos.add(h, layout)
+        assert summed.n == 3
+        part.cond_pos_w.add_(1.0)
+        changed = model.pos.add(h, layout)
+        assert summed.n == 4
+        torch.testing.assert_close(changed[:, 16:], ref[:, 16:] + 1.0)
+        assert torch.equal(changed[:, :16], ref[:, :16])
+
+
+def test_rope_tables_follow_device_and_dtype_casts():
+    model = build(tiny("sincos2d+rope2d", cond_img_size=8))
+    rope, D = model.pos.rotary, model.cfg.head_dim
+    assert rope.cos.dtype == rope.freqs.dtype == torch.float32 and rope.cos.shape == (1, 4 + 16 + 4, D // 2)
+    model.to(torch.bfloat16)  # a model cast wholesale keeps float32 angles (SPEC §2)
+    assert rope.cos.dtype == rope.freqs.dtype == rope.coords.dtype == torch.float32
+    model.to(torch.float64)
+    assert rope.cos.dtype == rope.freqs.dtype == torch.float64
+    torch.testing.assert_close(rope.freqs, axial_freqs(D, dtype=torch.float64), rtol=0, atol=0)
+    exact = posenc.rope_cos_sin(model.sequence_layout().coords(4).double(), axial_freqs(D, dtype=torch.float64),
+                                torch.float64)
+    torch.testing.assert_close(rope.cos, exact[0], rtol=0, atol=0)
+    model.to(torch.float32)
+    x, t, y, cond = make_batch(model.cfg)
+    assert model(x, t, y, cond=cond).dtype == torch.float32
+    assert "cos" not in model.state_dict() and not any("coords" in k for k in model.state_dict())
+
+
+def test_qk_of_the_wrong_length_is_refused():
+    model = build(tiny("rope2d"))
+    layout = model.sequence_layout()
+    qk = _qkv_view(B=2, H=2, N=layout.n_tokens - 1, D=32)
+    with pytest.raises(ValueError, match="does not fit the sequence layout"):
+        model.pos.qk_norm_rope(qk, model.blocks[0].attn.qk_norm.weight, 0, layout)
 
 
 def test_fused_without_extension_falls_back_with_one_warning(monkeypatch):
@@ -366,14 +524,13 @@ def test_rope_extrapolates_or_interpolates():
     model = perturb_zero_init(build(cfg))
     ext = model.sequence_layout((32, 32), (16, 16))
     itp = model.sequence_layout((32, 32), (16, 16), scaling="interpolate")
-    ce, ci = model.rope_coords(ext, with_context=False), model.rope_coords(itp, with_context=False)
+    ce, ci = ext.coords(0), itp.coords(0)
     assert ce[:64].max() == 7 and torch.equal(ce[:64], ce[:64].round())  # integer beyond the training range
     assert ci[:64].min() == -0.25 and ci[:64].max() == 3.25  # laid onto the training 4x4 grid
     assert torch.equal(ce[64 + 5], torch.tensor([2.5, 2.5]))  # condition centres follow the image grid
     assert torch.equal(ci[64 + 5], torch.tensor([1.0, 1.0]))
     train = model.sequence_layout()
-    torch.testing.assert_close(model.rope_coords(train),
-                               model.rope_coords(train._replace(scaling="interpolate")), rtol=0, atol=0)
+    torch.testing.assert_close(train.coords(4), train._replace(scaling="interpolate").coords(4), rtol=0, atol=0)
     x, t, y, cond = make_batch(cfg, img_hw=(32, 32), cond_hw=(16, 16))
     a, b = model(x, t, y, cond=cond), model(x, t, y, cond=cond, pos_scaling="interpolate")
     assert a.shape == b.shape == x.shape and not torch.allclose(a, b)
@@ -488,43 +645,4 @@ def test_rope_mixed_init_is_a_rotation_of_axial():
     q = cfg.head_dim // 4  # row pairs and column pairs of a head stay orthogonal
     dot = (freqs[..., :q] * freqs[..., q:]).sum(dim=2)
     torch.testing.assert_close(dot, torch.zeros_like(dot), rtol=0, atol=1e-6)
-    assert model.pos.rope_freqs(1).shape == (cfg.num_heads, 2, cfg.head_dim // 2)
-
-
-# ----------------------------------------------------------------------------- torch.compile
-def _compile_block(pos_impl):
-    cfg = tiny("rope2d_mixed", pos_impl=pos_impl, cond_img_size=8)
-    model = perturb_zero_init(build(cfg))
-    layout = model.sequence_layout()
-    h = torch.randn(2, layout.n_tokens, cfg.hidden_size, requires_grad=True)
-    c = torch.randn(2, cfg.hidden_size)
-    coords, freqs = model.rope_coords(layout), model.pos.rope_freqs(1)
-    block = model.blocks[1]
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    out = compiled(h, c, coords, freqs)
-    torch.testing.assert_close(out, block(h, c, coords, freqs))
-    out.sum().backward()
-    assert model.pos.parts["rope2d_mixed"].freqs.grad is not None
-
-
-def test_compile_block_fullgraph_torch():
-    _compile_block("torch")
-
-
-@needs_extension
-def test_compile_block_fullgraph_fused():
-    _compile_block("fused")
-
-
-@pytest.mark.parametrize("pos_impl", ["torch", pytest.param("fused", marks=needs_extension)])
-def test_compile_model_fullgraph(pos_impl):
-    torch._dynamo.reset()
-    cfg = tiny("factorized2d", pos_impl=pos_impl, cond_img_size=8)
-    model = perturb_zero_init(build(cfg))
-    x, t, y, cond = make_batch(cfg, B=2)
-    drop = torch.tensor([True, False])
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out = compiled(x, t, y, cond=cond, cond_drop=drop)
-    torch.testing.assert_close(out, model(x, t, y, cond=cond, cond_drop=drop))
-    out.sum().backward()
-    assert model.pos.parts["factorized2d"].pos_h.grad is not None
+    assert model.pos.rotary.layer_freqs(1).shape == (cfg.num_heads, 2, cfg.head_dim // 2)

@@ -27,15 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .posenc import (
+    IMPLS,
     POS_EMBEDS,
     SCALINGS,
-    OpImpl,
+    PositionalEncoding,
     PosEncGeometry,
     SeqLayout,
     build_pos_encoding,
     check_pos_embed,
-    resolve_impl,
 )
+from .presets import PRESETS
 
 __all__ = [
     "JiTConfig",
@@ -53,38 +54,8 @@ __all__ = [
 ]
 
 
-# Paper presets (ImageNet, 256 tokens: 256px at patch 16, 512px at patch 32) and the small ones of
-# this project. Bottleneck 48 at patch 4 is 3*4*4: a patch has only 48 values to compress.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    "JiT-B/16": dict(img_size=256, patch_size=16, depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128,
-                     in_context_len=32, in_context_start=4, num_classes=1000),
-    "JiT-B/32": dict(img_size=512, patch_size=32, depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128,
-                     in_context_len=32, in_context_start=4, num_classes=1000),
-    "JiT-L/16": dict(img_size=256, patch_size=16, depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128,
-                     in_context_len=32, in_context_start=8, num_classes=1000),
-    "JiT-L/32": dict(img_size=512, patch_size=32, depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128,
-                     in_context_len=32, in_context_start=8, num_classes=1000),
-    "JiT-H/16": dict(img_size=256, patch_size=16, depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256,
-                     in_context_len=32, in_context_start=10, num_classes=1000, proj_dropout=0.2),
-    "JiT-H/32": dict(img_size=512, patch_size=32, depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256,
-                     in_context_len=32, in_context_start=10, num_classes=1000, proj_dropout=0.2),
-    # 64x64 at patch 4: the problem statement's 16x16 grid of 256 tokens (+64 for a 32x32 condition).
-    "JiT-S/4": dict(img_size=64, patch_size=4, depth=12, hidden_size=384, num_heads=6, bottleneck_dim=48,
-                    in_context_len=32, in_context_start=4, num_classes=9),
-    "JiT-T/4": dict(img_size=64, patch_size=4, depth=12, hidden_size=192, num_heads=3, bottleneck_dim=48,
-                    in_context_len=32, in_context_start=4, num_classes=9),
-    # CPU-sized, 32x32 at patch 4 (8x8 grid).
-    "JiT-T/4-32": dict(img_size=32, patch_size=4, depth=12, hidden_size=192, num_heads=3, bottleneck_dim=48,
-                       in_context_len=8, in_context_start=4, num_classes=9),
-    "JiT-XT/4-32": dict(img_size=32, patch_size=4, depth=6, hidden_size=128, num_heads=2, bottleneck_dim=48,
-                        in_context_len=8, in_context_start=2, num_classes=9),
-    # Trains in seconds on a CPU (tests): 16x16 images, 4x4 grid.
-    "tiny": dict(img_size=16, patch_size=4, depth=2, hidden_size=64, num_heads=2, bottleneck_dim=16,
-                 in_context_len=4, in_context_start=1, num_classes=9),
-}
-
 _CHOICES = {
-    "pos_impl": ("fused", "torch"),
+    "pos_impl": IMPLS,
     "pos_scaling": SCALINGS,
     "null_cond": ("learned", "zeros"),
     "attn_impl": ("sdpa", "fp32"),
@@ -260,22 +231,16 @@ class RMSNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """The q_norm and k_norm RMSNorms over head_dim, applied to the stacked ``[2, B, H, N, D]`` pair.
+    """The weights of JiT's q_norm and k_norm RMSNorms over head_dim (row 0 scales q, row 1 k).
 
-    One call for both keeps q and k in one tensor, which ``rope2d`` then rotates in one call.
-    Row 0 of ``weight`` is q's scale, row 1 k's.
+    A holder, not a layer: the positional encoding applies the norm together with its rotation
+    (:meth:`jitrope.posenc.PositionalEncoding.qk_norm_rope`), q and k in one call.
     """
 
     def __init__(self, head_dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(2, head_dim))
         self.eps = eps
-
-    def forward(self, qk: Tensor) -> Tensor:
-        h = qk.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.view(2, *([1] * (qk.dim() - 2)), -1)
-        return (w * h).to(qk.dtype)
 
 
 class BottleneckPatchEmbed(nn.Module):
@@ -348,11 +313,15 @@ def attention_fp32(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> T
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias, qk-norm, then 2D RoPE on the q/k pair in one call."""
+    """Multi-head self-attention with qkv bias; qk-norm and 2D RoPE are the encoding's, in one call.
 
-    def __init__(self, dim: int, num_heads: int, *, rope_fn, attn_impl: str = "sdpa",
+    ``layer`` is this attention's index in the model (RoPE-Mixed has frequencies per layer).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, layer: int = 0, attn_impl: str = "sdpa",
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
+        self.layer = layer
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
@@ -360,15 +329,13 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.rope_fn = rope_fn
         self.attn_impl = attn_impl
 
-    def forward(self, x: Tensor, coords: Optional[Tensor] = None, freqs: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, pos: PositionalEncoding, layout: SeqLayout) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3,B,H,N,D] view
-        qk = self.qk_norm(qkv[:2])
-        if freqs is not None:
-            qk = self.rope_fn(qk, coords, freqs)  # one fused call for q and k, any strides
+        # q and k together, read in place from the projection; a new [2, B, H, N, D] comes back.
+        qk = pos.qk_norm_rope(qkv[:2], self.qk_norm.weight, self.layer, layout, eps=self.qk_norm.eps)
         q, k = qk.unbind(0)
         v = qkv[2]
         p = self.attn_drop if self.training else 0.0
@@ -397,22 +364,22 @@ class SwiGLUFFN(nn.Module):
 class JiTBlock(nn.Module):
     """adaLN-Zero transformer block: ``x + gate * f(modulate(RMSNorm(x)))`` for attention and MLP.
 
-    ``coords``/``freqs`` are the RoPE inputs of this layer (None: the encoding has no rotary part).
+    ``pos``/``layout``: the model's positional encoding and the geometry of this call, for attention.
     """
 
-    def __init__(self, cfg: JiTConfig, *, rope_fn, attn_drop: float, proj_drop: float):
+    def __init__(self, cfg: JiTConfig, *, layer: int, attn_drop: float, proj_drop: float):
         super().__init__()
         w = cfg.hidden_size
         self.norm1 = RMSNorm(w, eps=1e-6)
-        self.attn = Attention(w, cfg.num_heads, rope_fn=rope_fn, attn_impl=cfg.attn_impl,
+        self.attn = Attention(w, cfg.num_heads, layer=layer, attn_impl=cfg.attn_impl,
                               attn_drop=attn_drop, proj_drop=proj_drop)
         self.norm2 = RMSNorm(w, eps=1e-6)
         self.mlp = SwiGLUFFN(w, cfg.mlp_hidden, drop=proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w, bias=True))
 
-    def forward(self, x: Tensor, c: Tensor, coords: Optional[Tensor] = None, freqs: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, pos: PositionalEncoding, layout: SeqLayout) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), coords, freqs)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), pos, layout)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -444,7 +411,6 @@ class JiT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         w = cfg.hidden_size
-        self.impl: OpImpl = resolve_impl(cfg.pos_impl)
 
         self.t_embedder = TimestepEmbedder(w)
         self.y_embedder = LabelEmbedder(cfg.num_classes, w)
@@ -476,15 +442,15 @@ class JiT(nn.Module):
             max_grid=cfg.pos_max_grid or (2 * gh, 2 * gw),
             max_cond_grid=None if cg is None else (cfg.pos_max_cond_grid or (2 * cg[0], 2 * cg[1])),
             theta=cfg.rope_theta,
-            impl=self.impl,
+            context_len=cfg.in_context_len,
         )
-        self.pos = build_pos_encoding(cfg.pos_embed, geom)
+        self.pos = build_pos_encoding(cfg.pos_embed, geom, cfg.pos_impl)
 
         lo, hi = cfg.depth // 4, 3 * cfg.depth // 4  # dropout only in the middle half, as the original
         self.blocks = nn.ModuleList(
             JiTBlock(
                 cfg,
-                rope_fn=self.impl.rope2d,
+                layer=i,
                 attn_drop=cfg.attn_dropout if lo <= i < hi else 0.0,
                 proj_drop=cfg.proj_dropout if lo <= i < hi else 0.0,
             )
@@ -529,7 +495,7 @@ class JiT(nn.Module):
     @property
     def pos_impl(self) -> str:
         """The op implementation actually in use ('torch' when 'fused' fell back)."""
-        return self.impl.name
+        return self.pos.impl
 
     # ------------------------------------------------------------------ sequence geometry
     def sequence_layout(
@@ -573,10 +539,6 @@ class JiT(nn.Module):
         elif cond_hw is not None:
             raise ValueError("a condition image was given but the model has none (cond_img_size=None)")
         return SeqLayout(grid, cond_grid, cfg.in_context_len, cfg.grid, cfg.cond_grid, scaling)
-
-    def rope_coords(self, layout: SeqLayout, *, with_context: bool = True, device=None) -> Optional[Tensor]:
-        """RoPE (row, column) of every token of ``layout`` (None when the encoding has no RoPE)."""
-        return self.pos.rope_coords(layout, layout.prefix if with_context else 0, device=device)
 
     # ------------------------------------------------------------------ forward
     def _cond_tokens(self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: SeqLayout,
@@ -654,13 +616,11 @@ class JiT(nn.Module):
         h = self.pos.add(h, layout)
 
         L, start = cfg.in_context_len, cfg.in_context_start
-        coords = self.pos.rope_coords(layout, 0, device=x.device)
-        coords_ctx = self.pos.rope_coords(layout, L, device=x.device) if L > 0 else coords
         for i, block in enumerate(self.blocks):
             if L > 0 and i == start:
                 ctx = y_emb.unsqueeze(1).expand(-1, L, -1) + self.in_context_posemb
                 h = torch.cat((ctx.to(h.dtype), h), dim=1)
-            h = block(h, c, coords_ctx if (L > 0 and i >= start) else coords, self.pos.rope_freqs(i))
+            h = block(h, c, self.pos, layout)
 
         # Only image tokens reach the final layer: in-context and condition tokens are dropped.
         n0 = L if L > 0 else 0

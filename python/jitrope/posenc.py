@@ -1,12 +1,13 @@
 """Positional encodings of the JiT model, one class per ``JiTConfig.pos_embed`` value (SPEC.md §5).
 
-Every encoding has the same two hooks, so the model never asks which one it runs:
+Every encoding has the same two hooks, so the model never asks which one it runs, nor which
+implementation (``pos_impl``) of the ops it uses:
 
 * ``add(x, layout)``: the *additive* part, applied once to the token sequence
   ``[image tokens | condition tokens]`` right after patch embedding;
-* ``rope_coords(layout, prefix)`` / ``rope_freqs(layer)``: the *rotary* part, the ``[N, 2]`` token
-  coordinates and the frequencies every attention layer hands to ``rope2d`` for its q/k pair.
-  ``None`` from both means "no rotation".
+* ``qk_norm_rope(qk, weight, layer, layout)``: what attention layer ``layer`` does to its q/k pair
+  (the strided ``[2, B, H, N, D]`` view of the qkv projection): the qk RMSNorm with its two weights,
+  then the *rotary* part, if any. It returns a new ``[2, B, H, N, D]`` tensor (q, k).
 
 An encoding is a :class:`PositionalEncoding` made of parts from :data:`PARTS`; :data:`POS_EMBEDS`
 maps each ``pos_embed`` value to its parts (``"sincos2d+rope2d"`` is the sin-cos table plus axial
@@ -19,6 +20,12 @@ slots for ``learned1d``. Other grid sizes than the training one follow ``SeqLayo
 up to its table size), ``"interpolate"`` maps the new grid onto the training range (RoPE and sin-cos
 at fractional coordinates, learned tables resampled bilinearly). ``learned1d`` cannot extrapolate
 and says so.
+
+``pos_impl="torch"`` does what a user's eager code does: like the published JiT (EVA-02
+``VisionRotaryEmbeddingFast``) it keeps RoPE's cos/sin tables for the training sequence as buffers,
+and derived tables of other grids (cos/sin, sin-cos, summed factorized tables) are kept across calls
+while the parameters they come from are unchanged. Tables made from parameters that are being
+trained are made once per forward (per layer for RoPE-Mixed, whose layers differ), so gradients flow.
 """
 from __future__ import annotations
 
@@ -30,14 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import HAS_EXTENSION, EXTENSION_ERROR, ops, reference
+from . import HAS_EXTENSION, EXTENSION_ERROR, ops
 from .rope import axial_freqs, sequence_coords
 
 __all__ = [
     "SeqLayout",
     "PosEncGeometry",
-    "OpImpl",
+    "IMPLS",
     "resolve_impl",
+    "qk_norm_rope_fused",
+    "qk_norm_rope_tables",
+    "rope_cos_sin",
     "PosPart",
     "Learned1D",
     "SinCos2D",
@@ -118,39 +128,28 @@ class PosEncGeometry(NamedTuple):
     max_grid: Grid  # row/column table sizes of factorized2d (image)
     max_cond_grid: Optional[Grid]  # ... and of its condition tables
     theta: float
-    impl: "OpImpl"
+    context_len: int = 0  # in-context tokens in front of the sequence from some block on
 
     @property
     def head_dim(self) -> int:
         return self.width // self.num_heads
 
 
-class OpImpl(NamedTuple):
-    """The two position ops, fused (``jitrope.ops``) or reference (``jitrope.reference``)."""
-
-    name: str
-    rope2d: Callable[..., Tensor]
-    pos2d_add: Callable[..., Tensor]
-
-
-_TORCH_IMPL = OpImpl("torch", reference.rope2d_ref, reference.pos2d_add_ref)
-_FUSED_IMPL = OpImpl("fused", ops.rope2d, ops.pos2d_add)
+IMPLS = ("fused", "torch")
 _warned_fallback = False
 
 
-def resolve_impl(pos_impl: str) -> OpImpl:
-    """``"fused"`` -> the C++/CUDA ops, ``"torch"`` -> the references.
+def resolve_impl(pos_impl: str) -> str:
+    """The implementation that runs: ``"fused"`` (the C++/CUDA ops) or ``"torch"`` (plain PyTorch).
 
-    ``"fused"`` without a loadable extension falls back to the references and warns once per
-    process (SPEC §9): the numbers are the same, only slower.
+    ``"fused"`` without a loadable extension falls back to ``"torch"`` and warns once per process
+    (SPEC §9): the numbers are the same, only slower.
     """
     global _warned_fallback
-    if pos_impl == "torch":
-        return _TORCH_IMPL
-    if pos_impl != "fused":
-        raise ValueError(f"pos_impl must be 'fused' or 'torch', got {pos_impl!r}")
-    if HAS_EXTENSION:
-        return _FUSED_IMPL
+    if pos_impl not in IMPLS:
+        raise ValueError(f"pos_impl must be one of {list(IMPLS)}, got {pos_impl!r}")
+    if pos_impl == "torch" or HAS_EXTENSION:
+        return pos_impl
     if not _warned_fallback:
         _warned_fallback = True
         warnings.warn(
@@ -159,7 +158,88 @@ def resolve_impl(pos_impl: str) -> OpImpl:
             RuntimeWarning,
             stacklevel=3,
         )
-    return _TORCH_IMPL
+    return "torch"
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    # SPEC: statistics, angles and sums in float32, in float64 for float64 inputs.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def qk_norm_rope_fused(qk: Tensor, weight: Tensor, coords: Optional[Tensor], freqs: Optional[Tensor],
+                       eps: float) -> Tensor:
+    """``pos_impl="fused"``: RMSNorm of q and k (``weight: [2, D]``), then ``ops.rope2d`` when ``freqs``.
+
+    The one place where attention meets the fused ops. The norm is still plain PyTorch here, rounded
+    to ``qk``'s dtype before the rotation (the published order); ``jitrope::qk_norm_rope`` (SPEC §3a)
+    does both in one pass.
+    """
+    acc = _acc_dtype(qk)
+    h = qk.to(acc)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = (weight.view(2, *([1] * (qk.dim() - 2)), -1) * h).to(qk.dtype)
+    if freqs is None:
+        return h
+    return ops.rope2d(h, coords, freqs)
+
+
+def qk_norm_rope_tables(qk: Tensor, weight: Tensor, cos_sin: Optional[Tuple[Tensor, Tensor]], eps: float) -> Tensor:
+    """``pos_impl="torch"``: SPEC §3a with precomputed ``cos, sin: [1 or H, N, D/2]`` (None: no rotation).
+
+    Norm and rotation in float32 (float64 for float64), rounded once, as the fused op; the rotation
+    is :func:`jitrope.reference.rope2d_ref`'s arithmetic on interleaved pairs, so both agree bit for bit.
+    """
+    acc = _acc_dtype(qk)
+    h = qk.to(acc)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = weight.view(2, *([1] * (qk.dim() - 2)), -1).to(acc) * h
+    if cos_sin is not None:
+        cos, sin = cos_sin
+        a, b = h[..., 0::2], h[..., 1::2]
+        h = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return h.to(qk.dtype)
+
+
+def rope_cos_sin(coords: Tensor, freqs: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """cos and sin of the angles of SPEC §2, ``[1 or H, N, D/2]`` in ``dtype`` (as ``rope2d_ref``)."""
+    c = coords.to(dtype)
+    f = freqs.to(dtype)
+    if f.dim() == 2:
+        f = f.unsqueeze(0)
+    phi = c[None, :, 0, None] * f[:, None, 0, :] + c[None, :, 1, None] * f[:, None, 1, :]
+    return phi.cos(), phi.sin()
+
+
+class _Derived:
+    """Tables derived from a part's tensors, kept across calls while those are unchanged.
+
+    ``get(key, sources, make)`` returns ``make()`` (cached under ``key``) and makes it again when a
+    source tensor changed in place (optimizer step, ``load_state_dict``) or was replaced. It does not
+    cache while tracing (``torch.compile`` makes the table in its graph; a cached tensor written from a
+    CUDA graph would be overwritten by the next replay) nor when a source is being trained, where the
+    table must carry gradients: then the caller makes it once per forward.
+    """
+
+    def __init__(self, max_entries: int = 32):
+        self.max_entries = max_entries
+        self.entries: Dict[tuple, Tuple[tuple, object]] = {}
+
+    def get(self, key: tuple, sources: Sequence[Tensor], make: Callable[[], object]):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return make()
+        stamp = tuple((id(t), t._version) for t in sources)
+        key = key + (torch.is_inference_mode_enabled(),)  # an inference tensor must not reach autograd later
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = make()
+        if len(self.entries) >= self.max_entries:
+            del self.entries[next(iter(self.entries))]  # oldest first (dicts keep insertion order)
+        self.entries[key] = (stamp, value)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 def sincos_2d(coords: Tensor, dim: int, *, temperature: float = 10000.0) -> Tensor:
@@ -217,18 +297,18 @@ class PosPart(nn.Module):
     head_dim_multiple = 1
     width_multiple = 1
 
-    def __init__(self, geom: PosEncGeometry):
+    def __init__(self, geom: PosEncGeometry, impl: str):
         super().__init__()
-        self.ops_impl = geom.impl
+        self.impl = impl
+        self._derived = _Derived()
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
         return x
 
-    def rope_coords(self, layout: SeqLayout, prefix: int, device=None) -> Optional[Tensor]:
-        return None
-
-    def rope_freqs(self, layer: int) -> Optional[Tensor]:
-        return None
+    def _apply(self, fn, recurse=True):
+        # Derived tables are made again on the new device / in the new dtype.
+        self._derived.clear()
+        return super()._apply(fn, recurse)
 
 
 class Learned1D(PosPart):
@@ -239,8 +319,8 @@ class Learned1D(PosPart):
     raises unless ``scaling="interpolate"``, which resamples each segment's slots as a 2D grid.
     """
 
-    def __init__(self, geom: PosEncGeometry):
-        super().__init__(geom)
+    def __init__(self, geom: PosEncGeometry, impl: str):
+        super().__init__(geom, impl)
         n = geom.grid[0] * geom.grid[1]
         n_cond = 0 if geom.cond_grid is None else geom.cond_grid[0] * geom.cond_grid[1]
         self.n_image = n
@@ -259,6 +339,9 @@ class Learned1D(PosPart):
                 f"{layout.grid} / condition grid {layout.cond_grid}; set pos_scaling='interpolate' to "
                 "resample the table bilinearly, or use a 2D encoding"
             )
+        return self._derived.get((layout,), (self.pos_embed,), lambda: self._resized(layout))
+
+    def _resized(self, layout: SeqLayout) -> Tensor:
         img = _resize_grid_table(self.pos_embed[: self.n_image], self.train_grid, layout.grid)
         if layout.cond_grid is None:
             return img
@@ -279,14 +362,18 @@ class SinCos2D(PosPart):
 
     width_multiple = 4
 
-    def __init__(self, geom: PosEncGeometry):
-        super().__init__(geom)
+    def __init__(self, geom: PosEncGeometry, impl: str):
+        super().__init__(geom, impl)
         self.width = geom.width
         train = SeqLayout(geom.grid, geom.cond_grid, 0, geom.grid, geom.cond_grid)
         self.register_buffer("table", sincos_2d(train.coords(), geom.width), persistent=False)
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
-        table = self.table if layout.at_train_size else sincos_2d(layout.coords(device=x.device), self.width)
+        if layout.at_train_size:
+            table = self.table
+        else:
+            table = self._derived.get((layout, x.device), (),
+                                      lambda: sincos_2d(layout.coords(device=x.device), self.width))
         return x + table.to(x.dtype)
 
 
@@ -300,8 +387,8 @@ class Factorized2D(PosPart):
     as their training, which never touched them); interpolation resamples the trained rows.
     """
 
-    def __init__(self, geom: PosEncGeometry):
-        super().__init__(geom)
+    def __init__(self, geom: PosEncGeometry, impl: str):
+        super().__init__(geom, impl)
         self.train_grid = tuple(geom.grid)
         self.train_cond_grid = None if geom.cond_grid is None else tuple(geom.cond_grid)
         self.pos_h = nn.Parameter(torch.empty(geom.max_grid[0], geom.width))
@@ -326,17 +413,38 @@ class Factorized2D(PosPart):
             )
         return pos_h, pos_w
 
-    def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
-        pos2d_add = self.ops_impl.pos2d_add
+    def _segments(self, layout: SeqLayout):
+        """``(pos_h, pos_w, grid, token_offset)`` of the image grid and, if any, the condition grid."""
         ph, pw = self._tables(self.pos_h, self.pos_w, layout.grid, self.train_grid, layout.scaling, "image")
-        # The op wants tables in x's dtype: cast explicitly (autocast does not touch custom ops).
-        x = pos2d_add(x, ph.to(x.dtype), pw.to(x.dtype), layout.grid)
+        segs = [(ph, pw, layout.grid, 0)]
         if layout.cond_grid is not None:
             ph, pw = self._tables(
                 self.cond_pos_h, self.cond_pos_w, layout.cond_grid, self.train_cond_grid, layout.scaling, "condition"
             )
-            x = pos2d_add(x, ph.to(x.dtype), pw.to(x.dtype), layout.cond_grid, token_offset=layout.n_image)
-        return x
+            segs.append((ph, pw, layout.cond_grid, layout.n_image))
+        return segs
+
+    def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        if self.impl == "fused":
+            # The op wants tables in x's dtype: cast explicitly (autocast does not touch custom ops).
+            for ph, pw, grid, offset in self._segments(layout):
+                kw = {"token_offset": offset} if offset else {}
+                x = ops.pos2d_add(x, ph.to(x.dtype), pw.to(x.dtype), grid, **kw)
+            return x
+        # The summed [n_image + n_cond, D] table, made as pos2d_add_ref makes it (tables rounded to
+        # x's dtype, summed in float32), then one add: the reference's numbers, a user's eager cost.
+        acc = _acc_dtype(x)
+        sources = [p for p in (self.pos_h, self.pos_w, getattr(self, "cond_pos_h", None),
+                               getattr(self, "cond_pos_w", None)) if p is not None]
+        table = self._derived.get((layout, x.dtype, x.device), sources, lambda: self._summed(layout, x.dtype, acc))
+        return (x.to(acc) + table).to(x.dtype)
+
+    def _summed(self, layout: SeqLayout, dtype: torch.dtype, acc: torch.dtype) -> Tensor:
+        parts = []
+        for ph, pw, (gh, gw), _ in self._segments(layout):
+            t = ph[:gh, None, :].to(dtype).to(acc) + pw[None, :gw, :].to(dtype).to(acc)
+            parts.append(t.reshape(gh * gw, -1))
+        return torch.cat(parts, dim=0)
 
 
 class Rope2D(PosPart):
@@ -344,26 +452,79 @@ class Rope2D(PosPart):
 
     Half of each head's interleaved pairs turn with the row, half with the column. In-context
     tokens sit at (0, 0) (not rotated), condition tokens at the aligned centres of SPEC §2.
+
+    The training sequence's coordinates and (for ``pos_impl="torch"``) its cos/sin tables are
+    non-persistent buffers covering ``[in-context | image | condition]``; a sequence without the
+    in-context tokens uses their tail. They are made again, in float32 (float64 in a float64
+    model), whenever the module moves or is cast, so a model cast wholesale to bf16 keeps
+    float32 angles (SPEC §2) and both implementations see the same frequencies.
     """
 
     rotary = True
     head_dim_multiple = 4
 
-    def __init__(self, geom: PosEncGeometry):
-        super().__init__(geom)
-        # float32 and non-persistent: derived from the config, kept out of autocast and checkpoints.
-        self.register_buffer("freqs", axial_freqs(geom.head_dim, geom.theta), persistent=False)
+    def __init__(self, geom: PosEncGeometry, impl: str):
+        super().__init__(geom, impl)
+        self.head_dim, self.theta = geom.head_dim, geom.theta
+        self.train_layout = SeqLayout(geom.grid, geom.cond_grid, geom.context_len, geom.grid, geom.cond_grid)
+        self._make_tables(torch.float32, None)
 
-    def rope_coords(self, layout: SeqLayout, prefix: int, device=None) -> Optional[Tensor]:
-        return layout.coords(prefix, device=device)
+    def _make_tables(self, dtype: torch.dtype, device) -> None:
+        self.register_buffer("freqs", axial_freqs(self.head_dim, self.theta, dtype=dtype, device=device),
+                             persistent=False)
+        self._make_coords(dtype, device)
+        if self.impl == "torch":
+            cos, sin = rope_cos_sin(self.coords, self.freqs, dtype)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
 
-    def rope_freqs(self, layer: int) -> Optional[Tensor]:
-        return _angle_precision(self.freqs)
+    def _make_coords(self, dtype: torch.dtype, device) -> None:
+        coords = self.train_layout.coords(self.train_layout.prefix, device=device).to(dtype)
+        self.register_buffer("coords", coords, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        c = self.coords  # tells where fn moved the module and which dtype it asked for
+        self._make_tables(torch.float64 if c.dtype == torch.float64 else torch.float32, c.device)
+        return self
 
-def _angle_precision(freqs: Tensor) -> Tensor:
-    # Angles are float32 at least (SPEC §2), even in a model cast wholesale to bf16/fp16.
-    return freqs if freqs.dtype in (torch.float32, torch.float64) else freqs.float()
+    def layer_freqs(self, layer: int) -> Tensor:
+        """``[2, D/2]`` (shared) or ``[H, 2, D/2]`` frequencies of attention layer ``layer``."""
+        return self.freqs
+
+    def _prefix(self, layout: SeqLayout, n_tokens: int) -> int:
+        prefix = n_tokens - layout.n_image - layout.n_cond
+        if prefix not in (0, layout.prefix):
+            raise ValueError(
+                f"rope2d: a q/k of {n_tokens} tokens does not fit the sequence layout (image {layout.grid}, "
+                f"condition {layout.cond_grid}, in-context {layout.prefix})"
+            )
+        return prefix
+
+    def _at_train(self, layout: SeqLayout) -> bool:
+        return layout.at_train_size and layout.prefix == self.train_layout.prefix
+
+    def _coords(self, layout: SeqLayout, prefix: int, device) -> Tensor:
+        if self._at_train(layout):
+            return self.coords[layout.prefix - prefix :]
+        return self._derived.get(("coords", layout, prefix, device), (), lambda: layout.coords(prefix, device=device))
+
+    def _cos_sin(self, layout: SeqLayout, prefix: int, layer: int, qk: Tensor) -> Tuple[Tensor, Tensor]:
+        acc = _acc_dtype(qk)
+        if self._at_train(layout) and self.cos.dtype == acc:
+            start = layout.prefix - prefix
+            return self.cos[:, start:], self.sin[:, start:]
+        freqs = self.layer_freqs(layer)
+        return self._derived.get(
+            ("cos_sin", layout, prefix, qk.device, acc), (freqs,),
+            lambda: rope_cos_sin(self._coords(layout, prefix, qk.device), freqs, acc),
+        )
+
+    def qk_norm_rope(self, qk: Tensor, weight: Tensor, layer: int, layout: SeqLayout, eps: float) -> Tensor:
+        prefix = self._prefix(layout, qk.shape[-2])
+        if self.impl == "fused":
+            return qk_norm_rope_fused(qk, weight, self._coords(layout, prefix, qk.device), self.layer_freqs(layer), eps)
+        return qk_norm_rope_tables(qk, weight, self._cos_sin(layout, prefix, layer, qk), eps)
 
 
 class Rope2DMixed(Rope2D):
@@ -371,11 +532,13 @@ class Rope2DMixed(Rope2D):
 
     Initialised from the axial frequencies with the (row, column) directions of each head turned
     by a random angle (the paper's init), so pairs can mix both axes; trained through the op's
-    gradient to ``freqs``.
+    gradient to ``freqs``. The torch path makes each layer's cos/sin in that layer's call while the
+    frequencies train, and keeps them across calls when they do not (sampling).
     """
 
-    def __init__(self, geom: PosEncGeometry):
-        PosPart.__init__(self, geom)  # not Rope2D's: here ``freqs`` is a parameter, not a buffer
+    def __init__(self, geom: PosEncGeometry, impl: str):
+        PosPart.__init__(self, geom, impl)  # not Rope2D's: here ``freqs`` is a parameter, not a buffer
+        self.train_layout = SeqLayout(geom.grid, geom.cond_grid, geom.context_len, geom.grid, geom.cond_grid)
         base = axial_freqs(geom.head_dim, geom.theta)  # [2, D/2]: (row coef, column coef) per pair
         f = base[0] + base[1]  # each pair's magnitude
         quarter = geom.head_dim // 4
@@ -386,9 +549,25 @@ class Rope2DMixed(Rope2D):
         row_coef = torch.where(is_row, f * cos, -f * sin)
         col_coef = torch.where(is_row, f * sin, f * cos)
         self.freqs = nn.Parameter(torch.stack((row_coef, col_coef), dim=2))
+        self._make_coords(torch.float32, None)
 
-    def rope_freqs(self, layer: int) -> Optional[Tensor]:
-        return _angle_precision(self.freqs[layer])
+    def _apply(self, fn, recurse=True):
+        PosPart._apply(self, fn, recurse)
+        c = self.coords
+        self._make_coords(torch.float64 if c.dtype == torch.float64 else torch.float32, c.device)
+        return self
+
+    def layer_freqs(self, layer: int) -> Tensor:
+        # Angles are float32 at least (SPEC §2), even in a model cast wholesale to bf16/fp16.
+        f = self.freqs[layer]
+        return f if f.dtype in (torch.float32, torch.float64) else f.float()
+
+    def _cos_sin(self, layout: SeqLayout, prefix: int, layer: int, qk: Tensor) -> Tuple[Tensor, Tensor]:
+        acc = _acc_dtype(qk)
+        return self._derived.get(
+            ("cos_sin", layer, layout, prefix, qk.device, acc), (self.freqs,),
+            lambda: rope_cos_sin(self._coords(layout, prefix, qk.device), self.layer_freqs(layer), acc),
+        )
 
 
 PARTS: Dict[str, Type[PosPart]] = {
@@ -429,14 +608,18 @@ def check_pos_embed(name: str, *, width: int, num_heads: int) -> None:
 
 
 class PositionalEncoding(nn.Module):
-    """A ``pos_embed`` value: its parts, applied in order (additive) / delegated to (rotary)."""
+    """A ``pos_embed`` value: its parts, applied in order (additive) / delegated to (rotary).
 
-    def __init__(self, name: str, geom: PosEncGeometry):
+    ``impl`` is the op implementation that actually runs (:func:`resolve_impl`); nothing outside
+    the encoding needs to know it.
+    """
+
+    def __init__(self, name: str, geom: PosEncGeometry, impl: str = "fused"):
         super().__init__()
         check_pos_embed(name, width=geom.width, num_heads=geom.num_heads)
         self.name = name
-        self.impl = geom.impl
-        self.parts = nn.ModuleDict({p: PARTS[p](geom) for p in POS_EMBEDS[name]})
+        self.impl = resolve_impl(impl)
+        self.parts = nn.ModuleDict({p: PARTS[p](geom, self.impl) for p in POS_EMBEDS[name]})
         rotary = [p for p, m in self.parts.items() if m.rotary]
         if len(rotary) > 1:
             raise ValueError(f"pos_embed={name!r} combines more than one rotary encoding: {rotary}")
@@ -444,8 +627,9 @@ class PositionalEncoding(nn.Module):
         self._rotary: Optional[str] = rotary[0] if rotary else None
 
     @property
-    def rotary(self) -> bool:
-        return self._rotary is not None
+    def rotary(self) -> Optional[PosPart]:
+        """The rotary part (``Rope2D``/``Rope2DMixed``), or None."""
+        return None if self._rotary is None else self.parts[self._rotary]
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
         """Additive encodings of ``x: [B, n_image + n_cond, D]`` (before in-context tokens)."""
@@ -453,21 +637,23 @@ class PositionalEncoding(nn.Module):
             x = part.add(x, layout)
         return x
 
-    def rope_coords(self, layout: SeqLayout, prefix: int, device=None) -> Optional[Tensor]:
-        """``[prefix + n_image + n_cond, 2]`` float32 coordinates for ``rope2d``, or None (no RoPE)."""
-        if self._rotary is None:
-            return None
-        return self.parts[self._rotary].rope_coords(layout, prefix, device=device)
+    def qk_norm_rope(self, qk: Tensor, weight: Tensor, layer: int, layout: SeqLayout, *, eps: float = 1e-6) -> Tensor:
+        """q/k of attention layer ``layer``: RMSNorm over head_dim, then the rotary encoding, if any.
 
-    def rope_freqs(self, layer: int) -> Optional[Tensor]:
-        """Frequencies for attention layer ``layer`` (``[2, D/2]`` or ``[H, 2, D/2]``), or None."""
-        if self._rotary is None:
-            return None
-        return self.parts[self._rotary].rope_freqs(layer)
+        ``qk: [2, B, H, N, D]`` may be any strided view (that of the qkv projection is read in
+        place); ``weight: [2, D]`` scales q (row 0) and k (row 1); ``N`` is ``layout``'s sequence with
+        or without its in-context tokens. Returns a new ``[2, B, H, N, D]`` tensor in ``qk``'s dtype.
+        """
+        rotary = self.rotary
+        if rotary is not None:
+            return rotary.qk_norm_rope(qk, weight, layer, layout, eps)
+        if self.impl == "fused":
+            return qk_norm_rope_fused(qk, weight, None, None, eps)
+        return qk_norm_rope_tables(qk, weight, None, eps)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, impl={self.impl.name!r}"
+        return f"name={self.name!r}, impl={self.impl!r}"
 
 
-def build_pos_encoding(name: str, geom: PosEncGeometry) -> PositionalEncoding:
-    return PositionalEncoding(name, geom)
+def build_pos_encoding(name: str, geom: PosEncGeometry, impl: str = "fused") -> PositionalEncoding:
+    return PositionalEncoding(name, geom, impl)
