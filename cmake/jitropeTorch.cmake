@@ -29,6 +29,6 @@ find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
   HINTS "${CUDA_TOOLKIT_ROOT_DIR}/lib64" ${_jitrope_nvidia_lib_dirs})
 
 # Without an arch list torch's CMake config probes the local GPU with a test program.
-if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND JITROPE_CUDA_ARCH_LIST)
+if("$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "" AND JITROPE_CUDA_ARCH_LIST)
   set(ENV{TORCH_CUDA_ARCH_LIST} "${JITROPE_CUDA_ARCH_LIST}")
 endif()
