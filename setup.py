@@ -1,7 +1,8 @@
-"""Builds jitrope's Python extension jitrope._C from csrc/sources.txt (the list CMake reads too).
+"""Builds jitrope's Python extension jitrope._C from csrc/sources.txt with the flags and default
+CUDA archs of cmake/flags.txt (CMakeLists.txt reads both files too).
 
 CUDA kernels are built when torch is a CUDA build and nvcc is found, unless JITROPE_CPU_ONLY=1.
-TORCH_CUDA_ARCH_LIST is honoured; by default it covers sm_80..sm_90 plus PTX.
+TORCH_CUDA_ARCH_LIST, when set, replaces the default arch list.
 """
 import os
 import sys
@@ -16,6 +17,16 @@ ROOT = Path(__file__).resolve().parent
 def read_sources():
     lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
     return [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+
+
+def read_flags():
+    """cmake/flags.txt as {key: value}: `key = value` lines, # comments."""
+    flags = {}
+    for line in (ROOT / "cmake" / "flags.txt").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            flags[key.strip()] = value.strip()
+    return flags
 
 
 def _find_cuda_home():
@@ -34,10 +45,11 @@ def make_extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
+    flags = read_flags()
     cpu_only = os.environ.get("JITROPE_CPU_ONLY", "0") not in ("", "0")
     with_cuda = not cpu_only and torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0+PTX"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = flags["cuda_arch_list"]
     print(
         f"jitrope: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
         + (f" for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "")
@@ -46,13 +58,14 @@ def make_extensions():
     sources = [s for s in read_sources() if with_cuda or not s.endswith(".cu")]
     sources.append("csrc/python_module.cpp")
     macros = []
-    cxx = ["-O3", "-fdiagnostics-color=always"]
+    # Colour only for the terminal: under ninja the compiler writes to a pipe and would not colour.
+    cxx = flags["cxx"].split() + ["-fdiagnostics-color=always"]
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         # at::parallel_for is inline: without -fopenmp the CPU kernels run on one thread whatever
         # torch.set_num_threads says. Compile-only: GOMP_* resolve at load time to the OpenMP
         # runtime torch already loaded, so there is one thread pool, sized by torch.
         cxx.append("-fopenmp")
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = flags["nvcc"].split()
     if with_cuda:
         macros.append(("JITROPE_WITH_CUDA", "1"))
     include_dirs = [str(ROOT / "csrc")]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up a machine and runs every test: pytest (ops, model, training) and the GoogleTest binary
-# through ctest. CUDA tests run where a GPU is present and are skipped otherwise.
+# Sets up a machine and runs every test: pytest (ops, model, training), then through ctest the
+# GoogleTest binary and tests/cpp/consumer (a LibTorch application built against the installed
+# CMake package). CUDA tests run where a GPU is present and are skipped otherwise.
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k rope2d  # extra arguments go to pytest
 set -euo pipefail
@@ -14,7 +15,7 @@ export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 echo "== pytest"
 python -m pytest -q "$@"
 
-echo "== GoogleTest (ctest)"
+echo "== GoogleTest and the installed-package consumer (ctest)"
 cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > build/cmake-configure.log 2>&1 \
   || { cat build/cmake-configure.log; exit 1; }
 cmake --build build/cmake -j "$(nproc)"
