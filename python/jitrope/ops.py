@@ -1,4 +1,4 @@
-"""Python entry points of jitrope's fused operators (SPEC.md §2, §3).
+"""Python entry points of jitrope's fused operators (SPEC.md §2, §3, §3a).
 
 Thin wrappers over ``torch.ops.jitrope.*``. The kernels (CPU, CUDA) and the autograd formulas
 are C++ (csrc/), so the ops train the same way from LibTorch; this module adds the fake
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import HAS_EXTENSION, EXTENSION_ERROR
 
-__all__ = ["rope2d", "rope2d_", "pos2d_add", "pos2d_add_"]
+__all__ = ["rope2d", "rope2d_", "pos2d_add", "pos2d_add_", "qk_norm_rope"]
 
 
 def _require_extension(name: str) -> None:
@@ -125,3 +125,42 @@ if HAS_EXTENSION:
         D = grad_out.shape[-1]
         return grad_out.new_empty((max_h, D)), grad_out.new_empty((max_w, D))
 
+
+def qk_norm_rope(
+    qk: Tensor,
+    weight: Tensor,
+    coords: Optional[Tensor] = None,
+    freqs: Optional[Tensor] = None,
+    *,
+    eps: float = 1e-6,
+    interleaved: bool = True,
+) -> Tensor:
+    """RMSNorm of q and k over head_dim, then the 2D rotation of :func:`rope2d`, in one pass.
+
+    Args:
+        qk: float16/bfloat16/float32/float64 ``[2, B, H, N, D]`` (q = qk[0], k = qk[1]), D even, any
+            strides: ``qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]`` is read in place.
+        weight: float ``[2, D]``, the q-norm (row 0) and k-norm (row 1) weights.
+        coords, freqs: as in :func:`rope2d`, or both None to normalize without rotating.
+        eps: added to the mean square, as in JiT's RMSNorm.
+        interleaved: the channel pairing of :func:`rope2d`.
+
+    Per row ``y = x / sqrt(mean(x^2) + eps) * weight[s]`` with float32 statistics (float64 for
+    float64), rotated before rounding. Returns a new contiguous ``[2, B, H, N, D]`` tensor, the
+    layout ``F.scaled_dot_product_attention`` reads. Gradients reach qk, weight and freqs (the
+    weight and freqs gradients are reduced in float32, deterministically).
+    """
+    _require_extension("qk_norm_rope")
+    return torch.ops.jitrope.qk_norm_rope.default(qk, weight, coords, freqs, eps, interleaved)
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("jitrope::qk_norm_rope")
+    def _qk_norm_rope_fake(qk, weight, coords=None, freqs=None, eps=1e-6, interleaved=True):
+        return qk.new_empty(qk.shape)
+
+    @torch.library.register_fake("jitrope::qk_norm_rope_backward")
+    def _qk_norm_rope_backward_fake(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad):
+        grad_freqs = freqs.new_empty(freqs.shape) if freqs_grad else weight.new_empty(0)
+        return qk.new_empty(qk.shape), weight.new_empty(weight.shape), grad_freqs
