@@ -87,15 +87,16 @@ void forward_kernel(
   const int64_t D = L.D, half = D / 2, rows = 2 * L.B * L.H * L.N;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, D));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    // r enumerates (s, b, h, n) in the output's (contiguous) order; split once per task, then
+    // stepped, so that no row pays for four 64-bit divisions.
+    int64_t t = begin;
+    int64_t n = t % L.N;
+    t /= L.N;
+    int64_t h = t % L.H;
+    t /= L.H;
+    int64_t b = t % L.B;
+    int64_t s = t / L.B;
     for (int64_t r = begin; r < end; ++r) {
-      // r enumerates (s, b, h, n) in the output's (contiguous) order.
-      int64_t t = r;
-      const int64_t n = t % L.N;
-      t /= L.N;
-      const int64_t h = t % L.H;
-      t /= L.H;
-      const int64_t b = t % L.B;
-      const int64_t s = t / L.B;
       const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
       const int64_t sd = kContig ? 1 : L.sd;
       scalar_t* o = out + r * D;
@@ -114,6 +115,16 @@ void forward_kernel(
         }
         o[ia] = static_cast<scalar_t>(ya);
         o[ib] = static_cast<scalar_t>(yb);
+      }
+      if (++n == L.N) {
+        n = 0;
+        if (++h == L.H) {
+          h = 0;
+          if (++b == L.B) {
+            b = 0;
+            ++s;
+          }
+        }
       }
     }
   });
@@ -155,7 +166,7 @@ at::Tensor qk_norm_rope_cpu(
 
 // One (s, h, chunk) task of the backward: grad_qk for its rows, and its weight partial wp[D] and,
 // with kFreqsGrad, its freqs partial fp[2 * D/2] (y-axis then x-axis).
-template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad>
+template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
 void backward_task(
     const scalar_t* g, const scalar_t* qk, const QkLayout& L, scalar_t* gx, const acc_type<scalar_t>* w,
     const acc_type<scalar_t>* cos_t, const acc_type<scalar_t>* nsin_t, const acc_type<scalar_t>* coords,
@@ -171,13 +182,14 @@ void backward_task(
   // scratch: xhat [D], gxhat [D] of the current row.
   acc_t* xhat = scratch.data();
   acc_t* gxhat = xhat + D;
+  const int64_t sd = kContig ? 1 : L.sd;
+  int64_t b = row0 / L.N, n = row0 % L.N;
   for (int64_t bn = row0; bn < row1; ++bn) {
-    const int64_t b = bn / L.N, n = bn % L.N;
     const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
     const int64_t orow = ((s * L.B + b) * L.H + h) * L.N + n;  // row of the contiguous g and gx
     const scalar_t* gr = g + orow * D;
     scalar_t* gxr = gx + orow * D;
-    const acc_t inv = qm::inv_rms(sum_squares<false, scalar_t, acc_t>(x, L.sd, D), D, eps);
+    const acc_t inv = qm::inv_rms(sum_squares<kContig, scalar_t, acc_t>(x, sd, D), D, eps);
     const int64_t trow = ((per_head ? h : 0) * L.N + n) * half;
     acc_t cy = 0, cx = 0;
     if constexpr (kFreqsGrad) {
@@ -187,7 +199,7 @@ void backward_task(
     acc_t dot = 0;
     for (int64_t m = 0; m < half; ++m) {
       const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
-      const acc_t xa = static_cast<acc_t>(x[ia * L.sd]), xb = static_cast<acc_t>(x[ib * L.sd]);
+      const acc_t xa = static_cast<acc_t>(x[ia * sd]), xb = static_cast<acc_t>(x[ib * sd]);
       acc_t ga = static_cast<acc_t>(gr[ia]), gb = static_cast<acc_t>(gr[ib]);
       if constexpr (kRotate) {
         acc_t ra, rb;
@@ -215,6 +227,10 @@ void backward_task(
     const acc_t mean_dot = dot / static_cast<acc_t>(D);
     for (int64_t d = 0; d < D; ++d) {
       gxr[d] = static_cast<scalar_t>(qm::norm_input_grad(gxhat[d], xhat[d], inv, mean_dot));
+    }
+    if (++n == L.N) {
+      n = 0;
+      ++b;
     }
   }
 }
@@ -259,13 +275,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
           constexpr bool kRotate = std::decay_t<decltype(rot_tag)>::value, kFreqsGrad = std::decay_t<decltype(fg_tag)>::value;
           constexpr bool kInterleaved = std::decay_t<decltype(il_tag)>::value;
           if constexpr (kRotate || !kFreqsGrad) {
+           with_bool(L.sd == 1, [&](auto contig_tag) {
+            constexpr bool kContig = std::decay_t<decltype(contig_tag)>::value;
             at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
               std::vector<acc_t> scratch(2 * D);
               for (int64_t task = begin; task < end; ++task) {
                 // task = (s * H + h) * chunks + k: the partials' own index.
                 const int64_t k = task % chunks, sh = task / chunks;
                 const int64_t h = sh % L.H, s = sh / L.H;
-                backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad>(
+                backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
                     g.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), L,
                     grad_qk.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), cos_t, nsin_t,
                     kFreqsGrad ? c.const_data_ptr<acc_t>() : nullptr, per_head, static_cast<acc_t>(eps), s, h,
@@ -273,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
                     kFreqsGrad ? fpart.mutable_data_ptr<acc_t>() + task * D : nullptr, scratch);
               }
             });
+           });
           }
         });
       });
