@@ -29,19 +29,10 @@ namespace {
 
 namespace qm = qk_norm_rope_math;
 namespace rm = rope2d_math;
+using detail::QkLayout;
 
 constexpr int64_t kGrainElems = 32768;  // elements of qk per parallel task, at least
 
-// Where rows live: element (s, b, h, n, d) of qk is at s*ss + b*sb + h*sh + n*sn + d*sd.
-struct QkLayout {
-  int64_t B, H, N, D;
-  int64_t ss, sb, sh, sn, sd;
-};
-
-QkLayout layout_of(const at::Tensor& qk) {
-  return {qk.size(1), qk.size(2), qk.size(3), qk.size(4),
-          qk.stride(0), qk.stride(1), qk.stride(2), qk.stride(3), qk.stride(4)};
-}
 
 // Sum of squares of one row in a fixed order: 8 running sums over channels d = l (mod 8), added
 // pairwise at the end, so that the loop vectorizes for contiguous rows and the result does not
@@ -144,7 +135,7 @@ at::Tensor qk_norm_rope_cpu(
   }
   const bool rotate = coords.has_value() && coords->defined();
   const bool per_head = rotate && freqs->dim() == 3;
-  const QkLayout L = layout_of(qk);
+  const QkLayout L = detail::qk_layout(qk);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const at::Tensor w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
@@ -244,15 +235,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
     double eps,
     bool interleaved,
     bool freqs_grad) {
-  check_qk_norm_rope_args("qk_norm_rope_backward", qk, weight, coords, freqs, eps, &grad_out);
+  check_qk_norm_rope_args("qk_norm_rope_backward", qk, weight, coords, freqs, eps, &grad_out, freqs_grad);
   const bool rotate = coords.has_value() && coords->defined();
-  TORCH_CHECK(
-      rotate || !freqs_grad, "qk_norm_rope_backward: freqs_grad needs coords and freqs, got None");
   const bool per_head = rotate && freqs->dim() == 3;
   const at::Tensor g = grad_out.contiguous();
   auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
   const auto acc = acc_dtype(qk.scalar_type());
-  const QkLayout L = layout_of(qk);
+  const QkLayout L = detail::qk_layout(qk);
   const int64_t D = L.D, BN = L.B * L.N;
   const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
   at::Tensor wpart = at::zeros({2, L.H, chunks, D}, qk.options().dtype(acc));
@@ -320,9 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
       }
     }
   });
-  at::Tensor grad_weight = gw.to(weight.scalar_type());
-  at::Tensor grad_freqs =
-      freqs_grad ? gf.view(freqs->sizes()).to(freqs->scalar_type()) : at::empty({0}, weight.options());
+  auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
   return {grad_qk, grad_weight, grad_freqs};
 }
 

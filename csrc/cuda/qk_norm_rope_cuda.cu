@@ -31,6 +31,7 @@ namespace {
 
 namespace qm = qk_norm_rope_math;
 namespace rm = rope2d_math;
+using detail::QkLayout;
 
 constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;
@@ -39,10 +40,6 @@ constexpr int kMaxPairsPerLane = 8;
 constexpr int64_t kMaxD = 2 * kWarpSize * kMaxPairsPerLane;  // 512
 constexpr int64_t kMaxBlocks = 65535LL * 1024;
 
-struct QkLayout {
-  int64_t B, H, N, D;
-  int64_t ss, sb, sh, sn, sd;
-};
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -257,11 +254,6 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_reduce_kernel(
   }
 }
 
-QkLayout layout_of(const at::Tensor& qk) {
-  return {qk.size(1), qk.size(2), qk.size(3), qk.size(4),
-          qk.stride(0), qk.stride(1), qk.stride(2), qk.stride(3), qk.stride(4)};
-}
-
 template <typename F>
 void with_pairs(int64_t half, F&& f) {
   const int64_t per_lane = (half + kWarpSize - 1) / kWarpSize;
@@ -299,7 +291,7 @@ at::Tensor qk_norm_rope_cuda(
     return out;
   }
   const bool rotate = coords.has_value() && coords->defined();
-  const QkLayout L = layout_of(qk);
+  const QkLayout L = detail::qk_layout(qk);
   const int64_t rows = 2 * L.B * L.H * L.N;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -338,16 +330,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
     bool interleaved,
     bool freqs_grad) {
   constexpr const char* op = "qk_norm_rope_backward";
-  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps, &grad_out);
+  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps, &grad_out, freqs_grad);
   check_cuda_head_dim(op, qk);
   const bool rotate = coords.has_value() && coords->defined();
-  TORCH_CHECK(rotate || !freqs_grad, op, ": freqs_grad needs coords and freqs, got None");
   const bool per_head = rotate && freqs->dim() == 3;
   const c10::cuda::CUDAGuard guard(qk.device());
   const at::Tensor g = grad_out.contiguous();
   auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
   const auto acc = acc_dtype(qk.scalar_type());
-  const QkLayout L = layout_of(qk);
+  const QkLayout L = detail::qk_layout(qk);
   const int64_t D = L.D, BN = L.B * L.N;
   const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
   const int64_t groups = per_head ? L.H : 1;
@@ -396,9 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  at::Tensor grad_weight = gw.to(weight.scalar_type());
-  at::Tensor grad_freqs =
-      freqs_grad ? gf.view(freqs->sizes()).to(freqs->scalar_type()) : at::empty({0}, weight.options());
+  auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
   return {grad_qk, grad_weight, grad_freqs};
 }
 

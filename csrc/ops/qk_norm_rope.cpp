@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
@@ -47,7 +48,8 @@ void check_qk_norm_rope_args(
     const std::optional<at::Tensor>& coords,
     const std::optional<at::Tensor>& freqs,
     double eps,
-    const at::Tensor* grad_out) {
+    const at::Tensor* grad_out,
+    bool freqs_grad) {
   check_defined(op, "qk", qk);
   check_defined(op, "weight", weight);
   check_float_dtype(op, "qk", qk);
@@ -70,6 +72,7 @@ void check_qk_norm_rope_args(
   if (has_coords) {
     check_rope2d_args(op, "qk", qk, *coords, *freqs);
   }
+  TORCH_CHECK(has_coords || !freqs_grad, op, ": freqs_grad needs coords and freqs, got None");
   if (grad_out != nullptr) {
     check_defined(op, "grad_out", *grad_out);
     TORCH_CHECK(
@@ -80,4 +83,19 @@ void check_qk_norm_rope_args(
   }
 }
 
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor> finish_param_grads(
+    const at::Tensor& grad_weight_acc,
+    const at::Tensor& grad_freqs_acc,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& freqs,
+    bool freqs_grad) {
+  at::Tensor grad_weight = grad_weight_acc.to(weight.scalar_type());
+  at::Tensor grad_freqs = freqs_grad ? grad_freqs_acc.view(freqs->sizes()).to(freqs->scalar_type())
+                                     : at::empty({0}, weight.options());
+  return {grad_weight, grad_freqs};
+}
+
+}  // namespace detail
 }  // namespace jitrope
