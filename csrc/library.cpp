@@ -53,4 +53,12 @@ TORCH_LIBRARY(jitrope, m) {
   m.def(
       "rope2d_backward(Tensor grad_out, Tensor coords, Tensor freqs, Tensor? x, bool interleaved=True) "
       "-> (Tensor, Tensor)");
+  // Fused qk-RMSNorm + 2D rotary embedding (SPEC §3a); coords/freqs None normalize only.
+  m.def(
+      "qk_norm_rope(Tensor qk, Tensor weight, Tensor? coords=None, Tensor? freqs=None, float eps=1e-6, "
+      "bool interleaved=True) -> Tensor");
+  // (grad_qk, grad_weight, grad_freqs); grad_freqs is computed when freqs_grad, else empty.
+  m.def(
+      "qk_norm_rope_backward(Tensor grad_out, Tensor qk, Tensor weight, Tensor? coords, Tensor? freqs, float eps, "
+      "bool interleaved, bool freqs_grad) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """Benchmark jitrope's fused ops against eager PyTorch and a plain copy of the same bytes.
 
-For each op and case it prints the fused time, the eager (reference) time, the time of a plain copy
-of the bytes the op reads and writes (a clone of x; forward+backward: a clone of x and of the
-gradient), and the ratios fused/copy (1.0 = as fast as a copy, the memory-bandwidth bound) and
-eager/fused (the speed-up), for the forward and the forward+backward. Times are medians over
---reps runs after --warmup runs, taken with CUDA events on a GPU.
+For each op and case it prints the fused time, the eager time (the code a user would write, named in
+each op's docstring: for rope2d and qk_norm_rope the published JiT / EVA-02 way, cos/sin tables
+computed once and cached), with --compile the time of torch.compile of that eager code (what a user
+picks instead of a custom kernel), the time of a plain copy of the bytes the op reads and writes (a
+clone of x; forward+backward: a clone of x and of the gradient), and the ratios fused/copy (1.0 =
+as fast as a copy, the memory-bandwidth bound), eager/fused and compiled/fused (speed-ups), for the
+forward and the forward+backward. All ratios of a row come from the same run. Times are medians
+over --reps runs after --warmup runs, taken with CUDA events on a GPU.
 
     python scripts/bench_ops.py --op rope2d --device cpu --dtype float32
+    python scripts/bench_ops.py --op qk_norm_rope --threads 2 --compile
     python scripts/bench_ops.py --op pos2d_add --threads 2
-    python scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --json bench.json
+    python scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --compile --json bench.json
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -67,10 +71,15 @@ def measure(
     device: torch.device,
     dtype: torch.dtype,
     args: argparse.Namespace,
+    compiled: Optional[Callable[[], object]] = None,
     note: str = "",
 ) -> Dict[str, object]:
-    """One table row: fused, eager and copy times of the same work, and their ratios."""
-    t = {name: time_ms(fn, device, warmup=args.warmup, reps=args.reps) for name, fn in (("fused", fused), ("eager", eager), ("copy", copy))}
+    """One table row: fused, eager, compiled (when given and --compile) and copy times of the same
+    work, and their ratios."""
+    fns = [("fused", fused), ("eager", eager), ("copy", copy)]
+    if compiled is not None and args.compile:
+        fns.append(("compiled", compiled))
+    t = {name: time_ms(fn, device, warmup=args.warmup, reps=args.reps) for name, fn in fns}
     return {
         "op": op,
         "case": case,
@@ -82,6 +91,8 @@ def measure(
         "copy_ms": t["copy"],
         "fused_over_copy": t["fused"] / t["copy"],
         "eager_over_fused": t["eager"] / t["fused"],
+        "compiled_ms": t.get("compiled"),
+        "compiled_over_fused": t["compiled"] / t["fused"] if "compiled" in t else None,
         "note": note,
     }
 
@@ -96,12 +107,14 @@ COLUMNS = [
     ("copy_ms", "copy ms", "{:.3f}"),
     ("fused_over_copy", "fused/copy", "{:.2f}"),
     ("eager_over_fused", "eager/fused", "{:.2f}"),
+    ("compiled_ms", "compiled ms", "{:.3f}"),
+    ("compiled_over_fused", "compiled/fused", "{:.2f}"),
     ("note", "note", "{}"),
 ]
 
 
 def print_table(rows: List[Dict[str, object]]) -> None:
-    cells = [[fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
+    cells = [["-" if r[key] is None else fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
     widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (_, head, _) in enumerate(COLUMNS)]
     print("  ".join(head.ljust(w) for (_, head, _), w in zip(COLUMNS, widths)))
     for c in cells:
@@ -190,13 +203,20 @@ def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
     def eva(t):
         return t * cos + _rotate_half_interleaved(t) * sin
 
+    def eva_qk(t):
+        return eva(t[0]), eva(t[1])
+
+    eva_qk_compiled = _compiled(eva_qk, args)
     case = f"B{B} H{H} N{N} D{D} qk-view"
+    note = "eager = published EVA/JiT rope, cached cos/sin tables"
     rows = [
         measure(
             "rope2d", case, "fwd", device=device, dtype=dtype, args=args,
             fused=lambda: ops.rope2d(x, coords, freqs),
-            eager=lambda: (eva(x[0]), eva(x[1])),
+            eager=lambda: eva_qk(x),
+            compiled=lambda: eva_qk_compiled(x),
             copy=lambda: x.clone(),
+            note=note,
         )
     ]
 
@@ -206,13 +226,14 @@ def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
     def fused_fb():
         return torch.autograd.grad(ops.rope2d(xg, coords, freqs), xg, g)
 
-    def eager_fb():
-        return torch.autograd.grad((eva(xg[0]), eva(xg[1])), xg, (g[0], g[1]))
+    def eager_fb(fn=eva_qk):
+        return torch.autograd.grad(fn(xg), xg, (g[0], g[1]))
 
     rows.append(
         measure(
             "rope2d", case, "fwd+bwd", device=device, dtype=dtype, args=args,
-            fused=fused_fb, eager=eager_fb, copy=lambda: (x.clone(), g.clone()),
+            fused=fused_fb, eager=eager_fb, compiled=lambda: eager_fb(eva_qk_compiled),
+            copy=lambda: (x.clone(), g.clone()), note=note,
         )
     )
 
@@ -229,10 +250,77 @@ def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
         measure(
             "rope2d", case + " per-head learned freqs", "fwd+bwd", device=device, dtype=dtype, args=args,
             fused=fused_mixed, eager=eager_mixed, copy=lambda: (x.clone(), g.clone()),
-            note="eager = jitrope.reference.rope2d_ref",
+            note="eager = jitrope.reference.rope2d_ref (learned freqs: sin/cos recomputed every step)",
         )
     )
     return rows
+
+
+# ---------------------------------------------------------------- qk_norm_rope
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """JiT's RMSNorm module (LLaMA style): float32 statistics, weight applied, cast back."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf).to(x.dtype)
+
+
+def bench_qk_norm_rope(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> List[Dict[str, object]]:
+    """The rope2d case with JiT's q/k RMSNorm in front: qk is the [2, B, H, N, D] view of a qkv
+    projection. Fused: one qk_norm_rope call on the view. Eager: the published JiT code, the
+    RMSNorm module on q and on k, then x*cos + rotate_half(x)*sin with cached per-token tables.
+    Copy: a clone of the view (plus one of the gradient for forward+backward)."""
+    B, H, D, prefix, grid = 8, 12, 64, 32, (16, 16)
+    N = prefix + grid[0] * grid[1]
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, generator=gen)
+    x = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
+    weight = 1 + 0.1 * torch.randn(2, D, device=device, generator=gen)
+    coords = sequence_coords(grid, prefix=prefix, device=device)
+    freqs = axial_freqs(D, device=device)
+    cos, sin = _eva_tables(coords, freqs, dtype)
+
+    def published(t, w):
+        q, k = _rms_norm(t[0], w[0]), _rms_norm(t[1], w[1])
+        return q * cos + _rotate_half_interleaved(q) * sin, k * cos + _rotate_half_interleaved(k) * sin
+
+    published_compiled = _compiled(published, args)
+    case = f"B{B} H{H} N{N} D{D} qk-view"
+    note = "eager = published JiT: RMSNorm modules, then rope with cached cos/sin tables"
+    rows = [
+        measure(
+            "qk_norm_rope", case, "fwd", device=device, dtype=dtype, args=args,
+            fused=lambda: ops.qk_norm_rope(x, weight, coords, freqs),
+            eager=lambda: published(x, weight),
+            compiled=lambda: published_compiled(x, weight),
+            copy=lambda: x.clone(),
+            note=note,
+        )
+    ]
+    xg = x.detach().requires_grad_()
+    wg = weight.detach().requires_grad_()
+    g = torch.randn(x.shape, device=device, dtype=dtype, generator=gen)
+
+    def fused_fb():
+        return torch.autograd.grad(ops.qk_norm_rope(xg, wg, coords, freqs), (xg, wg), g)
+
+    def eager_fb(fn=published):
+        return torch.autograd.grad(fn(xg, wg), (xg, wg), (g[0], g[1]))
+
+    rows.append(
+        measure(
+            "qk_norm_rope", case, "fwd+bwd", device=device, dtype=dtype, args=args,
+            fused=fused_fb, eager=eager_fb, compiled=lambda: eager_fb(published_compiled),
+            copy=lambda: (x.clone(), g.clone()), note=note,
+        )
+    )
+    return rows
+
+
+def _compiled(fn: Callable, args: argparse.Namespace) -> Callable:
+    """torch.compile of the eager baseline (compiled lazily, on the first timed warm-up call)."""
+    return torch.compile(fn, fullgraph=True) if args.compile else fn
 
 
 # ---------------------------------------------------------------- command line
@@ -240,6 +328,7 @@ def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
 BENCHES: Dict[str, Callable[[torch.device, torch.dtype, argparse.Namespace], List[Dict[str, object]]]] = {
     "pos2d_add": bench_pos2d_add,
     "rope2d": bench_rope2d,
+    "qk_norm_rope": bench_qk_norm_rope,
 }
 OPS = list(BENCHES)
 
@@ -252,6 +341,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
     p.add_argument("--reps", type=int, default=30, help="timed runs (the median is reported)")
     p.add_argument("--quick", action="store_true", help="only the first size of each op")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="also time torch.compile of the eager baselines (rope2d, qk_norm_rope); compiling takes minutes on a CPU",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)

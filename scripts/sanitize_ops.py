@@ -14,7 +14,7 @@ import torch
 
 import jitrope
 from jitrope import ops
-from jitrope.reference import pos2d_add_ref, rope2d_ref
+from jitrope.reference import pos2d_add_ref, qk_norm_rope_ref, rope2d_ref
 from jitrope.rope import axial_freqs, sequence_coords
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 1e-1}
@@ -83,6 +83,40 @@ def pos_cases(dev, dtype):
     return ok
 
 
+def qk_norm_rope_cases(dev, dtype):
+    ok = True
+    # (B, H, N, D, freqs kind, interleaved): D up to the CUDA kernel's 8 pairs per lane, odd pairs.
+    for B, H, N, D, kind, inter in [(2, 3, 5, 8, "shared", True), (1, 4, 33, 66, "per_head", False), (0, 2, 4, 8, "shared", True),
+                                    (3, 12, 70, 64, "shared", True), (1, 2, 9, 10, None, True), (1, 1, 3, 512, "per_head", False)]:
+        qkv = torch.randn(B, N, 3, H, D, device=dev, dtype=dtype)
+        qk = qkv.permute(2, 0, 3, 1, 4)[:2]
+        weight = (torch.rand(2, D, device=dev) + 0.5).requires_grad_(True)
+        coords = freqs = None
+        if kind is not None:
+            coords = sequence_coords((1, N - 1), prefix=1).to(dev)
+            freqs = (torch.randn(H, 2, D // 2) if kind == "per_head" else torch.randn(2, D // 2)).to(dev).requires_grad_(True)
+        x = qk.detach().clone().requires_grad_(True)
+        out = ops.qk_norm_rope(x, weight, coords, freqs, interleaved=inter)
+        name = f"qk_norm_rope {dtype} B{B} H{H} N{N} D{D} {kind} il{inter}"
+        ok &= check(f"{name} fwd", out, qk_norm_rope_ref(qk, weight, coords, freqs, interleaved=inter), dtype)
+        g = torch.randn_like(out)
+        leaves = [x, weight] + ([freqs] if freqs is not None else [])
+        got = torch.autograd.grad(out, leaves, g)
+        leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+        ref = qk_norm_rope_ref(leaves64[0], leaves64[1], None if coords is None else coords.double(),
+                               leaves64[2] if freqs is not None else None, interleaved=inter)
+        want = torch.autograd.grad(ref, leaves64, g.double())
+        for n, a, b in zip(("qk", "weight", "freqs"), got, want):
+            # weight / freqs gradients are float32 sums over B*H*N rows: judge them at float32 or looser.
+            fdt = dtype if n == "qk" or TOL[dtype] >= TOL[torch.float32] else torch.float32
+            ok &= check(f"{name} bwd {n}", a, b, fdt)
+        if B:
+            z = qk[..., 1 : D - 1]  # rows that start off a 16-byte boundary
+            ok &= check(f"{name} misaligned", ops.qk_norm_rope(z, weight[:, 1 : D - 1].detach(), interleaved=inter),
+                        qk_norm_rope_ref(z, weight[:, 1 : D - 1].detach(), interleaved=inter), dtype)
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="device to run on (default: cuda)")
@@ -94,6 +128,7 @@ def main():
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         ok &= rope_cases(args.device, dtype)
         ok &= pos_cases(args.device, dtype)
+        ok &= qk_norm_rope_cases(args.device, dtype)
     if args.device == "cuda":
         torch.cuda.synchronize()
     print("sanitize_ops:", "all ok" if ok else "MISMATCHES")

@@ -201,7 +201,7 @@ def test_inplace_refuses_grad(device):
     x, pos_h, pos_w, grid, kw = next(sample_inputs(device, torch.float32, requires_grad=True))
     with pytest.raises(RuntimeError, match="in-place op is for inference"):
         ops.pos2d_add_(x, pos_h, pos_w, grid, **kw)
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad|requires grad"):
+    with pytest.raises(RuntimeError, match="pos2d_add_: the in-place op is for inference"):
         torch.ops.jitrope.pos2d_add_(x, pos_h, pos_w, list(grid), kw["token_offset"], 0, 0)
     with torch.no_grad():
         ops.pos2d_add_(x, pos_h, pos_w, grid, **kw)  # allowed for inference
@@ -211,10 +211,10 @@ def test_inplace_refuses_grad(device):
 def test_inplace_refuses_overlap(device):
     x = torch.randn(1, 4, 8, device=device).expand(3, 4, 8)
     pos = torch.randn(2, 8, device=device)
-    with pytest.raises(RuntimeError, match="internal overlap|more than one element"):
+    with pytest.raises(RuntimeError, match="pos2d_add_: x has overlapping memory"):
         ops.pos2d_add_(x, pos, pos, (2, 2))
     buf = torch.randn(4, 8, device=device)
-    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+    with pytest.raises(RuntimeError, match="pos2d_add_: x shares memory with an input it reads"):
         ops.pos2d_add_(buf[None], buf, buf, (2, 2))
 
 
@@ -243,7 +243,7 @@ def _bad_inputs(device):
         ("x rank", lambda: f(x[0], h, w, (2, 2)), r"x must be a 3-D tensor \[B, N, D\], got shape \[10, 6\]"),
         ("pos_h D", lambda: f(x, h[:, :5], w, (2, 2)), r"pos_h must be \[max_h, D\] with x's D = 6, got shape \[3, 5\]"),
         ("pos_w rank", lambda: f(x, h, w[None], (2, 2)), r"pos_w must be \[max_w, D\] with x's D = 6, got shape \[1, 4, 6\]"),
-        ("int x", lambda: f(x.long(), h.long(), w.long(), (2, 2)), r"x must be float32, float64, float16 or bfloat16, got torch.int64"),
+        ("int x", lambda: f(x.long(), h.long(), w.long(), (2, 2)), r"x must be float16, bfloat16, float32 or float64, got torch.int64"),
         ("dtype", lambda: f(x, h.double(), w, (2, 2)), r"pos_h must have x's dtype torch.float32, got torch.float64"),
         ("rows", lambda: f(x, h, w, (3, 2), row_offset=1), r"grid rows need pos_h\[1 : 1 \+ gh\] with gh = 3, but pos_h has max_h = 3"),
         ("cols", lambda: f(x, h, w, (2, 5)), r"grid columns need pos_w\[0 : 0 \+ gw\] with gw = 5, but pos_w has max_w = 4"),
@@ -264,22 +264,22 @@ def _bad_inputs(device):
 BAD_NAMES = [b[0] for b in _bad_inputs("cpu")]
 
 
-@pytest.mark.parametrize("device", DEVICES + ["meta"])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_inputs_raise_clear_errors(device, name):
-    """Real kernels and the fake kernels (device 'meta') give the same messages."""
+    """The C++ checks name the argument, what it got and what it wanted (the fake kernels only
+    compute output shapes, as pytorch/extension-cpp's do)."""
     _, call, pattern = next(b for b in _bad_inputs(device) if b[0] == name)
     with pytest.raises((RuntimeError, ValueError), match=pattern):
         call()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_device_mismatch(device):
-    other = "meta" if device == "cpu" else "cpu"
-    x = torch.randn(2, 4, 6, device=device)
-    h = torch.randn(2, 6, device=device)
-    with pytest.raises(RuntimeError, match=r"pos_w must be on x's device|device"):
-        ops.pos2d_add(x, h, torch.randn(2, 6, device=other), (2, 2))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_device_mismatch():
+    x = torch.randn(2, 4, 6, device="cuda")
+    h = torch.randn(2, 6, device="cuda")
+    with pytest.raises(RuntimeError, match=r"pos_w must be on x's device cuda:0, got cpu"):
+        ops.pos2d_add(x, h, torch.randn(2, 6), (2, 2))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -350,7 +350,7 @@ def _bad_inputs(device):
     return [
         ("x 2-D", (torch.randn(5, 8, device=device), c, f), r"x must have shape \[\.\.\., H, N, D\] \(at least 3 dims\), got \[5, 8\]"),
         ("D odd", (torch.randn(2, 5, 7, device=device), c, torch.zeros(2, 3, device=device)), r"x must have an even last dim D"),
-        ("x integer", (x.long(), c, f), r"x must be float16, bfloat16, float32 or float64, got Long"),
+        ("x integer", (x.long(), c, f), r"x must be float16, bfloat16, float32 or float64, got torch.int64"),
         ("coords N", (x, torch.zeros(4, 2, device=device), f), r"coords must have shape \[N, 2\] = \[5, 2\].*got \[4, 2\]"),
         ("coords 3 cols", (x, torch.zeros(5, 3, device=device), f), r"coords must have shape \[N, 2\] = \[5, 2\]"),
         ("coords integer", (x, c.long(), f), r"coords must be a floating tensor"),

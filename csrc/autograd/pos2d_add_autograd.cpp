@@ -3,13 +3,12 @@
 // grad_x is grad_out itself; the table gradients come from the pos2d_add_backward op. That op is
 // linear in grad_out and its own adjoint is a pos2d_add onto zeros, so it is differentiable too
 // (gradgradcheck, any order). Table sizes travel as SymInts so that torch.compile can trace the
-// backward with dynamic shapes. The in-place twin is for inference: it gets PyTorch's
-// "not implemented" autograd kernels, which refuse inputs that require grad and bump x's version.
+// backward with dynamic shapes. The in-place twin follows common/autograd_utils.h (inference only).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "common/autograd_utils.h"
 #include "ops/pos2d_add.h"
 
 namespace jitrope {
@@ -129,16 +128,25 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_autograd(
   return {out[0], out[1]};
 }
 
+at::Tensor& pos2d_add__autograd(
+    at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  return inplace_for_inference("pos2d_add_", "pos2d_add", x, {&pos_h, &pos_w}, [&] {
+    pos2d_add_(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(jitrope, Autograd, m) {
   m.impl("pos2d_add", &pos2d_add_autograd);
   m.impl("pos2d_add_backward", &pos2d_add_backward_autograd);
-  m.impl("pos2d_add_", torch::autograd::autogradNotImplementedFallback());
-}
-
-TORCH_LIBRARY_IMPL(jitrope, ADInplaceOrView, m) {
-  m.impl("pos2d_add_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("pos2d_add_", &pos2d_add__autograd);
 }
 
 }  // namespace jitrope

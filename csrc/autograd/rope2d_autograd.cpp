@@ -1,12 +1,12 @@
 // Autograd of jitrope::rope2d as a C++ autograd::Function, so the op trains from LibTorch as well
 // as from Python. The backward is its own op (rope2d_backward, CPU + CUDA kernels). The forward
 // input x is saved only when freqs requires grad (dL/dphi needs it); coords is a constant.
-// Double backward is not supported and says so. rope2d_ (in-place, inference) refuses inputs that
-// need a gradient and bumps x's version so that autograd notices the mutation.
+// Double backward is not supported and says so. rope2d_ follows common/autograd_utils.h (inference
+// only).
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
+#include "common/autograd_utils.h"
 #include "ops/rope2d.h"
 
 namespace jitrope {
@@ -97,16 +97,8 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_autograd(
 }
 
 at::Tensor& rope2d__autograd(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  TORCH_CHECK(
-      !(at::GradMode::is_enabled() && (x.requires_grad() || freqs.requires_grad())),
-      "rope2d_: the in-place op is for inference and has no gradient, but x or freqs requires grad; call "
-      "rope2d, or run under no_grad");
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    rope2d_(x, coords, freqs, interleaved);
-  }
-  torch::autograd::increment_version(x);
-  return x;
+  return inplace_for_inference(
+      "rope2d_", "rope2d", x, {&coords, &freqs}, [&] { rope2d_(x, coords, freqs, interleaved); });
 }
 
 }  // namespace

@@ -18,13 +18,12 @@
 #include <cstring>
 #include <vector>
 
+#include "common/op_utils.h"
 #include "math/pos2d_add_math.h"
 #include "ops/pos2d_add.h"
 
 namespace jitrope {
 namespace {
-
-using pos2d::acc_t;
 
 // Rows are addressed through the batch and token strides; the kernels need unit channel stride.
 at::Tensor with_unit_channel_stride(const at::Tensor& t) {
@@ -51,10 +50,10 @@ template <typename scalar_t>
 void add_position_row(
     scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph,
     const scalar_t* __restrict__ pw, int64_t D) {
-  using acc = acc_t<scalar_t>;
+  using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
     out[d] = static_cast<scalar_t>(
-        pos2d::add_position(static_cast<acc>(x[d]), static_cast<acc>(ph[d]), static_cast<acc>(pw[d])));
+        pos2d_add_math::add_position(static_cast<acc>(x[d]), static_cast<acc>(ph[d]), static_cast<acc>(pw[d])));
   }
 }
 
@@ -69,7 +68,7 @@ void forward_rows(const RowsArgs<scalar_t>& a) {
       const scalar_t* x = a.x + b * a.x_sb + t * a.x_st;
       scalar_t* out = a.out + b * a.out_sb + t * a.out_st;
       int64_t i = 0, j = 0;
-      if (pos2d::grid_cell<int64_t>(t, a.token_offset, a.cells, a.gw, i, j)) {
+      if (pos2d_add_math::grid_cell<int64_t>(t, a.token_offset, a.cells, a.gw, i, j)) {
         add_position_row(out, x, a.pos_h + (a.row_offset + i) * a.D, a.pos_w + (a.col_offset + j) * a.D, a.D);
       } else if (out != x) {
         std::memcpy(out, x, a.D * sizeof(scalar_t));
@@ -156,11 +155,11 @@ void backward_kernel(
     int64_t token_offset,
     int64_t row_offset,
     int64_t col_offset) {
-  using acc = acc_t<scalar_t>;
+  using acc = acc_type<scalar_t>;
   const int64_t B = g.size(0), D = g.size(2);
   const int64_t g_sb = g.stride(0), g_st = g.stride(1);
   const int64_t cells = gh * gw;
-  const pos2d::BatchChunks chunks = pos2d::batch_chunks(B, cells * D);
+  const pos2d_add_math::BatchChunks chunks = pos2d_add_math::batch_chunks(B, cells * D);
   at::Tensor partials_t = at::empty({chunks.count, cells, D}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
   acc* partials = partials_t.data_ptr<acc>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
@@ -200,12 +199,7 @@ void backward_kernel(
       const int64_t count = is_h ? gw : gh;
       const int64_t first = is_h ? line * gw : line;
       const int64_t step = is_h ? 1 : gw;
-      std::fill(s.begin(), s.end(), acc(0));
-      for (int64_t k = 0; k < chunks.count; ++k) {
-        for (int64_t c = 0; c < count; ++c) {
-          accumulate(s.data(), partials + (k * cells + first + c * step) * D, D);
-        }
-      }
+      pos2d_add_math::sum_partials(s.data(), partials + first * D, D, chunks.count, cells * D, count, step * D);
       for (int64_t d = 0; d < D; ++d) {
         out[d] = static_cast<scalar_t>(s[d]);
       }

@@ -20,6 +20,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/op_utils.h"
+#include "cpu/rope2d_table.h"
 #include "math/rope2d_math.h"
 #include "ops/rope2d.h"
 
@@ -39,48 +41,6 @@ inline void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) {
     __builtin_prefetch(c + b, /*rw=*/0, /*locality=*/0);
   }
-}
-
-template <typename F>
-void with_interleaved(bool interleaved, F&& f) {
-  if (interleaved) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-// cos/sin of every (group, token, pair): table[0] is cos, table[1] is sin (-sin when `inverse`, the
-// rotation of the backward), each [Hf, N, D/2]. The angles come from the shared math; their sin and
-// cos from ATen's vectorized (1-ulp) kernels: with per-head freqs the table has H * N * D/2 entries
-// and scalar libm calls would cost more than the rotation itself.
-template <typename acc_t>
-at::Tensor angle_table(
-    const at::Tensor& coords, const at::Tensor& freqs, int64_t n_tokens, int64_t half, bool inverse) {
-  const int64_t groups = freqs.size(0);
-  auto phi = at::empty({groups, n_tokens, half}, coords.options());
-  const acc_t* c = coords.const_data_ptr<acc_t>();
-  const acc_t* f = freqs.const_data_ptr<acc_t>();
-  acc_t* phi_p = phi.mutable_data_ptr<acc_t>();
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, half));
-  at::parallel_for(0, groups * n_tokens, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t g = r / n_tokens, n = r % n_tokens;
-      const acc_t* fy = f + (2 * g) * half;
-      const acc_t* fx = fy + half;
-      for (int64_t m = 0; m < half; ++m) {
-        phi_p[r * half + m] = rope2d_math::angle(c[2 * n], c[2 * n + 1], fy[m], fx[m]);
-      }
-    }
-  });
-  auto table = at::empty({2, groups, n_tokens, half}, coords.options());
-  auto cos_t = table.select(0, 0), sin_t = table.select(0, 1);
-  at::cos_out(cos_t, phi);
-  at::sin_out(sin_t, phi);
-  if (inverse) {
-    sin_t.neg_();
-  }
-  return table;
 }
 
 // One row of D channels rotated pair by pair: out = R(phi) in with (c, s) = (cos, sin) of the row's
@@ -231,9 +191,9 @@ void rotate_cpu(
   const RowWalk walk = make_row_walk(in, out, freqs.dim() == 3);
   const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const int64_t N = in.size(-2), half = in.size(-1) / 2;
-    const at::Tensor table = angle_table<acc_t>(c, f, N, half, inverse);
+    const at::Tensor table = cpu::angle_table<acc_t>(c, f, N, half, inverse);
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
     const acc_t* sin_t = cos_t + f.size(0) * N * half;
     const scalar_t* in_p = in.const_data_ptr<scalar_t>();
@@ -244,7 +204,7 @@ void rotate_cpu(
     const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
     const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
     const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
-    with_interleaved(interleaved, [&](auto interleaved_tag) {
+    with_bool(interleaved, [&](auto interleaved_tag) {
       constexpr bool kI = decltype(interleaved_tag)::value;
       at::parallel_for(0, walk.rows, grain, [&](int64_t begin, int64_t end) {
         RowCursor row(walk, begin);
@@ -282,9 +242,9 @@ void backward_with_freqs_cpu(
   }
   const auto [c, f] = detail::rope2d_acc_tables(grad_out, coords, freqs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "rope2d_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group, groups = geo.groups;
-    const at::Tensor table = angle_table<acc_t>(c, f, N, half, /*inverse=*/true);
+    const at::Tensor table = cpu::angle_table<acc_t>(c, f, N, half, /*inverse=*/true);
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
     const acc_t* sin_t = cos_t + groups * N * half;
     at::Tensor dphi = at::zeros({groups, N, half}, c.options());
@@ -296,7 +256,7 @@ void backward_with_freqs_cpu(
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
     const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
     const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
-    with_interleaved(interleaved, [&](auto interleaved_tag) {
+    with_bool(interleaved, [&](auto interleaved_tag) {
       constexpr bool kI = decltype(interleaved_tag)::value;
       auto row = [&](int64_t g, int64_t n, const int64_t (&off)[kMaxTensors]) {
         const scalar_t* gr = g_p + off[0] + n * geo.token_stride[0];

@@ -23,13 +23,12 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/op_utils.h"
 #include "math/pos2d_add_math.h"
 #include "ops/pos2d_add.h"
 
 namespace jitrope {
 namespace {
-
-using pos2d::acc_t;
 
 constexpr int kThreads = 256;
 
@@ -87,7 +86,7 @@ struct ForwardArgs {
 template <typename scalar_t, int V, typename index_t>
 __global__ void __launch_bounds__(kThreads) pos2d_add_forward_kernel(
     const ForwardArgs<scalar_t> a, const index_t items, const index_t tokens, const index_t packs) {
-  using acc = acc_t<scalar_t>;
+  using acc = acc_type<scalar_t>;
   const index_t t0 = static_cast<index_t>(a.token_offset);
   const index_t cells = static_cast<index_t>(a.cells);
   const index_t gw = static_cast<index_t>(a.gw);
@@ -99,12 +98,12 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_forward_kernel(
     const index_t t = static_cast<index_t>(a.t_begin) + (row - b * tokens);
     Pack<scalar_t, V> v = load_pack<scalar_t, V>(a.x + b * a.x_sb + int64_t{t} * a.x_st + d);
     index_t i, j;
-    if (pos2d::grid_cell<index_t>(t, t0, cells, gw, i, j)) {
+    if (pos2d_add_math::grid_cell<index_t>(t, t0, cells, gw, i, j)) {
       const Pack<scalar_t, V> h = load_pack<scalar_t, V>(a.pos_h + (a.row_offset + i) * a.D + d);
       const Pack<scalar_t, V> w = load_pack<scalar_t, V>(a.pos_w + (a.col_offset + j) * a.D + d);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        v.v[k] = static_cast<scalar_t>(pos2d::add_position<acc>(
+        v.v[k] = static_cast<scalar_t>(pos2d_add_math::add_position<acc>(
             static_cast<acc>(v.v[k]), static_cast<acc>(h.v[k]), static_cast<acc>(w.v[k])));
       }
     }
@@ -218,8 +217,8 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_partials_kernel(
     const int64_t packs,
     const int64_t chunk,
     const int64_t items,
-    acc_t<scalar_t>* __restrict__ partials) {
-  using acc = acc_t<scalar_t>;
+    acc_type<scalar_t>* __restrict__ partials) {
+  using acc = acc_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < items; idx += stride) {
     const int64_t dv = idx % packs;
@@ -253,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_partials_kernel(
 // channels, so both the partials they read and the gradients they write are coalesced.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) pos2d_add_table_grads_kernel(
-    const acc_t<scalar_t>* __restrict__ partials,
+    const acc_type<scalar_t>* __restrict__ partials,
     const int64_t chunks,
     const int64_t gh,
     const int64_t gw,
@@ -264,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_table_grads_kernel(
     const int64_t col_offset,
     scalar_t* __restrict__ grad_h,
     scalar_t* __restrict__ grad_w) {
-  using acc = acc_t<scalar_t>;
+  using acc = acc_type<scalar_t>;
   const int64_t items = (max_h + max_w) * D;
   const int64_t chunk_stride = gh * gw * D;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -275,13 +274,13 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_table_grads_kernel(
     if (r < max_h) {
       const int64_t i = r - row_offset;
       if (i >= 0 && i < gh) {
-        s = pos2d::sum_partials(partials + i * gw * D + d, chunks, chunk_stride, gw, D);
+        pos2d_add_math::sum_partials(&s, partials + i * gw * D + d, 1, chunks, chunk_stride, gw, D);
       }
       grad_h[idx] = static_cast<scalar_t>(s);
     } else {
       const int64_t j = r - max_h - col_offset;
       if (j >= 0 && j < gw) {
-        s = pos2d::sum_partials(partials + j * D + d, chunks, chunk_stride, gh, gw * D);
+        pos2d_add_math::sum_partials(&s, partials + j * D + d, 1, chunks, chunk_stride, gh, gw * D);
       }
       grad_w[idx - max_h * D] = static_cast<scalar_t>(s);
     }
@@ -290,8 +289,8 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_table_grads_kernel(
 
 template <typename scalar_t, int V>
 void launch_partials(
-    const at::Tensor& g, int64_t token_offset, int64_t cells, const pos2d::BatchChunks& chunks,
-    acc_t<scalar_t>* partials) {
+    const at::Tensor& g, int64_t token_offset, int64_t cells, const pos2d_add_math::BatchChunks& chunks,
+    acc_type<scalar_t>* partials) {
   const int64_t packs = g.size(2) / V;
   const int64_t items = chunks.count * cells * packs;
   if (items == 0) {
@@ -319,9 +318,9 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_cuda(
   const int64_t cells = gh * gw;
   at::Tensor grad_h = at::empty({max_h, D}, g.options());
   at::Tensor grad_w = at::empty({max_w, D}, g.options());
-  const pos2d::BatchChunks chunks = pos2d::batch_chunks(B, cells * D);
+  const pos2d_add_math::BatchChunks chunks = pos2d_add_math::batch_chunks(B, cells * D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pos2d_add_backward_cuda", [&] {
-    using acc = acc_t<scalar_t>;
+    using acc = acc_type<scalar_t>;
     at::Tensor partials = at::empty({chunks.count, cells, D}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     if (pack_width<scalar_t>(D, {g.stride(0), g.stride(1)}, {gp}) > 1) {

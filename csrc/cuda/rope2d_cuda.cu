@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/op_utils.h"
 #include "math/rope2d_math.h"
 #include "ops/rope2d.h"
 
@@ -46,7 +47,7 @@ struct alignas(sizeof(T) * N) Vec {
 // (half-split); without, one pair through two scalar loads at any channel stride.
 template <typename scalar_t, bool kVectorized, bool kInterleaved>
 struct PairItem {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   static constexpr int kVec = kVectorized ? static_cast<int>(16 / sizeof(scalar_t)) : 1;
   static constexpr int kPairs = kVectorized ? (kInterleaved ? kVec / 2 : kVec) : 1;
   static constexpr int kLoads = (kVectorized && kInterleaved) ? 1 : 2;
@@ -112,13 +113,13 @@ __global__ void __launch_bounds__(kThreads) rope2d_cuda_kernel(
     const scalar_t* in,
     scalar_t* out,
     const scalar_t* x,
-    const at::opmath_type<scalar_t>* coords,
-    const at::opmath_type<scalar_t>* freqs,
-    at::opmath_type<scalar_t>* partial,
+    const acc_type<scalar_t>* coords,
+    const acc_type<scalar_t>* freqs,
+    acc_type<scalar_t>* partial,
     const Rope2dGeometry geo,
     const int64_t planes_per_block,
     const bool inverse) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   using Item = PairItem<scalar_t, kVectorized, kInterleaved>;
   constexpr int kPairs = Item::kPairs;
   constexpr int kUnroll = kAngleGrad ? 2 : 4;
@@ -255,15 +256,6 @@ __global__ void __launch_bounds__(kThreads) rope2d_freqs_grad_kernel(
   }
 }
 
-template <typename F>
-void with_bool(bool value, F&& f) {
-  if (value) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -289,7 +281,7 @@ at::Tensor rotate_cuda(
   TORCH_CHECK(groups <= kMaxGridY, "rope2d: the CUDA kernel takes at most 65535 heads with per-head freqs, got ", groups);
   at::Tensor grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     constexpr int64_t kVec = 16 / sizeof(scalar_t);
     // Vector access: channel stride 1, pairs split evenly into vectors, every row start aligned.
     bool vectorized = interleaved ? (2 * half) % kVec == 0 : half % kVec == 0;

@@ -8,19 +8,7 @@
 
 #include <cstdint>
 
-namespace jitrope::pos2d {
-
-// Compute type: float32 for float32/float16/bfloat16, float64 for float64.
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_t = typename AccType<scalar_t>::type;
+namespace jitrope::pos2d_add_math {
 
 // One element of a grid token, in the compute type; the caller rounds it once to x's dtype. The
 // table sum comes first, as in jitrope.reference.pos2d_add_ref, so float32/float64 results match
@@ -66,19 +54,24 @@ inline BatchChunks batch_chunks(int64_t batch, int64_t cell_elems) {
   return {size, (batch + size - 1) / size};
 }
 
-// Stage 2 for one output element: sum over `chunks` chunks (stride chunk_stride) of `count`
-// partials spaced `step` apart, in the order fixed above. `p` points at the first one.
+// Stage 2 for `width` adjacent output elements (one per CUDA thread; a row of D on the CPU, where
+// the innermost loop vectorizes): s[w] = sum over `chunks` chunks (stride chunk_stride) of `count`
+// partials spaced `step` apart, in the order fixed above. `p` points at the first partial of s[0].
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t sum_partials(
-    const acc_t* p, int64_t chunks, int64_t chunk_stride, int64_t count, int64_t step) {
-  acc_t s = acc_t(0);
+C10_HOST_DEVICE inline void sum_partials(
+    acc_t* __restrict__ s, const acc_t* __restrict__ p, int64_t width, int64_t chunks, int64_t chunk_stride,
+    int64_t count, int64_t step) {
+  for (int64_t w = 0; w < width; ++w) {
+    s[w] = acc_t(0);
+  }
   for (int64_t k = 0; k < chunks; ++k) {
-    const acc_t* q = p + k * chunk_stride;
     for (int64_t c = 0; c < count; ++c) {
-      s += q[c * step];
+      const acc_t* q = p + k * chunk_stride + c * step;
+      for (int64_t w = 0; w < width; ++w) {
+        s[w] += q[w];
+      }
     }
   }
-  return s;
 }
 
-}  // namespace jitrope::pos2d
+}  // namespace jitrope::pos2d_add_math

@@ -2,12 +2,10 @@
 // and the one place its arguments are validated.
 #include "ops/pos2d_add.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
-#include <string>
+#include "common/op_utils.h"
 
 namespace jitrope {
 
@@ -69,35 +67,23 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_symint(
 
 namespace {
 
-// "torch.float32", as Python users know dtypes.
-std::string dtype_name(at::ScalarType t) {
-  return "torch." + std::string(c10::getDtypeNames(t).first);
-}
-
 void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  check_defined(op, name, t);
   TORCH_CHECK(
       t.dim() == 3, op, ": ", name, " must be a 3-D tensor [B, N, D], got shape ", t.sizes());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype_name(dtype));
+  check_float_dtype(op, name, t);
 }
 
 // A position table: [rows, D] with x's D, dtype and device.
 void check_table(
     const char* op, const char* name, const char* rows, const at::Tensor& table, const at::Tensor& x) {
-  TORCH_CHECK(table.defined(), op, ": ", name, " is an undefined tensor");
+  check_defined(op, name, table);
   const int64_t D = x.size(2);
   TORCH_CHECK(
       table.dim() == 2 && table.size(1) == D, op, ": ", name, " must be [", rows,
       ", D] with x's D = ", D, ", got shape ", table.sizes());
-  TORCH_CHECK(
-      table.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
-      dtype_name(x.scalar_type()), ", got ", dtype_name(table.scalar_type()));
-  TORCH_CHECK(
-      table.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(),
-      ", got ", table.device());
+  check_same_dtype(op, name, table, "x", x);
+  check_same_device(op, name, table, "x", x);
 }
 
 // The grid (gh, gw) at the offsets must fit in the tables (max_h, max_w rows) and in N tokens.
@@ -153,10 +139,7 @@ void check_pos2d_add_args(
   check_geometry(
       op, "x", x, grid, pos_h.size(0), pos_w.size(0), token_offset, row_offset, col_offset);
   if (inplace) {
-    // Writing x must neither write one element twice nor change the tables being read.
-    at::assert_no_internal_overlap(x);
-    at::assert_no_overlap(x, pos_h);
-    at::assert_no_overlap(x, pos_w);
+    check_inplace_overlap(op, "x", x, {&pos_h, &pos_w});
   }
 }
 

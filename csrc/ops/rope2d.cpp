@@ -7,8 +7,9 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include "common/op_utils.h"
 
 namespace jitrope {
 
@@ -48,72 +49,45 @@ void check_rope2d_args(
     const at::Tensor& freqs,
     const at::Tensor* fwd_x,
     bool inplace) {
-  TORCH_CHECK(x.defined(), op, ": ", x_name, " is an undefined tensor");
-  TORCH_CHECK(coords.defined(), op, ": coords is an undefined tensor");
-  TORCH_CHECK(freqs.defined(), op, ": freqs is an undefined tensor");
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(
-      dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-      op, ": ", x_name, " must be float16, bfloat16, float32 or float64, got ", dt);
+  check_defined(op, x_name, x);
+  check_defined(op, "coords", coords);
+  check_defined(op, "freqs", freqs);
+  check_float_dtype(op, x_name, x);
   TORCH_CHECK(
       x.dim() >= 3, op, ": ", x_name, " must have shape [..., H, N, D] (at least 3 dims), got ", x.sizes());
   const int64_t H = x.size(-3), N = x.size(-2), D = x.size(-1);
   TORCH_CHECK(
       D % 2 == 0, op, ": ", x_name, " must have an even last dim D (channel pairs), got D = ", D, " in ",
       x_name, " of shape ", x.sizes());
-  TORCH_CHECK(
-      at::isFloatingType(coords.scalar_type()), op, ": coords must be a floating tensor [N, 2], got dtype ",
-      coords.scalar_type());
+  check_floating(op, "coords", "[N, 2]", coords);
   TORCH_CHECK(
       coords.dim() == 2 && coords.size(0) == N && coords.size(1) == 2, op, ": coords must have shape [N, 2] = [", N,
       ", 2] (one (row, column) per token of ", x_name, ": [..., H, N, D] = ", x.sizes(), "), got ", coords.sizes());
-  TORCH_CHECK(
-      at::isFloatingType(freqs.scalar_type()), op, ": freqs must be a floating tensor [2, D/2] or [H, 2, D/2], got dtype ",
-      freqs.scalar_type());
+  check_floating(op, "freqs", "[2, D/2] or [H, 2, D/2]", freqs);
   const bool shared = freqs.dim() == 2 && freqs.size(0) == 2 && freqs.size(1) == D / 2;
   const bool per_head = freqs.dim() == 3 && freqs.size(0) == H && freqs.size(1) == 2 && freqs.size(2) == D / 2;
   TORCH_CHECK(
       shared || per_head, op, ": freqs must have shape [2, D/2] = [2, ", D / 2, "] (shared) or [H, 2, D/2] = [", H,
       ", 2, ", D / 2, "] (per head) for ", x_name, " of shape ", x.sizes(), ", got ", freqs.sizes());
-  TORCH_CHECK(
-      coords.device() == x.device(), op, ": coords must be on ", x_name, "'s device ", x.device(), ", got ",
-      coords.device());
-  TORCH_CHECK(
-      freqs.device() == x.device(), op, ": freqs must be on ", x_name, "'s device ", x.device(), ", got ",
-      freqs.device());
+  check_same_device(op, "coords", coords, x_name, x);
+  check_same_device(op, "freqs", freqs, x_name, x);
   if (fwd_x != nullptr) {
     TORCH_CHECK(
         fwd_x->sizes() == x.sizes(), op, ": x (the forward input) must have grad_out's shape ", x.sizes(), ", got ",
         fwd_x->sizes());
-    TORCH_CHECK(
-        fwd_x->scalar_type() == dt, op, ": x (the forward input) must have grad_out's dtype ", dt, ", got ",
-        fwd_x->scalar_type());
-    TORCH_CHECK(
-        fwd_x->device() == x.device(), op, ": x (the forward input) must be on grad_out's device ", x.device(),
-        ", got ", fwd_x->device());
+    check_same_dtype(op, "x (the forward input)", *fwd_x, "grad_out", x);
+    check_same_device(op, "x (the forward input)", *fwd_x, "grad_out", x);
   }
   if (inplace) {
-    TORCH_CHECK(
-        at::has_internal_overlap(x) != at::MemOverlap::Yes, op, ": ", x_name,
-        " has overlapping memory (e.g. an expanded tensor) and cannot be rotated in place; use rope2d");
-    for (const auto* t : {&coords, &freqs}) {
-      const auto status = at::get_overlap_status(x, *t);
-      TORCH_CHECK(
-          status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ", x_name,
-          " shares memory with coords or freqs and cannot be rotated in place");
-    }
+    check_inplace_overlap(op, x_name, x, {&coords, &freqs});
   }
 }
 
 namespace detail {
 
-at::ScalarType rope2d_acc_type(at::ScalarType x_dtype) {
-  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<at::Tensor, at::Tensor> rope2d_acc_tables(
     const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs) {
-  const auto acc = rope2d_acc_type(x.scalar_type());
+  const auto acc = acc_dtype(x.scalar_type());
   const int64_t half = x.size(-1) / 2;
   auto c = coords.to(acc).contiguous();
   auto f = freqs.to(acc).contiguous().view({-1, 2, half});

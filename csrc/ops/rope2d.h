@@ -46,9 +46,6 @@ void check_rope2d_args(
 
 namespace detail {
 
-// Accumulation dtype of the angles and reductions: float64 for float64 x, else float32.
-at::ScalarType rope2d_acc_type(at::ScalarType x_dtype);
-
 // coords and freqs in the accumulation dtype, contiguous, freqs as [Hf, 2, D/2].
 std::tuple<at::Tensor, at::Tensor> rope2d_acc_tables(
     const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs);

@@ -5,12 +5,12 @@ They are what the fused kernels are tested against, what the benchmarks call "ea
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["rope2d_ref", "pos2d_add_ref"]
+__all__ = ["rope2d_ref", "pos2d_add_ref", "qk_norm_rope_ref"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -88,3 +88,31 @@ def pos2d_add_ref(
     table = pos_h[row_offset : row_offset + gh, None, :].to(acc) + pos_w[None, col_offset : col_offset + gw, :].to(acc)
     seg = (x[:, t0:t1].to(acc) + table.reshape(gh * gw, D)).to(x.dtype)
     return torch.cat((x[:, :t0], seg, x[:, t1:]), dim=1)
+
+
+def qk_norm_rope_ref(
+    qk: Tensor,
+    weight: Tensor,
+    coords: Optional[Tensor] = None,
+    freqs: Optional[Tensor] = None,
+    *,
+    eps: float = 1e-6,
+    interleaved: bool = True,
+) -> Tensor:
+    """The published JiT order on ``qk: [2, B, H, N, D]``: the RMSNorm module of q and of k (float32
+    statistics, float64 for float64; ``weight: [2, D]``), then :func:`rope2d_ref`. Returns a
+    contiguous ``[2, B, H, N, D]`` tensor."""
+    if qk.dim() != 5 or qk.shape[0] != 2:
+        raise ValueError(f"qk_norm_rope: qk must be [2, B, H, N, D], got shape {tuple(qk.shape)}")
+    D = qk.shape[-1]
+    if weight.shape != (2, D):
+        raise ValueError(f"qk_norm_rope: weight must be [2, D] = [2, {D}], got {tuple(weight.shape)}")
+    if (coords is None) != (freqs is None):
+        raise ValueError("qk_norm_rope: coords and freqs must be given together or both be None")
+    acc = _compute_dtype(qk)
+    x = qk.to(acc)
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    y = (y * weight.to(acc)[:, None, None, None, :]).to(qk.dtype)
+    if coords is not None:
+        y = rope2d_ref(y, coords, freqs, interleaved=interleaved)
+    return y.contiguous()

@@ -165,7 +165,7 @@ TEST(Pos2dAdd, ErrorsNameTheArgument) {
   expect_error([&] { pos2d_add(x, h, w.unsqueeze(0), {2, 2}); },
                "pos_w must be [max_w, D] with x's D = 6, got shape [1, 4, 6]");
   expect_error([&] { pos2d_add(x.to(at::kLong), h.to(at::kLong), w.to(at::kLong), {2, 2}); },
-               "x must be float32, float64, float16 or bfloat16, got torch.int64");
+               "x must be float16, bfloat16, float32 or float64, got torch.int64");
   expect_error([&] { pos2d_add(x, h.to(at::kDouble), w, {2, 2}); },
                "pos_h must have x's dtype torch.float32, got torch.float64");
   expect_error([&] { pos2d_add(x, h, w, {3, 2}, 0, 1); },

@@ -169,7 +169,7 @@ TEST(Rope2d, BadInputsNameTheArgumentAndShape) {
   const auto f = torch::zeros({2, 4});
   expect_error([&] { jitrope::rope2d(torch::randn({5, 8}), c, f); }, "x must have shape [..., H, N, D] (at least 3 dims), got [5, 8]");
   expect_error([&] { jitrope::rope2d(torch::randn({2, 5, 7}), c, torch::zeros({2, 3})); }, "x must have an even last dim D");
-  expect_error([&] { jitrope::rope2d(x.to(torch::kLong), c, f); }, "x must be float16, bfloat16, float32 or float64, got Long");
+  expect_error([&] { jitrope::rope2d(x.to(torch::kLong), c, f); }, "x must be float16, bfloat16, float32 or float64, got torch.int64");
   expect_error([&] { jitrope::rope2d(x, torch::zeros({4, 2}), f); }, "coords must have shape [N, 2] = [5, 2]");
   expect_error([&] { jitrope::rope2d(x, c.to(torch::kInt), f); }, "coords must be a floating tensor");
   expect_error([&] { jitrope::rope2d(x, c, torch::zeros({2, 3})); }, "freqs must have shape [2, D/2] = [2, 4] (shared) or [H, 2, D/2] = [3, 2, 4]");

@@ -1,0 +1,323 @@
+// CPU kernels of jitrope::qk_norm_rope and qk_norm_rope_backward. qk is [2, B, H, N, D] with any
+// strides (the q/k view of a qkv projection is read in place); the outputs are contiguous. A row
+// is one (s, b, h, n) token of D channels: its sum of squares (float32; float64 for float64), then
+// each channel pair normalized, scaled by weight[s] and rotated by the cos/sin table of rope2d's
+// CPU kernel (cpu/rope2d_table.h), all in registers, and rounded once. Traffic: qk read once (the
+// row is re-read from L1), the result written once; the table and the weights stay in cache.
+// Forward: at::parallel_for over rows. Backward: one task per (s, h, chunk of B*N rows) of the
+// fixed chunking of math/qk_norm_rope_math.h; each task writes grad_qk for its rows and one
+// weight (and freqs) partial, and the partials are summed in a fixed order, so the gradients have
+// the same bits for any thread count.
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/op_utils.h"
+#include "cpu/rope2d_table.h"
+#include "math/qk_norm_rope_math.h"
+#include "math/rope2d_math.h"
+#include "ops/qk_norm_rope.h"
+#include "ops/rope2d.h"
+
+namespace jitrope {
+namespace {
+
+namespace qm = qk_norm_rope_math;
+namespace rm = rope2d_math;
+using detail::QkLayout;
+
+constexpr int64_t kGrainElems = 32768;  // elements of qk per parallel task, at least
+
+
+// Sum of squares of one row in a fixed order: 8 running sums over channels d = l (mod 8), added
+// pairwise at the end, so that the loop vectorizes for contiguous rows and the result does not
+// depend on how the rows are split over threads.
+template <bool kContig, typename scalar_t, typename acc_t>
+inline acc_t sum_squares(const scalar_t* x, int64_t sd, int64_t D) {
+  if constexpr (kContig) {
+    sd = 1;
+  }
+  acc_t lanes[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const acc_t v = static_cast<acc_t>(x[(d + l) * sd]);
+      lanes[l] += v * v;
+    }
+  }
+  for (int l = 0; d < D; ++d, ++l) {
+    const acc_t v = static_cast<acc_t>(x[d * sd]);
+    lanes[l] += v * v;
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// The cos/sin table (cos [Hf, N, D/2] then sin, -sin when `inverse`), or an undefined tensor
+// without rotation.
+template <typename acc_t>
+at::Tensor rotation_table(
+    const at::Tensor& qk, const std::optional<at::Tensor>& coords, const std::optional<at::Tensor>& freqs,
+    bool inverse) {
+  if (!coords.has_value() || !coords->defined()) {
+    return at::Tensor();
+  }
+  const auto [c, f] = detail::rope2d_acc_tables(qk, *coords, *freqs);
+  return cpu::angle_table<acc_t>(c, f, qk.size(3), qk.size(4) / 2, inverse);
+}
+
+template <typename scalar_t, bool kRotate, bool kInterleaved, bool kContig>
+void forward_kernel(
+    const scalar_t* qk, const QkLayout& L, scalar_t* out, const acc_type<scalar_t>* w, const acc_type<scalar_t>* cos_t,
+    const acc_type<scalar_t>* sin_t, bool per_head, acc_type<scalar_t> eps) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t D = L.D, half = D / 2, rows = 2 * L.B * L.H * L.N;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, D));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    // r enumerates (s, b, h, n) in the output's (contiguous) order; split once per task, then
+    // stepped, so that no row pays for four 64-bit divisions.
+    int64_t t = begin;
+    int64_t n = t % L.N;
+    t /= L.N;
+    int64_t h = t % L.H;
+    t /= L.H;
+    int64_t b = t % L.B;
+    int64_t s = t / L.B;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
+      const int64_t sd = kContig ? 1 : L.sd;
+      scalar_t* o = out + r * D;
+      const acc_t inv = qm::inv_rms(sum_squares<kContig, scalar_t, acc_t>(x, sd, D), D, eps);
+      const acc_t* ws = w + s * D;
+      const int64_t trow = ((per_head ? h : 0) * L.N + n) * half;
+      for (int64_t m = 0; m < half; ++m) {
+        const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+        acc_t ya = qm::normalize(static_cast<acc_t>(x[ia * sd]), inv, ws[ia]);
+        acc_t yb = qm::normalize(static_cast<acc_t>(x[ib * sd]), inv, ws[ib]);
+        if constexpr (kRotate) {
+          acc_t oa, ob;
+          rm::rotate(ya, yb, cos_t[trow + m], sin_t[trow + m], oa, ob);
+          ya = oa;
+          yb = ob;
+        }
+        o[ia] = static_cast<scalar_t>(ya);
+        o[ib] = static_cast<scalar_t>(yb);
+      }
+      if (++n == L.N) {
+        n = 0;
+        if (++h == L.H) {
+          h = 0;
+          if (++b == L.B) {
+            b = 0;
+            ++s;
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor qk_norm_rope_cpu(
+    const at::Tensor& qk,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& freqs,
+    double eps,
+    bool interleaved) {
+  check_qk_norm_rope_args("qk_norm_rope", qk, weight, coords, freqs, eps);
+  auto out = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) {
+    return out;
+  }
+  const bool rotate = coords.has_value() && coords->defined();
+  const bool per_head = rotate && freqs->dim() == 3;
+  const QkLayout L = detail::qk_layout(qk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
+    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, /*inverse=*/false);
+    const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* sin_t = rotate ? cos_t + table.numel() / 2 : nullptr;
+    with_bool(rotate, [&](auto rot_tag) {
+      with_bool(interleaved, [&](auto il_tag) {
+        with_bool(L.sd == 1, [&](auto contig_tag) {
+          forward_kernel<scalar_t, std::decay_t<decltype(rot_tag)>::value, std::decay_t<decltype(il_tag)>::value, std::decay_t<decltype(contig_tag)>::value>(
+              qk.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), cos_t,
+              sin_t, per_head, static_cast<acc_t>(eps));
+        });
+      });
+    });
+  });
+  return out;
+}
+
+// One (s, h, chunk) task of the backward: grad_qk for its rows, and its weight partial wp[D] and,
+// with kFreqsGrad, its freqs partial fp[2 * D/2] (y-axis then x-axis).
+template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
+void backward_task(
+    const scalar_t* g, const scalar_t* qk, const QkLayout& L, scalar_t* gx, const acc_type<scalar_t>* w,
+    const acc_type<scalar_t>* cos_t, const acc_type<scalar_t>* nsin_t, const acc_type<scalar_t>* coords,
+    bool per_head, acc_type<scalar_t> eps, int64_t s, int64_t h, int64_t row0, int64_t row1,
+    acc_type<scalar_t>* wp, acc_type<scalar_t>* fp, std::vector<acc_type<scalar_t>>& scratch) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t D = L.D, half = D / 2;
+  const acc_t* ws = w + s * D;
+  std::fill(wp, wp + D, acc_t(0));
+  if constexpr (kFreqsGrad) {
+    std::fill(fp, fp + D, acc_t(0));
+  }
+  // scratch: xhat [D], gxhat [D] of the current row.
+  acc_t* xhat = scratch.data();
+  acc_t* gxhat = xhat + D;
+  const int64_t sd = kContig ? 1 : L.sd;
+  int64_t b = row0 / L.N, n = row0 % L.N;
+  for (int64_t bn = row0; bn < row1; ++bn) {
+    const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
+    const int64_t orow = ((s * L.B + b) * L.H + h) * L.N + n;  // row of the contiguous g and gx
+    const scalar_t* gr = g + orow * D;
+    scalar_t* gxr = gx + orow * D;
+    const acc_t inv = qm::inv_rms(sum_squares<kContig, scalar_t, acc_t>(x, sd, D), D, eps);
+    const int64_t trow = ((per_head ? h : 0) * L.N + n) * half;
+    acc_t cy = 0, cx = 0;
+    if constexpr (kFreqsGrad) {
+      cy = coords[2 * n];
+      cx = coords[2 * n + 1];
+    }
+    acc_t dot = 0;
+    for (int64_t m = 0; m < half; ++m) {
+      const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+      const acc_t xa = static_cast<acc_t>(x[ia * sd]), xb = static_cast<acc_t>(x[ib * sd]);
+      acc_t ga = static_cast<acc_t>(gr[ia]), gb = static_cast<acc_t>(gr[ib]);
+      if constexpr (kRotate) {
+        acc_t ra, rb;
+        rm::rotate(ga, gb, cos_t[trow + m], nsin_t[trow + m], ra, rb);  // dL/dy = R(-phi) dL/dout
+        if constexpr (kFreqsGrad) {
+          const acc_t dphi =
+              rm::angle_grad(qm::normalize(xa, inv, ws[ia]), qm::normalize(xb, inv, ws[ib]), ra, rb);
+          fp[m] += rm::mul_rn(cy, dphi);
+          fp[half + m] += rm::mul_rn(cx, dphi);
+        }
+        ga = ra;
+        gb = rb;
+      }
+      const acc_t ha = rm::mul_rn(xa, inv), hb = rm::mul_rn(xb, inv);
+      wp[ia] += rm::mul_rn(ga, ha);
+      wp[ib] += rm::mul_rn(gb, hb);
+      xhat[ia] = ha;
+      xhat[ib] = hb;
+      gxhat[ia] = rm::mul_rn(ga, ws[ia]);
+      gxhat[ib] = rm::mul_rn(gb, ws[ib]);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      dot += rm::mul_rn(gxhat[d], xhat[d]);
+    }
+    const acc_t mean_dot = dot / static_cast<acc_t>(D);
+    for (int64_t d = 0; d < D; ++d) {
+      gxr[d] = static_cast<scalar_t>(qm::norm_input_grad(gxhat[d], xhat[d], inv, mean_dot));
+    }
+    if (++n == L.N) {
+      n = 0;
+      ++b;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& qk,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& freqs,
+    double eps,
+    bool interleaved,
+    bool freqs_grad) {
+  check_qk_norm_rope_args("qk_norm_rope_backward", qk, weight, coords, freqs, eps, &grad_out, freqs_grad);
+  const bool rotate = coords.has_value() && coords->defined();
+  const bool per_head = rotate && freqs->dim() == 3;
+  const at::Tensor g = grad_out.contiguous();
+  auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto acc = acc_dtype(qk.scalar_type());
+  const QkLayout L = detail::qk_layout(qk);
+  const int64_t D = L.D, BN = L.B * L.N;
+  const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
+  at::Tensor wpart = at::zeros({2, L.H, chunks, D}, qk.options().dtype(acc));
+  at::Tensor fpart = freqs_grad ? at::zeros({2, L.H, chunks, D}, qk.options().dtype(acc)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    if (grad_qk.numel() == 0) {
+      return;
+    }
+    const at::Tensor w = weight.to(acc).contiguous();
+    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, /*inverse=*/true);
+    const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* nsin_t = rotate ? cos_t + table.numel() / 2 : nullptr;
+    const at::Tensor c = freqs_grad ? coords->to(acc).contiguous() : at::Tensor();
+    const int64_t tasks = 2 * L.H * chunks;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, rpc * D));
+    with_bool(rotate, [&](auto rot_tag) {
+      with_bool(interleaved, [&](auto il_tag) {
+        with_bool(freqs_grad, [&](auto fg_tag) {
+          constexpr bool kRotate = std::decay_t<decltype(rot_tag)>::value, kFreqsGrad = std::decay_t<decltype(fg_tag)>::value;
+          constexpr bool kInterleaved = std::decay_t<decltype(il_tag)>::value;
+          if constexpr (kRotate || !kFreqsGrad) {
+           with_bool(L.sd == 1, [&](auto contig_tag) {
+            constexpr bool kContig = std::decay_t<decltype(contig_tag)>::value;
+            at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+              std::vector<acc_t> scratch(2 * D);
+              for (int64_t task = begin; task < end; ++task) {
+                // task = (s * H + h) * chunks + k: the partials' own index.
+                const int64_t k = task % chunks, sh = task / chunks;
+                const int64_t h = sh % L.H, s = sh / L.H;
+                backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
+                    g.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), L,
+                    grad_qk.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), cos_t, nsin_t,
+                    kFreqsGrad ? c.const_data_ptr<acc_t>() : nullptr, per_head, static_cast<acc_t>(eps), s, h,
+                    k * rpc, std::min(BN, (k + 1) * rpc), wpart.mutable_data_ptr<acc_t>() + task * D,
+                    kFreqsGrad ? fpart.mutable_data_ptr<acc_t>() + task * D : nullptr, scratch);
+              }
+            });
+           });
+          }
+        });
+      });
+    });
+  });
+  // Partials to gradients, in the fixed order of the math header.
+  at::Tensor gw = at::empty({2, D}, wpart.options());
+  at::Tensor gf;
+  AT_DISPATCH_FLOATING_TYPES(acc, "qk_norm_rope_backward_cpu_reduce", [&] {
+    const scalar_t* wp = wpart.const_data_ptr<scalar_t>();
+    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+    for (int64_t s = 0; s < 2; ++s) {
+      for (int64_t d = 0; d < D; ++d) {
+        gwp[s * D + d] = qm::sum_weight_partials(wp, s, d, L.H, chunks, D);
+      }
+    }
+    if (freqs_grad) {
+      const int64_t groups = per_head ? L.H : 1;
+      gf = at::empty({groups, D}, wpart.options());
+      const scalar_t* fpp = fpart.const_data_ptr<scalar_t>();
+      scalar_t* gfp = gf.mutable_data_ptr<scalar_t>();
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        for (int64_t e = 0; e < D; ++e) {
+          gfp[grp * D + e] = qm::sum_freqs_partials(fpp, grp, e, L.H, chunks, D, per_head);
+        }
+      }
+    }
+  });
+  auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
+  return {grad_qk, grad_weight, grad_freqs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, CPU, m) {
+  m.impl("qk_norm_rope", &qk_norm_rope_cpu);
+  m.impl("qk_norm_rope_backward", &qk_norm_rope_backward_cpu);
+}
+
+}  // namespace jitrope

@@ -1,0 +1,401 @@
+// CUDA kernels of jitrope::qk_norm_rope and qk_norm_rope_backward. qk is [2, B, H, N, D] with any
+// strides (the q/k view of a qkv projection is read in place); the outputs are contiguous. One warp
+// per row (one (s, b, h, n) token): lane l owns the channel pairs m = l + 32k, k < kPairs (D <= 64
+// * kPairs), loads them once, sums their squares in float32 (float64 for float64) and reduces over
+// the warp with an xor butterfly (every lane ends with the same sum), then normalizes, scales,
+// rotates (sincos of rope2d's angle) and stores: qk read once, the result written once. The
+// backward reads qk and grad_out once and writes grad_qk once; it needs no atomics: a block owns
+// one (s, h, chunk of B*N rows) of the fixed chunking of math/qk_norm_rope_math.h, its warps
+// accumulate weight (and freqs) gradients per lane in registers, the block adds its warps in
+// order into one partial, and a second kernel sums the partials in the fixed order of the math
+// header. The launch shapes depend on the tensor shapes only, so every run gives the same bits.
+// No host synchronization and no allocation outside PyTorch's caching allocator (CUDA-graph safe).
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/op_utils.h"
+#include "math/qk_norm_rope_math.h"
+#include "math/rope2d_math.h"
+#include "ops/qk_norm_rope.h"
+#include "ops/rope2d.h"
+
+namespace jitrope {
+namespace {
+
+namespace qm = qk_norm_rope_math;
+namespace rm = rope2d_math;
+using detail::QkLayout;
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kMaxPairsPerLane = 8;
+constexpr int64_t kMaxD = 2 * kWarpSize * kMaxPairsPerLane;  // 512
+constexpr int64_t kMaxBlocks = 65535LL * 1024;
+
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  JITROPE_UNROLL
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+// Angle tables and weights are in the accumulation type; coords/freqs are null without rotation.
+template <typename acc_t>
+struct Tables {
+  const acc_t* weight;  // [2, D]
+  const acc_t* coords;  // [N, 2]
+  const acc_t* freqs;   // [Hf, 2, D/2]
+  bool per_head;
+  acc_t eps;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void pair_sin_cos(const Tables<acc_t>& t, int64_t h, int64_t n, int64_t m, int64_t half,
+                                             acc_t& c, acc_t& s) {
+  const acc_t* fy = t.freqs + 2 * (t.per_head ? h : 0) * half;
+  rm::sin_cos(rm::angle(t.coords[2 * n], t.coords[2 * n + 1], fy[m], fy[half + m]), &s, &c);
+}
+
+template <typename scalar_t, int kPairs, bool kRotate, bool kInterleaved>
+__global__ void __launch_bounds__(kThreads) qk_norm_rope_cuda_kernel(
+    const scalar_t* __restrict__ qk, const QkLayout L, scalar_t* __restrict__ out,
+    const Tables<acc_type<scalar_t>> t, const int64_t rows) {
+  using acc_t = acc_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t half = L.D / 2;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kWarps) {
+    int64_t q = r;
+    const int64_t n = q % L.N;
+    q /= L.N;
+    const int64_t h = q % L.H;
+    q /= L.H;
+    const int64_t b = q % L.B;
+    const int64_t s = q / L.B;
+    const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
+    acc_t xa[kPairs], xb[kPairs];
+    acc_t ss = 0;
+    JITROPE_UNROLL
+    for (int k = 0; k < kPairs; ++k) {
+      const int64_t m = lane + kWarpSize * k;
+      xa[k] = xb[k] = 0;
+      if (m < half) {
+        xa[k] = static_cast<acc_t>(x[rm::channel_a<kInterleaved>(m, half) * L.sd]);
+        xb[k] = static_cast<acc_t>(x[rm::channel_b<kInterleaved>(m, half) * L.sd]);
+      }
+      ss += xa[k] * xa[k] + xb[k] * xb[k];
+    }
+    const acc_t inv = qm::inv_rms(warp_sum(ss), L.D, t.eps);
+    const acc_t* ws = t.weight + s * L.D;
+    scalar_t* o = out + r * L.D;
+    JITROPE_UNROLL
+    for (int k = 0; k < kPairs; ++k) {
+      const int64_t m = lane + kWarpSize * k;
+      if (m < half) {
+        const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+        acc_t ya = qm::normalize(xa[k], inv, ws[ia]);
+        acc_t yb = qm::normalize(xb[k], inv, ws[ib]);
+        if constexpr (kRotate) {
+          acc_t c, sn, oa, ob;
+          pair_sin_cos(t, h, n, m, half, c, sn);
+          rm::rotate(ya, yb, c, sn, oa, ob);
+          ya = oa;
+          yb = ob;
+        }
+        o[ia] = static_cast<scalar_t>(ya);
+        o[ib] = static_cast<scalar_t>(yb);
+      }
+    }
+  }
+}
+
+// Block (chunk, h, s); warp w takes rows w, w + kWarps, ... of the chunk. Partials [2, H, chunks, D]:
+// wpart gets sum dL/dy * xhat per channel, fpart (kFreqsGrad) sum y_n dL/dphi then x_n dL/dphi.
+template <typename scalar_t, int kPairs, bool kRotate, bool kInterleaved, bool kFreqsGrad>
+__global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ qk, const QkLayout L,
+    scalar_t* __restrict__ gx, const Tables<acc_type<scalar_t>> t, const int64_t chunks, const int64_t rpc,
+    acc_type<scalar_t>* __restrict__ wpart, acc_type<scalar_t>* __restrict__ fpart) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t red[kWarps][kMaxD];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t k = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
+  const int64_t half = L.D / 2, BN = L.B * L.N;
+  const int64_t row0 = k * rpc, row1 = min(BN, row0 + rpc);
+  const acc_t* ws = t.weight + s * L.D;
+  acc_t wa[kPairs], wb[kPairs], fy[kPairs], fx[kPairs];
+  JITROPE_UNROLL
+  for (int j = 0; j < kPairs; ++j) {
+    wa[j] = wb[j] = fy[j] = fx[j] = 0;
+  }
+  for (int64_t bn = row0 + warp; bn < row1; bn += kWarps) {
+    const int64_t b = bn / L.N, n = bn % L.N;
+    const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
+    const int64_t orow = ((s * L.B + b) * L.H + h) * L.N + n;
+    const scalar_t* gr = g + orow * L.D;
+    scalar_t* gxr = gx + orow * L.D;
+    acc_t xa[kPairs], xb[kPairs], ga[kPairs], gb[kPairs];
+    acc_t ss = 0;
+    JITROPE_UNROLL
+    for (int j = 0; j < kPairs; ++j) {
+      const int64_t m = lane + kWarpSize * j;
+      xa[j] = xb[j] = ga[j] = gb[j] = 0;
+      if (m < half) {
+        const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+        xa[j] = static_cast<acc_t>(x[ia * L.sd]);
+        xb[j] = static_cast<acc_t>(x[ib * L.sd]);
+        ga[j] = static_cast<acc_t>(gr[ia]);
+        gb[j] = static_cast<acc_t>(gr[ib]);
+      }
+      ss += xa[j] * xa[j] + xb[j] * xb[j];
+    }
+    const acc_t inv = qm::inv_rms(warp_sum(ss), L.D, t.eps);
+    acc_t dot = 0;
+    JITROPE_UNROLL
+    for (int j = 0; j < kPairs; ++j) {
+      const int64_t m = lane + kWarpSize * j;
+      if (m < half) {
+        const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+        if constexpr (kRotate) {
+          acc_t c, sn, ra, rb;
+          pair_sin_cos(t, h, n, m, half, c, sn);
+          rm::rotate(ga[j], gb[j], c, -sn, ra, rb);  // dL/dy = R(-phi) dL/dout
+          if constexpr (kFreqsGrad) {
+            const acc_t dphi = rm::angle_grad(
+                qm::normalize(xa[j], inv, ws[ia]), qm::normalize(xb[j], inv, ws[ib]), ra, rb);
+            fy[j] += rm::mul_rn(t.coords[2 * n], dphi);
+            fx[j] += rm::mul_rn(t.coords[2 * n + 1], dphi);
+          }
+          ga[j] = ra;
+          gb[j] = rb;
+        }
+        // From here xa/xb hold xhat and ga/gb hold gxhat = dL/dy * w.
+        xa[j] = rm::mul_rn(xa[j], inv);
+        xb[j] = rm::mul_rn(xb[j], inv);
+        wa[j] += rm::mul_rn(ga[j], xa[j]);
+        wb[j] += rm::mul_rn(gb[j], xb[j]);
+        ga[j] = rm::mul_rn(ga[j], ws[ia]);
+        gb[j] = rm::mul_rn(gb[j], ws[ib]);
+        dot += rm::mul_rn(ga[j], xa[j]) + rm::mul_rn(gb[j], xb[j]);
+      }
+    }
+    const acc_t mean_dot = warp_sum(dot) / static_cast<acc_t>(L.D);
+    JITROPE_UNROLL
+    for (int j = 0; j < kPairs; ++j) {
+      const int64_t m = lane + kWarpSize * j;
+      if (m < half) {
+        gxr[rm::channel_a<kInterleaved>(m, half)] = static_cast<scalar_t>(qm::norm_input_grad(ga[j], xa[j], inv, mean_dot));
+        gxr[rm::channel_b<kInterleaved>(m, half)] = static_cast<scalar_t>(qm::norm_input_grad(gb[j], xb[j], inv, mean_dot));
+      }
+    }
+  }
+  // Warps' partials to the block's, warps in order.
+  const int64_t pidx = ((s * L.H + h) * chunks + k) * L.D;
+  JITROPE_UNROLL
+  for (int j = 0; j < kPairs; ++j) {
+    const int64_t m = lane + kWarpSize * j;
+    if (m < half) {
+      red[warp][rm::channel_a<kInterleaved>(m, half)] = wa[j];
+      red[warp][rm::channel_b<kInterleaved>(m, half)] = wb[j];
+    }
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < L.D; d += kThreads) {
+    acc_t sum = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      sum += red[w][d];
+    }
+    wpart[pidx + d] = sum;
+  }
+  if constexpr (kFreqsGrad) {
+    __syncthreads();
+    JITROPE_UNROLL
+    for (int j = 0; j < kPairs; ++j) {
+      const int64_t m = lane + kWarpSize * j;
+      if (m < half) {
+        red[warp][m] = fy[j];
+        red[warp][half + m] = fx[j];
+      }
+    }
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < L.D; e += kThreads) {
+      acc_t sum = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        sum += red[w][e];
+      }
+      fpart[pidx + e] = sum;
+    }
+  }
+}
+
+// Partials to gradients: item i < 2D is grad_weight[i / D][i % D], then groups * D freqs entries.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) qk_norm_rope_reduce_kernel(
+    const acc_t* __restrict__ wpart, const acc_t* __restrict__ fpart, acc_t* __restrict__ gw,
+    acc_t* __restrict__ gf, const int64_t H, const int64_t chunks, const int64_t D, const int64_t groups,
+    const bool per_head) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i < 2 * D) {
+    gw[i] = qm::sum_weight_partials(wpart, i / D, i % D, H, chunks, D);
+  } else if (fpart != nullptr && i < 2 * D + groups * D) {
+    const int64_t e = i - 2 * D;
+    gf[e] = qm::sum_freqs_partials(fpart, e / D, e % D, H, chunks, D, per_head);
+  }
+}
+
+template <typename F>
+void with_pairs(int64_t half, F&& f) {
+  const int64_t per_lane = (half + kWarpSize - 1) / kWarpSize;
+  if (per_lane <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (per_lane <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (per_lane <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+void check_cuda_head_dim(const char* op, const at::Tensor& qk) {
+  TORCH_CHECK(
+      qk.size(4) <= kMaxD, op, ": the CUDA kernel takes head dims D <= ", kMaxD, ", got D = ", qk.size(4),
+      " in qk of shape ", qk.sizes());
+  TORCH_CHECK(qk.size(2) <= 65535, op, ": the CUDA kernel takes at most 65535 heads, got H = ", qk.size(2));
+}
+
+at::Tensor qk_norm_rope_cuda(
+    const at::Tensor& qk,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& freqs,
+    double eps,
+    bool interleaved) {
+  constexpr const char* op = "qk_norm_rope";
+  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps);
+  check_cuda_head_dim(op, qk);
+  const c10::cuda::CUDAGuard guard(qk.device());
+  auto out = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) {
+    return out;
+  }
+  const bool rotate = coords.has_value() && coords->defined();
+  const QkLayout L = detail::qk_layout(qk);
+  const int64_t rows = 2 * L.B * L.H * L.N;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
+    at::Tensor c, f;
+    if (rotate) {
+      std::tie(c, f) = detail::rope2d_acc_tables(qk, *coords, *freqs);
+    }
+    const Tables<acc_t> t{
+        w.const_data_ptr<acc_t>(), rotate ? c.const_data_ptr<acc_t>() : nullptr,
+        rotate ? f.const_data_ptr<acc_t>() : nullptr, rotate && freqs->dim() == 3, static_cast<acc_t>(eps)};
+    const int64_t blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxBlocks);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    with_pairs(L.D / 2, [&](auto pairs_tag) {
+      with_bool(rotate, [&](auto rot_tag) {
+        with_bool(interleaved, [&](auto il_tag) {
+          qk_norm_rope_cuda_kernel<scalar_t, std::decay_t<decltype(pairs_tag)>::value, std::decay_t<decltype(rot_tag)>::value,
+                                   std::decay_t<decltype(il_tag)>::value>
+              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+                  qk.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), t, rows);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
+    const at::Tensor& grad_out,
+    const at::Tensor& qk,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& freqs,
+    double eps,
+    bool interleaved,
+    bool freqs_grad) {
+  constexpr const char* op = "qk_norm_rope_backward";
+  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps, &grad_out, freqs_grad);
+  check_cuda_head_dim(op, qk);
+  const bool rotate = coords.has_value() && coords->defined();
+  const bool per_head = rotate && freqs->dim() == 3;
+  const c10::cuda::CUDAGuard guard(qk.device());
+  const at::Tensor g = grad_out.contiguous();
+  auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto acc = acc_dtype(qk.scalar_type());
+  const QkLayout L = detail::qk_layout(qk);
+  const int64_t D = L.D, BN = L.B * L.N;
+  const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
+  const int64_t groups = per_head ? L.H : 1;
+  at::Tensor wpart = at::empty({2, L.H, chunks, D}, qk.options().dtype(acc));
+  at::Tensor fpart = freqs_grad ? at::empty({2, L.H, chunks, D}, qk.options().dtype(acc)) : at::Tensor();
+  at::Tensor gw = at::empty({2, D}, qk.options().dtype(acc));
+  at::Tensor gf = freqs_grad ? at::empty({groups, D}, qk.options().dtype(acc)) : at::Tensor();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor w = weight.to(acc).contiguous();
+    at::Tensor c, f;
+    if (rotate) {
+      std::tie(c, f) = detail::rope2d_acc_tables(qk, *coords, *freqs);
+    }
+    const Tables<acc_t> t{
+        w.const_data_ptr<acc_t>(), rotate ? c.const_data_ptr<acc_t>() : nullptr,
+        rotate ? f.const_data_ptr<acc_t>() : nullptr, per_head, static_cast<acc_t>(eps)};
+    if (chunks > 0 && L.H > 0 && D > 0) {
+      const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(L.H), 2);
+      with_pairs(D / 2, [&](auto pairs_tag) {
+        with_bool(rotate, [&](auto rot_tag) {
+          with_bool(interleaved, [&](auto il_tag) {
+            with_bool(freqs_grad, [&](auto fg_tag) {
+              constexpr bool kRotate = std::decay_t<decltype(rot_tag)>::value, kFreqsGrad = std::decay_t<decltype(fg_tag)>::value;
+              if constexpr (kRotate || !kFreqsGrad) {
+                qk_norm_rope_backward_cuda_kernel<scalar_t, std::decay_t<decltype(pairs_tag)>::value, kRotate,
+                                                  std::decay_t<decltype(il_tag)>::value, kFreqsGrad>
+                    <<<grid, kThreads, 0, stream>>>(
+                        g.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), L,
+                        grad_qk.mutable_data_ptr<scalar_t>(), t, chunks, rpc, wpart.mutable_data_ptr<acc_t>(),
+                        kFreqsGrad ? fpart.mutable_data_ptr<acc_t>() : nullptr);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              }
+            });
+          });
+        });
+      });
+    }
+    const int64_t items = 2 * D + (freqs_grad ? groups * D : 0);
+    if (items > 0) {
+      qk_norm_rope_reduce_kernel<acc_t><<<static_cast<unsigned>((items + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          wpart.const_data_ptr<acc_t>(), freqs_grad ? fpart.const_data_ptr<acc_t>() : nullptr,
+          gw.mutable_data_ptr<acc_t>(), freqs_grad ? gf.mutable_data_ptr<acc_t>() : nullptr, L.H, chunks, D, groups,
+          per_head);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
+  return {grad_qk, grad_weight, grad_freqs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, CUDA, m) {
+  m.impl("qk_norm_rope", &qk_norm_rope_cuda);
+  m.impl("qk_norm_rope_backward", &qk_norm_rope_backward_cuda);
+}
+
+}  // namespace jitrope
