@@ -216,9 +216,9 @@ class _Counting:
 @pytest.mark.parametrize("pos_embed", ["rope2d_mixed", "sincos2d+rope2d", "factorized2d"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_ops_are_called_once_per_layer_with_explicit_casts(monkeypatch, pos_embed, autocast):
-    rope, p2d = _Counting(reference.rope2d_ref), _Counting(reference.pos2d_add_ref)
+    rope, p2d = _Counting(reference.qk_norm_rope_ref), _Counting(reference.pos2d_add_ref)
     monkeypatch.setattr(posenc, "HAS_EXTENSION", True)
-    monkeypatch.setattr(ops, "rope2d", rope)
+    monkeypatch.setattr(ops, "qk_norm_rope", rope)
     monkeypatch.setattr(ops, "pos2d_add", p2d)
     cfg = tiny(pos_embed, pos_impl="fused", cond_img_size=8)
     model = perturb_zero_init(build(cfg))
@@ -228,14 +228,17 @@ def test_ops_are_called_once_per_layer_with_explicit_casts(monkeypatch, pos_embe
     out.float().sum().backward()
     act = torch.bfloat16 if autocast else torch.float32
     L, H, D = cfg.in_context_len, cfg.num_heads, cfg.head_dim
-    if "rope" in pos_embed:
-        assert len(rope.calls) == cfg.depth  # one call per attention layer, q and k together
-        for i, (shapes, dtypes, _) in enumerate(rope.calls):
-            n = 16 + 4 + (L if i >= cfg.in_context_start else 0)
-            assert shapes[0] == (2, 2, H, n, D)
-            assert dtypes == [act, torch.float32, torch.float32]  # coords and freqs stay float32
-    else:
-        assert not rope.calls
+    # one qk_norm_rope call per attention layer, q and k together; every encoding normalises
+    # through it, and only the rotary ones pass coords and freqs
+    assert len(rope.calls) == cfg.depth
+    for i, (shapes, dtypes, _) in enumerate(rope.calls):
+        n = 16 + 4 + (L if i >= cfg.in_context_start else 0)
+        assert shapes[0] == (2, 2, H, n, D)
+        assert shapes[1] == (2, D)
+        if "rope" in pos_embed:
+            assert dtypes == [act, torch.float32, torch.float32, torch.float32]  # weight, coords, freqs float32
+        else:
+            assert dtypes == [act, torch.float32] and shapes[2:] == [None, None]
     if pos_embed == "factorized2d":
         assert len(p2d.calls) == 2  # image grid, then the condition grid at its token offset
         (s0, d0, k0), (s1, d1, k1) = p2d.calls

@@ -168,19 +168,12 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 def qk_norm_rope_fused(qk: Tensor, weight: Tensor, coords: Optional[Tensor], freqs: Optional[Tensor],
                        eps: float) -> Tensor:
-    """``pos_impl="fused"``: RMSNorm of q and k (``weight: [2, D]``), then ``ops.rope2d`` when ``freqs``.
+    """``pos_impl="fused"``: ``jitrope::qk_norm_rope`` (SPEC §3a), RMSNorm of q and k (``weight: [2, D]``)
+    and the rotation (when ``freqs``) in one pass over the strided q/k view, written in the layout SDPA reads.
 
-    The one place where attention meets the fused ops. The norm is still plain PyTorch here, rounded
-    to ``qk``'s dtype before the rotation (the published order); ``jitrope::qk_norm_rope`` (SPEC §3a)
-    does both in one pass.
+    The one place where attention meets the fused ops.
     """
-    acc = _acc_dtype(qk)
-    h = qk.to(acc)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    h = (weight.view(2, *([1] * (qk.dim() - 2)), -1) * h).to(qk.dtype)
-    if freqs is None:
-        return h
-    return ops.rope2d(h, coords, freqs)
+    return ops.qk_norm_rope(qk, weight, coords, freqs, eps=eps)
 
 
 def qk_norm_rope_tables(qk: Tensor, weight: Tensor, cos_sin: Optional[Tuple[Tensor, Tensor]], eps: float) -> Tensor:
