@@ -73,10 +73,10 @@ XDIST=()
 if want ops; then
   step "CUDA tests of the ops (pytest -k cuda)"
   run 180 pytest_ops_cuda.txt "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rfE \
-    tests/test_rope2d.py tests/test_pos2d_add.py -k cuda
+    tests/test_rope2d.py tests/test_pos2d_add.py tests/test_qk_norm_rope.py -k cuda
 
-  step "benchmarks: ops (bf16, fp32)"
-  run 120 bench_ops.txt "$PY" scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --json "$LOGS/bench_ops.json"
+  step "benchmarks: ops (bf16, fp32; vs a copy, eager and torch.compile of the published-style code)"
+  run 180 bench_ops.txt "$PY" scripts/bench_ops.py --op all --compile --device cuda --dtype bfloat16,float32 --json "$LOGS/bench_ops.json"
 
   step "compute-sanitizer"
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
