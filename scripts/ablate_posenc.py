@@ -9,12 +9,14 @@ results page with tables (mean ± spread over seeds), PNG plots and sample grids
 Scales (``--scale``; every value below can be overridden by its option):
 
 - ``cpu`` (default): ``configs/emoji32_cpu.yaml``, 32x32 emoji at patch 4 (8x8 grid, 64 tokens +
-  16 condition tokens), 2 seeds, 2 runs at a time on one CPU thread each. Unseen grids: 6x6,
+  16 condition tokens), 300 steps, 2 seeds, 2 runs at a time on one CPU thread each (sized for a
+  shared 2-core machine: short training, small sample counts, Heun 10 steps). Unseen grids: 6x6,
   10x10, 12x12.
 - ``seed``: the problem statement's setting, ``configs/emoji64_ablate.yaml``: 64x64 at patch 4
-  (16x16 grid, 256 tokens -> 320 with a 32x32 condition image), 3 seeds, bf16 on one CUDA GPU
-  with 6 runs at a time; sized for <= 9 minutes on one H100/H200. Unseen grids: 12x12, 20x20,
-  24x24.
+  (16x16 grid, 256 tokens -> 320 with a 32x32 condition image), a 6-block width-192 JiT, 1500
+  steps of batch 128, 3 seeds, bf16 on one CUDA GPU with 6 runs at a time; sized (not yet timed)
+  for <= 9 minutes on one H100/H200: the script prints its wall time and the page records the
+  stage times. Unseen grids: 12x12, 20x20, 24x24.
 
 Stages (``--stage``): ``train`` trains (or resumes) every run; ``eval`` evaluates every trained
 run that has no evaluation yet; ``report`` writes the page from what is there; ``all`` (default)
@@ -60,11 +62,11 @@ from jitrope.posenc import POS_EMBEDS  # noqa: E402
 # resolution study (the grid is px / patch).
 SCALES: Dict[str, Dict] = {
     "cpu": dict(config="configs/emoji32_cpu.yaml", steps=300, seeds="0,1", jobs=2, device="cpu", ckpt_every=100,
-                log_every=25, n_per_class=16, n_cond=48, max_images=256, sample_steps=10, res_px="24,40,48",
-                res_n_per_class=4, step_n_per_class=8),
+                log_every=25, n_per_class=12, n_cond=48, max_images=192, sample_steps=8, res_px="24,40,48",
+                res_n_per_class=4, step_n_per_class=6, t_grid="0.1,0.3,0.5,0.7,0.9"),
     "seed": dict(config="configs/emoji64_ablate.yaml", steps=1500, seeds="0,1,2", jobs=6, device="cuda",
-                 ckpt_every=300, log_every=25, n_per_class=64, n_cond=128, max_images=512, sample_steps=20,
-                 res_px="48,80,96", res_n_per_class=16, step_n_per_class=16),
+                 ckpt_every=500, log_every=25, n_per_class=64, n_cond=128, max_images=512, sample_steps=20,
+                 res_px="48,80,96", res_n_per_class=16, step_n_per_class=16, t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"),
 }
 STAGES = ("train", "eval", "report", "all")
 
@@ -88,7 +90,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--n-per-class", type=int, default=None, help="class-conditional samples per class (FD-emoji, class accuracy)")
     p.add_argument("--n-cond", type=int, default=None, help="condition-image samples (PSNR/SSIM)")
     p.add_argument("--max-images", type=int, default=None, help="held-out images in the v-loss")
-    p.add_argument("--sample-steps", type=int, default=None, help="Heun sampler steps in the evaluation")
+    p.add_argument("--sample-steps", type=int, default=None, help="Heun sampler steps in the evaluation (cpu: 8; seed: 20)")
+    p.add_argument("--t-grid", default=None, help="t values of the held-out v-loss (cpu: 0.1,0.3,0.5,0.7,0.9; seed: 0.1..0.9)")
     p.add_argument("--res-px", default=None, help="image sizes of the resolution study (cpu: 24,40,48; seed: 48,80,96); '' skips it")
     p.add_argument("--res-n-per-class", type=int, default=None, help="samples per class at each unseen size")
     p.add_argument("--step-n-per-class", type=int, default=None, help="samples per class at each checkpoint (FD vs step)")
@@ -175,14 +178,11 @@ def _eval_cmd(args, ckpt: Path, out: Path, metrics: str, n_per_class: int) -> Li
     return [sys.executable, "-m", "jitrope.evaluate", "--ckpt", str(ckpt), "--out", str(out), "--device", args.device,
             *(["--num-threads", "1"] if args.device == "cpu" else []), "--metrics", metrics,
             "--n-per-class", str(n_per_class), "--n-cond", str(args.n_cond), "--max-images", str(args.max_images),
-            "--steps", str(args.sample_steps), "--sampler", "heun"]
+            "--steps", str(args.sample_steps), "--sampler", "heun", "--t-grid", args.t_grid]
 
 
-def eval_one(args, name: str, seed: int) -> float:
-    """Evaluates one trained run (the checkpoint at ``--steps`` in full, every checkpoint up to it
-    for FD vs step); skips what is already written. Returns the seconds it took."""
-    from jitrope.checkpoint import list_checkpoints
-
+def eval_final(args, name: str, seed: int) -> float:
+    """Evaluates one trained run's checkpoint at ``--steps`` in full (unless already written)."""
     run = run_dir(args, name, seed)
     t0 = time.perf_counter()
     final_ckpt = checkpoint_at(run, args.steps)
@@ -195,6 +195,15 @@ def eval_one(args, name: str, seed: int) -> float:
             cmd += ["--res-px", ",".join(map(str, args.res_list)), "--res-n-per-class", str(args.res_n_per_class),
                     "--grids", str(run / f"grids_{args.steps:08d}")]
         _call(cmd, run / "eval.log", args, f"{name} seed {seed}: evaluation", mode="a")
+    return time.perf_counter() - t0
+
+
+def eval_steps(args, name: str, seed: int) -> float:
+    """FD-emoji and class accuracy at every checkpoint up to ``--steps`` (FD vs step)."""
+    from jitrope.checkpoint import list_checkpoints
+
+    run = run_dir(args, name, seed)
+    t0 = time.perf_counter()
     for step, path in list_checkpoints(run):
         out = run / "eval_steps" / f"step_{step:08d}.json"
         if step <= args.steps and not out.exists():
@@ -530,7 +539,8 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
         f"- {args.steps} training steps per run, batch {cfg.train.batch_size}, AdamW lr {cfg.train.lr}, "
         f"{len(names)} encodings x seeds {seeds}: the same data, data order, steps, batch, optimizer and seed for "
         "every encoding (the seed changes initialisation and data order together). Only `model.pos_embed` differs.",
-        f"- Evaluation of the EMA weights at step {args.steps}: held-out v-loss at t = 0.1..0.9 with fixed noise "
+        f"- Evaluation of the EMA weights at step {args.steps}: held-out v-loss at t = "
+        f"{', '.join(f'{t:g}' for t in rows[0]['vloss']['t'])} with fixed noise "
         f"({rows[0]['vloss']['n_images']} held-out images); {cs0['n']} class-conditional samples "
         f"({args.n_per_class} per class) and {rows[0].get('cond_samples', {}).get('n', 0)} condition-image samples, "
         f"Heun {args.sample_steps} steps, CFG {rows[0]['sampling']['cfg']}.",
@@ -677,7 +687,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     print(f"ablation ({args.scale}): {len(args.names)} encodings x seeds {args.seed_list} x {args.steps} steps, "
           f"{args.jobs} at a time on {args.device}, runs in {args.out_dir}", flush=True)
-    for stage, fn in (("train", train_one), ("eval", eval_one)):
+    # Every run's main evaluation comes before the FD-vs-step ones, so a cut-short evaluation
+    # still has the tables.
+    for stage, fns in (("train", [train_one]), ("eval", [eval_final, eval_steps])):
         if args.stage not in (stage, "all"):
             continue
         if stage == "eval":
@@ -687,9 +699,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # train the feature network once, here, before parallel evaluations would race for it
             load_or_train_featnet(load_config(args.config, list(args.overrides)).data, device=args.device)
         t0 = time.perf_counter()
-        bar = tqdm(total=len(jobs), desc=stage, unit="run")
+        bar = tqdm(total=len(jobs) * len(fns), desc=stage, unit="job")
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {pool.submit(fn, args, n, s): (n, s) for n, s in jobs}
+            futures = {pool.submit(fn, args, n, s): (n, s) for fn in fns for n, s in jobs}
             for fut in as_completed(futures):
                 n, s = futures[fut]
                 try:
