@@ -63,10 +63,11 @@ from jitrope.posenc import POS_EMBEDS  # noqa: E402
 SCALES: Dict[str, Dict] = {
     "cpu": dict(config="configs/emoji32_cpu.yaml", steps=300, seeds="0,1", jobs=2, device="cpu", ckpt_every=100,
                 log_every=25, n_per_class=12, n_cond=48, max_images=192, sample_steps=8, res_px="24,40,48",
-                res_n_per_class=4, step_n_per_class=6, t_grid="0.1,0.3,0.5,0.7,0.9"),
+                res_n_per_class=4, step_n_per_class=6, t_grid="0.1,0.3,0.5,0.7,0.9", res_seeds="0", step_seeds="0"),
     "seed": dict(config="configs/emoji64_ablate.yaml", steps=1500, seeds="0,1,2", jobs=6, device="cuda",
                  ckpt_every=500, log_every=25, n_per_class=64, n_cond=128, max_images=512, sample_steps=20,
-                 res_px="48,80,96", res_n_per_class=16, step_n_per_class=16, t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"),
+                 res_px="48,80,96", res_n_per_class=16, step_n_per_class=16, t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                 res_seeds="all", step_seeds="all"),
 }
 STAGES = ("train", "eval", "report", "all")
 
@@ -95,6 +96,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--res-px", default=None, help="image sizes of the resolution study (cpu: 24,40,48; seed: 48,80,96); '' skips it")
     p.add_argument("--res-n-per-class", type=int, default=None, help="samples per class at each unseen size")
     p.add_argument("--step-n-per-class", type=int, default=None, help="samples per class at each checkpoint (FD vs step)")
+    p.add_argument("--res-seeds", default=None, help="seeds whose runs get the resolution study: comma-separated or 'all' "
+                   "(cpu: 0, to fit the shared CPU; seed: all)")
+    p.add_argument("--step-seeds", default=None, help="seeds whose runs get FD vs step: comma-separated or 'all' (cpu: 0; seed: all)")
     p.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides for every run")
     args = p.parse_args(argv)
     for k, v in SCALES[args.scale].items():
@@ -111,6 +115,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.res_list = [int(s) for s in str(args.res_px).split(",") if s.strip()]
     except ValueError:
         p.error(f"--seeds / --res-px want comma-separated integers, got {args.seeds!r} / {args.res_px!r}")
+    try:
+        for k in ("res_seeds", "step_seeds"):
+            v = getattr(args, k)
+            setattr(args, k + "_list", list(args.seed_list) if v == "all" else [int(x) for x in v.split(",") if x.strip()])
+    except (ValueError, AttributeError):
+        p.error(f"--res-seeds / --step-seeds want 'all' or comma-separated integers, got {args.res_seeds!r} / {args.step_seeds!r}")
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
         p.error(f"--seeds: give distinct integers, got {args.seeds!r}")
     for name in ("steps", "jobs", "ckpt_every", "log_every", "n_per_class", "n_cond", "max_images", "sample_steps",
@@ -191,7 +201,7 @@ def eval_final(args, name: str, seed: int) -> float:
     final = run / f"eval_{args.steps:08d}.json"
     if not final.exists():
         cmd = _eval_cmd(args, final_ckpt, final, "vloss,class,cond,res", args.n_per_class)
-        if args.res_list:
+        if args.res_list and seed in args.res_seeds_list:
             cmd += ["--res-px", ",".join(map(str, args.res_list)), "--res-n-per-class", str(args.res_n_per_class),
                     "--grids", str(run / f"grids_{args.steps:08d}")]
         _call(cmd, run / "eval.log", args, f"{name} seed {seed}: evaluation", mode="a")
@@ -204,6 +214,8 @@ def eval_steps(args, name: str, seed: int) -> float:
 
     run = run_dir(args, name, seed)
     t0 = time.perf_counter()
+    if seed not in args.step_seeds_list:
+        return 0.0
     for step, path in list_checkpoints(run):
         out = run / "eval_steps" / f"step_{step:08d}.json"
         if step <= args.steps and not out.exists():
@@ -296,17 +308,19 @@ def _get(r: Dict, path) -> Optional[float]:
 
 
 def mean_sd(vals: Sequence[float]):
-    """Mean and sample standard deviation (0 for one value)."""
+    """Mean and sample standard deviation (None for a single value: no noise estimate)."""
     v = [x for x in vals if x is not None and math.isfinite(x)]
     if not v:
         return None, None
     m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None
     return m, sd
 
 
 def _pm(m, sd, spec: str) -> str:
-    return "-" if m is None else f"{format(m, spec)} ± {format(sd, spec)}"
+    if m is None:
+        return "-"
+    return format(m, spec) if sd is None else f"{format(m, spec)} ± {format(sd, spec)}"
 
 
 def per_encoding(rows: List[Dict], names: Sequence[str], path) -> Dict[str, List[float]]:
@@ -322,6 +336,10 @@ def verdict(rows: List[Dict], names: Sequence[str], path, lower: bool, spec: str
         return f"{label}: too few runs to compare."
     best = (min if lower else max)(stats, key=lambda n: stats[n][0])
     bm, bsd = stats[best]
+    if any(sd is None for _, sd in stats.values()):
+        order = sorted(stats, key=lambda n: stats[n][0], reverse=not lower)
+        return (f"{label} (one seed, no noise estimate): " + " < ".join(f"`{n}` {format(stats[n][0], spec)}" for n in order)
+                + ("" if lower else " (higher is better)") + ".")
     apart, near = [], []
     for n, (m, sd) in stats.items():
         if n == best:
@@ -433,7 +451,7 @@ def _plots(rows: List[Dict], args, out: Path, res_keys) -> List[str]:
             continue
         steps = rs[0]["fd_vs_step"]["steps"]
         st = [mean_sd([r["fd_vs_step"]["fd_emoji"][i] for r in rs if len(r["fd_vs_step"]["fd_emoji"]) > i]) for i in range(len(steps))]
-        ax.errorbar(steps, [m for m, _ in st], yerr=[sd for _, sd in st], label=n, color=colors[n], capsize=2, marker="o", ms=3)
+        ax.errorbar(steps, [m for m, _ in st], yerr=[sd or 0 for _, sd in st], label=n, color=colors[n], capsize=2, marker="o", ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel(f"FD-emoji ({args.step_n_per_class} samples per class)")
     ax.legend(fontsize=7)
@@ -452,7 +470,7 @@ def _plots(rows: List[Dict], args, out: Path, res_keys) -> List[str]:
                         m, sd = mean_sd(vals)
                         xs.append(px // _patch(rows[0]))
                         ys.append(m)
-                        es.append(sd)
+                        es.append(sd or 0)
                 if len(xs) > 1:
                     ax.errorbar(xs, ys, yerr=es, color=colors[n], ls=ls, marker="o", ms=3, capsize=2,
                                 label=f"{n} ({scaling[:6]})")
@@ -587,7 +605,7 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
     if first_last:
         s0, s1 = rows[0]["fd_vs_step"]["steps"][0], rows[0]["fd_vs_step"]["steps"][-1]
         L += [f"FD-emoji as the models train (step {s0} -> {s1}, {args.step_n_per_class} samples per class, "
-              f"mean over seeds): " + ", ".join(first_last) + ".", ""]
+              f"seeds {sorted({r['seed'] for r in rows if r['fd_vs_step']['steps']})}): " + ", ".join(first_last) + ".", ""]
     L += ["## Results at the training resolution", "",
           "| pos_embed | " + " | ".join(c[1] for c in METRIC_COLS) + " | params |",
           "|---|" + "---|" * (len(METRIC_COLS) + 1)]
@@ -608,7 +626,7 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
         tpx = mc.img_size
         L += ["## Other resolutions", "",
               f"Class-conditional samples ({args.res_n_per_class} per class, null condition) at grids the models never "
-              f"saw; FD-emoji and class accuracy after resizing to {tpx}x{tpx} for the feature network. "
+              f"saw (runs of seeds {sorted(set(args.res_seeds_list) & set(seeds))}; with one seed there is no spread); FD-emoji and class accuracy after resizing to {tpx}x{tpx} for the feature network. "
               "`extrapolate`: integer positions beyond the training range (RoPE, sin-cos; the factorized table's "
               "untrained rows up to twice the training grid); `interpolate`: positions scaled into the training "
               "range (RoPE and sin-cos coordinates, learned tables resampled). `learned1d` can only interpolate "
