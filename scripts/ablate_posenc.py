@@ -63,7 +63,7 @@ from jitrope.posenc import POS_EMBEDS  # noqa: E402
 SCALES: Dict[str, Dict] = {
     "cpu": dict(config="configs/emoji32_cpu.yaml", steps=300, seeds="0,1", jobs=2, device="cpu", ckpt_every=100,
                 log_every=25, n_per_class=12, n_cond=48, max_images=192, sample_steps=8, res_px="24,40,48",
-                res_n_per_class=4, step_n_per_class=6, t_grid="0.1,0.3,0.5,0.7,0.9", res_seeds="0", step_seeds="0"),
+                res_n_per_class=4, step_n_per_class=6, t_grid="0.1,0.3,0.5,0.7,0.9", res_seeds="all", step_seeds="all"),
     "seed": dict(config="configs/emoji64_ablate.yaml", steps=1500, seeds="0,1,2", jobs=6, device="cuda",
                  ckpt_every=500, log_every=25, n_per_class=64, n_cond=128, max_images=512, sample_steps=20,
                  res_px="48,80,96", res_n_per_class=16, step_n_per_class=16, t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
@@ -97,8 +97,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--res-n-per-class", type=int, default=None, help="samples per class at each unseen size")
     p.add_argument("--step-n-per-class", type=int, default=None, help="samples per class at each checkpoint (FD vs step)")
     p.add_argument("--res-seeds", default=None, help="seeds whose runs get the resolution study: comma-separated or 'all' "
-                   "(cpu: 0, to fit the shared CPU; seed: all)")
-    p.add_argument("--step-seeds", default=None, help="seeds whose runs get FD vs step: comma-separated or 'all' (cpu: 0; seed: all)")
+                   "(default all)")
+    p.add_argument("--step-seeds", default=None, help="seeds whose runs get FD vs step: comma-separated or 'all' (default all)")
     p.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides for every run")
     args = p.parse_args(argv)
     for k, v in SCALES[args.scale].items():
@@ -199,9 +199,11 @@ def eval_final(args, name: str, seed: int) -> float:
     if final_ckpt is None:
         raise RuntimeError(f"{name} seed {seed}: no checkpoint at step {args.steps} in {run}; run --stage train first")
     final = run / f"eval_{args.steps:08d}.json"
-    if not final.exists():
+    want_res = bool(args.res_list) and seed in args.res_seeds_list
+    # an evaluation written without the resolution study is redone when the study is now asked for
+    if not final.exists() or (want_res and "resolution" not in json.loads(final.read_text())):
         cmd = _eval_cmd(args, final_ckpt, final, "vloss,class,cond,res", args.n_per_class)
-        if args.res_list and seed in args.res_seeds_list:
+        if want_res:
             cmd += ["--res-px", ",".join(map(str, args.res_list)), "--res-n-per-class", str(args.res_n_per_class),
                     "--grids", str(run / f"grids_{args.steps:08d}")]
         _call(cmd, run / "eval.log", args, f"{name} seed {seed}: evaluation", mode="a")
@@ -354,6 +356,18 @@ def verdict(rows: List[Dict], names: Sequence[str], path, lower: bool, spec: str
     return out + "."
 
 
+def top_group(rows: List[Dict], names: Sequence[str], path, lower: bool) -> List[str]:
+    """The best encoding by mean and those within noise of it (the rule of :func:`verdict`)."""
+    stats = {n: mean_sd(v) for n, v in per_encoding(rows, names, path).items()}
+    stats = {n: s for n, s in stats.items() if s[0] is not None and s[1] is not None}
+    if not stats:
+        return []
+    best = (min if lower else max)(stats, key=lambda n: stats[n][0])
+    bm, bsd = stats[best]
+    return [n for n, (m, sd) in stats.items()
+            if n == best or not (abs(m - bm) > 2 * math.sqrt(bsd**2 + sd**2) and (bsd or sd))]
+
+
 def fd_sanity(args) -> Dict[str, float]:
     """The FD-emoji sanity checks of the results page, measured on real images with the cached
     feature network: identical sets, real held-out vs training, blurred and noise images, and a
@@ -394,10 +408,12 @@ def fd_sanity(args) -> Dict[str, float]:
         "featnet class accuracy, held-out": extra["info"].get("val_cat_acc", float("nan")),
         "featnet class accuracy, chance": extra["info"]["chance_cat_acc"],
         "featnet vendor accuracy, held-out": extra["info"].get("val_vendor_acc", float("nan")),
-        f"Gaussians N(0, I) vs N(0.5, 2.25 I), d={d}, 20000 samples: FD": float(
-            frechet_distance(*gaussian_stats(x), *gaussian_stats(y))),
+        f"Gaussians N(0, I) vs N(0.5, 2.25 I), d={d}, from their exact mean and covariance: FD": frechet_distance(
+            mu, s1, mu + 0.5, 2.25 * s1),
+        "... the same from 20000 samples of each": float(frechet_distance(*gaussian_stats(x), *gaussian_stats(y))),
         "... closed form |dmu|^2 + d (1.5 - 1)^2": closed,
         "_featnet_path": extra["path"],
+        "_featnet_seconds": extra["info"].get("train_seconds", float("nan")),
     }
 
 
@@ -566,7 +582,8 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
         + ", ".join(f"`{n}` {k}" for n, k in n_seeds.items()) + ").",
         f"- Machine: {machine}. Training wall time "
         + ("-" if train_wall is None else f"{train_wall:.0f} min")
-        + f" ({args.jobs} runs at a time), evaluation {timing.get('eval', float('nan')) / 60:.0f} min."
+        + f" ({args.jobs} runs at a time), evaluation {timing.get('eval', float('nan')) / 60:.0f} min, feature network "
+        f"{sanity['_featnet_seconds'] / 60:.0f} min (once, cached)."
         + (" On this CPU the machine was shared with other jobs, so step times are only rough." if args.device == "cpu" else ""),
         "",
         "## Metrics",
@@ -590,11 +607,9 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
     for k, v in sanity.items():
         if not k.startswith("_"):
             L.append(f"| {k} | {v:.4f} |")
-    L += [
-        f"| real held-out images, {cs0.get('n_real', '-')} of them (the evaluation's floor) | "
-        f"{_pm(*mean_sd([_get(r, ('class_samples', 'fd_emoji_real')) for r in rows]), '.4f')} |",
-        "",
-    ]
+    # the same held-out images for every run: one value
+    L += [f"| real held-out images, {cs0.get('n_real', '-')} of them (the evaluation's floor) | "
+          f"{_get(rows[0], ('class_samples', 'fd_emoji_real')):.4f} |", ""]
     first_last = []
     for n in names:
         rs = [r for r in rows if r["pos_embed"] == n and len(r["fd_vs_step"]["steps"]) > 1]
@@ -614,8 +629,8 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
         params = [r["params"] for r in rows if r["pos_embed"] == n][0]
         L.append(f"| `{n}` | " + " | ".join(cells) + f" | {params / 1e6:.3f}M |")
     L += [
-        f"| real held-out images | - | - | - | {_pm(*mean_sd([_get(r, ('class_samples', 'fd_emoji_real')) for r in rows]), '.3f')} "
-        f"| {_pm(*mean_sd([_get(r, ('class_samples', 'class_acc_real')) for r in rows]), '.3f')} | - | - | - | - |",
+        f"| real held-out images | - | - | - | {_get(rows[0], ('class_samples', 'fd_emoji_real')):.3f} "
+        f"| {_get(rows[0], ('class_samples', 'class_acc_real')):.3f} | - | - | - | - |",
         "",
         f"![training loss]({files[0]}) ![metrics]({files[1]})",
         "",
@@ -647,9 +662,13 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
               f"Samples of seed {args.seed_list[0]} (rows: classes; same noise for every encoding):", "",
               f"![samples]({files[4]})", ""]
     L += ["## Conclusion", "", "Mechanical reading of the tables (best mean; an encoding differs only when the gap is "
-          "larger than twice the combined seed spread):", ""]
+          "larger than twice the combined seed spread; with few seeds that spread is itself a rough estimate, so "
+          "read \"clearly\" as indicative):", ""]
+    tally = {n: [] for n in names}
     for path, head, spec, lower in METRIC_COLS[:7]:
         L.append("- " + verdict(rows, names, path, lower, spec, head))
+        for n in top_group(rows, names, path, lower):
+            tally[n].append(head)
     if args.res_list:
         big = max(args.res_list)
         for scaling in ("extrapolate", "interpolate"):
@@ -661,8 +680,17 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
             if sub:
                 L.append("- " + verdict(sub, names, ("x",), True, ".3f",
                                         f"FD-emoji at {big // mc.patch_size}x{big // mc.patch_size}, {scaling}"))
+    L += ["", "Training-resolution metrics (of " + str(len(METRIC_COLS[:7])) + ") on which each encoding is the best or "
+          "within noise of the best: " + "; ".join(f"`{n}` {len(v)}" for n, v in sorted(tally.items(), key=lambda kv: -len(kv[1])))
+          + "."]
     L += [""]
     if args.device == "cpu":
+        epochs = args.steps * cfg.train.batch_size / max(1, rows[0]["featnet"].get("n_train", 1))
+        if epochs < 5:
+            L += [f"Budget: {args.steps} steps of batch {cfg.train.batch_size} are {epochs:.1f} passes over the "
+                  "training split: the models are early in training (see the sample grids), so these tables compare "
+                  "how fast each encoding learns, not where it ends up.", ""]
+        L += ["Step times were measured on a CPU shared with other jobs; their spread is that of the machine's load.", ""]
         L += [f"Scale: these numbers are at {mc.img_size}x{mc.img_size} ({gh}x{gh} grid, {gh * gh} -> {tokens} tokens) "
               f"after {args.steps} steps on a CPU. The problem statement's 64x64 setting (16x16 grid, 256 -> 320 tokens) "
               "is `python scripts/ablate_posenc.py --scale seed --report docs/results.md` (config "
