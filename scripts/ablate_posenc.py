@@ -429,10 +429,13 @@ def _plots(rows: List[Dict], args, out: Path, res_keys) -> List[str]:
     files = []
 
     def save(fig, suffix):
+        from PIL import Image
+
         p = Path(f"{stem}_{suffix}.png")
         fig.tight_layout()
         fig.savefig(p, dpi=80)
         plt.close(fig)
+        Image.open(p).convert("RGB").quantize(256).save(p, optimize=True)  # a palette keeps the docs small
         files.append(p.name)
 
     # loss curves: mean over seeds of the logged training loss
@@ -641,7 +644,8 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
         tpx = mc.img_size
         L += ["## Other resolutions", "",
               f"Class-conditional samples ({args.res_n_per_class} per class, null condition) at grids the models never "
-              f"saw (runs of seeds {sorted(set(args.res_seeds_list) & set(seeds))}; with one seed there is no spread); FD-emoji and class accuracy after resizing to {tpx}x{tpx} for the feature network. "
+              f"saw (runs of seeds {sorted(set(args.res_seeds_list) & set(seeds))}"
+              f"{'; one seed: no spread' if len(set(args.res_seeds_list) & set(seeds)) == 1 else ''}); FD-emoji and class accuracy after resizing to {tpx}x{tpx} for the feature network. "
               "`extrapolate`: integer positions beyond the training range (RoPE, sin-cos; the factorized table's "
               "untrained rows up to twice the training grid); `interpolate`: positions scaled into the training "
               "range (RoPE and sin-cos coordinates, learned tables resampled). `learned1d` can only interpolate "
@@ -699,7 +703,7 @@ def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: st
     L += ["## Reproduce", "", "```", "python scripts/prepare_data.py            # emoji, once", cmd.strip(),
           "```", "", "Stages can be run one by one (`--stage train|eval|report`); every stage resumes. Runs, logs and "
           f"checkpoints are in `{args.out_dir}/seed<k>/<encoding>/`; every run's metrics in `{out.with_suffix('.json').name}`."]
-    if Path(ROOT / "docs" / "results_2000steps_seed0.json").exists() and out.parent == ROOT / "docs":
+    if (ROOT / "docs" / "results_2000steps_seed0.json").exists() and out.resolve().parent == ROOT / "docs":
         L += _previous_section()
     out.write_text("\n".join(L) + "\n")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
