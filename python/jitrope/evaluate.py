@@ -18,7 +18,23 @@ Metrics (all on the held-out split unless ``--split`` says otherwise):
 - ``cond_samples`` (models with a condition image): samples for held-out conditions.
   ``cond_rms``: RMS between the sample downsampled to the condition size and the condition
   (how well samples follow it; for ``downsample`` conditions the target is exactly that);
-  ``target_rms``: RMS to the held-out image itself.
+  ``target_rms``: RMS to the held-out image itself; ``psnr`` / ``ssim``: PSNR (dB) and SSIM of
+  the sample against that held-out image.
+- With the feature network (``--featnet``, default ``auto``: trained once on the training split
+  and cached, see :mod:`jitrope.featnet`): ``class_samples.fd_emoji``, the Fréchet distance of the
+  samples' features to the training split's (FD-emoji; the FID formula in this network's
+  features, not comparable with FID); ``fd_emoji_real``, the same for as many real held-out
+  images (the floor at this sample count); ``class_acc``, the share of samples that the
+  network's category head assigns to the asked class, and ``class_acc_real`` its accuracy on the
+  real held-out images.
+- ``resolution`` (``--res-px``): class-conditional samples at image sizes the model never saw,
+  under every applicable ``pos_scaling`` (``learned1d`` only ``interpolate``; ``factorized2d``
+  ``extrapolate`` only while the grid fits its tables), with FD-emoji and class accuracy after
+  resizing to the feature network's size; ``--grids`` saves their sample grids.
+- ``fid`` (``--fid-inception FILE``): standard FID of the class samples against the held-out
+  images through torch-fidelity, with the user's Inception weights file (optional dependency).
+
+``--metrics`` picks the groups (``vloss,class,cond,res``; default all).
 """
 from __future__ import annotations
 
@@ -28,7 +44,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,9 +54,36 @@ from .config import ConfigError
 from .data import BatchMaker, DataError, build_dataset, resize_images, to_float
 from .diffusion import Diffusion
 from .fileio import atomic_write_text, check_writable_dir
-from .sample import SampleError, _device, generate, load_model
+from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
+from .sample import SampleError, _device, generate, load_model, make_grid
 
-__all__ = ["evaluate", "main"]
+__all__ = ["evaluate", "main", "resolution_scalings", "METRICS"]
+
+METRICS = ("vloss", "class", "cond", "res")
+
+
+def resolution_scalings(model, img_size: int) -> Dict[str, Optional[str]]:
+    """``pos_scaling`` values that can place an ``img_size`` image on ``model``: name -> None if
+    usable, else why not. ``learned1d`` has slots only for training tokens (interpolation only);
+    the factorized table extrapolates only while the grid fits it."""
+    mc = model.cfg
+    out: Dict[str, Optional[str]] = {}
+    for scaling in ("extrapolate", "interpolate"):
+        why = None
+        if mc.pos_embed == "learned1d" and scaling == "extrapolate":
+            why = "learned1d has no slots beyond its training grid"
+        elif mc.pos_embed == "factorized2d" and scaling == "extrapolate":
+            g = img_size // mc.patch_size
+            mh, mw = mc.pos_max_grid or (2 * mc.grid[0], 2 * mc.grid[1])
+            if g > mh or g > mw:
+                why = f"grid {g}x{g} exceeds the factorized table ({mh}x{mw})"
+        if why is None:
+            try:  # e.g. the null condition needs an integer grid in the training ratio
+                model.sequence_layout((img_size, img_size), None, scaling=scaling)
+            except ValueError as e:
+                why = str(e)
+        out[scaling] = why
+    return out
 
 
 @torch.no_grad()
@@ -100,10 +143,22 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     device="cpu",
+    metrics: Sequence[str] = METRICS,
+    featnet: Optional[str] = "auto",
+    res_px: Sequence[int] = (),
+    res_n_per_class: int = 4,
+    grids: Optional[str] = None,
+    fid_inception: Optional[str] = None,
     log=print,
 ) -> Dict[str, Any]:
-    """Compute the metrics of the module docstring; returns them as a dict."""
+    """Compute the metrics of the module docstring; returns them as a dict.
+
+    ``featnet``: "auto" (the cached feature network of the run's data, trained if missing), a
+    file, or None / "none" (no FD-emoji or class accuracy)."""
     t0 = time.perf_counter()
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ValueError(f"metrics: unknown {bad}; choose from {list(METRICS)}")
     model, cfg, info = load_model(ckpt, ema=ema if ema is not None else cfg_ema(ckpt), device=device)
     dcfg = cfg.data
     if data is not None:
@@ -132,20 +187,56 @@ def evaluate(
         "split": split,
         "pos_embed": mc.pos_embed,
         "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "device"},
+        "params": sum(p.numel() for p in model.parameters()),
     }
     log(f"{info['path']} (step {info['step']}, {info['weights']}); {len(eval_set)} {split} images")
+    fnet = fextra = None
+    if featnet not in (None, "none") and ({"class", "res"} & set(metrics)):
+        from .featnet import load_or_train_featnet
+
+        fnet, fextra = load_or_train_featnet(dcfg, device=device, path=None if featnet == "auto" else featnet, log=log)
+        out["featnet"] = {"path": fextra["path"], **fextra["info"]}
+
+    def judge(samples: Tensor, asked: Tensor) -> Dict[str, float]:
+        f, pred = fnet.embed(samples)
+        return {"fd_emoji": frechet_distance(*gaussian_stats(f), fextra["train_mu"], fextra["train_sigma"]),
+                "class_acc": float((pred == asked).float().mean())}
+
+    if "vloss" in metrics:
+        _vloss_metrics(out, model, diffusion, maker, t_grid, max_images=max_images, batch_size=batch_size, seed=seed,
+                       device=device, log=log)
+    if "class" in metrics:
+        _class_metrics(out, model, diffusion, kw, train_set, eval_set, n_per_class=n_per_class, seed=seed,
+                       judge=judge if fnet is not None else None, fnet=fnet, fextra=fextra,
+                       fid_inception=fid_inception, grids=grids, log=log)
+    if "cond" in metrics and mc.cond_img_size is not None:
+        _cond_metrics(out, model, diffusion, kw, maker, eval_set, n_cond=n_cond, seed=seed, log=log)
+    if "res" in metrics and res_px:
+        if fnet is None:
+            raise ValueError("the resolution study (res_px) needs the feature network (featnet='auto' or a file)")
+        out["resolution"] = resolution_study(model, diffusion, kw, res_px, n_per_class=res_n_per_class, seed=seed,
+                                             judge=judge, grids=grids, log=log)
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _vloss_metrics(out, model, diffusion, maker, t_grid, *, max_images, batch_size, seed, device, log) -> None:
     out["vloss"] = heldout_vloss(model, diffusion, maker, t_grid, max_images=max_images, batch_size=batch_size,
                                  seed=seed, device=device)
     vl = out["vloss"]
     log(f"  held-out v-loss {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f}); per t: " + " ".join(f"{v:.3f}" for v in vl["per_t"]))
-    if mc.cond_img_size is not None:  # the same with the null condition: class-only denoising
+    if model.cfg.cond_img_size is not None:  # the same with the null condition: class-only denoising
         out["vloss_null_cond"] = heldout_vloss(model, diffusion, maker, t_grid, max_images=max_images,
                                                batch_size=batch_size, seed=seed, device=device, drop_cond=True)
         vl = out["vloss_null_cond"]
         log(f"  ... with the null condition {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f})")
 
-    # class-conditional samples
-    k = mc.num_classes
+
+def _class_metrics(out, model, diffusion, kw, train_set, eval_set, *, n_per_class, seed, judge, fnet, fextra,
+                   fid_inception, grids, log) -> None:
+    """Class-conditional samples: nearest-neighbour class match, pixel statistics and, with the
+    feature network, FD-emoji and class accuracy (real held-out images beside both)."""
+    k = model.cfg.num_classes
     labels = torch.arange(k).repeat_interleave(n_per_class)
     x = generate(model, diffusion, labels, None, seed=seed, **kw)
     ref = to_float(train_set.images)
@@ -172,21 +263,80 @@ def evaluate(
         f"real held-out images {cs['nn_class_acc_real']:.3f}), "
         f"nn rms {cs['nn_rms']:.3f}, pixel mean {sum(cs['pixel_mean']) / 3:.3f} vs data {sum(cs['data_pixel_mean']) / 3:.3f}, "
         f"std {sum(cs['pixel_std']) / 3:.3f} vs {sum(cs['data_pixel_std']) / 3:.3f}")
+    if judge is not None:
+        cs.update(judge(x, labels))
+        # The real held-out images through the same judge, as many as there are samples (FD grows as
+        # the sample count falls, so this is the floor at this count).
+        pick = torch.randperm(len(eval_set), generator=torch.Generator().manual_seed(seed))[: len(labels)]
+        real = judge(held[pick], eval_set.labels[pick])
+        _, real_pred = fnet.embed(held)
+        cs["fd_emoji_real"], cs["n_real"] = real["fd_emoji"], len(pick)
+        cs["class_acc_real"] = float((real_pred == eval_set.labels).float().mean())
+        log(f"  FD-emoji {cs['fd_emoji']:.3f} (real held-out: {cs['fd_emoji_real']:.3f}), class accuracy "
+            f"{cs['class_acc']:.3f} (real held-out: {cs['class_acc_real']:.3f})")
+    if fid_inception is not None:
+        cs["fid_inception"] = inception_fid(held, x, fid_inception)
+        log(f"  FID (Inception, {len(x)} samples vs {len(held)} held-out images) {cs['fid_inception']:.2f}")
+    if grids is not None:
+        _save_grid(x, labels, k, Path(grids) / f"px{model.cfg.img_size}_train.png")
 
-    if mc.cond_img_size is not None:
-        m = min(n_cond, len(eval_set))
-        idx = torch.linspace(0, len(eval_set) - 1, m).round().long()
-        u = torch.rand(m, 2, generator=torch.Generator().manual_seed(seed + 1))
-        xt, y, cond = maker(idx, u)
-        xs = generate(model, diffusion, y.cpu(), cond.cpu(), seed=seed + 2, **kw)
-        cond_rms = (resize_images(xs, mc.cond_img_size) - cond.cpu()).pow(2).flatten(1).mean(1).sqrt()
-        target_rms = (xs - xt.cpu()).pow(2).flatten(1).mean(1).sqrt()
-        out["cond_samples"] = {"n": m, "cond_rms": float(cond_rms.mean()), "target_rms": float(target_rms.mean()),
-                               "cond_mode": maker.cond}
-        log(f"  condition samples ({maker.cond}): cond rms {out['cond_samples']['cond_rms']:.3f}, "
-            f"target rms {out['cond_samples']['target_rms']:.3f}")
-    out["seconds"] = round(time.perf_counter() - t0, 2)
-    return out
+
+def _save_grid(x: Tensor, labels: Tensor, k: int, path: Path, per_class: int = 4) -> None:
+    """Rows = classes, ``per_class`` samples each (the first ones of every class)."""
+    pick = torch.cat([(labels == c).nonzero().flatten()[:per_class] for c in range(k)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(x[pick], per_class).save(path)
+
+
+@torch.no_grad()
+def resolution_study(model, diffusion, kw, res_px: Sequence[int], *, n_per_class: int, seed: int, judge,
+                     grids: Optional[str] = None, log=print) -> List[Dict[str, Any]]:
+    """Class-conditional samples at each image size of ``res_px`` under every ``pos_scaling`` that
+    applies (:func:`resolution_scalings`); one record per (size, scaling) with FD-emoji and class
+    accuracy, or the reason it does not apply. The same noise seed for every model."""
+    k = model.cfg.num_classes
+    labels = torch.arange(k).repeat_interleave(n_per_class)
+    rows: List[Dict[str, Any]] = []
+    old = model.cfg.pos_scaling
+    try:
+        for px in res_px:
+            p = model.cfg.patch_size
+            if px % p:
+                raise ValueError(f"res_px: {px} is not a multiple of patch_size={p}")
+            for scaling, why in resolution_scalings(model, px).items():
+                row: Dict[str, Any] = {"px": px, "grid": px // p, "scaling": scaling}
+                if why is not None:
+                    rows.append({**row, "skipped": why})
+                    continue
+                model.cfg.pos_scaling = scaling
+                x = generate(model, diffusion, labels, None, img_size=px, seed=seed + px, **kw)
+                row.update(judge(x, labels))
+                row["n"] = len(labels)
+                rows.append(row)
+                log(f"  {px}x{px} ({px // p}x{px // p} grid, {scaling}): FD-emoji {row['fd_emoji']:.3f}, "
+                    f"class accuracy {row['class_acc']:.3f}")
+                if grids is not None:
+                    _save_grid(x, labels, k, Path(grids) / f"px{px}_{scaling}.png")
+    finally:
+        model.cfg.pos_scaling = old
+    return rows
+
+
+def _cond_metrics(out, model, diffusion, kw, maker, eval_set, *, n_cond, seed, log) -> None:
+    mc = model.cfg
+    m = min(n_cond, len(eval_set))
+    idx = torch.linspace(0, len(eval_set) - 1, m).round().long()
+    u = torch.rand(m, 2, generator=torch.Generator().manual_seed(seed + 1))
+    xt, y, cond = maker(idx, u)
+    xs = generate(model, diffusion, y.cpu(), cond.cpu(), seed=seed + 2, **kw)
+    cond_rms = (resize_images(xs, mc.cond_img_size) - cond.cpu()).pow(2).flatten(1).mean(1).sqrt()
+    target_rms = (xs - xt.cpu()).pow(2).flatten(1).mean(1).sqrt()
+    out["cond_samples"] = {"n": m, "cond_rms": float(cond_rms.mean()), "target_rms": float(target_rms.mean()),
+                           "psnr": float(psnr(xs, xt.cpu()).mean()), "ssim": float(ssim(xs, xt.cpu()).mean()),
+                           "cond_mode": maker.cond}
+    cd = out["cond_samples"]
+    log(f"  condition samples ({maker.cond}): cond rms {cd['cond_rms']:.3f}, target rms {cd['target_rms']:.3f}, "
+        f"PSNR {cd['psnr']:.2f} dB, SSIM {cd['ssim']:.3f}")
 
 
 def cfg_ema(ckpt) -> str:
@@ -219,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metric groups: vloss, class, cond, res")
+    p.add_argument("--featnet", default="auto", help="feature network of FD-emoji / class accuracy: auto (cached, "
+                   "trained once on the training split if missing), a .safetensors file, or none")
+    p.add_argument("--res-px", default="", help="comma-separated image sizes of the resolution study (e.g. 24,40,48 "
+                   "for a model trained at 32x32); empty: none")
+    p.add_argument("--res-n-per-class", type=int, default=4, help="samples per class at each size of --res-px")
+    p.add_argument("--grids", default=None, help="folder for sample grid PNGs (training size and every --res-px size)")
+    p.add_argument("--fid-inception", default=None, help="Inception weights file (torch-fidelity's "
+                   "pt_inception-2015-12-05-6726825d.pth): adds the standard FID; needs pip install torch-fidelity")
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: torch's; 1 is fastest on a busy machine)")
     return p
 
@@ -227,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_flush_denormal(True)
     # numbers that make no sense are refused up front; a given 0 never means "the default"
-    for name in ("max_images", "n_per_class", "n_cond", "steps", "batch_size", "num_threads"):
+    for name in ("max_images", "n_per_class", "n_cond", "steps", "batch_size", "num_threads", "res_n_per_class"):
         v = getattr(args, name)
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
@@ -244,6 +403,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError:
         print(f"error: --t-grid wants comma-separated values in [0, 1), got {args.t_grid!r}", file=sys.stderr)
         return 2
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    try:
+        res_px = [int(v) for v in args.res_px.split(",") if v.strip()]
+    except ValueError:
+        print(f"error: --res-px wants comma-separated image sizes, got {args.res_px!r}", file=sys.stderr)
+        return 2
+    if not metrics or any(m not in METRICS for m in metrics):
+        print(f"error: --metrics wants a comma-separated subset of {','.join(METRICS)}, got {args.metrics!r}", file=sys.stderr)
+        return 2
+    if args.fid_inception is not None and not Path(args.fid_inception).is_file():
+        print(f"error: --fid-inception: no Inception weights file at {args.fid_inception}", file=sys.stderr)
+        return 2
     try:
         device = str(_device(args.device))
         ckpt = resolve_checkpoint(args.ckpt)  # verified once; a run folder falls back past damaged ones
@@ -253,10 +424,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_writable_dir(out_dir, "the folder of --out")  # before the evaluation, so no work is lost
         res = evaluate(ckpt, data=args.data, data_root=args.data_root, split=args.split, ema=args.ema, t_grid=t_grid,
                        max_images=args.max_images, n_per_class=args.n_per_class, n_cond=args.n_cond, steps=args.steps,
-                       sampler=args.sampler, cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed, device=device)
+                       sampler=args.sampler, cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed, device=device,
+                       metrics=metrics, featnet=args.featnet, res_px=res_px, res_n_per_class=args.res_n_per_class,
+                       grids=args.grids, fid_inception=args.fid_inception)
         out = Path(args.out) if args.out else out_dir / f"step_{res['step']:08d}.json"
         atomic_write_text(out, json.dumps(res, indent=2))
-    except (CheckpointError, DataError, ConfigError, SampleError, OSError) as e:
+    except (CheckpointError, DataError, ConfigError, SampleError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
