@@ -128,7 +128,10 @@ def test_evaluate_refuses_nonsense_numbers_and_unwritable_output(tiny_run, capsy
                           (["--n-per-class", "0"], "--n-per-class must be >= 1"),
                           (["--cfg", "nan"], "--cfg (guidance scale) must be a finite number"),
                           (["--out", "/proc/x/e.json"], "the folder of --out /proc/x is not writable"),
-                          (["--device", "gpu0"], "--device 'gpu0' is not a device")):
+                          (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+                          (["--res-px", "-8"], "--res-px wants positive image sizes"),
+                          (["--res-px", "16", "--featnet", "none"], "the resolution study needs the feature network"),
+                          (["--res-px", "7", "--metrics", "res"], "not a multiple of the model's patch_size")):
         assert E.main(["--ckpt", str(tiny_run), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: ") and err.count("\n") == 1, err

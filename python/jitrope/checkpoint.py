@@ -145,8 +145,11 @@ def save_checkpoint(
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()  # chunked by hand: hashlib.file_digest needs Python 3.11, setup.py admits 3.9
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _warn(msg: str) -> None:

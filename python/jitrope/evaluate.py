@@ -74,7 +74,8 @@ def resolution_scalings(model, img_size: int) -> Dict[str, Optional[str]]:
             why = "learned1d has no slots beyond its training grid"
         elif mc.pos_embed == "factorized2d" and scaling == "extrapolate":
             g = img_size // mc.patch_size
-            mh, mw = mc.pos_max_grid or (2 * mc.grid[0], 2 * mc.grid[1])
+            table = model.pos.parts["factorized2d"]  # the real table size, whatever default made it
+            mh, mw = table.pos_h.shape[0], table.pos_w.shape[0]
             if g > mh or g > mw:
                 why = f"grid {g}x{g} exceeds the factorized table ({mh}x{mw})"
         if why is None:
@@ -173,6 +174,9 @@ def evaluate(
     if eval_set.num_classes != model.cfg.num_classes:
         raise DataError(f"data {dcfg.name} has {eval_set.num_classes} classes, the model {model.cfg.num_classes}")
     mc = model.cfg
+    bad_px = [px for px in res_px if px % mc.patch_size] if "res" in metrics else []
+    if bad_px:  # before any sampling, so no work is lost
+        raise DataError(f"res_px: {bad_px} not a multiple of the model's patch_size={mc.patch_size}")
     maker = BatchMaker(eval_set, cond="none" if mc.cond_img_size is None else (dcfg.cond if dcfg.cond != "none" else "downsample"),
                        cond_size=mc.cond_img_size, device=device)
     diffusion = Diffusion.from_config(cfg.diffusion)
@@ -408,6 +412,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res_px = [int(v) for v in args.res_px.split(",") if v.strip()]
     except ValueError:
         print(f"error: --res-px wants comma-separated image sizes, got {args.res_px!r}", file=sys.stderr)
+        return 2
+    if any(px < 1 for px in res_px):
+        print(f"error: --res-px wants positive image sizes, got {args.res_px!r}", file=sys.stderr)
+        return 2
+    if res_px and "res" in metrics and args.featnet == "none":
+        print("error: --res-px: the resolution study needs the feature network (--featnet auto or a file), "
+              "not --featnet none", file=sys.stderr)
         return 2
     if not metrics or any(m not in METRICS for m in metrics):
         print(f"error: --metrics wants a comma-separated subset of {','.join(METRICS)}, got {args.metrics!r}", file=sys.stderr)
