@@ -31,3 +31,12 @@ INPLACE_OPCHECK_UTILS = tuple(
     u for u in torch.library._OPCHECK_DEFAULT_UTILS
     if hasattr(torch.Tag, "inplace") or u != "test_aot_dispatch_dynamic"
 )
+
+
+def assert_kernel_error_within_eager(what, kernel, eager, ref):
+    """flash-attention's numerics test: against a float64 reference, the kernel's error is at most
+    twice the error of a same-precision eager implementation (plus a tiny absolute floor)."""
+    err_k = (kernel.double() - ref).abs().max().item()
+    err_e = (eager.double() - ref).abs().max().item()
+    eps = 1e-6 * max(1.0, ref.abs().max().item())
+    assert err_k <= 2 * err_e + eps, f"{what}: kernel error {err_k:.3g} vs eager {err_e:.3g}"

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
+from conftest import DEVICES, assert_kernel_error_within_eager
 from torch import Tensor
 
 import jitrope
@@ -260,10 +260,7 @@ def test_low_precision_error_within_twice_eager(device, dtype):
         eag = [eager, *torch.autograd.grad(eager, leaves, g)]
         want = [ref, *torch.autograd.grad(ref, leaves64, g.double())]
         for name, k, e, r in zip(names, got, eag, want):
-            err_k = (k.double() - r).abs().max().item()
-            err_e = (e.double() - r).abs().max().item()
-            eps = 1e-6 * max(1.0, r.abs().max().item())
-            assert err_k <= 2 * err_e + eps, f"{s} {name}: kernel error {err_k:.3g} vs eager {err_e:.3g}"
+            assert_kernel_error_within_eager(f"{s} {name}", k, e, r)
 
 
 # ---------------------------------------------------------------- opcheck and torch.compile

@@ -8,7 +8,7 @@ from typing import Callable, List
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, INPLACE_OPCHECK_UTILS
+from conftest import DEVICES, INPLACE_OPCHECK_UTILS, assert_kernel_error_within_eager
 from torch import Tensor
 
 import jitrope
@@ -290,10 +290,7 @@ def test_low_precision_error_within_twice_eager(device, dtype):
         grads_eager = torch.autograd.grad(eager, (s.base, s.freqs), g)
         grads_ref = torch.autograd.grad(ref, (base64, freqs64), g.double())
         for name, k, e, r in [("out", out, eager, ref), *zip(("grad_x", "grad_freqs"), grads, grads_eager, grads_ref)]:
-            err_k = (k.double() - r).abs().max().item()
-            err_e = (e.double() - r).abs().max().item()
-            eps = 1e-6 * max(1.0, r.abs().max().item())
-            assert err_k <= 2 * err_e + eps, f"{s} {name}: kernel error {err_k:.3g} vs eager {err_e:.3g}"
+            assert_kernel_error_within_eager(f"{s} {name}", k, e, r)
 
 
 # ---------------------------------------------------------------- opcheck and torch.compile

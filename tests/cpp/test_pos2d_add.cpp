@@ -9,7 +9,11 @@
 
 #include "ops/pos2d_add.h"
 
+#include "test_utils.h"
+
 namespace {
+
+using jitrope_test::expect_error;
 
 struct Case {
   int64_t B, prefix, gh, gw, trailing, D, max_h, max_w, token_offset, row_offset, col_offset;
@@ -55,16 +59,6 @@ Inputs make_inputs(const Case& c, at::ScalarType dtype, bool requires_grad = fal
 at::Tensor run(const Inputs& in, const Case& c) {
   return jitrope::pos2d_add(
       in.x, in.pos_h, in.pos_w, {c.gh, c.gw}, c.token_offset, c.row_offset, c.col_offset);
-}
-
-void expect_error(const std::function<void()>& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing: " << needle;
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-        << "message: " << e.what() << "\nwanted: " << needle;
-  }
 }
 
 TEST(Pos2dAdd, ForwardMatchesReference) {

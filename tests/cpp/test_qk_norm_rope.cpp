@@ -11,27 +11,18 @@
 #include "ops/qk_norm_rope.h"
 #include "ops/rope2d.h"
 
+#include "test_utils.h"
+
 namespace {
+
+using jitrope_test::expect_error;
+using jitrope_test::qk_view;
 
 // RMSNorm of each [D] row of qk: [2, B, H, N, D] with weight[s] in float64, differentiable.
 torch::Tensor rms_norm_reference(const torch::Tensor& qk, const torch::Tensor& weight, double eps) {
   const auto x = qk.to(torch::kDouble);
   const auto y = x * torch::rsqrt(x.pow(2).mean(-1, true) + eps);
   return y * weight.to(torch::kDouble).view({2, 1, 1, 1, -1});
-}
-
-torch::Tensor qk_view(const torch::Tensor& qkv, int64_t H, int64_t D) {
-  const int64_t B = qkv.size(0), N = qkv.size(1);
-  return qkv.view({B, N, 3, H, D}).permute({2, 0, 3, 1, 4}).slice(0, 0, 2);
-}
-
-void expect_error(const std::function<void()>& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing \"" << needle << "\"";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
 }
 
 class QkNormRopeTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {};

@@ -9,7 +9,12 @@
 
 #include "ops/rope2d.h"
 
+#include "test_utils.h"
+
 namespace {
+
+using jitrope_test::expect_error;
+using jitrope_test::qk_view;
 
 // SPEC §2 in ATen, in float64: phi[h, n, m] = y_n f[h, 0, m] + x_n f[h, 1, m]; pairs (2m, 2m+1) or
 // (m, m + D/2) turn by phi. Differentiable through LibTorch autograd.
@@ -30,25 +35,10 @@ torch::Tensor rope2d_reference(
   return out.to(x.scalar_type());
 }
 
-// q and k of a fused qkv projection as one [2, B, H, N, D] view.
-torch::Tensor qk_view(const torch::Tensor& qkv, int64_t H, int64_t D) {
-  const int64_t B = qkv.size(0), N = qkv.size(1);
-  return qkv.view({B, N, 3, H, D}).permute({2, 0, 3, 1, 4}).slice(0, 0, 2);
-}
-
 torch::Tensor random_coords(int64_t N) {
   auto c = torch::rand({N, 2}, torch::kDouble) * 20 - 4;
   c[0].zero_();
   return c;
-}
-
-void expect_error(const std::function<void()>& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing \"" << needle << "\"";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
 }
 
 class Rope2dTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
