@@ -410,8 +410,9 @@ class _Run:
         step, t = self.step, self.t
         mean_loss = float(self.D.mean(self.loss_acc / self.n_acc))
         if not math.isfinite(mean_loss):
-            raise TrainingStopped(f"the training diverged: the mean loss of steps {step - self.n_acc + 1}..{step} is "
-                                  f"{mean_loss}", step, self.last_ckpt, _DIVERGED_HINT)
+            over = f" (the mean of steps {step - self.n_acc + 1}..{step})" if self.n_acc > 1 else ""
+            raise TrainingStopped(f"the training diverged: the loss is {mean_loss} at step {step}{over}", step,
+                                  self.last_ckpt, _DIVERGED_HINT)
         now = time.perf_counter()
         ips = self.imgs_log / max(now - self.t_log, 1e-9)
         self.last_loss = mean_loss
