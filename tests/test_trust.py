@@ -67,6 +67,22 @@ def test_diverged_training_writes_no_nan_checkpoint_and_keeps_the_good_ones(tmp_
     assert len(cks) == 2 and all(_all_finite(p) for _, p in cks) and cks[-1][1] == kept
 
 
+def test_a_nan_checkpoint_of_an_older_version_is_not_resumed(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert T.main(BASE + ["train.steps=2", "train.ckpt_every=2", f"train.out_dir={run}"]) == 0
+    ck = run / "checkpoints" / "step_00000002"
+    w = load_weights(ck)
+    w["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in w["model"].items()}
+    # re-written with a valid manifest, as a version without the finite check would have
+    save_checkpoint(run, 2, model=w["model"], emas=w["emas"], ema_decays=w["ema_decays"],
+                    state=torch.load(ck / "state.pt", weights_only=True), config=w["config"],
+                    class_names=w["class_names"], model_config=w["model_config"])
+    assert T.main(BASE + ["train.steps=4", "train.ckpt_every=2", f"train.out_dir={run}", "--resume"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line == (f"error: {ck}: its model weights are not finite (nan or inf); rename it (e.g. to "
+                    "corrupt-step_00000002) to resume from the checkpoint before it"), line
+
+
 def test_keep_last_prunes_only_checkpoints_that_verify(tmp_path, capsys):
     sd = {"w": torch.randn(4, 3)}
     for step in (1, 2, 3):
@@ -85,6 +101,12 @@ def test_keep_last_prunes_only_checkpoints_that_verify(tmp_path, capsys):
     save_checkpoint(tmp_path, 5, model=sd, keep_last=1)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [5]
     assert (tmp_path / "checkpoints" / "corrupt-step_00000003-2").is_dir() and aside.is_dir()
+    # keep_last=0 keeps all, but a damaged newer checkpoint that would shadow the new one is moved aside
+    save_checkpoint(tmp_path, 9, model=sd, keep_last=0)
+    _flip(tmp_path / "checkpoints" / "step_00000009" / "weights.safetensors")
+    save_checkpoint(tmp_path, 6, model=sd, keep_last=0)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 6]
+    assert (tmp_path / "checkpoints" / "corrupt-step_00000009").is_dir()
 
 
 def test_resume_past_a_damaged_newer_checkpoint_keeps_what_it_writes(tmp_path, capsys):
@@ -135,7 +157,8 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_older_checkpoin
     monkeypatch.undo()
     line = _error_line(capsys.readouterr().err)
     ck = run / "checkpoints"
-    assert line.startswith(f"error: cannot write checkpoint {ck / 'step_00000004'} (") and "nothing of it was kept" in line
+    assert line.startswith(f"error: cannot write checkpoint {ck / 'step_00000004'} (")
+    assert "nothing of it was kept" in line
     assert f"the last checkpoint kept is {ck / 'step_00000002'};" in line and line.endswith("--resume"), line
     assert sorted(p.name for p in ck.iterdir()) == ["step_00000002"]  # no temp folder left, step 2 intact
     assert T.main(BASE + ["train.steps=4", "train.ckpt_every=2", f"train.out_dir={run}", "--resume"]) == 0
@@ -184,8 +207,8 @@ def test_a_second_trainer_is_refused_and_ctrl_c_stops_with_the_resume_command(tm
         config = (run / "config.yaml").read_bytes()
         assert T.main(BASE + [f"train.out_dir={run}", "train.steps=3", "train.lr=1e-4", "--resume"]) == 2
         line = _error_line(capsys.readouterr().err)
-        assert line == (f"error: train.out_dir {run} is in use by another process (pid {a.pid}, holding {run / '.lock'}); "
-                        "wait for it to end or choose another train.out_dir"), line
+        assert line == (f"error: train.out_dir {run} is in use by another process (pid {a.pid}, holding "
+                        f"{run / '.lock'}); wait for it to end or choose another train.out_dir"), line
         assert stand_in.is_dir() and (run / "config.yaml").read_bytes() == config and a.poll() is None
         stand_in.rmdir()
         a.send_signal(signal.SIGINT)

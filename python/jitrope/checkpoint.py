@@ -114,7 +114,7 @@ def save_checkpoint(
     allow_unverified: bool = False,
 ) -> Path:
     """Write ``<run_dir>/checkpoints/step_<step>/`` atomically, then keep the newest ``keep_last``
-    checkpoints that verify (:func:`prune_checkpoints`; 0 keeps all).
+    checkpoints that verify (:func:`prune_checkpoints`; 0 keeps all), moving damaged ones aside.
 
     A write that fails (a full disk: ``OSError``, or the writers' own errors) raises a
     CheckpointError naming the checkpoint; its temp folder is removed and the checkpoints already
@@ -166,8 +166,7 @@ def save_checkpoint(
         f = final / name
         st = f.stat()
         _VERIFIED[(str(f.resolve()), st.st_size, st.st_mtime_ns)] = info["sha256"]
-    if keep_last > 0:
-        prune_checkpoints(run_dir, keep_last, allow_unverified=allow_unverified)
+    prune_checkpoints(run_dir, keep_last, allow_unverified=allow_unverified, written=step)
     return final
 
 
@@ -200,13 +199,18 @@ def move_aside(ckpt_dir, reason: str) -> Path:
     return dest
 
 
-def prune_checkpoints(run_dir, keep_last: int, *, allow_unverified: bool = False) -> List[Path]:
-    """Keep the newest ``keep_last`` checkpoints that verify and delete the older ones that verify;
-    returns the deleted folders. A checkpoint that fails verification is never counted and never
-    deleted: it is moved aside (:func:`move_aside`). One without a manifest is left where it is
-    when ``allow_unverified`` (the run was resumed from such checkpoints), else moved aside too."""
+def prune_checkpoints(run_dir, keep_last: int, *, allow_unverified: bool = False,
+                      written: Optional[int] = None) -> List[Path]:
+    """Keep the newest ``keep_last`` checkpoints that verify (0: all) and delete the older ones that
+    verify; returns the deleted folders. A checkpoint that fails verification is never counted and
+    never deleted: it is moved aside (:func:`move_aside`). One without a manifest is left where it
+    is when ``allow_unverified`` (the run was resumed from such checkpoints), else moved aside too.
+    ``written``: the step just written; with ``keep_last`` 0 only the folders newer than it (which
+    would shadow it) are checked, so keeping all never hashes the whole run again."""
     kept, deleted = 0, []
-    for _, p in reversed(_step_folders(run_dir)):
+    for step, p in reversed(_step_folders(run_dir)):
+        if keep_last <= 0 and (written is None or step <= written):
+            break
         try:
             _verify_step(p)
         except UnverifiedCheckpointError as e:
@@ -217,7 +221,7 @@ def prune_checkpoints(run_dir, keep_last: int, *, allow_unverified: bool = False
             move_aside(p, str(e))
             continue
         kept += 1
-        if kept > keep_last:
+        if 0 < keep_last < kept:
             shutil.rmtree(p, ignore_errors=True)
             deleted.append(p)
     return deleted
@@ -267,7 +271,8 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE), *, allo
             if f.exists():
                 why = f"{f} is not listed in {mf}"
                 if not allow_unverified:
-                    raise UnverifiedCheckpointError(f"{why}, so it cannot be verified; pass --allow-unverified to load it anyway")
+                    raise UnverifiedCheckpointError(f"{why}, so it cannot be verified; pass --allow-unverified to "
+                                                    "load it anyway")
                 _warn(f"{why}: loading it without verifying its digest (--allow-unverified)")
             continue
         want = listed[name]

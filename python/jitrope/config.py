@@ -349,7 +349,8 @@ def _check(cfg: Config) -> None:
 
 def _check_data(d: DataConfig) -> None:
     if not (math.isfinite(d.holdout) and 0.0 <= d.holdout < 1.0):
-        raise ConfigError(f"config key data.holdout (the fraction of images held out) must be in [0, 1), got {d.holdout}")
+        raise ConfigError(f"config key data.holdout (the fraction of images held out) must be in [0, 1), "
+                          f"got {d.holdout}")
 
 
 def _check_diffusion(d: DiffusionConfig) -> None:

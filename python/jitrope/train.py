@@ -60,7 +60,8 @@ class TrainingStopped(RuntimeError):
     (None: none yet); ``exit_code`` is the CLI's (2, or 130 for an interrupt)."""
 
     def __init__(self, what: str, step: int, last_checkpoint: Optional[Path], hint: str = "", exit_code: int = 2):
-        self.what, self.step, self.last_checkpoint, self.hint, self.exit_code = what, step, last_checkpoint, hint, exit_code
+        self.what, self.step, self.last_checkpoint = what, step, last_checkpoint
+        self.hint, self.exit_code = hint, exit_code
         super().__init__(self.describe("--resume"))
 
     def describe(self, resume_command: str) -> str:
@@ -226,8 +227,10 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
     run, ckpt_dir = None, None
     try:
         with contextlib.ExitStack() as held:
-            if D.main:  # before anything in the folder is touched: a second trainer must change nothing
-                check_writable_dir(run_dir, "train.out_dir")  # before the data and the model, not at the first checkpoint
+            if D.main:
+                # checked before the data and the model, not at the first checkpoint; locked before anything
+                # in it is touched, so a second trainer on the folder changes nothing
+                check_writable_dir(run_dir, "train.out_dir")
                 held.enter_context(exclusive_lock(run_dir, "train.out_dir"))
             ckpt_dir = _find_resume_point(run_dir, resume, allow_unverified, D, say)
             run = _Run(cfg, device, D, say, allow_unverified)
@@ -237,7 +240,8 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
                 run.last_ckpt = ckpt_dir
                 say(f"resumed from {ckpt_dir} at step {run.step}")
                 if run.step >= t.steps:
-                    say(f"the run is already at step {run.step} >= train.steps={t.steps}; raise train.steps to train on")
+                    say(f"the run is already at step {run.step} >= train.steps={t.steps}; "
+                        "raise train.steps to train on")
             run.start()
             run.loop()
             return {"step": run.step, "loss": run.last_loss, "run_dir": run.run_dir, "model": run.model, "ema": run.ema}
@@ -433,7 +437,7 @@ class _Run:
         self.logger.image("samples/ema0", self.step, grid)
 
     def checkpoint_step(self) -> None:
-        t, D = self.t, self.D
+        D = self.D
         # every rank holds the same weights, so every rank stops here alike
         bad = _non_finite(self.model, self.ema, self.opt)
         if bad:
