@@ -136,8 +136,8 @@ def test_checkpoint_without_manifest_fails_unless_allowed(run4, tmp_path, capsys
     (ck / "manifest.json").unlink()
     _flip_data_bytes(ck / "weights.safetensors")  # what a manifest would have caught
     for explicit in (ck, ck / "weights.safetensors"):
-        with pytest.raises(UnverifiedCheckpointError, match=r"step_00000004 has no manifest.json, so "
-                           r"weights.safetensors cannot be verified .*pass --allow-unverified"):
+        with pytest.raises(UnverifiedCheckpointError, match=r"step_00000004/weights.safetensors cannot be verified: "
+                           r".*step_00000004 has no manifest.json .*pass --allow-unverified"):
             load_weights(explicit)
     # a run folder falls back to the newest checkpoint that verifies, with a warning naming the one skipped
     assert load_weights(run)["step"] == 2

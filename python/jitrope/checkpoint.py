@@ -253,8 +253,8 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE), *, allo
     d = Path(ckpt_dir)
     mf = d / MANIFEST
     if not mf.is_file():
-        why = (f"{d} has no {MANIFEST}, so {' and '.join(files)} cannot be verified (a copy cut short, a file "
-               "copied out of its checkpoint, or written by an older jitrope)")
+        why = (f"{' and '.join(str(d / n) for n in files)} cannot be verified: {d} has no {MANIFEST} (a copy cut "
+               "short, a file copied out of its checkpoint, or written by an older jitrope)")
         if not allow_unverified:
             raise UnverifiedCheckpointError(f"{why}; pass --allow-unverified to load it anyway")
         _warn(f"{why}: loading it without verifying its digests (--allow-unverified)")
