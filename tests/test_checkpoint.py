@@ -19,6 +19,7 @@ from jitrope import sample as S
 from jitrope import train as T
 from jitrope.checkpoint import (
     CheckpointError,
+    UnverifiedCheckpointError,
     check_state_dict,
     list_checkpoints,
     load_train_state,
@@ -26,6 +27,7 @@ from jitrope.checkpoint import (
     newest_valid_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from jitrope.config import load_config
 
@@ -128,15 +130,81 @@ def test_no_checkpoint_verifies_is_an_error(run4, tmp_path):
         T.train(_cfg(run, "train.steps=6"), resume=True, **QUIET)
 
 
-def test_checkpoint_without_manifest_loads_with_a_warning(run4, tmp_path, capsys):
+def test_checkpoint_without_manifest_fails_unless_allowed(run4, tmp_path, capsys):
     run = _copy(run4[0], tmp_path)
     ck = run / "checkpoints" / "step_00000004"
     (ck / "manifest.json").unlink()
-    assert load_weights(ck)["step"] == 4
-    assert f"{ck} has no manifest.json (written by an older jitrope" in capsys.readouterr().err
+    _flip_data_bytes(ck / "weights.safetensors")  # what a manifest would have caught
+    for explicit in (ck, ck / "weights.safetensors"):
+        with pytest.raises(UnverifiedCheckpointError, match=r"step_00000004/weights.safetensors cannot be verified: "
+                           r".*step_00000004 has no manifest.json .*pass --allow-unverified"):
+            load_weights(explicit)
+    # a run folder falls back to the newest checkpoint that verifies, with a warning naming the one skipped
+    assert load_weights(run)["step"] == 2
+    assert "skipping checkpoint step_00000004: " in capsys.readouterr().err
+    # the explicit flag loads it, with a warning
+    assert load_weights(ck, allow_unverified=True)["step"] == 4
+    assert resolve_checkpoint(run, allow_unverified=True) == ck / "weights.safetensors"
+    assert f"{ck} has no manifest.json" in capsys.readouterr().err
+    assert load_train_state(ck, allow_unverified=True)["step"] == 4
+    with pytest.raises(UnverifiedCheckpointError):
+        load_train_state(ck)
+    # the CLIs: --resume without the flag resumes from step 2 and keeps step 4 (moved aside, not deleted)
+    args = ["--config", TINY, *BASE, f"train.out_dir={run}", "train.steps=5", "train.ckpt_every=1", "--resume"]
+    assert T.main(args) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step_00000004" in err and "moved damaged checkpoint step_00000004 aside" in err
+    assert (run / "checkpoints" / "corrupt-step_00000004" / "weights.safetensors").is_file()
+    assert [s for s, _ in list_checkpoints(run)] == [4, 5]
+    assert load_weights(run)["step"] == 5
+
+
+def test_allow_unverified_resumes_an_old_checkpoint_and_leaves_it(run4, tmp_path, capsys):
+    run = _copy(run4[0], tmp_path)
+    for _, ck in list_checkpoints(run):
+        (ck / "manifest.json").unlink()
+    args = ["--config", TINY, *BASE, f"train.out_dir={run}", "train.steps=6", "train.ckpt_every=2", "--resume"]
+    assert T.main(args) == 2
+    lines = capsys.readouterr().err.splitlines()  # a warning per skipped checkpoint, then one error line
+    assert lines[-1].startswith("error: no checkpoint of ") and "--allow-unverified" in lines[-1], lines
+    assert all(line.startswith("warning: skipping checkpoint") for line in lines[:-1]), lines
+    assert T.main(args + ["--allow-unverified"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    # keep_last counts only the checkpoints that verify (the new step 6) and deletes no unverified one
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
+
+
+def test_manifest_damage_is_a_checkpoint_error(run4, tmp_path, capsys):
+    run = _copy(run4[0], tmp_path)
+    ck = run / "checkpoints" / "step_00000004"
+    m = json.loads((ck / "manifest.json").read_text())
+    m["files"]["weights.safetensors"] = "deadbeef"
+    (ck / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=r"the entry of weights.safetensors is 'deadbeef', not an object"):
+        verify_checkpoint(ck)
     (ck.parent / "step_00000002" / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable manifest"):
         load_weights(ck.parent / "step_00000002")
+    # a file the manifest does not list is unverified
+    m["files"] = {"weights.safetensors": json.loads((run4[0] / "checkpoints" / "step_00000004" / "manifest.json")
+                                                    .read_text())["files"]["weights.safetensors"]}
+    (ck / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UnverifiedCheckpointError, match=r"state.pt is not listed in .*manifest.json"):
+        load_train_state(ck)
+
+
+def test_newest_checkpoint_without_weights_is_skipped_with_a_warning(run4, tmp_path, capsys):
+    run = _copy(run4[0], tmp_path)
+    (run / "checkpoints" / "step_00000004" / "weights.safetensors").unlink()
+    assert newest_valid_checkpoint(run).name == "step_00000002"
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step_00000004" in err and "weights.safetensors is missing" in err
+    assert load_weights(run)["step"] == 2 and "skipping checkpoint step_00000004" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="step_00000004/weights.safetensors is missing"):
+        load_weights(run / "checkpoints" / "step_00000004")
+    # a fresh start still refuses the folder: the newest step folder counts, complete or not
+    with pytest.raises(CheckpointError, match="already holds checkpoints .newest step_00000004"):
+        T.train(_cfg(run, "train.steps=2"), **QUIET)
 
 
 def test_finished_run_resumed_reports_its_last_loss(run4, tmp_path, capsys):

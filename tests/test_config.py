@@ -87,6 +87,20 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("train.compile_mode=fast", "train.compile_mode: 'fast' is not one of ['none', 'default', 'reduce-overhead'"),
         ("model.pos_embed=rope3d", "model config: pos_embed must be one of"),
         ("train.steps", "section.key=value"),
+        # a held-out fraction that leaves no training data, or none at all
+        ("data.holdout=1.0", "data.holdout (the fraction of images held out) must be in [0, 1), got 1.0"),
+        ("data.holdout=-0.5", "data.holdout (the fraction of images held out) must be in [0, 1), got -0.5"),
+        ("data.holdout=nan", "data.holdout (the fraction of images held out) must be in [0, 1), got nan"),
+        # every diffusion number finite (nan failed at step 5, inf trained on garbage)
+        ("diffusion.P_std=nan", "diffusion.P_std must be a finite number, got nan"),
+        ("diffusion.t_eps=nan", "diffusion.t_eps must be a finite number, got nan"),
+        ("diffusion.P_mean=inf", "diffusion.P_mean must be a finite number, got inf"),
+        ("diffusion.P_mean=-inf", "diffusion.P_mean must be a finite number, got -inf"),
+        ("diffusion.noise_scale=inf", "diffusion.noise_scale must be a finite number, got inf"),
+        ("diffusion.P_std=0", "diffusion.P_std must be > 0, got 0.0"),
+        ("diffusion.noise_scale=-1", "diffusion.noise_scale must be > 0, got -1.0"),
+        ("diffusion.t_eps=0", "diffusion.t_eps must be in (0, 1], got 0.0"),
+        ("diffusion.t_eps=1.5", "diffusion.t_eps must be in (0, 1], got 1.5"),
     ],
 )
 def test_bad_values_name_the_key(override, match):
@@ -146,3 +160,21 @@ def test_interpolation_resolves_and_print_config_shows_the_resolved_values(tmp_p
     assert "img_size: 32" in out and "${" not in out
     with pytest.raises(ConfigError, match="config key model.img_size: .*nope"):
         load_config(tmp_path / "c.yaml", ["model.img_size=${data.nope}"])
+
+
+def test_nonsense_data_and_diffusion_numbers_are_one_line_before_training(tmp_path, capsys):
+    from jitrope import train as T
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
+    for override in ("data.holdout=1.0", "diffusion.P_std=nan", "diffusion.P_mean=inf"):
+        assert T.main(["--config", tiny, override, f"train.out_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: config key {override.split('=')[0]} ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_a_tilde_in_folders_is_expanded_once_when_the_config_is_resolved(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("configs/tiny_cpu.yaml", ["train.out_dir=~/runs/a", "data.root=~/data"])
+    assert cfg.train.out_dir == str(tmp_path / "runs" / "a") and cfg.data.root == str(tmp_path / "data")
+    assert load_config("configs/tiny_cpu.yaml", ["train.out_dir=runs/~x"]).train.out_dir == "runs/~x"

@@ -7,6 +7,7 @@ import os
 import stat
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,46 @@ def test_fetch_unpacks_once_and_loads_composited_labelled_images(fake_npm):
     assert fake_npm["log"].read_text() == calls
 
 
+def test_bit_flips_in_the_unpacked_emoji_and_its_cache_are_caught(fake_npm):
+    logs = []
+    ds = _load(fake_npm)
+    calls = fake_npm["log"].read_text()
+    version_dir = fake_npm["root"] / f"emoji-{VERSION}"
+    manifest = json.loads((version_dir / "google" / "manifest.json").read_text())["files"]
+    assert "emoji.json" in manifest and "img/google/64/1f600.png" in manifest and len(manifest) == 8
+    # a flipped bit in the tensor cache: rebuilt from the unpacked (verified) images
+    cache = version_dir / "cache" / "google-64.safetensors"
+    raw = bytearray(cache.read_bytes())
+    raw[-100] ^= 0x01
+    cache.write_bytes(bytes(raw))
+    again = load_emoji(fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"],
+                       log=logs.append)
+    assert torch.equal(again.images, ds.images)
+    assert any(f"ignoring cache {cache}: its content does not match its sha256" in m for m in logs), logs
+    # a flipped bit in an unpacked PNG (the cache gone): unpacked again from the verified tarball, not downloaded
+    png = version_dir / "google" / "img" / "google" / "64" / "1f600.png"
+    raw = bytearray(png.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    png.write_bytes(bytes(raw))
+    cache.unlink()
+    logs.clear()
+    again = load_emoji(fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"],
+                       log=logs.append)
+    assert torch.equal(again.images, ds.images) and fake_npm["log"].read_text() == calls
+    assert any(f"{png} does not match its sha256" in m and "unpacking" in m for m in logs), logs
+    assert not [p for p in version_dir.iterdir() if p.name.startswith((".tmp", ".old"))]
+    # a lost file, and no tarball to unpack from: a clear error naming the file, not a smaller data set
+    png.unlink()
+    cache.unlink()
+    (fake_npm["root"] / "npm" / f"emoji-datasource-google-{VERSION}.tgz").unlink()
+    with pytest.raises(DataError, match=f"{png} is missing, and there is no .*emoji-datasource-google-{VERSION}.tgz"):
+        load_emoji(fake_npm["root"], vendors=("google",), version=VERSION, download=False, log=logs.append)
+    # with downloads on, it is fetched and unpacked again
+    again = load_emoji(fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"],
+                       log=logs.append)
+    assert torch.equal(again.images, ds.images)
+
+
 def test_a_failed_unpack_leaves_nothing_half_written(fake_npm):
     root = fake_npm["root"]
     (root / "npm").mkdir(parents=True)
@@ -243,6 +284,35 @@ def test_image_folder_loader(tmp_path):
     (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png"):
         load_image_folder(tmp_path, 16)
+
+
+def _png_claiming(path, width, height):
+    """A PNG whose header claims width x height pixels (its data is a 1x1 image)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:24] = struct.pack(">II", width, height)  # IHDR data starts at byte 16
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+
+
+def test_an_image_claiming_a_huge_size_is_a_data_error(tmp_path, capsys):
+    from jitrope import train as T
+
+    (tmp_path / "set" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "set" / "a" / "ok.png")
+    bomb = tmp_path / "set" / "a" / "huge.png"
+    _png_claiming(bomb, 30000, 30000)
+    with pytest.raises(DataError, match=f"{bomb}: unreadable image .*decompression bomb"):
+        load_image_folder(tmp_path / "set", 8)
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
+    assert T.main(["--config", tiny, "model.pos_impl=torch", "data.name=folder", f"data.root={tmp_path / 'set'}",
+                   "data.img_size=16", "model.num_classes=1", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bomb}: unreadable image") and err.count("\n") == 1, err
 
 
 def test_images_of_any_bit_depth_convert_to_8_bit_rgba(tmp_path):

@@ -15,7 +15,13 @@ the files it reads (bit rot, a copy cut short) and never unpickles code: safeten
 ``torch.load(weights_only=True)`` for the state. Any problem raises a :class:`CheckpointError`
 that names the file and what is wrong. Given a run folder, the newest checkpoint that verifies is
 used, with a warning naming each newer one that was skipped; an explicit ``step_*`` folder or
-file that fails is an error. Checkpoints written before manifests existed load with a warning.
+file that fails is an error. A folder without a manifest (a copy cut short, or written before
+manifests existed) cannot be verified and fails too, unless the caller passes
+``allow_unverified=True`` (the CLIs' ``--allow-unverified``); then it loads with a warning.
+
+``keep_last`` prunes only checkpoints that verify, newest first, so the newest good one is never
+deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no longer a
+``step_*`` folder that shadows the good ones).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "CheckpointError",
+    "UnverifiedCheckpointError",
     "FORMAT",
     "save_checkpoint",
     "list_checkpoints",
@@ -45,6 +52,8 @@ __all__ = [
     "verify_checkpoint",
     "newest_valid_checkpoint",
     "clean_stale_temps",
+    "move_aside",
+    "prune_checkpoints",
 ]
 
 FORMAT = "jitrope-ckpt-1"
@@ -56,6 +65,11 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model / run."""
+
+
+class UnverifiedCheckpointError(CheckpointError):
+    """A checkpoint has no manifest (or the manifest does not list a file), so it cannot be
+    verified; ``allow_unverified=True`` loads it anyway."""
 
 
 def _unshare(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -97,16 +111,23 @@ def save_checkpoint(
     class_names: Sequence[str] = (),
     model_config: Optional[Mapping[str, Any]] = None,
     keep_last: int = 3,
+    allow_unverified: bool = False,
 ) -> Path:
-    """Write ``<run_dir>/checkpoints/step_<step>/`` atomically; drop all but the newest ``keep_last``."""
+    """Write ``<run_dir>/checkpoints/step_<step>/`` atomically, then keep the newest ``keep_last``
+    checkpoints that verify (:func:`prune_checkpoints`; 0 keeps all), moving damaged ones aside.
+
+    A write that fails (a full disk: ``OSError``, or the writers' own errors) raises a
+    CheckpointError naming the checkpoint; its temp folder is removed and the checkpoints already
+    there are untouched."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     ck = Path(run_dir) / "checkpoints"
-    ck.mkdir(parents=True, exist_ok=True)
     final = ck / f"step_{step:08d}"
     tmp = ck / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        ck.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         tensors = {f"model.{k}": v for k, v in model.items()}
         for i, e in enumerate(emas):
             tensors.update({f"ema{i}.{k}": v for k, v in e.items()})
@@ -127,21 +148,83 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # re-saving a step: move the old one aside first (rename is atomic)
-            old = ck / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            _replace_step(final, tmp)
         else:
             os.rename(tmp, final)
         _fsync_dir(ck)
+    except CheckpointError:
+        raise
+    # torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors as its own error
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"cannot write checkpoint {final} ({type(e).__name__}: {e}); "
+                              "nothing of it was kept") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if keep_last > 0:
-        for _, p in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
+    for name, info in files.items():  # just hashed: pruning and a later load need not read them again
+        f = final / name
+        st = f.stat()
+        _VERIFIED[(str(f.resolve()), st.st_size, st.st_mtime_ns)] = info["sha256"]
+    prune_checkpoints(run_dir, keep_last, allow_unverified=allow_unverified, written=step)
     return final
+
+
+def _replace_step(final: Path, tmp: Path) -> None:
+    """Put ``tmp`` at ``final``, which exists: a damaged one is moved aside (kept), a good one is
+    replaced (a re-saved step); rename is atomic, so a reader sees one or the other."""
+    try:
+        _verify_step(final)
+    except CheckpointError as e:
+        move_aside(final, str(e))
+        os.rename(tmp, final)
+        return
+    old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def move_aside(ckpt_dir, reason: str) -> Path:
+    """Rename a damaged ``step_*`` folder to ``corrupt-step_*`` (``-2``, ``-3``, ... when taken), so
+    it no longer shadows the checkpoints that verify; nothing in it is deleted. Returns the new path."""
+    d = Path(ckpt_dir)
+    dest = d.with_name(f"corrupt-{d.name}")
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = d.with_name(f"corrupt-{d.name}-{k}")
+    os.rename(d, dest)
+    _warn(f"moved damaged checkpoint {d.name} aside to {dest} ({reason})")
+    return dest
+
+
+def prune_checkpoints(run_dir, keep_last: int, *, allow_unverified: bool = False,
+                      written: Optional[int] = None) -> List[Path]:
+    """Keep the newest ``keep_last`` checkpoints that verify (0: all) and delete the older ones that
+    verify; returns the deleted folders. A checkpoint that fails verification is never counted and
+    never deleted: it is moved aside (:func:`move_aside`). One without a manifest is left where it
+    is when ``allow_unverified`` (the run was resumed from such checkpoints), else moved aside too.
+    ``written``: the step just written; with ``keep_last`` 0 only the folders newer than it (which
+    would shadow it) are checked, so keeping all never hashes the whole run again."""
+    kept, deleted = 0, []
+    for step, p in reversed(_step_folders(run_dir)):
+        if keep_last <= 0 and (written is None or step <= written):
+            break
+        try:
+            _verify_step(p)
+        except UnverifiedCheckpointError as e:
+            if not allow_unverified:
+                move_aside(p, str(e))
+            continue
+        except CheckpointError as e:
+            move_aside(p, str(e))
+            continue
+        kept += 1
+        if 0 < keep_last < kept:
+            shutil.rmtree(p, ignore_errors=True)
+            deleted.append(p)
+    return deleted
 
 
 def _sha256(path: Path) -> str:
@@ -161,15 +244,20 @@ def _warn(msg: str) -> None:
 _VERIFIED: Dict[Tuple[str, int, int], str] = {}
 
 
-def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE)) -> None:
+def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE), *, allow_unverified: bool = False) -> None:
     """Check ``files`` of a ``step_*`` folder against its manifest; raise a CheckpointError naming
-    the first file that is missing or differs. Files the manifest does not list (and folders
-    without a manifest, written by older versions) pass with a warning."""
+    the first file that is missing or differs. A folder without a manifest, or a file the manifest
+    does not list, raises an :class:`UnverifiedCheckpointError`, or passes with a warning when
+    ``allow_unverified``. Files in ``files`` that neither exist nor are listed are not required
+    (a checkpoint without training state)."""
     d = Path(ckpt_dir)
     mf = d / MANIFEST
     if not mf.is_file():
-        _warn(f"{d} has no {MANIFEST} (written by an older jitrope, or a file copied out of its checkpoint): "
-              "loading it without verifying its digests")
+        why = (f"{' and '.join(str(d / n) for n in files)} cannot be verified: {d} has no {MANIFEST} (a copy cut "
+               "short, a file copied out of its checkpoint, or written by an older jitrope)")
+        if not allow_unverified:
+            raise UnverifiedCheckpointError(f"{why}; pass --allow-unverified to load it anyway")
+        _warn(f"{why}: loading it without verifying its digests (--allow-unverified)")
         return
     try:
         listed = json.loads(mf.read_text())["files"]
@@ -181,12 +269,19 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE)) -> None
         f = d / name
         if name not in listed:
             if f.exists():
-                _warn(f"{f} is not listed in {mf}: loading it without verifying its digest")
+                why = f"{f} is not listed in {mf}"
+                if not allow_unverified:
+                    raise UnverifiedCheckpointError(f"{why}, so it cannot be verified; pass --allow-unverified to "
+                                                    "load it anyway")
+                _warn(f"{why}: loading it without verifying its digest (--allow-unverified)")
             continue
+        want = listed[name]
+        if not isinstance(want, dict):
+            raise CheckpointError(f"{mf}: the entry of {name} is {want!r}, not an object with sha256 and bytes; "
+                                  "the manifest is damaged")
         if not f.is_file():
             raise CheckpointError(f"{f} is missing (listed in {mf})")
         st = f.stat()
-        want = listed[name]
         if st.st_size != want.get("bytes"):
             raise CheckpointError(f"{f}: {st.st_size} bytes, the manifest says {want.get('bytes')}; the file is truncated or damaged")
         key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
@@ -196,15 +291,24 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE)) -> None
         _VERIFIED[key] = got
 
 
-def newest_valid_checkpoint(run_dir, files: Sequence[str] = (WEIGHTS, STATE)) -> Optional[Path]:
-    """The newest ``step_*`` folder of a run whose ``files`` verify; each newer one that fails is
-    skipped with a warning saying why. None when the run has no checkpoint; a CheckpointError when
-    it has some but none verifies."""
-    cks = list_checkpoints(run_dir)
+def _verify_step(p: Path, files: Sequence[str] = (WEIGHTS, STATE), allow_unverified: bool = False) -> None:
+    """:func:`verify_checkpoint` of a ``step_*`` folder, which must hold a weights file."""
+    if not (p / WEIGHTS).is_file():
+        raise CheckpointError(f"{p / WEIGHTS} is missing")
+    verify_checkpoint(p, files, allow_unverified=allow_unverified)
+
+
+def newest_valid_checkpoint(run_dir, files: Sequence[str] = (WEIGHTS, STATE), *,
+                            allow_unverified: bool = False) -> Optional[Path]:
+    """The newest ``step_*`` folder of a run whose ``files`` verify; each newer one that fails
+    (a damaged or missing file, no manifest unless ``allow_unverified``) is skipped with a warning
+    saying why. None when the run has no checkpoint; a CheckpointError when it has some but none
+    verifies."""
+    cks = _step_folders(run_dir)
     errors = []
     for _, p in reversed(cks):
         try:
-            verify_checkpoint(p, files)
+            _verify_step(p, files, allow_unverified)
         except CheckpointError as e:
             _warn(f"skipping checkpoint {p.name}: {e}")
             errors.append(str(e))
@@ -228,48 +332,58 @@ def clean_stale_temps(run_dir) -> List[Path]:
     return stale
 
 
-def list_checkpoints(run_dir) -> List[Tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first, as ``(step, folder)``."""
+def _step_folders(run_dir) -> List[Tuple[int, Path]]:
+    """Every ``step_*`` folder of a run, complete or not, oldest first, as ``(step, folder)``."""
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir():
         return []
     out = []
     for p in ck.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / WEIGHTS).is_file():
+        if m and p.is_dir():
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
+def list_checkpoints(run_dir) -> List[Tuple[int, Path]]:
+    """Checkpoints of a run that hold a weights file, oldest first, as ``(step, folder)``."""
+    return [(s, p) for s, p in _step_folders(run_dir) if (p / WEIGHTS).is_file()]
+
+
 def latest_checkpoint(run_dir) -> Optional[Path]:
-    cks = list_checkpoints(run_dir)
+    """The newest ``step_*`` folder of a run, whether or not it verifies (or holds weights)."""
+    cks = _step_folders(run_dir)
     return cks[-1][1] if cks else None
 
 
-def resolve_checkpoint(path) -> Path:
+def resolve_checkpoint(path, *, allow_unverified: bool = False) -> Path:
     """A run folder (-> its newest checkpoint whose weights verify), a ``step_*`` folder, or a
-    ``weights.safetensors`` file -> the verified ``weights.safetensors`` file."""
+    ``weights.safetensors`` file -> the verified ``weights.safetensors`` file. ``allow_unverified``:
+    a checkpoint without a manifest loads with a warning instead of failing."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist (give a run folder, a step_* folder or a {WEIGHTS} file)")
     if p.is_file():
-        verify_checkpoint(p.parent, [p.name])
+        verify_checkpoint(p.parent, [p.name], allow_unverified=allow_unverified)
         return p
     if (p / WEIGHTS).is_file() or _STEP_DIR.match(p.name):
-        verify_checkpoint(p, [WEIGHTS])
+        if not (p / WEIGHTS).is_file():
+            raise CheckpointError(f"{p / WEIGHTS} is missing")
+        verify_checkpoint(p, [WEIGHTS], allow_unverified=allow_unverified)
         return p / WEIGHTS
-    newest = newest_valid_checkpoint(p, [WEIGHTS])
+    newest = newest_valid_checkpoint(p, [WEIGHTS], allow_unverified=allow_unverified)
     if newest is None:
         raise CheckpointError(f"{p} holds no checkpoint (no {WEIGHTS} and no checkpoints/step_*/{WEIGHTS})")
     return newest / WEIGHTS
 
 
-def load_weights(path) -> Dict[str, Any]:
-    """Read a weights file: ``{"model": sd, "emas": [sd, ...], "ema_decays": [...], "step": int,
-    "config": dict, "class_names": [...], "model_config": dict (resolved JiTConfig fields), "path": Path}``."""
+def load_weights(path, *, allow_unverified: bool = False) -> Dict[str, Any]:
+    """Read a weights file (found and verified by :func:`resolve_checkpoint`): ``{"model": sd,
+    "emas": [sd, ...], "ema_decays": [...], "step": int, "config": dict, "class_names": [...],
+    "model_config": dict (resolved JiTConfig fields), "path": Path}``."""
     from safetensors import SafetensorError, safe_open
 
-    f = resolve_checkpoint(path)
+    f = resolve_checkpoint(path, allow_unverified=allow_unverified)
     try:
         with safe_open(str(f), "pt", device="cpu") as fh:
             meta = fh.metadata() or {}
@@ -302,15 +416,15 @@ def load_weights(path) -> Dict[str, Any]:
     return out
 
 
-def load_train_state(ckpt_dir) -> Dict[str, Any]:
-    """The ``state.pt`` beside a weights file (tensors and primitives only: ``weights_only=True``)."""
+def load_train_state(ckpt_dir, *, allow_unverified: bool = False) -> Dict[str, Any]:
+    """The verified ``state.pt`` beside a weights file (tensors and primitives only: ``weights_only=True``)."""
     p = Path(ckpt_dir)
     if p.is_file():
         p = p.parent
     f = p / STATE
     if not f.is_file():
         raise CheckpointError(f"{f} is missing: cannot resume training from {p} (weights only?)")
-    verify_checkpoint(p, [STATE])
+    verify_checkpoint(p, [STATE], allow_unverified=allow_unverified)
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors come in many types)

@@ -270,6 +270,7 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config", stored: boo
     except OmegaConfBaseException as e:
         raise _omega_error(e, where=_failing_key(d)) from None
     cfg.model = _typed_model(cfg.model)
+    _expand_paths(cfg)
     for (sec, k), choices in _CHOICES.items():
         v = getattr(getattr(cfg, sec), k)
         if v not in choices:
@@ -289,6 +290,14 @@ def _legacy(section: str, d: Dict[str, Any], stored: bool) -> Dict[str, Any]:
     if stored and section == "train" and d.get("num_threads") == 0:  # 0 used to mean "torch's default"
         d["num_threads"] = None
     return d
+
+
+def _expand_paths(cfg: Config) -> None:
+    """``~`` in the folders of a config, expanded once here, so every reader (the writability check,
+    the run, the data cache) sees the same folder and none writes to a literal ``./~``."""
+    cfg.train.out_dir = str(Path(cfg.train.out_dir).expanduser())
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser())
 
 
 def _positive(key: str, value, minimum=1) -> None:
@@ -330,12 +339,32 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"sample.ema must be 'none' or an index into train.ema_decays (0..{len(t.ema_decays) - 1}), got {cfg.sample.ema!r}"
         )
-    if cfg.diffusion.noise_scale <= 0 or cfg.diffusion.t_eps <= 0:
-        raise ConfigError("diffusion.noise_scale and diffusion.t_eps must be positive")
+    _check_data(cfg.data)
+    _check_diffusion(cfg.diffusion)
     try:  # model.* errors (an unknown pos_embed, a bad size) now, not as a traceback at model build
         cfg.model_config()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model config: {e}") from None
+
+
+def _check_data(d: DataConfig) -> None:
+    if not (math.isfinite(d.holdout) and 0.0 <= d.holdout < 1.0):
+        raise ConfigError(f"config key data.holdout (the fraction of images held out) must be in [0, 1), "
+                          f"got {d.holdout}")
+
+
+def _check_diffusion(d: DiffusionConfig) -> None:
+    """Every number finite (a nan or inf trains on garbage, or fails many steps later), and the
+    spread, the clamp and the noise scale positive; t_eps clamps 1 - t in (0, 1]."""
+    for k in ("P_mean", "P_std", "t_eps", "noise_scale"):
+        v = getattr(d, k)
+        if not math.isfinite(v):
+            raise ConfigError(f"config key diffusion.{k} must be a finite number, got {v}")
+    for k in ("P_std", "noise_scale"):
+        if getattr(d, k) <= 0:
+            raise ConfigError(f"config key diffusion.{k} must be > 0, got {getattr(d, k)}")
+    if not 0.0 < d.t_eps <= 1.0:
+        raise ConfigError(f"config key diffusion.t_eps must be in (0, 1], got {d.t_eps}")
 
 
 def load_config(path=None, overrides: Sequence[str] = ()) -> Config:

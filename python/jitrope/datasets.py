@@ -38,7 +38,8 @@ def load_image_folder(path, img_size: int) -> ImageSet:
                     im = to_rgba8(im).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
                     im = im.resize((img_size, img_size), Image.LANCZOS)
                     imgs.append(_composite_on_white(im))
-            except (OSError, DataError) as e:
+            # a header claiming more pixels than PIL's decompression-bomb limit: refused before decoding
+            except (OSError, DataError, Image.DecompressionBombError) as e:
                 raise DataError(f"{p}: unreadable image ({e})") from None
             labels.append(c)
             names.append(f"{cls}/{p.name}")

@@ -4,11 +4,14 @@
    ``$JITROPE_DATA`` or ``~/.cache/jitrope``; npm: ``$JITROPE_NPM`` or ``npm`` on PATH), verified
    against the sha512 ``integrity`` that npm reports and the checksums pinned below; a tarball put
    there by hand is checked against the pins.
-2. The 64x64 PNGs and ``emoji.json`` are unpacked once into a temporary folder, counted, and only
-   then renamed into place, so a half-written folder is never used.
+2. The 64x64 PNGs and ``emoji.json`` are unpacked once into a temporary folder, counted, listed
+   with their sha256 in ``manifest.json``, and only then renamed into place, so a half-written
+   folder is never used. Each use checks every file against that manifest; a folder that differs
+   (a flipped bit, a lost file) or has none is unpacked again from the verified tarball.
 3. Images are alpha-composited on white, labelled with their ``emoji.json`` category (9 classes,
    "Component" left out) and vendor, and cached as one safetensors file per vendor, which later
-   runs load in a fraction of a second.
+   runs load in a fraction of a second; the sha256 of its images and labels, stored in it, is
+   checked on every load, and a cache that differs is rebuilt from the verified folder.
 
 The same emoji from different vendors shares a ``group`` (image pairs for ``data.cond=other_vendor``).
 """
@@ -73,7 +76,8 @@ PINS: Dict[Tuple[str, str], Dict[str, object]] = {
         sha256="017038cf5a4e7fcf03dd9133cbed43d4c281c4b3ce7b927c7160261b92b8821e",
     ),
 }
-_CACHE_FORMAT = "1"
+_CACHE_FORMAT = "2"  # 2: with the sha256 of its content
+_MANIFEST = "manifest.json"
 
 
 def data_root(root=None) -> Path:
@@ -111,6 +115,35 @@ def _verify_tarball(tgz: Path, meta: Optional[dict], pin: Optional[dict]) -> Non
         problems.append("no npm metadata (.json beside it) and no pinned checksum to check it against")
     if problems:
         raise DataError(f"{tgz}: verification failed: {'; '.join(problems)}. Delete it and run again to re-download.")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unpacked_problem(folder: Path) -> Optional[str]:
+    """None when every file of the manifest written at unpacking is there with its sha256; else
+    what is wrong."""
+    mf = folder / _MANIFEST
+    if not mf.is_file():
+        return f"{folder} has no {_MANIFEST} (unpacked by an older jitrope, or cut short)"
+    try:
+        files = json.loads(mf.read_text())["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("'files' is not a non-empty mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{mf} is unreadable ({e})"
+    for rel, digest in sorted(files.items()):
+        f = folder / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if _sha256_file(f) != digest:
+            return f"{f} does not match its sha256 in {mf} (damaged)"
+    return None
 
 
 def _npm_pack(package: str, version: str, dest_dir: Path, npm: Optional[str], log: Callable[[str], None]) -> Tuple[Path, dict]:
@@ -165,7 +198,8 @@ def fetch_emoji(
     root = data_root(root)
     package = f"emoji-datasource-{vendor}"
     final = root / f"emoji-{version}" / vendor
-    if (final / "emoji.json").is_file():
+    damage = _unpacked_problem(final) if final.exists() else None
+    if final.exists() and damage is None:
         return final
     npm_dir = root / "npm"
     npm_dir.mkdir(parents=True, exist_ok=True)
@@ -176,10 +210,13 @@ def fetch_emoji(
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
         _verify_tarball(tgz, meta, pin)
     elif download:
+        if damage:
+            log(f"{damage}; downloading it again to unpack it")
         tgz, meta = _npm_pack(package, version, npm_dir, npm, log)
     else:
+        what = f"{damage}, and there is no {tgz} to unpack it again" if damage else f"no {final} and no {tgz}"
         raise DataError(
-            f"the emoji data for {vendor} is missing: no {final} and no {tgz}. Run "
+            f"the emoji data for {vendor} is missing: {what}. Run "
             f"`python scripts/prepare_data.py --root {root}` (needs npm) or set data.download=true."
         )
     expected = None
@@ -188,12 +225,13 @@ def fetch_emoji(
     elif pin is not None:
         expected = int(pin["n64"])
 
-    log(f"unpacking {tgz.name} ...")
+    log(f"{damage}; unpacking {tgz.name} again" if damage else f"unpacking {tgz.name} ...")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{vendor}-{uuid.uuid4().hex}"
+    old = final.parent / f".old-{vendor}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        n_png = 0
+        n_png, digests = 0, {}
         prefix = f"package/img/{vendor}/64/"
         try:
             with tarfile.open(tgz, "r:gz") as tar:
@@ -210,21 +248,30 @@ def fetch_emoji(
                         continue
                     out = tmp / rel
                     out.parent.mkdir(parents=True, exist_ok=True)
+                    h = hashlib.sha256()
                     with tar.extractfile(m) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                        for chunk in iter(lambda: src.read(1 << 20), b""):
+                            h.update(chunk)
+                            dst.write(chunk)
+                    digests[rel] = h.hexdigest()
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"{tgz}: cannot unpack ({e}); delete it and run again to re-download") from None
         if not (tmp / "emoji.json").is_file():
             raise DataError(f"{tgz}: has no package/emoji.json")
         if n_png == 0 or (expected is not None and n_png != expected):
             raise DataError(f"{tgz}: found {n_png} images under {prefix}, expected {expected if expected is not None else '> 0'}")
+        # the digests of what was read from the verified tarball, not of the files as written back
+        (tmp / _MANIFEST).write_text(json.dumps({"package": package, "version": version, "files": digests}, indent=0))
+        if final.exists():  # damaged: replaced as a whole (rename is atomic)
+            os.rename(final, old)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / "emoji.json").is_file():  # not just lost a race to another process
+            if _unpacked_problem(final) is not None:  # not just lost a race to another process
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -258,7 +305,10 @@ def _load_vendor(vendor: str, *, root, version, skin_tones, download, npm, log) 
             with safe_open(str(cache), "pt") as f:
                 md = f.metadata() or {}
             if md.get("format") == _CACHE_FORMAT:
-                return load_file(str(cache))["images"], json.loads(md["items"])
+                images = load_file(str(cache))["images"]
+                if _cache_digest(images, md["items"]) == md["sha256"]:
+                    return images, json.loads(md["items"])
+                log(f"ignoring cache {cache}: its content does not match its sha256 (damaged); rebuilding it")
         except (SafetensorError, OSError, ValueError, KeyError) as e:
             log(f"ignoring unreadable cache {cache} ({e}); rebuilding it")
     pkg = fetch_emoji(vendor, root=root, version=version, download=download, npm=npm, log=log)
@@ -271,7 +321,7 @@ def _load_vendor(vendor: str, *, root, version, skin_tones, download, npm, log) 
         try:
             with Image.open(p) as im:
                 t = _composite_on_white(im)
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             raise DataError(f"{p}: unreadable image ({e}); delete {pkg} to unpack it again") from None
         if t.shape[-2:] != (64, 64):
             t = resize_images(t[None], 64)[0]
@@ -281,9 +331,17 @@ def _load_vendor(vendor: str, *, root, version, skin_tones, download, npm, log) 
         raise DataError(f"{pkg}: no usable images")
     images = torch.stack(imgs)
     cache.parent.mkdir(parents=True, exist_ok=True)
+    items_json = json.dumps(items)
     with atomic_path(cache) as tmp:
-        save_file({"images": images}, str(tmp), metadata={"format": _CACHE_FORMAT, "items": json.dumps(items)})
+        save_file({"images": images}, str(tmp), metadata={"format": _CACHE_FORMAT, "items": items_json,
+                                                          "sha256": _cache_digest(images, items_json)})
     return images, items
+
+
+def _cache_digest(images: Tensor, items_json: str) -> str:
+    h = hashlib.sha256(items_json.encode())
+    h.update(images.contiguous().numpy().data)
+    return h.hexdigest()
 
 
 def load_emoji(

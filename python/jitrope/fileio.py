@@ -7,7 +7,11 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "check_writable_dir"]
+__all__ = ["atomic_path", "atomic_write_text", "check_writable_dir", "exclusive_lock", "LockedError"]
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of a folder; the message names its pid."""
 
 
 @contextlib.contextmanager
@@ -41,3 +45,32 @@ def check_writable_dir(path, what: str) -> Path:
     except OSError as e:
         raise OSError(f"{what} {path} is not writable ({e.strerror or e})") from None
     return path
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder, what: str) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on ``<folder>/.lock`` while the block runs; the file records
+    the holder's pid. If another process holds it, raise a :class:`LockedError` naming ``what``,
+    the folder and that pid. The kernel drops the lock when its holder exits or is killed, so a
+    crashed run never leaves a stale lock behind (the file stays, harmless)."""
+    import fcntl
+
+    path = Path(folder) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise LockedError(
+                f"{what} {folder} is in use by another process (pid {holder}, holding {path}); wait for it to "
+                f"end or choose another {what}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock

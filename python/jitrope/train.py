@@ -10,12 +10,22 @@ model) comes from generators seeded with ``(train.seed, k)``, and a checkpoint h
 optimizer, EMA and data-order state, so a resumed run continues bit for bit as if it had never
 stopped. The global batch of a step is the same for any number of ranks; rank r takes every
 N-th sample of it. Only rank 0 writes (checkpoints, config, TensorBoard, sample grids).
+
+Nothing a user has is lost: rank 0 holds an exclusive lock on ``train.out_dir`` for the whole run
+(a second trainer on the same folder stops at once, naming the pid that holds it); a checkpoint
+is written only when the weights, EMAs and optimizer state are finite; ``keep_last`` deletes only
+checkpoints that verify. A run that stops early (the loss or the weights diverged, a checkpoint
+could not be written, Ctrl-C) says in one line what happened, which checkpoint is the last one
+kept and how to continue. Exit status of the CLI: 0 done, 2 bad input or such a stop (an
+``error:`` line), 130 interrupted (Ctrl-C, as shells report SIGINT).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -39,9 +49,28 @@ from .checkpoint import (
 from .config import Config, ConfigError, load_config
 from .data import BatchMaker, DataError, IndexStream, build_dataset
 from .diffusion import EMA, Diffusion
-from .fileio import check_writable_dir
+from .fileio import LockedError, check_writable_dir, exclusive_lock
 
-__all__ = ["train", "main", "lr_at", "step_generator"]
+__all__ = ["train", "main", "lr_at", "step_generator", "TrainingStopped"]
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped before ``train.steps``: the weights or the loss stopped being finite, a
+    checkpoint could not be written, or Ctrl-C. ``last_checkpoint`` is the newest checkpoint kept
+    (None: none yet); ``exit_code`` is the CLI's (2, or 130 for an interrupt)."""
+
+    def __init__(self, what: str, step: int, last_checkpoint: Optional[Path], hint: str = "", exit_code: int = 2):
+        self.what, self.step, self.last_checkpoint = what, step, last_checkpoint
+        self.hint, self.exit_code = hint, exit_code
+        super().__init__(self.describe("--resume"))
+
+    def describe(self, resume_command: str) -> str:
+        """One line: what happened, what was kept, how to continue (with ``resume_command``)."""
+        if self.last_checkpoint is not None:
+            kept, go_on = f"the last checkpoint kept is {self.last_checkpoint}", f"continue with: {resume_command}"
+        else:
+            kept, go_on = "no checkpoint was written yet", "run it again to start over"
+        return "; ".join(x for x in (self.what, kept, self.hint, go_on) if x)
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -180,32 +209,49 @@ def _sample_grid(model_cfg, ema_model, diffusion: Diffusion, cfg: Config, val_ma
     return make_grid(torch.cat(imgs), ncol, row_labels=rows, scale=scale)
 
 
-def train(cfg: Config, *, resume: bool = False, log=print) -> Dict[str, Any]:
-    """Run (or continue) the training that ``cfg`` describes: setup, resume, then the loop of
-    :meth:`_Run.train_step` with logging, sample grids and checkpoints.
+def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, log=print) -> Dict[str, Any]:
+    """Run (or continue) the training that ``cfg`` describes: lock ``train.out_dir``, setup, resume,
+    then the loop of :meth:`_Run.train_step` with logging, sample grids and checkpoints.
 
+    ``allow_unverified``: resume from a checkpoint without a manifest (with a warning). A run that
+    stops early raises :class:`TrainingStopped` (Ctrl-C included); another process holding
+    ``train.out_dir`` raises a :class:`jitrope.fileio.LockedError`.
     Returns ``{"step", "loss" (mean of the last log interval), "run_dir", "model", "ema"}``.
     """
     t = cfg.train
+    run_dir = Path(t.out_dir)
     device = _pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
     D = _Dist(device.type)
     _setup_device(device, t.num_threads)
     say = log if D.main else (lambda *a, **k: None)
-    run = None
+    run, ckpt_dir = None, None
     try:
-        ckpt_dir = _find_resume_point(Path(t.out_dir), resume, D, say)
-        run = _Run(cfg, device, D, say)
-        if ckpt_dir is not None:
-            run.step, run.last_loss = _restore(ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device)
-            say(f"resumed from {ckpt_dir} at step {run.step}")
-            if run.step >= t.steps:
-                say(f"the run is already at step {run.step} >= train.steps={t.steps}; raise train.steps to train on")
-        run.start()
-        run.loop()
-        return {"step": run.step, "loss": run.last_loss, "run_dir": run.run_dir, "model": run.model, "ema": run.ema}
+        with contextlib.ExitStack() as held:
+            if D.main:
+                # checked before the data and the model, not at the first checkpoint; locked before anything
+                # in it is touched, so a second trainer on the folder changes nothing
+                check_writable_dir(run_dir, "train.out_dir")
+                held.enter_context(exclusive_lock(run_dir, "train.out_dir"))
+            ckpt_dir = _find_resume_point(run_dir, resume, allow_unverified, D, say)
+            run = _Run(cfg, device, D, say, allow_unverified)
+            if ckpt_dir is not None:
+                run.step, run.last_loss = _restore(ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device,
+                                                   allow_unverified)
+                run.last_ckpt = ckpt_dir
+                say(f"resumed from {ckpt_dir} at step {run.step}")
+                if run.step >= t.steps:
+                    say(f"the run is already at step {run.step} >= train.steps={t.steps}; "
+                        "raise train.steps to train on")
+            run.start()
+            run.loop()
+            return {"step": run.step, "loss": run.last_loss, "run_dir": run.run_dir, "model": run.model, "ema": run.ema}
+    except KeyboardInterrupt:
+        step = run.step if run is not None else 0
+        raise TrainingStopped(f"interrupted at step {step}", step, run.last_ckpt if run is not None else ckpt_dir,
+                              exit_code=130) from None
     finally:
-        if run is not None and run.logger is not None:
-            run.logger.close()
+        if run is not None:
+            run.close()
         D.close()
 
 
@@ -218,11 +264,10 @@ def _setup_device(device: torch.device, num_threads: Optional[int]) -> None:
             torch.set_num_threads(num_threads)
 
 
-def _find_resume_point(run_dir: Path, resume: bool, D: _Dist, say) -> Optional[Path]:
-    """The checkpoint to continue from (None: a fresh start). Checks the output folder before any
-    long work and removes the temp folders of interrupted checkpoint writes."""
+def _find_resume_point(run_dir: Path, resume: bool, allow_unverified: bool, D: _Dist, say) -> Optional[Path]:
+    """The checkpoint to continue from (None: a fresh start). Removes the temp folders of
+    interrupted checkpoint writes (rank 0 holds the folder's lock, so none is being written)."""
     if D.main:
-        check_writable_dir(run_dir, "train.out_dir")  # before the data and the model, not at the first checkpoint
         for p in clean_stale_temps(run_dir):
             say(f"removed {p}, left by an interrupted checkpoint write")
     newest = latest_checkpoint(run_dir)
@@ -231,7 +276,7 @@ def _find_resume_point(run_dir: Path, resume: bool, D: _Dist, say) -> Optional[P
             f"{run_dir} already holds checkpoints (newest {newest.name}); pass --resume to continue "
             "or choose another train.out_dir"
         )
-    ckpt_dir = newest_valid_checkpoint(run_dir) if resume else None
+    ckpt_dir = newest_valid_checkpoint(run_dir, allow_unverified=allow_unverified) if resume else None
     if resume and ckpt_dir is None:
         say(f"--resume: no checkpoint in {run_dir}, starting from scratch")
     return ckpt_dir
@@ -256,11 +301,13 @@ class _Run:
     ``__init__``), then :meth:`start`, and :meth:`loop` over :meth:`train_step`, :meth:`log_step`,
     :meth:`sample_step` and :meth:`checkpoint_step`."""
 
-    def __init__(self, cfg: Config, device: torch.device, D: _Dist, say):
+    def __init__(self, cfg: Config, device: torch.device, D: _Dist, say, allow_unverified: bool = False):
         from .model import JiT
 
         self.cfg, self.t, self.device, self.D, self.say = cfg, cfg.train, device, D, say
-        self.run_dir, self.logger = Path(cfg.train.out_dir), None
+        self.run_dir, self.logger, self.bar = Path(cfg.train.out_dir), None, None
+        self.allow_unverified = allow_unverified
+        self.last_ckpt: Optional[Path] = None  # the newest checkpoint kept (resumed from or written)
         self._build_data()
         torch.manual_seed(self.t.seed)
         self.model = JiT(self.mcfg).to(device)
@@ -367,7 +414,9 @@ class _Run:
         step, t = self.step, self.t
         mean_loss = float(self.D.mean(self.loss_acc / self.n_acc))
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"the loss is {mean_loss} at step {step}; lower train.blr or raise train.warmup_steps")
+            over = f" (the mean of steps {step - self.n_acc + 1}..{step})" if self.n_acc > 1 else ""
+            raise TrainingStopped(f"the training diverged: the loss is {mean_loss} at step {step}{over}", step,
+                                  self.last_ckpt, _DIVERGED_HINT)
         now = time.perf_counter()
         ips = self.imgs_log / max(now - self.t_log, 1e-9)
         self.last_loss = mean_loss
@@ -388,21 +437,59 @@ class _Run:
         self.logger.image("samples/ema0", self.step, grid)
 
     def checkpoint_step(self) -> None:
-        t, D = self.t, self.D
+        D = self.D
+        # every rank holds the same weights, so every rank stops here alike
+        bad = _non_finite(self.model, self.ema, self.opt)
+        if bad:
+            raise TrainingStopped(f"the training diverged: the {_join(bad)} are not finite (nan or inf) after "
+                                  f"step {self.step}, so no checkpoint was written for it", self.step, self.last_ckpt,
+                                  _DIVERGED_HINT)
         if D.main:
-            save_checkpoint(
-                self.run_dir,
-                self.step,
-                model=self.model.state_dict(),
-                emas=[self.ema.state_dict(i) for i in range(len(t.ema_decays))],
-                ema_decays=t.ema_decays,
-                state=_train_state(self.opt, self.stream, self.ema, self.step, self.device, D, self.last_loss),
-                config=self.cfg.to_dict(),
-                class_names=self.ds.class_names,
-                model_config=self.mcfg.to_dict(),
-                keep_last=t.keep_last,
-            )
+            try:
+                self.last_ckpt = self._save()
+            except CheckpointError as e:
+                raise TrainingStopped(str(e), self.step, self.last_ckpt, "free some space or fix the folder") from None
         D.barrier()
+
+    def _save(self) -> Path:
+        t, D = self.t, self.D
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.model.state_dict(),
+            emas=[self.ema.state_dict(i) for i in range(len(t.ema_decays))],
+            ema_decays=t.ema_decays,
+            state=_train_state(self.opt, self.stream, self.ema, self.step, self.device, D, self.last_loss),
+            config=self.cfg.to_dict(),
+            class_names=self.ds.class_names,
+            model_config=self.mcfg.to_dict(),
+            keep_last=t.keep_last,
+            allow_unverified=self.allow_unverified,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()  # before an error line, so it does not land in the bar's line
+        if self.logger is not None:
+            self.logger.close()
+
+
+_DIVERGED_HINT = "lower train.lr or train.blr, or raise train.warmup_steps"
+
+
+def _join(names: Sequence[str]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def _non_finite(model, ema: EMA, opt) -> List[str]:
+    """Which of the model weights, the EMA weights and the optimizer state hold a nan or inf."""
+    groups = {
+        "model weights": list(model.state_dict().values()),
+        "EMA weights": [v for shadow in ema.shadows for v in shadow],
+        "optimizer state": [v for st in opt.state.values() for v in st.values() if isinstance(v, Tensor)],
+    }
+    return [name for name, ts in groups.items()
+            if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)]
 
 
 def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist, loss: float) -> Dict[str, Any]:
@@ -421,8 +508,9 @@ def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist
     }
 
 
-def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device) -> Tuple[int, float]:
-    w = load_weights(ckpt_dir)
+def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device,
+             allow_unverified: bool = False) -> Tuple[int, float]:
+    w = load_weights(ckpt_dir, allow_unverified=allow_unverified)
     f = w["path"]
     saved = w["config"]
     now = cfg.to_dict()
@@ -442,7 +530,7 @@ def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStr
     model.load_state_dict(w["model"])
     for i, e in enumerate(w["emas"]):
         ema.load_parameters(i, {k: v.to(device) for k, v in e.items()})
-    st = load_train_state(ckpt_dir)
+    st = load_train_state(ckpt_dir, allow_unverified=allow_unverified)
     try:
         opt.load_state_dict(st["optimizer"])
         stream.load_state_dict(st["data"])
@@ -456,6 +544,10 @@ def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStr
         raise CheckpointError(f"{Path(ckpt_dir) / 'state.pt'}: does not fit this run ({type(e).__name__}: {e})") from None
     if step != w["step"]:
         raise CheckpointError(f"{ckpt_dir}: weights are from step {w['step']} but state.pt from step {step}")
+    bad = _non_finite(model, ema, opt)
+    if bad:  # written by a version that did not check; training on from it would only spread the nan
+        raise CheckpointError(f"{ckpt_dir}: its {_join(bad)} are not finite (nan or inf); rename it (e.g. to "
+                              f"corrupt-{Path(ckpt_dir).name}) to resume from the checkpoint before it")
     return step, loss
 
 
@@ -471,22 +563,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="with --resume: also accept a checkpoint without manifest.json (its digests cannot be "
+                   "checked; written by an older jitrope), with a warning")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.epilog = ("exit status: 0 done; 2 bad input, or a run that stopped and kept its checkpoints (one error: line "
+                "says which and how to continue); 130 interrupted (Ctrl-C)")
     return p
 
 
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same arguments, plus --resume."""
+    prog = "jitrope-train" if Path(sys.argv[0]).name == "jitrope-train" else "python -m jitrope.train"
+    args = list(argv) + ([] if "--resume" in argv else ["--resume"])
+    return " ".join([prog, *(shlex.quote(a) for a in args)])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_intermixed_args(argv)  # flags may come between the overrides
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        out = train(cfg, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError, OSError) as e:
+        out = train(cfg, resume=args.resume, allow_unverified=args.allow_unverified)
+    except TrainingStopped as e:
+        if main_rank:
+            line = e.describe(_resume_command(argv))
+            print(line if e.exit_code == 130 else f"error: {line}", file=sys.stderr)
+        return e.exit_code
+    except (ConfigError, DataError, CheckpointError, LockedError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    except KeyboardInterrupt:  # before training began: nothing to keep
+        print("interrupted before training began", file=sys.stderr)
+        return 130
+    if main_rank:
         print(f"done: step {out['step']}, loss {out['loss']:.4f}, run {out['run_dir']}")
     return 0
 
