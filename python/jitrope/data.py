@@ -28,7 +28,7 @@ from .imageset import (
     IMAGE_EXTENSIONS,
     DataError,
     ImageSet,
-    _composite_on_white,
+    composite_on_white,
     heldout_mask,
     resize_images,
     to_float,
@@ -60,4 +60,5 @@ __all__ = [
     "to_float",
     "to_uint8",
     "to_rgba8",
+    "composite_on_white",
 ]
