@@ -35,6 +35,12 @@ Metrics (all on the held-out split unless ``--split`` says otherwise):
   images through torch-fidelity, with the user's Inception weights file (optional dependency).
 
 ``--metrics`` picks the groups (``vloss,class,cond,res``; default all).
+
+Settings are config keys, read as in training: the run's stored config, then ``--config FILE``,
+then ``section.key=value`` overrides, then the flags, each of which sets one key. ``eval.*``
+(:class:`jitrope.config.EvalConfig`) says what to measure and where to write; the samples are
+drawn as ``sample.*`` says (``--steps``, ``--sampler``, ``--cfg``, ``--ema`` set those);
+``--data`` and ``--data-root`` set ``data.*``.
 """
 from __future__ import annotations
 
@@ -44,22 +50,23 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, resolve_checkpoint
-from .config import ConfigError
+from .checkpoint import CheckpointError
+from .cli import Flag, add_flags, check_file_out, cpu_setup, fail, flag_layer, resolve_device
+from .config import EVAL_METRICS, Config, ConfigError
 from .data import BatchMaker, DataError, build_dataset, resize_images, to_float
-from .diffusion import Diffusion
+from .diffusion import SAMPLERS, Diffusion
 from .fileio import atomic_write_text, check_writable_dir
 from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
-from .sample import SampleError, _device, generate, load_model, make_grid
+from .sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config
 
-__all__ = ["evaluate", "main", "resolution_scalings", "METRICS"]
+__all__ = ["evaluate", "main", "resolution_scalings", "METRICS", "FLAGS"]
 
-METRICS = ("vloss", "class", "cond", "res")
+METRICS = EVAL_METRICS  # the metric groups (eval.metrics)
 
 
 def resolution_scalings(model, img_size: int) -> Dict[str, Optional[str]]:
@@ -103,7 +110,9 @@ def heldout_vloss(model, diffusion: Diffusion, maker: BatchMaker, t_grid: Sequen
             x, y, cond = maker(idx[sl], u[sl])
             tt = torch.full((x.shape[0],), float(tv), device=device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-                drop = torch.ones(x.shape[0], dtype=torch.bool, device=device) if (drop_cond and cond is not None) else None
+                drop = None
+                if drop_cond and cond is not None:
+                    drop = torch.ones(x.shape[0], dtype=torch.bool, device=device)
                 loss = diffusion.loss(model, x, y, cond, drop, t=tt, noise=noise[sl].to(device))
             tot += float(loss) * x.shape[0]
         per_t.append(tot / n)
@@ -127,78 +136,54 @@ def _nearest(samples: Tensor, ref: Tensor, chunk: int = 256):
     return torch.cat(best_i), d
 
 
-def evaluate(
-    ckpt,
-    *,
-    data: Optional[str] = None,
-    data_root: Optional[str] = None,
-    split: str = "val",
-    ema: Optional[str] = None,
-    t_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    max_images: int = 512,
-    n_per_class: int = 8,
-    n_cond: int = 32,
-    steps: Optional[int] = None,
-    sampler: Optional[str] = None,
-    cfg_scale: Optional[float] = None,
-    batch_size: int = 64,
-    seed: int = 0,
-    device="cpu",
-    metrics: Sequence[str] = METRICS,
-    featnet: Optional[str] = "auto",
-    res_px: Sequence[int] = (),
-    res_n_per_class: int = 4,
-    grids: Optional[str] = None,
-    fid_inception: Optional[str] = None,
-    log=print,
-) -> Dict[str, Any]:
-    """Compute the metrics of the module docstring; returns them as a dict.
+def evaluate(ckpt, cfg: Optional[Config] = None, *, overrides: Sequence[str] = (), log=print,
+             allow_unverified: bool = False) -> Dict[str, Any]:
+    """Compute the metrics of the module docstring for a checkpoint; returns them as a dict.
 
-    ``featnet``: "auto" (the cached feature network of the run's data, trained if missing), a
-    file, or None / "none" (no FD-emoji or class accuracy)."""
+    ``cfg``: the config to evaluate with (:func:`jitrope.sample.run_config`); default: the run's own
+    with the dotted ``overrides`` (e.g. ``["eval.metrics=[vloss]", "sample.steps=10"]``)."""
+    w = load_checkpoint(ckpt, allow_unverified=allow_unverified)
+    if cfg is None:
+        cfg = run_config(w, overrides=overrides)
+    return _evaluate(w, cfg, resolve_device(cfg.eval.device, "eval.device"), log=log)
+
+
+def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=print) -> Dict[str, Any]:
     t0 = time.perf_counter()
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise ValueError(f"metrics: unknown {bad}; choose from {list(METRICS)}")
-    model, cfg, info = load_model(ckpt, ema=ema if ema is not None else cfg_ema(ckpt), device=device)
+    e, s = cfg.eval, cfg.sample
+    metrics = list(e.metrics)
+    model, info = model_from_weights(w, cfg, ema=s.ema, device=device)
     dcfg = cfg.data
-    if data is not None:
-        if data in ("emoji", "synthetic", "folder"):
-            dcfg.name = data
-        else:  # a folder of images
-            dcfg.name, dcfg.root = "folder", data
-    if data_root is not None:
-        dcfg.root = data_root
-    eval_set = build_dataset(dcfg, split, seed=cfg.train.seed, log=log)
+    eval_set = build_dataset(dcfg, e.split, seed=cfg.train.seed, log=log)
     train_set = build_dataset(dcfg, "train", seed=cfg.train.seed, log=log)
     if eval_set.num_classes != model.cfg.num_classes:
         raise DataError(f"data {dcfg.name} has {eval_set.num_classes} classes, the model {model.cfg.num_classes}")
     mc = model.cfg
-    bad_px = [px for px in res_px if px % mc.patch_size] if "res" in metrics else []
+    bad_px = [px for px in e.res_px if px % mc.patch_size] if "res" in metrics else []
     if bad_px:  # before any sampling, so no work is lost
-        raise DataError(f"res_px: {bad_px} not a multiple of the model's patch_size={mc.patch_size}")
-    maker = BatchMaker(eval_set, cond="none" if mc.cond_img_size is None else (dcfg.cond if dcfg.cond != "none" else "downsample"),
-                       cond_size=mc.cond_img_size, device=device)
+        raise ConfigError(f"config key eval.res_px: {bad_px} not a multiple of the model's patch_size={mc.patch_size}")
+    cond_mode = "none" if mc.cond_img_size is None else (dcfg.cond if dcfg.cond != "none" else "downsample")
+    maker = BatchMaker(eval_set, cond=cond_mode, cond_size=mc.cond_img_size, device=device)
     diffusion = Diffusion.from_config(cfg.diffusion)
-    s = cfg.sample
-    kw = dict(steps=steps or s.steps, sampler=sampler or s.sampler, cfg=s.cfg if cfg_scale is None else cfg_scale,
-              cfg_interval=tuple(s.cfg_interval), batch_size=batch_size, device=device)
+    kw = dict(steps=s.steps, sampler=s.sampler, cfg=s.cfg, cfg_interval=tuple(s.cfg_interval),
+              batch_size=e.batch_size, device=device)
     out: Dict[str, Any] = {
         "checkpoint": str(info["path"]),
         "step": info["step"],
         "weights": info["weights"],
         "data": dcfg.name,
-        "split": split,
+        "split": e.split,
         "pos_embed": mc.pos_embed,
         "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "device"},
         "params": sum(p.numel() for p in model.parameters()),
     }
-    log(f"{info['path']} (step {info['step']}, {info['weights']}); {len(eval_set)} {split} images")
+    log(f"{info['path']} (step {info['step']}, {info['weights']}); {len(eval_set)} {e.split} images")
     fnet = fextra = None
-    if featnet not in (None, "none") and ({"class", "res"} & set(metrics)):
+    if e.featnet not in (None, "none") and ({"class", "res"} & set(metrics)):
         from .featnet import load_or_train_featnet
 
-        fnet, fextra = load_or_train_featnet(dcfg, device=device, path=None if featnet == "auto" else featnet, log=log)
+        path = None if e.featnet == "auto" else e.featnet
+        fnet, fextra = load_or_train_featnet(dcfg, device=device, path=path, log=log)
         out["featnet"] = {"path": fextra["path"], **fextra["info"]}
 
     def judge(samples: Tensor, asked: Tensor) -> Dict[str, float]:
@@ -207,19 +192,20 @@ def evaluate(
                 "class_acc": float((pred == asked).float().mean())}
 
     if "vloss" in metrics:
-        _vloss_metrics(out, model, diffusion, maker, t_grid, max_images=max_images, batch_size=batch_size, seed=seed,
-                       device=device, log=log)
+        _vloss_metrics(out, model, diffusion, maker, e.t_grid, max_images=e.max_images, batch_size=e.batch_size,
+                       seed=e.seed, device=device, log=log)
     if "class" in metrics:
-        _class_metrics(out, model, diffusion, kw, train_set, eval_set, n_per_class=n_per_class, seed=seed,
+        _class_metrics(out, model, diffusion, kw, train_set, eval_set, n_per_class=e.n_per_class, seed=e.seed,
                        judge=judge if fnet is not None else None, fnet=fnet, fextra=fextra,
-                       fid_inception=fid_inception, grids=grids, log=log)
+                       fid_inception=e.fid_inception, grids=e.grids, log=log)
     if "cond" in metrics and mc.cond_img_size is not None:
-        _cond_metrics(out, model, diffusion, kw, maker, eval_set, n_cond=n_cond, seed=seed, log=log)
-    if "res" in metrics and res_px:
+        _cond_metrics(out, model, diffusion, kw, maker, eval_set, n_cond=e.n_cond, seed=e.seed, log=log)
+    if "res" in metrics and e.res_px:
         if fnet is None:
-            raise ValueError("the resolution study (res_px) needs the feature network (featnet='auto' or a file)")
-        out["resolution"] = resolution_study(model, diffusion, kw, res_px, n_per_class=res_n_per_class, seed=seed,
-                                             judge=judge, grids=grids, log=log)
+            raise ConfigError("config key eval.res_px: the resolution study needs the feature network "
+                              "(eval.featnet auto or a file)")
+        out["resolution"] = resolution_study(model, diffusion, kw, e.res_px, n_per_class=e.res_n_per_class,
+                                             seed=e.seed, judge=judge, grids=e.grids, log=log)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -228,7 +214,8 @@ def _vloss_metrics(out, model, diffusion, maker, t_grid, *, max_images, batch_si
     out["vloss"] = heldout_vloss(model, diffusion, maker, t_grid, max_images=max_images, batch_size=batch_size,
                                  seed=seed, device=device)
     vl = out["vloss"]
-    log(f"  held-out v-loss {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f}); per t: " + " ".join(f"{v:.3f}" for v in vl["per_t"]))
+    per_t = " ".join(f"{v:.3f}" for v in vl["per_t"])
+    log(f"  held-out v-loss {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f}); per t: {per_t}")
     if model.cfg.cond_img_size is not None:  # the same with the null condition: class-only denoising
         out["vloss_null_cond"] = heldout_vloss(model, diffusion, maker, t_grid, max_images=max_images,
                                                batch_size=batch_size, seed=seed, device=device, drop_cond=True)
@@ -265,7 +252,8 @@ def _class_metrics(out, model, diffusion, kw, train_set, eval_set, *, n_per_clas
     cs = out["class_samples"]
     log(f"  class samples: nn-class acc {cs['nn_class_acc']:.3f} (chance {cs['nn_class_acc_chance']:.3f}, "
         f"real held-out images {cs['nn_class_acc_real']:.3f}), "
-        f"nn rms {cs['nn_rms']:.3f}, pixel mean {sum(cs['pixel_mean']) / 3:.3f} vs data {sum(cs['data_pixel_mean']) / 3:.3f}, "
+        f"nn rms {cs['nn_rms']:.3f}, pixel mean {sum(cs['pixel_mean']) / 3:.3f} "
+        f"vs data {sum(cs['data_pixel_mean']) / 3:.3f}, "
         f"std {sum(cs['pixel_std']) / 3:.3f} vs {sum(cs['data_pixel_std']) / 3:.3f}")
     if judge is not None:
         cs.update(judge(x, labels))
@@ -343,10 +331,49 @@ def _cond_metrics(out, model, diffusion, kw, maker, eval_set, *, n_cond, seed, l
         f"PSNR {cd['psnr']:.2f} dB, SSIM {cd['ssim']:.3f}")
 
 
-def cfg_ema(ckpt) -> str:
-    from .checkpoint import load_weights
+def _comma_list(kind, what: str):
+    def parse(s: str):
+        try:
+            return [kind(v) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--{what} wants comma-separated {kind.__name__} values, got {s!r}"
+            ) from None
 
-    return str((load_weights(ckpt)["config"].get("sample") or {}).get("ema", "0"))
+    return parse
+
+
+# Every flag sets one config key; the key's value in the run's config, --config and the overrides
+# stands where the flag is not given. --data is handled apart: it sets data.name, or data.root too.
+FLAGS = (
+    Flag("--data-root", "data.root", "the data folder (emoji cache, or the image folder)"),
+    Flag("--split", "eval.split", "held-out split to evaluate", {"choices": ("val", "train", "all")}),
+    Flag("--out", "eval.out", "JSON file (default: <run>/eval/step_<N>.json)"),
+    Flag("--ema", "sample.ema", "EMA index 0 / 1 or none"),
+    Flag("--t-grid", "eval.t_grid", "comma-separated t values of the v-loss", {"type": _comma_list(float, "t-grid")}),
+    Flag("--max-images", "eval.max_images", "held-out images in the v-loss", {"type": int}),
+    Flag("--n-per-class", "eval.n_per_class", "class-conditional samples per class", {"type": int}),
+    Flag("--n-cond", "eval.n_cond", "condition-image samples", {"type": int}),
+    Flag("--steps", "sample.steps", "sampler steps", {"type": int}),
+    Flag("--sampler", "sample.sampler", "sampler", {"choices": tuple(SAMPLERS)}),
+    Flag("--cfg", "sample.cfg", "guidance scale", {"type": float}),
+    Flag("--batch-size", "eval.batch_size", "images per forward pass", {"type": int}),
+    Flag("--seed", "eval.seed", "seed of the fixed noise and samples", {"type": int}),
+    Flag("--device", "eval.device", "auto | cpu | cuda | cuda:N"),
+    Flag("--metrics", "eval.metrics", f"comma-separated metric groups: {', '.join(EVAL_METRICS)}",
+         {"type": _comma_list(str, "metrics")}),
+    Flag("--featnet", "eval.featnet", "feature network of FD-emoji / class accuracy: auto (cached, trained once on "
+         "the training split if missing), a .safetensors file, or none"),
+    Flag("--res-px", "eval.res_px", "comma-separated image sizes of the resolution study (e.g. 24,40,48 for a model "
+         "trained at 32x32); empty: none", {"type": _comma_list(int, "res-px")}),
+    Flag("--res-n-per-class", "eval.res_n_per_class", "samples per class at each size of --res-px", {"type": int}),
+    Flag("--grids", "eval.grids", "folder for sample grid PNGs (training size and every --res-px size)"),
+    Flag("--fid-inception", "eval.fid_inception", "Inception weights file (torch-fidelity's "
+         "pt_inception-2015-12-05-6726825d.pth): adds the standard FID; needs pip install torch-fidelity"),
+    Flag("--num-threads", "eval.num_threads", "CPU threads (default: torch's; 1 is fastest on a busy machine)",
+         {"type": int}),
+)
+_DATA_NAMES = ("emoji", "synthetic", "folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,95 +381,58 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jitrope.evaluate",
         description="Evaluate a JiT checkpoint on held-out data: v-loss on a fixed t grid with fixed noise, "
         "class-following of samples by nearest training image, pixel statistics, and (with a condition "
-        "image) how closely samples follow their condition. Prints a summary and writes JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "image) how closely samples follow their condition. Prints a summary and writes JSON. Settings are "
+        "the config keys in brackets, from the run's config, --config FILE and section.key=value "
+        "overrides; a flag sets its key.",
     )
-    p.add_argument("--ckpt", required=True, help="run folder (newest checkpoint), checkpoints/step_* folder or weights file")
-    p.add_argument("--data", default=None, help="emoji | synthetic | a folder of class subfolders (default: the run's data)")
-    p.add_argument("--data-root", default=None, help="override data.root (emoji cache folder)")
-    p.add_argument("--split", choices=("val", "train", "all"), default="val")
-    p.add_argument("--out", default=None, help="JSON file (default: <run>/eval/step_<N>.json)")
-    p.add_argument("--ema", default=None, help="EMA index 0 / 1 or none (default: the run's sample.ema)")
-    p.add_argument("--t-grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated t values of the v-loss")
-    p.add_argument("--max-images", type=int, default=512, help="held-out images in the v-loss")
-    p.add_argument("--n-per-class", type=int, default=8, help="class-conditional samples per class")
-    p.add_argument("--n-cond", type=int, default=32, help="condition-image samples")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default sample.steps)")
-    p.add_argument("--sampler", choices=("heun", "euler"), default=None)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default sample.cfg)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metric groups: vloss, class, cond, res")
-    p.add_argument("--featnet", default="auto", help="feature network of FD-emoji / class accuracy: auto (cached, "
-                   "trained once on the training split if missing), a .safetensors file, or none")
-    p.add_argument("--res-px", default="", help="comma-separated image sizes of the resolution study (e.g. 24,40,48 "
-                   "for a model trained at 32x32); empty: none")
-    p.add_argument("--res-n-per-class", type=int, default=4, help="samples per class at each size of --res-px")
-    p.add_argument("--grids", default=None, help="folder for sample grid PNGs (training size and every --res-px size)")
-    p.add_argument("--fid-inception", default=None, help="Inception weights file (torch-fidelity's "
-                   "pt_inception-2015-12-05-6726825d.pth): adds the standard FID; needs pip install torch-fidelity")
-    p.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: torch's; 1 is fastest on a busy machine)")
+    p.add_argument("--ckpt", required=True,
+                   help="run folder (newest checkpoint), checkpoints/step_* folder or weights file")
+    p.add_argument("--config", help="YAML file of config keys (e.g. an eval: section), over the run's config")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load a checkpoint that has no manifest to verify its files by")
+    p.add_argument("--data", default=None, help=f"{' | '.join(_DATA_NAMES)} [data.name], or a folder of class "
+                   "subfolders [data.name=folder, data.root] (default: the run's data)")
+    add_flags(p, FLAGS)
     return p
 
 
+def _out_path(cfg: Config, w: Mapping[str, Any]) -> Path:
+    if cfg.eval.out is not None:
+        return check_file_out(cfg.eval.out, "eval.out")
+    p = Path(w["path"]).parent  # .../checkpoints/step_N
+    run = p.parent.parent if p.parent.name == "checkpoints" else p
+    return check_file_out(run / "eval" / f"step_{w['step']:08d}.json", "eval.out")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    torch.set_flush_denormal(True)
-    # numbers that make no sense are refused up front; a given 0 never means "the default"
-    for name in ("max_images", "n_per_class", "n_cond", "steps", "batch_size", "num_threads", "res_n_per_class"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
-            return 2
-    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
-        print(f"error: --cfg (guidance scale) must be a finite number >= 0, got {args.cfg}", file=sys.stderr)
-        return 2
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
+    args = build_parser().parse_intermixed_args(argv)  # flags may come between the overrides
+    layer, names = flag_layer(args, FLAGS)
+    if args.data is not None:
+        data = layer.setdefault("data", {})
+        if args.data in _DATA_NAMES:
+            data["name"] = args.data
+        else:  # a folder of images
+            data["name"], data["root"] = "folder", args.data
+        names.update({"data.name": "--data", **({} if args.data in _DATA_NAMES else {"data.root": "--data"})})
     try:
-        t_grid = [float(v) for v in args.t_grid.split(",")]
-        if not all(0.0 <= t < 1.0 for t in t_grid):
-            raise ValueError
-    except ValueError:
-        print(f"error: --t-grid wants comma-separated values in [0, 1), got {args.t_grid!r}", file=sys.stderr)
-        return 2
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    try:
-        res_px = [int(v) for v in args.res_px.split(",") if v.strip()]
-    except ValueError:
-        print(f"error: --res-px wants comma-separated image sizes, got {args.res_px!r}", file=sys.stderr)
-        return 2
-    if any(px < 1 for px in res_px):
-        print(f"error: --res-px wants positive image sizes, got {args.res_px!r}", file=sys.stderr)
-        return 2
-    if res_px and "res" in metrics and args.featnet == "none":
-        print("error: --res-px: the resolution study needs the feature network (--featnet auto or a file), "
-              "not --featnet none", file=sys.stderr)
-        return 2
-    if not metrics or any(m not in METRICS for m in metrics):
-        print(f"error: --metrics wants a comma-separated subset of {','.join(METRICS)}, got {args.metrics!r}", file=sys.stderr)
-        return 2
-    if args.fid_inception is not None and not Path(args.fid_inception).is_file():
-        print(f"error: --fid-inception: no Inception weights file at {args.fid_inception}", file=sys.stderr)
-        return 2
-    try:
-        device = str(_device(args.device))
-        ckpt = resolve_checkpoint(args.ckpt)  # verified once; a run folder falls back past damaged ones
-        p = ckpt.parent  # .../checkpoints/step_N
-        run = p.parent.parent if p.parent.name == "checkpoints" else p
-        out_dir = Path(args.out).parent if args.out else run / "eval"
-        check_writable_dir(out_dir, "the folder of --out")  # before the evaluation, so no work is lost
-        res = evaluate(ckpt, data=args.data, data_root=args.data_root, split=args.split, ema=args.ema, t_grid=t_grid,
-                       max_images=args.max_images, n_per_class=args.n_per_class, n_cond=args.n_cond, steps=args.steps,
-                       sampler=args.sampler, cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed, device=device,
-                       metrics=metrics, featnet=args.featnet, res_px=res_px, res_n_per_class=args.res_n_per_class,
-                       grids=args.grids, fid_inception=args.fid_inception)
-        out = Path(args.out) if args.out else out_dir / f"step_{res['step']:08d}.json"
+        w = load_checkpoint(args.ckpt, allow_unverified=args.allow_unverified)
+        cfg = run_config(w, args.config, args.overrides, layer)
+        e = cfg.eval
+        device = resolve_device(e.device, "eval.device")
+        # every output and input file before the evaluation, so that no work is lost (issue 18)
+        out = _out_path(cfg, w)
+        if e.grids is not None:
+            check_writable_dir(e.grids, "eval.grids")
+        if e.fid_inception is not None and not Path(e.fid_inception).expanduser().is_file():
+            raise ConfigError(f"config key eval.fid_inception: no Inception weights file at {e.fid_inception}")
+        if e.featnet not in (None, "none", "auto") and not Path(e.featnet).expanduser().is_file():
+            raise ConfigError(f"config key eval.featnet: no feature network file at {e.featnet} (auto, none or a file)")
+        cpu_setup(e.num_threads)
+        res = _evaluate(w, cfg, device)
         atomic_write_text(out, json.dumps(res, indent=2))
-    except (CheckpointError, DataError, ConfigError, SampleError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, DataError, ConfigError, SampleError, OSError, ImportError) as err:
+        return fail(err, names)
     print(f"wrote {out}")
     return 0
 
