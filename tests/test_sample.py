@@ -272,3 +272,38 @@ def test_no_private_name_is_imported_across_modules():
                 names = [a.name for a in node.names if a.name.startswith("_") and a.name != "_C"]
                 bad += [f"{f.relative_to(pkg)}: {n}" for n in names]
     assert not bad
+
+
+def test_allow_unverified_reaches_the_checkpoint_loader(tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    step = next((tiny_run / "checkpoints").iterdir())
+    bare = tmp_path / "step_00000006"
+    shutil.copytree(step, bare)
+    (bare / "manifest.json").unlink()  # nothing to verify its files by
+    out = tmp_path / "g.png"
+    assert S.main(["--ckpt", str(bare), "--out", str(out), "--steps", "1", "--n", "1", "--classes", "0",
+                   "--no-progress", "--no-singles", "--allow-unverified"]) == 0, capsys.readouterr().err
+    assert out.is_file()
+    seen = []
+    real_resolve, real_load = S.resolve_checkpoint, S.load_weights
+
+    def resolve(path, allow_unverified=False):
+        seen.append(("resolve", allow_unverified))
+        return real_resolve(path)
+
+    def load(path, allow_unverified=False):
+        seen.append(("load", allow_unverified))
+        return real_load(path)
+
+    monkeypatch.setattr(S, "resolve_checkpoint", resolve)
+    monkeypatch.setattr(S, "load_weights", load)
+    monkeypatch.setattr(E, "_evaluate", lambda *a, **k: {"step": 6})
+    for main, args in ((S.main, ["--steps", "1", "--n", "1", "--classes", "0", "--no-progress", "--no-singles"]),
+                       (E.main, [])):
+        seen.clear()
+        assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args, "--allow-unverified"]) == 0
+        assert seen == [("resolve", True), ("load", True)]
+        seen.clear()
+        assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args]) == 0
+        assert seen == [("resolve", False), ("load", False)]
