@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from jitrope import convert as C
-from jitrope import evaluate as E
 from jitrope import sample as S
+from jitrope.eval import evaluate as E
 from jitrope.model import JiT, JiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

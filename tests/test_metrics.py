@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jitrope import evaluate as ev
 from jitrope.config import DataConfig, DiffusionConfig
 from jitrope.data import build_dataset, to_float
 from jitrope.diffusion import Diffusion
-from jitrope.featnet import FeatNetConfig, featnet_path, load_or_train_featnet
-from jitrope.metrics import fd_from_features, frechet_distance, gaussian_stats, inception_fid, psnr, ssim
+from jitrope.eval import evaluate as ev
+from jitrope.eval.featnet import FeatNetConfig, featnet_path, load_or_train_featnet
+from jitrope.eval.metrics import fd_from_features, frechet_distance, gaussian_stats, inception_fid, psnr, ssim
 from jitrope.model import JiT, JiTConfig
 from jitrope.posenc import POS_EMBEDS
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from jitrope import evaluate as E
 from jitrope import sample as S
 from jitrope import train as T
 from jitrope.checkpoint import CheckpointError
 from jitrope.config import load_config
 from jitrope.diffusion import Diffusion
+from jitrope.eval import evaluate as E
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")

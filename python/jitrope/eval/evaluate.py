@@ -55,14 +55,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError
-from .cli import Flag, add_flags, check_file_out, cpu_setup, fail, flag_layer, resolve_device
-from .config import EVAL_METRICS, Config, ConfigError
-from .data import BatchMaker, DataError, build_dataset, resize_images, to_float
-from .diffusion import SAMPLERS, Diffusion
-from .fileio import atomic_write_text, check_writable_dir
+from ..checkpoint import CheckpointError
+from ..cli import Flag, add_flags, check_file_out, cpu_setup, fail, flag_layer, resolve_device
+from ..config import EVAL_METRICS, Config, ConfigError
+from ..data import BatchMaker, DataError, build_dataset, resize_images, to_float
+from ..diffusion import SAMPLERS, Diffusion
+from ..fileio import atomic_write_text, check_writable_dir
+from ..sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config
 from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
-from .sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config
 
 __all__ = ["evaluate", "main", "resolution_scalings", "METRICS", "FLAGS"]
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import ImageSet, build_dataset, data_root, resize_images, to_float
+from ..data import ImageSet, build_dataset, data_root, resize_images, to_float
 from .metrics import gaussian_stats
 
 __all__ = ["FeatNetConfig", "FeatNet", "train_featnet", "load_or_train_featnet", "featnet_path"]

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path, atomic_write_text
 from .imageset import DataError, ImageSet, composite_on_white, resize_images
 
 EMOJI_VERSION = "16.0.0"
