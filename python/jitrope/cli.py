@@ -46,7 +46,10 @@ class Flag(NamedTuple):
 def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
     """One option per flag; a flag not given sets nothing (the config's value stands)."""
     for f in flags:
-        parser.add_argument(f.flag, dest=f.key, default=argparse.SUPPRESS, help=f"{f.help} [{f.key}]", **f.options)
+        options = dict(f.options)
+        if "action" not in options and "choices" not in options:
+            options["metavar"] = f.key.rpartition(".")[2].upper()
+        parser.add_argument(f.flag, dest=f.key, default=argparse.SUPPRESS, help=f"{f.help} [{f.key}]", **options)
 
 
 def flag_layer(args: argparse.Namespace, flags: Sequence[Flag]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
