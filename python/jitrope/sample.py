@@ -64,12 +64,10 @@ def load_checkpoint(ckpt, *, allow_unverified: bool = False) -> Dict[str, Any]:
     return load_weights(path, **_unverified(load_weights, allow_unverified))
 
 
-def _stored(w: Mapping[str, Any], pos_impl: Optional[str] = None) -> Dict[str, Any]:
+def _stored(w: Mapping[str, Any]) -> Dict[str, Any]:
     stored = dict(w["config"])
     if w.get("model_config"):  # the resolved fields: independent of later changes to presets
         stored["model"] = dict(w["model_config"])
-    if pos_impl is not None:
-        stored["model"] = {**stored.get("model", {}), "pos_impl": pos_impl}
     return stored
 
 
@@ -125,11 +123,7 @@ def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = 
     set), ema_decays and class_names.
     """
     w = load_checkpoint(ckpt, allow_unverified=allow_unverified)
-    try:
-        cfg = config_from_dict(_stored(w, pos_impl), where=f"config stored in {w['path']}", stored=True)
-        cfg.model_config()
-    except (ConfigError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{w['path']}: its stored config does not build a model: {e}") from None
+    cfg = run_config(w, flags={"model": {"pos_impl": pos_impl}} if pos_impl is not None else None)
     model, info = model_from_weights(w, cfg, ema=ema, device=device)
     return model, cfg, info
 
