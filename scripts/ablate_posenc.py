@@ -185,7 +185,7 @@ def train_one(args, name: str, seed: int) -> float:
 
 
 def _eval_cmd(args, ckpt: Path, out: Path, metrics: str, n_per_class: int) -> List[str]:
-    return [sys.executable, "-m", "jitrope.eval.evaluate", "--ckpt", str(ckpt), "--out", str(out), "--device", args.device,
+    return [sys.executable, "-m", "jitrope.evaluate", "--ckpt", str(ckpt), "--out", str(out), "--device", args.device,
             *(["--num-threads", "1"] if args.device == "cpu" else []), "--metrics", metrics,
             "--n-per-class", str(n_per_class), "--n-cond", str(args.n_cond), "--max-images", str(args.max_images),
             "--steps", str(args.sample_steps), "--sampler", "heun", "--t-grid", args.t_grid]
@@ -377,8 +377,8 @@ def fd_sanity(args) -> Dict[str, float]:
 
     from jitrope.config import load_config
     from jitrope.data import build_dataset, to_float
-    from jitrope.eval.featnet import load_or_train_featnet
-    from jitrope.eval.metrics import frechet_distance, gaussian_stats
+    from jitrope.featnet import load_or_train_featnet
+    from jitrope.metrics import frechet_distance, gaussian_stats
 
     dcfg = load_config(args.config, list(args.overrides)).data
     net, extra = load_or_train_featnet(dcfg, device=args.device)
@@ -744,7 +744,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         if stage == "eval":
             from jitrope.config import load_config
-            from jitrope.eval.featnet import load_or_train_featnet
+            from jitrope.featnet import load_or_train_featnet
 
             # train the feature network once, here, before parallel evaluations would race for it
             load_or_train_featnet(load_config(args.config, list(args.overrides)).data, device=args.device)
