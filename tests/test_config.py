@@ -59,8 +59,10 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("train.steps=ten", "config key train.steps: Value 'ten' of type 'str' could not be converted to Integer"),
         ("train.steps=null", "config key train.steps: Incompatible value 'None' for field of type 'int'"),
         ("train.tensorboard=maybe", "config key train.tensorboard: Value 'maybe' is not a valid bool"),
-        ("train.ema_decays=[0.9,x]", "config key train.ema_decays: a value could not be converted to Float (got [0.9, 'x'])"),
-        ("sample.cfg_interval=[0.1]", "config key sample.cfg_interval: TupleConfig length 1 does not match type hint length 2"),
+        ("train.ema_decays=[0.9,x]",
+         "config key train.ema_decays: a value could not be converted to Float (got [0.9, 'x'])"),
+        ("sample.cfg_interval=[0.1]",
+         "config key sample.cfg_interval: TupleConfig length 1 does not match type hint length 2"),
         ("train.ema_decays=[1.5]", "train.ema_decays"),
         ("data.cond=sideways", "data.cond"),
         ("sample.sampler=rk4", "sample.sampler"),
@@ -174,7 +176,8 @@ def test_interpolation_resolves_and_print_config_shows_the_resolved_values(tmp_p
                                      % (Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"))
     cfg = load_config(tmp_path / "c.yaml", ["train.out_dir=runs/${model.pos_embed}"])
     assert cfg.model["img_size"] == 16 and cfg.train.out_dir == "runs/rope2d"
-    assert T.main(["--config", str(tmp_path / "c.yaml"), "--print-config", "data.img_size=32", "model.cond_img_size=16"]) == 0
+    args = ["--config", str(tmp_path / "c.yaml"), "--print-config", "data.img_size=32", "model.cond_img_size=16"]
+    assert T.main(args) == 0
     out = capsys.readouterr().out
     assert "img_size: 32" in out and "${" not in out
     with pytest.raises(ConfigError, match="config key model.img_size: .*nope"):
