@@ -59,8 +59,10 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("train.steps=ten", "config key train.steps: Value 'ten' of type 'str' could not be converted to Integer"),
         ("train.steps=null", "config key train.steps: Incompatible value 'None' for field of type 'int'"),
         ("train.tensorboard=maybe", "config key train.tensorboard: Value 'maybe' is not a valid bool"),
-        ("train.ema_decays=[0.9,x]", "config key train.ema_decays: a value could not be converted to Float (got [0.9, 'x'])"),
-        ("sample.cfg_interval=[0.1]", "config key sample.cfg_interval: TupleConfig length 1 does not match type hint length 2"),
+        ("train.ema_decays=[0.9,x]",
+         "config key train.ema_decays: a value could not be converted to Float (got [0.9, 'x'])"),
+        ("sample.cfg_interval=[0.1]",
+         "config key sample.cfg_interval: TupleConfig length 1 does not match type hint length 2"),
         ("train.ema_decays=[1.5]", "train.ema_decays"),
         ("data.cond=sideways", "data.cond"),
         ("sample.sampler=rk4", "sample.sampler"),
@@ -101,6 +103,24 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("diffusion.noise_scale=-1", "diffusion.noise_scale must be > 0, got -1.0"),
         ("diffusion.t_eps=0", "diffusion.t_eps must be in (0, 1], got 0.0"),
         ("diffusion.t_eps=1.5", "diffusion.t_eps must be in (0, 1], got 1.5"),
+        # the settings of jitrope.sample / jitrope.evaluate
+        ("sample.n=0", "config key sample.n must be >= 1, got 0"),
+        ("sample.batch_size=-1", "config key sample.batch_size must be >= 1, got -1"),
+        ("sample.scale=0", "config key sample.scale must be >= 1, got 0"),
+        ("sample.device=gpu0", "config key sample.device: 'gpu0' is not a device (auto | cpu | cuda | cuda:N)"),
+        ("sample.out=''", "config key sample.out is empty"),
+        ("sample.singles=perhaps", "config key sample.singles: Value 'perhaps' is not a valid bool"),
+        ("eval.split=test", "config key eval.split: 'test' is not one of ['val', 'train', 'all']"),
+        ("eval.metrics=[vloss,fid]", "config key eval.metrics wants a subset of ['vloss', 'class', 'cond', 'res']"),
+        ("eval.metrics=[vloss,vloss]", "config key eval.metrics wants a subset"),
+        ("eval.metrics=[]", "config key eval.metrics wants a subset"),
+        ("eval.t_grid=[0.5,1.0]", "config key eval.t_grid wants values in [0, 1), got [0.5, 1.0]"),
+        ("eval.t_grid=[]", "config key eval.t_grid wants values in [0, 1), got []"),
+        ("eval.n_per_class=0", "config key eval.n_per_class must be >= 1, got 0"),
+        ("eval.num_threads=0", "config key eval.num_threads must be >= 1, got 0"),
+        ("eval.res_px=[16,0]", "config key eval.res_px wants positive image sizes, got [16, 0]"),
+        ("eval.res_px=[x]", "config key eval.res_px: a value could not be converted to Integer"),
+        ("eval.device=cuda:x", "config key eval.device: 'cuda:x' is not a device"),
     ],
 )
 def test_bad_values_name_the_key(override, match):
@@ -139,6 +159,21 @@ def test_parse_overrides_nests_and_parses_yaml_values():
     assert isinstance(Config().train.ema_decays, tuple)
 
 
+def test_sample_and_eval_sections_layer_over_a_stored_config():
+    stored = load_config("configs/tiny_cpu.yaml", ["sample.steps=9", "sample.cfg=3.0"]).to_dict()
+    stored["train"]["compile"] = True  # an older version's key, translated in the stored layer
+    del stored["train"]["compile_mode"], stored["eval"]  # a run of a version before eval.*
+    cfg = load_config(None, ["sample.cfg=1.5", "eval.metrics=[vloss]"], base=stored,
+                      flags={"sample": {"classes": "null", "n": 3}, "eval": {"t_grid": [0.25]}})
+    assert cfg.sample.steps == 9 and cfg.sample.cfg == 1.5 and cfg.sample.n == 3
+    assert cfg.sample.classes == "null"  # a flag's value is never parsed as YAML
+    assert cfg.train.compile_mode == "default" and cfg.data.name == "synthetic"
+    assert cfg.eval.metrics == ("vloss",) and cfg.eval.t_grid == (0.25,) and cfg.eval.max_images == 512
+    with pytest.raises(ConfigError, match=r"sample\.stpes \(did you mean sample\.steps\?\)"):
+        load_config(None, base=stored, flags={"sample": {"stpes": 1}})
+    assert load_config(None, ["sample.classes=null"]).sample.classes is None  # an override is YAML
+
+
 def test_legacy_keys_of_stored_configs_still_load():
     d = {"train": {"compile": True, "num_threads": 0}}
     cfg = config_from_dict(d, stored=True)
@@ -155,7 +190,8 @@ def test_interpolation_resolves_and_print_config_shows_the_resolved_values(tmp_p
                                      % (Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"))
     cfg = load_config(tmp_path / "c.yaml", ["train.out_dir=runs/${model.pos_embed}"])
     assert cfg.model["img_size"] == 16 and cfg.train.out_dir == "runs/rope2d"
-    assert T.main(["--config", str(tmp_path / "c.yaml"), "--print-config", "data.img_size=32", "model.cond_img_size=16"]) == 0
+    args = ["--config", str(tmp_path / "c.yaml"), "--print-config", "data.img_size=32", "model.cond_img_size=16"]
+    assert T.main(args) == 0
     out = capsys.readouterr().out
     assert "img_size: 32" in out and "${" not in out
     with pytest.raises(ConfigError, match="config key model.img_size: .*nope"):

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from jitrope import evaluate as E
 from jitrope import sample as S
 from jitrope import train as T
 from jitrope.checkpoint import CheckpointError
 from jitrope.config import load_config
 from jitrope.diffusion import Diffusion
+from jitrope.eval import evaluate as E
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -80,16 +80,23 @@ def test_samples_do_not_depend_on_the_batch_size(tiny_run):
         (["--cond", "{tmp}/wrong_size.png"], "is 12x12, the model expects 8x8"),
         (["--cond", "{tmp}/not_an_image.png"], "cannot read condition image"),
         (["--cond", "{tmp}/missing.png"], "does not exist"),
-        (["--img-size", "18"], "not a multiple of the patch size"),
-        (["--ema", "7"], "--ema '7' is not one of them"),
-        (["--steps", "0"], "--steps must be >= 1, got 0"),
-        (["--n", "0"], "--n must be >= 1, got 0"),
-        (["--cfg", "-3"], "--cfg (guidance scale) must be a finite number >= 0, got -3.0"),
-        (["--cfg", "nan"], "--cfg (guidance scale) must be a finite number >= 0, got nan"),
-        (["--img-size", "0"], "--img-size must be >= 1, got 0"),
-        (["--img-size", "-4"], "--img-size must be >= 1, got -4"),
-        (["--scale", "0"], "--scale must be >= 1"),
-        (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+        (["--img-size", "18"], "--img-size (sample.img_size): 18 is not a multiple of the patch size 4"),
+        (["--ema", "7"], "--ema (sample.ema) must be 'none' or an index into train.ema_decays (0..1), got '7'"),
+        (["--steps", "0"], "--steps (sample.steps) must be >= 1, got 0"),
+        (["--n", "0"], "--n (sample.n) must be >= 1, got 0"),
+        (["--cfg", "-3"], "--cfg (sample.cfg) (guidance scale) must be a finite number >= 0, got -3.0"),
+        (["--cfg", "nan"], "--cfg (sample.cfg) (guidance scale) must be a finite number >= 0, got nan"),
+        (["--img-size", "0"], "--img-size (sample.img_size) must be >= 1, got 0"),
+        (["--img-size", "-4"], "--img-size (sample.img_size) must be >= 1, got -4"),
+        (["--scale", "0"], "--scale (sample.scale) must be >= 1"),
+        (["--device", "gpu0"], "--device (sample.device): 'gpu0' is not a device"),
+        (["sample.n=0"], "config key sample.n must be >= 1, got 0"),  # an override, not a flag: the key alone
+        (["sample.stpes=3"], "unknown config key(s): sample.stpes (did you mean sample.steps?)"),
+        (["--cfg-interval", "0.9,0.1"], "--cfg-interval (sample.cfg_interval) must be [lo, hi]"),
+        (["--out", "{tmp}/grid.xyz"], "--out (sample.out): grid.xyz: '.xyz' is not an image format"),
+        (["--out", "{tmp}/grid"], "--out (sample.out): grid: the name has no image extension"),
+        (["--out", "{tmp}/a_folder.png"], "--out (sample.out): {tmp}/a_folder.png is a folder"),
+        (["--out", "{tmp}/singles_file.png"], "the single images go to {tmp}/singles_file, which is a file"),
         (["--classes", ""], "no classes in ''"),
         (["--classes", ",", "--cond", "{tmp}/c8.png"], "no classes in ','"),
         (["--cond", "{tmp}/float_out_of_range.tif"], "float image values must lie in [0, 1]"),
@@ -100,18 +107,23 @@ def test_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys, args, message)
     Image.new("RGB", (8, 8)).save(tmp_path / "c8.png")
     Image.new("F", (8, 8), 3.5).save(tmp_path / "float_out_of_range.tif")
     (tmp_path / "not_an_image.png").write_bytes(b"hello")
+    (tmp_path / "a_folder.png").mkdir()
+    (tmp_path / "singles_file").write_text("mine")
     args = [a.format(tmp=tmp_path) for a in args]
-    assert S.main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), "--steps", "1", "--no-progress", *args]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    base = ["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), "--steps", "1", "--no-progress"]
+    assert S.main([*base, *args]) == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "x.png").exists() and (tmp_path / "singles_file").read_text() == "mine"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_one_error_line(tiny_run, tmp_path, capsys):
     for main in (S.main, E.main):
-        assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.json"), "--device", "cuda", "--steps", "1"]) == 2
+        assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.json"), "--device", "cuda"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: --device cuda: this machine has no usable CUDA device") and err.count("\n") == 1
+        assert err.startswith("error: --device (") and err.count("\n") == 1
+        assert "device): cuda: this machine has no usable CUDA device; use cpu or auto" in err
 
 
 def test_unwritable_output_fails_before_sampling(tiny_run, capsys, monkeypatch):
@@ -119,19 +131,24 @@ def test_unwritable_output_fails_before_sampling(tiny_run, capsys, monkeypatch):
     monkeypatch.setattr(S, "generate", lambda *a, **k: called.append(1))
     assert S.main(["--ckpt", str(tiny_run), "--out", "/proc/x/out.png", "--steps", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the folder of --out /proc/x is not writable") and err.count("\n") == 1
+    assert err.startswith("error: the folder of --out (sample.out) /proc/x is not writable") and err.count("\n") == 1
     assert not called
 
 
 def test_evaluate_refuses_nonsense_numbers_and_unwritable_output(tiny_run, capsys):
-    for args, message in ((["--max-images", "0"], "--max-images must be >= 1, got 0"),
-                          (["--n-per-class", "0"], "--n-per-class must be >= 1"),
-                          (["--cfg", "nan"], "--cfg (guidance scale) must be a finite number"),
-                          (["--out", "/proc/x/e.json"], "the folder of --out /proc/x is not writable"),
-                          (["--device", "gpu0"], "--device 'gpu0' is not a device"),
-                          (["--res-px", "-8"], "--res-px wants positive image sizes"),
+    for args, message in ((["--max-images", "0"], "--max-images (eval.max_images) must be >= 1, got 0"),
+                          (["--n-per-class", "0"], "--n-per-class (eval.n_per_class) must be >= 1"),
+                          (["--cfg", "nan"], "--cfg (sample.cfg) (guidance scale) must be a finite number"),
+                          (["--out", "/proc/x/e.json"], "the folder of --out (eval.out) /proc/x is not writable"),
+                          (["--device", "gpu0"], "--device (eval.device): 'gpu0' is not a device"),
+                          (["--res-px", "-8"], "--res-px (eval.res_px) wants positive image sizes"),
                           (["--res-px", "16", "--featnet", "none"], "the resolution study needs the feature network"),
-                          (["--res-px", "7", "--metrics", "res"], "not a multiple of the model's patch_size")):
+                          (["--res-px", "7", "--metrics", "res"], "not a multiple of the model's patch_size"),
+                          (["--t-grid", "0.5,1"], "--t-grid (eval.t_grid) wants values in [0, 1), got [0.5, 1.0]"),
+                          (["eval.max_images=0"], "config key eval.max_images must be >= 1, got 0"),
+                          (["eval.metircs=[vloss]"], "eval.metircs (did you mean eval.metrics?)"),
+                          (["--featnet", "/nope.safetensors"], "--featnet (eval.featnet): no feature network file"),
+                          (["--grids", "/proc/x/grids"], "--grids (eval.grids) /proc/x/grids is not writable")):
         assert E.main(["--ckpt", str(tiny_run), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
@@ -172,7 +189,8 @@ def test_evaluate_writes_json_metrics(tiny_run, tmp_path, capsys):
     assert 0 <= m["class_samples"]["nn_class_acc"] <= 1 and m["cond_samples"]["n"] == 3
     assert "held-out v-loss" in capsys.readouterr().out
     # fixed noise: the v-loss is reproducible
-    again = E.evaluate(tiny_run, t_grid=(0.2, 0.8), max_images=16, n_per_class=1, n_cond=1, steps=1, log=lambda *a: None)
+    again = E.evaluate(tiny_run, overrides=["eval.t_grid=[0.2,0.8]", "eval.max_images=16", "eval.n_per_class=1",
+                                            "eval.n_cond=1", "sample.steps=1"], log=lambda *a: None)
     assert again["vloss"]["per_t"] == pytest.approx(m["vloss"]["per_t"], rel=1e-6)
     assert E.main(["--ckpt", str(tiny_run), "--t-grid", "2"]) == 2
 
@@ -180,3 +198,112 @@ def test_evaluate_writes_json_metrics(tiny_run, tmp_path, capsys):
 def test_help_texts_explain():
     assert "labelled grid" in S.build_parser().format_help()
     assert "held-out" in E.build_parser().format_help()
+
+
+def test_evaluate_checks_its_output_before_any_metric(tiny_run, tmp_path, capsys, monkeypatch):
+    called = []
+    monkeypatch.setattr(E, "_evaluate", lambda *a, **k: called.append(1))
+    (tmp_path / "taken.json").mkdir()
+    for out in (tmp_path, tmp_path / "taken.json"):
+        assert E.main(["--ckpt", str(tiny_run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --out (eval.out): {out} is a folder; give the path of a file in it\n"
+    assert E.main(["--ckpt", str(tiny_run), "--fid-inception", str(tmp_path / "nope.pth")]) == 2
+    assert "--fid-inception (eval.fid_inception): no Inception weights file" in capsys.readouterr().err
+    assert E.main(["--ckpt", str(tiny_run), "--metrics", "vloss,fid"]) == 2
+    assert "--metrics (eval.metrics) wants a subset of ['vloss', 'class', 'cond', 'res']" in capsys.readouterr().err
+    assert not called
+
+
+def test_settings_come_from_the_run_then_the_file_then_overrides_then_flags(tiny_run, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_generate(model, diffusion, labels, cond, **kw):
+        seen.update(kw, n=len(labels))
+        return torch.zeros(len(labels), 3, kw["img_size"], kw["img_size"])
+
+    monkeypatch.setattr(S, "generate", fake_generate)
+    (tmp_path / "s.yaml").write_text("sample:\n  steps: 7\n  n: 2\n  sampler: euler\n  singles: false\n  seed: 3\n")
+    base = ["--ckpt", str(tiny_run), "--out", str(tmp_path / "g.png"), "--config", str(tmp_path / "s.yaml"),
+            "--classes", "0", "--no-progress"]
+    assert S.main(base) == 0
+    # the file over the run's sample.* (tiny_cpu: 4 steps, heun); cfg from the run
+    assert (seen["steps"], seen["sampler"], seen["seed"], seen["n"], seen["cfg"]) == (7, "euler", 3, 2, 2.0)
+    assert not (tmp_path / "g").exists()
+    assert S.main([*base, "sample.steps=5", "sample.cfg=1.5", "--seed", "9"]) == 0
+    assert (seen["steps"], seen["cfg"], seen["seed"]) == (5, 1.5, 9)
+    assert S.main([*base, "sample.steps=5", "--steps", "6"]) == 0  # a flag wins over an override of its key
+    assert seen["steps"] == 6
+
+
+def test_evaluate_reads_the_eval_section_and_flags(tiny_run, tmp_path, monkeypatch):
+    got = {}
+    monkeypatch.setattr(E, "_evaluate", lambda w, cfg, device, **k: got.update(cfg=cfg, device=device) or {"step": 6})
+    (tmp_path / "e.yaml").write_text("eval:\n  metrics: [vloss]\n  t_grid: [0.3]\n  max_images: 5\n")
+    out = tmp_path / "m.json"
+    assert E.main(["--ckpt", str(tiny_run), "--config", str(tmp_path / "e.yaml"), "--out", str(out), "--steps", "2",
+                   "eval.seed=4", "--data", str(tmp_path), "--device", "cpu"]) == 0
+    cfg = got["cfg"]
+    assert cfg.eval.metrics == ("vloss",) and cfg.eval.t_grid == (0.3,) and cfg.eval.max_images == 5
+    assert cfg.eval.seed == 4 and cfg.sample.steps == 2 and cfg.eval.out == str(out)
+    assert cfg.data.name == "folder" and cfg.data.root == str(tmp_path) and got["device"] == torch.device("cpu")
+    assert E.main(["--ckpt", str(tiny_run), "--out", str(out), "--data", "emoji"]) == 0
+    assert got["cfg"].data.name == "emoji" and got["cfg"].eval.metrics == ("vloss", "class", "cond", "res")
+
+
+def test_sampler_names_live_in_one_registry():
+    from jitrope import config as C
+    from jitrope.diffusion import SAMPLERS
+
+    assert C._CHOICES["sample", "sampler"] == tuple(SAMPLERS) == ("heun", "euler")
+    for parser in (S.build_parser(), E.build_parser()):
+        action = next(a for a in parser._actions if a.dest == "sample.sampler")
+        assert tuple(action.choices) == tuple(SAMPLERS)
+
+
+def test_no_private_name_is_imported_across_modules():
+    import ast
+
+    pkg = ROOT / "python" / "jitrope"
+    bad = []
+    for f in sorted(pkg.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("jitrope")):
+                names = [a.name for a in node.names if a.name.startswith("_") and a.name != "_C"]
+                bad += [f"{f.relative_to(pkg)}: {n}" for n in names]
+    assert not bad
+
+
+def test_allow_unverified_reaches_the_checkpoint_loader(tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    step = next((tiny_run / "checkpoints").iterdir())
+    bare = tmp_path / "step_00000006"
+    shutil.copytree(step, bare)
+    (bare / "manifest.json").unlink()  # nothing to verify its files by
+    out = tmp_path / "g.png"
+    assert S.main(["--ckpt", str(bare), "--out", str(out), "--steps", "1", "--n", "1", "--classes", "0",
+                   "--no-progress", "--no-singles", "--allow-unverified"]) == 0, capsys.readouterr().err
+    assert out.is_file()
+    seen = []
+    real_resolve, real_load = S.resolve_checkpoint, S.load_weights
+
+    def resolve(path, allow_unverified=False):
+        seen.append(("resolve", allow_unverified))
+        return real_resolve(path)
+
+    def load(path, allow_unverified=False):
+        seen.append(("load", allow_unverified))
+        return real_load(path)
+
+    monkeypatch.setattr(S, "resolve_checkpoint", resolve)
+    monkeypatch.setattr(S, "load_weights", load)
+    monkeypatch.setattr(E, "_evaluate", lambda *a, **k: {"step": 6})
+    for main, args in ((S.main, ["--steps", "1", "--n", "1", "--classes", "0", "--no-progress", "--no-singles"]),
+                       (E.main, [])):
+        seen.clear()
+        assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args, "--allow-unverified"]) == 0
+        assert seen == [("resolve", True), ("load", True)]
+        seen.clear()
+        assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args]) == 0
+        assert seen == [("resolve", False), ("load", False)]

@@ -145,7 +145,7 @@ def test_console_entry_points_name_the_cli_mains():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert sorted(scripts) == ["jitrope-evaluate", "jitrope-sample", "jitrope-train"]
+    assert sorted(scripts) == ["jitrope-convert", "jitrope-evaluate", "jitrope-sample", "jitrope-train"]
     for target in scripts.values():
         module, _, func = target.partition(":")
         main = getattr(importlib.import_module(module), func)

@@ -1,8 +1,10 @@
 """Run configuration: YAML files plus dotted ``key=value`` overrides, checked against dataclasses.
 
-A config has five sections. ``model.*`` are exactly the fields of :class:`jitrope.model.JiTConfig`
-(plus ``model.preset``, a name for ``JiTConfig.preset``); ``train``, ``data``, ``diffusion`` and
-``sample`` are the dataclasses below. Precedence: dataclass defaults < ``base:`` file(s) < the YAML
+A config has six sections. ``model.*`` are exactly the fields of :class:`jitrope.model.JiTConfig`
+(plus ``model.preset``, a name for ``JiTConfig.preset``); ``train``, ``data``, ``diffusion``,
+``sample`` and ``eval`` are the dataclasses below (``sample`` and ``eval`` also hold the settings of
+``jitrope.sample`` and ``jitrope.evaluate``, which read a run's stored config and then the same
+files and overrides as training). Precedence: dataclass defaults < ``base:`` file(s) < the YAML
 file < command-line overrides. The dataclasses are OmegaConf structured configs: files and
 overrides (``OmegaConf.from_dotlist``) are merged onto them, which types every value and resolves
 ``${section.key}`` interpolations. Unknown keys and values of the wrong type are rejected with a
@@ -26,6 +28,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .diffusion import SAMPLERS
 from .fileio import atomic_write_text
 
 __all__ = [
@@ -35,6 +38,8 @@ __all__ = [
     "DataConfig",
     "DiffusionConfig",
     "SampleConfig",
+    "EvalConfig",
+    "EVAL_METRICS",
     "load_config",
     "config_from_dict",
     "parse_overrides",
@@ -97,20 +102,68 @@ class DiffusionConfig:
 
 @dataclass
 class SampleConfig:
+    """How a run samples (its grids, ``jitrope.sample``, ``jitrope.evaluate``): the first five keys are
+    the run's defaults; the others are settings of ``jitrope.sample`` (its flags map onto them)."""
+
     steps: int = 50
-    sampler: str = "heun"  # heun | euler
+    sampler: str = "heun"  # a name of jitrope.diffusion.SAMPLERS
     cfg: float = 2.0
     cfg_interval: Tuple[float, float] = (0.1, 1.0)
     ema: str = "0"  # "0", "1" (index into train.ema_decays) or "none" (raw weights)
+    out: str = "samples.png"  # the grid image; single images go to a folder beside it, named after it
+    classes: Optional[str] = None  # "0,3", "Flags", "all", "uncond"; null: all (with cond: the null class)
+    n: int = 8  # samples per row
+    cond: Optional[str] = None  # condition image, or a folder of them
+    cond_resize: bool = False  # resize condition images of another size instead of failing
+    seed: int = 0
+    batch_size: int = 64
+    img_size: Optional[int] = None  # null: the model's
+    scale: Optional[int] = None  # grid upscale factor; null: to about 64 px per image
+    singles: bool = True  # also write every image on its own
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: Optional[int] = None  # torch.set_num_threads on CPU; null leaves torch's default
+    progress: bool = True
 
 
-_SECTIONS = {"train": TrainConfig, "data": DataConfig, "diffusion": DiffusionConfig, "sample": SampleConfig}
+EVAL_METRICS = ("vloss", "class", "cond", "res")
+
+
+@dataclass
+class EvalConfig:
+    """What ``jitrope.evaluate`` measures and where it writes (it samples as ``sample.*`` says)."""
+
+    metrics: Tuple[str, ...] = EVAL_METRICS  # groups: vloss, class, cond, res
+    split: str = "val"  # val | train | all
+    out: Optional[str] = None  # JSON file; null: <run>/eval/step_<N>.json
+    t_grid: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # t values of the v-loss
+    max_images: int = 512  # held-out images in the v-loss
+    n_per_class: int = 8  # class-conditional samples per class
+    n_cond: int = 32  # condition-image samples
+    batch_size: int = 64
+    seed: int = 0
+    featnet: Optional[str] = "auto"  # auto (cached, trained once if missing) | a .safetensors file | none
+    res_px: Tuple[int, ...] = ()  # image sizes of the resolution study; empty: none
+    res_n_per_class: int = 4  # samples per class at each size of res_px
+    grids: Optional[str] = None  # folder for sample grid PNGs
+    fid_inception: Optional[str] = None  # Inception weights file: adds the standard FID (torch-fidelity)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: Optional[int] = None
+
+
+_SECTIONS = {
+    "train": TrainConfig,
+    "data": DataConfig,
+    "diffusion": DiffusionConfig,
+    "sample": SampleConfig,
+    "eval": EvalConfig,
+}
 _CHOICES = {
     ("data", "name"): ("emoji", "folder", "synthetic"),
     ("data", "cond"): ("none", "downsample", "other_vendor"),
     ("train", "amp"): ("auto", "bf16", "none"),
     ("train", "compile_mode"): ("none", "default", "reduce-overhead", "max-autotune"),
-    ("sample", "sampler"): ("heun", "euler"),
+    ("sample", "sampler"): tuple(SAMPLERS),
+    ("eval", "split"): ("val", "train", "all"),
 }
 
 
@@ -129,6 +182,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def model_config(self):
         """The ``JiTConfig`` this config describes (``model.preset`` first, then the other keys)."""
@@ -214,7 +268,8 @@ def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
     bases = raw.pop("base", None) or []
-    layers = [_read_yaml(path.parent / b, seen + (path.resolve(),)) for b in ([bases] if isinstance(bases, str) else bases)]
+    bases = [bases] if isinstance(bases, str) else bases
+    layers = [_read_yaml(path.parent / b, seen + (path.resolve(),)) for b in bases]
     for sec, vals in raw.items():
         if vals is not None and not isinstance(vals, DictConfig):
             raise ConfigError(f"{path}: section {sec!r} must be a mapping of keys, got {vals!r}")
@@ -261,7 +316,8 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config", stored: boo
     ``stored``: the config of a checkpoint, which may hold values of older versions."""
     if isinstance(d, DictConfig):
         d = OmegaConf.to_container(d, resolve=False)
-    d = {sec: (_legacy(sec, dict(v), stored) if sec in _SECTIONS and isinstance(v, Mapping) else v) for sec, v in d.items()}
+    d = {sec: (_legacy(sec, dict(v), stored) if sec in _SECTIONS and isinstance(v, Mapping) else v)
+         for sec, v in d.items()}
     _check_keys(d, where)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in d.items() if v is not None})
@@ -276,6 +332,7 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config", stored: boo
         if v not in choices:
             raise ConfigError(f"config key {sec}.{k}: {v!r} is not one of {list(choices)}")
     _check(cfg)
+    _check_sample_eval(cfg)
     return cfg
 
 
@@ -286,7 +343,9 @@ def _legacy(section: str, d: Dict[str, Any], stored: bool) -> Dict[str, Any]:
         if "compile_mode" not in d and isinstance(old, bool):
             d["compile_mode"] = "default" if old else "none"
         elif not isinstance(old, bool):
-            raise ConfigError(f"config key train.compile: expected true/false, got {old!r} (it is now train.compile_mode)")
+            raise ConfigError(
+                f"config key train.compile: expected true/false, got {old!r} (it is now train.compile_mode)"
+            )
     if stored and section == "train" and d.get("num_threads") == 0:  # 0 used to mean "torch's default"
         d["num_threads"] = None
     return d
@@ -337,7 +396,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"sample.cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {[lo, hi]}")
     if cfg.sample.ema not in ("none",) + tuple(str(i) for i in range(len(t.ema_decays))):
         raise ConfigError(
-            f"sample.ema must be 'none' or an index into train.ema_decays (0..{len(t.ema_decays) - 1}), got {cfg.sample.ema!r}"
+            f"sample.ema must be 'none' or an index into train.ema_decays (0..{len(t.ema_decays) - 1}), "
+            f"got {cfg.sample.ema!r}"
         )
     _check_data(cfg.data)
     _check_diffusion(cfg.diffusion)
@@ -367,8 +427,64 @@ def _check_diffusion(d: DiffusionConfig) -> None:
         raise ConfigError(f"config key diffusion.t_eps must be in (0, 1], got {d.t_eps}")
 
 
-def load_config(path=None, overrides: Sequence[str] = ()) -> Config:
-    """Read ``path`` (YAML; may name ``base:`` files relative to it), apply dotted overrides, validate."""
-    layers = [_read_yaml(Path(path))] if path is not None else []
+def _check_device(key: str, name: str) -> None:
+    """The spelling of a device; whether this machine has it is the job's to check when it starts."""
+    import torch
+
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"config key {key}: {name!r} is not a device (auto | cpu | cuda | cuda:N)") from None
+
+
+def _check_sample_eval(cfg: Config) -> None:
+    """The settings of jitrope.sample / jitrope.evaluate (sample.* beyond the run's defaults, eval.*)."""
+    s, e = cfg.sample, cfg.eval
+    for k in ("n", "batch_size", "img_size", "scale", "num_threads"):
+        if getattr(s, k) is not None:
+            _positive(f"sample.{k}", getattr(s, k))
+    for k in ("max_images", "n_per_class", "n_cond", "batch_size", "res_n_per_class", "num_threads"):
+        if getattr(e, k) is not None:
+            _positive(f"eval.{k}", getattr(e, k))
+    _check_device("sample.device", s.device)
+    _check_device("eval.device", e.device)
+    if not s.out:
+        raise ConfigError("config key sample.out is empty: give the grid image's file name (e.g. samples.png)")
+    if e.out is not None and not e.out:
+        raise ConfigError("config key eval.out is empty: give a JSON file name, or null for <run>/eval/step_<N>.json")
+    if not e.t_grid or not all(0.0 <= t < 1.0 for t in e.t_grid):
+        raise ConfigError(f"config key eval.t_grid wants values in [0, 1), got {list(e.t_grid)}")
+    bad = [m for m in e.metrics if m not in EVAL_METRICS]
+    if not e.metrics or bad or len(set(e.metrics)) != len(e.metrics):
+        raise ConfigError(f"config key eval.metrics wants a subset of {list(EVAL_METRICS)}, got {list(e.metrics)}")
+    if any(px < 1 for px in e.res_px):
+        raise ConfigError(f"config key eval.res_px wants positive image sizes, got {list(e.res_px)}")
+    if e.res_px and "res" in e.metrics and e.featnet in (None, "none"):
+        raise ConfigError("config key eval.res_px: the resolution study needs the feature network "
+                          "(eval.featnet auto or a file), not none")
+
+
+def _stored_layer(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config stored by an older version, its legacy keys and values translated section by section."""
+    if isinstance(d, DictConfig):
+        d = OmegaConf.to_container(d, resolve=False)
+    return {sec: (_legacy(sec, dict(v), True) if sec in _SECTIONS and isinstance(v, Mapping) else v)
+            for sec, v in d.items()}
+
+
+def load_config(path=None, overrides: Sequence[str] = (), *, base: Optional[Mapping[str, Any]] = None,
+                flags: Optional[Mapping[str, Any]] = None) -> Config:
+    """Read ``path`` (YAML; may name ``base:`` files relative to it), apply dotted overrides, validate.
+
+    ``base``: a nested dict below the file, e.g. the config stored in a checkpoint (values of older
+    versions are translated); ``flags``: a nested dict of already typed values over the overrides
+    (what command-line flags such as ``--steps 10`` set; never re-parsed as YAML, so a flag value
+    ``null`` stays a string)."""
+    layers = [OmegaConf.create(_stored_layer(base))] if base is not None else []
+    if path is not None:
+        layers.append(_read_yaml(Path(path)))
     layers.append(OmegaConf.create(parse_overrides(overrides)))
+    if flags:
+        layers.append(OmegaConf.create(dict(flags)))
     return config_from_dict(OmegaConf.merge(*layers), where=str(path) if path is not None else "config")

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Diffusion", "EMA", "guidance_weight"]
+__all__ = ["Diffusion", "EMA", "guidance_weight", "SAMPLERS"]
 
 
 def _expand(t: Tensor, like: Tensor) -> Tensor:
@@ -36,6 +36,30 @@ def guidance_weight(t: Tensor, cfg: float, interval: Sequence[float] = (0.1, 1.0
     return torch.where(inside, torch.full_like(t, float(cfg)), torch.ones_like(t))
 
 
+Velocity = Callable[[Tensor, float], Tensor]
+
+
+def euler_step(vel: Velocity, z: Tensor, t0: float, t1: float, last: bool) -> Tensor:
+    return z + (t1 - t0) * vel(z, t0)
+
+
+def heun_step(vel: Velocity, z: Tensor, t0: float, t1: float, last: bool) -> Tensor:
+    """Heun's second-order step; the last one is Euler's (the velocity divides by 1 - t = 0 at t = 1)."""
+    v0 = vel(z, t0)
+    z_euler = z + (t1 - t0) * v0
+    if last:
+        return z_euler
+    return z + (t1 - t0) * 0.5 * (v0 + vel(z_euler, t1))
+
+
+# The one list of samplers: Diffusion.sample dispatches on it, the config and the CLIs offer its names.
+# A step maps (velocity function, z at t0, t0, t1, whether it is the last step) to z at t1.
+SAMPLERS: Dict[str, Callable[[Velocity, Tensor, float, float, bool], Tensor]] = {
+    "heun": heun_step,
+    "euler": euler_step,
+}
+
+
 @dataclass
 class Diffusion:
     """The denoising objective and the samplers; holds no weights."""
@@ -46,7 +70,7 @@ class Diffusion:
     noise_scale: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg) -> "Diffusion":
+    def from_config(cls, cfg) -> Diffusion:
         """From a ``DiffusionConfig`` (or anything with the same attributes)."""
         return cls(P_mean=cfg.P_mean, P_std=cfg.P_std, t_eps=cfg.t_eps, noise_scale=cfg.noise_scale)
 
@@ -136,10 +160,12 @@ class Diffusion:
         """Integrate from ``z0 = noise_scale * noise`` at t = 0 to t = 1; returns the final ``z``.
 
         ``shape`` ([B, C, H, W]) or ``noise`` gives the size. ``progress(k)`` is called after each
-        step. Heun takes ``2 * steps - 1`` network evaluations, Euler ``steps``.
+        step. ``sampler``: a name of :data:`SAMPLERS`; Heun takes ``2 * steps - 1`` network
+        evaluations, Euler ``steps``.
         """
-        if sampler not in ("heun", "euler"):
-            raise ValueError(f"sampler must be heun or euler, got {sampler!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        step = SAMPLERS[sampler]
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         device = y.device
@@ -155,19 +181,14 @@ class Diffusion:
             return self.velocity(net, z_, torch.full((z_.shape[0],), t_, device=device), y, cond, **kw)
 
         for i in range(steps):
-            t0, t1 = ts[i], ts[i + 1]
-            v0 = vel(z, t0)
-            if sampler == "euler" or i == steps - 1:
-                z = z + (t1 - t0) * v0
-            else:
-                z_euler = z + (t1 - t0) * v0
-                z = z + (t1 - t0) * 0.5 * (v0 + vel(z_euler, t1))
+            z = step(vel, z, ts[i], ts[i + 1], i == steps - 1)
             if progress is not None:
                 progress(i + 1)
         return z
 
 
-def _call(net: Callable, z: Tensor, t: Tensor, y: Tensor, cond: Optional[Tensor], cond_drop: Optional[Tensor]) -> Tensor:
+def _call(net: Callable, z: Tensor, t: Tensor, y: Tensor, cond: Optional[Tensor],
+          cond_drop: Optional[Tensor]) -> Tensor:
     if cond is None:
         return net(z, t, y)
     return net(z, t, y, cond=cond, cond_drop=cond_drop)
@@ -215,7 +236,9 @@ class EMA:
         for n, s in zip(self.names, self.shadows[index]):
             src = params[n]
             if src.shape != s.shape:
-                raise ValueError(f"EMA {index}: parameter {n} has shape {tuple(src.shape)}, the model has {tuple(s.shape)}")
+                raise ValueError(
+                    f"EMA {index}: parameter {n} has shape {tuple(src.shape)}, the model has {tuple(s.shape)}"
+                )
             s.copy_(src)
 
     def copy_to(self, index: int, target: nn.Module) -> nn.Module:

@@ -399,6 +399,17 @@ class FinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- model
+def _accept_published_names(module, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+    """``load_state_dict`` pre-hook: a state dict of the published JiT (separate q_norm / k_norm, its
+    sin-cos ``pos_embed``) loads too, mapped by :func:`jitrope.convert.map_published_names`."""
+    from .convert import ConvertError, map_published_names
+
+    try:
+        map_published_names(state_dict, module, prefix)
+    except ConvertError as e:
+        error_msgs.append(str(e))
+
+
 class JiT(nn.Module):
     """Just image Transformer; ``forward(x, t, y, cond=None, *, cond_drop=None, pos_scaling=None)``.
 
@@ -458,6 +469,7 @@ class JiT(nn.Module):
         )
         self.final_layer = FinalLayer(w, cfg.patch_size, cfg.in_channels)
         self.initialize_weights()
+        self.register_load_state_dict_pre_hook(_accept_published_names)
 
     def initialize_weights(self) -> None:
         """The official JiT / DiT initialisation (adaLN-Zero, zero final layer)."""

@@ -3,56 +3,97 @@
     python -m jitrope.sample --ckpt runs/emoji32 --out samples/grid.png
     python -m jitrope.sample --ckpt runs/emoji32 --classes "Smileys & Emotion,Animals & Nature" --n 8 --cfg 3
     python -m jitrope.sample --ckpt runs/emoji32 --cond my_cond_images/ --cfg 2 --sampler euler --steps 30
+    python -m jitrope.sample --ckpt runs/emoji32 --config my_sampling.yaml sample.steps=30 model.pos_impl=torch
 
 Writes the labelled grid to ``--out`` and every image to a folder beside it (``<out stem>/``).
-The Python API (:func:`load_model`, :func:`generate`, :func:`make_grid`) is what the trainer and
-``jitrope.evaluate`` use.
+Settings are config keys (``sample.*``, see :class:`jitrope.config.SampleConfig`), read as in
+training: the run's stored config, then ``--config FILE``, then ``section.key=value`` overrides,
+then the flags (each flag sets one key, e.g. ``--steps`` is ``sample.steps``).
+The Python API (:func:`load_model`, :func:`run_config`, :func:`generate`, :func:`make_grid`) is what
+the trainer and ``jitrope.evaluate`` use.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, check_state_dict, load_weights, resolve_checkpoint
-from .config import ConfigError, config_from_dict
-from .data import IMAGE_EXTENSIONS, DataError, _composite_on_white, resize_images, to_float, to_rgba8, to_uint8
-from .diffusion import Diffusion
-from .fileio import check_writable_dir
+from .cli import Flag, add_flags, check_image_out, cpu_setup, fail, flag_layer, resolve_device
+from .config import Config, ConfigError, config_from_dict, load_config
+from .data import IMAGE_EXTENSIONS, DataError, composite_on_white, resize_images, to_float, to_rgba8, to_uint8
+from .diffusion import SAMPLERS, Diffusion
+from .posenc import IMPLS
 
-__all__ = ["load_model", "generate", "make_grid", "parse_classes", "load_cond_images", "main"]
+__all__ = [
+    "load_model",
+    "load_checkpoint",
+    "run_config",
+    "model_from_weights",
+    "generate",
+    "make_grid",
+    "parse_classes",
+    "load_cond_images",
+    "SampleError",
+    "FLAGS",
+    "main",
+]
 
 
 class SampleError(ValueError):
     """Bad sampling input; the message says which and why."""
 
 
-def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = None):
-    """Load a checkpoint (run folder, ``step_*`` folder or weights file) for sampling.
+def _unverified(fn: Callable, allow: bool) -> Dict[str, bool]:
+    """``allow_unverified=True`` for a checkpoint function that takes it. A loader without the
+    keyword loads a checkpoint that has no manifest anyway (with a warning): there is nothing to pass."""
+    return {"allow_unverified": True} if allow and "allow_unverified" in inspect.signature(fn).parameters else {}
 
-    ``ema``: "0" / "1" (which EMA; SPEC: the 0.9999 one is sampled) or "none" (raw weights).
-    Returns ``(model in eval mode, Config of the run, info)``; info has step, path, weights (which
-    set), ema_decays and class_names.
-    """
+
+def load_checkpoint(ckpt, *, allow_unverified: bool = False) -> Dict[str, Any]:
+    """The weights of a run folder (its newest checkpoint that verifies), ``step_*`` folder or
+    weights file (:func:`jitrope.checkpoint.load_weights`), verified once. ``allow_unverified``:
+    also load a checkpoint that has no manifest to verify it by."""
+    path = resolve_checkpoint(ckpt, **_unverified(resolve_checkpoint, allow_unverified))
+    return load_weights(path, **_unverified(load_weights, allow_unverified))
+
+
+def _stored(w: Mapping[str, Any]) -> Dict[str, Any]:
+    stored = dict(w["config"])
+    if w.get("model_config"):  # the resolved fields: independent of later changes to presets
+        stored["model"] = dict(w["model_config"])
+    return stored
+
+
+def run_config(w: Mapping[str, Any], path=None, overrides: Sequence[str] = (),
+               flags: Optional[Mapping[str, Any]] = None) -> Config:
+    """The config to sample / evaluate the checkpoint ``w`` (:func:`load_checkpoint`) with: the one
+    stored with it, then the YAML file ``path``, the dotted ``overrides`` and the typed ``flags``
+    (:func:`jitrope.config.load_config`)."""
+    stored = _stored(w)
+    try:  # the run's own config first, so that its faults are not blamed on the command line
+        config_from_dict(stored, where=f"config stored in {w['path']}", stored=True).model_config()
+    except (ConfigError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{w['path']}: its stored config does not build a model: {e}") from None
+    return load_config(path, overrides, base=stored, flags=flags)
+
+
+def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", device="cpu"):
+    """The model of ``cfg`` with the weights ``ema`` of ``w`` ("0" / "1": an EMA, "none": the raw
+    weights), in eval mode on ``device``; returns ``(model, info)`` (see :func:`load_model`)."""
     from .model import JiT
 
-    w = load_weights(ckpt)
     path = w["path"]
     try:
-        stored = dict(w["config"])
-        if w.get("model_config"):  # the resolved fields: independent of later changes to presets
-            stored["model"] = dict(w["model_config"])
-        if pos_impl is not None:
-            stored["model"] = {**stored.get("model", {}), "pos_impl": pos_impl}
-        cfg = config_from_dict(stored, where=f"config stored in {path}", stored=True)
         mcfg = cfg.model_config()
     except (ConfigError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: its stored config does not build a model: {e}") from None
+        raise ConfigError(f"model config: {e}") from None
     model = JiT(mcfg)
     if ema in ("none", "raw", "model"):
         sd, which = w["model"], "model"
@@ -61,7 +102,8 @@ def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = 
             i = int(ema)
             sd = w["emas"][i]
         except (ValueError, IndexError):
-            raise CheckpointError(f"{path} has {len(w['emas'])} EMA(s) ({w['ema_decays']}); --ema {ema!r} is not one of them") from None
+            raise CheckpointError(f"{path} has {len(w['emas'])} EMA(s) ({w['ema_decays']}); ema {ema!r} is not one of "
+                                  "them (\"none\": the raw weights)") from None
         which = f"ema{i}"
     check_state_dict(model.state_dict(), sd, where=f"{path} [{which}]")
     model.load_state_dict(sd)
@@ -70,6 +112,19 @@ def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = 
     if len(names) != mcfg.num_classes:
         names = [f"class {i}" for i in range(mcfg.num_classes)]
     info = {"step": w["step"], "path": path, "weights": which, "ema_decays": w["ema_decays"], "class_names": names}
+    return model, info
+
+
+def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = None, allow_unverified: bool = False):
+    """Load a checkpoint (run folder, ``step_*`` folder or weights file) for sampling.
+
+    ``ema``: "0" / "1" (which EMA; SPEC: the 0.9999 one is sampled) or "none" (raw weights).
+    Returns ``(model in eval mode, Config of the run, info)``; info has step, path, weights (which
+    set), ema_decays and class_names.
+    """
+    w = load_checkpoint(ckpt, allow_unverified=allow_unverified)
+    cfg = run_config(w, flags={"model": {"pos_impl": pos_impl}} if pos_impl is not None else None)
+    model, info = model_from_weights(w, cfg, ema=ema, device=device)
     return model, cfg, info
 
 
@@ -174,7 +229,9 @@ def parse_classes(spec: Optional[str], class_names: Sequence[str]) -> List[int]:
         elif tok.lstrip("-").isdigit():
             i = int(tok)
             if not 0 <= i <= len(class_names):
-                raise SampleError(f"class index {i} is out of range 0..{len(class_names) - 1} (or {len(class_names)} = null)")
+                raise SampleError(
+                    f"class index {i} is out of range 0..{len(class_names) - 1} (or {len(class_names)} = null)"
+                )
             out.append(i)
         elif tok.lower() in lower:
             out.append(lower.index(tok.lower()))
@@ -217,8 +274,9 @@ def load_cond_images(path, size: int, *, resize: bool = False) -> Tuple[Tensor, 
                             "(model.cond_img_size); pass --cond-resize to resize it"
                         )
                     im = to_rgba8(im).resize((size, size), Image.LANCZOS)
-                out.append(_composite_on_white(im))
-        except (UnidentifiedImageError, OSError, DataError) as e:
+                out.append(composite_on_white(im))
+        # DecompressionBombError: a header claiming more pixels than PIL's limit, refused before decoding
+        except (UnidentifiedImageError, OSError, DataError, Image.DecompressionBombError) as e:
             raise SampleError(f"cannot read condition image {f}: {e}") from None
     return to_float(torch.stack(out)), [f.name for f in files]
 
@@ -228,9 +286,36 @@ def _parse_interval(s: str) -> Tuple[float, float]:
         lo, hi = (float(v) for v in s.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--cfg-interval wants LO,HI (e.g. 0.1,1.0), got {s!r}") from None
-    if not 0 <= lo <= hi <= 1:
-        raise argparse.ArgumentTypeError(f"--cfg-interval needs 0 <= LO <= HI <= 1, got {s!r}")
     return lo, hi
+
+
+# Every flag sets one config key; the key's value in the run's config, --config and the overrides
+# stands where the flag is not given.
+FLAGS = (
+    Flag("--out", "sample.out", "grid image (.png, .jpg, ...); single images go to a folder named after it"),
+    Flag("--classes", "sample.classes", "comma-separated class names or indices, 'all', or 'null' (unconditional); "
+         "with --cond: one class for all rows or one per condition image (default: null)"),
+    Flag("--n", "sample.n", "samples per row", {"type": int}),
+    Flag("--cond", "sample.cond", "condition image, or folder of them (size model.cond_img_size)"),
+    Flag("--cond-resize", "sample.cond_resize", "resize condition images of another size instead of failing",
+         {"action": "store_const", "const": True}),
+    Flag("--cfg", "sample.cfg", "guidance scale (1 = no guidance)", {"type": float}),
+    Flag("--cfg-interval", "sample.cfg_interval", "LO,HI: guide only for t in [LO, HI]", {"type": _parse_interval}),
+    Flag("--sampler", "sample.sampler", "sampler", {"choices": tuple(SAMPLERS)}),
+    Flag("--steps", "sample.steps", "sampler steps", {"type": int}),
+    Flag("--seed", "sample.seed", "noise seed", {"type": int}),
+    Flag("--batch-size", "sample.batch_size", "images per forward pass", {"type": int}),
+    Flag("--img-size", "sample.img_size", "sample at another size (where the positional encoding allows)",
+         {"type": int}),
+    Flag("--ema", "sample.ema", "which weights: EMA index 0 / 1, or none (raw)"),
+    Flag("--device", "sample.device", "auto | cpu | cuda | cuda:N"),
+    Flag("--num-threads", "sample.num_threads", "CPU threads (default: torch's; 1 is fastest on a busy machine)",
+         {"type": int}),
+    Flag("--pos-impl", "model.pos_impl", "op implementation of the positional encoding", {"choices": IMPLS}),
+    Flag("--scale", "sample.scale", "upscale factor of the grid (default: to about 64 px per image)", {"type": int}),
+    Flag("--no-singles", "sample.singles", "write the grid only", {"action": "store_const", "const": False}),
+    Flag("--no-progress", "sample.progress", "hide the progress bar", {"action": "store_const", "const": False}),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,91 +323,50 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jitrope.sample",
         description="Sample a trained JiT checkpoint into a labelled grid PNG (plus the single images). "
         "Without --cond: one row per class. With --cond: one row per condition image, the condition "
-        "shown first. Defaults for steps/sampler/cfg come from the run's config (sample.*).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "shown first. Settings are the config keys in brackets, from the run's config (sample.*), "
+        "--config FILE and section.key=value overrides; a flag sets its key.",
     )
-    p.add_argument("--ckpt", required=True, help="run folder (newest checkpoint), checkpoints/step_* folder, or weights.safetensors")
-    p.add_argument("--out", default="samples.png", help="grid PNG; single images go to a folder named after it")
-    p.add_argument("--classes", default=None, help="comma-separated class names or indices, 'all', or 'null' (unconditional); "
-                   "with --cond: one class for all rows or one per condition image (default: null)")
-    p.add_argument("--n", type=int, default=8, help="samples per row")
-    p.add_argument("--cond", default=None, help="condition image, or folder of them (size model.cond_img_size)")
-    p.add_argument("--cond-resize", action="store_true", help="resize condition images of another size instead of failing")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = no guidance)")
-    p.add_argument("--cfg-interval", type=_parse_interval, default=None, help="LO,HI: guide only for t in [LO, HI]")
-    p.add_argument("--sampler", choices=("heun", "euler"), default=None)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--img-size", type=int, default=None, help="sample at another size (where the positional encoding allows)")
-    p.add_argument("--ema", default=None, help="which weights: EMA index 0 / 1, or none (raw); default sample.ema of the run")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: torch's; 1 is fastest on a busy machine)")
-    p.add_argument("--pos-impl", choices=("fused", "torch"), default=None, help="override model.pos_impl")
-    p.add_argument("--scale", type=int, default=None, help="upscale factor of the grid (default: to about 64 px per image)")
-    p.add_argument("--no-singles", action="store_true", help="write the grid only")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--ckpt", required=True,
+                   help="run folder (newest checkpoint), checkpoints/step_* folder, or weights.safetensors")
+    p.add_argument("--config", help="YAML file of config keys (e.g. a sample: section), over the run's config")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load a checkpoint that has no manifest to verify its files by")
+    add_flags(p, FLAGS)
     return p
 
 
-def _cpu_setup(num_threads: Optional[int]) -> None:
-    torch.set_flush_denormal(True)
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-
-
-def check_args(args) -> None:
-    """Refuse numbers that make no sense before any work; a given 0 never means "the default"."""
-    for name in ("n", "batch_size", "steps", "img_size", "scale", "num_threads"):
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise SampleError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
-        raise SampleError(f"--cfg (guidance scale) must be a finite number >= 0, got {args.cfg}")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(name)
-    except RuntimeError:
-        raise SampleError(f"--device {name!r} is not a device (auto | cpu | cuda | cuda:N)") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device {name}: this machine has no usable CUDA device; use --device cpu or auto")
-    return d
-
-
-def run(args) -> Path:
+def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> Path:
+    """Sample as ``args`` (from :func:`build_parser`) and the typed ``flags`` layer say; returns the grid's path."""
     from tqdm import tqdm
 
-    check_args(args)
-    device = _device(args.device)
-    _cpu_setup(args.num_threads)
-    out = Path(args.out)
-    check_writable_dir(out.parent, "the folder of --out")  # before sampling, so no work is lost
-    ckpt = resolve_checkpoint(args.ckpt)  # verified once; a run folder falls back past damaged ones
-    w_cfg = load_weights(ckpt)["config"]  # cheap enough; gives the default EMA before building
-    ema = args.ema if args.ema is not None else str((w_cfg.get("sample") or {}).get("ema", "0"))
-    model, cfg, info = load_model(ckpt, ema=ema, device=device, pos_impl=args.pos_impl)
+    w = load_checkpoint(args.ckpt, allow_unverified=args.allow_unverified)
+    cfg = run_config(w, args.config, args.overrides, flags)
     s = cfg.sample
-    steps = args.steps if args.steps is not None else s.steps
-    sampler = args.sampler or s.sampler
-    scale = args.cfg if args.cfg is not None else s.cfg
-    interval = args.cfg_interval or tuple(s.cfg_interval)
+    device = resolve_device(s.device, "sample.device")
+    # the output before the work, so that no sampling is lost to a bad name (issue 18)
+    out = check_image_out(s.out, "sample.out")
+    singles = out.with_suffix("")
+    if s.singles and singles.exists() and not singles.is_dir():
+        raise ConfigError(f"config key sample.out: the single images go to {singles}, which is a file "
+                          "(set sample.singles=false, or another sample.out)")
+    cpu_setup(s.num_threads)
+    model, info = model_from_weights(w, cfg, ema=s.ema, device=device)
     class_names = info["class_names"]
-    img_size = args.img_size if args.img_size is not None else model.cfg.img_size
+    img_size = s.img_size if s.img_size is not None else model.cfg.img_size
     if img_size % model.cfg.patch_size:
-        raise SampleError(f"--img-size {img_size} is not a multiple of the patch size {model.cfg.patch_size}")
+        raise ConfigError(f"config key sample.img_size: {img_size} is not a multiple of the patch size "
+                          f"{model.cfg.patch_size}")
 
     conds, cond_names = None, None
-    if args.cond is not None:
+    if s.cond is not None:
         if model.cfg.cond_img_size is None:
-            raise SampleError(f"{info['path']}: this model takes no condition image (model.cond_img_size is null); drop --cond")
+            raise SampleError(f"{info['path']}: this model takes no condition image (model.cond_img_size is null); "
+                              "drop --cond (sample.cond)")
         csize = model.cfg.cond_img_size * img_size // model.cfg.img_size
-        conds, cond_names = load_cond_images(args.cond, csize, resize=args.cond_resize)
+        conds, cond_names = load_cond_images(s.cond, csize, resize=s.cond_resize)
         rows = len(conds)
-        cls = parse_classes(args.classes, class_names) if args.classes is not None else [len(class_names)]
+        cls = parse_classes(s.classes, class_names) if s.classes is not None else [len(class_names)]
         if len(cls) == 1:
             cls = cls * rows
         elif len(cls) != rows:
@@ -330,53 +374,55 @@ def run(args) -> Path:
         row_labels = [f"{n} | {class_names[c] if c < len(class_names) else 'null'}" for n, c in zip(cond_names, cls)]
         row_cond = conds
     else:
-        cls = parse_classes(args.classes, class_names)
+        cls = parse_classes(s.classes, class_names)
         row_labels = [class_names[c] if c < len(class_names) else "null" for c in cls]
         row_cond = None
-    labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(args.n)
-    cond = row_cond.repeat_interleave(args.n, dim=0) if row_cond is not None else None
+    labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(s.n)
+    cond = row_cond.repeat_interleave(s.n, dim=0) if row_cond is not None else None
 
     diffusion = Diffusion.from_config(cfg.diffusion)
-    n_batches = math.ceil(len(labels) / args.batch_size)
-    bar = tqdm(total=n_batches * steps, desc="sampling", unit="step", disable=True if args.no_progress else None)
+    interval = tuple(s.cfg_interval)
+    n_batches = math.ceil(len(labels) / s.batch_size)
+    bar = tqdm(total=n_batches * s.steps, desc="sampling", unit="step", disable=True if not s.progress else None)
     try:
-        x = generate(model, diffusion, labels, cond, img_size=img_size, steps=steps, sampler=sampler, cfg=scale,
-                     cfg_interval=interval, seed=args.seed, batch_size=args.batch_size, device=device, progress=bar.update)
+        x = generate(model, diffusion, labels, cond, img_size=img_size, steps=s.steps, sampler=s.sampler, cfg=s.cfg,
+                     cfg_interval=interval, seed=s.seed, batch_size=s.batch_size, device=device,
+                     progress=bar.update)
     except ValueError as e:  # e.g. a grid the positional encoding cannot place
         raise SampleError(f"the model cannot sample this: {e}") from None
     finally:
         bar.close()
 
     imgs = to_uint8(x)
-    ncol = args.n
+    ncol = s.n
     if row_cond is not None:  # show the condition (upscaled to the sample size) first in its row
         shown = to_uint8(resize_images(row_cond, img_size) if row_cond.shape[-1] > img_size else
                          torch.nn.functional.interpolate(row_cond, size=(img_size, img_size), mode="nearest"))
-        imgs = torch.cat([torch.cat([shown[r : r + 1], imgs[r * args.n : (r + 1) * args.n]]) for r in range(len(row_cond))])
+        imgs = torch.cat([torch.cat([shown[r : r + 1], imgs[r * s.n : (r + 1) * s.n]]) for r in range(len(row_cond))])
         ncol += 1
-    scale_f = args.scale if args.scale is not None else max(1, 64 // img_size)
+    scale_f = s.scale if s.scale is not None else max(1, 64 // img_size)
     make_grid(imgs, ncol, row_labels=row_labels, scale=scale_f).save(out)
-    if not args.no_singles:
+    if s.singles:
         from PIL import Image
 
-        d = out.with_suffix("")
-        d.mkdir(parents=True, exist_ok=True)
+        singles.mkdir(parents=True, exist_ok=True)
         u8 = to_uint8(x)
         for i in range(len(u8)):
-            r, c = divmod(i, args.n)
+            r, c = divmod(i, s.n)
             name = "".join(ch if ch.isalnum() else "_" for ch in row_labels[r])[:40]
-            Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(d / f"r{r:02d}_c{c:02d}_{name}.png")
-    print(f"wrote {out} ({len(labels)} samples, step {info['step']} {info['weights']}, {sampler} {steps} steps, cfg {scale} on {list(interval)})")
+            Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(singles / f"r{r:02d}_c{c:02d}_{name}.png")
+    print(f"wrote {out} ({len(labels)} samples, step {info['step']} {info['weights']}, {s.sampler} {s.steps} steps, "
+          f"cfg {s.cfg} on {list(interval)})")
     return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags may come between the overrides
+    layer, names = flag_layer(args, FLAGS)
     try:
-        run(args)
+        run(args, layer)
     except (SampleError, CheckpointError, DataError, ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e, names)
     return 0
 
 

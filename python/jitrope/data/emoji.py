@@ -32,8 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .fileio import atomic_path, atomic_write_text
-from .imageset import DataError, ImageSet, _composite_on_white, resize_images
+from ..fileio import atomic_path, atomic_write_text
+from .imageset import DataError, ImageSet, composite_on_white, resize_images
 
 EMOJI_VERSION = "16.0.0"
 EMOJI_VENDORS = ("google", "twitter", "apple", "facebook")
@@ -320,7 +320,7 @@ def _load_vendor(vendor: str, *, root, version, skin_tones, download, npm, log) 
             continue  # emoji.json claims an image the package does not ship
         try:
             with Image.open(p) as im:
-                t = _composite_on_white(im)
+                t = composite_on_white(im)
         except (OSError, Image.DecompressionBombError) as e:
             raise DataError(f"{p}: unreadable image ({e}); delete {pkg} to unpack it again") from None
         if t.shape[-2:] != (64, 64):

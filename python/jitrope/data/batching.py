@@ -56,7 +56,8 @@ class IndexStream:
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["n"]) != self.n or int(state["seed"]) != self.seed:
-            raise ValueError(f"data order state is for n={state['n']}, seed={state['seed']}; this run has n={self.n}, seed={self.seed}")
+            raise ValueError(f"data order state is for n={state['n']}, seed={state['seed']}; "
+                             f"this run has n={self.n}, seed={self.seed}")
         self.epoch, self.pos, self._perm = int(state["epoch"]), int(state["pos"]), None
 
 
@@ -67,13 +68,16 @@ class BatchMaker:
     emoji from another vendor when there is one, else the same image, at ``cond_size``).
     """
 
-    def __init__(self, ds: ImageSet, *, cond: str = "none", cond_size: Optional[int] = None, hflip: bool = False, device="cpu"):
+    def __init__(self, ds: ImageSet, *, cond: str = "none", cond_size: Optional[int] = None, hflip: bool = False,
+                 device="cpu"):
         if cond not in ("none", "downsample", "other_vendor"):
             raise ValueError(f"data.cond must be none, downsample or other_vendor, got {cond!r}")
         if cond != "none" and not cond_size:
             raise ValueError(f"data.cond={cond} needs model.cond_img_size")
         if cond == "none" and cond_size:
-            raise ValueError(f"model.cond_img_size={cond_size} needs a condition: set data.cond=downsample or other_vendor")
+            raise ValueError(
+                f"model.cond_img_size={cond_size} needs a condition: set data.cond=downsample or other_vendor"
+            )
         self.ds, self.cond, self.hflip, self.device = ds, cond, hflip, torch.device(device)
         self.images = ds.images.to(self.device)
         self.labels = ds.labels.to(self.device)

@@ -9,7 +9,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .emoji import load_emoji
-from .imageset import IMAGE_EXTENSIONS, DataError, ImageSet, _composite_on_white, heldout_mask, resize_images, to_rgba8
+from .imageset import IMAGE_EXTENSIONS, DataError, ImageSet, composite_on_white, heldout_mask, resize_images, to_rgba8
 
 
 def load_image_folder(path, img_size: int) -> ImageSet:
@@ -37,7 +37,7 @@ def load_image_folder(path, img_size: int) -> ImageSet:
                     s = min(w, h)
                     im = to_rgba8(im).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
                     im = im.resize((img_size, img_size), Image.LANCZOS)
-                    imgs.append(_composite_on_white(im))
+                    imgs.append(composite_on_white(im))
             # a header claiming more pixels than PIL's decompression-bomb limit: refused before decoding
             except (OSError, DataError, Image.DecompressionBombError) as e:
                 raise DataError(f"{p}: unreadable image ({e})") from None

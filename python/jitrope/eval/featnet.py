@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import ImageSet, build_dataset, data_root, resize_images, to_float
+from ..data import ImageSet, build_dataset, data_root, resize_images, to_float
 from .metrics import gaussian_stats
 
 __all__ = ["FeatNetConfig", "FeatNet", "train_featnet", "load_or_train_featnet", "featnet_path"]
@@ -42,7 +42,7 @@ __all__ = ["FeatNetConfig", "FeatNet", "train_featnet", "load_or_train_featnet",
 FEATNET_VERSION = 1
 
 
-@dataclass
+@dataclass(frozen=True)  # a shared default argument: nothing may change it
 class FeatNetConfig:
     widths: Tuple[int, ...] = (16, 32, 64)
     feat_dim: int = 64
@@ -61,7 +61,7 @@ class FeatNet(nn.Module):
         super().__init__()
         self.img_size, self.cfg = img_size, cfg
         layers, c_in = [], 3
-        for i, c in enumerate(cfg.widths):
+        for c in cfg.widths:
             layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
                        nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(), nn.AvgPool2d(2)]
             c_in = c
@@ -100,7 +100,8 @@ class FeatNet(nn.Module):
 
 def _config_hash(data_cfg, cfg: FeatNetConfig) -> str:
     key = {"version": FEATNET_VERSION, "featnet": dataclasses.asdict(cfg),
-           "data": {k: getattr(data_cfg, k) for k in ("name", "img_size", "vendors", "holdout", "skin_tones", "num_images")}}
+           "data": {k: getattr(data_cfg, k)
+                    for k in ("name", "img_size", "vendors", "holdout", "skin_tones", "num_images")}}
     if data_cfg.name == "folder":
         key["data"]["root"] = str(Path(data_cfg.root).resolve())
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:16]

@@ -128,7 +128,9 @@ def to_rgba8(im):
         raise DataError(f"cannot convert an image of mode {im.mode} to RGB ({e})") from None
 
 
-def _composite_on_white(im) -> Tensor:
+def composite_on_white(im) -> Tensor:
+    """A PIL image (any mode, :func:`to_rgba8`) over a white background -> uint8 ``[3, H, W]``: how
+    every loader turns transparency into the RGB the model sees."""
     from PIL import Image
 
     rgba = to_rgba8(im)

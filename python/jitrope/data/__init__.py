@@ -1,16 +1,17 @@
 """Training data: the emoji set from npm (SPEC §8), ImageFolder-style folders, a synthetic set.
 
-This module gathers the public names of the modules that hold them, one concern each:
+This package gathers the public names of its modules, one concern each (their old paths,
+``jitrope.imageset`` and so on, still import them):
 
-- :mod:`jitrope.imageset`: :class:`ImageSet` (in-memory uint8 images), the image conversions
+- :mod:`jitrope.data.imageset`: :class:`ImageSet` (in-memory uint8 images), the image conversions
   (:func:`to_float`, :func:`to_uint8`, :func:`to_rgba8`, :func:`resize_images`) and the fixed
   held-out split (:func:`heldout_mask`: an item is held out when the sha256 of its key falls in
   the lowest ``holdout`` fraction, whatever the vendors, sizes or order);
-- :mod:`jitrope.emoji`: fetching the npm emoji set (pinned, verified, unpacked atomically) and
+- :mod:`jitrope.data.emoji`: fetching the npm emoji set (pinned, verified, unpacked atomically) and
   loading it;
-- :mod:`jitrope.datasets`: the folder and synthetic sets, :func:`build_dataset`, and the choice
+- :mod:`jitrope.data.datasets`: the folder and synthetic sets, :func:`build_dataset`, and the choice
   of held-out condition images (:func:`heldout_picks`, :func:`write_heldout_conditions`);
-- :mod:`jitrope.batching`: :class:`IndexStream` and :class:`BatchMaker`.
+- :mod:`jitrope.data.batching`: :class:`IndexStream` and :class:`BatchMaker`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .imageset import (
     IMAGE_EXTENSIONS,
     DataError,
     ImageSet,
-    _composite_on_white,
+    composite_on_white,
     heldout_mask,
     resize_images,
     to_float,
@@ -60,4 +61,5 @@ __all__ = [
     "to_float",
     "to_uint8",
     "to_rgba8",
+    "composite_on_white",
 ]

@@ -61,7 +61,9 @@ def fd_from_features(a: Tensor, b: Tensor) -> float:
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
     if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(f"x and y must be image batches [N, C, H, W] of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must be image batches [N, C, H, W] of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
