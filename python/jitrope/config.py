@@ -93,6 +93,8 @@ class DiffusionConfig:
     P_std: float = 0.8
     t_eps: float = 0.05
     noise_scale: float = 1.0
+    shift: str = "none"  # none | sqrt_tokens: per-image time shift by token count (jitrope.diffusion)
+    shift_ref_tokens: int = 256  # the token count whose shift is 1
 
 
 @dataclass
@@ -332,6 +334,9 @@ def _check(cfg: Config) -> None:
         )
     if cfg.diffusion.noise_scale <= 0 or cfg.diffusion.t_eps <= 0:
         raise ConfigError("diffusion.noise_scale and diffusion.t_eps must be positive")
+    if cfg.diffusion.shift not in ("none", "sqrt_tokens"):
+        raise ConfigError(f"diffusion.shift must be one of ['none', 'sqrt_tokens'], got {cfg.diffusion.shift!r}")
+    _positive("diffusion.shift_ref_tokens", cfg.diffusion.shift_ref_tokens)
     try:  # model.* errors (an unknown pos_embed, a bad size) now, not as a traceback at model build
         cfg.model_config()
     except (ValueError, TypeError) as e:
