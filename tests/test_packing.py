@@ -275,6 +275,10 @@ def test_varlen_attention_errors():
         varlen_attention(q, k[:3], v, cu, 2)
     with pytest.raises(ValueError, match="impl='varlen'.*needs CUDA"):
         varlen_attention(q, k, v, cu, 2, impl="varlen")
+    with pytest.raises(ValueError, match="cu_seqlens must end at the token count T = 4"):
+        varlen_attention(q, k, v, cu_of([2, 1]), 2)
+    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+        varlen_attention(q, k, v, torch.tensor([0, 3, 2, 4], dtype=torch.int32), 2)
 
 
 @pytest.mark.cuda
@@ -298,7 +302,8 @@ def test_packed_batch_of_one_size_is_the_batched_forward(pos_embed, pos_impl, co
     model = make_model(pos_embed, pos_impl, cond)
     g = torch.Generator().manual_seed(3)
     B = 4
-    x, t, y = torch.randn(B, 3, 16, 16, generator=g), torch.rand(B, generator=g), torch.randint(0, 10, (B,), generator=g)
+    x, t = torch.randn(B, 3, 16, 16, generator=g), torch.rand(B, generator=g)
+    y = torch.randint(0, 10, (B,), generator=g)
     c = torch.randn(B, 3, 8, 8, generator=g) if cond else None
     drop = torch.tensor([False, True, False, True]) if cond else None
     ref = model(x, t, y, cond=c, cond_drop=drop)

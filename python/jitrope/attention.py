@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .packing import check_cu_seqlens
+
 __all__ = ["varlen_attention", "VARLEN_IMPLS", "block_diagonal_mask", "resolve_varlen_impl"]
 
 VARLEN_IMPLS = ("auto", "varlen", "mask", "loop")
@@ -96,6 +98,7 @@ def varlen_attention(
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
     fp32_logits: bool = False,
+    check: bool = True,
 ) -> Tensor:
     """Attention within each packed sequence.
 
@@ -107,6 +110,8 @@ def varlen_attention(
         dropout_p: attention dropout (not with ``"varlen"``).
         scale: logit scale, default ``D ** -0.5``.
         fp32_logits: float32 logits and softmax (JiT's ``attn_impl="fp32"``).
+        check: validate the values of ``cu_seqlens`` in eager code (0 first, increasing, T last); it reads
+            them on the host, so callers whose layout is valid by construction (the model) skip it.
     Returns:
         ``[T, H, D]`` in q's dtype.
     """
@@ -120,6 +125,8 @@ def varlen_attention(
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
     T = q.shape[0]
+    if check and not torch.compiler.is_compiling():
+        check_cu_seqlens(cu_seqlens, T)
     impl = resolve_varlen_impl(impl, q, dropout_p=dropout_p, fp32_logits=fp32_logits)
     if impl == "varlen":
         if not _varlen_attn_applies(q, dropout_p, fp32_logits):

@@ -62,7 +62,8 @@ def check_cu_seqlens(cu_seqlens: Tensor, total: int, *, name: str = "cu_seqlens"
         got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else type(cu_seqlens)
         raise ValueError(f"{name} must be an int32 [S+1] tensor, got {got}")
     if cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must hold at least one sequence ([S+1] with S >= 1), got {cu_seqlens.numel()} entries")
+        raise ValueError(
+            f"{name} must hold at least one sequence ([S+1] with S >= 1), got {cu_seqlens.numel()} entries")
     v = cu_seqlens.tolist()
     if v[0] != 0:
         raise ValueError(f"{name} must start at 0, got {v[0]}")
@@ -209,7 +210,8 @@ class PackedLayout:
         row_off: Dict[Tuple[str, Grid], int] = {}
         col_off: Dict[Tuple[str, Grid], int] = {}
         slot_off: Dict[Tuple[str, Grid], int] = {}
-        slot = train_grid[0] * train_grid[1] + (0 if train_cond_grid is None else train_cond_grid[0] * train_cond_grid[1])
+        n_train_cond = 0 if train_cond_grid is None else train_cond_grid[0] * train_cond_grid[1]
+        slot = train_grid[0] * train_grid[1] + n_train_cond
         r, c = max_grid
         for g in image_tables:
             row_off["image", g], col_off["image", g], slot_off["image", g] = r, c, slot
@@ -269,7 +271,8 @@ class PackedLayout:
         if L == 0:
             seqs_in = seqs
         else:
-            keep = torch.cat([torch.arange(o + L, o + n) for o, n in zip(torch.tensor([0] + lens).cumsum(0).tolist(), lens)])
+            starts = torch.tensor([0] + lens[:-1]).cumsum(0).tolist()
+            keep = torch.cat([torch.arange(o + L, o + n) for o, n in zip(starts, lens)])  # drop in-context rows
             seqs_in = _seqs(lens_in, coords[keep])
         img_counts = torch.tensor([gh * gw for gh, gw in img_grids], dtype=torch.int64)
         cond_counts = torch.tensor([0 if g is None else g[0] * g[1] for g in cond_grids], dtype=torch.int64)
@@ -312,7 +315,8 @@ class PackedLayout:
     def split_images(self, tokens: Tensor) -> List[Tensor]:
         """``[T_img, ...]`` image-token rows -> one ``[gh*gw, ...]`` chunk per sample."""
         if tokens.shape[0] != self.n_image:
-            raise ValueError(f"tokens must have the layout's {self.n_image} image tokens in dim 0, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must have the layout's {self.n_image} image tokens in dim 0, got {tuple(tokens.shape)}")
         return list(tokens.split([gh * gw for gh, gw in self.img_grids]))
 
 
