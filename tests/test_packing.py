@@ -325,6 +325,19 @@ def test_packed_mixed_sizes_are_a_loop_over_single_images(pos_embed, pos_impl, c
         torch.testing.assert_close(outs[s], ref, rtol=1e-5, atol=1e-6, msg=f"sample {s}")
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("pos_embed", ["sincos2d+rope2d", "factorized2d", "rope2d_mixed"])
+def test_packed_mixed_sizes_in_other_dtypes(pos_embed, dtype, tol):
+    model = make_model(pos_embed, "torch", True).to(dtype)
+    xs, t, y, conds, drop = mixed_batch(seed=4)
+    xs, conds, t = [x.to(dtype) for x in xs], [c if c is None else c.to(dtype) for c in conds], t.to(dtype)
+    outs = model.forward_packed(xs, t, y, conds, cond_drop=drop)
+    for s in range(len(xs)):
+        ref = single(model, xs, t, y, conds, drop, s)
+        assert outs[s].dtype == dtype
+        torch.testing.assert_close(outs[s], ref, rtol=tol, atol=tol, msg=f"sample {s}")
+
+
 @pytest.mark.parametrize("pos_embed", ENCODINGS)
 def test_packed_interpolation_is_a_loop_over_single_images(pos_embed):
     model = make_model(pos_embed, "torch", True)
