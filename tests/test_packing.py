@@ -165,7 +165,9 @@ def test_cu_seqlens_errors(cu, total, match):
 def test_layout_moves_to_a_device_and_repeats():
     lay = PackedLayout.build([(2, 3), (1, 1)], context_len=2)
     moved = lay.to("cpu")
-    assert torch.equal(moved.ctx_gather, lay.ctx_gather) and moved.seqs_in is moved.seqs_in
+    assert torch.equal(moved.ctx_gather, lay.ctx_gather) and torch.equal(moved.seqs_in.coords, lay.seqs_in.coords)
+    flat = PackedLayout.build([(2, 3), (1, 1)]).to("cpu")  # no in-context tokens: one stream
+    assert flat.seqs_in is flat.seqs and lay.seqs_in is not lay.seqs
     two = lay.repeat(2)
     assert two.img_grids == lay.img_grids * 2 and lay.repeat(2) is two
     assert two.image_seq_id.tolist() == [0] * 6 + [1] + [2] * 6 + [3]
