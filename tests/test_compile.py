@@ -15,6 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import jitrope
 from jitrope.diffusion import Diffusion
 from jitrope.model import JiT, JiTConfig
+from jitrope.packing import mark_dynamic, pack_images
 from jitrope.posenc import POS_EMBEDS
 
 IMPLS = ["torch", pytest.param("fused", marks=pytest.mark.skipif(
@@ -113,6 +114,47 @@ def test_sampling_forward_at_another_size_compiles_fullgraph(pos_embed, pos_impl
             torch.testing.assert_close(out, model(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling="interpolate"),
                                        rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
+
+
+# Size mixes of a packed batch (image, condition sizes): other sample counts, token counts, aspect ratios.
+PACKED_MIXES = [
+    [((16, 16), (8, 8)), ((8, 24), (4, 12)), ((24, 16), (12, 8))],
+    [((16, 16), (8, 8)), ((16, 16), (8, 8)), ((8, 16), (8, 8)), ((24, 24), (12, 12))],
+    [((8, 8), (4, 4)), ((32, 16), (16, 8))],
+]
+
+
+@pytest.mark.parametrize("pos_impl", IMPLS)
+def test_packed_train_step_compiles_once_for_every_size_mix(pos_impl):
+    """Issue 16 item 7: forward + loss of a packed batch in one graph (fullgraph), backward through it,
+    and batches with other size mixes reuse it: T and S are marked dynamic, the model reads only the
+    layout's tensors, and attention takes the block-diagonal mask path while tracing."""
+    model = make_model("sincos2d+rope2d", pos_impl, cond=True)
+    diffusion = Diffusion()
+
+    def loss_fn(x, y, cond, cond_drop, t, noise, layout):
+        return diffusion.loss(model.forward_tokens, x, y, cond, cond_drop, t=t, noise=noise, layout=layout)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    for seed, mix in enumerate(PACKED_MIXES):
+        g = torch.Generator().manual_seed(seed)
+        xs = [torch.randn(3, *hw, generator=g) for hw, _ in mix]
+        conds = [torch.randn(3, *chw, generator=g) for _, chw in mix]
+        S = len(mix)
+        layout = model.packed_layout([hw for hw, _ in mix], [chw for _, chw in mix])
+        x, cond = pack_images(xs, 4), pack_images(conds, 4)
+        y = torch.randint(0, 10, (S,), generator=g)
+        t, noise = torch.rand(S, generator=g), torch.randn(x.shape, generator=g)
+        cond_drop = torch.arange(S) % 2 == 1
+        mark_dynamic(layout, x, cond, y, t, noise, cond_drop)
+        args = (x, y, cond, cond_drop, t, noise, layout)
+        loss_e, grads_e = train_step(model, loss_fn, args)
+        loss_c, grads_c = train_step(model, compiled, args)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        for name, g_e in grads_e.items():
+            torch.testing.assert_close(grads_c[name], g_e, rtol=1e-4, atol=1e-6, msg=name)
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for {len(PACKED_MIXES)} size mixes"
 
 
 @pytest.mark.slow

@@ -153,3 +153,109 @@ def test_ema_two_decays_warmup_and_state_dict():
     torch.testing.assert_close(warm.parameters_dict(0)["weight"], torch.full((1, 2), 0.1 * 1.0 + 0.9 * 2.0))
     with pytest.raises(ValueError, match="shape"):
         warm.load_parameters(0, {"weight": torch.zeros(3), "bias": torch.zeros(1)})
+
+
+# ----------------------------------------------------------------------------- resolution-aware time shift
+def old_sample(net, y, noise, steps, sampler, noise_scale=1.0):
+    """The sampler as it was before the shift existed (python-float time grid), for bit-for-bit comparison."""
+    z = noise_scale * noise
+    ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
+    d = Diffusion(noise_scale=noise_scale)
+
+    def vel(z_, t_):
+        t = torch.full((z_.shape[0],), t_)
+        return (net(z_, t, y).float() - z_) / (1 - t).view(-1, 1, 1, 1).clamp_min(d.t_eps)
+
+    for i in range(steps):
+        t0, t1 = ts[i], ts[i + 1]
+        v0 = vel(z, t0)
+        if sampler == "euler" or i == steps - 1:
+            z = z + (t1 - t0) * v0
+        else:
+            z = z + (t1 - t0) * 0.5 * (v0 + vel(z + (t1 - t0) * v0, t1))
+    return z
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_default_shift_keeps_the_old_behaviour_bit_for_bit(sampler):
+    d = Diffusion()
+    assert d.shift == "none" and d.shift_ref_tokens == 256
+    from jitrope.config import DiffusionConfig
+    assert Diffusion.from_config(DiffusionConfig()) == d
+    # training times: the logit-normal draw, untouched by a token count
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    expect = torch.sigmoid(torch.randn(64, generator=g2) * 0.8 - 0.8)
+    assert torch.equal(d.sample_t(64, generator=g1, n_tokens=1024), expect)
+    # loss: the same draws in the same order give the same bits
+    net = ExactDenoiser(0.1, 0.4, 1.0)
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(5, dtype=torch.long)
+    loss = d.loss(net, x, y, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t = torch.sigmoid(torch.randn(5, generator=g) * 0.8 - 0.8)
+    e = torch.randn(x.shape, generator=g)
+    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
+    k = (1 - t).view(-1, 1, 1, 1).clamp_min(0.05)
+    assert torch.equal(loss, ((x - z) / k - (net(z, t, y).float() - z) / k).pow(2).mean())
+    # sampler
+    noise = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    out = d.sample(net, y[:4], noise=noise, steps=5, sampler=sampler, n_tokens=4096)
+    assert torch.equal(out, old_sample(net, y[:4], noise, 5, sampler))
+
+
+def test_sqrt_tokens_shift_formula_and_its_noise_scale_equivalence():
+    d = Diffusion(shift="sqrt_tokens", shift_ref_tokens=64)
+    t = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    assert torch.equal(d.shift_t(t, 64), t)  # alpha = 1 at the reference count
+    t4 = d.shift_t(t, 256)  # 4x the tokens: alpha = 2
+    torch.testing.assert_close(t4, t / (t + 2 * (1 - t)), rtol=0, atol=0)
+    assert t4[0] == 0 and t4[-1] == 1 and (t4[1:-1] < t[1:-1]).all()  # towards noise, ends kept
+    # SD3 §5.3.2 in their convention (sigma = 1 - t): sigma' = a sigma / (1 + (a - 1) sigma)
+    sig, a = 1 - t, 2.0
+    torch.testing.assert_close(1 - t4, a * sig / (1 + (a - 1) * sig))
+    # Same signal-to-noise ratio as noise_scale = alpha at the unshifted time (JiT's 2.0 at 512px).
+    inner = t[1:-1]
+    torch.testing.assert_close(t4[1:-1] / (1 - t4[1:-1]), inner / (2 * (1 - inner)))
+    # Per sample: one count each.
+    torch.testing.assert_close(d.shift_t(torch.tensor([0.5, 0.5]), torch.tensor([64, 576])),
+                               torch.tensor([0.5, 0.25]))
+    # Training times are drawn, then shifted per sample.
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    tt = d.sample_t(3, generator=g1, n_tokens=torch.tensor([64, 256, 16]))
+    base = Diffusion().sample_t(3, generator=g2)
+    torch.testing.assert_close(tt, d.shift_t(base, torch.tensor([64, 256, 16])))
+    assert tt[0] == base[0] and tt[1] < base[1] and tt[2] > base[2]
+
+
+def test_shifted_sampler_walks_each_samples_own_grid_and_still_reaches_the_data():
+    d = Diffusion(shift="sqrt_tokens", shift_ref_tokens=16)
+    target = torch.linspace(-1, 1, 2 * 3 * 4 * 4).view(2, 3, 4, 4)
+    net = ExactDenoiser(target, 0.0, 1.0)
+    y = torch.zeros(2, dtype=torch.long)
+    out = d.sample(net, y, shape=target.shape, steps=10, sampler="euler", n_tokens=torch.tensor([16, 64]),
+                   generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
+    grid = torch.linspace(0, 1, 11, dtype=torch.float64)
+    seen = torch.stack([c[0] for c in net.calls])  # [steps, 2]
+    torch.testing.assert_close(seen[:, 0], grid[:-1].float())  # alpha 1: today's grid
+    torch.testing.assert_close(seen[:, 1], d.shift_t(grid[:-1], 64).float())  # alpha 2: shifted
+
+
+def test_shift_errors_name_the_argument():
+    with pytest.raises(ValueError, match="shift must be one of"):
+        Diffusion(shift="sd3")
+    with pytest.raises(ValueError, match="shift_ref_tokens"):
+        Diffusion(shift="sqrt_tokens", shift_ref_tokens=0)
+    d = Diffusion(shift="sqrt_tokens")
+    with pytest.raises(ValueError, match="sample_t: .*needs n_tokens"):
+        d.sample_t(3)
+    with pytest.raises(ValueError, match="sample: .*needs n_tokens"):
+        d.sample(lambda z, t, y: z, torch.zeros(1, dtype=torch.long), shape=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="n_tokens must be positive"):
+        d.shift_t(torch.rand(2), torch.tensor([4, 0]))
+    from jitrope.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="diffusion.shift must be one of"):
+        load_config(None, ["diffusion.shift=sd3"])
+    with pytest.raises(ConfigError, match="diffusion.shift_ref_tokens"):
+        load_config(None, ["diffusion.shift_ref_tokens=0"])
+    assert load_config(None, ["diffusion.shift=sqrt_tokens"]).diffusion.shift == "sqrt_tokens"

@@ -28,7 +28,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .diffusion import SAMPLERS
+from .diffusion import SAMPLERS, SHIFTS
 from .fileio import atomic_write_text
 
 __all__ = [
@@ -98,6 +98,8 @@ class DiffusionConfig:
     P_std: float = 0.8
     t_eps: float = 0.05
     noise_scale: float = 1.0
+    shift: str = "none"  # none | sqrt_tokens: per-image time shift by token count (jitrope.diffusion)
+    shift_ref_tokens: int = 256  # the token count whose shift is 1
 
 
 @dataclass
@@ -425,6 +427,9 @@ def _check_diffusion(d: DiffusionConfig) -> None:
             raise ConfigError(f"config key diffusion.{k} must be > 0, got {getattr(d, k)}")
     if not 0.0 < d.t_eps <= 1.0:
         raise ConfigError(f"config key diffusion.t_eps must be in (0, 1], got {d.t_eps}")
+    if d.shift not in SHIFTS:
+        raise ConfigError(f"config key diffusion.shift must be one of {list(SHIFTS)}, got {d.shift!r}")
+    _positive("diffusion.shift_ref_tokens", d.shift_ref_tokens)
 
 
 def _check_device(key: str, name: str) -> None:

@@ -12,6 +12,26 @@ condition image.
 The network is any callable ``net(z, t, y, cond=None, cond_drop=None) -> x_pred`` (``JiT`` is one);
 ``cond_drop`` is a ``[B]`` bool mask selecting the samples whose condition image is replaced by the
 null condition, and ``cond`` is omitted for networks without a condition image.
+
+Packed batches (images of different sizes, :mod:`jitrope.packing`): pass ``layout=`` (a
+:class:`~jitrope.packing.PackedLayout`) and pixel tokens ``[T_img, p*p*C]`` for ``x`` / ``noise`` /
+``z``; ``t`` stays one value per sample (``[S]``) and reaches each pixel through its sample. The
+network is then called ``net(z, t, y, cond, cond_drop=..., layout=layout)`` (``JiT.forward_tokens``).
+The packed loss is the mean over every pixel of every image (each pixel weighs the same, so a large
+image weighs more than a small one, as a token-level loss does); for S images of one size it is
+today's batch mean.
+
+Resolution-aware schedules (``shift="sqrt_tokens"``): a larger image keeps more of its structure at
+the same noise level, so its times are shifted towards noise by ``alpha = sqrt(n / shift_ref_tokens)``
+(n = the image's tokens): ``t' = t / (t + alpha (1 - t))`` for training times and the sampling grid.
+This is SD3's resolution-dependent shift (Esser et al. 2024, "Scaling Rectified Flow Transformers for
+High-Resolution Image Synthesis", §5.3.2: ``t_m = sqrt(m/n) t_n / (1 + (sqrt(m/n) - 1) t_n)`` with
+their t = noise level = our ``1 - t``). Flux uses the same map ``exp(mu) / (exp(mu) + (1/s - 1))``
+(``time_shift`` with sigma 1 in black-forest-labs/flux ``sampling.py``) with ``mu`` linear in the
+sequence length (0.5 at 256 tokens, 1.15 at 4096), i.e. ``alpha = exp(mu)``. In signal-to-noise terms
+the shift by alpha equals multiplying the noise by alpha: JiT's ``noise_scale`` 2.0 at 512px (1.0 at
+256px) is alpha = sqrt(512^2 / 256^2) = 2 on pixel counts. With ``shift="none"`` (default) nothing
+changes, bit for bit.
 """
 from __future__ import annotations
 
@@ -22,11 +42,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Diffusion", "EMA", "guidance_weight", "SAMPLERS"]
+__all__ = ["Diffusion", "EMA", "guidance_weight", "SAMPLERS", "SHIFTS"]
+
+SHIFTS = ("none", "sqrt_tokens")
 
 
 def _expand(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _per_pixel(v: Tensor, layout) -> Tensor:
+    """A per-sample ``[S]`` value for each pixel token of a packed batch (``[T_img]``); ``v`` itself for a
+    batch of images (``_expand`` broadcasts it)."""
+    return v if layout is None else v[layout.image_seq_id]
 
 
 def guidance_weight(t: Tensor, cfg: float, interval: Sequence[float] = (0.1, 1.0)) -> Tensor:
@@ -39,22 +67,23 @@ def guidance_weight(t: Tensor, cfg: float, interval: Sequence[float] = (0.1, 1.0
 Velocity = Callable[[Tensor, float], Tensor]
 
 
-def euler_step(vel: Velocity, z: Tensor, t0: float, t1: float, last: bool) -> Tensor:
-    return z + (t1 - t0) * vel(z, t0)
+def euler_step(vel: Velocity, z: Tensor, t0, t1, dt, last: bool) -> Tensor:
+    return z + dt * vel(z, t0)
 
 
-def heun_step(vel: Velocity, z: Tensor, t0: float, t1: float, last: bool) -> Tensor:
+def heun_step(vel: Velocity, z: Tensor, t0, t1, dt, last: bool) -> Tensor:
     """Heun's second-order step; the last one is Euler's (the velocity divides by 1 - t = 0 at t = 1)."""
     v0 = vel(z, t0)
-    z_euler = z + (t1 - t0) * v0
+    z_euler = z + dt * v0
     if last:
         return z_euler
-    return z + (t1 - t0) * 0.5 * (v0 + vel(z_euler, t1))
+    return z + dt * 0.5 * (v0 + vel(z_euler, t1))
 
 
 # The one list of samplers: Diffusion.sample dispatches on it, the config and the CLIs offer its names.
-# A step maps (velocity function, z at t0, t0, t1, whether it is the last step) to z at t1.
-SAMPLERS: Dict[str, Callable[[Velocity, Tensor, float, float, bool], Tensor]] = {
+# A step maps (velocity function, z at t0, t0, t1, the step length t1 - t0 (a float, or a tensor
+# broadcast to z when each sample walks its own shifted times), whether it is the last step) to z at t1.
+SAMPLERS: Dict[str, Callable[..., Tensor]] = {
     "heun": heun_step,
     "euler": euler_step,
 }
@@ -62,22 +91,59 @@ SAMPLERS: Dict[str, Callable[[Velocity, Tensor, float, float, bool], Tensor]] = 
 
 @dataclass
 class Diffusion:
-    """The denoising objective and the samplers; holds no weights."""
+    """The denoising objective and the samplers; holds no weights.
+
+    ``shift``: ``"none"`` or ``"sqrt_tokens"`` (resolution-aware times, module docstring) with
+    ``shift_ref_tokens``, the token count at which the shift is 1.
+    """
 
     P_mean: float = -0.8
     P_std: float = 0.8
     t_eps: float = 0.05
     noise_scale: float = 1.0
+    shift: str = "none"
+    shift_ref_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.shift not in SHIFTS:
+            raise ValueError(f"shift must be one of {list(SHIFTS)}, got {self.shift!r}")
+        if not (isinstance(self.shift_ref_tokens, int) and self.shift_ref_tokens > 0):
+            raise ValueError(f"shift_ref_tokens must be a positive integer, got {self.shift_ref_tokens!r}")
 
     @classmethod
     def from_config(cls, cfg) -> Diffusion:
         """From a ``DiffusionConfig`` (or anything with the same attributes)."""
-        return cls(P_mean=cfg.P_mean, P_std=cfg.P_std, t_eps=cfg.t_eps, noise_scale=cfg.noise_scale)
+        return cls(P_mean=cfg.P_mean, P_std=cfg.P_std, t_eps=cfg.t_eps, noise_scale=cfg.noise_scale,
+                   shift=cfg.shift, shift_ref_tokens=cfg.shift_ref_tokens)
+
+    # ------------------------------------------------------------------------------ resolution shift
+    def shift_t(self, t: Tensor, n_tokens) -> Tensor:
+        """``t' = t / (t + alpha (1 - t))``, ``alpha = sqrt(n_tokens / shift_ref_tokens)`` (module docstring),
+        computed in float64 and returned in t's dtype; ``t`` unchanged for ``shift="none"``.
+        ``n_tokens``: an int or a tensor broadcasting against ``t`` (one count per sample)."""
+        if self.shift == "none":
+            return t
+        n = torch.as_tensor(n_tokens, dtype=torch.float64, device=t.device)
+        if (n <= 0).any():
+            raise ValueError(f"n_tokens must be positive token counts, got {n.tolist()}")
+        alpha = (n / self.shift_ref_tokens).sqrt()
+        td = t.to(torch.float64)
+        return (td / (td + alpha * (1 - td))).to(t.dtype)
+
+    def _need_tokens(self, n_tokens, what: str):
+        if self.shift != "none" and n_tokens is None:
+            raise ValueError(f"{what}: diffusion shift={self.shift!r} needs n_tokens (the image tokens of each "
+                             "sample), or layout= for a packed batch")
+        return n_tokens
 
     # ------------------------------------------------------------------------------ training
-    def sample_t(self, n: int, *, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
-        """Logit-normal training times ``sigmoid(N(P_mean, P_std))``, ``[n]``."""
-        return torch.sigmoid(torch.randn(n, generator=generator, device=device) * self.P_std + self.P_mean)
+    def sample_t(self, n: int, *, generator: Optional[torch.Generator] = None, device=None, n_tokens=None) -> Tensor:
+        """Logit-normal training times ``sigmoid(N(P_mean, P_std))``, ``[n]``; shifted by each sample's
+        token count (``n_tokens``: int or ``[n]``) when ``shift`` is set."""
+        t = torch.sigmoid(torch.randn(n, generator=generator, device=device) * self.P_std + self.P_mean)
+        if self.shift == "none":
+            return t
+        return self.shift_t(t, self._need_tokens(n_tokens, "sample_t"))
 
     def noisy(self, x: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """``z_t = t x + (1 - t) * noise_scale * noise`` (``noise`` standard normal)."""
@@ -98,18 +164,26 @@ class Diffusion:
         t: Optional[Tensor] = None,
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        layout=None,
+        n_tokens=None,
     ) -> Tensor:
         """Mean ``(v - v_pred)^2`` over a batch. ``t`` ([B]) and ``noise`` (standard normal, x's
-        shape) are drawn when not given. Labels / condition dropout is the caller's (pass the null
-        class in ``y`` and a ``cond_drop`` mask)."""
+        shape) are drawn when not given (``t`` shifted by ``n_tokens``, or the layout's image tokens, when
+        ``shift`` is set). Labels / condition dropout is the caller's (pass the null class in ``y`` and a
+        ``cond_drop`` mask). With ``layout`` (a packed batch) ``x`` is pixel tokens ``[T_img, p*p*C]``,
+        ``t`` is ``[S]`` and the mean runs over every pixel of every image (module docstring)."""
+        B = x.shape[0] if layout is None else layout.image_tokens.shape[0]
         if t is None:
-            t = self.sample_t(x.shape[0], generator=generator, device=x.device)
+            if layout is not None and n_tokens is None:
+                n_tokens = layout.image_tokens
+            t = self.sample_t(B, generator=generator, device=x.device, n_tokens=n_tokens)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        z = self.noisy(x, t, noise)
-        x_pred = _call(net, z, t, y, cond, cond_drop).float()
-        v = self.to_velocity(x, z, t)
-        v_pred = self.to_velocity(x_pred, z, t)
+        tx = _per_pixel(t, layout)
+        z = self.noisy(x, tx, noise)
+        x_pred = _call(net, z, t, y, cond, cond_drop, layout).float()
+        v = self.to_velocity(x, z, tx)
+        v_pred = self.to_velocity(x_pred, z, tx)
         return (v - v_pred).pow(2).mean()
 
     # ------------------------------------------------------------------------------ sampling
@@ -124,21 +198,24 @@ class Diffusion:
         cfg: float = 1.0,
         cfg_interval: Sequence[float] = (0.1, 1.0),
         null_class: Optional[int] = None,
+        layout=None,
     ) -> Tensor:
         """The (guided) velocity at ``(z, t)``. With ``cfg != 1`` the conditional and the
-        unconditional branch (null class, null condition) run as one batch of 2B."""
+        unconditional branch (null class, null condition) run as one batch of 2B. With ``layout`` (a
+        packed batch) ``z`` is pixel tokens, ``t`` is ``[S]``, and both branches run as one packed batch."""
         if cfg == 1.0:
-            return self.to_velocity(_call(net, z, t, y, cond, None).float(), z, t)
+            return self.to_velocity(_call(net, z, t, y, cond, None, layout).float(), z, _per_pixel(t, layout))
         if null_class is None:
             raise ValueError("classifier-free guidance needs null_class (= the model's num_classes)")
-        B = z.shape[0]
+        B, n = t.shape[0], z.shape[0]
+        layout2 = None if layout is None else layout.repeat(2)
         zz, tt = torch.cat([z, z]), torch.cat([t, t])
         yy = torch.cat([y, torch.full_like(y, null_class)])
         cc = torch.cat([cond, cond]) if cond is not None else None
         drop = torch.arange(2 * B, device=z.device) >= B if cond is not None else None
-        v = self.to_velocity(_call(net, zz, tt, yy, cc, drop).float(), zz, tt)
-        v_c, v_u = v[:B], v[B:]
-        return v_u + _expand(guidance_weight(t, cfg, cfg_interval), v_c) * (v_c - v_u)
+        v = self.to_velocity(_call(net, zz, tt, yy, cc, drop, layout2).float(), zz, _per_pixel(tt, layout2))
+        v_c, v_u = v[:n], v[n:]
+        return v_u + _expand(_per_pixel(guidance_weight(t, cfg, cfg_interval), layout), v_c) * (v_c - v_u)
 
     @torch.no_grad()
     def sample(
@@ -156,12 +233,17 @@ class Diffusion:
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
         progress: Optional[Callable[[int], None]] = None,
+        layout=None,
+        n_tokens=None,
     ) -> Tensor:
         """Integrate from ``z0 = noise_scale * noise`` at t = 0 to t = 1; returns the final ``z``.
 
         ``shape`` ([B, C, H, W]) or ``noise`` gives the size. ``progress(k)`` is called after each
-        step. ``sampler``: a name of :data:`SAMPLERS`; Heun takes ``2 * steps - 1`` network
-        evaluations, Euler ``steps``.
+        step. ``sampler``: a name of :data:`SAMPLERS`; Heun takes ``2 * steps - 1`` network evaluations, Euler ``steps``. With ``layout`` (a
+        packed batch of S images) ``noise``/``shape`` are pixel tokens ``[T_img, p*p*C]`` and the
+        result is too (:func:`jitrope.packing.unpack_images` makes images of it). With ``shift`` set,
+        each sample walks its own shifted grid ``shift_t(linspace(0, 1, steps + 1), n_tokens)``
+        (``n_tokens``: int or ``[B]``; a packed batch's are its layout's).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
@@ -175,20 +257,39 @@ class Diffusion:
             noise = torch.randn(shape, generator=generator, device=device)
         z = self.noise_scale * noise.to(device=device, dtype=torch.float32)
         ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
-        kw = dict(cfg=cfg, cfg_interval=cfg_interval, null_class=null_class)
+        kw = dict(cfg=cfg, cfg_interval=cfg_interval, null_class=null_class, layout=layout)
+        n_samples = z.shape[0] if layout is None else layout.image_tokens.shape[0]
 
-        def vel(z_, t_):
-            return self.velocity(net, z_, torch.full((z_.shape[0],), t_, device=device), y, cond, **kw)
+        if self.shift == "none":
+            def vel(z_, t_):
+                return self.velocity(net, z_, torch.full((n_samples,), t_, device=device), y, cond, **kw)
+        else:
+            # Per-sample grids [steps + 1, S]; a step's time and length are then tensors: vel(z, i) reads
+            # row i, and (t1 - t0) is broadcast to every pixel of its sample.
+            if layout is not None and n_tokens is None:
+                n_tokens = layout.image_tokens
+            n_tokens = self._need_tokens(n_tokens, "sample")
+            grid = self.shift_t(torch.tensor(ts, dtype=torch.float64, device=device)[:, None],
+                                torch.as_tensor(n_tokens, device=device).expand(n_samples))
+            ts = [row.float() for row in grid]
+
+            def vel(z_, t_):
+                return self.velocity(net, z_, t_, y, cond, **kw)
+
+        def dt(t0, t1):
+            return t1 - t0 if self.shift == "none" else _expand(_per_pixel(t1 - t0, layout), z)
 
         for i in range(steps):
-            z = step(vel, z, ts[i], ts[i + 1], i == steps - 1)
+            z = step(vel, z, ts[i], ts[i + 1], dt(ts[i], ts[i + 1]), i == steps - 1)
             if progress is not None:
                 progress(i + 1)
         return z
 
 
-def _call(net: Callable, z: Tensor, t: Tensor, y: Tensor, cond: Optional[Tensor],
-          cond_drop: Optional[Tensor]) -> Tensor:
+def _call(net: Callable, z: Tensor, t: Tensor, y: Tensor, cond: Optional[Tensor], cond_drop: Optional[Tensor],
+          layout=None) -> Tensor:
+    if layout is not None:
+        return net(z, t, y, cond, cond_drop=cond_drop, layout=layout)
     if cond is None:
         return net(z, t, y)
     return net(z, t, y, cond=cond, cond_drop=cond_drop)

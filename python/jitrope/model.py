@@ -14,18 +14,29 @@ the positional encodings of :mod:`jitrope.posenc`, chosen by ``JiTConfig.pos_emb
 Classifier-free guidance: the trainer drops labels by passing ``y = cfg.num_classes`` (the null
 class, ``model.null_class``) and drops condition images with ``cond_drop`` (a ``[B]`` bool mask);
 ``cond=None`` uses the null condition for the whole batch.
+
+Packed batches (SPEC §10, :mod:`jitrope.packing`): images of different sizes in one token stream,
+block-diagonal attention, per-token positions, adaLN through each token's sequence:
+
+    outs = model.forward_packed([img_a, img_b, img_c], t, y, conds=[c_a, None, c_c])  # list of [3, H_s, W_s]
+
+``forward_packed`` packs, runs :meth:`JiT.forward_tokens` (pixel tokens in and out, the part a
+compiled training step traces once) and unpacks. The blocks, the attention and the encodings are
+the batched path's, given a :class:`~jitrope.packing.PackedSeqs` instead of a ``SeqLayout``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import VARLEN_IMPLS, varlen_attention
+from .packing import PackedLayout, PackedSeqs, pack_images, unpack_images
 from .posenc import (
     IMPLS,
     POS_EMBEDS,
@@ -59,6 +70,7 @@ _CHOICES = {
     "pos_scaling": SCALINGS,
     "null_cond": ("learned", "zeros"),
     "attn_impl": ("sdpa", "fp32"),
+    "packed_attn": VARLEN_IMPLS,
 }
 
 
@@ -72,7 +84,8 @@ class JiTConfig:
     ``pos_max_cond_grid`` (factorized2d table sizes; default twice the training grids).
     Condition image: ``cond_img_size`` (None = none), its patch size (default ``patch_size``) and
     bottleneck, ``null_cond`` (learned | zeros). ``attn_impl``: sdpa (``F.scaled_dot_product_attention``)
-    or fp32 (the original's float32 logits by hand).
+    or fp32 (the original's float32 logits by hand). ``packed_attn``: how attention runs on a packed
+    batch (:func:`jitrope.attention.varlen_attention`: auto | varlen | mask | loop).
     """
 
     img_size: int = 64
@@ -100,6 +113,7 @@ class JiTConfig:
     cond_bottleneck_dim: Optional[int] = None
     null_cond: str = "learned"
     attn_impl: str = "sdpa"
+    packed_attn: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("pos_max_grid", "pos_max_cond_grid"):
@@ -213,7 +227,14 @@ class JiTConfig:
 
 # ----------------------------------------------------------------------------------- layers
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """``shift``/``scale`` already broadcast over tokens (:func:`per_token`)."""
+    return x * (1 + scale) + shift
+
+
+def per_token(mod: Tensor, seq_id: Optional[Tensor]) -> Tensor:
+    """adaLN parameters ``[B, k*W]`` of each sample -> ``[B, 1, k*W]`` (one sequence per row), or for a
+    packed stream ``[1, T, k*W]``, each token reading its sequence's row (``seq_id [T]``)."""
+    return mod.unsqueeze(1) if seq_id is None else mod[seq_id].unsqueeze(0)
 
 
 class RMSNorm(nn.Module):
@@ -254,6 +275,13 @@ class BottleneckPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # [B, gh*gw, D], row-major
+
+    def forward_tokens(self, tokens: Tensor) -> Tensor:
+        """The same projection of pixel tokens ``[N, p*p*C]`` (:func:`jitrope.packing.patchify` order) -> ``[N, D]``."""
+        w1 = self.proj1.weight  # [bottleneck, C, p, p] -> [bottleneck, p*p*C] in (row, column, channel) order
+        w1 = w1.permute(0, 2, 3, 1).reshape(w1.shape[0], -1)
+        w2 = self.proj2.weight.reshape(self.proj2.weight.shape[0], -1)
+        return F.linear(F.linear(tokens, w1), w2, self.proj2.bias)
 
     def reset_parameters(self) -> None:
         # Like nn.Linear over the flattened kernels (official init), not Conv2d's default.
@@ -319,7 +347,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, *, layer: int = 0, attn_impl: str = "sdpa",
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, packed_attn: str = "auto"):
         super().__init__()
         self.layer = layer
         self.num_heads = num_heads
@@ -330,8 +358,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.attn_impl = attn_impl
+        self.packed_attn = packed_attn
 
     def forward(self, x: Tensor, pos: PositionalEncoding, layout: SeqLayout) -> Tensor:
+        """``x: [B, N, C]`` with its ``SeqLayout``, or a packed stream ``[1, T, C]`` with its ``PackedSeqs``
+        (then attention is block-diagonal over ``layout.cu_seqlens``)."""
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3,B,H,N,D] view
         # q and k together, read in place from the projection; a new [2, B, H, N, D] comes back.
@@ -339,6 +370,11 @@ class Attention(nn.Module):
         q, k = qk.unbind(0)
         v = qkv[2]
         p = self.attn_drop if self.training else 0.0
+        if isinstance(layout, PackedSeqs):
+            out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                   layout.cu_seqlens, layout.max_seqlen, impl=self.packed_attn, dropout_p=p,
+                                   fp32_logits=self.attn_impl == "fp32", check=False)  # [T, H, D]
+            return self.proj_drop(self.proj(out.reshape(1, N, C)))
         if self.attn_impl == "fp32":
             out = attention_fp32(q, k, v, dropout_p=p)
         else:
@@ -365,6 +401,8 @@ class JiTBlock(nn.Module):
     """adaLN-Zero transformer block: ``x + gate * f(modulate(RMSNorm(x)))`` for attention and MLP.
 
     ``pos``/``layout``: the model's positional encoding and the geometry of this call, for attention.
+    ``c: [B, W]`` is one conditioning vector per sample; on a packed stream (``layout`` a
+    :class:`~jitrope.packing.PackedSeqs`) each token is modulated by its own sequence's.
     """
 
     def __init__(self, cfg: JiTConfig, *, layer: int, attn_drop: float, proj_drop: float):
@@ -372,15 +410,17 @@ class JiTBlock(nn.Module):
         w = cfg.hidden_size
         self.norm1 = RMSNorm(w, eps=1e-6)
         self.attn = Attention(w, cfg.num_heads, layer=layer, attn_impl=cfg.attn_impl,
-                              attn_drop=attn_drop, proj_drop=proj_drop)
+                              attn_drop=attn_drop, proj_drop=proj_drop, packed_attn=cfg.packed_attn)
         self.norm2 = RMSNorm(w, eps=1e-6)
         self.mlp = SwiGLUFFN(w, cfg.mlp_hidden, drop=proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w, bias=True))
 
     def forward(self, x: Tensor, c: Tensor, pos: PositionalEncoding, layout: SeqLayout) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), pos, layout)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        seq_id = layout.seq_id if isinstance(layout, PackedSeqs) else None
+        mod = per_token(self.adaLN_modulation(c), seq_id)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), pos, layout)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -393,8 +433,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+    def forward(self, x: Tensor, c: Tensor, seq_id: Optional[Tensor] = None) -> Tensor:
+        """``c: [B, W]``; ``seq_id [T]`` when ``x`` is a packed ``[1, T, W]`` (each token its sequence's c)."""
+        shift, scale = per_token(self.adaLN_modulation(c), seq_id).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -528,9 +569,19 @@ class JiT(nn.Module):
         if scaling not in SCALINGS:
             raise ValueError(f"pos_scaling must be one of {list(SCALINGS)}, got {scaling!r}")
         H, W = img_hw if img_hw is not None else (cfg.img_size, cfg.img_size)
+        grid, cond_grid = self._grids((H, W), cond_hw)
+        return SeqLayout(grid, cond_grid, cfg.in_context_len, cfg.grid, cfg.cond_grid, scaling)
+
+    def _grids(self, img_hw: Tuple[int, int], cond_hw: Optional[Tuple[int, int]], what: str = "",
+               ) -> Tuple[Tuple[int, int], Optional[Tuple[int, int]]]:
+        """Token grids of an image of ``img_hw`` pixels and of its condition image (``cond_hw=None``: the
+        null condition, whose grid follows the image grid in the training ratio). ``what`` names the
+        argument in errors (e.g. ``"xs[2]: "``)."""
+        cfg = self.cfg
+        H, W = img_hw
         p = cfg.patch_size
         if H % p or W % p or H <= 0 or W <= 0:
-            raise ValueError(f"image size {H}x{W} is not a positive multiple of patch_size={p}")
+            raise ValueError(f"{what}image size {H}x{W} is not a positive multiple of patch_size={p}")
         grid = (H // p, W // p)
         cond_grid = None
         if cfg.cond_img_size is not None:
@@ -538,19 +589,53 @@ class JiT(nn.Module):
                 ch, cw = cond_hw
                 cp = cfg.cond_patch
                 if ch % cp or cw % cp or ch <= 0 or cw <= 0:
-                    raise ValueError(f"condition image size {ch}x{cw} is not a positive multiple of cond_patch_size={cp}")
+                    raise ValueError(
+                        f"{what}condition image size {ch}x{cw} is not a positive multiple of cond_patch_size={cp}")
                 cond_grid = (ch // cp, cw // cp)
             else:
                 (th, tw), (tch, tcw) = cfg.grid, cfg.cond_grid
                 if (grid[0] * tch) % th or (grid[1] * tcw) % tw:
                     raise ValueError(
-                        f"the null condition has no integer grid for image grid {grid} (training grids: "
+                        f"{what}the null condition has no integer grid for image grid {grid} (training grids: "
                         f"image {cfg.grid}, condition {cfg.cond_grid}); pass a condition image"
                     )
                 cond_grid = (grid[0] * tch // th, grid[1] * tcw // tw)
         elif cond_hw is not None:
-            raise ValueError("a condition image was given but the model has none (cond_img_size=None)")
-        return SeqLayout(grid, cond_grid, cfg.in_context_len, cfg.grid, cfg.cond_grid, scaling)
+            raise ValueError(f"{what}a condition image was given but the model has none (cond_img_size=None)")
+        return grid, cond_grid
+
+    def packed_layout(
+        self,
+        img_sizes: Sequence[Tuple[int, int]],
+        cond_sizes: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
+        *,
+        pos_scaling: Optional[str] = None,
+        device=None,
+    ) -> PackedLayout:
+        """The :class:`~jitrope.packing.PackedLayout` of images of ``img_sizes`` ((H, W) pixels each) with
+        condition images of ``cond_sizes`` (None, or None entries: the null condition), built on the host
+        and moved to ``device``. Checks every size and that the encoding can place every grid."""
+        cfg = self.cfg
+        scaling = pos_scaling or cfg.pos_scaling
+        if scaling not in SCALINGS:
+            raise ValueError(f"pos_scaling must be one of {list(SCALINGS)}, got {scaling!r}")
+        if len(img_sizes) == 0:
+            raise ValueError("img_sizes is empty: a packed batch needs at least one image")
+        if cond_sizes is not None and len(cond_sizes) != len(img_sizes):
+            raise ValueError(f"cond_sizes must have one entry per image ({len(img_sizes)}), got {len(cond_sizes)}")
+        grids, cond_grids = [], []
+        for s, hw in enumerate(img_sizes):
+            chw = None if cond_sizes is None else cond_sizes[s]
+            g, cg = self._grids(tuple(hw), None if chw is None else tuple(chw), f"sample {s}: ")
+            grids.append(g)
+            cond_grids.append(cg)
+        geom = self.pos.geom
+        layout = PackedLayout.build(
+            grids, cond_grids, context_len=cfg.in_context_len, scaling=scaling, train_grid=cfg.grid,
+            train_cond_grid=cfg.cond_grid, max_grid=geom.max_grid, max_cond_grid=geom.max_cond_grid,
+        )
+        self.pos.check_packed(layout)
+        return layout if device is None else layout.to(device)
 
     # ------------------------------------------------------------------ forward
     def _cond_tokens(self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: SeqLayout,
@@ -576,6 +661,33 @@ class JiT(nn.Module):
         if cond_drop.shape != (B,) or cond_drop.dtype != torch.bool:
             raise ValueError(f"cond_drop must be a [B={B}] bool tensor, got {cond_drop.dtype} {tuple(cond_drop.shape)}")
         return torch.where(cond_drop.view(B, 1, 1).to(like.device), null, tokens)
+
+    def _cond_tokens_packed(self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: PackedLayout,
+                            like: Tensor) -> Tensor:
+        """Condition tokens ``[T_cond, W]`` of a packed batch: embedded pixel tokens, or the null condition
+        for the samples that ``cond_drop`` (``[S]`` bool) drops and for all when ``cond`` is None."""
+        T_cond, D = layout.cond_seq_id.shape[0], like.shape[-1]
+        if self.null_cond is not None:
+            null = self.null_cond.to(like.dtype).expand(T_cond, D)
+        else:
+            null = like.new_zeros(()).expand(T_cond, D)
+        if cond is None:
+            return null
+        cp, cc = self.cfg.cond_patch, self.cfg.cond_in_channels
+        if cond.dim() != 2 or cond.shape[0] != T_cond or cond.shape[1] != cp * cp * cc:
+            raise ValueError(f"cond must be the condition images' pixel tokens [T_cond={T_cond}, {cp * cp * cc}], "
+                             f"got {tuple(cond.shape)}")
+        tokens = self.cond_embedder.forward_tokens(cond).to(like.dtype)
+        if cond_drop is None:
+            if self.null_cond is None:
+                return tokens
+            # As in the batched path: the learned null vector stays in the graph (DDP sees it used).
+            cond_drop = torch.zeros(layout.image_tokens.shape[0], dtype=torch.bool, device=like.device)
+        if cond_drop.dim() != 1 or cond_drop.shape[0] != layout.image_tokens.shape[0] or cond_drop.dtype != torch.bool:
+            raise ValueError(f"cond_drop must be a [S={layout.image_tokens.shape[0]}] bool tensor, got "
+                             f"{cond_drop.dtype} {tuple(cond_drop.shape)}")
+        drop = cond_drop.to(like.device)[layout.cond_seq_id]
+        return torch.where(drop.unsqueeze(-1), null, tokens)
 
     def unpatchify(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
         """``[B, gh*gw, p*p*C]`` -> ``[B, C, gh*p, gw*p]``."""
@@ -639,3 +751,126 @@ class JiT(nn.Module):
         h = h[:, n0 : n0 + layout.n_image]
         h = self.final_layer(h, c)
         return self.unpatchify(h, layout.grid)
+
+    def forward_tokens(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Optional[Tensor] = None,
+        cond: Optional[Tensor] = None,
+        *,
+        cond_drop: Optional[Tensor] = None,
+        layout: PackedLayout,
+    ) -> Tensor:
+        """Predict the clean pixel tokens of a packed batch (the compiled part of a packed step).
+
+        Args:
+            x: noisy pixel tokens ``[T_img, p*p*C]`` (:func:`jitrope.packing.pack_images`) of ``layout``.
+            t: ``[S]`` (or a scalar) noise level per sample.
+            y: ``[S]`` long labels (None: the null class).
+            cond: condition pixel tokens ``[T_cond, cp*cp*Cc]`` of ``layout``'s condition grids, or None
+                for the null condition everywhere.
+            cond_drop: ``[S]`` bool, True gives that sample the null condition.
+            layout: the batch's :class:`~jitrope.packing.PackedLayout` (:meth:`packed_layout`), on x's device.
+        Returns:
+            x-prediction tokens ``[T_img, p*p*C]``.
+
+        Reads only the layout's tensors, so a compiled step (with :func:`jitrope.packing.mark_dynamic`)
+        does not recompile for another mix of sizes.
+        """
+        cfg = self.cfg
+        P = cfg.patch_size * cfg.patch_size * cfg.in_channels
+        S = layout.image_tokens.shape[0]
+        if x.dim() != 2 or x.shape[0] != layout.image_seq_id.shape[0] or x.shape[1] != P:
+            raise ValueError(
+                f"x must be pixel tokens [T_img={layout.image_seq_id.shape[0]}, {P}], got {tuple(x.shape)}")
+        if t.dim() == 0:
+            t = t.expand(S)
+        if t.shape != (S,):
+            raise ValueError(f"t must be [S={S}] (one noise level per sample) or a scalar, got {tuple(t.shape)}")
+        if y is None:
+            y = torch.full((S,), self.null_class, dtype=torch.long, device=x.device)
+        if y.shape != (S,):
+            raise ValueError(f"y must be [S={S}] labels, got {tuple(y.shape)}")
+
+        y_emb = self.y_embedder(y)
+        c = self.t_embedder(t) + y_emb
+
+        h = self.x_embedder.forward_tokens(x)
+        if self.cond_embedder is not None:
+            # [image tokens | condition tokens] -> each sample's [image | condition] sequence in turn.
+            h = torch.cat((h, self._cond_tokens_packed(cond, cond_drop, layout, h)))[layout.in_gather]
+        elif cond is not None:
+            raise ValueError("a condition image was given but the model has none (cond_img_size=None)")
+        h = self.pos.add(h.unsqueeze(0), layout)
+
+        L, start = cfg.in_context_len, cfg.in_context_start
+        seqs = layout.seqs_in
+        for i, block in enumerate(self.blocks):
+            if L > 0 and i == start:
+                ctx = (y_emb.unsqueeze(1) + self.in_context_posemb).to(h.dtype)  # [S, L, W]
+                h = torch.cat((ctx.reshape(1, -1, h.shape[-1]), h), dim=1)[:, layout.ctx_gather]
+                seqs = layout.seqs
+            h = block(h, c, self.pos, seqs)
+
+        h = h[:, layout.image_index]  # only image tokens reach the final layer
+        return self.final_layer(h, c, layout.image_seq_id)[0]
+
+    def forward_packed(
+        self,
+        xs: Sequence[Tensor],
+        t: Tensor,
+        y: Optional[Tensor] = None,
+        conds: Optional[Sequence[Optional[Tensor]]] = None,
+        *,
+        cond_drop: Optional[Tensor] = None,
+        pos_scaling: Optional[str] = None,
+    ) -> List[Tensor]:
+        """Predict the clean images of a packed batch: images of different sizes in one forward.
+
+        Args:
+            xs: S noisy images ``[C, H_s, W_s]`` (H, W multiples of the patch size; any aspect ratio).
+            t: ``[S]`` (or a scalar) noise level per image.
+            y: ``[S]`` long labels (None: the null class).
+            conds: S condition images ``[Cc, Hc_s, Wc_s]`` (sizes may differ; a None entry is the null
+                condition, as is ``conds=None`` for all).
+            cond_drop: ``[S]`` bool, True gives that sample the null condition.
+            pos_scaling: override ``cfg.pos_scaling`` for grids other than the training one.
+        Returns:
+            one x-prediction ``[C, H_s, W_s]`` per image. Each equals ``forward`` on that image alone.
+        """
+        cfg = self.cfg
+        if not isinstance(xs, (list, tuple)) or len(xs) == 0:
+            raise ValueError("xs must be a non-empty list of [C, H, W] images")
+        for s, im in enumerate(xs):
+            if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != cfg.in_channels:
+                got = tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__
+                raise ValueError(f"xs[{s}] must be a [{cfg.in_channels}, H, W] image, got {got}")
+        S, device = len(xs), xs[0].device
+        if conds is not None:
+            if self.cond_embedder is None:
+                raise ValueError("conds were given but the model has no condition image (cond_img_size=None)")
+            if len(conds) != S:
+                raise ValueError(f"conds must have one entry (image or None) per image in xs ({S}), got {len(conds)}")
+            for s, c in enumerate(conds):
+                if c is not None and (not isinstance(c, Tensor) or c.dim() != 3 or c.shape[0] != cfg.cond_in_channels):
+                    got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+                    raise ValueError(f"conds[{s}] must be a [{cfg.cond_in_channels}, Hc, Wc] image or None, got {got}")
+        cond_sizes = None if conds is None else [None if c is None else tuple(c.shape[-2:]) for c in conds]
+        layout = self.packed_layout([tuple(im.shape[-2:]) for im in xs], cond_sizes, pos_scaling=pos_scaling,
+                                    device=device)
+        if t.dim() == 0:
+            t = t.expand(S)
+        cond_tok = None
+        if conds is not None:
+            # A missing condition image is the null condition: zeros in its grid, dropped below.
+            missing = torch.tensor([c is None for c in conds], device=device)
+            cp = cfg.cond_patch
+            filled = [c if c is not None else xs[s].new_zeros(cfg.cond_in_channels, g[0] * cp, g[1] * cp)
+                      for s, (c, g) in enumerate(zip(conds, layout.cond_grids))]
+            cond_tok = pack_images(filled, cp, name="conds")
+            if missing.any():
+                cond_drop = missing if cond_drop is None else (cond_drop.to(device) | missing)
+        out = self.forward_tokens(pack_images(list(xs), cfg.patch_size, name="xs"), t, y, cond_tok,
+                                  cond_drop=cond_drop, layout=layout)
+        return unpack_images(out, layout, cfg.patch_size)

@@ -21,6 +21,22 @@ up to its table size), ``"interpolate"`` maps the new grid onto the training ran
 at fractional coordinates, learned tables resampled bilinearly). ``learned1d`` cannot extrapolate
 and says so.
 
+Packed batches (SPEC §10, :mod:`jitrope.packing`): ``add`` also takes a :class:`PackedLayout` (its
+input stream ``[image | condition]`` per sample, batch dim 1) and ``qk_norm_rope`` a :class:`PackedSeqs`
+(per-token coordinates). What each encoding does there, per sample, is what it does to that sample
+alone (a loop over single images gives the same numbers):
+
+* ``rope2d`` / ``rope2d_mixed``: rotate by each token's coordinates (in-context (0, 0), image (i, j) of
+  its own grid, condition tokens at aligned centres; laid onto the training grid when interpolating).
+  Nothing is cached: the fused op computes angles from the coordinates, the torch path makes cos/sin
+  per call, as eager code must when positions change every batch.
+* ``sincos2d``: the sin-cos table evaluated at the same per-token coordinates, per call.
+* ``factorized2d``: ``pos2d_add_indexed`` with per-token ``rows``/``cols`` into the row/column tables
+  (image tables, then condition tables, concatenated). Extrapolation reads rows up to the table size;
+  interpolation adds one table resampled from the trained rows per grid other than the training one.
+* ``learned1d``: per-token ``slots`` into its table; samples at the training grids read it as trained,
+  other grids need ``pos_scaling="interpolate"`` and get the table resampled per grid, as in the batched path.
+
 ``pos_impl="torch"`` does what a user's eager code does: like the published JiT (EVA-02
 ``VisionRotaryEmbeddingFast``) it keeps RoPE's cos/sin tables for the training sequence as buffers,
 and derived tables of other grids (cos/sin, sin-cos, summed factorized tables) are kept across calls
@@ -38,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import HAS_EXTENSION, EXTENSION_ERROR, ops
+from .packing import PackedLayout, PackedSeqs
 from .rope import axial_freqs, sequence_coords
 
 __all__ = [
@@ -298,6 +315,9 @@ class PosPart(nn.Module):
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
         return x
 
+    def check_packed(self, layout: PackedLayout) -> None:
+        """Raise ``ValueError`` (host side, before any compute) when this part cannot place ``layout``'s grids."""
+
     def _apply(self, fn, recurse=True):
         # Derived tables are made again on the new device / in the new dtype.
         self._derived.clear()
@@ -322,17 +342,36 @@ class Learned1D(PosPart):
         self.pos_embed = nn.Parameter(torch.empty(n + n_cond, geom.width))
         nn.init.normal_(self.pos_embed, std=0.02)
 
+    def _cannot_extrapolate(self, grid, cond_grid) -> ValueError:
+        return ValueError(
+            f"pos_embed='learned1d' has one slot per training token (image grid {self.train_grid}, "
+            f"condition grid {self.train_cond_grid}) and cannot extrapolate to image grid "
+            f"{grid} / condition grid {cond_grid}; set pos_scaling='interpolate' to "
+            "resample the table bilinearly, or use a 2D encoding"
+        )
+
     def table(self, layout: SeqLayout) -> Tensor:
         if layout.at_train_size:
             return self.pos_embed
         if layout.scaling != "interpolate":
-            raise ValueError(
-                f"pos_embed='learned1d' has one slot per training token (image grid {self.train_grid}, "
-                f"condition grid {self.train_cond_grid}) and cannot extrapolate to image grid "
-                f"{layout.grid} / condition grid {layout.cond_grid}; set pos_scaling='interpolate' to "
-                "resample the table bilinearly, or use a 2D encoding"
-            )
+            raise self._cannot_extrapolate(layout.grid, layout.cond_grid)
         return self._derived.get((layout,), (self.pos_embed,), lambda: self._resized(layout))
+
+    def check_packed(self, layout: PackedLayout) -> None:
+        if layout.scaling == "interpolate":
+            return
+        for g, cg in zip(layout.img_grids, layout.cond_grids):
+            if g != self.train_grid or cg != self.train_cond_grid:
+                raise self._cannot_extrapolate(g, cg)
+
+    def packed_table(self, layout: PackedLayout) -> Tensor:
+        """The table ``layout.slots`` index: the trained slots, then one resampled table per grid of
+        ``layout.image_tables``, then per grid of ``layout.cond_tables``."""
+        img, cond = self.pos_embed[: self.n_image], self.pos_embed[self.n_image :]
+        parts = [self.pos_embed]
+        parts += [_resize_grid_table(img, self.train_grid, g) for g in layout.image_tables]
+        parts += [_resize_grid_table(cond, self.train_cond_grid, g) for g in layout.cond_tables]
+        return torch.cat(parts) if len(parts) > 1 else self.pos_embed
 
     def _resized(self, layout: SeqLayout) -> Tensor:
         img = _resize_grid_table(self.pos_embed[: self.n_image], self.train_grid, layout.grid)
@@ -342,6 +381,8 @@ class Learned1D(PosPart):
         return torch.cat((img, cond), dim=0)
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        if isinstance(layout, PackedLayout):
+            return x + self.packed_table(layout)[layout.slots].to(x.dtype)
         return x + self.table(layout).to(x.dtype)
 
 
@@ -362,6 +403,8 @@ class SinCos2D(PosPart):
         self.register_buffer("table", sincos_2d(train.coords(), geom.width), persistent=False)
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        if isinstance(layout, PackedLayout):
+            return x + sincos_2d(layout.seqs_in.coords, self.width).to(x.dtype)
         if layout.at_train_size:
             table = self.table
         else:
@@ -417,7 +460,43 @@ class Factorized2D(PosPart):
             segs.append((ph, pw, layout.cond_grid, layout.n_image))
         return segs
 
+    def check_packed(self, layout: PackedLayout) -> None:
+        for s, (g, cg) in enumerate(zip(layout.img_grids, layout.cond_grids)):
+            self._tables(self.pos_h, self.pos_w, g, self.train_grid, layout.scaling, f"image (sample {s})")
+            if cg is not None:
+                self._tables(self.cond_pos_h, self.cond_pos_w, cg, self.train_cond_grid, layout.scaling,
+                             f"condition (sample {s})")
+
+    def packed_tables(self, layout: PackedLayout) -> Tuple[Tensor, Tensor]:
+        """Row and column tables that ``layout.rows`` / ``layout.cols`` index: the image tables, one pair
+        resampled from the trained rows per grid of ``layout.image_tables``, the condition tables, one pair
+        per grid of ``layout.cond_tables``."""
+        (th, tw), hs, ws = self.train_grid, [self.pos_h], [self.pos_w]
+        for gh, gw in layout.image_tables:
+            hs.append(_resize_axis_table(self.pos_h[:th], gh))
+            ws.append(_resize_axis_table(self.pos_w[:tw], gw))
+        if self.train_cond_grid is not None:
+            (tch, tcw), hs, ws = self.train_cond_grid, hs + [self.cond_pos_h], ws + [self.cond_pos_w]
+            for ch, cw in layout.cond_tables:
+                hs.append(_resize_axis_table(self.cond_pos_h[:tch], ch))
+                ws.append(_resize_axis_table(self.cond_pos_w[:tcw], cw))
+        return torch.cat(hs), torch.cat(ws)
+
+    def _add_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
+        ph, pw = self.packed_tables(layout)
+        if self.impl == "fused":
+            return ops.pos2d_add_indexed(x, ph.to(x.dtype), pw.to(x.dtype), layout.rows, layout.cols)
+        # pos2d_add_indexed's reference: a zero row for -1 (index -1 reads the appended last row);
+        # tables rounded to x's dtype and summed in float32 before the add, as in _summed.
+        acc = _acc_dtype(x)
+        zero = ph.new_zeros(1, ph.shape[1])
+        table = (torch.cat((ph, zero))[layout.rows].to(x.dtype).to(acc)
+                 + torch.cat((pw, zero))[layout.cols].to(x.dtype).to(acc))
+        return (x.to(acc) + table).to(x.dtype)
+
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
+        if isinstance(layout, PackedLayout):
+            return self._add_packed(x, layout)
         if self.impl == "fused":
             # The op wants tables in x's dtype: cast explicitly (autocast does not touch custom ops).
             for ph, pw, grid, offset in self._segments(layout):
@@ -514,6 +593,12 @@ class Rope2D(PosPart):
         )
 
     def qk_norm_rope(self, qk: Tensor, weight: Tensor, layer: int, layout: SeqLayout, eps: float) -> Tensor:
+        if isinstance(layout, PackedSeqs):
+            # Per-token coordinates of a packed stream: nothing to cache, positions change every batch.
+            freqs = self.layer_freqs(layer)
+            if self.impl == "fused":
+                return qk_norm_rope_fused(qk, weight, layout.coords, freqs, eps)
+            return qk_norm_rope_tables(qk, weight, rope_cos_sin(layout.coords, freqs, _acc_dtype(qk)), eps)
         prefix = self._prefix(layout, qk.shape[-2])
         if self.impl == "fused":
             return qk_norm_rope_fused(qk, weight, self._coords(layout, prefix, qk.device), self.layer_freqs(layer), eps)
@@ -611,6 +696,7 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         check_pos_embed(name, width=geom.width, num_heads=geom.num_heads)
         self.name = name
+        self.geom = geom
         self.impl = resolve_impl(impl)
         self.parts = nn.ModuleDict({p: PARTS[p](geom, self.impl) for p in POS_EMBEDS[name]})
         rotary = [p for p, m in self.parts.items() if m.rotary]
@@ -625,17 +711,24 @@ class PositionalEncoding(nn.Module):
         return None if self._rotary is None else self.parts[self._rotary]
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
-        """Additive encodings of ``x: [B, n_image + n_cond, D]`` (before in-context tokens)."""
+        """Additive encodings of ``x: [B, n_image + n_cond, D]`` (before in-context tokens), or of a packed
+        input stream ``[1, T_in, D]`` with its :class:`PackedLayout`."""
         for part in self.parts.values():
             x = part.add(x, layout)
         return x
+
+    def check_packed(self, layout: PackedLayout) -> None:
+        """Raise ``ValueError`` naming the encoding when it cannot place ``layout``'s grids."""
+        for part in self.parts.values():
+            part.check_packed(layout)
 
     def qk_norm_rope(self, qk: Tensor, weight: Tensor, layer: int, layout: SeqLayout, *, eps: float = 1e-6) -> Tensor:
         """q/k of attention layer ``layer``: RMSNorm over head_dim, then the rotary encoding, if any.
 
         ``qk: [2, B, H, N, D]`` may be any strided view (that of the qkv projection is read in
         place); ``weight: [2, D]`` scales q (row 0) and k (row 1); ``N`` is ``layout``'s sequence with
-        or without its in-context tokens. Returns a new ``[2, B, H, N, D]`` tensor in ``qk``'s dtype.
+        or without its in-context tokens, or ``layout`` is the :class:`PackedSeqs` of a packed stream
+        (``B = 1``, ``N = T``). Returns a new ``[2, B, H, N, D]`` tensor in ``qk``'s dtype.
         """
         rotary = self.rotary
         if rotary is not None:
