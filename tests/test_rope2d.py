@@ -1,15 +1,14 @@
-"""Tests of jitrope::rope2d (SPEC §2, §4): one input generator feeding parity, gradient, opcheck,
-low-precision, determinism, error and torch.compile tests, on every device present."""
+"""Tests of jitrope::rope2d (SPEC §2, §4): the op battery (tests/op_battery.py) over one input generator,
+then the in-place twin, special cases, torch.compile, errors and the coordinate helpers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List
+from typing import List
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, INPLACE_OPCHECK_UTILS, assert_kernel_error_within_eager
-from torch import Tensor
+from conftest import DEVICES, INPLACE_OPCHECK_UTILS
+from op_battery import DTYPES, OPCHECK_UTILS, Leaf, OpBattery, OpSample
 
 import jitrope
 from jitrope import ops
@@ -18,130 +17,107 @@ from jitrope.rope import axial_freqs, grid_coords, sequence_coords
 
 pytestmark = pytest.mark.skipif(not jitrope.HAS_EXTENSION, reason=f"extension not built: {jitrope.EXTENSION_ERROR}")
 
-LOW_PRECISION = [torch.float16, torch.bfloat16]
-
-
-@dataclass
-class Sample:
-    name: str
-    base: Tensor  # the leaf that owns x's memory
-    view: Callable[[Tensor], Tensor]  # x = view(base), often a non-contiguous view
-    coords: Tensor
-    freqs: Tensor
-    interleaved: bool
-
-    @property
-    def x(self) -> Tensor:
-        return self.view(self.base)
-
-    def args(self):
-        return (self.x, self.coords, self.freqs, self.interleaved)
-
-    def __repr__(self) -> str:
-        return f"Sample({self.name}, x={tuple(self.x.shape)}, freqs={tuple(self.freqs.shape)}, interleaved={self.interleaved})"
-
 
 def _qkv_view(B, N, H, D):
     return lambda t: t.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
 
 
-def sample_inputs(device, dtype, requires_grad=False, *, freqs_grad=None) -> List[Sample]:
+def sample_inputs(device, dtype, requires_grad=False) -> List[OpSample]:
     """Random [..., H, N, D] inputs: odd sizes, views of a qkv projection, strided and offset views,
     B = 0, more leading dims than the kernels coalesce, fractional coordinates with a prefix token
-    at (0, 0), shared and per-head frequencies, both pair conventions."""
-    freqs_grad = requires_grad if freqs_grad is None else freqs_grad
+    at (0, 0), shared and per-head frequencies, both pair conventions. Leaves: x's base and freqs."""
     gen = torch.Generator().manual_seed(20251215)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    contiguous = lambda t: t  # noqa: E731
     # (name, base shape, view, (H, N, D), per_head, interleaved)
     specs = [
         ("qkv_view", (2, 5, 3 * 3 * 8), _qkv_view(2, 5, 3, 8), (3, 5, 8), False, True),
         ("qkv_view_per_head_half", (1, 7, 3 * 2 * 12), _qkv_view(1, 7, 2, 12), (2, 7, 12), True, False),
-        ("no_leading_odd_half", (3, 9, 6), contiguous, (3, 9, 6), False, False),
+        ("no_leading_odd_half", (3, 9, 6), None, (3, 9, 6), False, False),
         ("channel_stride_2", (2, 1, 4, 8), lambda t: t[..., ::2], (1, 4, 4), True, True),
         ("heads_tokens_transposed", (3, 5, 2, 4), lambda t: t.transpose(1, 2), (2, 5, 4), True, True),
         ("offset_view", (2, 3, 5, 9), lambda t: t[..., 1:], (3, 5, 8), False, True),
-        ("batch_0", (0, 2, 3, 4), contiguous, (2, 3, 4), False, True),
-        ("seven_leading_dims", (2,) * 7 + (1, 3, 4), lambda t: t.permute(6, 5, 4, 3, 2, 1, 0, 7, 8, 9), (1, 3, 4), False, True),
-        ("one_token_one_pair", (3, 1, 2), contiguous, (3, 1, 2), True, False),
-        ("wide_head", (1, 2, 3, 160), contiguous, (2, 3, 160), False, False),
+        ("batch_0", (0, 2, 3, 4), None, (2, 3, 4), False, True),
+        ("seven_leading_dims", (2,) * 7 + (1, 3, 4), lambda t: t.permute(6, 5, 4, 3, 2, 1, 0, 7, 8, 9), (1, 3, 4),
+         False, True),
+        ("one_token_one_pair", (3, 1, 2), None, (3, 1, 2), True, False),
+        ("wide_head", (1, 2, 3, 160), None, (2, 3, 160), False, False),
         ("jit_like", (2, 17, 3 * 2 * 64), _qkv_view(2, 17, 2, 64), (2, 17, 64), False, True),
     ]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     samples = []
     for name, shape, view, (H, N, D), per_head, interleaved in specs:
         base = rnd(*shape)
         coords = torch.rand(N, 2, generator=gen, dtype=torch.float64) * 20 - 4
         coords[0] = 0  # a prefix / class token
         freqs = rnd(H, 2, D // 2) if per_head else rnd(2, D // 2)
+        coords = coords.to(device=device, dtype=acc)
         if name == "qkv_view":
             coords = coords.t().contiguous().t()  # non-contiguous coords
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        samples.append(
-            Sample(
-                name,
-                base.to(device=device, dtype=dtype).requires_grad_(requires_grad),
-                view,
-                coords.to(device=device, dtype=acc),
-                freqs.to(device=device, dtype=acc).requires_grad_(freqs_grad),
-                interleaved,
-            )
+        leaves = dict(
+            x=base.to(device=device, dtype=dtype).requires_grad_(requires_grad),
+            freqs=freqs.to(device=device, dtype=acc).requires_grad_(requires_grad),
         )
-    assert samples[1].x.shape == (2, 1, 2, 7, 12) and samples[3].x.stride(-1) == 2
+        samples.append(OpSample(name, (Leaf("x", view), coords, Leaf("freqs")), dict(interleaved=interleaved), leaves))
+    assert samples[1].inputs()[0][0].shape == (2, 1, 2, 7, 12) and samples[3].inputs()[0][0].stride(-1) == 2
     return samples
 
 
-def _ids(samples):
-    return [s.name for s in samples]
+class TestRope2D(OpBattery):
+    op = staticmethod(ops.rope2d)
+    reference = staticmethod(rope2d_ref)
+    overload = torch.ops.jitrope.rope2d.default if jitrope.HAS_EXTENSION else None
+    opcheck_samples = ("qkv_view", "heads_tokens_transposed", "batch_0", "offset_view")
+
+    def sample_inputs(self, device, dtype, requires_grad=False):
+        return sample_inputs(device, dtype, requires_grad)
+
+    def check_layout(self, sample, out):
+        # rope2d keeps x's layout when x is dense (a transposed x gives a transposed output).
+        x = sample.inputs()[0][0]
+        assert out.stride() == torch.empty_like(x).stride(), sample
+
+    def opcheck_calls(self, s):
+        (x, coords, freqs), kw = s.inputs()
+        calls = super().opcheck_calls(s)
+        with torch.no_grad():
+            y = s.inputs(s.map_leaves(lambda t: t.detach().clone()))[0][0]
+        calls.append((torch.ops.jitrope.rope2d_.default, (y, coords, freqs.detach()), kw, INPLACE_OPCHECK_UTILS))
+        # rope2d_backward is not differentiable itself (test_double_backward): inputs without grad.
+        g = torch.randn(x.shape, device=x.device)
+        for fwd_x in (x.detach(), None):
+            calls.append((torch.ops.jitrope.rope2d_backward.default,
+                          (g, coords, freqs.detach(), fwd_x, kw["interleaved"]), {}, OPCHECK_UTILS))
+        return calls
 
 
-SAMPLE_NAMES = _ids(sample_inputs("cpu", torch.float64))
-
-
-def _ref64(s: Sample, x=None) -> Tensor:
-    x = s.x if x is None else x
-    return rope2d_ref(x.double(), s.coords.double(), s.freqs.double(), interleaved=s.interleaved)
-
-
-# ---------------------------------------------------------------- forward parity
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_forward_matches_reference(device, dtype):
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    for s in sample_inputs(device, dtype):
-        out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
-        ref = rope2d_ref(*s.args()[:3], interleaved=s.interleaved)
-        assert out.shape == s.x.shape and out.dtype == dtype
-        assert out.stride() == torch.empty_like(s.x).stride(), s
-        torch.testing.assert_close(out, ref, **tol, msg=lambda m: f"{s}: {m}")
+# ---------------------------------------------------------------- op-specific
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_inplace_matches_out_of_place(device, dtype):
     for s in sample_inputs(device, dtype):
-        x = s.x
-        expected = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
-        base = s.base.detach().clone()
-        y = s.view(base)
+        (x, coords, freqs), kw = s.inputs()
+        expected = ops.rope2d(x, coords, freqs, **kw)
+        y = s.inputs(s.map_leaves(lambda t: t.detach().clone()))[0][0]  # the same view of a copy
         version = y._version
-        ret = ops.rope2d_(y, s.coords, s.freqs, interleaved=s.interleaved)
+        ret = ops.rope2d_(y, coords, freqs, **kw)
         assert ret is y
         assert y._version > version or y.numel() == 0
         assert torch.equal(y, expected), s
-        assert torch.equal(x, s.x)  # the input of the out-of-place op is untouched
+        assert torch.equal(x, s.inputs()[0][0])  # the input of the out-of-place op is untouched
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW_PRECISION])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_prefix_tokens_untouched(device, dtype):
     for s in sample_inputs(device, dtype):
-        out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
-        assert torch.equal(out[..., :1, :], s.x[..., :1, :]), s  # token 0 sits at (0, 0)
+        out = s.call(ops.rope2d)
+        x = s.inputs()[0][0]
+        assert torch.equal(out[..., :1, :], x[..., :1, :]), s  # token 0 sits at (0, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -161,12 +137,12 @@ def test_qkv_views_equal_separate_q_and_k(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_half_split_equals_interleaved_under_channel_permutation(device):
     for s in sample_inputs(device, torch.float32):
-        D = s.x.shape[-1]
+        x, coords, freqs = s.inputs()[0]
+        D = x.shape[-1]
         # interleaved pair m is channels (2m, 2m+1); half-split pair m is (m, m + D/2)
         to_half = torch.cat((torch.arange(0, D, 2), torch.arange(1, D, 2))).to(device)
-        x = s.x
-        a = ops.rope2d(x, s.coords, s.freqs, interleaved=True)[..., to_half]
-        b = ops.rope2d(x[..., to_half], s.coords, s.freqs, interleaved=False)
+        a = ops.rope2d(x, coords, freqs, interleaved=True)[..., to_half]
+        b = ops.rope2d(x[..., to_half], coords, freqs, interleaved=False)
         assert torch.equal(a, b), s
 
 
@@ -217,101 +193,7 @@ def test_matches_eva_style_table_implementation(device, dtype):
     torch.testing.assert_close(out, _eva_apply(x, cos, sin), **tol)
 
 
-# ---------------------------------------------------------------- gradients
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("freqs_grad", [True, False], ids=["x_and_freqs", "x_only"])
-def test_gradcheck(device, freqs_grad):
-    for s in sample_inputs(device, torch.float64, requires_grad=True, freqs_grad=freqs_grad):
-        inputs = (s.base, s.freqs) if freqs_grad else (s.base,)
-
-        def fn(base, freqs=s.freqs, s=s):
-            return ops.rope2d(s.view(base), s.coords, freqs, interleaved=s.interleaved)
-
-        big = s.base.numel() > 2000
-        assert torch.autograd.gradcheck(fn, inputs, fast_mode=big), s
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_matches_reference_autograd(device):
-    for s in sample_inputs(device, torch.float64, requires_grad=True):
-        out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
-        g = torch.randn_like(out)
-        gx, gf = torch.autograd.grad(out, (s.base, s.freqs), g)
-        ref = rope2d_ref(*s.args()[:3], interleaved=s.interleaved)
-        rx, rf = torch.autograd.grad(ref, (s.base, s.freqs), g)
-        torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(gf, rf, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_double_backward_raises(device):
-    s = sample_inputs(device, torch.float64, requires_grad=True)[0]
-    out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
-    v = torch.randn_like(out, requires_grad=True)
-    gx, gf = torch.autograd.grad(out, (s.base, s.freqs), v, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        (gx.sum() + gf.sum()).backward()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_is_deterministic(device):
-    s = sample_inputs(device, torch.float32, requires_grad=True)[-1]
-    out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
-    g = torch.randn_like(out)
-    first = torch.autograd.grad(out, (s.base, s.freqs), g, retain_graph=True)
-    for threads in (1, torch.get_num_threads()):
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            again = torch.autograd.grad(out, (s.base, s.freqs), g, retain_graph=True)
-        finally:
-            torch.set_num_threads(prev)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_error_within_twice_eager(device, dtype):
-    """flash-attention's rule: against a float64 reference, the kernel's error is at most about
-    twice that of the same-precision eager implementation (jitrope.reference), forward and backward."""
-    for s in sample_inputs(device, dtype, requires_grad=True):
-        if s.x.numel() == 0:
-            continue
-        out = ops.rope2d(*s.args()[:3], interleaved=s.interleaved)
-        eager = rope2d_ref(*s.args()[:3], interleaved=s.interleaved)
-        g = torch.randn_like(out)
-        base64 = s.base.detach().double().requires_grad_()
-        freqs64 = s.freqs.detach().double().requires_grad_()
-        ref = rope2d_ref(s.view(base64), s.coords.double(), freqs64, interleaved=s.interleaved)
-        grads = torch.autograd.grad(out, (s.base, s.freqs), g)
-        grads_eager = torch.autograd.grad(eager, (s.base, s.freqs), g)
-        grads_ref = torch.autograd.grad(ref, (base64, freqs64), g.double())
-        for name, k, e, r in [("out", out, eager, ref), *zip(("grad_x", "grad_freqs"), grads, grads_eager, grads_ref)]:
-            assert_kernel_error_within_eager(f"{s} {name}", k, e, r)
-
-
-# ---------------------------------------------------------------- opcheck and torch.compile
-
-
-OPCHECK_SAMPLES = ["qkv_view", "heads_tokens_transposed", "batch_0", "offset_view"]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", OPCHECK_SAMPLES)
-def test_opcheck(device, name):
-    s = next(s for s in sample_inputs(device, torch.float32, requires_grad=True) if s.name == name)
-    x, coords, freqs, interleaved = s.args()
-    torch.library.opcheck(torch.ops.jitrope.rope2d.default, (x, coords, freqs, interleaved))
-    with torch.no_grad():
-        y = s.view(s.base.detach().clone())
-        torch.library.opcheck(torch.ops.jitrope.rope2d_.default, (y, coords, freqs.detach(), interleaved), test_utils=INPLACE_OPCHECK_UTILS)
-    # rope2d_backward is not differentiable itself (see test_double_backward_raises): no-grad inputs.
-    g = torch.randn(x.shape, device=device)
-    for fwd_x in (x.detach(), None):
-        torch.library.opcheck(torch.ops.jitrope.rope2d_backward.default, (g, coords, freqs.detach(), fwd_x, interleaved))
+# ---------------------------------------------------------------- torch.compile
 
 
 def _attention_with_rope(qkv, coords, freqs, H, D):

@@ -48,6 +48,7 @@ from .posenc import (
     check_pos_embed,
 )
 from .presets import PRESETS
+from .reference import rms_norm
 
 __all__ = [
     "JiTConfig",
@@ -238,7 +239,8 @@ def per_token(mod: Tensor, seq_id: Optional[Tensor]) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (the official JiT / LLaMA one), returned in the input dtype."""
+    """RMSNorm computed in float32 (the official JiT / LLaMA one; float64 in a float64 model), returned in
+    the input dtype: :func:`jitrope.reference.rms_norm`, the formula the qk norm uses too."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -246,9 +248,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps).to(x.dtype)
 
 
 class QKNorm(nn.Module):

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from . import HAS_EXTENSION, EXTENSION_ERROR, ops
 from .packing import PackedLayout, PackedSeqs
+from .reference import rms_norm, rope_angles, rotate_pairs
 from .rope import axial_freqs, sequence_coords
 
 __all__ = [
@@ -196,27 +197,19 @@ def qk_norm_rope_fused(qk: Tensor, weight: Tensor, coords: Optional[Tensor], fre
 def qk_norm_rope_tables(qk: Tensor, weight: Tensor, cos_sin: Optional[Tuple[Tensor, Tensor]], eps: float) -> Tensor:
     """``pos_impl="torch"``: SPEC §3a with precomputed ``cos, sin: [1 or H, N, D/2]`` (None: no rotation).
 
-    Norm and rotation in float32 (float64 for float64), rounded once, as the fused op; the rotation
-    is :func:`jitrope.reference.rope2d_ref`'s arithmetic on interleaved pairs, so both agree bit for bit.
+    Norm and rotation in float32 (float64 for float64), rounded once, as the fused op; both are the
+    reference's own functions (:func:`jitrope.reference.rms_norm`, :func:`jitrope.reference.rotate_pairs`).
     """
-    acc = _acc_dtype(qk)
-    h = qk.to(acc)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    h = weight.view(2, *([1] * (qk.dim() - 2)), -1).to(acc) * h
+    h = rms_norm(qk, weight.view(2, *([1] * (qk.dim() - 2)), -1), eps)
     if cos_sin is not None:
-        cos, sin = cos_sin
-        a, b = h[..., 0::2], h[..., 1::2]
-        h = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        h = rotate_pairs(h, *cos_sin, interleaved=True)
     return h.to(qk.dtype)
 
 
 def rope_cos_sin(coords: Tensor, freqs: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """cos and sin of the angles of SPEC §2, ``[1 or H, N, D/2]`` in ``dtype`` (as ``rope2d_ref``)."""
-    c = coords.to(dtype)
-    f = freqs.to(dtype)
-    if f.dim() == 2:
-        f = f.unsqueeze(0)
-    phi = c[None, :, 0, None] * f[:, None, 0, :] + c[None, :, 1, None] * f[:, None, 1, :]
+    """cos and sin of the angles of SPEC §2 (:func:`jitrope.reference.rope_angles`), ``[1 or H, N, D/2]``
+    in ``dtype``."""
+    phi = rope_angles(coords, freqs, dtype)
     return phi.cos(), phi.sin()
 
 

@@ -2,6 +2,12 @@
 
 They are what the fused kernels are tested against, what the benchmarks call "eager", and what
 ``pos_impl="torch"`` runs. Both differentiate through plain autograd.
+
+Each formula is written once, here: :func:`rope_angles` (SPEC §2's angle, §10's per-token tables),
+:func:`rotate_pairs` (the rotation of a channel pair) and :func:`rms_norm` (JiT's RMSNorm). The op
+references, the ``pos_impl="torch"`` path of :mod:`jitrope.posenc` and the model's RMSNorm modules
+all call them, so they agree bit for bit by construction (as gsplat's ``_torch_impl.py`` serves its
+reference, fallback and tests).
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["rope2d_ref", "pos2d_add_ref", "qk_norm_rope_ref"]
+__all__ = ["rope_angles", "rotate_pairs", "rms_norm", "rope2d_ref", "pos2d_add_ref", "qk_norm_rope_ref"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -18,13 +24,92 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def rope2d_ref(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True) -> Tensor:
+def rope_angles(coords: Tensor, freqs: Tensor, dtype: torch.dtype, *, freqs_index: Optional[Tensor] = None) -> Tensor:
+    """The angles of SPEC §2, ``phi[h, n, m] = coords[n, 0] * freqs[h, 0, m] + coords[n, 1] * freqs[h, 1, m]``,
+    computed in ``dtype``; returns ``[1 or H, N, D/2]`` (1 for shared frequencies ``[2, D/2]``, H for
+    per-head ``[H, 2, D/2]``).
+
+    With ``freqs_index`` (int64 ``[N]``, SPEC §10) ``freqs`` has a leading table dim, ``[F, 2, D/2]`` or
+    ``[F, H, 2, D/2]``, and token n uses table ``freqs_index[n]``. Each angle is the same two products
+    and one sum either way, so one table indexed by zeros gives the plain call's bits.
+    """
+    if freqs_index is not None:
+        _check_indexed_freqs(freqs, freqs_index, coords.shape[0], "rope_angles")
+    return _rope_angles(coords, freqs, dtype, freqs_index)
+
+
+def _check_indexed_freqs(freqs: Tensor, freqs_index: Tensor, n_tokens: int, what: str) -> None:
+    if freqs.dim() not in (3, 4) or freqs.shape[0] == 0:
+        raise ValueError(f"{what}: with freqs_index, freqs must be [F, 2, D/2] or [F, H, 2, D/2] with F >= 1, "
+                         f"got {tuple(freqs.shape)}")
+    if freqs_index.dtype != torch.int64 or freqs_index.shape != (n_tokens,):
+        raise ValueError(
+            f"{what}: freqs_index must be an int64 tensor [N] = [{n_tokens}], got {freqs_index.dtype} "
+            f"of shape {tuple(freqs_index.shape)}"
+        )
+    # Data-dependent, so eager only: a traced graph cannot branch on values (indexing still bounds-checks).
+    if n_tokens and not torch.compiler.is_compiling():
+        lo, hi = int(freqs_index.min()), int(freqs_index.max())
+        if lo < 0 or hi >= freqs.shape[0]:
+            raise ValueError(f"{what}: freqs_index must be in [0, F) = [0, {freqs.shape[0]}) "
+                             f"(F = freqs.shape[0]), got values in [{lo}, {hi}]")
+
+
+def _rope_angles(coords: Tensor, freqs: Tensor, dtype: torch.dtype, freqs_index: Optional[Tensor]) -> Tensor:
+    c = coords.to(dtype)
+    f = freqs.to(dtype)
+    if freqs_index is None:
+        if f.dim() == 2:
+            f = f.unsqueeze(0)  # [1, 2, D/2]
+        return c[None, :, 0, None] * f[:, None, 0, :] + c[None, :, 1, None] * f[:, None, 1, :]
+    if f.dim() == 3:
+        f = f.unsqueeze(1)  # [F, 1, 2, D/2]
+    g = f[freqs_index].transpose(0, 1)  # [1 or H, N, 2, D/2]: each token's own table
+    return c[None, :, 0, None] * g[:, :, 0, :] + c[None, :, 1, None] * g[:, :, 1, :]
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool) -> Tensor:
+    """Turn each channel pair (a, b) of ``x: [..., D]`` by the angle whose ``cos``/``sin`` broadcast to
+    ``[..., D/2]``: ``(a cos - b sin, a sin + b cos)``. Pair m is channels (2m, 2m+1) when
+    ``interleaved``, else (m, m + D/2). Computed in the promoted dtype of the inputs; the caller rounds."""
+    D = x.shape[-1]
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+    else:
+        a, b = x[..., : D // 2], x[..., D // 2 :]
+    out_a = a * cos - b * sin
+    out_b = a * sin + b * cos
+    if interleaved:
+        return torch.stack((out_a, out_b), dim=-1).flatten(-2)
+    return torch.cat((out_a, out_b), dim=-1)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """JiT's (LLaMA's) RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight``, statistics and
+    result in float32 (float64 for float64 ``x``); ``weight`` broadcasts against ``x`` (``[D]``, or
+    ``[2, 1, 1, 1, D]`` for a q/k stack). The caller rounds to the dtype it wants."""
+    acc = _compute_dtype(x)
+    h = x.to(acc)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(acc) * h
+
+
+def rope2d_ref(
+    x: Tensor,
+    coords: Tensor,
+    freqs: Tensor,
+    *,
+    interleaved: bool = True,
+    freqs_index: Optional[Tensor] = None,
+) -> Tensor:
     """2D rotary embedding of ``x: [..., H, N, D]``.
 
     ``coords: [N, 2]`` holds (row y, column x) of each token, ``freqs: [2, D/2]`` (shared) or
     ``[H, 2, D/2]`` (per head). Pair m of token n in head h turns by
     ``phi = coords[n, 0] * freqs[h, 0, m] + coords[n, 1] * freqs[h, 1, m]``.
     Pairs are channels (2m, 2m+1) when ``interleaved``, else (m, m + D/2).
+    With ``freqs_index: [N]`` (int64, SPEC §10) ``freqs`` is ``[F, 2, D/2]`` or ``[F, H, 2, D/2]`` and
+    token n uses table ``freqs_index[n]``.
     """
     if x.dim() < 3:
         raise ValueError(f"rope2d: x must be [..., H, N, D], got shape {tuple(x.shape)}")
@@ -33,28 +118,19 @@ def rope2d_ref(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = 
         raise ValueError(f"rope2d: x's last dim D must be even, got D={D}")
     if coords.shape != (N, 2):
         raise ValueError(f"rope2d: coords must be [N, 2] = [{N}, 2], got {tuple(coords.shape)}")
-    if freqs.dim() == 2:
-        freqs = freqs.unsqueeze(0)
-    if freqs.dim() != 3 or freqs.shape[-2:] != (2, D // 2) or freqs.shape[0] not in (1, H):
-        raise ValueError(f"rope2d: freqs must be [2, {D // 2}] or [{H}, 2, {D // 2}], got {tuple(freqs.shape)}")
+    if freqs_index is not None:
+        _check_indexed_freqs(freqs, freqs_index, N, "rope2d")
+    one = freqs if freqs_index is None else freqs[0]  # one table: [2, D/2] or [H, 2, D/2]
+    if one.dim() == 2:
+        one = one.unsqueeze(0)
+    if one.dim() != 3 or one.shape[-2:] != (2, D // 2) or one.shape[0] not in (1, H):
+        lead = "" if freqs_index is None else "F, "
+        raise ValueError(
+            f"rope2d: freqs must be [{lead}2, {D // 2}] or [{lead}{H}, 2, {D // 2}], got {tuple(freqs.shape)}"
+        )
     acc = _compute_dtype(x)
-    c = coords.to(acc)
-    f = freqs.to(acc)
-    # phi[h, n, m] = y_n * f[h, 0, m] + x_n * f[h, 1, m]
-    phi = c[None, :, 0, None] * f[:, None, 0, :] + c[None, :, 1, None] * f[:, None, 1, :]
-    cos, sin = phi.cos(), phi.sin()
-    xa = x.to(acc)
-    if interleaved:
-        a, b = xa[..., 0::2], xa[..., 1::2]
-    else:
-        a, b = xa[..., : D // 2], xa[..., D // 2 :]
-    out_a = a * cos - b * sin
-    out_b = a * sin + b * cos
-    if interleaved:
-        out = torch.stack((out_a, out_b), dim=-1).flatten(-2)
-    else:
-        out = torch.cat((out_a, out_b), dim=-1)
-    return out.to(x.dtype)
+    phi = _rope_angles(coords, freqs, acc, freqs_index)  # [1 or H, N, D/2]
+    return rotate_pairs(x.to(acc), phi.cos(), phi.sin(), interleaved=interleaved).to(x.dtype)
 
 
 def pos2d_add_ref(
@@ -98,10 +174,11 @@ def qk_norm_rope_ref(
     *,
     eps: float = 1e-6,
     interleaved: bool = True,
+    freqs_index: Optional[Tensor] = None,
 ) -> Tensor:
     """The published JiT order on ``qk: [2, B, H, N, D]``: the RMSNorm module of q and of k (float32
-    statistics, float64 for float64; ``weight: [2, D]``), then :func:`rope2d_ref`. Returns a
-    contiguous ``[2, B, H, N, D]`` tensor."""
+    statistics, float64 for float64; ``weight: [2, D]``), rounded to ``qk``'s dtype, then
+    :func:`rope2d_ref` (``freqs_index`` as there). Returns a contiguous ``[2, B, H, N, D]`` tensor."""
     if qk.dim() != 5 or qk.shape[0] != 2:
         raise ValueError(f"qk_norm_rope: qk must be [2, B, H, N, D], got shape {tuple(qk.shape)}")
     D = qk.shape[-1]
@@ -109,10 +186,9 @@ def qk_norm_rope_ref(
         raise ValueError(f"qk_norm_rope: weight must be [2, D] = [2, {D}], got {tuple(weight.shape)}")
     if (coords is None) != (freqs is None):
         raise ValueError("qk_norm_rope: coords and freqs must be given together or both be None")
-    acc = _compute_dtype(qk)
-    x = qk.to(acc)
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    y = (y * weight.to(acc)[:, None, None, None, :]).to(qk.dtype)
+    if freqs_index is not None and freqs is None:
+        raise ValueError("qk_norm_rope: freqs_index needs coords and freqs")
+    y = rms_norm(qk, weight[:, None, None, None, :], eps).to(qk.dtype)
     if coords is not None:
-        y = rope2d_ref(y, coords, freqs, interleaved=interleaved)
+        y = rope2d_ref(y, coords, freqs, interleaved=interleaved, freqs_index=freqs_index)
     return y.contiguous()
