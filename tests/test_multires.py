@@ -72,7 +72,8 @@ def test_mixed_size_images_sit_on_white_canvases(cond):
     assert torch.equal(y, ds.labels[idx])
     assert all(x.min() >= -1 and x.max() <= 1 for x in xs)
     # the 32x32 emoji sits at the left (offset 0) or the right (u ~ 1) of a wide canvas, white elsewhere
-    assert torch.equal(xs[1][:, :, 32:], torch.ones(3, 32, 16)) and not torch.equal(xs[1][:, :, :32], torch.ones(3, 32, 32))
+    assert torch.equal(xs[1][:, :, 32:], torch.ones(3, 32, 16))
+    assert not torch.equal(xs[1][:, :, :32], torch.ones(3, 32, 32))
     assert torch.equal(xs[3][:, :, :16], torch.ones(3, 32, 16))
     assert torch.equal(xs[1][:, :, :32], xs[3][:, :, 16:])  # the same image, only moved
     assert torch.equal(xs[2][:, :16], torch.ones(3, 16, 32))  # tall canvas: the emoji at the bottom

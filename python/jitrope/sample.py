@@ -27,8 +27,16 @@ from torch import Tensor
 from .checkpoint import CheckpointError, check_state_dict, load_weights, resolve_checkpoint
 from .cli import Flag, add_flags, check_image_out, cpu_setup, fail, flag_layer, resolve_device
 from .config import Config, ConfigError, config_from_dict, load_config
-from .data import (IMAGE_EXTENSIONS, DataError, composite_on_white, parse_sizes, resize_images, to_float, to_rgba8,
-                   to_uint8)
+from .data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    composite_on_white,
+    parse_sizes,
+    resize_images,
+    to_float,
+    to_rgba8,
+    to_uint8,
+)
 from .diffusion import SAMPLERS, Diffusion
 from .posenc import IMPLS
 

@@ -27,7 +27,6 @@ from .datasets import (
     write_heldout_conditions,
 )
 from .emoji import EMOJI_CATEGORIES, EMOJI_VENDORS, EMOJI_VERSION, PINS, data_root, fetch_emoji, load_emoji
-from .multires import MultiResMaker, TokenPacker, check_patch_multiple, padding_waste, parse_size, parse_sizes
 from .imageset import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -39,6 +38,7 @@ from .imageset import (
     to_rgba8,
     to_uint8,
 )
+from .multires import MultiResMaker, TokenPacker, check_patch_multiple, padding_waste, parse_size, parse_sizes
 
 __all__ = [
     "DataError",
