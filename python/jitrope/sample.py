@@ -490,7 +490,8 @@ def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: 
         raise SampleError("sample.sizes samples class rows with the null condition; drop --cond (sample.cond), "
                           "or sample a condition grid at one size with --img-size")
     if s.img_size is not None:
-        raise SampleError("sample.sizes and sample.img_size both give the size; keep one")
+        raise SampleError("sample.sizes and sample.img_size both give the size; keep one (sample.sizes=null samples "
+                          "one size)")
     sizes = parse_sizes(s.sizes, "config key sample.sizes")
     for h, w in dict.fromkeys(sizes):  # each size alone first, so that an error names it
         try:
