@@ -335,6 +335,8 @@ class _Run:
         train_data = cfg.data
         if cfg.data.sizes:  # mixed sizes are resized from images at the largest side, not up from img_size
             side = max(max(hw) for hw in parse_sizes(cfg.data.sizes, "data.sizes"))
+            if cfg.data.name == "emoji":
+                side = max(side, 64)  # the emoji's own size: each size is then resized once, from the source
             train_data = dataclasses.replace(cfg.data, img_size=max(side, cfg.data.img_size))
         self.ds = build_dataset(train_data, "train", seed=self.t.seed, log=self.say)
         try:
