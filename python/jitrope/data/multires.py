@@ -66,8 +66,9 @@ class TokenPacker:
     The batch is drawn rather than packed from a given list: every sample is resized to a size we pick,
     so each pick is uniform over the sizes that still fit the rest of the budget, until none fits. The
     unused rest is then below the smallest image's cost (0.6-1.0% of the budget in the training log
-    of configs/emoji_multires_cpu.yaml). First-fit or LPFHP would pack a fixed multiset of lengths into several bins; here that needs a
-    carry-over queue of unplaced images between steps, i.e. more resume state, for no less waste.
+    of configs/emoji_multires_cpu.yaml). First-fit or LPFHP would pack a fixed multiset of lengths
+    into several bins; here that needs a carry-over queue of unplaced images between steps, i.e. more
+    resume state, for no less waste.
     The price: the last picks of a batch lean to the small sizes.
 
     ``sizes``: ``(h, w)`` pixels; ``costs``: the tokens each takes in the packed stream (image,
