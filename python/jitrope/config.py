@@ -76,6 +76,9 @@ class TrainConfig:
     num_threads: Optional[int] = None  # torch.set_num_threads on CPU; null leaves torch's default
     tensorboard: bool = True
     progress: bool = True  # tqdm bar (hidden when stderr is not a terminal)
+    # packed mixed-size batches (with data.sizes): tokens per batch (image + condition + in-context);
+    # batch_size then only sets the learning rate (blr * batch_size / 256)
+    tokens_per_batch: Optional[int] = None
 
 
 @dataclass
@@ -90,6 +93,9 @@ class DataConfig:
     hflip: bool = False  # random horizontal flips
     num_images: int = 512  # synthetic only
     download: bool = True  # emoji: fetch with npm pack when the cache has no data
+    # packed mixed-size training: sizes HEIGHTxWIDTH in pixels, e.g. [16x16, 32x48, 48x32] (needs
+    # train.tokens_per_batch); empty: every image at img_size, batches of train.batch_size
+    sizes: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -125,6 +131,7 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: Optional[int] = None  # torch.set_num_threads on CPU; null leaves torch's default
     progress: bool = True
+    sizes: Optional[str] = None  # "16x16,32x48,...": one grid of every class at every size, one packed forward
 
 
 EVAL_METRICS = ("vloss", "class", "cond", "res")
@@ -404,9 +411,32 @@ def _check(cfg: Config) -> None:
     _check_data(cfg.data)
     _check_diffusion(cfg.diffusion)
     try:  # model.* errors (an unknown pos_embed, a bad size) now, not as a traceback at model build
-        cfg.model_config()
+        mcfg = cfg.model_config()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model config: {e}") from None
+    _check_sizes(cfg, mcfg.patch_size)
+
+
+def _check_sizes(cfg: Config, patch: int) -> None:
+    """data.sizes / sample.sizes parse as HEIGHTxWIDTH multiples of the patch; a budget goes with data.sizes."""
+    from .data.multires import check_patch_multiple, parse_sizes
+
+    budget = cfg.train.tokens_per_batch
+    for key, spec in (("data.sizes", cfg.data.sizes), ("sample.sizes", cfg.sample.sizes)):
+        if spec is None or (key == "data.sizes" and len(spec) == 0):
+            continue
+        try:
+            check_patch_multiple(parse_sizes(spec, f"config key {key}"), patch, f"config key {key}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if budget is not None:
+        _positive("train.tokens_per_batch", budget)
+    if cfg.data.sizes and budget is None:
+        raise ConfigError("config key data.sizes (packed mixed-size batches) needs train.tokens_per_batch, the "
+                          "token budget of a batch")
+    if budget is not None and not cfg.data.sizes:
+        raise ConfigError(f"config key train.tokens_per_batch={budget} is set but data.sizes is empty: it is the "
+                          "budget of packed mixed-size batches only (set data.sizes, or drop it)")
 
 
 def _check_data(d: DataConfig) -> None:

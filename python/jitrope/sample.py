@@ -27,7 +27,16 @@ from torch import Tensor
 from .checkpoint import CheckpointError, check_state_dict, load_weights, resolve_checkpoint
 from .cli import Flag, add_flags, check_image_out, cpu_setup, fail, flag_layer, resolve_device
 from .config import Config, ConfigError, config_from_dict, load_config
-from .data import IMAGE_EXTENSIONS, DataError, composite_on_white, resize_images, to_float, to_rgba8, to_uint8
+from .data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    composite_on_white,
+    parse_sizes,
+    resize_images,
+    to_float,
+    to_rgba8,
+    to_uint8,
+)
 from .diffusion import SAMPLERS, Diffusion
 from .posenc import IMPLS
 
@@ -37,6 +46,8 @@ __all__ = [
     "run_config",
     "model_from_weights",
     "generate",
+    "generate_sizes",
+    "make_size_grid",
     "make_grid",
     "parse_classes",
     "load_cond_images",
@@ -182,6 +193,55 @@ def generate(
     return torch.cat(out) if out else noise
 
 
+@torch.no_grad()
+def generate_sizes(
+    model,
+    diffusion: Diffusion,
+    labels: Tensor,
+    sizes: Sequence[Tuple[int, int]],
+    *,
+    steps: int = 50,
+    sampler: str = "heun",
+    cfg: float = 1.0,
+    cfg_interval: Sequence[float] = (0.1, 1.0),
+    seed: int = 0,
+    device="cpu",
+    progress: Optional[Callable[[int], None]] = None,
+) -> List[Tensor]:
+    """One sample per ``(labels[s], sizes[s])`` (images of different sizes and aspect ratios), all in one
+    packed batch: one forward per network evaluation (:meth:`Diffusion.sample` with ``layout=``). A
+    model with a condition image gets the null condition. Returns float ``[C, h, w]`` images on the CPU.
+
+    The noise of image s is drawn after that of images 0..s-1 from one generator seeded with ``seed``."""
+    from .packing import pack_images, unpack_images
+
+    if len(sizes) != labels.shape[0]:
+        raise ValueError(f"generate_sizes: {labels.shape[0]} labels for {len(sizes)} sizes")
+    g = torch.Generator().manual_seed(seed)
+    noise = [torch.randn(model.cfg.in_channels, h, w, generator=g) for h, w in sizes]
+    layout = model.packed_layout(list(sizes), device=device)
+    p = model.cfg.patch_size
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        z = diffusion.sample(model.forward_tokens, labels.to(device), None, noise=pack_images(noise, p).to(device),
+                             steps=steps, sampler=sampler, cfg=cfg, cfg_interval=cfg_interval,
+                             null_class=model.null_class, progress=progress, layout=layout)
+    return unpack_images(z.float().cpu(), layout, p)
+
+
+def make_size_grid(images: Sequence[Tensor], ncol: int, *, row_labels: Optional[Sequence[str]] = None,
+                   scale: int = 1, pad: int = 2):
+    """:func:`make_grid` of images of different sizes: each centred on white in a cell of the largest
+    height and width."""
+    H = max(im.shape[-2] for im in images)
+    W = max(im.shape[-1] for im in images)
+    cells = torch.full((len(images), 3, H, W), 255, dtype=torch.uint8)
+    for i, im in enumerate(images):
+        h, w = im.shape[-2:]
+        top, left = (H - h) // 2, (W - w) // 2
+        cells[i, :, top : top + h, left : left + w] = to_uint8(im)
+    return make_grid(cells, ncol, row_labels=row_labels, scale=scale, pad=pad)
+
+
 def make_grid(images: Tensor, ncol: int, *, row_labels: Optional[Sequence[str]] = None, scale: int = 1, pad: int = 2):
     """A PIL image of ``images`` (uint8 or float [-1, 1], [N, 3, H, W]) in rows of ``ncol``,
     with ``row_labels[r]`` written left of row r."""
@@ -305,6 +365,8 @@ FLAGS = (
     Flag("--steps", "sample.steps", "sampler steps", {"type": int}),
     Flag("--seed", "sample.seed", "noise seed", {"type": int}),
     Flag("--batch-size", "sample.batch_size", "images per forward pass", {"type": int}),
+    Flag("--sizes", "sample.sizes", "HxW,HxW,...: one grid of every class (rows) at every size (columns, --n "
+         "each), all sizes in one packed forward per step"),
     Flag("--img-size", "sample.img_size", "sample at another size (where the positional encoding allows)",
          {"type": int}),
     Flag("--ema", "sample.ema", "which weights: EMA index 0 / 1, or none (raw)"),
@@ -357,6 +419,9 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     if img_size % model.cfg.patch_size:
         raise ConfigError(f"config key sample.img_size: {img_size} is not a multiple of the patch size "
                           f"{model.cfg.patch_size}")
+
+    if s.sizes is not None:
+        return _run_sizes(cfg, model, info, out, singles)
 
     conds, cond_names = None, None
     if s.cond is not None:
@@ -413,6 +478,58 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
             Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(singles / f"r{r:02d}_c{c:02d}_{name}.png")
     print(f"wrote {out} ({len(labels)} samples, step {info['step']} {info['weights']}, {s.sampler} {s.steps} steps, "
           f"cfg {s.cfg} on {list(interval)})")
+    return out
+
+
+def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: Path) -> Path:
+    """``sample.sizes``: rows = classes, columns = sizes (``sample.n`` samples each), in one packed batch."""
+    from tqdm import tqdm
+
+    s = cfg.sample
+    if s.cond is not None:
+        raise SampleError("sample.sizes samples class rows with the null condition; drop --cond (sample.cond), "
+                          "or sample a condition grid at one size with --img-size")
+    if s.img_size is not None:
+        raise SampleError("sample.sizes and sample.img_size both give the size; keep one (sample.sizes=null samples "
+                          "one size)")
+    sizes = parse_sizes(s.sizes, "config key sample.sizes")
+    for h, w in dict.fromkeys(sizes):  # each size alone first, so that an error names it
+        try:
+            model.packed_layout([(h, w)])
+        except ValueError as e:
+            raise SampleError(f"config key sample.sizes: the model cannot sample {h}x{w}: {e}") from None
+    class_names = info["class_names"]
+    cls = parse_classes(s.classes, class_names)
+    row_labels = [class_names[c] if c < len(class_names) else "null" for c in cls]
+    # row-major: class r, then size k, then sample j
+    labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(len(sizes) * s.n)
+    grid_sizes = [hw for _ in cls for hw in sizes for _ in range(s.n)]
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    interval = tuple(s.cfg_interval)
+    device = next(model.parameters()).device
+    bar = tqdm(total=s.steps, desc="sampling", unit="step", disable=True if not s.progress else None)
+    try:
+        xs = generate_sizes(model, diffusion, labels, grid_sizes, steps=s.steps, sampler=s.sampler, cfg=s.cfg,
+                            cfg_interval=interval, seed=s.seed, device=device, progress=lambda k: bar.update(1))
+    except ValueError as e:  # e.g. a grid the positional encoding cannot place
+        raise SampleError(f"the model cannot sample this: {e}") from None
+    finally:
+        bar.close()
+    side = max(max(hw) for hw in sizes)
+    scale_f = s.scale if s.scale is not None else max(1, 64 // side)
+    make_size_grid(xs, len(sizes) * s.n, row_labels=row_labels, scale=scale_f).save(out)
+    if s.singles:
+        from PIL import Image
+
+        singles.mkdir(parents=True, exist_ok=True)
+        for i, x in enumerate(xs):
+            r, c = divmod(i, len(sizes) * s.n)
+            h, w = x.shape[-2:]
+            name = "".join(ch if ch.isalnum() else "_" for ch in row_labels[r])[:40]
+            Image.fromarray(to_uint8(x).permute(1, 2, 0).numpy()).save(
+                singles / f"r{r:02d}_c{c:02d}_{h}x{w}_{name}.png")
+    print(f"wrote {out} ({len(xs)} samples at {len(sizes)} sizes in one packed batch, step {info['step']} "
+          f"{info['weights']}, {s.sampler} {s.steps} steps, cfg {s.cfg} on {list(interval)})")
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import shlex
@@ -47,9 +48,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, load_config
-from .data import BatchMaker, DataError, IndexStream, build_dataset
+from .data import BatchMaker, DataError, IndexStream, MultiResMaker, TokenPacker, build_dataset, parse_sizes
 from .diffusion import EMA, Diffusion
 from .fileio import LockedError, check_writable_dir, exclusive_lock
+from .packing import mark_dynamic, pack_images
 
 __all__ = ["train", "main", "lr_at", "step_generator", "TrainingStopped"]
 
@@ -294,6 +296,10 @@ def _check_data_fits(cfg: Config, mcfg, ds, world: int) -> None:
         )
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
+    if cfg.data.sizes and world > 1:
+        # a packed batch is one token stream; splitting it by whole images over ranks is not built yet
+        raise ConfigError(f"data.sizes (packed mixed-size batches) trains on one rank, this run has {world} "
+                          "(WORLD_SIZE): run it without torchrun, or drop data.sizes")
 
 
 class _Run:
@@ -311,6 +317,9 @@ class _Run:
         self._build_data()
         torch.manual_seed(self.t.seed)
         self.model = JiT(self.mcfg).to(device)
+        self.packer: Optional[TokenPacker] = None
+        if cfg.data.sizes:
+            self._build_packing()
         if self.mcfg.pos_impl == "fused" and self.model.pos_impl != "fused":
             say("warning: the fused ops are unavailable, training with pos_impl=torch (same numbers, slower)")
         self.ema = EMA(self.model, self.t.ema_decays, warmup=self.t.ema_warmup)
@@ -323,7 +332,13 @@ class _Run:
         cfg, D = self.cfg, self.D
         if not D.main:
             D.barrier()
-        self.ds = build_dataset(cfg.data, "train", seed=self.t.seed, log=self.say)
+        train_data = cfg.data
+        if cfg.data.sizes:  # mixed sizes are resized from images at the largest side, not up from img_size
+            side = max(max(hw) for hw in parse_sizes(cfg.data.sizes, "data.sizes"))
+            if cfg.data.name == "emoji":
+                side = max(side, 64)  # the emoji's own size: each size is then resized once, from the source
+            train_data = dataclasses.replace(cfg.data, img_size=max(side, cfg.data.img_size))
+        self.ds = build_dataset(train_data, "train", seed=self.t.seed, log=self.say)
         try:
             self.val = build_dataset(cfg.data, "val", seed=self.t.seed, log=self.say)
         except DataError:
@@ -336,6 +351,33 @@ class _Run:
         self.maker = BatchMaker(self.ds, hflip=cfg.data.hflip, **bm_kw)
         self.val_maker = BatchMaker(self.val, **bm_kw) if self.val is not None else None
 
+    def _build_packing(self) -> None:
+        """The token-budget packer and the mixed-size batch maker of ``data.sizes`` (one rank only)."""
+        cfg, model = self.cfg, self.model
+        sizes = parse_sizes(cfg.data.sizes, "data.sizes")
+        cond_sizes, costs = None, []
+        if self.mcfg.cond_img_size is not None:
+            # each image's condition image at its own size, in the training ratio (the null condition's grid)
+            cp = self.mcfg.cond_patch
+            try:
+                grids = [model._grids(hw, None, f"data.sizes {hw[0]}x{hw[1]}: ")[1] for hw in sizes]
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            cond_sizes = [(g[0] * cp, g[1] * cp) for g in grids]
+        for k, hw in enumerate(sizes):
+            try:
+                lay = model.packed_layout([hw], None if cond_sizes is None else [cond_sizes[k]])
+            except ValueError as e:
+                raise ConfigError(f"data.sizes {hw[0]}x{hw[1]}: {e}") from None
+            costs.append(lay.n_tokens)
+        try:
+            self.packer = TokenPacker(sizes, costs, self.t.tokens_per_batch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.cond_sizes = cond_sizes
+        self.mr_maker = MultiResMaker(self.ds, sizes, cond=cfg.data.cond, cond_sizes=cond_sizes,
+                                      hflip=cfg.data.hflip, device=self.device)
+
     def start(self) -> None:
         """Wrap the model (DDP, torch.compile), write the run's config and open the logs."""
         t, D, device = self.t, self.D, self.device
@@ -346,6 +388,11 @@ class _Run:
             self.net = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         if t.compile_mode != "none":
             self.net = torch.compile(self.net, mode=t.compile_mode)
+        if self.packer is not None:
+            # packed batches run forward_tokens; compiled once for every size mix (mark_dynamic per step)
+            self.packed_net = self.model.forward_tokens
+            if t.compile_mode != "none":
+                self.packed_net = torch.compile(self.packed_net, mode=t.compile_mode)
         self.diffusion = Diffusion.from_config(self.cfg.diffusion)
         self.amp = t.amp == "bf16" or (t.amp == "auto" and device.type == "cuda")
         if D.main:
@@ -357,7 +404,9 @@ class _Run:
             f"{len(self.ds)} training images ({self.cfg.data.name}, {self.ds.num_classes} classes), "
             f"{len(self.val) if self.val is not None else 0} held out; JiT {n_params / 1e6:.2f}M params, "
             f"pos_embed={self.mcfg.pos_embed} ({self.model.pos_impl}), {D.world} rank(s) on {device}, "
-            f"batch {t.batch_size}, lr {lr_at(self.cfg, t.warmup_steps):.2e}"
+            + (f"batch {t.batch_size}" if self.packer is None else
+               f"packed batches of {t.tokens_per_batch} tokens over sizes {', '.join(self.cfg.data.sizes)}")
+            + f", lr {lr_at(self.cfg, t.warmup_steps):.2e}"
         )
 
     def loop(self) -> None:
@@ -369,6 +418,7 @@ class _Run:
         self.loss_acc, self.n_acc = torch.zeros((), device=self.device), 0
         self.t_log, self.imgs_log = time.perf_counter(), 0
         self.grad_norm = torch.zeros(())
+        self.waste_acc = 0.0  # padding waste of packed batches, summed over the log interval
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
         while self.step < t.steps:
@@ -384,20 +434,27 @@ class _Run:
     def train_step(self) -> None:
         """One optimizer update; every random draw comes from generators seeded with (seed, step)."""
         t, D, device, mcfg, step = self.t, self.D, self.device, self.mcfg, self.step
-        B, shard = t.batch_size, slice(D.rank, None, D.world)
-        idx = self.stream.next(B)
-        g = step_generator(t.seed, step)
-        tt = self.diffusion.sample_t(B, generator=g)[shard]
-        noise = torch.randn(B, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g)[shard]
-        u = torch.rand(B, 4, generator=g)[shard]
-        x, y, cond = self.maker(idx, u[:, 2:])
-        y = torch.where(u[:, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
-        cond_drop = (u[:, 1] < t.cond_drop).to(device) if cond is not None else None
+        layout = None
+        if self.packer is not None:
+            B, layout, x, y, cond, cond_drop, tt, noise = self._packed_batch(step)
+        else:
+            B, shard = t.batch_size, slice(D.rank, None, D.world)
+            idx = self.stream.next(B)
+            g = step_generator(t.seed, step)
+            tt = self.diffusion.sample_t(B, generator=g)[shard]
+            noise = torch.randn(B, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g)[shard]
+            u = torch.rand(B, 4, generator=g)[shard]
+            x, y, cond = self.maker(idx, u[:, 2:])
+            y = torch.where(u[:, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
+            cond_drop = (u[:, 1] < t.cond_drop).to(device) if cond is not None else None
         torch.manual_seed(step_generator(t.seed, step, 1).initial_seed() + D.rank)  # dropout in the model
         for gr in self.opt.param_groups:
             gr["lr"] = lr_at(self.cfg, step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.diffusion.loss(self.net, x, y, cond, cond_drop, t=tt.to(device), noise=noise.to(device))
+            if layout is None:
+                loss = self.diffusion.loss(self.net, x, y, cond, cond_drop, t=tt.to(device), noise=noise.to(device))
+            else:
+                loss = self.diffusion.loss(self.packed_net, x, y, cond, cond_drop, t=tt, noise=noise, layout=layout)
         loss.backward()
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
         self.opt.step()
@@ -409,6 +466,39 @@ class _Run:
         self.imgs_log += B
         self.bar.update(1)
 
+    def _packed_batch(self, step: int):
+        """A packed batch of mixed sizes filling ``train.tokens_per_batch``: ``(S, layout, x, y, cond, cond_drop,
+        t, noise)`` with pixel tokens on the device. Sizes, data order, t, noise, labels / condition dropout,
+        offsets and flips all come from the generator of ``(seed, step)``, as in the single-size step."""
+        t, device, mcfg = self.t, self.device, self.mcfg
+        g = step_generator(t.seed, step)
+        picks = self.packer.draw(g)
+        S = len(picks)
+        idx = self.stream.next(S)
+        sizes = [self.packer.sizes[k] for k in picks]
+        layout = self.model.packed_layout(
+            sizes, None if self.cond_sizes is None else [self.cond_sizes[k] for k in picks])
+        tt = self.diffusion.sample_t(S, generator=g, n_tokens=layout.image_tokens)
+        noise = torch.randn(layout.n_image, mcfg.patch_size ** 2 * mcfg.in_channels, generator=g)
+        u = torch.rand(S, 5, generator=g)
+        xs, y, conds = self.mr_maker(idx, picks, u[:, 2:])
+        y = torch.where(u[:, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
+        cond_drop = (u[:, 1] < t.cond_drop).to(device) if conds is not None else None
+        x = pack_images(xs, mcfg.patch_size).to(device)
+        cond = None if conds is None else pack_images(conds, mcfg.cond_patch, name="conds").to(device)
+        layout, tt, noise = layout.to(device), tt.to(device), noise.to(device)
+        if t.compile_mode != "none":
+            mark_dynamic(layout, x, cond, noise, tt, y, cond_drop)
+        self.waste_acc += self.packer.waste(picks)
+        return S, layout, x, y, cond, cond_drop, tt, noise
+
+    def _packing_scalars(self) -> Dict[str, float]:
+        """The mean padding waste of the interval's packed batches (unused fraction of the token budget)."""
+        if self.packer is None or self.n_acc == 0:
+            return {}
+        waste, self.waste_acc = self.waste_acc / self.n_acc, 0.0
+        return {"train/padding_waste": waste}
+
     def log_step(self) -> None:
         """The mean loss of the interval (over ranks), throughput, TensorBoard scalars."""
         step, t = self.step, self.t
@@ -419,13 +509,17 @@ class _Run:
                                   self.last_ckpt, _DIVERGED_HINT)
         now = time.perf_counter()
         ips = self.imgs_log / max(now - self.t_log, 1e-9)
+        packing = self._packing_scalars()
         self.last_loss = mean_loss
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
         if self.logger is not None:
             self.logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr_at(self.cfg, step - 1),
-                                       "train/grad_norm": float(self.grad_norm), "train/images_per_s": ips})
+                                       "train/grad_norm": float(self.grad_norm), "train/images_per_s": ips,
+                                       **packing})
         if self.D.main and self.bar.disable:
-            self.say(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad {float(self.grad_norm):.3f}  {ips:.1f} img/s")
+            waste = f"  waste {packing['train/padding_waste']:.1%}" if packing else ""
+            self.say(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad {float(self.grad_norm):.3f}  {ips:.1f} img/s"
+                     + waste)
         self.loss_acc.zero_()
         self.n_acc, self.t_log, self.imgs_log = 0, now, 0
 
@@ -517,7 +611,7 @@ def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStr
     diffs = _diff_keys(saved.get("model", {}), now["model"], "model")
     for sec in ("data", "diffusion"):
         diffs += _diff_keys(saved.get(sec, {}), now[sec], sec)
-    for k in ("seed", "batch_size", "ema_decays"):
+    for k in ("seed", "batch_size", "ema_decays", "tokens_per_batch"):
         if saved.get("train", {}).get(k) != now["train"][k]:
             diffs.append(f"train.{k}: checkpoint {saved.get('train', {}).get(k)!r} vs now {now['train'][k]!r}")
     if diffs:

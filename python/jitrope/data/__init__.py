@@ -11,11 +11,13 @@ This package gathers the public names of its modules, one concern each (their ol
   loading it;
 - :mod:`jitrope.data.datasets`: the folder and synthetic sets, :func:`build_dataset`, and the choice
   of held-out condition images (:func:`heldout_picks`, :func:`write_heldout_conditions`);
-- :mod:`jitrope.data.batching`: :class:`IndexStream` and :class:`BatchMaker`.
+- :mod:`jitrope.data.batching`: :class:`IndexStream` and :class:`BatchMaker`;
+- :mod:`jitrope.data.multires`: mixed sizes for packed batches (:func:`parse_sizes`,
+  :class:`TokenPacker`, :class:`MultiResMaker`).
 """
 from __future__ import annotations
 
-from .batching import BatchMaker, IndexStream
+from .batching import BatchMaker, IndexStream, vendor_partners
 from .datasets import (
     SYNTHETIC_CLASSES,
     build_dataset,
@@ -36,6 +38,7 @@ from .imageset import (
     to_rgba8,
     to_uint8,
 )
+from .multires import MultiResMaker, TokenPacker, check_patch_multiple, padding_waste, parse_size, parse_sizes
 
 __all__ = [
     "DataError",
@@ -57,6 +60,13 @@ __all__ = [
     "write_heldout_conditions",
     "IndexStream",
     "BatchMaker",
+    "vendor_partners",
+    "MultiResMaker",
+    "TokenPacker",
+    "padding_waste",
+    "parse_size",
+    "parse_sizes",
+    "check_patch_multiple",
     "resize_images",
     "to_float",
     "to_uint8",

@@ -61,6 +61,23 @@ class IndexStream:
         self.epoch, self.pos, self._perm = int(state["epoch"]), int(state["pos"]), None
 
 
+def vendor_partners(ds: ImageSet):
+    """``(partners, n_partners)``: ``partners[i]`` holds up to ``len(domains)`` indices of the same group
+    as item i, the other domains first (-1 pads), ``n_partners[i]`` how many (the item itself when alone)."""
+    order = torch.argsort(ds.groups, stable=True)
+    gs = ds.groups[order].tolist()
+    by_group: Dict[int, List[int]] = {}
+    for i, g_ in zip(order.tolist(), gs):
+        by_group.setdefault(g_, []).append(i)
+    width = max(len(v) for v in by_group.values())
+    partners = torch.full((len(ds), width), -1, dtype=torch.long)
+    for members in by_group.values():
+        for i in members:
+            others = [j for j in members if j != i] or [i]
+            partners[i, : len(others)] = torch.tensor(others)
+    return partners, (partners >= 0).sum(1)
+
+
 class BatchMaker:
     """Turns indices into float batches: ``x`` in [-1, 1], labels, and the condition image.
 
@@ -83,20 +100,7 @@ class BatchMaker:
         self.labels = ds.labels.to(self.device)
         self.cond_images = resize_images(ds.images, cond_size).to(self.device) if cond != "none" else None
         if cond == "other_vendor":
-            # partners[i]: up to len(domains) indices of the same group, other domains first
-            order = torch.argsort(ds.groups, stable=True)
-            gs = ds.groups[order].tolist()
-            by_group: Dict[int, List[int]] = {}
-            for i, g_ in zip(order.tolist(), gs):
-                by_group.setdefault(g_, []).append(i)
-            width = max(len(v) for v in by_group.values())
-            partners = torch.full((len(ds), width), -1, dtype=torch.long)
-            for members in by_group.values():
-                for i in members:
-                    others = [j for j in members if j != i] or [i]
-                    partners[i, : len(others)] = torch.tensor(others)
-            self.partners = partners
-            self.n_partners = (partners >= 0).sum(1)
+            self.partners, self.n_partners = vendor_partners(ds)
 
     def __call__(self, idx: Tensor, u: Optional[Tensor] = None):
         """Batch of ``idx``; ``u`` ([len(idx), 2] uniforms in [0, 1)) picks the condition vendor and
