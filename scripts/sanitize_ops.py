@@ -206,15 +206,19 @@ def pos_indexed_cases(dev, dtype):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="device to run on (default: cuda)")
+    p.add_argument("--cases", choices=("all", "packed"), default="all",
+                   help="all (default) or packed: only the packed-batch cases (packed views, freqs_index, "
+                        "pos2d_add_indexed)")
     args = p.parse_args()
     if args.device == "cuda" and not (torch.cuda.is_available() and jitrope.has_cuda_kernels()):
         sys.exit("sanitize_ops: needs a CUDA device and the extension's CUDA kernels")
     torch.manual_seed(0)
     ok = True
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        ok &= rope_cases(args.device, dtype)
-        ok &= pos_cases(args.device, dtype)
-        ok &= qk_norm_rope_cases(args.device, dtype)
+        if args.cases == "all":
+            ok &= rope_cases(args.device, dtype)
+            ok &= pos_cases(args.device, dtype)
+            ok &= qk_norm_rope_cases(args.device, dtype)
         ok &= packed_cases(args.device, dtype)
         ok &= pos_indexed_cases(args.device, dtype)
     if args.device == "cuda":
