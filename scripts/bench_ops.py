@@ -334,7 +334,7 @@ PACKED_GRIDS = {
     "cpu": [(4, 4), (6, 6), (8, 8), (10, 10), (12, 12), (8, 12), (12, 8)],
     "cuda": [(16, 16), (20, 20), (24, 24), (28, 28), (32, 32), (24, 32), (32, 24)],
 }
-PACKED_TOKENS = {"cpu": [4096], "cuda": [65536, 131072, 262144]}
+PACKED_TOKENS = {"cpu": [2048], "cuda": [65536, 131072, 262144]}
 
 
 def packed_mix(budget: int, grids, gen: torch.Generator):
@@ -511,7 +511,7 @@ def main(argv=None) -> int:
              "call), against eager code rebuilding cos/sin per call, its torch.compile (--compile) and a copy",
     )
     p.add_argument("--packed-tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
-                   help="--packed: comma-separated token budgets T (default 4096 on CPU; 65536,131072,262144 on CUDA)")
+                   help="--packed: comma-separated token budgets T (default 2048 on CPU; 65536,131072,262144 on CUDA)")
     p.add_argument("--packed-calls", type=int, default=4, help="--packed: size mixes (calls) per timed run (default 4)")
     args = p.parse_args(argv)
 
@@ -532,7 +532,9 @@ def main(argv=None) -> int:
             rows = run_packed(names, device, dtypes, args)
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
         print(f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; packed batches, "
-              f"{args.packed_calls} size mixes per run, median of {args.reps} runs\n")
+              f"{args.packed_calls} size mixes per run, median of {args.reps} runs")
+        print("compiled = torch.compile(dynamic=True, fullgraph=True) of the eager code: one graph for every T; "
+              "GB/s = bytes the op must move / fused time\n")
         print_table(rows, PACKED_COLUMNS)
         if args.json:
             args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=2))
