@@ -389,7 +389,8 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
     largest = max(max(hw) for hw in mix)
     cfg = JiTConfig.preset(preset, pos_embed=args.pos_embed[0], img_size=largest, patch_size=patch)
     batches = draw_packed_batches(mix, patch, budget, args.packed_batches)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"cpu, {torch.get_num_threads()} threads")
     mix_txt = ", ".join(f"{h}x{w}" for h, w in mix)
     print(f"# packed vs pad-to-max training step (forward + loss + backward + AdamW), {preset} at patch {patch}, "
           f"pos_embed={cfg.pos_embed}, {'bf16 autocast' if amp else 'float32'}, {dev_name}, torch {torch.__version__}")
@@ -410,7 +411,7 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
             m.load_state_dict(base.state_dict())
             cases[how] = [PackedCase(m, how, sizes, device, amp, mode, seed=i) for i, sizes in enumerate(batches)]
         # Shared optimizer per model: every batch's case of one kind steps the same weights.
-        for how, cs in cases.items():
+        for cs in cases.values():
             for c in cs[1:]:
                 c.opt = cs[0].opt
         times = {how: [] for how in cases}

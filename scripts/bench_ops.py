@@ -384,7 +384,8 @@ def packed_qk_norm_rope_eager(x: torch.Tensor, weight: torch.Tensor, coords: tor
     return qk * cos + _rotate_half_interleaved(qk) * sin
 
 
-def bench_packed(op: str, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> List[Dict[str, object]]:
+def bench_packed(op: str, device: torch.device, dtype: torch.dtype,
+                 args: argparse.Namespace) -> List[Dict[str, object]]:
     """``op`` (rope2d or qk_norm_rope) on packed batches whose positions change every call.
 
     One timed run is ``--packed-calls`` calls, each on its own size mix (its own T and coords), the
@@ -530,7 +531,8 @@ def main(argv=None) -> int:
             p.error("--packed-calls must be >= 1 and --packed-tokens >= 16")
         with torch.inference_mode(False):
             rows = run_packed(names, device, dtypes, args)
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"CPU, {torch.get_num_threads()} threads")
         print(f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; packed batches, "
               f"{args.packed_calls} size mixes per run, median of {args.reps} runs")
         print("compiled = torch.compile(dynamic=True, fullgraph=True) of the eager code: one graph for every T; "

@@ -165,7 +165,8 @@ def packed_cases(dev, dtype):
         xr, fr = x.detach().double().requires_grad_(True), ft.detach().double().requires_grad_(True)
         wx, wf = torch.autograd.grad(_per_table(rope2d_ref, xr, coords.double(), fr, fi), (xr, fr), g.double())
         ok &= check(f"rope2d freqs_index bwd x {dtype}", gx, wx, dtype)
-        ok &= check(f"rope2d freqs_index bwd freqs {dtype}", gf, wf, dtype if TOL[dtype] >= TOL[torch.float32] else torch.float32)
+        ok &= check(f"rope2d freqs_index bwd freqs {dtype}", gf, wf,
+                    dtype if TOL[dtype] >= TOL[torch.float32] else torch.float32)
         if "freqs_index" in inspect.signature(ops.qk_norm_rope).parameters:
             ok &= check(f"qk_norm_rope freqs_index {dtype} T{T}",
                         ops.qk_norm_rope(qk, weight, coords, tables, freqs_index=fi),
@@ -179,8 +180,8 @@ def pos_indexed_cases(dev, dtype):
         return True
 
     def ref(x, ph, pw, rows, cols):
-        add = torch.where(rows[:, None] >= 0, ph[rows.clamp_min(0)], 0) + torch.where(cols[:, None] >= 0, pw[cols.clamp_min(0)], 0)
-        return x + add
+        add_h = torch.where(rows[:, None] >= 0, ph[rows.clamp_min(0)], 0)
+        return x + add_h + torch.where(cols[:, None] >= 0, pw[cols.clamp_min(0)], 0)
 
     ok = True
     for B, N, D, mh, mw in [(2, 37, 7, 5, 9), (0, 4, 8, 2, 2), (3, 300, 66, 20, 18)]:
