@@ -33,6 +33,7 @@ import torch
 import jitrope
 from jitrope.diffusion import Diffusion
 from jitrope.model import JiT, JiTConfig
+from jitrope.packing import mark_dynamic, pack_images
 from jitrope.posenc import POS_EMBEDS
 
 COMPILE_MODES = ("none", "default", "reduce-overhead")
@@ -70,7 +71,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="after timing, profile a few training steps of each case and list the top ops by device time")
     p.add_argument("--profile-rows", type=int, default=15, help="rows of the profile table (default 15)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--packed", action="store_true",
+                   help="packed training steps vs pad-to-max with a mask on the same mixed-size images (tiny at "
+                        "patch 4 on the emoji mix on CPU, JiT-B/16 on 256..512 px on CUDA); --compile none "
+                        "default only")
+    p.add_argument("--tokens-per-batch", type=int, default=None,
+                   help="--packed: image-token budget per packed batch (default 1024 CPU, 16384 CUDA)")
+    p.add_argument("--packed-batches", type=int, default=4, help="--packed: batches per timed pass (default 4)")
     args = p.parse_args(argv)
+    args.preset_given = args.preset is not None
     device = torch.device(args.device)
     preset, batch, warmup, iters = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     args.preset = args.preset or preset
@@ -84,6 +93,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"--pos-embed {pe!r}: not one of {list(POS_EMBEDS)}")
     if args.iters < 1 or args.warmup < 0 or args.batch < 1:
         p.error("--iters and --batch must be >= 1, --warmup >= 0")
+    if args.packed:
+        if "reduce-overhead" in args.compile:
+            p.error("--packed: --compile takes none and default (each batch has its own shapes: no CUDA graphs)")
+        if args.packed_batches < 1 or (args.tokens_per_batch is not None and args.tokens_per_batch < 1):
+            p.error("--packed-batches and --tokens-per-batch must be >= 1")
     if "reduce-overhead" in args.compile and args.warmup < 3:
         args.warmup = 3  # CUDA graphs are recorded on the third call
     return args
@@ -242,6 +256,206 @@ def profile(case: Case, args, title: str) -> str:
             + prof.key_averages().table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=60))
 
 
+# ---------------------------------------------------------------- packed vs pad-to-max (--packed)
+
+# The realistic size mix (pixels, H x W), per device type: the emoji mix of issue 16 at patch 4 on the CPU
+# (tiny preset); on CUDA JiT-B/16 on 256..512 px squares plus 384x512 / 512x384 (the same mix scaled).
+PACKED_MIX = {
+    "cpu": ("tiny", 4, [(16, 16), (24, 24), (32, 32), (40, 40), (48, 48), (32, 48), (48, 32)], 1024),
+    "cuda": ("JiT-B/16", 16, [(256, 256), (320, 320), (384, 384), (448, 448), (512, 512), (384, 512), (512, 384)],
+             16384),
+}
+
+
+def draw_packed_batches(mix, patch: int, budget: int, batches: int, seed: int = 0):
+    """``batches`` lists of (H, W) sizes, each packed greedily as a loader would: images of the mix in
+    random order join the batch while they fit the image-token budget (one that does not fit waits for a
+    later batch) until not even the smallest fits, so each batch mixes sizes and wastes less than the
+    smallest image."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = [(h // patch) * (w // patch) for h, w in mix]
+    if min(tokens) > budget:
+        raise ValueError(f"--tokens-per-batch {budget}: smaller than the smallest image ({min(tokens)} tokens)")
+    out = []
+    for _ in range(batches):
+        sizes, used = [], 0
+        while used + min(tokens) <= budget:
+            i = int(torch.randint(len(mix), (1,), generator=g))
+            if used + tokens[i] <= budget:
+                sizes.append(mix[i])
+                used += tokens[i]
+        out.append(sizes)
+    return out
+
+
+def _masked_attention_forward(self, x, pos, layout):
+    """jitrope.model.Attention.forward for pad-to-max: the same projections, qk-norm and RoPE, then SDPA
+    with a key-padding mask (``self._key_mask`` [B, N_image], True = a real token; in-context tokens,
+    prepended from block ``in_context_start`` on, are always real)."""
+    B, N, C = x.shape
+    qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    qk = pos.qk_norm_rope(qkv[:2], self.qk_norm.weight, self.layer, layout, eps=self.qk_norm.eps)
+    q, k = qk.unbind(0)
+    keep = self._key_mask
+    if keep.shape[1] != N:
+        keep = torch.cat((keep.new_ones(B, N - keep.shape[1]), keep), dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, qkv[2], attn_mask=keep[:, None, None, :])
+    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class PaddedModel(torch.nn.Module):
+    """A JiT whose attention ignores padding keys: ``forward(x, t, y, key_mask)`` on images padded to the
+    batch's largest size (top left, so a real token keeps its own grid position)."""
+
+    def __init__(self, model: JiT):
+        super().__init__()
+        self.model = model
+        for block in model.blocks:
+            block.attn.forward = _masked_attention_forward.__get__(block.attn)
+
+    def forward(self, x, t, y, key_mask):
+        for block in self.model.blocks:
+            block.attn._key_mask = key_mask
+        return self.model(x, t, y)
+
+
+class PackedCase:
+    """One training step on one batch of images, packed or padded to the largest with a mask."""
+
+    def __init__(self, model: JiT, how: str, sizes, device, amp: bool, compile_mode: str, seed: int):
+        self.how, self.device = how, device
+        cfg = model.cfg
+        p, C = cfg.patch_size, cfg.in_channels
+        g = torch.Generator().manual_seed(seed)
+        images = [torch.randn(C, h, w, generator=g) for h, w in sizes]
+        S = len(sizes)
+        self.t = torch.rand(S, generator=g).to(device)
+        self.y = torch.randint(0, cfg.num_classes, (S,), generator=g).to(device)
+        self.useful = sum((h // p) * (w // p) for h, w in sizes)
+        self.diffusion = Diffusion()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+        self.model = model
+        if how == "packed":
+            self.layout = model.packed_layout(sizes, device=device)
+            self.x = pack_images(images, p).to(device)
+            self.noise = torch.randn(self.x.shape, generator=g).to(device)
+            self.net = model.forward_tokens
+            if compile_mode != "none":
+                mark_dynamic(self.layout, self.x, self.noise, self.t, self.y)
+                self.net = torch.compile(model.forward_tokens, mode=compile_mode, dynamic=True)
+            self.tokens = self.layout.n_image
+        else:
+            Hm, Wm = max(h for h, _ in sizes), max(w for _, w in sizes)
+            x = torch.zeros(S, C, Hm, Wm)
+            mask = torch.zeros(S, 1, Hm, Wm)
+            for s, im in enumerate(images):
+                x[s, :, : im.shape[1], : im.shape[2]] = im
+                mask[s, :, : im.shape[1], : im.shape[2]] = 1
+            self.x, self.mask = x.to(device), mask.to(device)
+            self.key_mask = mask[:, 0, ::p, ::p].reshape(S, -1).bool().to(device)
+            self.noise = torch.randn(self.x.shape, generator=g).to(device)
+            self.padded = PaddedModel(model)
+            self.net = self.padded if compile_mode == "none" else torch.compile(
+                self.padded, mode=compile_mode, dynamic=True)
+            self.tokens = S * (Hm // p) * (Wm // p)
+
+    def loss(self):
+        if self.how == "packed":
+            return self.diffusion.loss(self.net, self.x, self.y, t=self.t, noise=self.noise, layout=self.layout)
+        d = self.diffusion
+        z = d.noisy(self.x, self.t, self.noise)
+        x_pred = self.net(z, self.t, self.y, self.key_mask).float()
+        err = (d.to_velocity(self.x, z, self.t) - d.to_velocity(x_pred, z, self.t)).pow(2) * self.mask
+        return err.sum() / (self.mask.sum() * self.x.shape[1])  # the mean over real pixels only
+
+    def run(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        with self.autocast:
+            loss = self.loss()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+def packed_main(args, device: torch.device, amp: bool) -> int:
+    """Packed training steps against pad-to-max with a mask on the same images (equal useful tokens)."""
+    preset, patch, mix, budget = PACKED_MIX["cuda" if device.type == "cuda" else "cpu"]
+    preset = args.preset if args.preset_given else preset
+    budget = args.tokens_per_batch or budget
+    largest = max(max(hw) for hw in mix)
+    cfg = JiTConfig.preset(preset, pos_embed=args.pos_embed[0], img_size=largest, patch_size=patch)
+    batches = draw_packed_batches(mix, patch, budget, args.packed_batches)
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"cpu, {torch.get_num_threads()} threads")
+    mix_txt = ", ".join(f"{h}x{w}" for h, w in mix)
+    print(f"# packed vs pad-to-max training step (forward + loss + backward + AdamW), {preset} at patch {patch}, "
+          f"pos_embed={cfg.pos_embed}, {'bf16 autocast' if amp else 'float32'}, {dev_name}, torch {torch.__version__}")
+    print(f"# size mix (px, drawn uniformly): {mix_txt}; {len(batches)} batches packed greedily into "
+          f"{budget} image tokens each; pad-to-max = the same images padded to the batch's largest H and W, "
+          f"attention key-masked, loss masked")
+    print(f"# median over {args.iters} passes of every batch after {args.warmup} warm-up passes; tokens/s counts "
+          f"useful (image) tokens only")
+    rows, results = [], {}
+    for mode in args.compile:
+        if mode != "none":
+            torch._dynamo.reset()
+        torch.manual_seed(0)
+        base = JiT(cfg).to(device)
+        cases = {}
+        for how in ("packed", "pad-to-max"):
+            m = JiT(cfg).to(device)
+            m.load_state_dict(base.state_dict())
+            cases[how] = [PackedCase(m, how, sizes, device, amp, mode, seed=i) for i, sizes in enumerate(batches)]
+        # Shared optimizer per model: every batch's case of one kind steps the same weights.
+        for cs in cases.values():
+            for c in cs[1:]:
+                c.opt = cs[0].opt
+        times = {how: [] for how in cases}
+        for it in range(args.warmup + args.iters):
+            for how, cs in cases.items():  # alternate: drift of a shared machine hits both alike
+                total = sum(c.run() for c in cs)
+                if it >= args.warmup:
+                    times[how].append(total)
+        useful = sum(c.useful for c in cases["packed"])
+        for how, cs in cases.items():
+            sec = statistics.median(times[how])
+            computed = sum(c.tokens for c in cs)
+            if how == "packed":
+                waste = 1 - useful / (budget * len(cs))  # against the budget: a fixed-size step pads to it
+            else:
+                waste = 1 - useful / computed
+            row = {"compile": mode, "how": how, "batches": len(cs), "images": sum(len(b) for b in batches),
+                   "useful_tokens": useful, "computed_tokens": computed, "ms_per_batch": 1e3 * sec / len(cs),
+                   "tokens_per_s": useful / sec, "padding_waste": waste}
+            rows.append(row)
+            results[(mode, how)] = row
+    print(f"\n{'compile':<9}{'layout':<12}{'batches':>8}{'images':>8}{'useful tok':>11}{'computed tok':>13}"
+          f"{'ms/batch':>10}{'useful tok/s':>13}{'padding waste':>15}")
+    for r in rows:
+        print(f"{r['compile']:<9}{r['how']:<12}{r['batches']:>8}{r['images']:>8}{r['useful_tokens']:>11}"
+              f"{r['computed_tokens']:>13}{r['ms_per_batch']:>10.1f}{r['tokens_per_s']:>13.0f}"
+              f"{100 * r['padding_waste']:>14.1f}%")
+    ratios = []
+    for mode in args.compile:
+        pk, pd = results[(mode, "packed")], results[(mode, "pad-to-max")]
+        ratio = pk["tokens_per_s"] / pd["tokens_per_s"]
+        ratios.append({"compile": mode, "packed_over_padded": ratio})
+        print(f"compile={mode}: packed / pad-to-max useful tokens/s = {ratio:.2f}x (goal >= 1.4x: "
+              f"{'met' if ratio >= 1.4 else 'NOT met'}); packed padding waste {100 * pk['padding_waste']:.1f}% "
+              f"(goal <= 3%: {'met' if pk['padding_waste'] <= 0.03 else 'NOT met'}), pad-to-max "
+              f"{100 * pd['padding_waste']:.1f}%")
+    if args.json:
+        meta = {"preset": preset, "patch": patch, "mix": mix, "tokens_per_batch": budget, "device": dev_name,
+                "amp": amp, "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows, "ratios": ratios}, f, indent=2)
+    return 0
+
+
 def fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -252,6 +466,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    if args.packed:
+        return packed_main(args, device, amp)
     peak, peak_what = peak_tflops(args, device)
     cfg = JiTConfig.preset(args.preset, cond_img_size=args.cond or None)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"

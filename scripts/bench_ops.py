@@ -113,10 +113,11 @@ COLUMNS = [
 ]
 
 
-def print_table(rows: List[Dict[str, object]]) -> None:
-    cells = [["-" if r[key] is None else fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
-    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (_, head, _) in enumerate(COLUMNS)]
-    print("  ".join(head.ljust(w) for (_, head, _), w in zip(COLUMNS, widths)))
+def print_table(rows: List[Dict[str, object]], columns=None) -> None:
+    columns = columns or COLUMNS
+    cells = [["-" if r[key] is None else fmt.format(r[key]) for key, _, fmt in columns] for r in rows]
+    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (_, head, _) in enumerate(columns)]
+    print("  ".join(head.ljust(w) for (_, head, _), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
@@ -323,6 +324,165 @@ def _compiled(fn: Callable, args: argparse.Namespace) -> Callable:
     return torch.compile(fn, fullgraph=True) if args.compile else fn
 
 
+# ---------------------------------------------------------------- packed batches (--packed)
+
+# HBM peaks of the SXM parts (bytes/s), from NVIDIA's data sheets: the GPU goal is a fraction of these.
+HBM_PEAK_GBS = {"H200": 4800.0, "H100": 3350.0}
+# Image grids of the packed mixes: on the CPU the emoji mix ({16..48}^2, 32x48, 48x32 at patch 4); on
+# CUDA JiT at patch 16 on 256..512 px squares plus 384x512 / 512x384.
+PACKED_GRIDS = {
+    "cpu": [(4, 4), (6, 6), (8, 8), (10, 10), (12, 12), (8, 12), (12, 8)],
+    "cuda": [(16, 16), (20, 20), (24, 24), (28, 28), (32, 32), (24, 32), (32, 24)],
+}
+PACKED_TOKENS = {"cpu": [2048], "cuda": [65536, 131072, 262144]}
+
+
+def packed_mix(budget: int, grids, gen: torch.Generator):
+    """Grids drawn at random and packed greedily until not even the smallest fits the token budget."""
+    smallest = min(h * w for h, w in grids)
+    out, used = [], 0
+    while used + smallest <= budget:
+        g = grids[int(torch.randint(len(grids), (1,), generator=gen))]
+        if used + g[0] * g[1] <= budget:
+            out.append(g)
+            used += g[0] * g[1]
+    return out
+
+
+def packed_inputs(budget: int, calls: int, H: int, D: int, device, dtype, seed: int = 0):
+    """``calls`` packed batches, each a new size mix (so a new T and new per-token coords): the [2, 1, H, T, D]
+    q/k view of a [1, T, 3, H, D] projection, float32 coords [T, 2] (each image's own grid) and a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    dgen = torch.Generator(device=device).manual_seed(seed)  # on the device: 256k-token inputs in no time
+    grids = PACKED_GRIDS["cuda" if device.type == "cuda" else "cpu"]
+    out = []
+    for _ in range(calls):
+        mix = packed_mix(budget, grids, gen)
+        coords = torch.cat([sequence_coords(g) for g in mix]).to(device)
+        T = coords.shape[0]
+        qkv = torch.randn(1, T, 3, H, D, generator=dgen, device=device).to(dtype)
+        g = torch.randn(2, 1, H, T, D, generator=dgen, device=device).to(dtype)
+        out.append((qkv.permute(2, 0, 3, 1, 4)[:2], coords, g))
+    return out
+
+
+def _tables_from_coords(coords: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [T, D] rebuilt from this call's coords (nothing to cache: positions change every batch)."""
+    return _eva_tables(coords, freqs, dtype)
+
+
+def packed_rope_eager(x: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The competent eager code on a packed [2, 1, H, T, D] q/k view: one cos/sin per call, shared by q and k."""
+    cos, sin = _tables_from_coords(coords, freqs, x.dtype)
+    return x * cos + _rotate_half_interleaved(x) * sin
+
+
+def packed_qk_norm_rope_eager(x: torch.Tensor, weight: torch.Tensor, coords: torch.Tensor,
+                              freqs: torch.Tensor) -> torch.Tensor:
+    """JiT's RMSNorm on q and on k, then rope with one cos/sin per call built from the coords."""
+    cos, sin = _tables_from_coords(coords, freqs, x.dtype)
+    qk = _rms_norm(x, weight[:, None, None, None, :])
+    return qk * cos + _rotate_half_interleaved(qk) * sin
+
+
+def bench_packed(op: str, device: torch.device, dtype: torch.dtype,
+                 args: argparse.Namespace) -> List[Dict[str, object]]:
+    """``op`` (rope2d or qk_norm_rope) on packed batches whose positions change every call.
+
+    One timed run is ``--packed-calls`` calls, each on its own size mix (its own T and coords), the
+    same inputs for every contender: fused op; eager code that rebuilds cos/sin from the coords per
+    call; ``torch.compile(dynamic=True)`` of that code (one graph for every T); a copy of the same
+    bytes (a clone of the q/k view, plus one of the gradient for forward+backward). GB/s counts the
+    bytes the op must move: read q/k and write the result (forward), plus read the gradient and
+    write dq/dk (backward)."""
+    H, D = (16, 64) if device.type == "cuda" else (6, 64)
+    budgets = args.packed_tokens or PACKED_TOKENS["cuda" if device.type == "cuda" else "cpu"]
+    freqs = axial_freqs(D, device=device)
+    gen = torch.Generator().manual_seed(1)
+    weight = (1 + 0.1 * torch.randn(2, D, generator=gen)).to(device)
+    if op == "rope2d":
+        eager = packed_rope_eager
+
+        def fused(x, c):
+            return ops.rope2d(x, c, freqs)
+
+        def base(fn):
+            return lambda x, c: fn(x, c, freqs)
+    else:
+        eager = packed_qk_norm_rope_eager
+
+        def fused(x, c, w=weight):
+            return ops.qk_norm_rope(x, w, c, freqs)
+
+        def base(fn, w=weight):
+            return lambda x, c: fn(x, w, c, freqs)
+    compiled = torch.compile(eager, dynamic=True, fullgraph=True) if args.compile else None
+    rows = []
+    for budget in budgets:
+        batches = packed_inputs(budget, args.packed_calls, H, D, device, dtype, seed=budget)
+        Ts = [c.shape[0] for _, c, _ in batches]
+        leaves = [(x.detach().requires_grad_(), c, g) for x, c, g in batches]
+
+        def each(fn):
+            return lambda: [fn(x, c) for x, c, _ in batches]
+
+        def each_fb(fn):
+            return lambda: [torch.autograd.grad(fn(x, c), x, g) for x, c, g in leaves]
+
+        case = f"T~{budget} ({min(Ts)}..{max(Ts)}) H{H} D{D}, {len(batches)} mixes"
+        nbytes = sum(x.numel() * x.element_size() for x, _, _ in batches)
+        for pass_, wrap, moved, copy in (
+            ("fwd", each, 2 * nbytes, lambda: [x.clone() for x, _, _ in batches]),
+            ("fwd+bwd", each_fb, 4 * nbytes, lambda: [(x.clone(), g.clone()) for x, _, g in batches]),
+        ):
+            row = measure(op, case, pass_, device=device, dtype=dtype, args=args, fused=wrap(fused),
+                          eager=wrap(base(eager)), compiled=None if compiled is None else wrap(base(compiled)),
+                          copy=copy, note="torch.compile(dynamic=True)" if compiled is not None else "")
+            row["gbs"] = moved / (row["fused_ms"] * 1e-3) / 1e9
+            row["copy_gbs"] = moved / (row["copy_ms"] * 1e-3) / 1e9
+            row["tokens"] = Ts
+            rows.append(row)
+    return rows
+
+
+PACKED_COLUMNS = [
+    ("op", "op", "{}"), ("case", "case", "{}"), ("pass", "pass", "{}"), ("dtype", "dtype", "{}"),
+    ("fused_ms", "fused ms", "{:.3f}"), ("eager_ms", "eager ms", "{:.3f}"), ("compiled_ms", "compiled ms", "{:.3f}"),
+    ("copy_ms", "copy ms", "{:.3f}"), ("fused_over_copy", "fused/copy", "{:.2f}"),
+    ("eager_over_fused", "eager/fused", "{:.2f}"), ("compiled_over_fused", "compiled/fused", "{:.2f}"),
+    ("gbs", "fused GB/s", "{:.1f}"), ("copy_gbs", "copy GB/s", "{:.1f}"), ("peak_frac", "of peak", "{:.0%}"),
+    ("goal", "goal", "{}"),
+]
+
+
+def packed_goals(rows: List[Dict[str, object]], device: torch.device) -> None:
+    """The issue's goals next to each row: >= 1.5x compiled on the CPU; >= 70% of HBM peak on a GPU."""
+    peak = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in HBM_PEAK_GBS.items() if k in name), None)
+    for r in rows:
+        r["peak_frac"] = r["gbs"] / peak if peak else None
+        if device.type == "cuda":
+            r["goal"] = ("n/a (unknown HBM peak)" if peak is None else
+                         f">=70% of {peak:.0f} GB/s: {'met' if r['peak_frac'] >= 0.7 else 'NOT met'}")
+        elif r["compiled_over_fused"] is None:
+            r["goal"] = ">=1.5x compiled: n/a (no --compile)"
+        else:
+            r["goal"] = f">=1.5x compiled: {'met' if r['compiled_over_fused'] >= 1.5 else 'NOT met'}"
+
+
+def run_packed(names: List[str], device: torch.device, dtypes, args: argparse.Namespace) -> List[Dict[str, object]]:
+    rows: List[Dict[str, object]] = []
+    for name in names:
+        if name not in ("rope2d", "qk_norm_rope"):
+            continue
+        for dtype in dtypes:
+            rows.extend(bench_packed(name, device, dtype, args))
+    packed_goals(rows, device)
+    return rows
+
+
 # ---------------------------------------------------------------- command line
 
 BENCHES: Dict[str, Callable[[torch.device, torch.dtype, argparse.Namespace], List[Dict[str, object]]]] = {
@@ -347,6 +507,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    p.add_argument(
+        "--packed", action="store_true",
+        help="rope2d / qk_norm_rope on packed batches whose positions change every call (a new size mix each "
+             "call), against eager code rebuilding cos/sin per call, its torch.compile (--compile) and a copy",
+    )
+    p.add_argument("--packed-tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
+                   help="--packed: comma-separated token budgets T (default 2048 on CPU; 65536,131072,262144 on CUDA)")
+    p.add_argument("--packed-calls", type=int, default=4, help="--packed: size mixes (calls) per timed run (default 4)")
     args = p.parse_args(argv)
 
     if not jitrope.HAS_EXTENSION:
@@ -358,6 +526,22 @@ def main(argv=None) -> int:
     dtypes = args.dtype or ("bfloat16,float32" if device.type == "cuda" else "float32")
     dtypes = [getattr(torch, d.strip()) for d in dtypes.split(",")]
     names = OPS if args.op == "all" else [args.op]
+
+    if args.packed:
+        if args.packed_calls < 1 or any(t < 16 for t in args.packed_tokens or [16]):
+            p.error("--packed-calls must be >= 1 and --packed-tokens >= 16")
+        with torch.inference_mode(False):
+            rows = run_packed(names, device, dtypes, args)
+        where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"CPU, {torch.get_num_threads()} threads")
+        print(f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; packed batches, "
+              f"{args.packed_calls} size mixes per run, median of {args.reps} runs")
+        print("compiled = torch.compile(dynamic=True, fullgraph=True) of the eager code: one graph for every T; "
+              "GB/s = bytes the op must move / fused time\n")
+        print_table(rows, PACKED_COLUMNS)
+        if args.json:
+            args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=2))
+        return 0
 
     rows: List[Dict[str, object]] = []
     for name in names:

@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
 # The GPU check on a lent GPU machine (no internet there: nothing is downloaded).
-# Builds the extension for sm_90, then two parts, both by default or the ones named:
+# Builds the extension for sm_90, then parts: ops and model by default, or the ones named:
 #   ops:   the CUDA tests of the ops, their benchmarks (against a copy of the same bytes and eager
 #          PyTorch) and compute-sanitizer over every op;
 #   model: the CUDA tests of the model (fused vs torch, torch.compile with CUDA graphs) and the
 #          JiT-B/16 training-step benchmark (batch 64, bf16), eager and compiled with
-#          mode="reduce-overhead", fused vs torch.
+#          mode="reduce-overhead", fused vs torch;
+#   packed: issue 16 in one call (build included, <= 10 minutes): the CUDA tests of packed batches
+#          (tests/test_packing.py, and test_freqs_index.py / test_pos2d_add_indexed.py where they
+#          exist), the packed op benchmarks (rope2d, qk_norm_rope fwd+bwd at T = 64k, 128k, 256k
+#          bf16, positions new every call, vs eager per-call tables, torch.compile(dynamic=True)
+#          and a copy; GB/s and the fraction of HBM peak), the packed vs pad-to-max JiT-B/16
+#          training step (eager, then compiled), and compute-sanitizer over the packed cases of
+#          scripts/sanitize_ops.py (packed views, freqs_index, pos2d_add_indexed where built).
+#          Steps run in that order and one that would pass $BUDGET_S (default 570 s from the
+#          start) is skipped and named in the summary, so one call always ends with the summary.
 # Each step has a time limit. A device call may run 10 minutes: build + one part fits in one
 # call, both parts may not, so on a cold machine run them as two calls (the second call on the
 # still-warm machine reuses the build). Logs go to $LOGS (default build/gpu_check); the summary
 # table is printed last.
 #   bash scripts/gpu_check.sh            # both parts
 #   bash scripts/gpu_check.sh model      # build + the model part
+#   bash scripts/gpu_check.sh packed     # build + issue 16's packed checks, one call
+#   bash scripts/gpu_check.sh --dry-run packed   # anywhere: print each step's command, run nothing
 # A missing test dependency (e.g. expecttest) is installed from ./.whl/*.whl when that folder
 # exists (wheels downloaded beforehand; see docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 PARTS="${*:-ops model}"
 for part in $PARTS; do
-  case "$part" in ops|model) ;; *) echo "gpu_check: unknown part '$part' (ops | model)"; exit 2 ;; esac
+  case "$part" in ops|model|packed) ;; *) echo "gpu_check: unknown part '$part' (ops | model | packed)"; exit 2 ;; esac
 done
+BUDGET_S="${BUDGET_S:-570}"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 LOGS="${LOGS:-build/gpu_check}"
 mkdir -p "$LOGS"
@@ -43,6 +57,11 @@ step() { echo; echo "== $*"; }
 run() {
   local limit="$1" log="$LOGS/$2"; shift 2
   local t0=$SECONDS
+  if [ $DRY = 1 ]; then
+    echo "[dry-run] timeout $limit $* > $log"
+    summary+=("$(printf '%-28s %-22s %4ds' "${log##*/}" "dry-run" 0)")
+    return
+  fi
   timeout "$limit" "$@" > "$log" 2>&1; local rc=$?
   tail -n 20 "$log"
   local what="ok"
@@ -51,6 +70,15 @@ run() {
   summary+=("$(printf '%-28s %-22s %4ds' "${log##*/}" "$what" $((SECONDS - t0)))")
 }
 
+# fits SECONDS LOG: true when a step of that limit still ends within $BUDGET_S; else records the skip.
+fits() {
+  if [ $DRY = 1 ] || (( SECONDS + $1 <= BUDGET_S )); then return 0; fi
+  summary+=("$(printf '%-28s %-22s %4ds' "$2" "SKIPPED (budget)" 0)"); status=1; return 1
+}
+
+if [ $DRY = 1 ]; then
+  echo "gpu_check --dry-run: parts '$PARTS'; commands only, nothing is built or run"
+else
 step "machine"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
@@ -69,6 +97,7 @@ run 300 build.txt env PYTHON="$PY" bash scripts/build.sh
 # test and the rest still run.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+fi
 
 if want ops; then
   step "CUDA tests of the ops (pytest -k cuda)"
@@ -95,6 +124,35 @@ if want model; then
   step "benchmarks: JiT-B/16 train step, batch 64, bf16 autocast, eager and reduce-overhead, fused vs torch"
   run 300 bench_model.txt "$PY" scripts/bench_model.py --device cuda --compile none reduce-overhead \
     --what train --json "$LOGS/bench_model.json"
+fi
+
+if want packed; then
+  PACKED_TESTS=(tests/test_packing.py)
+  for f in tests/test_freqs_index.py tests/test_pos2d_add_indexed.py; do [ -f "$f" ] && PACKED_TESTS+=("$f"); done
+  step "CUDA tests of packed batches (pytest -k cuda: ${PACKED_TESTS[*]})"
+  fits 150 pytest_packed_cuda.txt && run 150 pytest_packed_cuda.txt "$PY" -m pytest -q -p no:cacheprovider \
+    "${XDIST[@]}" -rfE "${PACKED_TESTS[@]}" -k cuda
+
+  step "benchmarks: packed rope2d / qk_norm_rope, T = 64k, 128k, 256k bf16, positions new every call"
+  fits 150 bench_ops_packed.txt && run 150 bench_ops_packed.txt "$PY" scripts/bench_ops.py --packed --op all \
+    --compile --device cuda --dtype bfloat16 --reps 20 --warmup 3 --json "$LOGS/bench_ops_packed.json"
+
+  step "benchmarks: packed vs pad-to-max JiT-B/16 training step, 256..512 px mix, 16k tokens, bf16, eager"
+  fits 120 bench_model_packed.txt && run 120 bench_model_packed.txt "$PY" scripts/bench_model.py --packed \
+    --device cuda --compile none --iters 5 --warmup 2 --json "$LOGS/bench_model_packed.json"
+
+  step "compute-sanitizer: the packed cases (packed views, freqs_index, pos2d_add_indexed where built)"
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    fits 60 "sanitizer_packed_$tool.txt" && run 60 "sanitizer_packed_$tool.txt" "$SAN" --tool "$tool" \
+      --error-exitcode 1 "$PY" scripts/sanitize_ops.py --cases packed
+  done
+
+  # Last: inductor compiles JiT-B twice (packed and padded, T dynamic), the longest step.
+  step "benchmarks: the same step compiled (torch.compile default, dynamic shapes)"
+  fits 200 bench_model_packed_compiled.txt && run 200 bench_model_packed_compiled.txt "$PY" \
+    scripts/bench_model.py --packed --device cuda --compile default --iters 5 --warmup 2 \
+    --json "$LOGS/bench_model_packed_compiled.json"
 fi
 
 step "summary"

@@ -3,11 +3,14 @@
     compute-sanitizer --tool memcheck python scripts/sanitize_ops.py
 
 Shapes cover odd sizes, strided q/k views of a qkv tensor, misaligned (unvectorizable) rows,
-B = 0, per-head frequencies, prefix tokens and offsets, in every dtype. Each result is compared
+B = 0, per-head frequencies, prefix tokens and offsets, in every dtype; packed [2, 1, H, T, D] q/k views with
+per-token coords of several grids (SPEC §10); and, where this build has them, ``freqs_index`` (per-sequence
+frequency tables of rope2d / qk_norm_rope) and ``pos2d_add_indexed``. Each result is compared
 with the reference so a kernel that reads the wrong bytes fails here too, not only under the
 sanitizer. Exits non-zero on any mismatch.
 """
 import argparse
+import inspect
 import sys
 
 import torch
@@ -117,18 +120,108 @@ def qk_norm_rope_cases(dev, dtype):
     return ok
 
 
+def _packed_coords(grids, dev):
+    return torch.cat([sequence_coords(g) for g in grids]).to(dev)
+
+
+def _per_table(fn, x, coords, freqs, fi):
+    """Reference for per-sequence tables: each table's tokens through ``fn`` with that table alone."""
+    out = torch.empty_like(x)
+    for f in range(freqs.shape[0]):
+        sel = fi == f
+        if sel.any():
+            out[..., sel, :] = fn(x[..., sel, :], coords[sel], freqs[f])
+    return out
+
+
+def packed_cases(dev, dtype):
+    """rope2d and qk_norm_rope on a packed [2, 1, H, T, D] q/k view (per-token coords of odd grids), and with
+    per-sequence tables (``freqs_index``) where the ops take it."""
+    ok = True
+    grids = [(3, 5), (1, 1), (7, 2), (4, 4)]
+    coords = _packed_coords(grids, dev)
+    T, H, D = coords.shape[0], 3, 18
+    qk = torch.randn(1, T, 3, H, D, device=dev, dtype=dtype).permute(2, 0, 3, 1, 4)[:2]
+    freqs = torch.randn(2, D // 2, device=dev)
+    weight = torch.rand(2, D, device=dev) + 0.5
+    ok &= check(f"rope2d packed {dtype} T{T}", ops.rope2d(qk, coords, freqs), rope2d_ref(qk, coords, freqs), dtype)
+    ok &= check(f"qk_norm_rope packed {dtype} T{T}", ops.qk_norm_rope(qk, weight, coords, freqs),
+                qk_norm_rope_ref(qk, weight, coords, freqs), dtype)
+    g = torch.randn(qk.shape, device=dev, dtype=dtype)
+    x = qk.detach().clone().requires_grad_(True)
+    got = torch.autograd.grad(ops.rope2d(x, coords, freqs), x, g)[0]
+    xr = x.detach().double().requires_grad_(True)
+    want = torch.autograd.grad(rope2d_ref(xr, coords.double(), freqs.double()), xr, g.double())[0]
+    ok &= check(f"rope2d packed bwd {dtype} T{T}", got, want, dtype)
+    if "freqs_index" in inspect.signature(ops.rope2d).parameters:
+        sizes = [h * w for h, w in grids]
+        fi = torch.repeat_interleave(torch.tensor([0, 2, 1, 2]), torch.tensor(sizes)).to(dev)
+        tables = torch.randn(3, 2, D // 2, device=dev)
+        ok &= check(f"rope2d freqs_index {dtype} T{T}", ops.rope2d(qk, coords, tables, freqs_index=fi),
+                    _per_table(rope2d_ref, qk, coords, tables, fi), dtype)
+        x = qk.detach().clone().requires_grad_(True)
+        ft = tables.clone().requires_grad_(True)
+        gx, gf = torch.autograd.grad(ops.rope2d(x, coords, ft, freqs_index=fi), (x, ft), g)
+        xr, fr = x.detach().double().requires_grad_(True), ft.detach().double().requires_grad_(True)
+        wx, wf = torch.autograd.grad(_per_table(rope2d_ref, xr, coords.double(), fr, fi), (xr, fr), g.double())
+        ok &= check(f"rope2d freqs_index bwd x {dtype}", gx, wx, dtype)
+        ok &= check(f"rope2d freqs_index bwd freqs {dtype}", gf, wf,
+                    dtype if TOL[dtype] >= TOL[torch.float32] else torch.float32)
+        if "freqs_index" in inspect.signature(ops.qk_norm_rope).parameters:
+            ok &= check(f"qk_norm_rope freqs_index {dtype} T{T}",
+                        ops.qk_norm_rope(qk, weight, coords, tables, freqs_index=fi),
+                        _per_table(lambda a, c, f: qk_norm_rope_ref(a, weight, c, f), qk, coords, tables, fi), dtype)
+    return ok
+
+
+def pos_indexed_cases(dev, dtype):
+    """pos2d_add_indexed (where this build has it): odd widths, -1 entries, strided x, B = 0, forward and backward."""
+    if not hasattr(torch.ops.jitrope, "pos2d_add_indexed"):
+        return True
+
+    def ref(x, ph, pw, rows, cols):
+        add_h = torch.where(rows[:, None] >= 0, ph[rows.clamp_min(0)], 0)
+        return x + add_h + torch.where(cols[:, None] >= 0, pw[cols.clamp_min(0)], 0)
+
+    ok = True
+    for B, N, D, mh, mw in [(2, 37, 7, 5, 9), (0, 4, 8, 2, 2), (3, 300, 66, 20, 18)]:
+        rows = torch.randint(-1, mh, (N,), device=dev)
+        cols = torch.randint(-1, mw, (N,), device=dev)
+        x = torch.randn(N, B, D + 1, device=dev, dtype=dtype).transpose(0, 1)[..., :D]  # strided
+        ph = torch.randn(mh, D, device=dev, dtype=dtype)
+        pw = torch.randn(mw, D, device=dev, dtype=dtype)
+        name = f"pos2d_add_indexed {dtype} B{B} N{N} D{D}"
+        ok &= check(f"{name} fwd", ops.pos2d_add_indexed(x, ph, pw, rows, cols),
+                    ref(x.double(), ph.double(), pw.double(), rows, cols), dtype)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, ph, pw)]
+        out = ops.pos2d_add_indexed(*leaves, rows, cols)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, leaves, g)
+        l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+        want = torch.autograd.grad(ref(*l64, rows, cols), l64, g.double())
+        for n, a, b in zip(("x", "pos_h", "pos_w"), got, want):
+            ok &= check(f"{name} bwd {n}", a, b, dtype if dtype != torch.float16 else torch.bfloat16)
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="device to run on (default: cuda)")
+    p.add_argument("--cases", choices=("all", "packed"), default="all",
+                   help="all (default) or packed: only the packed-batch cases (packed views, freqs_index, "
+                        "pos2d_add_indexed)")
     args = p.parse_args()
     if args.device == "cuda" and not (torch.cuda.is_available() and jitrope.has_cuda_kernels()):
         sys.exit("sanitize_ops: needs a CUDA device and the extension's CUDA kernels")
     torch.manual_seed(0)
     ok = True
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        ok &= rope_cases(args.device, dtype)
-        ok &= pos_cases(args.device, dtype)
-        ok &= qk_norm_rope_cases(args.device, dtype)
+        if args.cases == "all":
+            ok &= rope_cases(args.device, dtype)
+            ok &= pos_cases(args.device, dtype)
+            ok &= qk_norm_rope_cases(args.device, dtype)
+        ok &= packed_cases(args.device, dtype)
+        ok &= pos_indexed_cases(args.device, dtype)
     if args.device == "cuda":
         torch.cuda.synchronize()
     print("sanitize_ops:", "all ok" if ok else "MISMATCHES")
