@@ -6,4 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# ccache hits across clones and worktrees: paths under the checkout are hashed relative to it, and the
+# working directory is left out of the hash (-g would otherwise put it in), so a fresh clone in another
+# folder (CI) reuses the objects of the last build of the same sources.
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"
 "${PYTHON:-python}" setup.py -q build_ext --inplace

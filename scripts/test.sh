@@ -10,6 +10,7 @@ ROOT=$PWD
 
 bash scripts/install_deps.sh
 bash scripts/build.sh
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$ROOT}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"  # as build.sh, for ctest's CMake build
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== pytest"
