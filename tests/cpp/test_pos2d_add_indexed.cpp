@@ -192,7 +192,11 @@ TEST(Pos2dAddIndexed, ErrorsNameTheArgument) {
                "rows must hold values in [-1, max_h) = [-1, 3) (a pos_h row, or -1 for none), got values in [0, 3]");
   expect_error([&] { pos2d_add_indexed(x, h, w, r, c - 1); },
                "cols must hold values in [-1, max_w) = [-1, 4) (a pos_w row, or -1 for none), got values in [-2, 2]");
-  expect_error([&] { pos2d_add_indexed(x, h, w, r.to(at::kMeta), c); }, "rows must be on x's device cpu, got meta");
+  expect_error([&] { pos2d_add_indexed(x, h, w, r, c.to(at::kDouble)); },
+               "cols must be an int64 tensor [N] (one index per token), got dtype torch.float64");
+  // A meta tensor beside CPU ones dispatches to the Meta key, whose kernel is the Python fake (which
+  // names the argument, tests/test_pos2d_add_indexed.py); without Python the dispatcher refuses it.
+  EXPECT_THROW(pos2d_add_indexed(x, h, w, r.to(at::kMeta), c), c10::Error);
   EXPECT_THROW(pos2d_add_indexed(x, at::Tensor(), w, r, c), c10::Error);
   expect_error([&] { jitrope::pos2d_add_indexed_backward(x, r, c, 2, 4); },
                "pos2d_add_indexed_backward: rows must hold values in [-1, max_h) = [-1, 2)");
