@@ -43,6 +43,13 @@ TORCH_LIBRARY(jitrope, m) {
   m.def(
       "pos2d_add_backward(Tensor grad_out, int[2] grid, SymInt max_h, SymInt max_w, "
       "int token_offset, int row_offset, int col_offset) -> (Tensor, Tensor)");
+  // The factorized 2D table on packed tokens (SPEC §10): token n gets pos_h[rows[n]] + pos_w[cols[n]],
+  // -1 leaving that table out.
+  m.def("pos2d_add_indexed(Tensor x, Tensor pos_h, Tensor pos_w, Tensor rows, Tensor cols) -> Tensor");
+  // (grad_pos_h, grad_pos_w) of pos2d_add_indexed; SymInt table sizes as for pos2d_add_backward.
+  m.def(
+      "pos2d_add_indexed_backward(Tensor grad_out, Tensor rows, Tensor cols, SymInt max_h, SymInt max_w) "
+      "-> (Tensor, Tensor)");
   // Fused 2D rotary embedding (SPEC §2).
   m.def("rope2d(Tensor x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor");
   // The inplace tag lets functionalization (torch.compile, AOT) handle the aliased return.

@@ -13,6 +13,7 @@ over --reps runs after --warmup runs, taken with CUDA events on a GPU.
     python scripts/bench_ops.py --op rope2d --device cpu --dtype float32
     python scripts/bench_ops.py --op qk_norm_rope --threads 2 --compile
     python scripts/bench_ops.py --op pos2d_add --threads 2
+    python scripts/bench_ops.py --op pos2d_add_indexed --quick --compile
     python scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --compile --json bench.json
 """
 from __future__ import annotations
@@ -167,6 +168,93 @@ def bench_pos2d_add(device: torch.device, dtype: torch.dtype, args: argparse.Nam
                 fused=lambda: torch.autograd.grad(fused(*inputs), inputs, grad),
                 eager=lambda: torch.autograd.grad(eager(*inputs), inputs, grad),
                 copy=lambda: (x.clone(), grad.clone()),
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- pos2d_add_indexed
+
+
+def packed_table_indices(tokens: int, sizes, prefix: int, gen: torch.Generator):
+    """rows, cols int64 [tokens] of a packed batch: images of random grids from `sizes`, each with
+    `prefix` class tokens (-1, -1) before its gh*gw grid tokens, until the budget is full; the tail
+    that no image fits is padding (-1, -1)."""
+    rows, cols = [], []
+    while True:
+        gh, gw = sizes[int(torch.randint(len(sizes), (1,), generator=gen))]
+        if len(rows) + prefix + gh * gw > tokens:
+            break
+        rows += [-1] * prefix + [i for i in range(gh) for _ in range(gw)]
+        cols += [-1] * prefix + [j for _ in range(gh) for j in range(gw)]
+    pad = tokens - len(rows)
+    return torch.tensor(rows + [-1] * pad), torch.tensor(cols + [-1] * pad)
+
+
+def bench_pos2d_add_indexed(
+    device: torch.device, dtype: torch.dtype, args: argparse.Namespace
+) -> List[Dict[str, object]]:
+    """A packed batch [1, T, D] of emoji-like images (grids 4x4 to 12x12, non-square too, patch 4 on
+    16-48 px), a class token each, whose indices change every call (a pool of 8 packings, cycled).
+    Fused: pos2d_add_indexed. Eager: what a competent user writes, index_select of each table with a
+    zero row appended for -1, then x + (h + w). Compiled: torch.compile of that eager code. Copy: a
+    clone of x (plus one of the gradient for forward+backward)."""
+    grids = [(4, 4), (6, 6), (8, 8), (10, 10), (12, 12), (8, 12), (12, 8), (6, 10)]
+    sizes = [(4096, 384), (16384, 768), (65536, 768), (262144, 768)]
+    if args.quick:
+        sizes = sizes[:1]
+    max_h = max(g[0] for g in grids)
+    max_w = max(g[1] for g in grids)
+    rows = []
+    for T, D in sizes:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(1, T, D, generator=gen).to(device, dtype)
+        pos_h = (0.02 * torch.randn(max_h, D, generator=gen)).to(device, dtype)
+        pos_w = (0.02 * torch.randn(max_w, D, generator=gen)).to(device, dtype)
+        grad = torch.randn(1, T, D, generator=gen).to(device, dtype)
+        pool = [tuple(t.to(device) for t in packed_table_indices(T, grids, 1, gen)) for _ in range(8)]
+        waste = sum(int(((r < 0) & (c < 0)).sum()) for r, c in pool) / (len(pool) * T)
+
+        def eager(x, pos_h, pos_w, rows, cols):
+            zero = pos_h.new_zeros(1, pos_h.shape[1])
+            # -1 % (max + 1) is the appended zero row.
+            h = torch.cat((pos_h, zero)).index_select(0, rows % (pos_h.shape[0] + 1))
+            w = torch.cat((pos_w, zero)).index_select(0, cols % (pos_w.shape[0] + 1))
+            return x + (h + w)
+
+        compiled = _compiled(eager, args)
+
+        def cycling(fn):
+            """fn(rows, cols) with the next packing of the pool on every call."""
+            state = {"i": 0}
+
+            def call():
+                state["i"] = (state["i"] + 1) % len(pool)
+                return fn(*pool[state["i"]])
+
+            return call
+
+        case = f"T{T} D{D} packed {len(grids)} grids"
+        note = f"indices change every call; eager = index_select + add; -1 tokens {100 * waste:.0f}%"
+        rows.append(
+            measure(
+                "pos2d_add_indexed", case, "fwd", device=device, dtype=dtype, args=args,
+                fused=cycling(lambda r, c: ops.pos2d_add_indexed(x, pos_h, pos_w, r, c)),
+                eager=cycling(lambda r, c: eager(x, pos_h, pos_w, r, c)),
+                compiled=cycling(lambda r, c: compiled(x, pos_h, pos_w, r, c)),
+                copy=lambda: x.clone(), note=note,
+            )
+        )
+        inputs = tuple(t.detach().requires_grad_() for t in (x, pos_h, pos_w))
+
+        def fwd_bwd(fn):
+            return cycling(lambda r, c: torch.autograd.grad(fn(*inputs, r, c), inputs, grad))
+
+        rows.append(
+            measure(
+                "pos2d_add_indexed", case, "fwd+bwd", device=device, dtype=dtype, args=args,
+                fused=fwd_bwd(ops.pos2d_add_indexed), eager=fwd_bwd(eager), compiled=fwd_bwd(compiled),
+                copy=lambda: (x.clone(), grad.clone()), note=note,
             )
         )
     return rows
@@ -487,6 +575,7 @@ def run_packed(names: List[str], device: torch.device, dtypes, args: argparse.Na
 
 BENCHES: Dict[str, Callable[[torch.device, torch.dtype, argparse.Namespace], List[Dict[str, object]]]] = {
     "pos2d_add": bench_pos2d_add,
+    "pos2d_add_indexed": bench_pos2d_add_indexed,
     "rope2d": bench_rope2d,
     "qk_norm_rope": bench_qk_norm_rope,
 }
@@ -503,7 +592,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="only the first size of each op")
     p.add_argument(
         "--compile", action="store_true",
-        help="also time torch.compile of the eager baselines (rope2d, qk_norm_rope); compiling takes minutes on a CPU",
+        help="also time torch.compile of the eager baselines (rope2d, qk_norm_rope, pos2d_add_indexed); "
+        "compiling takes minutes on a CPU",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")

@@ -24,6 +24,7 @@
 #include <limits>
 
 #include "common/op_utils.h"
+#include "cuda/vector_pack.cuh"
 #include "math/pos2d_add_math.h"
 #include "ops/pos2d_add.h"
 
@@ -32,40 +33,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t, int V>
-struct alignas(sizeof(scalar_t) * V) Pack {
-  scalar_t v[V];
-};
-
-template <typename scalar_t, int V>
-__device__ __forceinline__ Pack<scalar_t, V> load_pack(const scalar_t* p) {
-  return *reinterpret_cast<const Pack<scalar_t, V>*>(p);
-}
-
-template <typename scalar_t, int V>
-__device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t, V>& v) {
-  *reinterpret_cast<Pack<scalar_t, V>*>(p) = v;
-}
-
-// Elements per 16-byte pack, or 1 when D, a stride or a pointer is not a multiple of it.
-template <typename scalar_t>
-int pack_width(int64_t D, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
-  constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
-  bool ok = D % V == 0;
-  for (int64_t s : strides) {
-    ok = ok && s % V == 0;
-  }
-  for (const void* p : ptrs) {
-    ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;
-  }
-  return ok ? V : 1;
-}
+using vector_pack::load_pack;
+using vector_pack::Pack;
+using vector_pack::pack_width;
+using vector_pack::store_pack;
 
 int64_t grid_blocks(int64_t items) {
-  const int64_t needed = (items + kThreads - 1) / kThreads;
-  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} *
-      (at::cuda::getCurrentDeviceProperties()->maxThreadsPerMultiProcessor / kThreads) * 4;
-  return std::max<int64_t>(1, std::min(needed, resident));
+  return vector_pack::grid_blocks(items, kThreads);
 }
 
 template <typename scalar_t>

@@ -37,6 +37,7 @@ except ImportError as e:  # not built, or built against another torch
 OPS = (
     "pos2d_add", "pos2d_add_", "pos2d_add_backward", "rope2d", "rope2d_", "rope2d_backward",
     "qk_norm_rope", "qk_norm_rope_backward",
+    "pos2d_add_indexed", "pos2d_add_indexed_backward",
 )
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import HAS_EXTENSION, EXTENSION_ERROR
 
-__all__ = ["rope2d", "rope2d_", "pos2d_add", "pos2d_add_", "qk_norm_rope"]
+__all__ = ["rope2d", "rope2d_", "pos2d_add", "pos2d_add_", "qk_norm_rope", "pos2d_add_indexed"]
 
 
 def _require_extension(name: str) -> None:
@@ -164,3 +164,45 @@ if HAS_EXTENSION:
     def _qk_norm_rope_backward_fake(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad):
         grad_freqs = freqs.new_empty(freqs.shape) if freqs_grad else weight.new_empty(0)
         return qk.new_empty(qk.shape), weight.new_empty(weight.shape), grad_freqs
+
+
+def pos2d_add_indexed(x: Tensor, pos_h: Tensor, pos_w: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """The factorized 2D position table on packed tokens (SPEC §10): every token its own row and column.
+
+    Args:
+        x: float16/bfloat16/float32/float64 ``[..., N, D]``, any leading dims (B = 0 too), any strides.
+        pos_h: ``[max_h, D]`` row table, x's dtype and device; differentiable.
+        pos_w: ``[max_w, D]`` column table, likewise.
+        rows, cols: int64 ``[N]`` on x's device, values in ``[-1, max_h)`` and ``[-1, max_w)``;
+            -1 leaves that table out for the token (class, register or condition tokens).
+
+    ``out[..., n, :] = x[..., n, :] + pos_h[rows[n]] + pos_w[cols[n]]``, the table sum formed first in
+    float32 (float64 for float64 x) and rounded once; a token with both indices -1 is copied. Returns a
+    new contiguous tensor shaped like ``x``. Gradients reach x, pos_h and pos_w; the table gradients
+    are summed in float32 in a fixed order (same bits every run, no atomics). On a CUDA device the
+    index range check reads two minima and maxima back to the host (one synchronization per call).
+    """
+    _require_extension("pos2d_add_indexed")
+    return torch.ops.jitrope.pos2d_add_indexed.default(x, pos_h, pos_w, rows, cols)
+
+
+if HAS_EXTENSION:
+
+    def _check_devices(op: str, x_name: str, x: Tensor, **tensors: Tensor) -> None:
+        # A meta tensor beside real ones dispatches to these fakes, not to the C++ checks: refuse it
+        # with the C++ message.
+        for name, t in tensors.items():
+            torch._check(
+                t.device == x.device, lambda: f"{op}: {name} must be on {x_name}'s device {x.device}, got {t.device}"
+            )
+
+    @torch.library.register_fake("jitrope::pos2d_add_indexed")
+    def _pos2d_add_indexed_fake(x, pos_h, pos_w, rows, cols):
+        _check_devices("pos2d_add_indexed", "x", x, pos_h=pos_h, pos_w=pos_w, rows=rows, cols=cols)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("jitrope::pos2d_add_indexed_backward")
+    def _pos2d_add_indexed_backward_fake(grad_out, rows, cols, max_h, max_w):
+        _check_devices("pos2d_add_indexed_backward", "grad_out", grad_out, rows=rows, cols=cols)
+        D = grad_out.shape[-1]
+        return grad_out.new_empty((max_h, D)), grad_out.new_empty((max_w, D))

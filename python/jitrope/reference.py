@@ -16,7 +16,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["rope_angles", "rotate_pairs", "rms_norm", "rope2d_ref", "pos2d_add_ref", "qk_norm_rope_ref"]
+__all__ = [
+    "rope_angles",
+    "rotate_pairs",
+    "rms_norm",
+    "rope2d_ref",
+    "pos2d_add_ref",
+    "qk_norm_rope_ref",
+    "pos2d_add_indexed_ref",
+]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -192,3 +200,30 @@ def qk_norm_rope_ref(
     if coords is not None:
         y = rope2d_ref(y, coords, freqs, interleaved=interleaved, freqs_index=freqs_index)
     return y.contiguous()
+
+
+def pos2d_add_indexed_ref(x: Tensor, pos_h: Tensor, pos_w: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Factorized 2D position table on packed tokens (SPEC §10), ``x: [..., N, D]``.
+
+    ``out[..., n, :] = x[..., n, :] + pos_h[rows[n]] + pos_w[cols[n]]``; rows[n] = -1 (cols[n] = -1)
+    leaves pos_h (pos_w) out, and a token with both -1 is copied unchanged.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"pos2d_add_indexed: x must be [..., N, D], got shape {tuple(x.shape)}")
+    N, D = x.shape[-2:]
+    for name, table in (("pos_h", pos_h), ("pos_w", pos_w)):
+        if table.dim() != 2 or table.shape[1] != D:
+            raise ValueError(f"pos2d_add_indexed: {name} must be [max, D={D}], got {tuple(table.shape)}")
+    for name, idx, table in (("rows", rows, pos_h), ("cols", cols, pos_w)):
+        if idx.dtype != torch.int64 or idx.shape != (N,):
+            raise ValueError(f"pos2d_add_indexed: {name} must be int64 [N={N}], got {idx.dtype} {tuple(idx.shape)}")
+        if idx.numel() and not (-1 <= int(idx.min()) and int(idx.max()) < table.shape[0]):
+            raise ValueError(f"pos2d_add_indexed: {name} must hold values in [-1, {table.shape[0]})")
+    acc = _compute_dtype(x)
+    # A zero row appended to each table: index -1 picks it, so no index is out of range.
+    h = torch.cat((pos_h.to(acc), pos_h.new_zeros(1, D, dtype=acc)))[rows]
+    w = torch.cat((pos_w.to(acc), pos_w.new_zeros(1, D, dtype=acc)))[cols]
+    has_h, has_w = (rows >= 0)[:, None], (cols >= 0)[:, None]
+    # The table sum first, as pos2d_add_ref; one table alone is added as it is.
+    table = torch.where(has_h & has_w, h + w, torch.where(has_h, h, w))
+    return torch.where(has_h | has_w, (x.to(acc) + table).to(x.dtype), x)
