@@ -41,7 +41,7 @@ study); ``report`` writes the page from what is there (``--from-json`` writes it
 alone); ``all`` (default) does the three in order. Every stage resumes: an interrupted study continues
 where it stopped, across sessions.
 
-    python scripts/ablate_posenc.py                                      # 300-step CPU ablation -> runs/ablation_cpu/results.md
+    python scripts/ablate_posenc.py                       # 300-step CPU ablation -> runs/ablation_cpu/results.md
     python scripts/ablate_posenc.py --scale study --report docs/results.md
     python scripts/ablate_posenc.py --scale study --stage train --regimes single      # one stage, one regime
     python scripts/ablate_posenc.py --scale study --plan                  # the time estimate, nothing run
@@ -171,8 +171,9 @@ def estimate_text(a, indent: str = "  ") -> str:
     lines = []
     for what, step_s in (("measured", MEASURED_STEP_S), ("README demo", README_STEP_S)):
         e = estimate_seconds(_plan(a), step_s)
-        lines.append(f"{indent}{step_s:.2f} s/step ({what}): training {e['train'] / 3600:.1f} h, evaluation "
-                     f"{e['eval'] / 3600:.1f} h, every-size study {e['sizes'] / 3600:.1f} h; total {e['total'] / 3600:.1f} h")
+        h = {k: v / 3600 for k, v in e.items()}
+        lines.append(f"{indent}{step_s:.2f} s/step ({what}): training {h['train']:.1f} h, evaluation "
+                     f"{h['eval']:.1f} h, every-size study {h['sizes']:.1f} h; total {h['total']:.1f} h")
     return "\n".join(lines)
 
 
@@ -188,13 +189,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=_doc(helping), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu", help="preset of everything below (default cpu)")
     p.add_argument("--stage", choices=STAGES, default="all", help="train | eval | report | all (default all)")
-    p.add_argument("--plan", action="store_true", help="print the runs and the time estimate of these options, run nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print the runs and the time estimate of these options, run nothing")
     p.add_argument("--config", default=None, help="training config (YAML; default: the scale's)")
     p.add_argument("--encodings", default=None,
                    help=f"comma-separated model.pos_embed values, or 'all' ({', '.join(POS_EMBEDS)})")
     p.add_argument("--seeds", default=None, help="comma-separated train.seed values of the main ablation")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time (cpu: 2, one CPU thread each; seed: 6 on one GPU)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time (cpu: 2, one CPU thread each; seed: 6 on one GPU)")
     p.add_argument("--device", default=None, help="cpu | cuda")
     p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint interval: the points of FD vs step")
     p.add_argument("--log-every", type=int, default=None, help="training-loss logging interval (the loss curves)")
@@ -205,17 +208,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "(an earlier page's) instead of the run folders")
     p.add_argument("--earlier", default=None, help="results JSON of an earlier, shorter ablation: its rows of the "
                    "encodings outside --encodings stay on the page, labelled (study: docs/results_300steps.json)")
-    p.add_argument("--n-per-class", type=int, default=None, help="class-conditional samples per class (FD-emoji, class acc)")
+    p.add_argument("--n-per-class", type=int, default=None,
+                   help="class-conditional samples per class (FD-emoji, class acc)")
     p.add_argument("--n-cond", type=int, default=None, help="condition-image samples (PSNR/SSIM)")
     p.add_argument("--max-images", type=int, default=None, help="held-out images in the v-loss")
     p.add_argument("--sample-steps", type=int, default=None, help="Heun sampler steps in the evaluation")
     p.add_argument("--t-grid", default=None, help="t values of the held-out v-loss")
-    p.add_argument("--res-px", default=None, help="square sizes of the every-size study; '' (with --res-hw '') skips it")
-    p.add_argument("--res-hw", default=None, help="sizes HxW (rows x columns) of the every-size study, e.g. 32x48,48x32")
+    p.add_argument("--res-px", default=None,
+                   help="square sizes of the every-size study; '' (with --res-hw '') skips it")
+    p.add_argument("--res-hw", default=None,
+                   help="sizes HxW (rows x columns) of the every-size study, e.g. 32x48,48x32")
     p.add_argument("--scalings", default=",".join(SCALING_MODES), help="pos_scaling modes of the every-size study")
     p.add_argument("--res-n-per-class", type=int, default=None, help="samples per class at each size")
     p.add_argument("--res-max-images", type=int, default=None, help="held-out images of the v-loss at each size")
-    p.add_argument("--step-n-per-class", type=int, default=None, help="samples per class at each checkpoint (FD vs step)")
+    p.add_argument("--step-n-per-class", type=int, default=None,
+                   help="samples per class at each checkpoint (FD vs step)")
     p.add_argument("--res-seeds", default=None, help="seeds whose runs get the every-size study: comma-separated or "
                    "'all' (study: 0,1)")
     p.add_argument("--step-seeds", default=None, help="seeds whose runs get FD vs step: comma-separated or 'all'")
@@ -238,7 +245,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--seeds / --res-px want comma-separated integers, got {args.seeds!r} / {args.res_px!r}")
     try:
-        args.hw_list = [tuple(int(v) for v in hw.lower().split("x")) for hw in str(args.res_hw).split(",") if hw.strip()]
+        args.hw_list = [tuple(int(v) for v in hw.lower().split("x"))
+                        for hw in str(args.res_hw).split(",") if hw.strip()]
         if any(len(hw) != 2 or min(hw) < 1 for hw in args.hw_list):
             raise ValueError
     except ValueError:
@@ -508,7 +516,8 @@ def report(args, timing: Dict) -> Path:
     earlier = [r for r in json.loads((ROOT / args.earlier).read_text())["runs"] if r["pos_embed"] not in args.names] \
         if args.earlier else []
     prev_file = ROOT / "docs" / "results_2000steps_seed0.json"
-    previous = json.loads(prev_file.read_text()) if prev_file.exists() and out.resolve().parent == ROOT / "docs" else None
+    in_docs = out.resolve().parent == ROOT / "docs"
+    previous = json.loads(prev_file.read_text()) if prev_file.exists() and in_docs else None
     return write_results_page(rows, page_info(args, rows, timing, command=command), out, sanity=sanity,
                               earlier=earlier, previous=previous)
 
@@ -545,8 +554,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     timing_file = Path(args.out_dir) / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    print(f"ablation ({args.scale}): {len(args.names)} encodings x seeds {args.seed_list} x {args.steps} steps, regimes "
-          f"{args.regime_list}, {args.jobs} at a time on {args.device}, runs in {args.out_dir}", flush=True)
+    print(f"ablation ({args.scale}): {len(args.names)} encodings x seeds {args.seed_list} x {args.steps} steps, "
+          f"regimes {args.regime_list}, {args.jobs} at a time on {args.device}, runs in {args.out_dir}", flush=True)
     # The main evaluations come before FD vs step and the every-size study, so a cut-short
     # evaluation still has the tables.
     for stage, fns in (("train", [train_one]), ("eval", [eval_final, eval_steps, eval_sizes])):

@@ -67,7 +67,8 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
     assert main[0]["vloss"]["mean"] != main[1]["vloss"]["mean"]
     assert res["fd_sanity"]["identical (training split vs itself)"] == pytest.approx(0, abs=1e-6)
     page = out.read_text()
-    for want in ("| `learned1d` |", "| `rope2d` |", "± ", "## Sanity checks of FD-emoji", "## FD-emoji as training goes on",
+    for want in ("| `learned1d` |", "| `rope2d` |", "± ", "## Sanity checks of FD-emoji",
+                 "## FD-emoji as training goes on",
                  "## Every size: one model for many image sizes", "| 8x16 |", "24x16", "### v-loss / oracle",
                  "`sincos2d` (300 steps, 2 seeds)", "`rope2d_mixed` (300 steps, 2 seeds)", "## Conclusion",
                  "### Answer", "For one model across sizes", "the GPU run is still owed",
@@ -127,7 +128,8 @@ def test_presets_are_the_issues_and_the_problem_statements_settings(capsys):
     assert study.names == ["learned1d", "factorized2d", "rope2d", "sincos2d+rope2d"]
     assert study.seed_list == [0, 1, 2] and study.steps >= 2000 and study.res_seeds_list == [0, 1]
     assert study.res_list == [16, 24, 32, 40, 48] and study.hw_list == [(32, 48), (48, 32)]
-    assert study.regime_list == ["single", "mixed"] and study.scaling_list == ["extrapolate", "interpolate", "ntk", "yarn"]
+    assert study.regime_list == ["single", "mixed"]
+    assert study.scaling_list == ["extrapolate", "interpolate", "ntk", "yarn"]
     assert ab.regime_sizes("mixed", 32, 4) == [16, 32, 48] and ab.regime_sizes("single", 32, 4) == [32]
     earlier = json.loads((ROOT / study.earlier).read_text())["runs"]
     assert {r["pos_embed"] for r in earlier} - set(study.names) == {"sincos2d", "rope2d_mixed"}

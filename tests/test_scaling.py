@@ -70,7 +70,8 @@ def ref_freqs(mode, head_dim, theta, s_hw, train_grid):
         return layout_2d(ref_pi_axis(head_dim, theta, sh), ref_pi_axis(head_dim, theta, sw))
     if mode == "ntk":
         return layout_2d(ref_ntk_axis(head_dim, theta, sh), ref_ntk_axis(head_dim, theta, sw))
-    return layout_2d(ref_yarn_axis(head_dim, theta, sh, train_grid[0]), ref_yarn_axis(head_dim, theta, sw, train_grid[1]))
+    return layout_2d(ref_yarn_axis(head_dim, theta, sh, train_grid[0]),
+                     ref_yarn_axis(head_dim, theta, sw, train_grid[1]))
 
 
 # ----------------------------------------------------------------------------- the pure functions
@@ -265,7 +266,7 @@ def test_pos_scaling_config_accepts_the_new_modes():
     from jitrope.config import ConfigError, load_config
 
     for mode in SCALING_MODES:
-        cfg = load_config(None, [f"model.preset=tiny", f"model.pos_scaling={mode}"])
+        cfg = load_config(None, ["model.preset=tiny", f"model.pos_scaling={mode}"])
         assert cfg.model_config().pos_scaling == mode
     with pytest.raises(ConfigError, match="pos_scaling must be one of"):
         load_config(None, ["model.preset=tiny", "model.pos_scaling=ntk-by-parts"])

@@ -121,7 +121,8 @@ def test_size_records_oracle_ratios_best_mode_and_the_answer_across_sizes():
     assert t["vloss_ratio"] == pytest.approx(t["vloss"] / pick["rope2d", "single", 1, (16, 16), "extrapolate"]["vloss"])
     assert "vloss_ratio" not in pick["rope2d", "single", 0, (8, 16), "extrapolate"]  # nobody trained at 8x16
     li = pick["learned1d", "single", 0, (16, 16), "interpolate"]
-    assert li["vloss_ratio"] == pytest.approx(li["vloss"] / pick["learned1d", "single", 0, (16, 16), "extrapolate"]["vloss"])
+    at_train = pick["learned1d", "single", 0, (16, 16), "extrapolate"]
+    assert li["vloss_ratio"] == pytest.approx(li["vloss"] / at_train["vloss"])
     # an oracle that cannot extrapolate (learned1d off its grid) places its training sizes by interpolation
     sub = [dict(x) for x in flat if x["pos_embed"] == "learned1d" and x["scaling"] != "extrapolate"]
     S.add_oracle_ratios(sub, {"single": [(8, 8)]}, ["single"])
@@ -248,7 +249,7 @@ def test_results_page_from_synthetic_records(tmp_path):
     out = R.write_results_page(rows, info, tmp_path / "p.md", sanity=sanity, earlier=earlier)
     page = out.read_text()
     m, sd = S.mean_sd([r["vloss"]["mean"] for r in rows if r["pos_embed"] == "rope2d"])
-    assert f"| `rope2d` | " in page and S.fmt_pm(m, sd, ".4f") in page
+    assert "| `rope2d` | " in page and S.fmt_pm(m, sd, ".4f") in page
     assert "| `sincos2d` (5 steps, 2 seeds) |" in page and "left out of the verdicts" in page
     assert "| 8² | 8x16 | 16² (train) |" in page and "ntk" in page and "= " in page
     assert "- held-out v-loss: best `rope2d`" in page and "clearly worse" in page

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import HAS_EXTENSION, EXTENSION_ERROR, ops
+from . import EXTENSION_ERROR, HAS_EXTENSION, ops
 from .rope import FREQ_SCALINGS, SCALING_MODES, attn_logit_factor, axial_freqs, scale_freqs, sequence_coords
 
 __all__ = [

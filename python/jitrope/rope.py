@@ -141,7 +141,8 @@ def scale_axis_freqs(
     mag = f.abs()
     if mode == "ntk":
         if rotary_dim <= 2:
-            raise ValueError(f"ntk: an axis needs more than one frequency (rotary dim > 2), got rotary dim {rotary_dim}")
+            raise ValueError(f"ntk: an axis needs more than one frequency (rotary dim > 2), got rotary dim "
+                             f"{rotary_dim}")
         # ln(1/|f|) / ln(theta), written so that f = 0 (a pair that does not turn with this axis) stays finite
         k_frac = torch.where(mag > 0, -torch.log(mag.clamp_min(1e-300)) / math.log(theta), torch.ones_like(mag))
         e = (k_frac * (rotary_dim / (rotary_dim - 2))).clamp(0.0, 1.0)

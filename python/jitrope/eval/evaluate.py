@@ -62,11 +62,10 @@ from torch import Tensor
 
 from ..checkpoint import CheckpointError
 from ..cli import Flag, add_flags, check_file_out, cpu_setup, fail, flag_layer, resolve_device
-from ..config import EVAL_METRICS, Config, ConfigError
+from ..config import EVAL_METRICS, Config, ConfigError, parse_hw
 from ..data import BatchMaker, DataError, build_dataset, resize_images, to_float
 from ..diffusion import SAMPLERS, Diffusion
 from ..fileio import atomic_write_text, check_writable_dir
-from ..config import parse_hw
 from ..posenc import POS_EMBEDS, SCALINGS
 from ..rope import FREQ_SCALINGS
 from ..sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config

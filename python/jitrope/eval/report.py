@@ -284,7 +284,8 @@ def _setup(info: PageInfo, rows, seeds, timing, sanity) -> List[str]:
         L.append(f"- Evaluation of the EMA weights at step {info.steps}: held-out v-loss at t = "
                  f"{', '.join(f'{t:g}' for t in r0['vloss']['t'])} with fixed noise ({r0['vloss']['n_images']} "
                  f"held-out images); {r0.get('class_samples', {}).get('n', 0)} class-conditional samples "
-                 f"({info.n_per_class} per class) and {r0.get('cond_samples', {}).get('n', 0)} condition-image samples, "
+                 f"({info.n_per_class} per class) and {r0.get('cond_samples', {}).get('n', 0)} condition-image "
+                 "samples, "
                  f"Heun {info.sample_steps} steps, CFG {r0.get('sampling', {}).get('cfg')}.")
     L.append("- Mean ± sample standard deviation over the seeds (n per encoding: "
              + ", ".join(f"`{n}` {k}" for n, k in n_seeds.items()) + ").")

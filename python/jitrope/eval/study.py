@@ -277,7 +277,8 @@ def add_oracle_ratios(flat: List[Dict[str, Any]], trained: Mapping[str, Iterable
                 break
 
 
-def size_stats(flat: Sequence[Mapping[str, Any]], metric: str) -> Dict[Tuple, Tuple[Optional[float], Optional[float], int]]:
+def size_stats(flat: Sequence[Mapping[str, Any]],
+               metric: str) -> Dict[Tuple, Tuple[Optional[float], Optional[float], int]]:
     """``{(pos_embed, regime, scaling, hw): (mean, sd, n)}`` of ``metric`` over seeds."""
     groups: Dict[Tuple, List[float]] = {}
     for x in flat:
