@@ -507,8 +507,9 @@ class Rope2D(PosPart):
         f = self.layer_freqs(layer)
         if layout.scaling not in FREQ_SCALINGS or layout.grid == layout.train_grid:
             return f
+        per_layer = layer if self.freqs.dim() > 2 else None  # RoPE-Mixed: every layer has its own
         return self._derived.get(
-            ("freqs", layer, layout.grid, layout.train_grid, layout.scaling), (self.freqs,),
+            ("freqs", per_layer, layout.grid, layout.train_grid, layout.scaling), (self.freqs,),
             lambda: scale_freqs(f, layout.scale_hw, layout.scaling, theta=self.theta, head_dim=self.head_dim,
                                 train_grid=layout.train_grid),
         )
