@@ -72,12 +72,13 @@ from jitrope.posenc import POS_EMBEDS  # noqa: E402
 from jitrope.rope import SCALING_MODES  # noqa: E402
 
 # The step time the estimate starts from: process CPU seconds per training step of configs/emoji32_cpu.yaml
-# (batch 32, train.num_threads=1; the cpu_s column of metrics.jsonl, steps 10..60), measured with
+# (batch 32, train.num_threads=1; the cpu_s column of metrics.jsonl over steps 10..60), measured twice
+# (1.06 and 1.02 s; wall time 5.8 and 3.7 s per step) with
 #   python -m jitrope.train --config configs/emoji32_cpu.yaml data.name=synthetic train.steps=60 train.log_every=10
-# while the 2-core machine was shared (load average ~10): each run got a fraction of a core, so CPU
+# while the 2-core machine was shared (load average 8-11): each run got a fraction of a core, so CPU
 # seconds, not wall time, stand for a run that has a core to itself. The README's demo took 0.57-0.69 s
 # per step (2000 steps in 19-23 min); the estimate is given for both.
-MEASURED_STEP_S = 1.05
+MEASURED_STEP_S = 1.04
 README_STEP_S = 0.63
 
 MAIN_ENCODINGS = ("learned1d", "factorized2d", "rope2d", "sincos2d+rope2d")
