@@ -1,104 +1,234 @@
 #!/usr/bin/env python
-"""Ablation of JiT's positional encodings on real images, with seeds, metrics, a resolution study
-and a results page.
+"""Ablation of JiT's positional encodings on real images: seeds, metrics, every image size, a results page.
 
-Trains the same JiT once per encoding and seed (one config, one data order per seed: only
-``model.pos_embed`` differs), evaluates every run with ``jitrope.evaluate`` and writes a Markdown
-results page with tables (mean ± spread over seeds), PNG plots and sample grids.
+Trains the same JiT once per encoding, seed and training regime (one config, one data order per
+seed: only ``model.pos_embed`` differs), evaluates every run with ``jitrope.evaluate`` and writes a
+Markdown results page with tables (mean ± spread over seeds), plots and sample grids. This script
+only orchestrates: statistics, verdicts and the page are ``jitrope.eval.study`` and
+``jitrope.eval.report``; the training loss comes from each run's ``metrics.jsonl``.
 
-Scales (``--scale``; every value below can be overridden by its option):
+Scales (``--scale``; every value can be overridden by its option):
 
-- ``cpu`` (default): ``configs/emoji32_cpu.yaml``, 32x32 emoji at patch 4 (8x8 grid, 64 tokens +
-  16 condition tokens), 300 steps, 2 seeds, 2 runs at a time on one CPU thread each (sized for a
-  shared 2-core machine: short training, small sample counts, Heun 10 steps). Unseen grids: 6x6,
-  10x10, 12x12.
-- ``seed``: the problem statement's setting, ``configs/emoji64_ablate.yaml``: 64x64 at patch 4
-  (16x16 grid, 256 tokens -> 320 with a 32x32 condition image), a 6-block width-192 JiT, 1500
-  steps of batch 128, 3 seeds, bf16 on one CUDA GPU with 6 runs at a time; sized (not yet timed)
-  for <= 9 minutes on one H100/H200: the script prints its wall time and the page records the
-  stage times. Unseen grids: 12x12, 20x20, 24x24.
+- ``cpu`` (default): ``configs/emoji32_cpu.yaml``, 32x32 emoji at patch 4 (8x8 grid, 64 tokens + 16
+  condition tokens), all 6 encodings, 300 steps, seeds 0,1, 2 runs at a time on one CPU thread each;
+  every-size study at 24², 40², 48² under every scaling mode (the page of 300-step runs).
+- ``study`` (issue 17): the main ablation of the seed's three options and the JiT paper's choice
+  (learned1d, factorized2d, rope2d, sincos2d+rope2d) x seeds 0,1,2 at 32x32 for {study_steps} steps,
+  FD-emoji at every {study_ckpt} steps; the other two encodings' 300-step rows
+  (docs/results_300steps.json) stay on the page, labelled as such; the every-size study (16², 24²,
+  32², 40², 48², 32x48 and 48x32, every scaling mode, FD-emoji, class accuracy and held-out v-loss
+  with its ratio to an oracle) of seeds 0,1 in two regimes: ``single`` (the 32x32 runs) and
+  ``mixed`` (mixed-size training: REGIMES below; it needs the config keys data.sizes and
+  train.tokens_per_batch of packed training, and says so where they are missing).
+- ``seed``: the problem statement's setting, ``configs/emoji64_ablate.yaml``: 64x64 at patch 4 (16x16
+  grid, 256 tokens -> 320 with a 32x32 condition image), 6 encodings, 1500 steps of batch 128, 3
+  seeds, bf16 on one CUDA GPU with 6 runs at a time; sized (not yet timed) for <= 9 minutes on one
+  H100/H200. Sizes 48², 80², 96².
 
-Stages (``--stage``): ``train`` trains (or resumes) every run; ``eval`` evaluates every trained
-run that has no evaluation yet; ``report`` writes the page from what is there; ``all`` (default)
-does the three in order. Every stage resumes: an interrupted ablation continues where it stopped.
+Time of ``--scale study`` on this 2-core machine (``--plan`` prints it for any options), from a
+measured step time of ``configs/emoji32_cpu.yaml`` (batch 32, one thread; MEASURED_STEP_S below):
+{estimate}
+Training dominates: 20 runs of 2000 steps, 2 at a time (12 of the main ablation, 8 of the mixed
+regime). The measured rate is that of a machine shared with other jobs (CPU seconds per step, load
+~10); at the rate of the README's demo (an emptier machine) the whole study fits about 4 hours, at the
+measured one it does not: run it in sessions (every stage resumes), e.g. ``--regimes single`` first
+(the main ablation and its every-size study), then the mixed regime. The issue asks for 2000 steps at
+least, so the steps were not cut to fit.
 
-Per run, the evaluation gives: final training loss (mean of the last 10% of logged steps),
-held-out v-loss with and without the condition image, FD-emoji (Fréchet distance in the features
-of a small network trained once on the emoji training split, ``jitrope.featnet``; not FID), class
-accuracy of class-conditional samples by that network's category head (its accuracy on real
-held-out images beside it), PSNR/SSIM of condition-image samples against their held-out targets,
-FD-emoji at every checkpoint (FD vs step), FD-emoji and class accuracy at unseen grids (RoPE and
-sin-cos extrapolated and interpolated, the factorized table where it reaches, learned1d only
-interpolated), step time and parameter count.
+Stages (``--stage``): ``train`` trains (or resumes) every run; ``eval`` evaluates every trained run
+that has no evaluation yet (the final one, one per checkpoint for FD-emoji vs step, the every-size
+study); ``report`` writes the page from what is there (``--from-json`` writes it from a results JSON
+alone); ``all`` (default) does the three in order. Every stage resumes: an interrupted study continues
+where it stopped, across sessions.
 
-    python scripts/ablate_posenc.py                                    # the CPU ablation -> runs/ablation_cpu/results.md
+    python scripts/ablate_posenc.py                       # 300-step CPU ablation -> runs/ablation_cpu/results.md
+    python scripts/ablate_posenc.py --scale study --report docs/results.md
+    python scripts/ablate_posenc.py --scale study --stage train --regimes single      # one stage, one regime
+    python scripts/ablate_posenc.py --scale study --plan                  # the time estimate, nothing run
+    python scripts/ablate_posenc.py --stage report --from-json docs/results_300steps.json --report /tmp/p.md
     python scripts/ablate_posenc.py --scale seed --report docs/results.md
-    python scripts/ablate_posenc.py --stage train --encodings rope2d,learned1d --seeds 0
     python scripts/ablate_posenc.py --config configs/tiny_cpu.yaml --steps 2 --seeds 0   # smoke test
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
 from tqdm import tqdm  # noqa: E402
 
+from jitrope.eval.study import StudyPlan, estimate_seconds, run_record  # noqa: E402
 from jitrope.posenc import POS_EMBEDS  # noqa: E402
+from jitrope.rope import SCALING_MODES  # noqa: E402
 
-# Every default of a scale; an option given on the command line wins. "px" are image sizes of the
-# resolution study (the grid is px / patch).
+# The step time the estimate starts from: process CPU seconds per training step of configs/emoji32_cpu.yaml
+# (batch 32, train.num_threads=1; the cpu_s column of metrics.jsonl over steps 10..60), measured twice
+# (1.06 and 1.02 s; wall time 5.8 and 3.7 s per step) with
+#   python -m jitrope.train --config configs/emoji32_cpu.yaml data.name=synthetic train.steps=60 train.log_every=10
+# while the 2-core machine was shared (load average 8-11): each run got a fraction of a core, so CPU
+# seconds, not wall time, stand for a run that has a core to itself. The README's demo took 0.57-0.69 s
+# per step (2000 steps in 19-23 min); the estimate is given for both.
+MEASURED_STEP_S = 1.04
+README_STEP_S = 0.63
+
+MAIN_ENCODINGS = ("learned1d", "factorized2d", "rope2d", "sincos2d+rope2d")
+
+# Training regimes of the every-size study, in one place: the sizes each trains at, as factors of the
+# config's image size (32x32: 16, 32, 48), and its config overrides on top of the scale's config, where
+# {sizes} is that list of sizes and {tokens} the image tokens of one batch at the config's own size (the
+# same compute per step as the single-size runs). "single" is the main ablation's runs; "mixed" is packed
+# mixed-size training (issue "One model for every image size": data.sizes, train.tokens_per_batch).
+REGIMES: Dict[str, Dict] = {
+    "single": dict(size_factors=(1.0,), overrides=[], about="at {px}x{px} only"),
+    "mixed": dict(size_factors=(0.5, 1.0, 1.5), overrides=["data.sizes={sizes}", "train.tokens_per_batch={tokens}"],
+                  about="on {sizes_text} images together, packed into {tokens} image tokens per batch"),
+}
+MIXED_KEYS = ("data.sizes", "train.tokens_per_batch")
+
+
+def regime_sizes(regime: str, px: int, patch: int) -> List[int]:
+    """Image sizes a regime trains at, for a config of ``px`` pixels (multiples of 2 patches, so the
+    null condition keeps an integer grid)."""
+    step = 2 * patch
+    return [max(step, round(f * px / step) * step) for f in REGIMES[regime]["size_factors"]]
+
+
+def regime_overrides(regime: str, cfg) -> List[str]:
+    """The config overrides of ``regime`` for a loaded config ``cfg`` (REGIMES' templates filled in)."""
+    mc = cfg.model_config()
+    sizes = regime_sizes(regime, mc.img_size, mc.patch_size)
+    tokens = cfg.train.batch_size * (mc.img_size // mc.patch_size) ** 2
+    return [o.format(sizes="[" + ",".join(map(str, sizes)) + "]", tokens=tokens) for o in REGIMES[regime]["overrides"]]
+
+# Every default of a scale; an option given on the command line wins. Sizes are in pixels.
 SCALES: Dict[str, Dict] = {
-    "cpu": dict(config="configs/emoji32_cpu.yaml", steps=300, seeds="0,1", jobs=2, device="cpu", ckpt_every=100,
-                log_every=25, n_per_class=12, n_cond=48, max_images=192, sample_steps=8, res_px="24,40,48",
-                res_n_per_class=4, step_n_per_class=6, t_grid="0.1,0.3,0.5,0.7,0.9", res_seeds="all", step_seeds="all"),
-    "seed": dict(config="configs/emoji64_ablate.yaml", steps=1500, seeds="0,1,2", jobs=6, device="cuda",
-                 ckpt_every=500, log_every=25, n_per_class=64, n_cond=128, max_images=512, sample_steps=20,
-                 res_px="48,80,96", res_n_per_class=16, step_n_per_class=16, t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
-                 res_seeds="all", step_seeds="all"),
+    "cpu": dict(config="configs/emoji32_cpu.yaml", encodings="all", steps=300, seeds="0,1", jobs=2, device="cpu",
+                ckpt_every=100, log_every=25, n_per_class=12, n_cond=48, max_images=192, sample_steps=8,
+                res_px="24,40,48", res_hw="", res_n_per_class=4, res_max_images=192, step_n_per_class=6,
+                t_grid="0.1,0.3,0.5,0.7,0.9", res_seeds="all", step_seeds="all", regimes="single", earlier=None),
+    "study": dict(config="configs/emoji32_cpu.yaml", encodings=",".join(MAIN_ENCODINGS), steps=2000, seeds="0,1,2",
+                  jobs=2, device="cpu", ckpt_every=500, log_every=50, n_per_class=12, n_cond=48, max_images=192,
+                  sample_steps=8, res_px="16,24,32,40,48", res_hw="32x48,48x32", res_n_per_class=4,
+                  res_max_images=96, step_n_per_class=6, t_grid="0.1,0.3,0.5,0.7,0.9", res_seeds="0,1",
+                  step_seeds="all", regimes="single,mixed", earlier="docs/results_300steps.json"),
+    "seed": dict(config="configs/emoji64_ablate.yaml", encodings="all", steps=1500, seeds="0,1,2", jobs=6,
+                 device="cuda", ckpt_every=500, log_every=25, n_per_class=64, n_cond=128, max_images=512,
+                 sample_steps=20, res_px="48,80,96", res_hw="", res_n_per_class=16, res_max_images=512,
+                 step_n_per_class=16, t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", res_seeds="all",
+                 step_seeds="all", regimes="single", earlier=None),
 }
 STAGES = ("train", "eval", "report", "all")
 
 
+def _ints(s) -> List[int]:
+    return [int(x) for x in str(s).split(",") if x.strip()]
+
+
+def _plan(a) -> StudyPlan:
+    """What the options run, for the time estimate; the scaling modes that sample on their own at each
+    size are counted on the models themselves (:func:`jitrope.eval.evaluate.scaling_same_as`)."""
+    import dataclasses
+
+    from jitrope.config import load_config
+    from jitrope.eval.evaluate import resolution_scalings, scaling_same_as
+    from jitrope.model import JiT
+
+    cfg = load_config(ROOT / a["config"])
+    mc = cfg.model_config()
+    names = list(POS_EMBEDS) if a["encodings"] == "all" else a["encodings"].split(",")
+    seeds = _ints(a["seeds"])
+    size_seeds = seeds if a["res_seeds"] == "all" else _ints(a["res_seeds"])
+    regimes = [g for g in a["regimes"].split(",") if g]
+    scalings = [s for s in a.get("scalings", ",".join(SCALING_MODES)).split(",") if s]
+    sizes = [(p, p) for p in _ints(a["res_px"])] + [tuple(_ints(hw.replace("x", ","))) for hw in
+                                                    str(a["res_hw"]).split(",") if hw.strip()]
+    units = 0.0
+    for name in names:
+        model = JiT(dataclasses.replace(mc, pos_embed=name))
+        for hw in sizes:
+            usable = [m for m, why in resolution_scalings(model, hw, scalings).items() if why is None]
+            own = [m for i, m in enumerate(usable) if scaling_same_as(model, hw, m, usable[:i]) is None]
+            units += len(own) * hw[0] * hw[1] / mc.img_size ** 2
+    return StudyPlan(
+        train_runs=len(names) * len(seeds), extra_train_runs=len(names) * len(size_seeds) * (len(regimes) - 1),
+        steps=a["steps"], batch=cfg.train.batch_size, checkpoints=a["steps"] // a["ckpt_every"],
+        size_sets=len(size_seeds) * len(regimes), size_units=units, n_classes=mc.num_classes,
+        n_per_class=a["n_per_class"], step_n_per_class=a["step_n_per_class"], res_n_per_class=a["res_n_per_class"],
+        n_cond=a["n_cond"], max_images=a["max_images"], res_max_images=a["res_max_images"],
+        t_points=len(str(a["t_grid"]).split(",")), sample_steps=a["sample_steps"], jobs=a["jobs"])
+
+
+def estimate_text(a, indent: str = "  ") -> str:
+    lines = []
+    for what, step_s in (("measured", MEASURED_STEP_S), ("README demo", README_STEP_S)):
+        e = estimate_seconds(_plan(a), step_s)
+        h = {k: v / 3600 for k, v in e.items()}
+        lines.append(f"{indent}{step_s:.2f} s/step ({what}): training {h['train']:.1f} h, evaluation "
+                     f"{h['eval']:.1f} h, every-size study {h['sizes']:.1f} h; total {h['total']:.1f} h")
+    return "\n".join(lines)
+
+
+def _doc(with_estimate: bool) -> str:
+    s = SCALES["study"]
+    est = estimate_text(s) if with_estimate else "  (shown by --help)"
+    return __doc__.format(study_steps=s["steps"], study_ckpt=s["ckpt_every"], estimate=est)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    helping = any(a in ("-h", "--help") for a in argv)  # the estimate builds models: only when it is shown
+    p = argparse.ArgumentParser(description=_doc(helping), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu", help="preset of everything below (default cpu)")
     p.add_argument("--stage", choices=STAGES, default="all", help="train | eval | report | all (default all)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the runs and the time estimate of these options, run nothing")
     p.add_argument("--config", default=None, help="training config (YAML; default: the scale's)")
-    p.add_argument("--encodings", default="all",
+    p.add_argument("--encodings", default=None,
                    help=f"comma-separated model.pos_embed values, or 'all' ({', '.join(POS_EMBEDS)})")
-    p.add_argument("--seeds", default=None, help="comma-separated train.seed values (cpu: 0,1; seed: 0,1,2)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (cpu: 300; seed: 1500)")
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time (cpu: 2, one CPU thread each; seed: 6 on one GPU)")
-    p.add_argument("--device", default=None, help="cpu | cuda (cpu: cpu; seed: cuda)")
+    p.add_argument("--seeds", default=None, help="comma-separated train.seed values of the main ablation")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time (cpu: 2, one CPU thread each; seed: 6 on one GPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda")
     p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint interval: the points of FD vs step")
     p.add_argument("--log-every", type=int, default=None, help="training-loss logging interval (the loss curves)")
     p.add_argument("--out-dir", default=None, help="folder of the runs (default runs/ablation_<scale>)")
     p.add_argument("--report", default=None, help="results page to write (default <out-dir>/results.md); its "
                    "plots and sample grids go beside it as results_*.png, the metrics of every run as results.json")
-    p.add_argument("--n-per-class", type=int, default=None, help="class-conditional samples per class (FD-emoji, class accuracy)")
+    p.add_argument("--from-json", default=None, help="with --stage report: write the page from this results JSON "
+                   "(an earlier page's) instead of the run folders")
+    p.add_argument("--earlier", default=None, help="results JSON of an earlier, shorter ablation: its rows of the "
+                   "encodings outside --encodings stay on the page, labelled (study: docs/results_300steps.json)")
+    p.add_argument("--n-per-class", type=int, default=None,
+                   help="class-conditional samples per class (FD-emoji, class acc)")
     p.add_argument("--n-cond", type=int, default=None, help="condition-image samples (PSNR/SSIM)")
     p.add_argument("--max-images", type=int, default=None, help="held-out images in the v-loss")
-    p.add_argument("--sample-steps", type=int, default=None, help="Heun sampler steps in the evaluation (cpu: 8; seed: 20)")
-    p.add_argument("--t-grid", default=None, help="t values of the held-out v-loss (cpu: 0.1,0.3,0.5,0.7,0.9; seed: 0.1..0.9)")
-    p.add_argument("--res-px", default=None, help="image sizes of the resolution study (cpu: 24,40,48; seed: 48,80,96); '' skips it")
-    p.add_argument("--res-n-per-class", type=int, default=None, help="samples per class at each unseen size")
-    p.add_argument("--step-n-per-class", type=int, default=None, help="samples per class at each checkpoint (FD vs step)")
-    p.add_argument("--res-seeds", default=None, help="seeds whose runs get the resolution study: comma-separated or 'all' "
-                   "(default all)")
-    p.add_argument("--step-seeds", default=None, help="seeds whose runs get FD vs step: comma-separated or 'all' (default all)")
+    p.add_argument("--sample-steps", type=int, default=None, help="Heun sampler steps in the evaluation")
+    p.add_argument("--t-grid", default=None, help="t values of the held-out v-loss")
+    p.add_argument("--res-px", default=None,
+                   help="square sizes of the every-size study; '' (with --res-hw '') skips it")
+    p.add_argument("--res-hw", default=None,
+                   help="sizes HxW (rows x columns) of the every-size study, e.g. 32x48,48x32")
+    p.add_argument("--scalings", default=",".join(SCALING_MODES), help="pos_scaling modes of the every-size study")
+    p.add_argument("--res-n-per-class", type=int, default=None, help="samples per class at each size")
+    p.add_argument("--res-max-images", type=int, default=None, help="held-out images of the v-loss at each size")
+    p.add_argument("--step-n-per-class", type=int, default=None,
+                   help="samples per class at each checkpoint (FD vs step)")
+    p.add_argument("--res-seeds", default=None, help="seeds whose runs get the every-size study: comma-separated or "
+                   "'all' (study: 0,1)")
+    p.add_argument("--step-seeds", default=None, help="seeds whose runs get FD vs step: comma-separated or 'all'")
+    p.add_argument("--regimes", default=None, help=f"training regimes of the every-size study ({', '.join(REGIMES)}; "
+                   "cpu and seed: single; study: single,mixed)")
     p.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides for every run")
     args = p.parse_args(argv)
     for k, v in SCALES[args.scale].items():
@@ -111,20 +241,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not names:
         p.error("--encodings: none given")
     try:
-        args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-        args.res_list = [int(s) for s in str(args.res_px).split(",") if s.strip()]
+        args.seed_list = _ints(args.seeds)
+        args.res_list = _ints(args.res_px)
     except ValueError:
         p.error(f"--seeds / --res-px want comma-separated integers, got {args.seeds!r} / {args.res_px!r}")
     try:
+        args.hw_list = [tuple(int(v) for v in hw.lower().split("x"))
+                        for hw in str(args.res_hw).split(",") if hw.strip()]
+        if any(len(hw) != 2 or min(hw) < 1 for hw in args.hw_list):
+            raise ValueError
+    except ValueError:
+        p.error(f"--res-hw wants comma-separated sizes HxW (e.g. 32x48,48x32), got {args.res_hw!r}")
+    try:
         for k in ("res_seeds", "step_seeds"):
             v = getattr(args, k)
-            setattr(args, k + "_list", list(args.seed_list) if v == "all" else [int(x) for x in v.split(",") if x.strip()])
+            setattr(args, k + "_list", list(args.seed_list) if v == "all" else _ints(v))
     except (ValueError, AttributeError):
-        p.error(f"--res-seeds / --step-seeds want 'all' or comma-separated integers, got {args.res_seeds!r} / {args.step_seeds!r}")
+        p.error(f"--res-seeds / --step-seeds want 'all' or comma-separated integers, got {args.res_seeds!r} / "
+                f"{args.step_seeds!r}")
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
         p.error(f"--seeds: give distinct integers, got {args.seeds!r}")
+    args.regime_list = [g.strip() for g in str(args.regimes).split(",") if g.strip()]
+    if not args.regime_list or any(g not in REGIMES for g in args.regime_list) or args.regime_list[0] != "single":
+        p.error(f"--regimes: comma-separated names of {list(REGIMES)}, 'single' first (the main ablation's runs), "
+                f"got {args.regimes!r}")
+    args.scaling_list = [s.strip() for s in args.scalings.split(",") if s.strip()]
+    if not args.scaling_list or any(s not in SCALING_MODES for s in args.scaling_list):
+        p.error(f"--scalings: comma-separated modes of {list(SCALING_MODES)}, got {args.scalings!r}")
     for name in ("steps", "jobs", "ckpt_every", "log_every", "n_per_class", "n_cond", "max_images", "sample_steps",
-                 "res_n_per_class", "step_n_per_class"):
+                 "res_n_per_class", "res_max_images", "step_n_per_class"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for o in args.overrides:
@@ -132,15 +277,45 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"override {o!r} is not dotted.key=value")
         if o.split("=", 1)[0] in ("model.pos_embed", "train.out_dir", "train.steps", "train.seed"):
             p.error(f"override {o!r}: the ablation sets {o.split('=', 1)[0]} itself")
+    if args.from_json is not None and args.stage != "report":
+        p.error("--from-json writes a page from a results JSON: use it with --stage report")
     args.config = str(Path(args.config) if Path(args.config).is_absolute() else ROOT / args.config)
     args.out_dir = args.out_dir or f"runs/ablation_{args.scale}"
     args.names = names
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv
     return args
 
 
-def run_dir(args, name: str, seed: int) -> Path:
-    return Path(args.out_dir) / f"seed{seed}" / name.replace("+", "_")
+# ----------------------------------------------------------------------------------- runs
+def run_dir(args, name: str, seed: int, regime: str = "single") -> Path:
+    base = Path(args.out_dir) if regime == "single" else Path(args.out_dir) / regime
+    return base / f"seed{seed}" / name.replace("+", "_")
+
+
+def regime_runs(args) -> List[Tuple[str, int, str]]:
+    """(encoding, seed, regime) of every run: the main ablation, then the other regimes' size-study seeds;
+    seed by seed, so that a cut-short study has whole seeds."""
+    jobs = [(n, s, "single") for s in args.seed_list for n in args.names]
+    for g in args.regime_list[1:]:
+        jobs += [(n, s, g) for s in args.res_seeds_list for n in args.names]
+    return jobs
+
+
+def check_regimes(args) -> None:
+    """Fill in ``args.regime_overrides``; a regime's overrides must be keys of this jitrope: the mixed
+    regime needs packed mixed-size training."""
+    from jitrope.config import ConfigError, load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    args.regime_overrides = {g: regime_overrides(g, cfg) for g in args.regime_list}
+    for g in args.regime_list:
+        try:
+            load_config(args.config, list(args.overrides) + args.regime_overrides[g])
+        except ConfigError as e:
+            needs = f" (it needs the config keys {', '.join(MIXED_KEYS)} of packed mixed-size training)" \
+                if g == "mixed" else ""
+            raise ConfigError(f"--regimes: the {g} regime's overrides {args.regime_overrides[g]} do not fit this "
+                              f"jitrope{needs}: {e}; run --regimes single meanwhile") from None
 
 
 def _env(args) -> Dict[str, str]:
@@ -150,7 +325,7 @@ def _env(args) -> Dict[str, str]:
     return env
 
 
-def _call(cmd: List[str], log: Path, args, what: str, mode: str = "w") -> None:
+def _call(cmd: List[str], log: Path, args, what: str, mode: str = "a") -> None:
     with open(log, mode) as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(args), cwd=ROOT).returncode
     if rc != 0:
@@ -165,12 +340,11 @@ def checkpoint_at(run: Path, step: int) -> Optional[Path]:
     return dict(list_checkpoints(run)).get(step)
 
 
-def train_one(args, name: str, seed: int) -> float:
-    """Trains (or resumes) one run; returns the seconds it took. The log is appended to, so a
-    resumed run keeps its whole loss curve. A run that already has a checkpoint at ``--steps`` is
-    left alone (the learning rate does not depend on the step budget, so a longer run's
+def train_one(args, name: str, seed: int, regime: str) -> float:
+    """Trains (or resumes) one run; returns the seconds it took. A run that already has a checkpoint at
+    ``--steps`` is left alone (the learning rate does not depend on the step budget, so a longer run's
     checkpoint is exactly what a run of ``--steps`` would have saved)."""
-    run = run_dir(args, name, seed)
+    run = run_dir(args, name, seed, regime)
     if checkpoint_at(run, args.steps) is not None:
         return 0.0
     run.mkdir(parents=True, exist_ok=True)
@@ -178,601 +352,248 @@ def train_one(args, name: str, seed: int) -> float:
            f"model.pos_embed={name}", f"train.seed={seed}", f"train.steps={args.steps}", f"train.out_dir={run}",
            f"train.ckpt_every={args.ckpt_every}", f"train.log_every={args.log_every}", "train.keep_last=0",
            "train.sample_every=0", "train.tensorboard=false", "train.progress=false", f"train.device={args.device}",
-           *(["train.num_threads=1"] if args.device == "cpu" else []), *args.overrides]
+           *(["train.num_threads=1"] if args.device == "cpu" else []), *args.regime_overrides[regime], *args.overrides]
     t0 = time.perf_counter()
-    _call(cmd, run / "train.log", args, f"{name} seed {seed}: training", mode="a")
+    _call(cmd, run / "train.log", args, f"{name} seed {seed} ({regime}): training")
     return time.perf_counter() - t0
 
 
-def _eval_cmd(args, ckpt: Path, out: Path, metrics: str, n_per_class: int) -> List[str]:
+def _eval_cmd(args, ckpt: Path, out: Path, metrics: str, n_per_class: int, max_images: int) -> List[str]:
     return [sys.executable, "-m", "jitrope.evaluate", "--ckpt", str(ckpt), "--out", str(out), "--device", args.device,
             *(["--num-threads", "1"] if args.device == "cpu" else []), "--metrics", metrics,
-            "--n-per-class", str(n_per_class), "--n-cond", str(args.n_cond), "--max-images", str(args.max_images),
+            "--n-per-class", str(n_per_class), "--n-cond", str(args.n_cond), "--max-images", str(max_images),
             "--steps", str(args.sample_steps), "--sampler", "heun", "--t-grid", args.t_grid]
 
 
-def eval_final(args, name: str, seed: int) -> float:
-    """Evaluates one trained run's checkpoint at ``--steps`` in full (unless already written)."""
-    run = run_dir(args, name, seed)
+def _final_ckpt(args, run: Path, what: str) -> Path:
+    ckpt = checkpoint_at(run, args.steps)
+    if ckpt is None:
+        raise RuntimeError(f"{what}: no checkpoint at step {args.steps} in {run}; run --stage train first")
+    return ckpt
+
+
+def eval_final(args, name: str, seed: int, regime: str) -> float:
+    """The main evaluation of a main-ablation run at ``--steps``: v-loss, class samples, condition samples."""
+    run = run_dir(args, name, seed, regime)
+    out = run / f"eval_{args.steps:08d}.json"
+    if regime != "single" or out.exists():
+        return 0.0
     t0 = time.perf_counter()
-    final_ckpt = checkpoint_at(run, args.steps)
-    if final_ckpt is None:
-        raise RuntimeError(f"{name} seed {seed}: no checkpoint at step {args.steps} in {run}; run --stage train first")
-    final = run / f"eval_{args.steps:08d}.json"
-    want_res = bool(args.res_list) and seed in args.res_seeds_list
-    # an evaluation written without the resolution study is redone when the study is now asked for
-    if not final.exists() or (want_res and "resolution" not in json.loads(final.read_text())):
-        cmd = _eval_cmd(args, final_ckpt, final, "vloss,class,cond,res", args.n_per_class)
-        if want_res:
-            cmd += ["--res-px", ",".join(map(str, args.res_list)), "--res-n-per-class", str(args.res_n_per_class),
-                    "--grids", str(run / f"grids_{args.steps:08d}")]
-        _call(cmd, run / "eval.log", args, f"{name} seed {seed}: evaluation", mode="a")
+    cmd = _eval_cmd(args, _final_ckpt(args, run, f"{name} seed {seed}"), out, "vloss,class,cond", args.n_per_class,
+                    args.max_images)
+    _call(cmd, run / "eval.log", args, f"{name} seed {seed}: evaluation")
     return time.perf_counter() - t0
 
 
-def eval_steps(args, name: str, seed: int) -> float:
-    """FD-emoji and class accuracy at every checkpoint up to ``--steps`` (FD vs step)."""
+def eval_sizes(args, name: str, seed: int, regime: str) -> float:
+    """The every-size study of a run: every size and scaling mode, FD-emoji, class accuracy, v-loss, grids."""
+    run = run_dir(args, name, seed, regime)
+    out = run / f"eval_sizes_{args.steps:08d}.json"
+    if seed not in args.res_seeds_list or not (args.res_list or args.hw_list) or out.exists():
+        return 0.0
+    t0 = time.perf_counter()
+    cmd = _eval_cmd(args, _final_ckpt(args, run, f"{name} seed {seed} ({regime})"), out, "res", args.res_n_per_class,
+                    args.res_max_images)
+    if args.res_list:
+        cmd += ["--res-px", ",".join(map(str, args.res_list))]
+    if args.hw_list:
+        cmd += ["--res-hw", ",".join(f"{h}x{w}" for h, w in args.hw_list)]
+    cmd += ["--res-scalings", ",".join(args.scaling_list), "--res-n-per-class", str(args.res_n_per_class),
+            "--grids", str(run / f"grids_sizes_{args.steps:08d}")]
+    _call(cmd, run / "eval.log", args, f"{name} seed {seed} ({regime}): every-size study")
+    return time.perf_counter() - t0
+
+
+def eval_steps(args, name: str, seed: int, regime: str) -> float:
+    """FD-emoji and class accuracy at every checkpoint up to ``--steps`` (FD vs step), main runs."""
     from jitrope.checkpoint import list_checkpoints
 
-    run = run_dir(args, name, seed)
-    t0 = time.perf_counter()
-    if seed not in args.step_seeds_list:
+    run = run_dir(args, name, seed, regime)
+    if regime != "single" or seed not in args.step_seeds_list:
         return 0.0
+    t0 = time.perf_counter()
     for step, path in list_checkpoints(run):
         out = run / "eval_steps" / f"step_{step:08d}.json"
         if step <= args.steps and not out.exists():
             out.parent.mkdir(exist_ok=True)
-            _call(_eval_cmd(args, path, out, "class", args.step_n_per_class), run / "eval_steps.log", args,
-                  f"{name} seed {seed}: evaluation of step {step}", mode="a")
+            _call(_eval_cmd(args, path, out, "class", args.step_n_per_class, args.max_images),
+                  run / "eval_steps.log", args, f"{name} seed {seed}: evaluation of step {step}")
     return time.perf_counter() - t0
 
 
-_LOG = re.compile(r"^step (\d+)/\d+\s+loss ([0-9.eE+-]+)\s+grad [0-9.eE+-]+\s+([0-9.]+) img/s")
-_PARAMS = re.compile(r"JiT ([0-9.]+)M params")
-
-
-def read_train_log(path: Path) -> Dict:
-    """Loss curve (last value logged for each step, so resumed runs count once), images/s and
-    parameter count from a training log."""
-    loss, ips, params = {}, {}, None
-    for line in path.read_text().splitlines():
-        m = _LOG.match(line.strip())
-        if m:
-            s = int(m.group(1))
-            loss[s], ips[s] = float(m.group(2)), float(m.group(3))
-        m = _PARAMS.search(line)
-        if m:
-            params = float(m.group(1)) * 1e6
-    steps = sorted(loss)
-    return {"steps": steps, "loss": [loss[s] for s in steps], "img_per_s": [ips[s] for s in steps], "params_from_log": params}
-
-
+# ----------------------------------------------------------------------------------- report
 def collect(args) -> List[Dict]:
-    """One record per evaluated run: its evaluation, loss curve, FD vs step and training wall time."""
-    from jitrope.config import load_config
-
-    batch = load_config(args.config, list(args.overrides)).train.batch_size
+    """One record per run that has an evaluation (:func:`jitrope.eval.study.run_record`)."""
     rows = []
-    for seed in args.seed_list:
-        for name in args.names:
-            run = run_dir(args, name, seed)
-            f = run / f"eval_{args.steps:08d}.json"
-            if not f.exists():
-                continue
-            r = json.loads(f.read_text())
-            curve = read_train_log(run / "train.log")
-            keep = [i for i, st in enumerate(curve["steps"]) if st <= args.steps]
-            steps, loss, ips = ([curve[k][i] for i in keep] for k in ("steps", "loss", "img_per_s"))
-            tail = max(1, len(loss) // 10)
-            r["seed"], r["run"] = seed, str(run)
-            r["loss_curve"] = {"steps": steps, "loss": loss}
-            r["final_train_loss"] = sum(loss[-tail:]) / tail
-            ips = ips[1:] or ips  # the first interval includes start-up
-            r["step_ms"] = 1000.0 * batch / (sum(ips) / len(ips)) if ips else None
-            fd = []
-            for e in sorted((run / "eval_steps").glob("step_*.json")):
-                d = json.loads(e.read_text())
-                if d["step"] <= args.steps and "fd_emoji" in d.get("class_samples", {}):
-                    fd.append((d["step"], d["class_samples"]["fd_emoji"]))
-            r["fd_vs_step"] = {"steps": [a for a, _ in fd], "fd_emoji": [b for _, b in fd]}
-            # Training wall time from the checkpoint folders' times: first checkpoint minus one
-            # interval (the start) to the checkpoint at --steps.
-            from jitrope.checkpoint import list_checkpoints
-
-            ck = [(st, p.stat().st_mtime) for st, p in list_checkpoints(run) if st <= args.steps]
-            if len(ck) >= 2:
-                (s0, t0), (s1, t1) = ck[0], ck[-1]
-                rate = (t1 - t0) / (s1 - s0)
-                r["train_start"], r["train_end"] = t0 - s0 * rate, t1
-            rows.append(r)
+    for name, seed, regime in regime_runs(args):
+        run = run_dir(args, name, seed, regime)
+        final = run / f"eval_{args.steps:08d}.json"
+        sizes = run / f"eval_sizes_{args.steps:08d}.json"
+        if not (final.exists() or sizes.exists()):
+            continue
+        r = run_record(run, steps=args.steps, seed=seed, regime=regime, pos_embed=name, final=final, sizes=sizes,
+                       steps_folder=run / "eval_steps")
+        r["grids"] = str(run / f"grids_sizes_{args.steps:08d}")
+        rows.append(r)
     return rows
 
 
-# ----------------------------------------------------------------------------------------- report
-METRIC_COLS = [  # key path, header, format, lower is better
-    (("final_train_loss",), "final train loss", ".4f", True),
-    (("vloss", "mean"), "held-out v-loss", ".4f", True),
-    (("vloss_null_cond", "mean"), "v-loss, null cond", ".4f", True),
-    (("class_samples", "fd_emoji"), "FD-emoji", ".3f", True),
-    (("class_samples", "class_acc"), "class acc", ".3f", False),
-    (("cond_samples", "psnr"), "PSNR (dB)", ".2f", False),
-    (("cond_samples", "ssim"), "SSIM", ".3f", False),
-    (("step_ms",), "step (ms)", ".0f", True),
-]
-
-
-def _get(r: Dict, path) -> Optional[float]:
-    for k in path:
-        if not isinstance(r, dict) or k not in r:
-            return None
-        r = r[k]
-    return None if r is None else float(r)
-
-
-def mean_sd(vals: Sequence[float]):
-    """Mean and sample standard deviation (None for a single value: no noise estimate)."""
-    v = [x for x in vals if x is not None and math.isfinite(x)]
-    if not v:
-        return None, None
-    m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None
-    return m, sd
-
-
-def _pm(m, sd, spec: str) -> str:
-    if m is None:
-        return "-"
-    return format(m, spec) if sd is None else f"{format(m, spec)} ± {format(sd, spec)}"
-
-
-def per_encoding(rows: List[Dict], names: Sequence[str], path) -> Dict[str, List[float]]:
-    return {n: [_get(r, path) for r in rows if r["pos_embed"] == n] for n in names}
-
-
-def verdict(rows: List[Dict], names: Sequence[str], path, lower: bool, spec: str, label: str) -> str:
-    """One mechanical sentence: the best encoding by mean, and which others differ from it by more
-    than twice the combined seed spread (sqrt(sd1^2 + sd2^2)); the rest are within noise."""
-    stats = {n: mean_sd(v) for n, v in per_encoding(rows, names, path).items()}
-    stats = {n: s for n, s in stats.items() if s[0] is not None}
-    if len(stats) < 2:
-        return f"{label}: too few runs to compare."
-    best = (min if lower else max)(stats, key=lambda n: stats[n][0])
-    bm, bsd = stats[best]
-    if any(sd is None for _, sd in stats.values()):
-        order = sorted(stats, key=lambda n: stats[n][0], reverse=not lower)
-        return (f"{label} (one seed, no noise estimate): " + " < ".join(f"`{n}` {format(stats[n][0], spec)}" for n in order)
-                + ("" if lower else " (higher is better)") + ".")
-    apart, near = [], []
-    for n, (m, sd) in stats.items():
-        if n == best:
-            continue
-        noise = math.sqrt(bsd**2 + sd**2)
-        (apart if abs(m - bm) > 2 * noise and noise > 0 else near).append(f"`{n}` {format(m, spec)}")
-    out = f"{label}: best `{best}` ({_pm(bm, bsd, spec)})"
-    if apart:
-        out += "; clearly worse (gap > 2x the combined seed spread): " + ", ".join(apart)
-    if near:
-        out += "; within noise of it: " + ", ".join(near)
-    return out + "."
-
-
-def top_group(rows: List[Dict], names: Sequence[str], path, lower: bool) -> List[str]:
-    """The best encoding by mean and those within noise of it (the rule of :func:`verdict`)."""
-    stats = {n: mean_sd(v) for n, v in per_encoding(rows, names, path).items()}
-    stats = {n: s for n, s in stats.items() if s[0] is not None and s[1] is not None}
-    if not stats:
-        return []
-    best = (min if lower else max)(stats, key=lambda n: stats[n][0])
-    bm, bsd = stats[best]
-    return [n for n, (m, sd) in stats.items()
-            if n == best or not (abs(m - bm) > 2 * math.sqrt(bsd**2 + sd**2) and (bsd or sd))]
-
-
 def fd_sanity(args) -> Dict[str, float]:
-    """The FD-emoji sanity checks of the results page, measured on real images with the cached
-    feature network: identical sets, real held-out vs training, blurred and noise images, and a
-    pair of shifted Gaussians against their closed form."""
+    """The FD-emoji sanity checks of the page, measured with the cached feature network."""
     import torch
-    import torch.nn.functional as F
 
     from jitrope.config import load_config
     from jitrope.data import build_dataset, to_float
-    from jitrope.featnet import load_or_train_featnet
-    from jitrope.metrics import frechet_distance, gaussian_stats
+    from jitrope.eval.featnet import load_or_train_featnet
+    from jitrope.eval.metrics import frechet_distance, gaussian_stats
+    from jitrope.eval.study import fd_sanity_checks
 
     dcfg = load_config(args.config, list(args.overrides)).data
     net, extra = load_or_train_featnet(dcfg, device=args.device)
-    ref = (extra["train_mu"], extra["train_sigma"])
     train, val = build_dataset(dcfg, "train"), build_dataset(dcfg, "val")
-    held = to_float(val.images)
-    g = torch.Generator().manual_seed(0)
 
     def fd(x):
-        return frechet_distance(*gaussian_stats(net.embed(x)[0]), *ref)
+        return frechet_distance(*gaussian_stats(net.embed(x)[0]), extra["train_mu"], extra["train_sigma"])
 
-    n = args.n_per_class * train.num_classes
-    sub = to_float(train.images[torch.randperm(len(train), generator=g)[:n]])
-    k = 4  # blur: average 4x4 blocks, then back to size
-    blur = F.avg_pool2d(held, k).repeat_interleave(k, -1).repeat_interleave(k, -2)
-    d = 16
-    mu, s1 = torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
-    x = torch.randn(20000, d, generator=g, dtype=torch.float64)
-    y = 1.5 * torch.randn(20000, d, generator=g, dtype=torch.float64) + 0.5
-    closed = d * 0.25 + d * (1.5 - 1.0) ** 2
-    return {
-        "identical (training split vs itself)": fd(to_float(train.images)),
-        f"real held-out images (all {len(val)})": fd(held),
-        f"real training images ({n}, the sample count)": fd(sub),
-        "blurred held-out images (4x4 box)": fd(blur),
-        "uniform noise images": fd(torch.rand(held.shape, generator=g) * 2 - 1),
-        "featnet class accuracy, held-out": extra["info"].get("val_cat_acc", float("nan")),
-        "featnet class accuracy, chance": extra["info"]["chance_cat_acc"],
-        "featnet vendor accuracy, held-out": extra["info"].get("val_vendor_acc", float("nan")),
-        f"Gaussians N(0, I) vs N(0.5, 2.25 I), d={d}, from their exact mean and covariance: FD": frechet_distance(
-            mu, s1, mu + 0.5, 2.25 * s1),
-        "... the same from 20000 samples of each": float(frechet_distance(*gaussian_stats(x), *gaussian_stats(y))),
-        "... closed form |dmu|^2 + d (1.5 - 1)^2": closed,
-        "_featnet_path": extra["path"],
-        "_featnet_seconds": extra["info"].get("train_seconds", float("nan")),
-    }
+    out = fd_sanity_checks(fd, to_float(train.images), to_float(val.images), args.n_per_class * train.num_classes,
+                           generator=torch.Generator().manual_seed(0), featnet_info=extra["info"])
+    out["_featnet_seconds"] = extra["info"].get("train_seconds", float("nan"))
+    return out
 
 
-def _plots(rows: List[Dict], args, out: Path, res_keys) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in args.names if any(r["pos_embed"] == n for r in rows)]
-    colors = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
-    stem = out.with_suffix("")
-    files = []
-
-    def save(fig, suffix):
-        from PIL import Image
-
-        p = Path(f"{stem}_{suffix}.png")
-        fig.tight_layout()
-        fig.savefig(p, dpi=80)
-        plt.close(fig)
-        Image.open(p).convert("RGB").quantize(256).save(p, optimize=True)  # a palette keeps the docs small
-        files.append(p.name)
-
-    # loss curves: mean over seeds of the logged training loss
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for n in names:
-        rs = [r for r in rows if r["pos_embed"] == n]
-        steps = rs[0]["loss_curve"]["steps"]
-        ys = [sum(r["loss_curve"]["loss"][i] for r in rs) / len(rs) for i in range(min(len(r["loss_curve"]["loss"]) for r in rs))]
-        ax.plot(steps[: len(ys)], ys, label=n, color=colors[n], lw=1.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over seeds)")
-    ax.legend(fontsize=7)
-    save(fig, "loss")
-
-    # bars with error bars (mean ± sd over seeds)
-    cols = [c for c in METRIC_COLS if c[1] in ("held-out v-loss", "v-loss, null cond", "FD-emoji", "class acc", "PSNR (dB)", "SSIM")]
-    fig, axes = plt.subplots(2, 3, figsize=(10, 5.2))
-    for ax, (path, head, _, lower) in zip(axes.flat, cols):
-        st = [mean_sd(per_encoding(rows, names, path)[n]) for n in names]
-        ax.bar(range(len(names)), [m or 0 for m, _ in st], yerr=[sd or 0 for _, sd in st], capsize=3,
-               color=[colors[n] for n in names])
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
-        ax.set_title(f"{head} ({'lower' if lower else 'higher'} is better)", fontsize=9)
-    save(fig, "bars")
-
-    # FD-emoji vs step
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for n in names:
-        rs = [r for r in rows if r["pos_embed"] == n and r["fd_vs_step"]["steps"]]
-        if not rs:
-            continue
-        steps = rs[0]["fd_vs_step"]["steps"]
-        st = [mean_sd([r["fd_vs_step"]["fd_emoji"][i] for r in rs if len(r["fd_vs_step"]["fd_emoji"]) > i]) for i in range(len(steps))]
-        ax.errorbar(steps, [m for m, _ in st], yerr=[sd or 0 for _, sd in st], label=n, color=colors[n], capsize=2, marker="o", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"FD-emoji ({args.step_n_per_class} samples per class)")
-    ax.legend(fontsize=7)
-    save(fig, "fd_steps")
-
-    # metric vs sampling resolution
-    train_px = _train_px(rows[0])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, metric, lab in ((axes[0], "fd_emoji", "FD-emoji"), (axes[1], "class_acc", "class accuracy")):
-        for n in names:
-            for scaling, ls in (("extrapolate", "-"), ("interpolate", "--")):
-                xs, ys, es = [], [], []
-                for px in sorted({train_px, *args.res_list}):
-                    vals = [v for v in (_res_value(r, px, scaling, metric, train_px) for r in rows if r["pos_embed"] == n) if v is not None]
-                    if vals:
-                        m, sd = mean_sd(vals)
-                        xs.append(px // _patch(rows[0]))
-                        ys.append(m)
-                        es.append(sd or 0)
-                if len(xs) > 1:
-                    ax.errorbar(xs, ys, yerr=es, color=colors[n], ls=ls, marker="o", ms=3, capsize=2,
-                                label=f"{n} ({scaling[:6]})")
-        ax.axvline(train_px // _patch(rows[0]), color="0.6", lw=0.8)
-        ax.set_xlabel("sampling grid (tokens per side; grey: training grid)")
-        ax.set_ylabel(lab)
-    axes[1].legend(fontsize=6, ncol=2)
-    save(fig, "resolution")
-
-    # side-by-side sample grids of the first seed: training size, and the largest unseen size
-    from PIL import Image
-
-    seed0 = args.seed_list[0]
-    big = max(args.res_list) if args.res_list else None
-    panels = [("train", f"{train_px}x{train_px} (training)")]
-    if big:
-        panels += [("extrapolate", f"{big}x{big} extrapolated"), ("interpolate", f"{big}x{big} interpolated")]
-    fig, axes = plt.subplots(len(panels), len(names), figsize=(1.7 * len(names), 2.3 * len(panels)), squeeze=False)
-    for j, n in enumerate(names):
-        grids = run_dir(args, n, seed0) / f"grids_{args.steps:08d}"
-        for i, (kind, title) in enumerate(panels):
-            ax = axes[i][j]
-            ax.axis("off")
-            f = grids / (f"px{train_px}_train.png" if kind == "train" else f"px{big}_{kind}.png")
-            if f.exists():
-                ax.imshow(Image.open(f))
-            else:
-                ax.text(0.5, 0.5, "not applicable", ha="center", va="center", fontsize=8)
-            ax.set_title(f"{n}\n{title}" if i == 0 else title, fontsize=7)
-    save(fig, "samples")
-    return files
-
-
-def _patch(r: Dict) -> int:
-    return int(r["_patch"])
-
-
-def _train_px(r: Dict) -> int:
-    return int(r["_img_size"])
-
-
-def _res_value(r: Dict, px: int, scaling: str, metric: str, train_px: int) -> Optional[float]:
-    if px == train_px:  # the training grid: both scalings are the plain model
-        return _get(r, ("class_samples", metric))
-    for row in r.get("resolution", []):
-        if row["px"] == px and row["scaling"] == scaling and metric in row:
-            return float(row[metric])
-    return None
-
-
-def write_report(rows: List[Dict], args, out: Path, *, timing: Dict, machine: str) -> None:
+def page_info(args, rows, timing: Dict, *, command: str):
     from jitrope.config import load_config
+    from jitrope.eval.report import PageInfo
 
     cfg = load_config(args.config, list(args.overrides))
     mc = cfg.model_config()
-    for r in rows:
-        r["_patch"], r["_img_size"] = mc.patch_size, mc.img_size
-    out.parent.mkdir(parents=True, exist_ok=True)
-    names = [n for n in args.names if any(r["pos_embed"] == n for r in rows)]
-    seeds = sorted({r["seed"] for r in rows})
-    n_seeds = {n: len([r for r in rows if r["pos_embed"] == n]) for n in names}
-    files = _plots(rows, args, out, None)
-    sanity = fd_sanity(args)
-    cs0 = rows[0]["class_samples"]
-    gh = mc.img_size // mc.patch_size
-    cg = None if mc.cond_img_size is None else mc.cond_img_size // mc.patch_size
-    tokens = gh * gh + (cg * cg if cg else 0)
-    cmd = "python scripts/ablate_posenc.py " + " ".join(args.argv)
-    starts = [r["train_start"] for r in rows if "train_start" in r]
-    ends = [r["train_end"] for r in rows if "train_end" in r]
-    train_wall = (max(ends) - min(starts)) / 60 if starts else None
-    L = [
-        "# Which positional encoding? Results of the ablation",
-        "",
-        f"Generated by `{cmd.strip()}` (every number and picture on this page; nothing typed in by hand).",
-        "",
-        "## Setup",
-        "",
-        f"- Config `{Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config}`: "
-        f"{mc.img_size}x{mc.img_size} emoji at patch {mc.patch_size} ({gh}x{gh} grid, {gh * gh} tokens"
-        + (f", plus a {mc.cond_img_size}x{mc.cond_img_size} condition image: {gh * gh} -> {tokens} tokens" if cg else "")
-        + f"), class labels, width {mc.hidden_size}, depth {mc.depth}, {mc.num_heads} heads, "
-        f"{mc.in_context_len} in-context tokens.",
-        f"- {args.steps} training steps per run, batch {cfg.train.batch_size}, AdamW lr {cfg.train.lr}, "
-        f"{len(names)} encodings x seeds {seeds}: the same data, data order, steps, batch, optimizer and seed for "
-        "every encoding (the seed changes initialisation and data order together). Only `model.pos_embed` differs.",
-        f"- Evaluation of the EMA weights at step {args.steps}: held-out v-loss at t = "
-        f"{', '.join(f'{t:g}' for t in rows[0]['vloss']['t'])} with fixed noise "
-        f"({rows[0]['vloss']['n_images']} held-out images); {cs0['n']} class-conditional samples "
-        f"({args.n_per_class} per class) and {rows[0].get('cond_samples', {}).get('n', 0)} condition-image samples, "
-        f"Heun {args.sample_steps} steps, CFG {rows[0]['sampling']['cfg']}.",
-        "- Mean ± sample standard deviation over the seeds (n per encoding: "
-        + ", ".join(f"`{n}` {k}" for n, k in n_seeds.items()) + ").",
-        f"- Machine: {machine}. Training wall time "
-        + ("-" if train_wall is None else f"{train_wall:.0f} min")
-        + f" ({args.jobs} runs at a time), evaluation {timing.get('eval', float('nan')) / 60:.0f} min, feature network "
-        f"{sanity['_featnet_seconds'] / 60:.0f} min (once, cached)."
-        + (" On this CPU the machine was shared with other jobs, so step times are only rough." if args.device == "cpu" else ""),
-        "",
-        "## Metrics",
-        "",
-        "- **FD-emoji**: Fréchet distance between the Gaussians fitted to the features of the samples and of the "
-        "training split, in a small CNN trained once on the emoji training split with category and vendor heads "
-        "(`jitrope/featnet.py`, cached under its config hash). The FID formula in another network: not comparable "
-        "with published FIDs. Lower is better; its floor at this sample count is the real images' value below.",
-        "- **class acc**: share of class-conditional samples that the feature network's category head assigns to "
-        "the asked class.",
-        "- **PSNR / SSIM**: condition-image samples (condition = the held-out image downsampled) against that "
-        "held-out image.",
-        "- **v-loss**: the training objective on held-out images at fixed t and noise, with the condition image "
-        "and with the null condition (class only).",
-        "",
-        "## Sanity checks of FD-emoji",
-        "",
-        "| check | value |",
-        "|---|---|",
-    ]
-    for k, v in sanity.items():
-        if not k.startswith("_"):
-            L.append(f"| {k} | {v:.4f} |")
-    # the same held-out images for every run: one value
-    L += [f"| real held-out images, {cs0.get('n_real', '-')} of them (the evaluation's floor) | "
-          f"{_get(rows[0], ('class_samples', 'fd_emoji_real')):.4f} |", ""]
-    first_last = []
-    for n in names:
-        rs = [r for r in rows if r["pos_embed"] == n and len(r["fd_vs_step"]["steps"]) > 1]
-        if rs:
-            a = mean_sd([r["fd_vs_step"]["fd_emoji"][0] for r in rs])[0]
-            b = mean_sd([r["fd_vs_step"]["fd_emoji"][-1] for r in rs])[0]
-            first_last.append(f"`{n}` {a:.3f} -> {b:.3f}")
-    if first_last:
-        s0, s1 = rows[0]["fd_vs_step"]["steps"][0], rows[0]["fd_vs_step"]["steps"][-1]
-        L += [f"FD-emoji as the models train (step {s0} -> {s1}, {args.step_n_per_class} samples per class, "
-              f"seeds {sorted({r['seed'] for r in rows if r['fd_vs_step']['steps']})}): " + ", ".join(first_last) + ".", ""]
-    L += ["## Results at the training resolution", "",
-          "| pos_embed | " + " | ".join(c[1] for c in METRIC_COLS) + " | params |",
-          "|---|" + "---|" * (len(METRIC_COLS) + 1)]
-    for n in names:
-        cells = [_pm(*mean_sd(per_encoding(rows, names, path)[n]), spec) for path, _, spec, _ in METRIC_COLS]
-        params = [r["params"] for r in rows if r["pos_embed"] == n][0]
-        L.append(f"| `{n}` | " + " | ".join(cells) + f" | {params / 1e6:.3f}M |")
-    L += [
-        f"| real held-out images | - | - | - | {_get(rows[0], ('class_samples', 'fd_emoji_real')):.3f} "
-        f"| {_get(rows[0], ('class_samples', 'class_acc_real')):.3f} | - | - | - | - |",
-        "",
-        f"![training loss]({files[0]}) ![metrics]({files[1]})",
-        "",
-        f"![FD-emoji vs step]({files[2]})",
-        "",
-    ]
-    if args.res_list:
-        tpx = mc.img_size
-        L += ["## Other resolutions", "",
-              f"Class-conditional samples ({args.res_n_per_class} per class, null condition) at grids the models never "
-              f"saw (runs of seeds {sorted(set(args.res_seeds_list) & set(seeds))}"
-              f"{'; one seed: no spread' if len(set(args.res_seeds_list) & set(seeds)) == 1 else ''}); FD-emoji and class accuracy after resizing to {tpx}x{tpx} for the feature network. "
-              "`extrapolate`: integer positions beyond the training range (RoPE, sin-cos; the factorized table's "
-              "untrained rows up to twice the training grid); `interpolate`: positions scaled into the training "
-              "range (RoPE and sin-cos coordinates, learned tables resampled). `learned1d` can only interpolate "
-              "(`model.pos_scaling=interpolate`). The training-grid column repeats the main table.", "",
-              "| pos_embed | scaling | " + " | ".join(f"{px // mc.patch_size}x{px // mc.patch_size}" + (" (train)" if px == tpx else "")
-                                                    for px in sorted({tpx, *args.res_list})) + " |",
-              "|---|---|" + "---|" * len({tpx, *args.res_list})]
-        for metric, spec in (("fd_emoji", ".3f"), ("class_acc", ".3f")):
-            L.append(f"| **{'FD-emoji' if metric == 'fd_emoji' else 'class acc'}** | |" + " |" * len({tpx, *args.res_list}))
-            for n in names:
-                for scaling in ("extrapolate", "interpolate"):
-                    cells = []
-                    for px in sorted({tpx, *args.res_list}):
-                        vals = [v for v in (_res_value(r, px, scaling, metric, tpx) for r in rows if r["pos_embed"] == n) if v is not None]
-                        cells.append(_pm(*mean_sd(vals), spec) if vals else "n/a")
-                    L.append(f"| `{n}` | {scaling} | " + " | ".join(cells) + " |")
-        L += ["", f"![metric vs resolution]({files[3]})", "",
-              f"Samples of seed {args.seed_list[0]} (rows: classes; same noise for every encoding):", "",
-              f"![samples]({files[4]})", ""]
-    L += ["## Conclusion", "", "Mechanical reading of the tables (best mean; an encoding differs only when the gap is "
-          "larger than twice the combined seed spread; with few seeds that spread is itself a rough estimate, so "
-          "read \"clearly\" as indicative):", ""]
-    tally = {n: [] for n in names}
-    for path, head, spec, lower in METRIC_COLS[:7]:
-        L.append("- " + verdict(rows, names, path, lower, spec, head))
-        for n in top_group(rows, names, path, lower):
-            tally[n].append(head)
-    if args.res_list:
-        big = max(args.res_list)
-        for scaling in ("extrapolate", "interpolate"):
-            sub = []
-            for r in rows:
-                v = _res_value(r, big, scaling, "fd_emoji", mc.img_size)
-                if v is not None:
-                    sub.append({"pos_embed": r["pos_embed"], "x": v})
-            if sub:
-                L.append("- " + verdict(sub, names, ("x",), True, ".3f",
-                                        f"FD-emoji at {big // mc.patch_size}x{big // mc.patch_size}, {scaling}"))
-    L += ["", "Training-resolution metrics (of " + str(len(METRIC_COLS[:7])) + ") on which each encoding is the best or "
-          "within noise of the best: " + "; ".join(f"`{n}` {len(v)}" for n, v in sorted(tally.items(), key=lambda kv: -len(kv[1])))
-          + "."]
-    L += [""]
-    if args.device == "cpu":
-        epochs = args.steps * cfg.train.batch_size / max(1, rows[0]["featnet"].get("n_train", 1))
-        if epochs < 5:
-            L += [f"Budget: {args.steps} steps of batch {cfg.train.batch_size} are {epochs:.1f} passes over the "
-                  "training split: the models are early in training (see the sample grids), so these tables compare "
-                  "how fast each encoding learns, not where it ends up.", ""]
-        L += ["Step times were measured on a CPU shared with other jobs; their spread is that of the machine's load.", ""]
-        L += [f"Scale: these numbers are at {mc.img_size}x{mc.img_size} ({gh}x{gh} grid, {gh * gh} -> {tokens} tokens) "
-              f"after {args.steps} steps on a CPU. The problem statement's 64x64 setting (16x16 grid, 256 -> 320 tokens) "
-              "is `python scripts/ablate_posenc.py --scale seed --report docs/results.md` (config "
-              "`configs/emoji64_ablate.yaml`, 3 seeds, sized for <= 9 minutes on one H100/H200); CI runs that script "
-              "at a tiny scale on the CPU, but it has not been run on a GPU yet: the GPU run is still owed.", ""]
-    L += ["## Reproduce", "", "```", "python scripts/prepare_data.py            # emoji, once", cmd.strip(),
-          "```", "", "Stages can be run one by one (`--stage train|eval|report`); every stage resumes. Runs, logs and "
-          f"checkpoints are in `{args.out_dir}/seed<k>/<encoding>/`; every run's metrics in `{out.with_suffix('.json').name}`."]
-    if (ROOT / "docs" / "results_2000steps_seed0.json").exists() and out.resolve().parent == ROOT / "docs":
-        L += _previous_section()
-    out.write_text("\n".join(L) + "\n")
-    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    out.with_suffix(".json").write_text(json.dumps({"runs": clean, "fd_sanity": sanity, "timing": timing}, indent=1))
+    px = mc.img_size
+    trained = {g: [(s, s) for s in regime_sizes(g, px, mc.patch_size)] for g in args.regime_list}
+    tokens = cfg.train.batch_size * (px // mc.patch_size) ** 2
+
+    def about(g):
+        text = ", ".join(f"{s}²" for s in regime_sizes(g, px, mc.patch_size))
+        return REGIMES[g]["about"].format(px=px, sizes_text=text, tokens=tokens)
+
+    timing = dict(timing)
+    walls = [r.get("train_wall_s") for r in rows if r.get("train_wall_s")]
+    if walls:
+        timing["train"] = sum(walls)
+    rel = Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config
+    seed_cmd = "python scripts/ablate_posenc.py --scale seed --report docs/results.md"
+    return PageInfo(
+        command=command, config=str(rel), img_size=px, patch_size=mc.patch_size, cond_img_size=mc.cond_img_size,
+        width=mc.hidden_size, depth=mc.depth, heads=mc.num_heads, in_context=mc.in_context_len, steps=args.steps,
+        batch=cfg.train.batch_size, lr=cfg.train.lr, names=args.names, n_per_class=args.n_per_class,
+        sample_steps=args.sample_steps, step_n_per_class=args.step_n_per_class, res_n_per_class=args.res_n_per_class,
+        machine=machine(), device=args.device, jobs=args.jobs, out_dir=args.out_dir,
+        regimes={g: about(g) for g in args.regime_list}, trained_sizes=trained,
+        study_sizes=[(p, p) for p in args.res_list] + list(args.hw_list), timing=timing,
+        gpu_run=seed_cmd, gpu_done=args.scale == "seed" and args.device == "cuda", earlier_label=_earlier_label(args),
+        reproduce=["python scripts/prepare_data.py            # emoji, once", command])
 
 
-def _previous_section() -> List[str]:
-    """The earlier single-seed, 2000-step CPU ablation (formerly docs/ablation.md), from its JSON."""
-    prev = json.loads((ROOT / "docs" / "results_2000steps_seed0.json").read_text())
-    L = ["", "## Earlier run: 2000 steps, one seed", "",
-         "The first ablation (`python scripts/ablate_posenc.py --steps 2000` of the time, one seed, config "
-         "`emoji32_cpu.yaml`; formerly `docs/ablation.md`), kept for its longer training. NN class acc: share of "
-         "samples whose nearest training image (pixel L2) has the asked class.", "",
-         "| pos_embed | held-out v-loss | v-loss, null cond | NN class acc | cond RMS |", "|---|---|---|---|---|"]
-    for r in prev:
-        L.append(f"| `{r['pos_embed']}` | {r['vloss']['mean']:.4f} | {r['vloss_null_cond']['mean']:.4f} | "
-                 f"{r['class_samples']['nn_class_acc']:.3f} | {r['cond_samples']['cond_rms']:.3f} |")
-    return L + [""]
+def _earlier_label(args) -> str:
+    if not args.earlier:
+        return ""
+    runs = json.loads((ROOT / args.earlier).read_text())["runs"]
+    steps = sorted({r["step"] for r in runs})
+    return f"{'/'.join(map(str, steps))} steps, {len({r['seed'] for r in runs})} seeds"
 
 
+def report(args, timing: Dict) -> Path:
+    from jitrope.eval.report import write_results_page
+
+    out = Path(args.report) if args.report else Path(args.out_dir) / "results.md"
+    command = "python scripts/ablate_posenc.py " + " ".join(args.argv)
+    if args.from_json:
+        d = json.loads(Path(args.from_json).read_text())
+        rows, sanity, timing = d["runs"], d["fd_sanity"], d.get("timing", {})
+    else:
+        rows = collect(args)
+        sanity = fd_sanity(args) if rows else {}
+    if not any(r.get("regime", "single") == "single" and "vloss" in r for r in rows):
+        raise RuntimeError("no evaluated run to report; run --stage train and --stage eval first")
+    earlier = [r for r in json.loads((ROOT / args.earlier).read_text())["runs"] if r["pos_embed"] not in args.names] \
+        if args.earlier else []
+    prev_file = ROOT / "docs" / "results_2000steps_seed0.json"
+    in_docs = out.resolve().parent == ROOT / "docs"
+    previous = json.loads(prev_file.read_text()) if prev_file.exists() and in_docs else None
+    return write_results_page(rows, page_info(args, rows, timing, command=command), out, sanity=sanity,
+                              earlier=earlier, previous=previous)
+
+
+# ----------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if not Path(args.config).exists():
         print(f"error: --config {args.config} does not exist", file=sys.stderr)
         return 2
-    jobs = [(n, s) for s in args.seed_list for n in args.names]  # seed by seed: a cut-short ablation has whole seeds
+    from jitrope.config import ConfigError
+
+    jobs = regime_runs(args)
+    if args.plan:
+        print(f"{len(jobs)} runs ({', '.join(f'{g}: {sum(1 for j in jobs if j[2] == g)}' for g in args.regime_list)}) "
+              f"of {args.steps} steps, {args.jobs} at a time; time on a 2-core CPU:")
+        print(estimate_text({**vars(args), "encodings": ",".join(args.names), "config": args.config}))
+        return 0
+    if args.from_json is not None:  # a page from a results JSON alone: no run folder is touched
+        try:
+            out = report(args, {})
+        except (RuntimeError, OSError, KeyError, ValueError) as e:
+            print(f"error: --from-json {args.from_json}: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} (and {out.with_suffix('.json').name}, {out.stem}_*.png beside it)")
+        return 0
+    try:
+        check_regimes(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     failures: List[str] = []
     t_all = time.perf_counter()
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     timing_file = Path(args.out_dir) / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     print(f"ablation ({args.scale}): {len(args.names)} encodings x seeds {args.seed_list} x {args.steps} steps, "
-          f"{args.jobs} at a time on {args.device}, runs in {args.out_dir}", flush=True)
-    # Every run's main evaluation comes before the FD-vs-step ones, so a cut-short evaluation
-    # still has the tables.
-    for stage, fns in (("train", [train_one]), ("eval", [eval_final, eval_steps])):
+          f"regimes {args.regime_list}, {args.jobs} at a time on {args.device}, runs in {args.out_dir}", flush=True)
+    # The main evaluations come before FD vs step and the every-size study, so a cut-short
+    # evaluation still has the tables.
+    for stage, fns in (("train", [train_one]), ("eval", [eval_final, eval_steps, eval_sizes])):
         if args.stage not in (stage, "all"):
             continue
         if stage == "eval":
             from jitrope.config import load_config
-            from jitrope.featnet import load_or_train_featnet
+            from jitrope.eval.featnet import load_or_train_featnet
 
             # train the feature network once, here, before parallel evaluations would race for it
             load_or_train_featnet(load_config(args.config, list(args.overrides)).data, device=args.device)
         t0 = time.perf_counter()
         bar = tqdm(total=len(jobs) * len(fns), desc=stage, unit="job")
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {pool.submit(fn, args, n, s): (n, s) for fn in fns for n, s in jobs}
+            futures = {pool.submit(fn, args, n, s, g): (fn.__name__, n, s, g) for fn in fns for n, s, g in jobs}
             for fut in as_completed(futures):
-                n, s = futures[fut]
+                what, n, s, g = futures[fut]
                 try:
-                    bar.write(f"{stage} {n} seed {s}: {fut.result() / 60:.1f} min")
+                    spent = fut.result()
+                    if spent:
+                        bar.write(f"{what} {n} seed {s} ({g}): {spent / 60:.1f} min")
                 except RuntimeError as e:
                     failures.append(str(e))
                     bar.write(str(e))
                 bar.update(1)
         bar.close()
-        if stage == "eval":  # training time comes from the checkpoints (it may span several calls)
+        if stage == "eval":  # training time comes from the runs' metrics.jsonl (it may span several calls)
             timing[stage] = round(timing.get(stage, 0.0) + time.perf_counter() - t0, 1)
             timing_file.write_text(json.dumps(timing, indent=2))
         if failures:
             break
     if args.stage in ("report", "all") and not failures:
-        rows = collect(args)
-        if not rows:
-            print("error: no evaluated run to report; run --stage train and --stage eval first", file=sys.stderr)
+        try:
+            out = report(args, timing)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 1
-        out = Path(args.report) if args.report else Path(args.out_dir) / "results.md"
-        write_report(rows, args, out, timing=timing, machine=machine())
         print(f"wrote {out} (and {out.with_suffix('.json').name}, {out.stem}_*.png beside it)")
     for f in failures:
         print(f"error: {f}", file=sys.stderr)

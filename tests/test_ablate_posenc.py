@@ -1,16 +1,21 @@
-"""scripts/ablate_posenc.py on a 2-step budget: the GPU (--scale seed) script run at a tiny scale on
-the CPU through every stage (train, eval with FD-emoji / class accuracy / PSNR / resolution study,
-report with tables, plots and sample grids); a second call resumes everything instead of
-training or evaluating again; the seed config is the problem statement's 256 -> 320 tokens;
-bad arguments are refused."""
+"""scripts/ablate_posenc.py, the whole pipeline at a tiny scale: the issue-17 study design (--scale study)
+on the tiny config, 2 steps, through every stage (train with metrics.jsonl, the main evaluation,
+FD-emoji vs step, the every-size study at square and non-square sizes under every scaling mode, the
+report with tables, plots, sample grids and the answer); a second call resumes everything instead of
+training or evaluating again; the mixed regime names the config keys it needs where they are missing;
+the existing results JSON still makes a page; the presets are the issue's and the problem statement's
+settings; bad arguments are refused."""
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from jitrope.config import DataConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+HAS_MIXED = "sizes" in DataConfig.__dataclass_fields__  # packed mixed-size training (data.sizes) is there
 
 
 def _load():
@@ -20,35 +25,57 @@ def _load():
     return mod
 
 
-def test_seed_scale_script_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypatch):
+def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("JITROPE_DATA", str(tmp_path / "cache"))  # the feature network of the synthetic data goes here
     ab = _load()
     out = tmp_path / "page" / "results.md"
-    argv = ["--scale", "seed", "--config", TINY, "--device", "cpu", "--steps", "2", "--ckpt-every", "1",
-            "--log-every", "1", "--encodings", "learned1d,rope2d", "--seeds", "0", "--jobs", "2",
-            "--out-dir", str(tmp_path / "runs"), "--report", str(out), "--n-per-class", "2", "--n-cond", "2",
-            "--max-images", "8", "--sample-steps", "2", "--res-px", "8,24", "--res-n-per-class", "1",
-            "--step-n-per-class", "2"]
+    regimes = "single,mixed" if HAS_MIXED else "single"
+    argv = ["--scale", "study", "--config", TINY, "--device", "cpu", "--steps", "2", "--ckpt-every", "1",
+            "--log-every", "1", "--encodings", "learned1d,rope2d", "--seeds", "0,1", "--res-seeds", "0", "--jobs", "2",
+            "--out-dir", str(tmp_path / "runs"), "--report", str(out), "--n-per-class", "1", "--n-cond", "2",
+            "--max-images", "8", "--res-max-images", "4", "--sample-steps", "1", "--t-grid", "0.3,0.7",
+            "--res-px", "8,16,24", "--res-hw", "8x16,24x16", "--res-n-per-class", "1", "--step-n-per-class", "1",
+            "--step-seeds", "0", "--regimes", regimes]
     assert ab.main(argv) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     rows = res["runs"]
-    assert [r["pos_embed"] for r in rows] == ["learned1d", "rope2d"]
-    for r in rows:
-        assert r["step"] == 2 and r["vloss"]["mean"] > 0 and r["params"] > 0 and r["step_ms"] > 0
+    main = [r for r in rows if r["regime"] == "single"]
+    assert [(r["pos_embed"], r["seed"]) for r in main] == [("learned1d", 0), ("rope2d", 0), ("learned1d", 1),
+                                                           ("rope2d", 1)]
+    for r in main:
+        assert r["step"] == 2 and r["vloss"]["mean"] > 0 and r["params"] > 0
+        assert r["step_ms"] > 0 and r["cpu_ms"] > 0 and r["train_wall_s"] > 0  # from metrics.jsonl
         assert r["class_samples"]["fd_emoji"] > 0 and 0 <= r["class_samples"]["class_acc"] <= 1
         assert r["cond_samples"]["psnr"] > 0 and -1 <= r["cond_samples"]["ssim"] <= 1
-        assert r["fd_vs_step"]["steps"] == [1, 2] and r["loss_curve"]["steps"] == [1, 2]
-        done = {(x["px"], x["scaling"]) for x in r["resolution"] if "fd_emoji" in x}
-        want = {(8, "interpolate"), (24, "interpolate")} | (set() if r["pos_embed"] == "learned1d" else {(8, "extrapolate"), (24, "extrapolate")})
-        assert done == want
+        assert r["fd_vs_step"]["steps"] == ([1, 2] if r["seed"] == 0 else []) and r["loss_curve"]["steps"] == [1, 2]
+        assert (Path(r["run"]) / "metrics.jsonl").is_file()
+    for r in rows:
+        if r["seed"] == 1:  # the every-size study runs for --res-seeds only
+            assert "resolution" not in r
+            continue
+        sizes = {tuple(x["hw"]) for x in r["resolution"]}
+        assert sizes == {(8, 8), (16, 16), (24, 24), (8, 16), (24, 16)}
+        done = {(tuple(x["hw"]), x["scaling"]) for x in r["resolution"] if "fd_emoji" in x}
+        if r["pos_embed"] == "learned1d":  # no extrapolation; ntk / yarn interpolate its table
+            assert done == {(hw, m) for hw in sizes for m in ("interpolate", "ntk", "yarn")}
+        else:
+            assert done == {(hw, m) for hw in sizes for m in ("extrapolate", "interpolate", "ntk", "yarn")}
+        assert all(x["vloss"] > 0 for x in r["resolution"] if "fd_emoji" in x)
+        grids = Path(r["grids"])
+        assert (grids / "px24_interpolate.png").is_file() and (grids / "px24x16_interpolate.png").is_file()
     # The encodings really differ: same seed and data, different held-out losses.
-    assert rows[0]["vloss"]["mean"] != rows[1]["vloss"]["mean"]
+    assert main[0]["vloss"]["mean"] != main[1]["vloss"]["mean"]
     assert res["fd_sanity"]["identical (training split vs itself)"] == pytest.approx(0, abs=1e-6)
     page = out.read_text()
-    for want in ("| `learned1d` |", "| `rope2d` |", "± ", "## Other resolutions", "## Sanity checks of FD-emoji",
-                 "## Conclusion", "the GPU run is still owed", "python scripts/ablate_posenc.py --scale seed"):
-        assert want in page
-    for name in ("loss", "bars", "fd_steps", "resolution", "samples"):
+    for want in ("| `learned1d` |", "| `rope2d` |", "± ", "## Sanity checks of FD-emoji",
+                 "## FD-emoji as training goes on",
+                 "## Every size: one model for many image sizes", "| 8x16 |", "24x16", "### v-loss / oracle",
+                 "`sincos2d` (300 steps, 2 seeds)", "`rope2d_mixed` (300 steps, 2 seeds)", "## Conclusion",
+                 "### Answer", "For one model across sizes", "the GPU run is still owed",
+                 "python scripts/ablate_posenc.py --scale study"):
+        assert want in page, want
+    for name in ("loss", "bars", "fd_steps", "size_fd_emoji", "size_class_acc", "size_vloss", "size_vloss_ratio",
+                 "size_samples"):
         assert (out.parent / f"results_{name}.png").stat().st_size > 1000
         assert f"results_{name}.png" in page
     # Second call: every run has its step-2 checkpoint and evaluations, so nothing is trained or evaluated again.
@@ -57,7 +84,34 @@ def test_seed_scale_script_on_a_tiny_budget_reports_and_resumes(tmp_path, monkey
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.log")} == logs
 
 
-def test_seed_scale_is_the_problem_statements_setting():
+@pytest.mark.skipif(HAS_MIXED, reason="this jitrope has packed mixed-size training: the pipeline test runs the regime")
+def test_mixed_regime_names_the_config_keys_it_needs(tmp_path, capsys):
+    ab = _load()
+    argv = ["--scale", "study", "--config", TINY, "--out-dir", str(tmp_path / "runs"), "--stage", "train"]
+    assert ab.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --regimes: the mixed regime") and err.count("\n") == 1
+    assert "data.sizes" in err and "train.tokens_per_batch" in err and "--regimes single" in err
+    assert not (tmp_path / "runs" / "mixed").exists()  # refused before any work
+
+
+def test_the_existing_results_json_still_makes_the_page(tmp_path):
+    """docs/results.json (the 300-step page) through the report alone: every number of its tables is there."""
+    ab = _load()
+    out = tmp_path / "p.md"
+    assert ab.main(["--stage", "report", "--from-json", str(ROOT / "docs" / "results.json"), "--report", str(out),
+                    "--out-dir", str(tmp_path / "runs")]) == 0
+    page = out.read_text()
+    old = (ROOT / "docs" / "results.md").read_text()
+    for row in [line for line in old.splitlines() if line.startswith("| `")][:6]:  # the main table's rows
+        cells = row.split(" | ")[:8]  # name and quality metrics (step times gained a CPU column since)
+        assert " | ".join(cells) in page, row
+    assert "rope2d_mixed | single | interpolate" in page and "## Every size" in page
+    for name in ("loss", "bars", "fd_steps", "size_fd_emoji", "size_samples"):
+        assert (tmp_path / f"p_{name}.png").is_file()
+
+
+def test_presets_are_the_issues_and_the_problem_statements_settings(capsys):
     ab = _load()
     args = ab.parse_args(["--scale", "seed"])
     assert args.seed_list == [0, 1, 2] and args.device == "cuda" and args.res_list == [48, 80, 96]
@@ -69,7 +123,21 @@ def test_seed_scale_is_the_problem_statements_setting():
     layout = JiT(mc).sequence_layout()
     assert layout.n_image == 256 and layout.n_image + layout.n_cond == 320
     cpu = ab.parse_args([])
-    assert cpu.scale == "cpu" and cpu.seed_list == [0, 1] and cpu.res_list == [24, 40, 48]
+    assert cpu.scale == "cpu" and cpu.seed_list == [0, 1] and cpu.res_list == [24, 40, 48] and cpu.steps == 300
+    study = ab.parse_args(["--scale", "study"])
+    assert study.names == ["learned1d", "factorized2d", "rope2d", "sincos2d+rope2d"]
+    assert study.seed_list == [0, 1, 2] and study.steps >= 2000 and study.res_seeds_list == [0, 1]
+    assert study.res_list == [16, 24, 32, 40, 48] and study.hw_list == [(32, 48), (48, 32)]
+    assert study.regime_list == ["single", "mixed"]
+    assert study.scaling_list == ["extrapolate", "interpolate", "ntk", "yarn"]
+    assert ab.regime_sizes("mixed", 32, 4) == [16, 32, 48] and ab.regime_sizes("single", 32, 4) == [32]
+    earlier = json.loads((ROOT / study.earlier).read_text())["runs"]
+    assert {r["pos_embed"] for r in earlier} - set(study.names) == {"sincos2d", "rope2d_mixed"}
+    assert all(r["step"] == 300 for r in earlier)
+    # --plan: the runs and the time estimate, nothing run
+    assert ab.main(["--scale", "study", "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "20 runs (single: 12, mixed: 8) of 2000 steps" in text and "s/step (measured)" in text and " h" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -77,6 +145,11 @@ def test_seed_scale_is_the_problem_statements_setting():
     (["--steps", "0"], "--steps must be >= 1"),
     (["--seeds", "0,0"], "--seeds: give distinct integers"),
     (["--res-px", "a"], "want comma-separated integers"),
+    (["--res-hw", "32x"], "--res-hw wants comma-separated sizes HxW"),
+    (["--scalings", "ntk,rope"], "--scalings: comma-separated modes of"),
+    (["--regimes", "mixed"], "'single' first"),
+    (["--regimes", "single,packed"], "--regimes: comma-separated names of"),
+    (["--from-json", "x.json"], "use it with --stage report"),
     (["model.pos_embed=rope2d"], "the ablation sets model.pos_embed itself"),
     (["train.seed=3"], "the ablation sets train.seed itself"),
     (["train.lr"], "is not dotted.key=value"),

@@ -156,6 +156,21 @@ def test_packed_train_step_compiles_once_for_every_size_mix(pos_impl):
             torch.testing.assert_close(grads_c[name], g_e, rtol=1e-4, atol=1e-6, msg=name)
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for {len(PACKED_MIXES)} size mixes"
 
+@pytest.mark.parametrize("pos_impl", IMPLS)
+@pytest.mark.parametrize("pos_embed, scaling", [("rope2d_mixed", "ntk"), ("sincos2d+rope2d", "yarn")])
+def test_frequency_scaling_at_another_size_compiles_fullgraph(pos_embed, scaling, pos_impl):
+    # ntk / yarn: the scaled frequencies are made in the graph, and yarn's temperature reaches SDPA as scale=.
+    model = make_model(pos_embed, pos_impl, cond=True).eval()
+    x, y, cond, cond_drop, t, _ = batch(model.cfg, 0, img=24, cond_img=12)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):
+            out = compiled(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling=scaling)
+            torch.testing.assert_close(out, model(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling=scaling),
+                                       rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
 
 @pytest.mark.slow
 def test_train_step_inductor():

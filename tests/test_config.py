@@ -120,6 +120,13 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("eval.num_threads=0", "config key eval.num_threads must be >= 1, got 0"),
         ("eval.res_px=[16,0]", "config key eval.res_px wants positive image sizes, got [16, 0]"),
         ("eval.res_px=[x]", "config key eval.res_px: a value could not be converted to Integer"),
+        ("eval.res_hw=[32x48,32x]", "config key eval.res_hw wants sizes HxW of positive integers (e.g. 32x48), "
+                                    "got '32x'"),
+        ("eval.res_hw=[-8x8]", "config key eval.res_hw wants sizes HxW"),
+        ("eval.res_scalings=[ntk,rope]", "config key eval.res_scalings wants a subset of ['extrapolate', "
+                                         "'interpolate', 'ntk', 'yarn'], got ['ntk', 'rope']"),
+        ("eval.res_scalings=[]", "config key eval.res_scalings wants a subset"),
+        ("model.pos_scaling=ntk-by-parts", "pos_scaling must be one of ['extrapolate', 'interpolate', 'ntk', 'yarn']"),
         ("eval.device=cuda:x", "config key eval.device: 'cuda:x' is not a device"),
     ],
 )

@@ -357,6 +357,21 @@ def test_resize_is_a_box_filter_for_integer_factors():
     assert resize_images(u8, 6).shape == (1, 3, 6, 6)
 
 
+def test_resize_non_square_batches_per_axis():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 4, generator=g)
+    # the same integer factor on both axes: still whole blocks
+    torch.testing.assert_close(resize_images(x, (4, 2)), torch.nn.functional.avg_pool2d(x, 2))
+    # to a square (the feature network's size): the tall sample is squeezed, not cropped
+    sq = resize_images(x, 4)
+    assert sq.shape == (2, 3, 4, 4)
+    want = torch.nn.functional.interpolate(x, size=(4, 4), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(sq, want)
+    assert resize_images(x, (8, 4)) is x
+    u8 = torch.full((1, 3, 6, 12), 77, dtype=torch.uint8)
+    assert torch.equal(resize_images(u8, (9, 6)), torch.full((1, 3, 9, 6), 77, dtype=torch.uint8))
+
+
 def test_index_stream_is_deterministic_resumable_and_sharded():
     a = IndexStream(10, seed=3)
     seq = [a.next(4) for _ in range(6)]  # crosses epochs

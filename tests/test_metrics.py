@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from jitrope.config import DataConfig, DiffusionConfig
-from jitrope.data import build_dataset, to_float
+from jitrope.data import BatchMaker, build_dataset, to_float
 from jitrope.diffusion import Diffusion
 from jitrope.eval import evaluate as ev
 from jitrope.eval.featnet import FeatNetConfig, featnet_path, load_or_train_featnet
@@ -179,22 +179,94 @@ def test_resolution_sampler_at_two_unseen_grids(synth, pos_embed):
                 "class_acc": float((pred == asked).float().mean())}
 
     kw = dict(steps=2, sampler="euler", cfg=2.0, cfg_interval=(0.1, 1.0), batch_size=32, device="cpu")
+    vl_calls = []
+
+    def vloss(hw):
+        vl_calls.append((hw, model.cfg.pos_scaling))
+        return {"mean": float(hw[0] + len(vl_calls)), "per_t": [1.0]}
+
     rows = ev.resolution_study(model, Diffusion.from_config(DiffusionConfig()), kw, [8, 24], n_per_class=2, seed=0,
-                               judge=judge, log=lambda *a: None)
-    assert [(r["px"], r["grid"], r["scaling"]) for r in rows] == [
-        (8, 2, "extrapolate"), (8, 2, "interpolate"), (24, 6, "extrapolate"), (24, 6, "interpolate")]
-    for r in rows:
-        if pos_embed == "learned1d" and r["scaling"] == "extrapolate":
+                               judge=judge, log=lambda *a: None, vloss=vloss)
+    modes = ["extrapolate", "interpolate", "ntk", "yarn"]
+    assert [(r["px"], r["grid"], r["scaling"]) for r in rows] == [(px, px // 4, m) for px in (8, 24) for m in modes]
+    assert all(r["hw"] == [r["px"]] * 2 and r["grid_hw"] == [r["grid"]] * 2 for r in rows)
+    rotary = pos_embed in ("rope2d", "rope2d_mixed", "sincos2d+rope2d")
+    # which modes give samples of their own; the others repeat an earlier mode's numbers (same_as)
+    same = {}
+    for px in (8, 24):
+        if not rotary:  # tables interpolate under ntk / yarn
+            same[px, "ntk"] = same[px, "yarn"] = "interpolate"
+        elif px == 8 and pos_embed == "sincos2d+rope2d":  # table interpolated, RoPE untouched on a smaller grid
+            same[px, "yarn"] = "ntk"
+        elif px == 8:  # a smaller grid: ntk and yarn change no frequency
+            same[px, "ntk"] = same[px, "yarn"] = "extrapolate"
+    by = {(r["px"], r["scaling"]): r for r in rows}
+    for (px, m), r in by.items():
+        if pos_embed == "learned1d" and m == "extrapolate":
             assert "no slots beyond its training grid" in r["skipped"]
-        else:
-            assert "skipped" not in r and math.isfinite(r["fd_emoji"]) and r["n"] == 18 and 0 <= r["class_acc"] <= 1
+            continue
+        assert "skipped" not in r and math.isfinite(r["fd_emoji"]) and r["n"] == 18 and 0 <= r["class_acc"] <= 1
+        assert r.get("same_as") == same.get((px, m)), (px, m)
+        if "same_as" in r:
+            src = by[px, r["same_as"]]
+            assert (r["fd_emoji"], r["class_acc"], r["vloss"]) == (src["fd_emoji"], src["class_acc"], src["vloss"])
+    # the v-loss ran once per measured record, at its size and under its scaling
+    assert vl_calls == [((r["px"], r["px"]), r["scaling"]) for r in rows if "n" in r and "same_as" not in r]
     assert model.cfg.pos_scaling == "extrapolate"  # restored after the study
     if pos_embed in ("rope2d", "sincos2d", "factorized2d"):  # the two placements are really different samples
-        assert rows[2]["fd_emoji"] != rows[3]["fd_emoji"]
+        assert rows[4]["fd_emoji"] != rows[5]["fd_emoji"]
+    if rotary:  # ntk and yarn too, on a larger grid
+        assert len({by[24, m]["fd_emoji"] for m in modes}) == 4
     # The factorized table only reaches twice the training grid.
     if pos_embed == "factorized2d":
         why = ev.resolution_scalings(model, 4 * 10)  # a 10x10 grid
         assert "exceeds the factorized table" in why["extrapolate"] and why["interpolate"] is None
+
+
+def test_resolution_study_at_non_square_sizes_with_held_out_vloss(synth):
+    """A wide and a tall size (rows x columns): per-axis scaling, the samples squeezed to the feature
+    network's square, and the held-out v-loss on held-out images resized to each size."""
+    torch.manual_seed(0)
+    cfg = JiTConfig.preset("tiny", pos_embed="rope2d", pos_impl="torch", cond_img_size=8, num_classes=9)
+    model = JiT(cfg).eval()
+    with torch.no_grad():  # zero-init output layers would make every placement give the same numbers
+        for p in model.final_layer.parameters():
+            p.normal_(0, 0.05)
+        for b in model.blocks:
+            b.adaLN_modulation[-1].weight.normal_(0, 0.05)
+    net, extra = synth["net"], synth["extra"]
+    shapes = []
+
+    def judge(x, asked):
+        shapes.append(tuple(x.shape[-2:]))
+        f, pred = net.embed(x)
+        return {"fd_emoji": frechet_distance(*gaussian_stats(f), extra["train_mu"], extra["train_sigma"]),
+                "class_acc": float((pred == asked).float().mean())}
+
+    ds = build_dataset(synth["dcfg"], "val")
+    maker = BatchMaker(ds, cond="downsample", cond_size=8)
+    diff = Diffusion.from_config(DiffusionConfig())
+
+    def vloss(hw):
+        return ev.heldout_vloss(model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu",
+                                img_size=hw)
+
+    kw = dict(steps=2, sampler="euler", cfg=2.0, cfg_interval=(0.1, 1.0), batch_size=32, device="cpu")
+    rows = ev.resolution_study(model, diff, kw, [(16, 24), (24, 16)], n_per_class=1, seed=0, judge=judge,
+                               log=lambda *a: None, scalings=("extrapolate", "ntk", "yarn"), vloss=vloss)
+    assert [(r["hw"], r["grid_hw"], r["scaling"]) for r in rows] == [
+        ([16, 24], [4, 6], "extrapolate"), ([16, 24], [4, 6], "ntk"), ([16, 24], [4, 6], "yarn"),
+        ([24, 16], [6, 4], "extrapolate"), ([24, 16], [6, 4], "ntk"), ([24, 16], [6, 4], "yarn")]
+    assert shapes == [(16, 24)] * 3 + [(24, 16)] * 3 and all("px" not in r for r in rows)
+    assert all(r["vloss"] > 0 and len(r["vloss_per_t"]) == 2 for r in rows)
+    assert len({r["vloss"] for r in rows}) == 6  # every placement is its own model of the same images
+    at_train = ev.heldout_vloss(model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu",
+                                img_size=(16, 16))
+    model.cfg.pos_scaling = "yarn"  # at the training size every mode is the plain model
+    again = ev.heldout_vloss(model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu",
+                             img_size=16)
+    model.cfg.pos_scaling = "extrapolate"
+    assert again["per_t"] == at_train["per_t"]
 
 
 def test_inception_fid_errors_name_the_file_and_the_package(tmp_path):

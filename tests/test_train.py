@@ -44,6 +44,53 @@ def test_resume_is_bit_exact(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [10, 20]  # keep_last: 2
 
 
+def test_metrics_jsonl_has_a_record_per_log_step_and_resume_drops_the_records_beyond_the_checkpoint(tmp_path):
+    import json
+    import shutil
+
+    from jitrope.runlog import read_metrics, truncate_metrics
+
+    quiet = dict(log=lambda *a, **k: None)
+    extra = ("train.log_every=2", "train.ckpt_every=5")
+    T.train(_cfg(tmp_path / "straight", "train.steps=10", *extra), **quiet)
+    straight = read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in straight] == [2, 4, 6, 8, 10]
+    keys = {"step", "loss", "lr", "grad_norm", "images_per_s", "interval_steps", "wall_s", "cpu_s", "time", "startup"}
+    assert all(set(r) == keys for r in straight)
+    assert [r["startup"] for r in straight] == [True, False, False, False, False]
+    assert all(r["images_per_s"] > 0 and r["interval_steps"] == 2 for r in straight)
+    assert [r["lr"] for r in straight] == [T.lr_at(_cfg(tmp_path), s - 1) for s in (2, 4, 6, 8, 10)]
+    walls = [r["wall_s"] for r in straight]
+    assert walls == sorted(walls) and walls[0] > 0
+    # A crash after step 8: its checkpoint never written, a torn half line at the end of the file.
+    run = tmp_path / "crashed"
+    T.train(_cfg(run, "train.steps=8", *extra), **quiet)
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 0.5')
+    assert [r["step"] for r in read_metrics(run)] == [2, 4, 6, 8]  # readers skip the torn line
+    T.train(_cfg(run, "train.steps=10", *extra), resume=True, **quiet)  # resumes from step 5
+    resumed = read_metrics(run)
+    assert [r["step"] for r in resumed] == [2, 4, 6, 8, 10]  # 6 and 8 once each: those of the second run
+    assert [r["startup"] for r in resumed] == [True, False, True, False, False]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(x)["step"] for x in lines)
+    # bit-exact resume: the same losses as the straight run (the interval 5..6 is one step, not two)
+    for a, b in zip(straight, resumed):
+        if b["step"] != 6:
+            assert a["loss"] == b["loss"], a["step"]
+    assert resumed[2]["interval_steps"] == 1
+    assert resumed[2]["wall_s"] > resumed[1]["wall_s"]  # the clocks continue from the kept records
+    assert resumed[2]["cpu_s"] > resumed[1]["cpu_s"]
+    # truncation keeps whole records only, and leaves a consistent file untouched
+    before = (run / "metrics.jsonl").stat().st_mtime_ns
+    assert [r["step"] for r in truncate_metrics(run, 10)] == [2, 4, 6, 8, 10]
+    assert (run / "metrics.jsonl").stat().st_mtime_ns == before
+    assert [r["step"] for r in truncate_metrics(run / "metrics.jsonl", 7)] == [2, 4, 6]
+    assert [r["step"] for r in read_metrics(run)] == [2, 4, 6]
+    assert truncate_metrics(tmp_path / "none", 3) == []
+
+
 class Evil:
     """Unpickling this would run code from the test module: weights_only refuses it."""
 

@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .diffusion import SAMPLERS, SHIFTS
 from .fileio import atomic_write_text
+from .rope import SCALING_MODES
 
 __all__ = [
     "ConfigError",
@@ -40,6 +41,7 @@ __all__ = [
     "SampleConfig",
     "EvalConfig",
     "EVAL_METRICS",
+    "parse_hw",
     "load_config",
     "config_from_dict",
     "parse_overrides",
@@ -151,8 +153,11 @@ class EvalConfig:
     batch_size: int = 64
     seed: int = 0
     featnet: Optional[str] = "auto"  # auto (cached, trained once if missing) | a .safetensors file | none
-    res_px: Tuple[int, ...] = ()  # image sizes of the resolution study; empty: none
-    res_n_per_class: int = 4  # samples per class at each size of res_px
+    res_px: Tuple[int, ...] = ()  # square image sizes of the resolution study; empty: none
+    res_hw: Tuple[str, ...] = ()  # and sizes "HxW" (non-square ones, e.g. "32x48": 32 rows, 48 columns)
+    res_scalings: Tuple[str, ...] = SCALING_MODES  # pos_scaling modes tried at each size (where they apply)
+    res_vloss: bool = True  # the resolution study also measures the held-out v-loss at each size and mode
+    res_n_per_class: int = 4  # samples per class at each size of res_px / res_hw
     grids: Optional[str] = None  # folder for sample grid PNGs
     fid_inception: Optional[str] = None  # Inception weights file: adds the standard FID (torch-fidelity)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -495,9 +500,29 @@ def _check_sample_eval(cfg: Config) -> None:
         raise ConfigError(f"config key eval.metrics wants a subset of {list(EVAL_METRICS)}, got {list(e.metrics)}")
     if any(px < 1 for px in e.res_px):
         raise ConfigError(f"config key eval.res_px wants positive image sizes, got {list(e.res_px)}")
-    if e.res_px and "res" in e.metrics and e.featnet in (None, "none"):
+    for hw in e.res_hw:
+        parse_hw(hw, "eval.res_hw")
+    bad = [m for m in e.res_scalings if m not in SCALING_MODES]
+    if not e.res_scalings or bad or len(set(e.res_scalings)) != len(e.res_scalings):
+        raise ConfigError(f"config key eval.res_scalings wants a subset of {list(SCALING_MODES)}, "
+                          f"got {list(e.res_scalings)}")
+    if (e.res_px or e.res_hw) and "res" in e.metrics and e.featnet in (None, "none"):
         raise ConfigError("config key eval.res_px: the resolution study needs the feature network "
                           "(eval.featnet auto or a file), not none")
+
+
+def parse_hw(text, key: str = "size") -> Tuple[int, int]:
+    """``"32x48"`` (rows x columns) or ``"32"`` (square) -> ``(32, 48)``; a ConfigError names ``key``."""
+    parts = str(text).lower().split("x")
+    try:
+        hw = tuple(int(p) for p in parts)
+    except ValueError:
+        hw = ()
+    if len(hw) == 1:
+        hw = (hw[0], hw[0])
+    if len(hw) != 2 or min(hw) < 1:
+        raise ConfigError(f"config key {key} wants sizes HxW of positive integers (e.g. 32x48), got {text!r}")
+    return hw
 
 
 def _stored_layer(d: Mapping[str, Any]) -> Dict[str, Any]:

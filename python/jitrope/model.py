@@ -81,7 +81,8 @@ class JiTConfig:
 
     Positional encoding: ``pos_embed`` (SPEC §5: learned1d | sincos2d | factorized2d | rope2d |
     rope2d_mixed | sincos2d+rope2d), ``pos_impl`` (fused | torch), ``pos_scaling`` (how grids other
-    than the training one are placed: extrapolate | interpolate), ``pos_max_grid`` /
+    than the training one are placed, per axis: extrapolate | interpolate | ntk | yarn; ntk and yarn
+    scale RoPE frequencies, tables interpolate under them: :mod:`jitrope.rope`), ``pos_max_grid`` /
     ``pos_max_cond_grid`` (factorized2d table sizes; default twice the training grids).
     Condition image: ``cond_img_size`` (None = none), its patch size (default ``patch_size``) and
     bottleneck, ``null_cond`` (learned | zeros). ``attn_impl``: sdpa (``F.scaled_dot_product_attention``)
@@ -330,10 +331,11 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-def attention_fp32(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """The official JiT attention: logits and softmax in float32 outside autocast (stabler in bf16)."""
+def attention_fp32(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: Optional[float] = None) -> Tensor:
+    """The official JiT attention: logits and softmax in float32 outside autocast (stabler in bf16).
+    ``scale``: the factor on ``q.k`` (SDPA's meaning; None: ``1/sqrt(head_dim)``)."""
     with torch.autocast(device_type=q.device.type, enabled=False):
-        logits = (q.float() @ k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        logits = (q.float() @ k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
         attn = logits.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p, training=True)
@@ -375,10 +377,11 @@ class Attention(nn.Module):
                                    layout.cu_seqlens, layout.max_seqlen, impl=self.packed_attn, dropout_p=p,
                                    fp32_logits=self.attn_impl == "fp32", check=False)  # [T, H, D]
             return self.proj_drop(self.proj(out.reshape(1, N, C)))
+        scale = pos.attn_scale(layout, self.head_dim)  # None but for YaRN's temperature on a larger grid
         if self.attn_impl == "fp32":
-            out = attention_fp32(q, k, v, dropout_p=p)
+            out = attention_fp32(q, k, v, dropout_p=p, scale=scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
 

@@ -179,7 +179,11 @@ class PackedLayout:
         sizes (default: the largest grids). Errors name the argument.
         """
         if scaling not in ("extrapolate", "interpolate"):
-            raise ValueError(f"scaling must be 'extrapolate' or 'interpolate', got {scaling!r}")
+            raise ValueError(
+                f"scaling (pos_scaling) of a packed batch must be 'extrapolate' or 'interpolate', got {scaling!r}: "
+                "ntk / yarn scale the RoPE frequencies per image, which a packed batch would need per sequence "
+                "(rope2d's freqs_index); use them on batched calls (model(x, ...), jitrope-sample --img-size)"
+            )
         img_grids = tuple(_grid(g, f"img_grids[{s}]") for s, g in enumerate(img_grids))
         S = len(img_grids)
         if S == 0:

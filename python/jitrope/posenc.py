@@ -15,11 +15,15 @@ RoPE). The geometry of a call (grids, prefix, resize mode) travels in a :class:`
 
 Condition tokens carry real 2D positions under every encoding: aligned grid centres for RoPE and
 sin-cos (``rope.sequence_coords``), their own row/column tables for ``factorized2d``, their own
-slots for ``learned1d``. Other grid sizes than the training one follow ``SeqLayout.scaling``:
-``"extrapolate"`` uses integer positions beyond the training range (RoPE, sin-cos; ``factorized2d``
-up to its table size), ``"interpolate"`` maps the new grid onto the training range (RoPE and sin-cos
-at fractional coordinates, learned tables resampled bilinearly). ``learned1d`` cannot extrapolate
-and says so.
+slots for ``learned1d``. Other grid sizes than the training one follow ``SeqLayout.scaling``
+(:data:`jitrope.rope.SCALING_MODES`, per axis): ``"extrapolate"`` uses integer positions beyond the
+training range (RoPE, sin-cos; ``factorized2d`` up to its table size), ``"interpolate"`` maps the new
+grid onto the training range (RoPE and sin-cos at fractional coordinates, learned tables resampled
+bilinearly). ``"ntk"`` and ``"yarn"`` scale RoPE *frequencies* (:func:`jitrope.rope.scale_freqs`;
+coordinates stay integer; yarn also tempers the attention logits, :meth:`PositionalEncoding.attn_scale`);
+they have no meaning for a table, so the table parts (``learned1d``, ``sincos2d``, ``factorized2d``,
+the sin-cos of ``sincos2d+rope2d``) interpolate under them (``SeqLayout.table_scaling``).
+``learned1d`` cannot extrapolate and says so.
 
 Packed batches (SPEC §10, :mod:`jitrope.packing`): ``add`` also takes a :class:`PackedLayout` (its
 input stream ``[image | condition]`` per sample, batch dim 1) and ``qk_norm_rope`` a :class:`PackedSeqs`
@@ -53,10 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import HAS_EXTENSION, EXTENSION_ERROR, ops
+from . import EXTENSION_ERROR, HAS_EXTENSION, ops
 from .packing import PackedLayout, PackedSeqs
 from .reference import rms_norm, rope_angles, rotate_pairs
-from .rope import axial_freqs, sequence_coords
+from .rope import FREQ_SCALINGS, SCALING_MODES, attn_logit_factor, axial_freqs, scale_freqs, sequence_coords
 
 __all__ = [
     "SeqLayout",
@@ -82,7 +86,7 @@ __all__ = [
 ]
 
 Grid = Tuple[int, int]
-SCALINGS = ("extrapolate", "interpolate")
+SCALINGS = SCALING_MODES  # extrapolate | interpolate | ntk | yarn
 
 
 class SeqLayout(NamedTuple):
@@ -90,8 +94,7 @@ class SeqLayout(NamedTuple):
 
     ``grid``/``cond_grid`` are the token grids of this call, ``train_grid``/``train_cond_grid``
     those the model was built for; ``scaling`` says how to place a grid that differs from the
-    training one (``"extrapolate"`` or ``"interpolate"``). A NamedTuple so torch.compile treats it
-    as plain constants.
+    training one (:data:`SCALINGS`). A NamedTuple so torch.compile treats it as plain constants.
     """
 
     grid: Grid
@@ -124,8 +127,19 @@ class SeqLayout(NamedTuple):
     def at_train_size(self) -> bool:
         return self.grid == self.train_grid and self.cond_grid == self.train_cond_grid
 
+    @property
+    def scale_hw(self) -> Tuple[float, float]:
+        """Per-axis ratio of this image grid to the training grid, (rows, columns)."""
+        return self.grid[0] / self.train_grid[0], self.grid[1] / self.train_grid[1]
+
+    @property
+    def table_scaling(self) -> str:
+        """How absolute tables place this grid: ``ntk``/``yarn`` scale RoPE frequencies, tables interpolate."""
+        return "interpolate" if self.scaling in FREQ_SCALINGS else self.scaling
+
     def ref_grid(self) -> Optional[Grid]:
-        """Grid that coordinates are laid onto: the training grid when interpolating, else none."""
+        """Grid that coordinates are laid onto: the training grid when interpolating, else none
+        (integer coordinates: extrapolation, and ntk / yarn, which scale frequencies instead)."""
         return self.train_grid if self.scaling == "interpolate" else None
 
     def coords(self, prefix: int = 0, *, device=None) -> Tensor:
@@ -346,7 +360,7 @@ class Learned1D(PosPart):
     def table(self, layout: SeqLayout) -> Tensor:
         if layout.at_train_size:
             return self.pos_embed
-        if layout.scaling != "interpolate":
+        if layout.table_scaling != "interpolate":
             raise self._cannot_extrapolate(layout.grid, layout.cond_grid)
         return self._derived.get((layout,), (self.pos_embed,), lambda: self._resized(layout))
 
@@ -401,8 +415,9 @@ class SinCos2D(PosPart):
         if layout.at_train_size:
             table = self.table
         else:
-            table = self._derived.get((layout, x.device), (),
-                                      lambda: sincos_2d(layout.coords(device=x.device), self.width))
+            placed = layout._replace(scaling=layout.table_scaling)
+            table = self._derived.get((placed, x.device), (),
+                                      lambda: sincos_2d(placed.coords(device=x.device), self.width))
         return x + table.to(x.dtype)
 
 
@@ -444,11 +459,12 @@ class Factorized2D(PosPart):
 
     def _segments(self, layout: SeqLayout):
         """``(pos_h, pos_w, grid, token_offset)`` of the image grid and, if any, the condition grid."""
-        ph, pw = self._tables(self.pos_h, self.pos_w, layout.grid, self.train_grid, layout.scaling, "image")
+        ph, pw = self._tables(self.pos_h, self.pos_w, layout.grid, self.train_grid, layout.table_scaling, "image")
         segs = [(ph, pw, layout.grid, 0)]
         if layout.cond_grid is not None:
             ph, pw = self._tables(
-                self.cond_pos_h, self.cond_pos_w, layout.cond_grid, self.train_cond_grid, layout.scaling, "condition"
+                self.cond_pos_h, self.cond_pos_w, layout.cond_grid, self.train_cond_grid, layout.table_scaling,
+                "condition",
             )
             segs.append((ph, pw, layout.cond_grid, layout.n_image))
         return segs
@@ -557,6 +573,23 @@ class Rope2D(PosPart):
         """``[2, D/2]`` (shared) or ``[H, 2, D/2]`` frequencies of attention layer ``layer``."""
         return self.freqs
 
+    def scaled_freqs(self, layer: int, layout: SeqLayout) -> Tensor:
+        """:meth:`layer_freqs` for ``layout``'s grid: scaled per axis under ``ntk``/``yarn``
+        (:func:`jitrope.rope.scale_freqs`), as they are otherwise (those modes keep integer coordinates)."""
+        f = self.layer_freqs(layer)
+        if layout.scaling not in FREQ_SCALINGS or layout.grid == layout.train_grid:
+            return f
+        per_layer = layer if self.freqs.dim() > 2 else None  # RoPE-Mixed: every layer has its own
+        return self._derived.get(
+            ("freqs", per_layer, layout.grid, layout.train_grid, layout.scaling), (self.freqs,),
+            lambda: scale_freqs(f, layout.scale_hw, layout.scaling, theta=self.theta, head_dim=self.head_dim,
+                                train_grid=layout.train_grid),
+        )
+
+    def attn_factor(self, layout: SeqLayout) -> float:
+        """Factor on the attention logits of ``layout`` (YaRN's temperature; 1 unless ``yarn`` on more tokens)."""
+        return attn_logit_factor(layout.scale_hw, layout.scaling)
+
     def _prefix(self, layout: SeqLayout, n_tokens: int) -> int:
         prefix = n_tokens - layout.n_image - layout.n_cond
         if prefix not in (0, layout.prefix):
@@ -579,9 +612,9 @@ class Rope2D(PosPart):
         if self._at_train(layout) and self.cos.dtype == acc:
             start = layout.prefix - prefix
             return self.cos[:, start:], self.sin[:, start:]
-        freqs = self.layer_freqs(layer)
+        freqs = self.scaled_freqs(layer, layout)
         return self._derived.get(
-            ("cos_sin", layout, prefix, qk.device, acc), (freqs,),
+            ("cos_sin", layout, prefix, qk.device, acc), (self.freqs,),
             lambda: rope_cos_sin(self._coords(layout, prefix, qk.device), freqs, acc),
         )
 
@@ -594,7 +627,8 @@ class Rope2D(PosPart):
             return qk_norm_rope_tables(qk, weight, rope_cos_sin(layout.coords, freqs, _acc_dtype(qk)), eps)
         prefix = self._prefix(layout, qk.shape[-2])
         if self.impl == "fused":
-            return qk_norm_rope_fused(qk, weight, self._coords(layout, prefix, qk.device), self.layer_freqs(layer), eps)
+            coords = self._coords(layout, prefix, qk.device)
+            return qk_norm_rope_fused(qk, weight, coords, self.scaled_freqs(layer, layout), eps)
         return qk_norm_rope_tables(qk, weight, self._cos_sin(layout, prefix, layer, qk), eps)
 
 
@@ -609,6 +643,7 @@ class Rope2DMixed(Rope2D):
 
     def __init__(self, geom: PosEncGeometry, impl: str):
         PosPart.__init__(self, geom, impl)  # not Rope2D's: here ``freqs`` is a parameter, not a buffer
+        self.head_dim, self.theta = geom.head_dim, geom.theta
         self.train_layout = SeqLayout(geom.grid, geom.cond_grid, geom.context_len, geom.grid, geom.cond_grid)
         base = axial_freqs(geom.head_dim, geom.theta)  # [2, D/2]: (row coef, column coef) per pair
         f = base[0] + base[1]  # each pair's magnitude
@@ -637,7 +672,7 @@ class Rope2DMixed(Rope2D):
         acc = _acc_dtype(qk)
         return self._derived.get(
             ("cos_sin", layer, layout, prefix, qk.device, acc), (self.freqs,),
-            lambda: rope_cos_sin(self._coords(layout, prefix, qk.device), self.layer_freqs(layer), acc),
+            lambda: rope_cos_sin(self._coords(layout, prefix, qk.device), self.scaled_freqs(layer, layout), acc),
         )
 
 
@@ -729,6 +764,13 @@ class PositionalEncoding(nn.Module):
         if self.impl == "fused":
             return qk_norm_rope_fused(qk, weight, None, None, eps)
         return qk_norm_rope_tables(qk, weight, None, eps)
+
+    def attn_scale(self, layout: SeqLayout, head_dim: int) -> Optional[float]:
+        """The ``scale=`` of attention for ``layout``: None (SDPA's ``1/sqrt(head_dim)``) unless the rotary
+        part tempers the logits (YaRN on a larger grid), then that factor times ``1/sqrt(head_dim)``."""
+        rotary = self.rotary
+        factor = 1.0 if rotary is None else rotary.attn_factor(layout)
+        return None if factor == 1.0 else factor / math.sqrt(head_dim)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, impl={self.impl!r}"

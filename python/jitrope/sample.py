@@ -146,7 +146,7 @@ def generate(
     labels: Tensor,
     cond: Optional[Tensor] = None,
     *,
-    img_size: Optional[int] = None,
+    img_size=None,
     steps: int = 50,
     sampler: str = "heun",
     cfg: float = 1.0,
@@ -158,12 +158,15 @@ def generate(
 ) -> Tensor:
     """Samples (float in [-1, 1], on the CPU) for ``labels`` ([N] long) and optional ``cond`` ([N, 3, h, w]).
 
+    ``img_size``: the model's (None), another square size, or ``(H, W)``.
+
     The noise of all N images comes from one generator seeded with ``seed``, so the result does not
     depend on ``batch_size``. ``progress(k)`` gets the number of sampler steps done in each batch.
     """
     n = labels.shape[0]
     size = img_size or model.cfg.img_size
-    noise = torch.randn(n, model.cfg.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    h, w = (size, size) if isinstance(size, int) else size
+    noise = torch.randn(n, model.cfg.in_channels, h, w, generator=torch.Generator().manual_seed(seed))
     out = []
     autocast = torch.device(device).type == "cuda"
     for s in range(0, n, batch_size):

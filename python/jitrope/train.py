@@ -9,7 +9,10 @@ Every random draw of step k (data order, t, noise, label / condition dropout, dr
 model) comes from generators seeded with ``(train.seed, k)``, and a checkpoint holds the
 optimizer, EMA and data-order state, so a resumed run continues bit for bit as if it had never
 stopped. The global batch of a step is the same for any number of ranks; rank r takes every
-N-th sample of it. Only rank 0 writes (checkpoints, config, TensorBoard, sample grids).
+N-th sample of it. Only rank 0 writes (checkpoints, config, ``metrics.jsonl``, TensorBoard, sample
+grids). ``<out_dir>/metrics.jsonl`` holds one JSON record per logged step (:mod:`jitrope.runlog`:
+loss, lr, grad norm, images/s, wall and CPU time); a resumed run first drops the records beyond
+its checkpoint, so the file stays one consistent history after a crash.
 
 Nothing a user has is lost: rank 0 holds an exclusive lock on ``train.out_dir`` for the whole run
 (a second trainer on the same folder stops at once, naming the pid that holds it); a checkpoint
@@ -52,6 +55,7 @@ from .data import BatchMaker, DataError, IndexStream, MultiResMaker, TokenPacker
 from .diffusion import EMA, Diffusion
 from .fileio import LockedError, check_writable_dir, exclusive_lock
 from .packing import mark_dynamic, pack_images
+from .runlog import MetricsLogger
 
 __all__ = ["train", "main", "lr_at", "step_generator", "TrainingStopped"]
 
@@ -311,7 +315,7 @@ class _Run:
         from .model import JiT
 
         self.cfg, self.t, self.device, self.D, self.say = cfg, cfg.train, device, D, say
-        self.run_dir, self.logger, self.bar = Path(cfg.train.out_dir), None, None
+        self.run_dir, self.logger, self.bar, self.metrics = Path(cfg.train.out_dir), None, None, None
         self.allow_unverified = allow_unverified
         self.last_ckpt: Optional[Path] = None  # the newest checkpoint kept (resumed from or written)
         self._build_data()
@@ -399,6 +403,7 @@ class _Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.run_dir / "config.yaml")
             self.logger = _Logger(self.run_dir, t.tensorboard)
+            self.metrics = MetricsLogger(self.run_dir, resume_step=self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.say(
             f"{len(self.ds)} training images ({self.cfg.data.name}, {self.ds.num_classes} classes), "
@@ -417,6 +422,7 @@ class _Run:
                         disable=(not D.main) or (not t.progress) or None)
         self.loss_acc, self.n_acc = torch.zeros((), device=self.device), 0
         self.t_log, self.imgs_log = time.perf_counter(), 0
+        self.t_start, self.cpu_start, self.first_log = self.t_log, time.process_time(), True
         self.grad_norm = torch.zeros(())
         self.waste_acc = 0.0  # padding waste of packed batches, summed over the log interval
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -516,6 +522,15 @@ class _Run:
             self.logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr_at(self.cfg, step - 1),
                                        "train/grad_norm": float(self.grad_norm), "train/images_per_s": ips,
                                        **packing})
+        if self.metrics is not None:
+            off = self.metrics.offsets
+            self.metrics.log({"loss": mean_loss, "lr": lr_at(self.cfg, step - 1), "grad_norm": float(self.grad_norm),
+                              "images_per_s": ips, "interval_steps": self.n_acc,
+                              "wall_s": round(off["wall_s"] + now - self.t_start, 3),
+                              "cpu_s": round(off["cpu_s"] + time.process_time() - self.cpu_start, 3),
+                              "time": round(time.time(), 3), "startup": self.first_log,
+                              **{k.split("/", 1)[1]: v for k, v in packing.items()}}, step)
+            self.first_log = False
         if self.D.main and self.bar.disable:
             waste = f"  waste {packing['train/padding_waste']:.1%}" if packing else ""
             self.say(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad {float(self.grad_norm):.3f}  {ips:.1f} img/s"
@@ -566,6 +581,8 @@ class _Run:
             self.bar.close()  # before an error line, so it does not land in the bar's line
         if self.logger is not None:
             self.logger.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 _DIVERGED_HINT = "lower train.lr or train.blr, or raise train.warmup_steps"

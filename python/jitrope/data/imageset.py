@@ -78,18 +78,20 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
 
 
-def resize_images(images: Tensor, size: int) -> Tensor:
-    """Resize a square batch (uint8 or float). Integer downsampling factors average whole blocks
-    (box filter, exact for 64 -> 32 -> 16); other sizes use antialiased bicubic."""
-    src = images.shape[-1]
-    if src == size:
+def resize_images(images: Tensor, size) -> Tensor:
+    """Resize a batch (uint8 or float) to ``size`` (an int: square, or ``(H, W)``). Integer downsampling
+    by the same factor on both axes averages whole blocks (box filter, exact for 64 -> 32 -> 16); other
+    sizes (non-square ones included: a tall sample is squeezed, not cropped) use antialiased bicubic."""
+    th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    sh, sw = images.shape[-2:]
+    if (sh, sw) == (th, tw):
         return images
     was_uint8 = images.dtype == torch.uint8
     x = images.float()
-    if size < src and src % size == 0:
-        y = F.avg_pool2d(x, src // size)
+    if th < sh and sh % th == 0 and sw % tw == 0 and sh // th == sw // tw:
+        y = F.avg_pool2d(x, sh // th)
     else:
-        y = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        y = F.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
     if was_uint8:
         return y.round_().clamp_(0, 255).to(torch.uint8)
     return y

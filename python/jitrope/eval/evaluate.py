@@ -27,10 +27,15 @@ Metrics (all on the held-out split unless ``--split`` says otherwise):
   images (the floor at this sample count); ``class_acc``, the share of samples that the
   network's category head assigns to the asked class, and ``class_acc_real`` its accuracy on the
   real held-out images.
-- ``resolution`` (``--res-px``): class-conditional samples at image sizes the model never saw,
-  under every applicable ``pos_scaling`` (``learned1d`` only ``interpolate``; ``factorized2d``
-  ``extrapolate`` only while the grid fits its tables), with FD-emoji and class accuracy after
-  resizing to the feature network's size; ``--grids`` saves their sample grids.
+- ``resolution`` (``--res-px`` square sizes, ``--res-hw`` sizes ``HxW`` such as ``32x48``):
+  class-conditional samples (null condition) at other image sizes, under every ``pos_scaling`` of
+  ``--res-scalings`` that applies (``learned1d`` cannot extrapolate; ``factorized2d`` extrapolates
+  only while the grid fits its tables; ``ntk``/``yarn`` need a RoPE part and a grid longer than
+  the training one on some axis, else they repeat another mode's numbers, which the record then
+  carries with ``same_as``), with FD-emoji and class accuracy after resizing to the feature
+  network's size (non-square samples are squeezed to its square), and (``eval.res_vloss``) the
+  held-out v-loss with the null condition on the held-out images resized to that size;
+  ``--grids`` saves their sample grids.
 - ``fid`` (``--fid-inception FILE``): standard FID of the class samples against the held-out
   images through torch-fidelity, with the user's Inception weights file (optional dependency).
 
@@ -50,57 +55,99 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
 from ..cli import Flag, add_flags, check_file_out, cpu_setup, fail, flag_layer, resolve_device
-from ..config import EVAL_METRICS, Config, ConfigError
+from ..config import EVAL_METRICS, Config, ConfigError, parse_hw
 from ..data import BatchMaker, DataError, build_dataset, resize_images, to_float
 from ..diffusion import SAMPLERS, Diffusion
 from ..fileio import atomic_write_text, check_writable_dir
+from ..posenc import POS_EMBEDS, SCALINGS
+from ..rope import FREQ_SCALINGS
 from ..sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config
 from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
 
-__all__ = ["evaluate", "main", "resolution_scalings", "METRICS", "FLAGS"]
+__all__ = ["evaluate", "main", "resolution_scalings", "scaling_same_as", "resolution_study", "heldout_vloss",
+           "METRICS", "FLAGS"]
 
 METRICS = EVAL_METRICS  # the metric groups (eval.metrics)
 
 
-def resolution_scalings(model, img_size: int) -> Dict[str, Optional[str]]:
-    """``pos_scaling`` values that can place an ``img_size`` image on ``model``: name -> None if
-    usable, else why not. ``learned1d`` has slots only for training tokens (interpolation only);
-    the factorized table extrapolates only while the grid fits it."""
+Size = Union[int, Sequence[int]]
+
+
+def _hw(size: Size) -> Tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resolution_scalings(model, img_size: Size, scalings: Sequence[str] = SCALINGS) -> Dict[str, Optional[str]]:
+    """``pos_scaling`` values that can place an image of ``img_size`` (an int, or ``(H, W)``) on
+    ``model``: name -> None if usable, else why not. ``learned1d`` has slots only for training tokens
+    (it interpolates, also under ntk / yarn); the factorized table extrapolates only while the grid fits it."""
     mc = model.cfg
+    H, W = _hw(img_size)
     out: Dict[str, Optional[str]] = {}
-    for scaling in ("extrapolate", "interpolate"):
+    for scaling in scalings:
         why = None
         if mc.pos_embed == "learned1d" and scaling == "extrapolate":
             why = "learned1d has no slots beyond its training grid"
         elif mc.pos_embed == "factorized2d" and scaling == "extrapolate":
-            g = img_size // mc.patch_size
+            gh, gw = H // mc.patch_size, W // mc.patch_size
             table = model.pos.parts["factorized2d"]  # the real table size, whatever default made it
             mh, mw = table.pos_h.shape[0], table.pos_w.shape[0]
-            if g > mh or g > mw:
-                why = f"grid {g}x{g} exceeds the factorized table ({mh}x{mw})"
+            if gh > mh or gw > mw:
+                why = f"grid {gh}x{gw} exceeds the factorized table ({mh}x{mw})"
         if why is None:
             try:  # e.g. the null condition needs an integer grid in the training ratio
-                model.sequence_layout((img_size, img_size), None, scaling=scaling)
+                model.sequence_layout((H, W), None, scaling=scaling)
             except ValueError as e:
                 why = str(e)
         out[scaling] = why
     return out
 
 
+def _placement(model, hw: Tuple[int, int], scaling: str) -> Tuple:
+    """What ``scaling`` does at ``hw``: (table placement, RoPE placement); equal tuples, equal samples."""
+    mc = model.cfg
+    parts = POS_EMBEDS[mc.pos_embed]
+    grid = (hw[0] // mc.patch_size, hw[1] // mc.patch_size)
+    if grid == mc.grid:
+        return ("train",)
+    table = None
+    if any(p != "rope2d" and p != "rope2d_mixed" for p in parts):
+        table = "interpolate" if scaling in FREQ_SCALINGS else scaling
+    rope = None
+    if model.pos.rotary is not None:
+        longer = grid[0] > mc.grid[0] or grid[1] > mc.grid[1]
+        rope = scaling if scaling in ("extrapolate", "interpolate") or longer else "extrapolate"
+    return table, rope
+
+
+def scaling_same_as(model, img_size: Size, scaling: str, before: Sequence[str]) -> Optional[str]:
+    """The first mode of ``before`` that gives exactly the samples of ``scaling`` at ``img_size``, or None
+    (ntk / yarn on an encoding without RoPE are interpolation; on a grid no longer than the training one
+    they change no frequency; at the training grid every mode is the same)."""
+    hw = _hw(img_size)
+    mine = _placement(model, hw, scaling)
+    return next((b for b in before if _placement(model, hw, b) == mine), None)
+
+
 @torch.no_grad()
 def heldout_vloss(model, diffusion: Diffusion, maker: BatchMaker, t_grid: Sequence[float], *, max_images: int,
-                  batch_size: int, seed: int, device, drop_cond: bool = False) -> Dict[str, Any]:
+                  batch_size: int, seed: int, device, drop_cond: bool = False,
+                  img_size: Optional[Size] = None) -> Dict[str, Any]:
+    """The v-loss on held-out images at fixed t and noise. ``img_size`` (an int or ``(H, W)``): on the
+    images resized to it, with the null condition (whose grid follows the image's), under the model's
+    ``cfg.pos_scaling``."""
     n = min(len(maker.ds), max_images)
     idx = torch.arange(n)
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, model.cfg.in_channels, model.cfg.img_size, model.cfg.img_size, generator=g)
+    hw = _hw(img_size) if img_size is not None else (model.cfg.img_size, model.cfg.img_size)
+    noise = torch.randn(n, model.cfg.in_channels, *hw, generator=g)
     u = torch.rand(n, 2, generator=g)
     per_t = []
     for tv in t_grid:
@@ -108,6 +155,8 @@ def heldout_vloss(model, diffusion: Diffusion, maker: BatchMaker, t_grid: Sequen
         for s in range(0, n, batch_size):
             sl = slice(s, s + batch_size)
             x, y, cond = maker(idx[sl], u[sl])
+            if img_size is not None:
+                x, cond = resize_images(x, hw), None
             tt = torch.full((x.shape[0],), float(tv), device=device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
                 drop = None
@@ -159,9 +208,11 @@ def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=pr
     if eval_set.num_classes != model.cfg.num_classes:
         raise DataError(f"data {dcfg.name} has {eval_set.num_classes} classes, the model {model.cfg.num_classes}")
     mc = model.cfg
-    bad_px = [px for px in e.res_px if px % mc.patch_size] if "res" in metrics else []
-    if bad_px:  # before any sampling, so no work is lost
-        raise ConfigError(f"config key eval.res_px: {bad_px} not a multiple of the model's patch_size={mc.patch_size}")
+    sizes = [*e.res_px, *(parse_hw(hw, "eval.res_hw") for hw in e.res_hw)]
+    bad_px = [px for px in sizes if any(v % mc.patch_size for v in _hw(px))]
+    if bad_px and "res" in metrics:  # before any sampling, so no work is lost
+        key = "eval.res_px" if any(isinstance(px, int) for px in bad_px) else "eval.res_hw"
+        raise ConfigError(f"config key {key}: {bad_px} not a multiple of the model's patch_size={mc.patch_size}")
     cond_mode = "none" if mc.cond_img_size is None else (dcfg.cond if dcfg.cond != "none" else "downsample")
     maker = BatchMaker(eval_set, cond=cond_mode, cond_size=mc.cond_img_size, device=device)
     diffusion = Diffusion.from_config(cfg.diffusion)
@@ -200,12 +251,18 @@ def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=pr
                        fid_inception=e.fid_inception, grids=e.grids, log=log)
     if "cond" in metrics and mc.cond_img_size is not None:
         _cond_metrics(out, model, diffusion, kw, maker, eval_set, n_cond=e.n_cond, seed=e.seed, log=log)
-    if "res" in metrics and e.res_px:
+    if "res" in metrics and sizes:
         if fnet is None:
             raise ConfigError("config key eval.res_px: the resolution study needs the feature network "
                               "(eval.featnet auto or a file)")
-        out["resolution"] = resolution_study(model, diffusion, kw, e.res_px, n_per_class=e.res_n_per_class,
-                                             seed=e.seed, judge=judge, grids=e.grids, log=log)
+
+        def vloss_at(hw):  # the record's pos_scaling is the model's while this runs
+            return heldout_vloss(model, diffusion, maker, e.t_grid, max_images=e.max_images,
+                                 batch_size=e.batch_size, seed=e.seed, device=device, img_size=hw)
+
+        out["resolution"] = resolution_study(model, diffusion, kw, sizes, n_per_class=e.res_n_per_class,
+                                             seed=e.seed, judge=judge, grids=e.grids, log=log,
+                                             scalings=e.res_scalings, vloss=vloss_at if e.res_vloss else None)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -281,34 +338,54 @@ def _save_grid(x: Tensor, labels: Tensor, k: int, path: Path, per_class: int = 4
 
 
 @torch.no_grad()
-def resolution_study(model, diffusion, kw, res_px: Sequence[int], *, n_per_class: int, seed: int, judge,
-                     grids: Optional[str] = None, log=print) -> List[Dict[str, Any]]:
-    """Class-conditional samples at each image size of ``res_px`` under every ``pos_scaling`` that
-    applies (:func:`resolution_scalings`); one record per (size, scaling) with FD-emoji and class
-    accuracy, or the reason it does not apply. The same noise seed for every model."""
+def resolution_study(model, diffusion, kw, sizes: Sequence[Size], *, n_per_class: int, seed: int, judge,
+                     grids: Optional[str] = None, log=print, scalings: Sequence[str] = SCALINGS,
+                     vloss: Optional[Callable[[Tuple[int, int]], Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Class-conditional samples (null condition) at each image size of ``sizes`` (ints: square, or
+    ``(H, W)``) under every ``pos_scaling`` of ``scalings`` that applies (:func:`resolution_scalings`);
+    one record per (size, scaling) with ``hw``, ``grid_hw`` (and ``px``, ``grid`` for square sizes),
+    FD-emoji and class accuracy from ``judge(samples, labels)``, ``vloss(hw)`` (run under the
+    record's scaling) when given, or the reason it does not apply (``skipped``). A mode that gives
+    exactly the samples of an earlier one (:func:`scaling_same_as`) copies its numbers and says
+    ``same_as``. The same noise seed at every size, for every model."""
     k = model.cfg.num_classes
+    p = model.cfg.patch_size
     labels = torch.arange(k).repeat_interleave(n_per_class)
     rows: List[Dict[str, Any]] = []
     old = model.cfg.pos_scaling
     try:
-        for px in res_px:
-            p = model.cfg.patch_size
-            if px % p:
-                raise ValueError(f"res_px: {px} is not a multiple of patch_size={p}")
-            for scaling, why in resolution_scalings(model, px).items():
-                row: Dict[str, Any] = {"px": px, "grid": px // p, "scaling": scaling}
+        for size in sizes:
+            H, W = _hw(size)
+            if H % p or W % p:
+                raise ValueError(f"resolution study: size {H}x{W} is not a multiple of patch_size={p}")
+            done: Dict[str, Dict[str, Any]] = {}
+            for scaling, why in resolution_scalings(model, (H, W), scalings).items():
+                row: Dict[str, Any] = {"hw": [H, W], "grid_hw": [H // p, W // p], "scaling": scaling}
+                if H == W:
+                    row.update(px=H, grid=H // p)
                 if why is not None:
                     rows.append({**row, "skipped": why})
                     continue
+                same = scaling_same_as(model, (H, W), scaling, list(done))
+                if same is not None:
+                    measured = {m: v for m, v in done[same].items() if m not in row and m != "same_as"}
+                    rows.append({**row, **measured, "same_as": same})
+                    continue
                 model.cfg.pos_scaling = scaling
-                x = generate(model, diffusion, labels, None, img_size=px, seed=seed + px, **kw)
+                x = generate(model, diffusion, labels, None, img_size=(H, W), seed=seed, **kw)
                 row.update(judge(x, labels))
                 row["n"] = len(labels)
+                if vloss is not None:
+                    vl = vloss((H, W))
+                    row["vloss"], row["vloss_per_t"] = vl["mean"], vl["per_t"]
                 rows.append(row)
-                log(f"  {px}x{px} ({px // p}x{px // p} grid, {scaling}): FD-emoji {row['fd_emoji']:.3f}, "
-                    f"class accuracy {row['class_acc']:.3f}")
+                done[scaling] = row
+                extra = f", v-loss {row['vloss']:.4f}" if "vloss" in row else ""
+                log(f"  {H}x{W} ({H // p}x{W // p} grid, {scaling}): FD-emoji {row['fd_emoji']:.3f}, "
+                    f"class accuracy {row['class_acc']:.3f}{extra}")
                 if grids is not None:
-                    _save_grid(x, labels, k, Path(grids) / f"px{px}_{scaling}.png")
+                    name = f"px{H}" if H == W else f"px{H}x{W}"
+                    _save_grid(x, labels, k, Path(grids) / f"{name}_{scaling}.png")
     finally:
         model.cfg.pos_scaling = old
     return rows
@@ -366,8 +443,12 @@ FLAGS = (
          "the training split if missing), a .safetensors file, or none"),
     Flag("--res-px", "eval.res_px", "comma-separated image sizes of the resolution study (e.g. 24,40,48 for a model "
          "trained at 32x32); empty: none", {"type": _comma_list(int, "res-px")}),
+    Flag("--res-hw", "eval.res_hw", "comma-separated sizes HxW of the resolution study (rows x columns, e.g. "
+         "32x48,48x32)", {"type": _comma_list(str, "res-hw")}),
+    Flag("--res-scalings", "eval.res_scalings", f"comma-separated pos_scaling modes of the resolution study "
+         f"({', '.join(SCALINGS)}; default all)", {"type": _comma_list(str, "res-scalings")}),
     Flag("--res-n-per-class", "eval.res_n_per_class", "samples per class at each size of --res-px", {"type": int}),
-    Flag("--grids", "eval.grids", "folder for sample grid PNGs (training size and every --res-px size)"),
+    Flag("--grids", "eval.grids", "folder for sample grid PNGs (training size and every --res-px / --res-hw size)"),
     Flag("--fid-inception", "eval.fid_inception", "Inception weights file (torch-fidelity's "
          "pt_inception-2015-12-05-6726825d.pth): adds the standard FID; needs pip install torch-fidelity"),
     Flag("--num-threads", "eval.num_threads", "CPU threads (default: torch's; 1 is fastest on a busy machine)",
