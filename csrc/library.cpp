@@ -53,9 +53,7 @@ TORCH_LIBRARY(jitrope, m) {
   // Fused 2D rotary embedding (SPEC §2).
   m.def("rope2d(Tensor x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor");
   // The inplace tag lets functionalization (torch.compile, AOT) handle the aliased return.
-  m.def(
-      "rope2d_(Tensor(a!) x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor(a!)",
-      inplace);
+  m.def("rope2d_(Tensor(a!) x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor(a!)", inplace);
   // (grad_x, grad_freqs): grad_freqs is computed when x (the forward input) is given, else empty.
   m.def(
       "rope2d_backward(Tensor grad_out, Tensor coords, Tensor freqs, Tensor? x, bool interleaved=True) "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up a machine and runs every test: pytest (ops, model, training), then through ctest the
-# GoogleTest binary and tests/cpp/consumer (a LibTorch application built against the installed
-# CMake package). CUDA tests run where a GPU is present and are skipped otherwise.
+# Sets up a machine and runs every test: the format check (scripts/lint.sh), pytest (ops, model,
+# training), then through ctest the GoogleTest binary and tests/cpp/consumer (a LibTorch
+# application built against the installed CMake package). CUDA tests run where a GPU is present
+# and are skipped otherwise.
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k rope2d  # extra arguments go to pytest
 set -euo pipefail
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 bash scripts/install_deps.sh
+bash scripts/lint.sh
 bash scripts/build.sh
 export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$ROOT}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"  # as build.sh, for ctest's CMake build
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"

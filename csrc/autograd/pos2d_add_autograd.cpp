@@ -19,11 +19,7 @@ using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
 void save_geometry(
-    AutogradContext* ctx,
-    at::IntArrayRef grid,
-    int64_t token_offset,
-    int64_t row_offset,
-    int64_t col_offset) {
+    AutogradContext* ctx, at::IntArrayRef grid, int64_t token_offset, int64_t row_offset, int64_t col_offset) {
   ctx->saved_data["grid"] = grid;
   ctx->saved_data["token_offset"] = token_offset;
   ctx->saved_data["row_offset"] = row_offset;
@@ -55,8 +51,7 @@ class Pos2dAddBackwardFunction : public torch::autograd::Function<Pos2dAddBackwa
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto& s = ctx->saved_data;
     const c10::SymInt D = grads[0].sym_size(1);
-    const at::Tensor base =
-        at::zeros_symint({s.at("B").toSymInt(), s.at("N").toSymInt(), D}, grads[0].options());
+    const at::Tensor base = at::zeros_symint({s.at("B").toSymInt(), s.at("N").toSymInt(), D}, grads[0].options());
     const auto grid = s.at("grid").toIntVector();
     at::Tensor grad_grad_out = pos2d_add(
         base, grads[0], grads[1], grid, s.at("token_offset").toInt(), s.at("row_offset").toInt(),
@@ -123,8 +118,7 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_autograd(
     int64_t token_offset,
     int64_t row_offset,
     int64_t col_offset) {
-  auto out = Pos2dAddBackwardFunction::apply(
-      grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
+  auto out = Pos2dAddBackwardFunction::apply(grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
   return {out[0], out[1]};
 }
 

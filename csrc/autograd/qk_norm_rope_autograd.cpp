@@ -14,28 +14,34 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
-// autograd::Function takes defined tensors only, so normalize-only (coords/freqs None) is its own
-// Function; both call the same op and backward op.
+// coords and freqs are optional (None: normalize only); a lone one reaches the kernel's check.
 class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> {
  public:
   static variable_list forward(
-      AutogradContext* ctx, const Variable& qk, const Variable& weight, const Variable& coords,
-      const Variable& freqs, double eps, bool interleaved) {
+      AutogradContext* ctx,
+      const Variable& qk,
+      const Variable& weight,
+      const std::optional<at::Tensor>& coords,
+      const std::optional<at::Tensor>& freqs,
+      double eps,
+      bool interleaved) {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["interleaved"] = interleaved;
-    ctx->save_for_backward({qk, weight, coords, freqs});
+    ctx->save_for_backward({qk, weight, coords.value_or(Variable()), freqs.value_or(Variable())});
     at::AutoDispatchBelowADInplaceOrView guard;
     return {qk_norm_rope(qk, weight, coords, freqs, eps, interleaved)};
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
     if (!grad_outputs[0].defined()) {
       return {Variable(), Variable(), Variable(), Variable(), Variable(), Variable()};
     }
-    const bool freqs_grad = ctx->needs_input_grad(3);
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [](const Variable& v) { return v.defined() ? std::optional<at::Tensor>(v) : std::nullopt; };
+    // needs_input_grad counts the inputs that are tensors: freqs is input 3 when given (with coords).
+    const bool freqs_grad = saved[3].defined() && ctx->needs_input_grad(3);
     auto [grad_qk, grad_weight, grad_freqs] = qk_norm_rope_backward(
-        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["eps"].toDouble(),
+        grad_outputs[0], saved[0], saved[1], optional(saved[2]), optional(saved[3]), ctx->saved_data["eps"].toDouble(),
         ctx->saved_data["interleaved"].toBool(), freqs_grad);
     return {
         ctx->needs_input_grad(0) ? grad_qk : Variable(),
@@ -47,36 +53,18 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
   }
 };
 
-class QkNormFunction : public torch::autograd::Function<QkNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Variable& qk, const Variable& weight, double eps) {
-    ctx->saved_data["eps"] = eps;
-    ctx->save_for_backward({qk, weight});
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return {qk_norm_rope(qk, weight, std::nullopt, std::nullopt, eps)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    if (!grad_outputs[0].defined()) {
-      return {Variable(), Variable(), Variable()};
-    }
-    auto [grad_qk, grad_weight, grad_freqs] = qk_norm_rope_backward(
-        grad_outputs[0], saved[0], saved[1], std::nullopt, std::nullopt, ctx->saved_data["eps"].toDouble(),
-        /*interleaved=*/true, /*freqs_grad=*/false);
-    return {
-        ctx->needs_input_grad(0) ? grad_qk : Variable(),
-        ctx->needs_input_grad(1) ? grad_weight : Variable(),
-        Variable()};
-  }
-};
-
 // coords and freqs are optional constants here (the backward op is not differentiable).
 class QkNormRopeBackwardFunction : public torch::autograd::Function<QkNormRopeBackwardFunction> {
  public:
   static variable_list forward(
-      AutogradContext* /*ctx*/, const Variable& grad_out, const Variable& qk, const Variable& weight,
-      const std::optional<at::Tensor>& coords, const std::optional<at::Tensor>& freqs, double eps, bool interleaved,
+      AutogradContext* /*ctx*/,
+      const Variable& grad_out,
+      const Variable& qk,
+      const Variable& weight,
+      const std::optional<at::Tensor>& coords,
+      const std::optional<at::Tensor>& freqs,
+      double eps,
+      bool interleaved,
       bool freqs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [a, b, c] = qk_norm_rope_backward(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
@@ -98,16 +86,7 @@ at::Tensor qk_norm_rope_autograd(
     const std::optional<at::Tensor>& freqs,
     double eps,
     bool interleaved) {
-  const bool rotate = coords.has_value() && coords->defined() && freqs.has_value() && freqs->defined();
-  if (!rotate) {
-    // Lets the kernel report a lone coords or freqs; without either, normalize only.
-    if ((coords.has_value() && coords->defined()) || (freqs.has_value() && freqs->defined())) {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      return qk_norm_rope(qk, weight, coords, freqs, eps, interleaved);
-    }
-    return QkNormFunction::apply(qk, weight, eps)[0];
-  }
-  return QkNormRopeFunction::apply(qk, weight, *coords, *freqs, eps, interleaved)[0];
+  return QkNormRopeFunction::apply(qk, weight, coords, freqs, eps, interleaved)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_autograd(
@@ -119,8 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_autograd(
     double eps,
     bool interleaved,
     bool freqs_grad) {
-  const auto out =
-      QkNormRopeBackwardFunction::apply(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
+  const auto out = QkNormRopeBackwardFunction::apply(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
   return {out[0], out[1], out[2]};
 }
 

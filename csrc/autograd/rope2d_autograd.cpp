@@ -41,42 +41,26 @@ class Rope2dFunction : public torch::autograd::Function<Rope2dFunction> {
   }
 };
 
-[[noreturn]] void double_backward_unsupported() {
-  TORCH_CHECK(
-      false,
-      "jitrope::rope2d: double backward (the gradient of rope2d_backward, e.g. create_graph=True "
-      "followed by a second backward) is not supported");
-}
-
-// rope2d_backward on the Autograd key: one Function with the forward input x and one without
-// (autograd Functions take defined tensors only). Their own backward refuses.
+// rope2d_backward on the Autograd key (x, the forward input, optional); its own backward refuses.
 class Rope2dBackwardFunction : public torch::autograd::Function<Rope2dBackwardFunction> {
  public:
   static variable_list forward(
-      AutogradContext* /*ctx*/, const Variable& grad_out, const Variable& coords, const Variable& freqs,
+      AutogradContext* /*ctx*/,
+      const Variable& grad_out,
+      const Variable& coords,
+      const Variable& freqs,
+      const std::optional<at::Tensor>& x,
       bool interleaved) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_x, grad_freqs] = rope2d_backward(grad_out, coords, freqs, std::nullopt, interleaved);
-    return {grad_x, grad_freqs};
-  }
-
-  static variable_list backward(AutogradContext* /*ctx*/, const variable_list& /*grad_outputs*/) {
-    double_backward_unsupported();
-  }
-};
-
-class Rope2dBackwardWithInputFunction : public torch::autograd::Function<Rope2dBackwardWithInputFunction> {
- public:
-  static variable_list forward(
-      AutogradContext* /*ctx*/, const Variable& grad_out, const Variable& coords, const Variable& freqs,
-      const Variable& x, bool interleaved) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_x, grad_freqs] = rope2d_backward(grad_out, coords, freqs, x, interleaved);
     return {grad_x, grad_freqs};
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, const variable_list& /*grad_outputs*/) {
-    double_backward_unsupported();
+    TORCH_CHECK(
+        false,
+        "jitrope::rope2d: double backward (the gradient of rope2d_backward, e.g. create_graph=True "
+        "followed by a second backward) is not supported");
   }
 };
 
@@ -90,9 +74,7 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_autograd(
     const at::Tensor& freqs,
     const std::optional<at::Tensor>& x,
     bool interleaved) {
-  const auto out = x.has_value() && x->defined()
-      ? Rope2dBackwardWithInputFunction::apply(grad_out, coords, freqs, *x, interleaved)
-      : Rope2dBackwardFunction::apply(grad_out, coords, freqs, interleaved);
+  const auto out = Rope2dBackwardFunction::apply(grad_out, coords, freqs, x, interleaved);
   return {out[0], out[1]};
 }
 

@@ -15,7 +15,10 @@ namespace jitrope {
 
 template <typename F>
 at::Tensor& inplace_for_inference(
-    const char* op, const char* out_of_place, at::Tensor& x, std::initializer_list<const at::Tensor*> inputs,
+    const char* op,
+    const char* out_of_place,
+    at::Tensor& x,
+    std::initializer_list<const at::Tensor*> inputs,
     F&& kernel) {
   bool needs_grad = x.requires_grad();
   for (const at::Tensor* t : inputs) {

@@ -1,17 +1,18 @@
-// The pieces every jitrope op shares, so that each op is written in one dialect: the compile-time
-// bool dispatch of the kernels, the accumulation type, and the argument checks with one message
-// style ("<op>: <argument> must ..., got ...", dtypes named as torch prints them: torch.int64).
-// Host-only; the per-element math each op shares between CPU and CUDA lives in math/<op>_math.h.
+// The pieces every jitrope op shares, so that each op is written in one dialect: the accumulation
+// type and the argument checks with one message style ("<op>: <argument> must ..., got ...", dtypes
+// named as torch prints them: torch.int64). Host-only and not installed; the per-element math each
+// op shares between CPU and CUDA lives in math/<op>_math.h, the compile-time dispatch of the
+// kernels in common/static_switch.h.
 #pragma once
 
 #include <initializer_list>
+#include <optional>
 #include <string>
-#include <type_traits>
-#include <utility>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/DispatchKeySet.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -25,16 +26,6 @@ using acc_type = at::opmath_type<scalar_t>;
 // Accumulation dtype of tensors of `dtype` (the runtime twin of acc_type).
 inline at::ScalarType acc_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Calls f(std::integral_constant<bool, value>) so that a run-time flag picks a template
-// instantiation: with_bool(interleaved, [&](auto tag) { constexpr bool kI = decltype(tag)::value; }).
-template <typename F>
-decltype(auto) with_bool(bool value, F&& f) {
-  if (value) {
-    return std::forward<F>(f)(std::true_type{});
-  }
-  return std::forward<F>(f)(std::false_type{});
 }
 
 // "torch.float32": dtypes as Python users know them, in every C++ message.
@@ -68,12 +59,38 @@ inline void check_same_dtype(
       dtype_name(ref.scalar_type()), ", got ", dtype_name(t.scalar_type()));
 }
 
-inline void check_same_device(
-    const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
-  TORCH_CHECK(
-      t.device() == ref.device(), op, ": ", name, " must be on ", ref_name, "'s device ", ref.device(), ", got ",
-      t.device());
+// A tensor argument of an op, by name, for check_same_device; an absent optional (or an undefined
+// tensor) is skipped.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor* tensor;
+
+  NamedTensor(const char* n, const at::Tensor& t) : name(n), tensor(&t) {}
+  NamedTensor(const char* n, const std::optional<at::Tensor>& t) : name(n), tensor(t.has_value() ? &*t : nullptr) {}
+  NamedTensor(const char* n, const at::Tensor* t) : name(n), tensor(t) {}
+
+  bool present() const {
+    return tensor != nullptr && tensor->defined();
+  }
+};
+
+// The one device check of every op: each tensor argument lives on `ref`'s device. Every op runs it
+// at its entry (ops/<op>.cpp registers it on the BackendSelect key, ahead of any backend kernel, the
+// meta one included: a CPU x with meta coords would otherwise reach the meta kernel and come back
+// as uninitialised CPU memory) and again in its argument check.
+inline void check_same_device(const char* op, NamedTensor ref, std::initializer_list<NamedTensor> args) {
+  if (!ref.present()) {
+    return;  // the argument check names an undefined tensor
+  }
+  for (const NamedTensor& a : args) {
+    TORCH_CHECK(
+        !a.present() || a.tensor->device() == ref.tensor->device(), op, ": ", a.name, " must be on ", ref.name,
+        "'s device ", ref.tensor->device(), ", got ", a.tensor->device());
+  }
 }
+
+// What an op's BackendSelect entry redispatches to, after its device check: the keys below it.
+constexpr c10::DispatchKeySet kAfterEntry(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
 
 // An in-place twin writes `x`: no element of x may be written twice (an expanded view), and x
 // may not share memory with the tensors it reads.

@@ -20,7 +20,7 @@
 
 #include "common/op_utils.h"
 #include "math/pos2d_add_math.h"
-#include "ops/pos2d_add.h"
+#include "ops/pos2d_add_impl.h"
 
 namespace jitrope {
 namespace {
@@ -48,8 +48,7 @@ struct RowsArgs {
 // built for, where at::vec's generic reduced-type conversions are scalar calls.
 template <typename scalar_t>
 void add_position_row(
-    scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph,
-    const scalar_t* __restrict__ pw, int64_t D) {
+    scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph, const scalar_t* __restrict__ pw, int64_t D) {
   using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
     out[d] = static_cast<scalar_t>(
@@ -92,12 +91,23 @@ at::Tensor& launch_forward(
   const int64_t cells = grid[0] * grid[1];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_cpu", [&] {
     RowsArgs<scalar_t> a{
-        x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
-        out.data_ptr<scalar_t>(), out.stride(0), out.stride(1),
-        ph.const_data_ptr<scalar_t>(), pw.const_data_ptr<scalar_t>(),
-        x.size(0), x.size(2),
-        grid_rows_only ? token_offset : 0, grid_rows_only ? token_offset + cells : x.size(1),
-        token_offset, cells, grid[1], row_offset, col_offset};
+        x.const_data_ptr<scalar_t>(),
+        x.stride(0),
+        x.stride(1),
+        out.data_ptr<scalar_t>(),
+        out.stride(0),
+        out.stride(1),
+        ph.const_data_ptr<scalar_t>(),
+        pw.const_data_ptr<scalar_t>(),
+        x.size(0),
+        x.size(2),
+        grid_rows_only ? token_offset : 0,
+        grid_rows_only ? token_offset + cells : x.size(1),
+        token_offset,
+        cells,
+        grid[1],
+        row_offset,
+        col_offset};
     forward_rows(a);
   });
   return out;
@@ -145,27 +155,21 @@ void accumulate(acc_type* __restrict__ acc, const scalar_t* __restrict__ src, in
   }
 }
 
+// Stage 1: partials[k][cell][d] = sum of grad_out[b, token_offset + cell, d] over batch chunk k, b
+// ascending; one task per (chunk, cell).
 template <typename scalar_t>
-void backward_kernel(
+void sum_batch_chunks(
     const at::Tensor& g,
-    at::Tensor& grad_h,
-    at::Tensor& grad_w,
-    int64_t gh,
-    int64_t gw,
     int64_t token_offset,
-    int64_t row_offset,
-    int64_t col_offset) {
+    int64_t cells,
+    const pos2d_add_math::BatchChunks& chunks,
+    acc_type<scalar_t>* partials) {
   using acc = acc_type<scalar_t>;
   const int64_t B = g.size(0), D = g.size(2);
   const int64_t g_sb = g.stride(0), g_st = g.stride(1);
-  const int64_t cells = gh * gw;
-  const pos2d_add_math::BatchChunks chunks = pos2d_add_math::batch_chunks(B, cells * D);
-  at::Tensor partials_t = at::empty({chunks.count, cells, D}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
-  acc* partials = partials_t.data_ptr<acc>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
-
-  const int64_t grain1 = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(chunks.size * D, 1));
-  at::parallel_for(0, chunks.count * cells, grain1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(chunks.size * D, 1));
+  at::parallel_for(0, chunks.count * cells, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task / cells;
       const int64_t cell = task - k * cells;
@@ -178,13 +182,28 @@ void backward_kernel(
       }
     }
   });
+}
 
+// Stage 2: each table row of grad_h then grad_w sums its cells' partials (zero for rows the grid
+// does not use); one task per output row.
+template <typename scalar_t>
+void sum_table_rows(
+    const acc_type<scalar_t>* partials,
+    int64_t chunk_count,
+    int64_t gh,
+    int64_t gw,
+    int64_t row_offset,
+    int64_t col_offset,
+    at::Tensor& grad_h,
+    at::Tensor& grad_w) {
+  using acc = acc_type<scalar_t>;
+  const int64_t D = grad_h.size(1), cells = gh * gw;
   const int64_t max_h = grad_h.size(0), max_w = grad_w.size(0);
   scalar_t* out_h = grad_h.data_ptr<scalar_t>();
   scalar_t* out_w = grad_w.data_ptr<scalar_t>();
-  const int64_t work2 = std::max<int64_t>(chunks.count * std::max(gh, gw) * D, D);
-  const int64_t grain2 = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work2, 1));
-  at::parallel_for(0, max_h + max_w, grain2, [&](int64_t begin, int64_t end) {
+  const int64_t work = std::max<int64_t>(chunk_count * std::max(gh, gw) * D, D);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work, 1));
+  at::parallel_for(0, max_h + max_w, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc> s(D);
     for (int64_t r = begin; r < end; ++r) {
       const bool is_h = r < max_h;
@@ -199,12 +218,32 @@ void backward_kernel(
       const int64_t count = is_h ? gw : gh;
       const int64_t first = is_h ? line * gw : line;
       const int64_t step = is_h ? 1 : gw;
-      pos2d_add_math::sum_partials(s.data(), partials + first * D, D, chunks.count, cells * D, count, step * D);
+      pos2d_add_math::sum_partials(s.data(), partials + first * D, D, chunk_count, cells * D, count, step * D);
       for (int64_t d = 0; d < D; ++d) {
         out[d] = static_cast<scalar_t>(s[d]);
       }
     }
   });
+}
+
+template <typename scalar_t>
+void backward_kernel(
+    const at::Tensor& g,
+    at::Tensor& grad_h,
+    at::Tensor& grad_w,
+    int64_t gh,
+    int64_t gw,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  using acc = acc_type<scalar_t>;
+  const int64_t B = g.size(0), D = g.size(2);
+  const int64_t cells = gh * gw;
+  const pos2d_add_math::BatchChunks chunks = pos2d_add_math::batch_chunks(B, cells * D);
+  at::Tensor partials = at::empty({chunks.count, cells, D}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
+  sum_batch_chunks<scalar_t>(g, token_offset, cells, chunks, partials.data_ptr<acc>());
+  sum_table_rows<scalar_t>(
+      partials.const_data_ptr<acc>(), chunks.count, gh, gw, row_offset, col_offset, grad_h, grad_w);
 }
 
 std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_cpu(

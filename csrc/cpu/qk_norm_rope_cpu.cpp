@@ -18,11 +18,12 @@
 #include <torch/library.h>
 
 #include "common/op_utils.h"
+#include "common/static_switch.h"
 #include "cpu/rope2d_table.h"
 #include "math/qk_norm_rope_math.h"
 #include "math/rope2d_math.h"
-#include "ops/qk_norm_rope.h"
-#include "ops/rope2d.h"
+#include "ops/qk_norm_rope_impl.h"
+#include "ops/rope2d_impl.h"
 
 namespace jitrope {
 namespace {
@@ -32,7 +33,6 @@ namespace rm = rope2d_math;
 using detail::QkLayout;
 
 constexpr int64_t kGrainElems = 32768;  // elements of qk per parallel task, at least
-
 
 // Sum of squares of one row in a fixed order: 8 running sums over channels d = l (mod 8), added
 // pairwise at the end, so that the loop vectorizes for contiguous rows and the result does not
@@ -61,7 +61,9 @@ inline acc_t sum_squares(const scalar_t* x, int64_t sd, int64_t D) {
 // without rotation.
 template <typename acc_t>
 at::Tensor rotation_table(
-    const at::Tensor& qk, const std::optional<at::Tensor>& coords, const std::optional<at::Tensor>& freqs,
+    const at::Tensor& qk,
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& freqs,
     bool inverse) {
   if (!coords.has_value() || !coords->defined()) {
     return at::Tensor();
@@ -72,8 +74,14 @@ at::Tensor rotation_table(
 
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kContig>
 void forward_kernel(
-    const scalar_t* qk, const QkLayout& L, scalar_t* out, const acc_type<scalar_t>* w, const acc_type<scalar_t>* cos_t,
-    const acc_type<scalar_t>* sin_t, bool per_head, acc_type<scalar_t> eps) {
+    const scalar_t* qk,
+    const QkLayout& L,
+    scalar_t* out,
+    const acc_type<scalar_t>* w,
+    const acc_type<scalar_t>* cos_t,
+    const acc_type<scalar_t>* sin_t,
+    bool per_head,
+    acc_type<scalar_t> eps) {
   using acc_t = acc_type<scalar_t>;
   const int64_t D = L.D, half = D / 2, rows = 2 * L.B * L.H * L.N;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, D));
@@ -142,30 +150,50 @@ at::Tensor qk_norm_rope_cpu(
     const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, /*inverse=*/false);
     const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
     const acc_t* sin_t = rotate ? cos_t + table.numel() / 2 : nullptr;
-    with_bool(rotate, [&](auto rot_tag) {
-      with_bool(interleaved, [&](auto il_tag) {
-        with_bool(L.sd == 1, [&](auto contig_tag) {
-          forward_kernel<scalar_t, std::decay_t<decltype(rot_tag)>::value, std::decay_t<decltype(il_tag)>::value, std::decay_t<decltype(contig_tag)>::value>(
-              qk.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), cos_t,
-              sin_t, per_head, static_cast<acc_t>(eps));
-        });
-      });
+    JITROPE_BOOL_SWITCH3(rotate, kRotate, interleaved, kInterleaved, L.sd == 1, kContig, [&] {
+      forward_kernel<scalar_t, kRotate, kInterleaved, kContig>(
+          qk.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), cos_t, sin_t,
+          per_head, static_cast<acc_t>(eps));
     });
   });
   return out;
 }
 
+// What the backward's tasks read and write; the partials are [2, H, chunks, D] (math header).
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* g;  // grad_out, contiguous
+  const scalar_t* qk;
+  QkLayout L;
+  scalar_t* gx;         // grad_qk, contiguous
+  const acc_t* w;       // [2, D]
+  const acc_t* cos_t;   // [Hf, N, D/2], null without rotation
+  const acc_t* nsin_t;  // -sin, same layout
+  const acc_t* coords;  // [N, 2] when the freqs gradient is wanted, else null
+  bool per_head;
+  acc_t eps;
+  int64_t chunks, rpc;
+  acc_t* wpart;
+  acc_t* fpart;  // null without the freqs gradient
+};
+
 // One (s, h, chunk) task of the backward: grad_qk for its rows, and its weight partial wp[D] and,
 // with kFreqsGrad, its freqs partial fp[2 * D/2] (y-axis then x-axis).
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
 void backward_task(
-    const scalar_t* g, const scalar_t* qk, const QkLayout& L, scalar_t* gx, const acc_type<scalar_t>* w,
-    const acc_type<scalar_t>* cos_t, const acc_type<scalar_t>* nsin_t, const acc_type<scalar_t>* coords,
-    bool per_head, acc_type<scalar_t> eps, int64_t s, int64_t h, int64_t row0, int64_t row1,
-    acc_type<scalar_t>* wp, acc_type<scalar_t>* fp, std::vector<acc_type<scalar_t>>& scratch) {
+    const BackwardArgs<scalar_t>& a,
+    int64_t s,
+    int64_t h,
+    int64_t row0,
+    int64_t row1,
+    acc_type<scalar_t>* wp,
+    acc_type<scalar_t>* fp,
+    std::vector<acc_type<scalar_t>>& scratch) {
   using acc_t = acc_type<scalar_t>;
+  const QkLayout& L = a.L;
   const int64_t D = L.D, half = D / 2;
-  const acc_t* ws = w + s * D;
+  const acc_t* ws = a.w + s * D;
   std::fill(wp, wp + D, acc_t(0));
   if constexpr (kFreqsGrad) {
     std::fill(fp, fp + D, acc_t(0));
@@ -176,16 +204,16 @@ void backward_task(
   const int64_t sd = kContig ? 1 : L.sd;
   int64_t b = row0 / L.N, n = row0 % L.N;
   for (int64_t bn = row0; bn < row1; ++bn) {
-    const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
+    const scalar_t* x = a.qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
     const int64_t orow = ((s * L.B + b) * L.H + h) * L.N + n;  // row of the contiguous g and gx
-    const scalar_t* gr = g + orow * D;
-    scalar_t* gxr = gx + orow * D;
-    const acc_t inv = qm::inv_rms(sum_squares<kContig, scalar_t, acc_t>(x, sd, D), D, eps);
-    const int64_t trow = ((per_head ? h : 0) * L.N + n) * half;
+    const scalar_t* gr = a.g + orow * D;
+    scalar_t* gxr = a.gx + orow * D;
+    const acc_t inv = qm::inv_rms(sum_squares<kContig, scalar_t, acc_t>(x, sd, D), D, a.eps);
+    const int64_t trow = ((a.per_head ? h : 0) * L.N + n) * half;
     acc_t cy = 0, cx = 0;
     if constexpr (kFreqsGrad) {
-      cy = coords[2 * n];
-      cx = coords[2 * n + 1];
+      cy = a.coords[2 * n];
+      cx = a.coords[2 * n + 1];
     }
     acc_t dot = 0;
     for (int64_t m = 0; m < half; ++m) {
@@ -194,10 +222,9 @@ void backward_task(
       acc_t ga = static_cast<acc_t>(gr[ia]), gb = static_cast<acc_t>(gr[ib]);
       if constexpr (kRotate) {
         acc_t ra, rb;
-        rm::rotate(ga, gb, cos_t[trow + m], nsin_t[trow + m], ra, rb);  // dL/dy = R(-phi) dL/dout
+        rm::rotate(ga, gb, a.cos_t[trow + m], a.nsin_t[trow + m], ra, rb);  // dL/dy = R(-phi) dL/dout
         if constexpr (kFreqsGrad) {
-          const acc_t dphi =
-              rm::angle_grad(qm::normalize(xa, inv, ws[ia]), qm::normalize(xb, inv, ws[ib]), ra, rb);
+          const acc_t dphi = rm::angle_grad(qm::normalize(xa, inv, ws[ia]), qm::normalize(xb, inv, ws[ib]), ra, rb);
           fp[m] += rm::mul_rn(cy, dphi);
           fp[half + m] += rm::mul_rn(cx, dphi);
         }
@@ -224,6 +251,57 @@ void backward_task(
       ++b;
     }
   }
+}
+
+// Step 1 of the backward: every (s, h, chunk) task, in parallel; task = (s * H + h) * chunks + k is
+// also the index of its partials.
+template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
+void run_backward_tasks(const BackwardArgs<scalar_t>& a) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t D = a.L.D, BN = a.L.B * a.L.N;
+  const int64_t tasks = 2 * a.L.H * a.chunks;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, a.rpc * D));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(2 * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task % a.chunks, sh = task / a.chunks;
+      const int64_t h = sh % a.L.H, s = sh / a.L.H;
+      backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
+          a, s, h, k * a.rpc, std::min(BN, (k + 1) * a.rpc), a.wpart + task * D,
+          kFreqsGrad ? a.fpart + task * D : nullptr, scratch);
+    }
+  });
+}
+
+// Step 2: the partials to (grad_weight [2, D], grad_freqs [Hf, D] or undefined), in the
+// accumulation dtype and the fixed order of the math header.
+std::tuple<at::Tensor, at::Tensor> reduce_partials(
+    const at::Tensor& wpart, const at::Tensor& fpart, int64_t H, bool per_head) {
+  const int64_t chunks = wpart.size(2), D = wpart.size(3);
+  at::Tensor gw = at::empty({2, D}, wpart.options());
+  at::Tensor gf;
+  AT_DISPATCH_FLOATING_TYPES(wpart.scalar_type(), "qk_norm_rope_backward_cpu_reduce", [&] {
+    const scalar_t* wp = wpart.const_data_ptr<scalar_t>();
+    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+    for (int64_t s = 0; s < 2; ++s) {
+      for (int64_t d = 0; d < D; ++d) {
+        gwp[s * D + d] = qm::sum_weight_partials(wp, s, d, H, chunks, D);
+      }
+    }
+    if (!fpart.defined()) {
+      return;
+    }
+    const int64_t groups = per_head ? H : 1;
+    gf = at::empty({groups, D}, wpart.options());
+    const scalar_t* fpp = fpart.const_data_ptr<scalar_t>();
+    scalar_t* gfp = gf.mutable_data_ptr<scalar_t>();
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      for (int64_t e = 0; e < D; ++e) {
+        gfp[grp * D + e] = qm::sum_freqs_partials(fpp, grp, e, H, chunks, D, per_head);
+      }
+    }
+  });
+  return {gw, gf};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
@@ -254,61 +332,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
     const at::Tensor w = weight.to(acc).contiguous();
     const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, /*inverse=*/true);
     const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* nsin_t = rotate ? cos_t + table.numel() / 2 : nullptr;
     const at::Tensor c = freqs_grad ? coords->to(acc).contiguous() : at::Tensor();
-    const int64_t tasks = 2 * L.H * chunks;
-    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, rpc * D));
-    with_bool(rotate, [&](auto rot_tag) {
-      with_bool(interleaved, [&](auto il_tag) {
-        with_bool(freqs_grad, [&](auto fg_tag) {
-          constexpr bool kRotate = std::decay_t<decltype(rot_tag)>::value, kFreqsGrad = std::decay_t<decltype(fg_tag)>::value;
-          constexpr bool kInterleaved = std::decay_t<decltype(il_tag)>::value;
-          if constexpr (kRotate || !kFreqsGrad) {
-           with_bool(L.sd == 1, [&](auto contig_tag) {
-            constexpr bool kContig = std::decay_t<decltype(contig_tag)>::value;
-            at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-              std::vector<acc_t> scratch(2 * D);
-              for (int64_t task = begin; task < end; ++task) {
-                // task = (s * H + h) * chunks + k: the partials' own index.
-                const int64_t k = task % chunks, sh = task / chunks;
-                const int64_t h = sh % L.H, s = sh / L.H;
-                backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
-                    g.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), L,
-                    grad_qk.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), cos_t, nsin_t,
-                    kFreqsGrad ? c.const_data_ptr<acc_t>() : nullptr, per_head, static_cast<acc_t>(eps), s, h,
-                    k * rpc, std::min(BN, (k + 1) * rpc), wpart.mutable_data_ptr<acc_t>() + task * D,
-                    kFreqsGrad ? fpart.mutable_data_ptr<acc_t>() + task * D : nullptr, scratch);
-              }
-            });
-           });
-          }
-        });
-      });
+    const BackwardArgs<scalar_t> args{
+        g.const_data_ptr<scalar_t>(),
+        qk.const_data_ptr<scalar_t>(),
+        L,
+        grad_qk.mutable_data_ptr<scalar_t>(),
+        w.const_data_ptr<acc_t>(),
+        cos_t,
+        rotate ? cos_t + table.numel() / 2 : nullptr,
+        freqs_grad ? c.const_data_ptr<acc_t>() : nullptr,
+        per_head,
+        static_cast<acc_t>(eps),
+        chunks,
+        rpc,
+        wpart.mutable_data_ptr<acc_t>(),
+        freqs_grad ? fpart.mutable_data_ptr<acc_t>() : nullptr};
+    JITROPE_BOOL_SWITCH4(rotate, kRotate, interleaved, kInterleaved, freqs_grad, kFreqsGrad, L.sd == 1, kContig, [&] {
+      // The check refuses freqs_grad without rotation.
+      if constexpr (kRotate || !kFreqsGrad) {
+        run_backward_tasks<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(args);
+      }
     });
   });
-  // Partials to gradients, in the fixed order of the math header.
-  at::Tensor gw = at::empty({2, D}, wpart.options());
-  at::Tensor gf;
-  AT_DISPATCH_FLOATING_TYPES(acc, "qk_norm_rope_backward_cpu_reduce", [&] {
-    const scalar_t* wp = wpart.const_data_ptr<scalar_t>();
-    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
-    for (int64_t s = 0; s < 2; ++s) {
-      for (int64_t d = 0; d < D; ++d) {
-        gwp[s * D + d] = qm::sum_weight_partials(wp, s, d, L.H, chunks, D);
-      }
-    }
-    if (freqs_grad) {
-      const int64_t groups = per_head ? L.H : 1;
-      gf = at::empty({groups, D}, wpart.options());
-      const scalar_t* fpp = fpart.const_data_ptr<scalar_t>();
-      scalar_t* gfp = gf.mutable_data_ptr<scalar_t>();
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        for (int64_t e = 0; e < D; ++e) {
-          gfp[grp * D + e] = qm::sum_freqs_partials(fpp, grp, e, L.H, chunks, D, per_head);
-        }
-      }
-    }
-  });
+  const auto [gw, gf] = reduce_partials(wpart, fpart, L.H, per_head);
   auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
   return {grad_qk, grad_weight, grad_freqs};
 }

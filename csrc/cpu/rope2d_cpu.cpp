@@ -21,9 +21,10 @@
 #include <torch/library.h>
 
 #include "common/op_utils.h"
+#include "common/static_switch.h"
 #include "cpu/rope2d_table.h"
 #include "math/rope2d_math.h"
-#include "ops/rope2d.h"
+#include "ops/rope2d_impl.h"
 
 namespace jitrope {
 namespace {
@@ -48,10 +49,14 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 // run-time alias checks: distinct contiguous rows, one contiguous row in place, any strides.
 template <bool kInterleaved, typename scalar_t, typename acc_t>
 inline void rotate_row(
-    const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const acc_t* __restrict__ c,
-    const acc_t* __restrict__ s, int64_t half) {
+    const scalar_t* __restrict__ in,
+    scalar_t* __restrict__ out,
+    const acc_t* __restrict__ c,
+    const acc_t* __restrict__ s,
+    int64_t half) {
   for (int64_t m = 0; m < half; ++m) {
-    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
+                  ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
     rope2d_math::rotate(static_cast<acc_t>(in[ia]), static_cast<acc_t>(in[ib]), c[m], s[m], oa, ob);
     out[ia] = static_cast<scalar_t>(oa);
@@ -60,10 +65,10 @@ inline void rotate_row(
 }
 
 template <bool kInterleaved, typename scalar_t, typename acc_t>
-inline void rotate_row_in_place(
-    scalar_t* io, const acc_t* __restrict__ c, const acc_t* __restrict__ s, int64_t half) {
+inline void rotate_row_in_place(scalar_t* io, const acc_t* __restrict__ c, const acc_t* __restrict__ s, int64_t half) {
   for (int64_t m = 0; m < half; ++m) {
-    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
+                  ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
     rope2d_math::rotate(static_cast<acc_t>(io[ia]), static_cast<acc_t>(io[ib]), c[m], s[m], oa, ob);
     io[ia] = static_cast<scalar_t>(oa);
@@ -75,7 +80,8 @@ template <bool kInterleaved, typename scalar_t, typename acc_t>
 inline void rotate_row_strided(
     const scalar_t* in, int64_t in_cs, scalar_t* out, int64_t out_cs, const acc_t* c, const acc_t* s, int64_t half) {
   for (int64_t m = 0; m < half; ++m) {
-    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
+                  ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
     rope2d_math::rotate(static_cast<acc_t>(in[ia * in_cs]), static_cast<acc_t>(in[ib * in_cs]), c[m], s[m], oa, ob);
     out[ia * out_cs] = static_cast<scalar_t>(oa);
@@ -86,14 +92,22 @@ inline void rotate_row_strided(
 // One row of the backward with the angle gradient: gx = R(-phi) g (s holds -sin), dphi += dL/dphi.
 template <bool kInterleaved, bool kContig, typename scalar_t, typename acc_t>
 inline void rotate_row_angle_grad(
-    const scalar_t* __restrict__ g, int64_t g_cs, const scalar_t* __restrict__ x, int64_t x_cs,
-    scalar_t* __restrict__ gx, int64_t gx_cs, const acc_t* __restrict__ c, const acc_t* __restrict__ s,
-    acc_t* __restrict__ dphi, int64_t half) {
+    const scalar_t* __restrict__ g,
+    int64_t g_cs,
+    const scalar_t* __restrict__ x,
+    int64_t x_cs,
+    scalar_t* __restrict__ gx,
+    int64_t gx_cs,
+    const acc_t* __restrict__ c,
+    const acc_t* __restrict__ s,
+    acc_t* __restrict__ dphi,
+    int64_t half) {
   if constexpr (kContig) {
     g_cs = x_cs = gx_cs = 1;
   }
   for (int64_t m = 0; m < half; ++m) {
-    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half), ib = rope2d_math::channel_b<kInterleaved>(m, half);
+    const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
+                  ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
     rope2d_math::rotate(static_cast<acc_t>(g[ia * g_cs]), static_cast<acc_t>(g[ib * g_cs]), c[m], s[m], oa, ob);
     dphi[m] += rope2d_math::angle_grad(static_cast<acc_t>(x[ia * x_cs]), static_cast<acc_t>(x[ib * x_cs]), oa, ob);
@@ -184,10 +198,50 @@ struct RowCursor {
   }
 };
 
+// The rotation of every row of a RowWalk by its cos/sin table row: out = R(phi) in, out may be in.
+template <bool kInterleaved, typename scalar_t, typename acc_t>
+void rotate_rows(
+    const RowWalk& walk,
+    const scalar_t* in_p,
+    int64_t in_cs,
+    scalar_t* out_p,
+    int64_t out_cs,
+    const acc_t* cos_t,
+    const acc_t* sin_t,
+    int64_t half) {
+  const bool in_place = in_p == out_p;
+  const bool contig = in_cs == 1 && out_cs == 1;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
+  const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, walk.rows, grain, [&](int64_t begin, int64_t end) {
+    RowCursor row(walk, begin);
+    RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
+    for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
+      if (contig && r + prefetch_rows < end) {
+        prefetch_row(in_p + ahead.off[0], row_bytes);
+      }
+      const acc_t* cr = cos_t + row.off[2];
+      const acc_t* sr = sin_t + row.off[2];
+      if (contig && in_place) {
+        rotate_row_in_place<kInterleaved>(out_p + row.off[1], cr, sr, half);
+      } else if (contig) {
+        rotate_row<kInterleaved>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
+      } else {
+        rotate_row_strided<kInterleaved>(in_p + row.off[0], in_cs, out_p + row.off[1], out_cs, cr, sr, half);
+      }
+    }
+  });
+}
+
 // out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_).
 void rotate_cpu(
-    const at::Tensor& in, const at::Tensor& out, const at::Tensor& coords, const at::Tensor& freqs,
-    bool interleaved, bool inverse) {
+    const at::Tensor& in,
+    const at::Tensor& out,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    bool inverse) {
   const RowWalk walk = make_row_walk(in, out, freqs.dim() == 3);
   const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
@@ -196,42 +250,109 @@ void rotate_cpu(
     const at::Tensor table = cpu::angle_table<acc_t>(c, f, N, half, inverse);
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
     const acc_t* sin_t = cos_t + f.size(0) * N * half;
-    const scalar_t* in_p = in.const_data_ptr<scalar_t>();
-    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
-    const bool in_place = in_p == out_p;
-    const int64_t in_cs = in.stride(-1), out_cs = out.stride(-1);
-    const bool contig = in_cs == 1 && out_cs == 1;
-    const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
-    const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
-    const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
-    with_bool(interleaved, [&](auto interleaved_tag) {
-      constexpr bool kI = decltype(interleaved_tag)::value;
-      at::parallel_for(0, walk.rows, grain, [&](int64_t begin, int64_t end) {
-        RowCursor row(walk, begin);
-        RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
-        for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
-          if (contig && r + prefetch_rows < end) {
-            prefetch_row(in_p + ahead.off[0], row_bytes);
-          }
-          const acc_t* cr = cos_t + row.off[2];
-          const acc_t* sr = sin_t + row.off[2];
-          if (contig && in_place) {
-            rotate_row_in_place<kI>(out_p + row.off[1], cr, sr, half);
-          } else if (contig) {
-            rotate_row<kI>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
-          } else {
-            rotate_row_strided<kI>(in_p + row.off[0], in_cs, out_p + row.off[1], out_cs, cr, sr, half);
-          }
-        }
-      });
+    JITROPE_BOOL_SWITCH(interleaved, kInterleaved, [&] {
+      rotate_rows<kInterleaved>(
+          walk, in.const_data_ptr<scalar_t>(), in.stride(-1), out.mutable_data_ptr<scalar_t>(), out.stride(-1), cos_t,
+          sin_t, half);
     });
   });
 }
 
+// Step 1 of the backward with freqs: grad_x = R(-phi) grad_out for every row, and the angle
+// gradient dphi [Hf, N, D/2] (zeroed by the caller) summed over each group's planes in plane order.
+// In parallel over tokens: each thread owns its tokens' rows of dphi.
+template <bool kInterleaved, typename scalar_t, typename acc_t>
+void rotate_back_with_angle_grad(
+    const Rope2dGeometry& geo,
+    const scalar_t* g_p,
+    const scalar_t* x_p,
+    scalar_t* gx_p,
+    const acc_t* cos_t,
+    const acc_t* sin_t,
+    acc_t* dphi_p) {
+  const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group, groups = geo.groups;
+  const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1 && geo.channel_stride[2] == 1;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
+  const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
+  auto row = [&](int64_t g, int64_t n, const int64_t (&off)[kMaxTensors]) {
+    const scalar_t* gr = g_p + off[0] + n * geo.token_stride[0];
+    scalar_t* gxr = gx_p + off[1] + n * geo.token_stride[1];
+    const scalar_t* xr = x_p + off[2] + n * geo.token_stride[2];
+    const int64_t t = (g * N + n) * half;
+    if (contig) {
+      rotate_row_angle_grad<kInterleaved, true>(gr, 1, xr, 1, gxr, 1, cos_t + t, sin_t + t, dphi_p + t, half);
+    } else {
+      rotate_row_angle_grad<kInterleaved, false>(
+          gr, geo.channel_stride[0], xr, geo.channel_stride[2], gxr, geo.channel_stride[1], cos_t + t, sin_t + t,
+          dphi_p + t, half);
+    }
+  };
+  // Either loop order sums each (group, token) row over the planes in plane order; take the one
+  // closer to memory order (tokens outermost for a [B, N, 3, H, D] qkv view).
+  int64_t inner_plane_stride = std::numeric_limits<int64_t>::max();
+  if (geo.planes.ndim > 0) {
+    inner_plane_stride = std::abs(geo.planes.strides[0][0]);
+  }
+  if (groups > 1) {
+    inner_plane_stride = std::min(inner_plane_stride, std::abs(geo.group_stride[0]));
+  }
+  const bool tokens_outer = std::abs(geo.token_stride[0]) > inner_plane_stride;
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    int64_t off[kMaxTensors];
+    if (tokens_outer) {
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t g = 0; g < groups; ++g) {
+          for (int64_t q = 0; q < P; ++q) {
+            plane_offsets(geo, g, q, off);
+            row(g, n, off);
+          }
+        }
+      }
+      return;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t q = 0; q < P; ++q) {
+        plane_offsets(geo, g, q, off);
+        for (int64_t n = n0; n < n1; ++n) {
+          if (contig && n + prefetch_rows < n1) {
+            prefetch_row(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
+            prefetch_row(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
+          }
+          row(g, n, off);
+        }
+      }
+    }
+  });
+}
+
+// Step 2: grad_freqs[g, 0, m] = sum_n y_n dphi[g, n, m], grad_freqs[g, 1, m] = sum_n x_n dphi[g, n, m],
+// tokens in order, into `out` [Hf, 2, D/2] (zeroed by the caller).
+template <typename acc_t>
+void reduce_freqs_grad(const acc_t* c_p, const acc_t* dphi_p, int64_t groups, int64_t N, int64_t half, acc_t* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    acc_t* gy = out + 2 * g * half;
+    acc_t* gxx = gy + half;
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t* d = dphi_p + (g * N + n) * half;
+      const acc_t y = c_p[2 * n], xc = c_p[2 * n + 1];
+      for (int64_t m = 0; m < half; ++m) {
+        gy[m] += y * d[m];
+        gxx[m] += xc * d[m];
+      }
+    }
+  }
+}
+
 // grad_x = grad_out rotated by -phi and grad_freqs from x (the forward input).
 void backward_with_freqs_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& grad_x, const at::Tensor& grad_freqs,
-    const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& grad_x,
+    const at::Tensor& grad_freqs,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved) {
   const bool per_head = freqs.dim() == 3;
   Rope2dGeometry geo;
   if (!detail::make_rope2d_geometry({&grad_out, &grad_x, &x}, per_head, geo)) {
@@ -243,87 +364,18 @@ void backward_with_freqs_cpu(
   const auto [c, f] = detail::rope2d_acc_tables(grad_out, coords, freqs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "rope2d_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group, groups = geo.groups;
+    const int64_t N = geo.n_tokens, half = geo.half, groups = geo.groups;
     const at::Tensor table = cpu::angle_table<acc_t>(c, f, N, half, /*inverse=*/true);
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
-    const acc_t* sin_t = cos_t + groups * N * half;
     at::Tensor dphi = at::zeros({groups, N, half}, c.options());
-    acc_t* dphi_p = dphi.mutable_data_ptr<acc_t>();
-    const scalar_t* g_p = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* x_p = x.const_data_ptr<scalar_t>();
-    scalar_t* gx_p = grad_x.mutable_data_ptr<scalar_t>();
-    const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1 && geo.channel_stride[2] == 1;
-    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
-    const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
-    const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
-    with_bool(interleaved, [&](auto interleaved_tag) {
-      constexpr bool kI = decltype(interleaved_tag)::value;
-      auto row = [&](int64_t g, int64_t n, const int64_t (&off)[kMaxTensors]) {
-        const scalar_t* gr = g_p + off[0] + n * geo.token_stride[0];
-        scalar_t* gxr = gx_p + off[1] + n * geo.token_stride[1];
-        const scalar_t* xr = x_p + off[2] + n * geo.token_stride[2];
-        const int64_t t = (g * N + n) * half;
-        if (contig) {
-          rotate_row_angle_grad<kI, true>(gr, 1, xr, 1, gxr, 1, cos_t + t, sin_t + t, dphi_p + t, half);
-        } else {
-          rotate_row_angle_grad<kI, false>(
-              gr, geo.channel_stride[0], xr, geo.channel_stride[2], gxr, geo.channel_stride[1], cos_t + t,
-              sin_t + t, dphi_p + t, half);
-        }
-      };
-      // Either loop order sums each (group, token) row over the planes in plane order; take the one
-      // closer to memory order (tokens outermost for a [B, N, 3, H, D] qkv view).
-      int64_t inner_plane_stride = std::numeric_limits<int64_t>::max();
-      if (geo.planes.ndim > 0) {
-        inner_plane_stride = std::abs(geo.planes.strides[0][0]);
-      }
-      if (groups > 1) {
-        inner_plane_stride = std::min(inner_plane_stride, std::abs(geo.group_stride[0]));
-      }
-      const bool tokens_outer = std::abs(geo.token_stride[0]) > inner_plane_stride;
-      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-        int64_t off[kMaxTensors];
-        if (tokens_outer) {
-          for (int64_t n = n0; n < n1; ++n) {
-            for (int64_t g = 0; g < groups; ++g) {
-              for (int64_t q = 0; q < P; ++q) {
-                plane_offsets(geo, g, q, off);
-                row(g, n, off);
-              }
-            }
-          }
-        } else {
-          for (int64_t g = 0; g < groups; ++g) {
-            for (int64_t q = 0; q < P; ++q) {
-              plane_offsets(geo, g, q, off);
-              for (int64_t n = n0; n < n1; ++n) {
-                if (contig && n + prefetch_rows < n1) {
-                  prefetch_row(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
-                  prefetch_row(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
-                }
-                row(g, n, off);
-              }
-            }
-          }
-        }
-      });
+    JITROPE_BOOL_SWITCH(interleaved, kInterleaved, [&] {
+      rotate_back_with_angle_grad<kInterleaved>(
+          geo, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+          cos_t, cos_t + groups * N * half, dphi.mutable_data_ptr<acc_t>());
     });
-    // grad_freqs[g, 0, m] = sum_n y_n dphi[g, n, m], grad_freqs[g, 1, m] = sum_n x_n dphi[g, n, m].
     at::Tensor acc = at::zeros({groups, 2, half}, c.options());
-    acc_t* acc_p = acc.mutable_data_ptr<acc_t>();
-    const acc_t* c_p = c.const_data_ptr<acc_t>();
-    for (int64_t g = 0; g < groups; ++g) {
-      acc_t* gy = acc_p + 2 * g * half;
-      acc_t* gxx = gy + half;
-      for (int64_t n = 0; n < N; ++n) {
-        const acc_t* d = dphi_p + (g * N + n) * half;
-        const acc_t y = c_p[2 * n], xc = c_p[2 * n + 1];
-        for (int64_t m = 0; m < half; ++m) {
-          gy[m] += y * d[m];
-          gxx[m] += xc * d[m];
-        }
-      }
-    }
+    reduce_freqs_grad(
+        c.const_data_ptr<acc_t>(), dphi.const_data_ptr<acc_t>(), groups, N, half, acc.mutable_data_ptr<acc_t>());
     grad_freqs.copy_(acc.view(grad_freqs.sizes()));
   });
 }

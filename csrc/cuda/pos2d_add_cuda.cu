@@ -26,7 +26,7 @@
 #include "common/op_utils.h"
 #include "cuda/vector_pack.cuh"
 #include "math/pos2d_add_math.h"
-#include "ops/pos2d_add.h"
+#include "ops/pos2d_add_impl.h"
 
 namespace jitrope {
 namespace {
@@ -123,12 +123,22 @@ void launch_forward(
   const int64_t tokens = grid_rows_only ? cells : N;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_cuda", [&] {
     const ForwardArgs<scalar_t> a{
-        x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
-        out.data_ptr<scalar_t>(), out.stride(0), out.stride(1),
-        ph.const_data_ptr<scalar_t>(), pw.const_data_ptr<scalar_t>(),
-        D, t_begin, token_offset, cells, grid[1], row_offset, col_offset};
-    const int V = pack_width<scalar_t>(
-        D, {a.x_sb, a.x_st, a.out_sb, a.out_st}, {a.x, a.out, a.pos_h, a.pos_w});
+        x.const_data_ptr<scalar_t>(),
+        x.stride(0),
+        x.stride(1),
+        out.data_ptr<scalar_t>(),
+        out.stride(0),
+        out.stride(1),
+        ph.const_data_ptr<scalar_t>(),
+        pw.const_data_ptr<scalar_t>(),
+        D,
+        t_begin,
+        token_offset,
+        cells,
+        grid[1],
+        row_offset,
+        col_offset};
+    const int V = pack_width<scalar_t>(D, {a.x_sb, a.x_st, a.out_sb, a.out_st}, {a.x, a.out, a.pos_h, a.pos_w});
     if (V > 1) {
       launch_forward_packed<scalar_t, 16 / sizeof(scalar_t)>(a, B, tokens, N);
     } else {
@@ -263,7 +273,10 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_table_grads_kernel(
 
 template <typename scalar_t, int V>
 void launch_partials(
-    const at::Tensor& g, int64_t token_offset, int64_t cells, const pos2d_add_math::BatchChunks& chunks,
+    const at::Tensor& g,
+    int64_t token_offset,
+    int64_t cells,
+    const pos2d_add_math::BatchChunks& chunks,
     acc_type<scalar_t>* partials) {
   const int64_t packs = g.size(2) / V;
   const int64_t items = chunks.count * cells * packs;
@@ -271,8 +284,8 @@ void launch_partials(
     return;
   }
   pos2d_add_partials_kernel<scalar_t, V><<<grid_blocks(items), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      g.const_data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.size(0), token_offset, cells, packs,
-      chunks.size, items, partials);
+      g.const_data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.size(0), token_offset, cells, packs, chunks.size, items,
+      partials);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

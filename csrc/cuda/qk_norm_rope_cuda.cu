@@ -21,10 +21,11 @@
 #include <torch/library.h>
 
 #include "common/op_utils.h"
+#include "common/static_switch.h"
 #include "math/qk_norm_rope_math.h"
 #include "math/rope2d_math.h"
-#include "ops/qk_norm_rope.h"
-#include "ops/rope2d.h"
+#include "ops/qk_norm_rope_impl.h"
+#include "ops/rope2d_impl.h"
 
 namespace jitrope {
 namespace {
@@ -39,7 +40,6 @@ constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kMaxPairsPerLane = 8;
 constexpr int64_t kMaxD = 2 * kWarpSize * kMaxPairsPerLane;  // 512
 constexpr int64_t kMaxBlocks = 65535LL * 1024;
-
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -61,16 +61,19 @@ struct Tables {
 };
 
 template <typename acc_t>
-__device__ __forceinline__ void pair_sin_cos(const Tables<acc_t>& t, int64_t h, int64_t n, int64_t m, int64_t half,
-                                             acc_t& c, acc_t& s) {
+__device__ __forceinline__ void pair_sin_cos(
+    const Tables<acc_t>& t, int64_t h, int64_t n, int64_t m, int64_t half, acc_t& c, acc_t& s) {
   const acc_t* fy = t.freqs + 2 * (t.per_head ? h : 0) * half;
   rm::sin_cos(rm::angle(t.coords[2 * n], t.coords[2 * n + 1], fy[m], fy[half + m]), &s, &c);
 }
 
 template <typename scalar_t, int kPairs, bool kRotate, bool kInterleaved>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_cuda_kernel(
-    const scalar_t* __restrict__ qk, const QkLayout L, scalar_t* __restrict__ out,
-    const Tables<acc_type<scalar_t>> t, const int64_t rows) {
+    const scalar_t* __restrict__ qk,
+    const QkLayout L,
+    scalar_t* __restrict__ out,
+    const Tables<acc_type<scalar_t>> t,
+    const int64_t rows) {
   using acc_t = acc_type<scalar_t>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t half = L.D / 2;
@@ -124,9 +127,15 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_cuda_kernel(
 // wpart gets sum dL/dy * xhat per channel, fpart (kFreqsGrad) sum y_n dL/dphi then x_n dL/dphi.
 template <typename scalar_t, int kPairs, bool kRotate, bool kInterleaved, bool kFreqsGrad>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
-    const scalar_t* __restrict__ g, const scalar_t* __restrict__ qk, const QkLayout L,
-    scalar_t* __restrict__ gx, const Tables<acc_type<scalar_t>> t, const int64_t chunks, const int64_t rpc,
-    acc_type<scalar_t>* __restrict__ wpart, acc_type<scalar_t>* __restrict__ fpart) {
+    const scalar_t* __restrict__ g,
+    const scalar_t* __restrict__ qk,
+    const QkLayout L,
+    scalar_t* __restrict__ gx,
+    const Tables<acc_type<scalar_t>> t,
+    const int64_t chunks,
+    const int64_t rpc,
+    acc_type<scalar_t>* __restrict__ wpart,
+    acc_type<scalar_t>* __restrict__ fpart) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t red[kWarps][kMaxD];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -172,8 +181,8 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
           pair_sin_cos(t, h, n, m, half, c, sn);
           rm::rotate(ga[j], gb[j], c, -sn, ra, rb);  // dL/dy = R(-phi) dL/dout
           if constexpr (kFreqsGrad) {
-            const acc_t dphi = rm::angle_grad(
-                qm::normalize(xa[j], inv, ws[ia]), qm::normalize(xb[j], inv, ws[ib]), ra, rb);
+            const acc_t dphi =
+                rm::angle_grad(qm::normalize(xa[j], inv, ws[ia]), qm::normalize(xb[j], inv, ws[ib]), ra, rb);
             fy[j] += rm::mul_rn(t.coords[2 * n], dphi);
             fx[j] += rm::mul_rn(t.coords[2 * n + 1], dphi);
           }
@@ -195,8 +204,10 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
     for (int j = 0; j < kPairs; ++j) {
       const int64_t m = lane + kWarpSize * j;
       if (m < half) {
-        gxr[rm::channel_a<kInterleaved>(m, half)] = static_cast<scalar_t>(qm::norm_input_grad(ga[j], xa[j], inv, mean_dot));
-        gxr[rm::channel_b<kInterleaved>(m, half)] = static_cast<scalar_t>(qm::norm_input_grad(gb[j], xb[j], inv, mean_dot));
+        gxr[rm::channel_a<kInterleaved>(m, half)] =
+            static_cast<scalar_t>(qm::norm_input_grad(ga[j], xa[j], inv, mean_dot));
+        gxr[rm::channel_b<kInterleaved>(m, half)] =
+            static_cast<scalar_t>(qm::norm_input_grad(gb[j], xb[j], inv, mean_dot));
       }
     }
   }
@@ -242,8 +253,14 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
 // Partials to gradients: item i < 2D is grad_weight[i / D][i % D], then groups * D freqs entries.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_reduce_kernel(
-    const acc_t* __restrict__ wpart, const acc_t* __restrict__ fpart, acc_t* __restrict__ gw,
-    acc_t* __restrict__ gf, const int64_t H, const int64_t chunks, const int64_t D, const int64_t groups,
+    const acc_t* __restrict__ wpart,
+    const acc_t* __restrict__ fpart,
+    acc_t* __restrict__ gw,
+    acc_t* __restrict__ gf,
+    const int64_t H,
+    const int64_t chunks,
+    const int64_t D,
+    const int64_t groups,
     const bool per_head) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i < 2 * D) {
@@ -254,25 +271,68 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_reduce_kernel(
   }
 }
 
-template <typename F>
-void with_pairs(int64_t half, F&& f) {
-  const int64_t per_lane = (half + kWarpSize - 1) / kWarpSize;
-  if (per_lane <= 1) {
-    f(std::integral_constant<int, 1>{});
-  } else if (per_lane <= 2) {
-    f(std::integral_constant<int, 2>{});
-  } else if (per_lane <= 4) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
-  }
-}
+// kPairs, the channel pairs per lane, for rows of HALF pairs: the smallest of 1, 2, 4, 8 that covers
+// them (D <= kMaxD is checked first). The body is a lambda, as in common/static_switch.h.
+#define QK_PAIRS_SWITCH(HALF, NAME, ...)                            \
+  [&] {                                                             \
+    const int64_t per_lane_ = ((HALF) + kWarpSize - 1) / kWarpSize; \
+    if (per_lane_ <= 1) {                                           \
+      constexpr int NAME = 1;                                       \
+      return __VA_ARGS__();                                         \
+    } else if (per_lane_ <= 2) {                                    \
+      constexpr int NAME = 2;                                       \
+      return __VA_ARGS__();                                         \
+    } else if (per_lane_ <= 4) {                                    \
+      constexpr int NAME = 4;                                       \
+      return __VA_ARGS__();                                         \
+    }                                                               \
+    constexpr int NAME = 8;                                         \
+    return __VA_ARGS__();                                           \
+  }()
 
 void check_cuda_head_dim(const char* op, const at::Tensor& qk) {
   TORCH_CHECK(
       qk.size(4) <= kMaxD, op, ": the CUDA kernel takes head dims D <= ", kMaxD, ", got D = ", qk.size(4),
       " in qk of shape ", qk.sizes());
   TORCH_CHECK(qk.size(2) <= 65535, op, ": the CUDA kernel takes at most 65535 heads, got H = ", qk.size(2));
+}
+
+// The angle tables in the accumulation type (unset without rotation) and the Tables view of them.
+template <typename acc_t>
+struct AccTables {
+  at::Tensor w, c, f;
+  Tables<acc_t> view;
+};
+
+template <typename acc_t>
+AccTables<acc_t> acc_tables(
+    const at::Tensor& qk,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& freqs,
+    double eps) {
+  AccTables<acc_t> t;
+  t.w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
+  const bool rotate = coords.has_value() && coords->defined();
+  if (rotate) {
+    std::tie(t.c, t.f) = detail::rope2d_acc_tables(qk, *coords, *freqs);
+  }
+  t.view = Tables<acc_t>{
+      t.w.template const_data_ptr<acc_t>(), rotate ? t.c.template const_data_ptr<acc_t>() : nullptr,
+      rotate ? t.f.template const_data_ptr<acc_t>() : nullptr, rotate && freqs->dim() == 3, static_cast<acc_t>(eps)};
+  return t;
+}
+
+template <typename scalar_t, bool kRotate, bool kInterleaved>
+void launch_forward(const at::Tensor& qk, const QkLayout& L, at::Tensor& out, const Tables<acc_type<scalar_t>>& t) {
+  const int64_t rows = 2 * L.B * L.H * L.N;
+  const int64_t blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxBlocks);
+  QK_PAIRS_SWITCH(L.D / 2, kPairs, [&] {
+    qk_norm_rope_cuda_kernel<scalar_t, kPairs, kRotate, kInterleaved>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            qk.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), t, rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 at::Tensor qk_norm_rope_cuda(
@@ -292,32 +352,55 @@ at::Tensor qk_norm_rope_cuda(
   }
   const bool rotate = coords.has_value() && coords->defined();
   const QkLayout L = detail::qk_layout(qk);
-  const int64_t rows = 2 * L.B * L.H * L.N;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const at::Tensor w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
-    at::Tensor c, f;
-    if (rotate) {
-      std::tie(c, f) = detail::rope2d_acc_tables(qk, *coords, *freqs);
-    }
-    const Tables<acc_t> t{
-        w.const_data_ptr<acc_t>(), rotate ? c.const_data_ptr<acc_t>() : nullptr,
-        rotate ? f.const_data_ptr<acc_t>() : nullptr, rotate && freqs->dim() == 3, static_cast<acc_t>(eps)};
-    const int64_t blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxBlocks);
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    with_pairs(L.D / 2, [&](auto pairs_tag) {
-      with_bool(rotate, [&](auto rot_tag) {
-        with_bool(interleaved, [&](auto il_tag) {
-          qk_norm_rope_cuda_kernel<scalar_t, std::decay_t<decltype(pairs_tag)>::value, std::decay_t<decltype(rot_tag)>::value,
-                                   std::decay_t<decltype(il_tag)>::value>
-              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-                  qk.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), t, rows);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
+    const auto t = acc_tables<acc_type<scalar_t>>(qk, weight, coords, freqs, eps);
+    JITROPE_BOOL_SWITCH2(rotate, kRotate, interleaved, kInterleaved, [&] {
+      launch_forward<scalar_t, kRotate, kInterleaved>(qk, L, out, t.view);
     });
   });
   return out;
+}
+
+// Step 1 of the backward: grad_qk and the [2, H, chunks, D] weight (and freqs) partials.
+template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad>
+void launch_backward(
+    const at::Tensor& g,
+    const at::Tensor& qk,
+    const QkLayout& L,
+    at::Tensor& grad_qk,
+    const Tables<acc_type<scalar_t>>& t,
+    int64_t chunks,
+    int64_t rpc,
+    at::Tensor& wpart,
+    at::Tensor& fpart) {
+  using acc_t = acc_type<scalar_t>;
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(L.H), 2);
+  QK_PAIRS_SWITCH(L.D / 2, kPairs, [&] {
+    qk_norm_rope_backward_cuda_kernel<scalar_t, kPairs, kRotate, kInterleaved, kFreqsGrad>
+        <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            g.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), L, grad_qk.mutable_data_ptr<scalar_t>(), t,
+            chunks, rpc, wpart.mutable_data_ptr<acc_t>(), kFreqsGrad ? fpart.mutable_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Step 2: the partials to grad_weight [2, D] and grad_freqs [Hf, D] (when fpart is defined), in the
+// accumulation dtype and the fixed order of the math header.
+template <typename acc_t>
+void reduce_partials(
+    const at::Tensor& wpart, const at::Tensor& fpart, at::Tensor& gw, at::Tensor& gf, int64_t groups, bool per_head) {
+  const int64_t H = wpart.size(1), chunks = wpart.size(2), D = wpart.size(3);
+  const bool freqs_grad = fpart.defined();
+  const int64_t items = 2 * D + (freqs_grad ? groups * D : 0);
+  if (items == 0) {
+    return;
+  }
+  qk_norm_rope_reduce_kernel<acc_t>
+      <<<static_cast<unsigned>((items + kThreads - 1) / kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          wpart.const_data_ptr<acc_t>(), freqs_grad ? fpart.const_data_ptr<acc_t>() : nullptr,
+          gw.mutable_data_ptr<acc_t>(), freqs_grad ? gf.mutable_data_ptr<acc_t>() : nullptr, H, chunks, D, groups,
+          per_head);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
@@ -346,46 +429,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
   at::Tensor fpart = freqs_grad ? at::empty({2, L.H, chunks, D}, qk.options().dtype(acc)) : at::Tensor();
   at::Tensor gw = at::empty({2, D}, qk.options().dtype(acc));
   at::Tensor gf = freqs_grad ? at::empty({groups, D}, qk.options().dtype(acc)) : at::Tensor();
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const at::Tensor w = weight.to(acc).contiguous();
-    at::Tensor c, f;
-    if (rotate) {
-      std::tie(c, f) = detail::rope2d_acc_tables(qk, *coords, *freqs);
-    }
-    const Tables<acc_t> t{
-        w.const_data_ptr<acc_t>(), rotate ? c.const_data_ptr<acc_t>() : nullptr,
-        rotate ? f.const_data_ptr<acc_t>() : nullptr, per_head, static_cast<acc_t>(eps)};
+    const auto t = acc_tables<acc_t>(qk, weight, coords, freqs, eps);
     if (chunks > 0 && L.H > 0 && D > 0) {
-      const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(L.H), 2);
-      with_pairs(D / 2, [&](auto pairs_tag) {
-        with_bool(rotate, [&](auto rot_tag) {
-          with_bool(interleaved, [&](auto il_tag) {
-            with_bool(freqs_grad, [&](auto fg_tag) {
-              constexpr bool kRotate = std::decay_t<decltype(rot_tag)>::value, kFreqsGrad = std::decay_t<decltype(fg_tag)>::value;
-              if constexpr (kRotate || !kFreqsGrad) {
-                qk_norm_rope_backward_cuda_kernel<scalar_t, std::decay_t<decltype(pairs_tag)>::value, kRotate,
-                                                  std::decay_t<decltype(il_tag)>::value, kFreqsGrad>
-                    <<<grid, kThreads, 0, stream>>>(
-                        g.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), L,
-                        grad_qk.mutable_data_ptr<scalar_t>(), t, chunks, rpc, wpart.mutable_data_ptr<acc_t>(),
-                        kFreqsGrad ? fpart.mutable_data_ptr<acc_t>() : nullptr);
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
-              }
-            });
-          });
-        });
+      JITROPE_BOOL_SWITCH3(rotate, kRotate, interleaved, kInterleaved, freqs_grad, kFreqsGrad, [&] {
+        // The check refuses freqs_grad without rotation.
+        if constexpr (kRotate || !kFreqsGrad) {
+          launch_backward<scalar_t, kRotate, kInterleaved, kFreqsGrad>(
+              g, qk, L, grad_qk, t.view, chunks, rpc, wpart, fpart);
+        }
       });
     }
-    const int64_t items = 2 * D + (freqs_grad ? groups * D : 0);
-    if (items > 0) {
-      qk_norm_rope_reduce_kernel<acc_t><<<static_cast<unsigned>((items + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          wpart.const_data_ptr<acc_t>(), freqs_grad ? fpart.const_data_ptr<acc_t>() : nullptr,
-          gw.mutable_data_ptr<acc_t>(), freqs_grad ? gf.mutable_data_ptr<acc_t>() : nullptr, L.H, chunks, D, groups,
-          per_head);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    reduce_partials<acc_t>(wpart, fpart, gw, gf, groups, per_head);
   });
   auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
   return {grad_qk, grad_weight, grad_freqs};

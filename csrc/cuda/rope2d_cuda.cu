@@ -22,8 +22,9 @@
 #include <torch/library.h>
 
 #include "common/op_utils.h"
+#include "common/static_switch.h"
 #include "math/rope2d_math.h"
-#include "ops/rope2d.h"
+#include "ops/rope2d_impl.h"
 
 namespace jitrope {
 namespace {
@@ -215,8 +216,7 @@ __global__ void __launch_bounds__(kThreads) rope2d_cuda_kernel(
             sx[t] += red[src][kPairs + t];
           }
         }
-        acc_t* dst = partial +
-            ((static_cast<int64_t>(blockIdx.y) * gridDim.z + g) * gridDim.x + blockIdx.x) * 2 * half;
+        acc_t* dst = partial + ((static_cast<int64_t>(blockIdx.y) * gridDim.z + g) * gridDim.x + blockIdx.x) * 2 * half;
         JITROPE_UNROLL
         for (int t = 0; t < kPairs; ++t) {
           dst[j * kPairs + t] = sy[t];
@@ -260,11 +260,95 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// How rotate_cuda launches the main kernel: block (bdx, bdy) = (pair items of a row, tokens), grid
+// (token tiles, plane chunks, groups). Fixed numbers, not the device's SM count, so that the
+// freqs-gradient reduction order is device-independent.
+struct LaunchShape {
+  bool vectorized;
+  int bdx, bdy;
+  int64_t token_tiles, planes_per_block, chunks;
+};
+
+// Vector access needs channel stride 1, pairs split evenly into 16-byte vectors and every row
+// start aligned, in every tensor the kernel touches.
+template <typename scalar_t>
+LaunchShape launch_shape(
+    const Rope2dGeometry& geo,
+    const scalar_t* const (&ptrs)[kMaxTensors],
+    int n_ptrs,
+    bool interleaved,
+    bool angle_grad) {
+  constexpr int64_t kVec = 16 / sizeof(scalar_t);
+  const int64_t half = geo.half, groups = geo.groups, planes = geo.planes_per_group;
+  LaunchShape ls{};
+  ls.vectorized = interleaved ? (2 * half) % kVec == 0 : half % kVec == 0;
+  for (int t = 0; t < n_ptrs; ++t) {
+    ls.vectorized = ls.vectorized && geo.channel_stride[t] == 1 && reinterpret_cast<uintptr_t>(ptrs[t]) % 16 == 0 &&
+        geo.token_stride[t] % kVec == 0 && geo.group_stride[t] % kVec == 0;
+    for (int d = 0; d < geo.planes.ndim; ++d) {
+      ls.vectorized = ls.vectorized && geo.planes.strides[d][t] % kVec == 0;
+    }
+  }
+  const int64_t pairs_per_item = ls.vectorized ? (interleaved ? kVec / 2 : kVec) : 1;
+  const int64_t items = half / pairs_per_item;
+  ls.bdx = static_cast<int>(std::min<int64_t>(items, kThreads));
+  ls.bdy = kThreads / ls.bdx;
+  ls.token_tiles = ceil_div(geo.n_tokens, ls.bdy);
+  // Enough blocks to fill any GPU, each reusing its sin/cos over a few planes.
+  ls.planes_per_block = ceil_div(planes * ls.token_tiles * groups, kTargetBlocks);
+  ls.planes_per_block =
+      std::max(ls.planes_per_block, std::min(planes, angle_grad ? kMinPlanesPerBlockAngleGrad : kMinPlanesPerBlock));
+  ls.planes_per_block = std::max(ls.planes_per_block, ceil_div(planes, kMaxGridY));
+  ls.chunks = ceil_div(planes, ls.planes_per_block);
+  return ls;
+}
+
+// Step 1: the rotation (and, with x, the per-block freqs partials [chunk, group, token tile, 2, D/2]).
+template <typename scalar_t>
+void launch_rotate(
+    const Rope2dGeometry& geo,
+    const LaunchShape& ls,
+    const scalar_t* in,
+    scalar_t* out,
+    const scalar_t* x,
+    const acc_type<scalar_t>* c,
+    const acc_type<scalar_t>* f,
+    acc_type<scalar_t>* partial,
+    bool interleaved,
+    bool inverse) {
+  const dim3 grid(
+      static_cast<unsigned>(ls.token_tiles), static_cast<unsigned>(ls.chunks), static_cast<unsigned>(geo.groups));
+  const dim3 block(ls.bdx, ls.bdy);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  JITROPE_BOOL_SWITCH3(ls.vectorized, kVectorized, interleaved, kInterleaved, x != nullptr, kAngleGrad, [&] {
+    rope2d_cuda_kernel<scalar_t, kVectorized, kInterleaved, kAngleGrad>
+        <<<grid, block, 0, stream>>>(in, out, x, c, f, partial, geo, ls.planes_per_block, inverse);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Step 2: the partials to the freqs gradient [Hf, 2, D/2] in the accumulation dtype.
+template <typename acc_t>
+at::Tensor reduce_freqs_grad(const at::Tensor& partial, const Rope2dGeometry& geo, const LaunchShape& ls) {
+  at::Tensor grad = at::empty({geo.groups, 2, geo.half}, partial.options());
+  rope2d_freqs_grad_kernel<acc_t>
+      <<<static_cast<unsigned>(geo.groups * 2 * geo.half), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          partial.const_data_ptr<acc_t>(), grad.mutable_data_ptr<acc_t>(), ls.chunks, geo.groups, ls.token_tiles,
+          geo.half);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad;
+}
+
 // Rotates `in` into `out` by phi (or -phi when `inverse`); with the forward input `x`, rotates by
 // -phi and returns the freqs gradient [Hf, 2, D/2] in the accumulation dtype.
 at::Tensor rotate_cuda(
-    const at::Tensor& in, const at::Tensor& out, const at::Tensor* x, const at::Tensor& coords,
-    const at::Tensor& freqs, bool interleaved, bool inverse) {
+    const at::Tensor& in,
+    const at::Tensor& out,
+    const at::Tensor* x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    bool inverse) {
   const bool per_head = freqs.dim() == 3;
   Rope2dGeometry geo;
   const bool fits = x != nullptr ? detail::make_rope2d_geometry({&in, &out, x}, per_head, geo)
@@ -277,62 +361,25 @@ at::Tensor rotate_cuda(
     return grad;
   }
   const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
-  const int64_t half = geo.half, groups = geo.groups, planes = geo.planes_per_group;
-  TORCH_CHECK(groups <= kMaxGridY, "rope2d: the CUDA kernel takes at most 65535 heads with per-head freqs, got ", groups);
+  TORCH_CHECK(
+      geo.groups <= kMaxGridY, "rope2d: the CUDA kernel takes at most 65535 heads with per-head freqs, got ",
+      geo.groups);
   at::Tensor grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    constexpr int64_t kVec = 16 / sizeof(scalar_t);
-    // Vector access: channel stride 1, pairs split evenly into vectors, every row start aligned.
-    bool vectorized = interleaved ? (2 * half) % kVec == 0 : half % kVec == 0;
     const scalar_t* ptrs[kMaxTensors] = {
         in.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
         x != nullptr ? x->const_data_ptr<scalar_t>() : nullptr};
-    for (int t = 0; t < (x != nullptr ? 3 : 2); ++t) {
-      vectorized = vectorized && geo.channel_stride[t] == 1 && reinterpret_cast<uintptr_t>(ptrs[t]) % 16 == 0 &&
-          geo.token_stride[t] % kVec == 0 && geo.group_stride[t] % kVec == 0;
-      for (int d = 0; d < geo.planes.ndim; ++d) {
-        vectorized = vectorized && geo.planes.strides[d][t] % kVec == 0;
-      }
-    }
-    const int64_t pairs_per_item = vectorized ? (interleaved ? kVec / 2 : kVec) : 1;
-    const int64_t items = half / pairs_per_item;
-    const int bdx = static_cast<int>(std::min<int64_t>(items, kThreads));
-    const int bdy = kThreads / bdx;
-    const int64_t token_tiles = ceil_div(geo.n_tokens, bdy);
-    // Enough blocks to fill any GPU, each reusing its sin/cos over a few planes; fixed numbers,
-    // not the device's SM count, so the freqs-gradient reduction order is device-independent.
-    int64_t planes_per_block = ceil_div(planes * token_tiles * groups, kTargetBlocks);
-    planes_per_block =
-        std::max(planes_per_block, std::min(planes, x != nullptr ? kMinPlanesPerBlockAngleGrad : kMinPlanesPerBlock));
-    planes_per_block = std::max(planes_per_block, ceil_div(planes, kMaxGridY));
-    const int64_t chunks = ceil_div(planes, planes_per_block);
-    const dim3 grid(static_cast<unsigned>(token_tiles), static_cast<unsigned>(chunks), static_cast<unsigned>(groups));
-    const dim3 block(bdx, bdy);
+    const LaunchShape ls = launch_shape<scalar_t>(geo, ptrs, x != nullptr ? 3 : 2, interleaved, x != nullptr);
     at::Tensor partial;
     if (x != nullptr) {
-      partial = at::empty({chunks, groups, token_tiles, 2, half}, c.options());
+      partial = at::empty({ls.chunks, geo.groups, ls.token_tiles, 2, geo.half}, c.options());
     }
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    with_bool(vectorized, [&](auto vec_tag) {
-      with_bool(interleaved, [&](auto interleaved_tag) {
-        with_bool(x != nullptr, [&](auto angle_grad_tag) {
-          constexpr bool kVectorized = decltype(vec_tag)::value;
-          constexpr bool kInterleaved = decltype(interleaved_tag)::value;
-          constexpr bool kAngleGrad = decltype(angle_grad_tag)::value;
-          rope2d_cuda_kernel<scalar_t, kVectorized, kInterleaved, kAngleGrad><<<grid, block, 0, stream>>>(
-              ptrs[0], out.mutable_data_ptr<scalar_t>(), ptrs[2], c.const_data_ptr<acc_t>(),
-              f.const_data_ptr<acc_t>(), kAngleGrad ? partial.mutable_data_ptr<acc_t>() : nullptr, geo,
-              planes_per_block, inverse);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    });
+    launch_rotate<scalar_t>(
+        geo, ls, ptrs[0], out.mutable_data_ptr<scalar_t>(), ptrs[2], c.const_data_ptr<acc_t>(),
+        f.const_data_ptr<acc_t>(), x != nullptr ? partial.mutable_data_ptr<acc_t>() : nullptr, interleaved, inverse);
     if (x != nullptr) {
-      grad = at::empty({groups, 2, half}, c.options());
-      rope2d_freqs_grad_kernel<acc_t><<<static_cast<unsigned>(groups * 2 * half), kThreads, 0, stream>>>(
-          partial.const_data_ptr<acc_t>(), grad.mutable_data_ptr<acc_t>(), chunks, groups, token_tiles, half);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      grad = reduce_freqs_grad<acc_t>(partial, geo, ls);
     }
   });
   return grad;
@@ -377,8 +424,8 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_cuda(
   if (grad_x.numel() == 0) {
     grad_freqs.zero_();
   } else {
-    grad_freqs.copy_(rotate_cuda(grad_out, grad_x, &*x, coords, freqs, interleaved, /*inverse=*/true)
-                         .view(grad_freqs.sizes()));
+    grad_freqs.copy_(
+        rotate_cuda(grad_out, grad_x, &*x, coords, freqs, interleaved, /*inverse=*/true).view(grad_freqs.sizes()));
   }
   return {grad_x, grad_freqs};
 }

@@ -59,8 +59,13 @@ inline BatchChunks batch_chunks(int64_t batch, int64_t cell_elems) {
 // partials spaced `step` apart, in the order fixed above. `p` points at the first partial of s[0].
 template <typename acc_t>
 C10_HOST_DEVICE inline void sum_partials(
-    acc_t* __restrict__ s, const acc_t* __restrict__ p, int64_t width, int64_t chunks, int64_t chunk_stride,
-    int64_t count, int64_t step) {
+    acc_t* __restrict__ s,
+    const acc_t* __restrict__ p,
+    int64_t width,
+    int64_t chunks,
+    int64_t chunk_stride,
+    int64_t count,
+    int64_t step) {
   for (int64_t w = 0; w < width; ++w) {
     s[w] = acc_t(0);
   }

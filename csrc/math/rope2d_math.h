@@ -140,9 +140,9 @@ struct PlaneIndexer {
 // [..., H] planes when freqs is shared, H groups (one per head, offset group * group_stride) when
 // freqs is per head. Plane q of group g starts at group_stride * g + planes.offsets(q).
 struct Rope2dGeometry {
-  int64_t n_tokens = 0;      // N
-  int64_t half = 0;          // D / 2 pairs per token
-  int64_t groups = 1;        // rows of the frequency table: 1 or H
+  int64_t n_tokens = 0;  // N
+  int64_t half = 0;      // D / 2 pairs per token
+  int64_t groups = 1;    // rows of the frequency table: 1 or H
   int64_t planes_per_group = 0;
   int64_t token_stride[kMaxTensors] = {};
   int64_t channel_stride[kMaxTensors] = {};

@@ -1,13 +1,30 @@
-// C++ entry points of jitrope::pos2d_add (dispatcher calls, like torchvision's ops/roi_align.cpp)
-// and the one place its arguments are validated.
+// C++ entry points of jitrope::pos2d_add (dispatcher calls, like torchvision's ops/roi_align.cpp),
+// its device check on the BackendSelect key and the one place its arguments are validated.
 #include "ops/pos2d_add.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include "common/op_utils.h"
+#include "ops/pos2d_add_impl.h"
 
 namespace jitrope {
+namespace {
+
+const auto& pos2d_add_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("jitrope::pos2d_add", "").typed<decltype(pos2d_add)>();
+  return op;
+}
+
+const auto& pos2d_add_inplace_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("jitrope::pos2d_add_", "").typed<decltype(pos2d_add_)>();
+  return op;
+}
+
+}  // namespace
 
 at::Tensor pos2d_add(
     const at::Tensor& x,
@@ -17,10 +34,7 @@ at::Tensor pos2d_add(
     int64_t token_offset,
     int64_t row_offset,
     int64_t col_offset) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("jitrope::pos2d_add", "")
-                       .typed<decltype(pos2d_add)>();
-  return op.call(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
+  return pos2d_add_op().call(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
 }
 
 at::Tensor& pos2d_add_(
@@ -31,10 +45,7 @@ at::Tensor& pos2d_add_(
     int64_t token_offset,
     int64_t row_offset,
     int64_t col_offset) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("jitrope::pos2d_add_", "")
-                       .typed<decltype(pos2d_add_)>();
-  return op.call(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
+  return pos2d_add_inplace_op().call(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
 }
 
 std::tuple<at::Tensor, at::Tensor> pos2d_add_backward(
@@ -69,21 +80,18 @@ namespace {
 
 void check_activation(const char* op, const char* name, const at::Tensor& t) {
   check_defined(op, name, t);
-  TORCH_CHECK(
-      t.dim() == 3, op, ": ", name, " must be a 3-D tensor [B, N, D], got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be a 3-D tensor [B, N, D], got shape ", t.sizes());
   check_float_dtype(op, name, t);
 }
 
-// A position table: [rows, D] with x's D, dtype and device.
-void check_table(
-    const char* op, const char* name, const char* rows, const at::Tensor& table, const at::Tensor& x) {
+// A position table: [rows, D] with x's D and dtype (devices: check_same_device).
+void check_table(const char* op, const char* name, const char* rows, const at::Tensor& table, const at::Tensor& x) {
   check_defined(op, name, table);
   const int64_t D = x.size(2);
   TORCH_CHECK(
-      table.dim() == 2 && table.size(1) == D, op, ": ", name, " must be [", rows,
-      ", D] with x's D = ", D, ", got shape ", table.sizes());
+      table.dim() == 2 && table.size(1) == D, op, ": ", name, " must be [", rows, ", D] with x's D = ", D,
+      ", got shape ", table.sizes());
   check_same_dtype(op, name, table, "x", x);
-  check_same_device(op, name, table, "x", x);
 }
 
 // The grid (gh, gw) at the offsets must fit in the tables (max_h, max_w rows) and in N tokens.
@@ -107,18 +115,15 @@ void check_geometry(
   TORCH_CHECK(row_offset >= 0, op, ": row_offset must be >= 0, got ", row_offset);
   TORCH_CHECK(col_offset >= 0, op, ": col_offset must be >= 0, got ", col_offset);
   TORCH_CHECK(
-      row_offset <= max_h && gh <= max_h - row_offset, op, ": grid rows need pos_h[",
-      row_offset, " : ", row_offset, " + gh] with gh = ", gh, ", but pos_h has max_h = ", max_h,
-      " rows (wanted max_h >= row_offset + gh)");
+      row_offset <= max_h && gh <= max_h - row_offset, op, ": grid rows need pos_h[", row_offset, " : ", row_offset,
+      " + gh] with gh = ", gh, ", but pos_h has max_h = ", max_h, " rows (wanted max_h >= row_offset + gh)");
   TORCH_CHECK(
-      col_offset <= max_w && gw <= max_w - col_offset, op, ": grid columns need pos_w[",
-      col_offset, " : ", col_offset, " + gw] with gw = ", gw, ", but pos_w has max_w = ", max_w,
-      " rows (wanted max_w >= col_offset + gw)");
+      col_offset <= max_w && gw <= max_w - col_offset, op, ": grid columns need pos_w[", col_offset, " : ", col_offset,
+      " + gw] with gw = ", gw, ", but pos_w has max_w = ", max_w, " rows (wanted max_w >= col_offset + gw)");
   TORCH_CHECK(
       token_offset <= N && (gw == 0 || gh <= (N - token_offset) / gw), op, ": grid ", grid,
       " has gh*gw tokens starting at token_offset = ", token_offset, ", more than ", x_name,
-      " holds: wanted N >= token_offset + gh*gw, got N = ", N, " (", x_name, " of shape ", x.sizes(),
-      ")");
+      " holds: wanted N >= token_offset + gh*gw, got N = ", N, " (", x_name, " of shape ", x.sizes(), ")");
 }
 
 }  // namespace
@@ -134,10 +139,10 @@ void check_pos2d_add_args(
     bool inplace) {
   const char* op = inplace ? "pos2d_add_" : "pos2d_add";
   check_activation(op, "x", x);
+  check_same_device(op, {"x", x}, {{"pos_h", pos_h}, {"pos_w", pos_w}});
   check_table(op, "pos_h", "max_h", pos_h, x);
   check_table(op, "pos_w", "max_w", pos_w, x);
-  check_geometry(
-      op, "x", x, grid, pos_h.size(0), pos_w.size(0), token_offset, row_offset, col_offset);
+  check_geometry(op, "x", x, grid, pos_h.size(0), pos_w.size(0), token_offset, row_offset, col_offset);
   if (inplace) {
     check_inplace_overlap(op, "x", x, {&pos_h, &pos_w});
   }
@@ -154,8 +159,45 @@ void check_pos2d_add_backward_args(
   constexpr const char* op = "pos2d_add_backward";
   check_activation(op, "grad_out", grad_out);
   TORCH_CHECK(max_h >= 0 && max_w >= 0, op, ": max_h and max_w must be >= 0, got ", max_h, " and ", max_w);
-  check_geometry(
-      op, "grad_out", grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
+  check_geometry(op, "grad_out", grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
+}
+
+namespace {
+
+// The entries every call passes before a backend kernel (common/op_utils.h: check_same_device).
+// pos2d_add_backward takes one tensor and needs none.
+at::Tensor pos2d_add_entry(
+    c10::DispatchKeySet ks,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  check_same_device("pos2d_add", {"x", x}, {{"pos_h", pos_h}, {"pos_w", pos_w}});
+  return pos2d_add_op().redispatch(ks & kAfterEntry, x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
+}
+
+at::Tensor& pos2d_add__entry(
+    c10::DispatchKeySet ks,
+    at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  check_same_device("pos2d_add_", {"x", x}, {{"pos_h", pos_h}, {"pos_w", pos_w}});
+  return pos2d_add_inplace_op().redispatch(
+      ks & kAfterEntry, x, pos_h, pos_w, grid, token_offset, row_offset, col_offset);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, BackendSelect, m) {
+  m.impl("pos2d_add", &pos2d_add_entry);
+  m.impl("pos2d_add_", &pos2d_add__entry);
 }
 
 }  // namespace jitrope

@@ -1,5 +1,5 @@
-// C++ entry points of jitrope::qk_norm_rope (dispatcher calls) and the one place its arguments are
-// validated.
+// C++ entry points of jitrope::qk_norm_rope (dispatcher calls), its device check on the
+// BackendSelect key and the one place its arguments are validated.
 #include "ops/qk_norm_rope.h"
 
 #include <cmath>
@@ -7,11 +7,29 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include "common/op_utils.h"
-#include "ops/rope2d.h"
+#include "ops/qk_norm_rope_impl.h"
+#include "ops/rope2d_impl.h"
 
 namespace jitrope {
+namespace {
+
+const auto& qk_norm_rope_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("jitrope::qk_norm_rope", "").typed<decltype(qk_norm_rope)>();
+  return op;
+}
+
+const auto& qk_norm_rope_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("jitrope::qk_norm_rope_backward", "")
+                             .typed<decltype(qk_norm_rope_backward)>();
+  return op;
+}
+
+}  // namespace
 
 at::Tensor qk_norm_rope(
     const at::Tensor& qk,
@@ -20,10 +38,7 @@ at::Tensor qk_norm_rope(
     const std::optional<at::Tensor>& freqs,
     double eps,
     bool interleaved) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("jitrope::qk_norm_rope", "")
-                       .typed<decltype(qk_norm_rope)>();
-  return op.call(qk, weight, coords, freqs, eps, interleaved);
+  return qk_norm_rope_op().call(qk, weight, coords, freqs, eps, interleaved);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
@@ -35,10 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
     double eps,
     bool interleaved,
     bool freqs_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("jitrope::qk_norm_rope_backward", "")
-                       .typed<decltype(qk_norm_rope_backward)>();
-  return op.call(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
+  return qk_norm_rope_backward_op().call(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
 }
 
 void check_qk_norm_rope_args(
@@ -53,22 +65,21 @@ void check_qk_norm_rope_args(
   check_defined(op, "qk", qk);
   check_defined(op, "weight", weight);
   check_float_dtype(op, "qk", qk);
-  TORCH_CHECK(
-      qk.dim() == 5 && qk.size(0) == 2, op, ": qk must have shape [2, B, H, N, D] (q and k), got ", qk.sizes());
+  TORCH_CHECK(qk.dim() == 5 && qk.size(0) == 2, op, ": qk must have shape [2, B, H, N, D] (q and k), got ", qk.sizes());
   const int64_t D = qk.size(4);
-  TORCH_CHECK(D % 2 == 0, op, ": qk must have an even last dim D (channel pairs), got D = ", D, " in qk of shape ",
-              qk.sizes());
+  TORCH_CHECK(
+      D % 2 == 0, op, ": qk must have an even last dim D (channel pairs), got D = ", D, " in qk of shape ", qk.sizes());
   check_floating(op, "weight", "[2, D]", weight);
   TORCH_CHECK(
-      weight.dim() == 2 && weight.size(0) == 2 && weight.size(1) == D, op, ": weight must have shape [2, D] = [2, ",
-      D, "] (q and k norm weights for qk of shape ", qk.sizes(), "), got ", weight.sizes());
-  check_same_device(op, "weight", weight, "qk", qk);
+      weight.dim() == 2 && weight.size(0) == 2 && weight.size(1) == D, op, ": weight must have shape [2, D] = [2, ", D,
+      "] (q and k norm weights for qk of shape ", qk.sizes(), "), got ", weight.sizes());
+  check_same_device(op, {"qk", qk}, {{"weight", weight}, {"coords", coords}, {"freqs", freqs}, {"grad_out", grad_out}});
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
   const bool has_coords = coords.has_value() && coords->defined();
   const bool has_freqs = freqs.has_value() && freqs->defined();
   TORCH_CHECK(
-      has_coords == has_freqs, op, ": coords and freqs must be given together (rotate) or both be None (normalize "
-      "only), got ", has_coords ? "coords" : "freqs", " alone");
+      has_coords == has_freqs, op, ": coords and freqs must be given together (rotate) or both be None ",
+      "(normalize only), got ", has_coords ? "coords" : "freqs", " alone");
   if (has_coords) {
     check_rope2d_args(op, "qk", qk, *coords, *freqs);
   }
@@ -79,7 +90,6 @@ void check_qk_norm_rope_args(
         grad_out->sizes() == qk.sizes(), op, ": grad_out must have qk's shape ", qk.sizes(), ", got ",
         grad_out->sizes());
     check_same_dtype(op, "grad_out", *grad_out, "qk", qk);
-    check_same_device(op, "grad_out", *grad_out, "qk", qk);
   }
 }
 
@@ -92,10 +102,49 @@ std::tuple<at::Tensor, at::Tensor> finish_param_grads(
     const std::optional<at::Tensor>& freqs,
     bool freqs_grad) {
   at::Tensor grad_weight = grad_weight_acc.to(weight.scalar_type());
-  at::Tensor grad_freqs = freqs_grad ? grad_freqs_acc.view(freqs->sizes()).to(freqs->scalar_type())
-                                     : at::empty({0}, weight.options());
+  at::Tensor grad_freqs =
+      freqs_grad ? grad_freqs_acc.view(freqs->sizes()).to(freqs->scalar_type()) : at::empty({0}, weight.options());
   return {grad_weight, grad_freqs};
 }
 
 }  // namespace detail
+namespace {
+
+// The entries every call passes before a backend kernel (common/op_utils.h: check_same_device).
+at::Tensor qk_norm_rope_entry(
+    c10::DispatchKeySet ks,
+    const at::Tensor& qk,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& freqs,
+    double eps,
+    bool interleaved) {
+  check_same_device("qk_norm_rope", {"qk", qk}, {{"weight", weight}, {"coords", coords}, {"freqs", freqs}});
+  return qk_norm_rope_op().redispatch(ks & kAfterEntry, qk, weight, coords, freqs, eps, interleaved);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_entry(
+    c10::DispatchKeySet ks,
+    const at::Tensor& grad_out,
+    const at::Tensor& qk,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& coords,
+    const std::optional<at::Tensor>& freqs,
+    double eps,
+    bool interleaved,
+    bool freqs_grad) {
+  check_same_device(
+      "qk_norm_rope_backward", {"qk", qk},
+      {{"grad_out", grad_out}, {"weight", weight}, {"coords", coords}, {"freqs", freqs}});
+  return qk_norm_rope_backward_op().redispatch(
+      ks & kAfterEntry, grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, BackendSelect, m) {
+  m.impl("qk_norm_rope", &qk_norm_rope_entry);
+  m.impl("qk_norm_rope_backward", &qk_norm_rope_backward_entry);
+}
+
 }  // namespace jitrope

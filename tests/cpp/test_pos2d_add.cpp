@@ -17,7 +17,9 @@ using jitrope_test::expect_error;
 
 struct Case {
   int64_t B, prefix, gh, gw, trailing, D, max_h, max_w, token_offset, row_offset, col_offset;
-  int64_t N() const { return prefix + gh * gw + trailing; }
+  int64_t N() const {
+    return prefix + gh * gw + trailing;
+  }
 };
 
 const Case kCases[] = {
@@ -48,8 +50,7 @@ struct Inputs {
 Inputs make_inputs(const Case& c, at::ScalarType dtype, bool requires_grad = false) {
   const auto opts = at::TensorOptions().dtype(dtype);
   Inputs in{
-      torch::randn({c.B, c.N(), c.D}, opts), torch::randn({c.max_h, c.D}, opts),
-      torch::randn({c.max_w, c.D}, opts)};
+      torch::randn({c.B, c.N(), c.D}, opts), torch::randn({c.max_h, c.D}, opts), torch::randn({c.max_w, c.D}, opts)};
   in.x.set_requires_grad(requires_grad);
   in.pos_h.set_requires_grad(requires_grad);
   in.pos_w.set_requires_grad(requires_grad);
@@ -57,8 +58,7 @@ Inputs make_inputs(const Case& c, at::ScalarType dtype, bool requires_grad = fal
 }
 
 at::Tensor run(const Inputs& in, const Case& c) {
-  return jitrope::pos2d_add(
-      in.x, in.pos_h, in.pos_w, {c.gh, c.gw}, c.token_offset, c.row_offset, c.col_offset);
+  return jitrope::pos2d_add(in.x, in.pos_h, in.pos_w, {c.gh, c.gw}, c.token_offset, c.row_offset, c.col_offset);
 }
 
 TEST(Pos2dAdd, ForwardMatchesReference) {
@@ -112,8 +112,9 @@ TEST(Pos2dAdd, DoubleBackward) {
   const Case c = kCases[1];
   const auto in = make_inputs(c, at::kDouble, /*requires_grad=*/true);
   const auto grad = torch::randn({c.B, c.N(), c.D}, at::kDouble).requires_grad_();
-  const auto grads = torch::autograd::grad({run(in, c)}, {in.pos_h}, {grad}, /*retain_graph=*/true,
-                                           /*create_graph=*/true);
+  const auto grads = torch::autograd::grad(
+      {run(in, c)}, {in.pos_h}, {grad}, /*retain_graph=*/true,
+      /*create_graph=*/true);
   const auto gg = torch::autograd::grad({grads[0].sum()}, {grad})[0];
   auto want = torch::zeros_like(gg);
   want.narrow(1, c.token_offset, c.gh * c.gw).fill_(1);
@@ -124,10 +125,10 @@ TEST(Pos2dAdd, BackwardOpIsDeterministicAndZeroOutsideTheGrid) {
   torch::manual_seed(4);
   const Case c{33, 2, 7, 9, 3, 40, 9, 11, 2, 1, 2};
   const auto grad = torch::randn({c.B, c.N(), c.D});
-  const auto [h1, w1] = jitrope::pos2d_add_backward(
-      grad, {c.gh, c.gw}, c.max_h, c.max_w, c.token_offset, c.row_offset, c.col_offset);
-  const auto [h2, w2] = jitrope::pos2d_add_backward(
-      grad, {c.gh, c.gw}, c.max_h, c.max_w, c.token_offset, c.row_offset, c.col_offset);
+  const auto [h1, w1] =
+      jitrope::pos2d_add_backward(grad, {c.gh, c.gw}, c.max_h, c.max_w, c.token_offset, c.row_offset, c.col_offset);
+  const auto [h2, w2] =
+      jitrope::pos2d_add_backward(grad, {c.gh, c.gw}, c.max_h, c.max_w, c.token_offset, c.row_offset, c.col_offset);
   EXPECT_TRUE(torch::equal(h1, h2));
   EXPECT_TRUE(torch::equal(w1, w2));
   const auto seg = grad.narrow(1, c.token_offset, c.gh * c.gw).to(at::kDouble).reshape({c.B, c.gh, c.gw, c.D});
@@ -154,27 +155,33 @@ TEST(Pos2dAdd, ErrorsNameTheArgument) {
   const auto w = torch::randn({4, 6});
   using jitrope::pos2d_add;
   expect_error([&] { pos2d_add(x[0], h, w, {2, 2}); }, "x must be a 3-D tensor [B, N, D], got shape [10, 6]");
-  expect_error([&] { pos2d_add(x, h.narrow(1, 0, 5), w, {2, 2}); },
-               "pos_h must be [max_h, D] with x's D = 6, got shape [3, 5]");
-  expect_error([&] { pos2d_add(x, h, w.unsqueeze(0), {2, 2}); },
-               "pos_w must be [max_w, D] with x's D = 6, got shape [1, 4, 6]");
-  expect_error([&] { pos2d_add(x.to(at::kLong), h.to(at::kLong), w.to(at::kLong), {2, 2}); },
-               "x must be float16, bfloat16, float32 or float64, got torch.int64");
-  expect_error([&] { pos2d_add(x, h.to(at::kDouble), w, {2, 2}); },
-               "pos_h must have x's dtype torch.float32, got torch.float64");
-  expect_error([&] { pos2d_add(x, h, w, {3, 2}, 0, 1); },
-               "grid rows need pos_h[1 : 1 + gh] with gh = 3, but pos_h has max_h = 3 rows");
-  expect_error([&] { pos2d_add(x, h, w, {2, 5}); },
-               "grid columns need pos_w[0 : 0 + gw] with gw = 5, but pos_w has max_w = 4 rows");
-  expect_error([&] { pos2d_add(x, h, w, {3, 3}, 2); }, "wanted N >= token_offset + gh*gw, got N = 10 (x of shape [2, 10, 6])");
+  expect_error(
+      [&] { pos2d_add(x, h.narrow(1, 0, 5), w, {2, 2}); }, "pos_h must be [max_h, D] with x's D = 6, got shape [3, 5]");
+  expect_error(
+      [&] { pos2d_add(x, h, w.unsqueeze(0), {2, 2}); }, "pos_w must be [max_w, D] with x's D = 6, got shape [1, 4, 6]");
+  expect_error(
+      [&] { pos2d_add(x.to(at::kLong), h.to(at::kLong), w.to(at::kLong), {2, 2}); },
+      "x must be float16, bfloat16, float32 or float64, got torch.int64");
+  expect_error(
+      [&] { pos2d_add(x, h.to(at::kDouble), w, {2, 2}); },
+      "pos_h must have x's dtype torch.float32, got torch.float64");
+  expect_error(
+      [&] { pos2d_add(x, h, w, {3, 2}, 0, 1); },
+      "grid rows need pos_h[1 : 1 + gh] with gh = 3, but pos_h has max_h = 3 rows");
+  expect_error(
+      [&] { pos2d_add(x, h, w, {2, 5}); },
+      "grid columns need pos_w[0 : 0 + gw] with gw = 5, but pos_w has max_w = 4 rows");
+  expect_error(
+      [&] { pos2d_add(x, h, w, {3, 3}, 2); }, "wanted N >= token_offset + gh*gw, got N = 10 (x of shape [2, 10, 6])");
   expect_error([&] { pos2d_add(x, h, w, {2, 2}, -1); }, "token_offset must be >= 0, got -1");
   expect_error([&] { pos2d_add(x, h, w, {2, 2}, 0, -2); }, "row_offset must be >= 0, got -2");
   expect_error([&] { pos2d_add(x, h, w, {2, 2}, 0, 0, -3); }, "col_offset must be >= 0, got -3");
   expect_error([&] { pos2d_add(x, h, w, {2, 2, 2}); }, "grid must be (gh, gw), got 3 values");
   expect_error([&] { pos2d_add(x, h, w, {-1, 2}); }, "grid (gh, gw) must be non-negative");
   EXPECT_THROW(pos2d_add(x, at::Tensor(), w, {2, 2}), c10::Error);
-  expect_error([&] { jitrope::pos2d_add_backward(x, {2, 2}, 1, 4, 0, 0, 0); },
-               "pos2d_add_backward: grid rows need pos_h[0 : 0 + gh] with gh = 2, but pos_h has max_h = 1");
+  expect_error(
+      [&] { jitrope::pos2d_add_backward(x, {2, 2}, 1, 4, 0, 0, 0); },
+      "pos2d_add_backward: grid rows need pos_h[0 : 0 + gh] with gh = 2, but pos_h has max_h = 1");
   auto y = x.clone();
   expect_error([&] { jitrope::pos2d_add_(y, h, w, {4, 2}); }, "pos2d_add_: grid rows need pos_h");
   auto expanded = x.narrow(0, 0, 1).expand({3, 10, 6});

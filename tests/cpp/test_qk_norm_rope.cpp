@@ -58,8 +58,7 @@ TEST_P(QkNormRopeTest, ForwardAndAutogradMatchNormThenRope) {
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    Conventions, QkNormRopeTest, ::testing::Combine(::testing::Bool(), ::testing::Bool()),
-    [](const auto& info) {
+    Conventions, QkNormRopeTest, ::testing::Combine(::testing::Bool(), ::testing::Bool()), [](const auto& info) {
       return std::string(std::get<0>(info.param) ? "Interleaved" : "HalfSplit") +
           (std::get<1>(info.param) ? "PerHead" : "Shared");
     });
@@ -97,8 +96,9 @@ TEST(QkNormRope, ErrorsNameTheArgument) {
   expect_error([&] { jitrope::qk_norm_rope(qk, w.narrow(1, 0, 6)); }, "weight must have shape [2, D] = [2, 8]");
   expect_error([&] { jitrope::qk_norm_rope(qk.to(torch::kLong), w); }, "got torch.int64");
   expect_error([&] { jitrope::qk_norm_rope(qk, w, torch::rand({5, 2}), std::nullopt); }, "coords and freqs");
-  expect_error([&] { jitrope::qk_norm_rope(qk, w, torch::rand({4, 2}), torch::rand({2, 4})); },
-               "coords must have shape [N, 2] = [5, 2]");
+  expect_error(
+      [&] { jitrope::qk_norm_rope(qk, w, torch::rand({4, 2}), torch::rand({2, 4})); },
+      "coords must have shape [N, 2] = [5, 2]");
 }
 
 }  // namespace

@@ -56,7 +56,8 @@ TEST_P(Rope2dTest, ForwardMatchesReferenceOnQkvView) {
   EXPECT_TRUE(torch::allclose(out, rope2d_reference(x, coords, freqs, interleaved), 1e-12, 1e-12));
   EXPECT_TRUE(torch::equal(out.select(-2, 0), x.select(-2, 0)));  // token 0 sits at (0, 0)
 
-  const auto out32 = jitrope::rope2d(x.to(torch::kFloat), coords.to(torch::kFloat), freqs.to(torch::kFloat), interleaved);
+  const auto out32 =
+      jitrope::rope2d(x.to(torch::kFloat), coords.to(torch::kFloat), freqs.to(torch::kFloat), interleaved);
   EXPECT_TRUE(torch::allclose(out32, out.to(torch::kFloat), 1e-5, 1e-5));
 }
 
@@ -100,8 +101,7 @@ TEST_P(Rope2dTest, BackwardThroughAutogradMatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    Conventions, Rope2dTest, ::testing::Combine(::testing::Bool(), ::testing::Bool()),
-    [](const auto& info) {
+    Conventions, Rope2dTest, ::testing::Combine(::testing::Bool(), ::testing::Bool()), [](const auto& info) {
       return std::string(std::get<0>(info.param) ? "Interleaved" : "HalfSplit") +
           (std::get<1>(info.param) ? "PerHead" : "Shared");
     });
@@ -157,17 +157,25 @@ TEST(Rope2d, BadInputsNameTheArgumentAndShape) {
   const auto x = torch::randn({2, 3, 5, 8});
   const auto c = torch::zeros({5, 2});
   const auto f = torch::zeros({2, 4});
-  expect_error([&] { jitrope::rope2d(torch::randn({5, 8}), c, f); }, "x must have shape [..., H, N, D] (at least 3 dims), got [5, 8]");
-  expect_error([&] { jitrope::rope2d(torch::randn({2, 5, 7}), c, torch::zeros({2, 3})); }, "x must have an even last dim D");
-  expect_error([&] { jitrope::rope2d(x.to(torch::kLong), c, f); }, "x must be float16, bfloat16, float32 or float64, got torch.int64");
+  expect_error(
+      [&] { jitrope::rope2d(torch::randn({5, 8}), c, f); },
+      "x must have shape [..., H, N, D] (at least 3 dims), got [5, 8]");
+  expect_error(
+      [&] { jitrope::rope2d(torch::randn({2, 5, 7}), c, torch::zeros({2, 3})); }, "x must have an even last dim D");
+  expect_error(
+      [&] { jitrope::rope2d(x.to(torch::kLong), c, f); },
+      "x must be float16, bfloat16, float32 or float64, got torch.int64");
   expect_error([&] { jitrope::rope2d(x, torch::zeros({4, 2}), f); }, "coords must have shape [N, 2] = [5, 2]");
   expect_error([&] { jitrope::rope2d(x, c.to(torch::kInt), f); }, "coords must be a floating tensor");
-  expect_error([&] { jitrope::rope2d(x, c, torch::zeros({2, 3})); }, "freqs must have shape [2, D/2] = [2, 4] (shared) or [H, 2, D/2] = [3, 2, 4]");
+  expect_error(
+      [&] { jitrope::rope2d(x, c, torch::zeros({2, 3})); },
+      "freqs must have shape [2, D/2] = [2, 4] (shared) or [H, 2, D/2] = [3, 2, 4]");
   expect_error([&] { jitrope::rope2d(x, c, torch::zeros({4, 2, 4})); }, "got [4, 2, 4]");
   expect_error(
       [&] { jitrope::rope2d_backward(x, c, f, torch::randn({2, 3, 5, 6}), true); },
       "x (the forward input) must have grad_out's shape [2, 3, 5, 8], got [2, 3, 5, 6]");
-  expect_error([&] { jitrope::rope2d_backward(x.to(torch::kLong), c, f, std::nullopt, true); }, "grad_out must be float16");
+  expect_error(
+      [&] { jitrope::rope2d_backward(x.to(torch::kLong), c, f, std::nullopt, true); }, "grad_out must be float16");
   auto expanded = torch::randn({1, 5, 8}).expand({3, 5, 8});
   expect_error([&] { jitrope::rope2d_(expanded, c, f); }, "overlapping memory");
   auto needs_grad = x.clone().requires_grad_();

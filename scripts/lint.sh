@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Checks formatting without changing any file; exits non-zero and lists what differs. One section per
+# language. Fix C++/CUDA with: clang-format -i <files> (the version pinned in requirements-dev.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+status=0
+
+echo "== C++/CUDA: clang-format --dry-run --Werror (.clang-format)"
+mapfile -t cxx_files < <(git ls-files --cached --others --exclude-standard -- \
+  'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.h' 'tests/cpp/*.cpp')
+if [ ${#cxx_files[@]} -gt 0 ]; then
+  clang-format --version
+  clang-format --dry-run --Werror "${cxx_files[@]}" || status=1
+fi
+
+exit $status
