@@ -38,8 +38,9 @@ class Pos2dAddIndexedBackwardFunction : public torch::autograd::Function<Pos2dAd
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor base = at::zeros_symint(ctx->saved_data["shape"].toSymIntVector(), grads[0].options());
-    return {pos2d_add_indexed(base, grads[0], grads[1], saved[0], saved[1]), Variable(), Variable(), Variable(),
-            Variable()};
+    return {
+        pos2d_add_indexed(base, grads[0], grads[1], saved[0], saved[1]), Variable(), Variable(), Variable(),
+        Variable()};
   }
 };
 
@@ -69,23 +70,22 @@ class Pos2dAddIndexedFunction : public torch::autograd::Function<Pos2dAddIndexed
           grad_out, saved[0], saved[1], ctx->saved_data["max_h"].toSymInt(), ctx->saved_data["max_w"].toSymInt());
     }
     return {
-        ctx->needs_input_grad(0) ? grad_out : Variable(),
-        ctx->needs_input_grad(1) ? grad_h : Variable(),
-        ctx->needs_input_grad(2) ? grad_w : Variable(),
-        Variable(),
-        Variable()};
+        ctx->needs_input_grad(0) ? grad_out : Variable(), ctx->needs_input_grad(1) ? grad_h : Variable(),
+        ctx->needs_input_grad(2) ? grad_w : Variable(), Variable(), Variable()};
   }
 };
 
 at::Tensor pos2d_add_indexed_autograd(
-    const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const at::Tensor& rows,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
     const at::Tensor& cols) {
   return Pos2dAddIndexedFunction::apply(x, pos_h, pos_w, rows, cols)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_autograd(
-    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, c10::SymInt max_h,
-    c10::SymInt max_w) {
+    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, c10::SymInt max_h, c10::SymInt max_w) {
   auto out = Pos2dAddIndexedBackwardFunction::apply(grad_out, rows, cols, max_h, max_w);
   return {out[0], out[1]};
 }

@@ -20,6 +20,7 @@
 #include "common/op_utils.h"
 #include "math/pos2d_add_indexed_math.h"
 #include "ops/pos2d_add_indexed.h"
+#include "ops/pos2d_add_indexed_impl.h"
 
 namespace jitrope {
 namespace {
@@ -48,8 +49,8 @@ int64_t leading_count(const at::Tensor& t) {
 // One row of the forward in the compute type, rounded once. Plain loops that GCC vectorizes (as in
 // pos2d_add_cpu.cpp); the case is picked once per row.
 template <typename scalar_t>
-void add_both(scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph, const scalar_t* __restrict__ pw,
-              int64_t D) {
+void add_both(
+    scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph, const scalar_t* __restrict__ pw, int64_t D) {
   using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
     out[d] = static_cast<scalar_t>(
@@ -67,8 +68,13 @@ void add_one(scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ p, i
 
 template <typename scalar_t>
 void forward_kernel(
-    const at::Tensor& x, const math::LeadingDims& lead, at::Tensor& out, const at::Tensor& pos_h,
-    const at::Tensor& pos_w, const at::Tensor& rows, const at::Tensor& cols) {
+    const at::Tensor& x,
+    const math::LeadingDims& lead,
+    at::Tensor& out,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
+    const at::Tensor& cols) {
   const int64_t B = leading_count(x), N = x.size(-2), D = x.size(-1);
   const int64_t x_st = x.stride(-2);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -99,7 +105,10 @@ void forward_kernel(
 }
 
 at::Tensor pos2d_add_indexed_cpu(
-    const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const at::Tensor& rows,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
     const at::Tensor& cols) {
   check_pos2d_add_indexed_args(x, pos_h, pos_w, rows, cols);
   math::LeadingDims lead;
@@ -147,8 +156,12 @@ SortedTokens sort_tokens(const at::Tensor& rows, const at::Tensor& cols, int64_t
 
 template <typename scalar_t>
 void backward_kernel(
-    const at::Tensor& g, const math::LeadingDims& lead, const at::Tensor& rows, const at::Tensor& cols,
-    at::Tensor& grad_h, at::Tensor& grad_w) {
+    const at::Tensor& g,
+    const math::LeadingDims& lead,
+    const at::Tensor& rows,
+    const at::Tensor& cols,
+    at::Tensor& grad_h,
+    at::Tensor& grad_w) {
   using acc = acc_type<scalar_t>;
   const int64_t B = leading_count(g), N = g.size(-2), D = g.size(-1), g_st = g.stride(-2);
   const int64_t max_h = grad_h.size(0), max_w = grad_w.size(0), R = max_h + max_w;

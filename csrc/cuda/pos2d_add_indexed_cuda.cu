@@ -27,6 +27,7 @@
 #include "cuda/vector_pack.cuh"
 #include "math/pos2d_add_indexed_math.h"
 #include "ops/pos2d_add_indexed.h"
+#include "ops/pos2d_add_indexed_impl.h"
 
 namespace jitrope {
 namespace {
@@ -122,14 +123,17 @@ void launch_forward(const ForwardArgs<scalar_t>& a, int64_t B, int64_t N) {
     pos2d_add_indexed_forward_kernel<scalar_t, V, int32_t><<<grid_blocks(items), kThreads, 0, stream>>>(
         a, static_cast<int32_t>(items), static_cast<int32_t>(N), static_cast<int32_t>(packs));
   } else {
-    pos2d_add_indexed_forward_kernel<scalar_t, V, int64_t><<<grid_blocks(items), kThreads, 0, stream>>>(
-        a, items, N, packs);
+    pos2d_add_indexed_forward_kernel<scalar_t, V, int64_t>
+        <<<grid_blocks(items), kThreads, 0, stream>>>(a, items, N, packs);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor pos2d_add_indexed_cuda(
-    const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const at::Tensor& rows,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
     const at::Tensor& cols) {
   check_pos2d_add_indexed_args(x, pos_h, pos_w, rows, cols);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -141,9 +145,15 @@ at::Tensor pos2d_add_indexed_cuda(
   const int64_t B = leading_count(x), N = x.size(-2), D = x.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_indexed_cuda", [&] {
     const ForwardArgs<scalar_t> a{
-        xr.const_data_ptr<scalar_t>(), lead, xr.stride(-2), out.mutable_data_ptr<scalar_t>(),
-        ph.const_data_ptr<scalar_t>(), pw.const_data_ptr<scalar_t>(), r.const_data_ptr<int64_t>(),
-        c.const_data_ptr<int64_t>(), D};
+        xr.const_data_ptr<scalar_t>(),
+        lead,
+        xr.stride(-2),
+        out.mutable_data_ptr<scalar_t>(),
+        ph.const_data_ptr<scalar_t>(),
+        pw.const_data_ptr<scalar_t>(),
+        r.const_data_ptr<int64_t>(),
+        c.const_data_ptr<int64_t>(),
+        D};
     const int V = pack_width<scalar_t>(
         D, {lead.stride[0], lead.stride[1], lead.stride[2], lead.stride[3], a.x_st}, {a.x, a.out, a.pos_h, a.pos_w});
     if (V > 1) {
@@ -158,8 +168,14 @@ at::Tensor pos2d_add_indexed_cuda(
 // Stage 1: item = (chunk k, token n, channel d), slowest to fastest: partials[k][n][d].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) pos2d_add_indexed_partials_kernel(
-    const scalar_t* __restrict__ g, const math::LeadingDims lead, const int64_t g_st, const int64_t B,
-    const int64_t N, const int64_t D, const int64_t chunk, const int64_t items,
+    const scalar_t* __restrict__ g,
+    const math::LeadingDims lead,
+    const int64_t g_st,
+    const int64_t B,
+    const int64_t N,
+    const int64_t D,
+    const int64_t chunk,
+    const int64_t items,
     acc_type<scalar_t>* __restrict__ partials) {
   using acc = acc_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -181,9 +197,17 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_indexed_partials_kernel(
 // seg_begin[R], read on the device.
 template <typename acc_t, typename src_t>
 __global__ void __launch_bounds__(kThreads) pos2d_add_indexed_segments_kernel(
-    const src_t* __restrict__ p, const int64_t chunks, const int64_t chunk_stride, const int64_t token_stride,
-    const int64_t* __restrict__ tokens, const int64_t* __restrict__ start, const int64_t* __restrict__ seg_begin,
-    const int64_t R, const int64_t D, const int64_t items, acc_t* __restrict__ seg) {
+    const src_t* __restrict__ p,
+    const int64_t chunks,
+    const int64_t chunk_stride,
+    const int64_t token_stride,
+    const int64_t* __restrict__ tokens,
+    const int64_t* __restrict__ start,
+    const int64_t* __restrict__ seg_begin,
+    const int64_t R,
+    const int64_t D,
+    const int64_t items,
+    acc_t* __restrict__ seg) {
   const int64_t S = seg_begin[R];
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < items; idx += stride) {
@@ -205,8 +229,13 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_indexed_segments_kernel(
 // channels, so the segment sums they read and the gradients they write are coalesced.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) pos2d_add_indexed_table_grads_kernel(
-    const acc_type<scalar_t>* __restrict__ seg, const int64_t* __restrict__ seg_begin, const int64_t max_h,
-    const int64_t R, const int64_t D, scalar_t* __restrict__ grad_h, scalar_t* __restrict__ grad_w) {
+    const acc_type<scalar_t>* __restrict__ seg,
+    const int64_t* __restrict__ seg_begin,
+    const int64_t max_h,
+    const int64_t R,
+    const int64_t D,
+    scalar_t* __restrict__ grad_h,
+    scalar_t* __restrict__ grad_w) {
   using acc = acc_type<scalar_t>;
   const int64_t items = R * D;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -243,9 +272,9 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_cuda(
   const auto [sorted, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor start = at::searchsorted(sorted, at::arange(R + 1, keys.options()));
   const at::Tensor tokens = at::remainder(perm, N);
-  const at::Tensor seg_begin =
-      at::cat({at::zeros({1}, keys.options()), at::div(at::diff(start) + (math::kSegment - 1), math::kSegment, "floor")
-                                                    .cumsum(0)});
+  const at::Tensor seg_begin = at::cat(
+      {at::zeros({1}, keys.options()),
+       at::div(at::diff(start) + (math::kSegment - 1), math::kSegment, "floor").cumsum(0)});
   const int64_t seg_bound = math::max_segments(2 * N, R);
   const pos2d_add_math::BatchChunks chunks = pos2d_add_math::batch_chunks(B, N * D);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -270,8 +299,7 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_cuda(
     } else {
       // B = 1: one chunk whose partials are grad_out's rows themselves; B = 0: no chunk, zeros.
       pos2d_add_indexed_segments_kernel<acc, scalar_t><<<grid_blocks(seg_items), kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), B, 0, g.stride(-2), tok, st, sb, R, D, seg_items,
-          seg.mutable_data_ptr<acc>());
+          g.const_data_ptr<scalar_t>(), B, 0, g.stride(-2), tok, st, sb, R, D, seg_items, seg.mutable_data_ptr<acc>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pos2d_add_indexed_table_grads_kernel<scalar_t><<<grid_blocks(R * D), kThreads, 0, stream>>>(

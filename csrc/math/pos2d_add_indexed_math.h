@@ -96,8 +96,14 @@ C10_HOST_DEVICE inline int64_t segment_row(const int64_t* seg_begin, int64_t row
 // compute type acc_t. p is partials (acc_t) or grad_out (its own dtype, one chunk).
 template <typename acc_t, typename src_t>
 C10_HOST_DEVICE inline void sum_segment(
-    acc_t* __restrict__ s, const src_t* __restrict__ p, int64_t width, int64_t chunks, int64_t chunk_stride,
-    const int64_t* __restrict__ tokens, int64_t count, int64_t token_stride) {
+    acc_t* __restrict__ s,
+    const src_t* __restrict__ p,
+    int64_t width,
+    int64_t chunks,
+    int64_t chunk_stride,
+    const int64_t* __restrict__ tokens,
+    int64_t count,
+    int64_t token_stride) {
   for (int64_t w = 0; w < width; ++w) {
     s[w] = acc_t(0);
   }

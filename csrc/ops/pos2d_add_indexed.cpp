@@ -1,6 +1,7 @@
 // C++ entry points of jitrope::pos2d_add_indexed (dispatcher calls), the one place its arguments
 // (index values included) are validated, and the leading-dims geometry its kernels share.
 #include "ops/pos2d_add_indexed.h"
+#include "ops/pos2d_add_indexed_impl.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -14,7 +15,10 @@
 namespace jitrope {
 
 at::Tensor pos2d_add_indexed(
-    const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const at::Tensor& rows,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
     const at::Tensor& cols) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("jitrope::pos2d_add_indexed", "")
@@ -31,8 +35,7 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward(
 }
 
 std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_symint(
-    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, c10::SymInt max_h,
-    c10::SymInt max_w) {
+    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, c10::SymInt max_h, c10::SymInt max_w) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("jitrope::pos2d_add_indexed_backward", "")
                        .typed<decltype(pos2d_add_indexed_backward_symint)>();
@@ -43,14 +46,12 @@ namespace {
 
 void check_activation(const char* op, const char* name, const at::Tensor& t) {
   check_defined(op, name, t);
-  TORCH_CHECK(
-      t.dim() >= 2, op, ": ", name, " must have shape [..., N, D] (at least 2 dims), got shape ", t.sizes());
+  TORCH_CHECK(t.dim() >= 2, op, ": ", name, " must have shape [..., N, D] (at least 2 dims), got shape ", t.sizes());
   check_float_dtype(op, name, t);
 }
 
 // A position table: [rows, D] with x's D, dtype and device.
-void check_table(
-    const char* op, const char* name, const char* rows, const at::Tensor& table, const at::Tensor& x) {
+void check_table(const char* op, const char* name, const char* rows, const at::Tensor& table, const at::Tensor& x) {
   check_defined(op, name, table);
   const int64_t D = x.size(-1);
   TORCH_CHECK(
@@ -75,8 +76,7 @@ void check_index(const char* op, const char* name, const at::Tensor& idx, const 
 
 // rows and cols must lie in [-1, max_h) and [-1, max_w): read on the host (CPU), or as their
 // minima and maxima in one synchronizing copy (CUDA and other devices). Meta tensors have no values.
-void check_index_values(
-    const char* op, const at::Tensor& rows, int64_t max_h, const at::Tensor& cols, int64_t max_w) {
+void check_index_values(const char* op, const at::Tensor& rows, int64_t max_h, const at::Tensor& cols, int64_t max_w) {
   if (rows.numel() == 0 || rows.is_meta()) {
     return;
   }
@@ -106,7 +106,10 @@ void check_index_values(
 }  // namespace
 
 void check_pos2d_add_indexed_args(
-    const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const at::Tensor& rows,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
     const at::Tensor& cols) {
   constexpr const char* op = "pos2d_add_indexed";
   check_activation(op, "x", x);

@@ -8,15 +8,16 @@
 
 #include <tuple>
 
-#include "math/pos2d_add_indexed_math.h"
-
 namespace jitrope {
 
 // out[..., n, :] = x[..., n, :] + pos_h[rows[n]] + pos_w[cols[n]] for x: [..., N, D] (any leading
 // dims, any strides), pos_h: [max_h, D], pos_w: [max_w, D], rows, cols: int64 [N]; rows[n] = -1
 // (cols[n] = -1) leaves pos_h (pos_w) out for token n. Differentiable in x, pos_h and pos_w.
 at::Tensor pos2d_add_indexed(
-    const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const at::Tensor& rows,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
     const at::Tensor& cols);
 
 // (grad_pos_h [max_h, D], grad_pos_w [max_w, D]) given grad_out [..., N, D]: grad_pos_h[r] is the
@@ -27,25 +28,6 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward(
 
 // The same with symbolic table sizes, for autograd under torch.compile's dynamic shapes.
 std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_symint(
-    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, c10::SymInt max_h,
-    c10::SymInt max_w);
+    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, c10::SymInt max_h, c10::SymInt max_w);
 
-// Argument checks every pos2d_add_indexed kernel (CPU, CUDA) runs first; each message names the
-// argument, what it got and what it wanted. The index values are checked too (on a CUDA device
-// with one synchronizing read of their minima and maxima), so no kernel reads out of bounds.
-void check_pos2d_add_indexed_args(
-    const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const at::Tensor& rows,
-    const at::Tensor& cols);
-
-// The same checks for pos2d_add_indexed_backward, which knows the tables only by their row counts.
-void check_pos2d_add_indexed_backward_args(
-    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w);
-
-namespace detail {
-
-// x's leading dims merged for pos2d_add_indexed_math::LeadingDims, or false when more than
-// kMaxLeadingDims remain (the kernels then read a contiguous copy).
-bool leading_dims(const at::Tensor& x, pos2d_add_indexed_math::LeadingDims& lead);
-
-}  // namespace detail
 }  // namespace jitrope

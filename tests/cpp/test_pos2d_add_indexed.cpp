@@ -18,11 +18,10 @@ struct Case {
 };
 
 const Case kCases[] = {
-    {{2}, 24, 8, 5, 6},
-    {{}, 37, 5, 7, 4},     // x [N, D], odd D
-    {{2, 1, 3}, 21, 16, 6, 6},  // leading dims that merge
-    {{0}, 12, 8, 3, 4},    // B = 0
-    {{3}, 300, 32, 3, 70},  // rows used by ~75 tokens each: several segments per row
+    {{2}, 24, 8, 5, 6},        {{}, 37, 5, 7, 4},  // x [N, D], odd D
+    {{2, 1, 3}, 21, 16, 6, 6},                     // leading dims that merge
+    {{0}, 12, 8, 3, 4},                            // B = 0
+    {{3}, 300, 32, 3, 70},                         // rows used by ~75 tokens each: several segments per row
 };
 
 std::vector<int64_t> shape_of(const Case& c) {
@@ -41,7 +40,10 @@ std::pair<at::Tensor, at::Tensor> make_indices(const Case& c) {
 
 // SPEC §10 as a loop over tokens, in the compute type, rounded once; a token with no table is copied.
 at::Tensor loop_reference(
-    const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const at::Tensor& rows,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
     const at::Tensor& cols) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = x.clone(at::MemoryFormat::Contiguous);
@@ -148,8 +150,9 @@ TEST(Pos2dAddIndexed, DoubleBackward) {
   const auto h = torch::randn({c.max_h, c.D}, at::kDouble).requires_grad_();
   const auto w = torch::randn({c.max_w, c.D}, at::kDouble).requires_grad_();
   const auto grad = torch::randn(shape_of(c), at::kDouble).requires_grad_();
-  const auto grads = torch::autograd::grad({jitrope::pos2d_add_indexed(x, h, w, rows, cols)}, {h}, {grad},
-                                           /*retain_graph=*/true, /*create_graph=*/true);
+  const auto grads = torch::autograd::grad(
+      {jitrope::pos2d_add_indexed(x, h, w, rows, cols)}, {h}, {grad},
+      /*retain_graph=*/true, /*create_graph=*/true);
   const auto gg = torch::autograd::grad({grads[0].sum()}, {grad})[0];
   const auto want = (rows >= 0).to(at::kDouble).view({1, c.N, 1}).expand_as(gg);
   EXPECT_TRUE(torch::equal(gg, want));
@@ -176,32 +179,43 @@ TEST(Pos2dAddIndexed, ErrorsNameTheArgument) {
   const auto h = torch::randn({3, 6}), w = torch::randn({4, 6});
   const auto r = torch::tensor({0, 1, 2, -1, 0}, at::kLong), c = torch::tensor({3, -1, 0, 1, 2}, at::kLong);
   using jitrope::pos2d_add_indexed;
-  expect_error([&] { pos2d_add_indexed(x[0][0], h, w, r, c); },
-               "x must have shape [..., N, D] (at least 2 dims), got shape [6]");
-  expect_error([&] { pos2d_add_indexed(x.to(at::kLong), h.to(at::kLong), w.to(at::kLong), r, c); },
-               "x must be float16, bfloat16, float32 or float64, got torch.int64");
-  expect_error([&] { pos2d_add_indexed(x, h.narrow(1, 0, 5), w, r, c); },
-               "pos_h must be [max_h, D] with x's D = 6, got shape [3, 5]");
-  expect_error([&] { pos2d_add_indexed(x, h, w.to(at::kDouble), r, c); },
-               "pos_w must have x's dtype torch.float32, got torch.float64");
-  expect_error([&] { pos2d_add_indexed(x, h, w, r.to(at::kInt), c); },
-               "rows must be an int64 tensor [N] (one index per token), got dtype torch.int32");
-  expect_error([&] { pos2d_add_indexed(x, h, w, r, c.narrow(0, 0, 4)); },
-               "cols must have shape [N] = [5] (one index per token of x: [..., N, D] = [2, 5, 6]), got shape [4]");
-  expect_error([&] { pos2d_add_indexed(x, h, w, r + 1, c); },
-               "rows must hold values in [-1, max_h) = [-1, 3) (a pos_h row, or -1 for none), got values in [0, 3]");
-  expect_error([&] { pos2d_add_indexed(x, h, w, r, c - 1); },
-               "cols must hold values in [-1, max_w) = [-1, 4) (a pos_w row, or -1 for none), got values in [-2, 2]");
-  expect_error([&] { pos2d_add_indexed(x, h, w, r, c.to(at::kDouble)); },
-               "cols must be an int64 tensor [N] (one index per token), got dtype torch.float64");
+  expect_error(
+      [&] { pos2d_add_indexed(x[0][0], h, w, r, c); },
+      "x must have shape [..., N, D] (at least 2 dims), got shape [6]");
+  expect_error(
+      [&] { pos2d_add_indexed(x.to(at::kLong), h.to(at::kLong), w.to(at::kLong), r, c); },
+      "x must be float16, bfloat16, float32 or float64, got torch.int64");
+  expect_error(
+      [&] { pos2d_add_indexed(x, h.narrow(1, 0, 5), w, r, c); },
+      "pos_h must be [max_h, D] with x's D = 6, got shape [3, 5]");
+  expect_error(
+      [&] { pos2d_add_indexed(x, h, w.to(at::kDouble), r, c); },
+      "pos_w must have x's dtype torch.float32, got torch.float64");
+  expect_error(
+      [&] { pos2d_add_indexed(x, h, w, r.to(at::kInt), c); },
+      "rows must be an int64 tensor [N] (one index per token), got dtype torch.int32");
+  expect_error(
+      [&] { pos2d_add_indexed(x, h, w, r, c.narrow(0, 0, 4)); },
+      "cols must have shape [N] = [5] (one index per token of x: [..., N, D] = [2, 5, 6]), got shape [4]");
+  expect_error(
+      [&] { pos2d_add_indexed(x, h, w, r + 1, c); },
+      "rows must hold values in [-1, max_h) = [-1, 3) (a pos_h row, or -1 for none), got values in [0, 3]");
+  expect_error(
+      [&] { pos2d_add_indexed(x, h, w, r, c - 1); },
+      "cols must hold values in [-1, max_w) = [-1, 4) (a pos_w row, or -1 for none), got values in [-2, 2]");
+  expect_error(
+      [&] { pos2d_add_indexed(x, h, w, r, c.to(at::kDouble)); },
+      "cols must be an int64 tensor [N] (one index per token), got dtype torch.float64");
   // A meta tensor beside CPU ones dispatches to the Meta key, whose kernel is the Python fake (which
   // names the argument, tests/test_pos2d_add_indexed.py); without Python the dispatcher refuses it.
   EXPECT_THROW(pos2d_add_indexed(x, h, w, r.to(at::kMeta), c), c10::Error);
   EXPECT_THROW(pos2d_add_indexed(x, at::Tensor(), w, r, c), c10::Error);
-  expect_error([&] { jitrope::pos2d_add_indexed_backward(x, r, c, 2, 4); },
-               "pos2d_add_indexed_backward: rows must hold values in [-1, max_h) = [-1, 2)");
-  expect_error([&] { jitrope::pos2d_add_indexed_backward(x, r, c, 3, -1); },
-               "pos2d_add_indexed_backward: max_h and max_w must be >= 0, got 3 and -1");
+  expect_error(
+      [&] { jitrope::pos2d_add_indexed_backward(x, r, c, 2, 4); },
+      "pos2d_add_indexed_backward: rows must hold values in [-1, max_h) = [-1, 2)");
+  expect_error(
+      [&] { jitrope::pos2d_add_indexed_backward(x, r, c, 3, -1); },
+      "pos2d_add_indexed_backward: max_h and max_w must be >= 0, got 3 and -1");
 }
 
 }  // namespace
