@@ -49,6 +49,7 @@ where it stopped, across sessions.
     python scripts/ablate_posenc.py --scale seed --report docs/results.md
     python scripts/ablate_posenc.py --config configs/tiny_cpu.yaml --steps 2 --seeds 0   # smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,11 @@ MAIN_ENCODINGS = ("learned1d", "factorized2d", "rope2d", "sincos2d+rope2d")
 # mixed-size training (issue "One model for every image size": data.sizes, train.tokens_per_batch).
 REGIMES: Dict[str, Dict] = {
     "single": dict(size_factors=(1.0,), overrides=[], about="at {px}x{px} only"),
-    "mixed": dict(size_factors=(0.5, 1.0, 1.5), overrides=["data.sizes={sizes}", "train.tokens_per_batch={tokens}"],
-                  about="on {sizes_text} images together, packed into {tokens} image tokens per batch"),
+    "mixed": dict(
+        size_factors=(0.5, 1.0, 1.5),
+        overrides=["data.sizes={sizes}", "train.tokens_per_batch={tokens}"],
+        about="on {sizes_text} images together, packed into {tokens} image tokens per batch",
+    ),
 }
 MIXED_KEYS = ("data.sizes", "train.tokens_per_batch")
 
@@ -110,22 +114,81 @@ def regime_overrides(regime: str, cfg) -> List[str]:
     tokens = cfg.train.batch_size * (mc.img_size // mc.patch_size) ** 2
     return [o.format(sizes="[" + ",".join(map(str, sizes)) + "]", tokens=tokens) for o in REGIMES[regime]["overrides"]]
 
+
 # Every default of a scale; an option given on the command line wins. Sizes are in pixels.
 SCALES: Dict[str, Dict] = {
-    "cpu": dict(config="configs/emoji32_cpu.yaml", encodings="all", steps=300, seeds="0,1", jobs=2, device="cpu",
-                ckpt_every=100, log_every=25, n_per_class=12, n_cond=48, max_images=192, sample_steps=8,
-                res_px="24,40,48", res_hw="", res_n_per_class=4, res_max_images=192, step_n_per_class=6,
-                t_grid="0.1,0.3,0.5,0.7,0.9", res_seeds="all", step_seeds="all", regimes="single", earlier=None),
-    "study": dict(config="configs/emoji32_cpu.yaml", encodings=",".join(MAIN_ENCODINGS), steps=2000, seeds="0,1,2",
-                  jobs=2, device="cpu", ckpt_every=500, log_every=50, n_per_class=12, n_cond=48, max_images=192,
-                  sample_steps=8, res_px="16,24,32,40,48", res_hw="32x48,48x32", res_n_per_class=4,
-                  res_max_images=96, step_n_per_class=6, t_grid="0.1,0.3,0.5,0.7,0.9", res_seeds="0,1",
-                  step_seeds="all", regimes="single,mixed", earlier="docs/results_300steps.json"),
-    "seed": dict(config="configs/emoji64_ablate.yaml", encodings="all", steps=1500, seeds="0,1,2", jobs=6,
-                 device="cuda", ckpt_every=500, log_every=25, n_per_class=64, n_cond=128, max_images=512,
-                 sample_steps=20, res_px="48,80,96", res_hw="", res_n_per_class=16, res_max_images=512,
-                 step_n_per_class=16, t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", res_seeds="all",
-                 step_seeds="all", regimes="single", earlier=None),
+    "cpu": dict(
+        config="configs/emoji32_cpu.yaml",
+        encodings="all",
+        steps=300,
+        seeds="0,1",
+        jobs=2,
+        device="cpu",
+        ckpt_every=100,
+        log_every=25,
+        n_per_class=12,
+        n_cond=48,
+        max_images=192,
+        sample_steps=8,
+        res_px="24,40,48",
+        res_hw="",
+        res_n_per_class=4,
+        res_max_images=192,
+        step_n_per_class=6,
+        t_grid="0.1,0.3,0.5,0.7,0.9",
+        res_seeds="all",
+        step_seeds="all",
+        regimes="single",
+        earlier=None,
+    ),
+    "study": dict(
+        config="configs/emoji32_cpu.yaml",
+        encodings=",".join(MAIN_ENCODINGS),
+        steps=2000,
+        seeds="0,1,2",
+        jobs=2,
+        device="cpu",
+        ckpt_every=500,
+        log_every=50,
+        n_per_class=12,
+        n_cond=48,
+        max_images=192,
+        sample_steps=8,
+        res_px="16,24,32,40,48",
+        res_hw="32x48,48x32",
+        res_n_per_class=4,
+        res_max_images=96,
+        step_n_per_class=6,
+        t_grid="0.1,0.3,0.5,0.7,0.9",
+        res_seeds="0,1",
+        step_seeds="all",
+        regimes="single,mixed",
+        earlier="docs/results_300steps.json",
+    ),
+    "seed": dict(
+        config="configs/emoji64_ablate.yaml",
+        encodings="all",
+        steps=1500,
+        seeds="0,1,2",
+        jobs=6,
+        device="cuda",
+        ckpt_every=500,
+        log_every=25,
+        n_per_class=64,
+        n_cond=128,
+        max_images=512,
+        sample_steps=20,
+        res_px="48,80,96",
+        res_hw="",
+        res_n_per_class=16,
+        res_max_images=512,
+        step_n_per_class=16,
+        t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+        res_seeds="all",
+        step_seeds="all",
+        regimes="single",
+        earlier=None,
+    ),
 }
 STAGES = ("train", "eval", "report", "all")
 
@@ -150,22 +213,35 @@ def _plan(a) -> StudyPlan:
     size_seeds = seeds if a["res_seeds"] == "all" else _ints(a["res_seeds"])
     regimes = [g for g in a["regimes"].split(",") if g]
     scalings = [s for s in a.get("scalings", ",".join(SCALING_MODES)).split(",") if s]
-    sizes = [(p, p) for p in _ints(a["res_px"])] + [tuple(_ints(hw.replace("x", ","))) for hw in
-                                                    str(a["res_hw"]).split(",") if hw.strip()]
+    sizes = [(p, p) for p in _ints(a["res_px"])] + [
+        tuple(_ints(hw.replace("x", ","))) for hw in str(a["res_hw"]).split(",") if hw.strip()
+    ]
     units = 0.0
     for name in names:
         model = JiT(dataclasses.replace(mc, pos_embed=name))
         for hw in sizes:
             usable = [m for m, why in resolution_scalings(model, hw, scalings).items() if why is None]
             own = [m for i, m in enumerate(usable) if scaling_same_as(model, hw, m, usable[:i]) is None]
-            units += len(own) * hw[0] * hw[1] / mc.img_size ** 2
+            units += len(own) * hw[0] * hw[1] / mc.img_size**2
     return StudyPlan(
-        train_runs=len(names) * len(seeds), extra_train_runs=len(names) * len(size_seeds) * (len(regimes) - 1),
-        steps=a["steps"], batch=cfg.train.batch_size, checkpoints=a["steps"] // a["ckpt_every"],
-        size_sets=len(size_seeds) * len(regimes), size_units=units, n_classes=mc.num_classes,
-        n_per_class=a["n_per_class"], step_n_per_class=a["step_n_per_class"], res_n_per_class=a["res_n_per_class"],
-        n_cond=a["n_cond"], max_images=a["max_images"], res_max_images=a["res_max_images"],
-        t_points=len(str(a["t_grid"]).split(",")), sample_steps=a["sample_steps"], jobs=a["jobs"])
+        train_runs=len(names) * len(seeds),
+        extra_train_runs=len(names) * len(size_seeds) * (len(regimes) - 1),
+        steps=a["steps"],
+        batch=cfg.train.batch_size,
+        checkpoints=a["steps"] // a["ckpt_every"],
+        size_sets=len(size_seeds) * len(regimes),
+        size_units=units,
+        n_classes=mc.num_classes,
+        n_per_class=a["n_per_class"],
+        step_n_per_class=a["step_n_per_class"],
+        res_n_per_class=a["res_n_per_class"],
+        n_cond=a["n_cond"],
+        max_images=a["max_images"],
+        res_max_images=a["res_max_images"],
+        t_points=len(str(a["t_grid"]).split(",")),
+        sample_steps=a["sample_steps"],
+        jobs=a["jobs"],
+    )
 
 
 def estimate_text(a, indent: str = "  ") -> str:
@@ -173,8 +249,10 @@ def estimate_text(a, indent: str = "  ") -> str:
     for what, step_s in (("measured", MEASURED_STEP_S), ("README demo", README_STEP_S)):
         e = estimate_seconds(_plan(a), step_s)
         h = {k: v / 3600 for k, v in e.items()}
-        lines.append(f"{indent}{step_s:.2f} s/step ({what}): training {h['train']:.1f} h, evaluation "
-                     f"{h['eval']:.1f} h, every-size study {h['sizes']:.1f} h; total {h['total']:.1f} h")
+        lines.append(
+            f"{indent}{step_s:.2f} s/step ({what}): training {h['train']:.1f} h, evaluation "
+            f"{h['eval']:.1f} h, every-size study {h['sizes']:.1f} h; total {h['total']:.1f} h"
+        )
     return "\n".join(lines)
 
 
@@ -190,45 +268,71 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=_doc(helping), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu", help="preset of everything below (default cpu)")
     p.add_argument("--stage", choices=STAGES, default="all", help="train | eval | report | all (default all)")
-    p.add_argument("--plan", action="store_true",
-                   help="print the runs and the time estimate of these options, run nothing")
+    p.add_argument(
+        "--plan", action="store_true", help="print the runs and the time estimate of these options, run nothing"
+    )
     p.add_argument("--config", default=None, help="training config (YAML; default: the scale's)")
-    p.add_argument("--encodings", default=None,
-                   help=f"comma-separated model.pos_embed values, or 'all' ({', '.join(POS_EMBEDS)})")
+    p.add_argument(
+        "--encodings", default=None, help=f"comma-separated model.pos_embed values, or 'all' ({', '.join(POS_EMBEDS)})"
+    )
     p.add_argument("--seeds", default=None, help="comma-separated train.seed values of the main ablation")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="runs at a time (cpu: 2, one CPU thread each; seed: 6 on one GPU)")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="runs at a time (cpu: 2, one CPU thread each; seed: 6 on one GPU)"
+    )
     p.add_argument("--device", default=None, help="cpu | cuda")
     p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint interval: the points of FD vs step")
     p.add_argument("--log-every", type=int, default=None, help="training-loss logging interval (the loss curves)")
     p.add_argument("--out-dir", default=None, help="folder of the runs (default runs/ablation_<scale>)")
-    p.add_argument("--report", default=None, help="results page to write (default <out-dir>/results.md); its "
-                   "plots and sample grids go beside it as results_*.png, the metrics of every run as results.json")
-    p.add_argument("--from-json", default=None, help="with --stage report: write the page from this results JSON "
-                   "(an earlier page's) instead of the run folders")
-    p.add_argument("--earlier", default=None, help="results JSON of an earlier, shorter ablation: its rows of the "
-                   "encodings outside --encodings stay on the page, labelled (study: docs/results_300steps.json)")
-    p.add_argument("--n-per-class", type=int, default=None,
-                   help="class-conditional samples per class (FD-emoji, class acc)")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="results page to write (default <out-dir>/results.md); its "
+        "plots and sample grids go beside it as results_*.png, the metrics of every run as results.json",
+    )
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="with --stage report: write the page from this results JSON "
+        "(an earlier page's) instead of the run folders",
+    )
+    p.add_argument(
+        "--earlier",
+        default=None,
+        help="results JSON of an earlier, shorter ablation: its rows of the "
+        "encodings outside --encodings stay on the page, labelled (study: docs/results_300steps.json)",
+    )
+    p.add_argument(
+        "--n-per-class", type=int, default=None, help="class-conditional samples per class (FD-emoji, class acc)"
+    )
     p.add_argument("--n-cond", type=int, default=None, help="condition-image samples (PSNR/SSIM)")
     p.add_argument("--max-images", type=int, default=None, help="held-out images in the v-loss")
     p.add_argument("--sample-steps", type=int, default=None, help="Heun sampler steps in the evaluation")
     p.add_argument("--t-grid", default=None, help="t values of the held-out v-loss")
-    p.add_argument("--res-px", default=None,
-                   help="square sizes of the every-size study; '' (with --res-hw '') skips it")
-    p.add_argument("--res-hw", default=None,
-                   help="sizes HxW (rows x columns) of the every-size study, e.g. 32x48,48x32")
+    p.add_argument(
+        "--res-px", default=None, help="square sizes of the every-size study; '' (with --res-hw '') skips it"
+    )
+    p.add_argument(
+        "--res-hw", default=None, help="sizes HxW (rows x columns) of the every-size study, e.g. 32x48,48x32"
+    )
     p.add_argument("--scalings", default=",".join(SCALING_MODES), help="pos_scaling modes of the every-size study")
     p.add_argument("--res-n-per-class", type=int, default=None, help="samples per class at each size")
     p.add_argument("--res-max-images", type=int, default=None, help="held-out images of the v-loss at each size")
-    p.add_argument("--step-n-per-class", type=int, default=None,
-                   help="samples per class at each checkpoint (FD vs step)")
-    p.add_argument("--res-seeds", default=None, help="seeds whose runs get the every-size study: comma-separated or "
-                   "'all' (study: 0,1)")
+    p.add_argument(
+        "--step-n-per-class", type=int, default=None, help="samples per class at each checkpoint (FD vs step)"
+    )
+    p.add_argument(
+        "--res-seeds",
+        default=None,
+        help="seeds whose runs get the every-size study: comma-separated or 'all' (study: 0,1)",
+    )
     p.add_argument("--step-seeds", default=None, help="seeds whose runs get FD vs step: comma-separated or 'all'")
-    p.add_argument("--regimes", default=None, help=f"training regimes of the every-size study ({', '.join(REGIMES)}; "
-                   "cpu and seed: single; study: single,mixed)")
+    p.add_argument(
+        "--regimes",
+        default=None,
+        help=f"training regimes of the every-size study ({', '.join(REGIMES)}; "
+        "cpu and seed: single; study: single,mixed)",
+    )
     p.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides for every run")
     args = p.parse_args(argv)
     for k, v in SCALES[args.scale].items():
@@ -246,8 +350,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--seeds / --res-px want comma-separated integers, got {args.seeds!r} / {args.res_px!r}")
     try:
-        args.hw_list = [tuple(int(v) for v in hw.lower().split("x"))
-                        for hw in str(args.res_hw).split(",") if hw.strip()]
+        args.hw_list = [
+            tuple(int(v) for v in hw.lower().split("x")) for hw in str(args.res_hw).split(",") if hw.strip()
+        ]
         if any(len(hw) != 2 or min(hw) < 1 for hw in args.hw_list):
             raise ValueError
     except ValueError:
@@ -257,19 +362,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             v = getattr(args, k)
             setattr(args, k + "_list", list(args.seed_list) if v == "all" else _ints(v))
     except (ValueError, AttributeError):
-        p.error(f"--res-seeds / --step-seeds want 'all' or comma-separated integers, got {args.res_seeds!r} / "
-                f"{args.step_seeds!r}")
+        p.error(
+            f"--res-seeds / --step-seeds want 'all' or comma-separated integers, got {args.res_seeds!r} / "
+            f"{args.step_seeds!r}"
+        )
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
         p.error(f"--seeds: give distinct integers, got {args.seeds!r}")
     args.regime_list = [g.strip() for g in str(args.regimes).split(",") if g.strip()]
     if not args.regime_list or any(g not in REGIMES for g in args.regime_list) or args.regime_list[0] != "single":
-        p.error(f"--regimes: comma-separated names of {list(REGIMES)}, 'single' first (the main ablation's runs), "
-                f"got {args.regimes!r}")
+        p.error(
+            f"--regimes: comma-separated names of {list(REGIMES)}, 'single' first (the main ablation's runs), "
+            f"got {args.regimes!r}"
+        )
     args.scaling_list = [s.strip() for s in args.scalings.split(",") if s.strip()]
     if not args.scaling_list or any(s not in SCALING_MODES for s in args.scaling_list):
         p.error(f"--scalings: comma-separated modes of {list(SCALING_MODES)}, got {args.scalings!r}")
-    for name in ("steps", "jobs", "ckpt_every", "log_every", "n_per_class", "n_cond", "max_images", "sample_steps",
-                 "res_n_per_class", "res_max_images", "step_n_per_class"):
+    for name in (
+        "steps",
+        "jobs",
+        "ckpt_every",
+        "log_every",
+        "n_per_class",
+        "n_cond",
+        "max_images",
+        "sample_steps",
+        "res_n_per_class",
+        "res_max_images",
+        "step_n_per_class",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for o in args.overrides:
@@ -312,10 +432,15 @@ def check_regimes(args) -> None:
         try:
             load_config(args.config, list(args.overrides) + args.regime_overrides[g])
         except ConfigError as e:
-            needs = f" (it needs the config keys {', '.join(MIXED_KEYS)} of packed mixed-size training)" \
-                if g == "mixed" else ""
-            raise ConfigError(f"--regimes: the {g} regime's overrides {args.regime_overrides[g]} do not fit this "
-                              f"jitrope{needs}: {e}; run --regimes single meanwhile") from None
+            needs = (
+                f" (it needs the config keys {', '.join(MIXED_KEYS)} of packed mixed-size training)"
+                if g == "mixed"
+                else ""
+            )
+            raise ConfigError(
+                f"--regimes: the {g} regime's overrides {args.regime_overrides[g]} do not fit this "
+                f"jitrope{needs}: {e}; run --regimes single meanwhile"
+            ) from None
 
 
 def _env(args) -> Dict[str, str]:
@@ -348,21 +473,60 @@ def train_one(args, name: str, seed: int, regime: str) -> float:
     if checkpoint_at(run, args.steps) is not None:
         return 0.0
     run.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "jitrope.train", "--config", args.config, "--resume",
-           f"model.pos_embed={name}", f"train.seed={seed}", f"train.steps={args.steps}", f"train.out_dir={run}",
-           f"train.ckpt_every={args.ckpt_every}", f"train.log_every={args.log_every}", "train.keep_last=0",
-           "train.sample_every=0", "train.tensorboard=false", "train.progress=false", f"train.device={args.device}",
-           *(["train.num_threads=1"] if args.device == "cpu" else []), *args.regime_overrides[regime], *args.overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jitrope.train",
+        "--config",
+        args.config,
+        "--resume",
+        f"model.pos_embed={name}",
+        f"train.seed={seed}",
+        f"train.steps={args.steps}",
+        f"train.out_dir={run}",
+        f"train.ckpt_every={args.ckpt_every}",
+        f"train.log_every={args.log_every}",
+        "train.keep_last=0",
+        "train.sample_every=0",
+        "train.tensorboard=false",
+        "train.progress=false",
+        f"train.device={args.device}",
+        *(["train.num_threads=1"] if args.device == "cpu" else []),
+        *args.regime_overrides[regime],
+        *args.overrides,
+    ]
     t0 = time.perf_counter()
     _call(cmd, run / "train.log", args, f"{name} seed {seed} ({regime}): training")
     return time.perf_counter() - t0
 
 
 def _eval_cmd(args, ckpt: Path, out: Path, metrics: str, n_per_class: int, max_images: int) -> List[str]:
-    return [sys.executable, "-m", "jitrope.evaluate", "--ckpt", str(ckpt), "--out", str(out), "--device", args.device,
-            *(["--num-threads", "1"] if args.device == "cpu" else []), "--metrics", metrics,
-            "--n-per-class", str(n_per_class), "--n-cond", str(args.n_cond), "--max-images", str(max_images),
-            "--steps", str(args.sample_steps), "--sampler", "heun", "--t-grid", args.t_grid]
+    return [
+        sys.executable,
+        "-m",
+        "jitrope.evaluate",
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--device",
+        args.device,
+        *(["--num-threads", "1"] if args.device == "cpu" else []),
+        "--metrics",
+        metrics,
+        "--n-per-class",
+        str(n_per_class),
+        "--n-cond",
+        str(args.n_cond),
+        "--max-images",
+        str(max_images),
+        "--steps",
+        str(args.sample_steps),
+        "--sampler",
+        "heun",
+        "--t-grid",
+        args.t_grid,
+    ]
 
 
 def _final_ckpt(args, run: Path, what: str) -> Path:
@@ -379,8 +543,9 @@ def eval_final(args, name: str, seed: int, regime: str) -> float:
     if regime != "single" or out.exists():
         return 0.0
     t0 = time.perf_counter()
-    cmd = _eval_cmd(args, _final_ckpt(args, run, f"{name} seed {seed}"), out, "vloss,class,cond", args.n_per_class,
-                    args.max_images)
+    cmd = _eval_cmd(
+        args, _final_ckpt(args, run, f"{name} seed {seed}"), out, "vloss,class,cond", args.n_per_class, args.max_images
+    )
     _call(cmd, run / "eval.log", args, f"{name} seed {seed}: evaluation")
     return time.perf_counter() - t0
 
@@ -392,14 +557,26 @@ def eval_sizes(args, name: str, seed: int, regime: str) -> float:
     if seed not in args.res_seeds_list or not (args.res_list or args.hw_list) or out.exists():
         return 0.0
     t0 = time.perf_counter()
-    cmd = _eval_cmd(args, _final_ckpt(args, run, f"{name} seed {seed} ({regime})"), out, "res", args.res_n_per_class,
-                    args.res_max_images)
+    cmd = _eval_cmd(
+        args,
+        _final_ckpt(args, run, f"{name} seed {seed} ({regime})"),
+        out,
+        "res",
+        args.res_n_per_class,
+        args.res_max_images,
+    )
     if args.res_list:
         cmd += ["--res-px", ",".join(map(str, args.res_list))]
     if args.hw_list:
         cmd += ["--res-hw", ",".join(f"{h}x{w}" for h, w in args.hw_list)]
-    cmd += ["--res-scalings", ",".join(args.scaling_list), "--res-n-per-class", str(args.res_n_per_class),
-            "--grids", str(run / f"grids_sizes_{args.steps:08d}")]
+    cmd += [
+        "--res-scalings",
+        ",".join(args.scaling_list),
+        "--res-n-per-class",
+        str(args.res_n_per_class),
+        "--grids",
+        str(run / f"grids_sizes_{args.steps:08d}"),
+    ]
     _call(cmd, run / "eval.log", args, f"{name} seed {seed} ({regime}): every-size study")
     return time.perf_counter() - t0
 
@@ -416,8 +593,12 @@ def eval_steps(args, name: str, seed: int, regime: str) -> float:
         out = run / "eval_steps" / f"step_{step:08d}.json"
         if step <= args.steps and not out.exists():
             out.parent.mkdir(exist_ok=True)
-            _call(_eval_cmd(args, path, out, "class", args.step_n_per_class, args.max_images),
-                  run / "eval_steps.log", args, f"{name} seed {seed}: evaluation of step {step}")
+            _call(
+                _eval_cmd(args, path, out, "class", args.step_n_per_class, args.max_images),
+                run / "eval_steps.log",
+                args,
+                f"{name} seed {seed}: evaluation of step {step}",
+            )
     return time.perf_counter() - t0
 
 
@@ -431,8 +612,16 @@ def collect(args) -> List[Dict]:
         sizes = run / f"eval_sizes_{args.steps:08d}.json"
         if not (final.exists() or sizes.exists()):
             continue
-        r = run_record(run, steps=args.steps, seed=seed, regime=regime, pos_embed=name, final=final, sizes=sizes,
-                       steps_folder=run / "eval_steps")
+        r = run_record(
+            run,
+            steps=args.steps,
+            seed=seed,
+            regime=regime,
+            pos_embed=name,
+            final=final,
+            sizes=sizes,
+            steps_folder=run / "eval_steps",
+        )
         r["grids"] = str(run / f"grids_sizes_{args.steps:08d}")
         rows.append(r)
     return rows
@@ -455,8 +644,14 @@ def fd_sanity(args) -> Dict[str, float]:
     def fd(x):
         return frechet_distance(*gaussian_stats(net.embed(x)[0]), extra["train_mu"], extra["train_sigma"])
 
-    out = fd_sanity_checks(fd, to_float(train.images), to_float(val.images), args.n_per_class * train.num_classes,
-                           generator=torch.Generator().manual_seed(0), featnet_info=extra["info"])
+    out = fd_sanity_checks(
+        fd,
+        to_float(train.images),
+        to_float(val.images),
+        args.n_per_class * train.num_classes,
+        generator=torch.Generator().manual_seed(0),
+        featnet_info=extra["info"],
+    )
     out["_featnet_seconds"] = extra["info"].get("train_seconds", float("nan"))
     return out
 
@@ -482,15 +677,36 @@ def page_info(args, rows, timing: Dict, *, command: str):
     rel = Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config
     seed_cmd = "python scripts/ablate_posenc.py --scale seed --report docs/results.md"
     return PageInfo(
-        command=command, config=str(rel), img_size=px, patch_size=mc.patch_size, cond_img_size=mc.cond_img_size,
-        width=mc.hidden_size, depth=mc.depth, heads=mc.num_heads, in_context=mc.in_context_len, steps=args.steps,
-        batch=cfg.train.batch_size, lr=cfg.train.lr, names=args.names, n_per_class=args.n_per_class,
-        sample_steps=args.sample_steps, step_n_per_class=args.step_n_per_class, res_n_per_class=args.res_n_per_class,
-        machine=machine(), device=args.device, jobs=args.jobs, out_dir=args.out_dir,
-        regimes={g: about(g) for g in args.regime_list}, trained_sizes=trained,
-        study_sizes=[(p, p) for p in args.res_list] + list(args.hw_list), timing=timing,
-        gpu_run=seed_cmd, gpu_done=args.scale == "seed" and args.device == "cuda", earlier_label=_earlier_label(args),
-        reproduce=["python scripts/prepare_data.py            # emoji, once", command])
+        command=command,
+        config=str(rel),
+        img_size=px,
+        patch_size=mc.patch_size,
+        cond_img_size=mc.cond_img_size,
+        width=mc.hidden_size,
+        depth=mc.depth,
+        heads=mc.num_heads,
+        in_context=mc.in_context_len,
+        steps=args.steps,
+        batch=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        names=args.names,
+        n_per_class=args.n_per_class,
+        sample_steps=args.sample_steps,
+        step_n_per_class=args.step_n_per_class,
+        res_n_per_class=args.res_n_per_class,
+        machine=machine(),
+        device=args.device,
+        jobs=args.jobs,
+        out_dir=args.out_dir,
+        regimes={g: about(g) for g in args.regime_list},
+        trained_sizes=trained,
+        study_sizes=[(p, p) for p in args.res_list] + list(args.hw_list),
+        timing=timing,
+        gpu_run=seed_cmd,
+        gpu_done=args.scale == "seed" and args.device == "cuda",
+        earlier_label=_earlier_label(args),
+        reproduce=["python scripts/prepare_data.py            # emoji, once", command],
+    )
 
 
 def _earlier_label(args) -> str:
@@ -514,13 +730,17 @@ def report(args, timing: Dict) -> Path:
         sanity = fd_sanity(args) if rows else {}
     if not any(r.get("regime", "single") == "single" and "vloss" in r for r in rows):
         raise RuntimeError("no evaluated run to report; run --stage train and --stage eval first")
-    earlier = [r for r in json.loads((ROOT / args.earlier).read_text())["runs"] if r["pos_embed"] not in args.names] \
-        if args.earlier else []
+    earlier = (
+        [r for r in json.loads((ROOT / args.earlier).read_text())["runs"] if r["pos_embed"] not in args.names]
+        if args.earlier
+        else []
+    )
     prev_file = ROOT / "docs" / "results_2000steps_seed0.json"
     in_docs = out.resolve().parent == ROOT / "docs"
     previous = json.loads(prev_file.read_text()) if prev_file.exists() and in_docs else None
-    return write_results_page(rows, page_info(args, rows, timing, command=command), out, sanity=sanity,
-                              earlier=earlier, previous=previous)
+    return write_results_page(
+        rows, page_info(args, rows, timing, command=command), out, sanity=sanity, earlier=earlier, previous=previous
+    )
 
 
 # ----------------------------------------------------------------------------------- main
@@ -533,8 +753,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     jobs = regime_runs(args)
     if args.plan:
-        print(f"{len(jobs)} runs ({', '.join(f'{g}: {sum(1 for j in jobs if j[2] == g)}' for g in args.regime_list)}) "
-              f"of {args.steps} steps, {args.jobs} at a time; time on a 2-core CPU:")
+        print(
+            f"{len(jobs)} runs ({', '.join(f'{g}: {sum(1 for j in jobs if j[2] == g)}' for g in args.regime_list)}) "
+            f"of {args.steps} steps, {args.jobs} at a time; time on a 2-core CPU:"
+        )
         print(estimate_text({**vars(args), "encodings": ",".join(args.names), "config": args.config}))
         return 0
     if args.from_json is not None:  # a page from a results JSON alone: no run folder is touched
@@ -555,8 +777,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     timing_file = Path(args.out_dir) / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    print(f"ablation ({args.scale}): {len(args.names)} encodings x seeds {args.seed_list} x {args.steps} steps, "
-          f"regimes {args.regime_list}, {args.jobs} at a time on {args.device}, runs in {args.out_dir}", flush=True)
+    print(
+        f"ablation ({args.scale}): {len(args.names)} encodings x seeds {args.seed_list} x {args.steps} steps, "
+        f"regimes {args.regime_list}, {args.jobs} at a time on {args.device}, runs in {args.out_dir}",
+        flush=True,
+    )
     # The main evaluations come before FD vs step and the every-size study, so a cut-short
     # evaluation still has the tables.
     for stage, fns in (("train", [train_one]), ("eval", [eval_final, eval_steps, eval_sizes])):

@@ -13,10 +13,11 @@ MFU counts the model's matmul FLOPs (linear, conv, attention; backward = 2x forw
 ``--peak-tflops`` or, on a GPU whose dense bf16 peak is known (H100/H200 SXM: 989 TFLOP/s), that
 figure. On a CPU without ``--peak-tflops`` it prints n/a.
 
-    PYTHONPATH=python python scripts/bench_model.py          # CPU: tiny preset, 1 thread; 2 min, mostly inductor compiling
+    PYTHONPATH=python python scripts/bench_model.py  # CPU: tiny preset, 1 thread; 2 min, mostly inductor compiling
     PYTHONPATH=python python scripts/bench_model.py --device cuda --compile none default reduce-overhead
     PYTHONPATH=python python scripts/bench_model.py --profile                        # top ops by device time
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,36 +48,76 @@ DEFAULTS = {  # device type -> preset, batch, warmup, iters
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     p.add_argument("--preset", default=None, help="JiTConfig preset (default: JiT-B/16 on CUDA, tiny on CPU)")
-    p.add_argument("--pos-embed", nargs="+", default=["sincos2d+rope2d"],
-                   help=f"encodings to time (default: the paper's sincos2d+rope2d); any of {list(POS_EMBEDS)} or 'all'")
-    p.add_argument("--compile", nargs="+", default=["none", "default"], choices=COMPILE_MODES,
-                   help="torch.compile modes to run, 'none' = eager (default: none default)")
-    p.add_argument("--what", nargs="+", default=["train", "sample"], choices=("train", "sample"),
-                   help="what to time (default: both)")
+    p.add_argument(
+        "--pos-embed",
+        nargs="+",
+        default=["sincos2d+rope2d"],
+        help=f"encodings to time (default: the paper's sincos2d+rope2d); any of {list(POS_EMBEDS)} or 'all'",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        default=["none", "default"],
+        choices=COMPILE_MODES,
+        help="torch.compile modes to run, 'none' = eager (default: none default)",
+    )
+    p.add_argument(
+        "--what",
+        nargs="+",
+        default=["train", "sample"],
+        choices=("train", "sample"),
+        help="what to time (default: both)",
+    )
     p.add_argument("--batch", type=int, default=None, help="batch size (default 64 on CUDA, 8 on CPU)")
     p.add_argument("--cond", type=int, default=0, help="condition image size, 0 for none (default 0, as the paper)")
-    p.add_argument("--amp", nargs="?", const="bf16", choices=("auto", "bf16", "off"), default="auto",
-                   help="bf16 autocast: auto (default) = on for CUDA, off on CPU; --amp alone = bf16")
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="bf16",
+        choices=("auto", "bf16", "off"),
+        default="auto",
+        help="bf16 autocast: auto (default) = on for CUDA, off on CPU; --amp alone = bf16",
+    )
     p.add_argument("--iters", type=int, default=None, help="timed steps per implementation (default 10 CUDA, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 3 / 2)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads on CPU (default 1: on cores shared with other jobs, OpenMP's "
-                        "barriers made a 2-thread step 60x slower than 1 thread; 0 keeps torch's default)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak for MFU in TFLOP/s (default: the GPU's dense bf16 peak when known; n/a otherwise)")
-    p.add_argument("--profile", action="store_true",
-                   help="after timing, profile a few training steps of each case and list the top ops by device time")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads on CPU (default 1: on cores shared with other jobs, OpenMP's "
+        "barriers made a 2-thread step 60x slower than 1 thread; 0 keeps torch's default)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak for MFU in TFLOP/s (default: the GPU's dense bf16 peak when known; n/a otherwise)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile a few training steps of each case and list the top ops by device time",
+    )
     p.add_argument("--profile-rows", type=int, default=15, help="rows of the profile table (default 15)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--packed", action="store_true",
-                   help="packed training steps vs pad-to-max with a mask on the same mixed-size images (tiny at "
-                        "patch 4 on the emoji mix on CPU, JiT-B/16 on 256..512 px on CUDA); --compile none "
-                        "default only")
-    p.add_argument("--tokens-per-batch", type=int, default=None,
-                   help="--packed: image-token budget per packed batch (default 1024 CPU, 16384 CUDA)")
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="packed training steps vs pad-to-max with a mask on the same mixed-size images (tiny at "
+        "patch 4 on the emoji mix on CPU, JiT-B/16 on 256..512 px on CUDA); --compile none "
+        "default only",
+    )
+    p.add_argument(
+        "--tokens-per-batch",
+        type=int,
+        default=None,
+        help="--packed: image-token budget per packed batch (default 1024 CPU, 16384 CUDA)",
+    )
     p.add_argument("--packed-batches", type=int, default=4, help="--packed: batches per timed pass (default 4)")
     args = p.parse_args(argv)
     args.preset_given = args.preset is not None
@@ -219,7 +260,7 @@ def bench_mode(args, pos_embed: str, mode: str, device: torch.device, amp: bool,
     flops = {"train": 3 * flops, "sample": flops}
     times: Dict[str, Dict[str, List[float]]] = {impl: {w: [] for w in args.what} for impl in cases}
     for what in args.what:
-        for impl, case in cases.items():  # warm up (and compile) one at a time: peak memory per case
+        for _impl, case in cases.items():  # warm up (and compile) one at a time: peak memory per case
             for i in range(args.warmup):
                 if i == args.warmup - 1 and device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -232,9 +273,16 @@ def bench_mode(args, pos_embed: str, mode: str, device: torch.device, amp: bool,
     for impl, case in cases.items():
         for what in args.what:
             ms = 1e3 * statistics.median(times[impl][what])
-            row = {"pos_embed": pos_embed, "compile": mode, "impl": impl, "what": what, "ms": ms,
-                   "images_per_s": args.batch / ms * 1e3, "peak_gib": case.peak[what],
-                   "tflops": flops[what] / ms * 1e-9}
+            row = {
+                "pos_embed": pos_embed,
+                "compile": mode,
+                "impl": impl,
+                "what": what,
+                "ms": ms,
+                "images_per_s": args.batch / ms * 1e3,
+                "peak_gib": case.peak[what],
+                "tflops": flops[what] / ms * 1e-9,
+            }
             row["mfu"] = row["tflops"] / peak if peak else None
             rows.append(row)
             out[(impl, what)] = row
@@ -243,7 +291,8 @@ def bench_mode(args, pos_embed: str, mode: str, device: torch.device, amp: bool,
 
 def profile(case: Case, args, title: str) -> str:
     """The top ops of a few training steps by device self time, as a printable table."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     cuda = case.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -252,8 +301,10 @@ def profile(case: Case, args, title: str) -> str:
         for _ in range(steps):
             case.run("train")
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return (f"\n# profile: {title}, {steps} steps, top {args.profile_rows} by {'GPU' if cuda else 'CPU'} self time\n"
-            + prof.key_averages().table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=60))
+    return (
+        f"\n# profile: {title}, {steps} steps, top {args.profile_rows} by {'GPU' if cuda else 'CPU'} self time\n"
+        + prof.key_averages().table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=60)
+    )
 
 
 # ---------------------------------------------------------------- packed vs pad-to-max (--packed)
@@ -262,8 +313,12 @@ def profile(case: Case, args, title: str) -> str:
 # (tiny preset); on CUDA JiT-B/16 on 256..512 px squares plus 384x512 / 512x384 (the same mix scaled).
 PACKED_MIX = {
     "cpu": ("tiny", 4, [(16, 16), (24, 24), (32, 32), (40, 40), (48, 48), (32, 48), (48, 32)], 1024),
-    "cuda": ("JiT-B/16", 16, [(256, 256), (320, 320), (384, 384), (448, 448), (512, 512), (384, 512), (512, 384)],
-             16384),
+    "cuda": (
+        "JiT-B/16",
+        16,
+        [(256, 256), (320, 320), (384, 384), (448, 448), (512, 512), (384, 512), (512, 384)],
+        16384,
+    ),
 }
 
 
@@ -356,8 +411,9 @@ class PackedCase:
             self.key_mask = mask[:, 0, ::p, ::p].reshape(S, -1).bool().to(device)
             self.noise = torch.randn(self.x.shape, generator=g).to(device)
             self.padded = PaddedModel(model)
-            self.net = self.padded if compile_mode == "none" else torch.compile(
-                self.padded, mode=compile_mode, dynamic=True)
+            self.net = (
+                self.padded if compile_mode == "none" else torch.compile(self.padded, mode=compile_mode, dynamic=True)
+            )
             self.tokens = S * (Hm // p) * (Wm // p)
 
     def loss(self):
@@ -389,16 +445,23 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
     largest = max(max(hw) for hw in mix)
     cfg = JiTConfig.preset(preset, pos_embed=args.pos_embed[0], img_size=largest, patch_size=patch)
     batches = draw_packed_batches(mix, patch, budget, args.packed_batches)
-    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                else f"cpu, {torch.get_num_threads()} threads")
+    dev_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    )
     mix_txt = ", ".join(f"{h}x{w}" for h, w in mix)
-    print(f"# packed vs pad-to-max training step (forward + loss + backward + AdamW), {preset} at patch {patch}, "
-          f"pos_embed={cfg.pos_embed}, {'bf16 autocast' if amp else 'float32'}, {dev_name}, torch {torch.__version__}")
-    print(f"# size mix (px, drawn uniformly): {mix_txt}; {len(batches)} batches packed greedily into "
-          f"{budget} image tokens each; pad-to-max = the same images padded to the batch's largest H and W, "
-          f"attention key-masked, loss masked")
-    print(f"# median over {args.iters} passes of every batch after {args.warmup} warm-up passes; tokens/s counts "
-          f"useful (image) tokens only")
+    print(
+        f"# packed vs pad-to-max training step (forward + loss + backward + AdamW), {preset} at patch {patch}, "
+        f"pos_embed={cfg.pos_embed}, {'bf16 autocast' if amp else 'float32'}, {dev_name}, torch {torch.__version__}"
+    )
+    print(
+        f"# size mix (px, drawn uniformly): {mix_txt}; {len(batches)} batches packed greedily into "
+        f"{budget} image tokens each; pad-to-max = the same images padded to the batch's largest H and W, "
+        f"attention key-masked, loss masked"
+    )
+    print(
+        f"# median over {args.iters} passes of every batch after {args.warmup} warm-up passes; tokens/s counts "
+        f"useful (image) tokens only"
+    )
     rows, results = [], {}
     for mode in args.compile:
         if mode != "none":
@@ -428,29 +491,52 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
                 waste = 1 - useful / (budget * len(cs))  # against the budget: a fixed-size step pads to it
             else:
                 waste = 1 - useful / computed
-            row = {"compile": mode, "how": how, "batches": len(cs), "images": sum(len(b) for b in batches),
-                   "useful_tokens": useful, "computed_tokens": computed, "ms_per_batch": 1e3 * sec / len(cs),
-                   "tokens_per_s": useful / sec, "padding_waste": waste}
+            row = {
+                "compile": mode,
+                "how": how,
+                "batches": len(cs),
+                "images": sum(len(b) for b in batches),
+                "useful_tokens": useful,
+                "computed_tokens": computed,
+                "ms_per_batch": 1e3 * sec / len(cs),
+                "tokens_per_s": useful / sec,
+                "padding_waste": waste,
+            }
             rows.append(row)
             results[(mode, how)] = row
-    print(f"\n{'compile':<9}{'layout':<12}{'batches':>8}{'images':>8}{'useful tok':>11}{'computed tok':>13}"
-          f"{'ms/batch':>10}{'useful tok/s':>13}{'padding waste':>15}")
+    print(
+        f"\n{'compile':<9}{'layout':<12}{'batches':>8}{'images':>8}{'useful tok':>11}{'computed tok':>13}"
+        f"{'ms/batch':>10}{'useful tok/s':>13}{'padding waste':>15}"
+    )
     for r in rows:
-        print(f"{r['compile']:<9}{r['how']:<12}{r['batches']:>8}{r['images']:>8}{r['useful_tokens']:>11}"
-              f"{r['computed_tokens']:>13}{r['ms_per_batch']:>10.1f}{r['tokens_per_s']:>13.0f}"
-              f"{100 * r['padding_waste']:>14.1f}%")
+        print(
+            f"{r['compile']:<9}{r['how']:<12}{r['batches']:>8}{r['images']:>8}{r['useful_tokens']:>11}"
+            f"{r['computed_tokens']:>13}{r['ms_per_batch']:>10.1f}{r['tokens_per_s']:>13.0f}"
+            f"{100 * r['padding_waste']:>14.1f}%"
+        )
     ratios = []
     for mode in args.compile:
         pk, pd = results[(mode, "packed")], results[(mode, "pad-to-max")]
         ratio = pk["tokens_per_s"] / pd["tokens_per_s"]
         ratios.append({"compile": mode, "packed_over_padded": ratio})
-        print(f"compile={mode}: packed / pad-to-max useful tokens/s = {ratio:.2f}x (goal >= 1.4x: "
-              f"{'met' if ratio >= 1.4 else 'NOT met'}); packed padding waste {100 * pk['padding_waste']:.1f}% "
-              f"(goal <= 3%: {'met' if pk['padding_waste'] <= 0.03 else 'NOT met'}), pad-to-max "
-              f"{100 * pd['padding_waste']:.1f}%")
+        print(
+            f"compile={mode}: packed / pad-to-max useful tokens/s = {ratio:.2f}x (goal >= 1.4x: "
+            f"{'met' if ratio >= 1.4 else 'NOT met'}); packed padding waste {100 * pk['padding_waste']:.1f}% "
+            f"(goal <= 3%: {'met' if pk['padding_waste'] <= 0.03 else 'NOT met'}), pad-to-max "
+            f"{100 * pd['padding_waste']:.1f}%"
+        )
     if args.json:
-        meta = {"preset": preset, "patch": patch, "mix": mix, "tokens_per_batch": budget, "device": dev_name,
-                "amp": amp, "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup}
+        meta = {
+            "preset": preset,
+            "patch": patch,
+            "mix": mix,
+            "tokens_per_batch": budget,
+            "device": dev_name,
+            "amp": amp,
+            "torch": torch.__version__,
+            "iters": args.iters,
+            "warmup": args.warmup,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows, "ratios": ratios}, f, indent=2)
     return 0
@@ -470,14 +556,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         return packed_main(args, device, amp)
     peak, peak_what = peak_tflops(args, device)
     cfg = JiTConfig.preset(args.preset, cond_img_size=args.cond or None)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    meta = {"preset": args.preset, "img_size": cfg.img_size, "batch": args.batch, "cond": args.cond, "amp": amp,
-            "device": dev_name, "torch": torch.__version__, "has_extension": jitrope.HAS_EXTENSION,
-            "iters": args.iters, "warmup": args.warmup, "peak": peak_what}
-    print(f"# {args.preset} {cfg.img_size}x{cfg.img_size}, condition {args.cond or 'none'}, batch {args.batch}, "
-          f"{'bf16 autocast' if amp else 'float32'}, {dev_name}, torch {torch.__version__}")
-    print(f"# median of {args.iters} steps after {args.warmup} warm-up steps; MFU against {peak_what}; "
-          f"peak memory: {'CUDA allocator peak' if device.type == 'cuda' else 'process peak RSS so far (CPU)'}")
+    dev_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    )
+    meta = {
+        "preset": args.preset,
+        "img_size": cfg.img_size,
+        "batch": args.batch,
+        "cond": args.cond,
+        "amp": amp,
+        "device": dev_name,
+        "torch": torch.__version__,
+        "has_extension": jitrope.HAS_EXTENSION,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "peak": peak_what,
+    }
+    print(
+        f"# {args.preset} {cfg.img_size}x{cfg.img_size}, condition {args.cond or 'none'}, batch {args.batch}, "
+        f"{'bf16 autocast' if amp else 'float32'}, {dev_name}, torch {torch.__version__}"
+    )
+    print(
+        f"# median of {args.iters} steps after {args.warmup} warm-up steps; MFU against {peak_what}; "
+        f"peak memory: {'CUDA allocator peak' if device.type == 'cuda' else 'process peak RSS so far (CPU)'}"
+    )
     if not jitrope.HAS_EXTENSION:
         print(f"# the extension is not loaded ({jitrope.EXTENSION_ERROR}): torch rows only")
     rows: List[Dict] = []
@@ -485,25 +587,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     profiles = []
     for pe in args.pos_embed:
         print(f"\n## pos_embed={pe}")
-        print(f"{'compile':<16}{'pos_impl':<9}{'what':<8}{'ms/step':>10}{'images/s':>11}{'peak GiB':>10}"
-              f"{'TFLOP/s':>9}{'MFU':>8}")
+        print(
+            f"{'compile':<16}{'pos_impl':<9}{'what':<8}{'ms/step':>10}{'images/s':>11}{'peak GiB':>10}"
+            f"{'TFLOP/s':>9}{'MFU':>8}"
+        )
         for mode in args.compile:
             res, cases = bench_mode(args, pe, mode, device, amp, peak, rows)
             for (impl, what), r in res.items():
                 mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-                print(f"{mode:<16}{impl:<9}{what:<8}{r['ms']:>10.2f}{r['images_per_s']:>11.1f}"
-                      f"{fmt(r['peak_gib'], '.2f'):>10}{r['tflops']:>9.3f}{mfu:>8}")
+                print(
+                    f"{mode:<16}{impl:<9}{what:<8}{r['ms']:>10.2f}{r['images_per_s']:>11.1f}"
+                    f"{fmt(r['peak_gib'], '.2f'):>10}{r['tflops']:>9.3f}{mfu:>8}"
+                )
             for what in args.what:
                 if ("fused", what) in res:
                     ratio = res[("fused", what)]["ms"] / res[("torch", what)]["ms"]
                     ratios.append({"pos_embed": pe, "compile": mode, "what": what, "fused_over_torch": ratio})
             if args.profile:  # now: the next mode's torch._dynamo.reset() drops these compiled graphs
-                profiles.extend(profile(c, args, f"{pe}, compile={mode}, pos_impl={impl}, training step")
-                                for impl, c in cases.items())
+                profiles.extend(
+                    profile(c, args, f"{pe}, compile={mode}, pos_impl={impl}, training step")
+                    for impl, c in cases.items()
+                )
             del cases
         if ratios:
-            print("fused/torch time (same compile mode both sides; < 1: fused is faster): " + ", ".join(
-                f"{r['compile']} {r['what']} {r['fused_over_torch']:.3f}" for r in ratios if r["pos_embed"] == pe))
+            print(
+                "fused/torch time (same compile mode both sides; < 1: fused is faster): "
+                + ", ".join(
+                    f"{r['compile']} {r['what']} {r['fused_over_torch']:.3f}" for r in ratios if r["pos_embed"] == pe
+                )
+            )
     for table in profiles:
         print(table)
     if args.json:

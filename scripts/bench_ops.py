@@ -16,6 +16,7 @@ over --reps runs after --warmup runs, taken with CUDA events on a GPU.
     python scripts/bench_ops.py --op pos2d_add_indexed --quick --compile
     python scripts/bench_ops.py --op all --device cuda --dtype bfloat16,float32 --compile --json bench.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -155,7 +156,12 @@ def bench_pos2d_add(device: torch.device, dtype: torch.dtype, args: argparse.Nam
         case = f"B{B} N{N} D{D} grid{gh}x{gw}@{t0}"
         rows.append(
             measure(
-                "pos2d_add", case, "fwd", device=device, dtype=dtype, args=args,
+                "pos2d_add",
+                case,
+                "fwd",
+                device=device,
+                dtype=dtype,
+                args=args,
                 fused=lambda: fused(x, pos_h, pos_w),
                 eager=lambda: eager(x, pos_h, pos_w),
                 copy=lambda: x.clone(),
@@ -164,7 +170,12 @@ def bench_pos2d_add(device: torch.device, dtype: torch.dtype, args: argparse.Nam
         inputs = tuple(t.detach().requires_grad_() for t in (x, pos_h, pos_w))
         rows.append(
             measure(
-                "pos2d_add", case, "fwd+bwd", device=device, dtype=dtype, args=args,
+                "pos2d_add",
+                case,
+                "fwd+bwd",
+                device=device,
+                dtype=dtype,
+                args=args,
                 fused=lambda: torch.autograd.grad(fused(*inputs), inputs, grad),
                 eager=lambda: torch.autograd.grad(eager(*inputs), inputs, grad),
                 copy=lambda: (x.clone(), grad.clone()),
@@ -238,11 +249,17 @@ def bench_pos2d_add_indexed(
         note = f"indices change every call; eager = index_select + add; -1 tokens {100 * waste:.0f}%"
         rows.append(
             measure(
-                "pos2d_add_indexed", case, "fwd", device=device, dtype=dtype, args=args,
+                "pos2d_add_indexed",
+                case,
+                "fwd",
+                device=device,
+                dtype=dtype,
+                args=args,
                 fused=cycling(lambda r, c: ops.pos2d_add_indexed(x, pos_h, pos_w, r, c)),
                 eager=cycling(lambda r, c: eager(x, pos_h, pos_w, r, c)),
                 compiled=cycling(lambda r, c: compiled(x, pos_h, pos_w, r, c)),
-                copy=lambda: x.clone(), note=note,
+                copy=lambda: x.clone(),
+                note=note,
             )
         )
         inputs = tuple(t.detach().requires_grad_() for t in (x, pos_h, pos_w))
@@ -252,9 +269,17 @@ def bench_pos2d_add_indexed(
 
         rows.append(
             measure(
-                "pos2d_add_indexed", case, "fwd+bwd", device=device, dtype=dtype, args=args,
-                fused=fwd_bwd(ops.pos2d_add_indexed), eager=fwd_bwd(eager), compiled=fwd_bwd(compiled),
-                copy=lambda: (x.clone(), grad.clone()), note=note,
+                "pos2d_add_indexed",
+                case,
+                "fwd+bwd",
+                device=device,
+                dtype=dtype,
+                args=args,
+                fused=fwd_bwd(ops.pos2d_add_indexed),
+                eager=fwd_bwd(eager),
+                compiled=fwd_bwd(compiled),
+                copy=lambda: (x.clone(), grad.clone()),
+                note=note,
             )
         )
     return rows
@@ -300,7 +325,12 @@ def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
     note = "eager = published EVA/JiT rope, cached cos/sin tables"
     rows = [
         measure(
-            "rope2d", case, "fwd", device=device, dtype=dtype, args=args,
+            "rope2d",
+            case,
+            "fwd",
+            device=device,
+            dtype=dtype,
+            args=args,
             fused=lambda: ops.rope2d(x, coords, freqs),
             eager=lambda: eva_qk(x),
             compiled=lambda: eva_qk_compiled(x),
@@ -320,9 +350,17 @@ def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
 
     rows.append(
         measure(
-            "rope2d", case, "fwd+bwd", device=device, dtype=dtype, args=args,
-            fused=fused_fb, eager=eager_fb, compiled=lambda: eager_fb(eva_qk_compiled),
-            copy=lambda: (x.clone(), g.clone()), note=note,
+            "rope2d",
+            case,
+            "fwd+bwd",
+            device=device,
+            dtype=dtype,
+            args=args,
+            fused=fused_fb,
+            eager=eager_fb,
+            compiled=lambda: eager_fb(eva_qk_compiled),
+            copy=lambda: (x.clone(), g.clone()),
+            note=note,
         )
     )
 
@@ -337,8 +375,15 @@ def bench_rope2d(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
 
     rows.append(
         measure(
-            "rope2d", case + " per-head learned freqs", "fwd+bwd", device=device, dtype=dtype, args=args,
-            fused=fused_mixed, eager=eager_mixed, copy=lambda: (x.clone(), g.clone()),
+            "rope2d",
+            case + " per-head learned freqs",
+            "fwd+bwd",
+            device=device,
+            dtype=dtype,
+            args=args,
+            fused=fused_mixed,
+            eager=eager_mixed,
+            copy=lambda: (x.clone(), g.clone()),
             note="eager = jitrope.reference.rope2d_ref (learned freqs: sin/cos recomputed every step)",
         )
     )
@@ -379,7 +424,12 @@ def bench_qk_norm_rope(device: torch.device, dtype: torch.dtype, args: argparse.
     note = "eager = published JiT: RMSNorm modules, then rope with cached cos/sin tables"
     rows = [
         measure(
-            "qk_norm_rope", case, "fwd", device=device, dtype=dtype, args=args,
+            "qk_norm_rope",
+            case,
+            "fwd",
+            device=device,
+            dtype=dtype,
+            args=args,
             fused=lambda: ops.qk_norm_rope(x, weight, coords, freqs),
             eager=lambda: published(x, weight),
             compiled=lambda: published_compiled(x, weight),
@@ -399,9 +449,17 @@ def bench_qk_norm_rope(device: torch.device, dtype: torch.dtype, args: argparse.
 
     rows.append(
         measure(
-            "qk_norm_rope", case, "fwd+bwd", device=device, dtype=dtype, args=args,
-            fused=fused_fb, eager=eager_fb, compiled=lambda: eager_fb(published_compiled),
-            copy=lambda: (x.clone(), g.clone()), note=note,
+            "qk_norm_rope",
+            case,
+            "fwd+bwd",
+            device=device,
+            dtype=dtype,
+            args=args,
+            fused=fused_fb,
+            eager=eager_fb,
+            compiled=lambda: eager_fb(published_compiled),
+            copy=lambda: (x.clone(), g.clone()),
+            note=note,
         )
     )
     return rows
@@ -465,16 +523,18 @@ def packed_rope_eager(x: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor
     return x * cos + _rotate_half_interleaved(x) * sin
 
 
-def packed_qk_norm_rope_eager(x: torch.Tensor, weight: torch.Tensor, coords: torch.Tensor,
-                              freqs: torch.Tensor) -> torch.Tensor:
+def packed_qk_norm_rope_eager(
+    x: torch.Tensor, weight: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor
+) -> torch.Tensor:
     """JiT's RMSNorm on q and on k, then rope with one cos/sin per call built from the coords."""
     cos, sin = _tables_from_coords(coords, freqs, x.dtype)
     qk = _rms_norm(x, weight[:, None, None, None, :])
     return qk * cos + _rotate_half_interleaved(qk) * sin
 
 
-def bench_packed(op: str, device: torch.device, dtype: torch.dtype,
-                 args: argparse.Namespace) -> List[Dict[str, object]]:
+def bench_packed(
+    op: str, device: torch.device, dtype: torch.dtype, args: argparse.Namespace
+) -> List[Dict[str, object]]:
     """``op`` (rope2d or qk_norm_rope) on packed batches whose positions change every call.
 
     One timed run is ``--packed-calls`` calls, each on its own size mix (its own T and coords), the
@@ -504,6 +564,7 @@ def bench_packed(op: str, device: torch.device, dtype: torch.dtype,
 
         def base(fn, w=weight):
             return lambda x, c: fn(x, w, c, freqs)
+
     compiled = torch.compile(eager, dynamic=True, fullgraph=True) if args.compile else None
     rows = []
     for budget in budgets:
@@ -523,9 +584,19 @@ def bench_packed(op: str, device: torch.device, dtype: torch.dtype,
             ("fwd", each, 2 * nbytes, lambda: [x.clone() for x, _, _ in batches]),
             ("fwd+bwd", each_fb, 4 * nbytes, lambda: [(x.clone(), g.clone()) for x, _, g in batches]),
         ):
-            row = measure(op, case, pass_, device=device, dtype=dtype, args=args, fused=wrap(fused),
-                          eager=wrap(base(eager)), compiled=None if compiled is None else wrap(base(compiled)),
-                          copy=copy, note="torch.compile(dynamic=True)" if compiled is not None else "")
+            row = measure(
+                op,
+                case,
+                pass_,
+                device=device,
+                dtype=dtype,
+                args=args,
+                fused=wrap(fused),
+                eager=wrap(base(eager)),
+                compiled=None if compiled is None else wrap(base(compiled)),
+                copy=copy,
+                note="torch.compile(dynamic=True)" if compiled is not None else "",
+            )
             row["gbs"] = moved / (row["fused_ms"] * 1e-3) / 1e9
             row["copy_gbs"] = moved / (row["copy_ms"] * 1e-3) / 1e9
             row["tokens"] = Ts
@@ -534,11 +605,20 @@ def bench_packed(op: str, device: torch.device, dtype: torch.dtype,
 
 
 PACKED_COLUMNS = [
-    ("op", "op", "{}"), ("case", "case", "{}"), ("pass", "pass", "{}"), ("dtype", "dtype", "{}"),
-    ("fused_ms", "fused ms", "{:.3f}"), ("eager_ms", "eager ms", "{:.3f}"), ("compiled_ms", "compiled ms", "{:.3f}"),
-    ("copy_ms", "copy ms", "{:.3f}"), ("fused_over_copy", "fused/copy", "{:.2f}"),
-    ("eager_over_fused", "eager/fused", "{:.2f}"), ("compiled_over_fused", "compiled/fused", "{:.2f}"),
-    ("gbs", "fused GB/s", "{:.1f}"), ("copy_gbs", "copy GB/s", "{:.1f}"), ("peak_frac", "of peak", "{:.0%}"),
+    ("op", "op", "{}"),
+    ("case", "case", "{}"),
+    ("pass", "pass", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("fused_ms", "fused ms", "{:.3f}"),
+    ("eager_ms", "eager ms", "{:.3f}"),
+    ("compiled_ms", "compiled ms", "{:.3f}"),
+    ("copy_ms", "copy ms", "{:.3f}"),
+    ("fused_over_copy", "fused/copy", "{:.2f}"),
+    ("eager_over_fused", "eager/fused", "{:.2f}"),
+    ("compiled_over_fused", "compiled/fused", "{:.2f}"),
+    ("gbs", "fused GB/s", "{:.1f}"),
+    ("copy_gbs", "copy GB/s", "{:.1f}"),
+    ("peak_frac", "of peak", "{:.0%}"),
     ("goal", "goal", "{}"),
 ]
 
@@ -552,8 +632,11 @@ def packed_goals(rows: List[Dict[str, object]], device: torch.device) -> None:
     for r in rows:
         r["peak_frac"] = r["gbs"] / peak if peak else None
         if device.type == "cuda":
-            r["goal"] = ("n/a (unknown HBM peak)" if peak is None else
-                         f">=70% of {peak:.0f} GB/s: {'met' if r['peak_frac'] >= 0.7 else 'NOT met'}")
+            r["goal"] = (
+                "n/a (unknown HBM peak)"
+                if peak is None
+                else f">=70% of {peak:.0f} GB/s: {'met' if r['peak_frac'] >= 0.7 else 'NOT met'}"
+            )
         elif r["compiled_over_fused"] is None:
             r["goal"] = ">=1.5x compiled: n/a (no --compile)"
         else:
@@ -586,24 +669,32 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", choices=[*OPS, "all"], default="all", help="which op to benchmark")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    p.add_argument("--dtype", default=None, help="comma-separated dtypes (default: float32 on CPU, bfloat16,float32 on CUDA)")
+    p.add_argument(
+        "--dtype", default=None, help="comma-separated dtypes (default: float32 on CPU, bfloat16,float32 on CUDA)"
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
     p.add_argument("--reps", type=int, default=30, help="timed runs (the median is reported)")
     p.add_argument("--quick", action="store_true", help="only the first size of each op")
     p.add_argument(
-        "--compile", action="store_true",
+        "--compile",
+        action="store_true",
         help="also time torch.compile of the eager baselines (rope2d, qk_norm_rope, pos2d_add_indexed); "
         "compiling takes minutes on a CPU",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     p.add_argument(
-        "--packed", action="store_true",
+        "--packed",
+        action="store_true",
         help="rope2d / qk_norm_rope on packed batches whose positions change every call (a new size mix each "
-             "call), against eager code rebuilding cos/sin per call, its torch.compile (--compile) and a copy",
+        "call), against eager code rebuilding cos/sin per call, its torch.compile (--compile) and a copy",
     )
-    p.add_argument("--packed-tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
-                   help="--packed: comma-separated token budgets T (default 2048 on CPU; 65536,131072,262144 on CUDA)")
+    p.add_argument(
+        "--packed-tokens",
+        type=lambda v: [int(t) for t in v.split(",")],
+        default=None,
+        help="--packed: comma-separated token budgets T (default 2048 on CPU; 65536,131072,262144 on CUDA)",
+    )
     p.add_argument("--packed-calls", type=int, default=4, help="--packed: size mixes (calls) per timed run (default 4)")
     args = p.parse_args(argv)
 
@@ -622,12 +713,17 @@ def main(argv=None) -> int:
             p.error("--packed-calls must be >= 1 and --packed-tokens >= 16")
         with torch.inference_mode(False):
             rows = run_packed(names, device, dtypes, args)
-        where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                 else f"CPU, {torch.get_num_threads()} threads")
-        print(f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; packed batches, "
-              f"{args.packed_calls} size mixes per run, median of {args.reps} runs")
-        print("compiled = torch.compile(dynamic=True, fullgraph=True) of the eager code: one graph for every T; "
-              "GB/s = bytes the op must move / fused time\n")
+        where = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        )
+        print(
+            f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; packed batches, "
+            f"{args.packed_calls} size mixes per run, median of {args.reps} runs"
+        )
+        print(
+            "compiled = torch.compile(dynamic=True, fullgraph=True) of the eager code: one graph for every T; "
+            "GB/s = bytes the op must move / fused time\n"
+        )
         print_table(rows, PACKED_COLUMNS)
         if args.json:
             args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=2))

@@ -7,6 +7,7 @@ Each row packs sequences of the emoji multi-size mix (grids 4x4 .. 12x12 at patc
 in-context tokens) up to a token budget, and prints the median time of forward + backward per call
 for both paths. With ``--json PATH`` the rows are also written as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,13 +73,17 @@ def main(argv=None) -> int:
         grad = torch.randn(T, H, D, generator=g)
         res = {}
         for impl in ("mask", "loop"):
+
             def step():
                 out = varlen_attention(q, k, v, cu, max_len, impl=impl)
                 torch.autograd.grad(out, (q, k, v), grad)
+
             res[impl] = time_call(step, args.reps) * 1e3
         rows.append(dict(budget=budget, T=T, S=len(cu) - 1, mask_ms=res["mask"], loop_ms=res["loop"]))
-        print(f"{budget:>7} {T:>6} {len(cu) - 1:>4} {res['mask']:>9.2f} {res['loop']:>9.2f} "
-              f"{res['loop'] / res['mask']:>9.2f}")
+        print(
+            f"{budget:>7} {T:>6} {len(cu) - 1:>4} {res['mask']:>9.2f} {res['loop']:>9.2f} "
+            f"{res['loop'] / res['mask']:>9.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(threads=args.threads, heads=H, head_dim=D, rows=rows), f, indent=1)

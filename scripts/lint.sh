@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks formatting without changing any file; exits non-zero and lists what differs. One section per
-# language. Fix C++/CUDA with: clang-format -i <files> (the version pinned in requirements-dev.txt).
+# language. Fix C++/CUDA with: clang-format -i <files>, Python with: ruff format python tests scripts
+# (the versions pinned in requirements-dev.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
@@ -12,5 +13,10 @@ if [ ${#cxx_files[@]} -gt 0 ]; then
   clang-format --version
   clang-format --dry-run --Werror "${cxx_files[@]}" || status=1
 fi
+
+echo "== Python: ruff check and ruff format --check (pyproject.toml)"
+ruff --version
+ruff check python tests scripts || status=1
+ruff format --check python tests scripts || status=1
 
 exit $status

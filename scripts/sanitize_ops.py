@@ -9,6 +9,7 @@ frequency tables of rope2d / qk_norm_rope) and ``pos2d_add_indexed``. Each resul
 with the reference so a kernel that reads the wrong bytes fails here too, not only under the
 sanitizer. Exits non-zero on any mismatch.
 """
+
 import argparse
 import inspect
 import sys
@@ -32,17 +33,29 @@ def check(name, got, want, dtype):
 
 def rope_cases(dev, dtype):
     ok = True
-    for B, H, N0, D, per_head, inter in [(2, 3, 5, 8, False, True), (1, 4, 33, 66, True, False), (0, 2, 4, 8, False, True), (3, 12, 16, 64, True, True)]:
-        gh = max(1, int(N0 ** 0.5))
+    for B, H, N0, D, per_head, inter in [
+        (2, 3, 5, 8, False, True),
+        (1, 4, 33, 66, True, False),
+        (0, 2, 4, 8, False, True),
+        (3, 12, 16, 64, True, True),
+    ]:
+        gh = max(1, int(N0**0.5))
         coords = sequence_coords((gh, N0 // gh), prefix=N0 - gh * (N0 // gh) + 1, cond_grid=(1, 1)).to(dev)
         N = coords.shape[0]
         qkv = torch.randn(B, N, 3, H, D, device=dev, dtype=dtype)
         qk = qkv.permute(2, 0, 3, 1, 4)[:2]
-        freqs = (torch.randn(H, 2, D // 2) if per_head else axial_freqs(D) if D % 4 == 0 else torch.randn(2, D // 2)).to(dev)
+        freqs = (
+            torch.randn(H, 2, D // 2) if per_head else axial_freqs(D) if D % 4 == 0 else torch.randn(2, D // 2)
+        ).to(dev)
         freqs.requires_grad_(True)
         x = qk.detach().clone().requires_grad_(True)
         out = ops.rope2d(qk, coords, freqs, interleaved=inter)
-        ok &= check(f"rope2d fwd {dtype} B{B} H{H} N{N} D{D} ph{per_head} il{inter}", out, rope2d_ref(qk, coords, freqs, interleaved=inter), dtype)
+        ok &= check(
+            f"rope2d fwd {dtype} B{B} H{H} N{N} D{D} ph{per_head} il{inter}",
+            out,
+            rope2d_ref(qk, coords, freqs, interleaved=inter),
+            dtype,
+        )
         g = torch.randn_like(out)
         y = ops.rope2d(x, coords, freqs, interleaved=inter)
         gx, gf = torch.autograd.grad(y, (x, freqs), g)
@@ -56,8 +69,12 @@ def rope_cases(dev, dtype):
         ok &= check(f"rope2d bwd freqs {dtype} B{B} N{N} D{D}", gf, gfr, fdt)
         if B:
             z = qk[..., 1 : D - 1]  # rows that start off a 16-byte boundary
-            ok &= check(f"rope2d misaligned {dtype}", ops.rope2d(z, coords, freqs[..., : (D - 2) // 2].detach(), interleaved=inter),
-                        rope2d_ref(z, coords, freqs[..., : (D - 2) // 2].detach(), interleaved=inter), dtype)
+            ok &= check(
+                f"rope2d misaligned {dtype}",
+                ops.rope2d(z, coords, freqs[..., : (D - 2) // 2].detach(), interleaved=inter),
+                rope2d_ref(z, coords, freqs[..., : (D - 2) // 2].detach(), interleaved=inter),
+                dtype,
+            )
             w = out.clone()
             with torch.no_grad():
                 ops.rope2d_(w, coords, -freqs.detach(), interleaved=inter)
@@ -67,37 +84,60 @@ def rope_cases(dev, dtype):
 
 def pos_cases(dev, dtype):
     ok = True
-    for B, N, D, grid, t0, r0, c0, mh, mw in [(2, 9, 8, (2, 3), 1, 0, 1, 4, 5), (3, 300, 66, (16, 16), 32, 2, 0, 20, 18), (0, 5, 4, (1, 1), 0, 0, 0, 1, 1), (1, 77, 7, (4, 9), 5, 3, 4, 9, 13)]:
+    for B, N, D, grid, t0, r0, c0, mh, mw in [
+        (2, 9, 8, (2, 3), 1, 0, 1, 4, 5),
+        (3, 300, 66, (16, 16), 32, 2, 0, 20, 18),
+        (0, 5, 4, (1, 1), 0, 0, 0, 1, 1),
+        (1, 77, 7, (4, 9), 5, 3, 4, 9, 13),
+    ]:
         x = torch.randn(B, N, D, device=dev, dtype=dtype).requires_grad_(True)
         ph = torch.randn(mh, D, device=dev, dtype=dtype).requires_grad_(True)
         pw = torch.randn(mw, D, device=dev, dtype=dtype).requires_grad_(True)
         kw = dict(token_offset=t0, row_offset=r0, col_offset=c0)
         out = ops.pos2d_add(x, ph, pw, grid, **kw)
-        ok &= check(f"pos2d_add fwd {dtype} B{B} N{N} D{D} grid{grid}", out, pos2d_add_ref(x, ph, pw, grid, **kw), dtype)
+        ok &= check(
+            f"pos2d_add fwd {dtype} B{B} N{N} D{D} grid{grid}", out, pos2d_add_ref(x, ph, pw, grid, **kw), dtype
+        )
         g = torch.randn_like(out)
         got = torch.autograd.grad(out, (x, ph, pw), g)
         xr, phr, pwr = (t.detach().double().requires_grad_(True) for t in (x, ph, pw))
         want = torch.autograd.grad(pos2d_add_ref(xr, phr, pwr, grid, **kw), (xr, phr, pwr), g.double())
         for n, a, b in zip(("x", "pos_h", "pos_w"), got, want):
-            ok &= check(f"pos2d_add bwd {n} {dtype} B{B} N{N}", a, b, dtype if dtype != torch.float16 else torch.bfloat16)
+            ok &= check(
+                f"pos2d_add bwd {n} {dtype} B{B} N{N}", a, b, dtype if dtype != torch.float16 else torch.bfloat16
+            )
         xs = torch.randn(N, B, D + 1, device=dev, dtype=dtype).transpose(0, 1)[..., :D]
-        ok &= check(f"pos2d_add strided x {dtype}", ops.pos2d_add(xs, ph.detach(), pw.detach(), grid, **kw),
-                    pos2d_add_ref(xs, ph.detach(), pw.detach(), grid, **kw), dtype)
+        ok &= check(
+            f"pos2d_add strided x {dtype}",
+            ops.pos2d_add(xs, ph.detach(), pw.detach(), grid, **kw),
+            pos2d_add_ref(xs, ph.detach(), pw.detach(), grid, **kw),
+            dtype,
+        )
     return ok
 
 
 def qk_norm_rope_cases(dev, dtype):
     ok = True
     # (B, H, N, D, freqs kind, interleaved): D up to the CUDA kernel's 8 pairs per lane, odd pairs.
-    for B, H, N, D, kind, inter in [(2, 3, 5, 8, "shared", True), (1, 4, 33, 66, "per_head", False), (0, 2, 4, 8, "shared", True),
-                                    (3, 12, 70, 64, "shared", True), (1, 2, 9, 10, None, True), (1, 1, 3, 512, "per_head", False)]:
+    for B, H, N, D, kind, inter in [
+        (2, 3, 5, 8, "shared", True),
+        (1, 4, 33, 66, "per_head", False),
+        (0, 2, 4, 8, "shared", True),
+        (3, 12, 70, 64, "shared", True),
+        (1, 2, 9, 10, None, True),
+        (1, 1, 3, 512, "per_head", False),
+    ]:
         qkv = torch.randn(B, N, 3, H, D, device=dev, dtype=dtype)
         qk = qkv.permute(2, 0, 3, 1, 4)[:2]
         weight = (torch.rand(2, D, device=dev) + 0.5).requires_grad_(True)
         coords = freqs = None
         if kind is not None:
             coords = sequence_coords((1, N - 1), prefix=1).to(dev)
-            freqs = (torch.randn(H, 2, D // 2) if kind == "per_head" else torch.randn(2, D // 2)).to(dev).requires_grad_(True)
+            freqs = (
+                (torch.randn(H, 2, D // 2) if kind == "per_head" else torch.randn(2, D // 2))
+                .to(dev)
+                .requires_grad_(True)
+            )
         x = qk.detach().clone().requires_grad_(True)
         out = ops.qk_norm_rope(x, weight, coords, freqs, interleaved=inter)
         name = f"qk_norm_rope {dtype} B{B} H{H} N{N} D{D} {kind} il{inter}"
@@ -106,8 +146,13 @@ def qk_norm_rope_cases(dev, dtype):
         leaves = [x, weight] + ([freqs] if freqs is not None else [])
         got = torch.autograd.grad(out, leaves, g)
         leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
-        ref = qk_norm_rope_ref(leaves64[0], leaves64[1], None if coords is None else coords.double(),
-                               leaves64[2] if freqs is not None else None, interleaved=inter)
+        ref = qk_norm_rope_ref(
+            leaves64[0],
+            leaves64[1],
+            None if coords is None else coords.double(),
+            leaves64[2] if freqs is not None else None,
+            interleaved=inter,
+        )
         want = torch.autograd.grad(ref, leaves64, g.double())
         for n, a, b in zip(("qk", "weight", "freqs"), got, want):
             # weight / freqs gradients are float32 sums over B*H*N rows: judge them at float32 or looser.
@@ -115,8 +160,12 @@ def qk_norm_rope_cases(dev, dtype):
             ok &= check(f"{name} bwd {n}", a, b, fdt)
         if B:
             z = qk[..., 1 : D - 1]  # rows that start off a 16-byte boundary
-            ok &= check(f"{name} misaligned", ops.qk_norm_rope(z, weight[:, 1 : D - 1].detach(), interleaved=inter),
-                        qk_norm_rope_ref(z, weight[:, 1 : D - 1].detach(), interleaved=inter), dtype)
+            ok &= check(
+                f"{name} misaligned",
+                ops.qk_norm_rope(z, weight[:, 1 : D - 1].detach(), interleaved=inter),
+                qk_norm_rope_ref(z, weight[:, 1 : D - 1].detach(), interleaved=inter),
+                dtype,
+            )
     return ok
 
 
@@ -145,8 +194,12 @@ def packed_cases(dev, dtype):
     freqs = torch.randn(2, D // 2, device=dev)
     weight = torch.rand(2, D, device=dev) + 0.5
     ok &= check(f"rope2d packed {dtype} T{T}", ops.rope2d(qk, coords, freqs), rope2d_ref(qk, coords, freqs), dtype)
-    ok &= check(f"qk_norm_rope packed {dtype} T{T}", ops.qk_norm_rope(qk, weight, coords, freqs),
-                qk_norm_rope_ref(qk, weight, coords, freqs), dtype)
+    ok &= check(
+        f"qk_norm_rope packed {dtype} T{T}",
+        ops.qk_norm_rope(qk, weight, coords, freqs),
+        qk_norm_rope_ref(qk, weight, coords, freqs),
+        dtype,
+    )
     g = torch.randn(qk.shape, device=dev, dtype=dtype)
     x = qk.detach().clone().requires_grad_(True)
     got = torch.autograd.grad(ops.rope2d(x, coords, freqs), x, g)[0]
@@ -157,20 +210,31 @@ def packed_cases(dev, dtype):
         sizes = [h * w for h, w in grids]
         fi = torch.repeat_interleave(torch.tensor([0, 2, 1, 2]), torch.tensor(sizes)).to(dev)
         tables = torch.randn(3, 2, D // 2, device=dev)
-        ok &= check(f"rope2d freqs_index {dtype} T{T}", ops.rope2d(qk, coords, tables, freqs_index=fi),
-                    _per_table(rope2d_ref, qk, coords, tables, fi), dtype)
+        ok &= check(
+            f"rope2d freqs_index {dtype} T{T}",
+            ops.rope2d(qk, coords, tables, freqs_index=fi),
+            _per_table(rope2d_ref, qk, coords, tables, fi),
+            dtype,
+        )
         x = qk.detach().clone().requires_grad_(True)
         ft = tables.clone().requires_grad_(True)
         gx, gf = torch.autograd.grad(ops.rope2d(x, coords, ft, freqs_index=fi), (x, ft), g)
         xr, fr = x.detach().double().requires_grad_(True), ft.detach().double().requires_grad_(True)
         wx, wf = torch.autograd.grad(_per_table(rope2d_ref, xr, coords.double(), fr, fi), (xr, fr), g.double())
         ok &= check(f"rope2d freqs_index bwd x {dtype}", gx, wx, dtype)
-        ok &= check(f"rope2d freqs_index bwd freqs {dtype}", gf, wf,
-                    dtype if TOL[dtype] >= TOL[torch.float32] else torch.float32)
+        ok &= check(
+            f"rope2d freqs_index bwd freqs {dtype}",
+            gf,
+            wf,
+            dtype if TOL[dtype] >= TOL[torch.float32] else torch.float32,
+        )
         if "freqs_index" in inspect.signature(ops.qk_norm_rope).parameters:
-            ok &= check(f"qk_norm_rope freqs_index {dtype} T{T}",
-                        ops.qk_norm_rope(qk, weight, coords, tables, freqs_index=fi),
-                        _per_table(lambda a, c, f: qk_norm_rope_ref(a, weight, c, f), qk, coords, tables, fi), dtype)
+            ok &= check(
+                f"qk_norm_rope freqs_index {dtype} T{T}",
+                ops.qk_norm_rope(qk, weight, coords, tables, freqs_index=fi),
+                _per_table(lambda a, c, f: qk_norm_rope_ref(a, weight, c, f), qk, coords, tables, fi),
+                dtype,
+            )
     return ok
 
 
@@ -191,8 +255,12 @@ def pos_indexed_cases(dev, dtype):
         ph = torch.randn(mh, D, device=dev, dtype=dtype)
         pw = torch.randn(mw, D, device=dev, dtype=dtype)
         name = f"pos2d_add_indexed {dtype} B{B} N{N} D{D}"
-        ok &= check(f"{name} fwd", ops.pos2d_add_indexed(x, ph, pw, rows, cols),
-                    ref(x.double(), ph.double(), pw.double(), rows, cols), dtype)
+        ok &= check(
+            f"{name} fwd",
+            ops.pos2d_add_indexed(x, ph, pw, rows, cols),
+            ref(x.double(), ph.double(), pw.double(), rows, cols),
+            dtype,
+        )
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, ph, pw)]
         out = ops.pos2d_add_indexed(*leaves, rows, cols)
         g = torch.randn_like(out)
@@ -207,9 +275,12 @@ def pos_indexed_cases(dev, dtype):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="device to run on (default: cuda)")
-    p.add_argument("--cases", choices=("all", "packed"), default="all",
-                   help="all (default) or packed: only the packed-batch cases (packed views, freqs_index, "
-                        "pos2d_add_indexed)")
+    p.add_argument(
+        "--cases",
+        choices=("all", "packed"),
+        default="all",
+        help="all (default) or packed: only the packed-batch cases (packed views, freqs_index, pos2d_add_indexed)",
+    )
     args = p.parse_args()
     if args.device == "cuda" and not (torch.cuda.is_available() and jitrope.has_cuda_kernels()):
         sys.exit("sanitize_ops: needs a CUDA device and the extension's CUDA kernels")

@@ -6,6 +6,7 @@ measured between the first and the last log line of a short run into a temporary
 Prints the wall and CPU seconds per step over steps log_every+1 .. steps (the first interval holds the
 warm-up). Extra arguments are config overrides (section.key=value).
 """
+
 import argparse
 import sys
 import tempfile
@@ -30,9 +31,19 @@ def main() -> int:
         print(line, flush=True)
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(a.config, [f"train.out_dir={out}", f"train.steps={a.steps}", f"train.log_every={a.log_every}",
-                                     "train.progress=false", "train.tensorboard=false", f"train.ckpt_every={a.steps}",
-                                     "train.sample_every=0", *a.overrides])
+        cfg = load_config(
+            a.config,
+            [
+                f"train.out_dir={out}",
+                f"train.steps={a.steps}",
+                f"train.log_every={a.log_every}",
+                "train.progress=false",
+                "train.tensorboard=false",
+                f"train.ckpt_every={a.steps}",
+                "train.sample_every=0",
+                *a.overrides,
+            ],
+        )
         T.train(cfg, log=log)
     n = a.steps - a.log_every
     if len(stamps) < 2 or n <= 0:

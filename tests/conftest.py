@@ -28,8 +28,7 @@ DEVICES = [
 # which torch.compile needs to functionalize an op that returns its mutated input. Older
 # releases (the GPU check machine has 2.11) cannot AOT-trace them; every other check still runs.
 INPLACE_OPCHECK_UTILS = tuple(
-    u for u in torch.library._OPCHECK_DEFAULT_UTILS
-    if hasattr(torch.Tag, "inplace") or u != "test_aot_dispatch_dynamic"
+    u for u in torch.library._OPCHECK_DEFAULT_UTILS if hasattr(torch.Tag, "inplace") or u != "test_aot_dispatch_dynamic"
 )
 
 

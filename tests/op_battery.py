@@ -63,6 +63,7 @@ How to subclass (``tests/test_rope2d.py`` is a full example)::
   op needs other ones. Tests of errors, in-place twins, ``torch.compile`` and special cases stay in the
   op's test file, beside its subclass.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -283,8 +284,11 @@ class OpBattery:
         g = _cotangents(out)
         results = {
             "out": (out, eager, ref),
-            "grads": (_grads(out, leaves, g), _grads(eager, leaves, g),
-                      _grads(ref, list(leaves64.values()), [t.double() for t in g])),
+            "grads": (
+                _grads(out, leaves, g),
+                _grads(eager, leaves, g),
+                _grads(ref, list(leaves64.values()), [t.double() for t in g]),
+            ),
         }
         for what, (kernel, same, exact) in results.items():
             for i, (k, e, r) in enumerate(zip(kernel, same, exact)):

@@ -5,6 +5,7 @@ report with tables, plots, sample grids and the answer); a second call resumes e
 training or evaluating again; the mixed regime names the config keys it needs where they are missing;
 the existing results JSON still makes a page; the presets are the issue's and the problem statement's
 settings; bad arguments are refused."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -30,18 +31,66 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
     ab = _load()
     out = tmp_path / "page" / "results.md"
     regimes = "single,mixed" if HAS_MIXED else "single"
-    argv = ["--scale", "study", "--config", TINY, "--device", "cpu", "--steps", "2", "--ckpt-every", "1",
-            "--log-every", "1", "--encodings", "learned1d,rope2d", "--seeds", "0,1", "--res-seeds", "0", "--jobs", "2",
-            "--out-dir", str(tmp_path / "runs"), "--report", str(out), "--n-per-class", "1", "--n-cond", "2",
-            "--max-images", "8", "--res-max-images", "4", "--sample-steps", "1", "--t-grid", "0.3,0.7",
-            "--res-px", "8,16,24", "--res-hw", "8x16,24x16", "--res-n-per-class", "1", "--step-n-per-class", "1",
-            "--step-seeds", "0", "--regimes", regimes]
+    argv = [
+        "--scale",
+        "study",
+        "--config",
+        TINY,
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--ckpt-every",
+        "1",
+        "--log-every",
+        "1",
+        "--encodings",
+        "learned1d,rope2d",
+        "--seeds",
+        "0,1",
+        "--res-seeds",
+        "0",
+        "--jobs",
+        "2",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--report",
+        str(out),
+        "--n-per-class",
+        "1",
+        "--n-cond",
+        "2",
+        "--max-images",
+        "8",
+        "--res-max-images",
+        "4",
+        "--sample-steps",
+        "1",
+        "--t-grid",
+        "0.3,0.7",
+        "--res-px",
+        "8,16,24",
+        "--res-hw",
+        "8x16,24x16",
+        "--res-n-per-class",
+        "1",
+        "--step-n-per-class",
+        "1",
+        "--step-seeds",
+        "0",
+        "--regimes",
+        regimes,
+    ]
     assert ab.main(argv) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     rows = res["runs"]
     main = [r for r in rows if r["regime"] == "single"]
-    assert [(r["pos_embed"], r["seed"]) for r in main] == [("learned1d", 0), ("rope2d", 0), ("learned1d", 1),
-                                                           ("rope2d", 1)]
+    assert [(r["pos_embed"], r["seed"]) for r in main] == [
+        ("learned1d", 0),
+        ("rope2d", 0),
+        ("learned1d", 1),
+        ("rope2d", 1),
+    ]
     for r in main:
         assert r["step"] == 2 and r["vloss"]["mean"] > 0 and r["params"] > 0
         assert r["step_ms"] > 0 and r["cpu_ms"] > 0 and r["train_wall_s"] > 0  # from metrics.jsonl
@@ -67,15 +116,35 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
     assert main[0]["vloss"]["mean"] != main[1]["vloss"]["mean"]
     assert res["fd_sanity"]["identical (training split vs itself)"] == pytest.approx(0, abs=1e-6)
     page = out.read_text()
-    for want in ("| `learned1d` |", "| `rope2d` |", "± ", "## Sanity checks of FD-emoji",
-                 "## FD-emoji as training goes on",
-                 "## Every size: one model for many image sizes", "| 8x16 |", "24x16", "### v-loss / oracle",
-                 "`sincos2d` (300 steps, 2 seeds)", "`rope2d_mixed` (300 steps, 2 seeds)", "## Conclusion",
-                 "### Answer", "For one model across sizes", "the GPU run is still owed",
-                 "python scripts/ablate_posenc.py --scale study"):
+    for want in (
+        "| `learned1d` |",
+        "| `rope2d` |",
+        "± ",
+        "## Sanity checks of FD-emoji",
+        "## FD-emoji as training goes on",
+        "## Every size: one model for many image sizes",
+        "| 8x16 |",
+        "24x16",
+        "### v-loss / oracle",
+        "`sincos2d` (300 steps, 2 seeds)",
+        "`rope2d_mixed` (300 steps, 2 seeds)",
+        "## Conclusion",
+        "### Answer",
+        "For one model across sizes",
+        "the GPU run is still owed",
+        "python scripts/ablate_posenc.py --scale study",
+    ):
         assert want in page, want
-    for name in ("loss", "bars", "fd_steps", "size_fd_emoji", "size_class_acc", "size_vloss", "size_vloss_ratio",
-                 "size_samples"):
+    for name in (
+        "loss",
+        "bars",
+        "fd_steps",
+        "size_fd_emoji",
+        "size_class_acc",
+        "size_vloss",
+        "size_vloss_ratio",
+        "size_samples",
+    ):
         assert (out.parent / f"results_{name}.png").stat().st_size > 1000
         assert f"results_{name}.png" in page
     # Second call: every run has its step-2 checkpoint and evaluations, so nothing is trained or evaluated again.
@@ -99,8 +168,21 @@ def test_the_existing_results_json_still_makes_the_page(tmp_path):
     """docs/results.json (the 300-step page) through the report alone: every number of its tables is there."""
     ab = _load()
     out = tmp_path / "p.md"
-    assert ab.main(["--stage", "report", "--from-json", str(ROOT / "docs" / "results.json"), "--report", str(out),
-                    "--out-dir", str(tmp_path / "runs")]) == 0
+    assert (
+        ab.main(
+            [
+                "--stage",
+                "report",
+                "--from-json",
+                str(ROOT / "docs" / "results.json"),
+                "--report",
+                str(out),
+                "--out-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
     page = out.read_text()
     old = (ROOT / "docs" / "results.md").read_text()
     for row in [line for line in old.splitlines() if line.startswith("| `")][:6]:  # the main table's rows
@@ -140,20 +222,23 @@ def test_presets_are_the_issues_and_the_problem_statements_settings(capsys):
     assert "20 runs (single: 12, mixed: 8) of 2000 steps" in text and "s/step (measured)" in text and " h" in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--encodings", "rope3d"], "--encodings: unknown ['rope3d']"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--seeds", "0,0"], "--seeds: give distinct integers"),
-    (["--res-px", "a"], "want comma-separated integers"),
-    (["--res-hw", "32x"], "--res-hw wants comma-separated sizes HxW"),
-    (["--scalings", "ntk,rope"], "--scalings: comma-separated modes of"),
-    (["--regimes", "mixed"], "'single' first"),
-    (["--regimes", "single,packed"], "--regimes: comma-separated names of"),
-    (["--from-json", "x.json"], "use it with --stage report"),
-    (["model.pos_embed=rope2d"], "the ablation sets model.pos_embed itself"),
-    (["train.seed=3"], "the ablation sets train.seed itself"),
-    (["train.lr"], "is not dotted.key=value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--encodings", "rope3d"], "--encodings: unknown ['rope3d']"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--seeds", "0,0"], "--seeds: give distinct integers"),
+        (["--res-px", "a"], "want comma-separated integers"),
+        (["--res-hw", "32x"], "--res-hw wants comma-separated sizes HxW"),
+        (["--scalings", "ntk,rope"], "--scalings: comma-separated modes of"),
+        (["--regimes", "mixed"], "'single' first"),
+        (["--regimes", "single,packed"], "--regimes: comma-separated names of"),
+        (["--from-json", "x.json"], "use it with --stage report"),
+        (["model.pos_embed=rope2d"], "the ablation sets model.pos_embed itself"),
+        (["train.seed=3"], "the ablation sets train.seed itself"),
+        (["train.lr"], "is not dotted.key=value"),
+    ],
+)
 def test_bad_arguments_are_refused_with_a_message(argv, message, capsys):
     ab = _load()
     with pytest.raises(SystemExit) as e:

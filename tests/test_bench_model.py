@@ -1,4 +1,5 @@
 """scripts/bench_model.py on the CPU: its FLOP count is the model's, and a short run prints every row."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,13 +34,36 @@ def test_model_flops_match_the_flop_counter(cond):
 
 def test_short_cpu_run_prints_every_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench_model.main(["--device", "cpu", "--compile", "none", "--iters", "1", "--warmup", "1",
-                             "--batch", "2", "--pos-embed", "rope2d_mixed", "--profile", "--profile-rows", "3",
-                             "--json", str(out)]) == 0
+    assert (
+        bench_model.main(
+            [
+                "--device",
+                "cpu",
+                "--compile",
+                "none",
+                "--iters",
+                "1",
+                "--warmup",
+                "1",
+                "--batch",
+                "2",
+                "--pos-embed",
+                "rope2d_mixed",
+                "--profile",
+                "--profile-rows",
+                "3",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     res = json.loads(out.read_text())
     impls = ["torch", "fused"] if jitrope.HAS_EXTENSION else ["torch"]
-    assert sorted((r["impl"], r["what"]) for r in res["results"]) == sorted((i, w) for i in impls for w in ("train", "sample"))
+    assert sorted((r["impl"], r["what"]) for r in res["results"]) == sorted(
+        (i, w) for i in impls for w in ("train", "sample")
+    )
     assert all(r["ms"] > 0 and r["mfu"] is None for r in res["results"])  # CPU: no stated peak
     assert "MFU against n/a" in text and text.count("# profile:") == len(impls)
     if jitrope.HAS_EXTENSION:
@@ -82,8 +106,28 @@ def test_pad_to_max_with_the_key_mask_predicts_what_the_packed_model_does():
 
 def test_short_packed_cpu_run_prints_both_layouts_and_the_goals(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench_model.main(["--packed", "--device", "cpu", "--compile", "none", "--iters", "1", "--warmup", "0",
-                             "--tokens-per-batch", "100", "--packed-batches", "2", "--json", str(out)]) == 0
+    assert (
+        bench_model.main(
+            [
+                "--packed",
+                "--device",
+                "cpu",
+                "--compile",
+                "none",
+                "--iters",
+                "1",
+                "--warmup",
+                "0",
+                "--tokens-per-batch",
+                "100",
+                "--packed-batches",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     res = json.loads(out.read_text())
     assert [r["how"] for r in res["results"]] == ["packed", "pad-to-max"]

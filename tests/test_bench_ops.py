@@ -1,5 +1,6 @@
 """scripts/bench_ops.py --packed on the CPU: its baselines compute the fused ops' results, and a tiny run prints
 every row with its goal."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,26 +39,48 @@ def test_packed_baselines_compute_the_fused_ops(dtype):
     # The baselines must do the same work as the op they are timed against.
     from jitrope import ops
 
-    (x, coords, _), = bench_ops.packed_inputs(90, 1, 3, 16, torch.device("cpu"), dtype, seed=1)
+    ((x, coords, _),) = bench_ops.packed_inputs(90, 1, 3, 16, torch.device("cpu"), dtype, seed=1)
     freqs = axial_freqs(16)
     weight = 1 + 0.1 * torch.randn(2, 16)
     # The baseline builds its tables in float32 (float32 coords and freqs, as the published code); the fused
     # op's float64 angles are exact, so float64 agrees to float32's table precision.
     tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-6)
     torch.testing.assert_close(bench_ops.packed_rope_eager(x, coords, freqs), ops.rope2d(x, coords, freqs), **tol)
-    torch.testing.assert_close(bench_ops.packed_qk_norm_rope_eager(x, weight, coords, freqs),
-                               ops.qk_norm_rope(x, weight, coords, freqs), **tol)
+    torch.testing.assert_close(
+        bench_ops.packed_qk_norm_rope_eager(x, weight, coords, freqs), ops.qk_norm_rope(x, weight, coords, freqs), **tol
+    )
 
 
 @needs_ext
 def test_packed_cpu_run_prints_every_row_with_its_goal(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench_ops.main(["--packed", "--device", "cpu", "--threads", "1", "--packed-tokens", "64,100",
-                           "--packed-calls", "2", "--reps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    assert (
+        bench_ops.main(
+            [
+                "--packed",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--packed-tokens",
+                "64,100",
+                "--packed-calls",
+                "2",
+                "--reps",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
     assert sorted((r["op"], r["pass"], r["case"].split()[0]) for r in rows) == sorted(
-        (op, p, t) for op in ("rope2d", "qk_norm_rope") for p in ("fwd", "fwd+bwd") for t in ("T~64", "T~100"))
+        (op, p, t) for op in ("rope2d", "qk_norm_rope") for p in ("fwd", "fwd+bwd") for t in ("T~64", "T~100")
+    )
     for r in rows:
         assert r["fused_ms"] > 0 and r["copy_ms"] > 0 and r["gbs"] > 0 and len(r["tokens"]) == 2
         assert r["compiled_ms"] is None and r["goal"] == ">=1.5x compiled: n/a (no --compile)"

@@ -1,5 +1,6 @@
 """Runs a user can trust (issue 12): checksummed checkpoints that fall back, stale temp folders
 cleaned, dtypes checked, and a training process killed while it checkpoints."""
+
 import json
 import os
 import random
@@ -87,16 +88,36 @@ def test_bit_flip_falls_back_for_a_run_and_fails_for_an_explicit_step(run4, tmp_
     for explicit in (bad, bad / "weights.safetensors"):
         with pytest.raises(CheckpointError, match=r"step_00000004/weights.safetensors: sha256 .* does not match"):
             load_weights(explicit)
-    assert S.main(["--ckpt", str(bad), "--out", str(tmp_path / "g.png"), "--steps", "1", "--n", "1",
-                   "--no-progress"]) == 2
+    assert (
+        S.main(["--ckpt", str(bad), "--out", str(tmp_path / "g.png"), "--steps", "1", "--n", "1", "--no-progress"]) == 2
+    )
     assert "does not match the manifest" in capsys.readouterr().err
     out = tmp_path / "fallback.png"
     assert S.main(["--ckpt", str(run), "--out", str(out), "--steps", "1", "--n", "1", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert out.is_file() and "step 2" in captured.out and "skipping checkpoint step_00000004" in captured.err
     ev = tmp_path / "ev.json"
-    assert E.main(["--ckpt", str(run), "--out", str(ev), "--max-images", "4", "--n-per-class", "1", "--n-cond", "2",
-                   "--steps", "1", "--device", "cpu"]) == 0
+    assert (
+        E.main(
+            [
+                "--ckpt",
+                str(run),
+                "--out",
+                str(ev),
+                "--max-images",
+                "4",
+                "--n-per-class",
+                "1",
+                "--n-cond",
+                "2",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads(ev.read_text())["step"] == 2 and "skipping checkpoint step_00000004" in capsys.readouterr().err
     assert E.main(["--ckpt", str(bad), "--out", str(ev), "--steps", "1"]) == 2
     assert "does not match the manifest" in capsys.readouterr().err
@@ -136,8 +157,11 @@ def test_checkpoint_without_manifest_fails_unless_allowed(run4, tmp_path, capsys
     (ck / "manifest.json").unlink()
     _flip_data_bytes(ck / "weights.safetensors")  # what a manifest would have caught
     for explicit in (ck, ck / "weights.safetensors"):
-        with pytest.raises(UnverifiedCheckpointError, match=r"step_00000004/weights.safetensors cannot be verified: "
-                           r".*step_00000004 has no manifest.json .*pass --allow-unverified"):
+        with pytest.raises(
+            UnverifiedCheckpointError,
+            match=r"step_00000004/weights.safetensors cannot be verified: "
+            r".*step_00000004 has no manifest.json .*pass --allow-unverified",
+        ):
             load_weights(explicit)
     # a run folder falls back to the newest checkpoint that verifies, with a warning naming the one skipped
     assert load_weights(run)["step"] == 2
@@ -186,8 +210,11 @@ def test_manifest_damage_is_a_checkpoint_error(run4, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="unreadable manifest"):
         load_weights(ck.parent / "step_00000002")
     # a file the manifest does not list is unverified
-    m["files"] = {"weights.safetensors": json.loads((run4[0] / "checkpoints" / "step_00000004" / "manifest.json")
-                                                    .read_text())["files"]["weights.safetensors"]}
+    m["files"] = {
+        "weights.safetensors": json.loads((run4[0] / "checkpoints" / "step_00000004" / "manifest.json").read_text())[
+            "files"
+        ]["weights.safetensors"]
+    }
     (ck / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UnverifiedCheckpointError, match=r"state.pt is not listed in .*manifest.json"):
         load_train_state(ck)
@@ -211,8 +238,21 @@ def test_finished_run_resumed_reports_its_last_loss(run4, tmp_path, capsys):
     run = _copy(run4[0], tmp_path)
     out = T.train(_cfg(run, "train.steps=4", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
     assert out["step"] == 4 and out["loss"] == run4[1] and out["loss"] == out["loss"]
-    assert T.main(["--config", TINY, *BASE, f"train.out_dir={run}", "train.steps=4", "train.ckpt_every=2",
-                   "train.log_every=2", "--resume"]) == 0
+    assert (
+        T.main(
+            [
+                "--config",
+                TINY,
+                *BASE,
+                f"train.out_dir={run}",
+                "train.steps=4",
+                "train.ckpt_every=2",
+                "train.log_every=2",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     o = capsys.readouterr().out
     assert f"loss {run4[1]:.4f}" in o and "nan" not in o and "already at step 4" in o
 
@@ -250,11 +290,24 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_run(tmp_path):
     """Kill a run that checkpoints every step at random moments; each time the newest complete
     checkpoint verifies and loads, and a resumed run finishes."""
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1"
+    )
     # checkpoints every step and keep_last=1: most of the time goes to writing and pruning them
-    args = [sys.executable, "-c", KILLED_RUN, "--config", TINY, *BASE, f"train.out_dir={run}", "train.steps=100000",
-            "train.ckpt_every=1", "train.keep_last=1", "train.log_every=1000", "--resume"]
+    args = [
+        sys.executable,
+        "-c",
+        KILLED_RUN,
+        "--config",
+        TINY,
+        *BASE,
+        f"train.out_dir={run}",
+        "train.steps=100000",
+        "train.ckpt_every=1",
+        "train.keep_last=1",
+        "train.log_every=1000",
+        "--resume",
+    ]
     rng = random.Random(1234)
     t_end = time.monotonic() + 45
     kills = 0

@@ -6,6 +6,7 @@ without the condition image, under both ``pos_impl`` values, and must give eager
 gradients. ``aot_eager`` runs the same AOT autograd tracing as inductor without generating code, so
 the battery is fast; one case goes through inductor end to end. Tiny configs, CPU.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,13 @@ from jitrope.model import JiT, JiTConfig
 from jitrope.packing import mark_dynamic, pack_images
 from jitrope.posenc import POS_EMBEDS
 
-IMPLS = ["torch", pytest.param("fused", marks=pytest.mark.skipif(
-    not jitrope.HAS_EXTENSION, reason=f"jitrope._C not loaded: {jitrope.EXTENSION_ERROR}"))]
+IMPLS = [
+    "torch",
+    pytest.param(
+        "fused",
+        marks=pytest.mark.skipif(not jitrope.HAS_EXTENSION, reason=f"jitrope._C not loaded: {jitrope.EXTENSION_ERROR}"),
+    ),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +44,10 @@ def make_model(pos_embed: str, pos_impl: str, cond: bool) -> JiT:
     model = JiT(cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the zero-initialised layers get weights, so every path carries gradient
-        for lin in [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.linear,
-                                                                       model.final_layer.adaLN_modulation[-1]]:
+        for lin in [b.adaLN_modulation[-1] for b in model.blocks] + [
+            model.final_layer.linear,
+            model.final_layer.adaLN_modulation[-1],
+        ]:
             for p in (lin.weight, lin.bias):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     assert model.pos_impl == pos_impl
@@ -111,8 +119,9 @@ def test_sampling_forward_at_another_size_compiles_fullgraph(pos_embed, pos_impl
     with torch.no_grad():
         for _ in range(2):
             out = compiled(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling="interpolate")
-            torch.testing.assert_close(out, model(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling="interpolate"),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                out, model(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling="interpolate"), rtol=1e-5, atol=1e-6
+            )
     assert counter.frame_count == 1
 
 
@@ -156,6 +165,7 @@ def test_packed_train_step_compiles_once_for_every_size_mix(pos_impl):
             torch.testing.assert_close(grads_c[name], g_e, rtol=1e-4, atol=1e-6, msg=name)
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for {len(PACKED_MIXES)} size mixes"
 
+
 @pytest.mark.parametrize("pos_impl", IMPLS)
 @pytest.mark.parametrize("pos_embed, scaling", [("rope2d_mixed", "ntk"), ("sincos2d+rope2d", "yarn")])
 def test_frequency_scaling_at_another_size_compiles_fullgraph(pos_embed, scaling, pos_impl):
@@ -167,8 +177,9 @@ def test_frequency_scaling_at_another_size_compiles_fullgraph(pos_embed, scaling
     with torch.no_grad():
         for _ in range(2):
             out = compiled(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling=scaling)
-            torch.testing.assert_close(out, model(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling=scaling),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                out, model(x, t, y, cond=cond, cond_drop=cond_drop, pos_scaling=scaling), rtol=1e-5, atol=1e-6
+            )
     assert counter.frame_count == 1
 
 
@@ -181,8 +192,10 @@ def test_train_step_inductor():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and jitrope.has_cuda_kernels()),
-                    reason="needs a CUDA device and the extension's CUDA kernels")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and jitrope.has_cuda_kernels()),
+    reason="needs a CUDA device and the extension's CUDA kernels",
+)
 @pytest.mark.parametrize("pos_impl", ["torch", "fused"])
 def test_reduce_overhead_trains_on_cuda(pos_impl):
     """CUDA graphs (mode="reduce-overhead") through a few AdamW steps under bf16 autocast: the ops are
@@ -210,5 +223,6 @@ def test_reduce_overhead_trains_on_cuda(pos_impl):
             opt.zero_grad(set_to_none=True)
             losses[mode].append(loss.item())
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
-    torch.testing.assert_close(torch.tensor(losses["reduce-overhead"]), torch.tensor(losses["eager"]),
-                               rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(
+        torch.tensor(losses["reduce-overhead"]), torch.tensor(losses["eager"]), rtol=3e-2, atol=1e-3
+    )

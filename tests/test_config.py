@@ -1,4 +1,5 @@
 """Config files, dotted overrides and their validation."""
+
 import dataclasses
 import re
 from pathlib import Path
@@ -31,8 +32,16 @@ def test_every_shipped_config_loads_and_builds_its_model_config(path):
 def test_overrides_are_typed_and_win_over_the_file():
     cfg = load_config(
         "configs/tiny_cpu.yaml",
-        ["model.pos_embed=factorized2d", "train.steps=7", "train.blr=5e-5", "train.ema_decays=[0.9,0.8]",
-         "sample.cfg_interval=[0.2,0.9]", "model.pos_max_grid=[8,8]", "data.root=null", "train.lr=0.001"],
+        [
+            "model.pos_embed=factorized2d",
+            "train.steps=7",
+            "train.blr=5e-5",
+            "train.ema_decays=[0.9,0.8]",
+            "sample.cfg_interval=[0.2,0.9]",
+            "model.pos_max_grid=[8,8]",
+            "data.root=null",
+            "train.lr=0.001",
+        ],
     )
     assert cfg.model["pos_embed"] == "factorized2d" and cfg.model_config().pos_embed == "factorized2d"
     assert cfg.train.steps == 7 and cfg.train.blr == 5e-5 and cfg.train.lr == 0.001
@@ -59,10 +68,14 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("train.steps=ten", "config key train.steps: Value 'ten' of type 'str' could not be converted to Integer"),
         ("train.steps=null", "config key train.steps: Incompatible value 'None' for field of type 'int'"),
         ("train.tensorboard=maybe", "config key train.tensorboard: Value 'maybe' is not a valid bool"),
-        ("train.ema_decays=[0.9,x]",
-         "config key train.ema_decays: a value could not be converted to Float (got [0.9, 'x'])"),
-        ("sample.cfg_interval=[0.1]",
-         "config key sample.cfg_interval: TupleConfig length 1 does not match type hint length 2"),
+        (
+            "train.ema_decays=[0.9,x]",
+            "config key train.ema_decays: a value could not be converted to Float (got [0.9, 'x'])",
+        ),
+        (
+            "sample.cfg_interval=[0.1]",
+            "config key sample.cfg_interval: TupleConfig length 1 does not match type hint length 2",
+        ),
         ("train.ema_decays=[1.5]", "train.ema_decays"),
         ("data.cond=sideways", "data.cond"),
         ("sample.sampler=rk4", "sample.sampler"),
@@ -120,11 +133,16 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("eval.num_threads=0", "config key eval.num_threads must be >= 1, got 0"),
         ("eval.res_px=[16,0]", "config key eval.res_px wants positive image sizes, got [16, 0]"),
         ("eval.res_px=[x]", "config key eval.res_px: a value could not be converted to Integer"),
-        ("eval.res_hw=[32x48,32x]", "config key eval.res_hw wants sizes HxW of positive integers (e.g. 32x48), "
-                                    "got '32x'"),
+        (
+            "eval.res_hw=[32x48,32x]",
+            "config key eval.res_hw wants sizes HxW of positive integers (e.g. 32x48), got '32x'",
+        ),
         ("eval.res_hw=[-8x8]", "config key eval.res_hw wants sizes HxW"),
-        ("eval.res_scalings=[ntk,rope]", "config key eval.res_scalings wants a subset of ['extrapolate', "
-                                         "'interpolate', 'ntk', 'yarn'], got ['ntk', 'rope']"),
+        (
+            "eval.res_scalings=[ntk,rope]",
+            "config key eval.res_scalings wants a subset of ['extrapolate', "
+            "'interpolate', 'ntk', 'yarn'], got ['ntk', 'rope']",
+        ),
         ("eval.res_scalings=[]", "config key eval.res_scalings wants a subset"),
         ("model.pos_scaling=ntk-by-parts", "pos_scaling must be one of ['extrapolate', 'interpolate', 'ntk', 'yarn']"),
         ("eval.device=cuda:x", "config key eval.device: 'cuda:x' is not a device"),
@@ -162,7 +180,10 @@ def test_base_files_yaml_round_trip_and_errors(tmp_path):
 
 def test_parse_overrides_nests_and_parses_yaml_values():
     assert parse_overrides(["a.b=1", "a.c=x y", "d.e=[1, 2]", "--f.g=true"]) == {
-        "a": {"b": 1, "c": "x y"}, "d": {"e": [1, 2]}, "f": {"g": True}}
+        "a": {"b": 1, "c": "x y"},
+        "d": {"e": [1, 2]},
+        "f": {"g": True},
+    }
     assert isinstance(Config().train.ema_decays, tuple)
 
 
@@ -170,8 +191,12 @@ def test_sample_and_eval_sections_layer_over_a_stored_config():
     stored = load_config("configs/tiny_cpu.yaml", ["sample.steps=9", "sample.cfg=3.0"]).to_dict()
     stored["train"]["compile"] = True  # an older version's key, translated in the stored layer
     del stored["train"]["compile_mode"], stored["eval"]  # a run of a version before eval.*
-    cfg = load_config(None, ["sample.cfg=1.5", "eval.metrics=[vloss]"], base=stored,
-                      flags={"sample": {"classes": "null", "n": 3}, "eval": {"t_grid": [0.25]}})
+    cfg = load_config(
+        None,
+        ["sample.cfg=1.5", "eval.metrics=[vloss]"],
+        base=stored,
+        flags={"sample": {"classes": "null", "n": 3}, "eval": {"t_grid": [0.25]}},
+    )
     assert cfg.sample.steps == 9 and cfg.sample.cfg == 1.5 and cfg.sample.n == 3
     assert cfg.sample.classes == "null"  # a flag's value is never parsed as YAML
     assert cfg.train.compile_mode == "default" and cfg.data.name == "synthetic"
@@ -193,8 +218,10 @@ def test_legacy_keys_of_stored_configs_still_load():
 def test_interpolation_resolves_and_print_config_shows_the_resolved_values(tmp_path, capsys):
     from jitrope import train as T
 
-    (tmp_path / "c.yaml").write_text("base: %s\nmodel:\n  img_size: ${data.img_size}\ndata:\n  img_size: 16\n"
-                                     % (Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"))
+    (tmp_path / "c.yaml").write_text(
+        "base: %s\nmodel:\n  img_size: ${data.img_size}\ndata:\n  img_size: 16\n"
+        % (Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
+    )
     cfg = load_config(tmp_path / "c.yaml", ["train.out_dir=runs/${model.pos_embed}"])
     assert cfg.model["img_size"] == 16 and cfg.train.out_dir == "runs/rope2d"
     args = ["--config", str(tmp_path / "c.yaml"), "--print-config", "data.img_size=32", "model.cond_img_size=16"]

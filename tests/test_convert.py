@@ -5,6 +5,7 @@ copy of the project's shared/data one, listed from the published model_jit.py); 
 pos_embed is computed here with MAE's formula (numpy, as the published code does), not with
 jitrope's, so the check of that table is against an independent reference.
 """
+
 import argparse
 import fractions
 import json
@@ -128,8 +129,11 @@ def published_ckpt(tmp_path_factory):
     sets = {name: randomized(cfg, seed).state_dict() for seed, name in enumerate(C.WEIGHTS.values())}
     path = tmp_path_factory.mktemp("published") / "checkpoint-last.pth"
     obj = {name: to_published(sd, cfg, prefix="net.") for name, sd in sets.items()}
-    obj.update(optimizer={"state": {}, "param_groups": [{"lr": 1e-4}]}, epoch=599,
-               args=argparse.Namespace(model="JiT-B/16", img_size=256, P_mean=-0.8, cfg=2.9))
+    obj.update(
+        optimizer={"state": {}, "param_groups": [{"lr": 1e-4}]},
+        epoch=599,
+        args=argparse.Namespace(model="JiT-B/16", img_size=256, P_mean=-0.8, cfg=2.9),
+    )
     torch.save(obj, path)
     return path, sets
 
@@ -153,14 +157,35 @@ def test_a_full_checkpoint_converts_each_weight_set(published_ckpt, tmp_path, ca
 
 def test_the_converted_run_samples_and_evaluates(published_ckpt, tmp_path, capsys):
     out = tmp_path / "run"
-    assert C.main([str(published_ckpt[0]), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch",
-                   "sample.steps=2"]) == 0
+    assert (
+        C.main(
+            [str(published_ckpt[0]), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch", "sample.steps=2"]
+        )
+        == 0
+    )
     grid = tmp_path / "g.png"
     assert S.main(["--ckpt", str(out), "--out", str(grid), "--classes", "0,null", "--n", "2", "--no-progress"]) == 0
     assert grid.is_file() and "step 0 model, heun 2 steps" in capsys.readouterr().out
     m = tmp_path / "m.json"
-    assert E.main(["--ckpt", str(out), "--out", str(m), "--data", "synthetic", "--metrics", "vloss",
-                   "--max-images", "4", "--t-grid", "0.5"]) == 0
+    assert (
+        E.main(
+            [
+                "--ckpt",
+                str(out),
+                "--out",
+                str(m),
+                "--data",
+                "synthetic",
+                "--metrics",
+                "vloss",
+                "--max-images",
+                "4",
+                "--t-grid",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert json.loads(m.read_text())["weights"] == "model"
 
 
@@ -173,8 +198,9 @@ def test_a_bare_state_dict_in_torch_or_safetensors_format(tmp_path):
     torch.save(pub, tmp_path / "sd.pth")
     save_file(pub, str(tmp_path / "sd.safetensors"))
     for f in ("sd.pth", "sd.safetensors"):
-        ck = C.convert(tmp_path / f, tmp_path / f"out_{f}", preset="tiny", overrides=["model.pos_impl=torch"],
-                       log=lambda *a: None)
+        ck = C.convert(
+            tmp_path / f, tmp_path / f"out_{f}", preset="tiny", overrides=["model.pos_impl=torch"], log=lambda *a: None
+        )
         model, _, _ = S.load_model(ck, ema="none")
         assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items())
     with pytest.raises(C.ConvertError, match="is a bare state dict, one set of weights; drop --weights"):
@@ -219,14 +245,23 @@ def _published_tiny(**changes):
     "changes,overrides,message",
     [
         ({"net.blocks.1.mlp.w3.bias": None}, [], "jitrope entries not filled: blocks.1.mlp.w3.bias"),
-        ({"net.blocks.0.attn.k_norm.weight": None}, [],
-         "published keys left over: blocks.0.attn.q_norm.weight; jitrope entries not filled: "
-         "blocks.0.attn.qk_norm.weight"),
+        (
+            {"net.blocks.0.attn.k_norm.weight": None},
+            [],
+            "published keys left over: blocks.0.attn.q_norm.weight; jitrope entries not filled: "
+            "blocks.0.attn.qk_norm.weight",
+        ),
         ({"net.decoder.weight": torch.ones(3)}, [], "published keys left over: decoder.weight"),
-        ({"net.final_layer.linear.bias": torch.ones(5)}, [],
-         "shape mismatch (published vs jitrope): final_layer.linear.bias (5,) vs (48,)"),
-        ({"net.y_embedder.embedding_table.weight": torch.ones(10, 64, dtype=torch.float64)}, [],
-         "dtype mismatch (published vs jitrope): y_embedder.embedding_table.weight torch.float64 vs torch.float32"),
+        (
+            {"net.final_layer.linear.bias": torch.ones(5)},
+            [],
+            "shape mismatch (published vs jitrope): final_layer.linear.bias (5,) vs (48,)",
+        ),
+        (
+            {"net.y_embedder.embedding_table.weight": torch.ones(10, 64, dtype=torch.float64)},
+            [],
+            "dtype mismatch (published vs jitrope): y_embedder.embedding_table.weight torch.float64 vs torch.float32",
+        ),
         ({"net.pos_embed": torch.ones(1, 16, 64)}, [], "pos_embed is not the fixed 2D sin-cos table of a 4x4 grid"),
         ({}, ["model.pos_embed=rope2d"], "model.pos_embed='rope2d' does not"),
         ({}, ["model.depth=3"], "jitrope entries not filled: blocks.2.norm1.weight"),
@@ -236,8 +271,10 @@ def _published_tiny(**changes):
 def test_keys_that_do_not_fit_are_named(tmp_path, capsys, changes, overrides, message):
     torch.save(_published_tiny(**changes), tmp_path / "sd.pth")
     out = tmp_path / "out"
-    assert C.main([str(tmp_path / "sd.pth"), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch",
-                   *overrides]) == 2
+    assert (
+        C.main([str(tmp_path / "sd.pth"), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch", *overrides])
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (out / "checkpoints").exists()
@@ -248,13 +285,14 @@ def test_unreadable_inputs_are_one_error_line(tmp_path, capsys):
     torch.save({"model_ema1": {"a": 1}}, tmp_path / "odd.pth")
     torch.save([torch.ones(2)], tmp_path / "list.pth")
     torch.save({"model": {}}, tmp_path / "only_model.pth")
-    for args, message in (([str(tmp_path / "nope.pth")], "nope.pth does not exist"),
-                          ([str(tmp_path / "junk.pth")], "junk.pth: not a readable torch checkpoint"),
-                          ([str(tmp_path / "odd.pth")], "[model_ema1] is not a state dict of tensors"),
-                          ([str(tmp_path / "list.pth")], "is neither a published JiT checkpoint"),
-                          ([str(tmp_path / "only_model.pth")],
-                           "has no 'model_ema1' (--weights ema1); it has ['model']"),
-                          ([str(tmp_path / "nope.pth"), "--preset", "JiT-Z/9"], "unknown JiT preset 'JiT-Z/9'")):
+    for args, message in (
+        ([str(tmp_path / "nope.pth")], "nope.pth does not exist"),
+        ([str(tmp_path / "junk.pth")], "junk.pth: not a readable torch checkpoint"),
+        ([str(tmp_path / "odd.pth")], "[model_ema1] is not a state dict of tensors"),
+        ([str(tmp_path / "list.pth")], "is neither a published JiT checkpoint"),
+        ([str(tmp_path / "only_model.pth")], "has no 'model_ema1' (--weights ema1); it has ['model']"),
+        ([str(tmp_path / "nope.pth"), "--preset", "JiT-Z/9"], "unknown JiT preset 'JiT-Z/9'"),
+    ):
         argv = [*args, "--out", str(tmp_path / "o")]
         if "--preset" not in args:
             argv += ["--preset", "tiny"]

@@ -1,4 +1,5 @@
 """Data: the emoji pipeline on fake npm tarballs (no network), the held-out split, folders, batching."""
+
 import base64
 import hashlib
 import io
@@ -16,9 +17,9 @@ from PIL import Image
 
 from jitrope import data as D
 from jitrope.data import (
+    EMOJI_CATEGORIES,
     BatchMaker,
     DataError,
-    EMOJI_CATEGORIES,
     IndexStream,
     fetch_emoji,
     heldout_mask,
@@ -52,13 +53,20 @@ def make_fake_tarball(path, vendor, *, missing=(), shade=0):
     meta, files = [], {}
     for unified, cat, colour in EMOJI:
         has = unified not in missing
-        meta.append({"unified": unified, "image": f"{unified.lower()}.png", "category": cat, "short_name": unified.lower(),
-                     f"has_img_{vendor}": has})
+        meta.append(
+            {
+                "unified": unified,
+                "image": f"{unified.lower()}.png",
+                "category": cat,
+                "short_name": unified.lower(),
+                f"has_img_{vendor}": has,
+            }
+        )
         if has:
             files[f"package/img/{vendor}/64/{unified.lower()}.png"] = _png(tuple(min(255, c + shade) for c in colour))
     files["package/emoji.json"] = json.dumps(meta).encode()
     files["package/LICENSE"] = b"MIT"
-    files["package/img/%s/sheets/sheet.png" % vendor] = b"not needed"
+    files[f"package/img/{vendor}/sheets/sheet.png"] = b"not needed"
     with tarfile.open(path, "w:gz") as tar:
         for name, blob in files.items():
             info = tarfile.TarInfo(name)
@@ -72,7 +80,7 @@ def make_fake_tarball(path, vendor, *, missing=(), shade=0):
         "filename": os.path.basename(path),
         "size": len(blob),
         "integrity": "sha512-" + base64.b64encode(hashlib.sha512(blob).digest()).decode(),
-        "files": [{"path": n[len("package/"):], "size": len(b)} for n, b in files.items()],
+        "files": [{"path": n[len("package/") :], "size": len(b)} for n, b in files.items()],
     }
 
 
@@ -106,7 +114,9 @@ print(json.dumps([meta]))
 
 
 def _load(fake, **kw):
-    return load_emoji(fake["root"], vendors=("google", "twitter"), version=VERSION, npm=fake["npm"], log=lambda *_: None, **kw)
+    return load_emoji(
+        fake["root"], vendors=("google", "twitter"), version=VERSION, npm=fake["npm"], log=lambda *_: None, **kw
+    )
 
 
 def test_fetch_unpacks_once_and_loads_composited_labelled_images(fake_npm):
@@ -152,8 +162,9 @@ def test_bit_flips_in_the_unpacked_emoji_and_its_cache_are_caught(fake_npm):
     raw = bytearray(cache.read_bytes())
     raw[-100] ^= 0x01
     cache.write_bytes(bytes(raw))
-    again = load_emoji(fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"],
-                       log=logs.append)
+    again = load_emoji(
+        fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"], log=logs.append
+    )
     assert torch.equal(again.images, ds.images)
     assert any(f"ignoring cache {cache}: its content does not match its sha256" in m for m in logs), logs
     # a flipped bit in an unpacked PNG (the cache gone): unpacked again from the verified tarball, not downloaded
@@ -163,8 +174,9 @@ def test_bit_flips_in_the_unpacked_emoji_and_its_cache_are_caught(fake_npm):
     png.write_bytes(bytes(raw))
     cache.unlink()
     logs.clear()
-    again = load_emoji(fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"],
-                       log=logs.append)
+    again = load_emoji(
+        fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"], log=logs.append
+    )
     assert torch.equal(again.images, ds.images) and fake_npm["log"].read_text() == calls
     assert any(f"{png} does not match its sha256" in m and "unpacking" in m for m in logs), logs
     assert not [p for p in version_dir.iterdir() if p.name.startswith((".tmp", ".old"))]
@@ -175,8 +187,9 @@ def test_bit_flips_in_the_unpacked_emoji_and_its_cache_are_caught(fake_npm):
     with pytest.raises(DataError, match=f"{png} is missing, and there is no .*emoji-datasource-google-{VERSION}.tgz"):
         load_emoji(fake_npm["root"], vendors=("google",), version=VERSION, download=False, log=logs.append)
     # with downloads on, it is fetched and unpacked again
-    again = load_emoji(fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"],
-                       log=logs.append)
+    again = load_emoji(
+        fake_npm["root"], vendors=("google", "twitter"), version=VERSION, npm=fake_npm["npm"], log=logs.append
+    )
     assert torch.equal(again.images, ds.images)
 
 
@@ -187,7 +200,10 @@ def test_a_failed_unpack_leaves_nothing_half_written(fake_npm):
     meta = make_fake_tarball(tgz, "google")
     blob = tgz.read_bytes()
     tgz.write_bytes(blob[: len(blob) // 2])
-    meta["size"], meta["integrity"] = len(blob) // 2, "sha512-" + base64.b64encode(hashlib.sha512(blob[: len(blob) // 2]).digest()).decode()
+    meta["size"], meta["integrity"] = (
+        len(blob) // 2,
+        "sha512-" + base64.b64encode(hashlib.sha512(blob[: len(blob) // 2]).digest()).decode(),
+    )
     tgz.with_suffix(".json").write_text(json.dumps(meta))  # matches the truncated file: unpacking must catch it
     with pytest.raises(DataError, match="cannot unpack") as e:
         fetch_emoji("google", root=root, version=VERSION, npm=fake_npm["npm"], log=lambda *_: None)
@@ -309,8 +325,21 @@ def test_an_image_claiming_a_huge_size_is_a_data_error(tmp_path, capsys):
     with pytest.raises(DataError, match=f"{bomb}: unreadable image .*decompression bomb"):
         load_image_folder(tmp_path / "set", 8)
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
-    assert T.main(["--config", tiny, "model.pos_impl=torch", "data.name=folder", f"data.root={tmp_path / 'set'}",
-                   "data.img_size=16", "model.num_classes=1", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    assert (
+        T.main(
+            [
+                "--config",
+                tiny,
+                "model.pos_impl=torch",
+                "data.name=folder",
+                f"data.root={tmp_path / 'set'}",
+                "data.img_size=16",
+                "model.num_classes=1",
+                f"train.out_dir={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bomb}: unreadable image") and err.count("\n") == 1, err
 
@@ -327,12 +356,19 @@ def test_images_of_any_bit_depth_convert_to_8_bit_rgba(tmp_path):
         assert im.mode.startswith("I")
         got = np.asarray(to_rgba8(im))
     want = np.rint(v16.astype(np.float64) / 257.0).astype(np.uint8)  # scaled, not clamped to white
-    assert got.shape == (5, 7, 4) and (got[..., 0] == want).all() and (got[..., 2] == want).all() and (got[..., 3] == 255).all()
+    assert (
+        got.shape == (5, 7, 4)
+        and (got[..., 0] == want).all()
+        and (got[..., 2] == want).all()
+        and (got[..., 3] == 255).all()
+    )
     with Image.open(tmp_path / "f.tif") as im:
         got = np.asarray(to_rgba8(im))
     assert (got[..., 1] == np.rint(vf.astype(np.float64) * 255).astype(np.uint8)).all()
-    for bad, match in ((np.full((4, 4), 2.0, np.float32), r"float image values must lie in \[0, 1\]"),
-                       (np.full((4, 4), np.nan, np.float32), "float image values")):
+    for bad, match in (
+        (np.full((4, 4), 2.0, np.float32), r"float image values must lie in \[0, 1\]"),
+        (np.full((4, 4), np.nan, np.float32), "float image values"),
+    ):
         Image.fromarray(bad, "F").save(tmp_path / "bad.tif")
         with Image.open(tmp_path / "bad.tif") as im, pytest.raises(DataError, match=match):
             to_rgba8(im)

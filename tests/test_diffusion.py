@@ -1,4 +1,5 @@
 """The x-prediction / v-loss objective, the samplers, guidance and EMA on cases with known answers."""
+
 import pytest
 import torch
 from torch import nn
@@ -113,7 +114,7 @@ def test_cfg_combines_conditional_and_null_branches():
         calls.clear()
         v = d.velocity(net, z, torch.full((2,), t), y, cond, cfg=4.0, cfg_interval=(0.1, 1.0), null_class=9)
         torch.testing.assert_close(v, torch.full_like(z, w / (1 - t)))
-        (yy, drop), = calls  # one batched call: [conditional | unconditional]
+        ((yy, drop),) = calls  # one batched call: [conditional | unconditional]
         assert yy.tolist() == [3, 5, 9, 9] and drop.tolist() == [False, False, True, True]
     with pytest.raises(ValueError, match="null_class"):
         d.velocity(net, z, torch.full((2,), 0.5), y, cfg=2.0)
@@ -181,6 +182,7 @@ def test_default_shift_keeps_the_old_behaviour_bit_for_bit(sampler):
     d = Diffusion()
     assert d.shift == "none" and d.shift_ref_tokens == 256
     from jitrope.config import DiffusionConfig
+
     assert Diffusion.from_config(DiffusionConfig()) == d
     # training times: the logit-normal draw, untouched by a token count
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -217,8 +219,7 @@ def test_sqrt_tokens_shift_formula_and_its_noise_scale_equivalence():
     inner = t[1:-1]
     torch.testing.assert_close(t4[1:-1] / (1 - t4[1:-1]), inner / (2 * (1 - inner)))
     # Per sample: one count each.
-    torch.testing.assert_close(d.shift_t(torch.tensor([0.5, 0.5]), torch.tensor([64, 576])),
-                               torch.tensor([0.5, 0.25]))
+    torch.testing.assert_close(d.shift_t(torch.tensor([0.5, 0.5]), torch.tensor([64, 576])), torch.tensor([0.5, 0.25]))
     # Training times are drawn, then shifted per sample.
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     tt = d.sample_t(3, generator=g1, n_tokens=torch.tensor([64, 256, 16]))
@@ -232,8 +233,15 @@ def test_shifted_sampler_walks_each_samples_own_grid_and_still_reaches_the_data(
     target = torch.linspace(-1, 1, 2 * 3 * 4 * 4).view(2, 3, 4, 4)
     net = ExactDenoiser(target, 0.0, 1.0)
     y = torch.zeros(2, dtype=torch.long)
-    out = d.sample(net, y, shape=target.shape, steps=10, sampler="euler", n_tokens=torch.tensor([16, 64]),
-                   generator=torch.Generator().manual_seed(1))
+    out = d.sample(
+        net,
+        y,
+        shape=target.shape,
+        steps=10,
+        sampler="euler",
+        n_tokens=torch.tensor([16, 64]),
+        generator=torch.Generator().manual_seed(1),
+    )
     torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
     grid = torch.linspace(0, 1, 11, dtype=torch.float64)
     seen = torch.stack([c[0] for c in net.calls])  # [steps, 2]
@@ -254,6 +262,7 @@ def test_shift_errors_name_the_argument():
     with pytest.raises(ValueError, match="n_tokens must be positive"):
         d.shift_t(torch.rand(2), torch.tensor([4, 0]))
     from jitrope.config import ConfigError, load_config
+
     with pytest.raises(ConfigError, match="diffusion.shift must be one of"):
         load_config(None, ["diffusion.shift=sd3"])
     with pytest.raises(ConfigError, match="diffusion.shift_ref_tokens"):

@@ -1,4 +1,5 @@
 """The package layout: modules that moved into jitrope.data / jitrope.eval keep their old import paths."""
+
 import importlib
 import subprocess
 import sys
@@ -39,6 +40,12 @@ def test_data_and_eval_are_subpackages_and_data_keeps_its_names():
 
 def test_python_m_jitrope_evaluate_still_runs():
     for module in ("jitrope.evaluate", "jitrope.eval.evaluate"):
-        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
-                           cwd=ROOT, env={"PYTHONPATH": str(ROOT / "python"), "PATH": ""}, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={"PYTHONPATH": str(ROOT / "python"), "PATH": ""},
+            timeout=300,
+        )
         assert r.returncode == 0 and "held-out" in r.stdout, r.stderr

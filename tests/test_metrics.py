@@ -3,6 +3,7 @@ jitrope.evaluate, on tiny inputs: FD against closed forms and an independent flo
 feature network's sanity checks (identical sets ~0, real held-out small, noise and blur large),
 PSNR/SSIM against direct formulas, the cache, the resolution study for every encoding, and the
 errors of the optional standard FID."""
+
 import math
 
 import pytest
@@ -175,8 +176,10 @@ def test_resolution_sampler_at_two_unseen_grids(synth, pos_embed):
     def judge(x, asked):
         assert x.shape[-1] in (8, 24) and x.shape[0] == len(asked)
         f, pred = net.embed(x)
-        return {"fd_emoji": frechet_distance(*gaussian_stats(f), extra["train_mu"], extra["train_sigma"]),
-                "class_acc": float((pred == asked).float().mean())}
+        return {
+            "fd_emoji": frechet_distance(*gaussian_stats(f), extra["train_mu"], extra["train_sigma"]),
+            "class_acc": float((pred == asked).float().mean()),
+        }
 
     kw = dict(steps=2, sampler="euler", cfg=2.0, cfg_interval=(0.1, 1.0), batch_size=32, device="cpu")
     vl_calls = []
@@ -185,8 +188,17 @@ def test_resolution_sampler_at_two_unseen_grids(synth, pos_embed):
         vl_calls.append((hw, model.cfg.pos_scaling))
         return {"mean": float(hw[0] + len(vl_calls)), "per_t": [1.0]}
 
-    rows = ev.resolution_study(model, Diffusion.from_config(DiffusionConfig()), kw, [8, 24], n_per_class=2, seed=0,
-                               judge=judge, log=lambda *a: None, vloss=vloss)
+    rows = ev.resolution_study(
+        model,
+        Diffusion.from_config(DiffusionConfig()),
+        kw,
+        [8, 24],
+        n_per_class=2,
+        seed=0,
+        judge=judge,
+        log=lambda *a: None,
+        vloss=vloss,
+    )
     modes = ["extrapolate", "interpolate", "ntk", "yarn"]
     assert [(r["px"], r["grid"], r["scaling"]) for r in rows] == [(px, px // 4, m) for px in (8, 24) for m in modes]
     assert all(r["hw"] == [r["px"]] * 2 and r["grid_hw"] == [r["grid"]] * 2 for r in rows)
@@ -240,31 +252,51 @@ def test_resolution_study_at_non_square_sizes_with_held_out_vloss(synth):
     def judge(x, asked):
         shapes.append(tuple(x.shape[-2:]))
         f, pred = net.embed(x)
-        return {"fd_emoji": frechet_distance(*gaussian_stats(f), extra["train_mu"], extra["train_sigma"]),
-                "class_acc": float((pred == asked).float().mean())}
+        return {
+            "fd_emoji": frechet_distance(*gaussian_stats(f), extra["train_mu"], extra["train_sigma"]),
+            "class_acc": float((pred == asked).float().mean()),
+        }
 
     ds = build_dataset(synth["dcfg"], "val")
     maker = BatchMaker(ds, cond="downsample", cond_size=8)
     diff = Diffusion.from_config(DiffusionConfig())
 
     def vloss(hw):
-        return ev.heldout_vloss(model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu",
-                                img_size=hw)
+        return ev.heldout_vloss(
+            model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu", img_size=hw
+        )
 
     kw = dict(steps=2, sampler="euler", cfg=2.0, cfg_interval=(0.1, 1.0), batch_size=32, device="cpu")
-    rows = ev.resolution_study(model, diff, kw, [(16, 24), (24, 16)], n_per_class=1, seed=0, judge=judge,
-                               log=lambda *a: None, scalings=("extrapolate", "ntk", "yarn"), vloss=vloss)
+    rows = ev.resolution_study(
+        model,
+        diff,
+        kw,
+        [(16, 24), (24, 16)],
+        n_per_class=1,
+        seed=0,
+        judge=judge,
+        log=lambda *a: None,
+        scalings=("extrapolate", "ntk", "yarn"),
+        vloss=vloss,
+    )
     assert [(r["hw"], r["grid_hw"], r["scaling"]) for r in rows] == [
-        ([16, 24], [4, 6], "extrapolate"), ([16, 24], [4, 6], "ntk"), ([16, 24], [4, 6], "yarn"),
-        ([24, 16], [6, 4], "extrapolate"), ([24, 16], [6, 4], "ntk"), ([24, 16], [6, 4], "yarn")]
+        ([16, 24], [4, 6], "extrapolate"),
+        ([16, 24], [4, 6], "ntk"),
+        ([16, 24], [4, 6], "yarn"),
+        ([24, 16], [6, 4], "extrapolate"),
+        ([24, 16], [6, 4], "ntk"),
+        ([24, 16], [6, 4], "yarn"),
+    ]
     assert shapes == [(16, 24)] * 3 + [(24, 16)] * 3 and all("px" not in r for r in rows)
     assert all(r["vloss"] > 0 and len(r["vloss_per_t"]) == 2 for r in rows)
     assert len({r["vloss"] for r in rows}) == 6  # every placement is its own model of the same images
-    at_train = ev.heldout_vloss(model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu",
-                                img_size=(16, 16))
+    at_train = ev.heldout_vloss(
+        model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu", img_size=(16, 16)
+    )
     model.cfg.pos_scaling = "yarn"  # at the training size every mode is the plain model
-    again = ev.heldout_vloss(model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu",
-                             img_size=16)
+    again = ev.heldout_vloss(
+        model, diff, maker, (0.3, 0.7), max_images=8, batch_size=4, seed=0, device="cpu", img_size=16
+    )
     model.cfg.pos_scaling = "extrapolate"
     assert again["per_t"] == at_train["per_t"]
 

@@ -4,6 +4,7 @@ Everything runs on tiny configs (16x16 images, 4x4 grid) on the CPU. Tests that 
 ``pos_impl="fused"`` with ``pos_impl="torch"`` need the extension's kernels; they are skipped only
 when the extension is not loaded at all (then "fused" would silently be the reference).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,14 +12,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import jitrope
 from jitrope import ops, posenc, reference
 from jitrope.model import PRESETS, JiT, JiTConfig
 from jitrope.posenc import POS_EMBEDS, SeqLayout, sincos_2d
 from jitrope.rope import axial_freqs
-
-from conftest import DEVICES
 
 ENCODINGS = list(POS_EMBEDS)
 ROTARY = [e for e in ENCODINGS if "rope" in e]
@@ -103,8 +103,19 @@ def test_zero_init_output_is_exactly_zero(pos_embed):
 @pytest.mark.parametrize("pos_embed", ["learned1d", "factorized2d", "sincos2d+rope2d"])
 def test_sequence_is_context_plus_256_plus_64(pos_embed):
     # The problem statement's setting: 64x64 at patch 4 (256 tokens) + a 32x32 condition (64 tokens).
-    cfg = JiTConfig(img_size=64, patch_size=4, hidden_size=32, depth=2, num_heads=2, bottleneck_dim=16,
-                    in_context_len=4, in_context_start=1, pos_embed=pos_embed, pos_impl="torch", cond_img_size=32)
+    cfg = JiTConfig(
+        img_size=64,
+        patch_size=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        bottleneck_dim=16,
+        in_context_len=4,
+        in_context_start=1,
+        pos_embed=pos_embed,
+        pos_impl="torch",
+        cond_img_size=32,
+    )
     model = build(cfg)
     layout = model.sequence_layout()
     assert (layout.n_image, layout.n_cond, layout.prefix) == (256, 64, 4)
@@ -121,8 +132,19 @@ def test_sequence_is_context_plus_256_plus_64(pos_embed):
 
 
 def test_rope_coords_of_each_segment():
-    cfg = JiTConfig(img_size=64, patch_size=4, hidden_size=32, depth=2, num_heads=2, bottleneck_dim=16,
-                    in_context_len=4, in_context_start=1, pos_embed="rope2d", pos_impl="torch", cond_img_size=32)
+    cfg = JiTConfig(
+        img_size=64,
+        patch_size=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        bottleneck_dim=16,
+        in_context_len=4,
+        in_context_start=1,
+        pos_embed="rope2d",
+        pos_impl="torch",
+        cond_img_size=32,
+    )
     model = build(cfg)
     layout = model.sequence_layout()
     coords = layout.coords(layout.prefix)
@@ -208,8 +230,13 @@ class _Counting:
         self.fn, self.calls = fn, []
 
     def __call__(self, *args, **kwargs):
-        self.calls.append(([a.shape if torch.is_tensor(a) else a for a in args],
-                           [a.dtype for a in args if torch.is_tensor(a)], kwargs))
+        self.calls.append(
+            (
+                [a.shape if torch.is_tensor(a) else a for a in args],
+                [a.dtype for a in args if torch.is_tensor(a)],
+                kwargs,
+            )
+        )
         return self.fn(*args, **kwargs)
 
 
@@ -386,8 +413,9 @@ def test_rope_tables_follow_device_and_dtype_casts():
     model.to(torch.float64)
     assert rope.cos.dtype == rope.freqs.dtype == torch.float64
     torch.testing.assert_close(rope.freqs, axial_freqs(D, dtype=torch.float64), rtol=0, atol=0)
-    exact = posenc.rope_cos_sin(model.sequence_layout().coords(4).double(), axial_freqs(D, dtype=torch.float64),
-                                torch.float64)
+    exact = posenc.rope_cos_sin(
+        model.sequence_layout().coords(4).double(), axial_freqs(D, dtype=torch.float64), torch.float64
+    )
     torch.testing.assert_close(rope.cos, exact[0], rtol=0, atol=0)
     model.to(torch.float32)
     x, t, y, cond = make_batch(model.cfg)
@@ -444,7 +472,7 @@ def test_gradients_reach_every_parameter(pos_embed):
     model = perturb_zero_init(build(cfg))
     x, t, y, cond = make_batch(cfg, B=4)
     out = model(x, t, y, cond=cond, cond_drop=torch.tensor([False, True, False, False]))
-    (out ** 2).mean().backward()
+    (out**2).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -563,7 +591,10 @@ def test_sincos_any_size_and_matches_mae():
             omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
             out = pos.reshape(-1, 1).double() * omega
             return torch.cat((out.sin(), out.cos()), dim=1)
-        gw, gh = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="xy")
+
+        gw, gh = torch.meshgrid(
+            torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="xy"
+        )
         return torch.cat((one(dim // 2, gw), one(dim // 2, gh)), dim=1)
 
     layout = SeqLayout((4, 4), None, 0, (4, 4), None)

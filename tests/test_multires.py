@@ -1,5 +1,6 @@
 """Packed mixed-size training and sampling (issue 16 items 5, 6, 9): sizes, the token-budget packer,
 the mixed-size batch maker, packed training with exact resume, jitrope-sample --sizes, the errors."""
+
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,11 @@ def test_packer_fills_the_budget_and_reports_the_waste():
         seen.update(picks)
     assert seen == {0, 1, 2, 3}
     assert packer.waste([2, 2, 2]) == pytest.approx(44 / 500)
-    with pytest.raises(ValueError, match=r"image size 48x48 takes 152 tokens, over the budget "
-                                         r"train.tokens_per_batch=100"):
+    with pytest.raises(
+        ValueError,
+        match=r"image size 48x48 takes 152 tokens, over the budget "
+        r"train.tokens_per_batch=100",
+    ):
         TokenPacker(sizes, costs, 100)
     with pytest.raises(ValueError, match="empty batch"):
         padding_waste([], 100)
@@ -131,16 +135,24 @@ def test_resume_refuses_another_budget(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["data.sizes=[8x8,10x12]", "train.tokens_per_batch=400"],
-         "config key data.sizes: 10x12 is not a multiple of the patch size 4 (model.patch_size)"),
-        (["data.sizes=[8x8,16by16]", "train.tokens_per_batch=400"],
-         "config key data.sizes: cannot parse '16by16' as HEIGHTxWIDTH"),
+        (
+            ["data.sizes=[8x8,10x12]", "train.tokens_per_batch=400"],
+            "config key data.sizes: 10x12 is not a multiple of the patch size 4 (model.patch_size)",
+        ),
+        (
+            ["data.sizes=[8x8,16by16]", "train.tokens_per_batch=400"],
+            "config key data.sizes: cannot parse '16by16' as HEIGHTxWIDTH",
+        ),
         (["data.sizes=[8x8,16x16]"], "data.sizes (packed mixed-size batches) needs train.tokens_per_batch"),
         (["train.tokens_per_batch=400"], "train.tokens_per_batch=400 is set but data.sizes is empty"),
-        (["data.sizes=[8x8,24x24]", "train.tokens_per_batch=40"],
-         "image size 24x24 takes 49 tokens, over the budget train.tokens_per_batch=40"),  # 36 + 9 cond + 4 ctx
-        (["data.sizes=[8x8,12x12]", "train.tokens_per_batch=400"],
-         "data.sizes 12x12: the null condition has no integer grid"),
+        (
+            ["data.sizes=[8x8,24x24]", "train.tokens_per_batch=40"],
+            "image size 24x24 takes 49 tokens, over the budget train.tokens_per_batch=40",
+        ),  # 36 + 9 cond + 4 ctx
+        (
+            ["data.sizes=[8x8,12x12]", "train.tokens_per_batch=400"],
+            "data.sizes 12x12: the null condition has no integer grid",
+        ),
         (["data.sizes=[8x8]", "train.tokens_per_batch=0"], "train.tokens_per_batch must be >= 1, got 0"),
     ],
 )
@@ -154,8 +166,11 @@ def test_bad_sizes_and_budgets_are_one_error_line(tmp_path, capsys, args, messag
 def test_packing_refuses_several_ranks(tmp_path):
     cfg = _cfg(tmp_path)
     ds = make_synthetic(20, 16)
-    with pytest.raises(ConfigError, match=r"data.sizes \(packed mixed-size batches\) trains on one rank, this run "
-                                          r"has 2 \(WORLD_SIZE\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.sizes \(packed mixed-size batches\) trains on one rank, this run "
+        r"has 2 \(WORLD_SIZE\)",
+    ):
         T._check_data_fits(cfg, cfg.model_config(), ds, 2)
 
 
@@ -169,8 +184,23 @@ def packed_run(tmp_path_factory):
 def test_sample_sizes_writes_one_grid_of_classes_by_sizes(packed_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
     sizes = "8x8,16x16,24x16,16x24"
-    rc = S.main(["--ckpt", str(packed_run), "--out", str(out), "--sizes", sizes, "--classes", "disc,square,null",
-                 "--n", "1", "--steps", "2", "--no-progress"])
+    rc = S.main(
+        [
+            "--ckpt",
+            str(packed_run),
+            "--out",
+            str(out),
+            "--sizes",
+            sizes,
+            "--classes",
+            "disc,square,null",
+            "--n",
+            "1",
+            "--steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "12 samples at 4 sizes in one packed batch" in capsys.readouterr().out
     # cells of the largest height and width (24x24) at scale 64 // 24 = 2, pad 2, a label margin on the left

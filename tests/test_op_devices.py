@@ -3,13 +3,14 @@ device included) with an error naming the argument and both devices; all-meta ca
 
 A CPU x with meta coords used to reach the meta (fake) kernel and come back as uninitialised CPU
 memory: the device check now runs at each op's entry, before any backend kernel."""
+
 import re
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import jitrope  # noqa: F401  (loads the extension)
-from conftest import DEVICES
 
 ops = torch.ops.jitrope
 
@@ -123,7 +124,7 @@ def test_python_api_and_autograd_refuse_mixed_devices(grad):
 
 
 def test_all_meta_calls_still_give_meta_results():
-    for name, op, args, names in _inputs("meta"):
+    for name, op, args, _names in _inputs("meta"):
         out = op(*args)
         outs = out if isinstance(out, tuple) else (out,)
         assert all(o.device.type == "meta" for o in outs), name

@@ -6,13 +6,13 @@ batch must give what the batched path gives: for S images of one size the batche
 1e-6), for mixed sizes a loop over single images; perturbing one image must leave every other
 image's output bit-identical.
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import jitrope
 from jitrope.attention import VARLEN_IMPLS, block_diagonal_mask, resolve_varlen_impl, varlen_attention
@@ -40,7 +40,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # pos_impl torch for every encoding; fused for all but factorized2d, whose packed path needs the op
 # jitrope::pos2d_add_indexed (written on another branch; tested once it is merged).
 ENC_IMPL = [pytest.param(e, "torch", id=f"{e}-torch") for e in ENCODINGS] + [
-    pytest.param(e, "fused", id=f"{e}-fused", marks=needs_extension) for e in ENCODINGS if e != "factorized2d"]
+    pytest.param(e, "fused", id=f"{e}-fused", marks=needs_extension) for e in ENCODINGS if e != "factorized2d"
+]
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +58,10 @@ def make_model(pos_embed, pos_impl="torch", cond=True, **kw) -> JiT:
     model = JiT(cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the zero-initialised layers get weights, so every path carries signal
-        for lin in [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.linear,
-                                                                       model.final_layer.adaLN_modulation[-1]]:
+        for lin in [b.adaLN_modulation[-1] for b in model.blocks] + [
+            model.final_layer.linear,
+            model.final_layer.adaLN_modulation[-1],
+        ]:
             for p in (lin.weight, lin.bias):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
@@ -94,8 +97,15 @@ def single(model, xs, t, y, conds, drop, s, **kw):
 # ----------------------------------------------------------------------------- layout
 def test_layout_of_each_sample_is_its_sequence():
     grids, cond_grids, L = [(4, 4), (2, 6), (5, 3)], [(2, 2), None, (3, 1)], 3
-    lay = PackedLayout.build(grids, cond_grids, context_len=L, train_grid=(4, 4), train_cond_grid=(2, 2),
-                             max_grid=(8, 8), max_cond_grid=(4, 4))
+    lay = PackedLayout.build(
+        grids,
+        cond_grids,
+        context_len=L,
+        train_grid=(4, 4),
+        train_cond_grid=(2, 2),
+        max_grid=(8, 8),
+        max_cond_grid=(4, 4),
+    )
     lens = [L + 16 + 4, L + 12, L + 15 + 3]
     assert lay.seqs.cu_seqlens.dtype == torch.int32
     assert lay.seqs.cu_seqlens.tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
@@ -124,8 +134,9 @@ def test_layout_of_each_sample_is_its_sequence():
 
 
 def test_layout_interpolation_tables():
-    lay = PackedLayout.build([(4, 4), (6, 2), (6, 2), (2, 2)], scaling="interpolate", train_grid=(4, 4),
-                             max_grid=(8, 8))
+    lay = PackedLayout.build(
+        [(4, 4), (6, 2), (6, 2), (2, 2)], scaling="interpolate", train_grid=(4, 4), max_grid=(8, 8)
+    )
     assert lay.image_tables == ((6, 2), (2, 2))
     # Sample 1 reads the first resampled table (after the full 8-row table), sample 3 the second.
     assert lay.rows[16:28].tolist() == [8 + i for i in range(6) for _ in range(2)]
@@ -135,28 +146,34 @@ def test_layout_interpolation_tables():
     torch.testing.assert_close(lay.seqs.coords[16:18], torch.tensor([[-1 / 6, 0.5], [-1 / 6, 2.5]]))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(img_grids=[]), "img_grids is empty"),
-    (dict(img_grids=[(4, 0)]), r"img_grids\[0\]"),
-    (dict(img_grids=[(4, 4), (3,)]), r"img_grids\[1\]"),
-    (dict(img_grids=[(4, 4)], cond_grids=[(2, 2), (2, 2)]), "cond_grids must have one entry per image"),
-    (dict(img_grids=[(4, 4)], cond_grids=[(2, -2)]), r"cond_grids\[0\]"),
-    (dict(img_grids=[(4, 4)], context_len=-1), "context_len"),
-    (dict(img_grids=[(4, 4)], scaling="stretch"), "scaling"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(img_grids=[]), "img_grids is empty"),
+        (dict(img_grids=[(4, 0)]), r"img_grids\[0\]"),
+        (dict(img_grids=[(4, 4), (3,)]), r"img_grids\[1\]"),
+        (dict(img_grids=[(4, 4)], cond_grids=[(2, 2), (2, 2)]), "cond_grids must have one entry per image"),
+        (dict(img_grids=[(4, 4)], cond_grids=[(2, -2)]), r"cond_grids\[0\]"),
+        (dict(img_grids=[(4, 4)], context_len=-1), "context_len"),
+        (dict(img_grids=[(4, 4)], scaling="stretch"), "scaling"),
+    ],
+)
 def test_layout_errors_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PackedLayout.build(**kwargs)
 
 
-@pytest.mark.parametrize("cu, total, match", [
-    (torch.tensor([0, 3, 5]), 5, "int32"),
-    (torch.tensor([0], dtype=torch.int32), 0, "at least one sequence"),
-    (torch.tensor([1, 3, 5], dtype=torch.int32), 5, "start at 0"),
-    (torch.tensor([0, 3, 3, 5], dtype=torch.int32), 5, "strictly increasing"),
-    (torch.tensor([0, 4, 2], dtype=torch.int32), 2, "strictly increasing"),
-    (torch.tensor([0, 3, 5], dtype=torch.int32), 6, "end at the token count T = 6"),
-])
+@pytest.mark.parametrize(
+    "cu, total, match",
+    [
+        (torch.tensor([0, 3, 5]), 5, "int32"),
+        (torch.tensor([0], dtype=torch.int32), 0, "at least one sequence"),
+        (torch.tensor([1, 3, 5], dtype=torch.int32), 5, "start at 0"),
+        (torch.tensor([0, 3, 3, 5], dtype=torch.int32), 5, "strictly increasing"),
+        (torch.tensor([0, 4, 2], dtype=torch.int32), 2, "strictly increasing"),
+        (torch.tensor([0, 3, 5], dtype=torch.int32), 6, "end at the token count T = 6"),
+    ],
+)
 def test_cu_seqlens_errors(cu, total, match):
     with pytest.raises(ValueError, match=match):
         check_cu_seqlens(cu, total)
@@ -182,8 +199,9 @@ def test_patchify_is_the_model_token_order():
     model = make_model("rope2d", cond=False)
     assert torch.equal(model.unpatchify(tok[None], (2, 3))[0], img)
     # The patch embedding on tokens is the convolution's.
-    torch.testing.assert_close(model.x_embedder.forward_tokens(tok), model.x_embedder(img[None])[0],
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        model.x_embedder.forward_tokens(tok), model.x_embedder(img[None])[0], rtol=1e-6, atol=1e-6
+    )
     imgs = [img, torch.randn(3, 4, 4, generator=g)]
     lay = PackedLayout.build([(2, 3), (1, 1)])
     back = unpack_images(pack_images(imgs, 4), lay, 4)
@@ -261,8 +279,11 @@ def test_varlen_attention_auto_and_mask():
     q = torch.zeros(4, 1, 8)
     assert resolve_varlen_impl("auto", q) == "loop"  # eager CPU: measured faster (attention.py)
     assert resolve_varlen_impl("mask", q) == "mask"
-    assert block_diagonal_mask(cu_of([2, 1]), 3).tolist() == [[True, True, False], [True, True, False],
-                                                             [False, False, True]]
+    assert block_diagonal_mask(cu_of([2, 1]), 3).tolist() == [
+        [True, True, False],
+        [True, True, False],
+        [False, False, True],
+    ]
     assert set(VARLEN_IMPLS) == {"auto", "varlen", "mask", "loop"}
 
 
@@ -294,6 +315,7 @@ def test_varlen_attn_on_cuda_matches_the_loop(dtype):
     ref = attention_ref(q, k, v, cu.cpu())
     eager = varlen_attention(q, k, v, cu, max(LENGTHS), impl="loop")
     from conftest import assert_kernel_error_within_eager
+
     assert_kernel_error_within_eager("varlen_attn", out.cpu(), eager.cpu(), ref)
 
 
@@ -351,8 +373,10 @@ def test_packed_interpolation_is_a_loop_over_single_images(pos_embed):
 
 
 @pytest.mark.parametrize("packed_attn", ["mask", "loop"])
-@pytest.mark.parametrize("pos_embed, pos_impl", [("sincos2d+rope2d", "torch"), ("factorized2d", "torch"),
-                                                 pytest.param("rope2d", "fused", marks=needs_extension)])
+@pytest.mark.parametrize(
+    "pos_embed, pos_impl",
+    [("sincos2d+rope2d", "torch"), ("factorized2d", "torch"), pytest.param("rope2d", "fused", marks=needs_extension)],
+)
 def test_perturbing_one_image_leaves_the_others_bit_identical(pos_embed, pos_impl, packed_attn):
     model = make_model(pos_embed, pos_impl, True, packed_attn=packed_attn)
     xs, t, y, conds, drop = mixed_batch()
@@ -366,10 +390,17 @@ def test_perturbing_one_image_leaves_the_others_bit_identical(pos_embed, pos_imp
         assert torch.equal(outs2[s], outs[s]), f"sample {s} changed"
 
 
-@pytest.mark.parametrize("pos_embed, pos_impl", [("sincos2d+rope2d", "torch"), ("rope2d_mixed", "torch"),
-                                                 ("factorized2d", "torch"), ("learned1d", "torch"),
-                                                 pytest.param("sincos2d+rope2d", "fused", marks=needs_extension),
-                                                 pytest.param("rope2d_mixed", "fused", marks=needs_extension)])
+@pytest.mark.parametrize(
+    "pos_embed, pos_impl",
+    [
+        ("sincos2d+rope2d", "torch"),
+        ("rope2d_mixed", "torch"),
+        ("factorized2d", "torch"),
+        ("learned1d", "torch"),
+        pytest.param("sincos2d+rope2d", "fused", marks=needs_extension),
+        pytest.param("rope2d_mixed", "fused", marks=needs_extension),
+    ],
+)
 def test_gradients_of_a_packed_batch_are_those_of_the_loop(pos_embed, pos_impl):
     scaling = "interpolate" if pos_embed == "learned1d" else "extrapolate"
     model = make_model(pos_embed, pos_impl, True)
@@ -384,8 +415,9 @@ def test_gradients_of_a_packed_batch_are_those_of_the_loop(pos_embed, pos_impl):
 
     outs = model.forward_packed(xs, t, y, conds, cond_drop=drop, pos_scaling=scaling)
     g_packed = grads(sum((o * w).sum() for o, w in zip(outs, ws)))
-    g_loop = grads(sum((single(model, xs, t, y, conds, drop, s, pos_scaling=scaling) * ws[s]).sum()
-                       for s in range(len(xs))))
+    g_loop = grads(
+        sum((single(model, xs, t, y, conds, drop, s, pos_scaling=scaling) * ws[s]).sum() for s in range(len(xs)))
+    )
     assert set(g_packed) == set(g_loop)
     for name, gl in g_loop.items():
         torch.testing.assert_close(g_packed[name], gl, rtol=1e-4, atol=1e-5, msg=name)
@@ -438,8 +470,16 @@ def test_packed_loss_of_one_size_is_the_batched_loss():
     noise, drop = torch.randn(x.shape, generator=g), torch.tensor([True, False, False, True])
     ref = d.loss(model, x, y, c, drop, t=t, noise=noise)
     lay = model.packed_layout([(16, 16)] * B, [(8, 8)] * B)
-    loss = d.loss(model.forward_tokens, pack_images(list(x), 4), y, pack_images(list(c), 4), drop, t=t,
-                  noise=pack_images(list(noise), 4), layout=lay)
+    loss = d.loss(
+        model.forward_tokens,
+        pack_images(list(x), 4),
+        y,
+        pack_images(list(c), 4),
+        drop,
+        t=t,
+        noise=pack_images(list(noise), 4),
+        layout=lay,
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
 
 
@@ -480,11 +520,29 @@ def test_packed_sampler_is_a_loop_over_single_images(sampler, cfg, shift, with_c
     y = torch.tensor([1, 9, 4])
     lay = model.packed_layout(sizes, csizes if with_cond else None)
     cond_tok = pack_images(conds, 4) if with_cond else None
-    z = d.sample(model.forward_tokens, y, cond_tok, noise=pack_images(noise, 4), steps=3, sampler=sampler, cfg=cfg,
-                 null_class=9, layout=lay)
+    z = d.sample(
+        model.forward_tokens,
+        y,
+        cond_tok,
+        noise=pack_images(noise, 4),
+        steps=3,
+        sampler=sampler,
+        cfg=cfg,
+        null_class=9,
+        layout=lay,
+    )
     outs = unpack_images(z, lay, 4)
     for s, size in enumerate(sizes):
         c = None if conds[s] is None else conds[s][None]
-        ref = d.sample(model, y[s : s + 1], c, noise=noise[s][None], steps=3, sampler=sampler, cfg=cfg,
-                       null_class=9, n_tokens=(size[0] // 4) * (size[1] // 4))[0]
+        ref = d.sample(
+            model,
+            y[s : s + 1],
+            c,
+            noise=noise[s][None],
+            steps=3,
+            sampler=sampler,
+            cfg=cfg,
+            null_class=9,
+            n_tokens=(size[0] // 4) * (size[1] // 4),
+        )[0]
         torch.testing.assert_close(outs[s], ref, rtol=1e-5, atol=1e-5, msg=f"sample {s}")

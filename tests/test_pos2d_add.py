@@ -1,5 +1,6 @@
 """Tests of jitrope::pos2d_add (SPEC §3, §4): the op battery (tests/op_battery.py) over one input
 generator, then the in-place twin, the rounding, errors, torch.compile and the CUDA-only checks."""
+
 from typing import List
 
 import pytest
@@ -174,23 +175,53 @@ def _bad_inputs(device):
     f = ops.pos2d_add
     return [
         ("x rank", lambda: f(x[0], h, w, (2, 2)), r"x must be a 3-D tensor \[B, N, D\], got shape \[10, 6\]"),
-        ("pos_h D", lambda: f(x, h[:, :5], w, (2, 2)), r"pos_h must be \[max_h, D\] with x's D = 6, got shape \[3, 5\]"),
-        ("pos_w rank", lambda: f(x, h, w[None], (2, 2)), r"pos_w must be \[max_w, D\] with x's D = 6, got shape \[1, 4, 6\]"),
-        ("int x", lambda: f(x.long(), h.long(), w.long(), (2, 2)), r"x must be float16, bfloat16, float32 or float64, got torch.int64"),
+        (
+            "pos_h D",
+            lambda: f(x, h[:, :5], w, (2, 2)),
+            r"pos_h must be \[max_h, D\] with x's D = 6, got shape \[3, 5\]",
+        ),
+        (
+            "pos_w rank",
+            lambda: f(x, h, w[None], (2, 2)),
+            r"pos_w must be \[max_w, D\] with x's D = 6, got shape \[1, 4, 6\]",
+        ),
+        (
+            "int x",
+            lambda: f(x.long(), h.long(), w.long(), (2, 2)),
+            r"x must be float16, bfloat16, float32 or float64, got torch.int64",
+        ),
         ("dtype", lambda: f(x, h.double(), w, (2, 2)), r"pos_h must have x's dtype torch.float32, got torch.float64"),
-        ("rows", lambda: f(x, h, w, (3, 2), row_offset=1), r"grid rows need pos_h\[1 : 1 \+ gh\] with gh = 3, but pos_h has max_h = 3"),
-        ("cols", lambda: f(x, h, w, (2, 5)), r"grid columns need pos_w\[0 : 0 \+ gw\] with gw = 5, but pos_w has max_w = 4"),
-        ("N", lambda: f(x, h, w, (3, 3), token_offset=2), r"wanted N >= token_offset \+ gh\*gw, got N = 10 \(x of shape \[2, 10, 6\]\)"),
+        (
+            "rows",
+            lambda: f(x, h, w, (3, 2), row_offset=1),
+            r"grid rows need pos_h\[1 : 1 \+ gh\] with gh = 3, but pos_h has max_h = 3",
+        ),
+        (
+            "cols",
+            lambda: f(x, h, w, (2, 5)),
+            r"grid columns need pos_w\[0 : 0 \+ gw\] with gw = 5, but pos_w has max_w = 4",
+        ),
+        (
+            "N",
+            lambda: f(x, h, w, (3, 3), token_offset=2),
+            r"wanted N >= token_offset \+ gh\*gw, got N = 10 \(x of shape \[2, 10, 6\]\)",
+        ),
         ("token_offset", lambda: f(x, h, w, (2, 2), token_offset=-1), r"token_offset must be >= 0, got -1"),
         ("row_offset", lambda: f(x, h, w, (2, 2), row_offset=-2), r"row_offset must be >= 0, got -2"),
         ("col_offset", lambda: f(x, h, w, (2, 2), col_offset=-3), r"col_offset must be >= 0, got -3"),
         ("grid sign", lambda: f(x, h, w, (-1, 2)), r"grid \(gh, gw\) must be non-negative"),
         ("grid length", lambda: torch.ops.jitrope.pos2d_add(x, h, w, [2, 2, 2]), r"grid|int\[2\]|expected"),
         ("inplace rows", lambda: ops.pos2d_add_(x.clone(), h, w, (4, 2)), r"pos2d_add_: grid rows need pos_h"),
-        ("backward N", lambda: torch.ops.jitrope.pos2d_add_backward(x, [4, 4], 4, 4, 0, 0, 0),
-         r"pos2d_add_backward: grid \[4, 4\] has gh\*gw tokens .* more than grad_out holds"),
-        ("backward max_h", lambda: torch.ops.jitrope.pos2d_add_backward(x, [2, 2], 1, 4, 0, 0, 0),
-         r"pos2d_add_backward: grid rows need pos_h\[0 : 0 \+ gh\] with gh = 2, but pos_h has max_h = 1"),
+        (
+            "backward N",
+            lambda: torch.ops.jitrope.pos2d_add_backward(x, [4, 4], 4, 4, 0, 0, 0),
+            r"pos2d_add_backward: grid \[4, 4\] has gh\*gw tokens .* more than grad_out holds",
+        ),
+        (
+            "backward max_h",
+            lambda: torch.ops.jitrope.pos2d_add_backward(x, [2, 2], 1, 4, 0, 0, 0),
+            r"pos2d_add_backward: grid rows need pos_h\[0 : 0 \+ gh\] with gh = 2, but pos_h has max_h = 1",
+        ),
     ]
 
 
@@ -267,7 +298,9 @@ def test_cuda_matches_cpu_bit_for_bit(dtype):
         out = ops.pos2d_add(x, pos_h, pos_w, grid, **kw)
         outc = ops.pos2d_add(xc, hc, wc, grid, **kw)
         assert torch.equal(out, outc.cpu())
-        for a, b in zip(torch.autograd.grad(out, (pos_h, pos_w), grad), torch.autograd.grad(outc, (hc, wc), grad.cuda())):
+        for a, b in zip(
+            torch.autograd.grad(out, (pos_h, pos_w), grad), torch.autograd.grad(outc, (hc, wc), grad.cuda())
+        ):
             assert torch.equal(a, b.cpu())
 
 

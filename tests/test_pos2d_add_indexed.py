@@ -2,6 +2,7 @@
 dtype, gradients, opcheck, layouts (any leading dims, any strides, B = 0), -1 and repeated indices,
 determinism of the table gradients, equality with pos2d_add on a grid, torch.compile, errors. Every
 test runs on CPU and CUDA (skipped without a GPU); one input generator feeds them all."""
+
 import pytest
 import torch
 from conftest import DEVICES, assert_kernel_error_within_eager
@@ -307,42 +308,89 @@ def _bad_inputs(device):
     bwd = torch.ops.jitrope.pos2d_add_indexed_backward
     index_of_x = r"\(one index per token of x: \[\.\.\., N, D\] = \[2, 5, 6\]\)"
     return [
-        ("x rank", lambda: f(x[0, 0], h, w, r, c),
-         r"x must have shape \[\.\.\., N, D\] \(at least 2 dims\), got shape \[6\]"),
-        ("int x", lambda: f(x.long(), h.long(), w.long(), r, c),
-         r"x must be float16, bfloat16, float32 or float64, got torch.int64"),
+        (
+            "x rank",
+            lambda: f(x[0, 0], h, w, r, c),
+            r"x must have shape \[\.\.\., N, D\] \(at least 2 dims\), got shape \[6\]",
+        ),
+        (
+            "int x",
+            lambda: f(x.long(), h.long(), w.long(), r, c),
+            r"x must be float16, bfloat16, float32 or float64, got torch.int64",
+        ),
         ("pos_h D", lambda: f(x, h[:, :5], w, r, c), r"pos_h must be \[max_h, D\] with x's D = 6, got shape \[3, 5\]"),
-        ("pos_w rank", lambda: f(x, h, w[None], r, c),
-         r"pos_w must be \[max_w, D\] with x's D = 6, got shape \[1, 4, 6\]"),
-        ("pos_h dtype", lambda: f(x, h.double(), w, r, c),
-         r"pos_h must have x's dtype torch.float32, got torch.float64"),
-        ("rows dtype", lambda: f(x, h, w, r.int(), c),
-         r"rows must be an int64 tensor \[N\] \(one index per token\), got dtype torch.int32"),
-        ("cols float", lambda: f(x, h, w, r, c.float()),
-         r"cols must be an int64 tensor \[N\].*got dtype torch.float32"),
-        ("rows length", lambda: f(x, h, w, r[:4], c),
-         r"rows must have shape \[N\] = \[5\] " + index_of_x + r", got shape \[4\]"),
+        (
+            "pos_w rank",
+            lambda: f(x, h, w[None], r, c),
+            r"pos_w must be \[max_w, D\] with x's D = 6, got shape \[1, 4, 6\]",
+        ),
+        (
+            "pos_h dtype",
+            lambda: f(x, h.double(), w, r, c),
+            r"pos_h must have x's dtype torch.float32, got torch.float64",
+        ),
+        (
+            "rows dtype",
+            lambda: f(x, h, w, r.int(), c),
+            r"rows must be an int64 tensor \[N\] \(one index per token\), got dtype torch.int32",
+        ),
+        (
+            "cols float",
+            lambda: f(x, h, w, r, c.float()),
+            r"cols must be an int64 tensor \[N\].*got dtype torch.float32",
+        ),
+        (
+            "rows length",
+            lambda: f(x, h, w, r[:4], c),
+            r"rows must have shape \[N\] = \[5\] " + index_of_x + r", got shape \[4\]",
+        ),
         ("cols rank", lambda: f(x, h, w, r, c[None]), r"cols must have shape \[N\] = \[5\] .* got shape \[1, 5\]"),
-        ("rows high", lambda: f(x, h, w, r + 1, c),
-         r"rows must hold values in \[-1, max_h\) = \[-1, 3\) \(a pos_h row, or -1 for none\), got values in \[0, 3\]"),
-        ("rows low", lambda: f(x, h, w, r - 1, c),
-         r"rows must hold values in \[-1, max_h\) = \[-1, 3\) .* got values in \[-2, 1\]"),
-        ("cols high", lambda: f(x, h, w, r, c + 1),
-         r"cols must hold values in \[-1, max_w\) = \[-1, 4\) \(a pos_w row, or -1 for none\), got values in \[0, 4\]"),
+        (
+            "rows high",
+            lambda: f(x, h, w, r + 1, c),
+            r"rows must hold values in \[-1, max_h\) = \[-1, 3\) \(a pos_h row, or -1 for none\), "
+            r"got values in \[0, 3\]",
+        ),
+        (
+            "rows low",
+            lambda: f(x, h, w, r - 1, c),
+            r"rows must hold values in \[-1, max_h\) = \[-1, 3\) .* got values in \[-2, 1\]",
+        ),
+        (
+            "cols high",
+            lambda: f(x, h, w, r, c + 1),
+            r"cols must hold values in \[-1, max_w\) = \[-1, 4\) \(a pos_w row, or -1 for none\), "
+            r"got values in \[0, 4\]",
+        ),
         ("cols empty table", lambda: f(x, h, w[:0], r, c), r"cols must hold values in \[-1, max_w\) = \[-1, 0\)"),
         ("rows meta", lambda: f(x, h, w, r.to("meta"), c), r"rows must be on x's device .*, got meta"),
         ("cols meta", lambda: f(x, h, w, r, c.to("meta")), r"cols must be on x's device .*, got meta"),
         ("pos_w meta", lambda: f(x, h, w.to("meta"), r, c), r"pos_w must be on x's device .*, got meta"),
-        ("backward rows", lambda: bwd(x, r, c, 2, 4),
-         r"pos2d_add_indexed_backward: rows must hold values in \[-1, max_h\) = \[-1, 2\)"),
-        ("backward max", lambda: bwd(x, r, c, -1, 4),
-         r"pos2d_add_indexed_backward: max_h and max_w must be >= 0, got -1 and 4"),
-        ("backward cols", lambda: bwd(x, r, c[:2], 3, 4),
-         r"pos2d_add_indexed_backward: cols must have shape \[N\] = \[5\] \(one index per token of grad_out"),
-        ("backward int", lambda: bwd(x.long(), r, c, 3, 4),
-         r"pos2d_add_indexed_backward: grad_out must be float16, bfloat16, float32 or float64"),
-        ("backward meta", lambda: bwd(x, r.to("meta"), c, 3, 4),
-         r"pos2d_add_indexed_backward: rows must be on grad_out's device .*, got meta"),
+        (
+            "backward rows",
+            lambda: bwd(x, r, c, 2, 4),
+            r"pos2d_add_indexed_backward: rows must hold values in \[-1, max_h\) = \[-1, 2\)",
+        ),
+        (
+            "backward max",
+            lambda: bwd(x, r, c, -1, 4),
+            r"pos2d_add_indexed_backward: max_h and max_w must be >= 0, got -1 and 4",
+        ),
+        (
+            "backward cols",
+            lambda: bwd(x, r, c[:2], 3, 4),
+            r"pos2d_add_indexed_backward: cols must have shape \[N\] = \[5\] \(one index per token of grad_out",
+        ),
+        (
+            "backward int",
+            lambda: bwd(x.long(), r, c, 3, 4),
+            r"pos2d_add_indexed_backward: grad_out must be float16, bfloat16, float32 or float64",
+        ),
+        (
+            "backward meta",
+            lambda: bwd(x, r.to("meta"), c, 3, 4),
+            r"pos2d_add_indexed_backward: rows must be on grad_out's device .*, got meta",
+        ),
     ]
 
 

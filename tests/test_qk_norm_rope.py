@@ -1,5 +1,6 @@
 """Tests of jitrope::qk_norm_rope (SPEC §3a, §4): the op battery (tests/op_battery.py) over one input
 generator, then special cases, torch.compile, errors and CUDA graph capture."""
+
 from __future__ import annotations
 
 from typing import List
@@ -46,7 +47,7 @@ def sample_inputs(device, dtype, requires_grad=False) -> List[OpSample]:
     ]
     samples = []
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    for name, shape, view, (B, H, N, D), kind, interleaved in specs:
+    for name, shape, view, (_B, H, N, D), kind, interleaved in specs:
         base = rnd(*shape)
         if base.numel():
             base = base * torch.exp(rnd(*shape[:-1], 1))  # rows of different scales
@@ -88,7 +89,7 @@ class TestQkNormRope(OpBattery):
         # qk_norm_rope_backward is not differentiable itself (test_double_backward): inputs without grad.
         g = torch.randn(qk.shape, device=qk.device)
         freqs = None if freqs is None else freqs.detach()
-        for freqs_grad in ([True, False] if freqs is not None else [False]):
+        for freqs_grad in [True, False] if freqs is not None else [False]:
             args = (g, qk.detach(), weight.detach(), coords, freqs, kw["eps"], kw["interleaved"], freqs_grad)
             calls.append((torch.ops.jitrope.qk_norm_rope_backward.default, args, {}, OPCHECK_UTILS))
         return calls
@@ -172,7 +173,8 @@ def test_torch_compile_fullgraph(device, backend):
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     torch.testing.assert_close(
-        torch.autograd.grad(out, (qkv, weight, freqs), g), torch.autograd.grad(ref, (qkv, weight, freqs), g))
+        torch.autograd.grad(out, (qkv, weight, freqs), g), torch.autograd.grad(ref, (qkv, weight, freqs), g)
+    )
     no_rope = torch.compile(_attention, fullgraph=True, backend=backend)(qkv, weight, None, None, H, D, True)
     torch.testing.assert_close(no_rope, _attention(qkv, weight, None, None, H, D, False))
 
@@ -188,22 +190,43 @@ def _bad_inputs(device):
     f_ = ops.qk_norm_rope
     return [
         ("qk rank", lambda: f_(qk[0], w), r"qk must have shape \[2, B, H, N, D\] \(q and k\), got \[2, 3, 5, 8\]"),
-        ("qk first dim", lambda: f_(qk[:1], w), r"qk must have shape \[2, B, H, N, D\] \(q and k\), got \[1, 2, 3, 5, 8\]"),
+        (
+            "qk first dim",
+            lambda: f_(qk[:1], w),
+            r"qk must have shape \[2, B, H, N, D\] \(q and k\), got \[1, 2, 3, 5, 8\]",
+        ),
         ("D odd", lambda: f_(qk[..., :7], w[:, :7]), r"qk must have an even last dim D"),
         ("qk integer", lambda: f_(qk.long(), w), r"qk must be float16, bfloat16, float32 or float64, got torch.int64"),
         ("weight shape", lambda: f_(qk, w[:, :6]), r"weight must have shape \[2, D\] = \[2, 8\].*got \[2, 6\]"),
-        ("weight integer", lambda: f_(qk, w.long()), r"weight must be a floating tensor \[2, D\], got dtype torch.int64"),
+        (
+            "weight integer",
+            lambda: f_(qk, w.long()),
+            r"weight must be a floating tensor \[2, D\], got dtype torch.int64",
+        ),
         ("eps", lambda: f_(qk, w, eps=-1.0), r"eps must be a finite number >= 0, got -1"),
         ("coords alone", lambda: f_(qk, w, c, None), r"coords and freqs must be given together"),
         ("coords N", lambda: f_(qk, w, c[:4], f), r"coords must have shape \[N, 2\] = \[5, 2\].*got \[4, 2\]"),
-        ("freqs H", lambda: f_(qk, w, c, torch.rand(2, 2, 4, device=device)), r"freqs must have shape .*\[H, 2, D/2\] = \[3, 2, 4\]"),
+        (
+            "freqs H",
+            lambda: f_(qk, w, c, torch.rand(2, 2, 4, device=device)),
+            r"freqs must have shape .*\[H, 2, D/2\] = \[3, 2, 4\]",
+        ),
         ("freqs integer", lambda: f_(qk, w, c, f.long()), r"freqs must be a floating tensor"),
-        ("backward grad_out", lambda: torch.ops.jitrope.qk_norm_rope_backward(qk[:, :1], qk, w, c, f, 1e-6, True, True),
-         r"qk_norm_rope_backward: grad_out must have qk's shape \[2, 2, 3, 5, 8\], got \[2, 1, 3, 5, 8\]"),
-        ("backward dtype", lambda: torch.ops.jitrope.qk_norm_rope_backward(qk.double(), qk, w, c, f, 1e-6, True, True),
-         r"grad_out must have qk's dtype torch.float32, got torch.float64"),
-        ("backward freqs_grad", lambda: torch.ops.jitrope.qk_norm_rope_backward(qk, qk, w, None, None, 1e-6, True, True),
-         r"freqs_grad needs coords and freqs"),
+        (
+            "backward grad_out",
+            lambda: torch.ops.jitrope.qk_norm_rope_backward(qk[:, :1], qk, w, c, f, 1e-6, True, True),
+            r"qk_norm_rope_backward: grad_out must have qk's shape \[2, 2, 3, 5, 8\], got \[2, 1, 3, 5, 8\]",
+        ),
+        (
+            "backward dtype",
+            lambda: torch.ops.jitrope.qk_norm_rope_backward(qk.double(), qk, w, c, f, 1e-6, True, True),
+            r"grad_out must have qk's dtype torch.float32, got torch.float64",
+        ),
+        (
+            "backward freqs_grad",
+            lambda: torch.ops.jitrope.qk_norm_rope_backward(qk, qk, w, None, None, 1e-6, True, True),
+            r"freqs_grad needs coords and freqs",
+        ),
     ]
 
 

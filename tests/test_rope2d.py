@@ -1,5 +1,6 @@
 """Tests of jitrope::rope2d (SPEC §2, §4): the op battery (tests/op_battery.py) over one input generator,
 then the in-place twin, special cases, torch.compile, errors and the coordinate helpers."""
+
 from __future__ import annotations
 
 from typing import List
@@ -40,8 +41,14 @@ def sample_inputs(device, dtype, requires_grad=False) -> List[OpSample]:
         ("heads_tokens_transposed", (3, 5, 2, 4), lambda t: t.transpose(1, 2), (2, 5, 4), True, True),
         ("offset_view", (2, 3, 5, 9), lambda t: t[..., 1:], (3, 5, 8), False, True),
         ("batch_0", (0, 2, 3, 4), None, (2, 3, 4), False, True),
-        ("seven_leading_dims", (2,) * 7 + (1, 3, 4), lambda t: t.permute(6, 5, 4, 3, 2, 1, 0, 7, 8, 9), (1, 3, 4),
-         False, True),
+        (
+            "seven_leading_dims",
+            (2,) * 7 + (1, 3, 4),
+            lambda t: t.permute(6, 5, 4, 3, 2, 1, 0, 7, 8, 9),
+            (1, 3, 4),
+            False,
+            True,
+        ),
         ("one_token_one_pair", (3, 1, 2), None, (3, 1, 2), True, False),
         ("wide_head", (1, 2, 3, 160), None, (2, 3, 160), False, False),
         ("jit_like", (2, 17, 3 * 2 * 64), _qkv_view(2, 17, 2, 64), (2, 17, 64), False, True),
@@ -88,8 +95,14 @@ class TestRope2D(OpBattery):
         # rope2d_backward is not differentiable itself (test_double_backward): inputs without grad.
         g = torch.randn(x.shape, device=x.device)
         for fwd_x in (x.detach(), None):
-            calls.append((torch.ops.jitrope.rope2d_backward.default,
-                          (g, coords, freqs.detach(), fwd_x, kw["interleaved"]), {}, OPCHECK_UTILS))
+            calls.append(
+                (
+                    torch.ops.jitrope.rope2d_backward.default,
+                    (g, coords, freqs.detach(), fwd_x, kw["interleaved"]),
+                    {},
+                    OPCHECK_UTILS,
+                )
+            )
         return calls
 
 
@@ -188,7 +201,9 @@ def test_matches_eva_style_table_implementation(device, dtype):
     x = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
     cos, sin = (t.to(device=device, dtype=dtype) for t in _eva_tables(D, gh, gw, prefix))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    out = ops.rope2d(x, sequence_coords((gh, gw), prefix=prefix, dtype=acc, device=device), axial_freqs(D, dtype=acc, device=device))
+    out = ops.rope2d(
+        x, sequence_coords((gh, gw), prefix=prefix, dtype=acc, device=device), axial_freqs(D, dtype=acc, device=device)
+    )
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, _eva_apply(x, cos, sin), **tol)
 
@@ -227,21 +242,41 @@ def _bad_inputs(device):
     c = torch.zeros(5, 2, device=device)
     f = torch.zeros(2, 4, device=device)
     return [
-        ("x 2-D", (torch.randn(5, 8, device=device), c, f), r"x must have shape \[\.\.\., H, N, D\] \(at least 3 dims\), got \[5, 8\]"),
-        ("D odd", (torch.randn(2, 5, 7, device=device), c, torch.zeros(2, 3, device=device)), r"x must have an even last dim D"),
+        (
+            "x 2-D",
+            (torch.randn(5, 8, device=device), c, f),
+            r"x must have shape \[\.\.\., H, N, D\] \(at least 3 dims\), got \[5, 8\]",
+        ),
+        (
+            "D odd",
+            (torch.randn(2, 5, 7, device=device), c, torch.zeros(2, 3, device=device)),
+            r"x must have an even last dim D",
+        ),
         ("x integer", (x.long(), c, f), r"x must be float16, bfloat16, float32 or float64, got torch.int64"),
-        ("coords N", (x, torch.zeros(4, 2, device=device), f), r"coords must have shape \[N, 2\] = \[5, 2\].*got \[4, 2\]"),
+        (
+            "coords N",
+            (x, torch.zeros(4, 2, device=device), f),
+            r"coords must have shape \[N, 2\] = \[5, 2\].*got \[4, 2\]",
+        ),
         ("coords 3 cols", (x, torch.zeros(5, 3, device=device), f), r"coords must have shape \[N, 2\] = \[5, 2\]"),
         ("coords integer", (x, c.long(), f), r"coords must be a floating tensor"),
-        ("freqs D/2", (x, c, torch.zeros(2, 3, device=device)), r"freqs must have shape \[2, D/2\] = \[2, 4\] \(shared\) or \[H, 2, D/2\] = \[3, 2, 4\]"),
-        ("freqs H", (x, c, torch.zeros(2, 2, 4, device=device)), r"freqs must have shape .*\[H, 2, D/2\] = \[3, 2, 4\].*got \[2, 2, 4\]"),
+        (
+            "freqs D/2",
+            (x, c, torch.zeros(2, 3, device=device)),
+            r"freqs must have shape \[2, D/2\] = \[2, 4\] \(shared\) or \[H, 2, D/2\] = \[3, 2, 4\]",
+        ),
+        (
+            "freqs H",
+            (x, c, torch.zeros(2, 2, 4, device=device)),
+            r"freqs must have shape .*\[H, 2, D/2\] = \[3, 2, 4\].*got \[2, 2, 4\]",
+        ),
         ("freqs integer", (x, c, f.long()), r"freqs must be a floating tensor"),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_raise_clear_errors(device):
-    for what, (x, c, f), match in _bad_inputs(device):
+    for _what, (x, c, f), match in _bad_inputs(device):
         for fn in (ops.rope2d, ops.rope2d_):
             with pytest.raises((RuntimeError, ValueError), match=match):
                 fn(x.clone(), c, f)
@@ -253,7 +288,9 @@ def test_bad_inputs_raise_clear_errors(device):
 def test_bad_backward_and_inplace_inputs(device):
     x = torch.randn(2, 3, 5, 8, device=device)
     c, f = torch.zeros(5, 2, device=device), torch.zeros(2, 4, device=device)
-    with pytest.raises(RuntimeError, match=r"x \(the forward input\) must have grad_out's shape \[2, 3, 5, 8\], got \[2, 3, 5, 6\]"):
+    with pytest.raises(
+        RuntimeError, match=r"x \(the forward input\) must have grad_out's shape \[2, 3, 5, 8\], got \[2, 3, 5, 6\]"
+    ):
         torch.ops.jitrope.rope2d_backward(x, c, f, torch.randn(2, 3, 5, 6, device=device), True)
     with pytest.raises(RuntimeError, match=r"x \(the forward input\) must have grad_out's dtype"):
         torch.ops.jitrope.rope2d_backward(x, c, f, x.double(), True)

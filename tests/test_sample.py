@@ -1,4 +1,5 @@
 """The sampling and evaluation CLIs on a tiny checkpoint, and their errors on bad input."""
+
 import json
 from pathlib import Path
 
@@ -21,8 +22,12 @@ BASE = ["model.pos_impl=torch", "train.progress=false", "train.tensorboard=false
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_run")
-    T.train(load_config(TINY, BASE + [f"train.out_dir={run}", "train.steps=6", "train.ckpt_every=6",
-                                      "train.sample_every=6"]), log=lambda *a, **k: None)
+    T.train(
+        load_config(
+            TINY, BASE + [f"train.out_dir={run}", "train.steps=6", "train.ckpt_every=6", "train.sample_every=6"]
+        ),
+        log=lambda *a, **k: None,
+    )
     assert (run / "samples" / "step_00000006.png").is_file()  # the periodic grid
     return run
 
@@ -30,15 +35,34 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_uncond_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_uncond")
-    T.train(load_config(TINY, BASE + [f"train.out_dir={run}", "train.steps=2", "model.cond_img_size=null",
-                                      "data.cond=none"]), log=lambda *a, **k: None)
+    T.train(
+        load_config(
+            TINY, BASE + [f"train.out_dir={run}", "train.steps=2", "model.cond_img_size=null", "data.cond=none"]
+        ),
+        log=lambda *a, **k: None,
+    )
     return run
 
 
 def test_class_grid_and_single_images(tiny_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    rc = S.main(["--ckpt", str(tiny_run), "--out", str(out), "--classes", "disc,3,null", "--n", "3", "--steps", "3",
-                 "--batch-size", "4", "--no-progress"])
+    rc = S.main(
+        [
+            "--ckpt",
+            str(tiny_run),
+            "--out",
+            str(out),
+            "--classes",
+            "disc,3,null",
+            "--n",
+            "3",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     im = Image.open(out)
     # 3 rows of 3 images at scale 4 (16 px -> 64 px) plus a label margin
@@ -54,9 +78,34 @@ def test_condition_images_from_a_folder(tiny_run, tmp_path):
     Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(folder / "red.png")
     Image.new("RGB", (8, 8), (0, 0, 255)).save(folder / "blue.jpg")
     out = tmp_path / "cond.png"
-    assert S.main(["--ckpt", str(tiny_run), "--out", str(out), "--cond", str(folder), "--classes", "square", "--n", "2",
-                   "--steps", "2", "--sampler", "euler", "--cfg", "3", "--cfg-interval", "0.2,0.8", "--ema", "1",
-                   "--no-progress"]) == 0
+    assert (
+        S.main(
+            [
+                "--ckpt",
+                str(tiny_run),
+                "--out",
+                str(out),
+                "--cond",
+                str(folder),
+                "--classes",
+                "square",
+                "--n",
+                "2",
+                "--steps",
+                "2",
+                "--sampler",
+                "euler",
+                "--cfg",
+                "3",
+                "--cfg-interval",
+                "0.2,0.8",
+                "--ema",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size[1] == 2 * 66 + 2  # a row per condition image: [condition | 2 samples]
     assert len(list((tmp_path / "cond").iterdir())) == 4
 
@@ -136,22 +185,24 @@ def test_unwritable_output_fails_before_sampling(tiny_run, capsys, monkeypatch):
 
 
 def test_evaluate_refuses_nonsense_numbers_and_unwritable_output(tiny_run, capsys):
-    for args, message in ((["--max-images", "0"], "--max-images (eval.max_images) must be >= 1, got 0"),
-                          (["--n-per-class", "0"], "--n-per-class (eval.n_per_class) must be >= 1"),
-                          (["--cfg", "nan"], "--cfg (sample.cfg) (guidance scale) must be a finite number"),
-                          (["--out", "/proc/x/e.json"], "the folder of --out (eval.out) /proc/x is not writable"),
-                          (["--device", "gpu0"], "--device (eval.device): 'gpu0' is not a device"),
-                          (["--res-px", "-8"], "--res-px (eval.res_px) wants positive image sizes"),
-                          (["--res-px", "16", "--featnet", "none"], "the resolution study needs the feature network"),
-                          (["--res-px", "7", "--metrics", "res"], "not a multiple of the model's patch_size"),
-                          (["--res-hw", "8x7", "--metrics", "res"], "--res-hw (eval.res_hw): [(8, 7)] not a multiple"),
-                          (["--res-hw", "8by16"], "--res-hw (eval.res_hw) wants sizes HxW"),
-                          (["--res-scalings", "pi"], "--res-scalings (eval.res_scalings) wants a subset of"),
-                          (["--t-grid", "0.5,1"], "--t-grid (eval.t_grid) wants values in [0, 1), got [0.5, 1.0]"),
-                          (["eval.max_images=0"], "config key eval.max_images must be >= 1, got 0"),
-                          (["eval.metircs=[vloss]"], "eval.metircs (did you mean eval.metrics?)"),
-                          (["--featnet", "/nope.safetensors"], "--featnet (eval.featnet): no feature network file"),
-                          (["--grids", "/proc/x/grids"], "--grids (eval.grids) /proc/x/grids is not writable")):
+    for args, message in (
+        (["--max-images", "0"], "--max-images (eval.max_images) must be >= 1, got 0"),
+        (["--n-per-class", "0"], "--n-per-class (eval.n_per_class) must be >= 1"),
+        (["--cfg", "nan"], "--cfg (sample.cfg) (guidance scale) must be a finite number"),
+        (["--out", "/proc/x/e.json"], "the folder of --out (eval.out) /proc/x is not writable"),
+        (["--device", "gpu0"], "--device (eval.device): 'gpu0' is not a device"),
+        (["--res-px", "-8"], "--res-px (eval.res_px) wants positive image sizes"),
+        (["--res-px", "16", "--featnet", "none"], "the resolution study needs the feature network"),
+        (["--res-px", "7", "--metrics", "res"], "not a multiple of the model's patch_size"),
+        (["--res-hw", "8x7", "--metrics", "res"], "--res-hw (eval.res_hw): [(8, 7)] not a multiple"),
+        (["--res-hw", "8by16"], "--res-hw (eval.res_hw) wants sizes HxW"),
+        (["--res-scalings", "pi"], "--res-scalings (eval.res_scalings) wants a subset of"),
+        (["--t-grid", "0.5,1"], "--t-grid (eval.t_grid) wants values in [0, 1), got [0.5, 1.0]"),
+        (["eval.max_images=0"], "config key eval.max_images must be >= 1, got 0"),
+        (["eval.metircs=[vloss]"], "eval.metircs (did you mean eval.metrics?)"),
+        (["--featnet", "/nope.safetensors"], "--featnet (eval.featnet): no feature network file"),
+        (["--grids", "/proc/x/grids"], "--grids (eval.grids) /proc/x/grids is not writable"),
+    ):
         assert E.main(["--ckpt", str(tiny_run), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
@@ -159,8 +210,26 @@ def test_evaluate_refuses_nonsense_numbers_and_unwritable_output(tiny_run, capsy
 
 def test_wrong_size_condition_can_be_resized(tiny_run, tmp_path):
     Image.new("RGB", (12, 12), (0, 200, 0)).save(tmp_path / "c.png")
-    assert S.main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), "--steps", "1", "--n", "1",
-                   "--cond", str(tmp_path / "c.png"), "--cond-resize", "--no-progress", "--no-singles"]) == 0
+    assert (
+        S.main(
+            [
+                "--ckpt",
+                str(tiny_run),
+                "--out",
+                str(tmp_path / "x.png"),
+                "--steps",
+                "1",
+                "--n",
+                "1",
+                "--cond",
+                str(tmp_path / "c.png"),
+                "--cond-resize",
+                "--no-progress",
+                "--no-singles",
+            ]
+        )
+        == 0
+    )
 
 
 def test_missing_or_corrupt_checkpoint(tmp_path, capsys):
@@ -176,24 +245,79 @@ def test_missing_or_corrupt_checkpoint(tmp_path, capsys):
 
 def test_condition_on_a_model_without_one(tiny_uncond_run, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "c.png")
-    assert S.main(["--ckpt", str(tiny_uncond_run), "--out", str(tmp_path / "x.png"), "--cond", str(tmp_path / "c.png"),
-                   "--steps", "1"]) == 2
+    assert (
+        S.main(
+            [
+                "--ckpt",
+                str(tiny_uncond_run),
+                "--out",
+                str(tmp_path / "x.png"),
+                "--cond",
+                str(tmp_path / "c.png"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "takes no condition image" in capsys.readouterr().err
-    assert S.main(["--ckpt", str(tiny_uncond_run), "--out", str(tmp_path / "x.png"), "--steps", "1", "--n", "1",
-                   "--no-progress"]) == 0
+    assert (
+        S.main(
+            [
+                "--ckpt",
+                str(tiny_uncond_run),
+                "--out",
+                str(tmp_path / "x.png"),
+                "--steps",
+                "1",
+                "--n",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_evaluate_writes_json_metrics(tiny_run, tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert E.main(["--ckpt", str(tiny_run), "--out", str(out), "--steps", "2", "--n-per-class", "1", "--n-cond", "3",
-                   "--t-grid", "0.2,0.8", "--max-images", "16"]) == 0
+    assert (
+        E.main(
+            [
+                "--ckpt",
+                str(tiny_run),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--n-per-class",
+                "1",
+                "--n-cond",
+                "3",
+                "--t-grid",
+                "0.2,0.8",
+                "--max-images",
+                "16",
+            ]
+        )
+        == 0
+    )
     m = json.loads(out.read_text())
     assert m["step"] == 6 and m["vloss"]["t"] == [0.2, 0.8] and len(m["vloss"]["per_t"]) == 2
     assert 0 <= m["class_samples"]["nn_class_acc"] <= 1 and m["cond_samples"]["n"] == 3
     assert "held-out v-loss" in capsys.readouterr().out
     # fixed noise: the v-loss is reproducible
-    again = E.evaluate(tiny_run, overrides=["eval.t_grid=[0.2,0.8]", "eval.max_images=16", "eval.n_per_class=1",
-                                            "eval.n_cond=1", "sample.steps=1"], log=lambda *a: None)
+    again = E.evaluate(
+        tiny_run,
+        overrides=[
+            "eval.t_grid=[0.2,0.8]",
+            "eval.max_images=16",
+            "eval.n_per_class=1",
+            "eval.n_cond=1",
+            "sample.steps=1",
+        ],
+        log=lambda *a: None,
+    )
     assert again["vloss"]["per_t"] == pytest.approx(m["vloss"]["per_t"], rel=1e-6)
     assert E.main(["--ckpt", str(tiny_run), "--t-grid", "2"]) == 2
 
@@ -227,8 +351,17 @@ def test_settings_come_from_the_run_then_the_file_then_overrides_then_flags(tiny
 
     monkeypatch.setattr(S, "generate", fake_generate)
     (tmp_path / "s.yaml").write_text("sample:\n  steps: 7\n  n: 2\n  sampler: euler\n  singles: false\n  seed: 3\n")
-    base = ["--ckpt", str(tiny_run), "--out", str(tmp_path / "g.png"), "--config", str(tmp_path / "s.yaml"),
-            "--classes", "0", "--no-progress"]
+    base = [
+        "--ckpt",
+        str(tiny_run),
+        "--out",
+        str(tmp_path / "g.png"),
+        "--config",
+        str(tmp_path / "s.yaml"),
+        "--classes",
+        "0",
+        "--no-progress",
+    ]
     assert S.main(base) == 0
     # the file over the run's sample.* (tiny_cpu: 4 steps, heun); cfg from the run
     assert (seen["steps"], seen["sampler"], seen["seed"], seen["n"], seen["cfg"]) == (7, "euler", 3, 2, 2.0)
@@ -244,8 +377,26 @@ def test_evaluate_reads_the_eval_section_and_flags(tiny_run, tmp_path, monkeypat
     monkeypatch.setattr(E, "_evaluate", lambda w, cfg, device, **k: got.update(cfg=cfg, device=device) or {"step": 6})
     (tmp_path / "e.yaml").write_text("eval:\n  metrics: [vloss]\n  t_grid: [0.3]\n  max_images: 5\n")
     out = tmp_path / "m.json"
-    assert E.main(["--ckpt", str(tiny_run), "--config", str(tmp_path / "e.yaml"), "--out", str(out), "--steps", "2",
-                   "eval.seed=4", "--data", str(tmp_path), "--device", "cpu"]) == 0
+    assert (
+        E.main(
+            [
+                "--ckpt",
+                str(tiny_run),
+                "--config",
+                str(tmp_path / "e.yaml"),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "eval.seed=4",
+                "--data",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     cfg = got["cfg"]
     assert cfg.eval.metrics == ("vloss",) and cfg.eval.t_grid == (0.3,) and cfg.eval.max_images == 5
     assert cfg.eval.seed == 4 and cfg.sample.steps == 2 and cfg.eval.out == str(out)
@@ -285,8 +436,26 @@ def test_allow_unverified_reaches_the_checkpoint_loader(tiny_run, tmp_path, monk
     shutil.copytree(step, bare)
     (bare / "manifest.json").unlink()  # nothing to verify its files by
     out = tmp_path / "g.png"
-    assert S.main(["--ckpt", str(bare), "--out", str(out), "--steps", "1", "--n", "1", "--classes", "0",
-                   "--no-progress", "--no-singles", "--allow-unverified"]) == 0, capsys.readouterr().err
+    assert (
+        S.main(
+            [
+                "--ckpt",
+                str(bare),
+                "--out",
+                str(out),
+                "--steps",
+                "1",
+                "--n",
+                "1",
+                "--classes",
+                "0",
+                "--no-progress",
+                "--no-singles",
+                "--allow-unverified",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert out.is_file()
     seen = []
     real_resolve, real_load = S.resolve_checkpoint, S.load_weights
@@ -302,8 +471,10 @@ def test_allow_unverified_reaches_the_checkpoint_loader(tiny_run, tmp_path, monk
     monkeypatch.setattr(S, "resolve_checkpoint", resolve)
     monkeypatch.setattr(S, "load_weights", load)
     monkeypatch.setattr(E, "_evaluate", lambda *a, **k: {"step": 6})
-    for main, args in ((S.main, ["--steps", "1", "--n", "1", "--classes", "0", "--no-progress", "--no-singles"]),
-                       (E.main, [])):
+    for main, args in (
+        (S.main, ["--steps", "1", "--n", "1", "--classes", "0", "--no-progress", "--no-singles"]),
+        (E.main, []),
+    ):
         seen.clear()
         assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args, "--allow-unverified"]) == 0
         assert seen == [("resolve", True), ("load", True)]

@@ -2,6 +2,7 @@
 per axis: the frequency math of :mod:`jitrope.rope` against float64 references written straight from the
 papers' formulas, and the model using it (frequencies per grid, YaRN's temperature on the logits, tables
 interpolating under ntk/yarn, fused and torch paths alike, non-square grids)."""
+
 import math
 
 import pytest
@@ -70,19 +71,23 @@ def ref_freqs(mode, head_dim, theta, s_hw, train_grid):
         return layout_2d(ref_pi_axis(head_dim, theta, sh), ref_pi_axis(head_dim, theta, sw))
     if mode == "ntk":
         return layout_2d(ref_ntk_axis(head_dim, theta, sh), ref_ntk_axis(head_dim, theta, sw))
-    return layout_2d(ref_yarn_axis(head_dim, theta, sh, train_grid[0]),
-                     ref_yarn_axis(head_dim, theta, sw, train_grid[1]))
+    return layout_2d(
+        ref_yarn_axis(head_dim, theta, sh, train_grid[0]), ref_yarn_axis(head_dim, theta, sw, train_grid[1])
+    )
 
 
 # ----------------------------------------------------------------------------- the pure functions
 @pytest.mark.parametrize("mode", SCALING_MODES)
-@pytest.mark.parametrize("head_dim, theta, s_hw, train_grid", [
-    (64, 10000.0, (1.5, 1.0), (8, 8)),       # a 48x32 image from 32x32: rows stretch, columns do not
-    (64, 10000.0, (1.5, 2.0), (8, 8)),
-    (32, 100.0, (3.0, 1.25), (16, 24)),      # long axes: some YaRN frequencies sit on the ramp
-    (24, 10000.0, (0.75, 2.0), (64, 64)),    # a shorter axis: ntk / yarn leave it alone, PI stretches it
-    (128, 500.0, (2.0, 2.0), (200, 200)),    # r > beta for the fastest pairs: YaRN keeps them
-])
+@pytest.mark.parametrize(
+    "head_dim, theta, s_hw, train_grid",
+    [
+        (64, 10000.0, (1.5, 1.0), (8, 8)),  # a 48x32 image from 32x32: rows stretch, columns do not
+        (64, 10000.0, (1.5, 2.0), (8, 8)),
+        (32, 100.0, (3.0, 1.25), (16, 24)),  # long axes: some YaRN frequencies sit on the ramp
+        (24, 10000.0, (0.75, 2.0), (64, 64)),  # a shorter axis: ntk / yarn leave it alone, PI stretches it
+        (128, 500.0, (2.0, 2.0), (200, 200)),  # r > beta for the fastest pairs: YaRN keeps them
+    ],
+)
 def test_scaled_axial_freqs_match_the_published_formulas(mode, head_dim, theta, s_hw, train_grid):
     got, factor = scaled_axial_freqs(head_dim, theta, s_hw, mode, train_grid=train_grid, dtype=F64)
     want = ref_freqs(mode, head_dim, theta, s_hw, train_grid)
@@ -108,7 +113,7 @@ def test_ntk_keeps_the_fastest_and_interpolates_the_slowest_pair_exactly():
 
 def test_yarn_temperature_and_identity_at_the_training_grid():
     assert yarn_attn_factor(1.0) == 1.0 and yarn_attn_factor(0.5) == 1.0
-    assert yarn_attn_factor(math.e) == pytest.approx(1.1 ** 2)
+    assert yarn_attn_factor(math.e) == pytest.approx(1.1**2)
     assert attn_logit_factor((1.5, 1.5), "ntk") == 1.0
     assert attn_logit_factor((1.5, 1.0), "yarn") == pytest.approx((0.1 * math.log(1.5) + 1) ** 2)
     assert attn_logit_factor((0.75, 1.0), "yarn") == 1.0  # fewer tokens than in training: no temperature
@@ -139,16 +144,20 @@ def test_learned_frequencies_scale_per_axis_by_magnitude():
     assert torch.equal(z, torch.zeros_like(z))
     # a learned frequency slower than the axial range is interpolated no more than PI
     slow = torch.tensor([[1e-9], [0.0]], dtype=F64)
-    torch.testing.assert_close(scale_freqs(slow, (2.0, 1.0), "ntk", theta=theta, head_dim=16)[0, 0],
-                               torch.tensor(0.5e-9, dtype=F64))
+    torch.testing.assert_close(
+        scale_freqs(slow, (2.0, 1.0), "ntk", theta=theta, head_dim=16)[0, 0], torch.tensor(0.5e-9, dtype=F64)
+    )
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(mode="stretch"), "pos_scaling must be one of"),
-    (dict(s_hw=(0.0, 1.0)), "scale must be positive"),
-    (dict(mode="yarn", train_grid=None), "yarn needs the training length"),
-    (dict(mode="ntk", head_dim=4), "rotary dim"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(mode="stretch"), "pos_scaling must be one of"),
+        (dict(s_hw=(0.0, 1.0)), "scale must be positive"),
+        (dict(mode="yarn", train_grid=None), "yarn needs the training length"),
+        (dict(mode="ntk", head_dim=4), "rotary dim"),
+    ],
+)
 def test_bad_arguments_name_what_is_wrong(bad, match):
     kw = dict(head_dim=16, theta=10000.0, s_hw=(2.0, 2.0), mode="ntk", train_grid=(4, 4)) | bad
     with pytest.raises(ValueError, match=match):
@@ -161,8 +170,10 @@ def _model(pos_embed, impl="torch", seed=0, **kw):
     m = JiT(JiTConfig.preset("tiny", pos_embed=pos_embed, pos_impl=impl, cond_img_size=8, **kw)).eval()
     g = torch.Generator().manual_seed(1)  # the zero-initialised layers would hide every difference
     with torch.no_grad():
-        for lin in [b.adaLN_modulation[-1] for b in m.blocks] + [m.final_layer.adaLN_modulation[-1],
-                                                                 m.final_layer.linear]:
+        for lin in [b.adaLN_modulation[-1] for b in m.blocks] + [
+            m.final_layer.adaLN_modulation[-1],
+            m.final_layer.linear,
+        ]:
             for p in (lin.weight, lin.bias):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return m
@@ -184,8 +195,7 @@ def test_model_rotates_with_the_scaled_frequencies_of_its_grid(pos_embed):
     torch.testing.assert_close(f.double(), want, rtol=1e-6, atol=0)
     assert torch.equal(lay.coords(0), m.sequence_layout((24, 16)).coords(0))  # coordinates stay integer
     same = m.sequence_layout(scaling="yarn")  # the training grid: nothing scaled
-    assert rot.scaled_freqs(0, same) is rot.layer_freqs(0) or torch.equal(rot.scaled_freqs(0, same),
-                                                                          rot.layer_freqs(0))
+    assert rot.scaled_freqs(0, same) is rot.layer_freqs(0) or torch.equal(rot.scaled_freqs(0, same), rot.layer_freqs(0))
     x, t, y = _batch((24, 16))
     outs = {mode: m(x, t, y, pos_scaling=mode) for mode in SCALING_MODES}
     for a in SCALING_MODES:  # four different placements
@@ -219,9 +229,13 @@ def test_yarn_tempers_the_logits_only_on_a_larger_grid(monkeypatch, attn_impl):
 
         monkeypatch.setattr(model_mod, "attention_fp32", spy)
     d = m.cfg.head_dim
-    for hw, mode, want in [((24, 16), "yarn", (0.1 * math.log(1.5) + 1) ** 2 / math.sqrt(d)),
-                           ((24, 24), "yarn", (0.1 * math.log(2.25) + 1) ** 2 / math.sqrt(d)),
-                           ((24, 16), "ntk", None), ((8, 16), "yarn", None), ((16, 16), "yarn", None)]:
+    for hw, mode, want in [
+        ((24, 16), "yarn", (0.1 * math.log(1.5) + 1) ** 2 / math.sqrt(d)),
+        ((24, 24), "yarn", (0.1 * math.log(2.25) + 1) ** 2 / math.sqrt(d)),
+        ((24, 16), "ntk", None),
+        ((8, 16), "yarn", None),
+        ((16, 16), "yarn", None),
+    ]:
         seen.clear()
         m(*_batch(hw), pos_scaling=mode)
         assert seen == [pytest.approx(want) if want else None] * m.cfg.depth, (hw, mode)
@@ -258,8 +272,9 @@ def test_fused_and_torch_paths_agree_under_frequency_scaling(pos_embed, mode):
     g = torch.Generator().manual_seed(3)
     x, t, y = torch.randn(2, 3, 32, 24, generator=g), torch.rand(2, generator=g), torch.tensor([0, 3])
     cond = torch.randn(2, 3, 8, 8, generator=g)
-    torch.testing.assert_close(a(x, t, y, cond=cond, pos_scaling=mode), b(x, t, y, cond=cond, pos_scaling=mode),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        a(x, t, y, cond=cond, pos_scaling=mode), b(x, t, y, cond=cond, pos_scaling=mode), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_pos_scaling_config_accepts_the_new_modes():

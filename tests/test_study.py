@@ -2,6 +2,7 @@
 within-noise rule, readers of metrics.jsonl and evaluation JSONs, the every-size records (repeated modes,
 oracle ratios, the best mode, the answer across sizes), FD-emoji sanity checks, the time estimate, and
 the page with its tables and plots."""
+
 import json
 import math
 import statistics
@@ -33,8 +34,10 @@ def test_within_noise_rule_and_verdicts():
     assert c.best == "a" and [n for n, _ in c.apart] == ["b"] and [n for n, _ in c.near] == ["c"]
     assert c.top == ["a", "c"] and S.top_group(vals, True) == ["a", "c"]
     v = S.verdict(vals, True, ".2f", "FD")
-    assert v == "FD: best `a` (1.00 ± 0.10); clearly worse (gap > 2x the combined seed spread): `b` 2.00; " \
-                "within noise of it: `c` 1.08."
+    assert (
+        v == "FD: best `a` (1.00 ± 0.10); clearly worse (gap > 2x the combined seed spread): `b` 2.00; "
+        "within noise of it: `c` 1.08."
+    )
     assert S.compare(vals, lower=False).best == "b"  # higher is better
     one = S.verdict({"a": [1.0], "b": [0.5]}, False, ".1f", "acc")
     assert one == "acc (one seed, no noise estimate): `a` 1.0 < `b` 0.5 (higher is better)."
@@ -53,8 +56,20 @@ def _write_run(run, losses, *, steps_per_log=10, startup_at=(), ms=500.0):
         first = i == 0 or step in startup_at
         wall += steps_per_log * ms / 1000 + (30.0 if first else 0.0)  # a (re)start costs 30 s
         cpu += steps_per_log * ms / 2000
-        log.log({"loss": loss, "lr": 1e-3, "grad_norm": 1.0, "images_per_s": 32.0, "interval_steps": steps_per_log,
-                 "wall_s": wall, "cpu_s": cpu, "time": 0.0, "startup": first}, step)
+        log.log(
+            {
+                "loss": loss,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "images_per_s": 32.0,
+                "interval_steps": steps_per_log,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "time": 0.0,
+                "startup": first,
+            },
+            step,
+        )
     log.close()
 
 
@@ -68,10 +83,19 @@ def test_run_record_reads_metrics_jsonl_and_the_evaluations(tmp_path):
     steps = run / "eval_steps"
     steps.mkdir()
     for s, fd in ((200, 3.0), (100, 5.0), (400, 1.0)):  # out of order, and one beyond the run's steps
-        (steps / f"step_{s:08d}.json").write_text(json.dumps({"step": s, "class_samples": {"fd_emoji": fd,
-                                                                                          "class_acc": 0.5}}))
-    r = S.run_record(run, steps=250, seed=1, regime="single", pos_embed="rope2d", final=run / "eval.json",
-                     sizes=run / "sizes.json", steps_folder=steps)
+        (steps / f"step_{s:08d}.json").write_text(
+            json.dumps({"step": s, "class_samples": {"fd_emoji": fd, "class_acc": 0.5}})
+        )
+    r = S.run_record(
+        run,
+        steps=250,
+        seed=1,
+        regime="single",
+        pos_embed="rope2d",
+        final=run / "eval.json",
+        sizes=run / "sizes.json",
+        steps_folder=steps,
+    )
     assert r["vloss"]["mean"] == 0.5 and r["seed"] == 1 and r["regime"] == "single" and r["steps"] == 250
     assert r["resolution"] == [{"hw": [8, 8], "scaling": "ntk"}]
     assert r["loss_curve"]["steps"] == list(range(10, 251, 10))  # up to --steps only
@@ -133,9 +157,11 @@ def test_size_records_oracle_ratios_best_mode_and_the_answer_across_sizes():
     m, sd, n = stats["rope2d", "single", "extrapolate", (8, 8)]
     assert n == 2 and m == pytest.approx(2.025 + 0.08) and sd == pytest.approx(statistics.stdev([2.08, 2.13]))
     sizes = [(8, 8), (16, 16), (8, 16)]
-    assert S.best_scalings(flat, "fd_emoji", True, sizes) == {("rope2d", "single"): "extrapolate",
-                                                              ("learned1d", "single"): "interpolate",
-                                                              ("rope2d", "mixed"): "extrapolate"}
+    assert S.best_scalings(flat, "fd_emoji", True, sizes) == {
+        ("rope2d", "single"): "extrapolate",
+        ("learned1d", "single"): "interpolate",
+        ("rope2d", "mixed"): "extrapolate",
+    }
     vals = S.across_sizes_values(flat, "fd_emoji", sizes)
     assert "learned1d | single | extrapolate" not in vals  # it cannot place 8x8: no score
     want = statistics.mean([1.0 + 0.01 * 8, 1.0 + 0.01 * 16, 1.0 + 0.01 * 16])
@@ -148,26 +174,40 @@ def test_size_records_oracle_ratios_best_mode_and_the_answer_across_sizes():
     sent = R.answer_sentences([], [], flat, sizes, {"mixed": "on 8² and 16² images together"})
     near = ", ".join(f"`{n}` ({v:.3f})" for n, v in c.near)
     assert [n for n, _ in c.near] == ["rope2d | mixed | interpolate", "rope2d | mixed | ntk"]
-    assert sent == [f"For one model across sizes (8², 16², 8x16): use `rope2d` with `extrapolate` scaling, trained on "
-                    f"8² and 16² images together (FD-emoji averaged over the sizes "
-                    f"{S.fmt_pm(*c.stats[c.best], '.3f')}); within noise of it: {near}."]
+    assert sent == [
+        f"For one model across sizes (8², 16², 8x16): use `rope2d` with `extrapolate` scaling, trained on "
+        f"8² and 16² images together (FD-emoji averaged over the sizes "
+        f"{S.fmt_pm(*c.stats[c.best], '.3f')}); within noise of it: {near}."
+    ]
 
 
 def test_old_records_get_their_training_size_from_the_main_evaluation():
-    old = {"pos_embed": "rope2d", "seed": 0, "class_samples": {"fd_emoji": 4.0, "class_acc": 0.3},
-           "resolution": [{"px": 24, "grid": 6, "scaling": "extrapolate", "fd_emoji": 6.0, "class_acc": 0.2, "n": 36},
-                          {"px": 24, "grid": 6, "scaling": "interpolate", "fd_emoji": 5.0, "class_acc": 0.25}]}
+    old = {
+        "pos_embed": "rope2d",
+        "seed": 0,
+        "class_samples": {"fd_emoji": 4.0, "class_acc": 0.3},
+        "resolution": [
+            {"px": 24, "grid": 6, "scaling": "extrapolate", "fd_emoji": 6.0, "class_acc": 0.2, "n": 36},
+            {"px": 24, "grid": 6, "scaling": "interpolate", "fd_emoji": 5.0, "class_acc": 0.25},
+        ],
+    }
     flat = S.size_records([old], train_px=32)
     got = {(x["hw"], x["scaling"]): x["fd_emoji"] for x in flat}
-    assert got == {((24, 24), "extrapolate"): 6.0, ((24, 24), "interpolate"): 5.0, ((32, 32), "extrapolate"): 4.0,
-                   ((32, 32), "interpolate"): 4.0}
+    assert got == {
+        ((24, 24), "extrapolate"): 6.0,
+        ((24, 24), "interpolate"): 5.0,
+        ((32, 32), "extrapolate"): 4.0,
+        ((32, 32), "interpolate"): 4.0,
+    }
     assert all(x["regime"] == "single" for x in flat) and S.size_label((32, 48)) == "32x48"
 
 
 def test_ranking_by_step():
-    rows = [{"pos_embed": "a", "fd_vs_step": {"steps": [100, 200], "fd_emoji": [5.0, 2.0]}},
-            {"pos_embed": "a", "fd_vs_step": {"steps": [100, 200], "fd_emoji": [5.2, 2.2]}},
-            {"pos_embed": "b", "fd_vs_step": {"steps": [100, 200], "fd_emoji": [4.0, 3.0]}}]
+    rows = [
+        {"pos_embed": "a", "fd_vs_step": {"steps": [100, 200], "fd_emoji": [5.0, 2.0]}},
+        {"pos_embed": "a", "fd_vs_step": {"steps": [100, 200], "fd_emoji": [5.2, 2.2]}},
+        {"pos_embed": "b", "fd_vs_step": {"steps": [100, 200], "fd_emoji": [4.0, 3.0]}},
+    ]
     assert S.ranking_by_step(rows, ["a", "b"]) == {100: ["b", "a"], 200: ["a", "b"]}
 
 
@@ -181,16 +221,23 @@ def test_fd_sanity_checks_on_synthetic_images():
     def feats(x):  # a fixed "feature network": 4x4 average pooling, then a random projection
         return torch.nn.functional.adaptive_avg_pool2d(x.double(), 4).flatten(1) @ proj
 
-    smooth = torch.nn.functional.interpolate(torch.rand(400, 3, 4, 4, generator=g) * 1.6 - 0.8, size=16,
-                                             mode="bilinear", align_corners=False)
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(400, 3, 4, 4, generator=g) * 1.6 - 0.8, size=16, mode="bilinear", align_corners=False
+    )
     train, held = smooth[:300], smooth[300:]
     ref = gaussian_stats(feats(train))
 
     def fd(x):
         return frechet_distance(*gaussian_stats(feats(x)), *ref)
 
-    out = S.fd_sanity_checks(fd, train, held, 50, generator=torch.Generator().manual_seed(1),
-                             featnet_info={"val_cat_acc": 0.7, "chance_cat_acc": 0.2})
+    out = S.fd_sanity_checks(
+        fd,
+        train,
+        held,
+        50,
+        generator=torch.Generator().manual_seed(1),
+        featnet_info={"val_cat_acc": 0.7, "chance_cat_acc": 0.2},
+    )
     assert out["identical (training split vs itself)"] == pytest.approx(0.0, abs=1e-8)
     assert out["uniform noise images"] > 4 * out["real held-out images (all 100)"]
     assert out["real training images (50, the sample count)"] > 0
@@ -202,9 +249,25 @@ def test_fd_sanity_checks_on_synthetic_images():
 
 # ----------------------------------------------------------------------------------- time
 def test_estimate_seconds_by_hand():
-    plan = S.StudyPlan(train_runs=4, extra_train_runs=2, steps=100, batch=8, checkpoints=2, size_sets=2,
-                       size_units=3.0, n_classes=2, n_per_class=3, step_n_per_class=1, res_n_per_class=2, n_cond=4,
-                       max_images=5, res_max_images=6, t_points=2, sample_steps=3, jobs=2)
+    plan = S.StudyPlan(
+        train_runs=4,
+        extra_train_runs=2,
+        steps=100,
+        batch=8,
+        checkpoints=2,
+        size_sets=2,
+        size_units=3.0,
+        n_classes=2,
+        n_per_class=3,
+        step_n_per_class=1,
+        res_n_per_class=2,
+        n_cond=4,
+        max_images=5,
+        res_max_images=6,
+        t_points=2,
+        sample_steps=3,
+        jobs=2,
+    )
     e = S.estimate_seconds(plan, step_s=1.2)
     fwd = 1.2 / 24
     per_sample = 2 * 5
@@ -218,15 +281,31 @@ def test_estimate_seconds_by_hand():
 def _main_row(enc, seed, base):
     g = torch.Generator().manual_seed(seed)
     j = float(torch.rand((), generator=g)) * 0.01
-    return {"pos_embed": enc, "seed": seed, "regime": "single", "params": 1_900_000, "step": 20,
-            "final_train_loss": base + j, "vloss": {"mean": base + 0.5 + j, "t": [0.3, 0.7], "n_images": 8},
-            "vloss_null_cond": {"mean": base + 0.6 + j},
-            "class_samples": {"fd_emoji": 10 * base + j, "class_acc": 0.3 - base / 10, "n": 18,
-                              "fd_emoji_real": 0.5, "class_acc_real": 0.7, "n_real": 18},
-            "cond_samples": {"psnr": 12.0 - base, "ssim": 0.2, "n": 4}, "sampling": {"cfg": 2.0},
-            "step_ms": 500.0 + j, "cpu_ms": 400.0, "train_wall_s": 100.0,
-            "loss_curve": {"steps": [10, 20], "loss": [base + 0.3, base + j]},
-            "fd_vs_step": {"steps": [10, 20], "fd_emoji": [20 * base + j, 10 * base + j]}}
+    return {
+        "pos_embed": enc,
+        "seed": seed,
+        "regime": "single",
+        "params": 1_900_000,
+        "step": 20,
+        "final_train_loss": base + j,
+        "vloss": {"mean": base + 0.5 + j, "t": [0.3, 0.7], "n_images": 8},
+        "vloss_null_cond": {"mean": base + 0.6 + j},
+        "class_samples": {
+            "fd_emoji": 10 * base + j,
+            "class_acc": 0.3 - base / 10,
+            "n": 18,
+            "fd_emoji_real": 0.5,
+            "class_acc_real": 0.7,
+            "n_real": 18,
+        },
+        "cond_samples": {"psnr": 12.0 - base, "ssim": 0.2, "n": 4},
+        "sampling": {"cfg": 2.0},
+        "step_ms": 500.0 + j,
+        "cpu_ms": 400.0,
+        "train_wall_s": 100.0,
+        "loss_curve": {"steps": [10, 20], "loss": [base + 0.3, base + j]},
+        "fd_vs_step": {"steps": [10, 20], "fd_emoji": [20 * base + j, 10 * base + j]},
+    }
 
 
 def test_results_page_from_synthetic_records(tmp_path):
@@ -237,14 +316,36 @@ def test_results_page_from_synthetic_records(tmp_path):
             r.update(_size_rows(enc, seed, "single", 10 * base, base + 0.5))
             rows.append(r)
     earlier = [{**_main_row("sincos2d", s, 0.3), "step": 5} for s in (0, 1)]
-    info = R.PageInfo(command="python scripts/ablate_posenc.py --x", config="configs/tiny_cpu.yaml", img_size=16,
-                      patch_size=4, cond_img_size=8, width=64, depth=2, heads=2, in_context=4, steps=20, batch=16,
-                      lr=2e-3, names=["learned1d", "rope2d"], n_per_class=2, sample_steps=2, step_n_per_class=1,
-                      res_n_per_class=1, machine="test", device="cpu", jobs=2, out_dir="runs/x",
-                      regimes={"single": "at 16x16 only"}, trained_sizes={"single": [(16, 16)]},
-                      study_sizes=[(8, 8), (16, 16), (8, 16)], timing={"eval": 60.0},
-                      gpu_run="python scripts/ablate_posenc.py --scale seed", earlier_label="5 steps, 2 seeds",
-                      reproduce=["python scripts/ablate_posenc.py --x"])
+    info = R.PageInfo(
+        command="python scripts/ablate_posenc.py --x",
+        config="configs/tiny_cpu.yaml",
+        img_size=16,
+        patch_size=4,
+        cond_img_size=8,
+        width=64,
+        depth=2,
+        heads=2,
+        in_context=4,
+        steps=20,
+        batch=16,
+        lr=2e-3,
+        names=["learned1d", "rope2d"],
+        n_per_class=2,
+        sample_steps=2,
+        step_n_per_class=1,
+        res_n_per_class=1,
+        machine="test",
+        device="cpu",
+        jobs=2,
+        out_dir="runs/x",
+        regimes={"single": "at 16x16 only"},
+        trained_sizes={"single": [(16, 16)]},
+        study_sizes=[(8, 8), (16, 16), (8, 16)],
+        timing={"eval": 60.0},
+        gpu_run="python scripts/ablate_posenc.py --scale seed",
+        earlier_label="5 steps, 2 seeds",
+        reproduce=["python scripts/ablate_posenc.py --x"],
+    )
     sanity = {"identical (training split vs itself)": 0.0, "_featnet_seconds": 12.0}
     out = R.write_results_page(rows, info, tmp_path / "p.md", sanity=sanity, earlier=earlier)
     page = out.read_text()
@@ -257,8 +358,16 @@ def test_results_page_from_synthetic_records(tmp_path):
     assert "For one model across sizes (8², 8x16, 16²): use `rope2d` with `extrapolate` scaling" in page
     assert "the GPU run is still owed" in page and "## FD-emoji as training goes on" in page
     assert "| order | rope2d < learned1d | rope2d < learned1d |" in page
-    for name in ("loss", "bars", "fd_steps", "size_fd_emoji", "size_class_acc", "size_vloss", "size_vloss_ratio",
-                 "size_samples"):
+    for name in (
+        "loss",
+        "bars",
+        "fd_steps",
+        "size_fd_emoji",
+        "size_class_acc",
+        "size_vloss",
+        "size_vloss_ratio",
+        "size_samples",
+    ):
         assert (tmp_path / f"p_{name}.png").stat().st_size > 1000 and f"p_{name}.png" in page
     saved = json.loads((tmp_path / "p.json").read_text())
     assert len(saved["runs"]) == 4 and saved["fd_sanity"] == sanity and saved["timing"] == {"eval": 60.0}

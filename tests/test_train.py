@@ -1,4 +1,5 @@
 """Training: exact resume, checkpoint safety, the CLI, and a 2-process gloo torchrun run."""
+
 import os
 import subprocess
 import sys
@@ -136,8 +137,11 @@ def test_checkpoint_writes_are_atomic_and_mismatches_named(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(st, "save_file", boom)
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step_00000002 \(OSError: disk full\); "
-                       "nothing of it was kept"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot write checkpoint .*step_00000002 \(OSError: disk full\); "
+        "nothing of it was kept",
+    ):
         save_checkpoint(tmp_path, 2, model=sd)
     monkeypatch.undo()
     ck = tmp_path / "checkpoints"
@@ -146,7 +150,9 @@ def test_checkpoint_writes_are_atomic_and_mismatches_named(tmp_path, monkeypatch
     assert w["step"] == 1 and torch.equal(w["model"]["tied"], sd["w"]) and w["config"] == {"a": 1}
     from jitrope.checkpoint import check_state_dict
 
-    with pytest.raises(CheckpointError, match=r"missing b.*unexpected tied.*shape mismatch w: checkpoint \(2, 2\) vs model \(3,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"missing b.*unexpected tied.*shape mismatch w: checkpoint \(2, 2\) vs model \(3,\)"
+    ):
         check_state_dict({"w": torch.zeros(3), "b": torch.zeros(1)}, w["model"], where="X")
     (tmp_path / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(CheckpointError, match="other.safetensors"):
@@ -175,8 +181,11 @@ def test_cli_help_print_config_and_errors(tmp_path, capsys):
         (["train.ckpt_every=0"], "train.ckpt_every must be >= 1, got 0"),
         (["train.log_every=0"], "train.log_every must be >= 1, got 0"),
         (["train.device=cuda:x"], "train.device='cuda:x' is not a device"),
-        pytest.param(["train.device=cuda"], "train.device=cuda but this machine has no usable CUDA device",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+        pytest.param(
+            ["train.device=cuda"],
+            "train.device=cuda but this machine has no usable CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, args, message):
@@ -189,6 +198,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, args, message):
 
 def test_console_entry_points_name_the_cli_mains():
     import importlib
+
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -223,11 +233,24 @@ save_file({k: v.contiguous() for k, v in out["model"].state_dict().items()}, f"{
 def test_two_process_gloo_torchrun_keeps_ranks_identical(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), TINY,
-           str(tmp_path), *BASE, f"train.out_dir={tmp_path / 'run'}", "train.steps=4", "train.ckpt_every=4",
-           "train.device=cpu"]
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        TINY,
+        str(tmp_path),
+        *BASE,
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.steps=4",
+        "train.ckpt_every=4",
+        "train.device=cpu",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
@@ -253,8 +276,17 @@ def _fused_cpu_kernels():
 def test_fused_and_torch_ops_train_alike(tmp_path, pos_embed):
     losses = {}
     for impl in ("fused", "torch"):
-        cfg = load_config(TINY, BASE + [f"model.pos_impl={impl}", f"model.pos_embed={pos_embed}", "train.steps=3",
-                                         "train.log_every=3", f"train.out_dir={tmp_path / impl}"])
+        cfg = load_config(
+            TINY,
+            BASE
+            + [
+                f"model.pos_impl={impl}",
+                f"model.pos_embed={pos_embed}",
+                "train.steps=3",
+                "train.log_every=3",
+                f"train.out_dir={tmp_path / impl}",
+            ],
+        )
         out = T.train(cfg, log=lambda *a, **k: None)
         assert out["model"].pos_impl == impl
         losses[impl] = out["loss"]
@@ -266,8 +298,11 @@ def test_compile_mode_default_trains_like_eager(tmp_path):
     """train.compile_mode wraps the model in torch.compile(mode=...) (inductor on the CPU: ~40 s here)."""
     losses = {}
     for mode in ("none", "default"):
-        cfg = load_config(TINY, BASE + [f"train.compile_mode={mode}", "train.steps=2", "train.log_every=2",
-                                         f"train.out_dir={tmp_path / mode}"])
+        cfg = load_config(
+            TINY,
+            BASE
+            + [f"train.compile_mode={mode}", "train.steps=2", "train.log_every=2", f"train.out_dir={tmp_path / mode}"],
+        )
         out = T.train(cfg, log=lambda *a, **k: None)
         assert out["step"] == 2
         losses[mode] = out["loss"]
@@ -280,9 +315,20 @@ def test_compile_mode_reduce_overhead_trains_on_the_gpu(tmp_path):
     """CUDA graphs (reduce-overhead) around the model with the fused ops: same loss as eager."""
     losses = {}
     for mode in ("none", "reduce-overhead"):
-        cfg = load_config(TINY, ["model.pos_impl=fused", "train.progress=false", "train.tensorboard=false",
-                                 "train.device=cuda", "train.amp=none", f"train.compile_mode={mode}", "train.steps=3",
-                                 "train.log_every=3", f"train.out_dir={tmp_path / mode}"])
+        cfg = load_config(
+            TINY,
+            [
+                "model.pos_impl=fused",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "train.device=cuda",
+                "train.amp=none",
+                f"train.compile_mode={mode}",
+                "train.steps=3",
+                "train.log_every=3",
+                f"train.out_dir={tmp_path / mode}",
+            ],
+        )
         out = T.train(cfg, log=lambda *a, **k: None)
         assert out["step"] == 3
         losses[mode] = out["loss"]

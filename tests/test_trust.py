@@ -1,5 +1,6 @@
 """No data loss (issue 18): no checkpoint with nan weights, keep_last prunes only what verifies, one
 trainer per out_dir, ~ in out_dir, and one line instead of a traceback for a full disk or Ctrl-C."""
+
 import errno
 import importlib
 import json
@@ -51,8 +52,14 @@ def test_diverged_training_writes_no_nan_checkpoint_and_keeps_the_good_ones(tmp_
     run = tmp_path / "d"
     assert T.main(BASE + ["train.steps=10", "train.ckpt_every=2", f"train.out_dir={run}"]) == 0
     capsys.readouterr()
-    args = BASE + ["train.steps=20", "train.ckpt_every=1", "train.lr=1e30", f"train.out_dir={run}",
-                   f"train.log_every={log_every}", "--resume"]
+    args = BASE + [
+        "train.steps=20",
+        "train.ckpt_every=1",
+        "train.lr=1e30",
+        f"train.out_dir={run}",
+        f"train.log_every={log_every}",
+        "--resume",
+    ]
     assert T.main(args) == 2
     line = _error_line(capsys.readouterr().err)
     assert line.startswith("error: the training diverged: ") and "lower train.lr" in line, line
@@ -60,7 +67,7 @@ def test_diverged_training_writes_no_nan_checkpoint_and_keeps_the_good_ones(tmp_
     m = re.search(r"are not finite \(nan or inf\) after step (\d+)|the loss is nan at step (\d+)", line)
     assert m, line
     kept = newest_valid_checkpoint(run)
-    assert int(m.group(1) or m.group(2)) == int(kept.name[len("step_"):]) + 1, line
+    assert int(m.group(1) or m.group(2)) == int(kept.name[len("step_") :]) + 1, line
     assert f"the last checkpoint kept is {kept};" in line and line.endswith(" --resume"), line
     # nothing non-finite was written, and the newest checkpoint is the one named
     cks = list_checkpoints(run)
@@ -74,13 +81,23 @@ def test_a_nan_checkpoint_of_an_older_version_is_not_resumed(tmp_path, capsys):
     w = load_weights(ck)
     w["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in w["model"].items()}
     # re-written with a valid manifest, as a version without the finite check would have
-    save_checkpoint(run, 2, model=w["model"], emas=w["emas"], ema_decays=w["ema_decays"],
-                    state=torch.load(ck / "state.pt", weights_only=True), config=w["config"],
-                    class_names=w["class_names"], model_config=w["model_config"])
+    save_checkpoint(
+        run,
+        2,
+        model=w["model"],
+        emas=w["emas"],
+        ema_decays=w["ema_decays"],
+        state=torch.load(ck / "state.pt", weights_only=True),
+        config=w["config"],
+        class_names=w["class_names"],
+        model_config=w["model_config"],
+    )
     assert T.main(BASE + ["train.steps=4", "train.ckpt_every=2", f"train.out_dir={run}", "--resume"]) == 2
     line = _error_line(capsys.readouterr().err)
-    assert line == (f"error: {ck}: its model weights are not finite (nan or inf); rename it (e.g. to "
-                    "corrupt-step_00000002) to resume from the checkpoint before it"), line
+    assert line == (
+        f"error: {ck}: its model weights are not finite (nan or inf); rename it (e.g. to "
+        "corrupt-step_00000002) to resume from the checkpoint before it"
+    ), line
 
 
 def test_keep_last_prunes_only_checkpoints_that_verify(tmp_path, capsys):
@@ -115,8 +132,10 @@ def test_resume_past_a_damaged_newer_checkpoint_keeps_what_it_writes(tmp_path, c
     run = tmp_path / "run"
     assert T.main(BASE + ["train.steps=6", "train.ckpt_every=2", f"train.out_dir={run}"]) == 0
     _flip(run / "checkpoints" / "step_00000006" / "weights.safetensors")
-    assert T.main(BASE + ["train.steps=5", "train.ckpt_every=1", "train.keep_last=1", f"train.out_dir={run}",
-                          "--resume"]) == 0
+    assert (
+        T.main(BASE + ["train.steps=5", "train.ckpt_every=1", "train.keep_last=1", f"train.out_dir={run}", "--resume"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "skipping checkpoint step_00000006" in err and "moved damaged checkpoint step_00000006 aside" in err
     assert [s for s, _ in list_checkpoints(run)] == [5] and load_weights(run)["step"] == 5
@@ -137,11 +156,17 @@ def _torch_save_full(*a, **k):
     raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1024 vs 960")
 
 
-@pytest.mark.parametrize("target,fake", [("safetensors.torch.save_file", _enospc),
-                                         ("safetensors.torch.save_file", _safetensor_error),
-                                         ("torch.save", _torch_save_full)])
-def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_older_checkpoints(tmp_path, capsys, monkeypatch,
-                                                                                   target, fake):
+@pytest.mark.parametrize(
+    "target,fake",
+    [
+        ("safetensors.torch.save_file", _enospc),
+        ("safetensors.torch.save_file", _safetensor_error),
+        ("torch.save", _torch_save_full),
+    ],
+)
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_older_checkpoints(
+    tmp_path, capsys, monkeypatch, target, fake
+):
     run = tmp_path / "run"
     module, name = target.rsplit(".", 1)
     mod = importlib.import_module(module)
@@ -189,11 +214,16 @@ def test_a_second_trainer_is_refused_and_ctrl_c_stops_with_the_resume_command(tm
     folder. Then Ctrl-C stops A with one line naming the last checkpoint and the command that
     continues, which does continue."""
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::RuntimeWarning")  # no extension-missing warning
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore::RuntimeWarning",
+    )  # no extension-missing warning
     args = BASE + [f"train.out_dir={run}", "train.steps=100000", "train.ckpt_every=2", "train.log_every=1000"]
-    a = subprocess.Popen([sys.executable, "-c", RUNNER, *args], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    a = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while not list_checkpoints(run):
@@ -207,8 +237,10 @@ def test_a_second_trainer_is_refused_and_ctrl_c_stops_with_the_resume_command(tm
         config = (run / "config.yaml").read_bytes()
         assert T.main(BASE + [f"train.out_dir={run}", "train.steps=3", "train.lr=1e-4", "--resume"]) == 2
         line = _error_line(capsys.readouterr().err)
-        assert line == (f"error: train.out_dir {run} is in use by another process (pid {a.pid}, holding "
-                        f"{run / '.lock'}); wait for it to end or choose another train.out_dir"), line
+        assert line == (
+            f"error: train.out_dir {run} is in use by another process (pid {a.pid}, holding "
+            f"{run / '.lock'}); wait for it to end or choose another train.out_dir"
+        ), line
         assert stand_in.is_dir() and (run / "config.yaml").read_bytes() == config and a.poll() is None
         stand_in.rmdir()
         a.send_signal(signal.SIGINT)

@@ -5,6 +5,7 @@ Importing the package loads the C++/CUDA extension ``jitrope._C``, which registe
 ``torch.ops.jitrope.*`` operators. Without it, everything still runs with the pure-PyTorch
 references (``pos_impl="torch"``), and a warning says so.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,17 +36,22 @@ except ImportError as e:  # not built, or built against another torch
 
 
 OPS = (
-    "pos2d_add", "pos2d_add_", "pos2d_add_backward", "rope2d", "rope2d_", "rope2d_backward",
-    "qk_norm_rope", "qk_norm_rope_backward",
-    "pos2d_add_indexed", "pos2d_add_indexed_backward",
+    "pos2d_add",
+    "pos2d_add_",
+    "pos2d_add_backward",
+    "rope2d",
+    "rope2d_",
+    "rope2d_backward",
+    "qk_norm_rope",
+    "qk_norm_rope_backward",
+    "pos2d_add_indexed",
+    "pos2d_add_indexed_backward",
 )
 
 
 def has_cuda_kernels() -> bool:
     """True when the loaded extension was built with the CUDA kernels of every op."""
-    return HAS_EXTENSION and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"jitrope::{op}", "CUDA") for op in OPS
-    )
+    return HAS_EXTENSION and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"jitrope::{op}", "CUDA") for op in OPS)
 
 
 if HAS_EXTENSION and not has_cuda_kernels():

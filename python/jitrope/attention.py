@@ -35,6 +35,7 @@ not measured here: ``varlen_attn`` is the documented flash-attention varlen entr
 ``fp32_logits=True`` is the official JiT attention (``attn_impl="fp32"``): logits and softmax in
 float32 outside autocast, then ``attn.to(v.dtype) @ v``; it runs the mask or the loop path.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,14 @@ VARLEN_IMPLS = ("auto", "varlen", "mask", "loop")
 
 
 def _varlen_attn_applies(q: Tensor, dropout_p: float, fp32_logits: bool) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0 and not fp32_logits
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and dropout_p == 0.0
+        and not fp32_logits
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+    )
 
 
 def resolve_varlen_impl(impl: str, q: Tensor, *, dropout_p: float = 0.0, fp32_logits: bool = False) -> str:
@@ -71,8 +78,9 @@ def block_diagonal_mask(cu_seqlens: Tensor, total: int) -> Tensor:
     return seq[:, None] == seq[None, :]
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, scale: Optional[float],
-          fp32_logits: bool) -> Tensor:
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, scale: Optional[float], fp32_logits: bool
+) -> Tensor:
     """Attention of ``[H, N, D]`` q, k, v (``mask [N, N]`` bool or None) -> ``[H, N, D]``."""
     if not fp32_logits:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
@@ -118,8 +126,9 @@ def varlen_attention(
     if impl not in VARLEN_IMPLS:
         raise ValueError(f"impl must be one of {list(VARLEN_IMPLS)}, got {impl!r}")
     if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"q, k, v must be [T, H, D] with equal T and H, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be [T, H, D] with equal T and H, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be an int32 [S+1] tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
@@ -143,6 +152,8 @@ def varlen_attention(
         out = _sdpa(qh, kh, vh, block_diagonal_mask(cu_seqlens, T), dropout_p, scale, fp32_logits)
         return out.transpose(0, 1)
     bounds = cu_seqlens.tolist()
-    outs = [_sdpa(qh[:, a:b], kh[:, a:b], vh[:, a:b], None, dropout_p, scale, fp32_logits)
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    outs = [
+        _sdpa(qh[:, a:b], kh[:, a:b], vh[:, a:b], None, dropout_p, scale, fp32_logits)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     return torch.cat(outs, dim=1).transpose(0, 1)

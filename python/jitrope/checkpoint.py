@@ -4,7 +4,8 @@ Layout of a run directory::
 
     <out_dir>/config.yaml                          the resolved config of the run
     <out_dir>/checkpoints/step_00001000/
-        weights.safetensors   model.* / ema0.* / ema1.* tensors; metadata: format, step, config, ema_decays, class_names,
+        weights.safetensors   model.* / ema0.* / ema1.* tensors; metadata: format, step, config, ema_decays,
+                              class_names,
                               model_config (the resolved JiTConfig, so presets may change later)
         state.pt              optimizer, lr schedule, RNG and data-order state (tensors and primitives only)
         manifest.json         sha256 and size of each file above, written last
@@ -23,6 +24,7 @@ manifests existed) cannot be verified and fails too, unless the caller passes
 deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no longer a
 ``step_*`` folder that shadows the good ones).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -157,8 +159,9 @@ def save_checkpoint(
         raise
     # torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors as its own error
     except (OSError, RuntimeError, SafetensorError) as e:
-        raise CheckpointError(f"cannot write checkpoint {final} ({type(e).__name__}: {e}); "
-                              "nothing of it was kept") from None
+        raise CheckpointError(
+            f"cannot write checkpoint {final} ({type(e).__name__}: {e}); nothing of it was kept"
+        ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -199,8 +202,9 @@ def move_aside(ckpt_dir, reason: str) -> Path:
     return dest
 
 
-def prune_checkpoints(run_dir, keep_last: int, *, allow_unverified: bool = False,
-                      written: Optional[int] = None) -> List[Path]:
+def prune_checkpoints(
+    run_dir, keep_last: int, *, allow_unverified: bool = False, written: Optional[int] = None
+) -> List[Path]:
     """Keep the newest ``keep_last`` checkpoints that verify (0: all) and delete the older ones that
     verify; returns the deleted folders. A checkpoint that fails verification is never counted and
     never deleted: it is moved aside (:func:`move_aside`). One without a manifest is left where it
@@ -253,8 +257,10 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE), *, allo
     d = Path(ckpt_dir)
     mf = d / MANIFEST
     if not mf.is_file():
-        why = (f"{' and '.join(str(d / n) for n in files)} cannot be verified: {d} has no {MANIFEST} (a copy cut "
-               "short, a file copied out of its checkpoint, or written by an older jitrope)")
+        why = (
+            f"{' and '.join(str(d / n) for n in files)} cannot be verified: {d} has no {MANIFEST} (a copy cut "
+            "short, a file copied out of its checkpoint, or written by an older jitrope)"
+        )
         if not allow_unverified:
             raise UnverifiedCheckpointError(f"{why}; pass --allow-unverified to load it anyway")
         _warn(f"{why}: loading it without verifying its digests (--allow-unverified)")
@@ -271,23 +277,30 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE), *, allo
             if f.exists():
                 why = f"{f} is not listed in {mf}"
                 if not allow_unverified:
-                    raise UnverifiedCheckpointError(f"{why}, so it cannot be verified; pass --allow-unverified to "
-                                                    "load it anyway")
+                    raise UnverifiedCheckpointError(
+                        f"{why}, so it cannot be verified; pass --allow-unverified to load it anyway"
+                    )
                 _warn(f"{why}: loading it without verifying its digest (--allow-unverified)")
             continue
         want = listed[name]
         if not isinstance(want, dict):
-            raise CheckpointError(f"{mf}: the entry of {name} is {want!r}, not an object with sha256 and bytes; "
-                                  "the manifest is damaged")
+            raise CheckpointError(
+                f"{mf}: the entry of {name} is {want!r}, not an object with sha256 and bytes; the manifest is damaged"
+            )
         if not f.is_file():
             raise CheckpointError(f"{f} is missing (listed in {mf})")
         st = f.stat()
         if st.st_size != want.get("bytes"):
-            raise CheckpointError(f"{f}: {st.st_size} bytes, the manifest says {want.get('bytes')}; the file is truncated or damaged")
+            raise CheckpointError(
+                f"{f}: {st.st_size} bytes, the manifest says {want.get('bytes')}; the file is truncated or damaged"
+            )
         key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
         got = _VERIFIED.get(key) or _sha256(f)
         if got != want.get("sha256"):
-            raise CheckpointError(f"{f}: sha256 {got[:16]}... does not match the manifest ({str(want.get('sha256'))[:16]}...); the file is damaged")
+            raise CheckpointError(
+                f"{f}: sha256 {got[:16]}... does not match the manifest "
+                f"({str(want.get('sha256'))[:16]}...); the file is damaged"
+            )
         _VERIFIED[key] = got
 
 
@@ -298,8 +311,9 @@ def _verify_step(p: Path, files: Sequence[str] = (WEIGHTS, STATE), allow_unverif
     verify_checkpoint(p, files, allow_unverified=allow_unverified)
 
 
-def newest_valid_checkpoint(run_dir, files: Sequence[str] = (WEIGHTS, STATE), *,
-                            allow_unverified: bool = False) -> Optional[Path]:
+def newest_valid_checkpoint(
+    run_dir, files: Sequence[str] = (WEIGHTS, STATE), *, allow_unverified: bool = False
+) -> Optional[Path]:
     """The newest ``step_*`` folder of a run whose ``files`` verify; each newer one that fails
     (a damaged or missing file, no manifest unless ``allow_unverified``) is skipped with a warning
     saying why. None when the run has no checkpoint; a CheckpointError when it has some but none

@@ -7,6 +7,7 @@ passed to :func:`jitrope.config.load_config` as ``flags``). A user error is one 
 names the flag typed beside its key (:func:`fail`). Output paths are checked before any work
 (:func:`check_image_out`, :func:`check_file_out`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,9 @@ def name_flags(message: str, names: Mapping[str, str]) -> str:
     """``message`` with each config key that a flag set also named by that flag:
     ``config key sample.steps must be ...`` -> ``--steps (sample.steps) must be ...``."""
     for key, flag in names.items():  # not in a suggestion for a misspelt key ("did you mean sample.steps?")
-        message = re.sub(rf"(config key )?(?<![\w.])(?<!mean ){re.escape(key)}(?!\w)", f"{flag} ({key})", message,
-                         count=1)
+        message = re.sub(
+            rf"(config key )?(?<![\w.])(?<!mean ){re.escape(key)}(?!\w)", f"{flag} ({key})", message, count=1
+        )
     return message
 
 

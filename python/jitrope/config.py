@@ -13,6 +13,7 @@ overrides (``OmegaConf.from_dotlist``) are merged onto them, which types every v
     cfg = load_config("configs/emoji32_cpu.yaml", ["model.pos_embed=factorized2d", "train.steps=100"])
     cfg.train.steps, cfg.model["pos_embed"], cfg.model_config()  # -> JiTConfig
 """
+
 from __future__ import annotations
 
 import copy
@@ -330,8 +331,10 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config", stored: boo
     ``stored``: the config of a checkpoint, which may hold values of older versions."""
     if isinstance(d, DictConfig):
         d = OmegaConf.to_container(d, resolve=False)
-    d = {sec: (_legacy(sec, dict(v), stored) if sec in _SECTIONS and isinstance(v, Mapping) else v)
-         for sec, v in d.items()}
+    d = {
+        sec: (_legacy(sec, dict(v), stored) if sec in _SECTIONS and isinstance(v, Mapping) else v)
+        for sec, v in d.items()
+    }
     _check_keys(d, where)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in d.items() if v is not None})
@@ -437,17 +440,22 @@ def _check_sizes(cfg: Config, patch: int) -> None:
     if budget is not None:
         _positive("train.tokens_per_batch", budget)
     if cfg.data.sizes and budget is None:
-        raise ConfigError("config key data.sizes (packed mixed-size batches) needs train.tokens_per_batch, the "
-                          "token budget of a batch")
+        raise ConfigError(
+            "config key data.sizes (packed mixed-size batches) needs train.tokens_per_batch, the "
+            "token budget of a batch"
+        )
     if budget is not None and not cfg.data.sizes:
-        raise ConfigError(f"config key train.tokens_per_batch={budget} is set but data.sizes is empty: it is the "
-                          "budget of packed mixed-size batches only (set data.sizes, or drop it)")
+        raise ConfigError(
+            f"config key train.tokens_per_batch={budget} is set but data.sizes is empty: it is the "
+            "budget of packed mixed-size batches only (set data.sizes, or drop it)"
+        )
 
 
 def _check_data(d: DataConfig) -> None:
     if not (math.isfinite(d.holdout) and 0.0 <= d.holdout < 1.0):
-        raise ConfigError(f"config key data.holdout (the fraction of images held out) must be in [0, 1), "
-                          f"got {d.holdout}")
+        raise ConfigError(
+            f"config key data.holdout (the fraction of images held out) must be in [0, 1), got {d.holdout}"
+        )
 
 
 def _check_diffusion(d: DiffusionConfig) -> None:
@@ -504,11 +512,14 @@ def _check_sample_eval(cfg: Config) -> None:
         parse_hw(hw, "eval.res_hw")
     bad = [m for m in e.res_scalings if m not in SCALING_MODES]
     if not e.res_scalings or bad or len(set(e.res_scalings)) != len(e.res_scalings):
-        raise ConfigError(f"config key eval.res_scalings wants a subset of {list(SCALING_MODES)}, "
-                          f"got {list(e.res_scalings)}")
+        raise ConfigError(
+            f"config key eval.res_scalings wants a subset of {list(SCALING_MODES)}, got {list(e.res_scalings)}"
+        )
     if (e.res_px or e.res_hw) and "res" in e.metrics and e.featnet in (None, "none"):
-        raise ConfigError("config key eval.res_px: the resolution study needs the feature network "
-                          "(eval.featnet auto or a file), not none")
+        raise ConfigError(
+            "config key eval.res_px: the resolution study needs the feature network "
+            "(eval.featnet auto or a file), not none"
+        )
 
 
 def parse_hw(text, key: str = "size") -> Tuple[int, int]:
@@ -529,12 +540,18 @@ def _stored_layer(d: Mapping[str, Any]) -> Dict[str, Any]:
     """A config stored by an older version, its legacy keys and values translated section by section."""
     if isinstance(d, DictConfig):
         d = OmegaConf.to_container(d, resolve=False)
-    return {sec: (_legacy(sec, dict(v), True) if sec in _SECTIONS and isinstance(v, Mapping) else v)
-            for sec, v in d.items()}
+    return {
+        sec: (_legacy(sec, dict(v), True) if sec in _SECTIONS and isinstance(v, Mapping) else v) for sec, v in d.items()
+    }
 
 
-def load_config(path=None, overrides: Sequence[str] = (), *, base: Optional[Mapping[str, Any]] = None,
-                flags: Optional[Mapping[str, Any]] = None) -> Config:
+def load_config(
+    path=None,
+    overrides: Sequence[str] = (),
+    *,
+    base: Optional[Mapping[str, Any]] = None,
+    flags: Optional[Mapping[str, Any]] = None,
+) -> Config:
     """Read ``path`` (YAML; may name ``base:`` files relative to it), apply dotted overrides, validate.
 
     ``base``: a nested dict below the file, e.g. the config stored in a checkpoint (values of older

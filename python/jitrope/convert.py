@@ -27,6 +27,7 @@ parameter is filled, or the conversion names what is not (one ``error:`` line, e
 written is a run folder (``config.yaml`` and ``checkpoints/step_00000000/`` with its manifest)
 holding the chosen weights as the raw weights (``sample.ema: none``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,11 +96,14 @@ def read_published(path, weights: Optional[str] = None) -> Tuple[Dict[str, Tenso
             detail = detail.group(1).strip() if detail else ""
             found = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
             if not detail.startswith("Unsupported"):  # not a pickle at all, or a damaged one
-                raise ConvertError(f"{p}: not a readable torch checkpoint ({detail or 'not a pickle of tensors'})"
-                                   ) from None
+                raise ConvertError(
+                    f"{p}: not a readable torch checkpoint ({detail or 'not a pickle of tensors'})"
+                ) from None
             what = f"an object of {found.group(1)}" if found else f"something other than tensors ({detail})"
-            raise ConvertError(f"{p} holds {what}: refused (only tensors, containers and argparse.Namespace are "
-                               "unpickled, weights_only=True); save its state dict alone to convert it") from None
+            raise ConvertError(
+                f"{p} holds {what}: refused (only tensors, containers and argparse.Namespace are "
+                "unpickled, weights_only=True); save its state dict alone to convert it"
+            ) from None
         except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways)
             msg = str(e).splitlines()[0] if str(e) else ""
             raise ConvertError(f"{p}: not a readable torch checkpoint ({type(e).__name__}: {msg})") from None
@@ -120,8 +124,10 @@ def read_published(path, weights: Optional[str] = None) -> Tuple[Dict[str, Tenso
         sd, what = obj, str(p)
     else:
         kind = f"a dict of {_few(sorted(map(str, obj)))}" if isinstance(obj, Mapping) else type(obj).__name__
-        raise ConvertError(f"{p} is neither a published JiT checkpoint (dicts {', '.join(WEIGHTS.values())}) nor a "
-                           f"state dict of tensors: it holds {kind}")
+        raise ConvertError(
+            f"{p} is neither a published JiT checkpoint (dicts {', '.join(WEIGHTS.values())}) nor a "
+            f"state dict of tensors: it holds {kind}"
+        )
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ConvertError(f"{what} is not a state dict of tensors")
     return dict(sd), what, info
@@ -132,18 +138,23 @@ def _check_sincos(table: Tensor, model, key: str) -> None:
     dropping anything else would change what the model computes."""
     part = model.pos.parts["sincos2d"] if "sincos2d" in model.pos.parts else None
     if part is None:
-        raise ConvertError(f"{key}: the published model adds a fixed 2D sin-cos table, which "
-                           f"model.pos_embed={model.cfg.pos_embed!r} does not (the published JiT is "
-                           f"{PUBLISHED_POS_EMBED!r})")
+        raise ConvertError(
+            f"{key}: the published model adds a fixed 2D sin-cos table, which "
+            f"model.pos_embed={model.cfg.pos_embed!r} does not (the published JiT is "
+            f"{PUBLISHED_POS_EMBED!r})"
+        )
     gh, gw = model.cfg.grid
     ours = part.table[: gh * gw].detach().cpu()
     if tuple(table.shape) != (1, *ours.shape):
-        raise ConvertError(f"{key}: shape {tuple(table.shape)}, the model's {gh}x{gw} grid has a sin-cos table of "
-                           f"{(1, *ours.shape)}")
+        raise ConvertError(
+            f"{key}: shape {tuple(table.shape)}, the model's {gh}x{gw} grid has a sin-cos table of {(1, *ours.shape)}"
+        )
     diff = float((table[0].detach().cpu().double() - ours.double()).abs().max())
     if not diff <= 1e-5:
-        raise ConvertError(f"{key} is not the fixed 2D sin-cos table of a {gh}x{gw} grid (max |diff| {diff:.3g}); "
-                           "jitrope derives that table and cannot hold another")
+        raise ConvertError(
+            f"{key} is not the fixed 2D sin-cos table of a {gh}x{gw} grid (max |diff| {diff:.3g}); "
+            "jitrope derives that table and cannot hold another"
+        )
 
 
 def map_published_names(sd: MutableMapping[str, Tensor], model, prefix: str = "") -> List[str]:
@@ -153,7 +164,7 @@ def map_published_names(sd: MutableMapping[str, Tensor], model, prefix: str = ""
     and unknown keys stay as they are, for the caller's check to name."""
     dropped = []
     for key in [k for k in sd if k.startswith(prefix)]:
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         m = _QK_NORM.match(name)
         if m:
             k_key = f"{prefix}{m.group(1)}k_norm.weight"
@@ -169,12 +180,13 @@ def map_published_names(sd: MutableMapping[str, Tensor], model, prefix: str = ""
     return dropped
 
 
-def convert_state_dict(sd: Mapping[str, Tensor], model, *, where: str = "the published state dict"
-                       ) -> Tuple[Dict[str, Tensor], List[str]]:
+def convert_state_dict(
+    sd: Mapping[str, Tensor], model, *, where: str = "the published state dict"
+) -> Tuple[Dict[str, Tensor], List[str]]:
     """A published JiT state dict (with or without ``net.``) -> ``model``'s state dict, every key used
     and every entry filled with the right shape and dtype (half-precision weights are widened), else a
     :class:`ConvertError` that names them. Returns ``(state dict, dropped derived tables)``."""
-    sd = {(k[len("net."):] if k.startswith("net.") else k): v for k, v in sd.items()}
+    sd = {(k[len("net.") :] if k.startswith("net.") else k): v for k, v in sd.items()}
     dropped = map_published_names(sd, model)
     expected = model.state_dict()
     for k, v in sd.items():  # bf16 / fp16 -> fp32 loses nothing
@@ -182,10 +194,16 @@ def convert_state_dict(sd: Mapping[str, Tensor], model, *, where: str = "the pub
             sd[k] = v.float()
     left = [k for k in sd if k not in expected]
     unfilled = [k for k in expected if k not in sd]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-              if k in sd and sd[k].shape != expected[k].shape]
-    dtypes = [f"{k} {sd[k].dtype} vs {expected[k].dtype}" for k in expected
-              if k in sd and sd[k].shape == expected[k].shape and sd[k].dtype != expected[k].dtype]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in sd and sd[k].shape != expected[k].shape
+    ]
+    dtypes = [
+        f"{k} {sd[k].dtype} vs {expected[k].dtype}"
+        for k in expected
+        if k in sd and sd[k].shape == expected[k].shape and sd[k].dtype != expected[k].dtype
+    ]
     parts = []
     if left:
         parts.append(f"published keys left over: {_few(left)}")
@@ -200,8 +218,7 @@ def convert_state_dict(sd: Mapping[str, Tensor], model, *, where: str = "the pub
     return {k: sd[k].contiguous() for k in expected}, dropped
 
 
-def convert(src, out, *, preset: str, overrides: Sequence[str] = (), weights: Optional[str] = None,
-            log=print) -> Path:
+def convert(src, out, *, preset: str, overrides: Sequence[str] = (), weights: Optional[str] = None, log=print) -> Path:
     """Convert the published checkpoint or state dict ``src`` into a jitrope run folder ``out`` with
     the model ``preset`` (and ``section.key=value`` overrides, e.g. ``model.pos_impl=torch``);
     returns the checkpoint folder written."""
@@ -215,8 +232,10 @@ def convert(src, out, *, preset: str, overrides: Sequence[str] = (), weights: Op
         raise ConvertError(f"--out {out} already holds checkpoints; choose another folder")
     check_writable_dir(out, "--out")  # before reading a large file
     if mcfg.pos_embed != PUBLISHED_POS_EMBED:
-        log(f"warning: model.pos_embed={mcfg.pos_embed!r}: the published JiT uses {PUBLISHED_POS_EMBED!r}, so the "
-            "converted model computes another function with these weights")
+        log(
+            f"warning: model.pos_embed={mcfg.pos_embed!r}: the published JiT uses {PUBLISHED_POS_EMBED!r}, so the "
+            "converted model computes another function with these weights"
+        )
     sd, what, info = read_published(src, weights)
     model = JiT(mcfg)
     mapped, dropped = convert_state_dict(sd, model, where=what)
@@ -224,8 +243,10 @@ def convert(src, out, *, preset: str, overrides: Sequence[str] = (), weights: Op
     ckpt = save_checkpoint(out, 0, model=mapped, config=cfg.to_dict(), model_config=mcfg.to_dict(), keep_last=0)
     cfg.save(out / "config.yaml")  # as a training run has it
     epoch = f", published epoch {info['epoch']}" if "epoch" in info else ""
-    log(f"wrote {ckpt} from {what} ({len(sd)} tensors{epoch}; derived tables dropped: "
-        f"{', '.join(dropped) or 'none'}): {preset}, {sum(v.numel() for v in mapped.values()) / 1e6:.1f}M values")
+    log(
+        f"wrote {ckpt} from {what} ({len(sd)} tensors{epoch}; derived tables dropped: "
+        f"{', '.join(dropped) or 'none'}): {preset}, {sum(v.numel() for v in mapped.values()) / 1e6:.1f}M values"
+    )
     return ckpt
 
 
@@ -240,10 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("published", help="checkpoint-last.pth, or a state dict file (.pth / .safetensors)")
     p.add_argument("--preset", required=True, help="the model's preset, e.g. JiT-B/16 (see jitrope.presets)")
     p.add_argument("--out", required=True, help="run folder to write (config.yaml, checkpoints/step_00000000/)")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), default=None,
-                   help="which weights of a checkpoint-last.pth (default: ema1)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. model.pos_impl=torch sample.cfg=2.9 diffusion.noise_scale=2.0")
+    p.add_argument(
+        "--weights", choices=tuple(WEIGHTS), default=None, help="which weights of a checkpoint-last.pth (default: ema1)"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, e.g. model.pos_impl=torch sample.cfg=2.9 diffusion.noise_scale=2.0",
+    )
     return p
 
 

@@ -33,6 +33,7 @@ the shift by alpha equals multiplying the noise by alpha: JiT's ``noise_scale`` 
 256px) is alpha = sqrt(512^2 / 256^2) = 2 on pixel counts. With ``shift="none"`` (default) nothing
 changes, bit for bit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -113,8 +114,14 @@ class Diffusion:
     @classmethod
     def from_config(cls, cfg) -> Diffusion:
         """From a ``DiffusionConfig`` (or anything with the same attributes)."""
-        return cls(P_mean=cfg.P_mean, P_std=cfg.P_std, t_eps=cfg.t_eps, noise_scale=cfg.noise_scale,
-                   shift=cfg.shift, shift_ref_tokens=cfg.shift_ref_tokens)
+        return cls(
+            P_mean=cfg.P_mean,
+            P_std=cfg.P_std,
+            t_eps=cfg.t_eps,
+            noise_scale=cfg.noise_scale,
+            shift=cfg.shift,
+            shift_ref_tokens=cfg.shift_ref_tokens,
+        )
 
     # ------------------------------------------------------------------------------ resolution shift
     def shift_t(self, t: Tensor, n_tokens) -> Tensor:
@@ -132,8 +139,10 @@ class Diffusion:
 
     def _need_tokens(self, n_tokens, what: str):
         if self.shift != "none" and n_tokens is None:
-            raise ValueError(f"{what}: diffusion shift={self.shift!r} needs n_tokens (the image tokens of each "
-                             "sample), or layout= for a packed batch")
+            raise ValueError(
+                f"{what}: diffusion shift={self.shift!r} needs n_tokens (the image tokens of each "
+                "sample), or layout= for a packed batch"
+            )
         return n_tokens
 
     # ------------------------------------------------------------------------------ training
@@ -239,7 +248,8 @@ class Diffusion:
         """Integrate from ``z0 = noise_scale * noise`` at t = 0 to t = 1; returns the final ``z``.
 
         ``shape`` ([B, C, H, W]) or ``noise`` gives the size. ``progress(k)`` is called after each
-        step. ``sampler``: a name of :data:`SAMPLERS`; Heun takes ``2 * steps - 1`` network evaluations, Euler ``steps``. With ``layout`` (a
+        step. ``sampler``: a name of :data:`SAMPLERS`; Heun takes ``2 * steps - 1`` network evaluations,
+        Euler ``steps``. With ``layout`` (a
         packed batch of S images) ``noise``/``shape`` are pixel tokens ``[T_img, p*p*C]`` and the
         result is too (:func:`jitrope.packing.unpack_images` makes images of it). With ``shift`` set,
         each sample walks its own shifted grid ``shift_t(linspace(0, 1, steps + 1), n_tokens)``
@@ -261,6 +271,7 @@ class Diffusion:
         n_samples = z.shape[0] if layout is None else layout.image_tokens.shape[0]
 
         if self.shift == "none":
+
             def vel(z_, t_):
                 return self.velocity(net, z_, torch.full((n_samples,), t_, device=device), y, cond, **kw)
         else:
@@ -269,8 +280,10 @@ class Diffusion:
             if layout is not None and n_tokens is None:
                 n_tokens = layout.image_tokens
             n_tokens = self._need_tokens(n_tokens, "sample")
-            grid = self.shift_t(torch.tensor(ts, dtype=torch.float64, device=device)[:, None],
-                                torch.as_tensor(n_tokens, device=device).expand(n_samples))
+            grid = self.shift_t(
+                torch.tensor(ts, dtype=torch.float64, device=device)[:, None],
+                torch.as_tensor(n_tokens, device=device).expand(n_samples),
+            )
             ts = [row.float() for row in grid]
 
             def vel(z_, t_):
@@ -286,8 +299,9 @@ class Diffusion:
         return z
 
 
-def _call(net: Callable, z: Tensor, t: Tensor, y: Tensor, cond: Optional[Tensor], cond_drop: Optional[Tensor],
-          layout=None) -> Tensor:
+def _call(
+    net: Callable, z: Tensor, t: Tensor, y: Tensor, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout=None
+) -> Tensor:
     if layout is not None:
         return net(z, t, y, cond, cond_drop=cond_drop, layout=layout)
     if cond is None:

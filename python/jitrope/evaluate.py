@@ -1,5 +1,6 @@
 """The old path of :mod:`jitrope.eval.evaluate`: ``python -m jitrope.evaluate`` runs it, and
 ``import jitrope.evaluate`` gives that module itself."""
+
 import importlib
 import sys
 

@@ -1,4 +1,5 @@
 """Small file helpers shared by the trainer, the data cache and the CLIs."""
+
 from __future__ import annotations
 
 import contextlib

@@ -24,6 +24,7 @@ block-diagonal attention, per-token positions, adaLN through each token's sequen
 compiled training step traces once) and unpacks. The blocks, the attention and the encodings are
 the batched path's, given a :class:`~jitrope.packing.PackedSeqs` instead of a ``SeqLayout``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,8 @@ from .posenc import (
     IMPLS,
     POS_EMBEDS,
     SCALINGS,
-    PositionalEncoding,
     PosEncGeometry,
+    PositionalEncoding,
     SeqLayout,
     build_pos_encoding,
     check_pos_embed,
@@ -137,17 +138,24 @@ class JiTConfig:
                 if not (isinstance(getattr(self, n), int) and getattr(self, n) > 0):
                     raise ValueError(f"{n} must be a positive integer, got {getattr(self, n)!r}")
 
-        positive("img_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "bottleneck_dim",
-                 "num_classes", "cond_in_channels")
+        positive(
+            "img_size",
+            "patch_size",
+            "in_channels",
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "bottleneck_dim",
+            "num_classes",
+            "cond_in_channels",
+        )
         for field, choices in _CHOICES.items():
             if getattr(self, field) not in choices:
                 raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {list(POS_EMBEDS)}, got {self.pos_embed!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
-            )
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         check_pos_embed(self.pos_embed, width=self.hidden_size, num_heads=self.num_heads)
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
@@ -209,14 +217,14 @@ class JiTConfig:
         return int(int(self.hidden_size * self.mlp_ratio) * 2 / 3)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "JiTConfig":
+    def preset(cls, name: str, **overrides: Any) -> JiTConfig:
         """A named preset (:data:`PRESETS`) with fields replaced by ``overrides``."""
         if name not in PRESETS:
             raise ValueError(f"unknown JiT preset {name!r}; known: {list(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "JiTConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> JiTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -348,8 +356,17 @@ class Attention(nn.Module):
     ``layer`` is this attention's index in the model (RoPE-Mixed has frequencies per layer).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, layer: int = 0, attn_impl: str = "sdpa",
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, packed_attn: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        layer: int = 0,
+        attn_impl: str = "sdpa",
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        packed_attn: str = "auto",
+    ):
         super().__init__()
         self.layer = layer
         self.num_heads = num_heads
@@ -373,9 +390,17 @@ class Attention(nn.Module):
         v = qkv[2]
         p = self.attn_drop if self.training else 0.0
         if isinstance(layout, PackedSeqs):
-            out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                                   layout.cu_seqlens, layout.max_seqlen, impl=self.packed_attn, dropout_p=p,
-                                   fp32_logits=self.attn_impl == "fp32", check=False)  # [T, H, D]
+            out = varlen_attention(
+                q[0].transpose(0, 1),
+                k[0].transpose(0, 1),
+                v[0].transpose(0, 1),
+                layout.cu_seqlens,
+                layout.max_seqlen,
+                impl=self.packed_attn,
+                dropout_p=p,
+                fp32_logits=self.attn_impl == "fp32",
+                check=False,
+            )  # [T, H, D]
             return self.proj_drop(self.proj(out.reshape(1, N, C)))
         scale = pos.attn_scale(layout, self.head_dim)  # None but for YaRN's temperature on a larger grid
         if self.attn_impl == "fp32":
@@ -412,8 +437,15 @@ class JiTBlock(nn.Module):
         super().__init__()
         w = cfg.hidden_size
         self.norm1 = RMSNorm(w, eps=1e-6)
-        self.attn = Attention(w, cfg.num_heads, layer=layer, attn_impl=cfg.attn_impl,
-                              attn_drop=attn_drop, proj_drop=proj_drop, packed_attn=cfg.packed_attn)
+        self.attn = Attention(
+            w,
+            cfg.num_heads,
+            layer=layer,
+            attn_impl=cfg.attn_impl,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            packed_attn=cfg.packed_attn,
+        )
         self.norm2 = RMSNorm(w, eps=1e-6)
         self.mlp = SwiGLUFFN(w, cfg.mlp_hidden, drop=proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w, bias=True))
@@ -575,8 +607,12 @@ class JiT(nn.Module):
         grid, cond_grid = self._grids((H, W), cond_hw)
         return SeqLayout(grid, cond_grid, cfg.in_context_len, cfg.grid, cfg.cond_grid, scaling)
 
-    def _grids(self, img_hw: Tuple[int, int], cond_hw: Optional[Tuple[int, int]], what: str = "",
-               ) -> Tuple[Tuple[int, int], Optional[Tuple[int, int]]]:
+    def _grids(
+        self,
+        img_hw: Tuple[int, int],
+        cond_hw: Optional[Tuple[int, int]],
+        what: str = "",
+    ) -> Tuple[Tuple[int, int], Optional[Tuple[int, int]]]:
         """Token grids of an image of ``img_hw`` pixels and of its condition image (``cond_hw=None``: the
         null condition, whose grid follows the image grid in the training ratio). ``what`` names the
         argument in errors (e.g. ``"xs[2]: "``)."""
@@ -593,7 +629,8 @@ class JiT(nn.Module):
                 cp = cfg.cond_patch
                 if ch % cp or cw % cp or ch <= 0 or cw <= 0:
                     raise ValueError(
-                        f"{what}condition image size {ch}x{cw} is not a positive multiple of cond_patch_size={cp}")
+                        f"{what}condition image size {ch}x{cw} is not a positive multiple of cond_patch_size={cp}"
+                    )
                 cond_grid = (ch // cp, cw // cp)
             else:
                 (th, tw), (tch, tcw) = cfg.grid, cfg.cond_grid
@@ -634,15 +671,22 @@ class JiT(nn.Module):
             cond_grids.append(cg)
         geom = self.pos.geom
         layout = PackedLayout.build(
-            grids, cond_grids, context_len=cfg.in_context_len, scaling=scaling, train_grid=cfg.grid,
-            train_cond_grid=cfg.cond_grid, max_grid=geom.max_grid, max_cond_grid=geom.max_cond_grid,
+            grids,
+            cond_grids,
+            context_len=cfg.in_context_len,
+            scaling=scaling,
+            train_grid=cfg.grid,
+            train_cond_grid=cfg.cond_grid,
+            max_grid=geom.max_grid,
+            max_cond_grid=geom.max_cond_grid,
         )
         self.pos.check_packed(layout)
         return layout if device is None else layout.to(device)
 
     # ------------------------------------------------------------------ forward
-    def _cond_tokens(self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: SeqLayout,
-                     like: Tensor) -> Tensor:
+    def _cond_tokens(
+        self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: SeqLayout, like: Tensor
+    ) -> Tensor:
         B, _, D = like.shape
         if self.null_cond is not None:
             null = self.null_cond.to(like.dtype).expand(B, layout.n_cond, D)
@@ -651,9 +695,7 @@ class JiT(nn.Module):
         if cond is None:
             return null
         if cond.dim() != 4 or cond.shape[0] != B or cond.shape[1] != self.cfg.cond_in_channels:
-            raise ValueError(
-                f"cond must be [B={B}, {self.cfg.cond_in_channels}, Hc, Wc], got {tuple(cond.shape)}"
-            )
+            raise ValueError(f"cond must be [B={B}, {self.cfg.cond_in_channels}, Hc, Wc], got {tuple(cond.shape)}")
         tokens = self.cond_embedder(cond).to(like.dtype)
         if cond_drop is None:
             if self.null_cond is None:
@@ -665,8 +707,9 @@ class JiT(nn.Module):
             raise ValueError(f"cond_drop must be a [B={B}] bool tensor, got {cond_drop.dtype} {tuple(cond_drop.shape)}")
         return torch.where(cond_drop.view(B, 1, 1).to(like.device), null, tokens)
 
-    def _cond_tokens_packed(self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: PackedLayout,
-                            like: Tensor) -> Tensor:
+    def _cond_tokens_packed(
+        self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: PackedLayout, like: Tensor
+    ) -> Tensor:
         """Condition tokens ``[T_cond, W]`` of a packed batch: embedded pixel tokens, or the null condition
         for the samples that ``cond_drop`` (``[S]`` bool) drops and for all when ``cond`` is None."""
         T_cond, D = layout.cond_seq_id.shape[0], like.shape[-1]
@@ -678,8 +721,10 @@ class JiT(nn.Module):
             return null
         cp, cc = self.cfg.cond_patch, self.cfg.cond_in_channels
         if cond.dim() != 2 or cond.shape[0] != T_cond or cond.shape[1] != cp * cp * cc:
-            raise ValueError(f"cond must be the condition images' pixel tokens [T_cond={T_cond}, {cp * cp * cc}], "
-                             f"got {tuple(cond.shape)}")
+            raise ValueError(
+                f"cond must be the condition images' pixel tokens [T_cond={T_cond}, {cp * cp * cc}], "
+                f"got {tuple(cond.shape)}"
+            )
         tokens = self.cond_embedder.forward_tokens(cond).to(like.dtype)
         if cond_drop is None:
             if self.null_cond is None:
@@ -687,8 +732,10 @@ class JiT(nn.Module):
             # As in the batched path: the learned null vector stays in the graph (DDP sees it used).
             cond_drop = torch.zeros(layout.image_tokens.shape[0], dtype=torch.bool, device=like.device)
         if cond_drop.dim() != 1 or cond_drop.shape[0] != layout.image_tokens.shape[0] or cond_drop.dtype != torch.bool:
-            raise ValueError(f"cond_drop must be a [S={layout.image_tokens.shape[0]}] bool tensor, got "
-                             f"{cond_drop.dtype} {tuple(cond_drop.shape)}")
+            raise ValueError(
+                f"cond_drop must be a [S={layout.image_tokens.shape[0]}] bool tensor, got "
+                f"{cond_drop.dtype} {tuple(cond_drop.shape)}"
+            )
         drop = cond_drop.to(like.device)[layout.cond_seq_id]
         return torch.where(drop.unsqueeze(-1), null, tokens)
 
@@ -786,7 +833,8 @@ class JiT(nn.Module):
         S = layout.image_tokens.shape[0]
         if x.dim() != 2 or x.shape[0] != layout.image_seq_id.shape[0] or x.shape[1] != P:
             raise ValueError(
-                f"x must be pixel tokens [T_img={layout.image_seq_id.shape[0]}, {P}], got {tuple(x.shape)}")
+                f"x must be pixel tokens [T_img={layout.image_seq_id.shape[0]}, {P}], got {tuple(x.shape)}"
+            )
         if t.dim() == 0:
             t = t.expand(S)
         if t.shape != (S,):
@@ -860,8 +908,9 @@ class JiT(nn.Module):
                     got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
                     raise ValueError(f"conds[{s}] must be a [{cfg.cond_in_channels}, Hc, Wc] image or None, got {got}")
         cond_sizes = None if conds is None else [None if c is None else tuple(c.shape[-2:]) for c in conds]
-        layout = self.packed_layout([tuple(im.shape[-2:]) for im in xs], cond_sizes, pos_scaling=pos_scaling,
-                                    device=device)
+        layout = self.packed_layout(
+            [tuple(im.shape[-2:]) for im in xs], cond_sizes, pos_scaling=pos_scaling, device=device
+        )
         if t.dim() == 0:
             t = t.expand(S)
         cond_tok = None
@@ -869,11 +918,14 @@ class JiT(nn.Module):
             # A missing condition image is the null condition: zeros in its grid, dropped below.
             missing = torch.tensor([c is None for c in conds], device=device)
             cp = cfg.cond_patch
-            filled = [c if c is not None else xs[s].new_zeros(cfg.cond_in_channels, g[0] * cp, g[1] * cp)
-                      for s, (c, g) in enumerate(zip(conds, layout.cond_grids))]
+            filled = [
+                c if c is not None else xs[s].new_zeros(cfg.cond_in_channels, g[0] * cp, g[1] * cp)
+                for s, (c, g) in enumerate(zip(conds, layout.cond_grids))
+            ]
             cond_tok = pack_images(filled, cp, name="conds")
             if missing.any():
                 cond_drop = missing if cond_drop is None else (cond_drop.to(device) | missing)
-        out = self.forward_tokens(pack_images(list(xs), cfg.patch_size, name="xs"), t, y, cond_tok,
-                                  cond_drop=cond_drop, layout=layout)
+        out = self.forward_tokens(
+            pack_images(list(xs), cfg.patch_size, name="xs"), t, y, cond_tok, cond_drop=cond_drop, layout=layout
+        )
         return unpack_images(out, layout, cfg.patch_size)

@@ -4,6 +4,7 @@ Thin wrappers over ``torch.ops.jitrope.*``. The kernels (CPU, CUDA) and the auto
 are C++ (csrc/), so the ops train the same way from LibTorch; this module adds the fake
 (meta) kernels that let ``torch.compile`` trace them, and documents the API.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -11,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import HAS_EXTENSION, EXTENSION_ERROR
+from . import EXTENSION_ERROR, HAS_EXTENSION
 
 __all__ = ["rope2d", "rope2d_", "pos2d_add", "pos2d_add_", "qk_norm_rope", "pos2d_add_indexed"]
 
@@ -192,9 +193,8 @@ if HAS_EXTENSION:
         # A meta tensor beside real ones dispatches to these fakes, not to the C++ checks: refuse it
         # with the C++ message.
         for name, t in tensors.items():
-            torch._check(
-                t.device == x.device, lambda: f"{op}: {name} must be on {x_name}'s device {x.device}, got {t.device}"
-            )
+            msg = f"{op}: {name} must be on {x_name}'s device {x.device}, got {t.device}"
+            torch._check(t.device == x.device, lambda msg=msg: msg)
 
     @torch.library.register_fake("jitrope::pos2d_add_indexed")
     def _pos2d_add_indexed_fake(x, pos_h, pos_w, rows, cols):

@@ -20,6 +20,7 @@ Two token streams exist because the in-context tokens join at block ``in_context
 ``seqs_in`` is ``[image | condition]`` per sample (what the additive encodings and the first blocks
 see), ``seqs`` is ``[in-context | image | condition]``. With ``context_len = 0`` they are one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,16 @@ from torch import Tensor
 
 from .rope import sequence_coords
 
-__all__ = ["PackedSeqs", "PackedLayout", "patchify", "unpatchify", "pack_images", "unpack_images",
-           "mark_dynamic", "check_cu_seqlens"]
+__all__ = [
+    "PackedSeqs",
+    "PackedLayout",
+    "patchify",
+    "unpatchify",
+    "pack_images",
+    "unpack_images",
+    "mark_dynamic",
+    "check_cu_seqlens",
+]
 
 Grid = Tuple[int, int]
 
@@ -51,7 +60,7 @@ class PackedSeqs(NamedTuple):
     seq_id: Tensor
     coords: Tensor
 
-    def to(self, device) -> "PackedSeqs":
+    def to(self, device) -> PackedSeqs:
         return PackedSeqs(self.cu_seqlens.to(device), self.max_seqlen, self.seq_id.to(device), self.coords.to(device))
 
 
@@ -63,7 +72,8 @@ def check_cu_seqlens(cu_seqlens: Tensor, total: int, *, name: str = "cu_seqlens"
         raise ValueError(f"{name} must be an int32 [S+1] tensor, got {got}")
     if cu_seqlens.numel() < 2:
         raise ValueError(
-            f"{name} must hold at least one sequence ([S+1] with S >= 1), got {cu_seqlens.numel()} entries")
+            f"{name} must hold at least one sequence ([S+1] with S >= 1), got {cu_seqlens.numel()} entries"
+        )
     v = cu_seqlens.tolist()
     if v[0] != 0:
         raise ValueError(f"{name} must start at 0, got {v[0]}")
@@ -132,7 +142,7 @@ class PackedLayout:
     image_seq_id: Tensor
     cond_seq_id: Tensor
     image_tokens: Tensor
-    _derived: Dict[object, "PackedLayout"] = field(default_factory=dict, repr=False, compare=False)
+    _derived: Dict[object, PackedLayout] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ sizes (host values)
     @property
@@ -170,7 +180,7 @@ class PackedLayout:
         max_grid: Optional[Grid] = None,
         max_cond_grid: Optional[Grid] = None,
         device=None,
-    ) -> "PackedLayout":
+    ) -> PackedLayout:
         """The layout of samples with token grids ``img_grids`` (and ``cond_grids``), on ``device``.
 
         ``train_grid``/``train_cond_grid``: the grids the model was trained on (default: the first
@@ -281,11 +291,24 @@ class PackedLayout:
         img_counts = torch.tensor([gh * gw for gh, gw in img_grids], dtype=torch.int64)
         cond_counts = torch.tensor([0 if g is None else g[0] * g[1] for g in cond_grids], dtype=torch.int64)
         layout = cls(
-            img_grids=img_grids, cond_grids=cond_grids, context_len=L, scaling=scaling,
-            train_grid=train_grid, train_cond_grid=train_cond_grid, max_grid=max_grid, max_cond_grid=max_cond_grid,
-            image_tables=image_tables, cond_tables=cond_tables, seqs=seqs, seqs_in=seqs_in,
-            rows=torch.cat(rows), cols=torch.cat(cols), slots=torch.cat(slots),
-            in_gather=torch.cat(in_gather), ctx_gather=torch.cat(ctx_gather), image_index=torch.cat(image_index),
+            img_grids=img_grids,
+            cond_grids=cond_grids,
+            context_len=L,
+            scaling=scaling,
+            train_grid=train_grid,
+            train_cond_grid=train_cond_grid,
+            max_grid=max_grid,
+            max_cond_grid=max_cond_grid,
+            image_tables=image_tables,
+            cond_tables=cond_tables,
+            seqs=seqs,
+            seqs_in=seqs_in,
+            rows=torch.cat(rows),
+            cols=torch.cat(cols),
+            slots=torch.cat(slots),
+            in_gather=torch.cat(in_gather),
+            ctx_gather=torch.cat(ctx_gather),
+            image_index=torch.cat(image_index),
             image_seq_id=torch.repeat_interleave(torch.arange(S), img_counts),
             cond_seq_id=torch.repeat_interleave(torch.arange(S), cond_counts),
             image_tokens=img_counts,
@@ -293,26 +316,43 @@ class PackedLayout:
         return layout if device is None else layout.to(device)
 
     def _tensors(self) -> Dict[str, object]:
-        names = ("seqs", "seqs_in", "rows", "cols", "slots", "in_gather", "ctx_gather", "image_index",
-                 "image_seq_id", "cond_seq_id", "image_tokens")
+        names = (
+            "seqs",
+            "seqs_in",
+            "rows",
+            "cols",
+            "slots",
+            "in_gather",
+            "ctx_gather",
+            "image_index",
+            "image_seq_id",
+            "cond_seq_id",
+            "image_tokens",
+        )
         return {n: getattr(self, n) for n in names}
 
-    def to(self, device) -> "PackedLayout":
+    def to(self, device) -> PackedLayout:
         """The same layout with its tensors on ``device``."""
         moved = {n: v.to(device) for n, v in self._tensors().items()}
         if self.seqs_in is self.seqs:
             moved["seqs_in"] = moved["seqs"]
         return dataclasses.replace(self, **moved, _derived={})
 
-    def repeat(self, n: int) -> "PackedLayout":
+    def repeat(self, n: int) -> PackedLayout:
         """The layout of the batch written ``n`` times in a row (samples ``s + k*S``): classifier-free
         guidance runs the conditional and the unconditional batch as one. Kept on the layout."""
         key = ("repeat", n)
         if key not in self._derived:
             self._derived[key] = PackedLayout.build(
-                self.img_grids * n, self.cond_grids * n, context_len=self.context_len, scaling=self.scaling,
-                train_grid=self.train_grid, train_cond_grid=self.train_cond_grid, max_grid=self.max_grid,
-                max_cond_grid=self.max_cond_grid, device=self.device,
+                self.img_grids * n,
+                self.cond_grids * n,
+                context_len=self.context_len,
+                scaling=self.scaling,
+                train_grid=self.train_grid,
+                train_cond_grid=self.train_cond_grid,
+                max_grid=self.max_grid,
+                max_cond_grid=self.max_cond_grid,
+                device=self.device,
             )
         return self._derived[key]
 
@@ -320,7 +360,8 @@ class PackedLayout:
         """``[T_img, ...]`` image-token rows -> one ``[gh*gw, ...]`` chunk per sample."""
         if tokens.shape[0] != self.n_image:
             raise ValueError(
-                f"tokens must have the layout's {self.n_image} image tokens in dim 0, got {tuple(tokens.shape)}")
+                f"tokens must have the layout's {self.n_image} image tokens in dim 0, got {tuple(tokens.shape)}"
+            )
         return list(tokens.split([gh * gw for gh, gw in self.img_grids]))
 
 
@@ -372,8 +413,9 @@ def pack_images(images: Sequence[Tensor], patch: int, *, name: str = "images") -
             got = tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__
             raise ValueError(f"{name}[{s}] must be a [C={C}, H, W] tensor like {name}[0], got {got}")
         if im.shape[1] % patch or im.shape[2] % patch or im.shape[1] == 0 or im.shape[2] == 0:
-            raise ValueError(f"{name}[{s}]: size {im.shape[1]}x{im.shape[2]} is not a positive multiple of "
-                             f"the patch size {patch}")
+            raise ValueError(
+                f"{name}[{s}]: size {im.shape[1]}x{im.shape[2]} is not a positive multiple of the patch size {patch}"
+            )
     return torch.cat([patchify(im, patch) for im in images])
 
 

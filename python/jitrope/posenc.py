@@ -47,6 +47,7 @@ and derived tables of other grids (cos/sin, sin-cos, summed factorized tables) a
 while the parameters they come from are unchanged. Tables made from parameters that are being
 trained are made once per forward (per layer for RoPE-Mixed, whose layers differ), so gradients flow.
 """
+
 from __future__ import annotations
 
 import math
@@ -198,8 +199,9 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def qk_norm_rope_fused(qk: Tensor, weight: Tensor, coords: Optional[Tensor], freqs: Optional[Tensor],
-                       eps: float) -> Tensor:
+def qk_norm_rope_fused(
+    qk: Tensor, weight: Tensor, coords: Optional[Tensor], freqs: Optional[Tensor], eps: float
+) -> Tensor:
     """``pos_impl="fused"``: ``jitrope::qk_norm_rope`` (SPEC §3a), RMSNorm of q and k (``weight: [2, D]``)
     and the rotation (when ``freqs``) in one pass over the strided q/k view, written in the layout SDPA reads.
 
@@ -416,8 +418,9 @@ class SinCos2D(PosPart):
             table = self.table
         else:
             placed = layout._replace(scaling=layout.table_scaling)
-            table = self._derived.get((placed, x.device), (),
-                                      lambda: sincos_2d(placed.coords(device=x.device), self.width))
+            table = self._derived.get(
+                (placed, x.device), (), lambda: sincos_2d(placed.coords(device=x.device), self.width)
+            )
         return x + table.to(x.dtype)
 
 
@@ -463,7 +466,11 @@ class Factorized2D(PosPart):
         segs = [(ph, pw, layout.grid, 0)]
         if layout.cond_grid is not None:
             ph, pw = self._tables(
-                self.cond_pos_h, self.cond_pos_w, layout.cond_grid, self.train_cond_grid, layout.table_scaling,
+                self.cond_pos_h,
+                self.cond_pos_w,
+                layout.cond_grid,
+                self.train_cond_grid,
+                layout.table_scaling,
                 "condition",
             )
             segs.append((ph, pw, layout.cond_grid, layout.n_image))
@@ -473,8 +480,14 @@ class Factorized2D(PosPart):
         for s, (g, cg) in enumerate(zip(layout.img_grids, layout.cond_grids)):
             self._tables(self.pos_h, self.pos_w, g, self.train_grid, layout.scaling, f"image (sample {s})")
             if cg is not None:
-                self._tables(self.cond_pos_h, self.cond_pos_w, cg, self.train_cond_grid, layout.scaling,
-                             f"condition (sample {s})")
+                self._tables(
+                    self.cond_pos_h,
+                    self.cond_pos_w,
+                    cg,
+                    self.train_cond_grid,
+                    layout.scaling,
+                    f"condition (sample {s})",
+                )
 
     def packed_tables(self, layout: PackedLayout) -> Tuple[Tensor, Tensor]:
         """Row and column tables that ``layout.rows`` / ``layout.cols`` index: the image tables, one pair
@@ -499,8 +512,9 @@ class Factorized2D(PosPart):
         # tables rounded to x's dtype and summed in float32 before the add, as in _summed.
         acc = _acc_dtype(x)
         zero = ph.new_zeros(1, ph.shape[1])
-        table = (torch.cat((ph, zero))[layout.rows].to(x.dtype).to(acc)
-                 + torch.cat((pw, zero))[layout.cols].to(x.dtype).to(acc))
+        table = torch.cat((ph, zero))[layout.rows].to(x.dtype).to(acc) + torch.cat((pw, zero))[layout.cols].to(
+            x.dtype
+        ).to(acc)
         return (x.to(acc) + table).to(x.dtype)
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
@@ -515,8 +529,11 @@ class Factorized2D(PosPart):
         # The summed [n_image + n_cond, D] table, made as pos2d_add_ref makes it (tables rounded to
         # x's dtype, summed in float32), then one add: the reference's numbers, a user's eager cost.
         acc = _acc_dtype(x)
-        sources = [p for p in (self.pos_h, self.pos_w, getattr(self, "cond_pos_h", None),
-                               getattr(self, "cond_pos_w", None)) if p is not None]
+        sources = [
+            p
+            for p in (self.pos_h, self.pos_w, getattr(self, "cond_pos_h", None), getattr(self, "cond_pos_w", None))
+            if p is not None
+        ]
         table = self._derived.get((layout, x.dtype, x.device), sources, lambda: self._summed(layout, x.dtype, acc))
         return (x.to(acc) + table).to(x.dtype)
 
@@ -551,8 +568,9 @@ class Rope2D(PosPart):
         self._make_tables(torch.float32, None)
 
     def _make_tables(self, dtype: torch.dtype, device) -> None:
-        self.register_buffer("freqs", axial_freqs(self.head_dim, self.theta, dtype=dtype, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "freqs", axial_freqs(self.head_dim, self.theta, dtype=dtype, device=device), persistent=False
+        )
         self._make_coords(dtype, device)
         if self.impl == "torch":
             cos, sin = rope_cos_sin(self.coords, self.freqs, dtype)
@@ -581,9 +599,16 @@ class Rope2D(PosPart):
             return f
         per_layer = layer if self.freqs.dim() > 2 else None  # RoPE-Mixed: every layer has its own
         return self._derived.get(
-            ("freqs", per_layer, layout.grid, layout.train_grid, layout.scaling), (self.freqs,),
-            lambda: scale_freqs(f, layout.scale_hw, layout.scaling, theta=self.theta, head_dim=self.head_dim,
-                                train_grid=layout.train_grid),
+            ("freqs", per_layer, layout.grid, layout.train_grid, layout.scaling),
+            (self.freqs,),
+            lambda: scale_freqs(
+                f,
+                layout.scale_hw,
+                layout.scaling,
+                theta=self.theta,
+                head_dim=self.head_dim,
+                train_grid=layout.train_grid,
+            ),
         )
 
     def attn_factor(self, layout: SeqLayout) -> float:
@@ -614,7 +639,8 @@ class Rope2D(PosPart):
             return self.cos[:, start:], self.sin[:, start:]
         freqs = self.scaled_freqs(layer, layout)
         return self._derived.get(
-            ("cos_sin", layout, prefix, qk.device, acc), (self.freqs,),
+            ("cos_sin", layout, prefix, qk.device, acc),
+            (self.freqs,),
             lambda: rope_cos_sin(self._coords(layout, prefix, qk.device), freqs, acc),
         )
 
@@ -671,7 +697,8 @@ class Rope2DMixed(Rope2D):
     def _cos_sin(self, layout: SeqLayout, prefix: int, layer: int, qk: Tensor) -> Tuple[Tensor, Tensor]:
         acc = _acc_dtype(qk)
         return self._derived.get(
-            ("cos_sin", layer, layout, prefix, qk.device, acc), (self.freqs,),
+            ("cos_sin", layer, layout, prefix, qk.device, acc),
+            (self.freqs,),
             lambda: rope_cos_sin(self._coords(layout, prefix, qk.device), self.scaled_freqs(layer, layout), acc),
         )
 

@@ -9,6 +9,7 @@ references, the ``pos_impl="torch"`` path of :mod:`jitrope.posenc` and the model
 all call them, so they agree bit for bit by construction (as gsplat's ``_torch_impl.py`` serves its
 reference, fallback and tests).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -48,8 +49,10 @@ def rope_angles(coords: Tensor, freqs: Tensor, dtype: torch.dtype, *, freqs_inde
 
 def _check_indexed_freqs(freqs: Tensor, freqs_index: Tensor, n_tokens: int, what: str) -> None:
     if freqs.dim() not in (3, 4) or freqs.shape[0] == 0:
-        raise ValueError(f"{what}: with freqs_index, freqs must be [F, 2, D/2] or [F, H, 2, D/2] with F >= 1, "
-                         f"got {tuple(freqs.shape)}")
+        raise ValueError(
+            f"{what}: with freqs_index, freqs must be [F, 2, D/2] or [F, H, 2, D/2] with F >= 1, "
+            f"got {tuple(freqs.shape)}"
+        )
     if freqs_index.dtype != torch.int64 or freqs_index.shape != (n_tokens,):
         raise ValueError(
             f"{what}: freqs_index must be an int64 tensor [N] = [{n_tokens}], got {freqs_index.dtype} "
@@ -59,8 +62,10 @@ def _check_indexed_freqs(freqs: Tensor, freqs_index: Tensor, n_tokens: int, what
     if n_tokens and not torch.compiler.is_compiling():
         lo, hi = int(freqs_index.min()), int(freqs_index.max())
         if lo < 0 or hi >= freqs.shape[0]:
-            raise ValueError(f"{what}: freqs_index must be in [0, F) = [0, {freqs.shape[0]}) "
-                             f"(F = freqs.shape[0]), got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"{what}: freqs_index must be in [0, F) = [0, {freqs.shape[0]}) "
+                f"(F = freqs.shape[0]), got values in [{lo}, {hi}]"
+            )
 
 
 def _rope_angles(coords: Tensor, freqs: Tensor, dtype: torch.dtype, freqs_index: Optional[Tensor]) -> Tensor:

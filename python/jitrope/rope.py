@@ -25,6 +25,7 @@ image scales rows by ``s_h = 1.5`` and columns by ``s_w = 1``.
 ``ntk`` and ``yarn`` only scale axes that are longer than in training (``s`` is clamped at 1, as
 FiT's ``max(L_test / L_train, 1)``): a smaller grid keeps its integer positions and frequencies.
 """
+
 from __future__ import annotations
 
 import math
@@ -141,8 +142,9 @@ def scale_axis_freqs(
     mag = f.abs()
     if mode == "ntk":
         if rotary_dim <= 2:
-            raise ValueError(f"ntk: an axis needs more than one frequency (rotary dim > 2), got rotary dim "
-                             f"{rotary_dim}")
+            raise ValueError(
+                f"ntk: an axis needs more than one frequency (rotary dim > 2), got rotary dim {rotary_dim}"
+            )
         # ln(1/|f|) / ln(theta), written so that f = 0 (a pair that does not turn with this axis) stays finite
         k_frac = torch.where(mag > 0, -torch.log(mag.clamp_min(1e-300)) / math.log(theta), torch.ones_like(mag))
         e = (k_frac * (rotary_dim / (rotary_dim - 2))).clamp(0.0, 1.0)
@@ -205,8 +207,9 @@ def scaled_axial_freqs(
     frequencies, the factor on the attention logits)``; the formulas and their sources are in the
     module docstring and :func:`scale_axis_freqs`."""
     base = axial_freqs(head_dim, theta, dtype=torch.float64, device=device)
-    freqs = scale_freqs(base, scale_hw, mode, theta=theta, head_dim=head_dim, train_grid=train_grid,
-                        alpha=alpha, beta=beta)
+    freqs = scale_freqs(
+        base, scale_hw, mode, theta=theta, head_dim=head_dim, train_grid=train_grid, alpha=alpha, beta=beta
+    )
     return freqs.to(dtype), attn_logit_factor(scale_hw, mode)
 
 

@@ -17,6 +17,7 @@ record after S (they belong to the steps that are trained again) and any torn li
 file atomically, so the file always describes one consistent history. The interface is that of
 torchtitan's ``components/metrics.py`` loggers: ``log(metrics, step)`` and ``close()``.
 """
+
 from __future__ import annotations
 
 import json

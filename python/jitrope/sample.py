@@ -12,6 +12,7 @@ then the flags (each flag sets one key, e.g. ``--steps`` is ``sample.steps``).
 The Python API (:func:`load_model`, :func:`run_config`, :func:`generate`, :func:`make_grid`) is what
 the trainer and ``jitrope.evaluate`` use.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,9 @@ def _stored(w: Mapping[str, Any]) -> Dict[str, Any]:
     return stored
 
 
-def run_config(w: Mapping[str, Any], path=None, overrides: Sequence[str] = (),
-               flags: Optional[Mapping[str, Any]] = None) -> Config:
+def run_config(
+    w: Mapping[str, Any], path=None, overrides: Sequence[str] = (), flags: Optional[Mapping[str, Any]] = None
+) -> Config:
     """The config to sample / evaluate the checkpoint ``w`` (:func:`load_checkpoint`) with: the one
     stored with it, then the YAML file ``path``, the dotted ``overrides`` and the typed ``flags``
     (:func:`jitrope.config.load_config`)."""
@@ -113,8 +115,10 @@ def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", dev
             i = int(ema)
             sd = w["emas"][i]
         except (ValueError, IndexError):
-            raise CheckpointError(f"{path} has {len(w['emas'])} EMA(s) ({w['ema_decays']}); ema {ema!r} is not one of "
-                                  "them (\"none\": the raw weights)") from None
+            raise CheckpointError(
+                f"{path} has {len(w['emas'])} EMA(s) ({w['ema_decays']}); ema {ema!r} is not one of "
+                'them ("none": the raw weights)'
+            ) from None
         which = f"ema{i}"
     check_state_dict(model.state_dict(), sd, where=f"{path} [{which}]")
     model.load_state_dict(sd)
@@ -225,14 +229,25 @@ def generate_sizes(
     layout = model.packed_layout(list(sizes), device=device)
     p = model.cfg.patch_size
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        z = diffusion.sample(model.forward_tokens, labels.to(device), None, noise=pack_images(noise, p).to(device),
-                             steps=steps, sampler=sampler, cfg=cfg, cfg_interval=cfg_interval,
-                             null_class=model.null_class, progress=progress, layout=layout)
+        z = diffusion.sample(
+            model.forward_tokens,
+            labels.to(device),
+            None,
+            noise=pack_images(noise, p).to(device),
+            steps=steps,
+            sampler=sampler,
+            cfg=cfg,
+            cfg_interval=cfg_interval,
+            null_class=model.null_class,
+            progress=progress,
+            layout=layout,
+        )
     return unpack_images(z.float().cpu(), layout, p)
 
 
-def make_size_grid(images: Sequence[Tensor], ncol: int, *, row_labels: Optional[Sequence[str]] = None,
-                   scale: int = 1, pad: int = 2):
+def make_size_grid(
+    images: Sequence[Tensor], ncol: int, *, row_labels: Optional[Sequence[str]] = None, scale: int = 1, pad: int = 2
+):
     """:func:`make_grid` of images of different sizes: each centred on white in a cell of the largest
     height and width."""
     H = max(im.shape[-2] for im in images)
@@ -356,26 +371,43 @@ def _parse_interval(s: str) -> Tuple[float, float]:
 # stands where the flag is not given.
 FLAGS = (
     Flag("--out", "sample.out", "grid image (.png, .jpg, ...); single images go to a folder named after it"),
-    Flag("--classes", "sample.classes", "comma-separated class names or indices, 'all', or 'null' (unconditional); "
-         "with --cond: one class for all rows or one per condition image (default: null)"),
+    Flag(
+        "--classes",
+        "sample.classes",
+        "comma-separated class names or indices, 'all', or 'null' (unconditional); "
+        "with --cond: one class for all rows or one per condition image (default: null)",
+    ),
     Flag("--n", "sample.n", "samples per row", {"type": int}),
     Flag("--cond", "sample.cond", "condition image, or folder of them (size model.cond_img_size)"),
-    Flag("--cond-resize", "sample.cond_resize", "resize condition images of another size instead of failing",
-         {"action": "store_const", "const": True}),
+    Flag(
+        "--cond-resize",
+        "sample.cond_resize",
+        "resize condition images of another size instead of failing",
+        {"action": "store_const", "const": True},
+    ),
     Flag("--cfg", "sample.cfg", "guidance scale (1 = no guidance)", {"type": float}),
     Flag("--cfg-interval", "sample.cfg_interval", "LO,HI: guide only for t in [LO, HI]", {"type": _parse_interval}),
     Flag("--sampler", "sample.sampler", "sampler", {"choices": tuple(SAMPLERS)}),
     Flag("--steps", "sample.steps", "sampler steps", {"type": int}),
     Flag("--seed", "sample.seed", "noise seed", {"type": int}),
     Flag("--batch-size", "sample.batch_size", "images per forward pass", {"type": int}),
-    Flag("--sizes", "sample.sizes", "HxW,HxW,...: one grid of every class (rows) at every size (columns, --n "
-         "each), all sizes in one packed forward per step"),
-    Flag("--img-size", "sample.img_size", "sample at another size (where the positional encoding allows)",
-         {"type": int}),
+    Flag(
+        "--sizes",
+        "sample.sizes",
+        "HxW,HxW,...: one grid of every class (rows) at every size (columns, --n "
+        "each), all sizes in one packed forward per step",
+    ),
+    Flag(
+        "--img-size", "sample.img_size", "sample at another size (where the positional encoding allows)", {"type": int}
+    ),
     Flag("--ema", "sample.ema", "which weights: EMA index 0 / 1, or none (raw)"),
     Flag("--device", "sample.device", "auto | cpu | cuda | cuda:N"),
-    Flag("--num-threads", "sample.num_threads", "CPU threads (default: torch's; 1 is fastest on a busy machine)",
-         {"type": int}),
+    Flag(
+        "--num-threads",
+        "sample.num_threads",
+        "CPU threads (default: torch's; 1 is fastest on a busy machine)",
+        {"type": int},
+    ),
     Flag("--pos-impl", "model.pos_impl", "op implementation of the positional encoding", {"choices": IMPLS}),
     Flag("--scale", "sample.scale", "upscale factor of the grid (default: to about 64 px per image)", {"type": int}),
     Flag("--no-singles", "sample.singles", "write the grid only", {"action": "store_const", "const": False}),
@@ -391,12 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
         "shown first. Settings are the config keys in brackets, from the run's config (sample.*), "
         "--config FILE and section.key=value overrides; a flag sets its key.",
     )
-    p.add_argument("--ckpt", required=True,
-                   help="run folder (newest checkpoint), checkpoints/step_* folder, or weights.safetensors")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="run folder (newest checkpoint), checkpoints/step_* folder, or weights.safetensors",
+    )
     p.add_argument("--config", help="YAML file of config keys (e.g. a sample: section), over the run's config")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="load a checkpoint that has no manifest to verify its files by")
+    p.add_argument(
+        "--allow-unverified", action="store_true", help="load a checkpoint that has no manifest to verify its files by"
+    )
     add_flags(p, FLAGS)
     return p
 
@@ -413,15 +449,18 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     out = check_image_out(s.out, "sample.out")
     singles = out.with_suffix("")
     if s.singles and singles.exists() and not singles.is_dir():
-        raise ConfigError(f"config key sample.out: the single images go to {singles}, which is a file "
-                          "(set sample.singles=false, or another sample.out)")
+        raise ConfigError(
+            f"config key sample.out: the single images go to {singles}, which is a file "
+            "(set sample.singles=false, or another sample.out)"
+        )
     cpu_setup(s.num_threads)
     model, info = model_from_weights(w, cfg, ema=s.ema, device=device)
     class_names = info["class_names"]
     img_size = s.img_size if s.img_size is not None else model.cfg.img_size
     if img_size % model.cfg.patch_size:
-        raise ConfigError(f"config key sample.img_size: {img_size} is not a multiple of the patch size "
-                          f"{model.cfg.patch_size}")
+        raise ConfigError(
+            f"config key sample.img_size: {img_size} is not a multiple of the patch size {model.cfg.patch_size}"
+        )
 
     if s.sizes is not None:
         return _run_sizes(cfg, model, info, out, singles)
@@ -429,8 +468,10 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     conds, cond_names = None, None
     if s.cond is not None:
         if model.cfg.cond_img_size is None:
-            raise SampleError(f"{info['path']}: this model takes no condition image (model.cond_img_size is null); "
-                              "drop --cond (sample.cond)")
+            raise SampleError(
+                f"{info['path']}: this model takes no condition image (model.cond_img_size is null); "
+                "drop --cond (sample.cond)"
+            )
         csize = model.cfg.cond_img_size * img_size // model.cfg.img_size
         conds, cond_names = load_cond_images(s.cond, csize, resize=s.cond_resize)
         rows = len(conds)
@@ -453,9 +494,21 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     n_batches = math.ceil(len(labels) / s.batch_size)
     bar = tqdm(total=n_batches * s.steps, desc="sampling", unit="step", disable=True if not s.progress else None)
     try:
-        x = generate(model, diffusion, labels, cond, img_size=img_size, steps=s.steps, sampler=s.sampler, cfg=s.cfg,
-                     cfg_interval=interval, seed=s.seed, batch_size=s.batch_size, device=device,
-                     progress=bar.update)
+        x = generate(
+            model,
+            diffusion,
+            labels,
+            cond,
+            img_size=img_size,
+            steps=s.steps,
+            sampler=s.sampler,
+            cfg=s.cfg,
+            cfg_interval=interval,
+            seed=s.seed,
+            batch_size=s.batch_size,
+            device=device,
+            progress=bar.update,
+        )
     except ValueError as e:  # e.g. a grid the positional encoding cannot place
         raise SampleError(f"the model cannot sample this: {e}") from None
     finally:
@@ -464,8 +517,11 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     imgs = to_uint8(x)
     ncol = s.n
     if row_cond is not None:  # show the condition (upscaled to the sample size) first in its row
-        shown = to_uint8(resize_images(row_cond, img_size) if row_cond.shape[-1] > img_size else
-                         torch.nn.functional.interpolate(row_cond, size=(img_size, img_size), mode="nearest"))
+        shown = to_uint8(
+            resize_images(row_cond, img_size)
+            if row_cond.shape[-1] > img_size
+            else torch.nn.functional.interpolate(row_cond, size=(img_size, img_size), mode="nearest")
+        )
         imgs = torch.cat([torch.cat([shown[r : r + 1], imgs[r * s.n : (r + 1) * s.n]]) for r in range(len(row_cond))])
         ncol += 1
     scale_f = s.scale if s.scale is not None else max(1, 64 // img_size)
@@ -479,8 +535,10 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
             r, c = divmod(i, s.n)
             name = "".join(ch if ch.isalnum() else "_" for ch in row_labels[r])[:40]
             Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(singles / f"r{r:02d}_c{c:02d}_{name}.png")
-    print(f"wrote {out} ({len(labels)} samples, step {info['step']} {info['weights']}, {s.sampler} {s.steps} steps, "
-          f"cfg {s.cfg} on {list(interval)})")
+    print(
+        f"wrote {out} ({len(labels)} samples, step {info['step']} {info['weights']}, {s.sampler} {s.steps} steps, "
+        f"cfg {s.cfg} on {list(interval)})"
+    )
     return out
 
 
@@ -490,11 +548,14 @@ def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: 
 
     s = cfg.sample
     if s.cond is not None:
-        raise SampleError("sample.sizes samples class rows with the null condition; drop --cond (sample.cond), "
-                          "or sample a condition grid at one size with --img-size")
+        raise SampleError(
+            "sample.sizes samples class rows with the null condition; drop --cond (sample.cond), "
+            "or sample a condition grid at one size with --img-size"
+        )
     if s.img_size is not None:
-        raise SampleError("sample.sizes and sample.img_size both give the size; keep one (sample.sizes=null samples "
-                          "one size)")
+        raise SampleError(
+            "sample.sizes and sample.img_size both give the size; keep one (sample.sizes=null samples one size)"
+        )
     sizes = parse_sizes(s.sizes, "config key sample.sizes")
     for h, w in dict.fromkeys(sizes):  # each size alone first, so that an error names it
         try:
@@ -512,8 +573,19 @@ def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: 
     device = next(model.parameters()).device
     bar = tqdm(total=s.steps, desc="sampling", unit="step", disable=True if not s.progress else None)
     try:
-        xs = generate_sizes(model, diffusion, labels, grid_sizes, steps=s.steps, sampler=s.sampler, cfg=s.cfg,
-                            cfg_interval=interval, seed=s.seed, device=device, progress=lambda k: bar.update(1))
+        xs = generate_sizes(
+            model,
+            diffusion,
+            labels,
+            grid_sizes,
+            steps=s.steps,
+            sampler=s.sampler,
+            cfg=s.cfg,
+            cfg_interval=interval,
+            seed=s.seed,
+            device=device,
+            progress=lambda k: bar.update(1),
+        )
     except ValueError as e:  # e.g. a grid the positional encoding cannot place
         raise SampleError(f"the model cannot sample this: {e}") from None
     finally:
@@ -530,9 +602,12 @@ def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: 
             h, w = x.shape[-2:]
             name = "".join(ch if ch.isalnum() else "_" for ch in row_labels[r])[:40]
             Image.fromarray(to_uint8(x).permute(1, 2, 0).numpy()).save(
-                singles / f"r{r:02d}_c{c:02d}_{h}x{w}_{name}.png")
-    print(f"wrote {out} ({len(xs)} samples at {len(sizes)} sizes in one packed batch, step {info['step']} "
-          f"{info['weights']}, {s.sampler} {s.steps} steps, cfg {s.cfg} on {list(interval)})")
+                singles / f"r{r:02d}_c{c:02d}_{h}x{w}_{name}.png"
+            )
+    print(
+        f"wrote {out} ({len(xs)} samples at {len(sizes)} sizes in one packed batch, step {info['step']} "
+        f"{info['weights']}, {s.sampler} {s.steps} steps, cfg {s.cfg} on {list(interval)})"
+    )
     return out
 
 

@@ -22,6 +22,7 @@ could not be written, Ctrl-C) says in one line what happened, which checkpoint i
 kept and how to continue. Exit status of the CLI: 0 done, 2 bad input or such a stop (an
 ``error:`` line), 130 interrupted (Ctrl-C, as shells report SIGINT).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -131,7 +132,9 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
         raise ConfigError(f"train.device={name!r} is not a device (auto | cpu | cuda | cuda:N)") from None
     if d.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name} but this machine has no usable CUDA device; use train.device=cpu or auto")
+            raise ConfigError(
+                f"train.device={name} but this machine has no usable CUDA device; use train.device=cpu or auto"
+            )
         if d.index is None:
             d = torch.device(f"cuda:{local_rank}")
         if d.index >= torch.cuda.device_count():
@@ -155,7 +158,9 @@ class _Logger:
 
                 self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
             except ImportError as e:
-                warnings.warn(f"TensorBoard logging is off: {e} (pip install tensorboard)", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"TensorBoard logging is off: {e} (pip install tensorboard)", RuntimeWarning, stacklevel=2
+                )
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
         if self.tb is not None:
@@ -173,8 +178,15 @@ class _Logger:
             self.tb.close()
 
 
-def _sample_grid(model_cfg, ema_model, diffusion: Diffusion, cfg: Config, val_maker: Optional[BatchMaker],
-                 class_names: Sequence[str], device) -> Any:
+def _sample_grid(
+    model_cfg,
+    ema_model,
+    diffusion: Diffusion,
+    cfg: Config,
+    val_maker: Optional[BatchMaker],
+    class_names: Sequence[str],
+    device,
+) -> Any:
     """One row per class (EMA weights, CFG from sample.*), plus condition rows when the model has a
     condition image: [condition | samples] for held-out images."""
     from .sample import generate, make_grid
@@ -193,8 +205,15 @@ def _sample_grid(model_cfg, ema_model, diffusion: Diffusion, cfg: Config, val_ma
         # class rows get the null condition: the model's cond=None path is per batch, so the
         # condition rows are sampled separately below
     s = cfg.sample
-    kw = dict(steps=cfg.train.sample_steps, sampler=s.sampler, cfg=s.cfg, cfg_interval=s.cfg_interval,
-              seed=cfg.train.seed, batch_size=64, device=device)
+    kw = dict(
+        steps=cfg.train.sample_steps,
+        sampler=s.sampler,
+        cfg=s.cfg,
+        cfg_interval=s.cfg_interval,
+        seed=cfg.train.seed,
+        batch_size=64,
+        device=device,
+    )
     x = generate(ema_model, diffusion, labels[: k * n], None, **kw)
     imgs = [x]
     if cond_rows is not None:
@@ -241,20 +260,23 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
             ckpt_dir = _find_resume_point(run_dir, resume, allow_unverified, D, say)
             run = _Run(cfg, device, D, say, allow_unverified)
             if ckpt_dir is not None:
-                run.step, run.last_loss = _restore(ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device,
-                                                   allow_unverified)
+                run.step, run.last_loss = _restore(
+                    ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device, allow_unverified
+                )
                 run.last_ckpt = ckpt_dir
                 say(f"resumed from {ckpt_dir} at step {run.step}")
                 if run.step >= t.steps:
-                    say(f"the run is already at step {run.step} >= train.steps={t.steps}; "
-                        "raise train.steps to train on")
+                    say(
+                        f"the run is already at step {run.step} >= train.steps={t.steps}; raise train.steps to train on"
+                    )
             run.start()
             run.loop()
             return {"step": run.step, "loss": run.last_loss, "run_dir": run.run_dir, "model": run.model, "ema": run.ema}
     except KeyboardInterrupt:
         step = run.step if run is not None else 0
-        raise TrainingStopped(f"interrupted at step {step}", step, run.last_ckpt if run is not None else ckpt_dir,
-                              exit_code=130) from None
+        raise TrainingStopped(
+            f"interrupted at step {step}", step, run.last_ckpt if run is not None else ckpt_dir, exit_code=130
+        ) from None
     finally:
         if run is not None:
             run.close()
@@ -302,8 +324,10 @@ def _check_data_fits(cfg: Config, mcfg, ds, world: int) -> None:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
     if cfg.data.sizes and world > 1:
         # a packed batch is one token stream; splitting it by whole images over ranks is not built yet
-        raise ConfigError(f"data.sizes (packed mixed-size batches) trains on one rank, this run has {world} "
-                          "(WORLD_SIZE): run it without torchrun, or drop data.sizes")
+        raise ConfigError(
+            f"data.sizes (packed mixed-size batches) trains on one rank, this run has {world} "
+            "(WORLD_SIZE): run it without torchrun, or drop data.sizes"
+        )
 
 
 class _Run:
@@ -379,8 +403,9 @@ class _Run:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.cond_sizes = cond_sizes
-        self.mr_maker = MultiResMaker(self.ds, sizes, cond=cfg.data.cond, cond_sizes=cond_sizes,
-                                      hflip=cfg.data.hflip, device=self.device)
+        self.mr_maker = MultiResMaker(
+            self.ds, sizes, cond=cfg.data.cond, cond_sizes=cond_sizes, hflip=cfg.data.hflip, device=self.device
+        )
 
     def start(self) -> None:
         """Wrap the model (DDP, torch.compile), write the run's config and open the logs."""
@@ -409,8 +434,11 @@ class _Run:
             f"{len(self.ds)} training images ({self.cfg.data.name}, {self.ds.num_classes} classes), "
             f"{len(self.val) if self.val is not None else 0} held out; JiT {n_params / 1e6:.2f}M params, "
             f"pos_embed={self.mcfg.pos_embed} ({self.model.pos_impl}), {D.world} rank(s) on {device}, "
-            + (f"batch {t.batch_size}" if self.packer is None else
-               f"packed batches of {t.tokens_per_batch} tokens over sizes {', '.join(self.cfg.data.sizes)}")
+            + (
+                f"batch {t.batch_size}"
+                if self.packer is None
+                else f"packed batches of {t.tokens_per_batch} tokens over sizes {', '.join(self.cfg.data.sizes)}"
+            )
             + f", lr {lr_at(self.cfg, t.warmup_steps):.2e}"
         )
 
@@ -418,8 +446,14 @@ class _Run:
         from tqdm import tqdm
 
         t, D = self.t, self.D
-        self.bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=(not D.main) or (not t.progress) or None)
+        self.bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=(not D.main) or (not t.progress) or None,
+        )
         self.loss_acc, self.n_acc = torch.zeros((), device=self.device), 0
         self.t_log, self.imgs_log = time.perf_counter(), 0
         self.t_start, self.cpu_start, self.first_log = self.t_log, time.process_time(), True
@@ -483,9 +517,10 @@ class _Run:
         idx = self.stream.next(S)
         sizes = [self.packer.sizes[k] for k in picks]
         layout = self.model.packed_layout(
-            sizes, None if self.cond_sizes is None else [self.cond_sizes[k] for k in picks])
+            sizes, None if self.cond_sizes is None else [self.cond_sizes[k] for k in picks]
+        )
         tt = self.diffusion.sample_t(S, generator=g, n_tokens=layout.image_tokens)
-        noise = torch.randn(layout.n_image, mcfg.patch_size ** 2 * mcfg.in_channels, generator=g)
+        noise = torch.randn(layout.n_image, mcfg.patch_size**2 * mcfg.in_channels, generator=g)
         u = torch.rand(S, 5, generator=g)
         xs, y, conds = self.mr_maker(idx, picks, u[:, 2:])
         y = torch.where(u[:, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
@@ -511,36 +546,60 @@ class _Run:
         mean_loss = float(self.D.mean(self.loss_acc / self.n_acc))
         if not math.isfinite(mean_loss):
             over = f" (the mean of steps {step - self.n_acc + 1}..{step})" if self.n_acc > 1 else ""
-            raise TrainingStopped(f"the training diverged: the loss is {mean_loss} at step {step}{over}", step,
-                                  self.last_ckpt, _DIVERGED_HINT)
+            raise TrainingStopped(
+                f"the training diverged: the loss is {mean_loss} at step {step}{over}",
+                step,
+                self.last_ckpt,
+                _DIVERGED_HINT,
+            )
         now = time.perf_counter()
         ips = self.imgs_log / max(now - self.t_log, 1e-9)
         packing = self._packing_scalars()
         self.last_loss = mean_loss
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
         if self.logger is not None:
-            self.logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr_at(self.cfg, step - 1),
-                                       "train/grad_norm": float(self.grad_norm), "train/images_per_s": ips,
-                                       **packing})
+            self.logger.scalars(
+                step,
+                {
+                    "train/loss": mean_loss,
+                    "train/lr": lr_at(self.cfg, step - 1),
+                    "train/grad_norm": float(self.grad_norm),
+                    "train/images_per_s": ips,
+                    **packing,
+                },
+            )
         if self.metrics is not None:
             off = self.metrics.offsets
-            self.metrics.log({"loss": mean_loss, "lr": lr_at(self.cfg, step - 1), "grad_norm": float(self.grad_norm),
-                              "images_per_s": ips, "interval_steps": self.n_acc,
-                              "wall_s": round(off["wall_s"] + now - self.t_start, 3),
-                              "cpu_s": round(off["cpu_s"] + time.process_time() - self.cpu_start, 3),
-                              "time": round(time.time(), 3), "startup": self.first_log,
-                              **{k.split("/", 1)[1]: v for k, v in packing.items()}}, step)
+            self.metrics.log(
+                {
+                    "loss": mean_loss,
+                    "lr": lr_at(self.cfg, step - 1),
+                    "grad_norm": float(self.grad_norm),
+                    "images_per_s": ips,
+                    "interval_steps": self.n_acc,
+                    "wall_s": round(off["wall_s"] + now - self.t_start, 3),
+                    "cpu_s": round(off["cpu_s"] + time.process_time() - self.cpu_start, 3),
+                    "time": round(time.time(), 3),
+                    "startup": self.first_log,
+                    **{k.split("/", 1)[1]: v for k, v in packing.items()},
+                },
+                step,
+            )
             self.first_log = False
         if self.D.main and self.bar.disable:
             waste = f"  waste {packing['train/padding_waste']:.1%}" if packing else ""
-            self.say(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad {float(self.grad_norm):.3f}  {ips:.1f} img/s"
-                     + waste)
+            self.say(
+                f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad {float(self.grad_norm):.3f}  {ips:.1f} img/s"
+                + waste
+            )
         self.loss_acc.zero_()
         self.n_acc, self.t_log, self.imgs_log = 0, now, 0
 
     def sample_step(self) -> None:
         ema_model = self.ema.averaged_module(0)
-        grid = _sample_grid(self.mcfg, ema_model, self.diffusion, self.cfg, self.val_maker, self.ds.class_names, self.device)
+        grid = _sample_grid(
+            self.mcfg, ema_model, self.diffusion, self.cfg, self.val_maker, self.ds.class_names, self.device
+        )
         (self.run_dir / "samples").mkdir(exist_ok=True)
         grid.save(self.run_dir / "samples" / f"step_{self.step:08d}.png")
         self.logger.image("samples/ema0", self.step, grid)
@@ -550,9 +609,13 @@ class _Run:
         # every rank holds the same weights, so every rank stops here alike
         bad = _non_finite(self.model, self.ema, self.opt)
         if bad:
-            raise TrainingStopped(f"the training diverged: the {_join(bad)} are not finite (nan or inf) after "
-                                  f"step {self.step}, so no checkpoint was written for it", self.step, self.last_ckpt,
-                                  _DIVERGED_HINT)
+            raise TrainingStopped(
+                f"the training diverged: the {_join(bad)} are not finite (nan or inf) after "
+                f"step {self.step}, so no checkpoint was written for it",
+                self.step,
+                self.last_ckpt,
+                _DIVERGED_HINT,
+            )
         if D.main:
             try:
                 self.last_ckpt = self._save()
@@ -599,8 +662,11 @@ def _non_finite(model, ema: EMA, opt) -> List[str]:
         "EMA weights": [v for shadow in ema.shadows for v in shadow],
         "optimizer state": [v for st in opt.state.values() for v in st.values() if isinstance(v, Tensor)],
     }
-    return [name for name, ts in groups.items()
-            if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)]
+    return [
+        name
+        for name, ts in groups.items()
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)
+    ]
 
 
 def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist, loss: float) -> Dict[str, Any]:
@@ -619,8 +685,9 @@ def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist
     }
 
 
-def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device,
-             allow_unverified: bool = False) -> Tuple[int, float]:
+def _restore(
+    ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device, allow_unverified: bool = False
+) -> Tuple[int, float]:
     w = load_weights(ckpt_dir, allow_unverified=allow_unverified)
     f = w["path"]
     saved = w["config"]
@@ -652,13 +719,17 @@ def _restore(ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStr
         step = int(st["step"])
         loss = float(st.get("loss", float("nan")))  # checkpoints of older versions do not hold it
     except (KeyError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{Path(ckpt_dir) / 'state.pt'}: does not fit this run ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{Path(ckpt_dir) / 'state.pt'}: does not fit this run ({type(e).__name__}: {e})"
+        ) from None
     if step != w["step"]:
         raise CheckpointError(f"{ckpt_dir}: weights are from step {w['step']} but state.pt from step {step}")
     bad = _non_finite(model, ema, opt)
     if bad:  # written by a version that did not check; training on from it would only spread the nan
-        raise CheckpointError(f"{ckpt_dir}: its {_join(bad)} are not finite (nan or inf); rename it (e.g. to "
-                              f"corrupt-{Path(ckpt_dir).name}) to resume from the checkpoint before it")
+        raise CheckpointError(
+            f"{ckpt_dir}: its {_join(bad)} are not finite (nan or inf); rename it (e.g. to "
+            f"corrupt-{Path(ckpt_dir).name}) to resume from the checkpoint before it"
+        )
     return step, loss
 
 
@@ -674,12 +745,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="with --resume: also accept a checkpoint without manifest.json (its digests cannot be "
-                   "checked; written by an older jitrope), with a warning")
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="with --resume: also accept a checkpoint without manifest.json (its digests cannot be "
+        "checked; written by an older jitrope), with a warning",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.epilog = ("exit status: 0 done; 2 bad input, or a run that stopped and kept its checkpoints (one error: line "
-                "says which and how to continue); 130 interrupted (Ctrl-C)")
+    p.epilog = (
+        "exit status: 0 done; 2 bad input, or a run that stopped and kept its checkpoints (one error: line "
+        "says which and how to continue); 130 interrupted (Ctrl-C)"
+    )
     return p
 
 

@@ -15,6 +15,7 @@ This package gathers the public names of its modules, one concern each (their ol
 - :mod:`jitrope.data.multires`: mixed sizes for packed batches (:func:`parse_sizes`,
   :class:`TokenPacker`, :class:`MultiResMaker`).
 """
+
 from __future__ import annotations
 
 from .batching import BatchMaker, IndexStream, vendor_partners

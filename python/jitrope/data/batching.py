@@ -1,5 +1,6 @@
 """Batches: a resumable, sharded stream of indices and the maker of (image, label, condition)
 batches from an :class:`ImageSet`."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -56,8 +57,10 @@ class IndexStream:
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["n"]) != self.n or int(state["seed"]) != self.seed:
-            raise ValueError(f"data order state is for n={state['n']}, seed={state['seed']}; "
-                             f"this run has n={self.n}, seed={self.seed}")
+            raise ValueError(
+                f"data order state is for n={state['n']}, seed={state['seed']}; "
+                f"this run has n={self.n}, seed={self.seed}"
+            )
         self.epoch, self.pos, self._perm = int(state["epoch"]), int(state["pos"]), None
 
 
@@ -85,8 +88,9 @@ class BatchMaker:
     emoji from another vendor when there is one, else the same image, at ``cond_size``).
     """
 
-    def __init__(self, ds: ImageSet, *, cond: str = "none", cond_size: Optional[int] = None, hflip: bool = False,
-                 device="cpu"):
+    def __init__(
+        self, ds: ImageSet, *, cond: str = "none", cond_size: Optional[int] = None, hflip: bool = False, device="cpu"
+    ):
         if cond not in ("none", "downsample", "other_vendor"):
             raise ValueError(f"data.cond must be none, downsample or other_vendor, got {cond!r}")
         if cond != "none" and not cond_size:

@@ -1,6 +1,7 @@
 """The data sets a run trains on: the emoji set, a folder of class subfolders, synthetic shapes;
 :func:`build_dataset` picks one by ``data.name`` and takes its fixed train / val split, and
 :func:`heldout_picks` chooses held-out condition images for sampling."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -101,7 +102,8 @@ def make_synthetic(n: int, img_size: int, *, num_classes: int = 9, seed: int = 0
 
 
 def build_dataset(data_cfg, split: str = "train", *, seed: int = 0, log: Callable[[str], None] = print) -> ImageSet:
-    """The ``split`` ("train", "val" or "all") of the data set that ``data_cfg`` (DataConfig) names, at ``data_cfg.img_size``."""
+    """The ``split`` ("train", "val" or "all") of the data set that ``data_cfg`` (DataConfig) names, at
+    ``data_cfg.img_size``."""
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be train, val or all, got {split!r}")
     name = data_cfg.name
@@ -122,7 +124,9 @@ def build_dataset(data_cfg, split: str = "train", *, seed: int = 0, log: Callabl
         held = heldout_mask(ds.split_keys, data_cfg.holdout)
         ds = ds.subset(held if split == "val" else ~held)
         if len(ds) == 0:
-            raise DataError(f"the {split} split of {name} is empty (data.holdout={data_cfg.holdout}, {len(held)} images)")
+            raise DataError(
+                f"the {split} split of {name} is empty (data.holdout={data_cfg.holdout}, {len(held)} images)"
+            )
     return ds
 
 
@@ -143,7 +147,9 @@ def heldout_picks(ds: ImageSet, holdout: float, num_classes: Optional[int] = Non
     return picks
 
 
-def write_heldout_conditions(ds: ImageSet, out_dir, size: int, *, holdout: float, num_classes: Optional[int] = None) -> List[Path]:
+def write_heldout_conditions(
+    ds: ImageSet, out_dir, size: int, *, holdout: float, num_classes: Optional[int] = None
+) -> List[Path]:
     """Write :func:`heldout_picks` as ``size`` x ``size`` PNGs (``heldout_<k>_<class>.png``) into
     ``out_dir``, for ``jitrope-sample --cond out_dir``."""
     from PIL import Image

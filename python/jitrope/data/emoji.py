@@ -15,6 +15,7 @@
 
 The same emoji from different vendors shares a ``group`` (image pairs for ``data.cond=other_vendor``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -146,7 +147,9 @@ def _unpacked_problem(folder: Path) -> Optional[str]:
     return None
 
 
-def _npm_pack(package: str, version: str, dest_dir: Path, npm: Optional[str], log: Callable[[str], None]) -> Tuple[Path, dict]:
+def _npm_pack(
+    package: str, version: str, dest_dir: Path, npm: Optional[str], log: Callable[[str], None]
+) -> Tuple[Path, dict]:
     exe = npm or os.environ.get("JITROPE_NPM") or "npm"
     path = shutil.which(exe)
     if path is None:
@@ -165,12 +168,16 @@ def _npm_pack(package: str, version: str, dest_dir: Path, npm: Optional[str], lo
             text=True,
         )
         if proc.returncode != 0:
-            raise DataError(f"`npm pack {package}@{version}` failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            raise DataError(
+                f"`npm pack {package}@{version}` failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+            )
         try:
             meta = json.loads(proc.stdout)[0]
             tgz = tmp / meta["filename"]
         except (ValueError, KeyError, IndexError) as e:
-            raise DataError(f"`npm pack {package}@{version} --json` printed no usable JSON ({e}): {proc.stdout[:500]!r}") from None
+            raise DataError(
+                f"`npm pack {package}@{version} --json` printed no usable JSON ({e}): {proc.stdout[:500]!r}"
+            ) from None
         if not tgz.is_file():
             raise DataError(f"`npm pack {package}@{version}` reported {meta['filename']} but wrote no such file")
         _verify_tarball(tgz, meta, PINS.get((package, version)))
@@ -221,7 +228,9 @@ def fetch_emoji(
         )
     expected = None
     if meta is not None and meta.get("files"):
-        expected = sum(1 for f in meta["files"] if f["path"].startswith(f"img/{vendor}/64/") and f["path"].endswith(".png"))
+        expected = sum(
+            1 for f in meta["files"] if f["path"].startswith(f"img/{vendor}/64/") and f["path"].endswith(".png")
+        )
     elif pin is not None:
         expected = int(pin["n64"])
 
@@ -240,9 +249,9 @@ def fetch_emoji(
                     if not m.isfile():
                         continue
                     if name in ("package/emoji.json", "package/LICENSE"):
-                        rel = name[len("package/"):]
-                    elif name.startswith(prefix) and name.endswith(".png") and "/" not in name[len(prefix):]:
-                        rel = name[len("package/"):]
+                        rel = name[len("package/") :]
+                    elif name.startswith(prefix) and name.endswith(".png") and "/" not in name[len(prefix) :]:
+                        rel = name[len("package/") :]
                         n_png += 1
                     else:
                         continue
@@ -259,7 +268,9 @@ def fetch_emoji(
         if not (tmp / "emoji.json").is_file():
             raise DataError(f"{tgz}: has no package/emoji.json")
         if n_png == 0 or (expected is not None and n_png != expected):
-            raise DataError(f"{tgz}: found {n_png} images under {prefix}, expected {expected if expected is not None else '> 0'}")
+            raise DataError(
+                f"{tgz}: found {n_png} images under {prefix}, expected {expected if expected is not None else '> 0'}"
+            )
         # the digests of what was read from the verified tarball, not of the files as written back
         (tmp / _MANIFEST).write_text(json.dumps({"package": package, "version": version, "files": digests}, indent=0))
         if final.exists():  # damaged: replaced as a whole (rename is atomic)
@@ -333,8 +344,11 @@ def _load_vendor(vendor: str, *, root, version, skin_tones, download, npm, log) 
     cache.parent.mkdir(parents=True, exist_ok=True)
     items_json = json.dumps(items)
     with atomic_path(cache) as tmp:
-        save_file({"images": images}, str(tmp), metadata={"format": _CACHE_FORMAT, "items": items_json,
-                                                          "sha256": _cache_digest(images, items_json)})
+        save_file(
+            {"images": images},
+            str(tmp),
+            metadata={"format": _CACHE_FORMAT, "items": items_json, "sha256": _cache_digest(images, items_json)},
+        )
     return images, items
 
 
@@ -363,7 +377,9 @@ def load_emoji(
         raise DataError(f"unknown emoji vendor(s) {bad}; choose from {list(EMOJI_VENDORS)}")
     all_imgs, labels, domains, items = [], [], [], []
     for d, v in enumerate(vendors):
-        imgs, its = _load_vendor(v, root=root, version=version, skin_tones=skin_tones, download=download, npm=npm, log=log)
+        imgs, its = _load_vendor(
+            v, root=root, version=version, skin_tones=skin_tones, download=download, npm=npm, log=log
+        )
         all_imgs.append(imgs)
         labels += [EMOJI_CATEGORIES.index(it["category"]) for it in its]
         domains += [d] * len(its)

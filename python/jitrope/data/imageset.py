@@ -3,6 +3,7 @@
 A data set is an :class:`ImageSet` of uint8 ``[N, 3, H, W]`` tensors with labels, groups (the
 same subject in several images) and the keys of the fixed held-out split.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,7 @@ class ImageSet:
     def img_size(self) -> int:
         return self.images.shape[-1]
 
-    def subset(self, idx) -> "ImageSet":
+    def subset(self, idx) -> ImageSet:
         idx = torch.as_tensor(idx)
         if idx.dtype == torch.bool:
             idx = idx.nonzero().flatten()
@@ -60,7 +61,7 @@ class ImageSet:
             split_keys=[self.split_keys[i] for i in il] if self.split_keys else [],
         )
 
-    def resized(self, size: int) -> "ImageSet":
+    def resized(self, size: int) -> ImageSet:
         if size == self.img_size:
             return self
         out = self.subset(torch.arange(len(self)))
@@ -102,7 +103,9 @@ def heldout_mask(keys: Sequence[str], fraction: float) -> Tensor:
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
     thresh = int(fraction * 2**32)
-    return torch.tensor([int.from_bytes(hashlib.sha256(k.encode()).digest()[:4], "big") < thresh for k in keys], dtype=torch.bool)
+    return torch.tensor(
+        [int.from_bytes(hashlib.sha256(k.encode()).digest()[:4], "big") < thresh for k in keys], dtype=torch.bool
+    )
 
 
 def to_rgba8(im):
@@ -110,8 +113,8 @@ def to_rgba8(im):
     65535 -> 255, float grayscale (TIFF) must lie in [0, 1] and is scaled by 255; a plain
     ``convert`` would clamp the first almost to white and turn the second black. Modes PIL cannot
     convert, and values out of range, raise a :class:`DataError`."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
@@ -121,7 +124,9 @@ def to_rgba8(im):
             a = a * 255.0
         else:  # I;16* and I: Pillow's modes for 16-bit images
             if a.min() < 0 or a.max() > 65535:
-                raise DataError(f"32-bit integer image values must lie in [0, 65535] (16-bit data), got [{a.min():g}, {a.max():g}]")
+                raise DataError(
+                    f"32-bit integer image values must lie in [0, 65535] (16-bit data), got [{a.min():g}, {a.max():g}]"
+                )
             a = a / 257.0
         return Image.fromarray(np.rint(a).astype(np.uint8), "L").convert("RGBA")
     try:
@@ -138,4 +143,9 @@ def composite_on_white(im) -> Tensor:
     rgba = to_rgba8(im)
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, rgba).convert("RGB")
-    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.size[1], rgb.size[0], 3).permute(2, 0, 1).clone()
+    return (
+        torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        .view(rgb.size[1], rgb.size[0], 3)
+        .permute(2, 0, 1)
+        .clone()
+    )

@@ -6,6 +6,7 @@ by 48 columns, a wide canvas). Every draw (which sizes, where a small emoji sits
 flips, the condition vendor) comes from the caller's generator, so a batch is a function of
 ``(seed, step)`` and a resumed run sees the same batches.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
@@ -83,8 +84,10 @@ class TokenPacker:
             raise ValueError(f"train.tokens_per_batch must be a positive integer, got {budget!r}")
         for (h, w), c in zip(sizes, costs):
             if c > budget:
-                raise ValueError(f"image size {h}x{w} takes {c} tokens, over the budget train.tokens_per_batch="
-                                 f"{budget}: raise the budget or drop the size from data.sizes")
+                raise ValueError(
+                    f"image size {h}x{w} takes {c} tokens, over the budget train.tokens_per_batch="
+                    f"{budget}: raise the budget or drop the size from data.sizes"
+                )
         self.sizes, self.costs, self.budget = list(sizes), [int(c) for c in costs], budget
 
     def draw(self, generator: torch.Generator) -> List[int]:
@@ -113,8 +116,16 @@ class MultiResMaker:
     same offset, resized to that size's condition size (``cond_sizes``, one per size).
     """
 
-    def __init__(self, ds: ImageSet, sizes: Sequence[Size], *, cond: str = "none",
-                 cond_sizes: Optional[Sequence[Size]] = None, hflip: bool = False, device="cpu"):
+    def __init__(
+        self,
+        ds: ImageSet,
+        sizes: Sequence[Size],
+        *,
+        cond: str = "none",
+        cond_sizes: Optional[Sequence[Size]] = None,
+        hflip: bool = False,
+        device="cpu",
+    ):
         if cond not in ("none", "downsample", "other_vendor"):
             raise ValueError(f"data.cond must be none, downsample or other_vendor, got {cond!r}")
         if (cond != "none") != (cond_sizes is not None):
@@ -154,8 +165,9 @@ class MultiResMaker:
                 if self.cond == "other_vendor":
                     n = int(self.n_partners[i])
                     j = int(self.partners[i, min(int(float(u[s, 0]) * n), n - 1)])
-                c = _resize(to_float(x if j == i else self._canvas(j, self.sizes[k], float(u[s, 2]))),
-                            self.cond_sizes[k])
+                c = _resize(
+                    to_float(x if j == i else self._canvas(j, self.sizes[k], float(u[s, 2]))), self.cond_sizes[k]
+                )
                 conds.append(c.flip(-1) if flip else c)
             x = to_float(x)
             xs.append(x.flip(-1) if flip else x)

@@ -47,6 +47,7 @@ then ``section.key=value`` overrides, then the flags, each of which sets one key
 drawn as ``sample.*`` says (``--steps``, ``--sampler``, ``--cfg``, ``--ema`` set those);
 ``--data`` and ``--data-root`` set ``data.*``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,16 @@ from ..rope import FREQ_SCALINGS
 from ..sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config
 from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
 
-__all__ = ["evaluate", "main", "resolution_scalings", "scaling_same_as", "resolution_study", "heldout_vloss",
-           "METRICS", "FLAGS"]
+__all__ = [
+    "evaluate",
+    "main",
+    "resolution_scalings",
+    "scaling_same_as",
+    "resolution_study",
+    "heldout_vloss",
+    "METRICS",
+    "FLAGS",
+]
 
 METRICS = EVAL_METRICS  # the metric groups (eval.metrics)
 
@@ -137,9 +146,19 @@ def scaling_same_as(model, img_size: Size, scaling: str, before: Sequence[str]) 
 
 
 @torch.no_grad()
-def heldout_vloss(model, diffusion: Diffusion, maker: BatchMaker, t_grid: Sequence[float], *, max_images: int,
-                  batch_size: int, seed: int, device, drop_cond: bool = False,
-                  img_size: Optional[Size] = None) -> Dict[str, Any]:
+def heldout_vloss(
+    model,
+    diffusion: Diffusion,
+    maker: BatchMaker,
+    t_grid: Sequence[float],
+    *,
+    max_images: int,
+    batch_size: int,
+    seed: int,
+    device,
+    drop_cond: bool = False,
+    img_size: Optional[Size] = None,
+) -> Dict[str, Any]:
     """The v-loss on held-out images at fixed t and noise. ``img_size`` (an int or ``(H, W)``): on the
     images resized to it, with the null condition (whose grid follows the image's), under the model's
     ``cfg.pos_scaling``."""
@@ -167,8 +186,14 @@ def heldout_vloss(model, diffusion: Diffusion, maker: BatchMaker, t_grid: Sequen
         per_t.append(tot / n)
     # v - v_pred = (x - x_pred) / max(1 - t, t_eps): the same error in x space, where large t is not amplified
     per_t_x = [v * max(1.0 - t, diffusion.t_eps) ** 2 for v, t in zip(per_t, t_grid)]
-    return {"t": [float(t) for t in t_grid], "per_t": per_t, "mean": sum(per_t) / len(per_t),
-            "x_mse_per_t": per_t_x, "x_mse_mean": sum(per_t_x) / len(per_t_x), "n_images": n}
+    return {
+        "t": [float(t) for t in t_grid],
+        "per_t": per_t,
+        "mean": sum(per_t) / len(per_t),
+        "x_mse_per_t": per_t_x,
+        "x_mse_mean": sum(per_t_x) / len(per_t_x),
+        "n_images": n,
+    }
 
 
 def _nearest(samples: Tensor, ref: Tensor, chunk: int = 256):
@@ -185,8 +210,9 @@ def _nearest(samples: Tensor, ref: Tensor, chunk: int = 256):
     return torch.cat(best_i), d
 
 
-def evaluate(ckpt, cfg: Optional[Config] = None, *, overrides: Sequence[str] = (), log=print,
-             allow_unverified: bool = False) -> Dict[str, Any]:
+def evaluate(
+    ckpt, cfg: Optional[Config] = None, *, overrides: Sequence[str] = (), log=print, allow_unverified: bool = False
+) -> Dict[str, Any]:
     """Compute the metrics of the module docstring for a checkpoint; returns them as a dict.
 
     ``cfg``: the config to evaluate with (:func:`jitrope.sample.run_config`); default: the run's own
@@ -216,8 +242,14 @@ def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=pr
     cond_mode = "none" if mc.cond_img_size is None else (dcfg.cond if dcfg.cond != "none" else "downsample")
     maker = BatchMaker(eval_set, cond=cond_mode, cond_size=mc.cond_img_size, device=device)
     diffusion = Diffusion.from_config(cfg.diffusion)
-    kw = dict(steps=s.steps, sampler=s.sampler, cfg=s.cfg, cfg_interval=tuple(s.cfg_interval),
-              batch_size=e.batch_size, device=device)
+    kw = dict(
+        steps=s.steps,
+        sampler=s.sampler,
+        cfg=s.cfg,
+        cfg_interval=tuple(s.cfg_interval),
+        batch_size=e.batch_size,
+        device=device,
+    )
     out: Dict[str, Any] = {
         "checkpoint": str(info["path"]),
         "step": info["step"],
@@ -239,49 +271,105 @@ def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=pr
 
     def judge(samples: Tensor, asked: Tensor) -> Dict[str, float]:
         f, pred = fnet.embed(samples)
-        return {"fd_emoji": frechet_distance(*gaussian_stats(f), fextra["train_mu"], fextra["train_sigma"]),
-                "class_acc": float((pred == asked).float().mean())}
+        return {
+            "fd_emoji": frechet_distance(*gaussian_stats(f), fextra["train_mu"], fextra["train_sigma"]),
+            "class_acc": float((pred == asked).float().mean()),
+        }
 
     if "vloss" in metrics:
-        _vloss_metrics(out, model, diffusion, maker, e.t_grid, max_images=e.max_images, batch_size=e.batch_size,
-                       seed=e.seed, device=device, log=log)
+        _vloss_metrics(
+            out,
+            model,
+            diffusion,
+            maker,
+            e.t_grid,
+            max_images=e.max_images,
+            batch_size=e.batch_size,
+            seed=e.seed,
+            device=device,
+            log=log,
+        )
     if "class" in metrics:
-        _class_metrics(out, model, diffusion, kw, train_set, eval_set, n_per_class=e.n_per_class, seed=e.seed,
-                       judge=judge if fnet is not None else None, fnet=fnet, fextra=fextra,
-                       fid_inception=e.fid_inception, grids=e.grids, log=log)
+        _class_metrics(
+            out,
+            model,
+            diffusion,
+            kw,
+            train_set,
+            eval_set,
+            n_per_class=e.n_per_class,
+            seed=e.seed,
+            judge=judge if fnet is not None else None,
+            fnet=fnet,
+            fextra=fextra,
+            fid_inception=e.fid_inception,
+            grids=e.grids,
+            log=log,
+        )
     if "cond" in metrics and mc.cond_img_size is not None:
         _cond_metrics(out, model, diffusion, kw, maker, eval_set, n_cond=e.n_cond, seed=e.seed, log=log)
     if "res" in metrics and sizes:
         if fnet is None:
-            raise ConfigError("config key eval.res_px: the resolution study needs the feature network "
-                              "(eval.featnet auto or a file)")
+            raise ConfigError(
+                "config key eval.res_px: the resolution study needs the feature network (eval.featnet auto or a file)"
+            )
 
         def vloss_at(hw):  # the record's pos_scaling is the model's while this runs
-            return heldout_vloss(model, diffusion, maker, e.t_grid, max_images=e.max_images,
-                                 batch_size=e.batch_size, seed=e.seed, device=device, img_size=hw)
+            return heldout_vloss(
+                model,
+                diffusion,
+                maker,
+                e.t_grid,
+                max_images=e.max_images,
+                batch_size=e.batch_size,
+                seed=e.seed,
+                device=device,
+                img_size=hw,
+            )
 
-        out["resolution"] = resolution_study(model, diffusion, kw, sizes, n_per_class=e.res_n_per_class,
-                                             seed=e.seed, judge=judge, grids=e.grids, log=log,
-                                             scalings=e.res_scalings, vloss=vloss_at if e.res_vloss else None)
+        out["resolution"] = resolution_study(
+            model,
+            diffusion,
+            kw,
+            sizes,
+            n_per_class=e.res_n_per_class,
+            seed=e.seed,
+            judge=judge,
+            grids=e.grids,
+            log=log,
+            scalings=e.res_scalings,
+            vloss=vloss_at if e.res_vloss else None,
+        )
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
 
 def _vloss_metrics(out, model, diffusion, maker, t_grid, *, max_images, batch_size, seed, device, log) -> None:
-    out["vloss"] = heldout_vloss(model, diffusion, maker, t_grid, max_images=max_images, batch_size=batch_size,
-                                 seed=seed, device=device)
+    out["vloss"] = heldout_vloss(
+        model, diffusion, maker, t_grid, max_images=max_images, batch_size=batch_size, seed=seed, device=device
+    )
     vl = out["vloss"]
     per_t = " ".join(f"{v:.3f}" for v in vl["per_t"])
     log(f"  held-out v-loss {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f}); per t: {per_t}")
     if model.cfg.cond_img_size is not None:  # the same with the null condition: class-only denoising
-        out["vloss_null_cond"] = heldout_vloss(model, diffusion, maker, t_grid, max_images=max_images,
-                                               batch_size=batch_size, seed=seed, device=device, drop_cond=True)
+        out["vloss_null_cond"] = heldout_vloss(
+            model,
+            diffusion,
+            maker,
+            t_grid,
+            max_images=max_images,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            drop_cond=True,
+        )
         vl = out["vloss_null_cond"]
         log(f"  ... with the null condition {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f})")
 
 
-def _class_metrics(out, model, diffusion, kw, train_set, eval_set, *, n_per_class, seed, judge, fnet, fextra,
-                   fid_inception, grids, log) -> None:
+def _class_metrics(
+    out, model, diffusion, kw, train_set, eval_set, *, n_per_class, seed, judge, fnet, fextra, fid_inception, grids, log
+) -> None:
     """Class-conditional samples: nearest-neighbour class match, pixel statistics and, with the
     feature network, FD-emoji and class accuracy (real held-out images beside both)."""
     k = model.cfg.num_classes
@@ -307,11 +395,13 @@ def _class_metrics(out, model, diffusion, kw, train_set, eval_set, *, n_per_clas
         "data_pixel_std": held.std((0, 2, 3)).tolist(),
     }
     cs = out["class_samples"]
-    log(f"  class samples: nn-class acc {cs['nn_class_acc']:.3f} (chance {cs['nn_class_acc_chance']:.3f}, "
+    log(
+        f"  class samples: nn-class acc {cs['nn_class_acc']:.3f} (chance {cs['nn_class_acc_chance']:.3f}, "
         f"real held-out images {cs['nn_class_acc_real']:.3f}), "
         f"nn rms {cs['nn_rms']:.3f}, pixel mean {sum(cs['pixel_mean']) / 3:.3f} "
         f"vs data {sum(cs['data_pixel_mean']) / 3:.3f}, "
-        f"std {sum(cs['pixel_std']) / 3:.3f} vs {sum(cs['data_pixel_std']) / 3:.3f}")
+        f"std {sum(cs['pixel_std']) / 3:.3f} vs {sum(cs['data_pixel_std']) / 3:.3f}"
+    )
     if judge is not None:
         cs.update(judge(x, labels))
         # The real held-out images through the same judge, as many as there are samples (FD grows as
@@ -321,8 +411,10 @@ def _class_metrics(out, model, diffusion, kw, train_set, eval_set, *, n_per_clas
         _, real_pred = fnet.embed(held)
         cs["fd_emoji_real"], cs["n_real"] = real["fd_emoji"], len(pick)
         cs["class_acc_real"] = float((real_pred == eval_set.labels).float().mean())
-        log(f"  FD-emoji {cs['fd_emoji']:.3f} (real held-out: {cs['fd_emoji_real']:.3f}), class accuracy "
-            f"{cs['class_acc']:.3f} (real held-out: {cs['class_acc_real']:.3f})")
+        log(
+            f"  FD-emoji {cs['fd_emoji']:.3f} (real held-out: {cs['fd_emoji_real']:.3f}), class accuracy "
+            f"{cs['class_acc']:.3f} (real held-out: {cs['class_acc_real']:.3f})"
+        )
     if fid_inception is not None:
         cs["fid_inception"] = inception_fid(held, x, fid_inception)
         log(f"  FID (Inception, {len(x)} samples vs {len(held)} held-out images) {cs['fid_inception']:.2f}")
@@ -338,9 +430,20 @@ def _save_grid(x: Tensor, labels: Tensor, k: int, path: Path, per_class: int = 4
 
 
 @torch.no_grad()
-def resolution_study(model, diffusion, kw, sizes: Sequence[Size], *, n_per_class: int, seed: int, judge,
-                     grids: Optional[str] = None, log=print, scalings: Sequence[str] = SCALINGS,
-                     vloss: Optional[Callable[[Tuple[int, int]], Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+def resolution_study(
+    model,
+    diffusion,
+    kw,
+    sizes: Sequence[Size],
+    *,
+    n_per_class: int,
+    seed: int,
+    judge,
+    grids: Optional[str] = None,
+    log=print,
+    scalings: Sequence[str] = SCALINGS,
+    vloss: Optional[Callable[[Tuple[int, int]], Dict[str, Any]]] = None,
+) -> List[Dict[str, Any]]:
     """Class-conditional samples (null condition) at each image size of ``sizes`` (ints: square, or
     ``(H, W)``) under every ``pos_scaling`` of ``scalings`` that applies (:func:`resolution_scalings`);
     one record per (size, scaling) with ``hw``, ``grid_hw`` (and ``px``, ``grid`` for square sizes),
@@ -381,8 +484,10 @@ def resolution_study(model, diffusion, kw, sizes: Sequence[Size], *, n_per_class
                 rows.append(row)
                 done[scaling] = row
                 extra = f", v-loss {row['vloss']:.4f}" if "vloss" in row else ""
-                log(f"  {H}x{W} ({H // p}x{W // p} grid, {scaling}): FD-emoji {row['fd_emoji']:.3f}, "
-                    f"class accuracy {row['class_acc']:.3f}{extra}")
+                log(
+                    f"  {H}x{W} ({H // p}x{W // p} grid, {scaling}): FD-emoji {row['fd_emoji']:.3f}, "
+                    f"class accuracy {row['class_acc']:.3f}{extra}"
+                )
                 if grids is not None:
                     name = f"px{H}" if H == W else f"px{H}x{W}"
                     _save_grid(x, labels, k, Path(grids) / f"{name}_{scaling}.png")
@@ -400,12 +505,19 @@ def _cond_metrics(out, model, diffusion, kw, maker, eval_set, *, n_cond, seed, l
     xs = generate(model, diffusion, y.cpu(), cond.cpu(), seed=seed + 2, **kw)
     cond_rms = (resize_images(xs, mc.cond_img_size) - cond.cpu()).pow(2).flatten(1).mean(1).sqrt()
     target_rms = (xs - xt.cpu()).pow(2).flatten(1).mean(1).sqrt()
-    out["cond_samples"] = {"n": m, "cond_rms": float(cond_rms.mean()), "target_rms": float(target_rms.mean()),
-                           "psnr": float(psnr(xs, xt.cpu()).mean()), "ssim": float(ssim(xs, xt.cpu()).mean()),
-                           "cond_mode": maker.cond}
+    out["cond_samples"] = {
+        "n": m,
+        "cond_rms": float(cond_rms.mean()),
+        "target_rms": float(target_rms.mean()),
+        "psnr": float(psnr(xs, xt.cpu()).mean()),
+        "ssim": float(ssim(xs, xt.cpu()).mean()),
+        "cond_mode": maker.cond,
+    }
     cd = out["cond_samples"]
-    log(f"  condition samples ({maker.cond}): cond rms {cd['cond_rms']:.3f}, target rms {cd['target_rms']:.3f}, "
-        f"PSNR {cd['psnr']:.2f} dB, SSIM {cd['ssim']:.3f}")
+    log(
+        f"  condition samples ({maker.cond}): cond rms {cd['cond_rms']:.3f}, target rms {cd['target_rms']:.3f}, "
+        f"PSNR {cd['psnr']:.2f} dB, SSIM {cd['ssim']:.3f}"
+    )
 
 
 def _comma_list(kind, what: str):
@@ -437,22 +549,50 @@ FLAGS = (
     Flag("--batch-size", "eval.batch_size", "images per forward pass", {"type": int}),
     Flag("--seed", "eval.seed", "seed of the fixed noise and samples", {"type": int}),
     Flag("--device", "eval.device", "auto | cpu | cuda | cuda:N"),
-    Flag("--metrics", "eval.metrics", f"comma-separated metric groups: {', '.join(EVAL_METRICS)}",
-         {"type": _comma_list(str, "metrics")}),
-    Flag("--featnet", "eval.featnet", "feature network of FD-emoji / class accuracy: auto (cached, trained once on "
-         "the training split if missing), a .safetensors file, or none"),
-    Flag("--res-px", "eval.res_px", "comma-separated image sizes of the resolution study (e.g. 24,40,48 for a model "
-         "trained at 32x32); empty: none", {"type": _comma_list(int, "res-px")}),
-    Flag("--res-hw", "eval.res_hw", "comma-separated sizes HxW of the resolution study (rows x columns, e.g. "
-         "32x48,48x32)", {"type": _comma_list(str, "res-hw")}),
-    Flag("--res-scalings", "eval.res_scalings", f"comma-separated pos_scaling modes of the resolution study "
-         f"({', '.join(SCALINGS)}; default all)", {"type": _comma_list(str, "res-scalings")}),
+    Flag(
+        "--metrics",
+        "eval.metrics",
+        f"comma-separated metric groups: {', '.join(EVAL_METRICS)}",
+        {"type": _comma_list(str, "metrics")},
+    ),
+    Flag(
+        "--featnet",
+        "eval.featnet",
+        "feature network of FD-emoji / class accuracy: auto (cached, trained once on "
+        "the training split if missing), a .safetensors file, or none",
+    ),
+    Flag(
+        "--res-px",
+        "eval.res_px",
+        "comma-separated image sizes of the resolution study (e.g. 24,40,48 for a model trained at 32x32); empty: none",
+        {"type": _comma_list(int, "res-px")},
+    ),
+    Flag(
+        "--res-hw",
+        "eval.res_hw",
+        "comma-separated sizes HxW of the resolution study (rows x columns, e.g. 32x48,48x32)",
+        {"type": _comma_list(str, "res-hw")},
+    ),
+    Flag(
+        "--res-scalings",
+        "eval.res_scalings",
+        f"comma-separated pos_scaling modes of the resolution study ({', '.join(SCALINGS)}; default all)",
+        {"type": _comma_list(str, "res-scalings")},
+    ),
     Flag("--res-n-per-class", "eval.res_n_per_class", "samples per class at each size of --res-px", {"type": int}),
     Flag("--grids", "eval.grids", "folder for sample grid PNGs (training size and every --res-px / --res-hw size)"),
-    Flag("--fid-inception", "eval.fid_inception", "Inception weights file (torch-fidelity's "
-         "pt_inception-2015-12-05-6726825d.pth): adds the standard FID; needs pip install torch-fidelity"),
-    Flag("--num-threads", "eval.num_threads", "CPU threads (default: torch's; 1 is fastest on a busy machine)",
-         {"type": int}),
+    Flag(
+        "--fid-inception",
+        "eval.fid_inception",
+        "Inception weights file (torch-fidelity's "
+        "pt_inception-2015-12-05-6726825d.pth): adds the standard FID; needs pip install torch-fidelity",
+    ),
+    Flag(
+        "--num-threads",
+        "eval.num_threads",
+        "CPU threads (default: torch's; 1 is fastest on a busy machine)",
+        {"type": int},
+    ),
 )
 _DATA_NAMES = ("emoji", "synthetic", "folder")
 
@@ -466,14 +606,20 @@ def build_parser() -> argparse.ArgumentParser:
         "the config keys in brackets, from the run's config, --config FILE and section.key=value "
         "overrides; a flag sets its key.",
     )
-    p.add_argument("--ckpt", required=True,
-                   help="run folder (newest checkpoint), checkpoints/step_* folder or weights file")
+    p.add_argument(
+        "--ckpt", required=True, help="run folder (newest checkpoint), checkpoints/step_* folder or weights file"
+    )
     p.add_argument("--config", help="YAML file of config keys (e.g. an eval: section), over the run's config")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="load a checkpoint that has no manifest to verify its files by")
-    p.add_argument("--data", default=None, help=f"{' | '.join(_DATA_NAMES)} [data.name], or a folder of class "
-                   "subfolders [data.name=folder, data.root] (default: the run's data)")
+    p.add_argument(
+        "--allow-unverified", action="store_true", help="load a checkpoint that has no manifest to verify its files by"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help=f"{' | '.join(_DATA_NAMES)} [data.name], or a folder of class "
+        "subfolders [data.name=folder, data.root] (default: the run's data)",
+    )
     add_flags(p, FLAGS)
     return p
 

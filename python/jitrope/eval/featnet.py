@@ -16,6 +16,7 @@ hyper-parameter of :class:`FeatNetConfig`; it also stores the training split's f
 covariance (the FD-emoji reference) and the held-out accuracies. Written atomically (temporary
 file, then rename), so concurrent evaluations never read half a file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,15 @@ class FeatNet(nn.Module):
         self.img_size, self.cfg = img_size, cfg
         layers, c_in = [], 3
         for c in cfg.widths:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
-                       nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(), nn.AvgPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c, 3, padding=1),
+                nn.GroupNorm(8, c),
+                nn.SiLU(),
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.GroupNorm(8, c),
+                nn.SiLU(),
+                nn.AvgPool2d(2),
+            ]
             c_in = c
         layers += [nn.Conv2d(c_in, cfg.feat_dim, 1), nn.SiLU()]
         self.body = nn.Sequential(*layers)
@@ -94,14 +102,20 @@ class FeatNet(nn.Module):
             feats.append(f.double().cpu())
             preds.append(self.cat_head(f).argmax(1).cpu())
         d = self.cfg.feat_dim
-        return (torch.cat(feats) if feats else torch.zeros(0, d, dtype=torch.float64),
-                torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long))
+        return (
+            torch.cat(feats) if feats else torch.zeros(0, d, dtype=torch.float64),
+            torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long),
+        )
 
 
 def _config_hash(data_cfg, cfg: FeatNetConfig) -> str:
-    key = {"version": FEATNET_VERSION, "featnet": dataclasses.asdict(cfg),
-           "data": {k: getattr(data_cfg, k)
-                    for k in ("name", "img_size", "vendors", "holdout", "skin_tones", "num_images")}}
+    key = {
+        "version": FEATNET_VERSION,
+        "featnet": dataclasses.asdict(cfg),
+        "data": {
+            k: getattr(data_cfg, k) for k in ("name", "img_size", "vendors", "holdout", "skin_tones", "num_images")
+        },
+    }
     if data_cfg.name == "folder":
         key["data"]["root"] = str(Path(data_cfg.root).resolve())
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -121,8 +135,14 @@ def _shift(x: Tensor, g: torch.Generator, max_shift: int) -> Tensor:
     return p[:, :, dy : dy + h, dx : dx + w]
 
 
-def train_featnet(train: ImageSet, val: Optional[ImageSet], cfg: FeatNetConfig = FeatNetConfig(), *,
-                  device="cpu", log: Callable[[str], None] = print) -> Tuple[FeatNet, Dict]:
+def train_featnet(
+    train: ImageSet,
+    val: Optional[ImageSet],
+    cfg: FeatNetConfig = FeatNetConfig(),
+    *,
+    device="cpu",
+    log: Callable[[str], None] = print,
+) -> Tuple[FeatNet, Dict]:
     """Train on ``train`` (random shifts and flips), report accuracy on ``val``; returns (net, info)."""
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -161,8 +181,9 @@ def train_featnet(train: ImageSet, val: Optional[ImageSet], cfg: FeatNetConfig =
         vf, vp = net.embed(val.images)
         info["val_cat_acc"] = float((vp == val.labels).float().mean())
         with torch.no_grad():
-            vv = torch.cat([net(to_float(val.images[s : s + 256]).to(device))[1].argmax(1).cpu()
-                            for s in range(0, len(val), 256)])
+            vv = torch.cat(
+                [net(to_float(val.images[s : s + 256]).to(device))[1].argmax(1).cpu() for s in range(0, len(val), 256)]
+            )
         info["val_vendor_acc"] = float((vv == val.domains).float().mean())
         info["n_val"] = len(val)
     info["chance_cat_acc"] = float(torch.bincount(train.labels).max() / len(train))
@@ -176,9 +197,14 @@ def _save(path: Path, net: FeatNet, extra: Dict, data_cfg) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors["train_mu"], tensors["train_sigma"] = extra["train_mu"], extra["train_sigma"]
-    meta = {"info": json.dumps(extra["info"]), "img_size": str(net.img_size),
-            "num_classes": str(net.cat_head.out_features), "num_domains": str(net.vendor_head.out_features),
-            "featnet": json.dumps(dataclasses.asdict(net.cfg)), "version": str(FEATNET_VERSION)}
+    meta = {
+        "info": json.dumps(extra["info"]),
+        "img_size": str(net.img_size),
+        "num_classes": str(net.cat_head.out_features),
+        "num_domains": str(net.vendor_head.out_features),
+        "featnet": json.dumps(dataclasses.asdict(net.cfg)),
+        "version": str(FEATNET_VERSION),
+    }
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
@@ -198,12 +224,17 @@ def _load(path: Path, device) -> Tuple[FeatNet, Dict]:
     t = load_file(str(path))
     net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
     net.to(device).eval()
-    return net, {"info": json.loads(meta["info"]), "train_mu": t["train_mu"], "train_sigma": t["train_sigma"],
-                 "path": str(path)}
+    return net, {
+        "info": json.loads(meta["info"]),
+        "train_mu": t["train_mu"],
+        "train_sigma": t["train_sigma"],
+        "path": str(path),
+    }
 
 
-def load_or_train_featnet(data_cfg, cfg: FeatNetConfig = FeatNetConfig(), *, device="cpu",
-                          path=None, log: Callable[[str], None] = print) -> Tuple[FeatNet, Dict]:
+def load_or_train_featnet(
+    data_cfg, cfg: FeatNetConfig = FeatNetConfig(), *, device="cpu", path=None, log: Callable[[str], None] = print
+) -> Tuple[FeatNet, Dict]:
     """The feature network of ``data_cfg``'s images: from ``path`` or the cache, else trained on
     the training split (held-out accuracy measured) and cached. Returns ``(net, extra)``; extra has
     ``info`` (accuracies), ``train_mu`` / ``train_sigma`` (FD reference) and ``path``."""

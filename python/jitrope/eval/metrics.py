@@ -10,6 +10,7 @@ The Fréchet distance in the features of :mod:`jitrope.featnet` is what this pro
 **FD-emoji**: the same formula as FID, in another network's features, so its values are not
 comparable with published FIDs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,8 +46,10 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     """
     mu1, mu2, s1, s2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, "
-                         f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(s2.shape)} (want [D], [D, D] twice)")
+        raise ValueError(
+            f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, "
+            f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(s2.shape)} (want [D], [D, D] twice)"
+        )
     r1 = _sqrt_psd(s1)
     m = r1 @ s2 @ r1
     tr_sqrt = torch.linalg.eigvalsh((m + m.t()) / 2).clamp_min(0).sqrt().sum()
@@ -115,8 +118,9 @@ def inception_fid(real: Tensor, fake: Tensor, weights) -> float:
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as e:
-        raise ImportError("--fid-inception needs torch-fidelity (pip install torch-fidelity); "
-                          f"it is optional and not installed: {e}") from e
+        raise ImportError(
+            f"--fid-inception needs torch-fidelity (pip install torch-fidelity); it is optional and not installed: {e}"
+        ) from e
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
     net.eval()
 

@@ -6,6 +6,7 @@ sanity checks and the stage times) and ``<page>_*.png`` beside it from the run r
 are regenerated from their JSON alone with ``scripts/ablate_posenc.py --stage report --from-json``).
 Every number comes from the records; the verdicts are :mod:`jitrope.eval.study`'s rule.
 """
+
 from __future__ import annotations
 
 import json
@@ -129,8 +130,13 @@ def _plot_main(P: _Plots, rows, names, step_n_per_class) -> None:
             continue
         steps = rs[0]["loss_curve"]["steps"]
         k = min(len(r["loss_curve"]["loss"]) for r in rs)
-        ax.plot(steps[:k], [sum(r["loss_curve"]["loss"][i] for r in rs) / len(rs) for i in range(k)],
-                label=n, color=colors[n], lw=1.2)
+        ax.plot(
+            steps[:k],
+            [sum(r["loss_curve"]["loss"][i] for r in rs) / len(rs) for i in range(k)],
+            label=n,
+            color=colors[n],
+            lw=1.2,
+        )
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean over seeds)")
@@ -141,8 +147,13 @@ def _plot_main(P: _Plots, rows, names, step_n_per_class) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(10, 5.2))
     for ax, (path, head, _, lower) in zip(axes.flat, cols):
         st = [mean_sd(per_encoding(rows, names, path)[n]) for n in names]
-        ax.bar(range(len(names)), [m or 0 for m, _ in st], yerr=[sd or 0 for _, sd in st], capsize=3,
-               color=[colors[n] for n in names])
+        ax.bar(
+            range(len(names)),
+            [m or 0 for m, _ in st],
+            yerr=[sd or 0 for _, sd in st],
+            capsize=3,
+            color=[colors[n] for n in names],
+        )
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
         ax.set_title(f"{head} ({'lower' if lower else 'higher'} is better)", fontsize=9)
     P.save(fig, "bars")
@@ -153,10 +164,20 @@ def _plot_main(P: _Plots, rows, names, step_n_per_class) -> None:
         if not rs:
             continue
         steps = rs[0]["fd_vs_step"]["steps"]
-        st = [mean_sd([r["fd_vs_step"]["fd_emoji"][i] for r in rs if len(r["fd_vs_step"]["fd_emoji"]) > i])
-              for i in range(len(steps))]
-        ax.errorbar(steps, [m for m, _ in st], yerr=[sd or 0 for _, sd in st], label=n, color=colors[n], capsize=2,
-                    marker="o", ms=3)
+        st = [
+            mean_sd([r["fd_vs_step"]["fd_emoji"][i] for r in rs if len(r["fd_vs_step"]["fd_emoji"]) > i])
+            for i in range(len(steps))
+        ]
+        ax.errorbar(
+            steps,
+            [m for m, _ in st],
+            yerr=[sd or 0 for _, sd in st],
+            label=n,
+            color=colors[n],
+            capsize=2,
+            marker="o",
+            ms=3,
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(f"FD-emoji ({step_n_per_class} samples per class)")
     ax.legend(fontsize=7)
@@ -187,10 +208,22 @@ def _plot_sizes(P: _Plots, flat, sizes, combos: Mapping[str, Mapping[Tuple[str, 
                     ys.append(m)
                     es.append(sd or 0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, color=colors[enc], ls=styles.get(regime, ":"), marker="o", ms=3,
-                            capsize=2, label=f"{enc}, {regime}, {scaling}")
-        ax.set_xticks(range(len(sizes)), [size_label(hw) + (" (train)" if hw == (train_px, train_px) else "")
-                                          for hw in sizes], fontsize=7)
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=es,
+                    color=colors[enc],
+                    ls=styles.get(regime, ":"),
+                    marker="o",
+                    ms=3,
+                    capsize=2,
+                    label=f"{enc}, {regime}, {scaling}",
+                )
+        ax.set_xticks(
+            range(len(sizes)),
+            [size_label(hw) + (" (train)" if hw == (train_px, train_px) else "") for hw in sizes],
+            fontsize=7,
+        )
         ax.set_xlabel("sampling size (pixels; rows x columns)")
         ax.set_ylabel(f"{label} ({'lower' if lower else 'higher'} is better)")
         if ax.get_legend_handles_labels()[0]:
@@ -211,8 +244,10 @@ def _plot_size_samples(P: _Plots, rows, flat, sizes, combos, seed) -> None:
     keys = sorted(best)
     fig, axes = plt.subplots(len(keys), len(sizes), figsize=(1.5 * len(sizes), 1.7 * len(keys)), squeeze=False)
     for i, (enc, regime) in enumerate(keys):
-        run = next((r for r in rows if r["pos_embed"] == enc and r.get("regime", "single") == regime
-                    and r["seed"] == seed), None)
+        run = next(
+            (r for r in rows if r["pos_embed"] == enc and r.get("regime", "single") == regime and r["seed"] == seed),
+            None,
+        )
         for j, hw in enumerate(sizes):
             ax = axes[i][j]
             ax.axis("off")
@@ -227,8 +262,15 @@ def _plot_size_samples(P: _Plots, rows, flat, sizes, combos, seed) -> None:
             if i == 0:
                 ax.set_title(size_label(hw), fontsize=8)
             if j == 0:
-                ax.text(-0.05, 0.5, f"{enc}\n{regime}\n{best[(enc, regime)]}", transform=ax.transAxes, ha="right",
-                        va="center", fontsize=6)
+                ax.text(
+                    -0.05,
+                    0.5,
+                    f"{enc}\n{regime}\n{best[(enc, regime)]}",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="center",
+                    fontsize=6,
+                )
     P.save(fig, "size_samples")
 
 
@@ -245,9 +287,11 @@ def answer_sentences(rows, names, flat, sizes, regimes: Mapping[str, str]) -> Li
     if any(tally.values()):
         best = max(tally.values())
         lead = [n for n, v in tally.items() if v == best]
-        out.append(f"At the training size: {' and '.join(f'`{n}`' for n in lead)} "
-                   f"{'is' if len(lead) == 1 else 'are'} the best or within noise of the best on {best} of "
-                   f"{N_QUALITY} quality metrics.")
+        out.append(
+            f"At the training size: {' and '.join(f'`{n}`' for n in lead)} "
+            f"{'is' if len(lead) == 1 else 'are'} the best or within noise of the best on {best} of "
+            f"{N_QUALITY} quality metrics."
+        )
     if flat and sizes:
         c = across_sizes(flat, "fd_emoji", True, sizes)
         if c.best is not None:
@@ -255,10 +299,14 @@ def answer_sentences(rows, names, flat, sizes, regimes: Mapping[str, str]) -> Li
             m, sd = c.stats[c.best]
             trained = regimes.get(regime, regime)
             near = ", ".join(f"`{n}` ({format(v, '.3f')})" for n, v in c.near)
-            out.append(f"For one model across sizes ({', '.join(size_label(s) for s in sizes)}): use `{enc}` with "
-                       f"`{scaling}` scaling, trained {trained} (FD-emoji averaged over the sizes "
-                       f"{fmt_pm(m, sd, '.3f')})" + (f"; within noise of it: {near}" if near and c.has_noise else "")
-                       + ("" if c.has_noise else " (one seed: no noise estimate)") + ".")
+            out.append(
+                f"For one model across sizes ({', '.join(size_label(s) for s in sizes)}): use `{enc}` with "
+                f"`{scaling}` scaling, trained {trained} (FD-emoji averaged over the sizes "
+                f"{fmt_pm(m, sd, '.3f')})"
+                + (f"; within noise of it: {near}" if near and c.has_noise else "")
+                + ("" if c.has_noise else " (one seed: no noise estimate)")
+                + "."
+            )
     return out
 
 
@@ -270,10 +318,15 @@ def _setup(info: PageInfo, rows, seeds, timing, sanity) -> List[str]:
     n_seeds = {n: len([r for r in rows if r["pos_embed"] == n]) for n in info.names}
     train_s = timing.get("train")
     L = [
-        "## Setup", "",
+        "## Setup",
+        "",
         f"- Config `{info.config}`: {info.img_size}x{info.img_size} emoji at patch {info.patch_size} ({gh}x{gh} grid, "
-        f"{gh * gh} tokens" + (f", plus a {info.cond_img_size}x{info.cond_img_size} condition image: {gh * gh} -> "
-                               f"{tokens} tokens" if cg else "")
+        f"{gh * gh} tokens"
+        + (
+            f", plus a {info.cond_img_size}x{info.cond_img_size} condition image: {gh * gh} -> {tokens} tokens"
+            if cg
+            else ""
+        )
         + f"), class labels, width {info.width}, depth {info.depth}, {info.heads} heads, {info.in_context} "
         "in-context tokens.",
         f"- {info.steps} training steps per run, batch {info.batch}, AdamW lr {info.lr}, {len(info.names)} encodings x "
@@ -281,14 +334,19 @@ def _setup(info: PageInfo, rows, seeds, timing, sanity) -> List[str]:
         "changes initialisation and data order together). Only `model.pos_embed` differs.",
     ]
     if "vloss" in r0:
-        L.append(f"- Evaluation of the EMA weights at step {info.steps}: held-out v-loss at t = "
-                 f"{', '.join(f'{t:g}' for t in r0['vloss']['t'])} with fixed noise ({r0['vloss']['n_images']} "
-                 f"held-out images); {r0.get('class_samples', {}).get('n', 0)} class-conditional samples "
-                 f"({info.n_per_class} per class) and {r0.get('cond_samples', {}).get('n', 0)} condition-image "
-                 "samples, "
-                 f"Heun {info.sample_steps} steps, CFG {r0.get('sampling', {}).get('cfg')}.")
-    L.append("- Mean ± sample standard deviation over the seeds (n per encoding: "
-             + ", ".join(f"`{n}` {k}" for n, k in n_seeds.items()) + ").")
+        L.append(
+            f"- Evaluation of the EMA weights at step {info.steps}: held-out v-loss at t = "
+            f"{', '.join(f'{t:g}' for t in r0['vloss']['t'])} with fixed noise ({r0['vloss']['n_images']} "
+            f"held-out images); {r0.get('class_samples', {}).get('n', 0)} class-conditional samples "
+            f"({info.n_per_class} per class) and {r0.get('cond_samples', {}).get('n', 0)} condition-image "
+            "samples, "
+            f"Heun {info.sample_steps} steps, CFG {r0.get('sampling', {}).get('cfg')}."
+        )
+    L.append(
+        "- Mean ± sample standard deviation over the seeds (n per encoding: "
+        + ", ".join(f"`{n}` {k}" for n, k in n_seeds.items())
+        + ")."
+    )
     times = []
     if train_s is not None:
         times.append(f"training {train_s / 3600:.1f} h of runs ({info.jobs} at a time)")
@@ -297,15 +355,23 @@ def _setup(info: PageInfo, rows, seeds, timing, sanity) -> List[str]:
             times.append(f"{stage} {timing[stage] / 60:.0f} min")
     if sanity.get("_featnet_seconds") is not None:
         times.append(f"feature network {sanity['_featnet_seconds'] / 60:.0f} min (once, cached)")
-    L.append(f"- Machine: {info.machine}." + (" Times: " + ", ".join(times) + "." if times else "")
-             + (" On this CPU the machine was shared with other jobs, so wall times are only rough; CPU ms/step "
-                "(one thread) is the steadier measure." if info.device == "cpu" else ""))
+    L.append(
+        f"- Machine: {info.machine}."
+        + (" Times: " + ", ".join(times) + "." if times else "")
+        + (
+            " On this CPU the machine was shared with other jobs, so wall times are only rough; CPU ms/step "
+            "(one thread) is the steadier measure."
+            if info.device == "cpu"
+            else ""
+        )
+    )
     return L + [""]
 
 
 def _metrics_text() -> List[str]:
     return [
-        "## Metrics", "",
+        "## Metrics",
+        "",
         "- **FD-emoji**: Fréchet distance between the Gaussians fitted to the features of the samples and of the "
         "training split, in a small CNN trained once on the emoji training split with category and vendor heads "
         "(`jitrope/eval/featnet.py`, cached under its config hash). The FID formula in another network: not "
@@ -326,8 +392,12 @@ def _sanity(rows, sanity) -> List[str]:
     cells = [[k, f"{v:.4f}"] for k, v in sanity.items() if not k.startswith("_")]
     real = next((r for r in rows if get(r, ("class_samples", "fd_emoji_real")) is not None), None)
     if real is not None:
-        cells.append([f"real held-out images, {real['class_samples'].get('n_real', '-')} of them (the evaluation's "
-                      f"floor)", f"{get(real, ('class_samples', 'fd_emoji_real')):.4f}"])
+        cells.append(
+            [
+                f"real held-out images, {real['class_samples'].get('n_real', '-')} of them (the evaluation's floor)",
+                f"{get(real, ('class_samples', 'fd_emoji_real')):.4f}",
+            ]
+        )
     return L + md_table(["check", "value"], cells) + [""]
 
 
@@ -347,12 +417,24 @@ def _main_table(rows, names, earlier, earlier_label, files) -> List[str]:
         body.append([f"`{n}` ({earlier_label})", *cells, "-" if params is None else f"{params / 1e6:.3f}M"])
     real = next((r for r in rows if get(r, ("class_samples", "fd_emoji_real")) is not None), None)
     if real is not None:
-        body.append(["real held-out images", "-", "-", "-", f"{get(real, ('class_samples', 'fd_emoji_real')):.3f}",
-                     f"{get(real, ('class_samples', 'class_acc_real')):.3f}"] + ["-"] * (len(METRIC_COLS) - 4))
+        body.append(
+            [
+                "real held-out images",
+                "-",
+                "-",
+                "-",
+                f"{get(real, ('class_samples', 'fd_emoji_real')):.3f}",
+                f"{get(real, ('class_samples', 'class_acc_real')):.3f}",
+            ]
+            + ["-"] * (len(METRIC_COLS) - 4)
+        )
     L += md_table(header, body) + [""]
     if enames:
-        L += [f"Rows marked ({earlier_label}) are the earlier, shorter ablation's: not comparable with the rows "
-              "above (fewer steps), and left out of the verdicts below.", ""]
+        L += [
+            f"Rows marked ({earlier_label}) are the earlier, shorter ablation's: not comparable with the rows "
+            "above (fewer steps), and left out of the verdicts below.",
+            "",
+        ]
     L += [f"![training loss]({files['loss']}) ![metrics]({files['bars']})", ""]
     return L
 
@@ -362,44 +444,71 @@ def _fd_steps(rows, names, step_n_per_class, files) -> List[str]:
     if not ranks:
         return []
     steps = list(ranks)
-    L = ["## FD-emoji as training goes on", "",
-         f"FD-emoji of {step_n_per_class} samples per class at every checkpoint (mean ± sd over seeds), and the "
-         "order of the encodings at each checkpoint (best first): does the ranking change as the models train?", ""]
+    L = [
+        "## FD-emoji as training goes on",
+        "",
+        f"FD-emoji of {step_n_per_class} samples per class at every checkpoint (mean ± sd over seeds), and the "
+        "order of the encodings at each checkpoint (best first): does the ranking change as the models train?",
+        "",
+    ]
     body = []
     for n in names:
         rs = [r for r in rows if r["pos_embed"] == n and (r.get("fd_vs_step") or {}).get("steps")]
         cells = []
         for s in steps:
-            vals = [r["fd_vs_step"]["fd_emoji"][r["fd_vs_step"]["steps"].index(s)] for r in rs
-                    if s in r["fd_vs_step"]["steps"]]
+            vals = [
+                r["fd_vs_step"]["fd_emoji"][r["fd_vs_step"]["steps"].index(s)]
+                for r in rs
+                if s in r["fd_vs_step"]["steps"]
+            ]
             cells.append(fmt_pm(*mean_sd(vals), ".3f"))
         body.append([f"`{n}`", *cells])
     body.append(["order", *(" < ".join(ranks[s]) for s in steps)])
     L += md_table(["pos_embed", *(f"step {s}" for s in steps)], body) + [""]
     first, last = ranks[steps[0]], ranks[steps[-1]]
-    L += [("The ranking at the last checkpoint is the one at the first." if first == last else
-           f"The ranking changes: {' < '.join(first)} at step {steps[0]}, {' < '.join(last)} at step {steps[-1]}.")
-          + " (Means only: see the spreads in the table.)", "", f"![FD-emoji vs step]({files['fd_steps']})", ""]
+    L += [
+        (
+            "The ranking at the last checkpoint is the one at the first."
+            if first == last
+            else f"The ranking changes: {' < '.join(first)} at step {steps[0]}, {' < '.join(last)} at step {steps[-1]}."
+        )
+        + " (Means only: see the spreads in the table.)",
+        "",
+        f"![FD-emoji vs step]({files['fd_steps']})",
+        "",
+    ]
     return L
 
 
 def _sizes_section(rows, flat, sizes, combos, info: PageInfo, files, train_px) -> List[str]:
     regimes_present = sorted({x["regime"] for x in flat}, key=lambda g: (g != "single", g))
-    L = ["## Every size: one model for many image sizes", "",
-         f"Class-conditional samples ({info.res_n_per_class} per class, null condition, the same noise seed at every "
-         "size and for every model) at every size of the study, under every scaling mode (`model.pos_scaling`): "
-         "`extrapolate` (integer positions beyond the training range), `interpolate` (positions scaled into the "
-         "training range, per axis; learned tables resampled), `ntk` (NTK-aware RoPE base, per axis), `yarn` "
-         "(YaRN's per-frequency ramp and attention temperature). `ntk` and `yarn` scale RoPE only: a table part "
-         "interpolates under them, and they change nothing on an axis no longer than in training (their numbers are "
-         "then another mode's). FD-emoji and class accuracy after resizing to the feature network's "
-         f"{train_px}x{train_px} (non-square samples squeezed); held-out v-loss with the null condition on the "
-         "held-out images resized to each size, and its ratio to an *oracle*: the same encoding and seed trained at "
-         "that size (" + "; ".join(f"`{g}`: {', '.join(size_label(s) for s in info.trained_sizes.get(g, ()))}"
-                                   for g in regimes_present) + ").", ""]
-    L += ["Training regimes: " + "; ".join(f"`{g}`: trained {info.regimes.get(g, g)}" for g in regimes_present)
-          + ". Seeds: " + ", ".join(f"`{g}` {sorted({x['seed'] for x in flat if x['regime'] == g})}"
-                                    for g in regimes_present) + ".", ""]
+    L = [
+        "## Every size: one model for many image sizes",
+        "",
+        f"Class-conditional samples ({info.res_n_per_class} per class, null condition, the same noise seed at every "
+        "size and for every model) at every size of the study, under every scaling mode (`model.pos_scaling`): "
+        "`extrapolate` (integer positions beyond the training range), `interpolate` (positions scaled into the "
+        "training range, per axis; learned tables resampled), `ntk` (NTK-aware RoPE base, per axis), `yarn` "
+        "(YaRN's per-frequency ramp and attention temperature). `ntk` and `yarn` scale RoPE only: a table part "
+        "interpolates under them, and they change nothing on an axis no longer than in training (their numbers are "
+        "then another mode's). FD-emoji and class accuracy after resizing to the feature network's "
+        f"{train_px}x{train_px} (non-square samples squeezed); held-out v-loss with the null condition on the "
+        "held-out images resized to each size, and its ratio to an *oracle*: the same encoding and seed trained at "
+        "that size ("
+        + "; ".join(
+            f"`{g}`: {', '.join(size_label(s) for s in info.trained_sizes.get(g, ()))}" for g in regimes_present
+        )
+        + ").",
+        "",
+    ]
+    L += [
+        "Training regimes: "
+        + "; ".join(f"`{g}`: trained {info.regimes.get(g, g)}" for g in regimes_present)
+        + ". Seeds: "
+        + ", ".join(f"`{g}` {sorted({x['seed'] for x in flat if x['regime'] == g})}" for g in regimes_present)
+        + ".",
+        "",
+    ]
     repeats: Dict[Tuple, set] = {}  # (enc, regime, mode, hw) -> the modes whose samples it repeats
     for x in flat:
         repeats.setdefault((x["pos_embed"], x["regime"], x["scaling"], tuple(x["hw"])), set()).add(x.get("same_as"))
@@ -412,8 +521,11 @@ def _sizes_section(rows, flat, sizes, combos, info: PageInfo, files, train_px) -
         for regime in regimes_present:
             encs = [n for n in dict.fromkeys(x["pos_embed"] for x in flat if x["regime"] == regime)]
             for enc in encs:
-                modes = [m for m in ("extrapolate", "interpolate", "ntk", "yarn")
-                         if any(k[:3] == (enc, regime, m) for k in stats)]
+                modes = [
+                    m
+                    for m in ("extrapolate", "interpolate", "ntk", "yarn")
+                    if any(k[:3] == (enc, regime, m) for k in stats)
+                ]
                 for m in modes:
                     cells, same = [], set()
                     for hw in sizes:
@@ -425,22 +537,42 @@ def _sizes_section(rows, flat, sizes, combos, info: PageInfo, files, train_px) -
                     name = f"{m} (= {same.pop()})" if len(same) == 1 and None not in same else m
                     star = " *" if combos.get(key, {}).get((enc, regime)) == m else ""
                     body.append([f"`{enc}`", regime, name + star, *cells])
-        L += md_table(["pos_embed", "regime", "scaling", *(size_label(s) + (" (train)" if s == (train_px, train_px)
-                                                               else "") for s in sizes)], body)
-        L += ["", f"\\* the best scaling mode of that encoding and regime on {label} averaged over the sizes. "
-              "= : the samples of another mode (named in the row when always the same one: ntk and yarn on a table, "
-              "or on an axis no longer than in training, and every mode at the training size). "
-              "n/a: the mode cannot place that size (e.g. `learned1d` cannot extrapolate), or no run has it.", ""]
+        L += md_table(
+            [
+                "pos_embed",
+                "regime",
+                "scaling",
+                *(size_label(s) + (" (train)" if s == (train_px, train_px) else "") for s in sizes),
+            ],
+            body,
+        )
+        L += [
+            "",
+            f"\\* the best scaling mode of that encoding and regime on {label} averaged over the sizes. "
+            "= : the samples of another mode (named in the row when always the same one: ntk and yarn on a table, "
+            "or on an axis no longer than in training, and every mode at the training size). "
+            "n/a: the mode cannot place that size (e.g. `learned1d` cannot extrapolate), or no run has it.",
+            "",
+        ]
         if f"size_{key}" in files:
             L += [f"![{label} vs size]({files[f'size_{key}']})", ""]
     L += ["Across sizes (per seed, the mean over every size of the study; then mean ± sd over seeds):", ""]
     for key, label, spec, lower in SIZE_METRICS[:3]:
-        L.append("- " + verdict(across_sizes_values(flat, key, sizes), lower, spec,
-                                f"{label} over sizes (encoding | regime | scaling)"))
+        L.append(
+            "- "
+            + verdict(
+                across_sizes_values(flat, key, sizes), lower, spec, f"{label} over sizes (encoding | regime | scaling)"
+            )
+        )
     L += [""]
     if "size_samples" in files:
-        L += [f"Samples of seed {info_seed(rows)} at every size (rows: encoding, regime and its best FD-emoji scaling "
-              "mode; in each grid, rows are classes):", "", f"![samples at every size]({files['size_samples']})", ""]
+        L += [
+            f"Samples of seed {info_seed(rows)} at every size (rows: encoding, regime and its best FD-emoji scaling "
+            "mode; in each grid, rows are classes):",
+            "",
+            f"![samples at every size]({files['size_samples']})",
+            "",
+        ]
     return L
 
 
@@ -449,9 +581,14 @@ def info_seed(rows) -> int:
 
 
 def _conclusion(rows, names, flat, sizes, info: PageInfo) -> List[str]:
-    L = ["## Conclusion", "", "Mechanical reading of the tables (best mean; an encoding differs only when the gap is "
-         "larger than twice the combined seed spread; with few seeds that spread is itself a rough estimate, so read "
-         "\"clearly\" as indicative):", ""]
+    L = [
+        "## Conclusion",
+        "",
+        "Mechanical reading of the tables (best mean; an encoding differs only when the gap is "
+        "larger than twice the combined seed spread; with few seeds that spread is itself a rough estimate, so read "
+        '"clearly" as indicative):',
+        "",
+    ]
     for path, head, spec, lower in METRIC_COLS[:N_QUALITY]:
         L.append("- " + verdict(per_encoding(rows, names, path), lower, spec, head))
     L += ["", "### Answer", ""]
@@ -467,40 +604,71 @@ def _limits(info: PageInfo, rows) -> List[str]:
     n_train = next((r["featnet"].get("n_train") for r in rows if r.get("featnet", {}).get("n_train")), None)
     if info.device == "cpu":
         if n_train:
-            L.append(f"- Budget: {info.steps} steps of batch {info.batch} are {info.steps * info.batch / n_train:.1f} "
-                     "passes over the training split, on a 2-core CPU shared with other jobs.")
-        L.append(f"- Image size: {info.img_size}x{info.img_size} ({gh}x{gh} grid, {gh * gh} -> {tokens} tokens), a "
-                 "small JiT; the problem statement's 64x64 setting (16x16 grid, 256 -> 320 tokens) is "
-                 + (f"`{info.gpu_run}`" if info.gpu_run else "the `--scale seed` run") + ", sized for one GPU"
-                 + (": it is on this page." if info.gpu_done else ": the GPU run is still owed."))
+            L.append(
+                f"- Budget: {info.steps} steps of batch {info.batch} are {info.steps * info.batch / n_train:.1f} "
+                "passes over the training split, on a 2-core CPU shared with other jobs."
+            )
+        L.append(
+            f"- Image size: {info.img_size}x{info.img_size} ({gh}x{gh} grid, {gh * gh} -> {tokens} tokens), a "
+            "small JiT; the problem statement's 64x64 setting (16x16 grid, 256 -> 320 tokens) is "
+            + (f"`{info.gpu_run}`" if info.gpu_run else "the `--scale seed` run")
+            + ", sized for one GPU"
+            + (": it is on this page." if info.gpu_done else ": the GPU run is still owed.")
+        )
     else:
         L.append(f"- This page is the `{info.config}` run on {info.machine}.")
     return L + [""]
 
 
 def _reproduce(info: PageInfo, out: Path) -> List[str]:
-    L = ["## Reproduce", "", "```", *info.reproduce, "```", "",
-         "Stages can be run one by one (`--stage train|eval|report`); every stage resumes. Runs, logs, checkpoints and "
-         f"`metrics.jsonl` are in `{info.out_dir}/seed<k>/<encoding>/` (other regimes in "
-         f"`{info.out_dir}/<regime>/seed<k>/<encoding>/`); every run's metrics in `{out.with_suffix('.json').name}`."]
+    L = [
+        "## Reproduce",
+        "",
+        "```",
+        *info.reproduce,
+        "```",
+        "",
+        "Stages can be run one by one (`--stage train|eval|report`); every stage resumes. Runs, logs, checkpoints and "
+        f"`metrics.jsonl` are in `{info.out_dir}/seed<k>/<encoding>/` (other regimes in "
+        f"`{info.out_dir}/<regime>/seed<k>/<encoding>/`); every run's metrics in `{out.with_suffix('.json').name}`.",
+    ]
     return L
 
 
 def _previous_section(prev: Sequence[Mapping[str, Any]]) -> List[str]:
     """The earlier single-seed, 2000-step CPU ablation, from its JSON."""
-    L = ["", "## Earlier run: 2000 steps, one seed", "",
-         "The first ablation (`python scripts/ablate_posenc.py --steps 2000` of the time, one seed, config "
-         "`emoji32_cpu.yaml`; formerly `docs/ablation.md`), kept for its longer training. NN class acc: share of "
-         "samples whose nearest training image (pixel L2) has the asked class.", ""]
-    body = [[f"`{r['pos_embed']}`", f"{r['vloss']['mean']:.4f}", f"{r['vloss_null_cond']['mean']:.4f}",
-             f"{r['class_samples']['nn_class_acc']:.3f}", f"{r['cond_samples']['cond_rms']:.3f}"] for r in prev]
+    L = [
+        "",
+        "## Earlier run: 2000 steps, one seed",
+        "",
+        "The first ablation (`python scripts/ablate_posenc.py --steps 2000` of the time, one seed, config "
+        "`emoji32_cpu.yaml`; formerly `docs/ablation.md`), kept for its longer training. NN class acc: share of "
+        "samples whose nearest training image (pixel L2) has the asked class.",
+        "",
+    ]
+    body = [
+        [
+            f"`{r['pos_embed']}`",
+            f"{r['vloss']['mean']:.4f}",
+            f"{r['vloss_null_cond']['mean']:.4f}",
+            f"{r['class_samples']['nn_class_acc']:.3f}",
+            f"{r['cond_samples']['cond_rms']:.3f}",
+        ]
+        for r in prev
+    ]
     return L + md_table(["pos_embed", "held-out v-loss", "v-loss, null cond", "NN class acc", "cond RMS"], body) + [""]
 
 
 # ----------------------------------------------------------------------------------- the page
-def write_results_page(rows: Sequence[Mapping[str, Any]], info: PageInfo, out: Path, *,
-                       sanity: Mapping[str, Any], earlier: Sequence[Mapping[str, Any]] = (),
-                       previous: Optional[Sequence[Mapping[str, Any]]] = None) -> Path:
+def write_results_page(
+    rows: Sequence[Mapping[str, Any]],
+    info: PageInfo,
+    out: Path,
+    *,
+    sanity: Mapping[str, Any],
+    earlier: Sequence[Mapping[str, Any]] = (),
+    previous: Optional[Sequence[Mapping[str, Any]]] = None,
+) -> Path:
     """Write the page ``out`` (Markdown), ``out.json`` and ``out``'s plots from the run records.
 
     ``rows``: records of the main ablation (``regime`` "single" or absent: the tables, plots and verdicts
@@ -509,8 +677,7 @@ def write_results_page(rows: Sequence[Mapping[str, Any]], info: PageInfo, out: P
     compared); ``previous``: the 2000-step single-seed records of the first ablation."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    main = [r for r in rows if r.get("regime", "single") == "single" and r["pos_embed"] in info.names
-            and "vloss" in r]
+    main = [r for r in rows if r.get("regime", "single") == "single" and r["pos_embed"] in info.names and "vloss" in r]
     if not main:
         raise ValueError("no evaluated run of the main ablation to report")
     names = [n for n in info.names if any(r["pos_embed"] == n for r in main)]
@@ -519,8 +686,11 @@ def write_results_page(rows: Sequence[Mapping[str, Any]], info: PageInfo, out: P
     flat = size_records([r for r in rows if r.get("resolution")], train_px)
     add_oracle_ratios(flat, info.trained_sizes, list(info.trained_sizes) or ["single"])
     sizes = [tuple(x["hw"]) for x in flat]  # the study's sizes, and the training size wherever it has numbers
-    sizes = _size_order([s for s in info.study_sizes if s in sizes] + [s for s in sizes if s == (train_px, train_px)]
-                        if info.study_sizes else sizes)
+    sizes = _size_order(
+        [s for s in info.study_sizes if s in sizes] + [s for s in sizes if s == (train_px, train_px)]
+        if info.study_sizes
+        else sizes
+    )
     combos = {key: best_scalings(flat, key, lower, sizes) for key, _, _, lower in SIZE_METRICS}
     combos["vloss_ratio"] = combos["vloss"]  # the oracle does not depend on the mode; ratios exist at a few sizes
     P = _Plots(out)
@@ -529,8 +699,12 @@ def write_results_page(rows: Sequence[Mapping[str, Any]], info: PageInfo, out: P
         _plot_sizes(P, flat, sizes, combos, train_px)
         _plot_size_samples(P, rows, flat, sizes, combos, info_seed(main))
     files = P.files
-    L = ["# Which positional encoding? Results of the ablation", "",
-         f"Generated by `{info.command}` (every number and picture on this page; nothing typed in by hand).", ""]
+    L = [
+        "# Which positional encoding? Results of the ablation",
+        "",
+        f"Generated by `{info.command}` (every number and picture on this page; nothing typed in by hand).",
+        "",
+    ]
     L += _setup(info, main, seeds, info.timing, sanity)
     L += _metrics_text()
     L += _sanity(main, sanity)
@@ -545,6 +719,7 @@ def write_results_page(rows: Sequence[Mapping[str, Any]], info: PageInfo, out: P
         L += _previous_section(previous)
     out.write_text("\n".join(L) + "\n")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    out.with_suffix(".json").write_text(json.dumps({"runs": clean, "fd_sanity": dict(sanity),
-                                                    "timing": dict(info.timing)}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps({"runs": clean, "fd_sanity": dict(sanity), "timing": dict(info.timing)}, indent=1)
+    )
     return out

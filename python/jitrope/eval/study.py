@@ -17,6 +17,7 @@ with :mod:`jitrope.eval.evaluate`; this module turns what the runs left on disk 
 
 Plots and the Markdown page are :mod:`jitrope.eval.report`'s.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,7 +124,7 @@ def compare(values: Mapping[str, Sequence[Optional[float]]], lower: bool) -> Com
         if not has_noise:
             near.append((n, m))
             continue
-        noise = math.sqrt(bsd ** 2 + sd ** 2)
+        noise = math.sqrt(bsd**2 + sd**2)
         (apart if abs(m - bm) > 2 * noise and noise > 0 else near).append((n, m))
     return Comparison(best, stats, apart, near, has_noise)
 
@@ -135,13 +136,17 @@ def verdict(values: Mapping[str, Sequence[Optional[float]]], lower: bool, spec: 
         return f"{label}: too few runs to compare."
     if not c.has_noise:
         order = sorted(c.stats, key=lambda n: c.stats[n][0], reverse=not lower)
-        return (f"{label} (one seed, no noise estimate): "
-                + " < ".join(f"`{n}` {format(c.stats[n][0], spec)}" for n in order)
-                + ("" if lower else " (higher is better)") + ".")
+        return (
+            f"{label} (one seed, no noise estimate): "
+            + " < ".join(f"`{n}` {format(c.stats[n][0], spec)}" for n in order)
+            + ("" if lower else " (higher is better)")
+            + "."
+        )
     out = f"{label}: best `{c.best}` ({fmt_pm(*c.stats[c.best], spec)})"
     if c.apart:
         out += "; clearly worse (gap > 2x the combined seed spread): " + ", ".join(
-            f"`{n}` {format(m, spec)}" for n, m in c.apart)
+            f"`{n}` {format(m, spec)}" for n, m in c.apart
+        )
     if c.near:
         out += "; within noise of it: " + ", ".join(f"`{n}` {format(m, spec)}" for n, m in c.near)
     return out + "."
@@ -155,8 +160,12 @@ def top_group(values: Mapping[str, Sequence[Optional[float]]], lower: bool) -> L
 # ----------------------------------------------------------------------------------- readers
 def curve_from_metrics(records: Sequence[Mapping[str, Any]]) -> Dict[str, List[float]]:
     """Loss curve and clocks of a run from its ``metrics.jsonl`` records."""
-    return {"steps": [r["step"] for r in records], "loss": [r["loss"] for r in records],
-            "wall_s": [r.get("wall_s") for r in records], "cpu_s": [r.get("cpu_s") for r in records]}
+    return {
+        "steps": [r["step"] for r in records],
+        "loss": [r["loss"] for r in records],
+        "wall_s": [r.get("wall_s") for r in records],
+        "cpu_s": [r.get("cpu_s") for r in records],
+    }
 
 
 def step_times(records: Sequence[Mapping[str, Any]]) -> Dict[str, Optional[float]]:
@@ -171,9 +180,12 @@ def step_times(records: Sequence[Mapping[str, Any]]) -> Dict[str, Optional[float
         cpu += (b.get("cpu_s") or 0.0) - (a.get("cpu_s") or 0.0)
         steps += n
     last = records[-1] if records else {}
-    return {"step_ms": 1000.0 * wall / steps if steps else None,
-            "cpu_ms": 1000.0 * cpu / steps if steps else None,
-            "train_wall_s": last.get("wall_s"), "train_cpu_s": last.get("cpu_s")}
+    return {
+        "step_ms": 1000.0 * wall / steps if steps else None,
+        "cpu_ms": 1000.0 * cpu / steps if steps else None,
+        "train_wall_s": last.get("wall_s"),
+        "train_cpu_s": last.get("cpu_s"),
+    }
 
 
 def fd_vs_step(folder: Path, max_step: int) -> Dict[str, List[float]]:
@@ -188,9 +200,17 @@ def fd_vs_step(folder: Path, max_step: int) -> Dict[str, List[float]]:
     return {"steps": [p[0] for p in pts], "fd_emoji": [p[1] for p in pts], "class_acc": [p[2] for p in pts]}
 
 
-def run_record(run: Path, *, steps: int, seed: int, regime: str, pos_embed: str,
-               final: Optional[Path] = None, sizes: Optional[Path] = None,
-               steps_folder: Optional[Path] = None) -> Dict[str, Any]:
+def run_record(
+    run: Path,
+    *,
+    steps: int,
+    seed: int,
+    regime: str,
+    pos_embed: str,
+    final: Optional[Path] = None,
+    sizes: Optional[Path] = None,
+    steps_folder: Optional[Path] = None,
+) -> Dict[str, Any]:
     """One record per run: its final evaluation (``final`` JSON, if any), the every-size study
     (``sizes`` JSON: its ``resolution``), FD-emoji vs step (``steps_folder``), and from
     ``metrics.jsonl`` the loss curve, the final training loss (mean of the last 10% of the logged
@@ -226,8 +246,9 @@ def _row_hw(row: Mapping[str, Any]) -> Tuple[int, int]:
     return int(row["px"]), int(row["px"])  # records of older versions: square sizes only
 
 
-def size_records(rows: Sequence[Mapping[str, Any]], train_px: int,
-                 metrics: Sequence[str] = ("fd_emoji", "class_acc", "vloss")) -> List[Dict[str, Any]]:
+def size_records(
+    rows: Sequence[Mapping[str, Any]], train_px: int, metrics: Sequence[str] = ("fd_emoji", "class_acc", "vloss")
+) -> List[Dict[str, Any]]:
     """One flat record ``{pos_embed, regime, seed, hw, scaling, <metrics>, same_as?}`` per run, size and
     scaling mode that has numbers (skipped modes are left out). A run whose study lacks its training
     size gets it from its main evaluation (FD-emoji and class accuracy of ``class_samples``, the same
@@ -247,17 +268,25 @@ def size_records(rows: Sequence[Mapping[str, Any]], train_px: int,
             out.append(rec)
         if (train_px, train_px) not in seen and "class_samples" in r:
             for scaling in {x["scaling"] for x in r.get("resolution", [])} or {"extrapolate", "interpolate"}:
-                out.append({**base, "hw": (train_px, train_px), "scaling": scaling,
-                            "fd_emoji": get(r, ("class_samples", "fd_emoji")),
-                            "class_acc": get(r, ("class_samples", "class_acc")), "vloss": None})
+                out.append(
+                    {
+                        **base,
+                        "hw": (train_px, train_px),
+                        "scaling": scaling,
+                        "fd_emoji": get(r, ("class_samples", "fd_emoji")),
+                        "class_acc": get(r, ("class_samples", "class_acc")),
+                        "vloss": None,
+                    }
+                )
     return out
 
 
 ORACLE_SCALINGS = ("extrapolate", "interpolate")  # how a run places the sizes it trained at
 
 
-def add_oracle_ratios(flat: List[Dict[str, Any]], trained: Mapping[str, Iterable[Sequence[int]]],
-                      order: Sequence[str]) -> None:
+def add_oracle_ratios(
+    flat: List[Dict[str, Any]], trained: Mapping[str, Iterable[Sequence[int]]], order: Sequence[str]
+) -> None:
     """Add ``vloss_ratio``: a record's held-out v-loss over that of the *oracle* of its encoding, seed
     and size, i.e. the run of the first regime in ``order`` whose training sizes (``trained[regime]``)
     include the size, placed as it trained (extrapolate, or interpolate where it cannot). Sizes no
@@ -277,8 +306,9 @@ def add_oracle_ratios(flat: List[Dict[str, Any]], trained: Mapping[str, Iterable
                 break
 
 
-def size_stats(flat: Sequence[Mapping[str, Any]],
-               metric: str) -> Dict[Tuple, Tuple[Optional[float], Optional[float], int]]:
+def size_stats(
+    flat: Sequence[Mapping[str, Any]], metric: str
+) -> Dict[Tuple, Tuple[Optional[float], Optional[float], int]]:
     """``{(pos_embed, regime, scaling, hw): (mean, sd, n)}`` of ``metric`` over seeds."""
     groups: Dict[Tuple, List[float]] = {}
     for x in flat:
@@ -309,8 +339,9 @@ def _per_seed_means(flat: Sequence[Mapping[str, Any]], metric: str, sizes: Seque
     return out
 
 
-def best_scalings(flat: Sequence[Mapping[str, Any]], metric: str, lower: bool,
-                  sizes: Sequence[Tuple[int, int]]) -> Dict[Tuple[str, str], str]:
+def best_scalings(
+    flat: Sequence[Mapping[str, Any]], metric: str, lower: bool, sizes: Sequence[Tuple[int, int]]
+) -> Dict[Tuple[str, str], str]:
     """``{(pos_embed, regime): the scaling mode with the best mean of metric over sizes}``."""
     scores = {k: mean_sd(v)[0] for k, v in _per_seed_means(flat, metric, sizes).items()}
     best: Dict[Tuple[str, str], str] = {}
@@ -321,21 +352,24 @@ def best_scalings(flat: Sequence[Mapping[str, Any]], metric: str, lower: bool,
     return best
 
 
-def across_sizes_values(flat: Sequence[Mapping[str, Any]], metric: str,
-                        sizes: Sequence[Tuple[int, int]]) -> Dict[str, List[float]]:
+def across_sizes_values(
+    flat: Sequence[Mapping[str, Any]], metric: str, sizes: Sequence[Tuple[int, int]]
+) -> Dict[str, List[float]]:
     """``{"enc | regime | scaling": [per seed: the mean of metric over every size of sizes]}``."""
     return {" | ".join(k): v for k, v in _per_seed_means(flat, metric, sizes).items()}
 
 
-def across_sizes(flat: Sequence[Mapping[str, Any]], metric: str, lower: bool,
-                 sizes: Sequence[Tuple[int, int]]) -> Comparison:
+def across_sizes(
+    flat: Sequence[Mapping[str, Any]], metric: str, lower: bool, sizes: Sequence[Tuple[int, int]]
+) -> Comparison:
     """Which (encoding, regime, scaling) serves every size of ``sizes`` best: per seed the mean of
     ``metric`` over the sizes, then :func:`compare` over seeds. Names are ``"enc | regime | scaling"``."""
     return compare(across_sizes_values(flat, metric, sizes), lower)
 
 
-def ranking_by_step(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
-                    metric: str = "fd_emoji", lower: bool = True) -> Dict[int, List[str]]:
+def ranking_by_step(
+    rows: Sequence[Mapping[str, Any]], names: Sequence[str], metric: str = "fd_emoji", lower: bool = True
+) -> Dict[int, List[str]]:
     """``{step: encodings ordered by their mean metric at that checkpoint}`` (FD-emoji vs step)."""
     at: Dict[int, Dict[str, List[float]]] = {}
     for r in rows:
@@ -347,8 +381,9 @@ def ranking_by_step(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
 
 
 # ----------------------------------------------------------------------------------- FD sanity
-def fd_sanity_checks(fd: Callable[[Any], float], train_images, held_images, n: int, *, generator,
-                     featnet_info: Mapping[str, Any]) -> Dict[str, float]:
+def fd_sanity_checks(
+    fd: Callable[[Any], float], train_images, held_images, n: int, *, generator, featnet_info: Mapping[str, Any]
+) -> Dict[str, float]:
     """FD-emoji sanity checks: ``fd(images)`` (FD of a float [-1, 1] batch to the training split's
     features) of the training split itself (~0), of the real held-out images and of ``n`` training
     images (the floor at the sample count), of blurred held-out images and of uniform noise (both
@@ -377,7 +412,8 @@ def fd_sanity_checks(fd: Callable[[Any], float], train_images, held_images, n: i
         "featnet class accuracy, chance": float(featnet_info.get("chance_cat_acc", float("nan"))),
         "featnet vendor accuracy, held-out": float(featnet_info.get("val_vendor_acc", float("nan"))),
         f"Gaussians N(0, I) vs N(0.5, 2.25 I), d={d}, from their exact mean and covariance: FD": float(
-            frechet_distance(mu, s1, mu + 0.5, 2.25 * s1)),
+            frechet_distance(mu, s1, mu + 0.5, 2.25 * s1)
+        ),
         "... the same from 20000 samples of each": float(frechet_distance(*gaussian_stats(x), *gaussian_stats(y))),
         "... closed form |dmu|^2 + d (1.5 - 1)^2": d * 0.25 + d * (1.5 - 1.0) ** 2,
     }
