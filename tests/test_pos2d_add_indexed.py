@@ -6,6 +6,7 @@ test runs on CPU and CUDA (skipped without a GPU); one input generator feeds the
 import pytest
 import torch
 from conftest import DEVICES, assert_kernel_error_within_eager
+from op_battery import OPCHECK_UTILS, Leaf, OpBattery, OpSample
 
 import jitrope
 from jitrope import ops
@@ -111,6 +112,35 @@ def sample_inputs(device, dtype, requires_grad=False, cases=CASES):
 
 def _ids(cases=CASES):
     return [f"{'x'.join(map(str, c[0])) or 'none'}-N{c[1]}-D{c[2]}-{c[4]}-{c[5]}" for c in cases]
+
+
+class TestPos2dAddIndexed(OpBattery):
+    """The shared battery (tests/op_battery.py) on the cases above; the tests below add what is
+    particular to this op (index patterns by hand, segmented sums, errors, compile, CUDA)."""
+
+    op = staticmethod(ops.pos2d_add_indexed)
+    reference = staticmethod(pos2d_add_indexed_ref)
+    overload = torch.ops.jitrope.pos2d_add_indexed.default if jitrope.HAS_EXTENSION else None
+    opcheck_samples = tuple(_ids([CASES[i] for i in (1, 2, 3, 5)]))
+    tolerances = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=1e-6, rtol=1e-5)}
+    grad_tolerances = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+    double_backward = True  # the backward is linear in grad_out
+    gradcheck_fast_above = 400
+
+    def sample_inputs(self, device, dtype, requires_grad=False):
+        out = []
+        for name, (x, pos_h, pos_w, rows, cols) in zip(_ids(), sample_inputs(device, dtype, requires_grad)):
+            args = (Leaf("x"), Leaf("pos_h"), Leaf("pos_w"), rows, cols)
+            out.append(OpSample(name, args, {}, dict(x=x, pos_h=pos_h, pos_w=pos_w)))
+        return out
+
+    def opcheck_calls(self, s):
+        (x, pos_h, pos_w, rows, cols), _ = s.inputs()
+        calls = [(torch.ops.jitrope.pos2d_add_indexed.default, (x, pos_h, pos_w, rows, cols), {}, OPCHECK_UTILS)]
+        grad_out = torch.randn_like(x).requires_grad_()
+        bargs = (grad_out, rows, cols, pos_h.shape[0], pos_w.shape[0])
+        calls.append((torch.ops.jitrope.pos2d_add_indexed_backward.default, bargs, {}, OPCHECK_UTILS))
+        return calls
 
 
 def test_indices_cover_every_kind_of_token():
