@@ -58,7 +58,7 @@ void check_table(const char* op, const char* name, const char* rows, const at::T
       table.dim() == 2 && table.size(1) == D, op, ": ", name, " must be [", rows, ", D] with x's D = ", D,
       ", got shape ", table.sizes());
   check_same_dtype(op, name, table, "x", x);
-  check_same_device(op, name, table, "x", x);
+  check_same_device(op, {"x", x}, {{name, table}});
 }
 
 // An index tensor: int64 [N], one entry per token of x, on x's device.
@@ -71,7 +71,7 @@ void check_index(const char* op, const char* name, const at::Tensor& idx, const 
   TORCH_CHECK(
       idx.dim() == 1 && idx.size(0) == N, op, ": ", name, " must have shape [N] = [", N, "] (one index per token of ",
       x_name, ": [..., N, D] = ", x.sizes(), "), got shape ", idx.sizes());
-  check_same_device(op, name, idx, x_name, x);
+  check_same_device(op, {x_name, x}, {{name, idx}});
 }
 
 // rows and cols must lie in [-1, max_h) and [-1, max_w): read on the host (CPU), or as their
