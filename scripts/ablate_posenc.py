@@ -98,6 +98,9 @@ REGIMES: Dict[str, Dict] = {
     ),
 }
 MIXED_KEYS = ("data.sizes", "train.tokens_per_batch")
+# An encoding that cannot place other sizes as it is (learned1d: one slot per training token) trains
+# the mixed regime with its table resampled per size, the only way it can see more than one size.
+MIXED_ENCODING_OVERRIDES: Dict[str, List[str]] = {"learned1d": ["model.pos_scaling=interpolate"]}
 
 
 def regime_sizes(regime: str, px: int, patch: int) -> List[int]:
@@ -112,7 +115,8 @@ def regime_overrides(regime: str, cfg) -> List[str]:
     mc = cfg.model_config()
     sizes = regime_sizes(regime, mc.img_size, mc.patch_size)
     tokens = cfg.train.batch_size * (mc.img_size // mc.patch_size) ** 2
-    return [o.format(sizes="[" + ",".join(map(str, sizes)) + "]", tokens=tokens) for o in REGIMES[regime]["overrides"]]
+    text = "[" + ",".join(f"{s}x{s}" for s in sizes) + "]"  # data.sizes takes HEIGHTxWIDTH in pixels
+    return [o.format(sizes=text, tokens=tokens) for o in REGIMES[regime]["overrides"]]
 
 
 # Every default of a scale; an option given on the command line wins. Sizes are in pixels.
@@ -493,6 +497,7 @@ def train_one(args, name: str, seed: int, regime: str) -> float:
         f"train.device={args.device}",
         *(["train.num_threads=1"] if args.device == "cpu" else []),
         *args.regime_overrides[regime],
+        *(MIXED_ENCODING_OVERRIDES.get(name, []) if regime == "mixed" else []),
         *args.overrides,
     ]
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 on the tiny config, 2 steps, through every stage (train with metrics.jsonl, the main evaluation,
 FD-emoji vs step, the every-size study at square and non-square sizes under every scaling mode, the
 report with tables, plots, sample grids and the answer); a second call resumes everything instead of
-training or evaluating again; the mixed regime names the config keys it needs where they are missing;
+training or evaluating again; a regime whose overrides do not fit the config is refused with one line naming them;
 the existing results JSON still makes a page; the presets are the issue's and the problem statement's
 settings; bad arguments are refused."""
 
@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jitrope.config import DataConfig
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
-HAS_MIXED = "sizes" in DataConfig.__dataclass_fields__  # packed mixed-size training (data.sizes) is there
 
 
 def _load():
@@ -30,7 +27,7 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
     monkeypatch.setenv("JITROPE_DATA", str(tmp_path / "cache"))  # the feature network of the synthetic data goes here
     ab = _load()
     out = tmp_path / "page" / "results.md"
-    regimes = "single,mixed" if HAS_MIXED else "single"
+    regimes = "single,mixed"
     argv = [
         "--scale",
         "study",
@@ -153,15 +150,15 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.log")} == logs
 
 
-@pytest.mark.skipif(HAS_MIXED, reason="this jitrope has packed mixed-size training: the pipeline test runs the regime")
-def test_mixed_regime_names_the_config_keys_it_needs(tmp_path, capsys):
+def test_a_regime_that_does_not_fit_the_config_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     ab = _load()
+    monkeypatch.setitem(ab.REGIMES["mixed"], "overrides", ["data.sizes={sizes}"])  # no tokens_per_batch
     argv = ["--scale", "study", "--config", TINY, "--out-dir", str(tmp_path / "runs"), "--stage", "train"]
     assert ab.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --regimes: the mixed regime") and err.count("\n") == 1
     assert "data.sizes" in err and "train.tokens_per_batch" in err and "--regimes single" in err
-    assert not (tmp_path / "runs" / "mixed").exists()  # refused before any work
+    assert not (tmp_path / "runs").exists()  # refused before any work
 
 
 def test_the_existing_results_json_still_makes_the_page(tmp_path):
