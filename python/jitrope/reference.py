@@ -18,14 +18,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def rope2d_ref(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True) -> Tensor:
+def rope2d_ref(
+    x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True, freqs_index: Optional[Tensor] = None
+) -> Tensor:
     """2D rotary embedding of ``x: [..., H, N, D]``.
 
     ``coords: [N, 2]`` holds (row y, column x) of each token, ``freqs: [2, D/2]`` (shared) or
     ``[H, 2, D/2]`` (per head). Pair m of token n in head h turns by
     ``phi = coords[n, 0] * freqs[h, 0, m] + coords[n, 1] * freqs[h, 1, m]``.
     Pairs are channels (2m, 2m+1) when ``interleaved``, else (m, m + D/2).
+
+    With ``freqs_index`` (int64 ``[N]``, SPEC §10), ``freqs`` has a leading table dim (``[F, 2, D/2]``
+    or ``[F, H, 2, D/2]``) and token n turns by table ``freqs_index[n]``.
     """
+    if freqs_index is not None:
+        return _rope2d_indexed_ref(x, coords, freqs, freqs_index, interleaved)
     if x.dim() < 3:
         raise ValueError(f"rope2d: x must be [..., H, N, D], got shape {tuple(x.shape)}")
     H, N, D = x.shape[-3:]
@@ -42,6 +49,36 @@ def rope2d_ref(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = 
     f = freqs.to(acc)
     # phi[h, n, m] = y_n * f[h, 0, m] + x_n * f[h, 1, m]
     phi = c[None, :, 0, None] * f[:, None, 0, :] + c[None, :, 1, None] * f[:, None, 1, :]
+    cos, sin = phi.cos(), phi.sin()
+    xa = x.to(acc)
+    if interleaved:
+        a, b = xa[..., 0::2], xa[..., 1::2]
+    else:
+        a, b = xa[..., : D // 2], xa[..., D // 2 :]
+    out_a = a * cos - b * sin
+    out_b = a * sin + b * cos
+    if interleaved:
+        out = torch.stack((out_a, out_b), dim=-1).flatten(-2)
+    else:
+        out = torch.cat((out_a, out_b), dim=-1)
+    return out.to(x.dtype)
+
+
+def _rope2d_indexed_ref(x: Tensor, coords: Tensor, freqs: Tensor, freqs_index: Tensor, interleaved: bool) -> Tensor:
+    """rope2d_ref with per-token frequencies ``freqs[freqs_index]`` (SPEC §10)."""
+    H, N, D = x.shape[-3:]
+    if freqs_index.dtype != torch.int64 or freqs_index.shape != (N,):
+        raise ValueError(
+            f"rope2d: freqs_index must be int64 [N] = [{N}], got {freqs_index.dtype} {tuple(freqs_index.shape)}"
+        )
+    if freqs.dim() not in (3, 4) or freqs.shape[-2:] != (2, D // 2) or (freqs.dim() == 4 and freqs.shape[1] != H):
+        raise ValueError(f"rope2d: freqs must be [F, 2, {D // 2}] or [F, {H}, 2, {D // 2}], got {tuple(freqs.shape)}")
+    acc = _compute_dtype(x)
+    c = coords.to(acc)
+    f = freqs.to(acc)[freqs_index]  # [N, (H,) 2, D/2]
+    f = (f.unsqueeze(1) if f.dim() == 3 else f).transpose(0, 1)  # [1 or H, N, 2, D/2]
+    # phi[h, n, m] = y_n * f[h, n, 0, m] + x_n * f[h, n, 1, m]
+    phi = c[None, :, 0, None] * f[:, :, 0, :] + c[None, :, 1, None] * f[:, :, 1, :]
     cos, sin = phi.cos(), phi.sin()
     xa = x.to(acc)
     if interleaved:
@@ -98,10 +135,11 @@ def qk_norm_rope_ref(
     *,
     eps: float = 1e-6,
     interleaved: bool = True,
+    freqs_index: Optional[Tensor] = None,
 ) -> Tensor:
     """The published JiT order on ``qk: [2, B, H, N, D]``: the RMSNorm module of q and of k (float32
-    statistics, float64 for float64; ``weight: [2, D]``), then :func:`rope2d_ref`. Returns a
-    contiguous ``[2, B, H, N, D]`` tensor."""
+    statistics, float64 for float64; ``weight: [2, D]``), then :func:`rope2d_ref` (with
+    ``freqs_index`` when given). Returns a contiguous ``[2, B, H, N, D]`` tensor."""
     if qk.dim() != 5 or qk.shape[0] != 2:
         raise ValueError(f"qk_norm_rope: qk must be [2, B, H, N, D], got shape {tuple(qk.shape)}")
     D = qk.shape[-1]
@@ -114,5 +152,7 @@ def qk_norm_rope_ref(
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     y = (y * weight.to(acc)[:, None, None, None, :]).to(qk.dtype)
     if coords is not None:
-        y = rope2d_ref(y, coords, freqs, interleaved=interleaved)
+        y = rope2d_ref(y, coords, freqs, interleaved=interleaved, freqs_index=freqs_index)
+    elif freqs_index is not None:
+        raise ValueError("qk_norm_rope: freqs_index needs coords and freqs")
     return y.contiguous()
