@@ -50,20 +50,24 @@ TORCH_LIBRARY(jitrope, m) {
   m.def(
       "pos2d_add_indexed_backward(Tensor grad_out, Tensor rows, Tensor cols, SymInt max_h, SymInt max_w) "
       "-> (Tensor, Tensor)");
-  // Fused 2D rotary embedding (SPEC §2).
-  m.def("rope2d(Tensor x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor");
+  // Fused 2D rotary embedding (SPEC §2). freqs_index (SPEC §10): token n turns by table
+  // freqs_index[n] of freqs [F, 2, D/2] or [F, H, 2, D/2].
+  m.def("rope2d(Tensor x, Tensor coords, Tensor freqs, bool interleaved=True, Tensor? freqs_index=None) -> Tensor");
   // The inplace tag lets functionalization (torch.compile, AOT) handle the aliased return.
-  m.def("rope2d_(Tensor(a!) x, Tensor coords, Tensor freqs, bool interleaved=True) -> Tensor(a!)", inplace);
+  m.def(
+      "rope2d_(Tensor(a!) x, Tensor coords, Tensor freqs, bool interleaved=True, Tensor? freqs_index=None) "
+      "-> Tensor(a!)",
+      inplace);
   // (grad_x, grad_freqs): grad_freqs is computed when x (the forward input) is given, else empty.
   m.def(
-      "rope2d_backward(Tensor grad_out, Tensor coords, Tensor freqs, Tensor? x, bool interleaved=True) "
-      "-> (Tensor, Tensor)");
+      "rope2d_backward(Tensor grad_out, Tensor coords, Tensor freqs, Tensor? x, bool interleaved=True, "
+      "Tensor? freqs_index=None) -> (Tensor, Tensor)");
   // Fused qk-RMSNorm + 2D rotary embedding (SPEC §3a); coords/freqs None normalize only.
   m.def(
       "qk_norm_rope(Tensor qk, Tensor weight, Tensor? coords=None, Tensor? freqs=None, float eps=1e-6, "
-      "bool interleaved=True) -> Tensor");
+      "bool interleaved=True, Tensor? freqs_index=None) -> Tensor");
   // (grad_qk, grad_weight, grad_freqs); grad_freqs is computed when freqs_grad, else empty.
   m.def(
       "qk_norm_rope_backward(Tensor grad_out, Tensor qk, Tensor weight, Tensor? coords, Tensor? freqs, float eps, "
-      "bool interleaved, bool freqs_grad) -> (Tensor, Tensor, Tensor)");
+      "bool interleaved, bool freqs_grad, Tensor? freqs_index=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -139,3 +139,32 @@ def test_cpu_mixed_with_cuda_is_refused(case, device):
     r = _ref_index(names)
     with pytest.raises(RuntimeError, match=_message(name, names[i], names[r], "cuda:0", "cpu")):
         op(*args)
+
+
+def _indexed_calls(device, index_device):
+    """The ops that take freqs_index, with every other tensor on `device`."""
+    x = torch.randn(2, 2, 3, 5, 8, device=device)
+    coords, weight = torch.rand(5, 2, device=device), torch.ones(2, 8, device=device)
+    freqs = torch.randn(3, 2, 4, device=device)
+    index = torch.tensor([0, 1, 2, 2, 0], device=index_device)
+    return [
+        ("rope2d", "x", lambda: ops.rope2d.default(x, coords, freqs, True, index)),
+        ("rope2d_", "x", lambda: ops.rope2d_.default(x.clone(), coords, freqs, True, index)),
+        ("rope2d_backward", "grad_out", lambda: ops.rope2d_backward.default(x, coords, freqs, x, True, index)),
+        ("qk_norm_rope", "qk", lambda: ops.qk_norm_rope.default(x, weight, coords, freqs, 1e-6, True, index)),
+        (
+            "qk_norm_rope_backward",
+            "qk",
+            lambda: ops.qk_norm_rope_backward.default(x, x, weight, coords, freqs, 1e-6, True, True, index),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("op", [name for name, _, _ in _indexed_calls("cpu", "cpu")])
+def test_freqs_index_on_another_device_is_refused(op):
+    name, ref, call = next(c for c in _indexed_calls("cpu", "meta") if c[0] == op)
+    with pytest.raises(RuntimeError, match=_message(name, "freqs_index", ref, "cpu", "meta")):
+        call()
+    name, ref, call = next(c for c in _indexed_calls("meta", "cpu") if c[0] == op)
+    with pytest.raises(RuntimeError, match=_message(name, "freqs_index", ref, "meta", "cpu")):
+        call()

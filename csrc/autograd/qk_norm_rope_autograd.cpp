@@ -24,17 +24,19 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
       const std::optional<at::Tensor>& coords,
       const std::optional<at::Tensor>& freqs,
       double eps,
-      bool interleaved) {
+      bool interleaved,
+      const std::optional<at::Tensor>& freqs_index) {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["interleaved"] = interleaved;
-    ctx->save_for_backward({qk, weight, coords.value_or(Variable()), freqs.value_or(Variable())});
+    ctx->save_for_backward(
+        {qk, weight, coords.value_or(Variable()), freqs.value_or(Variable()), freqs_index.value_or(Variable())});
     at::AutoDispatchBelowADInplaceOrView guard;
-    return {qk_norm_rope(qk, weight, coords, freqs, eps, interleaved)};
+    return {qk_norm_rope(qk, weight, coords, freqs, eps, interleaved, freqs_index)};
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
     if (!grad_outputs[0].defined()) {
-      return {Variable(), Variable(), Variable(), Variable(), Variable(), Variable()};
+      return {Variable(), Variable(), Variable(), Variable(), Variable(), Variable(), Variable()};
     }
     const auto saved = ctx->get_saved_variables();
     const auto optional = [](const Variable& v) { return v.defined() ? std::optional<at::Tensor>(v) : std::nullopt; };
@@ -42,12 +44,13 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
     const bool freqs_grad = saved[3].defined() && ctx->needs_input_grad(3);
     auto [grad_qk, grad_weight, grad_freqs] = qk_norm_rope_backward(
         grad_outputs[0], saved[0], saved[1], optional(saved[2]), optional(saved[3]), ctx->saved_data["eps"].toDouble(),
-        ctx->saved_data["interleaved"].toBool(), freqs_grad);
+        ctx->saved_data["interleaved"].toBool(), freqs_grad, optional(saved[4]));
     return {
         ctx->needs_input_grad(0) ? grad_qk : Variable(),
         ctx->needs_input_grad(1) ? grad_weight : Variable(),
         Variable(),
         freqs_grad ? grad_freqs : Variable(),
+        Variable(),
         Variable(),
         Variable()};
   }
@@ -65,9 +68,11 @@ class QkNormRopeBackwardFunction : public torch::autograd::Function<QkNormRopeBa
       const std::optional<at::Tensor>& freqs,
       double eps,
       bool interleaved,
-      bool freqs_grad) {
+      bool freqs_grad,
+      const std::optional<at::Tensor>& freqs_index) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [a, b, c] = qk_norm_rope_backward(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
+    auto [a, b, c] =
+        qk_norm_rope_backward(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad, freqs_index);
     return {a, b, c};
   }
 
@@ -85,8 +90,9 @@ at::Tensor qk_norm_rope_autograd(
     const std::optional<at::Tensor>& coords,
     const std::optional<at::Tensor>& freqs,
     double eps,
-    bool interleaved) {
-  return QkNormRopeFunction::apply(qk, weight, coords, freqs, eps, interleaved)[0];
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  return QkNormRopeFunction::apply(qk, weight, coords, freqs, eps, interleaved, freqs_index)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_autograd(
@@ -97,8 +103,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_autograd(
     const std::optional<at::Tensor>& freqs,
     double eps,
     bool interleaved,
-    bool freqs_grad) {
-  const auto out = QkNormRopeBackwardFunction::apply(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
+    bool freqs_grad,
+    const std::optional<at::Tensor>& freqs_index) {
+  const auto out =
+      QkNormRopeBackwardFunction::apply(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad, freqs_index);
   return {out[0], out[1], out[2]};
 }
 

@@ -19,25 +19,28 @@ using torch::autograd::variable_list;
 class Rope2dFunction : public torch::autograd::Function<Rope2dFunction> {
  public:
   static variable_list forward(
-      AutogradContext* ctx, const Variable& x, const Variable& coords, const Variable& freqs, bool interleaved) {
+      AutogradContext* ctx,
+      const Variable& x,
+      const Variable& coords,
+      const Variable& freqs,
+      bool interleaved,
+      const std::optional<at::Tensor>& freqs_index) {
     ctx->saved_data["interleaved"] = interleaved;
-    ctx->save_for_backward({coords, freqs, freqs.requires_grad() ? x : Variable()});
+    ctx->save_for_backward({coords, freqs, freqs.requires_grad() ? x : Variable(), freqs_index.value_or(Variable())});
     at::AutoDispatchBelowADInplaceOrView guard;
-    return {rope2d(x, coords, freqs, interleaved)};
+    return {rope2d(x, coords, freqs, interleaved, freqs_index)};
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const Variable& coords = saved[0];
-    const Variable& freqs = saved[1];
-    const Variable& x = saved[2];
     if (!grad_outputs[0].defined()) {
-      return {Variable(), Variable(), Variable(), Variable()};
+      return {Variable(), Variable(), Variable(), Variable(), Variable()};
     }
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [](const Variable& v) { return v.defined() ? std::optional<at::Tensor>(v) : std::nullopt; };
+    const Variable& x = saved[2];
     auto [grad_x, grad_freqs] = rope2d_backward(
-        grad_outputs[0], coords, freqs, x.defined() ? std::optional<at::Tensor>(x) : std::nullopt,
-        ctx->saved_data["interleaved"].toBool());
-    return {grad_x, Variable(), x.defined() ? grad_freqs : Variable(), Variable()};
+        grad_outputs[0], saved[0], saved[1], optional(x), ctx->saved_data["interleaved"].toBool(), optional(saved[3]));
+    return {grad_x, Variable(), x.defined() ? grad_freqs : Variable(), Variable(), Variable()};
   }
 };
 
@@ -50,9 +53,10 @@ class Rope2dBackwardFunction : public torch::autograd::Function<Rope2dBackwardFu
       const Variable& coords,
       const Variable& freqs,
       const std::optional<at::Tensor>& x,
-      bool interleaved) {
+      bool interleaved,
+      const std::optional<at::Tensor>& freqs_index) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_x, grad_freqs] = rope2d_backward(grad_out, coords, freqs, x, interleaved);
+    auto [grad_x, grad_freqs] = rope2d_backward(grad_out, coords, freqs, x, interleaved, freqs_index);
     return {grad_x, grad_freqs};
   }
 
@@ -64,8 +68,13 @@ class Rope2dBackwardFunction : public torch::autograd::Function<Rope2dBackwardFu
   }
 };
 
-at::Tensor rope2d_autograd(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  return Rope2dFunction::apply(x, coords, freqs, interleaved)[0];
+at::Tensor rope2d_autograd(
+    const at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  return Rope2dFunction::apply(x, coords, freqs, interleaved, freqs_index)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> rope2d_backward_autograd(
@@ -73,14 +82,20 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_autograd(
     const at::Tensor& coords,
     const at::Tensor& freqs,
     const std::optional<at::Tensor>& x,
-    bool interleaved) {
-  const auto out = Rope2dBackwardFunction::apply(grad_out, coords, freqs, x, interleaved);
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  const auto out = Rope2dBackwardFunction::apply(grad_out, coords, freqs, x, interleaved, freqs_index);
   return {out[0], out[1]};
 }
 
-at::Tensor& rope2d__autograd(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
+at::Tensor& rope2d__autograd(
+    at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
   return inplace_for_inference(
-      "rope2d_", "rope2d", x, {&coords, &freqs}, [&] { rope2d_(x, coords, freqs, interleaved); });
+      "rope2d_", "rope2d", x, {&coords, &freqs}, [&] { rope2d_(x, coords, freqs, interleaved, freqs_index); });
 }
 
 }  // namespace

@@ -7,7 +7,8 @@
 // Forward: at::parallel_for over rows. Backward: one task per (s, h, chunk of B*N rows) of the
 // fixed chunking of math/qk_norm_rope_math.h; each task writes grad_qk for its rows and one
 // weight (and freqs) partial, and the partials are summed in a fixed order, so the gradients have
-// the same bits for any thread count.
+// the same bits for any thread count. With freqs_index (SPEC §10) the freqs partial is split by the
+// chunk's runs of rows with one table (math/qk_norm_rope_math.h).
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -58,18 +59,22 @@ inline acc_t sum_squares(const scalar_t* x, int64_t sd, int64_t D) {
 }
 
 // The cos/sin table (cos [Hf, N, D/2] then sin, -sin when `inverse`), or an undefined tensor
-// without rotation.
+// without rotation. `index` is the contiguous freqs_index or undefined.
 template <typename acc_t>
 at::Tensor rotation_table(
     const at::Tensor& qk,
     const std::optional<at::Tensor>& coords,
     const std::optional<at::Tensor>& freqs,
+    const at::Tensor& index,
+    bool per_head,
     bool inverse) {
   if (!coords.has_value() || !coords->defined()) {
     return at::Tensor();
   }
   const auto [c, f] = detail::rope2d_acc_tables(qk, *coords, *freqs);
-  return cpu::angle_table<acc_t>(c, f, qk.size(3), qk.size(4) / 2, inverse);
+  const int64_t groups = per_head ? qk.size(2) : 1;
+  const int64_t* ip = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
+  return cpu::angle_table<acc_t>(c, f, groups, qk.size(3), qk.size(4) / 2, inverse, ip);
 }
 
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kContig>
@@ -135,19 +140,21 @@ at::Tensor qk_norm_rope_cpu(
     const std::optional<at::Tensor>& coords,
     const std::optional<at::Tensor>& freqs,
     double eps,
-    bool interleaved) {
-  check_qk_norm_rope_args("qk_norm_rope", qk, weight, coords, freqs, eps);
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_qk_norm_rope_args("qk_norm_rope", qk, weight, coords, freqs, eps, nullptr, false, freqs_index);
   auto out = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) {
     return out;
   }
   const bool rotate = coords.has_value() && coords->defined();
-  const bool per_head = rotate && freqs->dim() == 3;
+  const bool per_head = rotate && rope2d_per_head(*freqs, freqs_index);
+  const at::Tensor index = detail::rope2d_index(freqs_index);
   const QkLayout L = detail::qk_layout(qk);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const at::Tensor w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
-    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, /*inverse=*/false);
+    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, index, per_head, /*inverse=*/false);
     const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
     const acc_t* sin_t = rotate ? cos_t + table.numel() / 2 : nullptr;
     JITROPE_BOOL_SWITCH3(rotate, kRotate, interleaved, kInterleaved, L.sd == 1, kContig, [&] {
@@ -159,7 +166,8 @@ at::Tensor qk_norm_rope_cpu(
   return out;
 }
 
-// What the backward's tasks read and write; the partials are [2, H, chunks, D] (math header).
+// What the backward's tasks read and write; the partials are [2, H, chunks, D] and, for the freqs,
+// [2, H, chunks, runs, D] (math header; runs = 1 without freqs_index).
 template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = acc_type<scalar_t>;
@@ -175,11 +183,14 @@ struct BackwardArgs {
   acc_t eps;
   int64_t chunks, rpc;
   acc_t* wpart;
-  acc_t* fpart;  // null without the freqs gradient
+  acc_t* fpart;          // null without the freqs gradient
+  const int64_t* index;  // freqs_index, null without it
+  int64_t runs;
 };
 
 // One (s, h, chunk) task of the backward: grad_qk for its rows, and its weight partial wp[D] and,
-// with kFreqsGrad, its freqs partial fp[2 * D/2] (y-axis then x-axis).
+// with kFreqsGrad, its freqs partials fp[runs][2 * D/2] (y-axis then x-axis), one per run of rows
+// with one table (the whole chunk without freqs_index).
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
 void backward_task(
     const BackwardArgs<scalar_t>& a,
@@ -195,15 +206,20 @@ void backward_task(
   const int64_t D = L.D, half = D / 2;
   const acc_t* ws = a.w + s * D;
   std::fill(wp, wp + D, acc_t(0));
-  if constexpr (kFreqsGrad) {
-    std::fill(fp, fp + D, acc_t(0));
-  }
   // scratch: xhat [D], gxhat [D] of the current row.
   acc_t* xhat = scratch.data();
   acc_t* gxhat = xhat + D;
   const int64_t sd = kContig ? 1 : L.sd;
   int64_t b = row0 / L.N, n = row0 % L.N;
+  int64_t run1 = row1;  // end of the current run
   for (int64_t bn = row0; bn < row1; ++bn) {
+    if (kFreqsGrad && (bn == row0 || bn == run1)) {
+      if (bn != row0) {
+        fp += D;
+      }
+      std::fill(fp, fp + D, acc_t(0));
+      run1 = a.index != nullptr ? qm::run_end(a.index, bn, row1, L.N) : row1;
+    }
     const scalar_t* x = a.qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
     const int64_t orow = ((s * L.B + b) * L.H + h) * L.N + n;  // row of the contiguous g and gx
     const scalar_t* gr = a.g + orow * D;
@@ -268,15 +284,21 @@ void run_backward_tasks(const BackwardArgs<scalar_t>& a) {
       const int64_t h = sh % a.L.H, s = sh / a.L.H;
       backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
           a, s, h, k * a.rpc, std::min(BN, (k + 1) * a.rpc), a.wpart + task * D,
-          kFreqsGrad ? a.fpart + task * D : nullptr, scratch);
+          kFreqsGrad ? a.fpart + task * a.runs * D : nullptr, scratch);
     }
   });
 }
 
-// Step 2: the partials to (grad_weight [2, D], grad_freqs [Hf, D] or undefined), in the
-// accumulation dtype and the fixed order of the math header.
+// Step 2: the partials to (grad_weight [2, D], grad_freqs [F * Hf, D] or undefined), in the
+// accumulation dtype and the fixed order of the math header. `run_table` is defined with
+// freqs_index (F tables), undefined without (F = 1).
 std::tuple<at::Tensor, at::Tensor> reduce_partials(
-    const at::Tensor& wpart, const at::Tensor& fpart, int64_t H, bool per_head) {
+    const at::Tensor& wpart,
+    const at::Tensor& fpart,
+    const at::Tensor& run_table,
+    int64_t F,
+    int64_t H,
+    bool per_head) {
   const int64_t chunks = wpart.size(2), D = wpart.size(3);
   at::Tensor gw = at::empty({2, D}, wpart.options());
   at::Tensor gf;
@@ -292,12 +314,25 @@ std::tuple<at::Tensor, at::Tensor> reduce_partials(
       return;
     }
     const int64_t groups = per_head ? H : 1;
-    gf = at::empty({groups, D}, wpart.options());
+    gf = at::empty({F * groups, D}, wpart.options());
     const scalar_t* fpp = fpart.const_data_ptr<scalar_t>();
     scalar_t* gfp = gf.mutable_data_ptr<scalar_t>();
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      for (int64_t e = 0; e < D; ++e) {
-        gfp[grp * D + e] = qm::sum_freqs_partials(fpp, grp, e, H, chunks, D, per_head);
+    if (!run_table.defined()) {
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        for (int64_t e = 0; e < D; ++e) {
+          gfp[grp * D + e] = qm::sum_freqs_partials(fpp, grp, e, H, chunks, D, per_head);
+        }
+      }
+      return;
+    }
+    const int64_t* rt = run_table.const_data_ptr<int64_t>();
+    const int64_t runs = run_table.size(1);
+    for (int64_t f = 0; f < F; ++f) {
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        for (int64_t e = 0; e < D; ++e) {
+          gfp[(f * groups + grp) * D + e] =
+              qm::sum_indexed_freqs_partials(fpp, rt, f, grp, e, H, chunks, runs, D, per_head);
+        }
       }
     }
   });
@@ -312,10 +347,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
     const std::optional<at::Tensor>& freqs,
     double eps,
     bool interleaved,
-    bool freqs_grad) {
-  check_qk_norm_rope_args("qk_norm_rope_backward", qk, weight, coords, freqs, eps, &grad_out, freqs_grad);
+    bool freqs_grad,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_qk_norm_rope_args("qk_norm_rope_backward", qk, weight, coords, freqs, eps, &grad_out, freqs_grad, freqs_index);
   const bool rotate = coords.has_value() && coords->defined();
-  const bool per_head = rotate && freqs->dim() == 3;
+  const bool per_head = rotate && rope2d_per_head(*freqs, freqs_index);
+  const at::Tensor index = detail::rope2d_index(freqs_index);
   const at::Tensor g = grad_out.contiguous();
   auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
   const auto acc = acc_dtype(qk.scalar_type());
@@ -323,14 +360,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
   const int64_t D = L.D, BN = L.B * L.N;
   const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
   at::Tensor wpart = at::zeros({2, L.H, chunks, D}, qk.options().dtype(acc));
-  at::Tensor fpart = freqs_grad ? at::zeros({2, L.H, chunks, D}, qk.options().dtype(acc)) : at::Tensor();
+  const at::Tensor run_table =
+      freqs_grad && index.defined() ? detail::chunk_run_table(index, L.B, L.N, chunks, rpc) : at::Tensor();
+  const int64_t runs = run_table.defined() ? run_table.size(1) : 1;
+  at::Tensor fpart = freqs_grad ? at::zeros({2, L.H, chunks, runs, D}, qk.options().dtype(acc)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     if (grad_qk.numel() == 0) {
       return;
     }
     const at::Tensor w = weight.to(acc).contiguous();
-    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, /*inverse=*/true);
+    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, index, per_head, /*inverse=*/true);
     const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
     const at::Tensor c = freqs_grad ? coords->to(acc).contiguous() : at::Tensor();
     const BackwardArgs<scalar_t> args{
@@ -347,7 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
         chunks,
         rpc,
         wpart.mutable_data_ptr<acc_t>(),
-        freqs_grad ? fpart.mutable_data_ptr<acc_t>() : nullptr};
+        freqs_grad ? fpart.mutable_data_ptr<acc_t>() : nullptr,
+        index.defined() ? index.const_data_ptr<int64_t>() : nullptr,
+        runs};
     JITROPE_BOOL_SWITCH4(rotate, kRotate, interleaved, kInterleaved, freqs_grad, kFreqsGrad, L.sd == 1, kContig, [&] {
       // The check refuses freqs_grad without rotation.
       if constexpr (kRotate || !kFreqsGrad) {
@@ -355,7 +397,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
       }
     });
   });
-  const auto [gw, gf] = reduce_partials(wpart, fpart, L.H, per_head);
+  const int64_t F = index.defined() ? freqs->size(0) : 1;
+  const auto [gw, gf] = reduce_partials(wpart, fpart, run_table, F, L.H, per_head);
   auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
   return {grad_qk, grad_weight, grad_freqs};
 }

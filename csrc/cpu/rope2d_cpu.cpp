@@ -8,7 +8,9 @@
 // stays in cache. The freqs gradient runs in parallel over tokens: each thread owns its tokens'
 // rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices) into them in plane order, then
 // the rows are contracted with coords in token order, so the result has the same bits for any
-// thread count.
+// thread count. With freqs_index (SPEC §10) the table rows of token n come from table freqs_index[n]
+// and the contraction adds each token into its table, tokens still in order (one table: the plain
+// op's bits).
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
@@ -234,22 +236,30 @@ void rotate_rows(
   });
 }
 
-// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_).
+// Pointer to the contiguous freqs_index, or null without one.
+inline const int64_t* index_ptr(const at::Tensor& index) {
+  return index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
+}
+
+// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_). `index` is the
+// contiguous freqs_index or undefined.
 void rotate_cpu(
     const at::Tensor& in,
     const at::Tensor& out,
     const at::Tensor& coords,
     const at::Tensor& freqs,
+    const at::Tensor& index,
     bool interleaved,
     bool inverse) {
-  const RowWalk walk = make_row_walk(in, out, freqs.dim() == 3);
+  const bool per_head = freqs.dim() == (index.defined() ? 4 : 3);
+  const RowWalk walk = make_row_walk(in, out, per_head);
   const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t N = in.size(-2), half = in.size(-1) / 2;
-    const at::Tensor table = cpu::angle_table<acc_t>(c, f, N, half, inverse);
+    const int64_t N = in.size(-2), half = in.size(-1) / 2, groups = per_head ? in.size(-3) : 1;
+    const at::Tensor table = cpu::angle_table<acc_t>(c, f, groups, N, half, inverse, index_ptr(index));
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
-    const acc_t* sin_t = cos_t + f.size(0) * N * half;
+    const acc_t* sin_t = cos_t + groups * N * half;
     JITROPE_BOOL_SWITCH(interleaved, kInterleaved, [&] {
       rotate_rows<kInterleaved>(
           walk, in.const_data_ptr<scalar_t>(), in.stride(-1), out.mutable_data_ptr<scalar_t>(), out.stride(-1), cos_t,
@@ -327,13 +337,15 @@ void rotate_back_with_angle_grad(
 }
 
 // Step 2: grad_freqs[g, 0, m] = sum_n y_n dphi[g, n, m], grad_freqs[g, 1, m] = sum_n x_n dphi[g, n, m],
-// tokens in order, into `out` [Hf, 2, D/2] (zeroed by the caller).
+// tokens in order, into `out` [Hf, 2, D/2] (zeroed by the caller); with freqs_index, token n adds
+// into table index[n] of `out` [F, Hf, 2, D/2] (each table's tokens still in order).
 template <typename acc_t>
-void reduce_freqs_grad(const acc_t* c_p, const acc_t* dphi_p, int64_t groups, int64_t N, int64_t half, acc_t* out) {
+void reduce_freqs_grad(
+    const acc_t* c_p, const acc_t* dphi_p, const int64_t* index, int64_t groups, int64_t N, int64_t half, acc_t* out) {
   for (int64_t g = 0; g < groups; ++g) {
-    acc_t* gy = out + 2 * g * half;
-    acc_t* gxx = gy + half;
     for (int64_t n = 0; n < N; ++n) {
+      acc_t* gy = out + 2 * ((index != nullptr ? index[n] * groups : 0) + g) * half;
+      acc_t* gxx = gy + half;
       const acc_t* d = dphi_p + (g * N + n) * half;
       const acc_t y = c_p[2 * n], xc = c_p[2 * n + 1];
       for (int64_t m = 0; m < half; ++m) {
@@ -352,12 +364,13 @@ void backward_with_freqs_cpu(
     const at::Tensor& grad_freqs,
     const at::Tensor& coords,
     const at::Tensor& freqs,
+    const at::Tensor& index,
     bool interleaved) {
-  const bool per_head = freqs.dim() == 3;
+  const bool per_head = freqs.dim() == (index.defined() ? 4 : 3);
   Rope2dGeometry geo;
   if (!detail::make_rope2d_geometry({&grad_out, &grad_x, &x}, per_head, geo)) {
     auto tmp = at::empty(grad_out.sizes(), grad_out.options());
-    backward_with_freqs_cpu(grad_out.contiguous(), x.contiguous(), tmp, grad_freqs, coords, freqs, interleaved);
+    backward_with_freqs_cpu(grad_out.contiguous(), x.contiguous(), tmp, grad_freqs, coords, freqs, index, interleaved);
     grad_x.copy_(tmp);
     return;
   }
@@ -365,7 +378,7 @@ void backward_with_freqs_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "rope2d_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const int64_t N = geo.n_tokens, half = geo.half, groups = geo.groups;
-    const at::Tensor table = cpu::angle_table<acc_t>(c, f, N, half, /*inverse=*/true);
+    const at::Tensor table = cpu::angle_table<acc_t>(c, f, groups, N, half, /*inverse=*/true, index_ptr(index));
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
     at::Tensor dphi = at::zeros({groups, N, half}, c.options());
     JITROPE_BOOL_SWITCH(interleaved, kInterleaved, [&] {
@@ -373,26 +386,37 @@ void backward_with_freqs_cpu(
           geo, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
           cos_t, cos_t + groups * N * half, dphi.mutable_data_ptr<acc_t>());
     });
-    at::Tensor acc = at::zeros({groups, 2, half}, c.options());
+    at::Tensor acc = at::zeros({f.size(0), 2, half}, c.options());
     reduce_freqs_grad(
-        c.const_data_ptr<acc_t>(), dphi.const_data_ptr<acc_t>(), groups, N, half, acc.mutable_data_ptr<acc_t>());
+        c.const_data_ptr<acc_t>(), dphi.const_data_ptr<acc_t>(), index_ptr(index), groups, N, half,
+        acc.mutable_data_ptr<acc_t>());
     grad_freqs.copy_(acc.view(grad_freqs.sizes()));
   });
 }
 
-at::Tensor rope2d_cpu(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  check_rope2d_args("rope2d", "x", x, coords, freqs);
+at::Tensor rope2d_cpu(
+    const at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_rope2d_args("rope2d", "x", x, coords, freqs, nullptr, false, freqs_index);
   auto out = at::empty_like(x);
   if (out.numel() > 0) {
-    rotate_cpu(x, out, coords, freqs, interleaved, /*inverse=*/false);
+    rotate_cpu(x, out, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
   }
   return out;
 }
 
-at::Tensor& rope2d__cpu(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true);
+at::Tensor& rope2d__cpu(
+    at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true, freqs_index);
   if (x.numel() > 0) {
-    rotate_cpu(x, x, coords, freqs, interleaved, /*inverse=*/false);
+    rotate_cpu(x, x, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
   }
   return x;
 }
@@ -402,13 +426,16 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_cpu(
     const at::Tensor& coords,
     const at::Tensor& freqs,
     const std::optional<at::Tensor>& x,
-    bool interleaved) {
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
   const bool want_freqs = x.has_value() && x->defined();
-  check_rope2d_args("rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr);
+  check_rope2d_args(
+      "rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr, false, freqs_index);
+  const at::Tensor index = detail::rope2d_index(freqs_index);
   auto grad_x = at::empty_like(grad_out);
   if (!want_freqs) {
     if (grad_x.numel() > 0) {
-      rotate_cpu(grad_out, grad_x, coords, freqs, interleaved, /*inverse=*/true);
+      rotate_cpu(grad_out, grad_x, coords, freqs, index, interleaved, /*inverse=*/true);
     }
     return {grad_x, at::empty({0}, freqs.options())};
   }
@@ -416,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_cpu(
   if (grad_x.numel() == 0) {
     grad_freqs.zero_();
   } else {
-    backward_with_freqs_cpu(grad_out, *x, grad_x, grad_freqs, coords, freqs, interleaved);
+    backward_with_freqs_cpu(grad_out, *x, grad_x, grad_freqs, coords, freqs, index, interleaved);
   }
   return {grad_x, grad_freqs};
 }

@@ -9,7 +9,9 @@
 // accumulate weight (and freqs) gradients per lane in registers, the block adds its warps in
 // order into one partial, and a second kernel sums the partials in the fixed order of the math
 // header. The launch shapes depend on the tensor shapes only, so every run gives the same bits.
-// No host synchronization and no allocation outside PyTorch's caching allocator (CUDA-graph safe).
+// No host synchronization and no allocation outside PyTorch's caching allocator (CUDA-graph safe),
+// except with freqs_index (SPEC §10): its values are checked on the host, and for the gradient of
+// indexed freqs the chunks' runs of rows with one table (math/qk_norm_rope_math.h) are found there.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -55,15 +57,17 @@ template <typename acc_t>
 struct Tables {
   const acc_t* weight;  // [2, D]
   const acc_t* coords;  // [N, 2]
-  const acc_t* freqs;   // [Hf, 2, D/2]
+  const acc_t* freqs;   // [F * Hf, 2, D/2] (F = 1 without freqs_index)
   bool per_head;
   acc_t eps;
+  const int64_t* index;  // freqs_index [N], null without it
 };
 
 template <typename acc_t>
 __device__ __forceinline__ void pair_sin_cos(
-    const Tables<acc_t>& t, int64_t h, int64_t n, int64_t m, int64_t half, acc_t& c, acc_t& s) {
-  const acc_t* fy = t.freqs + 2 * (t.per_head ? h : 0) * half;
+    const Tables<acc_t>& t, int64_t h, int64_t n, int64_t m, int64_t half, int64_t groups, acc_t& c, acc_t& s) {
+  const int64_t table = (t.index != nullptr ? t.index[n] * groups : 0) + (t.per_head ? h : 0);
+  const acc_t* fy = t.freqs + 2 * table * half;
   rm::sin_cos(rm::angle(t.coords[2 * n], t.coords[2 * n + 1], fy[m], fy[half + m]), &s, &c);
 }
 
@@ -111,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_cuda_kernel(
         acc_t yb = qm::normalize(xb[k], inv, ws[ib]);
         if constexpr (kRotate) {
           acc_t c, sn, oa, ob;
-          pair_sin_cos(t, h, n, m, half, c, sn);
+          pair_sin_cos(t, h, n, m, half, t.per_head ? L.H : 1, c, sn);
           rm::rotate(ya, yb, c, sn, oa, ob);
           ya = oa;
           yb = ob;
@@ -124,7 +128,9 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_cuda_kernel(
 }
 
 // Block (chunk, h, s); warp w takes rows w, w + kWarps, ... of the chunk. Partials [2, H, chunks, D]:
-// wpart gets sum dL/dy * xhat per channel, fpart (kFreqsGrad) sum y_n dL/dphi then x_n dL/dphi.
+// wpart gets sum dL/dy * xhat per channel; fpart (kFreqsGrad, [2, H, chunks, runs, D]) sum y_n dL/dphi
+// then x_n dL/dphi per run of rows with one table (math/qk_norm_rope_math.h; the whole chunk is one
+// run without freqs_index, and the warps take its rows w, w + kWarps, ... from the run's start).
 template <typename scalar_t, int kPairs, bool kRotate, bool kInterleaved, bool kFreqsGrad>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
     const scalar_t* __restrict__ g,
@@ -134,6 +140,7 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
     const Tables<acc_type<scalar_t>> t,
     const int64_t chunks,
     const int64_t rpc,
+    const int64_t runs,
     acc_type<scalar_t>* __restrict__ wpart,
     acc_type<scalar_t>* __restrict__ fpart) {
   using acc_t = acc_type<scalar_t>;
@@ -148,70 +155,98 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
   for (int j = 0; j < kPairs; ++j) {
     wa[j] = wb[j] = fy[j] = fx[j] = 0;
   }
-  for (int64_t bn = row0 + warp; bn < row1; bn += kWarps) {
-    const int64_t b = bn / L.N, n = bn % L.N;
-    const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
-    const int64_t orow = ((s * L.B + b) * L.H + h) * L.N + n;
-    const scalar_t* gr = g + orow * L.D;
-    scalar_t* gxr = gx + orow * L.D;
-    acc_t xa[kPairs], xb[kPairs], ga[kPairs], gb[kPairs];
-    acc_t ss = 0;
-    JITROPE_UNROLL
-    for (int j = 0; j < kPairs; ++j) {
-      const int64_t m = lane + kWarpSize * j;
-      xa[j] = xb[j] = ga[j] = gb[j] = 0;
-      if (m < half) {
-        const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
-        xa[j] = static_cast<acc_t>(x[ia * L.sd]);
-        xb[j] = static_cast<acc_t>(x[ib * L.sd]);
-        ga[j] = static_cast<acc_t>(gr[ia]);
-        gb[j] = static_cast<acc_t>(gr[ib]);
-      }
-      ss += xa[j] * xa[j] + xb[j] * xb[j];
-    }
-    const acc_t inv = qm::inv_rms(warp_sum(ss), L.D, t.eps);
-    acc_t dot = 0;
-    JITROPE_UNROLL
-    for (int j = 0; j < kPairs; ++j) {
-      const int64_t m = lane + kWarpSize * j;
-      if (m < half) {
-        const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
-        if constexpr (kRotate) {
-          acc_t c, sn, ra, rb;
-          pair_sin_cos(t, h, n, m, half, c, sn);
-          rm::rotate(ga[j], gb[j], c, -sn, ra, rb);  // dL/dy = R(-phi) dL/dout
-          if constexpr (kFreqsGrad) {
-            const acc_t dphi =
-                rm::angle_grad(qm::normalize(xa[j], inv, ws[ia]), qm::normalize(xb[j], inv, ws[ib]), ra, rb);
-            fy[j] += rm::mul_rn(t.coords[2 * n], dphi);
-            fx[j] += rm::mul_rn(t.coords[2 * n + 1], dphi);
-          }
-          ga[j] = ra;
-          gb[j] = rb;
+  int64_t slot = 0;
+  for (int64_t r0 = row0; r0 < row1; ++slot) {
+    const int64_t r1 = kFreqsGrad && t.index != nullptr ? qm::run_end(t.index, r0, row1, L.N) : row1;
+    for (int64_t bn = r0 + warp; bn < r1; bn += kWarps) {
+      const int64_t b = bn / L.N, n = bn % L.N;
+      const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
+      const int64_t orow = ((s * L.B + b) * L.H + h) * L.N + n;
+      const scalar_t* gr = g + orow * L.D;
+      scalar_t* gxr = gx + orow * L.D;
+      acc_t xa[kPairs], xb[kPairs], ga[kPairs], gb[kPairs];
+      acc_t ss = 0;
+      JITROPE_UNROLL
+      for (int j = 0; j < kPairs; ++j) {
+        const int64_t m = lane + kWarpSize * j;
+        xa[j] = xb[j] = ga[j] = gb[j] = 0;
+        if (m < half) {
+          const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+          xa[j] = static_cast<acc_t>(x[ia * L.sd]);
+          xb[j] = static_cast<acc_t>(x[ib * L.sd]);
+          ga[j] = static_cast<acc_t>(gr[ia]);
+          gb[j] = static_cast<acc_t>(gr[ib]);
         }
-        // From here xa/xb hold xhat and ga/gb hold gxhat = dL/dy * w.
-        xa[j] = rm::mul_rn(xa[j], inv);
-        xb[j] = rm::mul_rn(xb[j], inv);
-        wa[j] += rm::mul_rn(ga[j], xa[j]);
-        wb[j] += rm::mul_rn(gb[j], xb[j]);
-        ga[j] = rm::mul_rn(ga[j], ws[ia]);
-        gb[j] = rm::mul_rn(gb[j], ws[ib]);
-        dot += rm::mul_rn(ga[j], xa[j]) + rm::mul_rn(gb[j], xb[j]);
+        ss += xa[j] * xa[j] + xb[j] * xb[j];
+      }
+      const acc_t inv = qm::inv_rms(warp_sum(ss), L.D, t.eps);
+      acc_t dot = 0;
+      JITROPE_UNROLL
+      for (int j = 0; j < kPairs; ++j) {
+        const int64_t m = lane + kWarpSize * j;
+        if (m < half) {
+          const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+          if constexpr (kRotate) {
+            acc_t c, sn, ra, rb;
+            pair_sin_cos(t, h, n, m, half, t.per_head ? L.H : 1, c, sn);
+            rm::rotate(ga[j], gb[j], c, -sn, ra, rb);  // dL/dy = R(-phi) dL/dout
+            if constexpr (kFreqsGrad) {
+              const acc_t dphi =
+                  rm::angle_grad(qm::normalize(xa[j], inv, ws[ia]), qm::normalize(xb[j], inv, ws[ib]), ra, rb);
+              fy[j] += rm::mul_rn(t.coords[2 * n], dphi);
+              fx[j] += rm::mul_rn(t.coords[2 * n + 1], dphi);
+            }
+            ga[j] = ra;
+            gb[j] = rb;
+          }
+          // From here xa/xb hold xhat and ga/gb hold gxhat = dL/dy * w.
+          xa[j] = rm::mul_rn(xa[j], inv);
+          xb[j] = rm::mul_rn(xb[j], inv);
+          wa[j] += rm::mul_rn(ga[j], xa[j]);
+          wb[j] += rm::mul_rn(gb[j], xb[j]);
+          ga[j] = rm::mul_rn(ga[j], ws[ia]);
+          gb[j] = rm::mul_rn(gb[j], ws[ib]);
+          dot += rm::mul_rn(ga[j], xa[j]) + rm::mul_rn(gb[j], xb[j]);
+        }
+      }
+      const acc_t mean_dot = warp_sum(dot) / static_cast<acc_t>(L.D);
+      JITROPE_UNROLL
+      for (int j = 0; j < kPairs; ++j) {
+        const int64_t m = lane + kWarpSize * j;
+        if (m < half) {
+          gxr[rm::channel_a<kInterleaved>(m, half)] =
+              static_cast<scalar_t>(qm::norm_input_grad(ga[j], xa[j], inv, mean_dot));
+          gxr[rm::channel_b<kInterleaved>(m, half)] =
+              static_cast<scalar_t>(qm::norm_input_grad(gb[j], xb[j], inv, mean_dot));
+        }
       }
     }
-    const acc_t mean_dot = warp_sum(dot) / static_cast<acc_t>(L.D);
-    JITROPE_UNROLL
-    for (int j = 0; j < kPairs; ++j) {
-      const int64_t m = lane + kWarpSize * j;
-      if (m < half) {
-        gxr[rm::channel_a<kInterleaved>(m, half)] =
-            static_cast<scalar_t>(qm::norm_input_grad(ga[j], xa[j], inv, mean_dot));
-        gxr[rm::channel_b<kInterleaved>(m, half)] =
-            static_cast<scalar_t>(qm::norm_input_grad(gb[j], xb[j], inv, mean_dot));
+    if constexpr (kFreqsGrad) {
+      // The run's freqs partial: warps in order.
+      __syncthreads();
+      JITROPE_UNROLL
+      for (int j = 0; j < kPairs; ++j) {
+        const int64_t m = lane + kWarpSize * j;
+        if (m < half) {
+          red[warp][m] = fy[j];
+          red[warp][half + m] = fx[j];
+        }
+        fy[j] = fx[j] = 0;
       }
+      __syncthreads();
+      acc_t* dst = fpart + (((s * L.H + h) * chunks + k) * runs + slot) * L.D;
+      for (int64_t e = threadIdx.x; e < L.D; e += kThreads) {
+        acc_t sum = 0;
+        for (int w = 0; w < kWarps; ++w) {
+          sum += red[w][e];
+        }
+        dst[e] = sum;
+      }
+      __syncthreads();
     }
+    r0 = r1;
   }
-  // Warps' partials to the block's, warps in order.
+  // Warps' weight partials to the block's, warps in order.
   const int64_t pidx = ((s * L.H + h) * chunks + k) * L.D;
   JITROPE_UNROLL
   for (int j = 0; j < kPairs; ++j) {
@@ -229,45 +264,33 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_cuda_kernel(
     }
     wpart[pidx + d] = sum;
   }
-  if constexpr (kFreqsGrad) {
-    __syncthreads();
-    JITROPE_UNROLL
-    for (int j = 0; j < kPairs; ++j) {
-      const int64_t m = lane + kWarpSize * j;
-      if (m < half) {
-        red[warp][m] = fy[j];
-        red[warp][half + m] = fx[j];
-      }
-    }
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < L.D; e += kThreads) {
-      acc_t sum = 0;
-      for (int w = 0; w < kWarps; ++w) {
-        sum += red[w][e];
-      }
-      fpart[pidx + e] = sum;
-    }
-  }
 }
 
-// Partials to gradients: item i < 2D is grad_weight[i / D][i % D], then groups * D freqs entries.
+// Partials to gradients: item i < 2D is grad_weight[i / D][i % D], then tables * groups * D freqs
+// entries (tables = F with freqs_index and its run_table [chunks, runs], else 1).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_reduce_kernel(
     const acc_t* __restrict__ wpart,
     const acc_t* __restrict__ fpart,
+    const int64_t* __restrict__ run_table,
     acc_t* __restrict__ gw,
     acc_t* __restrict__ gf,
     const int64_t H,
     const int64_t chunks,
+    const int64_t runs,
     const int64_t D,
+    const int64_t tables,
     const int64_t groups,
     const bool per_head) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i < 2 * D) {
     gw[i] = qm::sum_weight_partials(wpart, i / D, i % D, H, chunks, D);
-  } else if (fpart != nullptr && i < 2 * D + groups * D) {
+  } else if (fpart != nullptr && i < 2 * D + tables * groups * D) {
     const int64_t e = i - 2 * D;
-    gf[e] = qm::sum_freqs_partials(fpart, e / D, e % D, H, chunks, D, per_head);
+    const int64_t fg = e / D;
+    gf[e] = run_table == nullptr ? qm::sum_freqs_partials(fpart, fg, e % D, H, chunks, D, per_head)
+                                 : qm::sum_indexed_freqs_partials(
+                                       fpart, run_table, fg / groups, fg % groups, e % D, H, chunks, runs, D, per_head);
   }
 }
 
@@ -297,10 +320,11 @@ void check_cuda_head_dim(const char* op, const at::Tensor& qk) {
   TORCH_CHECK(qk.size(2) <= 65535, op, ": the CUDA kernel takes at most 65535 heads, got H = ", qk.size(2));
 }
 
-// The angle tables in the accumulation type (unset without rotation) and the Tables view of them.
+// The angle tables in the accumulation type (unset without rotation), the contiguous freqs_index
+// (unset without it) and the Tables view of them.
 template <typename acc_t>
 struct AccTables {
-  at::Tensor w, c, f;
+  at::Tensor w, c, f, index;
   Tables<acc_t> view;
 };
 
@@ -310,16 +334,22 @@ AccTables<acc_t> acc_tables(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& coords,
     const std::optional<at::Tensor>& freqs,
+    const std::optional<at::Tensor>& freqs_index,
     double eps) {
   AccTables<acc_t> t;
   t.w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
   const bool rotate = coords.has_value() && coords->defined();
   if (rotate) {
     std::tie(t.c, t.f) = detail::rope2d_acc_tables(qk, *coords, *freqs);
+    t.index = detail::rope2d_index(freqs_index);
   }
   t.view = Tables<acc_t>{
-      t.w.template const_data_ptr<acc_t>(), rotate ? t.c.template const_data_ptr<acc_t>() : nullptr,
-      rotate ? t.f.template const_data_ptr<acc_t>() : nullptr, rotate && freqs->dim() == 3, static_cast<acc_t>(eps)};
+      t.w.template const_data_ptr<acc_t>(),
+      rotate ? t.c.template const_data_ptr<acc_t>() : nullptr,
+      rotate ? t.f.template const_data_ptr<acc_t>() : nullptr,
+      rotate && rope2d_per_head(*freqs, freqs_index),
+      static_cast<acc_t>(eps),
+      t.index.defined() ? t.index.template const_data_ptr<int64_t>() : nullptr};
   return t;
 }
 
@@ -341,9 +371,10 @@ at::Tensor qk_norm_rope_cuda(
     const std::optional<at::Tensor>& coords,
     const std::optional<at::Tensor>& freqs,
     double eps,
-    bool interleaved) {
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
   constexpr const char* op = "qk_norm_rope";
-  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps);
+  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps, nullptr, false, freqs_index);
   check_cuda_head_dim(op, qk);
   const c10::cuda::CUDAGuard guard(qk.device());
   auto out = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
@@ -353,7 +384,7 @@ at::Tensor qk_norm_rope_cuda(
   const bool rotate = coords.has_value() && coords->defined();
   const QkLayout L = detail::qk_layout(qk);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cuda", [&] {
-    const auto t = acc_tables<acc_type<scalar_t>>(qk, weight, coords, freqs, eps);
+    const auto t = acc_tables<acc_type<scalar_t>>(qk, weight, coords, freqs, freqs_index, eps);
     JITROPE_BOOL_SWITCH2(rotate, kRotate, interleaved, kInterleaved, [&] {
       launch_forward<scalar_t, kRotate, kInterleaved>(qk, L, out, t.view);
     });
@@ -361,7 +392,8 @@ at::Tensor qk_norm_rope_cuda(
   return out;
 }
 
-// Step 1 of the backward: grad_qk and the [2, H, chunks, D] weight (and freqs) partials.
+// Step 1 of the backward: grad_qk, the [2, H, chunks, D] weight partials and the [2, H, chunks, runs,
+// D] freqs partials.
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad>
 void launch_backward(
     const at::Tensor& g,
@@ -371,6 +403,7 @@ void launch_backward(
     const Tables<acc_type<scalar_t>>& t,
     int64_t chunks,
     int64_t rpc,
+    int64_t runs,
     at::Tensor& wpart,
     at::Tensor& fpart) {
   using acc_t = acc_type<scalar_t>;
@@ -379,27 +412,36 @@ void launch_backward(
     qk_norm_rope_backward_cuda_kernel<scalar_t, kPairs, kRotate, kInterleaved, kFreqsGrad>
         <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
             g.const_data_ptr<scalar_t>(), qk.const_data_ptr<scalar_t>(), L, grad_qk.mutable_data_ptr<scalar_t>(), t,
-            chunks, rpc, wpart.mutable_data_ptr<acc_t>(), kFreqsGrad ? fpart.mutable_data_ptr<acc_t>() : nullptr);
+            chunks, rpc, runs, wpart.mutable_data_ptr<acc_t>(), kFreqsGrad ? fpart.mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-// Step 2: the partials to grad_weight [2, D] and grad_freqs [Hf, D] (when fpart is defined), in the
-// accumulation dtype and the fixed order of the math header.
+// Step 2: the partials to grad_weight [2, D] and grad_freqs [tables * Hf, D] (when fpart is defined),
+// in the accumulation dtype and the fixed order of the math header. run_table [chunks, runs] is
+// defined with freqs_index (on the device).
 template <typename acc_t>
 void reduce_partials(
-    const at::Tensor& wpart, const at::Tensor& fpart, at::Tensor& gw, at::Tensor& gf, int64_t groups, bool per_head) {
+    const at::Tensor& wpart,
+    const at::Tensor& fpart,
+    const at::Tensor& run_table,
+    at::Tensor& gw,
+    at::Tensor& gf,
+    int64_t tables,
+    int64_t groups,
+    bool per_head) {
   const int64_t H = wpart.size(1), chunks = wpart.size(2), D = wpart.size(3);
   const bool freqs_grad = fpart.defined();
-  const int64_t items = 2 * D + (freqs_grad ? groups * D : 0);
+  const int64_t items = 2 * D + (freqs_grad ? tables * groups * D : 0);
   if (items == 0) {
     return;
   }
   qk_norm_rope_reduce_kernel<acc_t>
       <<<static_cast<unsigned>((items + kThreads - 1) / kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           wpart.const_data_ptr<acc_t>(), freqs_grad ? fpart.const_data_ptr<acc_t>() : nullptr,
-          gw.mutable_data_ptr<acc_t>(), freqs_grad ? gf.mutable_data_ptr<acc_t>() : nullptr, H, chunks, D, groups,
-          per_head);
+          run_table.defined() ? run_table.const_data_ptr<int64_t>() : nullptr, gw.mutable_data_ptr<acc_t>(),
+          freqs_grad ? gf.mutable_data_ptr<acc_t>() : nullptr, H, chunks, freqs_grad ? fpart.size(3) : 1, D, tables,
+          groups, per_head);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -411,12 +453,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
     const std::optional<at::Tensor>& freqs,
     double eps,
     bool interleaved,
-    bool freqs_grad) {
+    bool freqs_grad,
+    const std::optional<at::Tensor>& freqs_index) {
   constexpr const char* op = "qk_norm_rope_backward";
-  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps, &grad_out, freqs_grad);
+  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps, &grad_out, freqs_grad, freqs_index);
   check_cuda_head_dim(op, qk);
   const bool rotate = coords.has_value() && coords->defined();
-  const bool per_head = rotate && freqs->dim() == 3;
+  const bool per_head = rotate && rope2d_per_head(*freqs, freqs_index);
+  const bool indexed = rotate && freqs_index.has_value() && freqs_index->defined();
   const c10::cuda::CUDAGuard guard(qk.device());
   const at::Tensor g = grad_out.contiguous();
   auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
@@ -426,22 +470,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
   const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
   const int64_t groups = per_head ? L.H : 1;
   at::Tensor wpart = at::empty({2, L.H, chunks, D}, qk.options().dtype(acc));
-  at::Tensor fpart = freqs_grad ? at::empty({2, L.H, chunks, D}, qk.options().dtype(acc)) : at::Tensor();
+  // The runs of each chunk are read on the host (one wait for the device), only for the gradient
+  // of indexed freqs.
+  const at::Tensor run_table = freqs_grad && indexed
+      ? detail::chunk_run_table(*freqs_index, L.B, L.N, chunks, rpc).to(qk.device())
+      : at::Tensor();
+  const int64_t runs = run_table.defined() ? run_table.size(1) : 1;
+  const int64_t tables = indexed ? freqs->size(0) : 1;
+  at::Tensor fpart = freqs_grad ? at::empty({2, L.H, chunks, runs, D}, qk.options().dtype(acc)) : at::Tensor();
   at::Tensor gw = at::empty({2, D}, qk.options().dtype(acc));
-  at::Tensor gf = freqs_grad ? at::empty({groups, D}, qk.options().dtype(acc)) : at::Tensor();
+  at::Tensor gf = freqs_grad ? at::empty({tables * groups, D}, qk.options().dtype(acc)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto t = acc_tables<acc_t>(qk, weight, coords, freqs, eps);
+    const auto t = acc_tables<acc_t>(qk, weight, coords, freqs, freqs_index, eps);
     if (chunks > 0 && L.H > 0 && D > 0) {
       JITROPE_BOOL_SWITCH3(rotate, kRotate, interleaved, kInterleaved, freqs_grad, kFreqsGrad, [&] {
         // The check refuses freqs_grad without rotation.
         if constexpr (kRotate || !kFreqsGrad) {
           launch_backward<scalar_t, kRotate, kInterleaved, kFreqsGrad>(
-              g, qk, L, grad_qk, t.view, chunks, rpc, wpart, fpart);
+              g, qk, L, grad_qk, t.view, chunks, rpc, runs, wpart, fpart);
         }
       });
     }
-    reduce_partials<acc_t>(wpart, fpart, gw, gf, groups, per_head);
+    reduce_partials<acc_t>(wpart, fpart, run_table, gw, gf, tables, groups, per_head);
   });
   auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
   return {grad_qk, grad_weight, grad_freqs};

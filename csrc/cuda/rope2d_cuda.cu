@@ -10,7 +10,10 @@
 // gradient needs no atomics: each thread sums dL/dphi over its planes, a block sums its tokens
 // (times their coordinates) in a fixed order into a partial [chunk, group, token tile, 2, D/2], and
 // a second kernel reduces the partials in a fixed order; the launch shape does not depend on the
-// device, so the bits are the same on every run and every GPU.
+// device, so the bits are the same on every run and every GPU. With freqs_index (SPEC §10) a token
+// reads table freqs_index[n], and a block splits its tokens into runs of one table, each with its
+// own partial; the second kernel adds, per table, the runs of that table in the same fixed order
+// (one table: the plain op's terms in its order, hence its bits).
 #include <algorithm>
 #include <type_traits>
 
@@ -106,9 +109,88 @@ struct PairItem {
   }
 };
 
+// The freqs partials of one block: red[r * bdx + x] holds token r's (y * dL/dphi, x * dL/dphi) for
+// the kPairs pairs of item j; thread (x, 0) sums the tile's tokens for its item in token order into
+// tile [2, D/2].
+template <typename acc_t, int kPairs>
+__device__ void sum_tile_in_order(const acc_t (*red)[2 * kPairs], int64_t j, int64_t half, acc_t* tile) {
+  acc_t sy[kPairs], sx[kPairs];
+  JITROPE_UNROLL
+  for (int t = 0; t < kPairs; ++t) {
+    sy[t] = 0;
+    sx[t] = 0;
+  }
+  for (int r = 0; r < static_cast<int>(blockDim.y); ++r) {
+    const int src = r * blockDim.x + threadIdx.x;
+    JITROPE_UNROLL
+    for (int t = 0; t < kPairs; ++t) {
+      sy[t] += red[src][t];
+      sx[t] += red[src][kPairs + t];
+    }
+  }
+  JITROPE_UNROLL
+  for (int t = 0; t < kPairs; ++t) {
+    tile[j * kPairs + t] = sy[t];
+    tile[half + j * kPairs + t] = sx[t];
+  }
+}
+
+// The same with freqs_index: the tile's tokens split into runs of one table, each run summed in
+// token order into its own slot of tile [bdy, 2, D/2] (a tile of one table gives the sum above).
+// `run_table` (one thread per tile) gets each slot's table, -1 past the last run.
+template <typename acc_t, int kPairs>
+__device__ void sum_tile_runs_in_order(
+    const acc_t (*red)[2 * kPairs],
+    int64_t j,
+    int64_t half,
+    const int64_t* index,
+    int64_t n_tokens,
+    acc_t* tile,
+    int64_t* run_table) {
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * blockDim.y;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(blockDim.y), n_tokens - n0));
+  acc_t sy[kPairs], sx[kPairs];
+  JITROPE_UNROLL
+  for (int t = 0; t < kPairs; ++t) {
+    sy[t] = 0;
+    sx[t] = 0;
+  }
+  int slot = 0;
+  for (int r = 0; r < rows; ++r) {
+    const int src = r * blockDim.x + threadIdx.x;
+    JITROPE_UNROLL
+    for (int t = 0; t < kPairs; ++t) {
+      sy[t] += red[src][t];
+      sx[t] += red[src][kPairs + t];
+    }
+    if (r + 1 < rows && index[n0 + r + 1] == index[n0 + r]) {
+      continue;
+    }
+    acc_t* dst = tile + slot * 2 * half;
+    JITROPE_UNROLL
+    for (int t = 0; t < kPairs; ++t) {
+      dst[j * kPairs + t] = sy[t];
+      dst[half + j * kPairs + t] = sx[t];
+      sy[t] = 0;
+      sx[t] = 0;
+    }
+    if (run_table != nullptr) {
+      run_table[n0 + slot] = index[n0 + r];
+    }
+    ++slot;
+  }
+  if (run_table != nullptr) {
+    for (int r = slot; r < static_cast<int>(blockDim.y); ++r) {
+      run_table[n0 + r] = -1;
+    }
+  }
+}
+
 // Block (bdx, bdy) = (pair items of a row, tokens); grid = (token tiles, plane chunks, groups).
 // Tensor 0 is read (x, or grad_out in the backward), tensor 1 written (may be tensor 0 for
-// rope2d_), tensor 2 is the forward input x when kAngleGrad.
+// rope2d_), tensor 2 is the forward input x when kAngleGrad. With freqs_index (`index`), token n
+// of group g uses table row index[n] * groups + g of freqs, and the freqs partials are split by
+// runs of the tile's tokens with one table (see rope2d_indexed_freqs_grad_kernel).
 template <typename scalar_t, bool kVectorized, bool kInterleaved, bool kAngleGrad>
 __global__ void __launch_bounds__(kThreads) rope2d_cuda_kernel(
     const scalar_t* in,
@@ -117,6 +199,8 @@ __global__ void __launch_bounds__(kThreads) rope2d_cuda_kernel(
     const acc_type<scalar_t>* coords,
     const acc_type<scalar_t>* freqs,
     acc_type<scalar_t>* partial,
+    const int64_t* index,
+    int64_t* run_table,
     const Rope2dGeometry geo,
     const int64_t planes_per_block,
     const bool inverse) {
@@ -134,7 +218,8 @@ __global__ void __launch_bounds__(kThreads) rope2d_cuda_kernel(
   const bool token_ok = n < geo.n_tokens;
   const acc_t cy = token_ok ? coords[2 * n] : acc_t(0);
   const acc_t cx = token_ok ? coords[2 * n + 1] : acc_t(0);
-  const acc_t* fy = freqs + 2 * g * half;
+  const int64_t table = (index != nullptr && token_ok ? index[n] * gridDim.z : 0) + g;
+  const acc_t* fy = freqs + 2 * table * half;
   const acc_t* fx = fy + half;
   int64_t row0[kMaxTensors];
   JITROPE_UNROLL
@@ -202,30 +287,35 @@ __global__ void __launch_bounds__(kThreads) rope2d_cuda_kernel(
       }
       __syncthreads();
       if (threadIdx.y == 0 && j < items) {
-        acc_t sy[kPairs], sx[kPairs];
-        JITROPE_UNROLL
-        for (int t = 0; t < kPairs; ++t) {
-          sy[t] = 0;
-          sx[t] = 0;
-        }
-        for (int r = 0; r < static_cast<int>(blockDim.y); ++r) {
-          const int src = r * blockDim.x + threadIdx.x;
-          JITROPE_UNROLL
-          for (int t = 0; t < kPairs; ++t) {
-            sy[t] += red[src][t];
-            sx[t] += red[src][kPairs + t];
-          }
-        }
-        acc_t* dst = partial + ((static_cast<int64_t>(blockIdx.y) * gridDim.z + g) * gridDim.x + blockIdx.x) * 2 * half;
-        JITROPE_UNROLL
-        for (int t = 0; t < kPairs; ++t) {
-          dst[j * kPairs + t] = sy[t];
-          dst[half + j * kPairs + t] = sx[t];
+        acc_t* tile = partial +
+            ((static_cast<int64_t>(blockIdx.y) * gridDim.z + g) * gridDim.x + blockIdx.x) *
+                (index != nullptr ? blockDim.y : 1) * 2 * half;
+        if (index == nullptr) {
+          sum_tile_in_order<acc_t, kPairs>(red, j, half, tile);
+        } else {
+          sum_tile_runs_in_order<acc_t, kPairs>(
+              red, j, half, index, geo.n_tokens, tile,
+              j0 == 0 && threadIdx.x == 0 && blockIdx.y == 0 && g == 0 ? run_table : nullptr);
         }
       }
       __syncthreads();
     }
   }
+}
+
+// Block sum of `v` over the threads: a fixed tree, so the order never depends on the device.
+template <typename acc_t>
+__device__ acc_t block_sum_in_order(acc_t v) {
+  __shared__ acc_t red[kThreads];
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w >>= 1) {
+    if (static_cast<int>(threadIdx.x) < w) {
+      red[threadIdx.x] += red[threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  return red[0];
 }
 
 // grad[g, k, m] = sum over (chunk, token tile) of partial[chunk, g, tile, k, m]: one block per output,
@@ -242,17 +332,46 @@ __global__ void __launch_bounds__(kThreads) rope2d_freqs_grad_kernel(
     const int64_t c = i / token_tiles, b = i % token_tiles;
     sum += partial[((c * groups + g) * token_tiles + b) * 2 * half + km];
   }
-  __shared__ acc_t red[kThreads];
-  red[threadIdx.x] = sum;
-  __syncthreads();
-  for (int w = kThreads / 2; w > 0; w >>= 1) {
-    if (static_cast<int>(threadIdx.x) < w) {
-      red[threadIdx.x] += red[threadIdx.x + w];
-    }
-    __syncthreads();
-  }
+  sum = block_sum_in_order(sum);
   if (threadIdx.x == 0) {
-    grad[o] = red[0];
+    grad[o] = sum;
+  }
+}
+
+// With freqs_index: grad[f, g, k, m] = sum over (chunk, token tile) and the tile's runs of table f of
+// partial[chunk, g, tile, run, k, m], split over the threads as above; a single table gives the
+// plain kernel's terms in its order, hence its bits.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) rope2d_indexed_freqs_grad_kernel(
+    const acc_t* partial,
+    const int64_t* run_table,
+    acc_t* grad,
+    int64_t chunks,
+    int64_t groups,
+    int64_t token_tiles,
+    int64_t slots,
+    int64_t half) {
+  const int64_t o = blockIdx.x;
+  const int64_t f = o / (groups * 2 * half);
+  const int64_t g = (o / (2 * half)) % groups;
+  const int64_t km = o % (2 * half);
+  const int64_t terms = chunks * token_tiles;
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < terms; i += kThreads) {
+    const int64_t c = i / token_tiles, b = i % token_tiles;
+    for (int64_t r = 0; r < slots; ++r) {
+      const int64_t table = run_table[b * slots + r];
+      if (table < 0) {
+        break;
+      }
+      if (table == f) {
+        sum += partial[(((c * groups + g) * token_tiles + b) * slots + r) * 2 * half + km];
+      }
+    }
+  }
+  sum = block_sum_in_order(sum);
+  if (threadIdx.x == 0) {
+    grad[o] = sum;
   }
 }
 
@@ -303,7 +422,13 @@ LaunchShape launch_shape(
   return ls;
 }
 
-// Step 1: the rotation (and, with x, the per-block freqs partials [chunk, group, token tile, 2, D/2]).
+// The freqs partials of the angle-gradient launch: [chunk, group, token tile, 2, D/2], or with
+// freqs_index [chunk, group, token tile, run slot, 2, D/2] and the slots' tables [token tile, slot].
+struct FreqsPartials {
+  at::Tensor partial, run_table;
+};
+
+// Step 1: the rotation (and, with x, the per-block freqs partials).
 template <typename scalar_t>
 void launch_rotate(
     const Rope2dGeometry& geo,
@@ -313,50 +438,70 @@ void launch_rotate(
     const scalar_t* x,
     const acc_type<scalar_t>* c,
     const acc_type<scalar_t>* f,
-    acc_type<scalar_t>* partial,
+    const int64_t* index,
+    FreqsPartials* parts,
     bool interleaved,
     bool inverse) {
+  using acc_t = acc_type<scalar_t>;
   const dim3 grid(
       static_cast<unsigned>(ls.token_tiles), static_cast<unsigned>(ls.chunks), static_cast<unsigned>(geo.groups));
   const dim3 block(ls.bdx, ls.bdy);
   const auto stream = at::cuda::getCurrentCUDAStream();
+  acc_t* partial = parts != nullptr ? parts->partial.mutable_data_ptr<acc_t>() : nullptr;
+  int64_t* run_table =
+      parts != nullptr && parts->run_table.defined() ? parts->run_table.mutable_data_ptr<int64_t>() : nullptr;
   JITROPE_BOOL_SWITCH3(ls.vectorized, kVectorized, interleaved, kInterleaved, x != nullptr, kAngleGrad, [&] {
     rope2d_cuda_kernel<scalar_t, kVectorized, kInterleaved, kAngleGrad>
-        <<<grid, block, 0, stream>>>(in, out, x, c, f, partial, geo, ls.planes_per_block, inverse);
+        <<<grid, block, 0, stream>>>(in, out, x, c, f, partial, index, run_table, geo, ls.planes_per_block, inverse);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-// Step 2: the partials to the freqs gradient [Hf, 2, D/2] in the accumulation dtype.
+// Step 2: the partials to the freqs gradient [F * Hf, 2, D/2] in the accumulation dtype (F = 1
+// without freqs_index).
 template <typename acc_t>
-at::Tensor reduce_freqs_grad(const at::Tensor& partial, const Rope2dGeometry& geo, const LaunchShape& ls) {
-  at::Tensor grad = at::empty({geo.groups, 2, geo.half}, partial.options());
-  rope2d_freqs_grad_kernel<acc_t>
-      <<<static_cast<unsigned>(geo.groups * 2 * geo.half), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          partial.const_data_ptr<acc_t>(), grad.mutable_data_ptr<acc_t>(), ls.chunks, geo.groups, ls.token_tiles,
-          geo.half);
+at::Tensor reduce_freqs_grad(
+    const FreqsPartials& parts, int64_t tables, const Rope2dGeometry& geo, const LaunchShape& ls) {
+  at::Tensor grad = at::empty({tables * geo.groups, 2, geo.half}, parts.partial.options());
+  const int64_t blocks = tables * geo.groups * 2 * geo.half;
+  if (blocks == 0) {
+    return grad;
+  }
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (!parts.run_table.defined()) {
+    rope2d_freqs_grad_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        parts.partial.const_data_ptr<acc_t>(), grad.mutable_data_ptr<acc_t>(), ls.chunks, geo.groups, ls.token_tiles,
+        geo.half);
+  } else {
+    rope2d_indexed_freqs_grad_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        parts.partial.const_data_ptr<acc_t>(), parts.run_table.const_data_ptr<int64_t>(),
+        grad.mutable_data_ptr<acc_t>(), ls.chunks, geo.groups, ls.token_tiles, ls.bdy, geo.half);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;
 }
 
 // Rotates `in` into `out` by phi (or -phi when `inverse`); with the forward input `x`, rotates by
-// -phi and returns the freqs gradient [Hf, 2, D/2] in the accumulation dtype.
+// -phi and returns the freqs gradient [F * Hf, 2, D/2] in the accumulation dtype. `index` is the
+// contiguous freqs_index or undefined.
 at::Tensor rotate_cuda(
     const at::Tensor& in,
     const at::Tensor& out,
     const at::Tensor* x,
     const at::Tensor& coords,
     const at::Tensor& freqs,
+    const at::Tensor& index,
     bool interleaved,
     bool inverse) {
-  const bool per_head = freqs.dim() == 3;
+  const bool per_head = freqs.dim() == (index.defined() ? 4 : 3);
   Rope2dGeometry geo;
   const bool fits = x != nullptr ? detail::make_rope2d_geometry({&in, &out, x}, per_head, geo)
                                  : detail::make_rope2d_geometry({&in, &out}, per_head, geo);
   if (!fits) {
     auto tmp = at::empty(in.sizes(), in.options());
     const auto xc = x != nullptr ? x->contiguous() : at::Tensor();
-    auto grad = rotate_cuda(in.contiguous(), tmp, x != nullptr ? &xc : nullptr, coords, freqs, interleaved, inverse);
+    auto grad =
+        rotate_cuda(in.contiguous(), tmp, x != nullptr ? &xc : nullptr, coords, freqs, index, interleaved, inverse);
     out.copy_(tmp);
     return grad;
   }
@@ -364,6 +509,7 @@ at::Tensor rotate_cuda(
   TORCH_CHECK(
       geo.groups <= kMaxGridY, "rope2d: the CUDA kernel takes at most 65535 heads with per-head freqs, got ",
       geo.groups);
+  const int64_t* ip = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
   at::Tensor grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -371,35 +517,52 @@ at::Tensor rotate_cuda(
         in.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
         x != nullptr ? x->const_data_ptr<scalar_t>() : nullptr};
     const LaunchShape ls = launch_shape<scalar_t>(geo, ptrs, x != nullptr ? 3 : 2, interleaved, x != nullptr);
-    at::Tensor partial;
-    if (x != nullptr) {
-      partial = at::empty({ls.chunks, geo.groups, ls.token_tiles, 2, geo.half}, c.options());
+    if (x == nullptr) {
+      launch_rotate<scalar_t>(
+          geo, ls, ptrs[0], out.mutable_data_ptr<scalar_t>(), nullptr, c.const_data_ptr<acc_t>(),
+          f.const_data_ptr<acc_t>(), ip, nullptr, interleaved, inverse);
+      return;
+    }
+    FreqsPartials parts;
+    if (index.defined()) {
+      parts.partial = at::empty({ls.chunks, geo.groups, ls.token_tiles, ls.bdy, 2, geo.half}, c.options());
+      parts.run_table = at::empty({ls.token_tiles, ls.bdy}, index.options());
+    } else {
+      parts.partial = at::empty({ls.chunks, geo.groups, ls.token_tiles, 2, geo.half}, c.options());
     }
     launch_rotate<scalar_t>(
         geo, ls, ptrs[0], out.mutable_data_ptr<scalar_t>(), ptrs[2], c.const_data_ptr<acc_t>(),
-        f.const_data_ptr<acc_t>(), x != nullptr ? partial.mutable_data_ptr<acc_t>() : nullptr, interleaved, inverse);
-    if (x != nullptr) {
-      grad = reduce_freqs_grad<acc_t>(partial, geo, ls);
-    }
+        f.const_data_ptr<acc_t>(), ip, &parts, interleaved, inverse);
+    grad = reduce_freqs_grad<acc_t>(parts, f.size(0) / geo.groups, geo, ls);
   });
   return grad;
 }
 
-at::Tensor rope2d_cuda(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  check_rope2d_args("rope2d", "x", x, coords, freqs);
+at::Tensor rope2d_cuda(
+    const at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_rope2d_args("rope2d", "x", x, coords, freqs, nullptr, false, freqs_index);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty_like(x);
   if (out.numel() > 0) {
-    rotate_cuda(x, out, nullptr, coords, freqs, interleaved, /*inverse=*/false);
+    rotate_cuda(x, out, nullptr, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
   }
   return out;
 }
 
-at::Tensor& rope2d__cuda(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true);
+at::Tensor& rope2d__cuda(
+    at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true, freqs_index);
   const c10::cuda::CUDAGuard guard(x.device());
   if (x.numel() > 0) {
-    rotate_cuda(x, x, nullptr, coords, freqs, interleaved, /*inverse=*/false);
+    rotate_cuda(x, x, nullptr, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
   }
   return x;
 }
@@ -409,14 +572,17 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_cuda(
     const at::Tensor& coords,
     const at::Tensor& freqs,
     const std::optional<at::Tensor>& x,
-    bool interleaved) {
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
   const bool want_freqs = x.has_value() && x->defined();
-  check_rope2d_args("rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr);
+  check_rope2d_args(
+      "rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr, false, freqs_index);
   const c10::cuda::CUDAGuard guard(grad_out.device());
+  const at::Tensor index = detail::rope2d_index(freqs_index);
   auto grad_x = at::empty_like(grad_out);
   if (!want_freqs) {
     if (grad_x.numel() > 0) {
-      rotate_cuda(grad_out, grad_x, nullptr, coords, freqs, interleaved, /*inverse=*/true);
+      rotate_cuda(grad_out, grad_x, nullptr, coords, freqs, index, interleaved, /*inverse=*/true);
     }
     return {grad_x, at::empty({0}, freqs.options())};
   }
@@ -424,8 +590,8 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_cuda(
   if (grad_x.numel() == 0) {
     grad_freqs.zero_();
   } else {
-    grad_freqs.copy_(
-        rotate_cuda(grad_out, grad_x, &*x, coords, freqs, interleaved, /*inverse=*/true).view(grad_freqs.sizes()));
+    grad_freqs.copy_(rotate_cuda(grad_out, grad_x, &*x, coords, freqs, index, interleaved, /*inverse=*/true)
+                         .view(grad_freqs.sizes()));
   }
   return {grad_x, grad_freqs};
 }

@@ -95,4 +95,50 @@ C10_HOST_DEVICE inline acc_t sum_freqs_partials(
   return sum;
 }
 
+// With freqs_index (SPEC §10) the rows of a chunk are split further into runs: maximal stretches of
+// consecutive rows whose tokens use one table. Each (s, h, chunk, run) writes its own freqs partial,
+// laid out [2, H, chunks, runs, D] (runs = the most any chunk has), and run_table[chunk * runs + r]
+// holds the table of run r (-1 past the chunk's last run). A chunk of one table is one run, so with
+// a single table the partials and their sum below are those of the plain op, bit for bit.
+// run_end: the row after the run that starts at row r0 (rows are b * N + n, the chunk ends at row1).
+C10_HOST_DEVICE inline int64_t run_end(const int64_t* index, int64_t r0, int64_t row1, int64_t N) {
+  const int64_t table = index[r0 % N];
+  int64_t r = r0 + 1;
+  while (r < row1 && index[r % N] == table) {
+    ++r;
+  }
+  return r;
+}
+
+// grad_freqs[f][g][e]: sum_freqs_partials' order (q then k, heads of group g, chunks ascending) over
+// the runs of table f, runs of a chunk ascending.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t sum_indexed_freqs_partials(
+    const acc_t* part,
+    const int64_t* run_table,
+    int64_t f,
+    int64_t g,
+    int64_t e,
+    int64_t H,
+    int64_t chunks,
+    int64_t runs,
+    int64_t D,
+    bool per_head) {
+  acc_t sum = acc_t(0);
+  const int64_t h0 = per_head ? g : 0, h1 = per_head ? g + 1 : H;
+  for (int64_t s = 0; s < 2; ++s) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const acc_t* p = part + ((s * H + h) * chunks) * runs * D + e;
+      for (int64_t k = 0; k < chunks; ++k) {
+        for (int64_t r = 0; r < runs; ++r) {
+          if (run_table[k * runs + r] == f) {
+            sum += p[(k * runs + r) * D];
+          }
+        }
+      }
+    }
+  }
+  return sum;
+}
+
 }  // namespace jitrope::qk_norm_rope_math

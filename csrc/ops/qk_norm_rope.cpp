@@ -2,7 +2,9 @@
 // BackendSelect key and the one place its arguments are validated.
 #include "ops/qk_norm_rope.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -10,6 +12,7 @@
 #include <torch/library.h>
 
 #include "common/op_utils.h"
+#include "math/qk_norm_rope_math.h"
 #include "ops/qk_norm_rope_impl.h"
 #include "ops/rope2d_impl.h"
 
@@ -37,8 +40,9 @@ at::Tensor qk_norm_rope(
     const std::optional<at::Tensor>& coords,
     const std::optional<at::Tensor>& freqs,
     double eps,
-    bool interleaved) {
-  return qk_norm_rope_op().call(qk, weight, coords, freqs, eps, interleaved);
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  return qk_norm_rope_op().call(qk, weight, coords, freqs, eps, interleaved, freqs_index);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
@@ -49,8 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
     const std::optional<at::Tensor>& freqs,
     double eps,
     bool interleaved,
-    bool freqs_grad) {
-  return qk_norm_rope_backward_op().call(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
+    bool freqs_grad,
+    const std::optional<at::Tensor>& freqs_index) {
+  return qk_norm_rope_backward_op().call(
+      grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad, freqs_index);
 }
 
 void check_qk_norm_rope_args(
@@ -61,7 +67,8 @@ void check_qk_norm_rope_args(
     const std::optional<at::Tensor>& freqs,
     double eps,
     const at::Tensor* grad_out,
-    bool freqs_grad) {
+    bool freqs_grad,
+    const std::optional<at::Tensor>& freqs_index) {
   check_defined(op, "qk", qk);
   check_defined(op, "weight", weight);
   check_float_dtype(op, "qk", qk);
@@ -73,15 +80,20 @@ void check_qk_norm_rope_args(
   TORCH_CHECK(
       weight.dim() == 2 && weight.size(0) == 2 && weight.size(1) == D, op, ": weight must have shape [2, D] = [2, ", D,
       "] (q and k norm weights for qk of shape ", qk.sizes(), "), got ", weight.sizes());
-  check_same_device(op, {"qk", qk}, {{"weight", weight}, {"coords", coords}, {"freqs", freqs}, {"grad_out", grad_out}});
+  check_same_device(
+      op, {"qk", qk},
+      {{"weight", weight}, {"coords", coords}, {"freqs", freqs}, {"grad_out", grad_out}, {"freqs_index", freqs_index}});
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
   const bool has_coords = coords.has_value() && coords->defined();
   const bool has_freqs = freqs.has_value() && freqs->defined();
   TORCH_CHECK(
       has_coords == has_freqs, op, ": coords and freqs must be given together (rotate) or both be None ",
       "(normalize only), got ", has_coords ? "coords" : "freqs", " alone");
+  TORCH_CHECK(
+      has_coords || !(freqs_index.has_value() && freqs_index->defined()), op,
+      ": freqs_index needs coords and freqs, got None");
   if (has_coords) {
-    check_rope2d_args(op, "qk", qk, *coords, *freqs);
+    check_rope2d_args(op, "qk", qk, *coords, *freqs, nullptr, false, freqs_index);
   }
   TORCH_CHECK(has_coords || !freqs_grad, op, ": freqs_grad needs coords and freqs, got None");
   if (grad_out != nullptr) {
@@ -107,6 +119,27 @@ std::tuple<at::Tensor, at::Tensor> finish_param_grads(
   return {grad_weight, grad_freqs};
 }
 
+at::Tensor chunk_run_table(const at::Tensor& index, int64_t B, int64_t N, int64_t chunks, int64_t rows_per_chunk) {
+  const at::Tensor idx = index.to(at::kCPU).contiguous();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  const int64_t rows = B * N;
+  std::vector<std::vector<int64_t>> tables(chunks);
+  int64_t runs = 1;
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t row1 = std::min(rows, (k + 1) * rows_per_chunk);
+    for (int64_t r0 = k * rows_per_chunk; r0 < row1; r0 = qk_norm_rope_math::run_end(ip, r0, row1, N)) {
+      tables[k].push_back(ip[r0 % N]);
+    }
+    runs = std::max<int64_t>(runs, static_cast<int64_t>(tables[k].size()));
+  }
+  at::Tensor run_table = at::full({chunks, runs}, -1, idx.options());
+  int64_t* rp = run_table.mutable_data_ptr<int64_t>();
+  for (int64_t k = 0; k < chunks; ++k) {
+    std::copy(tables[k].begin(), tables[k].end(), rp + k * runs);
+  }
+  return run_table;
+}
+
 }  // namespace detail
 namespace {
 
@@ -118,9 +151,12 @@ at::Tensor qk_norm_rope_entry(
     const std::optional<at::Tensor>& coords,
     const std::optional<at::Tensor>& freqs,
     double eps,
-    bool interleaved) {
-  check_same_device("qk_norm_rope", {"qk", qk}, {{"weight", weight}, {"coords", coords}, {"freqs", freqs}});
-  return qk_norm_rope_op().redispatch(ks & kAfterEntry, qk, weight, coords, freqs, eps, interleaved);
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_same_device(
+      "qk_norm_rope", {"qk", qk},
+      {{"weight", weight}, {"coords", coords}, {"freqs", freqs}, {"freqs_index", freqs_index}});
+  return qk_norm_rope_op().redispatch(ks & kAfterEntry, qk, weight, coords, freqs, eps, interleaved, freqs_index);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_entry(
@@ -132,12 +168,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_entry(
     const std::optional<at::Tensor>& freqs,
     double eps,
     bool interleaved,
-    bool freqs_grad) {
+    bool freqs_grad,
+    const std::optional<at::Tensor>& freqs_index) {
   check_same_device(
       "qk_norm_rope_backward", {"qk", qk},
-      {{"grad_out", grad_out}, {"weight", weight}, {"coords", coords}, {"freqs", freqs}});
+      {{"grad_out", grad_out}, {"weight", weight}, {"coords", coords}, {"freqs", freqs}, {"freqs_index", freqs_index}});
   return qk_norm_rope_backward_op().redispatch(
-      ks & kAfterEntry, grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad);
+      ks & kAfterEntry, grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad, freqs_index);
 }
 
 }  // namespace

@@ -22,7 +22,8 @@ void check_qk_norm_rope_args(
     const std::optional<at::Tensor>& freqs,
     double eps,
     const at::Tensor* grad_out = nullptr,
-    bool freqs_grad = false);
+    bool freqs_grad = false,
+    const std::optional<at::Tensor>& freqs_index = std::nullopt);
 
 namespace detail {
 
@@ -47,6 +48,10 @@ std::tuple<at::Tensor, at::Tensor> finish_param_grads(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& freqs,
     bool freqs_grad);
+
+// The runs of the backward's chunks with freqs_index (math/qk_norm_rope_math.h): run_table [chunks,
+// runs] int64 on the CPU, runs being the most any chunk has. Reads the index on the host.
+at::Tensor chunk_run_table(const at::Tensor& index, int64_t B, int64_t N, int64_t chunks, int64_t rows_per_chunk);
 
 }  // namespace detail
 

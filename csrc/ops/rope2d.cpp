@@ -16,10 +16,9 @@
 namespace jitrope {
 namespace {
 
-using Rope2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
-using Rope2dInplaceSig = at::Tensor&(at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
-using Rope2dBackwardSig = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool);
+using Rope2dSig = decltype(rope2d);
+using Rope2dInplaceSig = decltype(rope2d_);
+using Rope2dBackwardSig = decltype(rope2d_backward);
 
 const c10::TypedOperatorHandle<Rope2dSig>& rope2d_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("jitrope::rope2d", "").typed<Rope2dSig>();
@@ -38,14 +37,45 @@ const c10::TypedOperatorHandle<Rope2dBackwardSig>& rope2d_backward_op() {
   return op;
 }
 
-}  // namespace
-
-at::Tensor rope2d(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  return rope2d_op().call(x, coords, freqs, interleaved);
+// freqs_index: int64 [N], and every value a row of freqs [F, ...]. The values are read on the host
+// (one wait for a CUDA device): an index out of range must fail here, never read out of bounds.
+void check_freqs_index(
+    const char* op, const char* x_name, const at::Tensor& index, int64_t N, const at::Tensor& freqs) {
+  TORCH_CHECK(
+      index.scalar_type() == at::kLong, op, ": freqs_index must be an int64 tensor [N], got dtype ",
+      dtype_name(index.scalar_type()));
+  TORCH_CHECK(
+      index.dim() == 1 && index.size(0) == N, op, ": freqs_index must have shape [N] = [", N,
+      "] (one table per token of ", x_name, "), got ", index.sizes());
+  if (N == 0) {
+    return;
+  }
+  const auto [lo, hi] = at::aminmax(index);
+  const at::Tensor range = at::stack({lo, hi}).cpu();
+  const int64_t min = range[0].item<int64_t>(), max = range[1].item<int64_t>(), F = freqs.size(0);
+  TORCH_CHECK(
+      min >= 0 && max < F, op, ": freqs_index values must be in [0, F) = [0, ", F, ") (the tables of freqs of shape ",
+      freqs.sizes(), "), got values in [", min, ", ", max, "]");
 }
 
-at::Tensor& rope2d_(at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  return rope2d_inplace_op().call(x, coords, freqs, interleaved);
+}  // namespace
+
+at::Tensor rope2d(
+    const at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  return rope2d_op().call(x, coords, freqs, interleaved, freqs_index);
+}
+
+at::Tensor& rope2d_(
+    at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  return rope2d_inplace_op().call(x, coords, freqs, interleaved, freqs_index);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope2d_backward(
@@ -53,8 +83,9 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward(
     const at::Tensor& coords,
     const at::Tensor& freqs,
     const std::optional<at::Tensor>& x,
-    bool interleaved) {
-  return rope2d_backward_op().call(grad_out, coords, freqs, x, interleaved);
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  return rope2d_backward_op().call(grad_out, coords, freqs, x, interleaved, freqs_index);
 }
 
 void check_rope2d_args(
@@ -64,7 +95,8 @@ void check_rope2d_args(
     const at::Tensor& coords,
     const at::Tensor& freqs,
     const at::Tensor* fwd_x,
-    bool inplace) {
+    bool inplace,
+    const std::optional<at::Tensor>& freqs_index) {
   check_defined(op, x_name, x);
   check_defined(op, "coords", coords);
   check_defined(op, "freqs", freqs);
@@ -78,21 +110,35 @@ void check_rope2d_args(
   TORCH_CHECK(
       coords.dim() == 2 && coords.size(0) == N && coords.size(1) == 2, op, ": coords must have shape [N, 2] = [", N,
       ", 2] (one (row, column) per token of ", x_name, ": [..., H, N, D] = ", x.sizes(), "), got ", coords.sizes());
-  check_floating(op, "freqs", "[2, D/2] or [H, 2, D/2]", freqs);
-  const bool shared = freqs.dim() == 2 && freqs.size(0) == 2 && freqs.size(1) == D / 2;
-  const bool per_head = freqs.dim() == 3 && freqs.size(0) == H && freqs.size(1) == 2 && freqs.size(2) == D / 2;
+  const bool indexed = freqs_index.has_value() && freqs_index->defined();
+  // With freqs_index, freqs has a leading table dim F: dims from `t` on are those of a plain call.
+  const int64_t t = indexed ? 1 : 0;
+  check_floating(op, "freqs", indexed ? "[F, 2, D/2] or [F, H, 2, D/2]" : "[2, D/2] or [H, 2, D/2]", freqs);
+  const bool shared = freqs.dim() == 2 + t && freqs.size(t) == 2 && freqs.size(t + 1) == D / 2;
+  const bool per_head =
+      freqs.dim() == 3 + t && freqs.size(t) == H && freqs.size(t + 1) == 2 && freqs.size(t + 2) == D / 2;
+  const char* table = indexed ? "F, " : "";
   TORCH_CHECK(
-      shared || per_head, op, ": freqs must have shape [2, D/2] = [2, ", D / 2, "] (shared) or [H, 2, D/2] = [", H,
-      ", 2, ", D / 2, "] (per head) for ", x_name, " of shape ", x.sizes(), ", got ", freqs.sizes());
-  check_same_device(op, {x_name, x}, {{"coords", coords}, {"freqs", freqs}, {"x (the forward input)", fwd_x}});
+      shared || per_head, op, ": freqs must have shape [", table, "2, D/2] = [", table, "2, ", D / 2, "] (shared) or [",
+      table, "H, 2, D/2] = [", table, H, ", 2, ", D / 2, "] (per head)", indexed ? " with freqs_index" : "", " for ",
+      x_name, " of shape ", x.sizes(), ", got ", freqs.sizes());
+  check_same_device(
+      op, {x_name, x},
+      {{"coords", coords}, {"freqs", freqs}, {"x (the forward input)", fwd_x}, {"freqs_index", freqs_index}});
   if (fwd_x != nullptr) {
     TORCH_CHECK(
         fwd_x->sizes() == x.sizes(), op, ": x (the forward input) must have grad_out's shape ", x.sizes(), ", got ",
         fwd_x->sizes());
     check_same_dtype(op, "x (the forward input)", *fwd_x, "grad_out", x);
   }
+  if (indexed) {
+    check_freqs_index(op, x_name, *freqs_index, N, freqs);
+  }
   if (inplace) {
     check_inplace_overlap(op, x_name, x, {&coords, &freqs});
+    if (indexed) {
+      check_inplace_overlap(op, x_name, x, {&*freqs_index});
+    }
   }
 }
 
@@ -202,15 +248,25 @@ namespace {
 
 // The entries every call passes before a backend kernel (common/op_utils.h: check_same_device).
 at::Tensor rope2d_entry(
-    c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  check_same_device("rope2d", {"x", x}, {{"coords", coords}, {"freqs", freqs}});
-  return rope2d_op().redispatch(ks & kAfterEntry, x, coords, freqs, interleaved);
+    c10::DispatchKeySet ks,
+    const at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_same_device("rope2d", {"x", x}, {{"coords", coords}, {"freqs", freqs}, {"freqs_index", freqs_index}});
+  return rope2d_op().redispatch(ks & kAfterEntry, x, coords, freqs, interleaved, freqs_index);
 }
 
 at::Tensor& rope2d__entry(
-    c10::DispatchKeySet ks, at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs, bool interleaved) {
-  check_same_device("rope2d_", {"x", x}, {{"coords", coords}, {"freqs", freqs}});
-  return rope2d_inplace_op().redispatch(ks & kAfterEntry, x, coords, freqs, interleaved);
+    c10::DispatchKeySet ks,
+    at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_same_device("rope2d_", {"x", x}, {{"coords", coords}, {"freqs", freqs}, {"freqs_index", freqs_index}});
+  return rope2d_inplace_op().redispatch(ks & kAfterEntry, x, coords, freqs, interleaved, freqs_index);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope2d_backward_entry(
@@ -219,10 +275,12 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_entry(
     const at::Tensor& coords,
     const at::Tensor& freqs,
     const std::optional<at::Tensor>& x,
-    bool interleaved) {
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
   check_same_device(
-      "rope2d_backward", {"grad_out", grad_out}, {{"coords", coords}, {"freqs", freqs}, {"x (the forward input)", x}});
-  return rope2d_backward_op().redispatch(ks & kAfterEntry, grad_out, coords, freqs, x, interleaved);
+      "rope2d_backward", {"grad_out", grad_out},
+      {{"coords", coords}, {"freqs", freqs}, {"x (the forward input)", x}, {"freqs_index", freqs_index}});
+  return rope2d_backward_op().redispatch(ks & kAfterEntry, grad_out, coords, freqs, x, interleaved, freqs_index);
 }
 
 }  // namespace

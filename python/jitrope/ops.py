@@ -1,4 +1,4 @@
-"""Python entry points of jitrope's fused operators (SPEC.md §2, §3, §3a).
+"""Python entry points of jitrope's fused operators (SPEC.md §2, §3, §3a, §10).
 
 Thin wrappers over ``torch.ops.jitrope.*``. The kernels (CPU, CUDA) and the autograd formulas
 are C++ (csrc/), so the ops train the same way from LibTorch; this module adds the fake
@@ -26,7 +26,9 @@ def _require_extension(name: str) -> None:
         )
 
 
-def rope2d(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True) -> Tensor:
+def rope2d(
+    x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True, freqs_index: Optional[Tensor] = None
+) -> Tensor:
     """Rotate channel pairs of ``x: [..., H, N, D]`` by 2D angles (fused 2D RoPE).
 
     Args:
@@ -37,18 +39,24 @@ def rope2d(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True
         freqs: float ``[2, D/2]`` shared by all heads or ``[H, 2, D/2]`` per head; differentiable
             (learned "mixed" frequencies).
         interleaved: pairs are channels (2m, 2m+1) (EVA-02 / JiT) if True, else (m, m + D/2).
+        freqs_index: optional int64 ``[N]`` (SPEC §10, per-sequence frequencies of a packed batch):
+            ``freqs`` then has a leading table dim, ``[F, 2, D/2]`` or ``[F, H, 2, D/2]``, and token n
+            turns by table ``freqs_index[n]``; its gradient is per table, deterministic. Its values
+            are checked, which on CUDA waits for the device.
 
     Pair m of token n in head h turns by ``coords[n,0]*freqs[h,0,m] + coords[n,1]*freqs[h,1,m]``,
     computed in float32 (float64 for float64 x). Returns a new tensor shaped like ``x``.
     """
     _require_extension("rope2d")
-    return torch.ops.jitrope.rope2d.default(x, coords, freqs, interleaved)
+    return torch.ops.jitrope.rope2d.default(x, coords, freqs, interleaved, freqs_index)
 
 
-def rope2d_(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True) -> Tensor:
+def rope2d_(
+    x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = True, freqs_index: Optional[Tensor] = None
+) -> Tensor:
     """In-place :func:`rope2d` for inference; returns ``x``."""
     _require_extension("rope2d_")
-    torch.ops.jitrope.rope2d_.default(x, coords, freqs, interleaved)
+    torch.ops.jitrope.rope2d_.default(x, coords, freqs, interleaved, freqs_index)
     return x
 
 
@@ -58,16 +66,21 @@ def rope2d_(x: Tensor, coords: Tensor, freqs: Tensor, *, interleaved: bool = Tru
 if HAS_EXTENSION:
 
     @torch.library.register_fake("jitrope::rope2d")
-    def _rope2d_fake(x: Tensor, coords: Tensor, freqs: Tensor, interleaved: bool = True) -> Tensor:
+    def _rope2d_fake(x: Tensor, coords: Tensor, freqs: Tensor, interleaved: bool = True, freqs_index=None) -> Tensor:
         return torch.empty_like(x)
 
     @torch.library.register_fake("jitrope::rope2d_")
-    def _rope2d__fake(x: Tensor, coords: Tensor, freqs: Tensor, interleaved: bool = True) -> Tensor:
+    def _rope2d__fake(x: Tensor, coords: Tensor, freqs: Tensor, interleaved: bool = True, freqs_index=None) -> Tensor:
         return x
 
     @torch.library.register_fake("jitrope::rope2d_backward")
     def _rope2d_backward_fake(
-        grad_out: Tensor, coords: Tensor, freqs: Tensor, x: Optional[Tensor], interleaved: bool = True
+        grad_out: Tensor,
+        coords: Tensor,
+        freqs: Tensor,
+        x: Optional[Tensor],
+        interleaved: bool = True,
+        freqs_index: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         if x is None:
             return torch.empty_like(grad_out), freqs.new_empty(0)
@@ -135,6 +148,7 @@ def qk_norm_rope(
     *,
     eps: float = 1e-6,
     interleaved: bool = True,
+    freqs_index: Optional[Tensor] = None,
 ) -> Tensor:
     """RMSNorm of q and k over head_dim, then the 2D rotation of :func:`rope2d`, in one pass.
 
@@ -145,6 +159,7 @@ def qk_norm_rope(
         coords, freqs: as in :func:`rope2d`, or both None to normalize without rotating.
         eps: added to the mean square, as in JiT's RMSNorm.
         interleaved: the channel pairing of :func:`rope2d`.
+        freqs_index: per-token frequency tables, as in :func:`rope2d` (needs coords and freqs).
 
     Per row ``y = x / sqrt(mean(x^2) + eps) * weight[s]`` with float32 statistics (float64 for
     float64), rotated before rounding. Returns a new contiguous ``[2, B, H, N, D]`` tensor, the
@@ -152,17 +167,19 @@ def qk_norm_rope(
     weight and freqs gradients are reduced in float32, deterministically).
     """
     _require_extension("qk_norm_rope")
-    return torch.ops.jitrope.qk_norm_rope.default(qk, weight, coords, freqs, eps, interleaved)
+    return torch.ops.jitrope.qk_norm_rope.default(qk, weight, coords, freqs, eps, interleaved, freqs_index)
 
 
 if HAS_EXTENSION:
 
     @torch.library.register_fake("jitrope::qk_norm_rope")
-    def _qk_norm_rope_fake(qk, weight, coords=None, freqs=None, eps=1e-6, interleaved=True):
+    def _qk_norm_rope_fake(qk, weight, coords=None, freqs=None, eps=1e-6, interleaved=True, freqs_index=None):
         return qk.new_empty(qk.shape)
 
     @torch.library.register_fake("jitrope::qk_norm_rope_backward")
-    def _qk_norm_rope_backward_fake(grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad):
+    def _qk_norm_rope_backward_fake(
+        grad_out, qk, weight, coords, freqs, eps, interleaved, freqs_grad, freqs_index=None
+    ):
         grad_freqs = freqs.new_empty(freqs.shape) if freqs_grad else weight.new_empty(0)
         return qk.new_empty(qk.shape), weight.new_empty(weight.shape), grad_freqs
 

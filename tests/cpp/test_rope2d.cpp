@@ -2,6 +2,7 @@
 // dispatcher), forward and backward through torch::autograd, against a reference written in ATen,
 // and its error messages.
 #include <functional>
+#include <optional>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -117,13 +118,16 @@ TEST(Rope2d, BackwardOpWithoutInputIsInverseRotation) {
 }
 
 TEST(Rope2d, ThroughTheDispatcherByName) {
-  const auto op = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow("jitrope::rope2d", "")
-                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  // The schema's C++ signature, freqs_index (SPEC §10) included.
+  const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("jitrope::rope2d", "")
+          .typed<at::Tensor(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const std::optional<at::Tensor>&)>();
   const auto x = torch::randn({4, 2, 3, 6});
   const auto coords = torch::rand({3, 2});
   const auto freqs = torch::randn({2, 2, 3});
-  EXPECT_TRUE(torch::equal(op.call(x, coords, freqs, false), jitrope::rope2d(x, coords, freqs, false)));
+  EXPECT_TRUE(torch::equal(op.call(x, coords, freqs, false, std::nullopt), jitrope::rope2d(x, coords, freqs, false)));
 }
 
 TEST(Rope2d, EmptyBatchAndManyLeadingDims) {
