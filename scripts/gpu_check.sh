@@ -7,12 +7,11 @@
 #          JiT-B/16 training-step benchmark (batch 64, bf16), eager and compiled with
 #          mode="reduce-overhead", fused vs torch;
 #   packed: issue 16 in one call (build included, <= 10 minutes): the CUDA tests of packed batches
-#          (tests/test_packing.py, and test_freqs_index.py / test_pos2d_add_indexed.py where they
-#          exist), the packed op benchmarks (rope2d, qk_norm_rope fwd+bwd at T = 64k, 128k, 256k
+#          (tests/test_packing.py, test_freqs_index.py, test_pos2d_add_indexed.py), the packed op benchmarks (rope2d, qk_norm_rope fwd+bwd at T = 64k, 128k, 256k
 #          bf16, positions new every call, vs eager per-call tables, torch.compile(dynamic=True)
 #          and a copy; GB/s and the fraction of HBM peak), the packed vs pad-to-max JiT-B/16
 #          training step (eager, then compiled), and compute-sanitizer over the packed cases of
-#          scripts/sanitize_ops.py (packed views, freqs_index, pos2d_add_indexed where built).
+#          scripts/sanitize_ops.py (packed views, freqs_index, pos2d_add_indexed).
 #          Steps run in that order and one that would pass $BUDGET_S (default 570 s from the
 #          start) is skipped and named in the summary, so one call always ends with the summary.
 # Each step has a time limit. A device call may run 10 minutes: build + one part fits in one
@@ -127,8 +126,7 @@ if want model; then
 fi
 
 if want packed; then
-  PACKED_TESTS=(tests/test_packing.py)
-  for f in tests/test_freqs_index.py tests/test_pos2d_add_indexed.py; do [ -f "$f" ] && PACKED_TESTS+=("$f"); done
+  PACKED_TESTS=(tests/test_packing.py tests/test_freqs_index.py tests/test_pos2d_add_indexed.py)
   step "CUDA tests of packed batches (pytest -k cuda: ${PACKED_TESTS[*]})"
   fits 150 pytest_packed_cuda.txt && run 150 pytest_packed_cuda.txt "$PY" -m pytest -q -p no:cacheprovider \
     "${XDIST[@]}" -rfE "${PACKED_TESTS[@]}" -k cuda
@@ -141,7 +139,7 @@ if want packed; then
   fits 120 bench_model_packed.txt && run 120 bench_model_packed.txt "$PY" scripts/bench_model.py --packed \
     --device cuda --compile none --iters 5 --warmup 2 --json "$LOGS/bench_model_packed.json"
 
-  step "compute-sanitizer: the packed cases (packed views, freqs_index, pos2d_add_indexed where built)"
+  step "compute-sanitizer: the packed cases (packed views, freqs_index, pos2d_add_indexed)"
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for tool in memcheck racecheck; do
     fits 60 "sanitizer_packed_$tool.txt" && run 60 "sanitizer_packed_$tool.txt" "$SAN" --tool "$tool" \

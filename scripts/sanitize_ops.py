@@ -4,14 +4,13 @@
 
 Shapes cover odd sizes, strided q/k views of a qkv tensor, misaligned (unvectorizable) rows,
 B = 0, per-head frequencies, prefix tokens and offsets, in every dtype; packed [2, 1, H, T, D] q/k views with
-per-token coords of several grids (SPEC §10); and, where this build has them, ``freqs_index`` (per-sequence
+per-token coords of several grids (SPEC §10), ``freqs_index`` (per-sequence
 frequency tables of rope2d / qk_norm_rope) and ``pos2d_add_indexed``. Each result is compared
 with the reference so a kernel that reads the wrong bytes fails here too, not only under the
 sanitizer. Exits non-zero on any mismatch.
 """
 
 import argparse
-import inspect
 import sys
 
 import torch
@@ -185,7 +184,7 @@ def _per_table(fn, x, coords, freqs, fi):
 
 def packed_cases(dev, dtype):
     """rope2d and qk_norm_rope on a packed [2, 1, H, T, D] q/k view (per-token coords of odd grids), and with
-    per-sequence tables (``freqs_index``) where the ops take it."""
+    per-sequence tables (``freqs_index``)."""
     ok = True
     grids = [(3, 5), (1, 1), (7, 2), (4, 4)]
     coords = _packed_coords(grids, dev)
@@ -206,42 +205,38 @@ def packed_cases(dev, dtype):
     xr = x.detach().double().requires_grad_(True)
     want = torch.autograd.grad(rope2d_ref(xr, coords.double(), freqs.double()), xr, g.double())[0]
     ok &= check(f"rope2d packed bwd {dtype} T{T}", got, want, dtype)
-    if "freqs_index" in inspect.signature(ops.rope2d).parameters:
-        sizes = [h * w for h, w in grids]
-        fi = torch.repeat_interleave(torch.tensor([0, 2, 1, 2]), torch.tensor(sizes)).to(dev)
-        tables = torch.randn(3, 2, D // 2, device=dev)
-        ok &= check(
-            f"rope2d freqs_index {dtype} T{T}",
-            ops.rope2d(qk, coords, tables, freqs_index=fi),
-            _per_table(rope2d_ref, qk, coords, tables, fi),
-            dtype,
-        )
-        x = qk.detach().clone().requires_grad_(True)
-        ft = tables.clone().requires_grad_(True)
-        gx, gf = torch.autograd.grad(ops.rope2d(x, coords, ft, freqs_index=fi), (x, ft), g)
-        xr, fr = x.detach().double().requires_grad_(True), ft.detach().double().requires_grad_(True)
-        wx, wf = torch.autograd.grad(_per_table(rope2d_ref, xr, coords.double(), fr, fi), (xr, fr), g.double())
-        ok &= check(f"rope2d freqs_index bwd x {dtype}", gx, wx, dtype)
-        ok &= check(
-            f"rope2d freqs_index bwd freqs {dtype}",
-            gf,
-            wf,
-            dtype if TOL[dtype] >= TOL[torch.float32] else torch.float32,
-        )
-        if "freqs_index" in inspect.signature(ops.qk_norm_rope).parameters:
-            ok &= check(
-                f"qk_norm_rope freqs_index {dtype} T{T}",
-                ops.qk_norm_rope(qk, weight, coords, tables, freqs_index=fi),
-                _per_table(lambda a, c, f: qk_norm_rope_ref(a, weight, c, f), qk, coords, tables, fi),
-                dtype,
-            )
+    sizes = [h * w for h, w in grids]
+    fi = torch.repeat_interleave(torch.tensor([0, 2, 1, 2]), torch.tensor(sizes)).to(dev)
+    tables = torch.randn(3, 2, D // 2, device=dev)
+    ok &= check(
+        f"rope2d freqs_index {dtype} T{T}",
+        ops.rope2d(qk, coords, tables, freqs_index=fi),
+        _per_table(rope2d_ref, qk, coords, tables, fi),
+        dtype,
+    )
+    x = qk.detach().clone().requires_grad_(True)
+    ft = tables.clone().requires_grad_(True)
+    gx, gf = torch.autograd.grad(ops.rope2d(x, coords, ft, freqs_index=fi), (x, ft), g)
+    xr, fr = x.detach().double().requires_grad_(True), ft.detach().double().requires_grad_(True)
+    wx, wf = torch.autograd.grad(_per_table(rope2d_ref, xr, coords.double(), fr, fi), (xr, fr), g.double())
+    ok &= check(f"rope2d freqs_index bwd x {dtype}", gx, wx, dtype)
+    ok &= check(
+        f"rope2d freqs_index bwd freqs {dtype}",
+        gf,
+        wf,
+        dtype if TOL[dtype] >= TOL[torch.float32] else torch.float32,
+    )
+    ok &= check(
+        f"qk_norm_rope freqs_index {dtype} T{T}",
+        ops.qk_norm_rope(qk, weight, coords, tables, freqs_index=fi),
+        _per_table(lambda a, c, f: qk_norm_rope_ref(a, weight, c, f), qk, coords, tables, fi),
+        dtype,
+    )
     return ok
 
 
 def pos_indexed_cases(dev, dtype):
-    """pos2d_add_indexed (where this build has it): odd widths, -1 entries, strided x, B = 0, forward and backward."""
-    if not hasattr(torch.ops.jitrope, "pos2d_add_indexed"):
-        return True
+    """pos2d_add_indexed: odd widths, -1 entries, strided x, B = 0, forward and backward."""
 
     def ref(x, ph, pw, rows, cols):
         add_h = torch.where(rows[:, None] >= 0, ph[rows.clamp_min(0)], 0)
