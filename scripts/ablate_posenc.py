@@ -42,7 +42,7 @@ alone); ``all`` (default) does the three in order. Every stage resumes: an inter
 where it stopped, across sessions.
 
     python scripts/ablate_posenc.py                       # 300-step CPU ablation -> runs/ablation_cpu/results.md
-    python scripts/ablate_posenc.py --scale study --report docs/results.md
+    python scripts/ablate_posenc.py --scale study --report docs/results.md --readme README.md
     python scripts/ablate_posenc.py --scale study --stage train --regimes single      # one stage, one regime
     python scripts/ablate_posenc.py --scale study --plan                  # the time estimate, nothing run
     python scripts/ablate_posenc.py --stage report --from-json docs/results_300steps.json --report /tmp/p.md
@@ -295,6 +295,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "plots and sample grids go beside it as results_*.png, the metrics of every run as results.json",
     )
     p.add_argument(
+        "--readme",
+        default=None,
+        help="also write the answer (with the main metrics, spreads and limits) into this README, between its "
+        "lines '<!-- answer: ... -->' and '<!-- /answer -->' (e.g. --readme README.md)",
+    )
+    p.add_argument(
         "--from-json",
         default=None,
         help="with --stage report: write the page from this results JSON "
@@ -403,6 +409,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"override {o!r}: the ablation sets {o.split('=', 1)[0]} itself")
     if args.from_json is not None and args.stage != "report":
         p.error("--from-json writes a page from a results JSON: use it with --stage report")
+    if args.readme is not None:
+        from jitrope.eval.report import README_BEGIN, README_END
+
+        text = Path(args.readme).read_text() if Path(args.readme).is_file() else None
+        if text is None or README_BEGIN not in text or README_END not in text:
+            p.error(f"--readme {args.readme}: not a file with the lines {README_BEGIN!r} and {README_END!r}")
     args.config = str(Path(args.config) if Path(args.config).is_absolute() else ROOT / args.config)
     args.out_dir = args.out_dir or f"runs/ablation_{args.scale}"
     args.names = names
@@ -723,7 +735,7 @@ def _earlier_label(args) -> str:
 
 
 def report(args, timing: Dict) -> Path:
-    from jitrope.eval.report import write_results_page
+    from jitrope.eval.report import readme_answer, write_readme_answer, write_results_page
 
     out = Path(args.report) if args.report else Path(args.out_dir) / "results.md"
     command = "python scripts/ablate_posenc.py " + " ".join(args.argv)
@@ -743,9 +755,13 @@ def report(args, timing: Dict) -> Path:
     prev_file = ROOT / "docs" / "results_2000steps_seed0.json"
     in_docs = out.resolve().parent == ROOT / "docs"
     previous = json.loads(prev_file.read_text()) if prev_file.exists() and in_docs else None
-    return write_results_page(
-        rows, page_info(args, rows, timing, command=command), out, sanity=sanity, earlier=earlier, previous=previous
-    )
+    info = page_info(args, rows, timing, command=command)
+    page = write_results_page(rows, info, out, sanity=sanity, earlier=earlier, previous=previous)
+    if args.readme:
+        readme = Path(args.readme)
+        link = Path(os.path.relpath(page.resolve(), readme.resolve().parent)).as_posix()
+        write_readme_answer(readme, readme_answer(rows, info, link))
+    return page
 
 
 # ----------------------------------------------------------------------------------- main
@@ -771,6 +787,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: --from-json {args.from_json}: {e}", file=sys.stderr)
             return 2
         print(f"wrote {out} (and {out.with_suffix('.json').name}, {out.stem}_*.png beside it)")
+        if args.readme:
+            print(f"wrote the answer into {args.readme}")
         return 0
     try:
         check_regimes(args)
@@ -825,6 +843,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"wrote {out} (and {out.with_suffix('.json').name}, {out.stem}_*.png beside it)")
+        if args.readme:
+            print(f"wrote the answer into {args.readme}")
     for f in failures:
         print(f"error: {f}", file=sys.stderr)
     print(f"wall time {(time.perf_counter() - t_all) / 60:.1f} min")

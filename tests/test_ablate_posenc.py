@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from jitrope.eval.report import README_BEGIN, README_END
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
 
@@ -27,6 +29,8 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
     monkeypatch.setenv("JITROPE_DATA", str(tmp_path / "cache"))  # the feature network of the synthetic data goes here
     ab = _load()
     out = tmp_path / "page" / "results.md"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{README_BEGIN}\nold answer\n{README_END}\n\nafter\n")
     regimes = "single,mixed"
     argv = [
         "--scale",
@@ -53,6 +57,8 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
         str(tmp_path / "runs"),
         "--report",
         str(out),
+        "--readme",
+        str(readme),
         "--n-per-class",
         "1",
         "--n-cond",
@@ -132,6 +138,13 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
         "python scripts/ablate_posenc.py --scale study",
     ):
         assert want in page, want
+    # The README's answer: the page's answer sentences, the main metrics with spreads, the limits and a link.
+    text = readme.read_text()
+    assert text.startswith("# title\n\n" + README_BEGIN) and text.endswith(README_END + "\n\nafter\n")
+    assert "old answer" not in text and "](page/results.md)" in text
+    answer = page.split("### Answer\n\n", 1)[1].split("\n", 1)[0]
+    assert answer in text and "For one model across sizes" in text
+    assert "| `rope2d` |" in text and "± " in text and "the GPU run is still owed" in text
     for name in (
         "loss",
         "bars",
@@ -159,6 +172,23 @@ def test_a_regime_that_does_not_fit_the_config_is_refused_before_any_work(tmp_pa
     assert err.startswith("error: --regimes: the mixed regime") and err.count("\n") == 1
     assert "data.sizes" in err and "train.tokens_per_batch" in err and "--regimes single" in err
     assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("text", [None, "# no markers\n"])
+def test_a_readme_without_the_answer_markers_is_refused_before_any_work(tmp_path, capsys, text):
+    ab = _load()
+    readme = tmp_path / "README.md"
+    if text is not None:
+        readme.write_text(text)
+    argv = ["--config", TINY, "--out-dir", str(tmp_path / "runs"), "--readme", str(readme)]
+    with pytest.raises(SystemExit) as e:
+        ab.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --readme {readme}" in err and README_END in err
+    assert not (tmp_path / "runs").exists()
+    if text is not None:
+        assert readme.read_text() == text
 
 
 def test_the_existing_results_json_still_makes_the_page(tmp_path):

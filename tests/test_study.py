@@ -172,7 +172,7 @@ def test_size_records_oracle_ratios_best_mode_and_the_answer_across_sizes():
     only_rep = [dict(x, same_as="interpolate") if x["scaling"] == "ntk" else x for x in flat]
     assert not any(k.endswith("| ntk") for k in S.across_sizes_values(only_rep, "fd_emoji", sizes))
     sent = R.answer_sentences([], [], flat, sizes, {"mixed": "on 8² and 16² images together"})
-    near = ", ".join(f"`{n}` ({v:.3f})" for n, v in c.near)
+    near = ", ".join(f"`rope2d` {n.split(' | ')[2]} (mixed regime) ({v:.3f})" for n, v in c.near)
     assert [n for n, _ in c.near] == ["rope2d | mixed | interpolate", "rope2d | mixed | ntk"]
     assert sent == [
         f"For one model across sizes (8², 16², 8x16): use `rope2d` with `extrapolate` scaling, trained on "

@@ -31,7 +31,18 @@ from .study import (
     verdict,
 )
 
-__all__ = ["METRIC_COLS", "SIZE_METRICS", "PageInfo", "md_table", "answer_sentences", "write_results_page"]
+__all__ = [
+    "METRIC_COLS",
+    "SIZE_METRICS",
+    "README_BEGIN",
+    "README_END",
+    "PageInfo",
+    "md_table",
+    "answer_sentences",
+    "write_results_page",
+    "readme_answer",
+    "write_readme_answer",
+]
 
 METRIC_COLS = [  # key path, header, format, lower is better
     (("final_train_loss",), "final train loss", ".4f", True),
@@ -298,7 +309,13 @@ def answer_sentences(rows, names, flat, sizes, regimes: Mapping[str, str]) -> Li
             enc, regime, scaling = c.best.split(" | ")
             m, sd = c.stats[c.best]
             trained = regimes.get(regime, regime)
-            near = ", ".join(f"`{n}` ({format(v, '.3f')})" for n, v in c.near)
+            several = len({key.split(" | ")[1] for key in c.stats}) > 1
+
+            def combo(key: str) -> str:  # "enc | regime | scaling" as words
+                e, g, sc = key.split(" | ")
+                return f"`{e}` {sc}" + (f" ({g} regime)" if several else "")
+
+            near = ", ".join(f"{combo(n)} ({format(v, '.3f')})" for n, v in c.near)
             out.append(
                 f"For one model across sizes ({', '.join(size_label(s) for s in sizes)}): use `{enc}` with "
                 f"`{scaling}` scaling, trained {trained} (FD-emoji averaged over the sizes "
@@ -660,6 +677,26 @@ def _previous_section(prev: Sequence[Mapping[str, Any]]) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------- the page
+def _prepare(rows, info: PageInfo):
+    """The main ablation's records, its encodings and seeds, and the every-size records with the sizes
+    they cover, in page order: what the page and the README's answer are written from."""
+    main = [r for r in rows if r.get("regime", "single") == "single" and r["pos_embed"] in info.names and "vloss" in r]
+    if not main:
+        raise ValueError("no evaluated run of the main ablation to report")
+    names = [n for n in info.names if any(r["pos_embed"] == n for r in main)]
+    seeds = sorted({r["seed"] for r in main})
+    train_px = info.img_size
+    flat = size_records([r for r in rows if r.get("resolution")], train_px)
+    add_oracle_ratios(flat, info.trained_sizes, list(info.trained_sizes) or ["single"])
+    sizes = [tuple(x["hw"]) for x in flat]  # the study's sizes, and the training size wherever it has numbers
+    sizes = _size_order(
+        [s for s in info.study_sizes if s in sizes] + [s for s in sizes if s == (train_px, train_px)]
+        if info.study_sizes
+        else sizes
+    )
+    return main, names, seeds, flat, sizes
+
+
 def write_results_page(
     rows: Sequence[Mapping[str, Any]],
     info: PageInfo,
@@ -677,20 +714,8 @@ def write_results_page(
     compared); ``previous``: the 2000-step single-seed records of the first ablation."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    main = [r for r in rows if r.get("regime", "single") == "single" and r["pos_embed"] in info.names and "vloss" in r]
-    if not main:
-        raise ValueError("no evaluated run of the main ablation to report")
-    names = [n for n in info.names if any(r["pos_embed"] == n for r in main)]
-    seeds = sorted({r["seed"] for r in main})
+    main, names, seeds, flat, sizes = _prepare(rows, info)
     train_px = info.img_size
-    flat = size_records([r for r in rows if r.get("resolution")], train_px)
-    add_oracle_ratios(flat, info.trained_sizes, list(info.trained_sizes) or ["single"])
-    sizes = [tuple(x["hw"]) for x in flat]  # the study's sizes, and the training size wherever it has numbers
-    sizes = _size_order(
-        [s for s in info.study_sizes if s in sizes] + [s for s in sizes if s == (train_px, train_px)]
-        if info.study_sizes
-        else sizes
-    )
     combos = {key: best_scalings(flat, key, lower, sizes) for key, _, _, lower in SIZE_METRICS}
     combos["vloss_ratio"] = combos["vloss"]  # the oracle does not depend on the mode; ratios exist at a few sizes
     P = _Plots(out)
@@ -723,3 +748,50 @@ def write_results_page(
         json.dumps({"runs": clean, "fd_sanity": dict(sanity), "timing": dict(info.timing)}, indent=1)
     )
     return out
+
+
+# ----------------------------------------------------------------------------------- the README's answer
+README_BEGIN = "<!-- answer: written by scripts/ablate_posenc.py --readme (edits here are overwritten) -->"
+README_END = "<!-- /answer -->"
+README_COLS = [c for c in METRIC_COLS if c[1] in ("held-out v-loss", "FD-emoji", "class acc", "PSNR (dB)")]
+
+
+def readme_answer(rows: Sequence[Mapping[str, Any]], info: PageInfo, page_link: str) -> List[str]:
+    """The README's answer to the problem statement's question, from the same records and rule as the
+    page (:func:`answer_sentences`): the answer, the main metrics with their seed spread, the limits,
+    and a link ``page_link`` to the page."""
+    main, names, seeds, flat, sizes = _prepare(rows, info)
+    body = [
+        [f"`{n}`", *(fmt_pm(*mean_sd(per_encoding(main, names, path)[n]), spec) for path, _, spec, _ in README_COLS)]
+        for n in names
+    ]
+    answer = " ".join(answer_sentences(main, names, flat, sizes, info.regimes)) or "Too few runs for an answer."
+    L = [
+        f"**Answer ({info.steps} steps, seeds {'/'.join(map(str, seeds))}, {info.img_size}x{info.img_size} emoji):** "
+        + answer,
+        "",
+        f"At the training size (mean ± standard deviation over the seeds; the page [{page_link}]({page_link}) has "
+        "every metric, FD-emoji against step, the every-size study, plots and sample grids):",
+        "",
+        *md_table(["pos_embed", *(c[1] for c in README_COLS)], body),
+        "",
+        "Limits:",
+        *_limits(info, main)[2:],
+        f"Written by `{info.command}`.",
+    ]
+    return L
+
+
+def write_readme_answer(readme: Path, lines: Sequence[str]) -> None:
+    """Replace the text between :data:`README_BEGIN` and :data:`README_END` in ``readme`` by ``lines``
+    (written to a temporary file and renamed, so a failure leaves the README as it was)."""
+    readme = Path(readme)
+    text = readme.read_text()
+    ok = text.count(README_BEGIN) == 1 and text.count(README_END) == 1
+    if not ok or text.index(README_BEGIN) > text.index(README_END):
+        raise ValueError(f"{readme} needs one line {README_BEGIN!r} and, after it, one line {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(head + README_BEGIN + "\n" + "\n".join(lines).rstrip("\n") + "\n" + README_END + tail)
+    tmp.replace(readme)
