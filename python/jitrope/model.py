@@ -390,6 +390,12 @@ class Attention(nn.Module):
         v = qkv[2]
         p = self.attn_drop if self.training else 0.0
         if isinstance(layout, PackedSeqs):
+            factor = pos.packed_attn_factor(layout)  # None but for YaRN's temperature on a larger grid
+            if factor is not None:
+                # Per sequence, so not one scale=: folded into the queries (q_n . k times its sequence's
+                # factor), which every varlen path (flash varlen, mask, loop) then reads alike.
+                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+                q = (q.to(acc) * factor.to(acc)[:, None]).to(q.dtype)
             out = varlen_attention(
                 q[0].transpose(0, 1),
                 k[0].transpose(0, 1),
