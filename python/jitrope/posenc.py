@@ -39,7 +39,15 @@ alone (a loop over single images gives the same numbers):
   (image tables, then condition tables, concatenated). Extrapolation reads rows up to the table size;
   interpolation adds one table resampled from the trained rows per grid other than the training one.
 * ``learned1d``: per-token ``slots`` into its table; samples at the training grids read it as trained,
-  other grids need ``pos_scaling="interpolate"`` and get the table resampled per grid, as in the batched path.
+  other grids need ``pos_scaling="interpolate"`` (or ntk / yarn, under which tables interpolate) and get
+  the table resampled per grid, as in the batched path.
+
+Every ``pos_scaling`` mode works on a packed batch. Under ``ntk`` / ``yarn`` the RoPE parts rotate each
+sequence by its own grid's scaled frequencies: :meth:`Rope2D.packed_freqs` makes one table per sequence
+(``[S, ..., 2, D/2]``, :func:`jitrope.rope.scale_freqs` with the stream's per-sequence scales) and the op
+(or the reference's :func:`~jitrope.reference.rope_angles`) picks each token's by ``freqs_index``; yarn's
+temperature differs per sequence, so :meth:`PositionalEncoding.packed_attn_factor` hands attention a
+per-token factor that it folds into the queries. The tables interpolate under both, as in the batched path.
 
 ``pos_impl="torch"`` does what a user's eager code does: like the published JiT (EVA-02
 ``VisionRotaryEmbeddingFast``) it keeps RoPE's cos/sin tables for the training sequence as buffers,
