@@ -18,6 +18,7 @@ from jitrope.rope import attn_logit_factor, scale_freqs, sequence_coords
 needs_extension = pytest.mark.skipif(
     not jitrope.HAS_EXTENSION, reason=f"jitrope._C not loaded: {jitrope.EXTENSION_ERROR}"
 )
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 IMPLS = ["torch", pytest.param("fused", marks=needs_extension)]
 ROTARY = ["rope2d", "rope2d_mixed", "sincos2d+rope2d"]
 TABLES = ["learned1d", "sincos2d", "factorized2d"]
@@ -169,6 +170,27 @@ def test_yarn_temperature_per_sequence_on_every_attention_path(packed_attn, attn
             assert not torch.allclose(outs[s], cold[s], rtol=1e-4, atol=1e-4), f"sample {s}"
         else:  # a factor of 1 multiplies the queries by 1: the same bits
             assert torch.equal(outs[s], cold[s]), f"sample {s}"
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("pos_impl", IMPLS)
+def test_yarn_on_cuda_varlen_mask_and_loop_are_the_batched_path(pos_impl):
+    # bf16 autocast on CUDA: flash varlen_attn, the block-diagonal mask and the loop read the same tempered
+    # queries, and each sample is the batched forward of its image alone (SDPA with scale=)
+    xs, t, y, conds, drop = batch(5)
+    xs, conds = [x.cuda() for x in xs], [None if c is None else c.cuda() for c in conds]
+    t, y, drop = t.cuda(), y.cuda(), drop.cuda()
+    outs = {}
+    for packed_attn in ("varlen", "mask", "loop"):
+        model = make_model("rope2d_mixed", pos_impl, True, packed_attn=packed_attn).cuda()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            outs[packed_attn] = model.forward_packed(xs, t, y, conds, cond_drop=drop, pos_scaling="yarn")
+            refs = [single(model, xs, t, y, conds, drop, s, pos_scaling="yarn") for s in range(len(xs))]
+    for s, ref in enumerate(refs):
+        for packed_attn, out in outs.items():
+            torch.testing.assert_close(out[s], ref, rtol=3e-2, atol=3e-2, msg=f"{packed_attn}, sample {s}")
+        torch.testing.assert_close(outs["varlen"][s], outs["loop"][s], rtol=3e-2, atol=3e-2, msg=f"sample {s}")
 
 
 @pytest.mark.parametrize("pos_impl", IMPLS)
