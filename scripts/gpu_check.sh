@@ -7,8 +7,10 @@
 #          JiT-B/16 training-step benchmark (batch 64, bf16), eager and compiled with
 #          mode="reduce-overhead", fused vs torch;
 #   packed: issue 16 in one call (build included, <= 10 minutes): the CUDA tests of packed batches
-#          (tests/test_packing.py, test_freqs_index.py, test_pos2d_add_indexed.py), the packed op benchmarks (rope2d, qk_norm_rope fwd+bwd at T = 64k, 128k, 256k
-#          bf16, positions new every call, vs eager per-call tables, torch.compile(dynamic=True)
+#          (tests/test_packing.py, test_packing_scaling.py, test_freqs_index.py,
+#          test_pos2d_add_indexed.py), the packed op benchmarks (rope2d, qk_norm_rope fwd+bwd at
+#          T = 64k, 128k, 256k bf16, positions new every call, vs eager per-call tables,
+#          torch.compile(dynamic=True)
 #          and a copy; GB/s and the fraction of HBM peak), the packed vs pad-to-max JiT-B/16
 #          training step (eager, then compiled), and compute-sanitizer over the packed cases of
 #          scripts/sanitize_ops.py (packed views, freqs_index, pos2d_add_indexed).
@@ -126,7 +128,8 @@ if want model; then
 fi
 
 if want packed; then
-  PACKED_TESTS=(tests/test_packing.py tests/test_freqs_index.py tests/test_pos2d_add_indexed.py)
+  PACKED_TESTS=(tests/test_packing.py tests/test_packing_scaling.py tests/test_freqs_index.py
+    tests/test_pos2d_add_indexed.py)
   step "CUDA tests of packed batches (pytest -k cuda: ${PACKED_TESTS[*]})"
   fits 150 pytest_packed_cuda.txt && run 150 pytest_packed_cuda.txt "$PY" -m pytest -q -p no:cacheprovider \
     "${XDIST[@]}" -rfE "${PACKED_TESTS[@]}" -k cuda

@@ -134,11 +134,16 @@ PACKED_MIXES = [
 
 
 @pytest.mark.parametrize("pos_impl", IMPLS)
-def test_packed_train_step_compiles_once_for_every_size_mix(pos_impl):
+@pytest.mark.parametrize(
+    "pos_embed, scaling", [("sincos2d+rope2d", "extrapolate"), ("rope2d_mixed", "yarn"), ("sincos2d+rope2d", "ntk")]
+)
+def test_packed_train_step_compiles_once_for_every_size_mix(pos_embed, scaling, pos_impl):
     """Issue 16 item 7: forward + loss of a packed batch in one graph (fullgraph), backward through it,
     and batches with other size mixes reuse it: T and S are marked dynamic, the model reads only the
-    layout's tensors, and attention takes the block-diagonal mask path while tracing."""
-    model = make_model("sincos2d+rope2d", pos_impl, cond=True)
+    layout's tensors, and attention takes the block-diagonal mask path while tracing. Under ntk / yarn the
+    per-sequence frequency tables are made in the graph from the layout's scales (every mix here has a
+    grid with more tokens than training, so yarn's temperature is in every batch)."""
+    model = make_model(pos_embed, pos_impl, cond=True)
     diffusion = Diffusion()
 
     def loss_fn(x, y, cond, cond_drop, t, noise, layout):
@@ -151,7 +156,8 @@ def test_packed_train_step_compiles_once_for_every_size_mix(pos_impl):
         xs = [torch.randn(3, *hw, generator=g) for hw, _ in mix]
         conds = [torch.randn(3, *chw, generator=g) for _, chw in mix]
         S = len(mix)
-        layout = model.packed_layout([hw for hw, _ in mix], [chw for _, chw in mix])
+        layout = model.packed_layout([hw for hw, _ in mix], [chw for _, chw in mix], pos_scaling=scaling)
+        assert (layout.seqs.attn_factor is not None) == (scaling == "yarn")
         x, cond = pack_images(xs, 4), pack_images(conds, 4)
         y = torch.randint(0, 10, (S,), generator=g)
         t, noise = torch.rand(S, generator=g), torch.randn(x.shape, generator=g)

@@ -240,6 +240,43 @@ def test_sample_sizes_is_one_packed_forward_per_step(packed_run, monkeypatch):
     assert calls == [3] * 3 and all(x.isfinite().all() for x in again)
 
 
+def test_sample_sizes_takes_every_pos_scaling(packed_run, tmp_path, capsys, monkeypatch):
+    # ntk / yarn on a packed batch (issue 16): the override reaches the packed forward, each size is placed
+    # by its own grid; the training size and a smaller one are the plain model's, bit for bit.
+    from jitrope.diffusion import Diffusion
+    from jitrope.model import JiT
+
+    seen = []
+    real = JiT.forward_tokens
+
+    def spy(self, x, *a, **k):
+        seen.append((k["layout"].scaling, k["layout"].seqs.freq_scale is not None))
+        return real(self, x, *a, **k)
+
+    monkeypatch.setattr(JiT, "forward_tokens", spy)
+    for mode in ("ntk", "yarn"):
+        seen.clear()
+        out = tmp_path / f"{mode}.png"
+        args = ["--ckpt", str(packed_run), "--out", str(out), "--sizes", "8x8,16x16,24x24", "--classes", "disc"]
+        rc = S.main(args + ["--n", "1", "--steps", "2", "--no-progress", f"model.pos_scaling={mode}"])
+        assert rc == 0, capsys.readouterr().err
+        assert "3 samples at 3 sizes in one packed batch" in capsys.readouterr().out
+        assert seen and set(seen) == {(mode, True)}
+    monkeypatch.undo()
+    # the numbers (the tiny run's images round to the same grey; its float outputs do not)
+    model, _, _ = S.load_model(packed_run, pos_impl="torch")
+    outs = {}
+    for mode in ("extrapolate", "ntk", "yarn"):
+        model.cfg.pos_scaling = mode
+        labels = torch.tensor([0, 1, 2])
+        outs[mode] = S.generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 16), (24, 24)], steps=2, cfg=2.0)
+    for mode in ("ntk", "yarn"):
+        for k in (0, 1):
+            assert torch.equal(outs[mode][k], outs["extrapolate"][k]), (mode, k)
+    big = [outs[m][2] for m in ("extrapolate", "ntk", "yarn")]
+    assert not torch.equal(big[0], big[1]) and not torch.equal(big[1], big[2])
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

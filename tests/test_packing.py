@@ -155,7 +155,7 @@ def test_layout_interpolation_tables():
         (dict(img_grids=[(4, 4)], cond_grids=[(2, 2), (2, 2)]), "cond_grids must have one entry per image"),
         (dict(img_grids=[(4, 4)], cond_grids=[(2, -2)]), r"cond_grids\[0\]"),
         (dict(img_grids=[(4, 4)], context_len=-1), "context_len"),
-        (dict(img_grids=[(4, 4)], scaling="stretch"), "scaling"),
+        (dict(img_grids=[(4, 4)], scaling="stretch"), r"scaling \(pos_scaling\) of a packed batch must be one of"),
     ],
 )
 def test_layout_errors_name_the_argument(kwargs, match):

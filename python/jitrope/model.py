@@ -22,7 +22,9 @@ block-diagonal attention, per-token positions, adaLN through each token's sequen
 
 ``forward_packed`` packs, runs :meth:`JiT.forward_tokens` (pixel tokens in and out, the part a
 compiled training step traces once) and unpacks. The blocks, the attention and the encodings are
-the batched path's, given a :class:`~jitrope.packing.PackedSeqs` instead of a ``SeqLayout``.
+the batched path's, given a :class:`~jitrope.packing.PackedSeqs` instead of a ``SeqLayout``. Every
+``pos_scaling`` mode applies per sequence (ntk / yarn: each sequence's own RoPE frequencies and YaRN
+temperature), so each output is the batched forward of that image alone with the same mode.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class JiTConfig:
     Positional encoding: ``pos_embed`` (SPEC §5: learned1d | sincos2d | factorized2d | rope2d |
     rope2d_mixed | sincos2d+rope2d), ``pos_impl`` (fused | torch), ``pos_scaling`` (how grids other
     than the training one are placed, per axis: extrapolate | interpolate | ntk | yarn; ntk and yarn
-    scale RoPE frequencies, tables interpolate under them: :mod:`jitrope.rope`), ``pos_max_grid`` /
+    scale RoPE frequencies, tables interpolate under them: :mod:`jitrope.rope`; every mode works on batched
+    and packed calls alike, a packed batch scaling each sequence by its own grid), ``pos_max_grid`` /
     ``pos_max_cond_grid`` (factorized2d table sizes; default twice the training grids).
     Condition image: ``cond_img_size`` (None = none), its patch size (default ``patch_size``) and
     bottleneck, ``null_cond`` (learned | zeros). ``attn_impl``: sdpa (``F.scaled_dot_product_attention``)
@@ -390,6 +393,12 @@ class Attention(nn.Module):
         v = qkv[2]
         p = self.attn_drop if self.training else 0.0
         if isinstance(layout, PackedSeqs):
+            factor = pos.packed_attn_factor(layout)  # None but for YaRN's temperature on a larger grid
+            if factor is not None:
+                # Per sequence, so not one scale=: folded into the queries (q_n . k times its sequence's
+                # factor), which every varlen path (flash varlen, mask, loop) then reads alike.
+                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+                q = (q.to(acc) * factor.to(acc)[:, None]).to(q.dtype)
             out = varlen_attention(
                 q[0].transpose(0, 1),
                 k[0].transpose(0, 1),
@@ -886,7 +895,8 @@ class JiT(nn.Module):
             conds: S condition images ``[Cc, Hc_s, Wc_s]`` (sizes may differ; a None entry is the null
                 condition, as is ``conds=None`` for all).
             cond_drop: ``[S]`` bool, True gives that sample the null condition.
-            pos_scaling: override ``cfg.pos_scaling`` for grids other than the training one.
+            pos_scaling: override ``cfg.pos_scaling`` for grids other than the training one (any mode,
+                each image placed by its own grid).
         Returns:
             one x-prediction ``[C, H_s, W_s]`` per image. Each equals ``forward`` on that image alone.
         """

@@ -19,6 +19,16 @@ The diffusion loss and the samplers work on these tokens directly (every pixel o
 Two token streams exist because the in-context tokens join at block ``in_context_start``:
 ``seqs_in`` is ``[image | condition]`` per sample (what the additive encodings and the first blocks
 see), ``seqs`` is ``[in-context | image | condition]``. With ``context_len = 0`` they are one.
+
+Every ``pos_scaling`` mode (:data:`jitrope.rope.SCALING_MODES`) places each sample as the batched path
+places that image alone. ``extrapolate`` / ``interpolate`` live in the coordinates and tables. ``ntk`` /
+``yarn`` scale RoPE *frequencies* per image grid: each stream carries one frequency table per sequence
+(``freq_scale [S, 2]``, the per-axis ratio of the sample's grid to the training grid, from which the model
+scales its frequencies with :func:`jitrope.rope.scale_freqs` in the graph), the per-token ``freqs_index``
+into them (the token's sample, in-context and condition tokens included, as the batched path turns a
+whole sequence with one image's frequencies), and under ``yarn`` the per-token factor on the attention
+logits (:func:`jitrope.rope.attn_logit_factor` of the token's sample; None when every factor is 1).
+Tables interpolate under ``ntk`` / ``yarn`` (``table_scaling``), as in the batched path.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .rope import sequence_coords
+from .rope import FREQ_SCALINGS, SCALING_MODES, attn_logit_factor, sequence_coords
 
 __all__ = [
     "PackedSeqs",
@@ -53,15 +63,41 @@ class PackedSeqs(NamedTuple):
     convention); ``max_seqlen``: the longest sequence; ``seq_id``: int64 ``[T]``, the sample of each
     token; ``coords``: float32 ``[T, 2]`` (row, column) of SPEC §2 (in-context tokens (0, 0), image
     tokens (i, j) of their own grid, condition tokens at the aligned centres of their image's grid).
+
+    Frequency scaling (``pos_scaling`` ntk / yarn; all None otherwise): ``freq_mode`` the mode,
+    ``freq_scale`` float64 ``[S, 2]`` each sample's (rows, columns) scale to the training grid (one RoPE
+    frequency table per sequence), ``freqs_index`` int64 ``[T]`` the table of each token (its sample: the
+    same tensor as ``seq_id``), ``attn_factor`` float64 ``[T]`` YaRN's factor on the logits of each
+    token's queries (None when every factor is 1).
     """
 
     cu_seqlens: Tensor
     max_seqlen: int
     seq_id: Tensor
     coords: Tensor
+    freqs_index: Optional[Tensor] = None
+    freq_scale: Optional[Tensor] = None
+    freq_mode: Optional[str] = None
+    attn_factor: Optional[Tensor] = None
+
+    def tensors(self) -> List[Tensor]:
+        """Every tensor of the stream (dim 0: tokens or samples)."""
+        opt = (self.freqs_index, self.freq_scale, self.attn_factor)
+        return [self.cu_seqlens, self.seq_id, self.coords] + [t for t in opt if t is not None]
 
     def to(self, device) -> PackedSeqs:
-        return PackedSeqs(self.cu_seqlens.to(device), self.max_seqlen, self.seq_id.to(device), self.coords.to(device))
+        def move(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.to(device)
+
+        seq_id = self.seq_id.to(device)
+        return self._replace(
+            cu_seqlens=self.cu_seqlens.to(device),
+            seq_id=seq_id,
+            coords=self.coords.to(device),
+            freqs_index=seq_id if self.freqs_index is self.seq_id else move(self.freqs_index),
+            freq_scale=move(self.freq_scale),
+            attn_factor=move(self.attn_factor),
+        )
 
 
 def check_cu_seqlens(cu_seqlens: Tensor, total: int, *, name: str = "cu_seqlens") -> None:
@@ -85,12 +121,21 @@ def check_cu_seqlens(cu_seqlens: Tensor, total: int, *, name: str = "cu_seqlens"
         raise ValueError(f"{name} must end at the token count T = {total}, got {v[-1]}")
 
 
-def _seqs(lengths: Sequence[int], coords: Tensor) -> PackedSeqs:
+def _seqs(
+    lengths: Sequence[int],
+    coords: Tensor,
+    freq_mode: Optional[str] = None,
+    freq_scale: Optional[Tensor] = None,
+    seq_factor: Optional[Tensor] = None,
+) -> PackedSeqs:
     n = torch.tensor(list(lengths), dtype=torch.int64)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = n.cumsum(0).to(torch.int32)
     seq_id = torch.repeat_interleave(torch.arange(len(lengths)), n)
-    return PackedSeqs(cu, int(max(lengths)), seq_id, coords)
+    if freq_mode is None:
+        return PackedSeqs(cu, int(max(lengths)), seq_id, coords)
+    factor = None if seq_factor is None else seq_factor[seq_id]
+    return PackedSeqs(cu, int(max(lengths)), seq_id, coords, seq_id, freq_scale, freq_mode, factor)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,8 +161,12 @@ class PackedLayout:
     * ``image_seq_id`` ``[T_img]``, ``cond_seq_id`` ``[T_cond]``: the sample of each image / condition
       token; ``image_tokens``: int64 ``[S]``, image tokens per sample (resolution-aware diffusion).
 
+    * ``table_coords``: float32 ``[T_in, 2]``, the input stream's coordinates as the sin-cos table places
+      them: ``seqs_in.coords``, except under ntk / yarn, where RoPE keeps integer coordinates (and scales
+      its frequencies: :class:`PackedSeqs`) while the tables interpolate.
+
     ``image_tables`` / ``cond_tables`` name the grids that get tables resampled from the trained
-    ones (only with ``scaling="interpolate"``, grids other than the training grid, in order of first
+    ones (with ``table_scaling == "interpolate"``, grids other than the training grid, in order of first
     appearance); with ``"extrapolate"`` they are empty and rows/cols/slots index the tables as trained.
     """
 
@@ -142,6 +191,7 @@ class PackedLayout:
     image_seq_id: Tensor
     cond_seq_id: Tensor
     image_tokens: Tensor
+    table_coords: Tensor
     _derived: Dict[object, PackedLayout] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ sizes (host values)
@@ -166,6 +216,12 @@ class PackedLayout:
     def device(self) -> torch.device:
         return self.image_index.device
 
+    @property
+    def table_scaling(self) -> str:
+        """How the tables place other grids: ntk / yarn scale RoPE frequencies, tables interpolate under them
+        (``SeqLayout.table_scaling`` of the batched path)."""
+        return "interpolate" if self.scaling in FREQ_SCALINGS else self.scaling
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(
@@ -186,13 +242,12 @@ class PackedLayout:
         ``train_grid``/``train_cond_grid``: the grids the model was trained on (default: the first
         sample's), used by ``scaling="interpolate"`` (coordinates laid onto the training range, tables
         resampled) and by learned1d's slots; ``max_grid``/``max_cond_grid``: the factorized2d table
-        sizes (default: the largest grids). Errors name the argument.
+        sizes (default: the largest grids). ``scaling="ntk"|"yarn"`` (relative to ``train_grid``) gives each
+        stream its per-sequence frequency scales (:class:`PackedSeqs`). Errors name the argument.
         """
-        if scaling not in ("extrapolate", "interpolate"):
+        if scaling not in SCALING_MODES:
             raise ValueError(
-                f"scaling (pos_scaling) of a packed batch must be 'extrapolate' or 'interpolate', got {scaling!r}: "
-                "ntk / yarn scale the RoPE frequencies per image, which a packed batch would need per sequence "
-                "(rope2d's freqs_index); use them on batched calls (model(x, ...), jitrope-sample --img-size)"
+                f"scaling (pos_scaling) of a packed batch must be one of {list(SCALING_MODES)}, got {scaling!r}"
             )
         img_grids = tuple(_grid(g, f"img_grids[{s}]") for s, g in enumerate(img_grids))
         S = len(img_grids)
@@ -217,9 +272,10 @@ class PackedLayout:
         if present and train_cond_grid is None:
             raise ValueError("cond_grids has condition grids but train_cond_grid is None")
 
-        interp = scaling == "interpolate"
-        image_tables = _distinct(g for g in img_grids if interp and g != train_grid)
-        cond_tables = _distinct(g for g in present if interp and g != train_cond_grid)
+        interp = scaling == "interpolate"  # coordinates laid onto the training grid
+        tables_interp = interp or scaling in FREQ_SCALINGS  # tables resampled (ntk / yarn: as in the batched path)
+        image_tables = _distinct(g for g in img_grids if tables_interp and g != train_grid)
+        cond_tables = _distinct(g for g in present if tables_interp and g != train_cond_grid)
         # Offsets of each table block in the concatenated row / column / slot tables (see the class doc).
         row_off: Dict[Tuple[str, Grid], int] = {}
         col_off: Dict[Tuple[str, Grid], int] = {}
@@ -239,7 +295,7 @@ class PackedLayout:
 
         L = context_len
         ref = train_grid if interp else None
-        coords, rows, cols, slots, in_gather, ctx_gather, image_index = [], [], [], [], [], [], []
+        coords, table_coords, rows, cols, slots, in_gather, ctx_gather, image_index = [], [], [], [], [], [], [], []
         lens_in, lens = [], []
         T_img = sum(gh * gw for gh, gw in img_grids)
         img_off = cond_off = in_off = full_off = 0
@@ -248,6 +304,8 @@ class PackedLayout:
             n_img = gh * gw
             n_cond = 0 if cgrid is None else cgrid[0] * cgrid[1]
             coords.append(sequence_coords(grid, prefix=L, cond_grid=cgrid, ref_grid=ref))
+            if scaling in FREQ_SCALINGS:
+                table_coords.append(sequence_coords(grid, cond_grid=cgrid, ref_grid=train_grid))
             i = torch.arange(gh).repeat_interleave(gw)
             j = torch.arange(gw).repeat(gh)
             if ("image", grid) in row_off:
@@ -280,14 +338,22 @@ class PackedLayout:
             lens.append(L + n_in)
             img_off, cond_off, in_off, full_off = img_off + n_img, cond_off + n_cond, in_off + n_in, full_off + L + n_in
 
+        freq_mode = freq_scale = seq_factor = None
+        if scaling in FREQ_SCALINGS:
+            freq_mode = scaling
+            scale_hw = [(gh / train_grid[0], gw / train_grid[1]) for gh, gw in img_grids]  # SeqLayout.scale_hw
+            freq_scale = torch.tensor(scale_hw, dtype=torch.float64)
+            factors = [attn_logit_factor(s_hw, scaling) for s_hw in scale_hw]
+            if any(f != 1.0 for f in factors):  # none at all otherwise: the default costs no multiply
+                seq_factor = torch.tensor(factors, dtype=torch.float64)
         coords = torch.cat(coords)
-        seqs = _seqs(lens, coords)
+        seqs = _seqs(lens, coords, freq_mode, freq_scale, seq_factor)
         if L == 0:
             seqs_in = seqs
         else:
             starts = torch.tensor([0] + lens[:-1]).cumsum(0).tolist()
             keep = torch.cat([torch.arange(o + L, o + n) for o, n in zip(starts, lens)])  # drop in-context rows
-            seqs_in = _seqs(lens_in, coords[keep])
+            seqs_in = _seqs(lens_in, coords[keep], freq_mode, freq_scale, seq_factor)
         img_counts = torch.tensor([gh * gw for gh, gw in img_grids], dtype=torch.int64)
         cond_counts = torch.tensor([0 if g is None else g[0] * g[1] for g in cond_grids], dtype=torch.int64)
         layout = cls(
@@ -312,6 +378,7 @@ class PackedLayout:
             image_seq_id=torch.repeat_interleave(torch.arange(S), img_counts),
             cond_seq_id=torch.repeat_interleave(torch.arange(S), cond_counts),
             image_tokens=img_counts,
+            table_coords=torch.cat(table_coords) if table_coords else seqs_in.coords,
         )
         return layout if device is None else layout.to(device)
 
@@ -328,6 +395,7 @@ class PackedLayout:
             "image_seq_id",
             "cond_seq_id",
             "image_tokens",
+            "table_coords",
         )
         return {n: getattr(self, n) for n in names}
 
@@ -336,6 +404,8 @@ class PackedLayout:
         moved = {n: v.to(device) for n, v in self._tensors().items()}
         if self.seqs_in is self.seqs:
             moved["seqs_in"] = moved["seqs"]
+        if self.table_coords is self.seqs_in.coords:
+            moved["table_coords"] = moved["seqs_in"].coords
         return dataclasses.replace(self, **moved, _derived={})
 
     def repeat(self, n: int) -> PackedLayout:
@@ -429,6 +499,6 @@ def mark_dynamic(layout: PackedLayout, *tensors: Optional[Tensor]) -> None:
     torch.compile, so batches with other size mixes reuse the compiled graph instead of recompiling."""
     parts: List[Tensor] = []
     for v in layout._tensors().values():
-        parts.extend([v.cu_seqlens, v.seq_id, v.coords] if isinstance(v, PackedSeqs) else [v])
+        parts.extend(v.tensors() if isinstance(v, PackedSeqs) else [v])
     for t in parts + [t for t in tensors if t is not None]:
         torch._dynamo.maybe_mark_dynamic(t, 0)

@@ -39,7 +39,15 @@ alone (a loop over single images gives the same numbers):
   (image tables, then condition tables, concatenated). Extrapolation reads rows up to the table size;
   interpolation adds one table resampled from the trained rows per grid other than the training one.
 * ``learned1d``: per-token ``slots`` into its table; samples at the training grids read it as trained,
-  other grids need ``pos_scaling="interpolate"`` and get the table resampled per grid, as in the batched path.
+  other grids need ``pos_scaling="interpolate"`` (or ntk / yarn, under which tables interpolate) and get
+  the table resampled per grid, as in the batched path.
+
+Every ``pos_scaling`` mode works on a packed batch. Under ``ntk`` / ``yarn`` the RoPE parts rotate each
+sequence by its own grid's scaled frequencies: :meth:`Rope2D.packed_freqs` makes one table per sequence
+(``[S, ..., 2, D/2]``, :func:`jitrope.rope.scale_freqs` with the stream's per-sequence scales) and the op
+(or the reference's :func:`~jitrope.reference.rope_angles`) picks each token's by ``freqs_index``; yarn's
+temperature differs per sequence, so :meth:`PositionalEncoding.packed_attn_factor` hands attention a
+per-token factor that it folds into the queries. The tables interpolate under both, as in the batched path.
 
 ``pos_impl="torch"`` does what a user's eager code does: like the published JiT (EVA-02
 ``VisionRotaryEmbeddingFast``) it keeps RoPE's cos/sin tables for the training sequence as buffers,
@@ -200,14 +208,20 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def qk_norm_rope_fused(
-    qk: Tensor, weight: Tensor, coords: Optional[Tensor], freqs: Optional[Tensor], eps: float
+    qk: Tensor,
+    weight: Tensor,
+    coords: Optional[Tensor],
+    freqs: Optional[Tensor],
+    eps: float,
+    freqs_index: Optional[Tensor] = None,
 ) -> Tensor:
     """``pos_impl="fused"``: ``jitrope::qk_norm_rope`` (SPEC §3a), RMSNorm of q and k (``weight: [2, D]``)
-    and the rotation (when ``freqs``) in one pass over the strided q/k view, written in the layout SDPA reads.
+    and the rotation (when ``freqs``) in one pass over the strided q/k view, written in the layout SDPA reads;
+    ``freqs_index`` (SPEC §10) picks a table of ``freqs [F, ...]`` per token.
 
     The one place where attention meets the fused ops.
     """
-    return ops.qk_norm_rope(qk, weight, coords, freqs, eps=eps)
+    return ops.qk_norm_rope(qk, weight, coords, freqs, eps=eps, freqs_index=freqs_index)
 
 
 def qk_norm_rope_tables(qk: Tensor, weight: Tensor, cos_sin: Optional[Tuple[Tensor, Tensor]], eps: float) -> Tensor:
@@ -222,10 +236,12 @@ def qk_norm_rope_tables(qk: Tensor, weight: Tensor, cos_sin: Optional[Tuple[Tens
     return h.to(qk.dtype)
 
 
-def rope_cos_sin(coords: Tensor, freqs: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """cos and sin of the angles of SPEC §2 (:func:`jitrope.reference.rope_angles`), ``[1 or H, N, D/2]``
-    in ``dtype``."""
-    phi = rope_angles(coords, freqs, dtype)
+def rope_cos_sin(
+    coords: Tensor, freqs: Tensor, dtype: torch.dtype, *, freqs_index: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """cos and sin of the angles of SPEC §2 (:func:`jitrope.reference.rope_angles`, ``freqs_index`` as there:
+    a table of ``freqs [F, ...]`` per token), ``[1 or H, N, D/2]`` in ``dtype``."""
+    phi = rope_angles(coords, freqs, dtype, freqs_index=freqs_index)
     return phi.cos(), phi.sin()
 
 
@@ -367,7 +383,7 @@ class Learned1D(PosPart):
         return self._derived.get((layout,), (self.pos_embed,), lambda: self._resized(layout))
 
     def check_packed(self, layout: PackedLayout) -> None:
-        if layout.scaling == "interpolate":
+        if layout.table_scaling == "interpolate":
             return
         for g, cg in zip(layout.img_grids, layout.cond_grids):
             if g != self.train_grid or cg != self.train_cond_grid:
@@ -413,7 +429,7 @@ class SinCos2D(PosPart):
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
         if isinstance(layout, PackedLayout):
-            return x + sincos_2d(layout.seqs_in.coords, self.width).to(x.dtype)
+            return x + sincos_2d(layout.table_coords, self.width).to(x.dtype)
         if layout.at_train_size:
             table = self.table
         else:
@@ -478,14 +494,14 @@ class Factorized2D(PosPart):
 
     def check_packed(self, layout: PackedLayout) -> None:
         for s, (g, cg) in enumerate(zip(layout.img_grids, layout.cond_grids)):
-            self._tables(self.pos_h, self.pos_w, g, self.train_grid, layout.scaling, f"image (sample {s})")
+            self._tables(self.pos_h, self.pos_w, g, self.train_grid, layout.table_scaling, f"image (sample {s})")
             if cg is not None:
                 self._tables(
                     self.cond_pos_h,
                     self.cond_pos_w,
                     cg,
                     self.train_cond_grid,
-                    layout.scaling,
+                    layout.table_scaling,
                     f"condition (sample {s})",
                 )
 
@@ -611,6 +627,23 @@ class Rope2D(PosPart):
             ),
         )
 
+    def packed_freqs(self, layer: int, seqs: PackedSeqs) -> Tensor:
+        """:meth:`layer_freqs` for a packed stream: as they are, or under ntk / yarn one table per sequence,
+        ``[S, ..., 2, D/2]``, scaled to that sequence's grid as :meth:`scaled_freqs` scales it for the
+        image alone (:func:`jitrope.rope.scale_freqs` with the per-sequence scales ``seqs.freq_scale``;
+        made in the graph, nothing cached: the grids change every batch). ``seqs.freqs_index`` picks them."""
+        f = self.layer_freqs(layer)
+        if seqs.freqs_index is None:
+            return f
+        return scale_freqs(
+            f,
+            seqs.freq_scale,
+            seqs.freq_mode,
+            theta=self.theta,
+            head_dim=self.head_dim,
+            train_grid=self.train_layout.train_grid,
+        )
+
     def attn_factor(self, layout: SeqLayout) -> float:
         """Factor on the attention logits of ``layout`` (YaRN's temperature; 1 unless ``yarn`` on more tokens)."""
         return attn_logit_factor(layout.scale_hw, layout.scaling)
@@ -646,11 +679,13 @@ class Rope2D(PosPart):
 
     def qk_norm_rope(self, qk: Tensor, weight: Tensor, layer: int, layout: SeqLayout, eps: float) -> Tensor:
         if isinstance(layout, PackedSeqs):
-            # Per-token coordinates of a packed stream: nothing to cache, positions change every batch.
-            freqs = self.layer_freqs(layer)
+            # Per-token coordinates (and under ntk / yarn per-sequence frequency tables) of a packed stream:
+            # nothing to cache, positions change every batch.
+            freqs, index = self.packed_freqs(layer, layout), layout.freqs_index
             if self.impl == "fused":
-                return qk_norm_rope_fused(qk, weight, layout.coords, freqs, eps)
-            return qk_norm_rope_tables(qk, weight, rope_cos_sin(layout.coords, freqs, _acc_dtype(qk)), eps)
+                return qk_norm_rope_fused(qk, weight, layout.coords, freqs, eps, index)
+            cos_sin = rope_cos_sin(layout.coords, freqs, _acc_dtype(qk), freqs_index=index)
+            return qk_norm_rope_tables(qk, weight, cos_sin, eps)
         prefix = self._prefix(layout, qk.shape[-2])
         if self.impl == "fused":
             coords = self._coords(layout, prefix, qk.device)
@@ -798,6 +833,12 @@ class PositionalEncoding(nn.Module):
         rotary = self.rotary
         factor = 1.0 if rotary is None else rotary.attn_factor(layout)
         return None if factor == 1.0 else factor / math.sqrt(head_dim)
+
+    def packed_attn_factor(self, seqs: PackedSeqs) -> Optional[Tensor]:
+        """What :meth:`attn_scale` is for a packed stream, per token: ``[T]`` float64, the factor on the logits
+        of each token's queries (YaRN's temperature of its sequence's grid), or None when every factor is 1
+        or the encoding has no rotary part (the tables have no temperature)."""
+        return None if self.rotary is None else seqs.attn_factor
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, impl={self.impl!r}"

@@ -29,7 +29,7 @@ FiT's ``max(L_test / L_train, 1)``): a smaller grid keeps its integer positions 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -103,7 +103,7 @@ def yarn_attn_factor(scale: float) -> float:
 
 def scale_axis_freqs(
     freqs: Tensor,
-    scale: float,
+    scale: Union[float, Tensor],
     mode: str,
     *,
     theta: float,
@@ -127,18 +127,32 @@ def scale_axis_freqs(
     * ``yarn``: ``(1 - gamma) / s + gamma`` with ``gamma = yarn_ramp(train_len |f| / (2 pi))``.
 
     ``ntk`` and ``yarn`` use ``max(s, 1)``: they only stretch axes longer than in training.
+
+    ``scale`` may be a float tensor ``[F]`` instead (one table per sequence of a packed batch, SPEC §10):
+    the result is ``[F, *freqs.shape]``, table ``i`` scaled by ``scale[i]`` with the same formulas, computed
+    in the graph (a compiled step does not depend on the values). Its values are not read here: they must
+    be positive and finite, as :class:`jitrope.packing.PackedLayout` makes them (grid ratios).
     """
     _check_mode(mode)
-    if not (scale > 0 and math.isfinite(scale)):
+    per_table = isinstance(scale, Tensor)
+    if per_table:
+        if scale.dim() != 1 or not scale.is_floating_point():
+            raise ValueError(f"scale must be a float or a float tensor [F], got {scale.dtype} {tuple(scale.shape)}")
+    elif not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be positive and finite, got {scale}")
     if mode == "extrapolate":
-        return freqs
+        return freqs.expand(scale.shape[0], *freqs.shape) if per_table else freqs
     f = freqs.to(torch.float64)
+    if per_table:
+        scale = scale.to(device=f.device, dtype=torch.float64).reshape(-1, *([1] * f.dim()))
     if mode == "interpolate":
         return (f / scale).to(freqs.dtype)
-    s = max(float(scale), 1.0)
-    if s == 1.0:
-        return freqs
+    if per_table:
+        s = scale.clamp_min(1.0)
+    else:
+        s = max(float(scale), 1.0)
+        if s == 1.0:
+            return freqs
     mag = f.abs()
     if mode == "ntk":
         if rotary_dim <= 2:
@@ -157,7 +171,7 @@ def scale_axis_freqs(
 
 def scale_freqs(
     freqs: Tensor,
-    scale_hw: Sequence[float],
+    scale_hw: Union[Sequence[float], Tensor],
     mode: str,
     *,
     theta: float,
@@ -168,10 +182,18 @@ def scale_freqs(
 ) -> Tensor:
     """RoPE frequencies ``[..., 2, D/2]`` (row coefficients ``[..., 0, :]``, column ``[..., 1, :]``;
     shared ``[2, D/2]`` or per head / layer) scaled per axis: rows by ``scale_hw[0]``, columns by
-    ``scale_hw[1]`` (:func:`scale_axis_freqs`; each axis has rotary dimension ``head_dim / 2``)."""
+    ``scale_hw[1]`` (:func:`scale_axis_freqs`; each axis has rotary dimension ``head_dim / 2``).
+
+    ``scale_hw`` may be a float tensor ``[F, 2]`` of per-table (rows, columns) scales (a packed batch):
+    the result is then ``[F, ..., 2, D/2]``, the tables that ``freqs_index`` picks from (SPEC §10)."""
     if freqs.dim() < 2 or freqs.shape[-2] != 2:
         raise ValueError(f"freqs must be [..., 2, D/2], got {tuple(freqs.shape)}")
-    sh, sw = scale_hw
+    if isinstance(scale_hw, Tensor):
+        if scale_hw.dim() != 2 or scale_hw.shape[1] != 2:
+            raise ValueError(f"scale_hw must be (s_h, s_w) or a tensor [F, 2], got {tuple(scale_hw.shape)}")
+        sh, sw = scale_hw.unbind(1)
+    else:
+        sh, sw = scale_hw
     th, tw = train_grid if train_grid is not None else (None, None)
     kw = dict(theta=theta, rotary_dim=head_dim // 2, alpha=alpha, beta=beta)
     rows = scale_axis_freqs(freqs[..., 0, :], sh, mode, train_len=th, **kw)
