@@ -37,10 +37,9 @@ needs_extension = pytest.mark.skipif(
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-# pos_impl torch for every encoding; fused for all but factorized2d, whose packed path needs the op
-# jitrope::pos2d_add_indexed (written on another branch; tested once it is merged).
+# every encoding with pos_impl torch and fused (factorized2d's packed fused path is jitrope::pos2d_add_indexed)
 ENC_IMPL = [pytest.param(e, "torch", id=f"{e}-torch") for e in ENCODINGS] + [
-    pytest.param(e, "fused", id=f"{e}-fused", marks=needs_extension) for e in ENCODINGS if e != "factorized2d"
+    pytest.param(e, "fused", id=f"{e}-fused", marks=needs_extension) for e in ENCODINGS
 ]
 
 
