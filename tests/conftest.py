@@ -11,6 +11,16 @@ def available_devices():
     return devices
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the test machine is shared, and tiny models gain nothing from more
+    (modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # Every op test is parametrized over both devices; CUDA cases are skipped (not absent) here.
 DEVICES = [
     "cpu",

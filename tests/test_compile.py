@@ -28,14 +28,14 @@ IMPLS = [
 ]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machine; tiny models gain nothing from more threads
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(n)
 
 
 def make_model(pos_embed: str, pos_impl: str, cond: bool) -> JiT:

@@ -28,13 +28,7 @@ needs_extension = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    # The test machine is shared; tiny models gain nothing from more threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(pos_embed: str, *, pos_impl: str = "torch", **kw) -> JiTConfig:

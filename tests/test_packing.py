@@ -43,12 +43,7 @@ ENC_IMPL = [pytest.param(e, "torch", id=f"{e}-torch") for e in ENCODINGS] + [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machine; tiny models gain nothing from more threads
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(pos_embed, pos_impl="torch", cond=True, **kw) -> JiT:
@@ -91,6 +86,23 @@ def single(model, xs, t, y, conds, drop, s, **kw):
     c = None if conds is None or conds[s] is None else conds[s][None]
     d = None if c is None else drop[s : s + 1]
     return model(xs[s][None], t[s : s + 1], y[s : s + 1], cond=c, cond_drop=d, **kw)[0]
+
+
+def packed_and_loop_grads(model, xs, t, y, conds, drop, **kw):
+    """Parameter gradients of one random projection of the outputs, through the packed forward and through
+    a loop of :func:`single` (same projection): ``(packed, loop)``, name -> gradient."""
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(x.shape, generator=g) for x in xs]
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    outs = model.forward_packed(xs, t, y, conds, cond_drop=drop, **kw)
+    g_packed = grads(sum((o * w).sum() for o, w in zip(outs, ws)))
+    g_loop = grads(sum((single(model, xs, t, y, conds, drop, s, **kw) * ws[s]).sum() for s in range(len(xs))))
+    return g_packed, g_loop
 
 
 # ----------------------------------------------------------------------------- layout
@@ -404,19 +416,7 @@ def test_gradients_of_a_packed_batch_are_those_of_the_loop(pos_embed, pos_impl):
     scaling = "interpolate" if pos_embed == "learned1d" else "extrapolate"
     model = make_model(pos_embed, pos_impl, True)
     xs, t, y, conds, drop = mixed_batch(seed=2)
-    g = torch.Generator().manual_seed(5)
-    ws = [torch.randn(x.shape, generator=g) for x in xs]
-
-    def grads(loss):
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    outs = model.forward_packed(xs, t, y, conds, cond_drop=drop, pos_scaling=scaling)
-    g_packed = grads(sum((o * w).sum() for o, w in zip(outs, ws)))
-    g_loop = grads(
-        sum((single(model, xs, t, y, conds, drop, s, pos_scaling=scaling) * ws[s]).sum() for s in range(len(xs)))
-    )
+    g_packed, g_loop = packed_and_loop_grads(model, xs, t, y, conds, drop, pos_scaling=scaling)
     assert set(g_packed) == set(g_loop)
     for name, gl in g_loop.items():
         torch.testing.assert_close(g_packed[name], gl, rtol=1e-4, atol=1e-5, msg=name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_packing import make_model, mixed_batch, single
+from test_packing import make_model, mixed_batch, packed_and_loop_grads, single
 
 import jitrope
 from jitrope.packing import PackedLayout, mark_dynamic
@@ -32,12 +32,7 @@ LARGER = [1, 2, 3, 4]  # the samples with an axis longer than in training: their
 MORE_TOKENS = [2, 4]  # ... and with more tokens than in training (1: 2x6, 3: 3x5): yarn's temperature
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(seed=0, dtype=torch.float32):
@@ -239,19 +234,7 @@ def test_tables_interpolate_under_ntk_and_yarn_when_packed_fused(pos_embed, mode
 def test_gradients_of_a_scaled_packed_batch_are_those_of_the_loop(pos_embed, pos_impl, mode):
     model = make_model(pos_embed, pos_impl, True)
     xs, t, y, conds, drop = batch(4)
-    g = torch.Generator().manual_seed(5)
-    ws = [torch.randn(x.shape, generator=g) for x in xs]
-
-    def grads(loss):
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    outs = model.forward_packed(xs, t, y, conds, cond_drop=drop, pos_scaling=mode)
-    g_packed = grads(sum((o * w).sum() for o, w in zip(outs, ws)))
-    g_loop = grads(
-        sum((single(model, xs, t, y, conds, drop, s, pos_scaling=mode) * ws[s]).sum() for s in range(len(xs)))
-    )
+    g_packed, g_loop = packed_and_loop_grads(model, xs, t, y, conds, drop, pos_scaling=mode)
     used = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(g_packed) == set(g_loop) == used
     for name, gl in g_loop.items():
