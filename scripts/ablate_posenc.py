@@ -44,7 +44,7 @@ where it stopped, across sessions.
     python scripts/ablate_posenc.py                       # 300-step CPU ablation -> runs/ablation_cpu/results.md
     python scripts/ablate_posenc.py --scale study --report docs/results.md --readme README.md
     python scripts/ablate_posenc.py --scale study --stage train --regimes single      # one stage, one regime
-    python scripts/ablate_posenc.py --scale study --plan                  # the time estimate, nothing run
+    python scripts/ablate_posenc.py --scale study --plan                  # the time estimate and the progress so far
     python scripts/ablate_posenc.py --stage report --from-json docs/results_300steps.json --report /tmp/p.md
     python scripts/ablate_posenc.py --scale seed --report docs/results.md
     python scripts/ablate_posenc.py --config configs/tiny_cpu.yaml --steps 2 --seeds 0   # smoke test
@@ -260,6 +260,25 @@ def estimate_text(a, indent: str = "  ") -> str:
     return "\n".join(lines)
 
 
+def progress_text(args, jobs) -> str:
+    """What the runs in --out-dir have trained, and the time the rest of the training takes at the step
+    time measured in those runs (their metrics.jsonl)."""
+    from jitrope.eval.study import training_progress
+    from jitrope.runlog import read_metrics
+
+    runs = [read_metrics(d) if (d / "metrics.jsonl").exists() else [] for d in (run_dir(args, *j) for j in jobs)]
+    p = training_progress(runs, args.steps, args.jobs)
+    head = f"progress in {args.out_dir}: {p['done']} of {len(jobs)} runs trained, {p['partial']} partial"
+    if p["remaining"] == 0:
+        return head + "; training is done (the eval and report stages resume from there)"
+    if p["cpu_s_per_step"] is None:
+        return head + f"; {p['remaining']} steps to train, no step time measured in them yet"
+    return (
+        head + f"; {p['remaining']} steps to train: {p['hours']:.1f} h at {p['cpu_s_per_step']:.2f} CPU-s/step, the "
+        f"rate of these runs (their metrics.jsonl), {args.jobs} at a time; evaluation and the every-size study follow"
+    )
+
+
 def _doc(with_estimate: bool) -> str:
     s = SCALES["study"]
     est = estimate_text(s) if with_estimate else "  (shown by --help)"
@@ -273,7 +292,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu", help="preset of everything below (default cpu)")
     p.add_argument("--stage", choices=STAGES, default="all", help="train | eval | report | all (default all)")
     p.add_argument(
-        "--plan", action="store_true", help="print the runs and the time estimate of these options, run nothing"
+        "--plan",
+        action="store_true",
+        help="print the runs and the time estimate of these options, and what the runs in --out-dir have "
+        "trained with the time the rest takes at their measured step time; run nothing",
     )
     p.add_argument("--config", default=None, help="training config (YAML; default: the scale's)")
     p.add_argument(
@@ -779,6 +801,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"of {args.steps} steps, {args.jobs} at a time; time on a 2-core CPU:"
         )
         print(estimate_text({**vars(args), "encodings": ",".join(args.names), "config": args.config}))
+        print(progress_text(args, jobs))
         return 0
     if args.from_json is not None:  # a page from a results JSON alone: no run folder is touched
         try:

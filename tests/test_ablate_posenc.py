@@ -25,7 +25,7 @@ def _load():
     return mod
 
 
-def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypatch):
+def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JITROPE_DATA", str(tmp_path / "cache"))  # the feature network of the synthetic data goes here
     ab = _load()
     out = tmp_path / "page" / "results.md"
@@ -161,6 +161,11 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
     logs = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.log")}
     assert ab.main(argv) == 0
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.log")} == logs
+    # --plan reads what the runs trained from their metrics.jsonl
+    capsys.readouterr()
+    assert ab.main(argv + ["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert f"progress in {tmp_path / 'runs'}: 6 of 6 runs trained, 0 partial; training is done" in out
 
 
 def test_a_regime_that_does_not_fit_the_config_is_refused_before_any_work(tmp_path, capsys, monkeypatch):

@@ -374,3 +374,27 @@ def test_results_page_from_synthetic_records(tmp_path):
     assert R.md_table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
     with pytest.raises(ValueError, match="no evaluated run"):
         R.write_results_page([{**rows[0], "regime": "mixed"}], info, tmp_path / "q.md", sanity=sanity)
+
+
+def test_training_progress_counts_runs_and_times_the_rest_at_their_own_rate():
+    def recs(steps, cpu, startup=()):
+        return [{"step": k, "cpu_s": c, "startup": k in startup} for k, c in zip(steps, cpu)]
+
+    runs = [
+        recs([10, 20, 30], [5.0, 7.0, 9.0]),  # done: 0.2 CPU-s/step
+        recs([10, 20], [5.0, 8.0], startup=(20,)),  # resumed at 20: that interval holds a start-up, not counted
+        recs([10, 15], [1.0, 2.0]),  # 0.2 CPU-s/step
+        [],  # not started
+    ]
+    p = S.training_progress(runs, steps=30, jobs=2)
+    assert (p["done"], p["partial"], p["todo"], p["remaining"]) == (1, 2, 1, 10 + 15 + 30)
+    assert p["cpu_s_per_step"] == pytest.approx(5.0 / 25)
+    assert p["hours"] == pytest.approx(55 * 0.2 / 2 / 3600)
+    assert S.training_progress([[], []], steps=5, jobs=1) == {
+        "done": 0,
+        "partial": 0,
+        "todo": 2,
+        "remaining": 10,
+        "cpu_s_per_step": None,
+        "hours": None,
+    }

@@ -13,7 +13,9 @@ with :mod:`jitrope.eval.evaluate`; this module turns what the runs left on disk 
   v-loss as a ratio to an "oracle" run trained at that size (:func:`add_oracle_ratios`), the best
   scaling mode per encoding and regime, and the answer for one model across sizes (:func:`across_sizes`);
 - FD-emoji sanity checks on real images (:func:`fd_sanity_checks`);
-- the time a study plan takes on a machine of a measured step time (:func:`estimate_seconds`).
+- the time a study plan takes on a machine of a measured step time (:func:`estimate_seconds`), and
+  what its runs have trained so far with the time the rest takes at their own step time
+  (:func:`training_progress`).
 
 Plots and the Markdown page are :mod:`jitrope.eval.report`'s.
 """
@@ -52,6 +54,7 @@ __all__ = [
     "fd_sanity_checks",
     "StudyPlan",
     "estimate_seconds",
+    "training_progress",
 ]
 
 KeyPath = Sequence[str]  # keys into a nested record, e.g. ("vloss", "mean")
@@ -463,3 +466,28 @@ def estimate_seconds(plan: StudyPlan, step_s: float) -> Dict[str, float]:
     }
     out["total"] = sum(out.values())
     return out
+
+
+def training_progress(runs: Sequence[Sequence[Mapping[str, Any]]], steps: int, jobs: int) -> Dict[str, Optional[float]]:
+    """What the runs of a study have trained: ``runs`` holds each run's ``metrics.jsonl`` records (empty
+    for a run not started), ``steps`` the steps of every run. Returns the counts of runs ``done``,
+    ``partial`` and ``todo``, the ``remaining`` steps, the CPU seconds per step measured over every
+    run's intervals that hold no (re)start (``cpu_s_per_step``, None before one such interval) and
+    the hours the remaining steps take at that rate, ``jobs`` at a time (``hours``)."""
+    cpu = n = 0.0
+    for recs in runs:
+        for a, b in zip(recs, recs[1:]):
+            if not b.get("startup") and a.get("cpu_s") is not None and b.get("cpu_s") is not None:
+                cpu += b["cpu_s"] - a["cpu_s"]
+                n += b["step"] - a["step"]
+    last = [min(recs[-1]["step"], steps) if recs else 0 for recs in runs]
+    remaining = sum(steps - k for k in last)
+    rate = cpu / n if n else None
+    return {
+        "done": sum(1 for k in last if k >= steps),
+        "partial": sum(1 for k in last if 0 < k < steps),
+        "todo": sum(1 for k in last if k == 0),
+        "remaining": remaining,
+        "cpu_s_per_step": rate,
+        "hours": None if rate is None else remaining * rate / max(1, jobs) / 3600,
+    }
