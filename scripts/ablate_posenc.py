@@ -738,6 +738,11 @@ def page_info(args, rows, timing: Dict, *, command: str):
         jobs=args.jobs,
         out_dir=args.out_dir,
         regimes={g: about(g) for g in args.regime_list},
+        regime_notes={
+            "mixed": ", ".join(f"`{n}` trains it with {' '.join(o)}" for n, o in MIXED_ENCODING_OVERRIDES.items())
+        }
+        if "mixed" in args.regime_list
+        else {},
         trained_sizes=trained,
         study_sizes=[(p, p) for p in args.res_list] + list(args.hw_list),
         timing=timing,

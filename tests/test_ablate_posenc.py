@@ -128,6 +128,7 @@ def test_study_pipeline_on_a_tiny_budget_reports_and_resumes(tmp_path, monkeypat
         "## Every size: one model for many image sizes",
         "| 8x16 |",
         "24x16",
+        "(`learned1d` trains it with model.pos_scaling=interpolate)",
         "### v-loss / oracle",
         "`sincos2d` (300 steps, 2 seeds)",
         "`rope2d_mixed` (300 steps, 2 seeds)",

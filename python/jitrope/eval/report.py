@@ -91,6 +91,7 @@ class PageInfo:
     jobs: int
     out_dir: str
     regimes: Mapping[str, str] = field(default_factory=dict)  # regime -> how it trains (one line)
+    regime_notes: Mapping[str, str] = field(default_factory=dict)  # regime -> what some encodings do otherwise
     trained_sizes: Mapping[str, Sequence[Tuple[int, int]]] = field(default_factory=dict)
     study_sizes: Sequence[Tuple[int, int]] = ()  # sizes of the every-size study (empty: from the records)
     timing: Mapping[str, float] = field(default_factory=dict)  # stage -> seconds
@@ -520,7 +521,11 @@ def _sizes_section(rows, flat, sizes, combos, info: PageInfo, files, train_px) -
     ]
     L += [
         "Training regimes: "
-        + "; ".join(f"`{g}`: trained {info.regimes.get(g, g)}" for g in regimes_present)
+        + "; ".join(
+            f"`{g}`: trained {info.regimes.get(g, g)}"
+            + (f" ({info.regime_notes[g]})" if g in info.regime_notes else "")
+            for g in regimes_present
+        )
         + ". Seeds: "
         + ", ".join(f"`{g}` {sorted({x['seed'] for x in flat if x['regime'] == g})}" for g in regimes_present)
         + ".",
