@@ -166,7 +166,8 @@ class OpBattery:
     gradcheck_fast_above = 2000  # numel of the largest leaf above which gradcheck runs in fast mode
 
     def sample_inputs(self, device: str, dtype: torch.dtype, requires_grad: bool = False) -> List[OpSample]:
-        raise NotImplementedError
+        """The op's cases (every subclass defines them, as torchvision's RoIOpTester subclasses do)."""
+        raise NotImplementedError(f"{type(self).__name__} must define sample_inputs (the op's cases)")
 
     def opcheck_calls(self, sample: OpSample) -> List[Tuple[Any, tuple, Dict[str, Any], Sequence[str]]]:
         """``(op overload, args, kwargs, test_utils)`` for each opcheck of ``sample`` (a float32 sample
