@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .packing import check_cu_seqlens
 
-__all__ = ["varlen_attention", "VARLEN_IMPLS", "block_diagonal_mask", "resolve_varlen_impl"]
+__all__ = ["varlen_attention", "VARLEN_IMPLS", "block_diagonal_mask", "resolve_varlen_impl", "attention_fp32"]
 
 VARLEN_IMPLS = ("auto", "varlen", "mask", "loop")
 
@@ -78,12 +78,17 @@ def block_diagonal_mask(cu_seqlens: Tensor, total: int) -> Tensor:
     return seq[:, None] == seq[None, :]
 
 
-def _sdpa(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, scale: Optional[float], fp32_logits: bool
+def attention_fp32(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """Attention of ``[H, N, D]`` q, k, v (``mask [N, N]`` bool or None) -> ``[H, N, D]``."""
-    if not fp32_logits:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    """The official JiT attention: logits and softmax in float32 outside autocast (stabler in bf16), then
+    ``attn.to(v.dtype) @ v``. ``scale``: the factor on ``q.k`` (SDPA's meaning; None: ``1/sqrt(head_dim)``);
+    ``mask``: bool, True where a query may attend to a key (None: everywhere)."""
     s = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(device_type=q.device.type, enabled=False):
         logits = (q.float() @ k.float().transpose(-2, -1)) * s
@@ -93,6 +98,15 @@ def _sdpa(
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p, training=True)
     return attn.to(v.dtype) @ v
+
+
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, scale: Optional[float], fp32_logits: bool
+) -> Tensor:
+    """Attention of ``[H, N, D]`` q, k, v (``mask [N, N]`` bool or None) -> ``[H, N, D]``."""
+    if fp32_logits:
+        return attention_fp32(q, k, v, dropout_p, scale, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 def varlen_attention(

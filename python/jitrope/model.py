@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import VARLEN_IMPLS, varlen_attention
+from .attention import VARLEN_IMPLS, attention_fp32, varlen_attention
 from .packing import PackedLayout, PackedSeqs, pack_images, unpack_images
 from .posenc import (
     IMPLS,
@@ -340,17 +340,6 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels: Tensor) -> Tensor:
         return self.embedding_table(labels)
-
-
-def attention_fp32(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: Optional[float] = None) -> Tensor:
-    """The official JiT attention: logits and softmax in float32 outside autocast (stabler in bf16).
-    ``scale``: the factor on ``q.k`` (SDPA's meaning; None: ``1/sqrt(head_dim)``)."""
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        logits = (q.float() @ k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-        attn = logits.softmax(dim=-1)
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p, training=True)
-    return attn.to(v.dtype) @ v
 
 
 class Attention(nn.Module):
