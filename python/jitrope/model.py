@@ -51,7 +51,7 @@ from .posenc import (
     check_pos_embed,
 )
 from .presets import PRESETS
-from .reference import rms_norm
+from .reference import compute_dtype, rms_norm
 
 __all__ = [
     "JiTConfig",
@@ -386,7 +386,7 @@ class Attention(nn.Module):
             if factor is not None:
                 # Per sequence, so not one scale=: folded into the queries (q_n . k times its sequence's
                 # factor), which every varlen path (flash varlen, mask, loop) then reads alike.
-                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+                acc = compute_dtype(q)
                 q = (q.to(acc) * factor.to(acc)[:, None]).to(q.dtype)
             out = varlen_attention(
                 q[0].transpose(0, 1),

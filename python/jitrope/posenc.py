@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from . import EXTENSION_ERROR, HAS_EXTENSION, ops
 from .packing import PackedLayout, PackedSeqs
-from .reference import rms_norm, rope_angles, rotate_pairs
+from .reference import compute_dtype, pos2d_add_indexed_ref, pos2d_table, rms_norm, rope_angles, rotate_pairs
 from .rope import FREQ_SCALINGS, SCALING_MODES, attn_logit_factor, axial_freqs, scale_freqs, sequence_coords
 
 __all__ = [
@@ -200,11 +200,6 @@ def resolve_impl(pos_impl: str) -> str:
             stacklevel=3,
         )
     return "torch"
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    # SPEC: statistics, angles and sums in float32, in float64 for float64 inputs.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def qk_norm_rope_fused(
@@ -522,16 +517,9 @@ class Factorized2D(PosPart):
 
     def _add_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
         ph, pw = self.packed_tables(layout)
-        if self.impl == "fused":
-            return ops.pos2d_add_indexed(x, ph.to(x.dtype), pw.to(x.dtype), layout.rows, layout.cols)
-        # pos2d_add_indexed's reference: a zero row for -1 (index -1 reads the appended last row);
-        # tables rounded to x's dtype and summed in float32 before the add, as in _summed.
-        acc = _acc_dtype(x)
-        zero = ph.new_zeros(1, ph.shape[1])
-        table = torch.cat((ph, zero))[layout.rows].to(x.dtype).to(acc) + torch.cat((pw, zero))[layout.cols].to(
-            x.dtype
-        ).to(acc)
-        return (x.to(acc) + table).to(x.dtype)
+        # The torch path is the op's reference itself; both get the tables in x's dtype.
+        add = ops.pos2d_add_indexed if self.impl == "fused" else pos2d_add_indexed_ref
+        return add(x, ph.to(x.dtype), pw.to(x.dtype), layout.rows, layout.cols)
 
     def add(self, x: Tensor, layout: SeqLayout) -> Tensor:
         if isinstance(layout, PackedLayout):
@@ -544,7 +532,7 @@ class Factorized2D(PosPart):
             return x
         # The summed [n_image + n_cond, D] table, made as pos2d_add_ref makes it (tables rounded to
         # x's dtype, summed in float32), then one add: the reference's numbers, a user's eager cost.
-        acc = _acc_dtype(x)
+        acc = compute_dtype(x)
         sources = [
             p
             for p in (self.pos_h, self.pos_w, getattr(self, "cond_pos_h", None), getattr(self, "cond_pos_w", None))
@@ -555,9 +543,8 @@ class Factorized2D(PosPart):
 
     def _summed(self, layout: SeqLayout, dtype: torch.dtype, acc: torch.dtype) -> Tensor:
         parts = []
-        for ph, pw, (gh, gw), _ in self._segments(layout):
-            t = ph[:gh, None, :].to(dtype).to(acc) + pw[None, :gw, :].to(dtype).to(acc)
-            parts.append(t.reshape(gh * gw, -1))
+        for ph, pw, grid, _ in self._segments(layout):
+            parts.append(pos2d_table(ph.to(dtype), pw.to(dtype), grid, acc))
         return torch.cat(parts, dim=0)
 
 
@@ -666,7 +653,7 @@ class Rope2D(PosPart):
         return self._derived.get(("coords", layout, prefix, device), (), lambda: layout.coords(prefix, device=device))
 
     def _cos_sin(self, layout: SeqLayout, prefix: int, layer: int, qk: Tensor) -> Tuple[Tensor, Tensor]:
-        acc = _acc_dtype(qk)
+        acc = compute_dtype(qk)
         if self._at_train(layout) and self.cos.dtype == acc:
             start = layout.prefix - prefix
             return self.cos[:, start:], self.sin[:, start:]
@@ -684,7 +671,7 @@ class Rope2D(PosPart):
             freqs, index = self.packed_freqs(layer, layout), layout.freqs_index
             if self.impl == "fused":
                 return qk_norm_rope_fused(qk, weight, layout.coords, freqs, eps, index)
-            cos_sin = rope_cos_sin(layout.coords, freqs, _acc_dtype(qk), freqs_index=index)
+            cos_sin = rope_cos_sin(layout.coords, freqs, compute_dtype(qk), freqs_index=index)
             return qk_norm_rope_tables(qk, weight, cos_sin, eps)
         prefix = self._prefix(layout, qk.shape[-2])
         if self.impl == "fused":
@@ -730,7 +717,7 @@ class Rope2DMixed(Rope2D):
         return f if f.dtype in (torch.float32, torch.float64) else f.float()
 
     def _cos_sin(self, layout: SeqLayout, prefix: int, layer: int, qk: Tensor) -> Tuple[Tensor, Tensor]:
-        acc = _acc_dtype(qk)
+        acc = compute_dtype(qk)
         return self._derived.get(
             ("cos_sin", layer, layout, prefix, qk.device, acc),
             (self.freqs,),

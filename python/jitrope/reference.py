@@ -4,7 +4,8 @@ They are what the fused kernels are tested against, what the benchmarks call "ea
 ``pos_impl="torch"`` runs. Both differentiate through plain autograd.
 
 Each formula is written once, here: :func:`rope_angles` (SPEC §2's angle, §10's per-token tables),
-:func:`rotate_pairs` (the rotation of a channel pair) and :func:`rms_norm` (JiT's RMSNorm). The op
+:func:`rotate_pairs` (the rotation of a channel pair), :func:`rms_norm` (JiT's RMSNorm), :func:`pos2d_table`
+(SPEC §3's summed row + column table) and :func:`compute_dtype` (the dtype all of them compute in). The op
 references, the ``pos_impl="torch"`` path of :mod:`jitrope.posenc` and the model's RMSNorm modules
 all call them, so they agree bit for bit by construction (as gsplat's ``_torch_impl.py`` serves its
 reference, fallback and tests).
@@ -18,9 +19,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "compute_dtype",
     "rope_angles",
     "rotate_pairs",
     "rms_norm",
+    "pos2d_table",
     "rope2d_ref",
     "pos2d_add_ref",
     "qk_norm_rope_ref",
@@ -28,8 +31,8 @@ __all__ = [
 ]
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # SPEC: angles and sums are computed in float32, in float64 for float64 inputs.
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """SPEC: statistics, angles and sums are computed in float32, in float64 for float64 ``x``."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -101,10 +104,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """JiT's (LLaMA's) RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight``, statistics and
     result in float32 (float64 for float64 ``x``); ``weight`` broadcasts against ``x`` (``[D]``, or
     ``[2, 1, 1, 1, D]`` for a q/k stack). The caller rounds to the dtype it wants."""
-    acc = _compute_dtype(x)
+    acc = compute_dtype(x)
     h = x.to(acc)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight.to(acc) * h
+
+
+def pos2d_table(
+    pos_h: Tensor, pos_w: Tensor, grid: Sequence[int], dtype: torch.dtype, *, row_offset: int = 0, col_offset: int = 0
+) -> Tensor:
+    """SPEC §3's position table of a ``grid = (gh, gw)``, ``[gh * gw, D]`` in ``dtype``: row ``i * gw + j`` is
+    ``pos_h[row_offset + i] + pos_w[col_offset + j]`` (row-major tokens)."""
+    gh, gw = (int(g) for g in grid)
+    h = pos_h[row_offset : row_offset + gh].to(dtype)
+    w = pos_w[col_offset : col_offset + gw].to(dtype)
+    return (h[:, None, :] + w[None, :, :]).reshape(gh * gw, pos_h.shape[-1])
 
 
 def rope2d_ref(
@@ -141,7 +155,7 @@ def rope2d_ref(
         raise ValueError(
             f"rope2d: freqs must be [{lead}2, {D // 2}] or [{lead}{H}, 2, {D // 2}], got {tuple(freqs.shape)}"
         )
-    acc = _compute_dtype(x)
+    acc = compute_dtype(x)
     phi = _rope_angles(coords, freqs, acc, freqs_index)  # [1 or H, N, D/2]
     return rotate_pairs(x.to(acc), phi.cos(), phi.sin(), interleaved=interleaved).to(x.dtype)
 
@@ -173,9 +187,9 @@ def pos2d_add_ref(
     t0, t1 = token_offset, token_offset + gh * gw
     if t0 < 0 or t1 > N:
         raise ValueError(f"pos2d_add: tokens [{t0}, {t1}) of the grid do not fit in N={N}")
-    acc = _compute_dtype(x)
-    table = pos_h[row_offset : row_offset + gh, None, :].to(acc) + pos_w[None, col_offset : col_offset + gw, :].to(acc)
-    seg = (x[:, t0:t1].to(acc) + table.reshape(gh * gw, D)).to(x.dtype)
+    acc = compute_dtype(x)
+    table = pos2d_table(pos_h, pos_w, (gh, gw), acc, row_offset=row_offset, col_offset=col_offset)
+    seg = (x[:, t0:t1].to(acc) + table).to(x.dtype)
     return torch.cat((x[:, :t0], seg, x[:, t1:]), dim=1)
 
 
@@ -222,9 +236,14 @@ def pos2d_add_indexed_ref(x: Tensor, pos_h: Tensor, pos_w: Tensor, rows: Tensor,
     for name, idx, table in (("rows", rows, pos_h), ("cols", cols, pos_w)):
         if idx.dtype != torch.int64 or idx.shape != (N,):
             raise ValueError(f"pos2d_add_indexed: {name} must be int64 [N={N}], got {idx.dtype} {tuple(idx.shape)}")
-        if idx.numel() and not (-1 <= int(idx.min()) and int(idx.max()) < table.shape[0]):
+        # Data-dependent, so eager only (as in rope_angles): a traced graph cannot branch on values.
+        if (
+            idx.numel()
+            and not torch.compiler.is_compiling()
+            and not (-1 <= int(idx.min()) and int(idx.max()) < table.shape[0])
+        ):
             raise ValueError(f"pos2d_add_indexed: {name} must hold values in [-1, {table.shape[0]})")
-    acc = _compute_dtype(x)
+    acc = compute_dtype(x)
     # A zero row appended to each table: index -1 picks it, so no index is out of range.
     h = torch.cat((pos_h.to(acc), pos_h.new_zeros(1, D, dtype=acc)))[rows]
     w = torch.cat((pos_w.to(acc), pos_w.new_zeros(1, D, dtype=acc)))[cols]
