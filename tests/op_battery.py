@@ -15,6 +15,10 @@ What it checks, per sample (one call of the op):
 - ``test_opcheck``: ``torch.library.opcheck`` (test_schema, test_autograd_registration, test_faketensor,
   test_aot_dispatch_dynamic) of every call :meth:`OpBattery.opcheck_calls` lists (in-place twins and backward
   ops included), for the samples named in :attr:`OpBattery.opcheck_samples`;
+- ``test_torch_compile_fullgraph``: the op (and a reduction of its output) in ``torch.compile(fullgraph=True,
+  backend="aot_eager")``, static and dynamic shapes, gives eager's output and gradients (fake kernels, the
+  autograd registration and the backward op's fake under AOT autograd), for the samples named in
+  :attr:`OpBattery.compile_samples`;
 - ``test_low_precision_error_within_twice_eager``: float16 and bfloat16, output and gradients: the kernel's
   error against a float64 reference is at most twice that of the reference run in the same dtype
   (flash-attention's rule, ``conftest.assert_kernel_error_within_eager``);
@@ -60,8 +64,8 @@ How to subclass (``tests/test_rope2d.py`` is a full example)::
   :meth:`OpBattery.opcheck_calls` that need the new argument.
 - Override :meth:`opcheck_calls` to add the in-place twin (with ``conftest.INPLACE_OPCHECK_UTILS``) and the
   backward op, :meth:`check_layout` for outputs that are not contiguous, and the tolerance dicts where an
-  op needs other ones. Tests of errors, in-place twins, ``torch.compile`` and special cases stay in the
-  op's test file, beside its subclass.
+  op needs other ones. Tests of errors, in-place twins, ``torch.compile`` inside a larger function (an
+  attention block, inductor) and special cases stay in the op's test file, beside its subclass.
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ class OpBattery:
     reference: Callable  # staticmethod(reference.x_ref)
     overload: Any = None  # torch.ops.jitrope.x.default, for opcheck
     opcheck_samples: Sequence[str] = ()  # opcheck is slow (AOT tracing): a few samples that differ in kind
+    compile_samples: Sequence[str] = ()  # the samples test_torch_compile_fullgraph traces (one is enough)
     tolerances: Dict[torch.dtype, dict] = {
         torch.float64: dict(rtol=1e-12, atol=1e-12),
         torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -191,6 +196,11 @@ class OpBattery:
             missing = [n for n in self.opcheck_samples if n not in names]
             assert self.opcheck_samples and not missing, f"opcheck_samples must name samples: {missing or 'none'}"
             metafunc.parametrize("opcheck_name", list(self.opcheck_samples))
+        if "compile_name" in metafunc.fixturenames:
+            names = self._sample_names()
+            missing = [n for n in self.compile_samples if n not in names]
+            assert self.compile_samples and not missing, f"compile_samples must name samples: {missing or 'none'}"
+            metafunc.parametrize("compile_name", list(self.compile_samples))
 
     def _sample_names(self) -> List[str]:
         names = [s.name for s in self.sample_inputs("cpu", torch.float64)]
@@ -270,6 +280,26 @@ class OpBattery:
         s = self.sample(opcheck_name, device, torch.float32, requires_grad=True)
         for overload, args, kwargs, utils in self.opcheck_calls(s):
             torch.library.opcheck(overload, args, kwargs, test_utils=utils)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+    def test_torch_compile_fullgraph(self, device, dynamic, compile_name):
+        torch._dynamo.reset()
+        s = self.sample(compile_name, device, torch.float32, requires_grad=True)
+        names, leaves = list(s.leaves), list(s.leaves.values())
+
+        def block(*ts):
+            return [(o * o).sum(dim=-1) for o in _outputs(s.call(self.op, dict(zip(names, ts))))]
+
+        try:
+            compiled = torch.compile(block, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+            out, want = compiled(*leaves), block(*leaves)
+            g = _cotangents(want)
+            torch.testing.assert_close(out, want, msg=lambda m: f"{s}: {m}")
+            got = torch.autograd.grad(out, leaves, g)  # no retain_graph: a compiled backward may donate buffers
+            torch.testing.assert_close(got, torch.autograd.grad(want, leaves, g), msg=lambda m: f"{s} grads: {m}")
+        finally:
+            torch._dynamo.reset()
 
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=FLOAT_IDS.get)

@@ -78,6 +78,7 @@ class TestQkNormRope(OpBattery):
     reference = staticmethod(qk_norm_rope_ref)
     overload = torch.ops.jitrope.qk_norm_rope.default if jitrope.HAS_EXTENSION else None
     opcheck_samples = ("qkv_view", "norm_only", "channel_stride_2", "batch_0")
+    compile_samples = ("qkv_view_per_head_half",)  # a strided qkv view, per-head freqs, the other pairing
     gradcheck_fast_above = 1000  # wide_head's full Jacobian takes minutes through the op's backward
 
     def sample_inputs(self, device, dtype, requires_grad=False):

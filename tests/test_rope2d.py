@@ -77,6 +77,7 @@ class TestRope2D(OpBattery):
     reference = staticmethod(rope2d_ref)
     overload = torch.ops.jitrope.rope2d.default if jitrope.HAS_EXTENSION else None
     opcheck_samples = ("qkv_view", "heads_tokens_transposed", "batch_0", "offset_view")
+    compile_samples = ("qkv_view_per_head_half",)  # a strided qkv view, per-head freqs, the other pairing
 
     def sample_inputs(self, device, dtype, requires_grad=False):
         return sample_inputs(device, dtype, requires_grad)
