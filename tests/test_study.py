@@ -376,6 +376,11 @@ def test_results_page_from_synthetic_records(tmp_path):
     assert R.md_table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
     with pytest.raises(ValueError, match="no evaluated run"):
         R.write_results_page([{**rows[0], "regime": "mixed"}], info, tmp_path / "q.md", sanity=sanity)
+    assert "Samples of seed 0 at every size" in page
+    # the sample panel's seed is one with an every-size study (its grids), not the main ablation's first
+    only1 = [r if r["seed"] == 1 else {k: v for k, v in r.items() if k != "resolution"} for r in rows]
+    page1 = R.write_results_page(only1, info, tmp_path / "r.md", sanity=sanity).read_text()
+    assert "Samples of seed 1 at every size" in page1
 
 
 def test_training_progress_counts_runs_and_times_the_rest_at_their_own_rate():
