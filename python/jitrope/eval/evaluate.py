@@ -21,7 +21,7 @@ Metrics (all on the held-out split unless ``--split`` says otherwise):
   ``target_rms``: RMS to the held-out image itself; ``psnr`` / ``ssim``: PSNR (dB) and SSIM of
   the sample against that held-out image.
 - With the feature network (``--featnet``, default ``auto``: trained once on the training split
-  and cached, see :mod:`jitrope.featnet`): ``class_samples.fd_emoji``, the Fréchet distance of the
+  and cached, see :mod:`jitrope.eval.featnet`): ``class_samples.fd_emoji``, the Fréchet distance of the
   samples' features to the training split's (FD-emoji; the FID formula in this network's
   features, not comparable with FID); ``fd_emoji_real``, the same for as many real held-out
   images (the floor at this sample count); ``class_acc``, the share of samples that the
