@@ -119,80 +119,66 @@ def regime_overrides(regime: str, cfg) -> List[str]:
     return [o.format(sizes=text, tokens=tokens) for o in REGIMES[regime]["overrides"]]
 
 
-# Every default of a scale; an option given on the command line wins. Sizes are in pixels.
+# Every default of a scale; an option given on the command line wins. Sizes are in pixels. The cpu scale
+# is the base; the other scales list only what they change.
+_CPU_SCALE: Dict = dict(
+    config="configs/emoji32_cpu.yaml",
+    encodings="all",
+    steps=300,
+    seeds="0,1",
+    jobs=2,
+    device="cpu",
+    ckpt_every=100,
+    log_every=25,
+    n_per_class=12,
+    n_cond=48,
+    max_images=192,
+    sample_steps=8,
+    res_px="24,40,48",
+    res_hw="",
+    res_n_per_class=4,
+    res_max_images=192,
+    step_n_per_class=6,
+    t_grid="0.1,0.3,0.5,0.7,0.9",
+    res_seeds="all",
+    step_seeds="all",
+    regimes="single",
+    earlier=None,
+)
 SCALES: Dict[str, Dict] = {
-    "cpu": dict(
-        config="configs/emoji32_cpu.yaml",
-        encodings="all",
-        steps=300,
-        seeds="0,1",
-        jobs=2,
-        device="cpu",
-        ckpt_every=100,
-        log_every=25,
-        n_per_class=12,
-        n_cond=48,
-        max_images=192,
-        sample_steps=8,
-        res_px="24,40,48",
-        res_hw="",
-        res_n_per_class=4,
-        res_max_images=192,
-        step_n_per_class=6,
-        t_grid="0.1,0.3,0.5,0.7,0.9",
-        res_seeds="all",
-        step_seeds="all",
-        regimes="single",
-        earlier=None,
-    ),
-    "study": dict(
-        config="configs/emoji32_cpu.yaml",
-        encodings=",".join(MAIN_ENCODINGS),
-        steps=2000,
-        seeds="0,1,2",
-        jobs=2,
-        device="cpu",
-        ckpt_every=500,
-        log_every=50,
-        n_per_class=12,
-        n_cond=48,
-        max_images=192,
-        sample_steps=8,
-        res_px="16,24,32,40,48",
-        res_hw="32x48,48x32",
-        res_n_per_class=4,
-        res_max_images=96,
-        step_n_per_class=6,
-        t_grid="0.1,0.3,0.5,0.7,0.9",
-        res_seeds="0,1",
-        step_seeds="all",
-        regimes="single,mixed",
-        earlier="docs/results_300steps.json",
-    ),
-    "seed": dict(
-        config="configs/emoji64_ablate.yaml",
-        encodings="all",
-        steps=1500,
-        seeds="0,1,2",
-        jobs=6,
-        device="cuda",
-        ckpt_every=500,
-        log_every=25,
-        n_per_class=64,
-        n_cond=128,
-        max_images=512,
-        sample_steps=20,
-        res_px="48,80,96",
-        res_hw="",
-        res_n_per_class=16,
-        res_max_images=512,
-        step_n_per_class=16,
-        t_grid="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
-        res_seeds="all",
-        step_seeds="all",
-        regimes="single",
-        earlier=None,
-    ),
+    "cpu": _CPU_SCALE,
+    "study": {
+        **_CPU_SCALE,
+        "encodings": ",".join(MAIN_ENCODINGS),
+        "steps": 2000,
+        "seeds": "0,1,2",
+        "ckpt_every": 500,
+        "log_every": 50,
+        "res_px": "16,24,32,40,48",
+        "res_hw": "32x48,48x32",
+        "res_max_images": 96,
+        "res_seeds": "0,1",
+        "regimes": "single,mixed",
+        "earlier": "docs/results_300steps.json",
+    },
+    "seed": {
+        **_CPU_SCALE,
+        "config": "configs/emoji64_ablate.yaml",
+        "steps": 1500,
+        "seeds": "0,1,2",
+        "jobs": 6,
+        "device": "cuda",
+        "ckpt_every": 500,
+        "n_per_class": 64,
+        "n_cond": 128,
+        "max_images": 512,
+        "sample_steps": 20,
+        "res_px": "48,80,96",
+        "res_n_per_class": 16,
+        "res_max_images": 512,
+        "step_n_per_class": 16,
+        "t_grid": "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    },
 }
 STAGES = ("train", "eval", "report", "all")
 
@@ -218,7 +204,7 @@ def _plan(a) -> StudyPlan:
     regimes = [g for g in a["regimes"].split(",") if g]
     scalings = [s for s in a.get("scalings", ",".join(SCALING_MODES)).split(",") if s]
     sizes = [(p, p) for p in _ints(a["res_px"])] + [
-        tuple(_ints(hw.replace("x", ","))) for hw in str(a["res_hw"]).split(",") if hw.strip()
+        tuple(_ints(hw.lower().replace("x", ","))) for hw in str(a["res_hw"]).split(",") if hw.strip()
     ]
     units = 0.0
     for name in names:
@@ -376,11 +362,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--encodings: unknown {bad}; choose from {list(POS_EMBEDS)}")
     if not names:
         p.error("--encodings: none given")
-    try:
-        args.seed_list = _ints(args.seeds)
-        args.res_list = _ints(args.res_px)
-    except ValueError:
-        p.error(f"--seeds / --res-px want comma-separated integers, got {args.seeds!r} / {args.res_px!r}")
+    for flag, key, value in (("--seeds", "seed_list", args.seeds), ("--res-px", "res_list", args.res_px)):
+        try:
+            setattr(args, key, _ints(value))
+        except ValueError:
+            p.error(f"{flag} wants comma-separated integers, got {value!r}")
     try:
         args.hw_list = [
             tuple(int(v) for v in hw.lower().split("x")) for hw in str(args.res_hw).split(",") if hw.strip()
@@ -389,17 +375,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         p.error(f"--res-hw wants comma-separated sizes HxW (e.g. 32x48,48x32), got {args.res_hw!r}")
-    try:
-        for k in ("res_seeds", "step_seeds"):
-            v = getattr(args, k)
-            setattr(args, k + "_list", list(args.seed_list) if v == "all" else _ints(v))
-    except (ValueError, AttributeError):
-        p.error(
-            f"--res-seeds / --step-seeds want 'all' or comma-separated integers, got {args.res_seeds!r} / "
-            f"{args.step_seeds!r}"
-        )
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
         p.error(f"--seeds: give distinct integers, got {args.seeds!r}")
+    for k in ("res_seeds", "step_seeds"):
+        flag, v = "--" + k.replace("_", "-"), getattr(args, k)
+        try:
+            chosen = list(args.seed_list) if v == "all" else _ints(v)
+        except ValueError:
+            p.error(f"{flag} wants 'all' or comma-separated integers, got {v!r}")
+        # a seed without a main run would get no study at all, silently
+        outside = [s for s in chosen if s not in args.seed_list]
+        if outside:
+            p.error(f"{flag}: {outside} not among --seeds {args.seed_list}")
+        setattr(args, k + "_list", chosen)
     args.regime_list = [g.strip() for g in str(args.regimes).split(",") if g.strip()]
     if not args.regime_list or any(g not in REGIMES for g in args.regime_list) or args.regime_list[0] != "single":
         p.error(

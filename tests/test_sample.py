@@ -10,7 +10,7 @@ from PIL import Image
 from jitrope import sample as S
 from jitrope import train as T
 from jitrope.checkpoint import CheckpointError
-from jitrope.config import load_config
+from jitrope.config import ConfigError, load_config
 from jitrope.diffusion import Diffusion
 from jitrope.eval import evaluate as E
 
@@ -340,6 +340,19 @@ def test_evaluate_checks_its_output_before_any_metric(tiny_run, tmp_path, capsys
     assert E.main(["--ckpt", str(tiny_run), "--metrics", "vloss,fid"]) == 2
     assert "--metrics (eval.metrics) wants a subset of ['vloss', 'class', 'cond', 'res']" in capsys.readouterr().err
     assert not called
+
+
+def test_evaluate_refuses_a_hand_built_resolution_study_without_featnet_before_any_metric(tiny_run, monkeypatch):
+    w = S.load_checkpoint(tiny_run)
+    cfg = S.run_config(w, overrides=["eval.res_px=[16]", "eval.metrics=[vloss,res]"])
+    cfg.eval.featnet = "none"  # set after the config's own checks, as a caller of evaluate(cfg=...) may
+
+    def no_work(*a, **k):
+        raise AssertionError("a metric ran before the check")
+
+    monkeypatch.setattr(E, "heldout_vloss", no_work)
+    with pytest.raises(ConfigError, match="eval.res_px: the resolution study needs the feature network"):
+        E.evaluate(tiny_run, cfg)
 
 
 def test_settings_come_from_the_run_then_the_file_then_overrides_then_flags(tiny_run, tmp_path, monkeypatch):

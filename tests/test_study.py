@@ -40,7 +40,7 @@ def test_within_noise_rule_and_verdicts():
     )
     assert S.compare(vals, lower=False).best == "b"  # higher is better
     one = S.verdict({"a": [1.0], "b": [0.5]}, False, ".1f", "acc")
-    assert one == "acc (one seed, no noise estimate): `a` 1.0 < `b` 0.5 (higher is better)."
+    assert one == "acc (one seed, no noise estimate): `a` 1.0 > `b` 0.5 (higher is better)."
     assert S.top_group({"a": [1.0], "b": [0.5]}, False) == []  # no spread, no group
     assert S.verdict({"a": [1.0]}, True, ".1f", "x") == "x: too few runs to compare."
     # two runs with the same numbers have no spread: nothing is "clearly" apart
@@ -200,6 +200,8 @@ def test_old_records_get_their_training_size_from_the_main_evaluation():
         ((32, 32), "interpolate"): 4.0,
     }
     assert all(x["regime"] == "single" for x in flat) and S.size_label((32, 48)) == "32x48"
+    # in a fixed order (not a set's, which changes with the hash seed): ties on the page depend on it
+    assert [x["scaling"] for x in flat if x["hw"] == (32, 32)] == ["extrapolate", "interpolate"]
 
 
 def test_ranking_by_step():
@@ -374,6 +376,11 @@ def test_results_page_from_synthetic_records(tmp_path):
     assert R.md_table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
     with pytest.raises(ValueError, match="no evaluated run"):
         R.write_results_page([{**rows[0], "regime": "mixed"}], info, tmp_path / "q.md", sanity=sanity)
+    assert "Samples of seed 0 at every size" in page
+    # the sample panel's seed is one with an every-size study (its grids), not the main ablation's first
+    only1 = [r if r["seed"] == 1 else {k: v for k, v in r.items() if k != "resolution"} for r in rows]
+    page1 = R.write_results_page(only1, info, tmp_path / "r.md", sanity=sanity).read_text()
+    assert "Samples of seed 1 at every size" in page1
 
 
 def test_training_progress_counts_runs_and_times_the_rest_at_their_own_rate():

@@ -21,7 +21,7 @@ Metrics (all on the held-out split unless ``--split`` says otherwise):
   ``target_rms``: RMS to the held-out image itself; ``psnr`` / ``ssim``: PSNR (dB) and SSIM of
   the sample against that held-out image.
 - With the feature network (``--featnet``, default ``auto``: trained once on the training split
-  and cached, see :mod:`jitrope.featnet`): ``class_samples.fd_emoji``, the Fréchet distance of the
+  and cached, see :mod:`jitrope.eval.featnet`): ``class_samples.fd_emoji``, the Fréchet distance of the
   samples' features to the training split's (FD-emoji; the FID formula in this network's
   features, not comparable with FID); ``fd_emoji_real``, the same for as many real held-out
   images (the floor at this sample count); ``class_acc``, the share of samples that the
@@ -239,6 +239,10 @@ def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=pr
     if bad_px and "res" in metrics:  # before any sampling, so no work is lost
         key = "eval.res_px" if any(isinstance(px, int) for px in bad_px) else "eval.res_hw"
         raise ConfigError(f"config key {key}: {bad_px} not a multiple of the model's patch_size={mc.patch_size}")
+    if sizes and "res" in metrics and e.featnet in (None, "none"):  # a Config built by hand skips its checks
+        raise ConfigError(
+            "config key eval.res_px: the resolution study needs the feature network (eval.featnet auto or a file)"
+        )
     cond_mode = "none" if mc.cond_img_size is None else (dcfg.cond if dcfg.cond != "none" else "downsample")
     maker = BatchMaker(eval_set, cond=cond_mode, cond_size=mc.cond_img_size, device=device)
     diffusion = Diffusion.from_config(cfg.diffusion)
@@ -309,10 +313,6 @@ def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=pr
     if "cond" in metrics and mc.cond_img_size is not None:
         _cond_metrics(out, model, diffusion, kw, maker, eval_set, n_cond=e.n_cond, seed=e.seed, log=log)
     if "res" in metrics and sizes:
-        if fnet is None:
-            raise ConfigError(
-                "config key eval.res_px: the resolution study needs the feature network (eval.featnet auto or a file)"
-            )
 
         def vloss_at(hw):  # the record's pos_scaling is the model's while this runs
             return heldout_vloss(

@@ -3,7 +3,7 @@ split and cached, so that sample quality can be measured without downloading Inc
 
 A 6-convolution CNN (GroupNorm, SiLU, three 2x poolings) ending in a ``feat_dim``-wide global
 average pool; two linear heads read that vector: the category (the data's class label) and the
-vendor (emoji "domain"). Its pooled features define **FD-emoji** (:mod:`jitrope.metrics`), its
+vendor (emoji "domain"). Its pooled features define **FD-emoji** (:mod:`jitrope.eval.metrics`), its
 category head the class accuracy of class-conditional samples.
 
     net = load_or_train_featnet(cfg.data)          # trains (minutes on one CPU core) or loads from the cache
@@ -191,7 +191,7 @@ def train_featnet(
     return net, {"info": info, "train_mu": mu, "train_sigma": sigma}
 
 
-def _save(path: Path, net: FeatNet, extra: Dict, data_cfg) -> None:
+def _save(path: Path, net: FeatNet, extra: Dict) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +253,6 @@ def load_or_train_featnet(
     except Exception:  # noqa: BLE001 - a data set without a held-out split still gets a feature net
         val = None
     net, extra = train_featnet(train, val, cfg, device=device, log=log)
-    _save(p, net, extra, data_cfg)
+    _save(p, net, extra)
     extra["path"] = str(p)
     return net, extra

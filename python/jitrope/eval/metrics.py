@@ -6,7 +6,7 @@ and, as an option, the standard FID when the user supplies the Inception weights
     psnr(x, y), ssim(x, y)                             # per image, images in [-1, 1]
     inception_fid(real, fake, weights="pt_inception-2015-12-05.pth")   # needs torch-fidelity
 
-The Fréchet distance in the features of :mod:`jitrope.featnet` is what this project reports as
+The Fréchet distance in the features of :mod:`jitrope.eval.featnet` is what this project reports as
 **FD-emoji**: the same formula as FID, in another network's features, so its values are not
 comparable with published FIDs.
 """

@@ -175,11 +175,10 @@ def _plot_main(P: _Plots, rows, names, step_n_per_class) -> None:
         rs = [r for r in rows if r["pos_embed"] == n and (r.get("fd_vs_step") or {}).get("steps")]
         if not rs:
             continue
-        steps = rs[0]["fd_vs_step"]["steps"]
-        st = [
-            mean_sd([r["fd_vs_step"]["fd_emoji"][i] for r in rs if len(r["fd_vs_step"]["fd_emoji"]) > i])
-            for i in range(len(steps))
-        ]
+        # by step, as the table does: a run may lack a checkpoint's evaluation
+        at = [dict(zip(r["fd_vs_step"]["steps"], r["fd_vs_step"]["fd_emoji"])) for r in rs]
+        steps = sorted({s for a in at for s in a})
+        st = [mean_sd([a.get(s) for a in at]) for s in steps]
         ax.errorbar(
             steps,
             [m for m, _ in st],
@@ -589,7 +588,7 @@ def _sizes_section(rows, flat, sizes, combos, info: PageInfo, files, train_px) -
     L += [""]
     if "size_samples" in files:
         L += [
-            f"Samples of seed {info_seed(rows)} at every size (rows: encoding, regime and its best FD-emoji scaling "
+            f"Samples of seed {_grid_seed(flat)} at every size (rows: encoding, regime and its best FD-emoji scaling "
             "mode; in each grid, rows are classes):",
             "",
             f"![samples at every size]({files['size_samples']})",
@@ -598,8 +597,9 @@ def _sizes_section(rows, flat, sizes, combos, info: PageInfo, files, train_px) -
     return L
 
 
-def info_seed(rows) -> int:
-    return min(r["seed"] for r in rows)
+def _grid_seed(flat) -> int:
+    """The seed of the sample panel: the smallest with an every-size study (only those runs have grids)."""
+    return min(x["seed"] for x in flat)
 
 
 def _conclusion(rows, names, flat, sizes, info: PageInfo) -> List[str]:
@@ -727,7 +727,7 @@ def write_results_page(
     _plot_main(P, main, names, info.step_n_per_class)
     if flat:
         _plot_sizes(P, flat, sizes, combos, train_px)
-        _plot_size_samples(P, rows, flat, sizes, combos, info_seed(main))
+        _plot_size_samples(P, rows, flat, sizes, combos, _grid_seed(flat))
     files = P.files
     L = [
         "# Which positional encoding? Results of the ablation",

@@ -141,7 +141,7 @@ def verdict(values: Mapping[str, Sequence[Optional[float]]], lower: bool, spec: 
         order = sorted(c.stats, key=lambda n: c.stats[n][0], reverse=not lower)
         return (
             f"{label} (one seed, no noise estimate): "
-            + " < ".join(f"`{n}` {format(c.stats[n][0], spec)}" for n in order)
+            + (" < " if lower else " > ").join(f"`{n}` {format(c.stats[n][0], spec)}" for n in order)
             + ("" if lower else " (higher is better)")
             + "."
         )
@@ -270,7 +270,8 @@ def size_records(
                 rec["same_as"] = row["same_as"]
             out.append(rec)
         if (train_px, train_px) not in seen and "class_samples" in r:
-            for scaling in {x["scaling"] for x in r.get("resolution", [])} or {"extrapolate", "interpolate"}:
+            # sorted: a set's order changes with the hash seed, and the record order decides ties on the page
+            for scaling in sorted({x["scaling"] for x in r.get("resolution", [])} or {"extrapolate", "interpolate"}):
                 out.append(
                     {
                         **base,
