@@ -22,6 +22,7 @@ from jitrope.checkpoint import (
     CheckpointError,
     UnverifiedCheckpointError,
     check_state_dict,
+    clean_stale_temps,
     list_checkpoints,
     load_train_state,
     load_weights,
@@ -276,6 +277,19 @@ def test_stale_temp_folders_are_cleaned_at_the_next_start(run4, tmp_path):
     T.train(_cfg(run, "train.steps=5", "train.ckpt_every=2"), resume=True, log=logs.append)
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith(".")) == []
     assert any(".tmp-step_00000006-deadbeef" in m for m in logs)
+
+
+def test_a_checkpoint_replacement_killed_between_its_renames_is_restored(run4, tmp_path, capsys):
+    """Re-saving step N moves the verified step_N to .old-step_N-* and then the new one in; killed
+    in between, the .old folder is the only copy of step N and the next start renames it back."""
+    run = _copy(run4[0], tmp_path)
+    ck = run / "checkpoints"
+    os.rename(ck / "step_00000004", ck / ".old-step_00000004-cafef00d")
+    (ck / ".tmp-step_00000004-deadbeef").mkdir()  # the new copy, never renamed into place
+    assert clean_stale_temps(run) == [ck / ".tmp-step_00000004-deadbeef"]
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000002", "step_00000004"]
+    assert "restored step_00000004 from .old-step_00000004-cafef00d" in capsys.readouterr().err
+    assert newest_valid_checkpoint(run) == ck / "step_00000004"
 
 
 KILLED_RUN = """

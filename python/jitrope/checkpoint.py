@@ -335,14 +335,24 @@ def newest_valid_checkpoint(
 
 def clean_stale_temps(run_dir) -> List[Path]:
     """Remove ``.tmp-step_*`` / ``.old-step_*`` folders that a killed writer left in
-    ``<run_dir>/checkpoints``; returns what was removed. Call only while no other process writes
-    to the run."""
+    ``<run_dir>/checkpoints``; returns what was removed. An ``.old-step_N-*`` folder whose
+    ``step_N`` is missing is renamed back instead: a writer replacing a verified ``step_N`` was
+    killed between its two renames, and that folder is the only copy left. Call only while no other
+    process writes to the run."""
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir():
         return []
-    stale = [p for p in ck.iterdir() if p.is_dir() and p.name.startswith((".tmp-step_", ".old-step_"))]
-    for p in stale:
+    stale = []
+    for p in sorted(ck.iterdir()):
+        if not (p.is_dir() and p.name.startswith((".tmp-step_", ".old-step_"))):
+            continue
+        back = ck / p.name[len(".old-") :].rsplit("-", 1)[0]
+        if p.name.startswith(".old-") and _STEP_DIR.match(back.name) and not back.exists():
+            os.rename(p, back)
+            _warn(f"restored {back.name} from {p.name}, left by an interrupted checkpoint replacement")
+            continue
         shutil.rmtree(p, ignore_errors=True)
+        stale.append(p)
     return stale
 
 
