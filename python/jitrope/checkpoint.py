@@ -27,7 +27,6 @@ deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -39,6 +38,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .fileio import sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -145,7 +146,7 @@ def save_checkpoint(
         save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=meta)
         if state is not None:
             torch.save(dict(state), tmp / STATE)
-        files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+        files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -231,14 +232,6 @@ def prune_checkpoints(
     return deleted
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()  # chunked by hand: hashlib.file_digest needs Python 3.11, setup.py admits 3.9
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
@@ -295,7 +288,7 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE), *, allo
                 f"{f}: {st.st_size} bytes, the manifest says {want.get('bytes')}; the file is truncated or damaged"
             )
         key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
-        got = _VERIFIED.get(key) or _sha256(f)
+        got = _VERIFIED.get(key) or sha256_file(f)
         if got != want.get("sha256"):
             raise CheckpointError(
                 f"{f}: sha256 {got[:16]}... does not match the manifest "

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "check_writable_dir", "exclusive_lock", "LockedError"]
+__all__ = ["atomic_path", "atomic_write_text", "check_writable_dir", "exclusive_lock", "LockedError", "sha256_file"]
 
 
 class LockedError(RuntimeError):
@@ -32,6 +33,16 @@ def atomic_path(path) -> Iterator[Path]:
 def atomic_write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def sha256_file(path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (hashlib.file_digest needs Python 3.11,
+    setup.py admits 3.9)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_writable_dir(path, what: str) -> Path:
