@@ -206,7 +206,16 @@ def fetch_emoji(
     pin = PINS.get((package, version))
     if tgz.is_file():
         meta_path = tgz.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        meta = None
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                if not isinstance(meta, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                raise DataError(
+                    f"{meta_path}: unreadable npm metadata of {tgz.name} ({e}); delete both and run again to re-download"
+                ) from None
         _verify_tarball(tgz, meta, pin)
     elif download:
         if damage:
