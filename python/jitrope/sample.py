@@ -16,7 +16,6 @@ the trainer and ``jitrope.evaluate`` use.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 from pathlib import Path
@@ -62,18 +61,12 @@ class SampleError(ValueError):
     """Bad sampling input; the message says which and why."""
 
 
-def _unverified(fn: Callable, allow: bool) -> Dict[str, bool]:
-    """``allow_unverified=True`` for a checkpoint function that takes it. A loader without the
-    keyword loads a checkpoint that has no manifest anyway (with a warning): there is nothing to pass."""
-    return {"allow_unverified": True} if allow and "allow_unverified" in inspect.signature(fn).parameters else {}
-
-
 def load_checkpoint(ckpt, *, allow_unverified: bool = False) -> Dict[str, Any]:
     """The weights of a run folder (its newest checkpoint that verifies), ``step_*`` folder or
     weights file (:func:`jitrope.checkpoint.load_weights`), verified once. ``allow_unverified``:
     also load a checkpoint that has no manifest to verify it by."""
-    path = resolve_checkpoint(ckpt, **_unverified(resolve_checkpoint, allow_unverified))
-    return load_weights(path, **_unverified(load_weights, allow_unverified))
+    path = resolve_checkpoint(ckpt, allow_unverified=allow_unverified)
+    return load_weights(path, allow_unverified=allow_unverified)
 
 
 def _stored(w: Mapping[str, Any]) -> Dict[str, Any]:
