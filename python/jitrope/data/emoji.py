@@ -214,7 +214,8 @@ def fetch_emoji(
                     raise ValueError("not a JSON object")
             except (OSError, ValueError) as e:
                 raise DataError(
-                    f"{meta_path}: unreadable npm metadata of {tgz.name} ({e}); delete both and run again to re-download"
+                    f"{meta_path}: unreadable npm metadata of {tgz.name} ({e}); delete both and run again to "
+                    "re-download"
                 ) from None
         _verify_tarball(tgz, meta, pin)
     elif download:
