@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from jitrope.config import Config, ConfigError, config_from_dict, load_config, model_fields, parse_overrides
+from jitrope.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    model_fields,
+    parse_hw,
+    parse_overrides,
+)
 from jitrope.model import JiTConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -185,6 +193,17 @@ def test_parse_overrides_nests_and_parses_yaml_values():
         "f": {"g": True},
     }
     assert isinstance(Config().train.ema_decays, tuple)
+
+
+def test_parse_hw_reads_sizes_as_the_data_sizes_do_plus_a_bare_square():
+    from jitrope.data import parse_size
+
+    for text in ("32x48", "48X32", " 8x16 ", "16x16"):
+        assert parse_hw(text, "k") == parse_size(text, "k")
+    assert parse_hw("32", "k") == (32, 32) and parse_hw(24, "k") == (24, 24)
+    for bad in ("32x", "x32", "0x8", "-8x8", "+8x8", "8x8x8", "", "0"):
+        with pytest.raises(ConfigError, match=f"config key k wants sizes HxW .*got {re.escape(repr(bad))}"):
+            parse_hw(bad, "k")
 
 
 def test_sample_and_eval_sections_layer_over_a_stored_config():

@@ -529,17 +529,15 @@ def _check_sample_eval(cfg: Config) -> None:
 
 
 def parse_hw(text, key: str = "size") -> Tuple[int, int]:
-    """``"32x48"`` (rows x columns) or ``"32"`` (square) -> ``(32, 48)``; a ConfigError names ``key``."""
-    parts = str(text).lower().split("x")
+    """``"32x48"`` (rows x columns) or ``"32"`` (square) -> ``(32, 48)``, read by
+    :func:`jitrope.data.parse_size`; a ConfigError names ``key``."""
+    from .data.multires import parse_size
+
+    t = str(text).strip()
     try:
-        hw = tuple(int(p) for p in parts)
+        return parse_size(f"{t}x{t}" if t.isdigit() else t, key)
     except ValueError:
-        hw = ()
-    if len(hw) == 1:
-        hw = (hw[0], hw[0])
-    if len(hw) != 2 or min(hw) < 1:
-        raise ConfigError(f"config key {key} wants sizes HxW of positive integers (e.g. 32x48), got {text!r}")
-    return hw
+        raise ConfigError(f"config key {key} wants sizes HxW of positive integers (e.g. 32x48), got {text!r}") from None
 
 
 def load_config(
