@@ -291,6 +291,7 @@ def _find_resume_point(run_dir: Path, resume: bool, allow_unverified: bool, D: _
     if D.main:
         for p in clean_stale_temps(run_dir):
             say(f"removed {p}, left by an interrupted checkpoint write")
+    D.barrier()  # the cleanup may rename a checkpoint back: every rank must list the folder after it
     newest = latest_checkpoint(run_dir)
     if newest is not None and not resume:
         raise CheckpointError(
