@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .fileio import sha256_file
+from .fileio import fsync_dir, sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -87,19 +87,6 @@ def _unshare(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
             seen.add(key)
         out[k] = v.contiguous()
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -151,11 +138,12 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        fsync_dir(tmp)  # the file names too, before the folder is renamed into place
         if final.exists():
             _replace_step(final, tmp)
         else:
             os.rename(tmp, final)
-        _fsync_dir(ck)
+        fsync_dir(ck)
     except CheckpointError:
         raise
     # torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors as its own error
