@@ -129,6 +129,7 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("sample.batch_size=-1", "config key sample.batch_size must be >= 1, got -1"),
         ("sample.scale=0", "config key sample.scale must be >= 1, got 0"),
         ("sample.device=gpu0", "config key sample.device: 'gpu0' is not a device (auto | cpu | cuda | cuda:N)"),
+        ("train.device=gpu0", "config key train.device: 'gpu0' is not a device (auto | cpu | cuda | cuda:N)"),
         ("sample.out=''", "config key sample.out is empty"),
         ("sample.singles=perhaps", "config key sample.singles: Value 'perhaps' is not a valid bool"),
         ("eval.split=test", "config key eval.split: 'test' is not one of ['val', 'train', 'all']"),

@@ -501,6 +501,7 @@ def _check_sample_eval(cfg: Config) -> None:
     for k in ("max_images", "n_per_class", "n_cond", "batch_size", "res_n_per_class", "num_threads"):
         if getattr(e, k) is not None:
             _positive(f"eval.{k}", getattr(e, k))
+    _check_device("train.device", cfg.train.device)
     _check_device("sample.device", s.device)
     _check_device("eval.device", e.device)
     if not s.out:
