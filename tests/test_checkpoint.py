@@ -2,6 +2,7 @@
 cleaned, dtypes checked, and a training process killed while it checkpoints."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ from jitrope.checkpoint import (
     CheckpointError,
     UnverifiedCheckpointError,
     check_state_dict,
+    clean_stale_temps,
     list_checkpoints,
     load_train_state,
     load_weights,
@@ -237,7 +239,7 @@ def test_newest_checkpoint_without_weights_is_skipped_with_a_warning(run4, tmp_p
 def test_finished_run_resumed_reports_its_last_loss(run4, tmp_path, capsys):
     run = _copy(run4[0], tmp_path)
     out = T.train(_cfg(run, "train.steps=4", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
-    assert out["step"] == 4 and out["loss"] == run4[1] and out["loss"] == out["loss"]
+    assert out["step"] == 4 and out["loss"] == run4[1] and math.isfinite(out["loss"])
     assert (
         T.main(
             [
@@ -276,6 +278,19 @@ def test_stale_temp_folders_are_cleaned_at_the_next_start(run4, tmp_path):
     T.train(_cfg(run, "train.steps=5", "train.ckpt_every=2"), resume=True, log=logs.append)
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith(".")) == []
     assert any(".tmp-step_00000006-deadbeef" in m for m in logs)
+
+
+def test_a_checkpoint_replacement_killed_between_its_renames_is_restored(run4, tmp_path, capsys):
+    """Re-saving step N moves the verified step_N to .old-step_N-* and then the new one in; killed
+    in between, the .old folder is the only copy of step N and the next start renames it back."""
+    run = _copy(run4[0], tmp_path)
+    ck = run / "checkpoints"
+    os.rename(ck / "step_00000004", ck / ".old-step_00000004-cafef00d")
+    (ck / ".tmp-step_00000004-deadbeef").mkdir()  # the new copy, never renamed into place
+    assert clean_stale_temps(run) == [ck / ".tmp-step_00000004-deadbeef"]
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000002", "step_00000004"]
+    assert "restored step_00000004 from .old-step_00000004-cafef00d" in capsys.readouterr().err
+    assert newest_valid_checkpoint(run) == ck / "step_00000004"
 
 
 KILLED_RUN = """
@@ -338,5 +353,5 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_run(tmp_path):
     assert kills >= 2
     step = load_weights(run)["step"]
     out = T.train(_cfg(run, f"train.steps={step + 2}", "train.ckpt_every=1", "train.keep_last=1"), resume=True, **QUIET)
-    assert out["step"] == step + 2 and out["loss"] == out["loss"]
+    assert out["step"] == step + 2 and math.isfinite(out["loss"])
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from jitrope.config import Config, ConfigError, config_from_dict, load_config, model_fields, parse_overrides
+from jitrope.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    model_fields,
+    parse_hw,
+    parse_overrides,
+)
 from jitrope.model import JiTConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -121,6 +129,7 @@ def test_unknown_keys_are_rejected_by_name_with_a_suggestion():
         ("sample.batch_size=-1", "config key sample.batch_size must be >= 1, got -1"),
         ("sample.scale=0", "config key sample.scale must be >= 1, got 0"),
         ("sample.device=gpu0", "config key sample.device: 'gpu0' is not a device (auto | cpu | cuda | cuda:N)"),
+        ("train.device=gpu0", "config key train.device: 'gpu0' is not a device (auto | cpu | cuda | cuda:N)"),
         ("sample.out=''", "config key sample.out is empty"),
         ("sample.singles=perhaps", "config key sample.singles: Value 'perhaps' is not a valid bool"),
         ("eval.split=test", "config key eval.split: 'test' is not one of ['val', 'train', 'all']"),
@@ -185,6 +194,17 @@ def test_parse_overrides_nests_and_parses_yaml_values():
         "f": {"g": True},
     }
     assert isinstance(Config().train.ema_decays, tuple)
+
+
+def test_parse_hw_reads_sizes_as_the_data_sizes_do_plus_a_bare_square():
+    from jitrope.data import parse_size
+
+    for text in ("32x48", "48X32", " 8x16 ", "16x16"):
+        assert parse_hw(text, "k") == parse_size(text, "k")
+    assert parse_hw("32", "k") == (32, 32) and parse_hw(24, "k") == (24, 24)
+    for bad in ("32x", "x32", "0x8", "-8x8", "+8x8", "8x8x8", "", "0"):
+        with pytest.raises(ConfigError, match=f"config key k wants sizes HxW .*got {re.escape(repr(bad))}"):
+            parse_hw(bad, "k")
 
 
 def test_sample_and_eval_sections_layer_over_a_stored_config():

@@ -226,6 +226,9 @@ def test_checksum_mismatch_and_count_mismatch_are_errors(fake_npm):
     with pytest.raises(DataError, match="found 6 images.*expected 7"):
         fetch_emoji("google", root=root, version=VERSION, log=lambda *_: None)
     assert not (root / f"emoji-{VERSION}" / "google").exists()
+    tgz.with_suffix(".json").write_text('{"integrity": ')  # cut short: an error naming it, not a traceback
+    with pytest.raises(DataError, match=r"google-.*\.json: unreadable npm metadata"):
+        fetch_emoji("google", root=root, version=VERSION, log=lambda *_: None)
     tgz.with_suffix(".json").unlink()  # a hand-placed tarball of an unpinned version cannot be verified
     with pytest.raises(DataError, match="no pinned checksum"):
         fetch_emoji("google", root=root, version=VERSION, log=lambda *_: None)

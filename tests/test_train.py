@@ -180,10 +180,10 @@ def test_cli_help_print_config_and_errors(tmp_path, capsys):
         (["train.out_dir=/proc/x"], "train.out_dir /proc/x is not writable"),
         (["train.ckpt_every=0"], "train.ckpt_every must be >= 1, got 0"),
         (["train.log_every=0"], "train.log_every must be >= 1, got 0"),
-        (["train.device=cuda:x"], "train.device='cuda:x' is not a device"),
+        (["train.device=cuda:x"], "config key train.device: 'cuda:x' is not a device"),
         pytest.param(
             ["train.device=cuda"],
-            "train.device=cuda but this machine has no usable CUDA device",
+            "config key train.device: cuda: this machine has no usable CUDA device",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
         ),
     ],

@@ -27,7 +27,6 @@ deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -39,6 +38,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .fileio import fsync_dir, sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -88,19 +89,6 @@ def _unshare(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     run_dir,
     step: int,
@@ -145,16 +133,17 @@ def save_checkpoint(
         save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=meta)
         if state is not None:
             torch.save(dict(state), tmp / STATE)
-        files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+        files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        fsync_dir(tmp)  # the file names too, before the folder is renamed into place
         if final.exists():
             _replace_step(final, tmp)
         else:
             os.rename(tmp, final)
-        _fsync_dir(ck)
+        fsync_dir(ck)
     except CheckpointError:
         raise
     # torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors as its own error
@@ -231,14 +220,6 @@ def prune_checkpoints(
     return deleted
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()  # chunked by hand: hashlib.file_digest needs Python 3.11, setup.py admits 3.9
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
@@ -295,7 +276,7 @@ def verify_checkpoint(ckpt_dir, files: Sequence[str] = (WEIGHTS, STATE), *, allo
                 f"{f}: {st.st_size} bytes, the manifest says {want.get('bytes')}; the file is truncated or damaged"
             )
         key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
-        got = _VERIFIED.get(key) or _sha256(f)
+        got = _VERIFIED.get(key) or sha256_file(f)
         if got != want.get("sha256"):
             raise CheckpointError(
                 f"{f}: sha256 {got[:16]}... does not match the manifest "
@@ -335,14 +316,24 @@ def newest_valid_checkpoint(
 
 def clean_stale_temps(run_dir) -> List[Path]:
     """Remove ``.tmp-step_*`` / ``.old-step_*`` folders that a killed writer left in
-    ``<run_dir>/checkpoints``; returns what was removed. Call only while no other process writes
-    to the run."""
+    ``<run_dir>/checkpoints``; returns what was removed. An ``.old-step_N-*`` folder whose
+    ``step_N`` is missing is renamed back instead: a writer replacing a verified ``step_N`` was
+    killed between its two renames, and that folder is the only copy left. Call only while no other
+    process writes to the run."""
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir():
         return []
-    stale = [p for p in ck.iterdir() if p.is_dir() and p.name.startswith((".tmp-step_", ".old-step_"))]
-    for p in stale:
+    stale = []
+    for p in sorted(ck.iterdir()):
+        if not (p.is_dir() and p.name.startswith((".tmp-step_", ".old-step_"))):
+            continue
+        back = ck / p.name[len(".old-") :].rsplit("-", 1)[0]
+        if p.name.startswith(".old-") and _STEP_DIR.match(back.name) and not back.exists():
+            os.rename(p, back)
+            _warn(f"restored {back.name} from {p.name}, left by an interrupted checkpoint replacement")
+            continue
         shutil.rmtree(p, ignore_errors=True)
+        stale.append(p)
     return stale
 
 

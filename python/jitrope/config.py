@@ -329,12 +329,7 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config", stored: boo
     """Validate a nested ``{section: {key: value}}`` dict (unknown keys -> ConfigError) into a Config:
     merged onto the dataclass schema with OmegaConf (types checked, ``${...}`` interpolations resolved).
     ``stored``: the config of a checkpoint, which may hold values of older versions."""
-    if isinstance(d, DictConfig):
-        d = OmegaConf.to_container(d, resolve=False)
-    d = {
-        sec: (_legacy(sec, dict(v), stored) if sec in _SECTIONS and isinstance(v, Mapping) else v)
-        for sec, v in d.items()
-    }
+    d = _translated(d, stored)
     _check_keys(d, where)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in d.items() if v is not None})
@@ -351,6 +346,17 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config", stored: boo
     _check(cfg)
     _check_sample_eval(cfg)
     return cfg
+
+
+def _translated(d: Mapping[str, Any], stored: bool) -> Dict[str, Any]:
+    """A plain ``{section: {key: value}}`` dict with the legacy keys and values of each section
+    translated (:func:`_legacy`; ``stored``: the config of a checkpoint)."""
+    if isinstance(d, DictConfig):
+        d = OmegaConf.to_container(d, resolve=False)
+    return {
+        sec: (_legacy(sec, dict(v), stored) if sec in _SECTIONS and isinstance(v, Mapping) else v)
+        for sec, v in d.items()
+    }
 
 
 def _legacy(section: str, d: Dict[str, Any], stored: bool) -> Dict[str, Any]:
@@ -495,6 +501,7 @@ def _check_sample_eval(cfg: Config) -> None:
     for k in ("max_images", "n_per_class", "n_cond", "batch_size", "res_n_per_class", "num_threads"):
         if getattr(e, k) is not None:
             _positive(f"eval.{k}", getattr(e, k))
+    _check_device("train.device", cfg.train.device)
     _check_device("sample.device", s.device)
     _check_device("eval.device", e.device)
     if not s.out:
@@ -523,26 +530,15 @@ def _check_sample_eval(cfg: Config) -> None:
 
 
 def parse_hw(text, key: str = "size") -> Tuple[int, int]:
-    """``"32x48"`` (rows x columns) or ``"32"`` (square) -> ``(32, 48)``; a ConfigError names ``key``."""
-    parts = str(text).lower().split("x")
+    """``"32x48"`` (rows x columns) or ``"32"`` (square) -> ``(32, 48)``, read by
+    :func:`jitrope.data.parse_size`; a ConfigError names ``key``."""
+    from .data.multires import parse_size
+
+    t = str(text).strip()
     try:
-        hw = tuple(int(p) for p in parts)
+        return parse_size(f"{t}x{t}" if t.isdigit() else t, key)
     except ValueError:
-        hw = ()
-    if len(hw) == 1:
-        hw = (hw[0], hw[0])
-    if len(hw) != 2 or min(hw) < 1:
-        raise ConfigError(f"config key {key} wants sizes HxW of positive integers (e.g. 32x48), got {text!r}")
-    return hw
-
-
-def _stored_layer(d: Mapping[str, Any]) -> Dict[str, Any]:
-    """A config stored by an older version, its legacy keys and values translated section by section."""
-    if isinstance(d, DictConfig):
-        d = OmegaConf.to_container(d, resolve=False)
-    return {
-        sec: (_legacy(sec, dict(v), True) if sec in _SECTIONS and isinstance(v, Mapping) else v) for sec, v in d.items()
-    }
+        raise ConfigError(f"config key {key} wants sizes HxW of positive integers (e.g. 32x48), got {text!r}") from None
 
 
 def load_config(
@@ -558,7 +554,7 @@ def load_config(
     versions are translated); ``flags``: a nested dict of already typed values over the overrides
     (what command-line flags such as ``--steps 10`` set; never re-parsed as YAML, so a flag value
     ``null`` stays a string)."""
-    layers = [OmegaConf.create(_stored_layer(base))] if base is not None else []
+    layers = [OmegaConf.create(_translated(base, stored=True))] if base is not None else []
     if path is not None:
         layers.append(_read_yaml(Path(path)))
     layers.append(OmegaConf.create(parse_overrides(overrides)))

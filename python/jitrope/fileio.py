@@ -3,27 +3,55 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "check_writable_dir", "exclusive_lock", "LockedError"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "check_writable_dir",
+    "exclusive_lock",
+    "LockedError",
+    "sha256_file",
+    "fsync_dir",
+]
 
 
 class LockedError(RuntimeError):
     """Another process holds the lock of a folder; the message names its pid."""
 
 
+def fsync_dir(path) -> None:
+    """Make the entries of folder ``path`` (a rename into it) durable; best effort, as some file
+    systems cannot open or fsync a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path`` (atomic on POSIX),
-    on failure remove it. A reader sees the old file or the whole new one, never half of one."""
+    """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path`` (atomic
+    on POSIX), on failure remove it. A reader sees the old file or the whole new one, never half of
+    one, after a crash too: the data is on disk before the rename that replaces the old file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -32,6 +60,16 @@ def atomic_path(path) -> Iterator[Path]:
 def atomic_write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def sha256_file(path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (hashlib.file_digest needs Python 3.11,
+    setup.py admits 3.9)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_writable_dir(path, what: str) -> Path:

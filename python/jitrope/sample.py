@@ -16,7 +16,6 @@ the trainer and ``jitrope.evaluate`` use.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 from pathlib import Path
@@ -62,18 +61,12 @@ class SampleError(ValueError):
     """Bad sampling input; the message says which and why."""
 
 
-def _unverified(fn: Callable, allow: bool) -> Dict[str, bool]:
-    """``allow_unverified=True`` for a checkpoint function that takes it. A loader without the
-    keyword loads a checkpoint that has no manifest anyway (with a warning): there is nothing to pass."""
-    return {"allow_unverified": True} if allow and "allow_unverified" in inspect.signature(fn).parameters else {}
-
-
 def load_checkpoint(ckpt, *, allow_unverified: bool = False) -> Dict[str, Any]:
     """The weights of a run folder (its newest checkpoint that verifies), ``step_*`` folder or
     weights file (:func:`jitrope.checkpoint.load_weights`), verified once. ``allow_unverified``:
     also load a checkpoint that has no manifest to verify it by."""
-    path = resolve_checkpoint(ckpt, **_unverified(resolve_checkpoint, allow_unverified))
-    return load_weights(path, **_unverified(load_weights, allow_unverified))
+    path = resolve_checkpoint(ckpt, allow_unverified=allow_unverified)
+    return load_weights(path, allow_unverified=allow_unverified)
 
 
 def _stored(w: Mapping[str, Any]) -> Dict[str, Any]:
@@ -514,7 +507,7 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     finally:
         bar.close()
 
-    imgs = to_uint8(x)
+    u8 = imgs = to_uint8(x)
     ncol = s.n
     if row_cond is not None:  # show the condition (upscaled to the sample size) first in its row
         shown = to_uint8(
@@ -530,16 +523,21 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
         from PIL import Image
 
         singles.mkdir(parents=True, exist_ok=True)
-        u8 = to_uint8(x)
         for i in range(len(u8)):
             r, c = divmod(i, s.n)
-            name = "".join(ch if ch.isalnum() else "_" for ch in row_labels[r])[:40]
-            Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(singles / f"r{r:02d}_c{c:02d}_{name}.png")
+            Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(
+                singles / f"r{r:02d}_c{c:02d}_{_stem(row_labels[r])}.png"
+            )
     print(
         f"wrote {out} ({len(labels)} samples, step {info['step']} {info['weights']}, {s.sampler} {s.steps} steps, "
         f"cfg {s.cfg} on {list(interval)})"
     )
     return out
+
+
+def _stem(row_label: str) -> str:
+    """A row label as part of a file name: letters and digits kept, the rest ``_``, 40 characters."""
+    return "".join(ch if ch.isalnum() else "_" for ch in row_label)[:40]
 
 
 def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: Path) -> Path:
@@ -600,9 +598,8 @@ def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: 
         for i, x in enumerate(xs):
             r, c = divmod(i, len(sizes) * s.n)
             h, w = x.shape[-2:]
-            name = "".join(ch if ch.isalnum() else "_" for ch in row_labels[r])[:40]
             Image.fromarray(to_uint8(x).permute(1, 2, 0).numpy()).save(
-                singles / f"r{r:02d}_c{c:02d}_{h}x{w}_{name}.png"
+                singles / f"r{r:02d}_c{c:02d}_{h}x{w}_{_stem(row_labels[r])}.png"
             )
     print(
         f"wrote {out} ({len(xs)} samples at {len(sizes)} sizes in one packed batch, step {info['step']} "

@@ -51,6 +51,7 @@ from .checkpoint import (
     newest_valid_checkpoint,
     save_checkpoint,
 )
+from .cli import cpu_setup, resolve_device
 from .config import Config, ConfigError, load_config
 from .data import BatchMaker, DataError, IndexStream, MultiResMaker, TokenPacker, build_dataset, parse_sizes
 from .diffusion import EMA, Diffusion
@@ -124,21 +125,15 @@ class _Dist:
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a device (auto | cpu | cuda | cuda:N)") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
+    """:func:`jitrope.cli.resolve_device`, with ``cuda`` / ``auto`` meaning this rank's GPU."""
+    d = resolve_device(name, "train.device")
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", local_rank)
+        if local_rank >= torch.cuda.device_count():
             raise ConfigError(
-                f"train.device={name} but this machine has no usable CUDA device; use train.device=cpu or auto"
+                f"config key train.device: {name}: rank LOCAL_RANK={local_rank} has no GPU of its own, "
+                f"there are only {torch.cuda.device_count()} CUDA device(s)"
             )
-        if d.index is None:
-            d = torch.device(f"cuda:{local_rank}")
-        if d.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={name}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return d
 
 
@@ -287,9 +282,7 @@ def _setup_device(device: torch.device, num_threads: Optional[int]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormal floats (decaying Adam moments, tiny grads) stall CPUs
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
+        cpu_setup(num_threads)  # denormal floats (decaying Adam moments, tiny grads) stall CPUs
 
 
 def _find_resume_point(run_dir: Path, resume: bool, allow_unverified: bool, D: _Dist, say) -> Optional[Path]:
@@ -298,6 +291,7 @@ def _find_resume_point(run_dir: Path, resume: bool, allow_unverified: bool, D: _
     if D.main:
         for p in clean_stale_temps(run_dir):
             say(f"removed {p}, left by an interrupted checkpoint write")
+    D.barrier()  # the cleanup may rename a checkpoint back: every rank must list the folder after it
     newest = latest_checkpoint(run_dir)
     if newest is not None and not resume:
         raise CheckpointError(

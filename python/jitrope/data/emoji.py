@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path, atomic_write_text, sha256_file
 from .imageset import DataError, ImageSet, composite_on_white, resize_images
 
 EMOJI_VERSION = "16.0.0"
@@ -118,14 +118,6 @@ def _verify_tarball(tgz: Path, meta: Optional[dict], pin: Optional[dict]) -> Non
         raise DataError(f"{tgz}: verification failed: {'; '.join(problems)}. Delete it and run again to re-download.")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _unpacked_problem(folder: Path) -> Optional[str]:
     """None when every file of the manifest written at unpacking is there with its sha256; else
     what is wrong."""
@@ -142,7 +134,7 @@ def _unpacked_problem(folder: Path) -> Optional[str]:
         f = folder / rel
         if not f.is_file():
             return f"{f} is missing"
-        if _sha256_file(f) != digest:
+        if sha256_file(f) != digest:
             return f"{f} does not match its sha256 in {mf} (damaged)"
     return None
 
@@ -214,7 +206,17 @@ def fetch_emoji(
     pin = PINS.get((package, version))
     if tgz.is_file():
         meta_path = tgz.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        meta = None
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                if not isinstance(meta, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                raise DataError(
+                    f"{meta_path}: unreadable npm metadata of {tgz.name} ({e}); delete both and run again to "
+                    "re-download"
+                ) from None
         _verify_tarball(tgz, meta, pin)
     elif download:
         if damage:

@@ -37,7 +37,7 @@ def parse_size(spec, what: str) -> Size:
 
 def parse_sizes(spec: Union[str, Sequence[str]], what: str) -> List[Size]:
     """``"16x16,32x48"`` or ``["16x16", "32x48"]`` -> ``[(16, 16), (32, 48)]``; an empty list is an error."""
-    items = [s for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
     if not items or (isinstance(spec, str) and not spec.strip()):
         raise ValueError(f"{what}: no sizes given (e.g. 16x16,32x48)")
     return [parse_size(s, what) for s in items]
