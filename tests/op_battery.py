@@ -60,8 +60,10 @@ How to subclass (``tests/test_rope2d.py`` is a full example)::
 - To reuse an op's subclass (say the ``freqs_index=`` variant of rope2d: the same op and reference, other
   samples), subclass it through its module, ``import test_rope2d`` then
   ``class TestRope2DFreqsIndex(test_rope2d.TestRope2D)``, so pytest does not collect the imported class a
-  second time; override :meth:`OpBattery.sample_inputs`, :attr:`OpBattery.opcheck_samples` and the calls of
-  :meth:`OpBattery.opcheck_calls` that need the new argument.
+  second time; override :meth:`OpBattery.sample_inputs`, :attr:`OpBattery.opcheck_samples` and
+  :attr:`OpBattery.compile_samples` (they name the new samples), and :meth:`OpBattery.opcheck_calls` where the
+  parent's does not pass the new argument on (TestRope2D's and TestQkNormRope's give a sample's ``freqs_index=``
+  to the backward ops too; ``tests/test_freqs_index.py`` subclasses both).
 - Override :meth:`opcheck_calls` to add the in-place twin (with ``conftest.INPLACE_OPCHECK_UTILS``) and the
   backward op, :meth:`check_layout` for outputs that are not contiguous, and the tolerance dicts where an
   op needs other ones. Tests of errors, in-place twins, ``torch.compile`` inside a larger function (an

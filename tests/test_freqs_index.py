@@ -1,69 +1,44 @@
 """Per-sequence frequencies (SPEC §10): rope2d, rope2d_ and qk_norm_rope with ``freqs_index``
 (int64 [N]), where ``freqs`` gains a leading table dim ([F, 2, D/2] or [F, H, 2, D/2]) and token n
-turns by table ``freqs_index[n]``. Parity with the float64 reference, float64 gradcheck, opcheck,
-the low-precision rule, the single-table case bit for bit, deterministic per-table gradients, the
+turns by table ``freqs_index[n]``. The op battery (tests/op_battery.py) runs rope2d and qk_norm_rope
+over one input generator with ``freqs_index=`` (parity with the float64 reference, float64 gradcheck,
+opcheck of the op, its in-place twin and its backward, the low-precision rule, deterministic
+per-table gradients, views, B = 0, torch.compile, CUDA against CPU); beside it: the reference per
+table, the in-place op, zero gradients of unused tables, the single-table case bit for bit, the
 argument errors, and the packed [2, 1, H, T, D] layout; on every device present."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable, List
+from typing import List
 
 import pytest
+import test_qk_norm_rope
+import test_rope2d
 import torch
-from conftest import DEVICES, INPLACE_OPCHECK_UTILS, assert_kernel_error_within_eager
-from torch import Tensor
+from conftest import DEVICES
+from op_battery import Leaf, OpSample
 
 import jitrope
 from jitrope import ops
-from jitrope.reference import qk_norm_rope_ref, rope2d_ref
+from jitrope.reference import rope2d_ref
 from jitrope.rope import axial_freqs, grid_coords
 
 pytestmark = pytest.mark.skipif(not jitrope.HAS_EXTENSION, reason=f"extension not built: {jitrope.EXTENSION_ERROR}")
 
-LOW_PRECISION = [torch.float16, torch.bfloat16]
-
-
-@dataclass
-class Sample:
-    name: str
-    base: Tensor  # the leaf that owns qk's memory
-    view: Callable[[Tensor], Tensor]  # qk = view(base): [2, B, H, N, D], often non-contiguous
-    coords: Tensor
-    freqs: Tensor  # [F, 2, D/2] or [F, H, 2, D/2]
-    index: Tensor  # int64 [N]
-    weight: Tensor  # [2, D], for qk_norm_rope
-    interleaved: bool
-
-    @property
-    def x(self) -> Tensor:
-        return self.view(self.base)
-
-    def rope(self, fn=ops.rope2d, x=None, freqs=None):
-        x = self.x if x is None else x
-        freqs = self.freqs if freqs is None else freqs
-        return fn(x, self.coords, freqs, interleaved=self.interleaved, freqs_index=self.index)
-
-    def qk_norm(self, fn=ops.qk_norm_rope, x=None, weight=None, freqs=None):
-        x = self.x if x is None else x
-        weight = self.weight if weight is None else weight
-        freqs = self.freqs if freqs is None else freqs
-        return fn(x, weight, self.coords, freqs, interleaved=self.interleaved, freqs_index=self.index)
-
-    def __repr__(self) -> str:
-        shapes = f"x={tuple(self.x.shape)}, freqs={tuple(self.freqs.shape)}"
-        return f"Sample({self.name}, {shapes}, index={self.index.tolist()})"
+OPS = {"rope2d": ops.rope2d, "qk_norm_rope": ops.qk_norm_rope}
 
 
 def _qkv_view(B, N, H, D):
     return lambda t: t.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
 
 
-def sample_inputs(device, dtype, requires_grad=False) -> List[Sample]:
-    """Random inputs: views of a qkv projection, strided and transposed views, B = 0, shared and
-    per-head tables, both pair conventions, fractional coordinates with a (0, 0) prefix token, table
-    indices in runs (packed sequences), shuffled, strided, and leaving some tables unused."""
+def sample_inputs(device, dtype, requires_grad=False, op="rope2d") -> List[OpSample]:
+    """Random inputs of ``op`` (rope2d or qk_norm_rope): views of a qkv projection, strided and
+    transposed views, B = 0, shared and per-head tables, both pair conventions, fractional coordinates
+    with a (0, 0) prefix token, table indices in runs (packed sequences), shuffled, strided, and leaving
+    some tables unused. Both ops get the same values; leaves: x's base (``x`` or ``qk``), for
+    qk_norm_rope ``weight``, and ``freqs``."""
     gen = torch.Generator().manual_seed(20260101)
 
     def rnd(*shape):
@@ -125,24 +100,50 @@ def sample_inputs(device, dtype, requires_grad=False) -> List[Sample]:
             index = torch.stack([index, index], 1)[:, 1]  # a strided index
             freqs = freqs.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous tables
         weight = torch.rand(2, D, generator=gen, dtype=torch.float64) + 0.5
-        samples.append(
-            Sample(
-                name,
-                base.to(device=device, dtype=dtype).requires_grad_(requires_grad),
-                view,
-                coords.to(device=device, dtype=acc),
-                freqs.to(device=device, dtype=acc).requires_grad_(requires_grad),
-                index,
-                weight.to(device=device, dtype=acc).requires_grad_(requires_grad),
-                interleaved,
-            )
-        )
-        assert samples[-1].x.shape == (2, B, H, N, D), name
-    assert not samples[4].index.is_contiguous() and not samples[4].freqs.is_contiguous()
+        base = base.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        coords = coords.to(device=device, dtype=acc)
+        freqs = freqs.to(device=device, dtype=acc).requires_grad_(requires_grad)
+        kwargs = dict(interleaved=interleaved, freqs_index=index)
+        if op == "rope2d":
+            samples.append(OpSample(name, (Leaf("x", view), coords, Leaf("freqs")), kwargs, dict(x=base, freqs=freqs)))
+        else:
+            weight = weight.to(device=device, dtype=acc).requires_grad_(requires_grad)
+            leaves = dict(qk=base, weight=weight, freqs=freqs)
+            args = (Leaf("qk", view), Leaf("weight"), coords, Leaf("freqs"))
+            samples.append(OpSample(name, args, dict(eps=1e-6, **kwargs), leaves))
+        assert samples[-1].inputs()[0][0].shape == (2, B, H, N, D), name
+    strided = samples[4]
+    assert not strided.kwargs["freqs_index"].is_contiguous() and not strided.leaves["freqs"].is_contiguous()
     return samples
 
 
-SAMPLE_NAMES = [s.name for s in sample_inputs("cpu", torch.float64)]
+OPCHECK_SAMPLES = ("qkv_view_runs", "heads_tokens_transposed", "batch_0", "shuffled_odd_half")
+
+
+# ---------------------------------------------------------------- the battery
+
+
+class TestRope2DFreqsIndex(test_rope2d.TestRope2D):
+    """TestRope2D's battery (its reference, layout check and opcheck of rope2d, rope2d_ and
+    rope2d_backward, which pass freqs_index on) over the freqs_index samples."""
+
+    opcheck_samples = OPCHECK_SAMPLES
+    compile_samples = ("qkv_view_per_head_half_split",)  # a strided qkv view, per-head tables, half-split
+
+    def sample_inputs(self, device, dtype, requires_grad=False):
+        return sample_inputs(device, dtype, requires_grad, op="rope2d")
+
+
+class TestQkNormRopeFreqsIndex(test_qk_norm_rope.TestQkNormRope):
+    """TestQkNormRope's battery (opcheck of qk_norm_rope and qk_norm_rope_backward, which pass
+    freqs_index on) over the freqs_index samples."""
+
+    opcheck_samples = OPCHECK_SAMPLES
+    compile_samples = ("qkv_view_per_head_half_split",)
+    gradcheck_fast_above = 2000  # TestQkNormRope's 1000 is for its wide head; these full Jacobians are quick
+
+    def sample_inputs(self, device, dtype, requires_grad=False):
+        return sample_inputs(device, dtype, requires_grad, op="qk_norm_rope")
 
 
 # ---------------------------------------------------------------- the reference
@@ -151,130 +152,43 @@ SAMPLE_NAMES = [s.name for s in sample_inputs("cpu", torch.float64)]
 def test_reference_is_the_plain_reference_per_table():
     """Token n of the indexed reference is token n of the plain reference with freqs[index[n]]."""
     for s in sample_inputs("cpu", torch.float64):
-        out = s.rope(rope2d_ref)
-        for f in range(s.freqs.shape[0]):
-            plain = rope2d_ref(s.x, s.coords, s.freqs[f], interleaved=s.interleaved)
-            mask = s.index == f
+        (x, coords, freqs), kw = s.inputs()
+        out = s.call(rope2d_ref)
+        for f in range(freqs.shape[0]):
+            plain = rope2d_ref(x, coords, freqs[f], interleaved=kw["interleaved"])
+            mask = kw["freqs_index"] == f
             assert torch.equal(out[..., mask, :], plain[..., mask, :]), (s, f)
 
 
-# ---------------------------------------------------------------- forward parity
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_forward_matches_reference(device, dtype):
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    for s in sample_inputs(device, dtype):
-        x64, c64, f64, w64 = s.x.double(), s.coords.double(), s.freqs.double(), s.weight.double()
-        ref = rope2d_ref(x64, c64, f64, interleaved=s.interleaved, freqs_index=s.index)
-        torch.testing.assert_close(s.rope().double(), ref, **tol, msg=lambda m: f"{s} rope2d: {m}")
-        ref = qk_norm_rope_ref(x64, w64, c64, f64, interleaved=s.interleaved, freqs_index=s.index)
-        torch.testing.assert_close(s.qk_norm().double(), ref, **tol, msg=lambda m: f"{s} qk_norm_rope: {m}")
+# ---------------------------------------------------------------- in place
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_inplace_matches_out_of_place(device, dtype):
     for s in sample_inputs(device, dtype):
-        expected = s.rope()
-        base = s.base.detach().clone()
-        y = s.view(base)
-        ret = ops.rope2d_(y, s.coords, s.freqs.detach(), interleaved=s.interleaved, freqs_index=s.index)
+        (_, coords, freqs), kw = s.inputs()
+        expected = s.call(ops.rope2d)
+        y = s.inputs(s.map_leaves(lambda t: t.detach().clone()))[0][0]  # the same view of a copy
+        ret = ops.rope2d_(y, coords, freqs.detach(), **kw)
         assert ret is y
         assert torch.equal(y, expected), s
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_error_within_twice_eager(device, dtype):
-    """flash-attention's rule against a float64 reference, forward and every gradient."""
-    for s in sample_inputs(device, dtype, requires_grad=True):
-        if s.x.numel() == 0:
-            continue
-        base64 = s.base.detach().double().requires_grad_()
-        freqs64 = s.freqs.detach().double().requires_grad_()
-        weight64 = s.weight.detach().double().requires_grad_()
-        for op, ref_op, leaves, call in [
-            (ops.rope2d, rope2d_ref, (s.base, s.freqs), lambda fn, x, w, f: s.rope(fn, x, f)),
-            (
-                ops.qk_norm_rope,
-                qk_norm_rope_ref,
-                (s.base, s.weight, s.freqs),
-                lambda fn, x, w, f: s.qk_norm(fn, x, w, f),
-            ),
-        ]:
-            out = call(op, s.x, s.weight, s.freqs)
-            eager = call(ref_op, s.x, s.weight, s.freqs)
-            ref = call(ref_op, s.view(base64), weight64, freqs64)
-            leaves64 = (base64, freqs64) if len(leaves) == 2 else (base64, weight64, freqs64)
-            g = torch.randn_like(out)
-            grads = torch.autograd.grad(out, leaves, g)
-            grads_eager = torch.autograd.grad(eager, leaves, g)
-            grads_ref = torch.autograd.grad(ref, leaves64, g.double())
-            assert_kernel_error_within_eager(f"{s} {op.__name__} out", out, eager, ref)
-            for i, (k, e, r) in enumerate(zip(grads, grads_eager, grads_ref)):
-                assert_kernel_error_within_eager(f"{s} {op.__name__} grad {i}", k, e, r)
 
 
 # ---------------------------------------------------------------- gradients
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_rope2d(device):
-    for s in sample_inputs(device, torch.float64, requires_grad=True):
-
-        def fn(base, freqs, s=s):
-            return s.rope(x=s.view(base), freqs=freqs)
-
-        assert torch.autograd.gradcheck(fn, (s.base, s.freqs), fast_mode=s.base.numel() > 2000), s
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_qk_norm_rope(device):
-    for s in sample_inputs(device, torch.float64, requires_grad=True):
-
-        def fn(base, weight, freqs, s=s):
-            return s.qk_norm(x=s.view(base), weight=weight, freqs=freqs)
-
-        assert torch.autograd.gradcheck(fn, (s.base, s.weight, s.freqs), fast_mode=s.base.numel() > 2000), s
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_matches_reference_autograd(device):
-    for s in sample_inputs(device, torch.float64, requires_grad=True):
-        for op, ref_op, leaves, call in [
-            (ops.rope2d, rope2d_ref, (s.base, s.freqs), s.rope),
-            (ops.qk_norm_rope, qk_norm_rope_ref, (s.base, s.weight, s.freqs), s.qk_norm),
-        ]:
-            out = call(op)
-            g = torch.randn_like(out)
-            got = torch.autograd.grad(out, leaves, g)
-            want = torch.autograd.grad(call(ref_op), leaves, g)
-            for a, b in zip(got, want):
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{s} {op.__name__}: {m}")
-            unused = torch.ones(s.freqs.shape[0], dtype=torch.bool, device=device)
-            unused[s.index] = False
-            assert torch.equal(got[-1][unused], torch.zeros_like(got[-1][unused])), s
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_freqs_gradient_is_deterministic(device, dtype):
-    for s in sample_inputs(device, dtype, requires_grad=True):
-        for call, leaves in [(s.rope, (s.base, s.freqs)), (s.qk_norm, (s.base, s.weight, s.freqs))]:
-            out = call()
-            g = torch.randn_like(out)
-            first = torch.autograd.grad(out, leaves, g, retain_graph=True)
-            for threads in (1, torch.get_num_threads()):
-                prev = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                try:
-                    again = torch.autograd.grad(call(), leaves, g)
-                finally:
-                    torch.set_num_threads(prev)
-                for a, b in zip(first, again):
-                    assert torch.equal(a, b), s
+@pytest.mark.parametrize("op", list(OPS))
+def test_tables_no_token_uses_get_a_zero_gradient(device, op):
+    """The battery compares the freqs gradient with the reference's; a table no token picks gets
+    exactly zero, not a leftover of another table's sum."""
+    for s in sample_inputs(device, torch.float64, requires_grad=True, op=op):
+        out = s.call(OPS[op])
+        (grad,) = torch.autograd.grad(out, s.leaves["freqs"], torch.randn_like(out))
+        unused = torch.ones(grad.shape[0], dtype=torch.bool, device=device)
+        unused[s.kwargs["freqs_index"]] = False
+        assert torch.equal(grad[unused], torch.zeros_like(grad[unused])), s
 
 
 # ---------------------------------------------------------------- one table is the plain op
@@ -284,59 +198,30 @@ def test_freqs_gradient_is_deterministic(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_single_table_equals_plain_call_bit_for_bit(device, dtype):
     """F = 1 (every index 0) gives the plain op's bits: output and every gradient."""
-    for s in sample_inputs(device, dtype, requires_grad=True):
-        plain_freqs = s.freqs.detach()[0].clone().requires_grad_()
-        table = s.freqs.detach()[:1].clone().requires_grad_()
-        zeros = torch.zeros_like(s.index)
-        for op in ("rope2d", "qk_norm_rope"):
-            if op == "rope2d":
-                plain = ops.rope2d(s.x, s.coords, plain_freqs, interleaved=s.interleaved)
-                indexed = ops.rope2d(s.x, s.coords, table, interleaved=s.interleaved, freqs_index=zeros)
-                leaves = (s.base,)
-            else:
-                plain = ops.qk_norm_rope(s.x, s.weight, s.coords, plain_freqs, interleaved=s.interleaved)
-                indexed = ops.qk_norm_rope(s.x, s.weight, s.coords, table, interleaved=s.interleaved, freqs_index=zeros)
-                leaves = (s.base, s.weight)
+    for op, fn in OPS.items():
+        for s in sample_inputs(device, dtype, requires_grad=True, op=op):
+            others = {k: t for k, t in s.leaves.items() if k != "freqs"}
+            plain_freqs = s.leaves["freqs"].detach()[0].clone().requires_grad_()
+            table = s.leaves["freqs"].detach()[:1].clone().requires_grad_()
+            args, kw = s.inputs({**others, "freqs": plain_freqs})
+            plain = fn(*args, **{k: v for k, v in kw.items() if k != "freqs_index"})
+            args, kw = s.inputs({**others, "freqs": table})
+            indexed = fn(*args, **{**kw, "freqs_index": torch.zeros_like(kw["freqs_index"])})
             assert torch.equal(plain, indexed), (s, op)
             g = torch.randn_like(plain)
-            got_plain = torch.autograd.grad(plain, (*leaves, plain_freqs), g)
-            got_indexed = torch.autograd.grad(indexed, (*leaves, table), g)
+            got_plain = torch.autograd.grad(plain, (*others.values(), plain_freqs), g)
+            got_indexed = torch.autograd.grad(indexed, (*others.values(), table), g)
             for a, b in zip(got_plain, got_indexed):
                 assert torch.equal(a, b.reshape(a.shape)), (s, op)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_table_of_many_equals_the_plain_call_with_it(device):
-    s = sample_inputs(device, torch.float32)[0]
-    for f in range(s.freqs.shape[0]):
-        index = torch.full_like(s.index, f)
-        got = ops.rope2d(s.x, s.coords, s.freqs, interleaved=s.interleaved, freqs_index=index)
-        assert torch.equal(got, ops.rope2d(s.x, s.coords, s.freqs[f], interleaved=s.interleaved))
-
-
-# ---------------------------------------------------------------- opcheck
-
-
-OPCHECK_SAMPLES = ["qkv_view_runs", "heads_tokens_transposed", "batch_0", "shuffled_odd_half"]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", OPCHECK_SAMPLES)
-def test_opcheck(device, name):
-    s = next(s for s in sample_inputs(device, torch.float32, requires_grad=True) if s.name == name)
-    x, c, f, w, i, il = s.x, s.coords, s.freqs, s.weight, s.index, s.interleaved
-    jit = torch.ops.jitrope
-    torch.library.opcheck(jit.rope2d.default, (x, c, f, il, i))
-    torch.library.opcheck(jit.qk_norm_rope.default, (x, w, c, f, 1e-6, il, i))
-    with torch.no_grad():
-        y = s.view(s.base.detach().clone())
-        torch.library.opcheck(jit.rope2d_.default, (y, c, f.detach(), il, i), test_utils=INPLACE_OPCHECK_UTILS)
-    g = torch.randn(x.shape, device=device)
-    for fwd_x in (x.detach(), None):
-        torch.library.opcheck(jit.rope2d_backward.default, (g, c, f.detach(), fwd_x, il, i))
-    for freqs_grad in (True, False):
-        args = (g, x.detach(), w.detach(), c, f.detach(), 1e-6, il, freqs_grad, i)
-        torch.library.opcheck(jit.qk_norm_rope_backward.default, args)
+    (x, coords, freqs), kw = sample_inputs(device, torch.float32)[0].inputs()
+    for f in range(freqs.shape[0]):
+        index = torch.full_like(kw["freqs_index"], f)
+        got = ops.rope2d(x, coords, freqs, interleaved=kw["interleaved"], freqs_index=index)
+        assert torch.equal(got, ops.rope2d(x, coords, freqs[f], interleaved=kw["interleaved"]))
 
 
 # ---------------------------------------------------------------- packed sequences

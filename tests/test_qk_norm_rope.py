@@ -87,12 +87,14 @@ class TestQkNormRope(OpBattery):
     def opcheck_calls(self, s):
         (qk, weight, coords, freqs), kw = s.inputs()
         calls = super().opcheck_calls(s)
-        # qk_norm_rope_backward is not differentiable itself (test_double_backward): inputs without grad.
+        # qk_norm_rope_backward is not differentiable itself (test_double_backward): inputs without grad. A
+        # freqs_index= of a subclass's samples (tests/test_freqs_index.py) goes to the backward op too.
         g = torch.randn(qk.shape, device=qk.device)
         freqs = None if freqs is None else freqs.detach()
+        index = {k: v for k, v in kw.items() if k == "freqs_index"}
         for freqs_grad in [True, False] if freqs is not None else [False]:
             args = (g, qk.detach(), weight.detach(), coords, freqs, kw["eps"], kw["interleaved"], freqs_grad)
-            calls.append((torch.ops.jitrope.qk_norm_rope_backward.default, args, {}, OPCHECK_UTILS))
+            calls.append((torch.ops.jitrope.qk_norm_rope_backward.default, args, index, OPCHECK_UTILS))
         return calls
 
 

@@ -93,14 +93,16 @@ class TestRope2D(OpBattery):
         with torch.no_grad():
             y = s.inputs(s.map_leaves(lambda t: t.detach().clone()))[0][0]
         calls.append((torch.ops.jitrope.rope2d_.default, (y, coords, freqs.detach()), kw, INPLACE_OPCHECK_UTILS))
-        # rope2d_backward is not differentiable itself (test_double_backward): inputs without grad.
+        # rope2d_backward is not differentiable itself (test_double_backward): inputs without grad. A
+        # freqs_index= of a subclass's samples (tests/test_freqs_index.py) goes to the backward op too.
         g = torch.randn(x.shape, device=x.device)
+        index = {k: v for k, v in kw.items() if k == "freqs_index"}
         for fwd_x in (x.detach(), None):
             calls.append(
                 (
                     torch.ops.jitrope.rope2d_backward.default,
                     (g, coords, freqs.detach(), fwd_x, kw["interleaved"]),
-                    {},
+                    index,
                     OPCHECK_UTILS,
                 )
             )
