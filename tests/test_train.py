@@ -127,6 +127,32 @@ def test_existing_checkpoints_need_resume_and_a_matching_config(tmp_path, capsys
     assert "weights.safetensors cannot be verified: " in capsys.readouterr().err
 
 
+def test_resume_lets_runtime_settings_differ_and_refuses_what_changes_the_training(tmp_path):
+    quiet = dict(log=lambda *a, **k: None)
+    T.train(_cfg(tmp_path, "train.steps=2", "train.ckpt_every=2", f"data.root={tmp_path / 'a'}"), **quiet)
+    # the data moved and is not to be downloaded again, other kernels compute the same thing: fine
+    said = []
+    moved = ["data.download=false", f"data.root={tmp_path / 'b'}", "model.packed_attn=mask", "model.pos_impl=fused"]
+    out = T.train(_cfg(tmp_path, "train.steps=4", *moved), resume=True, log=said.append)
+    assert out["step"] == 4
+    changed = [x for x in said if "changed runtime settings" in x]
+    assert len(changed) == 1, said
+    for key in ("data.download: checkpoint True vs now False", "data.root: ", "model.packed_attn", "model.pos_impl"):
+        assert key in changed[0], changed[0]
+    # what is trained may not change, and the error names every key that did
+    for extra, named in [
+        (["model.depth=3"], ["model.depth: checkpoint None vs now 3"]),
+        (
+            ["data.num_images=300", "data.hflip=true"],
+            ["data.hflip: checkpoint False", "data.num_images: checkpoint 256"],
+        ),
+        (["data.root=/elsewhere", "diffusion.P_mean=-0.5"], ["diffusion.P_mean"]),
+    ]:
+        with pytest.raises(CheckpointError, match="another config") as e:
+            T.train(_cfg(tmp_path, "train.steps=6", *extra), resume=True, **quiet)
+        assert all(k in str(e.value) for k in named) and "data.root" not in str(e.value), str(e.value)
+
+
 def test_checkpoint_writes_are_atomic_and_mismatches_named(tmp_path, monkeypatch):
     sd = {"w": torch.ones(2, 2), "tied": None}
     sd["tied"] = sd["w"]  # shared storage is written as two tensors

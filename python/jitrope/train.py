@@ -166,9 +166,15 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return d
 
 
-def _diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str) -> List[str]:
+def _diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str) -> List[Tuple[str, str]]:
+    """``(key, "prefix.key: checkpoint A vs now B")`` for every key whose values differ."""
     keys = sorted(set(a) | set(b))
-    return [f"{prefix}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return [(k, f"{prefix}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}") for k in keys if a.get(k) != b.get(k)]
+
+
+# Keys of where and how this machine computes, not of what is trained (fused and torch positional
+# ops, and the packed attention kernels, compute the same thing): --resume lets them differ.
+_RUNTIME_KEYS = {"data": ("root", "download"), "model": ("pos_impl", "packed_attn")}
 
 
 class _Logger:
@@ -290,7 +296,7 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
             run = _Run(cfg, device, D, say, allow_unverified)
             if ckpt_dir is not None:
                 run.step, run.last_loss = _restore(
-                    ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device, allow_unverified
+                    ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device, allow_unverified, say
                 )
                 run.last_ckpt = ckpt_dir
                 say(f"resumed from {ckpt_dir} at step {run.step}")
@@ -717,20 +723,31 @@ def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist
 
 
 def _restore(
-    ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device, allow_unverified: bool = False
+    ckpt_dir: Path,
+    cfg: Config,
+    model,
+    ema: EMA,
+    opt,
+    stream: IndexStream,
+    device,
+    allow_unverified: bool = False,
+    say=print,
 ) -> Tuple[int, float]:
     w = load_weights(ckpt_dir, allow_unverified=allow_unverified)
     f = w["path"]
     saved = w["config"]
     now = cfg.to_dict()
-    diffs = _diff_keys(saved.get("model", {}), now["model"], "model")
-    for sec in ("data", "diffusion"):
-        diffs += _diff_keys(saved.get(sec, {}), now[sec], sec)
+    diffs, runtime = [], []
+    for sec in ("model", "data", "diffusion"):
+        for k, line in _diff_keys(saved.get(sec, {}), now[sec], sec):
+            (runtime if k in _RUNTIME_KEYS.get(sec, ()) else diffs).append(line)
     for k in ("seed", "batch_size", "ema_decays", "tokens_per_batch"):
         if saved.get("train", {}).get(k) != now["train"][k]:
             diffs.append(f"train.{k}: checkpoint {saved.get('train', {}).get(k)!r} vs now {now['train'][k]!r}")
     if diffs:
         raise CheckpointError(f"{f} was written by a run with another config: {'; '.join(diffs)}")
+    if runtime:
+        say(f"resuming with changed runtime settings (they do not change what is trained): {'; '.join(runtime)}")
     check_state_dict(model.state_dict(), w["model"], where=f"{f} [model]")
     if len(w["emas"]) != len(ema.decays):
         raise CheckpointError(f"{f} holds {len(w['emas'])} EMAs, the run has {len(ema.decays)} (train.ema_decays)")
@@ -775,7 +792,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in train.out_dir; the config must train the same thing "
+        "(data.root, data.download, model.pos_impl and model.packed_attn may differ)",
+    )
     p.add_argument(
         "--allow-unverified",
         action="store_true",
