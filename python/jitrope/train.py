@@ -219,7 +219,7 @@ def _sample_grid(
 ) -> Any:
     """One row per class (EMA weights, CFG from sample.*), plus condition rows when the model has a
     condition image: [condition | samples] for held-out images."""
-    from .sample import generate, make_grid
+    from .sample import condition_rows, generate, make_grid
 
     n = 8
     k = model_cfg.num_classes
@@ -249,11 +249,8 @@ def _sample_grid(
     if cond_rows is not None:
         lab = labels[k * n :]
         xc = generate(ema_model, diffusion, lab, cond_rows.repeat_interleave(n, dim=0), **kw)
-        size = model_cfg.img_size
-        shown = torch.nn.functional.interpolate(cond_rows, size=(size, size), mode="nearest")
-        for r in range(len(cond_rows)):
-            imgs.append(torch.cat([shown[r : r + 1], xc[r * n : (r + 1) * n]]))
-            rows.append(f"cond | {class_names[int(lab[r * n])]}")
+        imgs.append(condition_rows(cond_rows, xc, n))
+        rows += [f"cond | {class_names[int(lab[r * n])]}" for r in range(len(cond_rows))]
         # class rows have n images, condition rows n + 1: pad the class rows with a blank first cell
         blank = torch.ones(1, *x.shape[1:])
         imgs[0] = torch.cat([torch.cat([blank, x[i * n : (i + 1) * n]]) for i in range(k)])
