@@ -110,6 +110,26 @@ def test_condition_images_from_a_folder(tiny_run, tmp_path):
     assert len(list((tmp_path / "cond").iterdir())) == 4
 
 
+def test_condition_rows_show_each_condition_at_the_sample_size_before_its_samples():
+    """The one layout of condition rows, used by the trainer's periodic grid and by jitrope.sample."""
+    g = torch.Generator().manual_seed(0)
+    n, samples = 3, torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
+    small, large = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    enlarged = small.repeat_interleave(2, -2).repeat_interleave(2, -1)  # nearest-neighbour, 2x
+    reduced = large.double().reshape(2, 3, 8, 2, 8, 2).mean((3, 5))  # box filter, 2x
+    for conds, shown in ((small, enlarged), (large, reduced)):
+        cells = S.condition_rows(conds, samples, n)
+        assert cells.shape == (8, 3, 8, 8)
+        for r in range(2):
+            torch.testing.assert_close(cells[r * (n + 1)].double(), shown[r].double(), rtol=0, atol=1e-6)
+            assert torch.equal(cells[r * (n + 1) + 1 : (r + 1) * (n + 1)], samples[r * n : (r + 1) * n])
+    u8 = S.condition_rows(small, S.to_uint8(samples), n)  # uint8 samples: the condition converted alike
+    assert u8.dtype == torch.uint8 and torch.equal(u8[0], S.to_uint8(enlarged[0]))
+    assert torch.equal(u8[1:4], S.to_uint8(samples[:3]))
+    with pytest.raises(ValueError, match="5 samples for 2 conditions of 3 each"):
+        S.condition_rows(small, samples[:5], n)
+
+
 def test_samples_do_not_depend_on_the_batch_size(tiny_run):
     model, cfg, info = S.load_model(tiny_run, ema="0")
     assert info["step"] == 6 and info["class_names"][0] == "disc"

@@ -127,6 +127,32 @@ def test_existing_checkpoints_need_resume_and_a_matching_config(tmp_path, capsys
     assert "weights.safetensors cannot be verified: " in capsys.readouterr().err
 
 
+def test_resume_lets_runtime_settings_differ_and_refuses_what_changes_the_training(tmp_path):
+    quiet = dict(log=lambda *a, **k: None)
+    T.train(_cfg(tmp_path, "train.steps=2", "train.ckpt_every=2", f"data.root={tmp_path / 'a'}"), **quiet)
+    # the data moved and is not to be downloaded again, other kernels compute the same thing: fine
+    said = []
+    moved = ["data.download=false", f"data.root={tmp_path / 'b'}", "model.packed_attn=mask", "model.pos_impl=fused"]
+    out = T.train(_cfg(tmp_path, "train.steps=4", *moved), resume=True, log=said.append)
+    assert out["step"] == 4
+    changed = [x for x in said if "changed runtime settings" in x]
+    assert len(changed) == 1, said
+    for key in ("data.download: checkpoint True vs now False", "data.root: ", "model.packed_attn", "model.pos_impl"):
+        assert key in changed[0], changed[0]
+    # what is trained may not change, and the error names every key that did
+    for extra, named in [
+        (["model.depth=3"], ["model.depth: checkpoint None vs now 3"]),
+        (
+            ["data.num_images=300", "data.hflip=true"],
+            ["data.hflip: checkpoint False", "data.num_images: checkpoint 256"],
+        ),
+        (["data.root=/elsewhere", "diffusion.P_mean=-0.5"], ["diffusion.P_mean"]),
+    ]:
+        with pytest.raises(CheckpointError, match="another config") as e:
+            T.train(_cfg(tmp_path, "train.steps=6", *extra), resume=True, **quiet)
+        assert all(k in str(e.value) for k in named) and "data.root" not in str(e.value), str(e.value)
+
+
 def test_checkpoint_writes_are_atomic_and_mismatches_named(tmp_path, monkeypatch):
     sd = {"w": torch.ones(2, 2), "tied": None}
     sd["tied"] = sd["w"]  # shared storage is written as two tensors
@@ -261,6 +287,76 @@ def test_two_process_gloo_torchrun_keeps_ranks_identical(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [4]
     w = load_weights(tmp_path / "run")["model"]
     assert all(torch.equal(w[k], r0[k]) for k in r0)
+
+
+def _two_ranks(*overrides, timeout=180):
+    """``python -m jitrope.train`` as ranks 0 and 1 of a gloo group, started by hand as a cluster
+    scheduler starts them (no torchrun agent that would kill the rank left behind); ``[(exit
+    status, stderr)]`` per rank, or a failure naming a rank that is still running at ``timeout``."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+    )
+    cmd = [sys.executable, "-m", "jitrope.train", "--config", TINY, *BASE, "train.device=cpu", *overrides]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    deadline, out = time.monotonic() + timeout, []
+    try:
+        for r, p in enumerate(procs):
+            try:
+                _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {r} still runs after {timeout} s: it waits for a rank that stopped")
+            out.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fails", ["checkpoint", "data"])
+def test_when_rank_0_fails_every_rank_stops_with_one_error_line(tmp_path, fails):
+    """Rank 0 alone writes checkpoints and fetches the data; when that fails the other rank must not
+    wait for it at a barrier forever."""
+    run = tmp_path / "run"
+    if fails == "checkpoint":
+        run.mkdir()
+        (run / "checkpoints").write_text("a file where the checkpoint folder goes\n")
+        extra = ["train.steps=2", "train.ckpt_every=2", "train.log_every=2"]
+        said = ["cannot write checkpoint", "step_00000002", "no checkpoint was written yet"]
+        what = "writing the checkpoint of step 2"
+    else:  # the emoji data is missing and may not be downloaded: rank 0 fails to fetch it
+        extra = [f"data.root={tmp_path / 'cache'}", "data.name=emoji", "data.download=false"]
+        said = ["the emoji data for", "is missing"]
+        what = "fetching the data"
+    (code0, err0), (code1, err1) = _two_ranks(f"train.out_dir={run}", *extra)
+    for code, err in ((code0, err0), (code1, err1)):
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(s in err0 for s in said), err0
+    assert err1 == f"error: rank 1 stopped: rank 0 failed {what} (its error line says why)\n"
+    assert not (run / "checkpoints").is_dir()
 
 
 def _fused_cpu_kernels():

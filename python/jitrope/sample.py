@@ -9,8 +9,8 @@ Writes the labelled grid to ``--out`` and every image to a folder beside it (``<
 Settings are config keys (``sample.*``, see :class:`jitrope.config.SampleConfig`), read as in
 training: the run's stored config, then ``--config FILE``, then ``section.key=value`` overrides,
 then the flags (each flag sets one key, e.g. ``--steps`` is ``sample.steps``).
-The Python API (:func:`load_model`, :func:`run_config`, :func:`generate`, :func:`make_grid`) is what
-the trainer and ``jitrope.evaluate`` use.
+The Python API (:func:`load_model`, :func:`run_config`, :func:`generate`, :func:`make_grid`,
+:func:`condition_rows`) is what the trainer and ``jitrope.evaluate`` use.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ __all__ = [
     "generate_sizes",
     "make_size_grid",
     "make_grid",
+    "condition_rows",
     "parse_classes",
     "load_cond_images",
     "SampleError",
@@ -285,6 +286,24 @@ def make_grid(images: Tensor, ncol: int, *, row_labels: Optional[Sequence[str]] 
     return canvas
 
 
+def condition_rows(conds: Tensor, samples: Tensor, n: int) -> Tensor:
+    """The cells of condition rows, ``[condition r | its n samples]`` for each row r, to grid with
+    ``make_grid(cells, n + 1)``: ``samples`` holds n per condition, row by row. A condition image is
+    shown at the samples' size: enlarged nearest-neighbour (its pixels stay visible as blocks),
+    or reduced with :func:`jitrope.data.resize_images` when larger. Float [-1, 1] or uint8 samples."""
+    if len(samples) != n * len(conds):
+        raise ValueError(f"condition_rows: {len(samples)} samples for {len(conds)} conditions of {n} each")
+    size = tuple(samples.shape[-2:])
+    if conds.shape[-2] > size[0] or conds.shape[-1] > size[1]:
+        shown = resize_images(conds, size)
+    else:
+        shown = torch.nn.functional.interpolate(conds.float(), size=size, mode="nearest")
+    if samples.dtype == torch.uint8 and shown.dtype != torch.uint8:
+        shown = to_uint8(shown)
+    shown = shown.to(samples.dtype)
+    return torch.cat([torch.cat([shown[r : r + 1], samples[r * n : (r + 1) * n]]) for r in range(len(conds))])
+
+
 def parse_classes(spec: Optional[str], class_names: Sequence[str]) -> List[int]:
     """``"0,3"``, ``"Smileys & Emotion,Flags"``, ``"all"`` or ``"null"`` (unconditional) -> indices.
 
@@ -509,14 +528,8 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
 
     u8 = imgs = to_uint8(x)
     ncol = s.n
-    if row_cond is not None:  # show the condition (upscaled to the sample size) first in its row
-        shown = to_uint8(
-            resize_images(row_cond, img_size)
-            if row_cond.shape[-1] > img_size
-            else torch.nn.functional.interpolate(row_cond, size=(img_size, img_size), mode="nearest")
-        )
-        imgs = torch.cat([torch.cat([shown[r : r + 1], imgs[r * s.n : (r + 1) * s.n]]) for r in range(len(row_cond))])
-        ncol += 1
+    if row_cond is not None:  # the condition first in its row, at the sample size
+        imgs, ncol = condition_rows(row_cond, u8, s.n), s.n + 1
     scale_f = s.scale if s.scale is not None else max(1, 64 // img_size)
     make_grid(imgs, ncol, row_labels=row_labels, scale=scale_f).save(out)
     if s.singles:

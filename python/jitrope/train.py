@@ -19,8 +19,11 @@ Nothing a user has is lost: rank 0 holds an exclusive lock on ``train.out_dir`` 
 is written only when the weights, EMAs and optimizer state are finite; ``keep_last`` deletes only
 checkpoints that verify. A run that stops early (the loss or the weights diverged, a checkpoint
 could not be written, Ctrl-C) says in one line what happened, which checkpoint is the last one
-kept and how to continue. Exit status of the CLI: 0 done, 2 bad input or such a stop (an
-``error:`` line), 130 interrupted (Ctrl-C, as shells report SIGINT).
+kept and how to continue. When a step that only rank 0 takes fails (preparing ``train.out_dir``,
+fetching the data, writing a checkpoint or a sample grid), the other ranks learn it in place of a
+barrier and stop too, each with a line saying rank 0 failed, rather than wait for it forever.
+Exit status of the CLI: 0 done, 2 bad input or such a stop (an ``error:`` line), 130 interrupted
+(Ctrl-C, as shells report SIGINT).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from .fileio import LockedError, check_writable_dir, exclusive_lock
 from .packing import mark_dynamic, pack_images
 from .runlog import MetricsLogger
 
-__all__ = ["train", "main", "lr_at", "step_generator", "TrainingStopped"]
+__all__ = ["train", "main", "lr_at", "step_generator", "TrainingStopped", "RankFailed"]
 
 
 class TrainingStopped(RuntimeError):
@@ -95,22 +98,48 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
 
 
+class RankFailed(RuntimeError):
+    """Another rank failed a step that every rank takes together (rank 0 fetching the data or
+    writing a checkpoint): this rank stops too, rather than wait for it forever; the failed rank's
+    own ``error:`` line says why."""
+
+
 class _Dist:
-    def __init__(self, device_kind: str):
+    def __init__(self, device: torch.device):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
+        self.device = device  # nccl reduces tensors on the GPU
         if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+    @contextlib.contextmanager
+    def together(self, what: str):
+        """A barrier after the block that also tells every rank which ranks' blocks raised: a rank
+        that failed re-raises its own error, the others raise :class:`RankFailed` naming ``what``.
+        A bare barrier would leave the others waiting forever for a rank that stopped."""
+        try:
+            yield
+        except Exception:
+            self._failed_ranks(True)
+            raise
+        failed = self._failed_ranks(False)
+        if failed:
+            who = f"rank {failed[0]}" if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
+            raise RankFailed(f"rank {self.rank} stopped: {who} failed {what} (its error line says why)")
+
+    def _failed_ranks(self, failed: bool) -> List[int]:
+        if not self.enabled:
+            return [self.rank] if failed else []
+        flags = torch.zeros(self.world, dtype=torch.int32, device=self.device)
+        flags[self.rank] = int(failed)
+        dist.all_reduce(flags)
+        return flags.nonzero().flatten().tolist()
 
     def mean(self, x: Tensor) -> Tensor:
         if self.enabled:
@@ -137,9 +166,15 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return d
 
 
-def _diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str) -> List[str]:
+def _diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str) -> List[Tuple[str, str]]:
+    """``(key, "prefix.key: checkpoint A vs now B")`` for every key whose values differ."""
     keys = sorted(set(a) | set(b))
-    return [f"{prefix}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return [(k, f"{prefix}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}") for k in keys if a.get(k) != b.get(k)]
+
+
+# Keys of where and how this machine computes, not of what is trained (fused and torch positional
+# ops, and the packed attention kernels, compute the same thing): --resume lets them differ.
+_RUNTIME_KEYS = {"data": ("root", "download"), "model": ("pos_impl", "packed_attn")}
 
 
 class _Logger:
@@ -184,7 +219,7 @@ def _sample_grid(
 ) -> Any:
     """One row per class (EMA weights, CFG from sample.*), plus condition rows when the model has a
     condition image: [condition | samples] for held-out images."""
-    from .sample import generate, make_grid
+    from .sample import condition_rows, generate, make_grid
 
     n = 8
     k = model_cfg.num_classes
@@ -214,11 +249,8 @@ def _sample_grid(
     if cond_rows is not None:
         lab = labels[k * n :]
         xc = generate(ema_model, diffusion, lab, cond_rows.repeat_interleave(n, dim=0), **kw)
-        size = model_cfg.img_size
-        shown = torch.nn.functional.interpolate(cond_rows, size=(size, size), mode="nearest")
-        for r in range(len(cond_rows)):
-            imgs.append(torch.cat([shown[r : r + 1], xc[r * n : (r + 1) * n]]))
-            rows.append(f"cond | {class_names[int(lab[r * n])]}")
+        imgs.append(condition_rows(cond_rows, xc, n))
+        rows += [f"cond | {class_names[int(lab[r * n])]}" for r in range(len(cond_rows))]
         # class rows have n images, condition rows n + 1: pad the class rows with a blank first cell
         blank = torch.ones(1, *x.shape[1:])
         imgs[0] = torch.cat([torch.cat([blank, x[i * n : (i + 1) * n]]) for i in range(k)])
@@ -241,22 +273,27 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
     t = cfg.train
     run_dir = Path(t.out_dir)
     device = _pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
-    D = _Dist(device.type)
+    D = _Dist(device)
     _setup_device(device, t.num_threads)
     say = log if D.main else (lambda *a, **k: None)
     run, ckpt_dir = None, None
     try:
         with contextlib.ExitStack() as held:
-            if D.main:
-                # checked before the data and the model, not at the first checkpoint; locked before anything
-                # in it is touched, so a second trainer on the folder changes nothing
-                check_writable_dir(run_dir, "train.out_dir")
-                held.enter_context(exclusive_lock(run_dir, "train.out_dir"))
-            ckpt_dir = _find_resume_point(run_dir, resume, allow_unverified, D, say)
+            with D.together("preparing train.out_dir"):
+                if D.main:
+                    # checked before the data and the model, not at the first checkpoint; locked before anything
+                    # in it is touched, so a second trainer on the folder changes nothing
+                    check_writable_dir(run_dir, "train.out_dir")
+                    held.enter_context(exclusive_lock(run_dir, "train.out_dir"))
+                    # rank 0 holds the folder's lock, so no checkpoint is being written; the cleanup may
+                    # rename a checkpoint back, so every rank lists the folder after it
+                    for p in clean_stale_temps(run_dir):
+                        say(f"removed {p}, left by an interrupted checkpoint write")
+            ckpt_dir = _find_resume_point(run_dir, resume, allow_unverified, say)
             run = _Run(cfg, device, D, say, allow_unverified)
             if ckpt_dir is not None:
                 run.step, run.last_loss = _restore(
-                    ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device, allow_unverified
+                    ckpt_dir, cfg, run.model, run.ema, run.opt, run.stream, device, allow_unverified, say
                 )
                 run.last_ckpt = ckpt_dir
                 say(f"resumed from {ckpt_dir} at step {run.step}")
@@ -285,13 +322,8 @@ def _setup_device(device: torch.device, num_threads: Optional[int]) -> None:
         cpu_setup(num_threads)  # denormal floats (decaying Adam moments, tiny grads) stall CPUs
 
 
-def _find_resume_point(run_dir: Path, resume: bool, allow_unverified: bool, D: _Dist, say) -> Optional[Path]:
-    """The checkpoint to continue from (None: a fresh start). Removes the temp folders of
-    interrupted checkpoint writes (rank 0 holds the folder's lock, so none is being written)."""
-    if D.main:
-        for p in clean_stale_temps(run_dir):
-            say(f"removed {p}, left by an interrupted checkpoint write")
-    D.barrier()  # the cleanup may rename a checkpoint back: every rank must list the folder after it
+def _find_resume_point(run_dir: Path, resume: bool, allow_unverified: bool, say) -> Optional[Path]:
+    """The checkpoint to continue from (None: a fresh start)."""
     newest = latest_checkpoint(run_dir)
     if newest is not None and not resume:
         raise CheckpointError(
@@ -352,9 +384,20 @@ class _Run:
     def _build_data(self) -> None:
         """Rank 0 fetches (and caches) the data first; the others read the cache after it."""
         cfg, D = self.cfg, self.D
-        if not D.main:
-            D.barrier()
-        train_data = cfg.data
+        with D.together("fetching the data"):
+            if D.main:
+                self._load_data()
+        with D.together("reading the data"):  # a rank may fail on its own (a file of the cache it cannot read)
+            if not D.main:
+                self._load_data()
+        self.mcfg = cfg.model_config()
+        _check_data_fits(cfg, self.mcfg, self.ds, D.world)
+        bm_kw = dict(cond=cfg.data.cond, cond_size=self.mcfg.cond_img_size, device=self.device)
+        self.maker = BatchMaker(self.ds, hflip=cfg.data.hflip, **bm_kw)
+        self.val_maker = BatchMaker(self.val, **bm_kw) if self.val is not None else None
+
+    def _load_data(self) -> None:
+        cfg, train_data = self.cfg, self.cfg.data
         if cfg.data.sizes:  # mixed sizes are resized from images at the largest side, not up from img_size
             side = max(max(hw) for hw in parse_sizes(cfg.data.sizes, "data.sizes"))
             if cfg.data.name == "emoji":
@@ -365,13 +408,6 @@ class _Run:
             self.val = build_dataset(cfg.data, "val", seed=self.t.seed, log=self.say)
         except DataError:
             self.val = None
-        if D.main:
-            D.barrier()
-        self.mcfg = cfg.model_config()
-        _check_data_fits(cfg, self.mcfg, self.ds, D.world)
-        bm_kw = dict(cond=cfg.data.cond, cond_size=self.mcfg.cond_img_size, device=self.device)
-        self.maker = BatchMaker(self.ds, hflip=cfg.data.hflip, **bm_kw)
-        self.val_maker = BatchMaker(self.val, **bm_kw) if self.val is not None else None
 
     def _build_packing(self) -> None:
         """The token-budget packer and the mixed-size batch maker of ``data.sizes`` (one rank only)."""
@@ -459,8 +495,10 @@ class _Run:
             self.train_step()
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self.log_step()
-            if D.main and t.sample_every > 0 and (self.step % t.sample_every == 0 or self.step == t.steps):
-                self.sample_step()
+            if t.sample_every > 0 and (self.step % t.sample_every == 0 or self.step == t.steps):
+                with D.together(f"writing the sample grid of step {self.step}"):
+                    if D.main:
+                        self.sample_step()
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.checkpoint_step()
         self.bar.close()
@@ -610,12 +648,14 @@ class _Run:
                 self.last_ckpt,
                 _DIVERGED_HINT,
             )
-        if D.main:
-            try:
-                self.last_ckpt = self._save()
-            except CheckpointError as e:
-                raise TrainingStopped(str(e), self.step, self.last_ckpt, "free some space or fix the folder") from None
-        D.barrier()
+        with D.together(f"writing the checkpoint of step {self.step}"):
+            if D.main:
+                try:
+                    self.last_ckpt = self._save()
+                except (CheckpointError, OSError) as e:  # OSError: pruning the old ones
+                    raise TrainingStopped(
+                        str(e), self.step, self.last_ckpt, "free some space or fix the folder"
+                    ) from None
 
     def _save(self) -> Path:
         t, D = self.t, self.D
@@ -680,20 +720,31 @@ def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist
 
 
 def _restore(
-    ckpt_dir: Path, cfg: Config, model, ema: EMA, opt, stream: IndexStream, device, allow_unverified: bool = False
+    ckpt_dir: Path,
+    cfg: Config,
+    model,
+    ema: EMA,
+    opt,
+    stream: IndexStream,
+    device,
+    allow_unverified: bool = False,
+    say=print,
 ) -> Tuple[int, float]:
     w = load_weights(ckpt_dir, allow_unverified=allow_unverified)
     f = w["path"]
     saved = w["config"]
     now = cfg.to_dict()
-    diffs = _diff_keys(saved.get("model", {}), now["model"], "model")
-    for sec in ("data", "diffusion"):
-        diffs += _diff_keys(saved.get(sec, {}), now[sec], sec)
+    diffs, runtime = [], []
+    for sec in ("model", "data", "diffusion"):
+        for k, line in _diff_keys(saved.get(sec, {}), now[sec], sec):
+            (runtime if k in _RUNTIME_KEYS.get(sec, ()) else diffs).append(line)
     for k in ("seed", "batch_size", "ema_decays", "tokens_per_batch"):
         if saved.get("train", {}).get(k) != now["train"][k]:
             diffs.append(f"train.{k}: checkpoint {saved.get('train', {}).get(k)!r} vs now {now['train'][k]!r}")
     if diffs:
         raise CheckpointError(f"{f} was written by a run with another config: {'; '.join(diffs)}")
+    if runtime:
+        say(f"resuming with changed runtime settings (they do not change what is trained): {'; '.join(runtime)}")
     check_state_dict(model.state_dict(), w["model"], where=f"{f} [model]")
     if len(w["emas"]) != len(ema.decays):
         raise CheckpointError(f"{f} holds {len(w['emas'])} EMAs, the run has {len(ema.decays)} (train.ema_decays)")
@@ -738,7 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in train.out_dir; the config must train the same thing "
+        "(data.root, data.download, model.pos_impl and model.packed_attn may differ)",
+    )
     p.add_argument(
         "--allow-unverified",
         action="store_true",
@@ -775,7 +831,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             line = e.describe(_resume_command(argv))
             print(line if e.exit_code == 130 else f"error: {line}", file=sys.stderr)
         return e.exit_code
-    except (ConfigError, DataError, CheckpointError, LockedError, OSError) as e:
+    except (ConfigError, DataError, CheckpointError, LockedError, OSError, RankFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training began: nothing to keep
