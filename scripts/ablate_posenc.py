@@ -271,6 +271,20 @@ def _doc(with_estimate: bool) -> str:
     return __doc__.format(study_steps=s["steps"], study_ckpt=s["ckpt_every"], estimate=est)
 
 
+def _study_of_json(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """A page rebuilt with --from-json describes the study the JSON came from: its scale and run folder
+    (recorded in the JSON) apply unless --scale / --out-dir are given."""
+    try:
+        study = json.loads(Path(args.from_json).read_text()).get("study") or {}
+    except (OSError, ValueError) as e:
+        p.error(f"--from-json {args.from_json}: {e}")
+    given = {a.split("=", 1)[0] for a in argv}
+    if "--scale" not in given and study.get("scale") in SCALES:
+        args.scale = study["scale"]
+    if "--out-dir" not in given and study.get("out_dir"):
+        args.out_dir = study["out_dir"]
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     helping = any(a in ("-h", "--help") for a in argv)  # the estimate builds models: only when it is shown
@@ -353,6 +367,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides for every run")
     args = p.parse_args(argv)
+    if args.from_json is not None and args.stage == "report":  # else refused below, naming --stage
+        _study_of_json(p, args, argv)
     for k, v in SCALES[args.scale].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -725,6 +741,7 @@ def page_info(args, rows, timing: Dict, *, command: str):
         device=args.device,
         jobs=args.jobs,
         out_dir=args.out_dir,
+        scale=args.scale,
         regimes={g: about(g) for g in args.regime_list},
         regime_notes={
             "mixed": ", ".join(f"`{n}` trains it with {' '.join(o)}" for n, o in MIXED_ENCODING_OVERRIDES.items())

@@ -198,7 +198,8 @@ def test_a_readme_without_the_answer_markers_is_refused_before_any_work(tmp_path
 
 
 def test_the_existing_results_json_still_makes_the_page(tmp_path):
-    """docs/results.json (the 300-step page) through the report alone: every number of its tables is there."""
+    """docs/results.json through the report alone: every number of its tables is there, and the answer is the
+    page's (the JSON names its study's scale, so no --scale is needed)."""
     ab = _load()
     out = tmp_path / "p.md"
     assert (
@@ -221,7 +222,9 @@ def test_the_existing_results_json_still_makes_the_page(tmp_path):
     for row in [line for line in old.splitlines() if line.startswith("| `")][:6]:  # the main table's rows
         cells = row.split(" | ")[:8]  # name and quality metrics (step times gained a CPU column since)
         assert " | ".join(cells) in page, row
-    assert "rope2d_mixed | single | interpolate" in page and "## Every size" in page
+    assert "sincos2d+rope2d | single | ntk" in page and "## Every size" in page
+    answer = old.split("### Answer", 1)[1].split("##", 1)[0]
+    assert answer.strip() and answer in page
     for name in ("loss", "bars", "fd_steps", "size_fd_emoji", "size_samples"):
         assert (tmp_path / f"p_{name}.png").is_file()
 

@@ -126,7 +126,7 @@ def _size_rows(enc, seed, regime, fd, vloss, *, modes=("extrapolate", "interpola
     return {"pos_embed": enc, "seed": seed, "regime": regime, "resolution": rows}
 
 
-def test_size_records_oracle_ratios_best_mode_and_the_answer_across_sizes():
+def test_size_records_oracle_ratios_best_mode_and_the_answer_across_sizes(monkeypatch):
     rows = [_size_rows("rope2d", s, "single", 2.0 + 0.05 * s, 1.0 + 0.01 * s) for s in (0, 1)]
     rows += [_size_rows("learned1d", s, "single", 3.0 + 0.05 * s, 1.5) for s in (0, 1)]
     rows += [_size_rows("rope2d", s, "mixed", 1.0 + 0.05 * s, 0.8 + 0.01 * s) for s in (0, 1)]
@@ -174,10 +174,31 @@ def test_size_records_oracle_ratios_best_mode_and_the_answer_across_sizes():
     sent = R.answer_sentences([], [], flat, sizes, {"mixed": "on 8² and 16² images together"})
     near = ", ".join(f"`rope2d` {n.split(' | ')[2]} (mixed regime) ({v:.3f})" for n, v in c.near)
     assert [n for n, _ in c.near] == ["rope2d | mixed | interpolate", "rope2d | mixed | ntk"]
+    v = S.across_sizes(flat, "vloss", True, sizes)
+    assert v.best == "rope2d | mixed | extrapolate" and len(v.near) == 2 and len(v.apart) == 5
+    vnear = ", ".join(f"`rope2d` {n.split(' | ')[2]} (mixed regime) ({m:.4f})" for n, m in v.near)
+    vloss = (
+        f"On held-out v-loss averaged over the sizes the best is `rope2d` with `extrapolate` scaling, trained "
+        f"on 8² and 16² images together ({S.fmt_pm(*v.stats[v.best], '.4f')}); within noise of it: {vnear}; "
+        f"the other 5 are clearly worse."
+    )
     assert sent == [
         f"For one model across sizes (8², 16², 8x16): use `rope2d` with `extrapolate` scaling, trained on "
         f"8² and 16² images together (FD-emoji averaged over the sizes "
-        f"{S.fmt_pm(*c.stats[c.best], '.3f')}); within noise of it: {near}."
+        f"{S.fmt_pm(*c.stats[c.best], '.3f')}); within noise of it: {near}.",
+        vloss,
+    ]
+    # when more than MAX_NEAR tie with the best, the answer names no winner, counts the tie and lists the
+    # clearly worse; the v-loss sentence (as many ties) is left out rather than name a winner
+    monkeypatch.setattr(R, "MAX_NEAR", 1)
+    worse = ", ".join(
+        f"`{n.split(' | ')[0]}` {n.split(' | ')[2]} ({n.split(' | ')[1]} regime) ({m:.3f})" for n, m in c.apart
+    )
+    assert R.answer_sentences([], [], flat, sizes, {"mixed": "on 8² and 16² images together"}) == [
+        f"For one model across sizes (8², 16², 8x16): no encoding, scaling and regime is clearly best on FD-emoji "
+        f"averaged over the sizes; 3 of {len(c.stats)} are within noise of the lowest, `rope2d` with `extrapolate` "
+        f"scaling, trained on 8² and 16² images together ({S.fmt_pm(*c.stats[c.best], '.3f')}); clearly worse: "
+        f"{worse}."
     ]
 
 
@@ -357,7 +378,11 @@ def test_results_page_from_synthetic_records(tmp_path):
     assert "| 8² | 8x16 | 16² (train) |" in page and "ntk" in page and "= " in page
     assert "- held-out v-loss: best `rope2d`" in page and "clearly worse" in page
     assert "At the training size: `rope2d` is the best or within noise of the best on" in page
-    assert "For one model across sizes (8², 8x16, 16²): use `rope2d` with `extrapolate` scaling" in page
+    # every combination ties here (their spreads are 0): the answer names none as the winner
+    assert (
+        "For one model across sizes (8², 8x16, 16²): no encoding, scaling and regime is clearly best on FD-emoji "
+        "averaged over the sizes; 5 of 5 are within noise of the lowest, `rope2d` with `extrapolate` scaling" in page
+    )
     assert "the GPU run is still owed" in page and "## FD-emoji as training goes on" in page
     assert "| order | rope2d < learned1d | rope2d < learned1d |" in page
     for name in (

@@ -97,6 +97,7 @@ class PageInfo:
     timing: Mapping[str, float] = field(default_factory=dict)  # stage -> seconds
     gpu_run: Optional[str] = None  # the command of the 64x64 GPU run, still owed unless run
     gpu_done: bool = False
+    scale: Optional[str] = None  # the study's preset, kept in results.json so a page rebuilt from it matches
     earlier_label: str = ""  # e.g. "300 steps, 2 seeds": the rows of encodings outside the main ablation
     reproduce: Sequence[str] = ()  # commands, in order
 
@@ -286,10 +287,15 @@ def _plot_size_samples(P: _Plots, rows, flat, sizes, combos, seed) -> None:
 
 
 # ----------------------------------------------------------------------------------- sections
+MAX_NEAR = 3  # an answer names the runners-up within noise of the best only up to this many
+
+
 def answer_sentences(rows, names, flat, sizes, regimes: Mapping[str, str]) -> List[str]:
     """The page's answer: which encoding at the training size (the tally of the quality metrics on
     which it is best or within noise of the best), and which encoding, scaling and regime serve every
-    size of the study (lowest FD-emoji averaged over the sizes, per seed, then over seeds)."""
+    size of the study (lowest FD-emoji averaged over the sizes, per seed, then over seeds; when more
+    than ``MAX_NEAR`` others are within noise of it, the sentence says that none is clearly best and
+    names the clearly worse ones), and the best on held-out v-loss over the sizes when it stands out."""
     out = []
     tally = {n: 0 for n in names}
     for path, _, _, lower in METRIC_COLS[:N_QUALITY]:
@@ -304,24 +310,45 @@ def answer_sentences(rows, names, flat, sizes, regimes: Mapping[str, str]) -> Li
             f"{N_QUALITY} quality metrics."
         )
     if flat and sizes:
+        several = len({x["regime"] for x in flat}) > 1
+
+        def combo(key: str) -> str:  # "enc | regime | scaling" as words
+            e, g, sc = key.split(" | ")
+            return f"`{e}` {sc}" + (f" ({g} regime)" if several else "")
+
+        def listed(pairs, spec: str) -> str:
+            return ", ".join(f"{combo(n)} ({format(v, spec)})" for n, v in pairs)
+
+        where = f"For one model across sizes ({', '.join(size_label(s) for s in sizes)})"
         c = across_sizes(flat, "fd_emoji", True, sizes)
         if c.best is not None:
             enc, regime, scaling = c.best.split(" | ")
-            m, sd = c.stats[c.best]
             trained = regimes.get(regime, regime)
-            several = len({key.split(" | ")[1] for key in c.stats}) > 1
-
-            def combo(key: str) -> str:  # "enc | regime | scaling" as words
-                e, g, sc = key.split(" | ")
-                return f"`{e}` {sc}" + (f" ({g} regime)" if several else "")
-
-            near = ", ".join(f"{combo(n)} ({format(v, '.3f')})" for n, v in c.near)
+            head = f"`{enc}` with `{scaling}` scaling, trained {trained}"
+            fd = fmt_pm(*c.stats[c.best], ".3f")
+            if c.has_noise and len(c.near) > MAX_NEAR:
+                # most combinations tie: naming one "the" answer would overstate the evidence
+                out.append(
+                    f"{where}: no encoding, scaling and regime is clearly best on FD-emoji averaged over the "
+                    f"sizes; {len(c.near) + 1} of {len(c.stats)} are within noise of the lowest, {head} ({fd})"
+                    + (f"; clearly worse: {listed(c.apart, '.3f')}" if c.apart else "")
+                    + "."
+                )
+            else:
+                out.append(
+                    f"{where}: use {head} (FD-emoji averaged over the sizes {fd})"
+                    + (f"; within noise of it: {listed(c.near, '.3f')}" if c.near and c.has_noise else "")
+                    + ("" if c.has_noise else " (one seed: no noise estimate)")
+                    + "."
+                )
+        v = across_sizes(flat, "vloss", True, sizes)
+        if v.best is not None and v.has_noise and len(v.near) <= MAX_NEAR:
+            enc, regime, scaling = v.best.split(" | ")
             out.append(
-                f"For one model across sizes ({', '.join(size_label(s) for s in sizes)}): use `{enc}` with "
-                f"`{scaling}` scaling, trained {trained} (FD-emoji averaged over the sizes "
-                f"{fmt_pm(m, sd, '.3f')})"
-                + (f"; within noise of it: {near}" if near and c.has_noise else "")
-                + ("" if c.has_noise else " (one seed: no noise estimate)")
+                f"On held-out v-loss averaged over the sizes the best is `{enc}` with `{scaling}` scaling, "
+                f"trained {regimes.get(regime, regime)} ({fmt_pm(*v.stats[v.best], '.4f')})"
+                + (f"; within noise of it: {listed(v.near, '.4f')}" if v.near else "")
+                + (f"; the other {len(v.apart)} are clearly worse" if v.apart else "")
                 + "."
             )
     return out
@@ -750,7 +777,15 @@ def write_results_page(
     out.write_text("\n".join(L) + "\n")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     out.with_suffix(".json").write_text(
-        json.dumps({"runs": clean, "fd_sanity": dict(sanity), "timing": dict(info.timing)}, indent=1)
+        json.dumps(
+            {
+                "runs": clean,
+                "fd_sanity": dict(sanity),
+                "timing": dict(info.timing),
+                "study": {"scale": info.scale, "out_dir": info.out_dir},
+            },
+            indent=1,
+        )
     )
     return out
 
