@@ -271,25 +271,23 @@ def _doc(with_estimate: bool) -> str:
     return __doc__.format(study_steps=s["steps"], study_ckpt=s["ckpt_every"], estimate=est)
 
 
-def _study_of_json(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+def _study_of_json(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """A page rebuilt with --from-json describes the study the JSON came from: its scale and run folder
-    (recorded in the JSON) apply unless --scale / --out-dir are given."""
+    (recorded in the JSON) fill --scale / --out-dir when they are not given."""
     try:
         study = json.loads(Path(args.from_json).read_text()).get("study") or {}
     except (OSError, ValueError) as e:
         p.error(f"--from-json {args.from_json}: {e}")
-    given = {a.split("=", 1)[0] for a in argv}
-    if "--scale" not in given and study.get("scale") in SCALES:
+    if args.scale is None and study.get("scale") in SCALES:
         args.scale = study["scale"]
-    if "--out-dir" not in given and study.get("out_dir"):
-        args.out_dir = study["out_dir"]
+    args.out_dir = args.out_dir or study.get("out_dir")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     helping = any(a in ("-h", "--help") for a in argv)  # the estimate builds models: only when it is shown
     p = argparse.ArgumentParser(description=_doc(helping), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=tuple(SCALES), default="cpu", help="preset of everything below (default cpu)")
+    p.add_argument("--scale", choices=tuple(SCALES), default=None, help="preset of everything below (default cpu)")
     p.add_argument("--stage", choices=STAGES, default="all", help="train | eval | report | all (default all)")
     p.add_argument(
         "--plan",
@@ -368,7 +366,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides for every run")
     args = p.parse_args(argv)
     if args.from_json is not None and args.stage == "report":  # else refused below, naming --stage
-        _study_of_json(p, args, argv)
+        _study_of_json(p, args)
+    args.scale = args.scale or "cpu"
     for k, v in SCALES[args.scale].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
