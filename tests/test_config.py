@@ -162,6 +162,14 @@ def test_bad_values_name_the_key(override, match):
         load_config("configs/tiny_cpu.yaml", [override])
 
 
+def test_absent_null_condition_is_refused_for_packed_batches():
+    cond = ["model.cond_img_size=16", "data.cond=downsample"]
+    load_config("configs/emoji_multires_cpu.yaml", [*cond, "model.null_cond=learned"])
+    load_config("configs/emoji_multires_cpu.yaml", ["model.null_cond=absent"])  # no condition image: nothing to drop
+    with pytest.raises(ConfigError, match=r"model\.null_cond=absent does not train packed batches \(data\.sizes\)"):
+        load_config("configs/emoji_multires_cpu.yaml", [*cond, "model.null_cond=absent"])
+
+
 def test_model_keys_are_exactly_the_jitconfig_fields():
     assert set(model_fields()) == {f.name for f in dataclasses.fields(JiTConfig)}
     cfg = load_config(None, ["model.preset=tiny", "model.depth=3"])

@@ -520,6 +520,39 @@ def test_cond_drop_selects_the_null_condition(null_cond):
     assert (model.null_cond is not None) == (null_cond == "learned")
 
 
+@pytest.mark.parametrize("pos_embed", POS_EMBEDS)
+@pytest.mark.parametrize("attn_impl", ["sdpa", "fp32"])
+def test_absent_null_condition_is_the_unconditional_sequence(pos_embed, attn_impl):
+    """null_cond='absent': no condition is no condition tokens (e.g. 256 instead of 320); a dropped condition
+    is masked out of attention and gives, in float64, the numbers of the sequence without it."""
+    cfg = tiny(pos_embed, pos_impl="fused", cond_img_size=8, null_cond="absent", attn_impl=attn_impl)
+    model = perturb_zero_init(build(cfg)).double().eval()
+    x, t, y, cond = (v.double() if v.is_floating_point() else v for v in make_batch(cfg))
+    assert model.sequence_layout((16, 16)).n_cond == 0
+    assert model.sequence_layout((16, 16), (8, 8)).n_cond == 4
+    drop = torch.tensor([True, False, True])
+    with torch.no_grad():
+        mixed = model(x, t, y, cond=cond, cond_drop=drop)
+        without = model(x, t, y)
+        full = model(x, t, y, cond=cond)
+        packed = model.forward_packed([x[0], x[1]], t[:2], y[:2], [None, cond[1]])
+    torch.testing.assert_close(mixed[drop], without[drop], rtol=0, atol=1e-12)
+    torch.testing.assert_close(mixed[1], full[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(packed[0], without[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(packed[1], full[1], rtol=0, atol=1e-12)
+    assert not torch.allclose(full, without)
+    assert model.null_cond is None
+
+
+def test_absent_null_condition_gradients_skip_dropped_conditions():
+    cfg = tiny("rope2d", cond_img_size=8, null_cond="absent")
+    model = perturb_zero_init(build(cfg))
+    x, t, y, cond = make_batch(cfg)
+    model(x, t, y, cond=cond, cond_drop=torch.ones(3, dtype=torch.bool)).square().sum().backward()
+    grads = [p.grad for p in model.cond_embedder.parameters()]
+    assert all(gr is None or not gr.any() for gr in grads), "a masked condition must not get a gradient"
+
+
 def test_null_class_and_unconditional_label():
     cfg = tiny("rope2d")
     model = perturb_zero_init(build(cfg))

@@ -429,6 +429,11 @@ def _check(cfg: Config) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model config: {e}") from None
     _check_sizes(cfg, mcfg.patch_size)
+    if cfg.data.sizes and mcfg.cond_img_size is not None and mcfg.null_cond == "absent":
+        raise ConfigError(
+            "config key model.null_cond=absent does not train packed batches (data.sizes): a packed batch "
+            "drops a condition through the null condition token; use model.null_cond=learned or zeros"
+        )
 
 
 def _check_sizes(cfg: Config, patch: int) -> None:

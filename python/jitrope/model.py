@@ -72,7 +72,7 @@ __all__ = [
 _CHOICES = {
     "pos_impl": IMPLS,
     "pos_scaling": SCALINGS,
-    "null_cond": ("learned", "zeros"),
+    "null_cond": ("learned", "zeros", "absent"),
     "attn_impl": ("sdpa", "fp32"),
     "packed_attn": VARLEN_IMPLS,
 }
@@ -89,9 +89,13 @@ class JiTConfig:
     and packed calls alike, a packed batch scaling each sequence by its own grid), ``pos_max_grid`` /
     ``pos_max_cond_grid`` (factorized2d table sizes; default twice the training grids).
     Condition image: ``cond_img_size`` (None = none), its patch size (default ``patch_size``) and
-    bottleneck, ``null_cond`` (learned | zeros). ``attn_impl``: sdpa (``F.scaled_dot_product_attention``)
-    or fp32 (the original's float32 logits by hand). ``packed_attn``: how attention runs on a packed
-    batch (:func:`jitrope.attention.varlen_attention`: auto | varlen | mask | loop).
+    bottleneck, ``null_cond``: what stands for "no condition image" (classifier-free guidance, condition
+    dropout): ``learned`` (one learned vector in every condition slot), ``zeros``, or ``absent`` (no
+    condition tokens at all: the sequence is the unconditional one, e.g. 256 tokens instead of 320; a
+    dropped condition is masked out of attention, which gives the same numbers; batched training only).
+    ``attn_impl``: sdpa (``F.scaled_dot_product_attention``) or fp32 (the original's float32 logits by hand).
+    ``packed_attn``: how attention runs on a packed batch (:func:`jitrope.attention.varlen_attention`:
+    auto | varlen | mask | loop).
     """
 
     img_size: int = 64
@@ -371,9 +375,12 @@ class Attention(nn.Module):
         self.attn_impl = attn_impl
         self.packed_attn = packed_attn
 
-    def forward(self, x: Tensor, pos: PositionalEncoding, layout: SeqLayout) -> Tensor:
+    def forward(
+        self, x: Tensor, pos: PositionalEncoding, layout: SeqLayout, key_mask: Optional[Tensor] = None
+    ) -> Tensor:
         """``x: [B, N, C]`` with its ``SeqLayout``, or a packed stream ``[1, T, C]`` with its ``PackedSeqs``
-        (then attention is block-diagonal over ``layout.cu_seqlens``)."""
+        (then attention is block-diagonal over ``layout.cu_seqlens``). ``key_mask``: bool ``[B, 1, 1, N]``,
+        True where a key may be attended to (batched calls only; None: every key)."""
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3,B,H,N,D] view
         # q and k together, read in place from the projection; a new [2, B, H, N, D] comes back.
@@ -402,9 +409,9 @@ class Attention(nn.Module):
             return self.proj_drop(self.proj(out.reshape(1, N, C)))
         scale = pos.attn_scale(layout, self.head_dim)  # None but for YaRN's temperature on a larger grid
         if self.attn_impl == "fp32":
-            out = attention_fp32(q, k, v, dropout_p=p, scale=scale)
+            out = attention_fp32(q, k, v, dropout_p=p, scale=scale, mask=key_mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p, scale=scale)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
 
@@ -448,11 +455,13 @@ class JiTBlock(nn.Module):
         self.mlp = SwiGLUFFN(w, cfg.mlp_hidden, drop=proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w, bias=True))
 
-    def forward(self, x: Tensor, c: Tensor, pos: PositionalEncoding, layout: SeqLayout) -> Tensor:
+    def forward(
+        self, x: Tensor, c: Tensor, pos: PositionalEncoding, layout: SeqLayout, key_mask: Optional[Tensor] = None
+    ) -> Tensor:
         seq_id = layout.seq_id if isinstance(layout, PackedSeqs) else None
         mod = per_token(self.adaLN_modulation(c), seq_id)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), pos, layout)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), pos, layout, key_mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -630,7 +639,7 @@ class JiT(nn.Module):
                         f"{what}condition image size {ch}x{cw} is not a positive multiple of cond_patch_size={cp}"
                     )
                 cond_grid = (ch // cp, cw // cp)
-            else:
+            elif cfg.null_cond != "absent":
                 (th, tw), (tch, tcw) = cfg.grid, cfg.cond_grid
                 if (grid[0] * tch) % th or (grid[1] * tcw) % tw:
                     raise ValueError(
@@ -682,10 +691,27 @@ class JiT(nn.Module):
         return layout if device is None else layout.to(device)
 
     # ------------------------------------------------------------------ forward
+    def _absent_cond_mask(self, cond_drop: Optional[Tensor], layout: SeqLayout, B: int, device) -> Optional[Tensor]:
+        """With ``null_cond="absent"``: the key mask ``[B, 1, 1, n_image + n_cond]`` (True = attend) that hides
+        the condition tokens of the samples ``cond_drop`` drops, so that their image tokens see exactly
+        the unconditional sequence; None when nothing is dropped (or the null condition is a token)."""
+        if self.cfg.null_cond != "absent" or cond_drop is None:
+            return None
+        if cond_drop.shape != (B,) or cond_drop.dtype != torch.bool:
+            raise ValueError(f"cond_drop must be a [B={B}] bool tensor, got {cond_drop.dtype} {tuple(cond_drop.shape)}")
+        keep_cond = ~cond_drop.to(device).view(B, 1, 1, 1).expand(B, 1, 1, layout.n_cond)
+        return torch.cat((keep_cond.new_ones(B, 1, 1, layout.n_image), keep_cond), dim=-1)
+
     def _cond_tokens(
         self, cond: Optional[Tensor], cond_drop: Optional[Tensor], layout: SeqLayout, like: Tensor
     ) -> Tensor:
         B, _, D = like.shape
+        if self.cfg.null_cond == "absent":
+            # Reached only with a condition image (the layout of cond=None has no condition tokens);
+            # a dropped one stays in the sequence but is masked out of attention (_absent_cond_mask).
+            if cond.dim() != 4 or cond.shape[0] != B or cond.shape[1] != self.cfg.cond_in_channels:
+                raise ValueError(f"cond must be [B={B}, {self.cfg.cond_in_channels}, Hc, Wc], got {tuple(cond.shape)}")
+            return self.cond_embedder(cond).to(like.dtype)
         if self.null_cond is not None:
             null = self.null_cond.to(like.dtype).expand(B, layout.n_cond, D)
         else:
@@ -724,6 +750,13 @@ class JiT(nn.Module):
                 f"got {tuple(cond.shape)}"
             )
         tokens = self.cond_embedder.forward_tokens(cond).to(like.dtype)
+        if self.cfg.null_cond == "absent":
+            if cond_drop is not None and bool(cond_drop.any()):
+                raise ValueError(
+                    "null_cond='absent' in a packed batch: give the samples without a condition image no "
+                    "condition grid (conds entry None) instead of cond_drop"
+                )
+            return tokens
         if cond_drop is None:
             if self.null_cond is None:
                 return tokens
@@ -783,8 +816,10 @@ class JiT(nn.Module):
         c = self.t_embedder(t) + y_emb
 
         h = self.x_embedder(x)
-        if self.cond_embedder is not None:
+        key_mask = None
+        if self.cond_embedder is not None and layout.n_cond > 0:
             h = torch.cat((h, self._cond_tokens(cond, cond_drop, layout, h)), dim=1)
+            key_mask = self._absent_cond_mask(cond_drop, layout, B, x.device)
         h = self.pos.add(h, layout)
 
         L, start = cfg.in_context_len, cfg.in_context_start
@@ -792,7 +827,9 @@ class JiT(nn.Module):
             if L > 0 and i == start:
                 ctx = y_emb.unsqueeze(1).expand(-1, L, -1) + self.in_context_posemb
                 h = torch.cat((ctx.to(h.dtype), h), dim=1)
-            h = block(h, c, self.pos, layout)
+                if key_mask is not None:
+                    key_mask = torch.cat((key_mask.new_ones(B, 1, 1, L), key_mask), dim=-1)
+            h = block(h, c, self.pos, layout, key_mask)
 
         # Only image tokens reach the final layer: in-context and condition tokens are dropped.
         n0 = L if L > 0 else 0
@@ -913,7 +950,11 @@ class JiT(nn.Module):
         if t.dim() == 0:
             t = t.expand(S)
         cond_tok = None
-        if conds is not None:
+        if conds is not None and cfg.null_cond == "absent":
+            # No condition image is no condition tokens: only the given ones are packed.
+            given = [c for c in conds if c is not None]
+            cond_tok = pack_images(given, cfg.cond_patch, name="conds") if given else None
+        elif conds is not None:
             # A missing condition image is the null condition: zeros in its grid, dropped below.
             missing = torch.tensor([c is None for c in conds], device=device)
             cp = cfg.cond_patch

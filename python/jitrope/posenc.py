@@ -373,6 +373,8 @@ class Learned1D(PosPart):
     def table(self, layout: SeqLayout) -> Tensor:
         if layout.at_train_size:
             return self.pos_embed
+        if layout.grid == self.train_grid and layout.cond_grid is None:
+            return self.pos_embed[: self.n_image]  # no condition tokens: the image slots alone
         if layout.table_scaling != "interpolate":
             raise self._cannot_extrapolate(layout.grid, layout.cond_grid)
         return self._derived.get((layout,), (self.pos_embed,), lambda: self._resized(layout))
@@ -381,7 +383,7 @@ class Learned1D(PosPart):
         if layout.table_scaling == "interpolate":
             return
         for g, cg in zip(layout.img_grids, layout.cond_grids):
-            if g != self.train_grid or cg != self.train_cond_grid:
+            if g != self.train_grid or cg not in (self.train_cond_grid, None):
                 raise self._cannot_extrapolate(g, cg)
 
     def packed_table(self, layout: PackedLayout) -> Tensor:
