@@ -173,7 +173,7 @@ SCALES: Dict[str, Dict] = {
         "ckpt_every": 500,
         "log_every": 50,
         "n_per_class": 24,
-        "n_cond": 64,
+        "n_cond": 216,  # as many as the class samples: FD-emoji with and without the condition at one count
         "step_n_per_class": 12,
         "res_px": "",
         "res_hw": "",

@@ -311,7 +311,18 @@ def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=pr
             log=log,
         )
     if "cond" in metrics and mc.cond_img_size is not None:
-        _cond_metrics(out, model, diffusion, kw, maker, eval_set, n_cond=e.n_cond, seed=e.seed, log=log)
+        _cond_metrics(
+            out,
+            model,
+            diffusion,
+            kw,
+            maker,
+            eval_set,
+            n_cond=e.n_cond,
+            seed=e.seed,
+            log=log,
+            judge=judge if fnet is not None else None,
+        )
     if "res" in metrics and sizes:
 
         def vloss_at(hw):  # the record's pos_scaling is the model's while this runs
@@ -496,7 +507,10 @@ def resolution_study(
     return rows
 
 
-def _cond_metrics(out, model, diffusion, kw, maker, eval_set, *, n_cond, seed, log) -> None:
+def _cond_metrics(out, model, diffusion, kw, maker, eval_set, *, n_cond, seed, log, judge=None) -> None:
+    """Samples given held-out condition images (and their class): fidelity to the condition and the target
+    (PSNR/SSIM) and, with the feature network, FD-emoji and class accuracy, the same measures as the class
+    samples' (which have no condition) for a with/without comparison."""
     mc = model.cfg
     m = min(n_cond, len(eval_set))
     idx = torch.linspace(0, len(eval_set) - 1, m).round().long()
@@ -514,9 +528,12 @@ def _cond_metrics(out, model, diffusion, kw, maker, eval_set, *, n_cond, seed, l
         "cond_mode": maker.cond,
     }
     cd = out["cond_samples"]
+    if judge is not None:
+        cd.update(judge(xs, y.cpu()))
     log(
         f"  condition samples ({maker.cond}): cond rms {cd['cond_rms']:.3f}, target rms {cd['target_rms']:.3f}, "
         f"PSNR {cd['psnr']:.2f} dB, SSIM {cd['ssim']:.3f}"
+        + (f", FD-emoji {cd['fd_emoji']:.3f}, class accuracy {cd['class_acc']:.3f}" if judge is not None else "")
     )
 
 
