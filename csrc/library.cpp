@@ -1,6 +1,8 @@
-// Schemas of every jitrope operator, in one TORCH_LIBRARY block. Kernels live beside each op:
-// csrc/cpu/<op>_cpu.cpp, csrc/cuda/<op>_cuda.cu, csrc/autograd/<op>_autograd.cpp; the C++
-// entry with argument checks is csrc/ops/<op>.cpp.
+// Schemas of every jitrope operator, in one TORCH_LIBRARY block. Each op's C++ entry points, its
+// device check and its one host wrapper for the CPU and CUDA keys (checks, device guard,
+// allocation, empty case) are csrc/ops/<op>.cpp; the wrapper calls the launchers of
+// csrc/cpu/<op>_cpu.cpp or csrc/cuda/<op>_cuda.cu (declared in csrc/ops/<op>_impl.h); autograd is
+// csrc/autograd/<op>_autograd.cpp.
 #include <torch/library.h>
 
 #include <type_traits>

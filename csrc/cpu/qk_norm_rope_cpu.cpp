@@ -1,13 +1,12 @@
-// CPU kernels of jitrope::qk_norm_rope and qk_norm_rope_backward. qk is [2, B, H, N, D] with any
-// strides (the q/k view of a qkv projection is read in place); the outputs are contiguous. A row
-// is one (s, b, h, n) token of D channels: its sum of squares (float32; float64 for float64), then
-// each channel pair normalized, scaled by weight[s] and rotated by the cos/sin table of rope2d's
-// CPU kernel (cpu/rope2d_table.h), all in registers, and rounded once. Traffic: qk read once (the
-// row is re-read from L1), the result written once; the table and the weights stay in cache.
-// Forward: at::parallel_for over rows. Backward: one task per (s, h, chunk of B*N rows) of the
-// fixed chunking of math/qk_norm_rope_math.h; each task writes grad_qk for its rows and one
-// weight (and freqs) partial, and the partials are summed in a fixed order, so the gradients have
-// the same bits for any thread count. With freqs_index (SPEC §10) the freqs partial is split by the
+// CPU launchers of jitrope::qk_norm_rope and qk_norm_rope_backward (ops/qk_norm_rope_impl.h; the
+// host wrapper is ops/qk_norm_rope.cpp). qk is [2, B, H, N, D] with any strides (the q/k view of a qkv projection is
+// read in place); the outputs are contiguous. A row is one (s, b, h, n) token of D channels: its sum of squares
+// (float32; float64 for float64), then each channel pair normalized, scaled by weight[s] and rotated by the cos/sin
+// table of rope2d's CPU kernel (cpu/rope2d_table.h), all in registers, and rounded once. Traffic: qk read once (the row
+// is re-read from L1), the result written once; the table and the weights stay in cache. Forward: at::parallel_for over
+// rows. Backward: one task per (s, h, chunk of B*N rows) of the fixed chunking of math/qk_norm_rope_math.h; each task
+// writes grad_qk for its rows and one weight (and freqs) partial, and the partials are summed in a fixed order, so the
+// gradients have the same bits for any thread count. With freqs_index (SPEC §10) the freqs partial is split by the
 // chunk's runs of rows with one table (math/qk_norm_rope_math.h).
 #include <algorithm>
 #include <cstdint>
@@ -16,7 +15,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "common/op_utils.h"
 #include "common/static_switch.h"
@@ -24,9 +22,8 @@
 #include "math/qk_norm_rope_math.h"
 #include "math/rope2d_math.h"
 #include "ops/qk_norm_rope_impl.h"
-#include "ops/rope2d_impl.h"
 
-namespace jitrope {
+namespace jitrope::cpu {
 namespace {
 
 namespace qm = qk_norm_rope_math;
@@ -59,22 +56,14 @@ inline acc_t sum_squares(const scalar_t* x, int64_t sd, int64_t D) {
 }
 
 // The cos/sin table (cos [Hf, N, D/2] then sin, -sin when `inverse`), or an undefined tensor
-// without rotation. `index` is the contiguous freqs_index or undefined.
+// without rotation.
 template <typename acc_t>
-at::Tensor rotation_table(
-    const at::Tensor& qk,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    const at::Tensor& index,
-    bool per_head,
-    bool inverse) {
-  if (!coords.has_value() || !coords->defined()) {
+at::Tensor rotation_table(const QkNormRopeParams& p, const QkLayout& L, bool inverse) {
+  if (!p.rotate()) {
     return at::Tensor();
   }
-  const auto [c, f] = detail::rope2d_acc_tables(qk, *coords, *freqs);
-  const int64_t groups = per_head ? qk.size(2) : 1;
-  const int64_t* ip = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
-  return cpu::angle_table<acc_t>(c, f, groups, qk.size(3), qk.size(4) / 2, inverse, ip);
+  const int64_t* ip = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
+  return angle_table<acc_t>(p.coords, p.freqs, p.per_head ? L.H : 1, L.N, L.D / 2, inverse, ip);
 }
 
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kContig>
@@ -132,38 +121,6 @@ void forward_kernel(
       }
     }
   });
-}
-
-at::Tensor qk_norm_rope_cpu(
-    const at::Tensor& qk,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    double eps,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_qk_norm_rope_args("qk_norm_rope", qk, weight, coords, freqs, eps, nullptr, false, freqs_index);
-  auto out = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) {
-    return out;
-  }
-  const bool rotate = coords.has_value() && coords->defined();
-  const bool per_head = rotate && rope2d_per_head(*freqs, freqs_index);
-  const at::Tensor index = detail::rope2d_index(freqs_index);
-  const QkLayout L = detail::qk_layout(qk);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const at::Tensor w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
-    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, index, per_head, /*inverse=*/false);
-    const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* sin_t = rotate ? cos_t + table.numel() / 2 : nullptr;
-    JITROPE_BOOL_SWITCH3(rotate, kRotate, interleaved, kInterleaved, L.sd == 1, kContig, [&] {
-      forward_kernel<scalar_t, kRotate, kInterleaved, kContig>(
-          qk.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), cos_t, sin_t,
-          per_head, static_cast<acc_t>(eps));
-    });
-  });
-  return out;
 }
 
 // What the backward's tasks read and write; the partials are [2, H, chunks, D] and, for the freqs,
@@ -289,35 +246,27 @@ void run_backward_tasks(const BackwardArgs<scalar_t>& a) {
   });
 }
 
-// Step 2: the partials to (grad_weight [2, D], grad_freqs [F * Hf, D] or undefined), in the
-// accumulation dtype and the fixed order of the math header. `run_table` is defined with
-// freqs_index (F tables), undefined without (F = 1).
-std::tuple<at::Tensor, at::Tensor> reduce_partials(
-    const at::Tensor& wpart,
-    const at::Tensor& fpart,
-    const at::Tensor& run_table,
-    int64_t F,
-    int64_t H,
-    bool per_head) {
-  const int64_t chunks = wpart.size(2), D = wpart.size(3);
-  at::Tensor gw = at::empty({2, D}, wpart.options());
-  at::Tensor gf;
-  AT_DISPATCH_FLOATING_TYPES(wpart.scalar_type(), "qk_norm_rope_backward_cpu_reduce", [&] {
-    const scalar_t* wp = wpart.const_data_ptr<scalar_t>();
-    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+// Step 2: the partials to grad_weight [2, D] and (with the freqs gradient) grad_freqs [F * Hf, D],
+// in the accumulation dtype and the fixed order of the math header; with freqs_index (run_table
+// defined) F = the number of tables, else 1.
+void reduce_partials(const QkNormRopeBackward& a) {
+  const int64_t chunks = a.chunks, D = a.L.D, H = a.L.H;
+  const bool per_head = a.p.per_head;
+  AT_DISPATCH_FLOATING_TYPES(a.wpart.scalar_type(), "qk_norm_rope_backward_cpu_reduce", [&] {
+    const scalar_t* wp = a.wpart.const_data_ptr<scalar_t>();
+    scalar_t* gwp = a.grad_weight.mutable_data_ptr<scalar_t>();
     for (int64_t s = 0; s < 2; ++s) {
       for (int64_t d = 0; d < D; ++d) {
         gwp[s * D + d] = qm::sum_weight_partials(wp, s, d, H, chunks, D);
       }
     }
-    if (!fpart.defined()) {
+    if (!a.freqs_grad) {
       return;
     }
     const int64_t groups = per_head ? H : 1;
-    gf = at::empty({F * groups, D}, wpart.options());
-    const scalar_t* fpp = fpart.const_data_ptr<scalar_t>();
-    scalar_t* gfp = gf.mutable_data_ptr<scalar_t>();
-    if (!run_table.defined()) {
+    const scalar_t* fpp = a.fpart.const_data_ptr<scalar_t>();
+    scalar_t* gfp = a.grad_freqs.mutable_data_ptr<scalar_t>();
+    if (!a.run_table.defined()) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         for (int64_t e = 0; e < D; ++e) {
           gfp[grp * D + e] = qm::sum_freqs_partials(fpp, grp, e, H, chunks, D, per_head);
@@ -325,8 +274,9 @@ std::tuple<at::Tensor, at::Tensor> reduce_partials(
       }
       return;
     }
-    const int64_t* rt = run_table.const_data_ptr<int64_t>();
-    const int64_t runs = run_table.size(1);
+    const int64_t* rt = a.run_table.const_data_ptr<int64_t>();
+    const int64_t runs = a.run_table.size(1);
+    const int64_t F = a.grad_freqs.size(0) / groups;
     for (int64_t f = 0; f < F; ++f) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         for (int64_t e = 0; e < D; ++e) {
@@ -336,78 +286,60 @@ std::tuple<at::Tensor, at::Tensor> reduce_partials(
       }
     }
   });
-  return {gw, gf};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& qk,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    double eps,
-    bool interleaved,
-    bool freqs_grad,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_qk_norm_rope_args("qk_norm_rope_backward", qk, weight, coords, freqs, eps, &grad_out, freqs_grad, freqs_index);
-  const bool rotate = coords.has_value() && coords->defined();
-  const bool per_head = rotate && rope2d_per_head(*freqs, freqs_index);
-  const at::Tensor index = detail::rope2d_index(freqs_index);
-  const at::Tensor g = grad_out.contiguous();
-  auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
-  const auto acc = acc_dtype(qk.scalar_type());
-  const QkLayout L = detail::qk_layout(qk);
-  const int64_t D = L.D, BN = L.B * L.N;
-  const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
-  at::Tensor wpart = at::zeros({2, L.H, chunks, D}, qk.options().dtype(acc));
-  const at::Tensor run_table =
-      freqs_grad && index.defined() ? detail::chunk_run_table(index, L.B, L.N, chunks, rpc) : at::Tensor();
-  const int64_t runs = run_table.defined() ? run_table.size(1) : 1;
-  at::Tensor fpart = freqs_grad ? at::zeros({2, L.H, chunks, runs, D}, qk.options().dtype(acc)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_backward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    if (grad_qk.numel() == 0) {
-      return;
-    }
-    const at::Tensor w = weight.to(acc).contiguous();
-    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, index, per_head, /*inverse=*/true);
-    const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
-    const at::Tensor c = freqs_grad ? coords->to(acc).contiguous() : at::Tensor();
-    const BackwardArgs<scalar_t> args{
-        g.const_data_ptr<scalar_t>(),
-        qk.const_data_ptr<scalar_t>(),
-        L,
-        grad_qk.mutable_data_ptr<scalar_t>(),
-        w.const_data_ptr<acc_t>(),
-        cos_t,
-        rotate ? cos_t + table.numel() / 2 : nullptr,
-        freqs_grad ? c.const_data_ptr<acc_t>() : nullptr,
-        per_head,
-        static_cast<acc_t>(eps),
-        chunks,
-        rpc,
-        wpart.mutable_data_ptr<acc_t>(),
-        freqs_grad ? fpart.mutable_data_ptr<acc_t>() : nullptr,
-        index.defined() ? index.const_data_ptr<int64_t>() : nullptr,
-        runs};
-    JITROPE_BOOL_SWITCH4(rotate, kRotate, interleaved, kInterleaved, freqs_grad, kFreqsGrad, L.sd == 1, kContig, [&] {
-      // The check refuses freqs_grad without rotation.
-      if constexpr (kRotate || !kFreqsGrad) {
-        run_backward_tasks<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(args);
-      }
-    });
-  });
-  const int64_t F = index.defined() ? freqs->size(0) : 1;
-  const auto [gw, gf] = reduce_partials(wpart, fpart, run_table, F, L.H, per_head);
-  auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
-  return {grad_qk, grad_weight, grad_freqs};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jitrope, CPU, m) {
-  m.impl("qk_norm_rope", &qk_norm_rope_cpu);
-  m.impl("qk_norm_rope_backward", &qk_norm_rope_backward_cpu);
+void qk_norm_rope_forward(const QkNormRopeForward& a) {
+  const at::Tensor& qk = a.qk;
+  const QkLayout& L = a.L;
+  const QkNormRopeParams& p = a.p;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor table = rotation_table<acc_t>(p, L, /*inverse=*/false);
+    const acc_t* cos_t = p.rotate() ? table.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* sin_t = p.rotate() ? cos_t + table.numel() / 2 : nullptr;
+    JITROPE_BOOL_SWITCH3(p.rotate(), kRotate, p.interleaved, kInterleaved, L.sd == 1, kContig, [&] {
+      forward_kernel<scalar_t, kRotate, kInterleaved, kContig>(
+          qk.const_data_ptr<scalar_t>(), L, a.out.mutable_data_ptr<scalar_t>(), p.weight.const_data_ptr<acc_t>(), cos_t,
+          sin_t, p.per_head, static_cast<acc_t>(p.eps));
+    });
+  });
 }
 
-}  // namespace jitrope
+void qk_norm_rope_backward(const QkNormRopeBackward& a) {
+  const QkNormRopeParams& p = a.p;
+  const bool rotate = p.rotate(), freqs_grad = a.freqs_grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.qk.scalar_type(), "qk_norm_rope_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor table = rotation_table<acc_t>(p, a.L, /*inverse=*/true);
+    const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
+    const BackwardArgs<scalar_t> args{
+        a.grad_out.const_data_ptr<scalar_t>(),
+        a.qk.const_data_ptr<scalar_t>(),
+        a.L,
+        a.grad_qk.mutable_data_ptr<scalar_t>(),
+        p.weight.const_data_ptr<acc_t>(),
+        cos_t,
+        rotate ? cos_t + table.numel() / 2 : nullptr,
+        freqs_grad ? p.coords.const_data_ptr<acc_t>() : nullptr,
+        p.per_head,
+        static_cast<acc_t>(p.eps),
+        a.chunks,
+        a.rows_per_chunk,
+        a.wpart.mutable_data_ptr<acc_t>(),
+        freqs_grad ? a.fpart.mutable_data_ptr<acc_t>() : nullptr,
+        p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr,
+        a.run_table.defined() ? a.run_table.size(1) : 1};
+    JITROPE_BOOL_SWITCH4(
+        rotate, kRotate, p.interleaved, kInterleaved, freqs_grad, kFreqsGrad, a.L.sd == 1, kContig, [&] {
+          // The check refuses freqs_grad without rotation.
+          if constexpr (kRotate || !kFreqsGrad) {
+            run_backward_tasks<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(args);
+          }
+        });
+  });
+  reduce_partials(a);
+}
+
+}  // namespace jitrope::cpu

@@ -1,4 +1,5 @@
-// CPU kernels of jitrope::rope2d, rope2d_ and rope2d_backward. x is [..., H, N, D] with any strides.
+// CPU launcher of jitrope::rope2d, rope2d_ and rope2d_backward (ops/rope2d_impl.h; the host wrapper
+// is ops/rope2d.cpp). x is [..., H, N, D] with any strides.
 // A first pass fills a cos/sin table [Hf, N, D/2] in the accumulation type (float32; float64 for
 // float64 x), so each token's angles are computed once and reused by every head (Hf = 1) and every
 // leading index. The rotation is an at::parallel_for over the rows of D channels walked in x's
@@ -20,7 +21,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "common/op_utils.h"
 #include "common/static_switch.h"
@@ -28,7 +28,7 @@
 #include "math/rope2d_math.h"
 #include "ops/rope2d_impl.h"
 
-namespace jitrope {
+namespace jitrope::cpu {
 namespace {
 
 using rope2d_math::kMaxTensors;
@@ -241,29 +241,20 @@ inline const int64_t* index_ptr(const at::Tensor& index) {
   return index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
 }
 
-// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_). `index` is the
-// contiguous freqs_index or undefined.
-void rotate_cpu(
-    const at::Tensor& in,
-    const at::Tensor& out,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    const at::Tensor& index,
-    bool interleaved,
-    bool inverse) {
-  const bool per_head = freqs.dim() == (index.defined() ? 4 : 3);
-  const RowWalk walk = make_row_walk(in, out, per_head);
-  const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
+// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_).
+void rotate(const Rope2dLaunch& a) {
+  const at::Tensor& in = a.in;
+  const int64_t N = a.geo.n_tokens, half = a.geo.half, groups = a.geo.groups;
+  const RowWalk walk = make_row_walk(in, a.out, /*per_head=*/groups > 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t N = in.size(-2), half = in.size(-1) / 2, groups = per_head ? in.size(-3) : 1;
-    const at::Tensor table = cpu::angle_table<acc_t>(c, f, groups, N, half, inverse, index_ptr(index));
+    const at::Tensor table = angle_table<acc_t>(a.coords, a.freqs, groups, N, half, a.inverse, index_ptr(a.index));
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
     const acc_t* sin_t = cos_t + groups * N * half;
-    JITROPE_BOOL_SWITCH(interleaved, kInterleaved, [&] {
+    JITROPE_BOOL_SWITCH(a.interleaved, kInterleaved, [&] {
       rotate_rows<kInterleaved>(
-          walk, in.const_data_ptr<scalar_t>(), in.stride(-1), out.mutable_data_ptr<scalar_t>(), out.stride(-1), cos_t,
-          sin_t, half);
+          walk, in.const_data_ptr<scalar_t>(), in.stride(-1), a.out.mutable_data_ptr<scalar_t>(), a.out.stride(-1),
+          cos_t, sin_t, half);
     });
   });
 }
@@ -356,104 +347,35 @@ void reduce_freqs_grad(
   }
 }
 
-// grad_x = grad_out rotated by -phi and grad_freqs from x (the forward input).
-void backward_with_freqs_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const at::Tensor& grad_x,
-    const at::Tensor& grad_freqs,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    const at::Tensor& index,
-    bool interleaved) {
-  const bool per_head = freqs.dim() == (index.defined() ? 4 : 3);
-  Rope2dGeometry geo;
-  if (!detail::make_rope2d_geometry({&grad_out, &grad_x, &x}, per_head, geo)) {
-    auto tmp = at::empty(grad_out.sizes(), grad_out.options());
-    backward_with_freqs_cpu(grad_out.contiguous(), x.contiguous(), tmp, grad_freqs, coords, freqs, index, interleaved);
-    grad_x.copy_(tmp);
-    return;
-  }
-  const auto [c, f] = detail::rope2d_acc_tables(grad_out, coords, freqs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "rope2d_backward_cpu", [&] {
+// grad_x (a.out) = grad_out (a.in) rotated by -phi and grad_freqs from x (the forward input).
+void backward_with_freqs(const Rope2dLaunch& a) {
+  const Rope2dGeometry& geo = a.geo;
+  const int64_t N = geo.n_tokens, half = geo.half, groups = geo.groups;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.in.scalar_type(), "rope2d_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t N = geo.n_tokens, half = geo.half, groups = geo.groups;
-    const at::Tensor table = cpu::angle_table<acc_t>(c, f, groups, N, half, /*inverse=*/true, index_ptr(index));
+    const at::Tensor table = angle_table<acc_t>(a.coords, a.freqs, groups, N, half, a.inverse, index_ptr(a.index));
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
-    at::Tensor dphi = at::zeros({groups, N, half}, c.options());
-    JITROPE_BOOL_SWITCH(interleaved, kInterleaved, [&] {
+    at::Tensor dphi = at::zeros({groups, N, half}, a.coords.options());
+    JITROPE_BOOL_SWITCH(a.interleaved, kInterleaved, [&] {
       rotate_back_with_angle_grad<kInterleaved>(
-          geo, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+          geo, a.in.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), a.out.mutable_data_ptr<scalar_t>(),
           cos_t, cos_t + groups * N * half, dphi.mutable_data_ptr<acc_t>());
     });
-    at::Tensor acc = at::zeros({f.size(0), 2, half}, c.options());
+    a.grad_freqs.zero_();
     reduce_freqs_grad(
-        c.const_data_ptr<acc_t>(), dphi.const_data_ptr<acc_t>(), index_ptr(index), groups, N, half,
-        acc.mutable_data_ptr<acc_t>());
-    grad_freqs.copy_(acc.view(grad_freqs.sizes()));
+        a.coords.const_data_ptr<acc_t>(), dphi.const_data_ptr<acc_t>(), index_ptr(a.index), groups, N, half,
+        a.grad_freqs.mutable_data_ptr<acc_t>());
   });
-}
-
-at::Tensor rope2d_cpu(
-    const at::Tensor& x,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_rope2d_args("rope2d", "x", x, coords, freqs, nullptr, false, freqs_index);
-  auto out = at::empty_like(x);
-  if (out.numel() > 0) {
-    rotate_cpu(x, out, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
-  }
-  return out;
-}
-
-at::Tensor& rope2d__cpu(
-    at::Tensor& x,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true, freqs_index);
-  if (x.numel() > 0) {
-    rotate_cpu(x, x, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
-  }
-  return x;
-}
-
-std::tuple<at::Tensor, at::Tensor> rope2d_backward_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    const std::optional<at::Tensor>& x,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  const bool want_freqs = x.has_value() && x->defined();
-  check_rope2d_args(
-      "rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr, false, freqs_index);
-  const at::Tensor index = detail::rope2d_index(freqs_index);
-  auto grad_x = at::empty_like(grad_out);
-  if (!want_freqs) {
-    if (grad_x.numel() > 0) {
-      rotate_cpu(grad_out, grad_x, coords, freqs, index, interleaved, /*inverse=*/true);
-    }
-    return {grad_x, at::empty({0}, freqs.options())};
-  }
-  auto grad_freqs = at::empty(freqs.sizes(), freqs.options());
-  if (grad_x.numel() == 0) {
-    grad_freqs.zero_();
-  } else {
-    backward_with_freqs_cpu(grad_out, *x, grad_x, grad_freqs, coords, freqs, index, interleaved);
-  }
-  return {grad_x, grad_freqs};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jitrope, CPU, m) {
-  m.impl("rope2d", &rope2d_cpu);
-  m.impl("rope2d_", &rope2d__cpu);
-  m.impl("rope2d_backward", &rope2d_backward_cpu);
+void rope2d_rotate(const Rope2dLaunch& a) {
+  if (a.x.defined()) {
+    backward_with_freqs(a);
+  } else {
+    rotate(a);
+  }
 }
 
-}  // namespace jitrope
+}  // namespace jitrope::cpu
