@@ -18,22 +18,25 @@
 
 #include "common/op_utils.h"
 #include "cpu/batch_chunks.h"
+#include "cpu/isa.h"
+#include "cpu/rows.h"
 #include "math/pos2d_add_math.h"
 #include "ops/pos2d_add_impl.h"
 
 namespace jitrope::cpu {
 namespace {
 
-// out[d] = x[d] + (ph[d] + pw[d]) in the compute type, rounded once. A plain loop: GCC vectorizes
-// it for float32, float64 and bfloat16 (widening is a shift) with the baseline ISA an extension is
-// built for, where at::vec's generic reduced-type conversions are scalar calls.
+// out[d] = x[d] + (ph[d] + pw[d]) in the compute type, rounded once. A plain loop that GCC
+// vectorizes for float32, float64 and bfloat16 (cpu/rows.h's conversions, branch-free), in the
+// baseline and the AVX2 build (cpu/isa.h), where at::vec's generic reduced-type conversions are
+// scalar calls.
 template <typename scalar_t>
 void add_position_row(
     scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph, const scalar_t* __restrict__ pw, int64_t D) {
   using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
-    out[d] = static_cast<scalar_t>(
-        pos2d_add_math::add_position(static_cast<acc>(x[d]), static_cast<acc>(ph[d]), static_cast<acc>(pw[d])));
+    out[d] =
+        from_acc<scalar_t>(pos2d_add_math::add_position(to_acc<acc>(x[d]), to_acc<acc>(ph[d]), to_acc<acc>(pw[d])));
   }
 }
 
@@ -50,18 +53,20 @@ void forward_rows(const Pos2dAddForward& a) {
   const int64_t tokens = a.grid_rows_only ? cells : a.x.size(1);
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
   at::parallel_for(0, a.x.size(0) * tokens, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / tokens;
-      const int64_t t = t_begin + (r - b * tokens);
-      const scalar_t* x = xp + b * x_sb + t * x_st;
-      scalar_t* out = op + b * out_sb + t * out_st;
-      int64_t i = 0, j = 0;
-      if (pos2d_add_math::grid_cell<int64_t>(t, a.token_offset, cells, a.gw, i, j)) {
-        add_position_row(out, x, ph + (a.row_offset + i) * D, pw + (a.col_offset + j) * D, D);
-      } else if (out != x) {
-        std::memcpy(out, x, D * sizeof(scalar_t));
+    run_isa([&] {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / tokens;
+        const int64_t t = t_begin + (r - b * tokens);
+        const scalar_t* x = xp + b * x_sb + t * x_st;
+        scalar_t* out = op + b * out_sb + t * out_st;
+        int64_t i = 0, j = 0;
+        if (pos2d_add_math::grid_cell<int64_t>(t, a.token_offset, cells, a.gw, i, j)) {
+          add_position_row(out, x, ph + (a.row_offset + i) * D, pw + (a.col_offset + j) * D, D);
+        } else if (out != x) {
+          std::memcpy(out, x, D * sizeof(scalar_t));
+        }
       }
-    }
+    });
   });
 }
 
@@ -94,7 +99,7 @@ void sum_table_rows(const Pos2dAddBackward& a) {
       const int64_t step = is_h ? 1 : gw;
       pos2d_add_math::sum_partials(s.data(), partials + first * D, D, a.chunks.count, cells * D, count, step * D);
       for (int64_t d = 0; d < D; ++d) {
-        out[d] = static_cast<scalar_t>(s[d]);
+        out[d] = from_acc<scalar_t>(s[d]);
       }
     }
   });

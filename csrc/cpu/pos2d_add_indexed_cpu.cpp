@@ -19,6 +19,8 @@
 
 #include "common/op_utils.h"
 #include "cpu/batch_chunks.h"
+#include "cpu/isa.h"
+#include "cpu/rows.h"
 #include "math/pos2d_add_indexed_math.h"
 #include "ops/pos2d_add_indexed_impl.h"
 
@@ -28,14 +30,13 @@ namespace {
 namespace math = pos2d_add_indexed_math;
 
 // One row of the forward in the compute type, rounded once. Plain loops that GCC vectorizes (as in
-// pos2d_add_cpu.cpp); the case is picked once per row.
+// pos2d_add_cpu.cpp: baseline and AVX2 builds, cpu/isa.h); the case is picked once per row.
 template <typename scalar_t>
 void add_both(
     scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph, const scalar_t* __restrict__ pw, int64_t D) {
   using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
-    out[d] = static_cast<scalar_t>(
-        math::add_positions(static_cast<acc>(x[d]), static_cast<acc>(ph[d]), static_cast<acc>(pw[d])));
+    out[d] = from_acc<scalar_t>(math::add_positions(to_acc<acc>(x[d]), to_acc<acc>(ph[d]), to_acc<acc>(pw[d])));
   }
 }
 
@@ -43,7 +44,7 @@ template <typename scalar_t>
 void add_one(scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ p, int64_t D) {
   using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
-    out[d] = static_cast<scalar_t>(math::add_position(static_cast<acc>(x[d]), static_cast<acc>(p[d])));
+    out[d] = from_acc<scalar_t>(math::add_position(to_acc<acc>(x[d]), to_acc<acc>(p[d])));
   }
 }
 
@@ -61,22 +62,24 @@ void forward_kernel(const Pos2dAddIndexedForward& a) {
   const int64_t* c = a.cols.const_data_ptr<int64_t>();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
   at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / N;
-      const int64_t n = row - b * N;
-      const scalar_t* src = xp + lead.offset(b) + n * x_st;
-      scalar_t* dst = op + row * D;
-      const int64_t i = r[n], j = c[n];
-      if (i >= 0 && j >= 0) {
-        add_both(dst, src, ph + i * D, pw + j * D, D);
-      } else if (i >= 0) {
-        add_one(dst, src, ph + i * D, D);
-      } else if (j >= 0) {
-        add_one(dst, src, pw + j * D, D);
-      } else {
-        std::memcpy(dst, src, D * sizeof(scalar_t));
+    run_isa([&] {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / N;
+        const int64_t n = row - b * N;
+        const scalar_t* src = xp + lead.offset(b) + n * x_st;
+        scalar_t* dst = op + row * D;
+        const int64_t i = r[n], j = c[n];
+        if (i >= 0 && j >= 0) {
+          add_both(dst, src, ph + i * D, pw + j * D, D);
+        } else if (i >= 0) {
+          add_one(dst, src, ph + i * D, D);
+        } else if (j >= 0) {
+          add_one(dst, src, pw + j * D, D);
+        } else {
+          std::memcpy(dst, src, D * sizeof(scalar_t));
+        }
       }
-    }
+    });
   });
 }
 
@@ -163,7 +166,7 @@ void backward_kernel(const Pos2dAddIndexedBackward& a) {
       scalar_t* out = q < max_h ? out_h + q * D : out_w + (q - max_h) * D;
       math::sum_segments(s.data(), seg.data() + seg_begin[q] * D, D, seg_begin[q + 1] - seg_begin[q], D);
       for (int64_t d = 0; d < D; ++d) {
-        out[d] = static_cast<scalar_t>(s[d]);
+        out[d] = from_acc<scalar_t>(s[d]);
       }
     }
   });

@@ -24,7 +24,9 @@
 
 #include "common/op_utils.h"
 #include "common/static_switch.h"
+#include "cpu/isa.h"
 #include "cpu/rope2d_table.h"
+#include "cpu/rows.h"
 #include "math/rope2d_math.h"
 #include "ops/rope2d_impl.h"
 
@@ -38,13 +40,6 @@ constexpr int64_t kGrainElems = 32768;  // elements of x per parallel task, at l
 // Rows are prefetched this far ahead of the walk: a qkv view reads q and k and skips v, a gap the
 // hardware prefetcher does not bridge (the walk then runs 2x slower than a copy of the view).
 constexpr int64_t kPrefetchBytes = 8192;
-
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) {
-    __builtin_prefetch(c + b, /*rw=*/0, /*locality=*/0);
-  }
-}
 
 // One row of D channels rotated pair by pair: out = R(phi) in with (c, s) = (cos, sin) of the row's
 // angles. Three forms of the same loop, so that the compiler vectorizes the contiguous ones without
@@ -60,9 +55,9 @@ inline void rotate_row(
     const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
                   ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
-    rope2d_math::rotate(static_cast<acc_t>(in[ia]), static_cast<acc_t>(in[ib]), c[m], s[m], oa, ob);
-    out[ia] = static_cast<scalar_t>(oa);
-    out[ib] = static_cast<scalar_t>(ob);
+    rope2d_math::rotate(to_acc<acc_t>(in[ia]), to_acc<acc_t>(in[ib]), c[m], s[m], oa, ob);
+    out[ia] = from_acc<scalar_t>(oa);
+    out[ib] = from_acc<scalar_t>(ob);
   }
 }
 
@@ -72,9 +67,9 @@ inline void rotate_row_in_place(scalar_t* io, const acc_t* __restrict__ c, const
     const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
                   ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
-    rope2d_math::rotate(static_cast<acc_t>(io[ia]), static_cast<acc_t>(io[ib]), c[m], s[m], oa, ob);
-    io[ia] = static_cast<scalar_t>(oa);
-    io[ib] = static_cast<scalar_t>(ob);
+    rope2d_math::rotate(to_acc<acc_t>(io[ia]), to_acc<acc_t>(io[ib]), c[m], s[m], oa, ob);
+    io[ia] = from_acc<scalar_t>(oa);
+    io[ib] = from_acc<scalar_t>(ob);
   }
 }
 
@@ -85,9 +80,9 @@ inline void rotate_row_strided(
     const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
                   ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
-    rope2d_math::rotate(static_cast<acc_t>(in[ia * in_cs]), static_cast<acc_t>(in[ib * in_cs]), c[m], s[m], oa, ob);
-    out[ia * out_cs] = static_cast<scalar_t>(oa);
-    out[ib * out_cs] = static_cast<scalar_t>(ob);
+    rope2d_math::rotate(to_acc<acc_t>(in[ia * in_cs]), to_acc<acc_t>(in[ib * in_cs]), c[m], s[m], oa, ob);
+    out[ia * out_cs] = from_acc<scalar_t>(oa);
+    out[ib * out_cs] = from_acc<scalar_t>(ob);
   }
 }
 
@@ -111,10 +106,10 @@ inline void rotate_row_angle_grad(
     const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
                   ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
-    rope2d_math::rotate(static_cast<acc_t>(g[ia * g_cs]), static_cast<acc_t>(g[ib * g_cs]), c[m], s[m], oa, ob);
-    dphi[m] += rope2d_math::angle_grad(static_cast<acc_t>(x[ia * x_cs]), static_cast<acc_t>(x[ib * x_cs]), oa, ob);
-    gx[ia * gx_cs] = static_cast<scalar_t>(oa);
-    gx[ib * gx_cs] = static_cast<scalar_t>(ob);
+    rope2d_math::rotate(to_acc<acc_t>(g[ia * g_cs]), to_acc<acc_t>(g[ib * g_cs]), c[m], s[m], oa, ob);
+    dphi[m] += rope2d_math::angle_grad(to_acc<acc_t>(x[ia * x_cs]), to_acc<acc_t>(x[ib * x_cs]), oa, ob);
+    gx[ia * gx_cs] = from_acc<scalar_t>(oa);
+    gx[ib * gx_cs] = from_acc<scalar_t>(ob);
   }
 }
 
@@ -217,22 +212,24 @@ void rotate_rows(
   const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
   at::parallel_for(0, walk.rows, grain, [&](int64_t begin, int64_t end) {
-    RowCursor row(walk, begin);
-    RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
-    for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
-      if (contig && r + prefetch_rows < end) {
-        prefetch_row(in_p + ahead.off[0], row_bytes);
+    run_isa([&] {
+      RowCursor row(walk, begin);
+      RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
+      for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
+        if (contig && r + prefetch_rows < end) {
+          prefetch_bytes</*kLocality=*/0>(in_p + ahead.off[0], row_bytes);
+        }
+        const acc_t* cr = cos_t + row.off[2];
+        const acc_t* sr = sin_t + row.off[2];
+        if (contig && in_place) {
+          rotate_row_in_place<kInterleaved>(out_p + row.off[1], cr, sr, half);
+        } else if (contig) {
+          rotate_row<kInterleaved>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
+        } else {
+          rotate_row_strided<kInterleaved>(in_p + row.off[0], in_cs, out_p + row.off[1], out_cs, cr, sr, half);
+        }
       }
-      const acc_t* cr = cos_t + row.off[2];
-      const acc_t* sr = sin_t + row.off[2];
-      if (contig && in_place) {
-        rotate_row_in_place<kInterleaved>(out_p + row.off[1], cr, sr, half);
-      } else if (contig) {
-        rotate_row<kInterleaved>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
-      } else {
-        rotate_row_strided<kInterleaved>(in_p + row.off[0], in_cs, out_p + row.off[1], out_cs, cr, sr, half);
-      }
-    }
+    });
   });
 }
 
@@ -300,30 +297,32 @@ void rotate_back_with_angle_grad(
   }
   const bool tokens_outer = std::abs(geo.token_stride[0]) > inner_plane_stride;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    int64_t off[kMaxTensors];
-    if (tokens_outer) {
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t g = 0; g < groups; ++g) {
-          for (int64_t q = 0; q < P; ++q) {
-            plane_offsets(geo, g, q, off);
+    run_isa([&] {
+      int64_t off[kMaxTensors];
+      if (tokens_outer) {
+        for (int64_t n = n0; n < n1; ++n) {
+          for (int64_t g = 0; g < groups; ++g) {
+            for (int64_t q = 0; q < P; ++q) {
+              plane_offsets(geo, g, q, off);
+              row(g, n, off);
+            }
+          }
+        }
+        return;
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t q = 0; q < P; ++q) {
+          plane_offsets(geo, g, q, off);
+          for (int64_t n = n0; n < n1; ++n) {
+            if (contig && n + prefetch_rows < n1) {
+              prefetch_bytes</*kLocality=*/0>(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
+              prefetch_bytes</*kLocality=*/0>(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
+            }
             row(g, n, off);
           }
         }
       }
-      return;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t q = 0; q < P; ++q) {
-        plane_offsets(geo, g, q, off);
-        for (int64_t n = n0; n < n1; ++n) {
-          if (contig && n + prefetch_rows < n1) {
-            prefetch_row(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
-            prefetch_row(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
-          }
-          row(g, n, off);
-        }
-      }
-    }
+    });
   });
 }
 
