@@ -1,4 +1,4 @@
-"""Tests of jitrope::qk_norm_rope (SPEC §3a, §4): the op battery (tests/op_battery.py) over one input
+"""Tests of jitrope::qk_norm_rope (docs/ops.md): the op battery (tests/op_battery.py) over one input
 generator, then special cases, torch.compile, errors and CUDA graph capture."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@
 // (s, h, chunk of B*N rows) of the fixed chunking of math/qk_norm_rope_math.h; each writes grad_qk
 // for its rows and one weight (and freqs) partial, summing its rows in order, and the partials are
 // summed in a fixed order, so the gradients have the same bits for any thread count, layout or ISA.
-// With freqs_index (SPEC §10) the freqs partial is split by the chunk's runs of rows with one table
+// With freqs_index (packed batches) the freqs partial is split by the chunk's runs of rows with one table
 // (math/qk_norm_rope_math.h).
 #include <algorithm>
 #include <cstdint>

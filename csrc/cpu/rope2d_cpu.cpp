@@ -9,7 +9,7 @@
 // stays in cache. The freqs gradient runs in parallel over tokens: each thread owns its tokens'
 // rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices) into them in plane order, then
 // the rows are contracted with coords in token order, so the result has the same bits for any
-// thread count. With freqs_index (SPEC §10) the table rows of token n come from table freqs_index[n]
+// thread count. With freqs_index (packed batches) the table rows of token n come from table freqs_index[n]
 // and the contraction adds each token into its table, tokens still in order (one table: the plain
 // op's bits).
 #include <algorithm>

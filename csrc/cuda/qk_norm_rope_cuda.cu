@@ -12,7 +12,7 @@
 // order into one partial, and a second kernel sums the partials in the fixed order of the math
 // header. The launch shapes depend on the tensor shapes only, so every run gives the same bits.
 // No host synchronization and no allocation outside PyTorch's caching allocator (CUDA-graph safe),
-// except with freqs_index (SPEC §10): its values are checked on the host, and for the gradient of
+// except with freqs_index (packed batches): its values are checked on the host, and for the gradient of
 // indexed freqs the chunks' runs of rows with one table (math/qk_norm_rope_math.h) are found there.
 #include <algorithm>
 #include <cstdint>

@@ -12,7 +12,7 @@
 // gradient needs no atomics: each thread sums dL/dphi over its planes, a block sums its tokens
 // (times their coordinates) in a fixed order into a partial [chunk, group, token tile, 2, D/2], and
 // a second kernel reduces the partials in a fixed order; the launch shape does not depend on the
-// device, so the bits are the same on every run and every GPU. With freqs_index (SPEC §10) a token
+// device, so the bits are the same on every run and every GPU. With freqs_index (packed batches) a token
 // reads table freqs_index[n], and a block splits its tokens into runs of one table, each with its
 // own partial; the second kernel adds, per table, the runs of that table in the same fixed order
 // (one table: the plain op's terms in its order, hence its bits).

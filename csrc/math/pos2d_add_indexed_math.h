@@ -1,4 +1,4 @@
-// Per-element arithmetic of jitrope::pos2d_add_indexed (SPEC §10), shared by the CPU and the CUDA
+// Per-element arithmetic of jitrope::pos2d_add_indexed (docs/ops.md), shared by the CPU and the CUDA
 // kernels: the position sum of a token whose row and/or column may be -1, the offset of a leading
 // index of x, and the order of every sum of the backward. Both devices therefore add the same
 // numbers in the same order and give the same bits, and the CPU tests exercise what the GPU runs.

@@ -1,4 +1,4 @@
-// Per-element math of jitrope::rope2d (SPEC §2), shared by the CPU and the CUDA kernels so that
+// Per-element math of jitrope::rope2d (docs/ops.md), shared by the CPU and the CUDA kernels so that
 // the CPU tests exercise the arithmetic the GPU runs: the angle of a channel pair, the rotation,
 // the angle gradient, the channels of a pair, and the offset of a "plane" (one [N, D] matrix of x:
 // one leading index and head) from its linear index. No CUDA header: CPU builds include it too. sin_cos is the GPU's

@@ -17,7 +17,7 @@ namespace jitrope {
 
 // The one argument check of rope2d, rope2d_ and rope2d_backward (and of qk_norm_rope's rotation). `x_name`
 // names the [..., H, N, D] tensor in messages ("x" or "grad_out"); `fwd_x` is the forward input a
-// backward gets; `inplace` adds the checks of rope2d_; `freqs_index` (SPEC §10) is checked down to
+// backward gets; `inplace` adds the checks of rope2d_; `freqs_index` (docs/ops.md) is checked down to
 // its values (on CUDA that waits for the device), so that no kernel reads a table out of bounds.
 // Throws c10::Error naming the argument, the shape it got and the shape it wanted.
 void check_rope2d_args(
