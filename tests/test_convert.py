@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from jitrope import convert as C
+from jitrope import published as P
 from jitrope import sample as S
 from jitrope.eval import evaluate as E
 from jitrope.model import JiT, JiTConfig
@@ -78,7 +79,7 @@ def test_published_b16_state_dict_converts_and_loads_with_nothing_left_over():
     g = torch.Generator().manual_seed(1)
     pub = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in pub_shapes["state_dict"].items()}
     pub["pos_embed"] = torch.from_numpy(mae_sincos_2d(768, 16)).float()[None]
-    mapped, dropped = C.convert_state_dict({f"net.{k}": v for k, v in pub.items()}, model)
+    mapped, dropped = P.convert_state_dict({f"net.{k}": v for k, v in pub.items()}, model)
     assert dropped == ["pos_embed"] and list(mapped) == list(model.state_dict())
     # the mapped dict, built here by hand: q/k stacked, pos_embed dropped, the rest as published
     by_hand = {k: v for k, v in pub.items() if not k.endswith(("attn.q_norm.weight", "attn.k_norm.weight"))}
@@ -126,7 +127,7 @@ def published_ckpt(tmp_path_factory):
     """A full checkpoint-last.pth of a tiny published-format JiT: three different weight sets, the
     net. prefix, the optimizer, the epoch and the training's Namespace."""
     cfg = tiny()
-    sets = {name: randomized(cfg, seed).state_dict() for seed, name in enumerate(C.WEIGHTS.values())}
+    sets = {name: randomized(cfg, seed).state_dict() for seed, name in enumerate(P.WEIGHTS.values())}
     path = tmp_path_factory.mktemp("published") / "checkpoint-last.pth"
     obj = {name: to_published(sd, cfg, prefix="net.") for name, sd in sets.items()}
     obj.update(
@@ -146,7 +147,7 @@ def test_a_full_checkpoint_converts_each_weight_set(published_ckpt, tmp_path, ca
     assert C.main(argv + (["--weights", weights] if weights else [])) == 0, capsys.readouterr().err
     assert "published epoch 599" in capsys.readouterr().out
     model, cfg, info = S.load_model(out, ema="none")
-    want = sets[C.WEIGHTS[weights or "ema1"]]
+    want = sets[P.WEIGHTS[weights or "ema1"]]
     assert info["step"] == 0 and info["weights"] == "model" and cfg.sample.ema == "none"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "step_00000000" / "manifest.json").is_file()
@@ -203,7 +204,7 @@ def test_a_bare_state_dict_in_torch_or_safetensors_format(tmp_path):
         )
         model, _, _ = S.load_model(ck, ema="none")
         assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items())
-    with pytest.raises(C.ConvertError, match="is a bare state dict, one set of weights; drop --weights"):
+    with pytest.raises(P.ConvertError, match="is a bare state dict, one set of weights; drop --weights"):
         C.convert(tmp_path / "sd.pth", tmp_path / "o2", preset="tiny", weights="ema2", log=lambda *a: None)
 
 

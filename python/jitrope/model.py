@@ -51,6 +51,7 @@ from .posenc import (
     check_pos_embed,
 )
 from .presets import PRESETS
+from .published import ConvertError, map_published_names
 from .reference import compute_dtype, rms_norm
 
 __all__ = [
@@ -484,9 +485,7 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------- model
 def _accept_published_names(module, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
     """``load_state_dict`` pre-hook: a state dict of the published JiT (separate q_norm / k_norm, its
-    sin-cos ``pos_embed``) loads too, mapped by :func:`jitrope.convert.map_published_names`."""
-    from .convert import ConvertError, map_published_names
-
+    sin-cos ``pos_embed``) loads too, mapped by :func:`jitrope.published.map_published_names`."""
     try:
         map_published_names(state_dict, module, prefix)
     except ConvertError as e:
