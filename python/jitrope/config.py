@@ -1,6 +1,6 @@
 """Run configuration: YAML files plus dotted ``key=value`` overrides, checked against dataclasses.
 
-A config has six sections. ``model.*`` are exactly the fields of :class:`jitrope.model.JiTConfig`
+A config has six sections. ``model.*`` are exactly the fields of :class:`jitrope.modelconfig.JiTConfig`
 (plus ``model.preset``, a name for ``JiTConfig.preset``); ``train``, ``data``, ``diffusion``,
 ``sample`` and ``eval`` are the dataclasses below (``sample`` and ``eval`` also hold the settings of
 ``jitrope.sample`` and ``jitrope.evaluate``, which read a run's stored config and then the same
@@ -25,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.multires import check_patch_multiple, parse_size, parse_sizes
 from .diffusion import SAMPLERS, SHIFTS
 from .fileio import atomic_write_text
+from .modelconfig import JiTConfig
 from .rope import SCALING_MODES
 
 __all__ = [
@@ -184,8 +187,6 @@ _CHOICES = {
 
 def model_fields() -> Dict[str, Any]:
     """``{name: type}`` of the fields of ``JiTConfig`` (the valid ``model.*`` keys)."""
-    from .model import JiTConfig
-
     hints = typing.get_type_hints(JiTConfig)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(JiTConfig)}
 
@@ -199,10 +200,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def model_config(self):
+    def model_config(self) -> JiTConfig:
         """The ``JiTConfig`` this config describes (``model.preset`` first, then the other keys)."""
-        from .model import JiTConfig
-
         kw = dict(self.model)
         preset = kw.pop("preset", None)
         return JiTConfig.preset(preset, **kw) if preset else JiTConfig.from_dict(kw)
@@ -311,8 +310,6 @@ def _check_keys(d: Mapping[str, Any], where: str) -> None:
 def _typed_model(model: Mapping[str, Any]) -> Dict[str, Any]:
     """The given ``model.*`` keys, typed against the JiTConfig fields (the others stay unset, so a
     preset fills them in)."""
-    from .model import JiTConfig
-
     model = dict(model)
     preset = model.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
@@ -438,8 +435,6 @@ def _check(cfg: Config) -> None:
 
 def _check_sizes(cfg: Config, patch: int) -> None:
     """data.sizes / sample.sizes parse as HEIGHTxWIDTH multiples of the patch; a budget goes with data.sizes."""
-    from .data.multires import check_patch_multiple, parse_sizes
-
     budget = cfg.train.tokens_per_batch
     for key, spec in (("data.sizes", cfg.data.sizes), ("sample.sizes", cfg.sample.sizes)):
         if spec is None or (key == "data.sizes" and len(spec) == 0):
@@ -488,8 +483,6 @@ def _check_diffusion(d: DiffusionConfig) -> None:
 
 def _check_device(key: str, name: str) -> None:
     """The spelling of a device; whether this machine has it is the job's to check when it starts."""
-    import torch
-
     if name != "auto":
         try:
             torch.device(name)
@@ -537,8 +530,6 @@ def _check_sample_eval(cfg: Config) -> None:
 def parse_hw(text, key: str = "size") -> Tuple[int, int]:
     """``"32x48"`` (rows x columns) or ``"32"`` (square) -> ``(32, 48)``, read by
     :func:`jitrope.data.parse_size`; a ConfigError names ``key``."""
-    from .data.multires import parse_size
-
     t = str(text).strip()
     try:
         return parse_size(f"{t}x{t}" if t.isdigit() else t, key)

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "only class allowed.",
     )
     p.add_argument("published", help="checkpoint-last.pth, or a state dict file (.pth / .safetensors)")
-    p.add_argument("--preset", required=True, help="the model's preset, e.g. JiT-B/16 (see jitrope.presets)")
+    p.add_argument("--preset", required=True, help="the model's preset, e.g. JiT-B/16 (see jitrope.modelconfig)")
     p.add_argument("--out", required=True, help="run folder to write (config.yaml, checkpoints/step_00000000/)")
     p.add_argument(
         "--weights", choices=tuple(WEIGHTS), default=None, help="which weights of a checkpoint-last.pth (default: ema1)"

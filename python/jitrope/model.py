@@ -29,28 +29,17 @@ temperature), so each output is the batched forward of that image alone with the
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import VARLEN_IMPLS, attention_fp32, varlen_attention
+from .attention import attention_fp32, varlen_attention
+from .modelconfig import PRESETS, JiTConfig
 from .packing import PackedLayout, PackedSeqs, pack_images, unpack_images
-from .posenc import (
-    IMPLS,
-    POS_EMBEDS,
-    SCALINGS,
-    PosEncGeometry,
-    PositionalEncoding,
-    SeqLayout,
-    build_pos_encoding,
-    check_pos_embed,
-)
-from .presets import PRESETS
+from .posenc import SCALINGS, PosEncGeometry, PositionalEncoding, SeqLayout, build_pos_encoding
 from .published import ConvertError, map_published_names
 from .reference import compute_dtype, rms_norm
 
@@ -68,179 +57,6 @@ __all__ = [
     "FinalLayer",
     "PRESETS",
 ]
-
-
-_CHOICES = {
-    "pos_impl": IMPLS,
-    "pos_scaling": SCALINGS,
-    "null_cond": ("learned", "zeros", "absent"),
-    "attn_impl": ("sdpa", "fp32"),
-    "packed_attn": VARLEN_IMPLS,
-}
-
-
-@dataclass
-class JiTConfig:
-    """Every knob of :class:`JiT`; the defaults are the ``JiT-S/4`` preset with the paper's encoding.
-
-    Positional encoding: ``pos_embed`` (SPEC §5: learned1d | sincos2d | factorized2d | rope2d |
-    rope2d_mixed | sincos2d+rope2d), ``pos_impl`` (fused | torch), ``pos_scaling`` (how grids other
-    than the training one are placed, per axis: extrapolate | interpolate | ntk | yarn; ntk and yarn
-    scale RoPE frequencies, tables interpolate under them: :mod:`jitrope.rope`; every mode works on batched
-    and packed calls alike, a packed batch scaling each sequence by its own grid), ``pos_max_grid`` /
-    ``pos_max_cond_grid`` (factorized2d table sizes; default twice the training grids).
-    Condition image: ``cond_img_size`` (None = none), its patch size (default ``patch_size``) and
-    bottleneck, ``null_cond``: what stands for "no condition image" (classifier-free guidance, condition
-    dropout): ``learned`` (one learned vector in every condition slot), ``zeros``, or ``absent`` (no
-    condition tokens at all: the sequence is the unconditional one, e.g. 256 tokens instead of 320; a
-    dropped condition is masked out of attention, which gives the same numbers; batched training only).
-    ``attn_impl``: sdpa (``F.scaled_dot_product_attention``) or fp32 (the original's float32 logits by hand).
-    ``packed_attn``: how attention runs on a packed batch (:func:`jitrope.attention.varlen_attention`:
-    auto | varlen | mask | loop).
-    """
-
-    img_size: int = 64
-    patch_size: int = 4
-    in_channels: int = 3
-    hidden_size: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    bottleneck_dim: int = 48
-    num_classes: int = 9
-    in_context_len: int = 32
-    in_context_start: int = 4
-    attn_dropout: float = 0.0
-    proj_dropout: float = 0.0
-    pos_embed: str = "sincos2d+rope2d"
-    pos_impl: str = "fused"
-    pos_scaling: str = "extrapolate"
-    pos_max_grid: Optional[Tuple[int, int]] = None
-    pos_max_cond_grid: Optional[Tuple[int, int]] = None
-    rope_theta: float = 10000.0
-    cond_img_size: Optional[int] = None
-    cond_patch_size: Optional[int] = None
-    cond_in_channels: int = 3
-    cond_bottleneck_dim: Optional[int] = None
-    null_cond: str = "learned"
-    attn_impl: str = "sdpa"
-    packed_attn: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("pos_max_grid", "pos_max_cond_grid"):
-            v = getattr(self, name)
-            if v is not None:
-                if isinstance(v, int):
-                    v = (v, v)
-                v = tuple(int(a) for a in v)
-                if len(v) != 2:
-                    raise ValueError(f"{name} must be (max_h, max_w), got {getattr(self, name)!r}")
-                setattr(self, name, v)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending field."""
-
-        def positive(*names):
-            for n in names:
-                if not (isinstance(getattr(self, n), int) and getattr(self, n) > 0):
-                    raise ValueError(f"{n} must be a positive integer, got {getattr(self, n)!r}")
-
-        positive(
-            "img_size",
-            "patch_size",
-            "in_channels",
-            "hidden_size",
-            "depth",
-            "num_heads",
-            "bottleneck_dim",
-            "num_classes",
-            "cond_in_channels",
-        )
-        for field, choices in _CHOICES.items():
-            if getattr(self, field) not in choices:
-                raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
-        if self.pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {list(POS_EMBEDS)}, got {self.pos_embed!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        check_pos_embed(self.pos_embed, width=self.hidden_size, num_heads=self.num_heads)
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        for n in ("attn_dropout", "proj_dropout"):
-            if not 0.0 <= getattr(self, n) < 1.0:
-                raise ValueError(f"{n} must be in [0, 1), got {getattr(self, n)}")
-        if self.in_context_len < 0:
-            raise ValueError(f"in_context_len must be >= 0, got {self.in_context_len}")
-        if self.in_context_len > 0 and not 0 <= self.in_context_start < self.depth:
-            raise ValueError(
-                f"in_context_start must be in [0, depth={self.depth}) when in_context_len > 0, "
-                f"got {self.in_context_start}"
-            )
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ValueError(f"rope_theta must be positive and finite, got {self.rope_theta}")
-        if self.pos_max_grid is not None and any(m < g for m, g in zip(self.pos_max_grid, self.grid)):
-            raise ValueError(f"pos_max_grid {self.pos_max_grid} must cover the training grid {self.grid}")
-        if self.cond_img_size is not None:
-            if not (isinstance(self.cond_img_size, int) and self.cond_img_size > 0):
-                raise ValueError(f"cond_img_size must be a positive integer or None, got {self.cond_img_size!r}")
-            for n in ("cond_patch_size", "cond_bottleneck_dim"):
-                v = getattr(self, n)
-                if v is not None and not (isinstance(v, int) and v > 0):
-                    raise ValueError(f"{n} must be a positive integer or None, got {v!r}")
-            if self.cond_img_size % self.cond_patch:
-                raise ValueError(
-                    f"cond_img_size ({self.cond_img_size}) must be a multiple of cond_patch_size ({self.cond_patch})"
-                )
-            cg = self.cond_grid
-            if self.pos_max_cond_grid is not None and any(m < g for m, g in zip(self.pos_max_cond_grid, cg)):
-                raise ValueError(f"pos_max_cond_grid {self.pos_max_cond_grid} must cover the condition grid {cg}")
-
-    # Derived geometry.
-    @property
-    def grid(self) -> Tuple[int, int]:
-        g = self.img_size // self.patch_size
-        return (g, g)
-
-    @property
-    def cond_patch(self) -> int:
-        return self.cond_patch_size or self.patch_size
-
-    @property
-    def cond_grid(self) -> Optional[Tuple[int, int]]:
-        if self.cond_img_size is None:
-            return None
-        g = self.cond_img_size // self.cond_patch
-        return (g, g)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        # The official SwiGLUFFN: int(int(width * mlp_ratio) * 2 / 3), e.g. 2048 for width 768.
-        return int(int(self.hidden_size * self.mlp_ratio) * 2 / 3)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> JiTConfig:
-        """A named preset (:data:`PRESETS`) with fields replaced by ``overrides``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown JiT preset {name!r}; known: {list(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> JiTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown JiTConfig field(s): {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 # ----------------------------------------------------------------------------------- layers
