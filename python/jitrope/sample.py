@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, check_state_dict, load_weights, resolve_checkpoint
-from .cli import Flag, add_flags, check_image_out, cpu_setup, fail, flag_layer, resolve_device
+from .cli import Flag, add_flags, check_image_out, fail, flag_layer
 from .config import Config, ConfigError, config_from_dict, load_config
 from .data import (
     IMAGE_EXTENSIONS,
@@ -39,6 +39,7 @@ from .data import (
 )
 from .diffusion import SAMPLERS, Diffusion
 from .posenc import IMPLS
+from .runtime import cpu_setup, resolve_device
 
 __all__ = [
     "load_model",

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .checkpoint import (
@@ -54,13 +53,13 @@ from .checkpoint import (
     newest_valid_checkpoint,
     save_checkpoint,
 )
-from .cli import cpu_setup, resolve_device
 from .config import Config, ConfigError, load_config
 from .data import BatchMaker, DataError, IndexStream, MultiResMaker, TokenPacker, build_dataset, parse_sizes
 from .diffusion import EMA, Diffusion
 from .fileio import LockedError, check_writable_dir, exclusive_lock
 from .packing import mark_dynamic, pack_images
 from .runlog import MetricsLogger
+from .runtime import Dist, RankFailed, rank_device, setup_device
 
 __all__ = ["train", "main", "lr_at", "step_generator", "TrainingStopped", "RankFailed"]
 
@@ -96,74 +95,6 @@ def lr_at(cfg: Config, step: int) -> float:
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """The CPU generator of ``stream`` at ``step`` (independent of ranks, resumes, batch layout)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
-
-
-class RankFailed(RuntimeError):
-    """Another rank failed a step that every rank takes together (rank 0 fetching the data or
-    writing a checkpoint): this rank stops too, rather than wait for it forever; the failed rank's
-    own ``error:`` line says why."""
-
-
-class _Dist:
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        self.device = device  # nccl reduces tensors on the GPU
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @contextlib.contextmanager
-    def together(self, what: str):
-        """A barrier after the block that also tells every rank which ranks' blocks raised: a rank
-        that failed re-raises its own error, the others raise :class:`RankFailed` naming ``what``.
-        A bare barrier would leave the others waiting forever for a rank that stopped."""
-        try:
-            yield
-        except Exception:
-            self._failed_ranks(True)
-            raise
-        failed = self._failed_ranks(False)
-        if failed:
-            who = f"rank {failed[0]}" if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
-            raise RankFailed(f"rank {self.rank} stopped: {who} failed {what} (its error line says why)")
-
-    def _failed_ranks(self, failed: bool) -> List[int]:
-        if not self.enabled:
-            return [self.rank] if failed else []
-        flags = torch.zeros(self.world, dtype=torch.int32, device=self.device)
-        flags[self.rank] = int(failed)
-        dist.all_reduce(flags)
-        return flags.nonzero().flatten().tolist()
-
-    def mean(self, x: Tensor) -> Tensor:
-        if self.enabled:
-            x = x.clone()
-            dist.all_reduce(x)
-            x /= self.world
-        return x
-
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    """:func:`jitrope.cli.resolve_device`, with ``cuda`` / ``auto`` meaning this rank's GPU."""
-    d = resolve_device(name, "train.device")
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", local_rank)
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"config key train.device: {name}: rank LOCAL_RANK={local_rank} has no GPU of its own, "
-                f"there are only {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return d
 
 
 def _diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str) -> List[Tuple[str, str]]:
@@ -272,9 +203,9 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
     """
     t = cfg.train
     run_dir = Path(t.out_dir)
-    device = _pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
-    D = _Dist(device)
-    _setup_device(device, t.num_threads)
+    device = rank_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+    D = Dist(device)
+    setup_device(device, t.num_threads)
     say = log if D.main else (lambda *a, **k: None)
     run, ckpt_dir = None, None
     try:
@@ -313,13 +244,6 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
         if run is not None:
             run.close()
         D.close()
-
-
-def _setup_device(device: torch.device, num_threads: Optional[int]) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if device.type == "cpu":
-        cpu_setup(num_threads)  # denormal floats (decaying Adam moments, tiny grads) stall CPUs
 
 
 def _find_resume_point(run_dir: Path, resume: bool, allow_unverified: bool, say) -> Optional[Path]:
@@ -361,7 +285,7 @@ class _Run:
     ``__init__``), then :meth:`start`, and :meth:`loop` over :meth:`train_step`, :meth:`log_step`,
     :meth:`sample_step` and :meth:`checkpoint_step`."""
 
-    def __init__(self, cfg: Config, device: torch.device, D: _Dist, say, allow_unverified: bool = False):
+    def __init__(self, cfg: Config, device: torch.device, D: Dist, say, allow_unverified: bool = False):
         from .model import JiT
 
         self.cfg, self.t, self.device, self.D, self.say = cfg, cfg.train, device, D, say
@@ -703,7 +627,7 @@ def _non_finite(model, ema: EMA, opt) -> List[str]:
     ]
 
 
-def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: _Dist, loss: float) -> Dict[str, Any]:
+def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: Dist, loss: float) -> Dict[str, Any]:
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)

@@ -62,13 +62,14 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from ..cli import Flag, add_flags, check_file_out, cpu_setup, fail, flag_layer, resolve_device
+from ..cli import Flag, add_flags, check_file_out, fail, flag_layer
 from ..config import EVAL_METRICS, Config, ConfigError, parse_hw
 from ..data import BatchMaker, DataError, build_dataset, resize_images, to_float
 from ..diffusion import SAMPLERS, Diffusion
 from ..fileio import atomic_write_text, check_writable_dir
 from ..posenc import POS_EMBEDS, SCALINGS
 from ..rope import FREQ_SCALINGS
+from ..runtime import cpu_setup, resolve_device
 from ..sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config
 from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
 
