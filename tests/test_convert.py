@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from jitrope import checkpoint as CK
 from jitrope import convert as C
 from jitrope import published as P
 from jitrope import sample as S
@@ -146,7 +147,7 @@ def test_a_full_checkpoint_converts_each_weight_set(published_ckpt, tmp_path, ca
     argv = [str(path), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch"]
     assert C.main(argv + (["--weights", weights] if weights else [])) == 0, capsys.readouterr().err
     assert "published epoch 599" in capsys.readouterr().out
-    model, cfg, info = S.load_model(out, ema="none")
+    model, cfg, info = CK.load_model(out, ema="none")
     want = sets[P.WEIGHTS[weights or "ema1"]]
     assert info["step"] == 0 and info["weights"] == "model" and cfg.sample.ema == "none"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
@@ -202,7 +203,7 @@ def test_a_bare_state_dict_in_torch_or_safetensors_format(tmp_path):
         ck = C.convert(
             tmp_path / f, tmp_path / f"out_{f}", preset="tiny", overrides=["model.pos_impl=torch"], log=lambda *a: None
         )
-        model, _, _ = S.load_model(ck, ema="none")
+        model, _, _ = CK.load_model(ck, ema="none")
         assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items())
     with pytest.raises(P.ConvertError, match="is a bare state dict, one set of weights; drop --weights"):
         C.convert(tmp_path / "sd.pth", tmp_path / "o2", preset="tiny", weights="ema2", log=lambda *a: None)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from jitrope import checkpoint as CK
 from jitrope import sample as S
 from jitrope import train as T
 from jitrope.config import ConfigError, load_config
@@ -221,7 +222,7 @@ def test_sample_sizes_writes_one_grid_of_classes_by_sizes(packed_run, tmp_path, 
 def test_sample_sizes_is_one_packed_forward_per_step(packed_run, monkeypatch):
     from jitrope.model import JiT
 
-    model, cfg, _ = S.load_model(packed_run, pos_impl="torch")
+    model, cfg, _ = CK.load_model(packed_run, pos_impl="torch")
     calls = []
     real = JiT.forward_tokens
 
@@ -265,7 +266,7 @@ def test_sample_sizes_takes_every_pos_scaling(packed_run, tmp_path, capsys, monk
         assert seen and set(seen) == {(mode, True)}
     monkeypatch.undo()
     # the numbers (the tiny run's images round to the same grey; its float outputs do not)
-    model, _, _ = S.load_model(packed_run, pos_impl="torch")
+    model, _, _ = CK.load_model(packed_run, pos_impl="torch")
     outs = {}
     for mode in ("extrapolate", "ntk", "yarn"):
         model.cfg.pos_scaling = mode

@@ -9,7 +9,7 @@ Writes the labelled grid to ``--out`` and every image to a folder beside it (``<
 Settings are config keys (``sample.*``, see :class:`jitrope.config.SampleConfig`), read as in
 training: the run's stored config, then ``--config FILE``, then ``section.key=value`` overrides,
 then the flags (each flag sets one key, e.g. ``--steps`` is ``sample.steps``).
-The Python API (:func:`load_model`, :func:`run_config`, :func:`generate`, :func:`make_grid`,
+The Python API (:func:`jitrope.checkpoint.load_model`, :func:`generate`, :func:`make_grid`,
 :func:`condition_rows`) is what the trainer and ``jitrope.evaluate`` use.
 """
 
@@ -19,14 +19,14 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, check_state_dict, load_weights, resolve_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, model_from_weights, run_config
 from .cli import Flag, add_flags, check_image_out, fail, flag_layer
-from .config import Config, ConfigError, config_from_dict, load_config
+from .config import Config, ConfigError
 from .data import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -42,10 +42,6 @@ from .posenc import IMPLS
 from .runtime import cpu_setup, resolve_device
 
 __all__ = [
-    "load_model",
-    "load_checkpoint",
-    "run_config",
-    "model_from_weights",
     "generate",
     "generate_sizes",
     "make_size_grid",
@@ -61,81 +57,6 @@ __all__ = [
 
 class SampleError(ValueError):
     """Bad sampling input; the message says which and why."""
-
-
-def load_checkpoint(ckpt, *, allow_unverified: bool = False) -> Dict[str, Any]:
-    """The weights of a run folder (its newest checkpoint that verifies), ``step_*`` folder or
-    weights file (:func:`jitrope.checkpoint.load_weights`), verified once. ``allow_unverified``:
-    also load a checkpoint that has no manifest to verify it by."""
-    path = resolve_checkpoint(ckpt, allow_unverified=allow_unverified)
-    return load_weights(path, allow_unverified=allow_unverified)
-
-
-def _stored(w: Mapping[str, Any]) -> Dict[str, Any]:
-    stored = dict(w["config"])
-    if w.get("model_config"):  # the resolved fields: independent of later changes to presets
-        stored["model"] = dict(w["model_config"])
-    return stored
-
-
-def run_config(
-    w: Mapping[str, Any], path=None, overrides: Sequence[str] = (), flags: Optional[Mapping[str, Any]] = None
-) -> Config:
-    """The config to sample / evaluate the checkpoint ``w`` (:func:`load_checkpoint`) with: the one
-    stored with it, then the YAML file ``path``, the dotted ``overrides`` and the typed ``flags``
-    (:func:`jitrope.config.load_config`)."""
-    stored = _stored(w)
-    try:  # the run's own config first, so that its faults are not blamed on the command line
-        config_from_dict(stored, where=f"config stored in {w['path']}", stored=True).model_config()
-    except (ConfigError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{w['path']}: its stored config does not build a model: {e}") from None
-    return load_config(path, overrides, base=stored, flags=flags)
-
-
-def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", device="cpu"):
-    """The model of ``cfg`` with the weights ``ema`` of ``w`` ("0" / "1": an EMA, "none": the raw
-    weights), in eval mode on ``device``; returns ``(model, info)`` (see :func:`load_model`)."""
-    from .model import JiT
-
-    path = w["path"]
-    try:
-        mcfg = cfg.model_config()
-    except (ConfigError, ValueError, TypeError) as e:
-        raise ConfigError(f"model config: {e}") from None
-    model = JiT(mcfg)
-    if ema in ("none", "raw", "model"):
-        sd, which = w["model"], "model"
-    else:
-        try:
-            i = int(ema)
-            sd = w["emas"][i]
-        except (ValueError, IndexError):
-            raise CheckpointError(
-                f"{path} has {len(w['emas'])} EMA(s) ({w['ema_decays']}); ema {ema!r} is not one of "
-                'them ("none": the raw weights)'
-            ) from None
-        which = f"ema{i}"
-    check_state_dict(model.state_dict(), sd, where=f"{path} [{which}]")
-    model.load_state_dict(sd)
-    model.to(device).eval()
-    names = list(w["class_names"])
-    if len(names) != mcfg.num_classes:
-        names = [f"class {i}" for i in range(mcfg.num_classes)]
-    info = {"step": w["step"], "path": path, "weights": which, "ema_decays": w["ema_decays"], "class_names": names}
-    return model, info
-
-
-def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = None, allow_unverified: bool = False):
-    """Load a checkpoint (run folder, ``step_*`` folder or weights file) for sampling.
-
-    ``ema``: "0" / "1" (which EMA; SPEC: the 0.9999 one is sampled) or "none" (raw weights).
-    Returns ``(model in eval mode, Config of the run, info)``; info has step, path, weights (which
-    set), ema_decays and class_names.
-    """
-    w = load_checkpoint(ckpt, allow_unverified=allow_unverified)
-    cfg = run_config(w, flags={"model": {"pos_impl": pos_impl}} if pos_impl is not None else None)
-    model, info = model_from_weights(w, cfg, ema=ema, device=device)
-    return model, cfg, info
 
 
 @torch.no_grad()

@@ -61,7 +61,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_checkpoint, model_from_weights, run_config
 from ..cli import Flag, add_flags, check_file_out, fail, flag_layer
 from ..config import EVAL_METRICS, Config, ConfigError, parse_hw
 from ..data import BatchMaker, DataError, build_dataset, resize_images, to_float
@@ -70,7 +70,7 @@ from ..fileio import atomic_write_text, check_writable_dir
 from ..posenc import POS_EMBEDS, SCALINGS
 from ..rope import FREQ_SCALINGS
 from ..runtime import cpu_setup, resolve_device
-from ..sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config
+from ..sample import SampleError, generate, make_grid
 from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
 
 __all__ = [
