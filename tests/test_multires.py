@@ -14,7 +14,8 @@ from jitrope import sample as S
 from jitrope import train as T
 from jitrope.config import ConfigError, load_config
 from jitrope.data import MultiResMaker, TokenPacker, make_synthetic, padding_waste, parse_sizes
-from jitrope.sample import make_grid
+from jitrope.grids import make_grid
+from jitrope.sampling import generate_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -234,11 +235,11 @@ def test_sample_sizes_is_one_packed_forward_per_step(packed_run, monkeypatch):
     from jitrope.diffusion import Diffusion
 
     labels = torch.tensor([0, 1, 2])
-    xs = S.generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 24), (24, 16)], steps=3, sampler="heun", cfg=2.0)
+    xs = generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 24), (24, 16)], steps=3, sampler="heun", cfg=2.0)
     assert [tuple(x.shape) for x in xs] == [(3, 8, 8), (3, 16, 24), (3, 24, 16)]
     assert calls == [6] * 5  # heun: 2 * 3 - 1 evaluations, each one forward of both CFG branches (2 x 3 images)
     calls.clear()
-    again = S.generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 24), (24, 16)], steps=3, sampler="euler")
+    again = generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 24), (24, 16)], steps=3, sampler="euler")
     assert calls == [3] * 3 and all(x.isfinite().all() for x in again)
 
 
@@ -271,7 +272,7 @@ def test_sample_sizes_takes_every_pos_scaling(packed_run, tmp_path, capsys, monk
     for mode in ("extrapolate", "ntk", "yarn"):
         model.cfg.pos_scaling = mode
         labels = torch.tensor([0, 1, 2])
-        outs[mode] = S.generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 16), (24, 24)], steps=2, cfg=2.0)
+        outs[mode] = generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 16), (24, 24)], steps=2, cfg=2.0)
     for mode in ("ntk", "yarn"):
         for k in (0, 1):
             assert torch.equal(outs[mode][k], outs["extrapolate"][k]), (mode, k)

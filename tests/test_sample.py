@@ -12,8 +12,11 @@ from jitrope import sample as S
 from jitrope import train as T
 from jitrope.checkpoint import CheckpointError
 from jitrope.config import ConfigError, load_config
+from jitrope.data import to_uint8
 from jitrope.diffusion import Diffusion
 from jitrope.eval import evaluate as E
+from jitrope.grids import condition_rows
+from jitrope.sampling import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -119,16 +122,16 @@ def test_condition_rows_show_each_condition_at_the_sample_size_before_its_sample
     enlarged = small.repeat_interleave(2, -2).repeat_interleave(2, -1)  # nearest-neighbour, 2x
     reduced = large.double().reshape(2, 3, 8, 2, 8, 2).mean((3, 5))  # box filter, 2x
     for conds, shown in ((small, enlarged), (large, reduced)):
-        cells = S.condition_rows(conds, samples, n)
+        cells = condition_rows(conds, samples, n)
         assert cells.shape == (8, 3, 8, 8)
         for r in range(2):
             torch.testing.assert_close(cells[r * (n + 1)].double(), shown[r].double(), rtol=0, atol=1e-6)
             assert torch.equal(cells[r * (n + 1) + 1 : (r + 1) * (n + 1)], samples[r * n : (r + 1) * n])
-    u8 = S.condition_rows(small, S.to_uint8(samples), n)  # uint8 samples: the condition converted alike
-    assert u8.dtype == torch.uint8 and torch.equal(u8[0], S.to_uint8(enlarged[0]))
-    assert torch.equal(u8[1:4], S.to_uint8(samples[:3]))
+    u8 = condition_rows(small, to_uint8(samples), n)  # uint8 samples: the condition converted alike
+    assert u8.dtype == torch.uint8 and torch.equal(u8[0], to_uint8(enlarged[0]))
+    assert torch.equal(u8[1:4], to_uint8(samples[:3]))
     with pytest.raises(ValueError, match="5 samples for 2 conditions of 3 each"):
-        S.condition_rows(small, samples[:5], n)
+        condition_rows(small, samples[:5], n)
 
 
 def test_samples_do_not_depend_on_the_batch_size(tiny_run):
@@ -136,8 +139,8 @@ def test_samples_do_not_depend_on_the_batch_size(tiny_run):
     assert info["step"] == 6 and info["class_names"][0] == "disc"
     d = Diffusion.from_config(cfg.diffusion)
     y = torch.tensor([0, 1, 2])
-    a = S.generate(model, d, y, steps=2, cfg=2.0, seed=5, batch_size=3)
-    b = S.generate(model, d, y, steps=2, cfg=2.0, seed=5, batch_size=1)
+    a = generate(model, d, y, steps=2, cfg=2.0, seed=5, batch_size=3)
+    b = generate(model, d, y, steps=2, cfg=2.0, seed=5, batch_size=1)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert a.shape == (3, 3, 16, 16)
 

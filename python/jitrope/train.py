@@ -57,9 +57,11 @@ from .config import Config, ConfigError, load_config
 from .data import BatchMaker, DataError, IndexStream, MultiResMaker, TokenPacker, build_dataset, parse_sizes
 from .diffusion import EMA, Diffusion
 from .fileio import LockedError, check_writable_dir, exclusive_lock
+from .grids import condition_rows, make_grid
 from .packing import mark_dynamic, pack_images
 from .runlog import MetricsLogger
 from .runtime import Dist, RankFailed, rank_device, setup_device
+from .sampling import generate
 
 __all__ = ["train", "main", "lr_at", "step_generator", "TrainingStopped", "RankFailed"]
 
@@ -150,8 +152,6 @@ def _sample_grid(
 ) -> Any:
     """One row per class (EMA weights, CFG from sample.*), plus condition rows when the model has a
     condition image: [condition | samples] for held-out images."""
-    from .sample import condition_rows, generate, make_grid
-
     n = 8
     k = model_cfg.num_classes
     labels = torch.arange(k).repeat_interleave(n)

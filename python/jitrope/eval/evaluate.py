@@ -67,10 +67,11 @@ from ..config import EVAL_METRICS, Config, ConfigError, parse_hw
 from ..data import BatchMaker, DataError, build_dataset, resize_images, to_float
 from ..diffusion import SAMPLERS, Diffusion
 from ..fileio import atomic_write_text, check_writable_dir
+from ..grids import make_grid
 from ..posenc import POS_EMBEDS, SCALINGS
 from ..rope import FREQ_SCALINGS
 from ..runtime import cpu_setup, resolve_device
-from ..sample import SampleError, generate, make_grid
+from ..sampling import generate
 from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
 
 __all__ = [
@@ -676,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cpu_setup(e.num_threads)
         res = _evaluate(w, cfg, device)
         atomic_write_text(out, json.dumps(res, indent=2))
-    except (CheckpointError, DataError, ConfigError, SampleError, OSError, ImportError) as err:
+    except (CheckpointError, DataError, ConfigError, OSError, ImportError) as err:
         return fail(err, names)
     print(f"wrote {out}")
     return 0
