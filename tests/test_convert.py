@@ -18,9 +18,9 @@ from torch import nn
 
 from jitrope import checkpoint as CK
 from jitrope import convert as C
+from jitrope import evaluate as E
 from jitrope import published as P
 from jitrope import sample as S
-from jitrope.eval import evaluate as E
 from jitrope.model import JiT, JiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

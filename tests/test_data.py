@@ -138,7 +138,7 @@ def test_fetch_unpacks_once_and_loads_composited_labelled_images(fake_npm):
 
     # second time: from the tensor cache, neither npm nor the unpacked folders are touched
     calls = fake_npm["log"].read_text()
-    from jitrope import emoji as EM
+    from jitrope.data import emoji as EM
 
     orig = EM.fetch_emoji
     EM.fetch_emoji = lambda *a, **k: pytest.fail("fetch_emoji called although the cache exists")
@@ -272,7 +272,7 @@ def test_emoji_split_keeps_vendors_together(fake_npm):
     from jitrope.config import DataConfig
 
     cfg = DataConfig(name="emoji", root=str(fake_npm["root"]), img_size=32, vendors=("google", "twitter"), holdout=0.5)
-    from jitrope import datasets as DS
+    from jitrope.data import datasets as DS
 
     D_load = DS.load_emoji
     try:

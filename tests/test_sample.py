@@ -8,13 +8,14 @@ import torch
 from PIL import Image
 
 from jitrope import checkpoint as CK
+from jitrope import evaluate as E
 from jitrope import sample as S
 from jitrope import train as T
 from jitrope.checkpoint import CheckpointError
 from jitrope.config import ConfigError, load_config
 from jitrope.data import to_uint8
 from jitrope.diffusion import Diffusion
-from jitrope.eval import evaluate as E
+from jitrope.eval import evaluate as EV
 from jitrope.grids import condition_rows
 from jitrope.sampling import generate
 
@@ -331,7 +332,7 @@ def test_evaluate_writes_json_metrics(tiny_run, tmp_path, capsys):
     assert 0 <= m["class_samples"]["nn_class_acc"] <= 1 and m["cond_samples"]["n"] == 3
     assert "held-out v-loss" in capsys.readouterr().out
     # fixed noise: the v-loss is reproducible
-    again = E.evaluate(
+    again = EV.evaluate(
         tiny_run,
         overrides=[
             "eval.t_grid=[0.2,0.8]",
@@ -353,7 +354,7 @@ def test_help_texts_explain():
 
 def test_evaluate_checks_its_output_before_any_metric(tiny_run, tmp_path, capsys, monkeypatch):
     called = []
-    monkeypatch.setattr(E, "_evaluate", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(E, "evaluate_weights", lambda *a, **k: called.append(1))
     (tmp_path / "taken.json").mkdir()
     for out in (tmp_path, tmp_path / "taken.json"):
         assert E.main(["--ckpt", str(tiny_run), "--out", str(out)]) == 2
@@ -374,9 +375,9 @@ def test_evaluate_refuses_a_hand_built_resolution_study_without_featnet_before_a
     def no_work(*a, **k):
         raise AssertionError("a metric ran before the check")
 
-    monkeypatch.setattr(E, "heldout_vloss", no_work)
+    monkeypatch.setattr(EV, "heldout_vloss", no_work)
     with pytest.raises(ConfigError, match="eval.res_px: the resolution study needs the feature network"):
-        E.evaluate(tiny_run, cfg)
+        EV.evaluate(tiny_run, cfg)
 
 
 def test_settings_come_from_the_run_then_the_file_then_overrides_then_flags(tiny_run, tmp_path, monkeypatch):
@@ -411,7 +412,9 @@ def test_settings_come_from_the_run_then_the_file_then_overrides_then_flags(tiny
 
 def test_evaluate_reads_the_eval_section_and_flags(tiny_run, tmp_path, monkeypatch):
     got = {}
-    monkeypatch.setattr(E, "_evaluate", lambda w, cfg, device, **k: got.update(cfg=cfg, device=device) or {"step": 6})
+    monkeypatch.setattr(
+        E, "evaluate_weights", lambda w, cfg, device, **k: got.update(cfg=cfg, device=device) or {"step": 6}
+    )
     (tmp_path / "e.yaml").write_text("eval:\n  metrics: [vloss]\n  t_grid: [0.3]\n  max_images: 5\n")
     out = tmp_path / "m.json"
     assert (
@@ -507,7 +510,7 @@ def test_allow_unverified_reaches_the_checkpoint_loader(tiny_run, tmp_path, monk
 
     monkeypatch.setattr(CK, "resolve_checkpoint", resolve)
     monkeypatch.setattr(CK, "load_weights", load)
-    monkeypatch.setattr(E, "_evaluate", lambda *a, **k: {"step": 6})
+    monkeypatch.setattr(E, "evaluate_weights", lambda *a, **k: {"step": 6})
     for main, args in (
         (S.main, ["--steps", "1", "--n", "1", "--classes", "0", "--no-progress", "--no-singles"]),
         (E.main, []),

@@ -8,10 +8,6 @@ references (``pos_impl="torch"``), and a warning says so.
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.util
-import sys
 import warnings
 
 import torch
@@ -65,40 +61,3 @@ if HAS_EXTENSION and not has_cuda_kernels():
 from . import ops, reference, rope  # noqa: E402
 
 __all__ = ["ops", "reference", "rope", "HAS_EXTENSION", "has_cuda_kernels", "__version__"]
-
-
-# Modules that moved into the data / eval subpackages keep their old import paths: ``import
-# jitrope.imageset`` gives the module ``jitrope.data.imageset`` itself (one module object, so
-# monkeypatching and isinstance see the same names). A finder rather than a file per old path:
-# a file at the old path would make git see an edit there, not a rename that others' edits follow.
-# ``python -m jitrope.evaluate`` needs a file to run: jitrope/evaluate.py.
-MOVED_MODULES = {
-    "jitrope.imageset": "jitrope.data.imageset",
-    "jitrope.emoji": "jitrope.data.emoji",
-    "jitrope.datasets": "jitrope.data.datasets",
-    "jitrope.batching": "jitrope.data.batching",
-    "jitrope.metrics": "jitrope.eval.metrics",
-    "jitrope.featnet": "jitrope.eval.featnet",
-}
-
-
-class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports an old path of :data:`MOVED_MODULES` as the module at its new path."""
-
-    def __init__(self):
-        self._specs = {}
-
-    def find_spec(self, fullname, path=None, target=None):
-        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED_MODULES else None
-
-    def create_module(self, spec):
-        module = importlib.import_module(MOVED_MODULES[spec.name])
-        self._specs[spec.name] = module.__spec__  # importlib sets __spec__ on what it gets: put it back below
-        return module
-
-    def exec_module(self, module):
-        module.__spec__ = self._specs.pop(module.__spec__.name)
-
-
-if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
-    sys.meta_path.append(_MovedModuleFinder())
