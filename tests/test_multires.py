@@ -12,6 +12,7 @@ from PIL import Image
 from jitrope import checkpoint as CK
 from jitrope import sample as S
 from jitrope import train as T
+from jitrope import training as TR
 from jitrope.config import ConfigError, load_config
 from jitrope.data import MultiResMaker, TokenPacker, make_synthetic, padding_waste, parse_sizes
 from jitrope.grids import make_grid
@@ -97,7 +98,7 @@ def test_mixed_size_images_sit_on_white_canvases(cond):
 
 def test_packed_training_logs_the_padding_waste(tmp_path):
     lines = []
-    out = T.train(_cfg(tmp_path, "train.steps=4", "train.log_every=2"), log=lines.append)
+    out = TR.train(_cfg(tmp_path, "train.steps=4", "train.log_every=2"), log=lines.append)
     assert out["step"] == 4 and math.isfinite(out["loss"])
     assert "packed batches of 400 tokens over sizes 8x8, 16x16, 16x24, 24x16, 24x24" in lines[0]
     logged = [ln for ln in lines if ln.startswith("step ")]
@@ -113,9 +114,9 @@ def _weights(run_dir, step):
 @pytest.mark.parametrize("cond", ["downsample", "none"])
 def test_mixed_size_resume_is_bit_exact(tmp_path, cond):
     extra = ["train.ckpt_every=5"] + ([] if cond != "none" else ["data.cond=none", "model.cond_img_size=null"])
-    T.train(_cfg(tmp_path / "straight", "train.steps=10", *extra), **quiet)
-    T.train(_cfg(tmp_path / "split", "train.steps=5", *extra), **quiet)
-    out = T.train(_cfg(tmp_path / "split", "train.steps=10", *extra), resume=True, **quiet)
+    TR.train(_cfg(tmp_path / "straight", "train.steps=10", *extra), **quiet)
+    TR.train(_cfg(tmp_path / "split", "train.steps=5", *extra), **quiet)
+    out = TR.train(_cfg(tmp_path / "split", "train.steps=10", *extra), resume=True, **quiet)
     assert out["step"] == 10
     a, b = _weights(tmp_path / "straight", 10), _weights(tmp_path / "split", 10)
     assert a.keys() == b.keys()
@@ -128,11 +129,11 @@ def test_mixed_size_resume_is_bit_exact(tmp_path, cond):
 
 
 def test_resume_refuses_another_budget(tmp_path):
-    T.train(_cfg(tmp_path, "train.steps=2"), **quiet)
+    TR.train(_cfg(tmp_path, "train.steps=2"), **quiet)
     from jitrope.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="train.tokens_per_batch: checkpoint 400 vs now 300"):
-        T.train(_cfg(tmp_path, "train.steps=4", "train.tokens_per_batch=300"), resume=True, **quiet)
+        TR.train(_cfg(tmp_path, "train.steps=4", "train.tokens_per_batch=300"), resume=True, **quiet)
 
 
 @pytest.mark.parametrize(
@@ -174,13 +175,13 @@ def test_packing_refuses_several_ranks(tmp_path):
         match=r"data.sizes \(packed mixed-size batches\) trains on one rank, this run "
         r"has 2 \(WORLD_SIZE\)",
     ):
-        T._check_data_fits(cfg, cfg.model_config(), ds, 2)
+        TR._check_data_fits(cfg, cfg.model_config(), ds, 2)
 
 
 @pytest.fixture(scope="module")
 def packed_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("packed_run")
-    T.train(_cfg(run, "train.steps=3"), **quiet)
+    TR.train(_cfg(run, "train.steps=3"), **quiet)
     return run
 
 

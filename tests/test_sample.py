@@ -10,7 +10,7 @@ from PIL import Image
 from jitrope import checkpoint as CK
 from jitrope import evaluate as E
 from jitrope import sample as S
-from jitrope import train as T
+from jitrope import training as TR
 from jitrope.checkpoint import CheckpointError
 from jitrope.config import ConfigError, load_config
 from jitrope.data import to_uint8
@@ -27,7 +27,7 @@ BASE = ["model.pos_impl=torch", "train.progress=false", "train.tensorboard=false
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_run")
-    T.train(
+    TR.train(
         load_config(
             TINY, BASE + [f"train.out_dir={run}", "train.steps=6", "train.ckpt_every=6", "train.sample_every=6"]
         ),
@@ -40,7 +40,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_uncond_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_uncond")
-    T.train(
+    TR.train(
         load_config(
             TINY, BASE + [f"train.out_dir={run}", "train.steps=2", "model.cond_img_size=null", "data.cond=none"]
         ),

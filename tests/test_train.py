@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from jitrope import train as T
+from jitrope import training as TR
 from jitrope.checkpoint import CheckpointError, list_checkpoints, load_weights, save_checkpoint
 from jitrope.config import load_config
 
@@ -29,9 +30,9 @@ def _weights(run_dir, step):
 
 def test_resume_is_bit_exact(tmp_path):
     quiet = dict(log=lambda *a, **k: None)
-    T.train(_cfg(tmp_path / "straight", "train.steps=20"), **quiet)
-    T.train(_cfg(tmp_path / "split", "train.steps=10"), **quiet)
-    out = T.train(_cfg(tmp_path / "split", "train.steps=20"), resume=True, **quiet)
+    TR.train(_cfg(tmp_path / "straight", "train.steps=20"), **quiet)
+    TR.train(_cfg(tmp_path / "split", "train.steps=10"), **quiet)
+    out = TR.train(_cfg(tmp_path / "split", "train.steps=20"), resume=True, **quiet)
     assert out["step"] == 20
     a, b = _weights(tmp_path / "straight", 20), _weights(tmp_path / "split", 20)
     assert a.keys() == b.keys() and any(k.startswith("ema1.") for k in a)
@@ -53,24 +54,24 @@ def test_metrics_jsonl_has_a_record_per_log_step_and_resume_drops_the_records_be
 
     quiet = dict(log=lambda *a, **k: None)
     extra = ("train.log_every=2", "train.ckpt_every=5")
-    T.train(_cfg(tmp_path / "straight", "train.steps=10", *extra), **quiet)
+    TR.train(_cfg(tmp_path / "straight", "train.steps=10", *extra), **quiet)
     straight = read_metrics(tmp_path / "straight")
     assert [r["step"] for r in straight] == [2, 4, 6, 8, 10]
     keys = {"step", "loss", "lr", "grad_norm", "images_per_s", "interval_steps", "wall_s", "cpu_s", "time", "startup"}
     assert all(set(r) == keys for r in straight)
     assert [r["startup"] for r in straight] == [True, False, False, False, False]
     assert all(r["images_per_s"] > 0 and r["interval_steps"] == 2 for r in straight)
-    assert [r["lr"] for r in straight] == [T.lr_at(_cfg(tmp_path), s - 1) for s in (2, 4, 6, 8, 10)]
+    assert [r["lr"] for r in straight] == [TR.lr_at(_cfg(tmp_path), s - 1) for s in (2, 4, 6, 8, 10)]
     walls = [r["wall_s"] for r in straight]
     assert walls == sorted(walls) and walls[0] > 0
     # A crash after step 8: its checkpoint never written, a torn half line at the end of the file.
     run = tmp_path / "crashed"
-    T.train(_cfg(run, "train.steps=8", *extra), **quiet)
+    TR.train(_cfg(run, "train.steps=8", *extra), **quiet)
     shutil.rmtree(run / "checkpoints" / "step_00000008")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "loss": 0.5')
     assert [r["step"] for r in read_metrics(run)] == [2, 4, 6, 8]  # readers skip the torn line
-    T.train(_cfg(run, "train.steps=10", *extra), resume=True, **quiet)  # resumes from step 5
+    TR.train(_cfg(run, "train.steps=10", *extra), resume=True, **quiet)  # resumes from step 5
     resumed = read_metrics(run)
     assert [r["step"] for r in resumed] == [2, 4, 6, 8, 10]  # 6 and 8 once each: those of the second run
     assert [r["startup"] for r in resumed] == [True, False, True, False, False]
@@ -98,18 +99,18 @@ class Evil:
 
 def test_existing_checkpoints_need_resume_and_a_matching_config(tmp_path, capsys):
     quiet = dict(log=lambda *a, **k: None)
-    T.train(_cfg(tmp_path, "train.steps=4", "train.ckpt_every=2"), **quiet)
+    TR.train(_cfg(tmp_path, "train.steps=4", "train.ckpt_every=2"), **quiet)
     assert (tmp_path / "config.yaml").is_file()
     with pytest.raises(CheckpointError, match="--resume"):
-        T.train(_cfg(tmp_path, "train.steps=6"), **quiet)
+        TR.train(_cfg(tmp_path, "train.steps=6"), **quiet)
     with pytest.raises(CheckpointError, match=r"model.pos_embed: checkpoint 'rope2d' vs now 'factorized2d'"):
-        T.train(_cfg(tmp_path, "train.steps=6", "model.pos_embed=factorized2d"), resume=True, **quiet)
+        TR.train(_cfg(tmp_path, "train.steps=6", "model.pos_embed=factorized2d"), resume=True, **quiet)
     with pytest.raises(CheckpointError, match="train.batch_size"):
-        T.train(_cfg(tmp_path, "train.steps=6", "train.batch_size=8"), resume=True, **quiet)
+        TR.train(_cfg(tmp_path, "train.steps=6", "train.batch_size=8"), resume=True, **quiet)
     # a truncated newest checkpoint is skipped with a warning naming it; the run resumes from the one before
     f = tmp_path / "checkpoints" / "step_00000004" / "weights.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
-    out = T.train(_cfg(tmp_path, "train.steps=6"), resume=True, **quiet)
+    out = TR.train(_cfg(tmp_path, "train.steps=6"), resume=True, **quiet)
     assert out["step"] == 6
     err = capsys.readouterr().err
     assert "skipping checkpoint step_00000004" in err and f"{f}: 1000 bytes" in err
@@ -123,17 +124,17 @@ def test_existing_checkpoints_need_resume_and_a_matching_config(tmp_path, capsys
     (ck / "manifest.json").unlink()
     torch.save({"step": 6, "evil": Evil()}, ck / "state.pt")
     with pytest.raises(CheckpointError, match="state.pt: cannot load the training state"):
-        T.train(_cfg(tmp_path, "train.steps=8"), resume=True, allow_unverified=True, **quiet)
+        TR.train(_cfg(tmp_path, "train.steps=8"), resume=True, allow_unverified=True, **quiet)
     assert "weights.safetensors cannot be verified: " in capsys.readouterr().err
 
 
 def test_resume_lets_runtime_settings_differ_and_refuses_what_changes_the_training(tmp_path):
     quiet = dict(log=lambda *a, **k: None)
-    T.train(_cfg(tmp_path, "train.steps=2", "train.ckpt_every=2", f"data.root={tmp_path / 'a'}"), **quiet)
+    TR.train(_cfg(tmp_path, "train.steps=2", "train.ckpt_every=2", f"data.root={tmp_path / 'a'}"), **quiet)
     # the data moved and is not to be downloaded again, other kernels compute the same thing: fine
     said = []
     moved = ["data.download=false", f"data.root={tmp_path / 'b'}", "model.packed_attn=mask", "model.pos_impl=fused"]
-    out = T.train(_cfg(tmp_path, "train.steps=4", *moved), resume=True, log=said.append)
+    out = TR.train(_cfg(tmp_path, "train.steps=4", *moved), resume=True, log=said.append)
     assert out["step"] == 4
     changed = [x for x in said if "changed runtime settings" in x]
     assert len(changed) == 1, said
@@ -149,7 +150,7 @@ def test_resume_lets_runtime_settings_differ_and_refuses_what_changes_the_traini
         (["data.root=/elsewhere", "diffusion.P_mean=-0.5"], ["diffusion.P_mean"]),
     ]:
         with pytest.raises(CheckpointError, match="another config") as e:
-            T.train(_cfg(tmp_path, "train.steps=6", *extra), resume=True, **quiet)
+            TR.train(_cfg(tmp_path, "train.steps=6", *extra), resume=True, **quiet)
         assert all(k in str(e.value) for k in named) and "data.root" not in str(e.value), str(e.value)
 
 
@@ -240,7 +241,7 @@ def test_console_entry_points_name_the_cli_mains():
 
 def test_lr_schedule_is_linear_warmup_then_constant():
     cfg = load_config(TINY, ["train.lr=null", "train.blr=5e-5", "train.batch_size=512", "train.warmup_steps=4"])
-    lrs = [T.lr_at(cfg, s) for s in range(6)]
+    lrs = [TR.lr_at(cfg, s) for s in range(6)]
     assert lrs == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
 
 
@@ -383,7 +384,7 @@ def test_fused_and_torch_ops_train_alike(tmp_path, pos_embed):
                 f"train.out_dir={tmp_path / impl}",
             ],
         )
-        out = T.train(cfg, log=lambda *a, **k: None)
+        out = TR.train(cfg, log=lambda *a, **k: None)
         assert out["model"].pos_impl == impl
         losses[impl] = out["loss"]
     assert losses["fused"] == pytest.approx(losses["torch"], rel=1e-4)
@@ -399,7 +400,7 @@ def test_compile_mode_default_trains_like_eager(tmp_path):
             BASE
             + [f"train.compile_mode={mode}", "train.steps=2", "train.log_every=2", f"train.out_dir={tmp_path / mode}"],
         )
-        out = T.train(cfg, log=lambda *a, **k: None)
+        out = TR.train(cfg, log=lambda *a, **k: None)
         assert out["step"] == 2
         losses[mode] = out["loss"]
     assert losses["default"] == pytest.approx(losses["none"], rel=1e-3)
@@ -425,7 +426,7 @@ def test_compile_mode_reduce_overhead_trains_on_the_gpu(tmp_path):
                 f"train.out_dir={tmp_path / mode}",
             ],
         )
-        out = T.train(cfg, log=lambda *a, **k: None)
+        out = TR.train(cfg, log=lambda *a, **k: None)
         assert out["step"] == 3
         losses[mode] = out["loss"]
     assert losses["reduce-overhead"] == pytest.approx(losses["none"], rel=1e-3)
