@@ -30,7 +30,7 @@ temperature), so each output is the batched forward of that image alone with the
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -622,11 +622,7 @@ class JiT(nn.Module):
         layout = self.sequence_layout(
             tuple(x.shape[-2:]), None if cond is None else tuple(cond.shape[-2:]), scaling=pos_scaling
         )
-        if t.dim() == 0:
-            t = t.expand(B)
-        if y is None:
-            y = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
-
+        t, y = self._time_and_label(t, y, B, x.device)
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
 
@@ -635,22 +631,45 @@ class JiT(nn.Module):
         if self.cond_embedder is not None and layout.n_cond > 0:
             h = torch.cat((h, self._cond_tokens(cond, cond_drop, layout, h)), dim=1)
             key_mask = self._absent_cond_mask(cond_drop, layout, B, x.device)
-        h = self.pos.add(h, layout)
-
-        L, start = cfg.in_context_len, cfg.in_context_start
-        for i, block in enumerate(self.blocks):
-            if L > 0 and i == start:
-                ctx = y_emb.unsqueeze(1).expand(-1, L, -1) + self.in_context_posemb
-                h = torch.cat((ctx.to(h.dtype), h), dim=1)
-                if key_mask is not None:
-                    key_mask = torch.cat((key_mask.new_ones(B, 1, 1, L), key_mask), dim=-1)
-            h = block(h, c, self.pos, layout, key_mask)
+        h = self._blocks(self.pos.add(h, layout), c, y_emb, layout, key_mask)
 
         # Only image tokens reach the final layer: in-context and condition tokens are dropped.
-        n0 = L if L > 0 else 0
+        n0 = cfg.in_context_len
         h = h[:, n0 : n0 + layout.n_image]
         h = self.final_layer(h, c)
         return self.unpatchify(h, layout.grid)
+
+    def _time_and_label(self, t: Tensor, y: Optional[Tensor], n: int, device) -> Tuple[Tensor, Tensor]:
+        """``t`` of ``n`` samples (a scalar: the same for all) and their labels (None: the null class)."""
+        if t.dim() == 0:
+            t = t.expand(n)
+        if y is None:
+            y = torch.full((n,), self.null_class, dtype=torch.long, device=device)
+        return t, y
+
+    def _blocks(
+        self, h: Tensor, c: Tensor, y_emb: Tensor, layout: Union[SeqLayout, PackedLayout], key_mask=None
+    ) -> Tensor:
+        """The transformer blocks over the embedded tokens ``h`` (positions added), shared by the batched
+        and the packed forward. The in-context tokens (each sample's ``y_emb`` plus their learned positions)
+        join at block ``in_context_start``: in front of each sequence of a batch (``layout`` a ``SeqLayout``;
+        ``key_mask`` grows with them), or gathered into each sequence of a packed stream (a ``PackedLayout``,
+        whose blocks then see ``layout.seqs`` instead of ``layout.seqs_in``)."""
+        L, start = self.cfg.in_context_len, self.cfg.in_context_start
+        packed = isinstance(layout, PackedLayout)
+        seqs = layout.seqs_in if packed else layout
+        for i, block in enumerate(self.blocks):
+            if L > 0 and i == start:
+                ctx = (y_emb.unsqueeze(1) + self.in_context_posemb).to(h.dtype)  # [B or S, L, W]
+                if packed:
+                    h = torch.cat((ctx.reshape(1, -1, h.shape[-1]), h), dim=1)[:, layout.ctx_gather]
+                    seqs = layout.seqs
+                else:
+                    h = torch.cat((ctx, h), dim=1)
+                    if key_mask is not None:
+                        key_mask = torch.cat((key_mask.new_ones(h.shape[0], 1, 1, L), key_mask), dim=-1)
+            h = block(h, c, self.pos, seqs, key_mask)
+        return h
 
     def forward_tokens(
         self,
@@ -685,15 +704,11 @@ class JiT(nn.Module):
             raise ValueError(
                 f"x must be pixel tokens [T_img={layout.image_seq_id.shape[0]}, {P}], got {tuple(x.shape)}"
             )
-        if t.dim() == 0:
-            t = t.expand(S)
+        t, y = self._time_and_label(t, y, S, x.device)
         if t.shape != (S,):
             raise ValueError(f"t must be [S={S}] (one noise level per sample) or a scalar, got {tuple(t.shape)}")
-        if y is None:
-            y = torch.full((S,), self.null_class, dtype=torch.long, device=x.device)
         if y.shape != (S,):
             raise ValueError(f"y must be [S={S}] labels, got {tuple(y.shape)}")
-
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
 
@@ -703,16 +718,7 @@ class JiT(nn.Module):
             h = torch.cat((h, self._cond_tokens_packed(cond, cond_drop, layout, h)))[layout.in_gather]
         elif cond is not None:
             raise ValueError("a condition image was given but the model has none (cond_img_size=None)")
-        h = self.pos.add(h.unsqueeze(0), layout)
-
-        L, start = cfg.in_context_len, cfg.in_context_start
-        seqs = layout.seqs_in
-        for i, block in enumerate(self.blocks):
-            if L > 0 and i == start:
-                ctx = (y_emb.unsqueeze(1) + self.in_context_posemb).to(h.dtype)  # [S, L, W]
-                h = torch.cat((ctx.reshape(1, -1, h.shape[-1]), h), dim=1)[:, layout.ctx_gather]
-                seqs = layout.seqs
-            h = block(h, c, self.pos, seqs)
+        h = self._blocks(self.pos.add(h.unsqueeze(0), layout), c, y_emb, layout)
 
         h = h[:, layout.image_index]  # only image tokens reach the final layer
         return self.final_layer(h, c, layout.image_seq_id)[0]
@@ -742,22 +748,8 @@ class JiT(nn.Module):
             one x-prediction ``[C, H_s, W_s]`` per image. Each equals ``forward`` on that image alone.
         """
         cfg = self.cfg
-        if not isinstance(xs, (list, tuple)) or len(xs) == 0:
-            raise ValueError("xs must be a non-empty list of [C, H, W] images")
-        for s, im in enumerate(xs):
-            if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != cfg.in_channels:
-                got = tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__
-                raise ValueError(f"xs[{s}] must be a [{cfg.in_channels}, H, W] image, got {got}")
+        self._check_packed_images(xs, conds)
         S, device = len(xs), xs[0].device
-        if conds is not None:
-            if self.cond_embedder is None:
-                raise ValueError("conds were given but the model has no condition image (cond_img_size=None)")
-            if len(conds) != S:
-                raise ValueError(f"conds must have one entry (image or None) per image in xs ({S}), got {len(conds)}")
-            for s, c in enumerate(conds):
-                if c is not None and (not isinstance(c, Tensor) or c.dim() != 3 or c.shape[0] != cfg.cond_in_channels):
-                    got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
-                    raise ValueError(f"conds[{s}] must be a [{cfg.cond_in_channels}, Hc, Wc] image or None, got {got}")
         cond_sizes = None if conds is None else [None if c is None else tuple(c.shape[-2:]) for c in conds]
         layout = self.packed_layout(
             [tuple(im.shape[-2:]) for im in xs], cond_sizes, pos_scaling=pos_scaling, device=device
@@ -765,22 +757,50 @@ class JiT(nn.Module):
         if t.dim() == 0:
             t = t.expand(S)
         cond_tok = None
-        if conds is not None and cfg.null_cond == "absent":
-            # No condition image is no condition tokens: only the given ones are packed.
-            given = [c for c in conds if c is not None]
-            cond_tok = pack_images(given, cfg.cond_patch, name="conds") if given else None
-        elif conds is not None:
-            # A missing condition image is the null condition: zeros in its grid, dropped below.
-            missing = torch.tensor([c is None for c in conds], device=device)
-            cp = cfg.cond_patch
-            filled = [
-                c if c is not None else xs[s].new_zeros(cfg.cond_in_channels, g[0] * cp, g[1] * cp)
-                for s, (c, g) in enumerate(zip(conds, layout.cond_grids))
-            ]
-            cond_tok = pack_images(filled, cp, name="conds")
-            if missing.any():
-                cond_drop = missing if cond_drop is None else (cond_drop.to(device) | missing)
+        if conds is not None:
+            cond_tok, cond_drop = self._pack_conds(xs, conds, layout, cond_drop)
         out = self.forward_tokens(
             pack_images(list(xs), cfg.patch_size, name="xs"), t, y, cond_tok, cond_drop=cond_drop, layout=layout
         )
         return unpack_images(out, layout, cfg.patch_size)
+
+    def _check_packed_images(self, xs: Sequence[Tensor], conds: Optional[Sequence[Optional[Tensor]]]) -> None:
+        """``forward_packed``'s images: a non-empty list of ``[C, H, W]``, and a condition image or None each."""
+        cfg = self.cfg
+        if not isinstance(xs, (list, tuple)) or len(xs) == 0:
+            raise ValueError("xs must be a non-empty list of [C, H, W] images")
+        for s, im in enumerate(xs):
+            if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != cfg.in_channels:
+                got = tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__
+                raise ValueError(f"xs[{s}] must be a [{cfg.in_channels}, H, W] image, got {got}")
+        if conds is None:
+            return
+        if self.cond_embedder is None:
+            raise ValueError("conds were given but the model has no condition image (cond_img_size=None)")
+        if len(conds) != len(xs):
+            raise ValueError(f"conds must have one entry (image or None) per image in xs ({len(xs)}), got {len(conds)}")
+        for s, c in enumerate(conds):
+            if c is not None and (not isinstance(c, Tensor) or c.dim() != 3 or c.shape[0] != cfg.cond_in_channels):
+                got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+                raise ValueError(f"conds[{s}] must be a [{cfg.cond_in_channels}, Hc, Wc] image or None, got {got}")
+
+    def _pack_conds(
+        self, xs: Sequence[Tensor], conds: Sequence[Optional[Tensor]], layout: PackedLayout, cond_drop: Optional[Tensor]
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The condition images' pixel tokens and the ``cond_drop`` that goes with them. A missing condition
+        image (None) is no condition tokens with ``null_cond="absent"``, else the null condition: zeros in
+        its grid, dropped."""
+        cfg = self.cfg
+        if cfg.null_cond == "absent":
+            given = [c for c in conds if c is not None]
+            return (pack_images(given, cfg.cond_patch, name="conds") if given else None), cond_drop
+        device = xs[0].device
+        missing = torch.tensor([c is None for c in conds], device=device)
+        cp = cfg.cond_patch
+        filled = [
+            c if c is not None else xs[s].new_zeros(cfg.cond_in_channels, g[0] * cp, g[1] * cp)
+            for s, (c, g) in enumerate(zip(conds, layout.cond_grids))
+        ]
+        if missing.any():
+            cond_drop = missing if cond_drop is None else (cond_drop.to(device) | missing)
+        return pack_images(filled, cp, name="conds"), cond_drop
