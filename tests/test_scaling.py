@@ -223,9 +223,9 @@ def test_yarn_tempers_the_logits_only_on_a_larger_grid(monkeypatch, attn_impl):
     else:
         real = model_mod.attention_fp32
 
-        def spy(q, k, v, dropout_p=0.0, scale=None):
+        def spy(q, k, v, dropout_p=0.0, scale=None, mask=None):
             seen.append(scale)
-            return real(q, k, v, dropout_p, scale)
+            return real(q, k, v, dropout_p, scale, mask)
 
         monkeypatch.setattr(model_mod, "attention_fp32", spy)
     d = m.cfg.head_dim
