@@ -245,28 +245,17 @@ class PackedLayout:
         sizes (default: the largest grids). ``scaling="ntk"|"yarn"`` (relative to ``train_grid``) gives each
         stream its per-sequence frequency scales (:class:`PackedSeqs`). Errors name the argument.
         """
-        if scaling not in SCALING_MODES:
-            raise ValueError(
-                f"scaling (pos_scaling) of a packed batch must be one of {list(SCALING_MODES)}, got {scaling!r}"
-            )
         b = _Batch.plan(
             img_grids, cond_grids, context_len, scaling, train_grid, train_cond_grid, max_grid, max_cond_grid
         )
         L, S = context_len, len(b.img_grids)
-        img_counts = [gh * gw for gh, gw in b.img_grids]
-        cond_counts = [0 if g is None else g[0] * g[1] for g in b.cond_grids]
-        lens_in = [i + c for i, c in zip(img_counts, cond_counts)]
-        lens = [L + n for n in lens_in]
-        # condition tokens gather from after every image token: cat(image tokens, condition tokens)
-        cond_starts = [sum(img_counts) + o for o in _starts(cond_counts)]
-        starts = zip(_starts(img_counts), cond_starts, _starts(lens_in), _starts(lens))
-        parts = [_sequence(b, s, start) for s, start in enumerate(starts)]
+        parts, lens, lens_in = _sequences(b)
         seqs, seqs_in = _streams(lens, lens_in, torch.cat([p.coords for p in parts]), L, *_freq_tables(b))
 
         def cat(name: str) -> Tensor:  # the samples' parts of one per-token tensor, in sample order
             return torch.cat([getattr(p, name) for p in parts])
 
-        counts = torch.tensor(img_counts, dtype=torch.int64)
+        counts = torch.tensor(b.img_counts, dtype=torch.int64)
         layout = cls(
             img_grids=b.img_grids,
             cond_grids=b.cond_grids,
@@ -287,7 +276,7 @@ class PackedLayout:
             ctx_gather=cat("ctx_gather"),
             image_index=cat("image_index"),
             image_seq_id=torch.repeat_interleave(torch.arange(S), counts),
-            cond_seq_id=torch.repeat_interleave(torch.arange(S), torch.tensor(cond_counts, dtype=torch.int64)),
+            cond_seq_id=torch.repeat_interleave(torch.arange(S), torch.tensor(b.cond_counts, dtype=torch.int64)),
             image_tokens=counts,
             table_coords=cat("table_coords") if scaling in FREQ_SCALINGS else seqs_in.coords,
         )
@@ -372,8 +361,20 @@ class _Batch(NamedTuple):
     cond_tables: Tuple[Grid, ...]
     offsets: _Offsets
 
+    @property
+    def img_counts(self) -> List[int]:
+        return [gh * gw for gh, gw in self.img_grids]
+
+    @property
+    def cond_counts(self) -> List[int]:
+        return [0 if g is None else g[0] * g[1] for g in self.cond_grids]
+
     @classmethod
     def plan(cls, img_grids, cond_grids, context_len, scaling, train_grid, train_cond_grid, max_grid, max_cond_grid):
+        if scaling not in SCALING_MODES:
+            raise ValueError(
+                f"scaling (pos_scaling) of a packed batch must be one of {list(SCALING_MODES)}, got {scaling!r}"
+            )
         img_grids = tuple(_grid(g, f"img_grids[{s}]") for s, g in enumerate(img_grids))
         S = len(img_grids)
         if S == 0:
@@ -447,6 +448,18 @@ class _Sequence(NamedTuple):
     in_gather: Tensor
     ctx_gather: Tensor
     image_index: Tensor
+
+
+def _sequences(b: _Batch) -> Tuple[List[_Sequence], List[int], List[int]]:
+    """Every sample's :func:`_sequence`, and the lengths of the sequences with and without the in-context
+    tokens."""
+    img_counts, cond_counts = b.img_counts, b.cond_counts
+    lens_in = [i + c for i, c in zip(img_counts, cond_counts)]
+    lens = [b.context_len + n for n in lens_in]
+    # condition tokens gather from after every image token: cat(image tokens, condition tokens)
+    cond_starts = [sum(img_counts) + o for o in _starts(cond_counts)]
+    starts = zip(_starts(img_counts), cond_starts, _starts(lens_in), _starts(lens))
+    return [_sequence(b, s, start) for s, start in enumerate(starts)], lens, lens_in
 
 
 def _sequence(b: _Batch, s: int, start: Tuple[int, int, int, int]) -> _Sequence:
