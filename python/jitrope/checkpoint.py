@@ -121,35 +121,18 @@ def save_checkpoint(
     CheckpointError naming the checkpoint; its temp folder is removed and the checkpoints already
     there are untouched."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     ck = Path(run_dir) / "checkpoints"
     final = ck / f"step_{step:08d}"
     tmp = ck / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    for i, e in enumerate(emas):
+        tensors.update({f"ema{i}.{k}": v for k, v in e.items()})
+    meta = _metadata(step, len(emas), config, ema_decays, class_names, model_config)
     try:
         ck.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        tensors = {f"model.{k}": v for k, v in model.items()}
-        for i, e in enumerate(emas):
-            tensors.update({f"ema{i}.{k}": v for k, v in e.items()})
-        meta = {
-            "format": FORMAT,
-            "step": str(step),
-            "config": json.dumps(dict(config or {})),
-            "ema_decays": json.dumps([float(d) for d in ema_decays]),
-            "num_emas": str(len(emas)),
-            "class_names": json.dumps(list(class_names)),
-            "model_config": json.dumps(dict(model_config or {})),
-        }
-        save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=meta)
-        if state is not None:
-            torch.save(dict(state), tmp / STATE)
-        files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)  # the file names too, before the folder is renamed into place
+        files = _write_step(tmp, step, tensors, meta, state)
         if final.exists():
             _replace_step(final, tmp)
         else:
@@ -171,6 +154,38 @@ def save_checkpoint(
         _VERIFIED[(str(f.resolve()), st.st_size, st.st_mtime_ns)] = info["sha256"]
     prune_checkpoints(run_dir, keep_last, allow_unverified=allow_unverified, written=step)
     return final
+
+
+def _metadata(step: int, n_emas: int, config, ema_decays, class_names, model_config) -> Dict[str, str]:
+    """The safetensors metadata of a checkpoint (strings: JSON where a value is not one)."""
+    return {
+        "format": FORMAT,
+        "step": str(step),
+        "config": json.dumps(dict(config or {})),
+        "ema_decays": json.dumps([float(d) for d in ema_decays]),
+        "num_emas": str(n_emas),
+        "class_names": json.dumps(list(class_names)),
+        "model_config": json.dumps(dict(model_config or {})),
+    }
+
+
+def _write_step(
+    tmp: Path, step: int, tensors: Mapping[str, Tensor], meta: Mapping[str, str], state: Optional[Mapping[str, Any]]
+) -> Dict[str, Dict[str, Any]]:
+    """The files of a checkpoint in the folder ``tmp`` (weights, training state, manifest last), each
+    synced to disk, names included; returns the manifest's ``{file: {sha256, bytes}}``."""
+    from safetensors.torch import save_file
+
+    save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=dict(meta))
+    if state is not None:
+        torch.save(dict(state), tmp / STATE)
+    files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(tmp)  # the file names too, before the folder is renamed into place
+    return files
 
 
 def _replace_step(final: Path, tmp: Path) -> None:
