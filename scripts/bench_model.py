@@ -47,10 +47,18 @@ DEFAULTS = {  # device type -> preset, batch, warmup, iters
 }
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    _add_case_args(p)
+    _add_measure_args(p)
+    _add_packed_args(p)
+    return p
+
+
+def _add_case_args(p: argparse.ArgumentParser) -> None:
+    """What runs: device, model, encodings, compile modes, training or sampling, batch, condition, autocast."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     p.add_argument("--preset", default=None, help="JiTConfig preset (default: JiT-B/16 on CUDA, tiny on CPU)")
     p.add_argument(
@@ -83,6 +91,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default="auto",
         help="bf16 autocast: auto (default) = on for CUDA, off on CPU; --amp alone = bf16",
     )
+
+
+def _add_measure_args(p: argparse.ArgumentParser) -> None:
+    """How it is measured and reported: steps, threads, the MFU peak, the profile, the JSON file."""
     p.add_argument("--iters", type=int, default=None, help="timed steps per implementation (default 10 CUDA, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 3 / 2)")
     p.add_argument(
@@ -105,6 +117,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--profile-rows", type=int, default=15, help="rows of the profile table (default 15)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _add_packed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--packed",
         action="store_true",
@@ -119,6 +134,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="--packed: image-token budget per packed batch (default 1024 CPU, 16384 CUDA)",
     )
     p.add_argument("--packed-batches", type=int, default=4, help="--packed: batches per timed pass (default 4)")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     args.preset_given = args.preset is not None
     device = torch.device(args.device)
@@ -343,10 +362,13 @@ def draw_packed_batches(mix, patch: int, budget: int, batches: int, seed: int = 
     return out
 
 
-def _masked_attention_forward(self, x, pos, layout):
+def _masked_attention_forward(self, x, pos, layout, key_mask=None):
     """jitrope.model.Attention.forward for pad-to-max: the same projections, qk-norm and RoPE, then SDPA
     with a key-padding mask (``self._key_mask`` [B, N_image], True = a real token; in-context tokens,
-    prepended from block ``in_context_start`` on, are always real)."""
+    prepended from block ``in_context_start`` on, are always real). ``key_mask``: the model's own, which
+    only a model with a condition image and ``null_cond="absent"`` passes; the models here have none."""
+    if key_mask is not None:
+        raise ValueError("pad-to-max: the benchmark's models have no condition image, so no key mask of their own")
     B, N, C = x.shape
     qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     qk = pos.qk_norm_rope(qkv[:2], self.qk_norm.weight, self.layer, layout, eps=self.qk_norm.eps)
@@ -445,9 +467,7 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
     largest = max(max(hw) for hw in mix)
     cfg = JiTConfig.preset(preset, pos_embed=args.pos_embed[0], img_size=largest, patch_size=patch)
     batches = draw_packed_batches(mix, patch, budget, args.packed_batches)
-    dev_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    )
+    dev_name = device_name(device)
     mix_txt = ", ".join(f"{h}x{w}" for h, w in mix)
     print(
         f"# packed vs pad-to-max training step (forward + loss + backward + AdamW), {preset} at patch {patch}, "
@@ -462,69 +482,11 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
         f"# median over {args.iters} passes of every batch after {args.warmup} warm-up passes; tokens/s counts "
         f"useful (image) tokens only"
     )
-    rows, results = [], {}
+    results = {}
     for mode in args.compile:
-        if mode != "none":
-            torch._dynamo.reset()
-        torch.manual_seed(0)
-        base = JiT(cfg).to(device)
-        cases = {}
-        for how in ("packed", "pad-to-max"):
-            m = JiT(cfg).to(device)
-            m.load_state_dict(base.state_dict())
-            cases[how] = [PackedCase(m, how, sizes, device, amp, mode, seed=i) for i, sizes in enumerate(batches)]
-        # Shared optimizer per model: every batch's case of one kind steps the same weights.
-        for cs in cases.values():
-            for c in cs[1:]:
-                c.opt = cs[0].opt
-        times = {how: [] for how in cases}
-        for it in range(args.warmup + args.iters):
-            for how, cs in cases.items():  # alternate: drift of a shared machine hits both alike
-                total = sum(c.run() for c in cs)
-                if it >= args.warmup:
-                    times[how].append(total)
-        useful = sum(c.useful for c in cases["packed"])
-        for how, cs in cases.items():
-            sec = statistics.median(times[how])
-            computed = sum(c.tokens for c in cs)
-            if how == "packed":
-                waste = 1 - useful / (budget * len(cs))  # against the budget: a fixed-size step pads to it
-            else:
-                waste = 1 - useful / computed
-            row = {
-                "compile": mode,
-                "how": how,
-                "batches": len(cs),
-                "images": sum(len(b) for b in batches),
-                "useful_tokens": useful,
-                "computed_tokens": computed,
-                "ms_per_batch": 1e3 * sec / len(cs),
-                "tokens_per_s": useful / sec,
-                "padding_waste": waste,
-            }
-            rows.append(row)
+        for how, row in time_packed(args, cfg, batches, budget, mode, device, amp).items():
             results[(mode, how)] = row
-    print(
-        f"\n{'compile':<9}{'layout':<12}{'batches':>8}{'images':>8}{'useful tok':>11}{'computed tok':>13}"
-        f"{'ms/batch':>10}{'useful tok/s':>13}{'padding waste':>15}"
-    )
-    for r in rows:
-        print(
-            f"{r['compile']:<9}{r['how']:<12}{r['batches']:>8}{r['images']:>8}{r['useful_tokens']:>11}"
-            f"{r['computed_tokens']:>13}{r['ms_per_batch']:>10.1f}{r['tokens_per_s']:>13.0f}"
-            f"{100 * r['padding_waste']:>14.1f}%"
-        )
-    ratios = []
-    for mode in args.compile:
-        pk, pd = results[(mode, "packed")], results[(mode, "pad-to-max")]
-        ratio = pk["tokens_per_s"] / pd["tokens_per_s"]
-        ratios.append({"compile": mode, "packed_over_padded": ratio})
-        print(
-            f"compile={mode}: packed / pad-to-max useful tokens/s = {ratio:.2f}x (goal >= 1.4x: "
-            f"{'met' if ratio >= 1.4 else 'NOT met'}); packed padding waste {100 * pk['padding_waste']:.1f}% "
-            f"(goal <= 3%: {'met' if pk['padding_waste'] <= 0.03 else 'NOT met'}), pad-to-max "
-            f"{100 * pd['padding_waste']:.1f}%"
-        )
+    ratios = print_packed(results, args.compile)
     if args.json:
         meta = {
             "preset": preset,
@@ -538,8 +500,85 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
             "warmup": args.warmup,
         }
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows, "ratios": ratios}, f, indent=2)
+            json.dump({"meta": meta, "results": list(results.values()), "ratios": ratios}, f, indent=2)
     return 0
+
+
+def time_packed(
+    args, cfg: JiTConfig, batches, budget: int, mode: str, device: torch.device, amp: bool
+) -> Dict[str, Dict]:
+    """Packed and pad-to-max training passes over ``batches`` in compile ``mode``, alternately; one row each."""
+    if mode != "none":
+        torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = JiT(cfg).to(device)
+    cases = {}
+    for how in ("packed", "pad-to-max"):
+        m = JiT(cfg).to(device)
+        m.load_state_dict(base.state_dict())
+        cases[how] = [PackedCase(m, how, sizes, device, amp, mode, seed=i) for i, sizes in enumerate(batches)]
+    # Shared optimizer per model: every batch's case of one kind steps the same weights.
+    for cs in cases.values():
+        for c in cs[1:]:
+            c.opt = cs[0].opt
+    times = {how: [] for how in cases}
+    for it in range(args.warmup + args.iters):
+        for how, cs in cases.items():  # alternate: drift of a shared machine hits both alike
+            total = sum(c.run() for c in cs)
+            if it >= args.warmup:
+                times[how].append(total)
+    useful = sum(c.useful for c in cases["packed"])
+    rows = {}
+    for how, cs in cases.items():
+        sec = statistics.median(times[how])
+        computed = sum(c.tokens for c in cs)
+        if how == "packed":
+            waste = 1 - useful / (budget * len(cs))  # against the budget: a fixed-size step pads to it
+        else:
+            waste = 1 - useful / computed
+        rows[how] = {
+            "compile": mode,
+            "how": how,
+            "batches": len(cs),
+            "images": sum(len(b) for b in batches),
+            "useful_tokens": useful,
+            "computed_tokens": computed,
+            "ms_per_batch": 1e3 * sec / len(cs),
+            "tokens_per_s": useful / sec,
+            "padding_waste": waste,
+        }
+    return rows
+
+
+def print_packed(results: Dict, modes: List[str]) -> List[Dict]:
+    """The table of :func:`time_packed`'s rows and, per compile mode, packed against pad-to-max with the
+    goals; returns those ratios."""
+    print(
+        f"\n{'compile':<9}{'layout':<12}{'batches':>8}{'images':>8}{'useful tok':>11}{'computed tok':>13}"
+        f"{'ms/batch':>10}{'useful tok/s':>13}{'padding waste':>15}"
+    )
+    for r in results.values():
+        print(
+            f"{r['compile']:<9}{r['how']:<12}{r['batches']:>8}{r['images']:>8}{r['useful_tokens']:>11}"
+            f"{r['computed_tokens']:>13}{r['ms_per_batch']:>10.1f}{r['tokens_per_s']:>13.0f}"
+            f"{100 * r['padding_waste']:>14.1f}%"
+        )
+    ratios = []
+    for mode in modes:
+        pk, pd = results[(mode, "packed")], results[(mode, "pad-to-max")]
+        ratio = pk["tokens_per_s"] / pd["tokens_per_s"]
+        ratios.append({"compile": mode, "packed_over_padded": ratio})
+        print(
+            f"compile={mode}: packed / pad-to-max useful tokens/s = {ratio:.2f}x (goal >= 1.4x: "
+            f"{'met' if ratio >= 1.4 else 'NOT met'}); packed padding waste {100 * pk['padding_waste']:.1f}% "
+            f"(goal <= 3%: {'met' if pk['padding_waste'] <= 0.03 else 'NOT met'}), pad-to-max "
+            f"{100 * pd['padding_waste']:.1f}%"
+        )
+    return ratios
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
 def fmt(v, spec: str) -> str:
@@ -556,9 +595,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return packed_main(args, device, amp)
     peak, peak_what = peak_tflops(args, device)
     cfg = JiTConfig.preset(args.preset, cond_img_size=args.cond or None)
-    dev_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    )
+    dev_name = device_name(device)
     meta = {
         "preset": args.preset,
         "img_size": cfg.img_size,
@@ -584,44 +621,49 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"# the extension is not loaded ({jitrope.EXTENSION_ERROR}): torch rows only")
     rows: List[Dict] = []
     ratios: List[Dict] = []
-    profiles = []
+    profiles: List[str] = []
     for pe in args.pos_embed:
-        print(f"\n## pos_embed={pe}")
-        print(
-            f"{'compile':<16}{'pos_impl':<9}{'what':<8}{'ms/step':>10}{'images/s':>11}{'peak GiB':>10}"
-            f"{'TFLOP/s':>9}{'MFU':>8}"
-        )
-        for mode in args.compile:
-            res, cases = bench_mode(args, pe, mode, device, amp, peak, rows)
-            for (impl, what), r in res.items():
-                mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-                print(
-                    f"{mode:<16}{impl:<9}{what:<8}{r['ms']:>10.2f}{r['images_per_s']:>11.1f}"
-                    f"{fmt(r['peak_gib'], '.2f'):>10}{r['tflops']:>9.3f}{mfu:>8}"
-                )
-            for what in args.what:
-                if ("fused", what) in res:
-                    ratio = res[("fused", what)]["ms"] / res[("torch", what)]["ms"]
-                    ratios.append({"pos_embed": pe, "compile": mode, "what": what, "fused_over_torch": ratio})
-            if args.profile:  # now: the next mode's torch._dynamo.reset() drops these compiled graphs
-                profiles.extend(
-                    profile(c, args, f"{pe}, compile={mode}, pos_impl={impl}, training step")
-                    for impl, c in cases.items()
-                )
-            del cases
-        if ratios:
-            print(
-                "fused/torch time (same compile mode both sides; < 1: fused is faster): "
-                + ", ".join(
-                    f"{r['compile']} {r['what']} {r['fused_over_torch']:.3f}" for r in ratios if r["pos_embed"] == pe
-                )
-            )
+        bench_pos_embed(args, pe, device, amp, peak, rows, ratios, profiles)
     for table in profiles:
         print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows, "ratios": ratios}, f, indent=2)
     return 0
+
+
+def bench_pos_embed(args, pe: str, device, amp: bool, peak, rows: List[Dict], ratios: List[Dict], profiles: List[str]):
+    """Every compile mode of encoding ``pe``: its table, the fused/torch ratios (appended to ``ratios``) and,
+    with ``--profile``, the profiles of its cases (appended to ``profiles``)."""
+    print(f"\n## pos_embed={pe}")
+    print(
+        f"{'compile':<16}{'pos_impl':<9}{'what':<8}{'ms/step':>10}{'images/s':>11}{'peak GiB':>10}"
+        f"{'TFLOP/s':>9}{'MFU':>8}"
+    )
+    for mode in args.compile:
+        res, cases = bench_mode(args, pe, mode, device, amp, peak, rows)
+        for (impl, what), r in res.items():
+            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            print(
+                f"{mode:<16}{impl:<9}{what:<8}{r['ms']:>10.2f}{r['images_per_s']:>11.1f}"
+                f"{fmt(r['peak_gib'], '.2f'):>10}{r['tflops']:>9.3f}{mfu:>8}"
+            )
+        for what in args.what:
+            if ("fused", what) in res:
+                ratio = res[("fused", what)]["ms"] / res[("torch", what)]["ms"]
+                ratios.append({"pos_embed": pe, "compile": mode, "what": what, "fused_over_torch": ratio})
+        if args.profile:  # now: the next mode's torch._dynamo.reset() drops these compiled graphs
+            profiles.extend(
+                profile(c, args, f"{pe}, compile={mode}, pos_impl={impl}, training step") for impl, c in cases.items()
+            )
+        del cases
+    if ratios:
+        print(
+            "fused/torch time (same compile mode both sides; < 1: fused is faster): "
+            + ", ".join(
+                f"{r['compile']} {r['what']} {r['fused_over_torch']:.3f}" for r in ratios if r["pos_embed"] == pe
+            )
+        )
 
 
 if __name__ == "__main__":
