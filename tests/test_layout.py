@@ -4,6 +4,7 @@
   deferred import hides a circle, it does not remove it);
 - the command-line modules (``python -m jitrope.train|sample|evaluate|convert``) sit on top: no other
   module of the package imports them;
+- functions fit on a screen: none in python/ over 100 lines, at most 5 over 60.
 """
 
 import ast
@@ -11,7 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, Iterator, List, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "python" / "jitrope"
@@ -80,6 +81,19 @@ def test_no_module_of_the_package_imports_a_command_line_module():
     graph = _graph()
     assert CLIS <= set(graph)
     assert {m: sorted(graph[m] & CLIS) for m in graph if graph[m] & CLIS} == {}
+
+
+def _functions(root: Path) -> Iterator[Tuple[int, str]]:
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield node.end_lineno - node.lineno + 1, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+
+
+def test_functions_fit_on_a_screen():
+    lengths = sorted(_functions(ROOT / "python"), reverse=True)
+    assert [f for n, f in lengths if n > 100] == []
+    assert len([f for n, f in lengths if n > 60]) <= 5, [f"{f} ({n} lines)" for n, f in lengths if n > 60]
 
 
 def test_every_console_script_is_a_command_line_module_and_runs():
