@@ -517,10 +517,11 @@ def _cond_metrics(out: Dict[str, Any], st: _Setup) -> None:
         "ssim": float(ssim(xs, xt.cpu()).mean()),
         "cond_mode": maker.cond,
     }
-    if st.judge is not None:
+    judged = st.judge is not None and m >= 2  # a Fréchet distance needs two samples at least
+    if judged:
         cd.update(st.judge(xs, y.cpu()))
     st.log(
         f"  condition samples ({maker.cond}): cond rms {cd['cond_rms']:.3f}, target rms {cd['target_rms']:.3f}, "
         f"PSNR {cd['psnr']:.2f} dB, SSIM {cd['ssim']:.3f}"
-        + (f", FD-emoji {cd['fd_emoji']:.3f}, class accuracy {cd['class_acc']:.3f}" if st.judge is not None else "")
+        + (f", FD-emoji {cd['fd_emoji']:.3f}, class accuracy {cd['class_acc']:.3f}" if judged else "")
     )
