@@ -592,10 +592,10 @@ def readme_answer(sections: Sequence[Section], page_link: str, command: str) -> 
     main metrics with their seed spread, its limits, and a link ``page_link`` to the page."""
     preps = [prepare(s) for s in sections]
     lead, lp = sections[0], preps[0]
-    where = "the problem statement's setting, " if lead.info.is_setting else ""
+    where = "At the problem statement's setting, " if lead.info.is_setting else ""
     on = "a GPU" if lead.info.device == "cuda" else "a CPU"
     seeds = "/".join(map(str, lp.seeds))
-    L = [f"**At {where}{lead.info.title}** ({lead.info.steps} steps, seeds {seeds}, on {on}):", ""]
+    L = [f"**{where}{lead.info.title}** ({lead.info.steps} steps, seeds {seeds}, on {on}):", ""]
     L += [f"- {c}" for c in section_claims(lp, lead.info)]
     for sec, prep in zip(sections[1:], preps[1:]):
         held = held_claims(lp, lead.info, prep, sec.info)
