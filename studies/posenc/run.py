@@ -2,7 +2,7 @@
 """Ablation of JiT's positional encodings on real images: seeds, metrics, every image size, a results page.
 
 Trains the same JiT once per encoding, seed and training regime (one config, one data order per
-seed: only ``model.pos_embed`` differs), evaluates every run with ``jitrope.evaluate`` and writes a
+seed: only ``model.pos_embed`` differs), evaluates every run with ``jitrope.eval.evaluate`` and writes a
 Markdown results page with tables (mean ± spread over seeds), verdicts, plots and the answer, and the
 README's answer block. What a study runs is a plan, ``studies/posenc/plans/<name>.yaml`` (``--scale
 NAME``, or ``--plan-file PATH``); an option on the command line overrides the plan's value.

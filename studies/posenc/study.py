@@ -1,7 +1,7 @@
 """Reading, statistics and verdicts of the positional-encoding study (``studies/posenc/run.py``).
 
 The study trains the same JiT once per encoding, seed and training regime and evaluates each run
-with ``jitrope.evaluate``; this module turns what the runs left on disk into numbers:
+with ``jitrope.eval.evaluate``; this module turns what the runs left on disk into numbers:
 
 - readers: a run's ``metrics.jsonl`` (:mod:`jitrope.runlog`: loss curve, step time, wall and CPU
   time), its evaluation JSONs (the final one, one per checkpoint for FD-emoji vs step, the
