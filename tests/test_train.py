@@ -249,7 +249,7 @@ WORKER = """
 import os, sys
 from safetensors.torch import save_file
 from jitrope.config import load_config
-from jitrope.train import train
+from jitrope.training import train
 out = train(load_config(sys.argv[1], sys.argv[3:]))
 rank = int(os.environ["RANK"])
 save_file({k: v.contiguous() for k, v in out["model"].state_dict().items()}, f"{sys.argv[2]}/rank{rank}.safetensors")
