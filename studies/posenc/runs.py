@@ -1,5 +1,5 @@
 """The runs of a study on disk: training and evaluating them (``python -m jitrope.train`` and
-``python -m jitrope.eval.evaluate`` in subprocesses, each resuming what is there) and reading them back.
+``python -m jitrope.evaluate`` in subprocesses, each resuming what is there) and reading them back.
 
 Layout: ``<out_dir>/seed<S>/<encoding, '+' as '_'>/`` for the main ablation (``single``) and
 ``<out_dir>/<regime>/seed<S>/<encoding>/`` for other regimes; in each, the trainer's ``checkpoints/
@@ -121,7 +121,7 @@ def _eval_cmd(args, ckpt: Path, out: Path, metrics: str, n_per_class: int, max_i
     return [
         sys.executable,
         "-m",
-        "jitrope.eval.evaluate",  # the module itself, not the jitrope.evaluate alias
+        "jitrope.evaluate",  # the command; jitrope.eval.evaluate is its library
         "--ckpt",
         str(ckpt),
         "--out",
