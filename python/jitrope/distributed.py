@@ -94,9 +94,10 @@ class Parallel:
         for the ranks (DDP) and compiled (``compile_mode``; under fsdp each block, see docs/training.md)."""
         model, compiled = self.model, compile_mode != "none"
         if self.sharded:
-            if compiled:
+            if compiled:  # each block, in place (names unchanged); fixed-size batches: static shapes, one
+                # graph per sequence length (before and after the in-context tokens join)
                 for block in model.blocks:
-                    block.compile(mode=compile_mode, dynamic=True if packed else None)
+                    block.compile(mode=compile_mode, dynamic=packed)
             return model, model.forward_tokens
         if self.world == 1:
             net, packed_net = model, model.forward_tokens
