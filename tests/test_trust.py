@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from jitrope import train as T
 from jitrope.checkpoint import list_checkpoints, load_weights, newest_valid_checkpoint, save_checkpoint
+from jitrope.fileio import LockedError, exclusive_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -199,6 +200,53 @@ def test_out_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     assert T.main(BASE + ["train.steps=2", "train.ckpt_every=2", "train.out_dir=~/r"]) == 0
     assert (home / "r" / "checkpoints" / "step_00000002" / "manifest.json").is_file()
     assert (home / "r" / "config.yaml").is_file() and list(cwd.iterdir()) == []
+
+
+def test_a_lock_that_is_a_link_or_someone_elses_file_is_never_written(tmp_path, capsys):
+    """The lock used to open .lock following links and truncate it: a link to a file emptied that file."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("a day of notes\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.symlink_to(precious)
+    assert T.main(BASE + [f"train.out_dir={run}", "train.steps=2"]) == 2
+    assert _error_line(capsys.readouterr().err) == (
+        f"error: {lock} is not a lock file (it is a symbolic link); nothing was written to it: move it "
+        f"away to use train.out_dir {run}"
+    )
+    assert precious.read_text() == "a day of notes\n" and lock.is_symlink()
+    lock.unlink()
+    for why, make in [
+        ("it holds something other than a pid", lambda: lock.write_text("my own notes\n")),
+        ("it has 1 other hard link(s)", lambda: os.link(precious, lock)),
+        ("it is a folder", lambda: lock.mkdir()),
+    ]:
+        make()
+        with pytest.raises(LockedError, match=re.escape(f"{lock} is not a lock file ({why})")):
+            with exclusive_lock(run, "train.out_dir"):
+                pass
+        assert precious.read_text() == "a day of notes\n"
+        lock.rmdir() if lock.is_dir() else lock.unlink()
+    assert not list(run.iterdir())  # nothing of the refused runs
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_one_line(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{dead.pid}\n")  # what a killed trainer leaves
+    said = []
+    with exclusive_lock(tmp_path, "train.out_dir", log=said.append) as path:
+        assert path == lock and lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(LockedError, match=f"is in use by another process \\(pid {os.getpid()},"):
+            with exclusive_lock(tmp_path, "train.out_dir"):  # held: a second holder is refused
+                pass
+    assert said == [f"took over the stale lock {lock} of pid {dead.pid} (no longer running)"]
+    assert not lock.exists()  # a lock let go leaves nothing behind, so only a killed holder's is stale
+    with exclusive_lock(tmp_path, "train.out_dir", log=said.append):
+        pass
+    assert len(said) == 1
 
 
 # A shell that starts a job in the background (`cmd &` in a script) ignores SIGINT in it, and a child
