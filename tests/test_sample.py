@@ -17,7 +17,7 @@ from jitrope.data import to_uint8
 from jitrope.diffusion import Diffusion
 from jitrope.eval import evaluate as EV
 from jitrope.grids import condition_rows
-from jitrope.sampling import generate
+from jitrope.sampling import NonFiniteSamples, generate, generate_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -521,3 +521,42 @@ def test_allow_unverified_reaches_the_checkpoint_loader(tiny_run, tmp_path, monk
         seen.clear()
         assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args]) == 0
         assert {what for what, _ in seen} == {"resolve", "load"} and not any(flag for _, flag in seen), seen
+
+
+def _scaled_checkpoint(run: Path, dest: Path, factor: float) -> Path:
+    """A copy of ``run``'s newest checkpoint with every weight times ``factor`` (a verified manifest):
+    what a diverged run writes when its weights are huge but finite."""
+    w = CK.load_checkpoint(run)
+    big = [{k: v * factor if v.is_floating_point() else v for k, v in sd.items()} for sd in [w["model"], *w["emas"]]]
+    kw = dict(ema_decays=w["ema_decays"], config=w["config"], class_names=w["class_names"])
+    return CK.save_checkpoint(dest, w["step"], model=big[0], emas=big[1:], model_config=w["model_config"], **kw)
+
+
+def test_weights_whose_forward_is_not_finite_are_refused_on_load(tiny_run, tmp_path, capsys):
+    ck = _scaled_checkpoint(tiny_run, tmp_path / "big", 1e30)
+    out = tmp_path / "x.png"
+    assert S.main(["--ckpt", str(tmp_path / "big"), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {ck / 'weights.safetensors'} [ema0]: these weights give a probe loss of ")
+    assert line.endswith("load an earlier checkpoint (a checkpoints/step_* folder) or other weights (sample.ema)")
+    assert not out.exists()
+    assert E.main(["--ckpt", str(ck), "--out", str(tmp_path / "e.json"), "--metrics", "vloss"]) == 2
+    assert "[ema0]: these weights give a probe loss of " in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_samples_that_come_out_non_finite_are_an_error_never_a_black_image(tiny_run, tmp_path, capsys, monkeypatch):
+    model, cfg, _ = CK.load_model(tiny_run)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteSamples, match=r"nan or inf values \(image 0 and 1 more of 4\): "):
+        generate(model, Diffusion(), torch.arange(4), None, steps=2, batch_size=2)
+    with pytest.raises(NonFiniteSamples, match=r"nan or inf values \(image 0 and 1 more of 2\): "):
+        generate_sizes(model, Diffusion(), torch.arange(2), [(16, 16), (8, 16)], steps=2)
+    # past the load check (a probe it passes), the sampling itself refuses to write them
+    _scaled_checkpoint(tiny_run, tmp_path / "nan", float("nan"))
+    monkeypatch.setattr(CK, "probe_loss", lambda *a, **k: 0.0)
+    out = tmp_path / "x.png"
+    assert S.main(["--ckpt", str(tmp_path / "nan"), "--out", str(out), "--steps", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: sampling gave nan or inf values (image 0 and ")
+    assert not out.exists() and not (tmp_path / "x").exists()

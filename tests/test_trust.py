@@ -15,10 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from jitrope import sample as S
 from jitrope import train as T
 from jitrope.checkpoint import list_checkpoints, load_weights, newest_valid_checkpoint, save_checkpoint
 from jitrope.fileio import LockedError, exclusive_lock
@@ -63,9 +66,9 @@ def test_diverged_training_writes_no_nan_checkpoint_and_keeps_the_good_ones(tmp_
     ]
     assert T.main(args) == 2
     line = _error_line(capsys.readouterr().err)
-    assert line.startswith("error: the training diverged: ") and "lower train.lr" in line, line
+    assert line.startswith("error: the training diverged") and "lower train.lr" in line, line
     # the step that went bad is named: right after the last checkpoint (one per step here)
-    m = re.search(r"are not finite \(nan or inf\) after step (\d+)|the loss is nan at step (\d+)", line)
+    m = re.search(r"are not finite \(nan or inf\) after step (\d+)|the training diverged after step (\d+): ", line)
     assert m, line
     kept = newest_valid_checkpoint(run)
     assert int(m.group(1) or m.group(2)) == int(kept.name[len("step_") :]) + 1, line
@@ -73,6 +76,39 @@ def test_diverged_training_writes_no_nan_checkpoint_and_keeps_the_good_ones(tmp_
     # nothing non-finite was written, and the newest checkpoint is the one named
     cks = list_checkpoints(run)
     assert len(cks) == 2 and all(_all_finite(p) for _, p in cks) and cks[-1][1] == kept
+
+
+def test_a_diverged_run_keeps_a_checkpoint_that_samples_finite_images(tmp_path, capsys):
+    """The weights of lr=1e30 are huge but finite (about 1e30): they used to pass the finite check,
+    be written, prune the last good checkpoint with keep_last=1, and sample nothing but nan."""
+    run = tmp_path / "r"
+    assert T.main(BASE + ["train.steps=10", "train.ckpt_every=2", "train.keep_last=1", f"train.out_dir={run}"]) == 0
+    capsys.readouterr()
+    args = ["train.steps=20", "train.ckpt_every=1", "train.keep_last=1", "train.lr=1e30", f"train.out_dir={run}"]
+    assert T.main(BASE + args + ["--resume"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    good = run / "checkpoints" / "step_00000010"
+    assert line.startswith(
+        "error: the training diverged after step 11: the model weights and EMA 0 (the one sampled) give a loss of "
+        "nan on the probe batch, "
+    ), line
+    assert f"so no checkpoint was written for it; the last checkpoint kept is {good};" in line, line
+    assert [p for _, p in list_checkpoints(run)] == [good]
+    assert S.main(["--ckpt", str(run), "--out", str(tmp_path / "s.png"), "--n", "2", "--steps", "2"]) == 0
+    singles = sorted((tmp_path / "s").glob("*.png"))
+    assert len(singles) == 18 and all(np.asarray(Image.open(f)).max() > 0 for f in singles)  # none black
+
+
+def test_a_sample_grid_that_comes_out_nan_stops_the_run_instead_of_saving_a_black_grid(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert T.main(BASE + ["train.steps=2", "train.ckpt_every=2", f"train.out_dir={run}"]) == 0
+    capsys.readouterr()
+    args = ["train.steps=6", "train.ckpt_every=100", "train.sample_every=1", "train.lr=1e30", f"train.out_dir={run}"]
+    assert T.main(BASE + args + ["--resume"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith("error: the training diverged: the sample grid of step 3 came out nan or inf; ")
+    assert f"the last checkpoint kept is {run / 'checkpoints' / 'step_00000002'};" in line, line
+    assert not (run / "samples" / "step_00000003.png").exists()
 
 
 def test_a_nan_checkpoint_of_an_older_version_is_not_resumed(tmp_path, capsys):

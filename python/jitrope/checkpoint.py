@@ -23,7 +23,8 @@ manifests existed) cannot be verified and fails too, unless the caller passes
 The model of a checkpoint (what sampling and evaluation load): :func:`load_checkpoint` reads and
 verifies its weights once, :func:`run_config` is the config stored with them under the caller's
 files, overrides and flags, :func:`model_from_weights` builds the model and loads one set of weights
-(raw or an EMA); :func:`load_model` does all three.
+(raw or an EMA), refusing weights whose forward of a fixed probe batch is not finite
+(:mod:`jitrope.usable`); :func:`load_model` does all three.
 
 ``keep_last`` prunes only checkpoints that verify, newest first, so the newest good one is never
 deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no longer a
@@ -33,6 +34,7 @@ deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -45,8 +47,10 @@ import torch
 from torch import Tensor
 
 from .config import Config, ConfigError, config_from_dict, load_config
+from .diffusion import Diffusion
 from .fileio import fsync_dir, sha256_file
 from .model import JiT
+from .usable import probe_loss
 
 __all__ = [
     "CheckpointError",
@@ -548,6 +552,13 @@ def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", dev
     check_state_dict(model.state_dict(), sd, where=f"{path} [{which}]")
     model.load_state_dict(sd)
     model.to(device).eval()
+    loss = probe_loss(model, Diffusion.from_config(cfg.diffusion))
+    if not math.isfinite(loss):  # finite weights of a diverged run (1e30) sample nothing but nan
+        raise CheckpointError(
+            f"{path} [{which}]: these weights give a probe loss of {loss}, so they cannot sample: the run had "
+            "diverged when it wrote them; load an earlier checkpoint (a checkpoints/step_* folder) or other weights "
+            "(sample.ema)"
+        )
     names = list(w["class_names"])
     if len(names) != mcfg.num_classes:
         names = [f"class {i}" for i in range(mcfg.num_classes)]

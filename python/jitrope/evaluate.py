@@ -31,6 +31,7 @@ from .eval.evaluate import evaluate_weights
 from .fileio import atomic_write_text, check_writable_dir
 from .posenc import SCALINGS
 from .runtime import cpu_setup, resolve_device
+from .sampling import NonFiniteSamples
 
 __all__ = ["FLAGS", "build_parser", "main"]
 
@@ -184,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cpu_setup(cfg.eval.num_threads)
         res = evaluate_weights(w, cfg, device)
         atomic_write_text(out, json.dumps(res, indent=2))
-    except (CheckpointError, DataError, ConfigError, OSError, ImportError) as err:
+    except (CheckpointError, DataError, ConfigError, OSError, ImportError, NonFiniteSamples) as err:
         return fail(err, names)
     print(f"wrote {out}")
     return 0

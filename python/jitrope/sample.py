@@ -35,7 +35,7 @@ from .diffusion import SAMPLERS, Diffusion
 from .grids import condition_rows, label_stem, make_grid, make_size_grid, save_image
 from .posenc import IMPLS
 from .runtime import cpu_setup, resolve_device
-from .sampling import generate, generate_sizes
+from .sampling import NonFiniteSamples, generate, generate_sizes
 
 __all__ = [
     "run",
@@ -372,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layer, names = flag_layer(args, FLAGS)
     try:
         run(args, layer)
-    except (SampleError, CheckpointError, DataError, ConfigError, OSError) as e:
+    except (SampleError, CheckpointError, DataError, ConfigError, OSError, NonFiniteSamples) as e:
         return fail(e, names)
     return 0
 

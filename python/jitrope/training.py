@@ -55,7 +55,8 @@ from .model import JiT
 from .packing import mark_dynamic, pack_images
 from .runlog import MetricsLogger
 from .runtime import Dist, rank_device, setup_device
-from .sampling import generate
+from .sampling import NonFiniteSamples, generate
+from .usable import unusable_state
 
 __all__ = ["train", "lr_at", "step_generator", "TrainingStopped"]
 
@@ -543,9 +544,13 @@ class _Run:
 
     def sample_step(self) -> None:
         ema_model = self.ema.averaged_module(0)
-        grid = _sample_grid(
-            self.mcfg, ema_model, self.diffusion, self.cfg, self.val_maker, self.ds.class_names, self.device
-        )
+        try:
+            grid = _sample_grid(
+                self.mcfg, ema_model, self.diffusion, self.cfg, self.val_maker, self.ds.class_names, self.device
+            )
+        except NonFiniteSamples:
+            what = f"the training diverged: the sample grid of step {self.step} came out nan or inf"
+            raise TrainingStopped(what, self.step, self.last_ckpt, _DIVERGED_HINT) from None
         (self.run_dir / "samples").mkdir(exist_ok=True)
         grid.save(self.run_dir / "samples" / f"step_{self.step:08d}.png")
         self.logger.image("samples/ema0", self.step, grid)
@@ -558,6 +563,14 @@ class _Run:
             raise TrainingStopped(
                 f"the training diverged: the {_join(bad)} are not finite (nan or inf) after "
                 f"step {self.step}, so no checkpoint was written for it",
+                self.step,
+                self.last_ckpt,
+                _DIVERGED_HINT,
+            )
+        bad = unusable_state(self.model, self.ema, self.cfg.sample.ema, self.diffusion, float(D.mean(self.loss_acc)))
+        if bad:  # finite but not usable (weights of 1e30): it must not prune the last checkpoint that is
+            raise TrainingStopped(
+                f"the training diverged after step {self.step}: {_join(bad)}, so no checkpoint was written for it",
                 self.step,
                 self.last_ckpt,
                 _DIVERGED_HINT,
