@@ -50,6 +50,7 @@ from .config import Config, ConfigError, config_from_dict, load_config
 from .diffusion import Diffusion
 from .fileio import fsync_dir, sha256_file
 from .model import JiT
+from .published import refused_global
 from .usable import probe_loss
 
 __all__ = [
@@ -463,7 +464,14 @@ def load_train_state(ckpt_dir, *, allow_unverified: bool = False) -> Dict[str, A
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors come in many types)
-        raise CheckpointError(f"{f}: cannot load the training state ({type(e).__name__}: {e})") from None
+        refused = refused_global(str(e))
+        if refused is not None:
+            raise CheckpointError(
+                f"{f} holds an object of {refused}: refused (the training state is tensors and primitives "
+                "only, weights_only=True); it was not written by jitrope"
+            ) from None
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{f}: cannot load the training state ({type(e).__name__}: {first})") from None
 
 
 def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], *, where: str) -> None:
