@@ -71,6 +71,7 @@ __all__ = [
     "prune_checkpoints",
     "load_checkpoint",
     "run_config",
+    "resolved_configs",
     "model_from_weights",
     "load_model",
 ]
@@ -534,6 +535,20 @@ def run_config(
     except (ConfigError, ValueError, TypeError) as e:
         raise CheckpointError(f"{w['path']}: its stored config does not build a model: {e}") from None
     return load_config(path, overrides, base=stored, flags=flags)
+
+
+def resolved_configs(w: Mapping[str, Any], cfg: Config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The config stored with the weights ``w`` and ``cfg``, as dicts of what they resolve to, for
+    ``--resume`` to compare: the ``model`` section as the JiTConfig fields it builds (a preset, or
+    its keys spelt out with the same values, alike), the other sections with the defaults of keys
+    that a config of an older version does not name."""
+    stored = _stored(w)
+    try:
+        old = config_from_dict(stored, where=f"config stored in {w['path']}", stored=True)
+        saved = {**old.to_dict(), "model": old.model_config().to_dict()}
+    except (ConfigError, ValueError, TypeError):  # a config this version no longer accepts: as it was stored
+        saved = dict(stored)
+    return saved, {**cfg.to_dict(), "model": cfg.model_config().to_dict()}
 
 
 def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", device="cpu"):

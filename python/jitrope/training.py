@@ -44,6 +44,7 @@ from .checkpoint import (
     load_train_state,
     load_weights,
     newest_valid_checkpoint,
+    resolved_configs,
     save_checkpoint,
 )
 from .config import Config, ConfigError
@@ -659,8 +660,7 @@ def _restore(
 ) -> Tuple[int, float]:
     w = load_weights(ckpt_dir, allow_unverified=allow_unverified)
     f = w["path"]
-    saved = w["config"]
-    now = cfg.to_dict()
+    saved, now = resolved_configs(w, cfg)  # a key spelt out with the value it had is no change
     diffs, runtime = [], []
     for sec in ("model", "data", "diffusion"):
         for k, line in _diff_keys(saved.get(sec, {}), now[sec], sec):
