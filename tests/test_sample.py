@@ -560,3 +560,32 @@ def test_samples_that_come_out_non_finite_are_an_error_never_a_black_image(tiny_
     assert S.main(["--ckpt", str(tmp_path / "nan"), "--out", str(out), "--steps", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: sampling gave nan or inf values (image 0 and ")
     assert not out.exists() and not (tmp_path / "x").exists()
+
+
+def test_sampled_sizes_are_checked_before_anything_is_allocated(tiny_run, tmp_path, capsys):
+    """--sizes 16x16,100000x100000 used to build the packed batch and die in the allocator."""
+    out = str(tmp_path / "x.png")
+    for args, line in [
+        (
+            ["--sizes", "16x16,100000x100000"],
+            "error: --sizes (sample.sizes): 100000x100000 takes 625000000 image tokens at patch 4, over the "
+            "sampler's limit sample.max_tokens=262144",
+        ),
+        (["--sizes", "0x8,16x16"], "error: --sizes (sample.sizes): '0x8' must have a positive height and width"),
+        (["--sizes", "16x16,16x16"], "error: --sizes (sample.sizes) gives 16x16 2 times; give each size once"),
+        (
+            ["--sizes", "16x16,32x32", "--max-tokens", "1000", "--n", "4"],
+            "error: --sizes (sample.sizes): 9 classes x 2 sizes x 4 samples take 2880 image tokens in one packed "
+            "batch, over the sampler's limit --max-tokens (sample.max_tokens)=1000; sample fewer classes, sizes or "
+            "samples (--n (sample.n)), or raise sample.max_tokens",
+        ),
+        (
+            ["--img-size", "100000"],
+            "error: --img-size (sample.img_size): a batch of 64 images of 100000x100000 takes 40000000000 image "
+            "tokens, over the sampler's limit sample.max_tokens=262144; lower sample.batch_size, or raise "
+            "sample.max_tokens",
+        ),
+    ]:
+        assert S.main(["--ckpt", str(tiny_run), "--out", out, *args]) == 2
+        assert capsys.readouterr().err == line + "\n"
+    assert not Path(out).exists()

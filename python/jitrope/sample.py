@@ -155,6 +155,12 @@ FLAGS = (
         "each), all sizes in one packed forward per step",
     ),
     Flag(
+        "--max-tokens",
+        "sample.max_tokens",
+        "the most image tokens sampled together (one packed batch, or one batch); more is refused",
+        {"type": int},
+    ),
+    Flag(
         "--img-size", "sample.img_size", "sample at another size (where the positional encoding allows)", {"type": int}
     ),
     Flag("--ema", "sample.ema", "which weights: EMA index 0 / 1, or none (raw)"),
@@ -271,6 +277,14 @@ def _run_rows(cfg: Config, model, info: Mapping[str, Any], img_size: int, device
     cls, row_labels, row_cond = _rows(s, model, info, img_size)
     labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(s.n)
     cond = row_cond.repeat_interleave(s.n, dim=0) if row_cond is not None else None
+    batch = min(s.batch_size, len(labels))
+    tokens = (img_size // model.cfg.patch_size) ** 2 * batch
+    if tokens > s.max_tokens:
+        raise ConfigError(
+            f"config key sample.img_size: a batch of {batch} images of {img_size}x{img_size} takes {tokens} image "
+            f"tokens, over the sampler's limit sample.max_tokens={s.max_tokens}; lower sample.batch_size, or raise "
+            "sample.max_tokens"
+        )
     interval = tuple(s.cfg_interval)
     with _sampling(math.ceil(len(labels) / s.batch_size) * s.steps, s.progress) as bar:
         x = generate(
@@ -316,6 +330,14 @@ def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: 
     # row-major: class r, then size k, then sample j
     labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(len(sizes) * s.n)
     grid_sizes = [hw for _ in cls for hw in sizes for _ in range(s.n)]
+    p = model.cfg.patch_size
+    tokens = sum((h // p) * (w // p) for h, w in grid_sizes)
+    if tokens > s.max_tokens:  # all of them in one packed batch
+        raise ConfigError(
+            f"config key sample.sizes: {len(cls)} classes x {len(sizes)} sizes x {s.n} samples take {tokens} image "
+            f"tokens in one packed batch, over the sampler's limit sample.max_tokens={s.max_tokens}; sample fewer "
+            "classes, sizes or samples (sample.n), or raise sample.max_tokens"
+        )
     interval = tuple(s.cfg_interval)
     with _sampling(s.steps, s.progress) as bar:
         xs = generate_sizes(
