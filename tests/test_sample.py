@@ -589,3 +589,20 @@ def test_sampled_sizes_are_checked_before_anything_is_allocated(tiny_run, tmp_pa
         assert S.main(["--ckpt", str(tiny_run), "--out", out, *args]) == 2
         assert capsys.readouterr().err == line + "\n"
     assert not Path(out).exists()
+
+
+def test_a_published_checkpoint_given_to_ckpt_points_to_the_converter(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "checkpoint-last.pth")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "state_dict.safetensors"))
+    for name in ("checkpoint-last.pth", "state_dict.safetensors"):
+        f = tmp_path / name
+        hint = (
+            f"error: {f} is not a jitrope checkpoint; to use a published JiT checkpoint, convert it first: "
+            f"jitrope-convert {f} --preset JiT-B/16 (its model) --out <folder>, then give --ckpt that folder\n"
+        )
+        assert S.main(["--ckpt", str(f), "--out", str(tmp_path / "x.png")]) == 2
+        assert capsys.readouterr().err == hint  # not --allow-unverified, which would not help
+        assert E.main(["--ckpt", str(f), "--out", str(tmp_path / "x.json")]) == 2
+        assert capsys.readouterr().err == hint

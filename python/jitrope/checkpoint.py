@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import uuid
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .config import Config, ConfigError, config_from_dict, load_config
@@ -126,8 +128,6 @@ def save_checkpoint(
     A write that fails (a full disk: ``OSError``, or the writers' own errors) raises a
     CheckpointError naming the checkpoint; its temp folder is removed and the checkpoints already
     there are untouched."""
-    from safetensors import SafetensorError
-
     ck = Path(run_dir) / "checkpoints"
     final = ck / f"step_{step:08d}"
     tmp = ck / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -393,6 +393,22 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return cks[-1][1] if cks else None
 
 
+# a published JiT checkpoint (checkpoint-last.pth) or a bare state dict is read through the converter
+_CONVERT_HINT = (
+    "to use a published JiT checkpoint, convert it first: jitrope-convert {p} --preset JiT-B/16 (its model) "
+    "--out <folder>, then give --ckpt that folder"
+)
+
+
+def _format_of(f: Path) -> Optional[str]:
+    """The ``format`` in the header of a safetensors file (None: none, or not readable as one)."""
+    try:
+        with safe_open(str(f), "pt", device="cpu") as fh:
+            return (fh.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
 def resolve_checkpoint(path, *, allow_unverified: bool = False) -> Path:
     """A run folder (-> its newest checkpoint whose weights verify), a ``step_*`` folder, or a
     ``weights.safetensors`` file -> the verified ``weights.safetensors`` file. ``allow_unverified``:
@@ -401,6 +417,8 @@ def resolve_checkpoint(path, *, allow_unverified: bool = False) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist (give a run folder, a step_* folder or a {WEIGHTS} file)")
     if p.is_file():
+        if p.suffix != ".safetensors" or (p.name != WEIGHTS and _format_of(p) != FORMAT):
+            raise CheckpointError(f"{p} is not a jitrope checkpoint; {_CONVERT_HINT.format(p=shlex.quote(str(p)))}")
         verify_checkpoint(p.parent, [p.name], allow_unverified=allow_unverified)
         return p
     if (p / WEIGHTS).is_file() or _STEP_DIR.match(p.name):
@@ -418,8 +436,6 @@ def load_weights(path, *, allow_unverified: bool = False) -> Dict[str, Any]:
     """Read a weights file (found and verified by :func:`resolve_checkpoint`): ``{"model": sd,
     "emas": [sd, ...], "ema_decays": [...], "step": int, "config": dict, "class_names": [...],
     "model_config": dict (resolved JiTConfig fields), "path": Path}``."""
-    from safetensors import SafetensorError, safe_open
-
     f = resolve_checkpoint(path, allow_unverified=allow_unverified)
     try:
         with safe_open(str(f), "pt", device="cpu") as fh:
@@ -428,7 +444,10 @@ def load_weights(path, *, allow_unverified: bool = False) -> Dict[str, Any]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{f}: not a readable safetensors file ({e}); it may be truncated or corrupt") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{f}: format {meta.get('format')!r} is not {FORMAT!r}; not a jitrope checkpoint")
+        raise CheckpointError(
+            f"{f}: format {meta.get('format')!r} is not {FORMAT!r}; not a jitrope checkpoint (a bare state dict? "
+            f"{_CONVERT_HINT.format(p=shlex.quote(str(f)))})"
+        )
     try:
         n_ema = int(meta.get("num_emas", "0"))
         out: Dict[str, Any] = {

@@ -30,7 +30,16 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, model_from_weights, run_config
 from .cli import Flag, add_flags, check_image_out, fail, flag_layer
 from .config import Config, ConfigError, SampleConfig
-from .data import IMAGE_EXTENSIONS, DataError, composite_on_white, parse_sizes, to_float, to_rgba8, to_uint8
+from .data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    composite_on_white,
+    image_files,
+    parse_sizes,
+    to_float,
+    to_rgba8,
+    to_uint8,
+)
 from .diffusion import SAMPLERS, Diffusion
 from .grids import condition_rows, label_stem, make_grid, make_size_grid, save_image
 from .posenc import IMPLS
@@ -90,7 +99,7 @@ def load_cond_images(path, size: int, *, resize: bool = False) -> Tuple[Tensor, 
     """
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        files, _ = image_files(p)  # not the hidden ones: the AppleDouble ._x.png of macOS is no image
         if not files:
             raise SampleError(f"condition folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     elif p.is_file():
