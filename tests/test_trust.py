@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from jitrope import sample as S
 from jitrope import train as T
+from jitrope import training as TR
 from jitrope.checkpoint import list_checkpoints, load_weights, newest_valid_checkpoint, save_checkpoint
 from jitrope.fileio import LockedError, exclusive_lock
 
@@ -350,3 +351,72 @@ def test_a_second_trainer_is_refused_and_ctrl_c_stops_with_the_resume_command(tm
     assert T.main(resumed) == 0
     assert load_weights(run)["step"] == step + 1
     assert json.loads((run / "checkpoints" / f"step_{step + 1:08d}" / "manifest.json").read_text())["step"] == step + 1
+
+
+def test_sigterm_in_the_steps_writes_that_step_and_before_them_stops_at_once(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    real = TR._Run.train_step
+
+    def step_then_sigterm(self):
+        real(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(TR._Run, "train_step", step_then_sigterm)
+    args = BASE + [f"train.out_dir={run}", "train.steps=50", "train.ckpt_every=10"]
+    assert T.main(args) == 143
+    ck = run / "checkpoints" / "step_00000003"
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"preempted (SIGTERM) at step 3, its checkpoint written; the last checkpoint kept is {ck};")
+    assert [p for _, p in list_checkpoints(run)] == [ck] and load_weights(run)["step"] == 3
+    monkeypatch.setattr(TR._Run, "start", lambda self: os.kill(os.getpid(), signal.SIGTERM))  # setting up: no step
+    assert T.main(args + ["--resume"]) == 143
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"terminated (SIGTERM) at step 3; the last checkpoint kept is {ck}; continue with: ")
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
+
+
+@pytest.mark.slow  # ~20 s on a busy machine: a second Python process that imports torch
+def test_sigterm_is_preemption_a_checkpoint_of_that_step_the_resume_command_and_143(tmp_path):
+    """What SLURM and Kubernetes send before they take the machine back: it used to end the trainer
+    at once, with no message and only the last periodic checkpoint."""
+    run = tmp_path / "run"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore::RuntimeWarning",
+    )
+    # no periodic checkpoint will come: the one written is the one SIGTERM asked for
+    args = BASE + [f"train.out_dir={run}", "train.steps=100000", "train.ckpt_every=100000", "train.log_every=1"]
+    a = subprocess.Popen(
+        [sys.executable, "-m", "jitrope.train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        metrics = run / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # it is taking steps
+            assert a.poll() is None, a.stderr.read()
+            assert time.monotonic() < deadline, "the trainer took no step within 60 s"
+            time.sleep(0.05)
+        a.send_signal(signal.SIGTERM)
+        _, err = a.communicate(timeout=120)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.communicate()
+    err = err.decode()
+    assert a.returncode == 143, err
+    line = _error_line(err)
+    kept = newest_valid_checkpoint(run)
+    step = load_weights(run)["step"]
+    assert kept.name == f"step_{step:08d}" and step >= 2, line
+    assert line.startswith(f"preempted (SIGTERM) at step {step}, its checkpoint written; ")
+    assert f"the last checkpoint kept is {kept};" in line, line
+    command = line.split("continue with: ", 1)[1]
+    assert command.startswith("python -m jitrope.train --config ") and command.endswith(" --resume")
+    assert not (run / ".lock").exists() and not [p for p in (run / "checkpoints").iterdir() if p.name[0] == "."]
+    resumed = [a for a in shlex.split(command)[3:] if not a.startswith("train.steps=")] + [f"train.steps={step + 1}"]
+    assert T.main(resumed) == 0
+    assert load_weights(run)["step"] == step + 1

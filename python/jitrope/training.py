@@ -12,10 +12,13 @@ its checkpoint, so the file stays one consistent history after a crash.
 
 Nothing a user has is lost: rank 0 holds an exclusive lock on ``train.out_dir`` for the whole run
 (a second trainer on the same folder stops at once, naming the pid that holds it); a checkpoint
-is written only when the weights, EMAs and optimizer state are finite; ``keep_last`` deletes only
-checkpoints that verify. A run that stops early (the loss or the weights diverged, a checkpoint
-could not be written, Ctrl-C) raises :class:`TrainingStopped`, which says in one line what happened,
-which checkpoint is the last one kept and how to continue. When a step that only rank 0 takes fails
+is written only when the weights, EMAs and optimizer state are finite and can be used (the raw
+weights and the sampled EMA give a finite loss on a fixed probe batch, :mod:`jitrope.usable`), so it
+never prunes the last one that can; ``keep_last`` deletes only checkpoints that verify. SIGTERM is
+preemption (:mod:`jitrope.preempt`): the step finishes and a checkpoint of it is written. A run that
+stops early (the loss or the weights diverged, a checkpoint could not be written, Ctrl-C, SIGTERM)
+raises :class:`TrainingStopped`, which says in one line what happened, which checkpoint is the last
+one kept and how to continue. When a step that only rank 0 takes fails
 (preparing ``train.out_dir``, fetching the data, writing a checkpoint or a sample grid), the other
 ranks learn it in place of a barrier and stop too (:class:`jitrope.runtime.RankFailed`), rather than
 wait for it forever.
@@ -54,6 +57,7 @@ from .fileio import check_writable_dir, exclusive_lock
 from .grids import condition_rows, make_grid
 from .model import JiT
 from .packing import mark_dynamic, pack_images
+from .preempt import EXIT_SIGTERM, Terminated, sigterm_as_preemption
 from .runlog import MetricsLogger
 from .runtime import Dist, rank_device, setup_device
 from .sampling import NonFiniteSamples, generate
@@ -63,9 +67,10 @@ __all__ = ["train", "lr_at", "step_generator", "TrainingStopped"]
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped before ``train.steps``: the weights or the loss stopped being finite, a
-    checkpoint could not be written, or Ctrl-C. ``last_checkpoint`` is the newest checkpoint kept
-    (None: none yet); ``exit_code`` is the CLI's (2, or 130 for an interrupt)."""
+    """Training stopped before ``train.steps``: the weights or the loss stopped being finite (or no
+    longer give a finite forward), a checkpoint could not be written, Ctrl-C, or SIGTERM.
+    ``last_checkpoint`` is the newest checkpoint kept (None: none yet); ``exit_code`` is the CLI's
+    (2, 130 for an interrupt, 143 for SIGTERM)."""
 
     def __init__(self, what: str, step: int, last_checkpoint: Optional[Path], hint: str = "", exit_code: int = 2):
         self.what, self.step, self.last_checkpoint = what, step, last_checkpoint
@@ -206,6 +211,7 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
     run, ckpt_dir = None, None
     try:
         with contextlib.ExitStack() as held:
+            preempt = held.enter_context(sigterm_as_preemption())  # SIGTERM: a checkpoint of the step, exit 143
             with D.together("preparing train.out_dir"):
                 if D.main:
                     # checked before the data and the model, not at the first checkpoint; locked before anything
@@ -229,12 +235,15 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
                         f"the run is already at step {run.step} >= train.steps={t.steps}; raise train.steps to train on"
                     )
             run.start()
-            run.loop()
+            run.loop(preempt)
             return {"step": run.step, "loss": run.last_loss, "run_dir": run.run_dir, "model": run.model, "ema": run.ema}
-    except KeyboardInterrupt:
-        step = run.step if run is not None else 0
+    except (KeyboardInterrupt, Terminated) as e:
+        step, term = (run.step if run is not None else 0), isinstance(e, Terminated)
         raise TrainingStopped(
-            f"interrupted at step {step}", step, run.last_ckpt if run is not None else ckpt_dir, exit_code=130
+            f"{'terminated (SIGTERM)' if term else 'interrupted'} at step {step}",
+            step,
+            run.last_ckpt if run is not None else ckpt_dir,
+            exit_code=EXIT_SIGTERM if term else 130,
         ) from None
     finally:
         if run is not None:
@@ -390,7 +399,7 @@ class _Run:
             + f", lr {lr_at(self.cfg, t.warmup_steps):.2e}"
         )
 
-    def loop(self) -> None:
+    def loop(self, preempt) -> None:
         t, D = self.t, self.D
         self.bar = tqdm(
             total=t.steps,
@@ -407,6 +416,7 @@ class _Run:
         self.waste_acc = 0.0  # padding waste of packed batches, summed over the log interval
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
+        preempt.steps_begin()
         while self.step < t.steps:
             self.train_step()
             if self.step % t.log_every == 0 or self.step == t.steps:
@@ -415,8 +425,16 @@ class _Run:
                 with D.together(f"writing the sample grid of step {self.step}"):
                     if D.main:
                         self.sample_step()
-            if self.step % t.ckpt_every == 0 or self.step == t.steps:
+            stop = preempt.requested(D)  # SIGTERM: a checkpoint of this step, then stop
+            if stop or self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.checkpoint_step()
+            if stop:
+                raise TrainingStopped(
+                    f"preempted (SIGTERM) at step {self.step}, its checkpoint written",
+                    self.step,
+                    self.last_ckpt,
+                    exit_code=EXIT_SIGTERM,
+                )
         self.bar.close()
 
     def train_step(self) -> None:
