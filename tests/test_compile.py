@@ -28,7 +28,8 @@ IMPLS = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# every test here traces (and some compile with inductor) a model: seconds to a minute each
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)

@@ -70,6 +70,7 @@ def tiny(**kw) -> JiTConfig:
     return JiTConfig.preset("tiny", pos_impl="torch", **kw)
 
 
+@pytest.mark.slow  # a full JiT-B/16 (131M parameters) built, converted and loaded
 def test_published_b16_state_dict_converts_and_loads_with_nothing_left_over():
     pub_shapes = json.loads(PUBLISHED_B16.read_text())
     assert pub_shapes["persistent_buffers"] == []  # RoPE tables are not stored: only pos_embed is derived

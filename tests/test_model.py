@@ -480,6 +480,7 @@ def test_every_parameter_is_in_the_graph_without_dropped_conditions():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos_embed", ENCODINGS)
 def test_small_model_overfits_one_batch(pos_embed):
     # x-prediction MSE at fixed, low noise levels: the model must memorise 4 images.
