@@ -1,4 +1,4 @@
-"""Runs a user can trust (issue 12): checksummed checkpoints that fall back, stale temp folders
+"""Runs a user can trust: checksummed checkpoints that fall back, stale temp folders
 cleaned, dtypes checked, and a training process killed while it checkpoints."""
 
 import json

@@ -1,4 +1,4 @@
-"""torch.compile of the JiT model (issue 10 item 3): one graph, no break, no recompile.
+"""torch.compile of the JiT model: one graph, no break, no recompile.
 
 A training step (forward + the diffusion loss in one compiled function, then backward through the
 AOT-compiled backward) is traced with ``fullgraph=True`` for every ``pos_embed`` value, with and

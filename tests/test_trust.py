@@ -1,4 +1,4 @@
-"""No data loss (issue 18): no checkpoint with nan weights, keep_last prunes only what verifies, one
+"""No data loss: no checkpoint with nan weights, keep_last prunes only what verifies, one
 trainer per out_dir, ~ in out_dir, and one line instead of a traceback for a full disk or Ctrl-C."""
 
 import errno

@@ -159,7 +159,7 @@ def _data_flag(data: str, layer: Dict[str, Dict[str, Any]], names: Dict[str, str
 
 
 def _check_files(cfg: Config, w: Mapping[str, Any]) -> Path:
-    """Every output and input file before the evaluation, so that no work is lost (issue 18); returns
+    """Every output and input file before the evaluation, so that no work is lost; returns
     the JSON file to write."""
     e = cfg.eval
     out = _out_path(cfg, w)

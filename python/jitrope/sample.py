@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     cfg = run_config(w, args.config, args.overrides, flags)
     s = cfg.sample
     device = resolve_device(s.device, "sample.device")
-    out, singles = _outputs(s)  # the output before the work, so that no sampling is lost to a bad name (issue 18)
+    out, singles = _outputs(s)  # the output before the work, so that no sampling is lost to a bad name
     cpu_setup(s.num_threads)
     model, info = model_from_weights(w, cfg, ema=s.ema, device=device)
     img_size = s.img_size if s.img_size is not None else model.cfg.img_size

@@ -1,4 +1,4 @@
-"""Training data: the emoji set from npm (SPEC §8), ImageFolder-style folders, a synthetic set.
+"""Training data: the emoji set from npm (docs/training.md), ImageFolder-style folders, a synthetic set.
 
 This package gathers the public names of its modules, one concern each:
 
