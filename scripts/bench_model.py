@@ -5,7 +5,7 @@ For each ``--compile`` mode (none = eager, default, reduce-overhead) and each im
 prints ms per step, images/s, peak memory and model FLOPs utilisation, then the fused/torch
 ratio in the same mode. A training step is forward + diffusion loss + backward + AdamW step; a
 sampling forward is one model call under ``torch.no_grad``. The two implementations share their
-weights (SPEC §5: changing the flag changes nothing else) and are timed alternately, step by step,
+weights (docs/training.md: changing the flag changes nothing else) and are timed alternately, step by step,
 so drift of a shared machine hits both alike; the median of ``--iters`` steps is reported.
 ``pos_impl="torch"`` is the honest baseline: cached cos/sin tables, as the published JiT code.
 
@@ -363,7 +363,7 @@ def profile(case: Case, args, title: str) -> str:
 
 # ---------------------------------------------------------------- packed vs pad-to-max (--packed)
 
-# The realistic size mix (pixels, H x W), per device type: the emoji mix of issue 16 at patch 4 on the CPU
+# The realistic size mix (pixels, H x W), per device type: the emoji size mix at patch 4 on the CPU
 # (tiny preset); on CUDA JiT-B/16 on 256..512 px squares plus 384x512 / 512x384 (the same mix scaled).
 PACKED_MIX = {
     "cpu": ("tiny", 4, [(16, 16), (24, 24), (32, 32), (40, 40), (48, 48), (32, 48), (48, 32)], 1024),

@@ -6,7 +6,7 @@
 #   model: the CUDA tests of the model (fused vs torch, torch.compile with CUDA graphs) and the
 #          JiT-B/16 training-step benchmark (batch 64, bf16), eager and compiled with
 #          mode="reduce-overhead", fused vs torch;
-#   packed: issue 16 in one call (build included, <= 10 minutes): the CUDA tests of packed batches
+#   packed: the packed-batch checks in one call (build included, <= 10 minutes): the CUDA tests of packed batches
 #          (tests/test_packing.py, test_packing_scaling.py, test_freqs_index.py,
 #          test_pos2d_add_indexed.py), the packed op benchmarks (rope2d, qk_norm_rope fwd+bwd at
 #          T = 64k, 128k, 256k bf16, positions new every call, vs eager per-call tables,
@@ -29,7 +29,7 @@
 # table is printed last.
 #   bash scripts/gpu_check.sh            # both parts
 #   bash scripts/gpu_check.sh model      # build + the model part
-#   bash scripts/gpu_check.sh packed     # build + issue 16's packed checks, one call
+#   bash scripts/gpu_check.sh packed     # build + the packed checks, one call
 #   bash scripts/gpu_check.sh fsdp       # build + the fsdp checks, one call
 #   bash scripts/gpu_check.sh --dry-run packed   # anywhere: print each step's command, run nothing
 # A missing test dependency (e.g. expecttest) is installed from ./.whl/*.whl when that folder

@@ -1,4 +1,4 @@
-"""Runs a user can trust (issue 12): checksummed checkpoints that fall back, stale temp folders
+"""Runs a user can trust: checksummed checkpoints that fall back, stale temp folders
 cleaned, dtypes checked, and a training process killed while it checkpoints."""
 
 import json
@@ -358,3 +358,23 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_run(tmp_path):
     )
     assert out["step"] == step + 2 and math.isfinite(out["loss"])
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+class _System:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_training_state_that_would_run_code_is_refused_naming_the_callable(tmp_path):
+    marker = tmp_path / "ran"
+    ck = save_checkpoint(tmp_path, 1, model={"w": torch.zeros(2)}, state={"step": 1, "x": _System(marker)})
+    with pytest.raises(CheckpointError) as e:
+        load_train_state(ck)
+    assert str(e.value) == (
+        f"{ck / 'state.pt'} holds an object of {os.system.__module__}.system: refused (the training state is "
+        "tensors and primitives only, weights_only=True); it was not written by jitrope"
+    )
+    assert not marker.exists()

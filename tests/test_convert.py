@@ -9,6 +9,7 @@ jitrope's, so the check of that table is against an independent reference.
 import argparse
 import fractions
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from jitrope import convert as C
 from jitrope import evaluate as E
 from jitrope import published as P
 from jitrope import sample as S
+from jitrope.fileio import exclusive_lock
 from jitrope.model import JiT, JiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +70,7 @@ def tiny(**kw) -> JiTConfig:
     return JiTConfig.preset("tiny", pos_impl="torch", **kw)
 
 
+@pytest.mark.slow  # a full JiT-B/16 (131M parameters) built, converted and loaded
 def test_published_b16_state_dict_converts_and_loads_with_nothing_left_over():
     pub_shapes = json.loads(PUBLISHED_B16.read_text())
     assert pub_shapes["persistent_buffers"] == []  # RoPE tables are not stored: only pos_embed is derived
@@ -154,7 +157,7 @@ def test_a_full_checkpoint_converts_each_weight_set(published_ckpt, tmp_path, ca
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "step_00000000" / "manifest.json").is_file()
     # a second conversion into the same folder does not overwrite it
     assert C.main(argv) == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert "already holds a run (config.yaml) and checkpoints (step_00000000); " in capsys.readouterr().err
 
 
 def test_the_converted_run_samples_and_evaluates(published_ckpt, tmp_path, capsys):
@@ -209,6 +212,16 @@ def test_a_bare_state_dict_in_torch_or_safetensors_format(tmp_path):
         C.convert(tmp_path / "sd.pth", tmp_path / "o2", preset="tiny", weights="ema2", log=lambda *a: None)
 
 
+class _System:
+    """Unpickling this would run a shell command (os.system): refused, and named."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 class _Runs:
     """Unpickling this would create a file: the converter must refuse it without running it."""
 
@@ -222,7 +235,11 @@ class _Runs:
 def test_a_pickle_of_any_other_object_is_refused_not_run(published_ckpt, tmp_path, capsys):
     marker = tmp_path / "ran"
     obj = torch.load(published_ckpt[0], weights_only=False)
-    for extra, named in ((_Runs(marker), f"{open.__module__}.open"), (fractions.Fraction(1, 3), "fractions.Fraction")):
+    for extra, named in (
+        (_Runs(marker), f"{open.__module__}.open"),
+        (_System(marker), f"{os.system.__module__}.system"),  # a blocked module: torch words it otherwise
+        (fractions.Fraction(1, 3), "fractions.Fraction"),
+    ):
         f = tmp_path / "evil.pth"
         torch.save({**obj, "extra": extra}, f)
         assert C.main([str(f), "--preset", "tiny", "--out", str(tmp_path / "o")]) == 2
@@ -301,3 +318,51 @@ def test_unreadable_inputs_are_one_error_line(tmp_path, capsys):
         assert C.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_an_out_that_holds_a_run_a_checkpoint_or_a_lock_is_refused_and_add_waits_for_the_lock(
+    published_ckpt, tmp_path, capsys
+):
+    """convert used to write into a running trainer's folder: past its .lock, over its config.yaml."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("train: {steps: 10}\n")
+    argv = [str(published_ckpt[0]), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch"]
+    assert C.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {out} already holds a run (config.yaml); choose another folder, or pass --add to add "
+        "the converted checkpoint to it\n"
+    )
+    with exclusive_lock(out, "train.out_dir"):  # a trainer at work in it
+        assert C.main(argv) == 2
+        assert "already holds a run (config.yaml) and a lock (.lock); " in capsys.readouterr().err
+        assert C.main(argv + ["--add"]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"error: --out {out} is in use by another process (pid {os.getpid()}, holding {out / '.lock'}); "
+        )
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert C.main(argv + ["--add"]) == 0  # the lock let go: added, the run's own config.yaml kept
+    assert (out / "config.yaml").read_text() == "train: {steps: 10}\n"
+    assert CK.load_checkpoint(out)["step"] == 0 and not (out / ".lock").exists()
+    capsys.readouterr()
+    assert C.main(argv + ["--add"]) == 2  # never over a checkpoint
+    assert f"--out {out} already holds checkpoints/step_00000000; " in capsys.readouterr().err
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".lock").write_text("4242\n")
+    assert C.main(argv[:3] + ["--out", str(stale)]) == 2
+    assert "already holds a lock (.lock); " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "scale,message",
+    [(float("nan"), "hold(s) nan or inf values; weights that are not finite are refused"), (1e30, "probe batch")],
+)
+def test_weights_that_are_not_finite_or_give_no_finite_forward_are_refused(tmp_path, capsys, scale, message):
+    pub = {k: v if k == "net.pos_embed" else v * scale for k, v in _published_tiny().items()}
+    torch.save(pub, tmp_path / "sd.pth")
+    out = tmp_path / "out"
+    assert C.main([str(tmp_path / "sd.pth"), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(f"error: {tmp_path / 'sd.pth'}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == []

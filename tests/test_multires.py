@@ -1,4 +1,4 @@
-"""Packed mixed-size training and sampling (issue 16 items 5, 6, 9): sizes, the token-budget packer,
+"""Packed mixed-size training and sampling: sizes, the token-budget packer,
 the mixed-size batch maker, packed training with exact resume, jitrope-sample --sizes, the errors."""
 
 import math
@@ -240,7 +240,7 @@ def test_sample_sizes_is_one_packed_forward_per_step(packed_run, monkeypatch):
 
 
 def test_sample_sizes_takes_every_pos_scaling(packed_run, tmp_path, capsys, monkeypatch):
-    # ntk / yarn on a packed batch (issue 16): the override reaches the packed forward, each size is placed
+    # ntk / yarn on a packed batch: the override reaches the packed forward, each size is placed
     # by its own grid; the training size and a smaller one are the plain model's, bit for bit.
     from jitrope.diffusion import Diffusion
     from jitrope.model import JiT

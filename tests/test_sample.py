@@ -17,7 +17,7 @@ from jitrope.data import to_uint8
 from jitrope.diffusion import Diffusion
 from jitrope.eval import evaluate as EV
 from jitrope.grids import condition_rows
-from jitrope.sampling import generate
+from jitrope.sampling import NonFiniteSamples, generate, generate_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -521,3 +521,88 @@ def test_allow_unverified_reaches_the_checkpoint_loader(tiny_run, tmp_path, monk
         seen.clear()
         assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args]) == 0
         assert {what for what, _ in seen} == {"resolve", "load"} and not any(flag for _, flag in seen), seen
+
+
+def _scaled_checkpoint(run: Path, dest: Path, factor: float) -> Path:
+    """A copy of ``run``'s newest checkpoint with every weight times ``factor`` (a verified manifest):
+    what a diverged run writes when its weights are huge but finite."""
+    w = CK.load_checkpoint(run)
+    big = [{k: v * factor if v.is_floating_point() else v for k, v in sd.items()} for sd in [w["model"], *w["emas"]]]
+    kw = dict(ema_decays=w["ema_decays"], config=w["config"], class_names=w["class_names"])
+    return CK.save_checkpoint(dest, w["step"], model=big[0], emas=big[1:], model_config=w["model_config"], **kw)
+
+
+def test_weights_whose_forward_is_not_finite_are_refused_on_load(tiny_run, tmp_path, capsys):
+    ck = _scaled_checkpoint(tiny_run, tmp_path / "big", 1e30)
+    out = tmp_path / "x.png"
+    assert S.main(["--ckpt", str(tmp_path / "big"), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {ck / 'weights.safetensors'} [ema0]: these weights give a probe loss of ")
+    assert line.endswith("load an earlier checkpoint (a checkpoints/step_* folder) or other weights (sample.ema)")
+    assert not out.exists()
+    assert E.main(["--ckpt", str(ck), "--out", str(tmp_path / "e.json"), "--metrics", "vloss"]) == 2
+    assert "[ema0]: these weights give a probe loss of " in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_samples_that_come_out_non_finite_are_an_error_never_a_black_image(tiny_run, tmp_path, capsys, monkeypatch):
+    model, cfg, _ = CK.load_model(tiny_run)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteSamples, match=r"nan or inf values \(image 0 and 1 more of 4\): "):
+        generate(model, Diffusion(), torch.arange(4), None, steps=2, batch_size=2)
+    with pytest.raises(NonFiniteSamples, match=r"nan or inf values \(image 0 and 1 more of 2\): "):
+        generate_sizes(model, Diffusion(), torch.arange(2), [(16, 16), (8, 16)], steps=2)
+    # past the load check (a probe it passes), the sampling itself refuses to write them
+    _scaled_checkpoint(tiny_run, tmp_path / "nan", float("nan"))
+    monkeypatch.setattr(CK, "probe_loss", lambda *a, **k: 0.0)
+    out = tmp_path / "x.png"
+    assert S.main(["--ckpt", str(tmp_path / "nan"), "--out", str(out), "--steps", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: sampling gave nan or inf values (image 0 and ")
+    assert not out.exists() and not (tmp_path / "x").exists()
+
+
+def test_sampled_sizes_are_checked_before_anything_is_allocated(tiny_run, tmp_path, capsys):
+    """--sizes 16x16,100000x100000 used to build the packed batch and die in the allocator."""
+    out = str(tmp_path / "x.png")
+    for args, line in [
+        (
+            ["--sizes", "16x16,100000x100000"],
+            "error: --sizes (sample.sizes): 100000x100000 takes 625000000 image tokens at patch 4, over the "
+            "sampler's limit sample.max_tokens=262144",
+        ),
+        (["--sizes", "0x8,16x16"], "error: --sizes (sample.sizes): '0x8' must have a positive height and width"),
+        (["--sizes", "16x16,16x16"], "error: --sizes (sample.sizes) gives 16x16 2 times; give each size once"),
+        (
+            ["--sizes", "16x16,32x32", "--max-tokens", "1000", "--n", "4"],
+            "error: --sizes (sample.sizes): 9 classes x 2 sizes x 4 samples take 2880 image tokens in one packed "
+            "batch, over the sampler's limit --max-tokens (sample.max_tokens)=1000; sample fewer classes, sizes or "
+            "samples (--n (sample.n)), or raise sample.max_tokens",
+        ),
+        (
+            ["--img-size", "100000"],
+            "error: --img-size (sample.img_size): a batch of 64 images of 100000x100000 takes 40000000000 image "
+            "tokens, over the sampler's limit sample.max_tokens=262144; lower sample.batch_size, or raise "
+            "sample.max_tokens",
+        ),
+    ]:
+        assert S.main(["--ckpt", str(tiny_run), "--out", out, *args]) == 2
+        assert capsys.readouterr().err == line + "\n"
+    assert not Path(out).exists()
+
+
+def test_a_published_checkpoint_given_to_ckpt_points_to_the_converter(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "checkpoint-last.pth")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "state_dict.safetensors"))
+    for name in ("checkpoint-last.pth", "state_dict.safetensors"):
+        f = tmp_path / name
+        hint = (
+            f"error: {f} is not a jitrope checkpoint; to use a published JiT checkpoint, convert it first: "
+            f"jitrope-convert {f} --preset JiT-B/16 (its model) --out <folder>, then give --ckpt that folder\n"
+        )
+        assert S.main(["--ckpt", str(f), "--out", str(tmp_path / "x.png")]) == 2
+        assert capsys.readouterr().err == hint  # not --allow-unverified, which would not help
+        assert E.main(["--ckpt", str(f), "--out", str(tmp_path / "x.json")]) == 2
+        assert capsys.readouterr().err == hint

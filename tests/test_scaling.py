@@ -58,7 +58,7 @@ def ref_pi_axis(head_dim, theta, s):
 
 
 def layout_2d(rows, cols):
-    """[2, D/2] of SPEC §2: row frequencies in the first quarter-pairs, column ones in the second."""
+    """[2, D/2] of docs/ops.md: row frequencies in the first quarter-pairs, column ones in the second."""
     z = [0.0] * len(rows)
     return torch.tensor([rows + z, z + cols], dtype=F64)
 

@@ -110,6 +110,7 @@ def _check_records(rows):
 SCALINGS = ("extrapolate", "interpolate", "ntk", "yarn")
 
 
+@pytest.mark.slow  # trains and evaluates every run of a tiny study: minutes
 def test_study_pipeline_on_a_tiny_budget_reports_resumes_and_rebuilds(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JITROPE_DATA", str(tmp_path / "cache"))  # the feature network of the synthetic data goes here
     run = _load()

@@ -123,7 +123,7 @@ def test_existing_checkpoints_need_resume_and_a_matching_config(tmp_path, capsys
     ck = tmp_path / "checkpoints" / "step_00000006"
     (ck / "manifest.json").unlink()
     torch.save({"step": 6, "evil": Evil()}, ck / "state.pt")
-    with pytest.raises(CheckpointError, match="state.pt: cannot load the training state"):
+    with pytest.raises(CheckpointError, match=r"state.pt holds an object of \S*test_train.Evil: refused"):
         TR.train(_cfg(tmp_path, "train.steps=8"), resume=True, allow_unverified=True, **quiet)
     assert "weights.safetensors cannot be verified: " in capsys.readouterr().err
 
@@ -142,7 +142,7 @@ def test_resume_lets_runtime_settings_differ_and_refuses_what_changes_the_traini
         assert key in changed[0], changed[0]
     # what is trained may not change, and the error names every key that did
     for extra, named in [
-        (["model.depth=3"], ["model.depth: checkpoint None vs now 3"]),
+        (["model.depth=3"], ["model.depth: checkpoint 2 vs now 3"]),  # resolved: the preset's depth is 2
         (
             ["data.num_images=300", "data.hflip=true"],
             ["data.hflip: checkpoint False", "data.num_images: checkpoint 256"],
@@ -152,6 +152,18 @@ def test_resume_lets_runtime_settings_differ_and_refuses_what_changes_the_traini
         with pytest.raises(CheckpointError, match="another config") as e:
             TR.train(_cfg(tmp_path, "train.steps=6", *extra), resume=True, **quiet)
         assert all(k in str(e.value) for k in named) and "data.root" not in str(e.value), str(e.value)
+
+
+def test_resume_compares_resolved_values_not_keys_as_typed(tmp_path, capsys):
+    """A key spelt out with the value the run already had (the preset's, or the default) is no change."""
+    run = tmp_path / "run"
+    args = ["--config", TINY, *BASE, f"train.out_dir={run}", "train.ckpt_every=2"]
+    assert T.main(args + ["train.steps=2"]) == 0
+    same = ["model.pos_scaling=extrapolate", "model.depth=2", "model.preset=tiny", "data.hflip=false"]
+    assert T.main(args + ["train.steps=4", *same, "--resume"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert T.main(args + ["train.steps=6", "model.pos_scaling=ntk", "--resume"]) == 2
+    assert capsys.readouterr().err.endswith(": model.pos_scaling: checkpoint 'extrapolate' vs now 'ntk'\n")
 
 
 def test_checkpoint_writes_are_atomic_and_mismatches_named(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Block-diagonal attention over packed sequences (SPEC.md §10): a token attends only to its own sequence.
+"""Block-diagonal attention over packed sequences (docs/ops.md): a token attends only to its own sequence.
 
 One function, :func:`varlen_attention`, with one switch ``impl``:
 

@@ -23,7 +23,8 @@ manifests existed) cannot be verified and fails too, unless the caller passes
 The model of a checkpoint (what sampling and evaluation load): :func:`load_checkpoint` reads and
 verifies its weights once, :func:`run_config` is the config stored with them under the caller's
 files, overrides and flags, :func:`model_from_weights` builds the model and loads one set of weights
-(raw or an EMA); :func:`load_model` does all three.
+(raw or an EMA), refusing weights whose forward of a fixed probe batch is not finite
+(:mod:`jitrope.usable`); :func:`load_model` does all three.
 
 ``keep_last`` prunes only checkpoints that verify, newest first, so the newest good one is never
 deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no longer a
@@ -33,8 +34,10 @@ deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import uuid
@@ -42,11 +45,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .config import Config, ConfigError, config_from_dict, load_config
+from .diffusion import Diffusion
 from .fileio import fsync_dir, sha256_file
 from .model import JiT
+from .published import refused_global
+from .usable import probe_loss
 
 __all__ = [
     "CheckpointError",
@@ -66,6 +73,7 @@ __all__ = [
     "prune_checkpoints",
     "load_checkpoint",
     "run_config",
+    "resolved_configs",
     "model_from_weights",
     "load_model",
 ]
@@ -120,8 +128,6 @@ def save_checkpoint(
     A write that fails (a full disk: ``OSError``, or the writers' own errors) raises a
     CheckpointError naming the checkpoint; its temp folder is removed and the checkpoints already
     there are untouched."""
-    from safetensors import SafetensorError
-
     ck = Path(run_dir) / "checkpoints"
     final = ck / f"step_{step:08d}"
     tmp = ck / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -387,6 +393,22 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return cks[-1][1] if cks else None
 
 
+# a published JiT checkpoint (checkpoint-last.pth) or a bare state dict is read through the converter
+_CONVERT_HINT = (
+    "to use a published JiT checkpoint, convert it first: jitrope-convert {p} --preset JiT-B/16 (its model) "
+    "--out <folder>, then give --ckpt that folder"
+)
+
+
+def _format_of(f: Path) -> Optional[str]:
+    """The ``format`` in the header of a safetensors file (None: none, or not readable as one)."""
+    try:
+        with safe_open(str(f), "pt", device="cpu") as fh:
+            return (fh.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
 def resolve_checkpoint(path, *, allow_unverified: bool = False) -> Path:
     """A run folder (-> its newest checkpoint whose weights verify), a ``step_*`` folder, or a
     ``weights.safetensors`` file -> the verified ``weights.safetensors`` file. ``allow_unverified``:
@@ -395,6 +417,8 @@ def resolve_checkpoint(path, *, allow_unverified: bool = False) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist (give a run folder, a step_* folder or a {WEIGHTS} file)")
     if p.is_file():
+        if p.suffix != ".safetensors" or (p.name != WEIGHTS and _format_of(p) != FORMAT):
+            raise CheckpointError(f"{p} is not a jitrope checkpoint; {_CONVERT_HINT.format(p=shlex.quote(str(p)))}")
         verify_checkpoint(p.parent, [p.name], allow_unverified=allow_unverified)
         return p
     if (p / WEIGHTS).is_file() or _STEP_DIR.match(p.name):
@@ -412,8 +436,6 @@ def load_weights(path, *, allow_unverified: bool = False) -> Dict[str, Any]:
     """Read a weights file (found and verified by :func:`resolve_checkpoint`): ``{"model": sd,
     "emas": [sd, ...], "ema_decays": [...], "step": int, "config": dict, "class_names": [...],
     "model_config": dict (resolved JiTConfig fields), "path": Path}``."""
-    from safetensors import SafetensorError, safe_open
-
     f = resolve_checkpoint(path, allow_unverified=allow_unverified)
     try:
         with safe_open(str(f), "pt", device="cpu") as fh:
@@ -422,7 +444,10 @@ def load_weights(path, *, allow_unverified: bool = False) -> Dict[str, Any]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{f}: not a readable safetensors file ({e}); it may be truncated or corrupt") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{f}: format {meta.get('format')!r} is not {FORMAT!r}; not a jitrope checkpoint")
+        raise CheckpointError(
+            f"{f}: format {meta.get('format')!r} is not {FORMAT!r}; not a jitrope checkpoint (a bare state dict? "
+            f"{_CONVERT_HINT.format(p=shlex.quote(str(f)))})"
+        )
     try:
         n_ema = int(meta.get("num_emas", "0"))
         out: Dict[str, Any] = {
@@ -459,7 +484,14 @@ def load_train_state(ckpt_dir, *, allow_unverified: bool = False) -> Dict[str, A
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors come in many types)
-        raise CheckpointError(f"{f}: cannot load the training state ({type(e).__name__}: {e})") from None
+        refused = refused_global(str(e))
+        if refused is not None:
+            raise CheckpointError(
+                f"{f} holds an object of {refused}: refused (the training state is tensors and primitives "
+                "only, weights_only=True); it was not written by jitrope"
+            ) from None
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{f}: cannot load the training state ({type(e).__name__}: {first})") from None
 
 
 def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], *, where: str) -> None:
@@ -524,6 +556,20 @@ def run_config(
     return load_config(path, overrides, base=stored, flags=flags)
 
 
+def resolved_configs(w: Mapping[str, Any], cfg: Config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The config stored with the weights ``w`` and ``cfg``, as dicts of what they resolve to, for
+    ``--resume`` to compare: the ``model`` section as the JiTConfig fields it builds (a preset, or
+    its keys spelt out with the same values, alike), the other sections with the defaults of keys
+    that a config of an older version does not name."""
+    stored = _stored(w)
+    try:
+        old = config_from_dict(stored, where=f"config stored in {w['path']}", stored=True)
+        saved = {**old.to_dict(), "model": old.model_config().to_dict()}
+    except (ConfigError, ValueError, TypeError):  # a config this version no longer accepts: as it was stored
+        saved = dict(stored)
+    return saved, {**cfg.to_dict(), "model": cfg.model_config().to_dict()}
+
+
 def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", device="cpu"):
     """The model of ``cfg`` with the weights ``ema`` of ``w`` ("0" / "1": an EMA, "none": the raw
     weights), in eval mode on ``device``; returns ``(model, info)`` (see :func:`load_model`)."""
@@ -548,6 +594,13 @@ def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", dev
     check_state_dict(model.state_dict(), sd, where=f"{path} [{which}]")
     model.load_state_dict(sd)
     model.to(device).eval()
+    loss = probe_loss(model, Diffusion.from_config(cfg.diffusion))
+    if not math.isfinite(loss):  # finite weights of a diverged run (1e30) sample nothing but nan
+        raise CheckpointError(
+            f"{path} [{which}]: these weights give a probe loss of {loss}, so they cannot sample: the run had "
+            "diverged when it wrote them; load an earlier checkpoint (a checkpoints/step_* folder) or other weights "
+            "(sample.ema)"
+        )
     names = list(w["class_names"])
     if len(names) != mcfg.num_classes:
         names = [f"class {i}" for i in range(mcfg.num_classes)]

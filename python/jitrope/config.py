@@ -19,7 +19,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import io
 import math
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +147,9 @@ class SampleConfig:
     num_threads: Optional[int] = None  # torch.set_num_threads on CPU; null leaves torch's default
     progress: bool = True
     sizes: Optional[str] = None  # "16x16,32x48,...": one grid of every class at every size, one packed forward
+    # the most image tokens sampled together (a packed batch of sample.sizes, or a batch of sample.batch_size
+    # at sample.img_size): more is refused before anything is allocated
+    max_tokens: int = 262144
 
 
 EVAL_METRICS = ("vloss", "class", "cond", "res")
@@ -256,6 +262,19 @@ def _failing_key(d: Mapping[str, Any]) -> Optional[Tuple[str, Any]]:
     return None
 
 
+# YAML 1.1 reads 0x8 as the hex number 8, so a size HEIGHTxWIDTH of height 0 used to arrive as "8";
+# such a value, alone or in a [flow, list], is quoted so that it is read as the text it is
+_HEX = r"0x\d+"
+_FLOW = re.compile(r"\[[^\[\]]*\]")
+_IN_FLOW = re.compile(rf"(?<=[\[,])(\s*)({_HEX})(?=\s*[,\]])")
+_ALONE = re.compile(rf"^(\s*(?:-\s+|[^\s:#'\"]+:\s+)?)({_HEX})(\s*(?:#.*)?)$", re.M)
+
+
+def _hex_as_text(text: str) -> str:
+    """YAML ``text`` with each value spelt like ``0x8`` quoted: a size, not a hex number."""
+    return _ALONE.sub(r"\1'\2'\3", _FLOW.sub(lambda m: _IN_FLOW.sub(r"\1'\2'", m.group(0)), text))
+
+
 def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     """``["train.steps=10", "model.pos_embed=rope2d"]`` -> nested dict (values parsed by
     ``OmegaConf.from_dotlist``: YAML-like scalars and ``[a, b]`` lists)."""
@@ -268,7 +287,7 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
         parts = key.split(".")
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"override {item!r}: the key must be section.key (e.g. train.steps=100)")
-        items.append(f"{key}={raw}")
+        items.append(f"{key}={_hex_as_text(raw)}")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=False)
     except OmegaConfBaseException as e:
@@ -283,8 +302,8 @@ def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> DictConfig:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: 'base:' includes itself")
     try:
-        raw = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raw = OmegaConf.load(io.StringIO(_hex_as_text(path.read_text())))
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
@@ -446,17 +465,33 @@ def _check(cfg: Config) -> None:
 
 
 def _check_sizes(cfg: Config, patch: int) -> None:
-    """data.sizes / sample.sizes parse as HEIGHTxWIDTH multiples of the patch; a budget goes with data.sizes."""
+    """data.sizes / sample.sizes parse as HEIGHTxWIDTH multiples of the patch, each within its token
+    budget (checked here, before any data set or model is built at the largest size); a budget goes
+    with data.sizes. A size given twice is refused for sampling and warned about for training."""
     budget = cfg.train.tokens_per_batch
+    if budget is not None:
+        _positive("train.tokens_per_batch", budget)
+    _positive("sample.max_tokens", cfg.sample.max_tokens)
+    limits = {
+        "data.sizes": (budget, "the budget train.tokens_per_batch"),
+        "sample.sizes": (cfg.sample.max_tokens, "the sampler's limit sample.max_tokens"),
+    }
     for key, spec in (("data.sizes", cfg.data.sizes), ("sample.sizes", cfg.sample.sizes)):
         if spec is None or (key == "data.sizes" and len(spec) == 0):
             continue
         try:
-            check_patch_multiple(parse_sizes(spec, f"config key {key}"), patch, f"config key {key}")
+            sizes = parse_sizes(spec, f"config key {key}")
+            check_patch_multiple(sizes, patch, f"config key {key}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if budget is not None:
-        _positive("train.tokens_per_batch", budget)
+        limit, what = limits[key]
+        for h, w in sizes:
+            if limit is not None and (h // patch) * (w // patch) > limit:
+                raise ConfigError(
+                    f"config key {key}: {h}x{w} takes {(h // patch) * (w // patch)} image tokens at patch {patch}, "
+                    f"over {what}={limit}"
+                )
+        _check_twice(key, sizes)
     if cfg.data.sizes and budget is None:
         raise ConfigError(
             "config key data.sizes (packed mixed-size batches) needs train.tokens_per_batch, the "
@@ -467,6 +502,21 @@ def _check_sizes(cfg: Config, patch: int) -> None:
             f"config key train.tokens_per_batch={budget} is set but data.sizes is empty: it is the "
             "budget of packed mixed-size batches only (set data.sizes, or drop it)"
         )
+
+
+def _check_twice(key: str, sizes: Sequence[Tuple[int, int]]) -> None:
+    twice = {f"{h}x{w}": sizes.count((h, w)) for (h, w) in dict.fromkeys(sizes) if sizes.count((h, w)) > 1}
+    if not twice:
+        return
+    named = ", ".join(f"{hw} {n} times" for hw, n in twice.items())
+    if key == "sample.sizes":
+        raise ConfigError(f"config key sample.sizes gives {named}; give each size once")
+    # training: a run's stored config may hold it, so a warning, not an error
+    print(
+        f"warning: config key data.sizes gives {named}: packed batches draw a size once per time it is given, "
+        "so more often than the others; give each size once for equal shares",
+        file=sys.stderr,
+    )
 
 
 def _check_data(d: DataConfig) -> None:

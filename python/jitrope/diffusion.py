@@ -1,4 +1,4 @@
-"""x-prediction diffusion with a velocity loss, samplers and guidance (SPEC §7, JiT defaults).
+"""x-prediction diffusion with a velocity loss, samplers and guidance (docs/training.md, JiT defaults).
 
 Path: ``z_t = t * x + (1 - t) * e`` with ``e ~ N(0, noise_scale^2)``; ``t = 1`` is data, ``t = 0`` noise.
 The network predicts ``x``; both the target and the prediction are turned into velocities
@@ -312,7 +312,7 @@ def _call(
 
 
 class EMA:
-    """Exponential moving averages of a module's parameters, one per decay (SPEC: 0.9999, 0.9996).
+    """Exponential moving averages of a module's parameters, one per decay (default 0.9999, 0.9996).
 
     ``update()`` after each optimizer step: ``ema <- decay * ema + (1 - decay) * param``; with
     ``warmup`` the decay of update k is ``min(decay, (1 + k) / (10 + k))``. Buffers are not averaged;

@@ -31,6 +31,7 @@ from .eval.evaluate import evaluate_weights
 from .fileio import atomic_write_text, check_writable_dir
 from .posenc import SCALINGS
 from .runtime import cpu_setup, resolve_device
+from .sampling import NonFiniteSamples
 
 __all__ = ["FLAGS", "build_parser", "main"]
 
@@ -158,7 +159,7 @@ def _data_flag(data: str, layer: Dict[str, Dict[str, Any]], names: Dict[str, str
 
 
 def _check_files(cfg: Config, w: Mapping[str, Any]) -> Path:
-    """Every output and input file before the evaluation, so that no work is lost (issue 18); returns
+    """Every output and input file before the evaluation, so that no work is lost; returns
     the JSON file to write."""
     e = cfg.eval
     out = _out_path(cfg, w)
@@ -184,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cpu_setup(cfg.eval.num_threads)
         res = evaluate_weights(w, cfg, device)
         atomic_write_text(out, json.dumps(res, indent=2))
-    except (CheckpointError, DataError, ConfigError, OSError, ImportError) as err:
+    except (CheckpointError, DataError, ConfigError, OSError, ImportError, NonFiniteSamples) as err:
         return fail(err, names)
     print(f"wrote {out}")
     return 0

@@ -1,4 +1,4 @@
-"""JiT ("Just image Transformer", Li & He 2025) with a swappable positional encoding (SPEC.md §5, §6).
+"""JiT ("Just image Transformer", Li & He 2025) with a swappable positional encoding (docs/training.md).
 
 The architecture follows the official ``model_jit.py``: bottleneck patch embedding, adaLN-Zero
 blocks with RMSNorm (eps 1e-6, float32), attention with qkv bias and qk-norm *then* RoPE, a SwiGLU
@@ -15,7 +15,7 @@ Classifier-free guidance: the trainer drops labels by passing ``y = cfg.num_clas
 class, ``model.null_class``) and drops condition images with ``cond_drop`` (a ``[B]`` bool mask);
 ``cond=None`` uses the null condition for the whole batch.
 
-Packed batches (SPEC §10, :mod:`jitrope.packing`): images of different sizes in one token stream,
+Packed batches (docs/ops.md, :mod:`jitrope.packing`): images of different sizes in one token stream,
 block-diagonal attention, per-token positions, adaLN through each token's sequence:
 
     outs = model.forward_packed([img_a, img_b, img_c], t, y, conds=[c_a, None, c_c])  # list of [3, H_s, W_s]
@@ -313,7 +313,7 @@ class JiT(nn.Module):
     """Just image Transformer; ``forward(x, t, y, cond=None, *, cond_drop=None, pos_scaling=None)``.
 
     Sequence ``[in-context (L_ctx, from block in_context_start) | image (gh*gw) | condition (ch*cw)]``
-    (SPEC §1), described by :meth:`sequence_layout`.
+    (docs/ops.md), described by :meth:`sequence_layout`.
     """
 
     def __init__(self, cfg: JiTConfig):

@@ -31,7 +31,7 @@ class JiTConfig:
     """Every knob of :class:`jitrope.model.JiT`; the defaults are the ``JiT-S/4`` preset with the paper's
     encoding.
 
-    Positional encoding: ``pos_embed`` (SPEC §5: learned1d | sincos2d | factorized2d | rope2d |
+    Positional encoding: ``pos_embed`` (docs/training.md: learned1d | sincos2d | factorized2d | rope2d |
     rope2d_mixed | sincos2d+rope2d), ``pos_impl`` (fused | torch), ``pos_scaling`` (how grids other
     than the training one are placed, per axis: extrapolate | interpolate | ntk | yarn; ntk and yarn
     scale RoPE frequencies, tables interpolate under them: :mod:`jitrope.rope`; every mode works on batched

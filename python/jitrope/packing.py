@@ -1,4 +1,4 @@
-"""Packed batches: images of different sizes in one token stream (SPEC.md §10).
+"""Packed batches: images of different sizes in one token stream (docs/ops.md).
 
 A packed batch of S samples concatenates, in sample order, one sequence per sample
 ``[in-context (L) | image (gh*gw) | condition (ch*cw)]`` into T tokens. Attention is block-diagonal
@@ -61,7 +61,7 @@ class PackedSeqs(NamedTuple):
 
     ``cu_seqlens``: int32 ``[S+1]``, 0 first, T last (the flash-attn / ``torch.nn.attention.varlen``
     convention); ``max_seqlen``: the longest sequence; ``seq_id``: int64 ``[T]``, the sample of each
-    token; ``coords``: float32 ``[T, 2]`` (row, column) of SPEC §2 (in-context tokens (0, 0), image
+    token; ``coords``: float32 ``[T, 2]`` (row, column) of docs/ops.md (in-context tokens (0, 0), image
     tokens (i, j) of their own grid, condition tokens at the aligned centres of their image's grid).
 
     Frequency scaling (``pos_scaling`` ntk / yarn; all None otherwise): ``freq_mode`` the mode,
@@ -140,7 +140,7 @@ def _seqs(
 
 @dataclass(frozen=True, eq=False)
 class PackedLayout:
-    """Geometry and index tensors of one packed batch (SPEC §10). Build with :meth:`build`.
+    """Geometry and index tensors of one packed batch (docs/ops.md). Build with :meth:`build`.
 
     Per sample: ``img_grids[s] = (gh, gw)`` (any aspect), ``cond_grids[s]`` (None = no condition
     tokens), the same ``context_len`` in-context tokens. Tensors (all on one device):

@@ -42,6 +42,7 @@ __all__ = [
     "read_published",
     "map_published_names",
     "convert_state_dict",
+    "refused_global",
 ]
 
 # --weights choice -> the dict of a published checkpoint-last.pth
@@ -110,21 +111,40 @@ def _load_safely(p: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = re.search(r"WeightsUnpickler error: ?(.*)", str(e))
-        detail = detail.group(1).strip() if detail else ""
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
-        if not detail.startswith("Unsupported"):  # not a pickle at all, or a damaged one
+        refused = refused_global(str(e))
+        if refused is None:  # not a pickle at all, or a damaged one
+            detail = re.search(r"WeightsUnpickler error: ?(.*)", str(e))
+            detail = detail.group(1).strip() if detail else ""
             raise ConvertError(
                 f"{p}: not a readable torch checkpoint ({detail or 'not a pickle of tensors'})"
             ) from None
-        what = f"an object of {found.group(1)}" if found else f"something other than tensors ({detail})"
         raise ConvertError(
-            f"{p} holds {what}: refused (only tensors, containers and argparse.Namespace are "
+            f"{p} holds an object of {refused}: refused (only tensors, containers and argparse.Namespace are "
             "unpickled, weights_only=True); save its state dict alone to convert it"
         ) from None
     except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways)
         msg = str(e).splitlines()[0] if str(e) else ""
         raise ConvertError(f"{p}: not a readable torch checkpoint ({type(e).__name__}: {msg})") from None
+
+
+# how torch's weights-only unpickler names what it refuses: a global outside its allowlist, one of a
+# blocked module (os.system is posix.system), or a class it would have to import
+_REFUSED = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+    re.compile(r"Unsupported global: GLOBAL (\S+)"),
+    re.compile(r"(\S+) must be \S+ to load"),
+)
+
+
+def refused_global(message: str) -> Optional[str]:
+    """The callable or class (``module.name``) that a ``torch.load(weights_only=True)`` error says it
+    refused to unpickle, or None when the error is of another kind (a damaged file)."""
+    for pattern in _REFUSED:
+        m = pattern.search(message)
+        if m:
+            return m.group(1).rstrip(".,")
+    return None
 
 
 def _check_sincos(table: Tensor, model, key: str) -> None:
@@ -209,4 +229,7 @@ def convert_state_dict(
         parts.append(f"dtype mismatch (published vs jitrope): {_few(dtypes)}")
     if parts:
         raise ConvertError(f"{where} does not fit the jitrope JiT of this config: {'; '.join(parts)}")
+    bad = [k for k in expected if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all())]
+    if bad:
+        raise ConvertError(f"{where}: {_few(bad)} hold(s) nan or inf values; weights that are not finite are refused")
     return {k: sd[k].contiguous() for k in expected}, dropped

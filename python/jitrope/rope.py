@@ -1,4 +1,4 @@
-"""Frequencies and token coordinates for 2D RoPE (SPEC.md §2), and their scaling to other grids.
+"""Frequencies and token coordinates for 2D RoPE (docs/ops.md), and their scaling to other grids.
 
 Coordinates are ``[N, 2]`` float tensors of (row y, column x), in the units of the image grid.
 
@@ -128,7 +128,7 @@ def scale_axis_freqs(
 
     ``ntk`` and ``yarn`` use ``max(s, 1)``: they only stretch axes longer than in training.
 
-    ``scale`` may be a float tensor ``[F]`` instead (one table per sequence of a packed batch, SPEC §10):
+    ``scale`` may be a float tensor ``[F]`` instead (one table per sequence of a packed batch, docs/ops.md):
     the result is ``[F, *freqs.shape]``, table ``i`` scaled by ``scale[i]`` with the same formulas, computed
     in the graph (a compiled step does not depend on the values). Its values are not read here: they must
     be positive and finite, as :class:`jitrope.packing.PackedLayout` makes them (grid ratios).
@@ -187,7 +187,7 @@ def scale_freqs(
     ``scale_hw[1]`` (:func:`scale_axis_freqs`; each axis has rotary dimension ``head_dim / 2``).
 
     ``scale_hw`` may be a float tensor ``[F, 2]`` of per-table (rows, columns) scales (a packed batch):
-    the result is then ``[F, ..., 2, D/2]``, the tables that ``freqs_index`` picks from (SPEC §10)."""
+    the result is then ``[F, ..., 2, D/2]``, the tables that ``freqs_index`` picks from (docs/ops.md)."""
     if freqs.dim() < 2 or freqs.shape[-2] != 2:
         raise ValueError(f"freqs must be [..., 2, D/2], got {tuple(freqs.shape)}")
     if isinstance(scale_hw, Tensor):

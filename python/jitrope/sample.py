@@ -30,12 +30,21 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, model_from_weights, run_config
 from .cli import Flag, add_flags, check_image_out, fail, flag_layer
 from .config import Config, ConfigError, SampleConfig
-from .data import IMAGE_EXTENSIONS, DataError, composite_on_white, parse_sizes, to_float, to_rgba8, to_uint8
+from .data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    composite_on_white,
+    image_files,
+    parse_sizes,
+    to_float,
+    to_rgba8,
+    to_uint8,
+)
 from .diffusion import SAMPLERS, Diffusion
 from .grids import condition_rows, label_stem, make_grid, make_size_grid, save_image
 from .posenc import IMPLS
 from .runtime import cpu_setup, resolve_device
-from .sampling import generate, generate_sizes
+from .sampling import NonFiniteSamples, generate, generate_sizes
 
 __all__ = [
     "run",
@@ -90,7 +99,7 @@ def load_cond_images(path, size: int, *, resize: bool = False) -> Tuple[Tensor, 
     """
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        files, _ = image_files(p)  # not the hidden ones: the AppleDouble ._x.png of macOS is no image
         if not files:
             raise SampleError(f"condition folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     elif p.is_file():
@@ -155,6 +164,12 @@ FLAGS = (
         "each), all sizes in one packed forward per step",
     ),
     Flag(
+        "--max-tokens",
+        "sample.max_tokens",
+        "the most image tokens sampled together (one packed batch, or one batch); more is refused",
+        {"type": int},
+    ),
+    Flag(
         "--img-size", "sample.img_size", "sample at another size (where the positional encoding allows)", {"type": int}
     ),
     Flag("--ema", "sample.ema", "which weights: EMA index 0 / 1, or none (raw)"),
@@ -200,7 +215,7 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     cfg = run_config(w, args.config, args.overrides, flags)
     s = cfg.sample
     device = resolve_device(s.device, "sample.device")
-    out, singles = _outputs(s)  # the output before the work, so that no sampling is lost to a bad name (issue 18)
+    out, singles = _outputs(s)  # the output before the work, so that no sampling is lost to a bad name
     cpu_setup(s.num_threads)
     model, info = model_from_weights(w, cfg, ema=s.ema, device=device)
     img_size = s.img_size if s.img_size is not None else model.cfg.img_size
@@ -271,6 +286,14 @@ def _run_rows(cfg: Config, model, info: Mapping[str, Any], img_size: int, device
     cls, row_labels, row_cond = _rows(s, model, info, img_size)
     labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(s.n)
     cond = row_cond.repeat_interleave(s.n, dim=0) if row_cond is not None else None
+    batch = min(s.batch_size, len(labels))
+    tokens = (img_size // model.cfg.patch_size) ** 2 * batch
+    if tokens > s.max_tokens:
+        raise ConfigError(
+            f"config key sample.img_size: a batch of {batch} images of {img_size}x{img_size} takes {tokens} image "
+            f"tokens, over the sampler's limit sample.max_tokens={s.max_tokens}; lower sample.batch_size, or raise "
+            "sample.max_tokens"
+        )
     interval = tuple(s.cfg_interval)
     with _sampling(math.ceil(len(labels) / s.batch_size) * s.steps, s.progress) as bar:
         x = generate(
@@ -316,6 +339,14 @@ def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: 
     # row-major: class r, then size k, then sample j
     labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(len(sizes) * s.n)
     grid_sizes = [hw for _ in cls for hw in sizes for _ in range(s.n)]
+    p = model.cfg.patch_size
+    tokens = sum((h // p) * (w // p) for h, w in grid_sizes)
+    if tokens > s.max_tokens:  # all of them in one packed batch
+        raise ConfigError(
+            f"config key sample.sizes: {len(cls)} classes x {len(sizes)} sizes x {s.n} samples take {tokens} image "
+            f"tokens in one packed batch, over the sampler's limit sample.max_tokens={s.max_tokens}; sample fewer "
+            "classes, sizes or samples (sample.n), or raise sample.max_tokens"
+        )
     interval = tuple(s.cfg_interval)
     with _sampling(s.steps, s.progress) as bar:
         xs = generate_sizes(
@@ -372,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layer, names = flag_layer(args, FLAGS)
     try:
         run(args, layer)
-    except (SampleError, CheckpointError, DataError, ConfigError, OSError) as e:
+    except (SampleError, CheckpointError, DataError, ConfigError, OSError, NonFiniteSamples) as e:
         return fail(e, names)
     return 0
 

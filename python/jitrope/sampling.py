@@ -3,7 +3,8 @@
 :func:`generate` draws the noise of every image from one generator, so the samples do not depend
 on the batch size; :func:`generate_sizes` samples images of several sizes and aspect ratios with
 one packed forward per network evaluation. Both integrate with :meth:`jitrope.diffusion.Diffusion.sample`
-(bf16 autocast on CUDA) and return float images in [-1, 1] on the CPU.
+(bf16 autocast on CUDA) and return float images in [-1, 1] on the CPU; samples that come out nan or
+inf raise :class:`NonFiniteSamples` instead.
 """
 
 from __future__ import annotations
@@ -16,7 +17,22 @@ from torch import Tensor
 from .diffusion import Diffusion
 from .packing import pack_images, unpack_images
 
-__all__ = ["generate", "generate_sizes"]
+__all__ = ["generate", "generate_sizes", "NonFiniteSamples"]
+
+
+class NonFiniteSamples(RuntimeError):
+    """Samples came out nan or inf: the weights do not give usable images (a run that diverged).
+    Raised instead of returning them, so that no nan ever becomes a black image."""
+
+
+def _check_finite(images: Sequence[Tensor], first: int, total: int) -> None:
+    bad = [first + i for i, x in enumerate(images) if not bool(torch.isfinite(x).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise NonFiniteSamples(
+            f"sampling gave nan or inf values (image {bad[0]}{more} of {total}): these weights do not give usable "
+            "images (did the run diverge?); no image was written"
+        )
 
 
 @torch.no_grad()
@@ -73,6 +89,7 @@ def generate(
                 progress=step_cb,
             )
         out.append(z.float().cpu())
+        _check_finite(out[-1], s, n)  # at once: a nan batch makes the rest not worth sampling
     return torch.cat(out) if out else noise
 
 
@@ -116,4 +133,6 @@ def generate_sizes(
             progress=progress,
             layout=layout,
         )
-    return unpack_images(z.float().cpu(), layout, p)
+    images = unpack_images(z.float().cpu(), layout, p)
+    _check_finite(images, 0, len(images))
+    return images

@@ -7,8 +7,10 @@
 
 The training itself (bit-exact resume, the run folder's lock, checkpoints, what a stopped run keeps)
 is :func:`jitrope.training.train`'s. A run that stops early says in one line what happened, which
-checkpoint is the last one kept and the command that continues it. Exit status: 0 done, 2 bad input
-or such a stop (an ``error:`` line), 130 interrupted (Ctrl-C, as shells report SIGINT).
+checkpoint is the last one kept and the command that continues it. SIGTERM (a scheduler's
+preemption) first writes a checkpoint of the step the run is on. Exit status: 0 done, 2 bad input
+or such a stop (an ``error:`` line), 130 interrupted (Ctrl-C, as shells report SIGINT), 143
+preempted (SIGTERM).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.epilog = (
         "exit status: 0 done; 2 bad input, or a run that stopped and kept its checkpoints (one error: line "
-        "says which and how to continue); 130 interrupted (Ctrl-C)"
+        "says which and how to continue); 130 interrupted (Ctrl-C); 143 preempted (SIGTERM: the checkpoint of the "
+        "step it came in is written first)"
     )
     return p
 
@@ -81,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingStopped as e:
         if main_rank:
             line = e.describe(_resume_command(argv))
-            print(line if e.exit_code == 130 else f"error: {line}", file=sys.stderr)
+            print(line if e.exit_code in (130, 143) else f"error: {line}", file=sys.stderr)
         return e.exit_code
     except (ConfigError, DataError, CheckpointError, LockedError, OSError, RankFailed) as e:
         print(f"error: {e}", file=sys.stderr)

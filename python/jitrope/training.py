@@ -20,10 +20,13 @@ computed, not what.
 
 Nothing a user has is lost: rank 0 holds an exclusive lock on ``train.out_dir`` for the whole run
 (a second trainer on the same folder stops at once, naming the pid that holds it); a checkpoint
-is written only when the weights, EMAs and optimizer state are finite; ``keep_last`` deletes only
-checkpoints that verify. A run that stops early (the loss or the weights diverged, a checkpoint
-could not be written, Ctrl-C) raises :class:`TrainingStopped`, which says in one line what happened,
-which checkpoint is the last one kept and how to continue. When a step that only rank 0 takes fails
+is written only when the weights, EMAs and optimizer state are finite and can be used (the raw
+weights and the sampled EMA give a finite loss on a fixed probe batch, :mod:`jitrope.usable`), so it
+never prunes the last one that can; ``keep_last`` deletes only checkpoints that verify. SIGTERM is
+preemption (:mod:`jitrope.preempt`): the step finishes and a checkpoint of it is written. A run that
+stops early (the loss or the weights diverged, a checkpoint could not be written, Ctrl-C, SIGTERM)
+raises :class:`TrainingStopped`, which says in one line what happened, which checkpoint is the last
+one kept and how to continue. When a step that only rank 0 takes fails
 (preparing ``train.out_dir``, fetching the data, writing a checkpoint or a sample grid), the other
 ranks learn it in place of a barrier and stop too (:class:`jitrope.runtime.RankFailed`), rather than
 wait for it forever.
@@ -39,6 +42,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,6 +57,7 @@ from .checkpoint import (
     load_train_state,
     load_weights,
     newest_valid_checkpoint,
+    resolved_configs,
     save_checkpoint,
 )
 from .config import Config, ConfigError
@@ -72,17 +77,20 @@ from .fileio import check_writable_dir, exclusive_lock
 from .grids import condition_rows, make_grid
 from .model import JiT
 from .packing import mark_dynamic, pack_images
+from .preempt import EXIT_SIGTERM, Terminated, sigterm_as_preemption
 from .runlog import MetricsLogger
 from .runtime import Dist, rank_device, setup_device
-from .sampling import generate
+from .sampling import NonFiniteSamples, generate
+from .usable import unusable_state
 
 __all__ = ["train", "lr_at", "step_generator", "TrainingStopped"]
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped before ``train.steps``: the weights or the loss stopped being finite, a
-    checkpoint could not be written, or Ctrl-C. ``last_checkpoint`` is the newest checkpoint kept
-    (None: none yet); ``exit_code`` is the CLI's (2, or 130 for an interrupt)."""
+    """Training stopped before ``train.steps``: the weights or the loss stopped being finite (or no
+    longer give a finite forward), a checkpoint could not be written, Ctrl-C, or SIGTERM.
+    ``last_checkpoint`` is the newest checkpoint kept (None: none yet); ``exit_code`` is the CLI's
+    (2, 130 for an interrupt, 143 for SIGTERM)."""
 
     def __init__(self, what: str, step: int, last_checkpoint: Optional[Path], hint: str = "", exit_code: int = 2):
         self.what, self.step, self.last_checkpoint = what, step, last_checkpoint
@@ -232,6 +240,7 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
     run, ckpt_dir = None, None
     try:
         with contextlib.ExitStack() as held:
+            preempt = held.enter_context(sigterm_as_preemption())  # SIGTERM: a checkpoint of the step, exit 143
             with D.together("preparing train.out_dir"):
                 if D.main:
                     # checked before the data and the model, not at the first checkpoint; locked before anything
@@ -255,12 +264,15 @@ def train(cfg: Config, *, resume: bool = False, allow_unverified: bool = False, 
                         f"the run is already at step {run.step} >= train.steps={t.steps}; raise train.steps to train on"
                     )
             run.start()
-            run.loop()
+            run.loop(preempt)
             return {"step": run.step, "loss": run.last_loss, "run_dir": run.run_dir, "model": run.model, "ema": run.ema}
-    except KeyboardInterrupt:
-        step = run.step if run is not None else 0
+    except (KeyboardInterrupt, Terminated) as e:
+        step, term = (run.step if run is not None else 0), isinstance(e, Terminated)
         raise TrainingStopped(
-            f"interrupted at step {step}", step, run.last_ckpt if run is not None else ckpt_dir, exit_code=130
+            f"{'terminated (SIGTERM)' if term else 'interrupted'} at step {step}",
+            step,
+            run.last_ckpt if run is not None else ckpt_dir,
+            exit_code=EXIT_SIGTERM if term else 130,
         ) from None
     finally:
         if run is not None:
@@ -414,7 +426,7 @@ class _Run:
             + (", activation checkpointing" if t.activation_checkpointing else "")
         )
 
-    def loop(self) -> None:
+    def loop(self, preempt) -> None:
         t, D = self.t, self.D
         self.bar = tqdm(
             total=t.steps,
@@ -431,6 +443,7 @@ class _Run:
         self.waste_acc = 0.0  # padding waste of packed batches, summed over the log interval
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
+        preempt.steps_begin()
         while self.step < t.steps:
             self.train_step()
             if self.step % t.log_every == 0 or self.step == t.steps:
@@ -440,8 +453,16 @@ class _Run:
                 with D.together(f"writing the sample grid of step {self.step}"):
                     if D.main:
                         self.sample_step(ema0)
-            if self.step % t.ckpt_every == 0 or self.step == t.steps:
+            stop = preempt.requested(D)  # SIGTERM on any rank (one all-reduce): every rank checkpoints this step
+            if stop or self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.checkpoint_step()
+            if stop:
+                raise TrainingStopped(
+                    f"preempted (SIGTERM) at step {self.step}, its checkpoint written",
+                    self.step,
+                    self.last_ckpt,
+                    exit_code=EXIT_SIGTERM,
+                )
         self.bar.close()
 
     def train_step(self) -> None:
@@ -595,16 +616,14 @@ class _Run:
 
     def sample_step(self, ema_state: Optional[Dict[str, Tensor]] = None) -> None:
         """The sample grid of EMA 0 (``ema_state``: its gathered weights, when the model is sharded)."""
-        if ema_state is None:
-            ema_model = self.ema.averaged_module(0)
-        else:
-            with torch.random.fork_rng(devices=[]):  # building a model draws its initial weights
-                ema_model = JiT(self.mcfg).to(self.device)
-            ema_model.load_state_dict(ema_state)
-            ema_model.eval()
-        grid = _sample_grid(
-            self.mcfg, ema_model, self.diffusion, self.cfg, self.val_maker, self.ds.class_names, self.device
-        )
+        ema_model = self.ema.averaged_module(0) if ema_state is None else self._plain_model(ema_state)
+        try:
+            grid = _sample_grid(
+                self.mcfg, ema_model, self.diffusion, self.cfg, self.val_maker, self.ds.class_names, self.device
+            )
+        except NonFiniteSamples:
+            what = f"the training diverged: the sample grid of step {self.step} came out nan or inf"
+            raise TrainingStopped(what, self.step, self.last_ckpt, _DIVERGED_HINT) from None
         (self.run_dir / "samples").mkdir(exist_ok=True)
         grid.save(self.run_dir / "samples" / f"step_{self.step:08d}.png")
         self.logger.image("samples/ema0", self.step, grid)
@@ -622,6 +641,14 @@ class _Run:
                 _DIVERGED_HINT,
             )
         full = self._full_state()  # every rank: fsdp gathers the shards to rank 0
+        bad = self._unusable(full)
+        if bad:  # finite but not usable (weights of 1e30): it must not prune the last checkpoint that is
+            raise TrainingStopped(
+                f"the training diverged after step {self.step}: {_join(bad)}, so no checkpoint was written for it",
+                self.step,
+                self.last_ckpt,
+                _DIVERGED_HINT,
+            )
         with D.together(f"writing the checkpoint of step {self.step}"):
             if D.main:
                 try:
@@ -630,6 +657,29 @@ class _Run:
                     raise TrainingStopped(
                         str(e), self.step, self.last_ckpt, "free some space or fix the folder"
                     ) from None
+
+    def _unusable(self, full) -> List[str]:
+        """:func:`jitrope.usable.unusable_state` of this step, decided by rank 0 and the same on every rank.
+        Under fsdp the weights are sharded: rank 0 probes the full weights and EMA that ``full``
+        (:meth:`_full_state`) gathered to it, in a plain model; under ddp the model every rank holds."""
+        D, sampled = self.D, self.cfg.sample.ema
+        train_loss = float(D.mean(self.loss_acc))  # every rank (an all-reduce)
+        bad: List[str] = []
+        with D.together(f"probing the weights of step {self.step}"):
+            if D.main:
+                model, ema = self.model, self.ema
+                if self.par.sharded:  # the gathered EMAs (on the CPU) stand in for the sharded ones
+                    on_device = lambda i: {k: v.to(self.device) for k, v in full[1][i].items()}  # noqa: E731
+                    model, ema = self._plain_model(full[0]), SimpleNamespace(parameters_dict=on_device)
+                bad = unusable_state(model, ema, sampled, self.diffusion, train_loss)
+        return D.broadcast(bad)
+
+    def _plain_model(self, state: Dict[str, Tensor]) -> JiT:
+        """A JiT of this run (not sharded, not compiled) holding ``state`` (full weights), in eval mode."""
+        with torch.random.fork_rng(devices=[]):  # building a model draws its initial weights
+            model = JiT(self.mcfg).to(self.device)
+        model.load_state_dict(state)
+        return model.eval()
 
     def _full_state(self) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]], dict]:
         """``(model, EMAs, optimizer)`` state dicts with full tensors, as one process holds them; under fsdp
@@ -717,8 +767,7 @@ def _restore(
 ) -> Tuple[int, float]:
     w = load_weights(ckpt_dir, allow_unverified=allow_unverified)
     f = w["path"]
-    saved = w["config"]
-    now = cfg.to_dict()
+    saved, now = resolved_configs(w, cfg)  # a key spelt out with the value it had is no change
     diffs, runtime = [], []
     for sec in ("model", "data", "diffusion"):
         for k, line in _diff_keys(saved.get(sec, {}), now[sec], sec):

@@ -1,4 +1,4 @@
-"""Training data: the emoji set from npm (SPEC §8), ImageFolder-style folders, a synthetic set.
+"""Training data: the emoji set from npm (docs/training.md), ImageFolder-style folders, a synthetic set.
 
 This package gathers the public names of its modules, one concern each:
 
@@ -22,6 +22,7 @@ from .datasets import (
     SYNTHETIC_CLASSES,
     build_dataset,
     heldout_picks,
+    image_files,
     load_image_folder,
     make_synthetic,
     write_heldout_conditions,
@@ -53,6 +54,7 @@ __all__ = [
     "fetch_emoji",
     "load_emoji",
     "load_image_folder",
+    "image_files",
     "make_synthetic",
     "heldout_mask",
     "build_dataset",

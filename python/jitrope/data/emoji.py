@@ -1,4 +1,4 @@
-"""The emoji set from npm (SPEC §8): fetch, verify, unpack, and load as an :class:`ImageSet`.
+"""The emoji set from npm (docs/training.md): fetch, verify, unpack, and load as an :class:`ImageSet`.
 
 1. ``npm pack emoji-datasource-<vendor>@16.0.0`` into ``<root>/npm/`` (root: ``data.root``,
    ``$JITROPE_DATA`` or ``~/.cache/jitrope``; npm: ``$JITROPE_NPM`` or ``npm`` on PATH), verified
