@@ -9,6 +9,7 @@ references (``pos_impl="torch"``), and a warning says so.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -21,10 +22,13 @@ try:
     EXTENSION_ERROR: str | None = None
 except ImportError as e:  # not built, or built against another torch
     HAS_EXTENSION = False
-    EXTENSION_ERROR = str(e)
+    # Python words a missing submodule as "partially initialized module ... circular import":
+    # say plainly that no built library sits next to this file.
+    _here = Path(__file__).parent
+    EXTENSION_ERROR = str(e) if any(_here.glob("_C*.so")) else f"not built: no _C*.so in {_here}"
     warnings.warn(
         "jitrope: the C++/CUDA extension jitrope._C could not be loaded "
-        f"({e}); the fused ops are unavailable and models fall back to pos_impl='torch'. "
+        f"({EXTENSION_ERROR}); the fused ops are unavailable and models fall back to pos_impl='torch'. "
         "Build it with `pip install --no-build-isolation -e .`.",
         RuntimeWarning,
         stacklevel=2,

@@ -611,7 +611,7 @@ def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", dev
 def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = None, allow_unverified: bool = False):
     """Load a checkpoint (run folder, ``step_*`` folder or weights file) for sampling.
 
-    ``ema``: "0" / "1" (which EMA; SPEC: the 0.9999 one is sampled) or "none" (raw weights).
+    ``ema``: "0" / "1" (which EMA; the 0.9999 one is the one sampled by default) or "none" (raw weights).
     Returns ``(model in eval mode, Config of the run, info)``; info has step, path, weights (which
     set), ema_decays and class_names.
     """
