@@ -4,6 +4,7 @@ a few steps) that trains several runs in turn; one process runs the references."
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from jitrope import train as T
 from jitrope import training as TR
-from jitrope.checkpoint import load_weights
+from jitrope.checkpoint import load_weights, newest_valid_checkpoint
 from jitrope.config import ConfigError, load_config
 from jitrope.data import make_synthetic
 from jitrope.diffusion import Diffusion
@@ -79,28 +80,47 @@ def _record_step0_grads(monkeypatch=None):
         Parallel.clip_grad_norm_ = spy
 
 
-# One torchrun job trains these runs in turn: [[overrides...], resume, grads file or "", cut] each; cut
+# One torchrun job trains these runs in turn: [[overrides...], resume, grads file or "", cut, stop] each; cut
 # [src, dst, step]: rank 0 first copies run folder src to dst without its checkpoint of that step (the
-# other rank lists dst only after rank 0 joins it in train()).
+# other rank lists dst only after rank 0 joins it in train()). stop (optional) {"file": path, "sigterm":
+# [rank, step]}: the run is expected to stop (TrainingStopped); rank 0 writes its exit code and line to the
+# file; with "sigterm", that rank alone gets SIGTERM after that step.
 # The job joins one process group for all its runs: a second init_process_group in the same torchrun
 # job can find the first group's rendezvous keys and wait forever on its ports.
 WORKER = """
-import json, os, shutil, sys
+import json, os, shutil, signal, sys
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
 from test_distributed import RECORD, _record_step0_grads
 from jitrope.config import load_config
 from jitrope.runtime import Dist
-from jitrope.training import train
+from jitrope.training import TrainingStopped, _Run, train
 dist.init_process_group("gloo")
 Dist.close = lambda self: None
 _record_step0_grads()
-for overrides, resume, grads, cut in json.loads(open(sys.argv[2]).read()):
+step_once = _Run.train_step
+for overrides, resume, grads, cut, *stop in json.loads(open(sys.argv[2]).read()):
+    stop = stop[0] if stop else None
     if cut and os.environ["RANK"] == "0":
         shutil.copytree(cut[0], cut[1])
         shutil.rmtree(os.path.join(cut[1], "checkpoints", "step_%08d" % cut[2]))
     RECORD["path"] = grads or None
-    train(load_config(sys.argv[3], overrides), resume=resume, log=lambda *a, **k: None)
+    _Run.train_step = step_once
+    if stop and stop.get("sigterm") and int(os.environ["RANK"]) == stop["sigterm"][0]:
+        def step_then_sigterm(self, at=stop["sigterm"][1]):
+            step_once(self)
+            if self.step == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+        _Run.train_step = step_then_sigterm
+    try:
+        train(load_config(sys.argv[3], overrides), resume=resume, log=lambda *a, **k: None)
+    except TrainingStopped as e:
+        if not stop:
+            raise
+        if os.environ["RANK"] == "0":
+            open(stop["file"], "w").write(json.dumps([e.exit_code, str(e)]))
+    else:
+        assert not stop, "the run was expected to stop"
 dist.destroy_process_group()
 """
 
@@ -154,6 +174,16 @@ def two_rank_runs(tmp_path_factory):
     for par in ("ddp", "fsdp"):
         out, grads = r[f"packed_{par}"], str(tmp / f"g_{par}")
         jobs.append([BASE + PACKED + steps + [f"train.out_dir={out}", f"train.parallel={par}"], False, grads, None])
+    # fsdp preempted on rank 1 alone after step 3, then resumed to step 4
+    r["preempted"] = tmp / "preempted"
+    run = BASE + steps + fsdp + [f"train.out_dir={r['preempted']}"]
+    jobs.append([run, False, "", None, {"file": str(tmp / "stop_preempted"), "sigterm": [1, 3]}])
+    jobs.append([run, True, "", None])
+    # fsdp's folder without its last checkpoint, resumed with a learning rate that makes the weights unusable
+    r["diverged"] = tmp / "diverged"
+    bad = ["train.steps=8", "train.ckpt_every=1", "train.lr=1e30", f"train.out_dir={r['diverged']}"]
+    cut = [str(r["fsdp"]), str(r["diverged"]), 4]
+    jobs.append([BASE + fsdp + bad, True, "", cut, {"file": str(tmp / "stop_diverged")}])
     _torchrun(tmp, jobs)
     return tmp, r
 
@@ -208,6 +238,32 @@ def test_checkpoints_move_between_ddp_fsdp_and_one_process(two_rank_runs, tmp_pa
     out = TR.train(_cfg(one, "train.steps=4", "train.ckpt_every=2"), resume=True, **quiet)
     assert out["step"] == 4
     _assert_close(_weights(one, 4), _weights(r["fsdp"], 4), 1e-5, "fsdp then one process", atol=1e-8)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_fsdp_rank_checkpoints_that_step_on_every_rank_and_resumes_bit_exact(two_rank_runs):
+    """The preemption flag is agreed by every rank each step: rank 1 alone got SIGTERM after step 3, and
+    both ranks took part in that step's checkpoint (fsdp gathers the shards), then stopped with 143."""
+    tmp, r = two_rank_runs
+    code, line = json.loads((tmp / "stop_preempted").read_text())
+    ck = r["preempted"] / "checkpoints" / "step_00000003"
+    assert code == 143 and line.startswith("preempted (SIGTERM) at step 3, its checkpoint written; "), line
+    assert f"the last checkpoint kept is {ck};" in line, line
+    a, b = _weights(r["preempted"], 4), _weights(r["fsdp"], 4)  # resumed from step 3 to 4: as if never stopped
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_unusable_fsdp_weights_are_refused_by_every_rank_and_keep_the_last_good_checkpoint(two_rank_runs):
+    """Under fsdp the probe runs on the weights gathered to rank 0, and every rank takes its verdict."""
+    tmp, r = two_rank_runs
+    code, line = json.loads((tmp / "stop_diverged").read_text())
+    assert code == 2 and line.startswith("the training diverged"), line
+    assert "on the probe batch, so no checkpoint was written for it" in line and "lower train.lr" in line, line
+    kept = newest_valid_checkpoint(r["diverged"])
+    m = re.search(r"after step (\d+)", line)
+    assert m and int(m.group(1)) == int(kept.name[len("step_") :]) + 1, line
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e6 for v in load_weights(kept)["model"].values())
 
 
 # ------------------------------------------------------------------------------------------------ 1 process
