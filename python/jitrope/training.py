@@ -370,7 +370,7 @@ class _Run:
             self.val = None
 
     def _build_packing(self) -> None:
-        """The token-budget packer and the mixed-size batch maker of ``data.sizes`` (one rank only)."""
+        """The token-budget packer and the mixed-size batch maker of ``data.sizes`` (every rank builds its own)."""
         cfg, model = self.cfg, self.model
         sizes = parse_sizes(cfg.data.sizes, "data.sizes")
         cond_sizes, costs = None, []
