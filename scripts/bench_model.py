@@ -16,6 +16,13 @@ figure. On a CPU without ``--peak-tflops`` it prints n/a.
     PYTHONPATH=python python scripts/bench_model.py  # CPU: tiny preset, 1 thread; 2 min, mostly inductor compiling
     PYTHONPATH=python python scripts/bench_model.py --device cuda --compile none default reduce-overhead
     PYTHONPATH=python python scripts/bench_model.py --profile                        # top ops by device time
+
+``--activation-checkpointing off on`` instead times a training step with the blocks' activations kept and
+recomputed, and measures the step's peak tensor memory above the model's state (parameters, gradients,
+AdamW): on CUDA the allocator's peak, on the CPU every tensor allocation counted (:class:`TensorMemory`).
+``--config`` takes the model, batch and condition image of a training config:
+
+    PYTHONPATH=python python scripts/bench_model.py --config configs/emoji64_cpu.yaml --activation-checkpointing off on
 """
 
 from __future__ import annotations
@@ -27,11 +34,15 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from typing import Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import jitrope
+from jitrope.config import load_config
 from jitrope.diffusion import Diffusion
 from jitrope.model import JiT, JiTConfig
 from jitrope.packing import mark_dynamic, pack_images
@@ -54,7 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_args(p)
     _add_measure_args(p)
     _add_packed_args(p)
+    _add_memory_args(p)
     return p
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--activation-checkpointing",
+        nargs="+",
+        choices=("off", "on"),
+        default=None,
+        help="time a training step and measure its peak tensor memory with the blocks' activations kept "
+        "(off) and recomputed in the backward pass (on), instead of the fused/torch table",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a training config (configs/*.yaml): its model, train.batch_size and condition image "
+        "(--batch and --preset override)",
+    )
 
 
 def _add_case_args(p: argparse.ArgumentParser) -> None:
@@ -140,6 +169,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     args.preset_given = args.preset is not None
+    args.model_cfg = None
+    if args.config is not None:
+        cfg = load_config(args.config, [])
+        args.model_cfg = cfg.model_config()
+        args.batch = args.batch or cfg.train.batch_size
+        args.cond = args.cond or (args.model_cfg.cond_img_size or 0)
     device = torch.device(args.device)
     preset, batch, warmup, iters = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     args.preset = args.preset or preset
@@ -577,6 +612,112 @@ def print_packed(results: Dict, modes: List[str]) -> List[Dict]:
     return ratios
 
 
+class TensorMemory(TorchDispatchMode):
+    """The bytes of the tensors created inside it and still alive (each storage once, until it is freed),
+    and their peak: the CPU has no allocator statistics, so every operator's outputs are counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._keys = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key, n = st.data_ptr(), st.nbytes()
+                if n and key not in self._keys:
+                    self._keys.add(key)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, key, n)
+        return out
+
+    def _free(self, key: int, n: int) -> None:
+        self._keys.discard(key)
+        self.live -= n
+
+
+def memory_step(case: Case, device: torch.device) -> float:
+    """Bytes: the peak of one training step (forward, backward, AdamW) above what was allocated before it."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        case.train()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with TensorMemory() as mem:
+        case.train()
+    return mem.peak
+
+
+def memory_main(args, device: torch.device, amp: bool) -> int:
+    """Activation checkpointing off / on: ms per training step and the step's peak memory above the state."""
+    cfg = args.model_cfg or JiTConfig.preset(args.preset, cond_img_size=args.cond or None)
+    cfg = dataclasses.replace(cfg, pos_impl="fused" if jitrope.HAS_EXTENSION else "torch")
+    inputs = make_inputs(cfg, args.batch, args.cond, device)
+    n_tok = cfg.grid[0] * cfg.grid[1] + (0 if not args.cond else cfg.cond_grid[0] * cfg.cond_grid[1])
+    print(
+        f"# {args.config or args.preset}: {cfg.img_size}x{cfg.img_size} at patch {cfg.patch_size}, {n_tok} tokens "
+        f"+ {cfg.in_context_len} in-context, width {cfg.hidden_size}, depth {cfg.depth}, batch {args.batch}, "
+        f"{'bf16 autocast' if amp else 'float32'}, {device_name(device)}, torch {torch.__version__}"
+    )
+    how = "CUDA allocator" if device.type == "cuda" else "every tensor allocation counted"
+    print(
+        f"# median of {args.iters} steps after {args.warmup} warm-up steps; state = parameters + AdamW; peak = "
+        f"the step's peak above the state ({how})"
+    )
+    print(f"{'activation ckpt':<17}{'compile':<10}{'ms/step':>10}{'CPU ms/step':>12}{'state MiB':>11}{'peak MiB':>10}")
+    rows = []
+    for mode in args.compile:
+        for ac in args.activation_checkpointing:
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = JiT(cfg).to(device)
+            model.activation_checkpointing = ac == "on"
+            case = Case(model, mode, amp, device, inputs)
+            for _ in range(max(1, args.warmup)):  # the first step allocates the gradients and AdamW's state
+                case.run("train")
+            state = sum(t.numel() * t.element_size() for t in _state_tensors(case))
+            peak = memory_step(case, device)
+            ms, cpu_ms = _median_step_ms(case, args.iters)
+            rows.append(
+                dict(
+                    activation_checkpointing=ac, compile=mode, ms=ms, cpu_ms=cpu_ms, state_bytes=state, peak_bytes=peak
+                )
+            )
+            print(f"{ac:<17}{mode:<10}{ms:>10.1f}{cpu_ms:>12.1f}{state / 2**20:>11.1f}{peak / 2**20:>10.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"config": args.config, "batch": args.batch, "device": device_name(device), "rows": rows}, f, indent=2
+            )
+    return 0
+
+
+def _median_step_ms(case: Case, iters: int):
+    """Medians of a training step's wall time and of this process's CPU time (ms): on a shared machine the
+    CPU time is the steadier one."""
+    wall, cpu = [], []
+    for _ in range(iters):
+        c0 = time.process_time()
+        wall.append(case.run("train"))
+        cpu.append(time.process_time() - c0)
+    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
+
+
+def _state_tensors(case: Case):
+    """Parameters, gradients (none between steps: zero_grad sets them to None) and AdamW state of a case."""
+    for p in case.model.parameters():
+        yield p
+        if p.grad is not None:
+            yield p.grad
+    for st in case.opt.state.values():
+        yield from (v for v in st.values() if isinstance(v, torch.Tensor))
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
@@ -593,6 +734,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     if args.packed:
         return packed_main(args, device, amp)
+    if args.activation_checkpointing:
+        return memory_main(args, device, amp)
     peak, peak_what = peak_tflops(args, device)
     cfg = JiTConfig.preset(args.preset, cond_img_size=args.cond or None)
     dev_name = device_name(device)

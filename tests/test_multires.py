@@ -13,7 +13,7 @@ from jitrope import checkpoint as CK
 from jitrope import sample as S
 from jitrope import train as T
 from jitrope import training as TR
-from jitrope.config import ConfigError, load_config
+from jitrope.config import load_config
 from jitrope.data import MultiResMaker, TokenPacker, make_synthetic, padding_waste, parse_sizes
 from jitrope.grids import make_grid
 from jitrope.sampling import generate_sizes
@@ -167,15 +167,10 @@ def test_bad_sizes_and_budgets_are_one_error_line(tmp_path, capsys, args, messag
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
 
 
-def test_packing_refuses_several_ranks(tmp_path):
-    cfg = _cfg(tmp_path)
-    ds = make_synthetic(20, 16)
-    with pytest.raises(
-        ConfigError,
-        match=r"data.sizes \(packed mixed-size batches\) trains on one rank, this run "
-        r"has 2 \(WORLD_SIZE\)",
-    ):
-        TR._check_data_fits(cfg, cfg.model_config(), ds, 2)
+def test_packing_trains_on_several_ranks_whatever_the_batch_size(tmp_path):
+    # each rank packs its own train.tokens_per_batch: train.batch_size (here 16) only sets the lr
+    cfg = _cfg(tmp_path, "train.grad_accum_steps=3")
+    TR._check_data_fits(cfg, cfg.model_config(), make_synthetic(20, 16), 5)
 
 
 @pytest.fixture(scope="module")

@@ -319,6 +319,7 @@ def _two_ranks(*overrides, timeout=180):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         WORLD_SIZE="2",
+        PYTHONWARNINGS="ignore::RuntimeWarning",  # a CPU-only build warns so on import: not the line tested
     )
     cmd = [sys.executable, "-m", "jitrope.train", "--config", TINY, *BASE, "train.device=cpu", *overrides]
     procs = [

@@ -88,6 +88,12 @@ class TrainConfig:
     # packed mixed-size batches (with data.sizes): tokens per batch (image + condition + in-context);
     # batch_size then only sets the learning rate (blr * batch_size / 256)
     tokens_per_batch: Optional[int] = None
+    # many ranks (docs/training.md, "Training on many GPUs"): under torchrun, ddp replicates the model
+    # on every rank, fsdp shards parameters, gradients, EMAs and optimizer state (FSDP2 fully_shard per
+    # block, then the root); one process: ddp trains the plain model, fsdp runs FSDP2 over one rank
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (the batch of a step stays batch_size)
 
 
 @dataclass
@@ -186,6 +192,7 @@ _CHOICES = {
     ("data", "cond"): ("none", "downsample", "other_vendor"),
     ("train", "amp"): ("auto", "bf16", "none"),
     ("train", "compile_mode"): ("none", "default", "reduce-overhead", "max-autotune"),
+    ("train", "parallel"): ("ddp", "fsdp"),
     ("sample", "sampler"): tuple(SAMPLERS),
     ("eval", "split"): ("val", "train", "all"),
 }
@@ -406,7 +413,7 @@ def _positive(key: str, value, minimum=1) -> None:
 def _check(cfg: Config) -> None:
     t = cfg.train
     # 0 never silently means "the default": every count must be a real one
-    for k in ("steps", "batch_size", "log_every", "ckpt_every", "sample_steps"):
+    for k in ("steps", "batch_size", "log_every", "ckpt_every", "sample_steps", "grad_accum_steps"):
         _positive(f"train.{k}", getattr(t, k))
     for k in ("keep_last", "sample_every", "warmup_steps"):
         _positive(f"train.{k}", getattr(t, k), 0)
@@ -445,6 +452,11 @@ def _check(cfg: Config) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model config: {e}") from None
     _check_sizes(cfg, mcfg.patch_size)
+    if not cfg.data.sizes and t.batch_size % t.grad_accum_steps:  # packed batches: the budget is per micro-batch
+        raise ConfigError(
+            f"config key train.grad_accum_steps={t.grad_accum_steps} does not divide train.batch_size="
+            f"{t.batch_size}: every micro-batch takes the same whole number of images"
+        )
     if cfg.data.sizes and mcfg.cond_img_size is not None and mcfg.null_cond == "absent":
         raise ConfigError(
             "config key model.null_cond=absent does not train packed batches (data.sizes): a packed batch "

@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import attention_fp32, varlen_attention
 from .modelconfig import PRESETS, JiTConfig
@@ -368,6 +369,9 @@ class JiT(nn.Module):
         self.final_layer = FinalLayer(w, cfg.patch_size, cfg.in_channels)
         self.initialize_weights()
         self.register_load_state_dict_pre_hook(_accept_published_names)
+        # recompute each block's activations in the backward pass instead of keeping them (the trainer's
+        # train.activation_checkpointing): less memory, one more forward of the blocks, the same numbers
+        self.activation_checkpointing = False
 
     def initialize_weights(self) -> None:
         """The official JiT / DiT initialisation (adaLN-Zero, zero final layer)."""
@@ -668,7 +672,10 @@ class JiT(nn.Module):
                     h = torch.cat((ctx, h), dim=1)
                     if key_mask is not None:
                         key_mask = torch.cat((key_mask.new_ones(h.shape[0], 1, 1, L), key_mask), dim=-1)
-            h = block(h, c, self.pos, seqs, key_mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, self.pos, seqs, key_mask, use_reentrant=False)
+            else:
+                h = block(h, c, self.pos, seqs, key_mask)
         return h
 
     def forward_tokens(

@@ -10,6 +10,14 @@ grids). ``<out_dir>/metrics.jsonl`` holds one JSON record per logged step (:mod:
 loss, lr, grad norm, images/s, wall and CPU time); a resumed run first drops the records beyond
 its checkpoint, so the file stays one consistent history after a crash.
 
+Many ranks and micro-batches (:mod:`jitrope.distributed`): micro-batch m of ``train.grad_accum_steps``
+takes the m-th slice of the global batch, and rank r every N-th sample of that. With packed mixed-size
+batches (``data.sizes``) rank r packs its own ``train.tokens_per_batch`` for micro-batch m from the
+generator of ``(seed, step, part m * N + r)``; every rank draws every part's sizes, so the ranks agree
+on the step's data order and loss: the mean over every pixel of every image of the step, as one
+process's. ``train.parallel`` (ddp or fsdp) and ``train.activation_checkpointing`` change how a step is
+computed, not what.
+
 Nothing a user has is lost: rank 0 holds an exclusive lock on ``train.out_dir`` for the whole run
 (a second trainer on the same folder stops at once, naming the pid that holds it); a checkpoint
 is written only when the weights, EMAs and optimizer state are finite and can be used (the raw
@@ -28,11 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,6 +63,16 @@ from .checkpoint import (
 from .config import Config, ConfigError
 from .data import BatchMaker, DataError, IndexStream, MultiResMaker, TokenPacker, build_dataset, parse_sizes
 from .diffusion import EMA, Diffusion
+from .distributed import (
+    Parallel,
+    any_rank,
+    full_state,
+    load_optimizer_state,
+    local_tensor,
+    loss_weights,
+    optimizer_state,
+    shard_like,
+)
 from .fileio import check_writable_dir, exclusive_lock
 from .grids import condition_rows, make_grid
 from .model import JiT
@@ -98,6 +118,15 @@ def lr_at(cfg: Config, step: int) -> float:
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """The CPU generator of ``stream`` at ``step`` (independent of ranks, resumes, batch layout)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+
+
+def part_generator(seed: int, step: int, part: int) -> torch.Generator:
+    """The CPU generator of packed batch ``part`` (micro-batch m of rank r is part ``m * ranks + r``) at
+    ``step``: part 0 is :func:`step_generator`'s stream 0, so one process draws what it always drew."""
+    if part == 0:
+        return step_generator(seed, step)
+    digest = hashlib.blake2b(f"jitrope-part:{seed}:{step}:{part}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def _diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str) -> List[Tuple[str, str]]:
@@ -275,13 +304,11 @@ def _check_data_fits(cfg: Config, mcfg, ds, world: int) -> None:
             f"model.cond_img_size={mcfg.cond_img_size} and data.cond={cfg.data.cond} disagree: a condition "
             "image needs both (e.g. model.cond_img_size=16 data.cond=downsample) or neither"
         )
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
-    if cfg.data.sizes and world > 1:
-        # a packed batch is one token stream; splitting it by whole images over ranks is not built yet
+    B, A = cfg.train.batch_size, cfg.train.grad_accum_steps
+    if not cfg.data.sizes and B % (world * A):  # packed batches: each rank packs its own budget
         raise ConfigError(
-            f"data.sizes (packed mixed-size batches) trains on one rank, this run has {world} "
-            "(WORLD_SIZE): run it without torchrun, or drop data.sizes"
+            f"train.batch_size={B} is not divisible by {world} rank(s) x train.grad_accum_steps={A} = "
+            f"{world * A}: every micro-batch of every rank takes the same whole number of images"
         )
 
 
@@ -303,6 +330,12 @@ class _Run:
             self._build_packing()
         if self.mcfg.pos_impl == "fused" and self.model.pos_impl != "fused":
             say("warning: the fused ops are unavailable, training with pos_impl=torch (same numbers, slower)")
+        self.model.activation_checkpointing = self.t.activation_checkpointing
+        self.amp = self.t.amp == "bf16" or (self.t.amp == "auto" and device.type == "cuda")
+        if self.t.parallel == "fsdp" and D.world == 1:
+            say("train.parallel=fsdp on one process: FSDP2 over a group of one rank (nothing is sharded)")
+        # before the EMA and the optimizer: under fsdp the parameters become sharded DTensors here
+        self.par = Parallel(self.model, self.t.parallel, D.world, device, amp=self.amp)
         self.ema = EMA(self.model, self.t.ema_decays, warmup=self.t.ema_warmup)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.95), weight_decay=0.0)
         self.stream = IndexStream(len(self.ds), self.t.seed, rank=D.rank, world=D.world)
@@ -337,7 +370,7 @@ class _Run:
             self.val = None
 
     def _build_packing(self) -> None:
-        """The token-budget packer and the mixed-size batch maker of ``data.sizes`` (one rank only)."""
+        """The token-budget packer and the mixed-size batch maker of ``data.sizes`` (every rank builds its own)."""
         cfg, model = self.cfg, self.model
         sizes = parse_sizes(cfg.data.sizes, "data.sizes")
         cond_sizes, costs = None, []
@@ -360,6 +393,8 @@ class _Run:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.cond_sizes = cond_sizes
+        p = self.mcfg.patch_size
+        self.image_tokens = [(h // p) * (w // p) for h, w in sizes]  # the loss weight of each size: its pixels
         self.mr_maker = MultiResMaker(
             self.ds, sizes, cond=cfg.data.cond, cond_sizes=cond_sizes, hflip=cfg.data.hflip, device=self.device
         )
@@ -367,20 +402,9 @@ class _Run:
     def start(self) -> None:
         """Wrap the model (DDP, torch.compile), write the run's config and open the logs."""
         t, D, device = self.t, self.D, self.device
-        self.net = self.model
-        if D.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.net = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        if t.compile_mode != "none":
-            self.net = torch.compile(self.net, mode=t.compile_mode)
-        if self.packer is not None:
-            # packed batches run forward_tokens; compiled once for every size mix (mark_dynamic per step)
-            self.packed_net = self.model.forward_tokens
-            if t.compile_mode != "none":
-                self.packed_net = torch.compile(self.packed_net, mode=t.compile_mode)
+        # packed batches run forward_tokens; compiled once for every size mix (mark_dynamic per step)
+        self.net, self.packed_net = self.par.wrap(t.compile_mode, packed=self.packer is not None)
         self.diffusion = Diffusion.from_config(self.cfg.diffusion)
-        self.amp = t.amp == "bf16" or (t.amp == "auto" and device.type == "cuda")
         if D.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.run_dir / "config.yaml")
@@ -397,6 +421,9 @@ class _Run:
                 else f"packed batches of {t.tokens_per_batch} tokens over sizes {', '.join(self.cfg.data.sizes)}"
             )
             + f", lr {lr_at(self.cfg, t.warmup_steps):.2e}"
+            + (f", {t.grad_accum_steps} micro-batches per step" if t.grad_accum_steps > 1 else "")
+            + (", fsdp" if self.par.sharded else "")
+            + (", activation checkpointing" if t.activation_checkpointing else "")
         )
 
     def loop(self, preempt) -> None:
@@ -422,10 +449,11 @@ class _Run:
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self.log_step()
             if t.sample_every > 0 and (self.step % t.sample_every == 0 or self.step == t.steps):
+                ema0 = full_state(self.ema.state_dict(0)) if self.par.sharded else None  # every rank gathers
                 with D.together(f"writing the sample grid of step {self.step}"):
                     if D.main:
-                        self.sample_step()
-            stop = preempt.requested(D)  # SIGTERM: a checkpoint of this step, then stop
+                        self.sample_step(ema0)
+            stop = preempt.requested(D)  # SIGTERM on any rank (one all-reduce): every rank checkpoints this step
             if stop or self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.checkpoint_step()
             if stop:
@@ -438,49 +466,75 @@ class _Run:
         self.bar.close()
 
     def train_step(self) -> None:
-        """One optimizer update; every random draw comes from generators seeded with (seed, step)."""
-        t, D, device, mcfg, step = self.t, self.D, self.device, self.mcfg, self.step
-        layout = None
-        if self.packer is not None:
-            B, layout, x, y, cond, cond_drop, tt, noise = self._packed_batch(step)
-        else:
-            B, shard = t.batch_size, slice(D.rank, None, D.world)
-            idx = self.stream.next(B)
-            g = step_generator(t.seed, step)
-            tt = self.diffusion.sample_t(B, generator=g)[shard]
-            noise = torch.randn(B, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g)[shard]
-            u = torch.rand(B, 4, generator=g)[shard]
-            x, y, cond = self.maker(idx, u[:, 2:])
-            y = torch.where(u[:, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
-            cond_drop = (u[:, 1] < t.cond_drop).to(device) if cond is not None else None
-        torch.manual_seed(step_generator(t.seed, step, 1).initial_seed() + D.rank)  # dropout in the model
+        """One optimizer update over ``train.grad_accum_steps`` micro-batches; every random draw comes from
+        generators seeded with (seed, step). Each micro-batch's mean loss is weighted by its share of the
+        step's pixels (times the ranks, whose gradients DDP / FSDP average): the step's loss is the mean
+        over every pixel of every image, whatever the ranks and micro-batches."""
+        t, D, step = self.t, self.D, self.step
         for gr in self.opt.param_groups:
             gr["lr"] = lr_at(self.cfg, step)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            if layout is None:
-                loss = self.diffusion.loss(self.net, x, y, cond, cond_drop, t=tt.to(device), noise=noise.to(device))
-            else:
-                loss = self.diffusion.loss(self.packed_net, x, y, cond, cond_drop, t=tt, noise=noise, layout=layout)
-        loss.backward()
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        micro = self._packed_batches(step) if self.packer is not None else self._batches(step)
+        loss_sum = torch.zeros((), device=self.device)
+        for m, (weight, args, kw) in enumerate(micro):
+            with self.par.sync(last=m == t.grad_accum_steps - 1):
+                # dropout in the model
+                torch.manual_seed(step_generator(t.seed, step, 1).initial_seed() + D.rank + D.world * m)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    loss = self.diffusion.loss(self.packed_net if "layout" in kw else self.net, *args, **kw)
+                (loss * weight).backward()
+            loss_sum += loss.detach() * weight
+        self.grad_norm = self.par.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update()
         self.step += 1
-        self.loss_acc += loss.detach()
+        self.loss_acc += loss_sum
         self.n_acc += 1
-        self.imgs_log += B
         self.bar.update(1)
 
-    def _packed_batch(self, step: int):
-        """A packed batch of mixed sizes filling ``train.tokens_per_batch``: ``(S, layout, x, y, cond, cond_drop,
-        t, noise)`` with pixel tokens on the device. Sizes, data order, t, noise, labels / condition dropout,
-        offsets and flips all come from the generator of ``(seed, step)``, as in the single-size step."""
-        t, device, mcfg = self.t, self.device, self.mcfg
+    def _batches(self, step: int):
+        """The micro-batches of this rank at ``step``: ``(weight, loss args, loss kwargs)`` each. The global
+        batch is drawn as one; micro-batch m is its m-th slice, of which rank r takes every N-th sample."""
+        t, D, device, mcfg = self.t, self.D, self.device, self.mcfg
+        B, A = t.batch_size, t.grad_accum_steps
+        idx = self.stream.next_global(B)
         g = step_generator(t.seed, step)
-        picks = self.packer.draw(g)
+        tt = self.diffusion.sample_t(B, generator=g)
+        noise = torch.randn(B, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g)
+        u = torch.rand(B, 4, generator=g)
+        self.imgs_log += B
+        for m in range(A):
+            sel = slice(m * (B // A) + D.rank, (m + 1) * (B // A), D.world)
+            x, y, cond = self.maker(idx[sel], u[sel, 2:])
+            y = torch.where(u[sel, 0].to(device) < t.label_drop, torch.full_like(y, mcfg.num_classes), y)
+            cond_drop = (u[sel, 1] < t.cond_drop).to(device) if cond is not None else None
+            yield 1.0 / A, (x, y, cond, cond_drop), dict(t=tt[sel].to(device), noise=noise[sel].to(device))
+
+    def _packed_batches(self, step: int):
+        """This rank's packed micro-batches at ``step``, as :meth:`_batches`. Every rank draws the sizes of
+        every part (micro-batch m of rank q is part ``m * N + q``, :func:`part_generator`): the parts take
+        consecutive runs of the step's data order, and each loss is weighted by its part's pixels."""
+        t, D = self.t, self.D
+        W, A = D.world, t.grad_accum_steps
+        gens = [[part_generator(t.seed, step, m * W + q) for q in range(W)] for m in range(A)]
+        picks = [[self.packer.draw(g) for g in row] for row in gens]
+        weights = loss_weights([[sum(self.image_tokens[k] for k in p) for p in row] for row in picks], W)
+        counts = [len(p) for row in picks for p in row]
+        idx = self.stream.next_global(sum(counts))
+        self.imgs_log += sum(counts)
+        self.waste_acc += sum(self.packer.waste(p) for row in picks for p in row) / len(counts)
+        for m in range(A):
+            start = sum(counts[: m * W + D.rank])
+            part = picks[m][D.rank]
+            batch = self._packed_batch(gens[m][D.rank], part, idx[start : start + len(part)])
+            yield weights[m][D.rank], batch[:4], dict(t=batch[4], noise=batch[5], layout=batch[6])
+
+    def _packed_batch(self, g: torch.Generator, picks: List[int], idx: Tensor):
+        """The packed batch of images ``idx`` at the sizes ``picks`` (drawn from ``g``), filling
+        ``train.tokens_per_batch``: ``(x, y, cond, cond_drop, t, noise, layout)`` with pixel tokens on the
+        device. t, noise, labels / condition dropout, offsets and flips come from ``g``, after the sizes."""
+        t, device, mcfg = self.t, self.device, self.mcfg
         S = len(picks)
-        idx = self.stream.next(S)
         sizes = [self.packer.sizes[k] for k in picks]
         layout = self.model.packed_layout(
             sizes, None if self.cond_sizes is None else [self.cond_sizes[k] for k in picks]
@@ -496,8 +550,7 @@ class _Run:
         layout, tt, noise = layout.to(device), tt.to(device), noise.to(device)
         if t.compile_mode != "none":
             mark_dynamic(layout, x, cond, noise, tt, y, cond_drop)
-        self.waste_acc += self.packer.waste(picks)
-        return S, layout, x, y, cond, cond_drop, tt, noise
+        return x, y, cond, cond_drop, tt, noise, layout
 
     def _packing_scalars(self) -> Dict[str, float]:
         """The mean padding waste of the interval's packed batches (unused fraction of the token budget)."""
@@ -561,8 +614,9 @@ class _Run:
         self.loss_acc.zero_()
         self.n_acc, self.t_log, self.imgs_log = 0, now, 0
 
-    def sample_step(self) -> None:
-        ema_model = self.ema.averaged_module(0)
+    def sample_step(self, ema_state: Optional[Dict[str, Tensor]] = None) -> None:
+        """The sample grid of EMA 0 (``ema_state``: its gathered weights, when the model is sharded)."""
+        ema_model = self.ema.averaged_module(0) if ema_state is None else self._plain_model(ema_state)
         try:
             grid = _sample_grid(
                 self.mcfg, ema_model, self.diffusion, self.cfg, self.val_maker, self.ds.class_names, self.device
@@ -586,7 +640,8 @@ class _Run:
                 self.last_ckpt,
                 _DIVERGED_HINT,
             )
-        bad = unusable_state(self.model, self.ema, self.cfg.sample.ema, self.diffusion, float(D.mean(self.loss_acc)))
+        full = self._full_state()  # every rank: fsdp gathers the shards to rank 0
+        bad = self._unusable(full)
         if bad:  # finite but not usable (weights of 1e30): it must not prune the last checkpoint that is
             raise TrainingStopped(
                 f"the training diverged after step {self.step}: {_join(bad)}, so no checkpoint was written for it",
@@ -597,21 +652,51 @@ class _Run:
         with D.together(f"writing the checkpoint of step {self.step}"):
             if D.main:
                 try:
-                    self.last_ckpt = self._save()
+                    self.last_ckpt = self._save(full)
                 except (CheckpointError, OSError) as e:  # OSError: pruning the old ones
                     raise TrainingStopped(
                         str(e), self.step, self.last_ckpt, "free some space or fix the folder"
                     ) from None
 
-    def _save(self) -> Path:
+    def _unusable(self, full) -> List[str]:
+        """:func:`jitrope.usable.unusable_state` of this step, decided by rank 0 and the same on every rank.
+        Under fsdp the weights are sharded: rank 0 probes the full weights and EMA that ``full``
+        (:meth:`_full_state`) gathered to it, in a plain model; under ddp the model every rank holds."""
+        D, sampled = self.D, self.cfg.sample.ema
+        train_loss = float(D.mean(self.loss_acc))  # every rank (an all-reduce)
+        bad: List[str] = []
+        with D.together(f"probing the weights of step {self.step}"):
+            if D.main:
+                model, ema = self.model, self.ema
+                if self.par.sharded:  # the gathered EMAs (on the CPU) stand in for the sharded ones
+                    on_device = lambda i: {k: v.to(self.device) for k, v in full[1][i].items()}  # noqa: E731
+                    model, ema = self._plain_model(full[0]), SimpleNamespace(parameters_dict=on_device)
+                bad = unusable_state(model, ema, sampled, self.diffusion, train_loss)
+        return D.broadcast(bad)
+
+    def _plain_model(self, state: Dict[str, Tensor]) -> JiT:
+        """A JiT of this run (not sharded, not compiled) holding ``state`` (full weights), in eval mode."""
+        with torch.random.fork_rng(devices=[]):  # building a model draws its initial weights
+            model = JiT(self.mcfg).to(self.device)
+        model.load_state_dict(state)
+        return model.eval()
+
+    def _full_state(self) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]], dict]:
+        """``(model, EMAs, optimizer)`` state dicts with full tensors, as one process holds them; under fsdp
+        every rank must call it (collectives), and rank 0 gets them (the others empty dicts)."""
+        emas = [full_state(self.ema.state_dict(i)) for i in range(len(self.t.ema_decays))]
+        return full_state(self.model.state_dict()), emas, optimizer_state(self.model, self.opt)
+
+    def _save(self, full=None) -> Path:
         t, D = self.t, self.D
+        model, emas, opt_state = self._full_state() if full is None else full
         return save_checkpoint(
             self.run_dir,
             self.step,
-            model=self.model.state_dict(),
-            emas=[self.ema.state_dict(i) for i in range(len(t.ema_decays))],
+            model=model,
+            emas=emas,
             ema_decays=t.ema_decays,
-            state=_train_state(self.opt, self.stream, self.ema, self.step, self.device, D, self.last_loss),
+            state=_train_state(opt_state, self.stream, self.ema, self.step, self.device, D, self.last_loss),
             config=self.cfg.to_dict(),
             class_names=self.ds.class_names,
             model_config=self.mcfg.to_dict(),
@@ -620,6 +705,7 @@ class _Run:
         )
 
     def close(self) -> None:
+        self.par.close()
         if self.bar is not None:
             self.bar.close()  # before an error line, so it does not land in the bar's line
         if self.logger is not None:
@@ -636,26 +722,29 @@ def _join(names: Sequence[str]) -> str:
 
 
 def _non_finite(model, ema: EMA, opt) -> List[str]:
-    """Which of the model weights, the EMA weights and the optimizer state hold a nan or inf."""
+    """Which of the model weights, the EMA weights and the optimizer state hold a nan or inf, on any rank
+    (every rank must call it: under fsdp each one sees its shards)."""
     groups = {
         "model weights": list(model.state_dict().values()),
         "EMA weights": [v for shadow in ema.shadows for v in shadow],
         "optimizer state": [v for st in opt.state.values() for v in st.values() if isinstance(v, Tensor)],
     }
-    return [
-        name
-        for name, ts in groups.items()
-        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)
+    flags = [
+        any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in map(local_tensor, ts))
+        for ts in groups.values()
     ]
+    return [name for name, bad in zip(groups, any_rank(flags)) if bad]
 
 
-def _train_state(opt, stream: IndexStream, ema: EMA, step: int, device, D: Dist, loss: float) -> Dict[str, Any]:
+def _train_state(
+    opt_state: dict, stream: IndexStream, ema: EMA, step: int, device, D: Dist, loss: float
+) -> Dict[str, Any]:
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return {
         "step": step,
-        "optimizer": opt.state_dict(),
+        "optimizer": opt_state,  # as one process holds it, whatever trained it (jitrope.distributed)
         "scheduler": {"kind": "linear_warmup_constant", "step": step},
         "data": stream.state_dict(),
         "ema_updates": ema.num_updates,
@@ -695,12 +784,12 @@ def _restore(
         raise CheckpointError(f"{f} holds {len(w['emas'])} EMAs, the run has {len(ema.decays)} (train.ema_decays)")
     for i, e in enumerate(w["emas"]):
         check_state_dict(model.state_dict(), e, where=f"{f} [ema{i}]")
-    model.load_state_dict(w["model"])
+    model.load_state_dict(shard_like(w["model"], model.state_dict()))  # fsdp: each rank its shards
     for i, e in enumerate(w["emas"]):
-        ema.load_parameters(i, {k: v.to(device) for k, v in e.items()})
+        ema.load_parameters(i, shard_like(e, ema.parameters_dict(i)))
     st = load_train_state(ckpt_dir, allow_unverified=allow_unverified)
     try:
-        opt.load_state_dict(st["optimizer"])
+        load_optimizer_state(model, opt, st["optimizer"])
         stream.load_state_dict(st["data"])
         ema.num_updates = int(st["ema_updates"])
         torch.set_rng_state(st["rng"]["cpu"])
