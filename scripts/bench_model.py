@@ -5,7 +5,7 @@ For each ``--compile`` mode (none = eager, default, reduce-overhead) and each im
 prints ms per step, images/s, peak memory and model FLOPs utilisation, then the fused/torch
 ratio in the same mode. A training step is forward + diffusion loss + backward + AdamW step; a
 sampling forward is one model call under ``torch.no_grad``. The two implementations share their
-weights (SPEC §5: changing the flag changes nothing else) and are timed alternately, step by step,
+weights (docs/training.md: changing the flag changes nothing else) and are timed alternately, step by step,
 so drift of a shared machine hits both alike; the median of ``--iters`` steps is reported.
 ``pos_impl="torch"`` is the honest baseline: cached cos/sin tables, as the published JiT code.
 
@@ -16,6 +16,13 @@ figure. On a CPU without ``--peak-tflops`` it prints n/a.
     PYTHONPATH=python python scripts/bench_model.py  # CPU: tiny preset, 1 thread; 2 min, mostly inductor compiling
     PYTHONPATH=python python scripts/bench_model.py --device cuda --compile none default reduce-overhead
     PYTHONPATH=python python scripts/bench_model.py --profile                        # top ops by device time
+
+``--activation-checkpointing off on`` instead times a training step with the blocks' activations kept and
+recomputed, and measures the step's peak tensor memory above the model's state (parameters, gradients,
+AdamW): on CUDA the allocator's peak, on the CPU every tensor allocation counted (:class:`TensorMemory`).
+``--config`` takes the model, batch and condition image of a training config:
+
+    PYTHONPATH=python python scripts/bench_model.py --config configs/emoji64_cpu.yaml --activation-checkpointing off on
 """
 
 from __future__ import annotations
@@ -27,11 +34,15 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from typing import Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import jitrope
+from jitrope.config import load_config
 from jitrope.diffusion import Diffusion
 from jitrope.model import JiT, JiTConfig
 from jitrope.packing import mark_dynamic, pack_images
@@ -47,10 +58,36 @@ DEFAULTS = {  # device type -> preset, batch, warmup, iters
 }
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    _add_case_args(p)
+    _add_measure_args(p)
+    _add_packed_args(p)
+    _add_memory_args(p)
+    return p
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--activation-checkpointing",
+        nargs="+",
+        choices=("off", "on"),
+        default=None,
+        help="time a training step and measure its peak tensor memory with the blocks' activations kept "
+        "(off) and recomputed in the backward pass (on), instead of the fused/torch table",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a training config (configs/*.yaml): its model, train.batch_size and condition image "
+        "(--batch and --preset override)",
+    )
+
+
+def _add_case_args(p: argparse.ArgumentParser) -> None:
+    """What runs: device, model, encodings, compile modes, training or sampling, batch, condition, autocast."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     p.add_argument("--preset", default=None, help="JiTConfig preset (default: JiT-B/16 on CUDA, tiny on CPU)")
     p.add_argument(
@@ -83,6 +120,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default="auto",
         help="bf16 autocast: auto (default) = on for CUDA, off on CPU; --amp alone = bf16",
     )
+
+
+def _add_measure_args(p: argparse.ArgumentParser) -> None:
+    """How it is measured and reported: steps, threads, the MFU peak, the profile, the JSON file."""
     p.add_argument("--iters", type=int, default=None, help="timed steps per implementation (default 10 CUDA, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 3 / 2)")
     p.add_argument(
@@ -105,6 +146,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--profile-rows", type=int, default=15, help="rows of the profile table (default 15)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _add_packed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--packed",
         action="store_true",
@@ -119,8 +163,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="--packed: image-token budget per packed batch (default 1024 CPU, 16384 CUDA)",
     )
     p.add_argument("--packed-batches", type=int, default=4, help="--packed: batches per timed pass (default 4)")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     args.preset_given = args.preset is not None
+    args.model_cfg = None
+    if args.config is not None:
+        cfg = load_config(args.config, [])
+        args.model_cfg = cfg.model_config()
+        args.batch = args.batch or cfg.train.batch_size
+        args.cond = args.cond or (args.model_cfg.cond_img_size or 0)
     device = torch.device(args.device)
     preset, batch, warmup, iters = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     args.preset = args.preset or preset
@@ -309,7 +363,7 @@ def profile(case: Case, args, title: str) -> str:
 
 # ---------------------------------------------------------------- packed vs pad-to-max (--packed)
 
-# The realistic size mix (pixels, H x W), per device type: the emoji mix of issue 16 at patch 4 on the CPU
+# The realistic size mix (pixels, H x W), per device type: the emoji size mix at patch 4 on the CPU
 # (tiny preset); on CUDA JiT-B/16 on 256..512 px squares plus 384x512 / 512x384 (the same mix scaled).
 PACKED_MIX = {
     "cpu": ("tiny", 4, [(16, 16), (24, 24), (32, 32), (40, 40), (48, 48), (32, 48), (48, 32)], 1024),
@@ -343,10 +397,13 @@ def draw_packed_batches(mix, patch: int, budget: int, batches: int, seed: int = 
     return out
 
 
-def _masked_attention_forward(self, x, pos, layout):
+def _masked_attention_forward(self, x, pos, layout, key_mask=None):
     """jitrope.model.Attention.forward for pad-to-max: the same projections, qk-norm and RoPE, then SDPA
     with a key-padding mask (``self._key_mask`` [B, N_image], True = a real token; in-context tokens,
-    prepended from block ``in_context_start`` on, are always real)."""
+    prepended from block ``in_context_start`` on, are always real). ``key_mask``: the model's own, which
+    only a model with a condition image and ``null_cond="absent"`` passes; the models here have none."""
+    if key_mask is not None:
+        raise ValueError("pad-to-max: the benchmark's models have no condition image, so no key mask of their own")
     B, N, C = x.shape
     qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     qk = pos.qk_norm_rope(qkv[:2], self.qk_norm.weight, self.layer, layout, eps=self.qk_norm.eps)
@@ -445,9 +502,7 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
     largest = max(max(hw) for hw in mix)
     cfg = JiTConfig.preset(preset, pos_embed=args.pos_embed[0], img_size=largest, patch_size=patch)
     batches = draw_packed_batches(mix, patch, budget, args.packed_batches)
-    dev_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    )
+    dev_name = device_name(device)
     mix_txt = ", ".join(f"{h}x{w}" for h, w in mix)
     print(
         f"# packed vs pad-to-max training step (forward + loss + backward + AdamW), {preset} at patch {patch}, "
@@ -462,69 +517,11 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
         f"# median over {args.iters} passes of every batch after {args.warmup} warm-up passes; tokens/s counts "
         f"useful (image) tokens only"
     )
-    rows, results = [], {}
+    results = {}
     for mode in args.compile:
-        if mode != "none":
-            torch._dynamo.reset()
-        torch.manual_seed(0)
-        base = JiT(cfg).to(device)
-        cases = {}
-        for how in ("packed", "pad-to-max"):
-            m = JiT(cfg).to(device)
-            m.load_state_dict(base.state_dict())
-            cases[how] = [PackedCase(m, how, sizes, device, amp, mode, seed=i) for i, sizes in enumerate(batches)]
-        # Shared optimizer per model: every batch's case of one kind steps the same weights.
-        for cs in cases.values():
-            for c in cs[1:]:
-                c.opt = cs[0].opt
-        times = {how: [] for how in cases}
-        for it in range(args.warmup + args.iters):
-            for how, cs in cases.items():  # alternate: drift of a shared machine hits both alike
-                total = sum(c.run() for c in cs)
-                if it >= args.warmup:
-                    times[how].append(total)
-        useful = sum(c.useful for c in cases["packed"])
-        for how, cs in cases.items():
-            sec = statistics.median(times[how])
-            computed = sum(c.tokens for c in cs)
-            if how == "packed":
-                waste = 1 - useful / (budget * len(cs))  # against the budget: a fixed-size step pads to it
-            else:
-                waste = 1 - useful / computed
-            row = {
-                "compile": mode,
-                "how": how,
-                "batches": len(cs),
-                "images": sum(len(b) for b in batches),
-                "useful_tokens": useful,
-                "computed_tokens": computed,
-                "ms_per_batch": 1e3 * sec / len(cs),
-                "tokens_per_s": useful / sec,
-                "padding_waste": waste,
-            }
-            rows.append(row)
+        for how, row in time_packed(args, cfg, batches, budget, mode, device, amp).items():
             results[(mode, how)] = row
-    print(
-        f"\n{'compile':<9}{'layout':<12}{'batches':>8}{'images':>8}{'useful tok':>11}{'computed tok':>13}"
-        f"{'ms/batch':>10}{'useful tok/s':>13}{'padding waste':>15}"
-    )
-    for r in rows:
-        print(
-            f"{r['compile']:<9}{r['how']:<12}{r['batches']:>8}{r['images']:>8}{r['useful_tokens']:>11}"
-            f"{r['computed_tokens']:>13}{r['ms_per_batch']:>10.1f}{r['tokens_per_s']:>13.0f}"
-            f"{100 * r['padding_waste']:>14.1f}%"
-        )
-    ratios = []
-    for mode in args.compile:
-        pk, pd = results[(mode, "packed")], results[(mode, "pad-to-max")]
-        ratio = pk["tokens_per_s"] / pd["tokens_per_s"]
-        ratios.append({"compile": mode, "packed_over_padded": ratio})
-        print(
-            f"compile={mode}: packed / pad-to-max useful tokens/s = {ratio:.2f}x (goal >= 1.4x: "
-            f"{'met' if ratio >= 1.4 else 'NOT met'}); packed padding waste {100 * pk['padding_waste']:.1f}% "
-            f"(goal <= 3%: {'met' if pk['padding_waste'] <= 0.03 else 'NOT met'}), pad-to-max "
-            f"{100 * pd['padding_waste']:.1f}%"
-        )
+    ratios = print_packed(results, args.compile)
     if args.json:
         meta = {
             "preset": preset,
@@ -538,8 +535,191 @@ def packed_main(args, device: torch.device, amp: bool) -> int:
             "warmup": args.warmup,
         }
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows, "ratios": ratios}, f, indent=2)
+            json.dump({"meta": meta, "results": list(results.values()), "ratios": ratios}, f, indent=2)
     return 0
+
+
+def time_packed(
+    args, cfg: JiTConfig, batches, budget: int, mode: str, device: torch.device, amp: bool
+) -> Dict[str, Dict]:
+    """Packed and pad-to-max training passes over ``batches`` in compile ``mode``, alternately; one row each."""
+    if mode != "none":
+        torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = JiT(cfg).to(device)
+    cases = {}
+    for how in ("packed", "pad-to-max"):
+        m = JiT(cfg).to(device)
+        m.load_state_dict(base.state_dict())
+        cases[how] = [PackedCase(m, how, sizes, device, amp, mode, seed=i) for i, sizes in enumerate(batches)]
+    # Shared optimizer per model: every batch's case of one kind steps the same weights.
+    for cs in cases.values():
+        for c in cs[1:]:
+            c.opt = cs[0].opt
+    times = {how: [] for how in cases}
+    for it in range(args.warmup + args.iters):
+        for how, cs in cases.items():  # alternate: drift of a shared machine hits both alike
+            total = sum(c.run() for c in cs)
+            if it >= args.warmup:
+                times[how].append(total)
+    useful = sum(c.useful for c in cases["packed"])
+    rows = {}
+    for how, cs in cases.items():
+        sec = statistics.median(times[how])
+        computed = sum(c.tokens for c in cs)
+        if how == "packed":
+            waste = 1 - useful / (budget * len(cs))  # against the budget: a fixed-size step pads to it
+        else:
+            waste = 1 - useful / computed
+        rows[how] = {
+            "compile": mode,
+            "how": how,
+            "batches": len(cs),
+            "images": sum(len(b) for b in batches),
+            "useful_tokens": useful,
+            "computed_tokens": computed,
+            "ms_per_batch": 1e3 * sec / len(cs),
+            "tokens_per_s": useful / sec,
+            "padding_waste": waste,
+        }
+    return rows
+
+
+def print_packed(results: Dict, modes: List[str]) -> List[Dict]:
+    """The table of :func:`time_packed`'s rows and, per compile mode, packed against pad-to-max with the
+    goals; returns those ratios."""
+    print(
+        f"\n{'compile':<9}{'layout':<12}{'batches':>8}{'images':>8}{'useful tok':>11}{'computed tok':>13}"
+        f"{'ms/batch':>10}{'useful tok/s':>13}{'padding waste':>15}"
+    )
+    for r in results.values():
+        print(
+            f"{r['compile']:<9}{r['how']:<12}{r['batches']:>8}{r['images']:>8}{r['useful_tokens']:>11}"
+            f"{r['computed_tokens']:>13}{r['ms_per_batch']:>10.1f}{r['tokens_per_s']:>13.0f}"
+            f"{100 * r['padding_waste']:>14.1f}%"
+        )
+    ratios = []
+    for mode in modes:
+        pk, pd = results[(mode, "packed")], results[(mode, "pad-to-max")]
+        ratio = pk["tokens_per_s"] / pd["tokens_per_s"]
+        ratios.append({"compile": mode, "packed_over_padded": ratio})
+        print(
+            f"compile={mode}: packed / pad-to-max useful tokens/s = {ratio:.2f}x (goal >= 1.4x: "
+            f"{'met' if ratio >= 1.4 else 'NOT met'}); packed padding waste {100 * pk['padding_waste']:.1f}% "
+            f"(goal <= 3%: {'met' if pk['padding_waste'] <= 0.03 else 'NOT met'}), pad-to-max "
+            f"{100 * pd['padding_waste']:.1f}%"
+        )
+    return ratios
+
+
+class TensorMemory(TorchDispatchMode):
+    """The bytes of the tensors created inside it and still alive (each storage once, until it is freed),
+    and their peak: the CPU has no allocator statistics, so every operator's outputs are counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._keys = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key, n = st.data_ptr(), st.nbytes()
+                if n and key not in self._keys:
+                    self._keys.add(key)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, key, n)
+        return out
+
+    def _free(self, key: int, n: int) -> None:
+        self._keys.discard(key)
+        self.live -= n
+
+
+def memory_step(case: Case, device: torch.device) -> float:
+    """Bytes: the peak of one training step (forward, backward, AdamW) above what was allocated before it."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        case.train()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with TensorMemory() as mem:
+        case.train()
+    return mem.peak
+
+
+def memory_main(args, device: torch.device, amp: bool) -> int:
+    """Activation checkpointing off / on: ms per training step and the step's peak memory above the state."""
+    cfg = args.model_cfg or JiTConfig.preset(args.preset, cond_img_size=args.cond or None)
+    cfg = dataclasses.replace(cfg, pos_impl="fused" if jitrope.HAS_EXTENSION else "torch")
+    inputs = make_inputs(cfg, args.batch, args.cond, device)
+    n_tok = cfg.grid[0] * cfg.grid[1] + (0 if not args.cond else cfg.cond_grid[0] * cfg.cond_grid[1])
+    print(
+        f"# {args.config or args.preset}: {cfg.img_size}x{cfg.img_size} at patch {cfg.patch_size}, {n_tok} tokens "
+        f"+ {cfg.in_context_len} in-context, width {cfg.hidden_size}, depth {cfg.depth}, batch {args.batch}, "
+        f"{'bf16 autocast' if amp else 'float32'}, {device_name(device)}, torch {torch.__version__}"
+    )
+    how = "CUDA allocator" if device.type == "cuda" else "every tensor allocation counted"
+    print(
+        f"# median of {args.iters} steps after {args.warmup} warm-up steps; state = parameters + AdamW; peak = "
+        f"the step's peak above the state ({how})"
+    )
+    print(f"{'activation ckpt':<17}{'compile':<10}{'ms/step':>10}{'CPU ms/step':>12}{'state MiB':>11}{'peak MiB':>10}")
+    rows = []
+    for mode in args.compile:
+        for ac in args.activation_checkpointing:
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = JiT(cfg).to(device)
+            model.activation_checkpointing = ac == "on"
+            case = Case(model, mode, amp, device, inputs)
+            for _ in range(max(1, args.warmup)):  # the first step allocates the gradients and AdamW's state
+                case.run("train")
+            state = sum(t.numel() * t.element_size() for t in _state_tensors(case))
+            peak = memory_step(case, device)
+            ms, cpu_ms = _median_step_ms(case, args.iters)
+            rows.append(
+                dict(
+                    activation_checkpointing=ac, compile=mode, ms=ms, cpu_ms=cpu_ms, state_bytes=state, peak_bytes=peak
+                )
+            )
+            print(f"{ac:<17}{mode:<10}{ms:>10.1f}{cpu_ms:>12.1f}{state / 2**20:>11.1f}{peak / 2**20:>10.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"config": args.config, "batch": args.batch, "device": device_name(device), "rows": rows}, f, indent=2
+            )
+    return 0
+
+
+def _median_step_ms(case: Case, iters: int):
+    """Medians of a training step's wall time and of this process's CPU time (ms): on a shared machine the
+    CPU time is the steadier one."""
+    wall, cpu = [], []
+    for _ in range(iters):
+        c0 = time.process_time()
+        wall.append(case.run("train"))
+        cpu.append(time.process_time() - c0)
+    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
+
+
+def _state_tensors(case: Case):
+    """Parameters, gradients (none between steps: zero_grad sets them to None) and AdamW state of a case."""
+    for p in case.model.parameters():
+        yield p
+        if p.grad is not None:
+            yield p.grad
+    for st in case.opt.state.values():
+        yield from (v for v in st.values() if isinstance(v, torch.Tensor))
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
 def fmt(v, spec: str) -> str:
@@ -554,11 +734,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     if args.packed:
         return packed_main(args, device, amp)
+    if args.activation_checkpointing:
+        return memory_main(args, device, amp)
     peak, peak_what = peak_tflops(args, device)
     cfg = JiTConfig.preset(args.preset, cond_img_size=args.cond or None)
-    dev_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    )
+    dev_name = device_name(device)
     meta = {
         "preset": args.preset,
         "img_size": cfg.img_size,
@@ -584,44 +764,49 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"# the extension is not loaded ({jitrope.EXTENSION_ERROR}): torch rows only")
     rows: List[Dict] = []
     ratios: List[Dict] = []
-    profiles = []
+    profiles: List[str] = []
     for pe in args.pos_embed:
-        print(f"\n## pos_embed={pe}")
-        print(
-            f"{'compile':<16}{'pos_impl':<9}{'what':<8}{'ms/step':>10}{'images/s':>11}{'peak GiB':>10}"
-            f"{'TFLOP/s':>9}{'MFU':>8}"
-        )
-        for mode in args.compile:
-            res, cases = bench_mode(args, pe, mode, device, amp, peak, rows)
-            for (impl, what), r in res.items():
-                mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-                print(
-                    f"{mode:<16}{impl:<9}{what:<8}{r['ms']:>10.2f}{r['images_per_s']:>11.1f}"
-                    f"{fmt(r['peak_gib'], '.2f'):>10}{r['tflops']:>9.3f}{mfu:>8}"
-                )
-            for what in args.what:
-                if ("fused", what) in res:
-                    ratio = res[("fused", what)]["ms"] / res[("torch", what)]["ms"]
-                    ratios.append({"pos_embed": pe, "compile": mode, "what": what, "fused_over_torch": ratio})
-            if args.profile:  # now: the next mode's torch._dynamo.reset() drops these compiled graphs
-                profiles.extend(
-                    profile(c, args, f"{pe}, compile={mode}, pos_impl={impl}, training step")
-                    for impl, c in cases.items()
-                )
-            del cases
-        if ratios:
-            print(
-                "fused/torch time (same compile mode both sides; < 1: fused is faster): "
-                + ", ".join(
-                    f"{r['compile']} {r['what']} {r['fused_over_torch']:.3f}" for r in ratios if r["pos_embed"] == pe
-                )
-            )
+        bench_pos_embed(args, pe, device, amp, peak, rows, ratios, profiles)
     for table in profiles:
         print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows, "ratios": ratios}, f, indent=2)
     return 0
+
+
+def bench_pos_embed(args, pe: str, device, amp: bool, peak, rows: List[Dict], ratios: List[Dict], profiles: List[str]):
+    """Every compile mode of encoding ``pe``: its table, the fused/torch ratios (appended to ``ratios``) and,
+    with ``--profile``, the profiles of its cases (appended to ``profiles``)."""
+    print(f"\n## pos_embed={pe}")
+    print(
+        f"{'compile':<16}{'pos_impl':<9}{'what':<8}{'ms/step':>10}{'images/s':>11}{'peak GiB':>10}"
+        f"{'TFLOP/s':>9}{'MFU':>8}"
+    )
+    for mode in args.compile:
+        res, cases = bench_mode(args, pe, mode, device, amp, peak, rows)
+        for (impl, what), r in res.items():
+            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            print(
+                f"{mode:<16}{impl:<9}{what:<8}{r['ms']:>10.2f}{r['images_per_s']:>11.1f}"
+                f"{fmt(r['peak_gib'], '.2f'):>10}{r['tflops']:>9.3f}{mfu:>8}"
+            )
+        for what in args.what:
+            if ("fused", what) in res:
+                ratio = res[("fused", what)]["ms"] / res[("torch", what)]["ms"]
+                ratios.append({"pos_embed": pe, "compile": mode, "what": what, "fused_over_torch": ratio})
+        if args.profile:  # now: the next mode's torch._dynamo.reset() drops these compiled graphs
+            profiles.extend(
+                profile(c, args, f"{pe}, compile={mode}, pos_impl={impl}, training step") for impl, c in cases.items()
+            )
+        del cases
+    if ratios:
+        print(
+            "fused/torch time (same compile mode both sides; < 1: fused is faster): "
+            + ", ".join(
+                f"{r['compile']} {r['what']} {r['fused_over_torch']:.3f}" for r in ratios if r["pos_embed"] == pe
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #   model: the CUDA tests of the model (fused vs torch, torch.compile with CUDA graphs) and the
 #          JiT-B/16 training-step benchmark (batch 64, bf16), eager and compiled with
 #          mode="reduce-overhead", fused vs torch;
-#   packed: issue 16 in one call (build included, <= 10 minutes): the CUDA tests of packed batches
+#   packed: the packed-batch checks in one call (build included, <= 10 minutes): the CUDA tests of packed batches
 #          (tests/test_packing.py, test_packing_scaling.py, test_freqs_index.py,
 #          test_pos2d_add_indexed.py), the packed op benchmarks (rope2d, qk_norm_rope fwd+bwd at
 #          T = 64k, 128k, 256k bf16, positions new every call, vs eager per-call tables,
@@ -16,13 +16,21 @@
 #          scripts/sanitize_ops.py (packed views, freqs_index, pos2d_add_indexed).
 #          Steps run in that order and one that would pass $BUDGET_S (default 570 s from the
 #          start) is skipped and named in the summary, so one call always ends with the summary.
+#   fsdp:  train.parallel=fsdp on the GPU, world size 1 (FSDP2 over one rank: its bf16 mixed precision
+#          policy, per-block compile and activation checkpointing): the tiny config trained 30 steps
+#          with fsdp + compile + activation checkpointing under torchrun and with plain ddp, their
+#          losses compared; then the JiT-B/4 64x64 step (configs/emoji64_b4.yaml, batch 128) with ddp
+#          and fsdp compiled (per block, then the whole model), activation checkpointing off and on:
+#          peak memory and step time (scripts/bench_dist.py, scripts/bench_model.py). Budgeted as
+#          packed: after a cold build the last steps may be skipped; run it again on the warm machine.
 # Each step has a time limit. A device call may run 10 minutes: build + one part fits in one
 # call, both parts may not, so on a cold machine run them as two calls (the second call on the
 # still-warm machine reuses the build). Logs go to $LOGS (default build/gpu_check); the summary
 # table is printed last.
 #   bash scripts/gpu_check.sh            # both parts
 #   bash scripts/gpu_check.sh model      # build + the model part
-#   bash scripts/gpu_check.sh packed     # build + issue 16's packed checks, one call
+#   bash scripts/gpu_check.sh packed     # build + the packed checks, one call
+#   bash scripts/gpu_check.sh fsdp       # build + the fsdp checks, one call
 #   bash scripts/gpu_check.sh --dry-run packed   # anywhere: print each step's command, run nothing
 # A missing test dependency (e.g. expecttest) is installed from ./.whl/*.whl when that folder
 # exists (wheels downloaded beforehand; see docs/benchmarks.md).
@@ -32,7 +40,7 @@ DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 PARTS="${*:-ops model}"
 for part in $PARTS; do
-  case "$part" in ops|model|packed) ;; *) echo "gpu_check: unknown part '$part' (ops | model | packed)"; exit 2 ;; esac
+  case "$part" in ops|model|packed|fsdp) ;; *) echo "gpu_check: unknown part '$part' (ops | model | packed | fsdp)"; exit 2 ;; esac
 done
 BUDGET_S="${BUDGET_S:-570}"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -154,6 +162,40 @@ if want packed; then
   fits 200 bench_model_packed_compiled.txt && run 200 bench_model_packed_compiled.txt "$PY" \
     scripts/bench_model.py --packed --device cuda --compile default --iters 5 --warmup 2 \
     --json "$LOGS/bench_model_packed_compiled.json"
+fi
+
+if want fsdp; then
+  TINY_GPU=(--config configs/tiny_cpu.yaml train.device=cuda train.steps=30 train.log_every=10 train.ckpt_every=30
+    train.progress=false train.tensorboard=false train.num_threads=null)
+  step "fsdp on one GPU under torchrun: compile per block + activation checkpointing vs plain ddp (tiny, 30 steps)"
+  fits 150 train_fsdp_gpu.txt && run 150 train_fsdp_gpu.txt "$PY" -m torch.distributed.run --standalone \
+    --nproc_per_node=1 -m jitrope.train "${TINY_GPU[@]}" train.out_dir="$LOGS/run_fsdp" train.parallel=fsdp \
+    train.compile_mode=default train.activation_checkpointing=true
+  fits 90 train_ddp_gpu.txt && run 90 train_ddp_gpu.txt "$PY" -m jitrope.train "${TINY_GPU[@]}" \
+    train.out_dir="$LOGS/run_ddp"
+  fits 30 train_fsdp_vs_ddp.txt && run 30 train_fsdp_vs_ddp.txt "$PY" -c "
+import sys
+from jitrope.runlog import read_metrics
+a, b = (read_metrics('$LOGS/run_' + k) for k in ('fsdp', 'ddp'))
+for x, y in zip(a, b):
+    print('step', x['step'], 'loss fsdp', round(x['loss'], 4), 'ddp', round(y['loss'], 4))
+ok = all(abs(x['loss'] - y['loss']) <= 0.05 * abs(y['loss']) + 0.02 for x, y in zip(a, b)) and len(a) == len(b) == 3
+print('fsdp (bf16 params, fp32 reduce) trains as ddp (bf16 autocast) within 5%:', ok); sys.exit(not ok)"
+
+  step "fsdp vs ddp, one GPU: JiT-B/4 64x64 batch 128, compiled per block, activation checkpointing off / on"
+  fits 200 bench_dist_gpu.txt && run 200 bench_dist_gpu.txt "$PY" scripts/bench_dist.py \
+    --config configs/emoji64_b4.yaml --batch 128 --steps 8 --compile default --activation-checkpointing off on \
+    --json "$LOGS/bench_dist_gpu.json"
+
+  step "fsdp, one GPU: the whole model compiled instead of each block"
+  fits 120 bench_dist_gpu_model.txt && run 120 bench_dist_gpu_model.txt "$PY" scripts/bench_dist.py \
+    --config configs/emoji64_b4.yaml --batch 128 --steps 8 --parallel fsdp --compile default --compile-how model \
+    --json "$LOGS/bench_dist_gpu_model.json"
+
+  step "activation checkpointing off / on: JiT-B/4 64x64 batch 128, bf16, eager"
+  fits 90 bench_model_ac_gpu.txt && run 90 bench_model_ac_gpu.txt "$PY" scripts/bench_model.py --device cuda \
+    --config configs/emoji64_b4.yaml --batch 128 --activation-checkpointing off on --compile none --iters 5 \
+    --warmup 2 --json "$LOGS/bench_model_ac_gpu.json"
 fi
 
 step "summary"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks formatting without changing any file; exits non-zero and lists what differs. One section per
-# language. Fix C++/CUDA with: clang-format -i <files>, Python with: ruff format python tests scripts
+# language. Fix C++/CUDA with: clang-format -i <files>, Python with: ruff format python tests scripts studies
 # (the versions pinned in requirements-dev.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ fi
 
 echo "== Python: ruff check and ruff format --check (pyproject.toml)"
 ruff --version
-ruff check python tests scripts || status=1
-ruff format --check python tests scripts || status=1
+ruff check python tests scripts studies || status=1
+ruff format --check python tests scripts studies || status=1
 
 exit $status

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Download, verify and cache the emoji data set (SPEC §8) before training.
+"""Download, verify and cache the emoji data set (docs/training.md) before training.
 
     python scripts/prepare_data.py                    # all four vendors into $JITROPE_DATA or ~/.cache/jitrope
     python scripts/prepare_data.py --root data/emoji --vendors google twitter

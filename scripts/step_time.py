@@ -12,8 +12,8 @@ import sys
 import tempfile
 import time
 
-from jitrope import train as T
 from jitrope.config import load_config
+from jitrope.training import train
 
 
 def main() -> int:
@@ -44,7 +44,7 @@ def main() -> int:
                 *a.overrides,
             ],
         )
-        T.train(cfg, log=log)
+        train(cfg, log=log)
     n = a.steps - a.log_every
     if len(stamps) < 2 or n <= 0:
         print("error: need --steps > --log-every to time anything", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Runs a user can trust (issue 12): checksummed checkpoints that fall back, stale temp folders
+"""Runs a user can trust: checksummed checkpoints that fall back, stale temp folders
 cleaned, dtypes checked, and a training process killed while it checkpoints."""
 
 import json
@@ -19,6 +19,7 @@ import torch
 from jitrope import evaluate as E
 from jitrope import sample as S
 from jitrope import train as T
+from jitrope import training as TR
 from jitrope.checkpoint import (
     CheckpointError,
     UnverifiedCheckpointError,
@@ -59,7 +60,7 @@ def _flip_data_bytes(f: Path, n: int = 8, seed: int = 0) -> None:
 def run4(tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("run4")
-    out = T.train(_cfg(run, "train.steps=4", "train.ckpt_every=2", "train.log_every=2"), **QUIET)
+    out = TR.train(_cfg(run, "train.steps=4", "train.ckpt_every=2", "train.log_every=2"), **QUIET)
     return run, out["loss"]
 
 
@@ -124,7 +125,7 @@ def test_bit_flip_falls_back_for_a_run_and_fails_for_an_explicit_step(run4, tmp_
     assert E.main(["--ckpt", str(bad), "--out", str(ev), "--steps", "1"]) == 2
     assert "does not match the manifest" in capsys.readouterr().err
     # --resume falls back too, and the resumed run finishes
-    res = T.train(_cfg(run, "train.steps=6", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
+    res = TR.train(_cfg(run, "train.steps=6", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
     assert res["step"] == 6 and "skipping checkpoint step_00000004" in capsys.readouterr().err
     assert load_weights(run)["step"] == 6
 
@@ -150,7 +151,7 @@ def test_no_checkpoint_verifies_is_an_error(run4, tmp_path):
     for _, ck in list_checkpoints(run):
         (ck / "weights.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(CheckpointError, match="no checkpoint of .* verifies"):
-        T.train(_cfg(run, "train.steps=6"), resume=True, **QUIET)
+        TR.train(_cfg(run, "train.steps=6"), resume=True, **QUIET)
 
 
 def test_checkpoint_without_manifest_fails_unless_allowed(run4, tmp_path, capsys):
@@ -233,12 +234,12 @@ def test_newest_checkpoint_without_weights_is_skipped_with_a_warning(run4, tmp_p
         load_weights(run / "checkpoints" / "step_00000004")
     # a fresh start still refuses the folder: the newest step folder counts, complete or not
     with pytest.raises(CheckpointError, match="already holds checkpoints .newest step_00000004"):
-        T.train(_cfg(run, "train.steps=2"), **QUIET)
+        TR.train(_cfg(run, "train.steps=2"), **QUIET)
 
 
 def test_finished_run_resumed_reports_its_last_loss(run4, tmp_path, capsys):
     run = _copy(run4[0], tmp_path)
-    out = T.train(_cfg(run, "train.steps=4", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
+    out = TR.train(_cfg(run, "train.steps=4", "train.ckpt_every=2", "train.log_every=2"), resume=True, **QUIET)
     assert out["step"] == 4 and out["loss"] == run4[1] and math.isfinite(out["loss"])
     assert (
         T.main(
@@ -275,7 +276,7 @@ def test_stale_temp_folders_are_cleaned_at_the_next_start(run4, tmp_path):
         (ck / name).mkdir()
         (ck / name / "weights.safetensors").write_bytes(b"half")
     logs = []
-    T.train(_cfg(run, "train.steps=5", "train.ckpt_every=2"), resume=True, log=logs.append)
+    TR.train(_cfg(run, "train.steps=5", "train.ckpt_every=2"), resume=True, log=logs.append)
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith(".")) == []
     assert any(".tmp-step_00000006-deadbeef" in m for m in logs)
 
@@ -352,6 +353,28 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_run(tmp_path):
         assert load_train_state(newest)["step"] == w["step"]
     assert kills >= 2
     step = load_weights(run)["step"]
-    out = T.train(_cfg(run, f"train.steps={step + 2}", "train.ckpt_every=1", "train.keep_last=1"), resume=True, **QUIET)
+    out = TR.train(
+        _cfg(run, f"train.steps={step + 2}", "train.ckpt_every=1", "train.keep_last=1"), resume=True, **QUIET
+    )
     assert out["step"] == step + 2 and math.isfinite(out["loss"])
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+class _System:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_training_state_that_would_run_code_is_refused_naming_the_callable(tmp_path):
+    marker = tmp_path / "ran"
+    ck = save_checkpoint(tmp_path, 1, model={"w": torch.zeros(2)}, state={"step": 1, "x": _System(marker)})
+    with pytest.raises(CheckpointError) as e:
+        load_train_state(ck)
+    assert str(e.value) == (
+        f"{ck / 'state.pt'} holds an object of {os.system.__module__}.system: refused (the training state is "
+        "tensors and primitives only, weights_only=True); it was not written by jitrope"
+    )
+    assert not marker.exists()

@@ -1,4 +1,4 @@
-"""torch.compile of the JiT model (issue 10 item 3): one graph, no break, no recompile.
+"""torch.compile of the JiT model: one graph, no break, no recompile.
 
 A training step (forward + the diffusion loss in one compiled function, then backward through the
 AOT-compiled backward) is traced with ``fullgraph=True`` for every ``pos_embed`` value, with and
@@ -28,7 +28,8 @@ IMPLS = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# every test here traces (and some compile with inductor) a model: seconds to a minute each
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)

@@ -276,3 +276,53 @@ def test_a_tilde_in_folders_is_expanded_once_when_the_config_is_resolved(tmp_pat
     cfg = load_config("configs/tiny_cpu.yaml", ["train.out_dir=~/runs/a", "data.root=~/data"])
     assert cfg.train.out_dir == str(tmp_path / "runs" / "a") and cfg.data.root == str(tmp_path / "data")
     assert load_config("configs/tiny_cpu.yaml", ["train.out_dir=runs/~x"]).train.out_dir == "runs/~x"
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        # the budget is checked when the config is read, before a data set is built at the largest size
+        (
+            ["data.sizes=[16x16,100000x100000]", "train.tokens_per_batch=256"],
+            "config key data.sizes: 100000x100000 takes 625000000 image tokens at patch 4, over the budget "
+            "train.tokens_per_batch=256",
+        ),
+        (
+            ["sample.sizes=16x16,100000x100000"],
+            "config key sample.sizes: 100000x100000 takes 625000000 image tokens at patch 4, over the sampler's "
+            "limit sample.max_tokens=262144",
+        ),
+        (["sample.max_tokens=0"], "config key sample.max_tokens must be >= 1, got 0"),
+        # 0x8 is a size (with no rows), not YAML's hex number 8
+        (["data.sizes=[0x8,16x16]", "train.tokens_per_batch=256"], "config key data.sizes: '0x8' must have a positive"),
+        (["sample.sizes=0x8"], "config key sample.sizes: '0x8' must have a positive height and width"),
+        (["eval.res_hw=[0x16]"], "config key eval.res_hw wants sizes HxW of positive integers (e.g. 32x48), got '0x16"),
+        (["sample.sizes=16x16,8x8,16X16"], "config key sample.sizes gives 16x16 2 times; give each size once"),
+    ],
+)
+def test_sizes_are_checked_as_text_against_their_budget_when_the_config_is_read(overrides, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        load_config("configs/tiny_cpu.yaml", overrides)
+
+
+def test_a_size_spelt_like_a_hex_number_stays_text_in_files_too(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("base: " + str(Path("configs/tiny_cpu.yaml").resolve()) + "\ndata:\n  sizes: [0x8, 16x16]\n")
+    with pytest.raises(ConfigError, match=re.escape("config key data.sizes: '0x8' must have a positive")):
+        load_config(f, ["train.tokens_per_batch=256"])
+    f.write_text("sample:\n  sizes: 0x8  # one size\n")
+    with pytest.raises(ConfigError, match="config key sample.sizes: '0x8' must have a positive"):
+        load_config(f)
+    f.write_text("train:\n  seed: 0x10\n")  # any value so spelt is text: a number wants decimal digits
+    with pytest.raises(ConfigError, match="config key train.seed: Value '0x10' of type 'str' could not be converted"):
+        load_config(f)
+    assert parse_overrides(["a.b=0x8", "a.c=[0x8, 8x8]", "a.d=0x8,8x8", "a.e='0x8'"]) == {
+        "a": {"b": "0x8", "c": ["0x8", "8x8"], "d": "0x8,8x8", "e": "0x8"}
+    }
+    # a size given twice in training is warned about, not refused: a stored run config may hold it
+    cfg = load_config("configs/tiny_cpu.yaml", ["data.sizes=[16x16,8x8,16x16]", "train.tokens_per_batch=64"])
+    assert cfg.data.sizes == ("16x16", "8x8", "16x16")
+    assert capsys.readouterr().err == (
+        "warning: config key data.sizes gives 16x16 2 times: packed batches draw a size once per time it is "
+        "given, so more often than the others; give each size once for equal shares\n"
+    )

@@ -9,6 +9,7 @@ jitrope's, so the check of that table is against an independent reference.
 import argparse
 import fractions
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,12 @@ import pytest
 import torch
 from torch import nn
 
+from jitrope import checkpoint as CK
 from jitrope import convert as C
+from jitrope import evaluate as E
+from jitrope import published as P
 from jitrope import sample as S
-from jitrope.eval import evaluate as E
+from jitrope.fileio import exclusive_lock
 from jitrope.model import JiT, JiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +70,7 @@ def tiny(**kw) -> JiTConfig:
     return JiTConfig.preset("tiny", pos_impl="torch", **kw)
 
 
+@pytest.mark.slow  # a full JiT-B/16 (131M parameters) built, converted and loaded
 def test_published_b16_state_dict_converts_and_loads_with_nothing_left_over():
     pub_shapes = json.loads(PUBLISHED_B16.read_text())
     assert pub_shapes["persistent_buffers"] == []  # RoPE tables are not stored: only pos_embed is derived
@@ -78,7 +83,7 @@ def test_published_b16_state_dict_converts_and_loads_with_nothing_left_over():
     g = torch.Generator().manual_seed(1)
     pub = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in pub_shapes["state_dict"].items()}
     pub["pos_embed"] = torch.from_numpy(mae_sincos_2d(768, 16)).float()[None]
-    mapped, dropped = C.convert_state_dict({f"net.{k}": v for k, v in pub.items()}, model)
+    mapped, dropped = P.convert_state_dict({f"net.{k}": v for k, v in pub.items()}, model)
     assert dropped == ["pos_embed"] and list(mapped) == list(model.state_dict())
     # the mapped dict, built here by hand: q/k stacked, pos_embed dropped, the rest as published
     by_hand = {k: v for k, v in pub.items() if not k.endswith(("attn.q_norm.weight", "attn.k_norm.weight"))}
@@ -126,7 +131,7 @@ def published_ckpt(tmp_path_factory):
     """A full checkpoint-last.pth of a tiny published-format JiT: three different weight sets, the
     net. prefix, the optimizer, the epoch and the training's Namespace."""
     cfg = tiny()
-    sets = {name: randomized(cfg, seed).state_dict() for seed, name in enumerate(C.WEIGHTS.values())}
+    sets = {name: randomized(cfg, seed).state_dict() for seed, name in enumerate(P.WEIGHTS.values())}
     path = tmp_path_factory.mktemp("published") / "checkpoint-last.pth"
     obj = {name: to_published(sd, cfg, prefix="net.") for name, sd in sets.items()}
     obj.update(
@@ -145,14 +150,14 @@ def test_a_full_checkpoint_converts_each_weight_set(published_ckpt, tmp_path, ca
     argv = [str(path), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch"]
     assert C.main(argv + (["--weights", weights] if weights else [])) == 0, capsys.readouterr().err
     assert "published epoch 599" in capsys.readouterr().out
-    model, cfg, info = S.load_model(out, ema="none")
-    want = sets[C.WEIGHTS[weights or "ema1"]]
+    model, cfg, info = CK.load_model(out, ema="none")
+    want = sets[P.WEIGHTS[weights or "ema1"]]
     assert info["step"] == 0 and info["weights"] == "model" and cfg.sample.ema == "none"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "step_00000000" / "manifest.json").is_file()
     # a second conversion into the same folder does not overwrite it
     assert C.main(argv) == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert "already holds a run (config.yaml) and checkpoints (step_00000000); " in capsys.readouterr().err
 
 
 def test_the_converted_run_samples_and_evaluates(published_ckpt, tmp_path, capsys):
@@ -201,10 +206,20 @@ def test_a_bare_state_dict_in_torch_or_safetensors_format(tmp_path):
         ck = C.convert(
             tmp_path / f, tmp_path / f"out_{f}", preset="tiny", overrides=["model.pos_impl=torch"], log=lambda *a: None
         )
-        model, _, _ = S.load_model(ck, ema="none")
+        model, _, _ = CK.load_model(ck, ema="none")
         assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items())
-    with pytest.raises(C.ConvertError, match="is a bare state dict, one set of weights; drop --weights"):
+    with pytest.raises(P.ConvertError, match="is a bare state dict, one set of weights; drop --weights"):
         C.convert(tmp_path / "sd.pth", tmp_path / "o2", preset="tiny", weights="ema2", log=lambda *a: None)
+
+
+class _System:
+    """Unpickling this would run a shell command (os.system): refused, and named."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 class _Runs:
@@ -220,7 +235,11 @@ class _Runs:
 def test_a_pickle_of_any_other_object_is_refused_not_run(published_ckpt, tmp_path, capsys):
     marker = tmp_path / "ran"
     obj = torch.load(published_ckpt[0], weights_only=False)
-    for extra, named in ((_Runs(marker), f"{open.__module__}.open"), (fractions.Fraction(1, 3), "fractions.Fraction")):
+    for extra, named in (
+        (_Runs(marker), f"{open.__module__}.open"),
+        (_System(marker), f"{os.system.__module__}.system"),  # a blocked module: torch words it otherwise
+        (fractions.Fraction(1, 3), "fractions.Fraction"),
+    ):
         f = tmp_path / "evil.pth"
         torch.save({**obj, "extra": extra}, f)
         assert C.main([str(f), "--preset", "tiny", "--out", str(tmp_path / "o")]) == 2
@@ -299,3 +318,51 @@ def test_unreadable_inputs_are_one_error_line(tmp_path, capsys):
         assert C.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_an_out_that_holds_a_run_a_checkpoint_or_a_lock_is_refused_and_add_waits_for_the_lock(
+    published_ckpt, tmp_path, capsys
+):
+    """convert used to write into a running trainer's folder: past its .lock, over its config.yaml."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("train: {steps: 10}\n")
+    argv = [str(published_ckpt[0]), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch"]
+    assert C.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {out} already holds a run (config.yaml); choose another folder, or pass --add to add "
+        "the converted checkpoint to it\n"
+    )
+    with exclusive_lock(out, "train.out_dir"):  # a trainer at work in it
+        assert C.main(argv) == 2
+        assert "already holds a run (config.yaml) and a lock (.lock); " in capsys.readouterr().err
+        assert C.main(argv + ["--add"]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"error: --out {out} is in use by another process (pid {os.getpid()}, holding {out / '.lock'}); "
+        )
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert C.main(argv + ["--add"]) == 0  # the lock let go: added, the run's own config.yaml kept
+    assert (out / "config.yaml").read_text() == "train: {steps: 10}\n"
+    assert CK.load_checkpoint(out)["step"] == 0 and not (out / ".lock").exists()
+    capsys.readouterr()
+    assert C.main(argv + ["--add"]) == 2  # never over a checkpoint
+    assert f"--out {out} already holds checkpoints/step_00000000; " in capsys.readouterr().err
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".lock").write_text("4242\n")
+    assert C.main(argv[:3] + ["--out", str(stale)]) == 2
+    assert "already holds a lock (.lock); " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "scale,message",
+    [(float("nan"), "hold(s) nan or inf values; weights that are not finite are refused"), (1e30, "probe batch")],
+)
+def test_weights_that_are_not_finite_or_give_no_finite_forward_are_refused(tmp_path, capsys, scale, message):
+    pub = {k: v if k == "net.pos_embed" else v * scale for k, v in _published_tiny().items()}
+    torch.save(pub, tmp_path / "sd.pth")
+    out = tmp_path / "out"
+    assert C.main([str(tmp_path / "sd.pth"), "--preset", "tiny", "--out", str(out), "model.pos_impl=torch"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(f"error: {tmp_path / 'sd.pth'}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == []

@@ -138,7 +138,7 @@ def test_fetch_unpacks_once_and_loads_composited_labelled_images(fake_npm):
 
     # second time: from the tensor cache, neither npm nor the unpacked folders are touched
     calls = fake_npm["log"].read_text()
-    from jitrope import emoji as EM
+    from jitrope.data import emoji as EM
 
     orig = EM.fetch_emoji
     EM.fetch_emoji = lambda *a, **k: pytest.fail("fetch_emoji called although the cache exists")
@@ -272,7 +272,7 @@ def test_emoji_split_keeps_vendors_together(fake_npm):
     from jitrope.config import DataConfig
 
     cfg = DataConfig(name="emoji", root=str(fake_npm["root"]), img_size=32, vendors=("google", "twitter"), holdout=0.5)
-    from jitrope import datasets as DS
+    from jitrope.data import datasets as DS
 
     D_load = DS.load_emoji
     try:
@@ -475,3 +475,21 @@ def test_heldout_condition_picks_are_held_out_one_per_class(tmp_path):
         heldout_picks(ds, 0.2, 0)
     with pytest.raises(DataError, match="has no held-out item at holdout=0.0"):
         heldout_picks(ds, 0.0, 1)
+
+
+def test_hidden_and_appledouble_files_are_skipped_and_counted(tmp_path):
+    """macOS writes ._x.png beside each file on some drives: not an image, it used to stop the run."""
+    from jitrope.sample import load_cond_images
+
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / cls / "a.png")
+        (tmp_path / cls / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "cats" / ".thumb.jpg").write_bytes(b"hidden")
+    said = []
+    ds = load_image_folder(tmp_path, 8, log=said.append)
+    assert ds.names == ["cats/a.png", "dogs/a.png"]
+    assert said == [
+        f"read 2 images of 2 classes from {tmp_path} (skipped 3 hidden files: .* and the AppleDouble ._* of macOS)"
+    ]
+    assert load_cond_images(tmp_path / "cats", 8)[1] == ["a.png"]

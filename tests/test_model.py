@@ -1,4 +1,4 @@
-"""JiT model and its positional encodings (SPEC.md §1, §5, §6; issue 4).
+"""JiT model and its positional encodings (docs/ops.md and docs/training.md).
 
 Everything runs on tiny configs (16x16 images, 4x4 grid) on the CPU. Tests that compare
 ``pos_impl="fused"`` with ``pos_impl="torch"`` need the extension's kernels; they are skipped only
@@ -288,7 +288,7 @@ def test_qk_norm_rope_tables_is_norm_then_rope2d_ref(dtype, per_head):
     freqs = torch.randn(H, 2, D // 2, generator=g) if per_head else axial_freqs(D)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
 
-    def norm(x, w, to):  # SPEC §3a's norm, statistics in `to`
+    def norm(x, w, to):  # docs/ops.md's norm, statistics in `to`
         h = x.to(to)
         return w.to(to).view(2, 1, 1, 1, D) * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
 
@@ -402,7 +402,7 @@ def test_rope_tables_follow_device_and_dtype_casts():
     model = build(tiny("sincos2d+rope2d", cond_img_size=8))
     rope, D = model.pos.rotary, model.cfg.head_dim
     assert rope.cos.dtype == rope.freqs.dtype == torch.float32 and rope.cos.shape == (1, 4 + 16 + 4, D // 2)
-    model.to(torch.bfloat16)  # a model cast wholesale keeps float32 angles (SPEC §2)
+    model.to(torch.bfloat16)  # a model cast wholesale keeps float32 angles (docs/ops.md)
     assert rope.cos.dtype == rope.freqs.dtype == rope.coords.dtype == torch.float32
     model.to(torch.float64)
     assert rope.cos.dtype == rope.freqs.dtype == torch.float64
@@ -480,6 +480,7 @@ def test_every_parameter_is_in_the_graph_without_dropped_conditions():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos_embed", ENCODINGS)
 def test_small_model_overfits_one_batch(pos_embed):
     # x-prediction MSE at fixed, low noise levels: the model must memorise 4 images.

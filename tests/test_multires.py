@@ -1,4 +1,4 @@
-"""Packed mixed-size training and sampling (issue 16 items 5, 6, 9): sizes, the token-budget packer,
+"""Packed mixed-size training and sampling: sizes, the token-budget packer,
 the mixed-size batch maker, packed training with exact resume, jitrope-sample --sizes, the errors."""
 
 import math
@@ -9,11 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from jitrope import checkpoint as CK
 from jitrope import sample as S
 from jitrope import train as T
-from jitrope.config import ConfigError, load_config
+from jitrope import training as TR
+from jitrope.config import load_config
 from jitrope.data import MultiResMaker, TokenPacker, make_synthetic, padding_waste, parse_sizes
-from jitrope.sample import make_grid
+from jitrope.grids import make_grid
+from jitrope.sampling import generate_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -95,7 +98,7 @@ def test_mixed_size_images_sit_on_white_canvases(cond):
 
 def test_packed_training_logs_the_padding_waste(tmp_path):
     lines = []
-    out = T.train(_cfg(tmp_path, "train.steps=4", "train.log_every=2"), log=lines.append)
+    out = TR.train(_cfg(tmp_path, "train.steps=4", "train.log_every=2"), log=lines.append)
     assert out["step"] == 4 and math.isfinite(out["loss"])
     assert "packed batches of 400 tokens over sizes 8x8, 16x16, 16x24, 24x16, 24x24" in lines[0]
     logged = [ln for ln in lines if ln.startswith("step ")]
@@ -111,9 +114,9 @@ def _weights(run_dir, step):
 @pytest.mark.parametrize("cond", ["downsample", "none"])
 def test_mixed_size_resume_is_bit_exact(tmp_path, cond):
     extra = ["train.ckpt_every=5"] + ([] if cond != "none" else ["data.cond=none", "model.cond_img_size=null"])
-    T.train(_cfg(tmp_path / "straight", "train.steps=10", *extra), **quiet)
-    T.train(_cfg(tmp_path / "split", "train.steps=5", *extra), **quiet)
-    out = T.train(_cfg(tmp_path / "split", "train.steps=10", *extra), resume=True, **quiet)
+    TR.train(_cfg(tmp_path / "straight", "train.steps=10", *extra), **quiet)
+    TR.train(_cfg(tmp_path / "split", "train.steps=5", *extra), **quiet)
+    out = TR.train(_cfg(tmp_path / "split", "train.steps=10", *extra), resume=True, **quiet)
     assert out["step"] == 10
     a, b = _weights(tmp_path / "straight", 10), _weights(tmp_path / "split", 10)
     assert a.keys() == b.keys()
@@ -126,11 +129,11 @@ def test_mixed_size_resume_is_bit_exact(tmp_path, cond):
 
 
 def test_resume_refuses_another_budget(tmp_path):
-    T.train(_cfg(tmp_path, "train.steps=2"), **quiet)
+    TR.train(_cfg(tmp_path, "train.steps=2"), **quiet)
     from jitrope.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="train.tokens_per_batch: checkpoint 400 vs now 300"):
-        T.train(_cfg(tmp_path, "train.steps=4", "train.tokens_per_batch=300"), resume=True, **quiet)
+        TR.train(_cfg(tmp_path, "train.steps=4", "train.tokens_per_batch=300"), resume=True, **quiet)
 
 
 @pytest.mark.parametrize(
@@ -164,21 +167,16 @@ def test_bad_sizes_and_budgets_are_one_error_line(tmp_path, capsys, args, messag
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
 
 
-def test_packing_refuses_several_ranks(tmp_path):
-    cfg = _cfg(tmp_path)
-    ds = make_synthetic(20, 16)
-    with pytest.raises(
-        ConfigError,
-        match=r"data.sizes \(packed mixed-size batches\) trains on one rank, this run "
-        r"has 2 \(WORLD_SIZE\)",
-    ):
-        T._check_data_fits(cfg, cfg.model_config(), ds, 2)
+def test_packing_trains_on_several_ranks_whatever_the_batch_size(tmp_path):
+    # each rank packs its own train.tokens_per_batch: train.batch_size (here 16) only sets the lr
+    cfg = _cfg(tmp_path, "train.grad_accum_steps=3")
+    TR._check_data_fits(cfg, cfg.model_config(), make_synthetic(20, 16), 5)
 
 
 @pytest.fixture(scope="module")
 def packed_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("packed_run")
-    T.train(_cfg(run, "train.steps=3"), **quiet)
+    TR.train(_cfg(run, "train.steps=3"), **quiet)
     return run
 
 
@@ -221,7 +219,7 @@ def test_sample_sizes_writes_one_grid_of_classes_by_sizes(packed_run, tmp_path, 
 def test_sample_sizes_is_one_packed_forward_per_step(packed_run, monkeypatch):
     from jitrope.model import JiT
 
-    model, cfg, _ = S.load_model(packed_run, pos_impl="torch")
+    model, cfg, _ = CK.load_model(packed_run, pos_impl="torch")
     calls = []
     real = JiT.forward_tokens
 
@@ -233,16 +231,16 @@ def test_sample_sizes_is_one_packed_forward_per_step(packed_run, monkeypatch):
     from jitrope.diffusion import Diffusion
 
     labels = torch.tensor([0, 1, 2])
-    xs = S.generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 24), (24, 16)], steps=3, sampler="heun", cfg=2.0)
+    xs = generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 24), (24, 16)], steps=3, sampler="heun", cfg=2.0)
     assert [tuple(x.shape) for x in xs] == [(3, 8, 8), (3, 16, 24), (3, 24, 16)]
     assert calls == [6] * 5  # heun: 2 * 3 - 1 evaluations, each one forward of both CFG branches (2 x 3 images)
     calls.clear()
-    again = S.generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 24), (24, 16)], steps=3, sampler="euler")
+    again = generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 24), (24, 16)], steps=3, sampler="euler")
     assert calls == [3] * 3 and all(x.isfinite().all() for x in again)
 
 
 def test_sample_sizes_takes_every_pos_scaling(packed_run, tmp_path, capsys, monkeypatch):
-    # ntk / yarn on a packed batch (issue 16): the override reaches the packed forward, each size is placed
+    # ntk / yarn on a packed batch: the override reaches the packed forward, each size is placed
     # by its own grid; the training size and a smaller one are the plain model's, bit for bit.
     from jitrope.diffusion import Diffusion
     from jitrope.model import JiT
@@ -265,12 +263,12 @@ def test_sample_sizes_takes_every_pos_scaling(packed_run, tmp_path, capsys, monk
         assert seen and set(seen) == {(mode, True)}
     monkeypatch.undo()
     # the numbers (the tiny run's images round to the same grey; its float outputs do not)
-    model, _, _ = S.load_model(packed_run, pos_impl="torch")
+    model, _, _ = CK.load_model(packed_run, pos_impl="torch")
     outs = {}
     for mode in ("extrapolate", "ntk", "yarn"):
         model.cfg.pos_scaling = mode
         labels = torch.tensor([0, 1, 2])
-        outs[mode] = S.generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 16), (24, 24)], steps=2, cfg=2.0)
+        outs[mode] = generate_sizes(model, Diffusion(), labels, [(8, 8), (16, 16), (24, 24)], steps=2, cfg=2.0)
     for mode in ("ntk", "yarn"):
         for k in (0, 1):
             assert torch.equal(outs[mode][k], outs["extrapolate"][k]), (mode, k)

@@ -1,4 +1,4 @@
-"""Packed batches (SPEC.md §10, issue 16): the layout, block-diagonal attention, the model and the
+"""Packed batches (docs/packing.md): the layout, block-diagonal attention, the model and the
 diffusion loss / sampler on images of different sizes in one token stream.
 
 The model tests run the tiny preset (patch 4, 4 in-context tokens from block 1) on the CPU. A packed

@@ -1,4 +1,4 @@
-"""Every ``pos_scaling`` mode on packed mixed-size batches (SPEC.md §10, issue 16): ntk / yarn scale RoPE
+"""Every ``pos_scaling`` mode on packed mixed-size batches (docs/packing.md): ntk / yarn scale RoPE
 frequencies per sequence (one table per sample, ``freqs_index`` per token), yarn tempers each sequence's
 attention logits, tables interpolate under both. A packed batch must give what a loop of the batched path
 on single images gives with the same ``pos_scaling``: sizes larger than the training grid (tiny: 16x16

@@ -1,5 +1,5 @@
 """The formulas of jitrope.reference (rope_angles, rotate_pairs, rms_norm) and the ``freqs_index`` keyword
-of the references (SPEC §10). Pure PyTorch: these run without the extension."""
+of the references (docs/ops.md). Pure PyTorch: these run without the extension."""
 
 import math
 

@@ -7,12 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
+from jitrope import checkpoint as CK
+from jitrope import evaluate as E
 from jitrope import sample as S
-from jitrope import train as T
+from jitrope import training as TR
 from jitrope.checkpoint import CheckpointError
 from jitrope.config import ConfigError, load_config
+from jitrope.data import to_uint8
 from jitrope.diffusion import Diffusion
-from jitrope.eval import evaluate as E
+from jitrope.eval import evaluate as EV
+from jitrope.grids import condition_rows
+from jitrope.sampling import NonFiniteSamples, generate, generate_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -22,7 +27,7 @@ BASE = ["model.pos_impl=torch", "train.progress=false", "train.tensorboard=false
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_run")
-    T.train(
+    TR.train(
         load_config(
             TINY, BASE + [f"train.out_dir={run}", "train.steps=6", "train.ckpt_every=6", "train.sample_every=6"]
         ),
@@ -35,7 +40,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_uncond_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_uncond")
-    T.train(
+    TR.train(
         load_config(
             TINY, BASE + [f"train.out_dir={run}", "train.steps=2", "model.cond_img_size=null", "data.cond=none"]
         ),
@@ -118,25 +123,25 @@ def test_condition_rows_show_each_condition_at_the_sample_size_before_its_sample
     enlarged = small.repeat_interleave(2, -2).repeat_interleave(2, -1)  # nearest-neighbour, 2x
     reduced = large.double().reshape(2, 3, 8, 2, 8, 2).mean((3, 5))  # box filter, 2x
     for conds, shown in ((small, enlarged), (large, reduced)):
-        cells = S.condition_rows(conds, samples, n)
+        cells = condition_rows(conds, samples, n)
         assert cells.shape == (8, 3, 8, 8)
         for r in range(2):
             torch.testing.assert_close(cells[r * (n + 1)].double(), shown[r].double(), rtol=0, atol=1e-6)
             assert torch.equal(cells[r * (n + 1) + 1 : (r + 1) * (n + 1)], samples[r * n : (r + 1) * n])
-    u8 = S.condition_rows(small, S.to_uint8(samples), n)  # uint8 samples: the condition converted alike
-    assert u8.dtype == torch.uint8 and torch.equal(u8[0], S.to_uint8(enlarged[0]))
-    assert torch.equal(u8[1:4], S.to_uint8(samples[:3]))
+    u8 = condition_rows(small, to_uint8(samples), n)  # uint8 samples: the condition converted alike
+    assert u8.dtype == torch.uint8 and torch.equal(u8[0], to_uint8(enlarged[0]))
+    assert torch.equal(u8[1:4], to_uint8(samples[:3]))
     with pytest.raises(ValueError, match="5 samples for 2 conditions of 3 each"):
-        S.condition_rows(small, samples[:5], n)
+        condition_rows(small, samples[:5], n)
 
 
 def test_samples_do_not_depend_on_the_batch_size(tiny_run):
-    model, cfg, info = S.load_model(tiny_run, ema="0")
+    model, cfg, info = CK.load_model(tiny_run, ema="0")
     assert info["step"] == 6 and info["class_names"][0] == "disc"
     d = Diffusion.from_config(cfg.diffusion)
     y = torch.tensor([0, 1, 2])
-    a = S.generate(model, d, y, steps=2, cfg=2.0, seed=5, batch_size=3)
-    b = S.generate(model, d, y, steps=2, cfg=2.0, seed=5, batch_size=1)
+    a = generate(model, d, y, steps=2, cfg=2.0, seed=5, batch_size=3)
+    b = generate(model, d, y, steps=2, cfg=2.0, seed=5, batch_size=1)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert a.shape == (3, 3, 16, 16)
 
@@ -260,7 +265,7 @@ def test_missing_or_corrupt_checkpoint(tmp_path, capsys):
     bad = tmp_path / "weights.safetensors"
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=str(bad)):
-        S.load_model(bad)
+        CK.load_model(bad)
 
 
 def test_condition_on_a_model_without_one(tiny_uncond_run, tmp_path, capsys):
@@ -327,7 +332,7 @@ def test_evaluate_writes_json_metrics(tiny_run, tmp_path, capsys):
     assert 0 <= m["class_samples"]["nn_class_acc"] <= 1 and m["cond_samples"]["n"] == 3
     assert "held-out v-loss" in capsys.readouterr().out
     # fixed noise: the v-loss is reproducible
-    again = E.evaluate(
+    again = EV.evaluate(
         tiny_run,
         overrides=[
             "eval.t_grid=[0.2,0.8]",
@@ -349,7 +354,7 @@ def test_help_texts_explain():
 
 def test_evaluate_checks_its_output_before_any_metric(tiny_run, tmp_path, capsys, monkeypatch):
     called = []
-    monkeypatch.setattr(E, "_evaluate", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(E, "evaluate_weights", lambda *a, **k: called.append(1))
     (tmp_path / "taken.json").mkdir()
     for out in (tmp_path, tmp_path / "taken.json"):
         assert E.main(["--ckpt", str(tiny_run), "--out", str(out)]) == 2
@@ -363,16 +368,16 @@ def test_evaluate_checks_its_output_before_any_metric(tiny_run, tmp_path, capsys
 
 
 def test_evaluate_refuses_a_hand_built_resolution_study_without_featnet_before_any_metric(tiny_run, monkeypatch):
-    w = S.load_checkpoint(tiny_run)
-    cfg = S.run_config(w, overrides=["eval.res_px=[16]", "eval.metrics=[vloss,res]"])
+    w = CK.load_checkpoint(tiny_run)
+    cfg = CK.run_config(w, overrides=["eval.res_px=[16]", "eval.metrics=[vloss,res]"])
     cfg.eval.featnet = "none"  # set after the config's own checks, as a caller of evaluate(cfg=...) may
 
     def no_work(*a, **k):
         raise AssertionError("a metric ran before the check")
 
-    monkeypatch.setattr(E, "heldout_vloss", no_work)
+    monkeypatch.setattr(EV, "heldout_vloss", no_work)
     with pytest.raises(ConfigError, match="eval.res_px: the resolution study needs the feature network"):
-        E.evaluate(tiny_run, cfg)
+        EV.evaluate(tiny_run, cfg)
 
 
 def test_settings_come_from_the_run_then_the_file_then_overrides_then_flags(tiny_run, tmp_path, monkeypatch):
@@ -407,7 +412,9 @@ def test_settings_come_from_the_run_then_the_file_then_overrides_then_flags(tiny
 
 def test_evaluate_reads_the_eval_section_and_flags(tiny_run, tmp_path, monkeypatch):
     got = {}
-    monkeypatch.setattr(E, "_evaluate", lambda w, cfg, device, **k: got.update(cfg=cfg, device=device) or {"step": 6})
+    monkeypatch.setattr(
+        E, "evaluate_weights", lambda w, cfg, device, **k: got.update(cfg=cfg, device=device) or {"step": 6}
+    )
     (tmp_path / "e.yaml").write_text("eval:\n  metrics: [vloss]\n  t_grid: [0.3]\n  max_images: 5\n")
     out = tmp_path / "m.json"
     assert (
@@ -491,26 +498,111 @@ def test_allow_unverified_reaches_the_checkpoint_loader(tiny_run, tmp_path, monk
     ), capsys.readouterr().err
     assert out.is_file()
     seen = []
-    real_resolve, real_load = S.resolve_checkpoint, S.load_weights
+    real_resolve, real_load = CK.resolve_checkpoint, CK.load_weights
 
     def resolve(path, allow_unverified=False):
         seen.append(("resolve", allow_unverified))
-        return real_resolve(path)
+        return real_resolve(path, allow_unverified=allow_unverified)
 
-    def load(path, allow_unverified=False):
+    def load(path, allow_unverified=False):  # it resolves the path too, through the spy above
         seen.append(("load", allow_unverified))
-        return real_load(path)
+        return real_load(path, allow_unverified=allow_unverified)
 
-    monkeypatch.setattr(S, "resolve_checkpoint", resolve)
-    monkeypatch.setattr(S, "load_weights", load)
-    monkeypatch.setattr(E, "_evaluate", lambda *a, **k: {"step": 6})
+    monkeypatch.setattr(CK, "resolve_checkpoint", resolve)
+    monkeypatch.setattr(CK, "load_weights", load)
+    monkeypatch.setattr(E, "evaluate_weights", lambda *a, **k: {"step": 6})
     for main, args in (
         (S.main, ["--steps", "1", "--n", "1", "--classes", "0", "--no-progress", "--no-singles"]),
         (E.main, []),
     ):
         seen.clear()
         assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args, "--allow-unverified"]) == 0
-        assert seen == [("resolve", True), ("load", True)]
+        assert {what for what, _ in seen} == {"resolve", "load"} and all(flag for _, flag in seen), seen
         seen.clear()
         assert main(["--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), *args]) == 0
-        assert seen == [("resolve", False), ("load", False)]
+        assert {what for what, _ in seen} == {"resolve", "load"} and not any(flag for _, flag in seen), seen
+
+
+def _scaled_checkpoint(run: Path, dest: Path, factor: float) -> Path:
+    """A copy of ``run``'s newest checkpoint with every weight times ``factor`` (a verified manifest):
+    what a diverged run writes when its weights are huge but finite."""
+    w = CK.load_checkpoint(run)
+    big = [{k: v * factor if v.is_floating_point() else v for k, v in sd.items()} for sd in [w["model"], *w["emas"]]]
+    kw = dict(ema_decays=w["ema_decays"], config=w["config"], class_names=w["class_names"])
+    return CK.save_checkpoint(dest, w["step"], model=big[0], emas=big[1:], model_config=w["model_config"], **kw)
+
+
+def test_weights_whose_forward_is_not_finite_are_refused_on_load(tiny_run, tmp_path, capsys):
+    ck = _scaled_checkpoint(tiny_run, tmp_path / "big", 1e30)
+    out = tmp_path / "x.png"
+    assert S.main(["--ckpt", str(tmp_path / "big"), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {ck / 'weights.safetensors'} [ema0]: these weights give a probe loss of ")
+    assert line.endswith("load an earlier checkpoint (a checkpoints/step_* folder) or other weights (sample.ema)")
+    assert not out.exists()
+    assert E.main(["--ckpt", str(ck), "--out", str(tmp_path / "e.json"), "--metrics", "vloss"]) == 2
+    assert "[ema0]: these weights give a probe loss of " in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_samples_that_come_out_non_finite_are_an_error_never_a_black_image(tiny_run, tmp_path, capsys, monkeypatch):
+    model, cfg, _ = CK.load_model(tiny_run)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteSamples, match=r"nan or inf values \(image 0 and 1 more of 4\): "):
+        generate(model, Diffusion(), torch.arange(4), None, steps=2, batch_size=2)
+    with pytest.raises(NonFiniteSamples, match=r"nan or inf values \(image 0 and 1 more of 2\): "):
+        generate_sizes(model, Diffusion(), torch.arange(2), [(16, 16), (8, 16)], steps=2)
+    # past the load check (a probe it passes), the sampling itself refuses to write them
+    _scaled_checkpoint(tiny_run, tmp_path / "nan", float("nan"))
+    monkeypatch.setattr(CK, "probe_loss", lambda *a, **k: 0.0)
+    out = tmp_path / "x.png"
+    assert S.main(["--ckpt", str(tmp_path / "nan"), "--out", str(out), "--steps", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: sampling gave nan or inf values (image 0 and ")
+    assert not out.exists() and not (tmp_path / "x").exists()
+
+
+def test_sampled_sizes_are_checked_before_anything_is_allocated(tiny_run, tmp_path, capsys):
+    """--sizes 16x16,100000x100000 used to build the packed batch and die in the allocator."""
+    out = str(tmp_path / "x.png")
+    for args, line in [
+        (
+            ["--sizes", "16x16,100000x100000"],
+            "error: --sizes (sample.sizes): 100000x100000 takes 625000000 image tokens at patch 4, over the "
+            "sampler's limit sample.max_tokens=262144",
+        ),
+        (["--sizes", "0x8,16x16"], "error: --sizes (sample.sizes): '0x8' must have a positive height and width"),
+        (["--sizes", "16x16,16x16"], "error: --sizes (sample.sizes) gives 16x16 2 times; give each size once"),
+        (
+            ["--sizes", "16x16,32x32", "--max-tokens", "1000", "--n", "4"],
+            "error: --sizes (sample.sizes): 9 classes x 2 sizes x 4 samples take 2880 image tokens in one packed "
+            "batch, over the sampler's limit --max-tokens (sample.max_tokens)=1000; sample fewer classes, sizes or "
+            "samples (--n (sample.n)), or raise sample.max_tokens",
+        ),
+        (
+            ["--img-size", "100000"],
+            "error: --img-size (sample.img_size): a batch of 64 images of 100000x100000 takes 40000000000 image "
+            "tokens, over the sampler's limit sample.max_tokens=262144; lower sample.batch_size, or raise "
+            "sample.max_tokens",
+        ),
+    ]:
+        assert S.main(["--ckpt", str(tiny_run), "--out", out, *args]) == 2
+        assert capsys.readouterr().err == line + "\n"
+    assert not Path(out).exists()
+
+
+def test_a_published_checkpoint_given_to_ckpt_points_to_the_converter(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "checkpoint-last.pth")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "state_dict.safetensors"))
+    for name in ("checkpoint-last.pth", "state_dict.safetensors"):
+        f = tmp_path / name
+        hint = (
+            f"error: {f} is not a jitrope checkpoint; to use a published JiT checkpoint, convert it first: "
+            f"jitrope-convert {f} --preset JiT-B/16 (its model) --out <folder>, then give --ckpt that folder\n"
+        )
+        assert S.main(["--ckpt", str(f), "--out", str(tmp_path / "x.png")]) == 2
+        assert capsys.readouterr().err == hint  # not --allow-unverified, which would not help
+        assert E.main(["--ckpt", str(f), "--out", str(tmp_path / "x.json")]) == 2
+        assert capsys.readouterr().err == hint

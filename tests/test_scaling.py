@@ -58,7 +58,7 @@ def ref_pi_axis(head_dim, theta, s):
 
 
 def layout_2d(rows, cols):
-    """[2, D/2] of SPEC §2: row frequencies in the first quarter-pairs, column ones in the second."""
+    """[2, D/2] of docs/ops.md: row frequencies in the first quarter-pairs, column ones in the second."""
     z = [0.0] * len(rows)
     return torch.tensor([rows + z, z + cols], dtype=F64)
 
@@ -223,9 +223,9 @@ def test_yarn_tempers_the_logits_only_on_a_larger_grid(monkeypatch, attn_impl):
     else:
         real = model_mod.attention_fp32
 
-        def spy(q, k, v, dropout_p=0.0, scale=None):
+        def spy(q, k, v, dropout_p=0.0, scale=None, mask=None):
             seen.append(scale)
-            return real(q, k, v, dropout_p, scale)
+            return real(q, k, v, dropout_p, scale, mask)
 
         monkeypatch.setattr(model_mod, "attention_fp32", spy)
     d = m.cfg.head_dim

@@ -1,7 +1,7 @@
-"""The study library (jitrope.eval.study, jitrope.eval.report) on small synthetic inputs: statistics and the
-within-noise rule, readers of metrics.jsonl and evaluation JSONs, the every-size records (repeated modes,
-oracle ratios, the best mode, the answer across sizes), FD-emoji sanity checks, the time estimate, and
-the page with its tables and plots."""
+"""The study beside the library (studies/posenc: study, answer, everysize, report) on small synthetic inputs:
+statistics and the verdict rule with its pooled spread, readers of metrics.jsonl and evaluation JSONs, the
+every-size records (repeated modes, oracle ratios, the best mode, the answer across sizes), FD-emoji sanity
+checks, where each encoding puts the condition tokens, and the page with its sections, answer and README block."""
 
 import json
 import math
@@ -10,9 +10,12 @@ import statistics
 import pytest
 import torch
 
-from jitrope.eval import report as R
-from jitrope.eval import study as S
 from jitrope.runlog import MetricsLogger
+from studies.posenc import answer as A
+from studies.posenc import everysize as E
+from studies.posenc import plan as P
+from studies.posenc import report as R
+from studies.posenc import study as S
 
 
 # ----------------------------------------------------------------------------------- statistics
@@ -27,15 +30,30 @@ def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_values():
     assert S.get({"a": None}, ("a",)) is None
 
 
-def test_within_noise_rule_and_verdicts():
+def test_t_quantile_and_the_pooled_standard_deviation():
+    # two-sided 95% critical values of Student's t (tables)
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (6, 2.447), (8, 2.306), (22, 2.074), (1000, 1.962)):
+        assert S.t_quantile(0.95, df) == pytest.approx(t, abs=1e-3)
+    assert S.t_quantile(0.90, 8) == pytest.approx(1.860, abs=1e-3)
+    with pytest.raises(ValueError):
+        S.t_quantile(0.95, 0)
+    groups = [[1.0, 2.0, 3.0], [5.0, 7.0], [4.0], [None, 2.0, float("nan")]]
+    sp, df = S.pooled_sd(groups)  # (2 + 2) / (2 + 1): groups of one value add nothing
+    assert df == 3 and sp == pytest.approx(math.sqrt(4.0 / 3.0))
+    assert S.pooled_sd([[1.0], [2.0]]) == (None, 0)
+
+
+def test_verdicts_use_the_pooled_spread_of_every_encoding():
     vals = {"a": [1.0, 1.1, 0.9], "b": [2.0, 2.1, 1.9], "c": [1.05, 1.25, 0.95]}
     c = S.compare(vals, lower=True)
-    # b: gap 1.0 > 2 * sqrt(0.1^2 + 0.1^2) = 0.28 -> apart; c: gap 0.083 -> within noise
+    sp = math.sqrt((0.02 + 0.02 + sum((x - 3.25 / 3) ** 2 for x in vals["c"])) / 6)
+    assert c.df == 6 and c.sd_pooled == pytest.approx(sp)
+    # b: gap 1.0 > t(0.975, 6) * s_p * sqrt(2/3) = 0.24 -> apart; c: gap 0.083 -> within noise
+    assert c.margin(3, 3) == pytest.approx(2.4469 * sp * math.sqrt(2 / 3), rel=1e-4)
     assert c.best == "a" and [n for n, _ in c.apart] == ["b"] and [n for n, _ in c.near] == ["c"]
     assert c.top == ["a", "c"] and S.top_group(vals, True) == ["a", "c"]
-    v = S.verdict(vals, True, ".2f", "FD")
-    assert (
-        v == "FD: best `a` (1.00 ± 0.10); clearly worse (gap > 2x the combined seed spread): `b` 2.00; "
+    assert S.verdict(vals, True, ".2f", "FD") == (
+        "FD: best `a` (1.00 ± 0.10; pooled sd 0.12, df 6; margin 0.24 at 3 vs 3 seeds); clearly worse: `b` 2.00; "
         "within noise of it: `c` 1.08."
     )
     assert S.compare(vals, lower=False).best == "b"  # higher is better
@@ -45,6 +63,24 @@ def test_within_noise_rule_and_verdicts():
     assert S.verdict({"a": [1.0]}, True, ".1f", "x") == "x: too few runs to compare."
     # two runs with the same numbers have no spread: nothing is "clearly" apart
     assert S.compare({"a": [1.0, 1.0], "b": [2.0, 2.0]}, True).apart == []
+    # a one-seed encoding is compared with the others' pooled spread: sqrt(1/1 + 1/3)
+    c1 = S.compare({"a": [1.0, 1.1, 0.9], "b": [1.5]}, True)
+    assert c1.df == 2 and c1.margin(3, 1) == pytest.approx(4.3027 * 0.1 * math.sqrt(4 / 3), rel=1e-4)
+
+
+def test_two_near_identical_seeds_do_not_make_a_gap_clearly_worse():
+    """The issue's case: the best of many combinations has two seeds that agree by chance (0.3589 ± 0.0006).
+    Its own spread made a gap of 0.006 "clearly worse" under the old rule (2x the combined spread of the two);
+    the spread pooled over every combination does not collapse with it."""
+    vals = {"best": [0.3585, 0.3593], "x": [0.3650, 0.3660], "y": [0.360, 0.375], "z": [0.370, 0.355]}
+    (_, sd_b), (_, sd_x) = S.mean_sd(vals["best"]), S.mean_sd(vals["x"])
+    gap = statistics.mean(vals["x"]) - statistics.mean(vals["best"])
+    assert gap > 2 * math.sqrt(sd_b**2 + sd_x**2)  # what the old rule called clearly worse
+    c = S.compare(vals, lower=True)
+    assert c.best == "best" and c.apart == [] and {n for n, _ in c.near} == {"x", "y", "z"}
+    # ... while a gap well beyond the pooled spread still is
+    far = dict(vals, w=[0.45, 0.46])
+    assert [n for n, _ in S.compare(far, lower=True).apart] == ["w"]
 
 
 # ----------------------------------------------------------------------------------- readers
@@ -171,34 +207,29 @@ def test_size_records_oracle_ratios_best_mode_and_the_answer_across_sizes(monkey
     # a mode that only ever repeats another one is that mode: not a candidate of its own
     only_rep = [dict(x, same_as="interpolate") if x["scaling"] == "ntk" else x for x in flat]
     assert not any(k.endswith("| ntk") for k in S.across_sizes_values(only_rep, "fd_emoji", sizes))
-    sent = R.answer_sentences([], [], flat, sizes, {"mixed": "on 8² and 16² images together"})
+    sent = E.sizes_claims(flat, sizes)
     near = ", ".join(f"`rope2d` {n.split(' | ')[2]} (mixed regime) ({v:.3f})" for n, v in c.near)
-    assert [n for n, _ in c.near] == ["rope2d | mixed | interpolate", "rope2d | mixed | ntk"]
+    # every combination's two seeds differ by 0.05: pooled sd 0.035 (df 8), margin 0.083 at 2 vs 2 seeds, so
+    # interpolate (0.033 above extrapolate at every size) is apart and ntk (which repeats it at 8², 8x16) is not
+    assert c.df == 8 and c.sd_pooled == pytest.approx(0.05 / math.sqrt(2))
+    assert [n for n, _ in c.near] == ["rope2d | mixed | ntk"]
     v = S.across_sizes(flat, "vloss", True, sizes)
     assert v.best == "rope2d | mixed | extrapolate" and len(v.near) == 2 and len(v.apart) == 5
     vnear = ", ".join(f"`rope2d` {n.split(' | ')[2]} (mixed regime) ({m:.4f})" for n, m in v.near)
-    vloss = (
-        f"On held-out v-loss averaged over the sizes the best is `rope2d` with `extrapolate` scaling, trained "
-        f"on 8² and 16² images together ({S.fmt_pm(*v.stats[v.best], '.4f')}); within noise of it: {vnear}; "
-        f"the other 5 are clearly worse."
-    )
+    best, vbest = c.stats[c.best], v.stats[v.best]
     assert sent == [
-        f"For one model across sizes (8², 16², 8x16): use `rope2d` with `extrapolate` scaling, trained on "
-        f"8² and 16² images together (FD-emoji averaged over the sizes "
-        f"{S.fmt_pm(*c.stats[c.best], '.3f')}); within noise of it: {near}.",
-        vloss,
+        f"For one model across sizes (8², 16², 8x16): use `rope2d` with `extrapolate` scaling (mixed regime) "
+        f"(FD-emoji averaged over the sizes {S.fmt_pm(best.mean, best.sd, '.3f')}); within noise of it: {near}.",
+        f"On held-out v-loss averaged over the sizes the best is `rope2d` with `extrapolate` scaling (mixed regime) "
+        f"({S.fmt_pm(vbest.mean, vbest.sd, '.4f')}); within noise of it: {vnear}; the other 5 are clearly worse.",
     ]
-    # when more than MAX_NEAR tie with the best, the answer names no winner, counts the tie and lists the
-    # clearly worse; the v-loss sentence (as many ties) is left out rather than name a winner
-    monkeypatch.setattr(R, "MAX_NEAR", 1)
-    worse = ", ".join(
-        f"`{n.split(' | ')[0]}` {n.split(' | ')[2]} ({n.split(' | ')[1]} regime) ({m:.3f})" for n, m in c.apart
-    )
-    assert R.answer_sentences([], [], flat, sizes, {"mixed": "on 8² and 16² images together"}) == [
+    # when more than MAX_NEAR tie with the best, the answer names no winner and counts the tie and the clearly
+    # worse (the verdicts list them); the v-loss sentence (as many ties) is left out rather than name a winner
+    monkeypatch.setattr(E, "MAX_NEAR", 0)
+    assert E.sizes_claims(flat, sizes) == [
         f"For one model across sizes (8², 16², 8x16): no encoding, scaling and regime is clearly best on FD-emoji "
-        f"averaged over the sizes; 3 of {len(c.stats)} are within noise of the lowest, `rope2d` with `extrapolate` "
-        f"scaling, trained on 8² and 16² images together ({S.fmt_pm(*c.stats[c.best], '.3f')}); clearly worse: "
-        f"{worse}."
+        f"averaged over the sizes: 2 of {len(c.stats)} are within noise of the lowest, `rope2d` with `extrapolate` "
+        f"scaling (mixed regime) ({S.fmt_pm(best.mean, best.sd, '.3f')}); {len(c.apart)} are clearly worse."
     ]
 
 
@@ -272,7 +303,7 @@ def test_fd_sanity_checks_on_synthetic_images():
 
 # ----------------------------------------------------------------------------------- time
 def test_estimate_seconds_by_hand():
-    plan = S.StudyPlan(
+    plan = P.StudyPlan(
         train_runs=4,
         extra_train_runs=2,
         steps=100,
@@ -291,7 +322,7 @@ def test_estimate_seconds_by_hand():
         sample_steps=3,
         jobs=2,
     )
-    e = S.estimate_seconds(plan, step_s=1.2)
+    e = P.estimate_seconds(plan, step_s=1.2)
     fwd = 1.2 / 24
     per_sample = 2 * 5
     assert e["train"] == pytest.approx(6 * 100 * 1.2 / 2)
@@ -301,10 +332,10 @@ def test_estimate_seconds_by_hand():
 
 
 # ----------------------------------------------------------------------------------- the page
-def _main_row(enc, seed, base):
+def _main_row(enc, seed, base, *, cond_fd=True):
     g = torch.Generator().manual_seed(seed)
     j = float(torch.rand((), generator=g)) * 0.01
-    return {
+    r = {
         "pos_embed": enc,
         "seed": seed,
         "regime": "single",
@@ -321,7 +352,7 @@ def _main_row(enc, seed, base):
             "class_acc_real": 0.7,
             "n_real": 18,
         },
-        "cond_samples": {"psnr": 12.0 - base, "ssim": 0.2, "n": 4},
+        "cond_samples": {"psnr": 12.0 - base, "ssim": 0.2, "n": 18},
         "sampling": {"cfg": 2.0},
         "step_ms": 500.0 + j,
         "cpu_ms": 400.0,
@@ -329,22 +360,19 @@ def _main_row(enc, seed, base):
         "loss_curve": {"steps": [10, 20], "loss": [base + 0.3, base + j]},
         "fd_vs_step": {"steps": [10, 20], "fd_emoji": [20 * base + j, 10 * base + j]},
     }
+    if cond_fd:
+        r["cond_samples"].update(fd_emoji=8 * base + j, class_acc=0.4 - base / 10)
+    return r
 
 
-def test_results_page_from_synthetic_records(tmp_path):
-    rows = []
-    for seed in (0, 1):
-        for enc, base in (("rope2d", 0.2), ("learned1d", 0.4)):
-            r = _main_row(enc, seed, base)
-            r.update(_size_rows(enc, seed, "single", 10 * base, base + 0.5))
-            rows.append(r)
-    earlier = [{**_main_row("sincos2d", s, 0.3), "step": 5} for s in (0, 1)]
-    info = R.PageInfo(
-        command="python scripts/ablate_posenc.py --x",
+def _info(**kw):
+    base = dict(
+        plan="tiny",
         config="configs/tiny_cpu.yaml",
         img_size=16,
         patch_size=4,
         cond_img_size=8,
+        null_cond="absent",
         width=64,
         depth=2,
         heads=2,
@@ -361,51 +389,181 @@ def test_results_page_from_synthetic_records(tmp_path):
         device="cpu",
         jobs=2,
         out_dir="runs/x",
+        runs_command="python studies/posenc/run.py --x",
         regimes={"single": "at 16x16 only"},
         trained_sizes={"single": [(16, 16)]},
         study_sizes=[(8, 8), (16, 16), (8, 16)],
-        timing={"eval": 60.0},
-        gpu_run="python scripts/ablate_posenc.py --scale seed",
-        earlier_label="5 steps, 2 seeds",
-        reproduce=["python scripts/ablate_posenc.py --x"],
+        step_time={
+            "seconds": 0.5,
+            "clock": "cpu",
+            "measured_by": "python scripts/step_time.py x",
+            "note": "t",
+            "config": "c.yaml",
+        },
+        placement={"learned1d": "slots 16..19", "rope2d": "aligned centres"},
+        setting_runs={"cpu": "python studies/posenc/run.py --scale seed-cpu"},
     )
-    sanity = {"identical (training split vs itself)": 0.0, "_featnet_seconds": 12.0}
-    out = R.write_results_page(rows, info, tmp_path / "p.md", sanity=sanity, earlier=earlier)
+    return R.PageInfo(**{**base, **kw})
+
+
+def test_results_page_of_one_study_from_synthetic_records(tmp_path, monkeypatch):
+    rows = []
+    for seed in (0, 1):
+        for enc, base in (("rope2d", 0.2), ("learned1d", 0.4)):
+            r = _main_row(enc, seed, base)
+            r.update(_size_rows(enc, seed, "single", 10 * base, base + 0.5))
+            rows.append(r)
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"runs": [{**_main_row("sincos2d", s, 0.3), "step": 5} for s in (0, 1)]}))
+    monkeypatch.setattr(R, "ROOT", tmp_path)  # a section's earlier / previous JSONs are the repository's
+    info = _info(earlier="earlier.json", earlier_label="5 steps, 2 seeds")
+    sanity = {"identical (training split vs itself)": 0.0, "_featnet_seconds": 12.0, "_featnet_px": 16}
+    sec = R.Section(info, rows, sanity, {"eval": 60.0})
+    out = R.write_page([sec], tmp_path / "p.md", command="python studies/posenc/run.py --x")
     page = out.read_text()
     m, sd = S.mean_sd([r["vloss"]["mean"] for r in rows if r["pos_embed"] == "rope2d"])
-    assert "| `rope2d` | " in page and S.fmt_pm(m, sd, ".4f") in page
+    assert "## 16x16 at patch 4, 16 -> 20 tokens" in page and "| `rope2d` | " in page and S.fmt_pm(m, sd, ".4f") in page
     assert "| `sincos2d` (5 steps, 2 seeds) |" in page and "left out of the verdicts" in page
     assert "| 8² | 8x16 | 16² (train) |" in page and "ntk" in page and "= " in page
-    assert "- held-out v-loss: best `rope2d`" in page and "clearly worse" in page
-    assert "At the training size: `rope2d` is the best or within noise of the best on" in page
-    # every combination ties here (their spreads are 0): the answer names none as the winner
-    assert (
-        "For one model across sizes (8², 8x16, 16²): no encoding, scaling and regime is clearly best on FD-emoji "
-        "averaged over the sizes; 5 of 5 are within noise of the lowest, `rope2d` with `extrapolate` scaling" in page
-    )
-    assert "the GPU run is still owed" in page and "## FD-emoji as training goes on" in page
+    assert "- held-out v-loss: best `rope2d`" in page and "clearly worse" in page and "pooled sd" in page
+    assert "- `rope2d` is the best or within noise of the best on" in page
+    # with and without the condition: 20 and 16 tokens (null_cond absent), a change column, verdicts
+    assert "### The 16 -> 20 question: with and without the condition image" in page
+    assert "| pos_embed | held-out v-loss, with (20) | held-out v-loss, without (16) | change |" in page
+    assert "- With the condition (20 tokens), best: " in page and "- Without it (16 tokens), best: " in page
+    assert "- `learned1d`: slots 16..19." in page  # the placement lines, as the info has them
+    assert "### FD-emoji's feature network at 16x16: sanity checks" in page
+    assert "Measured before the study: 0.500 CPU-s/step of `c.yaml` (t), with `python scripts/step_time.py x`." in page
+    assert "training 0.1 h of 4 runs, 2 at a time" in page and "evaluation 1 min" in page
+    assert "not on this page yet (`python studies/posenc/run.py --scale seed-cpu` on a CPU)" in page
     assert "| order | rope2d < learned1d | rope2d < learned1d |" in page
-    for name in (
-        "loss",
-        "bars",
-        "fd_steps",
-        "size_fd_emoji",
-        "size_class_acc",
-        "size_vloss",
-        "size_vloss_ratio",
-        "size_samples",
-    ):
-        assert (tmp_path / f"p_{name}.png").stat().st_size > 1000 and f"p_{name}.png" in page
-    saved = json.loads((tmp_path / "p.json").read_text())
-    assert len(saved["runs"]) == 4 and saved["fd_sanity"] == sanity and saved["timing"] == {"eval": 60.0}
+    assert "is the same at the last two checkpoints (steps 10 and 20)" in page
+    for name in ("loss", "bars", "fd_steps", "size_fd_emoji", "size_class_acc", "size_vloss", "size_vloss_ratio"):
+        assert (tmp_path / f"p_tiny_{name}.png").stat().st_size > 1000 and f"p_tiny_{name}.png" in page
+    # no grids on disk: no sample panel is drawn (one an earlier build drew would be kept)
+    assert not (tmp_path / "p_tiny_size_samples.png").exists() and "size_samples" not in page
+    saved = json.loads((tmp_path / "p.json").read_text())["sections"]
+    assert len(saved) == 1 and len(saved[0]["runs"]) == 4 and saved[0]["fd_sanity"] == sanity
+    assert saved[0]["timing"] == {"eval": 60.0} and saved[0]["info"]["plan"] == "tiny"
+    # the JSON alone rebuilds the same page
+    again = R.write_page([R.Section.from_json(saved[0])], tmp_path / "p.md", command="python studies/posenc/run.py --x")
+    assert again.read_text() == page
     assert R.md_table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
     with pytest.raises(ValueError, match="no evaluated run"):
-        R.write_results_page([{**rows[0], "regime": "mixed"}], info, tmp_path / "q.md", sanity=sanity)
-    assert "Samples of seed 0 at every size" in page
-    # the sample panel's seed is one with an every-size study (its grids), not the main ablation's first
-    only1 = [r if r["seed"] == 1 else {k: v for k, v in r.items() if k != "resolution"} for r in rows]
-    page1 = R.write_results_page(only1, info, tmp_path / "r.md", sanity=sanity).read_text()
-    assert "Samples of seed 1 at every size" in page1
+        R.write_page([R.Section(info, [{**rows[0], "regime": "mixed"}], sanity)], tmp_path / "q.md", command="x")
+
+
+def test_a_page_leads_with_the_setting_and_says_whether_the_earlier_answer_held(tmp_path):
+    """Two sections: a 64x64 one leads (its answer first, the with/without question), the 32x32 one follows,
+    labelled with its size; the answer says whether the 32x32 answer held; the README block is short lines."""
+    lead = [_main_row(e, s, b) for s in (0, 1, 2) for e, b in (("rope2d", 0.2), ("learned1d", 0.4))]
+    old = [_main_row(e, s, b, cond_fd=False) for s in (0, 1, 2) for e, b in (("rope2d", 0.4), ("learned1d", 0.2))]
+    big = _info(plan="seed-cpu", img_size=64, cond_img_size=32, config="configs/emoji64_cpu.yaml")
+    small = _info(plan="study", img_size=32, cond_img_size=16, null_cond="learned", placement={})
+    secs = [R.Section(big, lead, {}), R.Section(small, old, {})]
+    out = R.write_page(secs, tmp_path / "results.md", command="python studies/posenc/run.py --scale seed-cpu")
+    page = out.read_text()
+    first, second = (
+        page.index("## 64x64 at patch 4, 256 -> 320 tokens"),
+        page.index("## 32x32 at patch 4, 64 -> 80 tokens"),
+    )
+    assert page.index("## Answer") < first < second
+    answer = page.split("## Answer\n\n", 1)[1].split("\n## ", 1)[0]
+    assert answer.startswith("**64x64 at patch 4, 256 -> 320 tokens** (20 steps, seeds 0/1/2):")
+    assert "- `rope2d` is the best or within noise of the best on 9 of 9 quality metrics." in answer
+    assert "- Did the 32x32 answer hold at 64x64? No: `learned1d` led at 32x32 (7 of 7 quality metrics both " in answer
+    assert "  - held-out v-loss: best or within noise `learned1d` at 32x32, `rope2d` at 64x64." in answer
+    assert "### The 256 -> 320 question" in page[first:second] and "### The 80" not in page  # 32x32: no cond FD
+    assert "`null_cond: learned`" in page[second:] and "the first section of this page" in page[second:]
+    assert "its GPU plan" not in page and (tmp_path / "results_seed-cpu_loss.png").is_file()
+    assert (tmp_path / "results_study_loss.png").is_file()
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n\n<!-- answer: written by an older script -->\nold\n<!-- /answer -->\n\nafter\n")
+    R.write_readme_answer(readme, R.readme_answer(secs, "results.md", "python studies/posenc/run.py --x"))
+    text = readme.read_text()
+    assert text.startswith(
+        "# t\n\n" + R.README_BEGIN + "\n**At the problem statement's setting, 64x64 at patch 4, 256 -> 320 tokens** "
+        "(20 steps, seeds 0/1/2, on a CPU):\n"
+    )
+    assert text.endswith(R.README_END + "\n\nafter\n") and "\nold\n" not in text
+    block = R.split_readme(text, readme)[1]
+    assert (
+        "- Did the 32x32 answer hold at 64x64? No:" in block
+        and "  - The best-or-within-noise groups differ on: " in block
+    )
+    assert "**32x32 at patch 4, 64 -> 80 tokens**" in block and "](results.md)" in block
+    assert max(len(line) for line in block.splitlines()) < 300  # one claim a line, no 1,000-character line
+    with pytest.raises(ValueError, match="needs one line"):
+        R.split_readme("no markers\n", "x")
+
+
+def test_held_claims_say_yes_partly_or_no():
+    def prep(rows):
+        return R.Prepared(rows, ["a", "b", "c"], [0, 1, 2], [], [], [], None)
+
+    def rows(vals):
+        return [
+            {"pos_embed": n, "seed": s, "vloss": {"mean": v + 0.01 * s}, "class_samples": {"fd_emoji": v + 0.01 * s}}
+            for n, v in vals.items()
+            for s in (0, 1, 2)
+        ]
+
+    big, small = _info(img_size=64), _info(img_size=32)
+    ab = prep(rows({"a": 1.0, "b": 1.0, "c": 2.0}))
+    assert A.held_claims(ab, big, ab, small)[0].startswith("Did the 32x32 answer hold at 64x64? Yes: `a` and `b` led")
+    a_only = prep(rows({"a": 1.0, "b": 1.5, "c": 2.0}))
+    assert A.held_claims(a_only, big, ab, small)[0].startswith(
+        "Did the 32x32 answer hold at 64x64? Partly: `a` and `b`"
+    )
+    c_only = prep(rows({"a": 2.0, "b": 2.0, "c": 1.0}))
+    held = A.held_claims(c_only, big, ab, small)
+    assert held[0].startswith("Did the 32x32 answer hold at 64x64? No: `a` and `b` led at 32x32 (2 of 2")
+    assert held[1:] == [
+        "held-out v-loss: best or within noise `a` and `b` at 32x32, `c` at 64x64.",
+        "FD-emoji: best or within noise `a` and `b` at 32x32, `c` at 64x64.",
+    ]
+
+
+def test_with_without_claims_name_the_best_each_way_and_the_change():
+    rows = []
+    for s in (0, 1, 2):
+        for n, w, wo in (("a", 0.30, 0.40), ("b", 0.35, 0.38)):
+            rows.append(
+                {
+                    "pos_embed": n,
+                    "seed": s,
+                    "vloss": {"mean": w + 0.001 * s},
+                    "vloss_null_cond": {"mean": wo + 0.001 * s + 0.003 * (s % 2)},
+                    "cond_samples": {"fd_emoji": 1.0 + s * 0.1, "class_acc": 0.5},
+                    "class_samples": {"fd_emoji": 1.1 + s * 0.1, "class_acc": 0.5},
+                }
+            )
+    got = A.with_without_claims(rows, ["a", "b"], 320, 256)
+    assert got[0] == (
+        "With the condition (320 tokens), best: held-out v-loss `a` alone; FD-emoji all 2 within noise; class acc "
+        "all 2 within noise."
+    )
+    assert got[1].startswith("Without it (256 tokens), best: held-out v-loss `b` alone;")
+    assert got[2:] == [
+        "Change from 256 to 320 tokens (mean per encoding): held-out v-loss -0.1010 to -0.0310; FD-emoji -0.100 to "
+        "-0.100; class acc +0.000 to +0.000.",
+        "The change differs clearly between encodings on held-out v-loss, where `a` gains most and `b` clearly less.",
+    ]
+    assert A.with_without_claims([{**r, "cond_samples": {}} for r in rows], ["a", "b"], 320, 256) == []
+
+
+def test_condition_placement_is_read_from_the_models():
+    from jitrope.config import load_config
+
+    mc = load_config(str(R.ROOT / "configs" / "emoji64_cpu.yaml")).model_config()
+    lines = S.condition_placement(mc, ["learned1d", "factorized2d", "rope2d", "sincos2d+rope2d"])
+    assert "the 64 condition tokens take slots 256..319 of its 320-slot table" in lines["learned1d"]
+    assert "token (i, j) of the 8x8 grid gets `cond_pos_h[i] + cond_pos_w[j]`" in lines["factorized2d"]
+    assert "y = (i + 0.5) * 16 / 8 - 0.5: rows 0.5, 2.5, ..., 14.5 among the image's 0..15" in lines["rope2d"]
+    assert lines["sincos2d+rope2d"] == (
+        "the fixed sin-cos table evaluated at the aligned centres (0.5, 2.5, ..., 14.5), plus the same rotation as "
+        "`rope2d`"
+    )
 
 
 def test_training_progress_counts_runs_and_times_the_rest_at_their_own_rate():
@@ -418,11 +576,11 @@ def test_training_progress_counts_runs_and_times_the_rest_at_their_own_rate():
         recs([10, 15], [1.0, 2.0]),  # 0.2 CPU-s/step
         [],  # not started
     ]
-    p = S.training_progress(runs, steps=30, jobs=2)
+    p = P.training_progress(runs, steps=30, jobs=2)
     assert (p["done"], p["partial"], p["todo"], p["remaining"]) == (1, 2, 1, 10 + 15 + 30)
     assert p["cpu_s_per_step"] == pytest.approx(5.0 / 25)
     assert p["hours"] == pytest.approx(55 * 0.2 / 2 / 3600)
-    assert S.training_progress([[], []], steps=5, jobs=1) == {
+    assert P.training_progress([[], []], steps=5, jobs=1) == {
         "done": 0,
         "partial": 0,
         "todo": 2,

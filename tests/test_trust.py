@@ -1,4 +1,4 @@
-"""No data loss (issue 18): no checkpoint with nan weights, keep_last prunes only what verifies, one
+"""No data loss: no checkpoint with nan weights, keep_last prunes only what verifies, one
 trainer per out_dir, ~ in out_dir, and one line instead of a traceback for a full disk or Ctrl-C."""
 
 import errno
@@ -15,12 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from jitrope import sample as S
 from jitrope import train as T
+from jitrope import training as TR
 from jitrope.checkpoint import list_checkpoints, load_weights, newest_valid_checkpoint, save_checkpoint
+from jitrope.fileio import LockedError, exclusive_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -62,9 +67,9 @@ def test_diverged_training_writes_no_nan_checkpoint_and_keeps_the_good_ones(tmp_
     ]
     assert T.main(args) == 2
     line = _error_line(capsys.readouterr().err)
-    assert line.startswith("error: the training diverged: ") and "lower train.lr" in line, line
+    assert line.startswith("error: the training diverged") and "lower train.lr" in line, line
     # the step that went bad is named: right after the last checkpoint (one per step here)
-    m = re.search(r"are not finite \(nan or inf\) after step (\d+)|the loss is nan at step (\d+)", line)
+    m = re.search(r"are not finite \(nan or inf\) after step (\d+)|the training diverged after step (\d+): ", line)
     assert m, line
     kept = newest_valid_checkpoint(run)
     assert int(m.group(1) or m.group(2)) == int(kept.name[len("step_") :]) + 1, line
@@ -72,6 +77,39 @@ def test_diverged_training_writes_no_nan_checkpoint_and_keeps_the_good_ones(tmp_
     # nothing non-finite was written, and the newest checkpoint is the one named
     cks = list_checkpoints(run)
     assert len(cks) == 2 and all(_all_finite(p) for _, p in cks) and cks[-1][1] == kept
+
+
+def test_a_diverged_run_keeps_a_checkpoint_that_samples_finite_images(tmp_path, capsys):
+    """The weights of lr=1e30 are huge but finite (about 1e30): they used to pass the finite check,
+    be written, prune the last good checkpoint with keep_last=1, and sample nothing but nan."""
+    run = tmp_path / "r"
+    assert T.main(BASE + ["train.steps=10", "train.ckpt_every=2", "train.keep_last=1", f"train.out_dir={run}"]) == 0
+    capsys.readouterr()
+    args = ["train.steps=20", "train.ckpt_every=1", "train.keep_last=1", "train.lr=1e30", f"train.out_dir={run}"]
+    assert T.main(BASE + args + ["--resume"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    good = run / "checkpoints" / "step_00000010"
+    assert line.startswith(
+        "error: the training diverged after step 11: the model weights and EMA 0 (the one sampled) give a loss of "
+        "nan on the probe batch, "
+    ), line
+    assert f"so no checkpoint was written for it; the last checkpoint kept is {good};" in line, line
+    assert [p for _, p in list_checkpoints(run)] == [good]
+    assert S.main(["--ckpt", str(run), "--out", str(tmp_path / "s.png"), "--n", "2", "--steps", "2"]) == 0
+    singles = sorted((tmp_path / "s").glob("*.png"))
+    assert len(singles) == 18 and all(np.asarray(Image.open(f)).max() > 0 for f in singles)  # none black
+
+
+def test_a_sample_grid_that_comes_out_nan_stops_the_run_instead_of_saving_a_black_grid(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert T.main(BASE + ["train.steps=2", "train.ckpt_every=2", f"train.out_dir={run}"]) == 0
+    capsys.readouterr()
+    args = ["train.steps=6", "train.ckpt_every=100", "train.sample_every=1", "train.lr=1e30", f"train.out_dir={run}"]
+    assert T.main(BASE + args + ["--resume"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith("error: the training diverged: the sample grid of step 3 came out nan or inf; ")
+    assert f"the last checkpoint kept is {run / 'checkpoints' / 'step_00000002'};" in line, line
+    assert not (run / "samples" / "step_00000003.png").exists()
 
 
 def test_a_nan_checkpoint_of_an_older_version_is_not_resumed(tmp_path, capsys):
@@ -201,6 +239,53 @@ def test_out_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     assert (home / "r" / "config.yaml").is_file() and list(cwd.iterdir()) == []
 
 
+def test_a_lock_that_is_a_link_or_someone_elses_file_is_never_written(tmp_path, capsys):
+    """The lock used to open .lock following links and truncate it: a link to a file emptied that file."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("a day of notes\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.symlink_to(precious)
+    assert T.main(BASE + [f"train.out_dir={run}", "train.steps=2"]) == 2
+    assert _error_line(capsys.readouterr().err) == (
+        f"error: {lock} is not a lock file (it is a symbolic link); nothing was written to it: move it "
+        f"away to use train.out_dir {run}"
+    )
+    assert precious.read_text() == "a day of notes\n" and lock.is_symlink()
+    lock.unlink()
+    for why, make in [
+        ("it holds something other than a pid", lambda: lock.write_text("my own notes\n")),
+        ("it has 1 other hard link(s)", lambda: os.link(precious, lock)),
+        ("it is a folder", lambda: lock.mkdir()),
+    ]:
+        make()
+        with pytest.raises(LockedError, match=re.escape(f"{lock} is not a lock file ({why})")):
+            with exclusive_lock(run, "train.out_dir"):
+                pass
+        assert precious.read_text() == "a day of notes\n"
+        lock.rmdir() if lock.is_dir() else lock.unlink()
+    assert not list(run.iterdir())  # nothing of the refused runs
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_one_line(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{dead.pid}\n")  # what a killed trainer leaves
+    said = []
+    with exclusive_lock(tmp_path, "train.out_dir", log=said.append) as path:
+        assert path == lock and lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(LockedError, match=f"is in use by another process \\(pid {os.getpid()},"):
+            with exclusive_lock(tmp_path, "train.out_dir"):  # held: a second holder is refused
+                pass
+    assert said == [f"took over the stale lock {lock} of pid {dead.pid} (no longer running)"]
+    assert not lock.exists()  # a lock let go leaves nothing behind, so only a killed holder's is stale
+    with exclusive_lock(tmp_path, "train.out_dir", log=said.append):
+        pass
+    assert len(said) == 1
+
+
 # A shell that starts a job in the background (`cmd &` in a script) ignores SIGINT in it, and a child
 # inherits that, so pytest started that way would give trainer A an ignored Ctrl-C: A restores
 # Python's own handler, as a trainer started in a terminal has it.
@@ -266,3 +351,72 @@ def test_a_second_trainer_is_refused_and_ctrl_c_stops_with_the_resume_command(tm
     assert T.main(resumed) == 0
     assert load_weights(run)["step"] == step + 1
     assert json.loads((run / "checkpoints" / f"step_{step + 1:08d}" / "manifest.json").read_text())["step"] == step + 1
+
+
+def test_sigterm_in_the_steps_writes_that_step_and_before_them_stops_at_once(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    real = TR._Run.train_step
+
+    def step_then_sigterm(self):
+        real(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(TR._Run, "train_step", step_then_sigterm)
+    args = BASE + [f"train.out_dir={run}", "train.steps=50", "train.ckpt_every=10"]
+    assert T.main(args) == 143
+    ck = run / "checkpoints" / "step_00000003"
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"preempted (SIGTERM) at step 3, its checkpoint written; the last checkpoint kept is {ck};")
+    assert [p for _, p in list_checkpoints(run)] == [ck] and load_weights(run)["step"] == 3
+    monkeypatch.setattr(TR._Run, "start", lambda self: os.kill(os.getpid(), signal.SIGTERM))  # setting up: no step
+    assert T.main(args + ["--resume"]) == 143
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"terminated (SIGTERM) at step 3; the last checkpoint kept is {ck}; continue with: ")
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
+
+
+@pytest.mark.slow  # ~20 s on a busy machine: a second Python process that imports torch
+def test_sigterm_is_preemption_a_checkpoint_of_that_step_the_resume_command_and_143(tmp_path):
+    """What SLURM and Kubernetes send before they take the machine back: it used to end the trainer
+    at once, with no message and only the last periodic checkpoint."""
+    run = tmp_path / "run"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore::RuntimeWarning",
+    )
+    # no periodic checkpoint will come: the one written is the one SIGTERM asked for
+    args = BASE + [f"train.out_dir={run}", "train.steps=100000", "train.ckpt_every=100000", "train.log_every=1"]
+    a = subprocess.Popen(
+        [sys.executable, "-m", "jitrope.train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        metrics = run / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # it is taking steps
+            assert a.poll() is None, a.stderr.read()
+            assert time.monotonic() < deadline, "the trainer took no step within 60 s"
+            time.sleep(0.05)
+        a.send_signal(signal.SIGTERM)
+        _, err = a.communicate(timeout=120)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.communicate()
+    err = err.decode()
+    assert a.returncode == 143, err
+    line = _error_line(err)
+    kept = newest_valid_checkpoint(run)
+    step = load_weights(run)["step"]
+    assert kept.name == f"step_{step:08d}" and step >= 2, line
+    assert line.startswith(f"preempted (SIGTERM) at step {step}, its checkpoint written; ")
+    assert f"the last checkpoint kept is {kept};" in line, line
+    command = line.split("continue with: ", 1)[1]
+    assert command.startswith("python -m jitrope.train --config ") and command.endswith(" --resume")
+    assert not (run / ".lock").exists() and not [p for p in (run / "checkpoints").iterdir() if p.name[0] == "."]
+    resumed = [a for a in shlex.split(command)[3:] if not a.startswith("train.steps=")] + [f"train.steps={step + 1}"]
+    assert T.main(resumed) == 0
+    assert load_weights(run)["step"] == step + 1

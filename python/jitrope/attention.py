@@ -1,4 +1,4 @@
-"""Block-diagonal attention over packed sequences (SPEC.md §10): a token attends only to its own sequence.
+"""Block-diagonal attention over packed sequences (docs/ops.md): a token attends only to its own sequence.
 
 One function, :func:`varlen_attention`, with one switch ``impl``:
 
@@ -109,6 +109,20 @@ def _sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
+def _check_varlen_args(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, impl: str) -> None:
+    """The shapes, dtype and device of :func:`varlen_attention`'s arguments (not the values of cu_seqlens)."""
+    if impl not in VARLEN_IMPLS:
+        raise ValueError(f"impl must be one of {list(VARLEN_IMPLS)}, got {impl!r}")
+    if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"q, k, v must be [T, H, D] with equal T and H, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be an int32 [S+1] tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+
+
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -137,16 +151,7 @@ def varlen_attention(
     Returns:
         ``[T, H, D]`` in q's dtype.
     """
-    if impl not in VARLEN_IMPLS:
-        raise ValueError(f"impl must be one of {list(VARLEN_IMPLS)}, got {impl!r}")
-    if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
-        raise ValueError(
-            f"q, k, v must be [T, H, D] with equal T and H, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be an int32 [S+1] tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    _check_varlen_args(q, k, v, cu_seqlens, impl)
     T = q.shape[0]
     if check and not torch.compiler.is_compiling():
         check_cu_seqlens(cu_seqlens, T)

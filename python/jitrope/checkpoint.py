@@ -20,6 +20,12 @@ file that fails is an error. A folder without a manifest (a copy cut short, or w
 manifests existed) cannot be verified and fails too, unless the caller passes
 ``allow_unverified=True`` (the CLIs' ``--allow-unverified``); then it loads with a warning.
 
+The model of a checkpoint (what sampling and evaluation load): :func:`load_checkpoint` reads and
+verifies its weights once, :func:`run_config` is the config stored with them under the caller's
+files, overrides and flags, :func:`model_from_weights` builds the model and loads one set of weights
+(raw or an EMA), refusing weights whose forward of a fixed probe batch is not finite
+(:mod:`jitrope.usable`); :func:`load_model` does all three.
+
 ``keep_last`` prunes only checkpoints that verify, newest first, so the newest good one is never
 deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no longer a
 ``step_*`` folder that shadows the good ones).
@@ -28,8 +34,10 @@ deleted; one that fails verification is renamed ``corrupt-step_*`` (kept, but no
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import uuid
@@ -37,9 +45,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from .config import Config, ConfigError, config_from_dict, load_config
+from .diffusion import Diffusion
 from .fileio import fsync_dir, sha256_file
+from .model import JiT
+from .published import refused_global
+from .usable import probe_loss
 
 __all__ = [
     "CheckpointError",
@@ -57,6 +71,11 @@ __all__ = [
     "clean_stale_temps",
     "move_aside",
     "prune_checkpoints",
+    "load_checkpoint",
+    "run_config",
+    "resolved_configs",
+    "model_from_weights",
+    "load_model",
 ]
 
 FORMAT = "jitrope-ckpt-1"
@@ -109,36 +128,17 @@ def save_checkpoint(
     A write that fails (a full disk: ``OSError``, or the writers' own errors) raises a
     CheckpointError naming the checkpoint; its temp folder is removed and the checkpoints already
     there are untouched."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     ck = Path(run_dir) / "checkpoints"
     final = ck / f"step_{step:08d}"
     tmp = ck / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    for i, e in enumerate(emas):
+        tensors.update({f"ema{i}.{k}": v for k, v in e.items()})
+    meta = _metadata(step, len(emas), config, ema_decays, class_names, model_config)
     try:
         ck.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        tensors = {f"model.{k}": v for k, v in model.items()}
-        for i, e in enumerate(emas):
-            tensors.update({f"ema{i}.{k}": v for k, v in e.items()})
-        meta = {
-            "format": FORMAT,
-            "step": str(step),
-            "config": json.dumps(dict(config or {})),
-            "ema_decays": json.dumps([float(d) for d in ema_decays]),
-            "num_emas": str(len(emas)),
-            "class_names": json.dumps(list(class_names)),
-            "model_config": json.dumps(dict(model_config or {})),
-        }
-        save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=meta)
-        if state is not None:
-            torch.save(dict(state), tmp / STATE)
-        files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)  # the file names too, before the folder is renamed into place
+        files = _write_step(tmp, step, tensors, meta, state)
         if final.exists():
             _replace_step(final, tmp)
         else:
@@ -160,6 +160,38 @@ def save_checkpoint(
         _VERIFIED[(str(f.resolve()), st.st_size, st.st_mtime_ns)] = info["sha256"]
     prune_checkpoints(run_dir, keep_last, allow_unverified=allow_unverified, written=step)
     return final
+
+
+def _metadata(step: int, n_emas: int, config, ema_decays, class_names, model_config) -> Dict[str, str]:
+    """The safetensors metadata of a checkpoint (strings: JSON where a value is not one)."""
+    return {
+        "format": FORMAT,
+        "step": str(step),
+        "config": json.dumps(dict(config or {})),
+        "ema_decays": json.dumps([float(d) for d in ema_decays]),
+        "num_emas": str(n_emas),
+        "class_names": json.dumps(list(class_names)),
+        "model_config": json.dumps(dict(model_config or {})),
+    }
+
+
+def _write_step(
+    tmp: Path, step: int, tensors: Mapping[str, Tensor], meta: Mapping[str, str], state: Optional[Mapping[str, Any]]
+) -> Dict[str, Dict[str, Any]]:
+    """The files of a checkpoint in the folder ``tmp`` (weights, training state, manifest last), each
+    synced to disk, names included; returns the manifest's ``{file: {sha256, bytes}}``."""
+    from safetensors.torch import save_file
+
+    save_file(_unshare(tensors), str(tmp / WEIGHTS), metadata=dict(meta))
+    if state is not None:
+        torch.save(dict(state), tmp / STATE)
+    files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(tmp)  # the file names too, before the folder is renamed into place
+    return files
 
 
 def _replace_step(final: Path, tmp: Path) -> None:
@@ -361,6 +393,22 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return cks[-1][1] if cks else None
 
 
+# a published JiT checkpoint (checkpoint-last.pth) or a bare state dict is read through the converter
+_CONVERT_HINT = (
+    "to use a published JiT checkpoint, convert it first: jitrope-convert {p} --preset JiT-B/16 (its model) "
+    "--out <folder>, then give --ckpt that folder"
+)
+
+
+def _format_of(f: Path) -> Optional[str]:
+    """The ``format`` in the header of a safetensors file (None: none, or not readable as one)."""
+    try:
+        with safe_open(str(f), "pt", device="cpu") as fh:
+            return (fh.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
 def resolve_checkpoint(path, *, allow_unverified: bool = False) -> Path:
     """A run folder (-> its newest checkpoint whose weights verify), a ``step_*`` folder, or a
     ``weights.safetensors`` file -> the verified ``weights.safetensors`` file. ``allow_unverified``:
@@ -369,6 +417,8 @@ def resolve_checkpoint(path, *, allow_unverified: bool = False) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist (give a run folder, a step_* folder or a {WEIGHTS} file)")
     if p.is_file():
+        if p.suffix != ".safetensors" or (p.name != WEIGHTS and _format_of(p) != FORMAT):
+            raise CheckpointError(f"{p} is not a jitrope checkpoint; {_CONVERT_HINT.format(p=shlex.quote(str(p)))}")
         verify_checkpoint(p.parent, [p.name], allow_unverified=allow_unverified)
         return p
     if (p / WEIGHTS).is_file() or _STEP_DIR.match(p.name):
@@ -386,8 +436,6 @@ def load_weights(path, *, allow_unverified: bool = False) -> Dict[str, Any]:
     """Read a weights file (found and verified by :func:`resolve_checkpoint`): ``{"model": sd,
     "emas": [sd, ...], "ema_decays": [...], "step": int, "config": dict, "class_names": [...],
     "model_config": dict (resolved JiTConfig fields), "path": Path}``."""
-    from safetensors import SafetensorError, safe_open
-
     f = resolve_checkpoint(path, allow_unverified=allow_unverified)
     try:
         with safe_open(str(f), "pt", device="cpu") as fh:
@@ -396,7 +444,10 @@ def load_weights(path, *, allow_unverified: bool = False) -> Dict[str, Any]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{f}: not a readable safetensors file ({e}); it may be truncated or corrupt") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{f}: format {meta.get('format')!r} is not {FORMAT!r}; not a jitrope checkpoint")
+        raise CheckpointError(
+            f"{f}: format {meta.get('format')!r} is not {FORMAT!r}; not a jitrope checkpoint (a bare state dict? "
+            f"{_CONVERT_HINT.format(p=shlex.quote(str(f)))})"
+        )
     try:
         n_ema = int(meta.get("num_emas", "0"))
         out: Dict[str, Any] = {
@@ -433,7 +484,14 @@ def load_train_state(ckpt_dir, *, allow_unverified: bool = False) -> Dict[str, A
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors come in many types)
-        raise CheckpointError(f"{f}: cannot load the training state ({type(e).__name__}: {e})") from None
+        refused = refused_global(str(e))
+        if refused is not None:
+            raise CheckpointError(
+                f"{f} holds an object of {refused}: refused (the training state is tensors and primitives "
+                "only, weights_only=True); it was not written by jitrope"
+            ) from None
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{f}: cannot load the training state ({type(e).__name__}: {first})") from None
 
 
 def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], *, where: str) -> None:
@@ -466,3 +524,98 @@ def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], 
         if dtypes:
             parts.append(f"dtype mismatch {few(dtypes)}")
         raise CheckpointError(f"{where} does not fit the model: {'; '.join(parts)}")
+
+
+# ------------------------------------------------------------------ the model of a checkpoint
+def load_checkpoint(ckpt, *, allow_unverified: bool = False) -> Dict[str, Any]:
+    """The weights of a run folder (its newest checkpoint that verifies), ``step_*`` folder or
+    weights file (:func:`load_weights`), verified once. ``allow_unverified``:
+    also load a checkpoint that has no manifest to verify it by."""
+    path = resolve_checkpoint(ckpt, allow_unverified=allow_unverified)
+    return load_weights(path, allow_unverified=allow_unverified)
+
+
+def _stored(w: Mapping[str, Any]) -> Dict[str, Any]:
+    stored = dict(w["config"])
+    if w.get("model_config"):  # the resolved fields: independent of later changes to presets
+        stored["model"] = dict(w["model_config"])
+    return stored
+
+
+def run_config(
+    w: Mapping[str, Any], path=None, overrides: Sequence[str] = (), flags: Optional[Mapping[str, Any]] = None
+) -> Config:
+    """The config to sample / evaluate the checkpoint ``w`` (:func:`load_checkpoint`) with: the one
+    stored with it, then the YAML file ``path``, the dotted ``overrides`` and the typed ``flags``
+    (:func:`jitrope.config.load_config`)."""
+    stored = _stored(w)
+    try:  # the run's own config first, so that its faults are not blamed on the command line
+        config_from_dict(stored, where=f"config stored in {w['path']}", stored=True).model_config()
+    except (ConfigError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{w['path']}: its stored config does not build a model: {e}") from None
+    return load_config(path, overrides, base=stored, flags=flags)
+
+
+def resolved_configs(w: Mapping[str, Any], cfg: Config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The config stored with the weights ``w`` and ``cfg``, as dicts of what they resolve to, for
+    ``--resume`` to compare: the ``model`` section as the JiTConfig fields it builds (a preset, or
+    its keys spelt out with the same values, alike), the other sections with the defaults of keys
+    that a config of an older version does not name."""
+    stored = _stored(w)
+    try:
+        old = config_from_dict(stored, where=f"config stored in {w['path']}", stored=True)
+        saved = {**old.to_dict(), "model": old.model_config().to_dict()}
+    except (ConfigError, ValueError, TypeError):  # a config this version no longer accepts: as it was stored
+        saved = dict(stored)
+    return saved, {**cfg.to_dict(), "model": cfg.model_config().to_dict()}
+
+
+def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", device="cpu"):
+    """The model of ``cfg`` with the weights ``ema`` of ``w`` ("0" / "1": an EMA, "none": the raw
+    weights), in eval mode on ``device``; returns ``(model, info)`` (see :func:`load_model`)."""
+    path = w["path"]
+    try:
+        mcfg = cfg.model_config()
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ConfigError(f"model config: {e}") from None
+    model = JiT(mcfg)
+    if ema in ("none", "raw", "model"):
+        sd, which = w["model"], "model"
+    else:
+        try:
+            i = int(ema)
+            sd = w["emas"][i]
+        except (ValueError, IndexError):
+            raise CheckpointError(
+                f"{path} has {len(w['emas'])} EMA(s) ({w['ema_decays']}); ema {ema!r} is not one of "
+                'them ("none": the raw weights)'
+            ) from None
+        which = f"ema{i}"
+    check_state_dict(model.state_dict(), sd, where=f"{path} [{which}]")
+    model.load_state_dict(sd)
+    model.to(device).eval()
+    loss = probe_loss(model, Diffusion.from_config(cfg.diffusion))
+    if not math.isfinite(loss):  # finite weights of a diverged run (1e30) sample nothing but nan
+        raise CheckpointError(
+            f"{path} [{which}]: these weights give a probe loss of {loss}, so they cannot sample: the run had "
+            "diverged when it wrote them; load an earlier checkpoint (a checkpoints/step_* folder) or other weights "
+            "(sample.ema)"
+        )
+    names = list(w["class_names"])
+    if len(names) != mcfg.num_classes:
+        names = [f"class {i}" for i in range(mcfg.num_classes)]
+    info = {"step": w["step"], "path": path, "weights": which, "ema_decays": w["ema_decays"], "class_names": names}
+    return model, info
+
+
+def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = None, allow_unverified: bool = False):
+    """Load a checkpoint (run folder, ``step_*`` folder or weights file) for sampling.
+
+    ``ema``: "0" / "1" (which EMA; the 0.9999 one is the one sampled by default) or "none" (raw weights).
+    Returns ``(model in eval mode, Config of the run, info)``; info has step, path, weights (which
+    set), ema_decays and class_names.
+    """
+    w = load_checkpoint(ckpt, allow_unverified=allow_unverified)
+    cfg = run_config(w, flags={"model": {"pos_impl": pos_impl}} if pos_impl is not None else None)
+    model, info = model_from_weights(w, cfg, ema=ema, device=device)
+    return model, cfg, info

@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-import torch
-
 from .config import ConfigError
 from .fileio import check_writable_dir
 
@@ -28,8 +26,6 @@ __all__ = [
     "flag_layer",
     "name_flags",
     "fail",
-    "resolve_device",
-    "cpu_setup",
     "check_image_out",
     "check_file_out",
 ]
@@ -82,29 +78,6 @@ def fail(e: BaseException, names: Optional[Mapping[str, str]] = None) -> int:
     msg = " ".join(name_flags(str(e), names or {}).split("\n"))
     print(f"error: {msg}", file=sys.stderr)
     return 2
-
-
-def resolve_device(name: str, key: str) -> torch.device:
-    """``auto`` (CUDA when there is one, else the CPU) or a device this machine has; ``key`` is the
-    config key that named it, for the error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"config key {key}: {name!r} is not a device (auto | cpu | cuda | cuda:N)") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"config key {key}: {name}: this machine has no usable CUDA device; use cpu or auto")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ConfigError(f"config key {key}: {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    return d
-
-
-def cpu_setup(num_threads) -> None:
-    torch.set_flush_denormal(True)  # denormal floats stall CPUs
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
 
 
 def check_file_out(path, key: str) -> Path:

@@ -1,6 +1,6 @@
 """Run configuration: YAML files plus dotted ``key=value`` overrides, checked against dataclasses.
 
-A config has six sections. ``model.*`` are exactly the fields of :class:`jitrope.model.JiTConfig`
+A config has six sections. ``model.*`` are exactly the fields of :class:`jitrope.modelconfig.JiTConfig`
 (plus ``model.preset``, a name for ``JiTConfig.preset``); ``train``, ``data``, ``diffusion``,
 ``sample`` and ``eval`` are the dataclasses below (``sample`` and ``eval`` also hold the settings of
 ``jitrope.sample`` and ``jitrope.evaluate``, which read a run's stored config and then the same
@@ -19,18 +19,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import io
 import math
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.multires import check_patch_multiple, parse_size, parse_sizes
 from .diffusion import SAMPLERS, SHIFTS
 from .fileio import atomic_write_text
+from .modelconfig import JiTConfig
 from .rope import SCALING_MODES
 
 __all__ = [
@@ -82,6 +88,12 @@ class TrainConfig:
     # packed mixed-size batches (with data.sizes): tokens per batch (image + condition + in-context);
     # batch_size then only sets the learning rate (blr * batch_size / 256)
     tokens_per_batch: Optional[int] = None
+    # many ranks (docs/training.md, "Training on many GPUs"): under torchrun, ddp replicates the model
+    # on every rank, fsdp shards parameters, gradients, EMAs and optimizer state (FSDP2 fully_shard per
+    # block, then the root); one process: ddp trains the plain model, fsdp runs FSDP2 over one rank
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (the batch of a step stays batch_size)
 
 
 @dataclass
@@ -135,6 +147,9 @@ class SampleConfig:
     num_threads: Optional[int] = None  # torch.set_num_threads on CPU; null leaves torch's default
     progress: bool = True
     sizes: Optional[str] = None  # "16x16,32x48,...": one grid of every class at every size, one packed forward
+    # the most image tokens sampled together (a packed batch of sample.sizes, or a batch of sample.batch_size
+    # at sample.img_size): more is refused before anything is allocated
+    max_tokens: int = 262144
 
 
 EVAL_METRICS = ("vloss", "class", "cond", "res")
@@ -177,6 +192,7 @@ _CHOICES = {
     ("data", "cond"): ("none", "downsample", "other_vendor"),
     ("train", "amp"): ("auto", "bf16", "none"),
     ("train", "compile_mode"): ("none", "default", "reduce-overhead", "max-autotune"),
+    ("train", "parallel"): ("ddp", "fsdp"),
     ("sample", "sampler"): tuple(SAMPLERS),
     ("eval", "split"): ("val", "train", "all"),
 }
@@ -184,8 +200,6 @@ _CHOICES = {
 
 def model_fields() -> Dict[str, Any]:
     """``{name: type}`` of the fields of ``JiTConfig`` (the valid ``model.*`` keys)."""
-    from .model import JiTConfig
-
     hints = typing.get_type_hints(JiTConfig)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(JiTConfig)}
 
@@ -199,10 +213,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def model_config(self):
+    def model_config(self) -> JiTConfig:
         """The ``JiTConfig`` this config describes (``model.preset`` first, then the other keys)."""
-        from .model import JiTConfig
-
         kw = dict(self.model)
         preset = kw.pop("preset", None)
         return JiTConfig.preset(preset, **kw) if preset else JiTConfig.from_dict(kw)
@@ -250,6 +262,19 @@ def _failing_key(d: Mapping[str, Any]) -> Optional[Tuple[str, Any]]:
     return None
 
 
+# YAML 1.1 reads 0x8 as the hex number 8, so a size HEIGHTxWIDTH of height 0 used to arrive as "8";
+# such a value, alone or in a [flow, list], is quoted so that it is read as the text it is
+_HEX = r"0x\d+"
+_FLOW = re.compile(r"\[[^\[\]]*\]")
+_IN_FLOW = re.compile(rf"(?<=[\[,])(\s*)({_HEX})(?=\s*[,\]])")
+_ALONE = re.compile(rf"^(\s*(?:-\s+|[^\s:#'\"]+:\s+)?)({_HEX})(\s*(?:#.*)?)$", re.M)
+
+
+def _hex_as_text(text: str) -> str:
+    """YAML ``text`` with each value spelt like ``0x8`` quoted: a size, not a hex number."""
+    return _ALONE.sub(r"\1'\2'\3", _FLOW.sub(lambda m: _IN_FLOW.sub(r"\1'\2'", m.group(0)), text))
+
+
 def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     """``["train.steps=10", "model.pos_embed=rope2d"]`` -> nested dict (values parsed by
     ``OmegaConf.from_dotlist``: YAML-like scalars and ``[a, b]`` lists)."""
@@ -262,7 +287,7 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
         parts = key.split(".")
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"override {item!r}: the key must be section.key (e.g. train.steps=100)")
-        items.append(f"{key}={raw}")
+        items.append(f"{key}={_hex_as_text(raw)}")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=False)
     except OmegaConfBaseException as e:
@@ -277,8 +302,8 @@ def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> DictConfig:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: 'base:' includes itself")
     try:
-        raw = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raw = OmegaConf.load(io.StringIO(_hex_as_text(path.read_text())))
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
@@ -311,8 +336,6 @@ def _check_keys(d: Mapping[str, Any], where: str) -> None:
 def _typed_model(model: Mapping[str, Any]) -> Dict[str, Any]:
     """The given ``model.*`` keys, typed against the JiTConfig fields (the others stay unset, so a
     preset fills them in)."""
-    from .model import JiTConfig
-
     model = dict(model)
     preset = model.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
@@ -390,7 +413,7 @@ def _positive(key: str, value, minimum=1) -> None:
 def _check(cfg: Config) -> None:
     t = cfg.train
     # 0 never silently means "the default": every count must be a real one
-    for k in ("steps", "batch_size", "log_every", "ckpt_every", "sample_steps"):
+    for k in ("steps", "batch_size", "log_every", "ckpt_every", "sample_steps", "grad_accum_steps"):
         _positive(f"train.{k}", getattr(t, k))
     for k in ("keep_last", "sample_every", "warmup_steps"):
         _positive(f"train.{k}", getattr(t, k), 0)
@@ -429,6 +452,11 @@ def _check(cfg: Config) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model config: {e}") from None
     _check_sizes(cfg, mcfg.patch_size)
+    if not cfg.data.sizes and t.batch_size % t.grad_accum_steps:  # packed batches: the budget is per micro-batch
+        raise ConfigError(
+            f"config key train.grad_accum_steps={t.grad_accum_steps} does not divide train.batch_size="
+            f"{t.batch_size}: every micro-batch takes the same whole number of images"
+        )
     if cfg.data.sizes and mcfg.cond_img_size is not None and mcfg.null_cond == "absent":
         raise ConfigError(
             "config key model.null_cond=absent does not train packed batches (data.sizes): a packed batch "
@@ -437,19 +465,33 @@ def _check(cfg: Config) -> None:
 
 
 def _check_sizes(cfg: Config, patch: int) -> None:
-    """data.sizes / sample.sizes parse as HEIGHTxWIDTH multiples of the patch; a budget goes with data.sizes."""
-    from .data.multires import check_patch_multiple, parse_sizes
-
+    """data.sizes / sample.sizes parse as HEIGHTxWIDTH multiples of the patch, each within its token
+    budget (checked here, before any data set or model is built at the largest size); a budget goes
+    with data.sizes. A size given twice is refused for sampling and warned about for training."""
     budget = cfg.train.tokens_per_batch
+    if budget is not None:
+        _positive("train.tokens_per_batch", budget)
+    _positive("sample.max_tokens", cfg.sample.max_tokens)
+    limits = {
+        "data.sizes": (budget, "the budget train.tokens_per_batch"),
+        "sample.sizes": (cfg.sample.max_tokens, "the sampler's limit sample.max_tokens"),
+    }
     for key, spec in (("data.sizes", cfg.data.sizes), ("sample.sizes", cfg.sample.sizes)):
         if spec is None or (key == "data.sizes" and len(spec) == 0):
             continue
         try:
-            check_patch_multiple(parse_sizes(spec, f"config key {key}"), patch, f"config key {key}")
+            sizes = parse_sizes(spec, f"config key {key}")
+            check_patch_multiple(sizes, patch, f"config key {key}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if budget is not None:
-        _positive("train.tokens_per_batch", budget)
+        limit, what = limits[key]
+        for h, w in sizes:
+            if limit is not None and (h // patch) * (w // patch) > limit:
+                raise ConfigError(
+                    f"config key {key}: {h}x{w} takes {(h // patch) * (w // patch)} image tokens at patch {patch}, "
+                    f"over {what}={limit}"
+                )
+        _check_twice(key, sizes)
     if cfg.data.sizes and budget is None:
         raise ConfigError(
             "config key data.sizes (packed mixed-size batches) needs train.tokens_per_batch, the "
@@ -460,6 +502,21 @@ def _check_sizes(cfg: Config, patch: int) -> None:
             f"config key train.tokens_per_batch={budget} is set but data.sizes is empty: it is the "
             "budget of packed mixed-size batches only (set data.sizes, or drop it)"
         )
+
+
+def _check_twice(key: str, sizes: Sequence[Tuple[int, int]]) -> None:
+    twice = {f"{h}x{w}": sizes.count((h, w)) for (h, w) in dict.fromkeys(sizes) if sizes.count((h, w)) > 1}
+    if not twice:
+        return
+    named = ", ".join(f"{hw} {n} times" for hw, n in twice.items())
+    if key == "sample.sizes":
+        raise ConfigError(f"config key sample.sizes gives {named}; give each size once")
+    # training: a run's stored config may hold it, so a warning, not an error
+    print(
+        f"warning: config key data.sizes gives {named}: packed batches draw a size once per time it is given, "
+        "so more often than the others; give each size once for equal shares",
+        file=sys.stderr,
+    )
 
 
 def _check_data(d: DataConfig) -> None:
@@ -488,8 +545,6 @@ def _check_diffusion(d: DiffusionConfig) -> None:
 
 def _check_device(key: str, name: str) -> None:
     """The spelling of a device; whether this machine has it is the job's to check when it starts."""
-    import torch
-
     if name != "auto":
         try:
             torch.device(name)
@@ -537,8 +592,6 @@ def _check_sample_eval(cfg: Config) -> None:
 def parse_hw(text, key: str = "size") -> Tuple[int, int]:
     """``"32x48"`` (rows x columns) or ``"32"`` (square) -> ``(32, 48)``, read by
     :func:`jitrope.data.parse_size`; a ConfigError names ``key``."""
-    from .data.multires import parse_size
-
     t = str(text).strip()
     try:
         return parse_size(f"{t}x{t}" if t.isdigit() else t, key)

@@ -1,253 +1,107 @@
-"""Published JiT checkpoints (the official ``model_jit.py``) as jitrope checkpoint folders (SPEC §9).
+"""Published JiT checkpoints (the official ``model_jit.py``) as jitrope checkpoint folders.
 
     python -m jitrope.convert checkpoint-last.pth --preset JiT-B/16 --out runs/jit_b16
     python -m jitrope.convert checkpoint-last.pth --preset JiT-B/32 --out runs/jit_b32 --weights ema2 \\
         diffusion.noise_scale=2.0
     python -m jitrope.sample --ckpt runs/jit_b16 --classes 207,360 --out grid.png
 
-The input is a published ``checkpoint-last.pth`` (a pickle of the dicts ``model``, ``model_ema1``,
-``model_ema2``, the optimizer, the epoch and the training's argparse ``Namespace``; the keys may
-carry the training wrapper's ``net.`` prefix) or a bare state dict (``.pth`` or ``.safetensors``).
-It is read with ``torch.load(weights_only=True)``, where ``argparse.Namespace`` is the only class
-allowed besides tensors and containers: a file holding any other object is refused, never run.
-
-The names differ from jitrope's in two ways, and :func:`map_published_names` maps them (the model's
-``load_state_dict`` calls it too, so it also takes the published names):
-
-- the published attention keeps the q and k RMSNorm weights apart (``blocks.N.attn.q_norm.weight``
-  and ``k_norm.weight``, ``[head_dim]`` each); jitrope holds one ``blocks.N.attn.qk_norm.weight``
-  ``[2, head_dim]`` (row 0 q, row 1 k), which its fused op takes;
-- the published model stores tables that jitrope derives from the config: ``pos_embed``, the fixed
-  2D sin-cos table (a parameter without gradient), which is checked against jitrope's table and
-  dropped, and the RoPE tables ``feat_rope.freqs_cos`` / ``freqs_sin`` (and ``feat_rope_incontext.*``)
-  where a version keeps them as buffers, which are dropped.
-
-Every other key has the same name and shape. Every published key is used and every jitrope
+The input is a published ``checkpoint-last.pth`` or a bare state dict, read safely and mapped onto
+jitrope's names by :mod:`jitrope.published`. Every published key is used and every jitrope
 parameter is filled, or the conversion names what is not (one ``error:`` line, exit 2). The folder
 written is a run folder (``config.yaml`` and ``checkpoints/step_00000000/`` with its manifest)
-holding the chosen weights as the raw weights (``sample.ema: none``).
+holding the chosen weights as the raw weights (``sample.ema: none``). It is as careful as training:
+weights that are not finite, or whose forward of a fixed probe batch is not, are refused, and an
+``--out`` that holds a run, a checkpoint or a lock is refused unless ``--add`` says to add to it
+(never while another process holds its lock).
 """
 
 from __future__ import annotations
 
 import argparse
-import pickle
-import re
+import math
+import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
-import torch
-from torch import Tensor
-
-from .checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from .cli import fail
 from .config import ConfigError, load_config
-from .fileio import check_writable_dir
+from .diffusion import Diffusion
+from .fileio import LOCK_FILE, LockedError, check_writable_dir, exclusive_lock
+from .model import JiT
+from .published import PUBLISHED_POS_EMBED, WEIGHTS, ConvertError, convert_state_dict, read_published
+from .usable import probe_loss
 
-__all__ = [
-    "ConvertError",
-    "WEIGHTS",
-    "read_published",
-    "map_published_names",
-    "convert_state_dict",
-    "convert",
-    "main",
-]
-
-# --weights choice -> the dict of a published checkpoint-last.pth
-WEIGHTS = {"model": "model", "ema1": "model_ema1", "ema2": "model_ema2"}
-PUBLISHED_POS_EMBED = "sincos2d+rope2d"  # what the published JiT computes: jitrope's default encoding
-_QK_NORM = re.compile(r"^(blocks\.\d+\.attn\.)q_norm\.weight$")
-_ROPE_TABLES = re.compile(r"^feat_rope(_incontext)?\.freqs_(cos|sin)$")
+__all__ = ["convert", "main"]
 
 
-class ConvertError(ValueError):
-    """A published checkpoint cannot be read or does not fit the model; the message says which key."""
-
-
-def _few(xs: Sequence[str], n: int = 6) -> str:
-    return ", ".join(xs[:n]) + (f" (+{len(xs) - n} more)" if len(xs) > n else "")
-
-
-def read_published(path, weights: Optional[str] = None) -> Tuple[Dict[str, Tensor], str, Dict[str, Any]]:
-    """The state dict in a published checkpoint (``weights``: model | ema1 | ema2, default ema1) or a
-    bare state dict file; returns ``(state dict, what it is, info)``, info holding the checkpoint's
-    ``epoch`` and training ``args`` (a dict) where it has them."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConvertError(f"{p} does not exist" if not p.exists() else f"{p} is not a file")
-    if weights is not None and weights not in WEIGHTS:
-        raise ConvertError(f"weights {weights!r} is not one of {list(WEIGHTS)}")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            obj: Any = load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ConvertError(f"{p}: not a readable safetensors file ({e})") from None
-    else:
-        try:  # tensors, containers and the training's argparse.Namespace; nothing that runs code
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(p, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            detail = re.search(r"WeightsUnpickler error: ?(.*)", str(e))
-            detail = detail.group(1).strip() if detail else ""
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
-            if not detail.startswith("Unsupported"):  # not a pickle at all, or a damaged one
-                raise ConvertError(
-                    f"{p}: not a readable torch checkpoint ({detail or 'not a pickle of tensors'})"
-                ) from None
-            what = f"an object of {found.group(1)}" if found else f"something other than tensors ({detail})"
-            raise ConvertError(
-                f"{p} holds {what}: refused (only tensors, containers and argparse.Namespace are "
-                "unpickled, weights_only=True); save its state dict alone to convert it"
-            ) from None
-        except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways)
-            msg = str(e).splitlines()[0] if str(e) else ""
-            raise ConvertError(f"{p}: not a readable torch checkpoint ({type(e).__name__}: {msg})") from None
-    info: Dict[str, Any] = {}
-    if isinstance(obj, Mapping) and any(k in obj for k in WEIGHTS.values()):
-        key = WEIGHTS[weights or "ema1"]
-        if key not in obj:
-            have = [k for k, v in WEIGHTS.items() if v in obj]
-            raise ConvertError(f"{p} has no {key!r} (--weights {weights or 'ema1'}); it has {have}")
-        sd, what = obj[key], f"{p} [{key}]"
-        if isinstance(obj.get("epoch"), int):
-            info["epoch"] = obj["epoch"]
-        if isinstance(obj.get("args"), argparse.Namespace):
-            info["args"] = vars(obj["args"])
-    elif isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        if weights is not None:
-            raise ConvertError(f"--weights {weights}: {p} is a bare state dict, one set of weights; drop --weights")
-        sd, what = obj, str(p)
-    else:
-        kind = f"a dict of {_few(sorted(map(str, obj)))}" if isinstance(obj, Mapping) else type(obj).__name__
-        raise ConvertError(
-            f"{p} is neither a published JiT checkpoint (dicts {', '.join(WEIGHTS.values())}) nor a "
-            f"state dict of tensors: it holds {kind}"
-        )
-    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ConvertError(f"{what} is not a state dict of tensors")
-    return dict(sd), what, info
-
-
-def _check_sincos(table: Tensor, model, key: str) -> None:
-    """The published ``pos_embed`` must be the fixed sin-cos table that jitrope derives for this grid:
-    dropping anything else would change what the model computes."""
-    part = model.pos.parts["sincos2d"] if "sincos2d" in model.pos.parts else None
-    if part is None:
-        raise ConvertError(
-            f"{key}: the published model adds a fixed 2D sin-cos table, which "
-            f"model.pos_embed={model.cfg.pos_embed!r} does not (the published JiT is "
-            f"{PUBLISHED_POS_EMBED!r})"
-        )
-    gh, gw = model.cfg.grid
-    ours = part.table[: gh * gw].detach().cpu()
-    if tuple(table.shape) != (1, *ours.shape):
-        raise ConvertError(
-            f"{key}: shape {tuple(table.shape)}, the model's {gh}x{gw} grid has a sin-cos table of {(1, *ours.shape)}"
-        )
-    diff = float((table[0].detach().cpu().double() - ours.double()).abs().max())
-    if not diff <= 1e-5:
-        raise ConvertError(
-            f"{key} is not the fixed 2D sin-cos table of a {gh}x{gw} grid (max |diff| {diff:.3g}); "
-            "jitrope derives that table and cannot hold another"
-        )
-
-
-def map_published_names(sd: MutableMapping[str, Tensor], model, prefix: str = "") -> List[str]:
-    """Rename, in place, the published JiT's keys under ``prefix`` to jitrope's: stack each block's
-    ``q_norm`` / ``k_norm`` weights into ``qk_norm.weight`` and drop the derived tables (the sin-cos
-    ``pos_embed`` after checking it against ``model``'s). Returns the dropped keys. Keys of jitrope
-    and unknown keys stay as they are, for the caller's check to name."""
-    dropped = []
-    for key in [k for k in sd if k.startswith(prefix)]:
-        name = key[len(prefix) :]
-        m = _QK_NORM.match(name)
-        if m:
-            k_key = f"{prefix}{m.group(1)}k_norm.weight"
-            if k_key in sd and sd[key].shape == sd[k_key].shape:
-                sd[f"{prefix}{m.group(1)}qk_norm.weight"] = torch.stack([sd.pop(key), sd.pop(k_key)])
-        elif name == "pos_embed":
-            _check_sincos(sd[key], model, key)
-            del sd[key]
-            dropped.append(key)
-        elif _ROPE_TABLES.match(name):
-            del sd[key]
-            dropped.append(key)
-    return dropped
-
-
-def convert_state_dict(
-    sd: Mapping[str, Tensor], model, *, where: str = "the published state dict"
-) -> Tuple[Dict[str, Tensor], List[str]]:
-    """A published JiT state dict (with or without ``net.``) -> ``model``'s state dict, every key used
-    and every entry filled with the right shape and dtype (half-precision weights are widened), else a
-    :class:`ConvertError` that names them. Returns ``(state dict, dropped derived tables)``."""
-    sd = {(k[len("net.") :] if k.startswith("net.") else k): v for k, v in sd.items()}
-    dropped = map_published_names(sd, model)
-    expected = model.state_dict()
-    for k, v in sd.items():  # bf16 / fp16 -> fp32 loses nothing
-        if k in expected and v.dtype in (torch.float16, torch.bfloat16) and expected[k].dtype == torch.float32:
-            sd[k] = v.float()
-    left = [k for k in sd if k not in expected]
-    unfilled = [k for k in expected if k not in sd]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in sd and sd[k].shape != expected[k].shape
-    ]
-    dtypes = [
-        f"{k} {sd[k].dtype} vs {expected[k].dtype}"
-        for k in expected
-        if k in sd and sd[k].shape == expected[k].shape and sd[k].dtype != expected[k].dtype
-    ]
-    parts = []
-    if left:
-        parts.append(f"published keys left over: {_few(left)}")
-    if unfilled:
-        parts.append(f"jitrope entries not filled: {_few(unfilled)}")
-    if shapes:
-        parts.append(f"shape mismatch (published vs jitrope): {_few(shapes)}")
-    if dtypes:
-        parts.append(f"dtype mismatch (published vs jitrope): {_few(dtypes)}")
-    if parts:
-        raise ConvertError(f"{where} does not fit the jitrope JiT of this config: {'; '.join(parts)}")
-    return {k: sd[k].contiguous() for k in expected}, dropped
-
-
-def convert(src, out, *, preset: str, overrides: Sequence[str] = (), weights: Optional[str] = None, log=print) -> Path:
+def convert(
+    src, out, *, preset: str, overrides: Sequence[str] = (), weights: Optional[str] = None, add: bool = False, log=print
+) -> Path:
     """Convert the published checkpoint or state dict ``src`` into a jitrope run folder ``out`` with
     the model ``preset`` (and ``section.key=value`` overrides, e.g. ``model.pos_impl=torch``);
-    returns the checkpoint folder written."""
-    from .model import JiT
+    returns the checkpoint folder written.
 
+    As careful as training: ``out`` must not hold a run, a checkpoint or a lock, unless ``add``
+    (then it is locked as a trainer locks its folder, so never while another process holds it, and
+    neither a ``step_00000000`` nor a ``config.yaml`` there is replaced); weights that are not
+    finite, or whose forward of the probe batch is not, are refused (:mod:`jitrope.usable`)."""
     cfg = load_config(None, overrides, flags={"model": {"preset": preset}, "sample": {"ema": "none"}})
     mcfg = cfg.model_config()
     cfg.data.img_size = mcfg.img_size
     out = Path(out).expanduser()
-    if list_checkpoints(out):
-        raise ConvertError(f"--out {out} already holds checkpoints; choose another folder")
+    _check_out(out, add)
     check_writable_dir(out, "--out")  # before reading a large file
     if mcfg.pos_embed != PUBLISHED_POS_EMBED:
         log(
             f"warning: model.pos_embed={mcfg.pos_embed!r}: the published JiT uses {PUBLISHED_POS_EMBED!r}, so the "
             "converted model computes another function with these weights"
         )
-    sd, what, info = read_published(src, weights)
-    model = JiT(mcfg)
-    mapped, dropped = convert_state_dict(sd, model, where=what)
-    model.load_state_dict(mapped)  # strict: the check above and torch's agree
-    ckpt = save_checkpoint(out, 0, model=mapped, config=cfg.to_dict(), model_config=mcfg.to_dict(), keep_last=0)
-    cfg.save(out / "config.yaml")  # as a training run has it
+    with exclusive_lock(out, "--out", log=lambda m: log(f"warning: {m}")):
+        _check_out(out, add, locked=True)  # what another process may have written before the lock
+        sd, what, info = read_published(src, weights)
+        model = JiT(mcfg)
+        mapped, dropped = convert_state_dict(sd, model, where=what)
+        model.load_state_dict(mapped)  # strict: the check above and torch's agree
+        loss = probe_loss(model, Diffusion.from_config(cfg.diffusion))
+        if not math.isfinite(loss):
+            raise ConvertError(
+                f"{what}: these weights give a loss of {loss} on the probe batch, so they cannot sample; nothing "
+                "was written"
+            )
+        ckpt = save_checkpoint(out, 0, model=mapped, config=cfg.to_dict(), model_config=mcfg.to_dict(), keep_last=0)
+        if not (out / "config.yaml").exists():
+            cfg.save(out / "config.yaml")  # as a training run has it
     epoch = f", published epoch {info['epoch']}" if "epoch" in info else ""
     log(
         f"wrote {ckpt} from {what} ({len(sd)} tensors{epoch}; derived tables dropped: "
         f"{', '.join(dropped) or 'none'}): {preset}, {sum(v.numel() for v in mapped.values()) / 1e6:.1f}M values"
     )
     return ckpt
+
+
+def _check_out(out: Path, add: bool, locked: bool = False) -> None:
+    """``--out`` holds no run, checkpoint or lock (``add``: it may, but not a ``step_00000000``)."""
+    first = latest_checkpoint(out)
+    if add:
+        if (out / "checkpoints" / "step_00000000").exists():
+            raise ConvertError(f"--out {out} already holds checkpoints/step_00000000; choose another folder")
+        return
+    held = [
+        what
+        for what, there in (
+            ("a run (config.yaml)", (out / "config.yaml").exists()),
+            (f"checkpoints ({first.name if first else ''})", first is not None),
+            ("a lock (.lock)", not locked and os.path.lexists(out / LOCK_FILE)),
+        )
+        if there
+    ]
+    if held:
+        raise ConvertError(
+            f"--out {out} already holds {' and '.join(held)}; choose another folder, or pass --add to add "
+            "the converted checkpoint to it"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,10 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
         "only class allowed.",
     )
     p.add_argument("published", help="checkpoint-last.pth, or a state dict file (.pth / .safetensors)")
-    p.add_argument("--preset", required=True, help="the model's preset, e.g. JiT-B/16 (see jitrope.presets)")
+    p.add_argument("--preset", required=True, help="the model's preset, e.g. JiT-B/16 (see jitrope.modelconfig)")
     p.add_argument("--out", required=True, help="run folder to write (config.yaml, checkpoints/step_00000000/)")
     p.add_argument(
         "--weights", choices=tuple(WEIGHTS), default=None, help="which weights of a checkpoint-last.pth (default: ema1)"
+    )
+    p.add_argument(
+        "--add",
+        action="store_true",
+        help="write into an --out that already holds a run, checkpoints or a lock: never while another "
+        "process holds its lock, never over a checkpoint step_00000000, and a config.yaml there is kept",
     )
     p.add_argument(
         "overrides",
@@ -276,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        convert(args.published, args.out, preset=args.preset, overrides=args.overrides, weights=args.weights)
-    except (ConvertError, ConfigError, CheckpointError, OSError) as e:
+        convert(
+            args.published, args.out, preset=args.preset, overrides=args.overrides, weights=args.weights, add=args.add
+        )
+    except (ConvertError, ConfigError, CheckpointError, LockedError, OSError) as e:
         return fail(e)
     return 0
 

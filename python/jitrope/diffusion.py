@@ -1,4 +1,4 @@
-"""x-prediction diffusion with a velocity loss, samplers and guidance (SPEC §7, JiT defaults).
+"""x-prediction diffusion with a velocity loss, samplers and guidance (docs/training.md, JiT defaults).
 
 Path: ``z_t = t * x + (1 - t) * e`` with ``e ~ N(0, noise_scale^2)``; ``t = 1`` is data, ``t = 0`` noise.
 The network predicts ``x``; both the target and the prediction are turned into velocities
@@ -266,37 +266,39 @@ class Diffusion:
                 raise ValueError("sample: give shape or noise")
             noise = torch.randn(shape, generator=generator, device=device)
         z = self.noise_scale * noise.to(device=device, dtype=torch.float32)
-        ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
-        kw = dict(cfg=cfg, cfg_interval=cfg_interval, null_class=null_class, layout=layout)
         n_samples = z.shape[0] if layout is None else layout.image_tokens.shape[0]
+        ts = self._time_grid(steps, n_samples, device, layout, n_tokens)
+        kw = dict(cfg=cfg, cfg_interval=cfg_interval, null_class=null_class, layout=layout)
 
-        if self.shift == "none":
-
-            def vel(z_, t_):
-                return self.velocity(net, z_, torch.full((n_samples,), t_, device=device), y, cond, **kw)
-        else:
-            # Per-sample grids [steps + 1, S]; a step's time and length are then tensors: vel(z, i) reads
-            # row i, and (t1 - t0) is broadcast to every pixel of its sample.
-            if layout is not None and n_tokens is None:
-                n_tokens = layout.image_tokens
-            n_tokens = self._need_tokens(n_tokens, "sample")
-            grid = self.shift_t(
-                torch.tensor(ts, dtype=torch.float64, device=device)[:, None],
-                torch.as_tensor(n_tokens, device=device).expand(n_samples),
-            )
-            ts = [row.float() for row in grid]
-
-            def vel(z_, t_):
-                return self.velocity(net, z_, t_, y, cond, **kw)
-
-        def dt(t0, t1):
-            return t1 - t0 if self.shift == "none" else _expand(_per_pixel(t1 - t0, layout), z)
+        def vel(z_, t_):  # t_: a float of the shared grid, or each sample's time (a shifted grid's row)
+            if self.shift == "none":
+                t_ = torch.full((n_samples,), t_, device=device)
+            return self.velocity(net, z_, t_, y, cond, **kw)
 
         for i in range(steps):
-            z = step(vel, z, ts[i], ts[i + 1], dt(ts[i], ts[i + 1]), i == steps - 1)
+            t0, t1 = ts[i], ts[i + 1]
+            # with a shift, (t1 - t0) is each sample's, broadcast to every pixel of it
+            dt = t1 - t0 if self.shift == "none" else _expand(_per_pixel(t1 - t0, layout), z)
+            z = step(vel, z, t0, t1, dt, i == steps - 1)
             if progress is not None:
                 progress(i + 1)
         return z
+
+    def _time_grid(self, steps: int, n_samples: int, device, layout, n_tokens) -> List:
+        """The times ``linspace(0, 1, steps + 1)`` as floats; with ``shift`` set, each sample's shifted
+        times instead, one float32 ``[n_samples]`` row per step (``n_tokens``: int or ``[B]``; a packed
+        batch's are its layout's)."""
+        ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
+        if self.shift == "none":
+            return ts
+        if layout is not None and n_tokens is None:
+            n_tokens = layout.image_tokens
+        n_tokens = self._need_tokens(n_tokens, "sample")
+        grid = self.shift_t(
+            torch.tensor(ts, dtype=torch.float64, device=device)[:, None],
+            torch.as_tensor(n_tokens, device=device).expand(n_samples),
+        )
+        return [row.float() for row in grid]
 
 
 def _call(
@@ -310,7 +312,7 @@ def _call(
 
 
 class EMA:
-    """Exponential moving averages of a module's parameters, one per decay (SPEC: 0.9999, 0.9996).
+    """Exponential moving averages of a module's parameters, one per decay (default 0.9999, 0.9996).
 
     ``update()`` after each optimizer step: ``ema <- decay * ema + (1 - decay) * param``; with
     ``warmup`` the decay of update k is ``min(decay, (1 + k) / (10 + k))``. Buffers are not averaged;

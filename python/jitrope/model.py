@@ -1,4 +1,4 @@
-"""JiT ("Just image Transformer", Li & He 2025) with a swappable positional encoding (SPEC.md §5, §6).
+"""JiT ("Just image Transformer", Li & He 2025) with a swappable positional encoding (docs/training.md).
 
 The architecture follows the official ``model_jit.py``: bottleneck patch embedding, adaLN-Zero
 blocks with RMSNorm (eps 1e-6, float32), attention with qkv bias and qk-norm *then* RoPE, a SwiGLU
@@ -15,7 +15,7 @@ Classifier-free guidance: the trainer drops labels by passing ``y = cfg.num_clas
 class, ``model.null_class``) and drops condition images with ``cond_drop`` (a ``[B]`` bool mask);
 ``cond=None`` uses the null condition for the whole batch.
 
-Packed batches (SPEC §10, :mod:`jitrope.packing`): images of different sizes in one token stream,
+Packed batches (docs/ops.md, :mod:`jitrope.packing`): images of different sizes in one token stream,
 block-diagonal attention, per-token positions, adaLN through each token's sequence:
 
     outs = model.forward_packed([img_a, img_b, img_c], t, y, conds=[c_a, None, c_c])  # list of [3, H_s, W_s]
@@ -29,28 +29,19 @@ temperature), so each output is the batched forward of that image alone with the
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import VARLEN_IMPLS, attention_fp32, varlen_attention
+from .attention import attention_fp32, varlen_attention
+from .modelconfig import PRESETS, JiTConfig
 from .packing import PackedLayout, PackedSeqs, pack_images, unpack_images
-from .posenc import (
-    IMPLS,
-    POS_EMBEDS,
-    SCALINGS,
-    PosEncGeometry,
-    PositionalEncoding,
-    SeqLayout,
-    build_pos_encoding,
-    check_pos_embed,
-)
-from .presets import PRESETS
+from .posenc import SCALINGS, PosEncGeometry, PositionalEncoding, SeqLayout, build_pos_encoding
+from .published import ConvertError, map_published_names
 from .reference import compute_dtype, rms_norm
 
 __all__ = [
@@ -67,179 +58,6 @@ __all__ = [
     "FinalLayer",
     "PRESETS",
 ]
-
-
-_CHOICES = {
-    "pos_impl": IMPLS,
-    "pos_scaling": SCALINGS,
-    "null_cond": ("learned", "zeros", "absent"),
-    "attn_impl": ("sdpa", "fp32"),
-    "packed_attn": VARLEN_IMPLS,
-}
-
-
-@dataclass
-class JiTConfig:
-    """Every knob of :class:`JiT`; the defaults are the ``JiT-S/4`` preset with the paper's encoding.
-
-    Positional encoding: ``pos_embed`` (SPEC §5: learned1d | sincos2d | factorized2d | rope2d |
-    rope2d_mixed | sincos2d+rope2d), ``pos_impl`` (fused | torch), ``pos_scaling`` (how grids other
-    than the training one are placed, per axis: extrapolate | interpolate | ntk | yarn; ntk and yarn
-    scale RoPE frequencies, tables interpolate under them: :mod:`jitrope.rope`; every mode works on batched
-    and packed calls alike, a packed batch scaling each sequence by its own grid), ``pos_max_grid`` /
-    ``pos_max_cond_grid`` (factorized2d table sizes; default twice the training grids).
-    Condition image: ``cond_img_size`` (None = none), its patch size (default ``patch_size``) and
-    bottleneck, ``null_cond``: what stands for "no condition image" (classifier-free guidance, condition
-    dropout): ``learned`` (one learned vector in every condition slot), ``zeros``, or ``absent`` (no
-    condition tokens at all: the sequence is the unconditional one, e.g. 256 tokens instead of 320; a
-    dropped condition is masked out of attention, which gives the same numbers; batched training only).
-    ``attn_impl``: sdpa (``F.scaled_dot_product_attention``) or fp32 (the original's float32 logits by hand).
-    ``packed_attn``: how attention runs on a packed batch (:func:`jitrope.attention.varlen_attention`:
-    auto | varlen | mask | loop).
-    """
-
-    img_size: int = 64
-    patch_size: int = 4
-    in_channels: int = 3
-    hidden_size: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    bottleneck_dim: int = 48
-    num_classes: int = 9
-    in_context_len: int = 32
-    in_context_start: int = 4
-    attn_dropout: float = 0.0
-    proj_dropout: float = 0.0
-    pos_embed: str = "sincos2d+rope2d"
-    pos_impl: str = "fused"
-    pos_scaling: str = "extrapolate"
-    pos_max_grid: Optional[Tuple[int, int]] = None
-    pos_max_cond_grid: Optional[Tuple[int, int]] = None
-    rope_theta: float = 10000.0
-    cond_img_size: Optional[int] = None
-    cond_patch_size: Optional[int] = None
-    cond_in_channels: int = 3
-    cond_bottleneck_dim: Optional[int] = None
-    null_cond: str = "learned"
-    attn_impl: str = "sdpa"
-    packed_attn: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("pos_max_grid", "pos_max_cond_grid"):
-            v = getattr(self, name)
-            if v is not None:
-                if isinstance(v, int):
-                    v = (v, v)
-                v = tuple(int(a) for a in v)
-                if len(v) != 2:
-                    raise ValueError(f"{name} must be (max_h, max_w), got {getattr(self, name)!r}")
-                setattr(self, name, v)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending field."""
-
-        def positive(*names):
-            for n in names:
-                if not (isinstance(getattr(self, n), int) and getattr(self, n) > 0):
-                    raise ValueError(f"{n} must be a positive integer, got {getattr(self, n)!r}")
-
-        positive(
-            "img_size",
-            "patch_size",
-            "in_channels",
-            "hidden_size",
-            "depth",
-            "num_heads",
-            "bottleneck_dim",
-            "num_classes",
-            "cond_in_channels",
-        )
-        for field, choices in _CHOICES.items():
-            if getattr(self, field) not in choices:
-                raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
-        if self.pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {list(POS_EMBEDS)}, got {self.pos_embed!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        check_pos_embed(self.pos_embed, width=self.hidden_size, num_heads=self.num_heads)
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        for n in ("attn_dropout", "proj_dropout"):
-            if not 0.0 <= getattr(self, n) < 1.0:
-                raise ValueError(f"{n} must be in [0, 1), got {getattr(self, n)}")
-        if self.in_context_len < 0:
-            raise ValueError(f"in_context_len must be >= 0, got {self.in_context_len}")
-        if self.in_context_len > 0 and not 0 <= self.in_context_start < self.depth:
-            raise ValueError(
-                f"in_context_start must be in [0, depth={self.depth}) when in_context_len > 0, "
-                f"got {self.in_context_start}"
-            )
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ValueError(f"rope_theta must be positive and finite, got {self.rope_theta}")
-        if self.pos_max_grid is not None and any(m < g for m, g in zip(self.pos_max_grid, self.grid)):
-            raise ValueError(f"pos_max_grid {self.pos_max_grid} must cover the training grid {self.grid}")
-        if self.cond_img_size is not None:
-            if not (isinstance(self.cond_img_size, int) and self.cond_img_size > 0):
-                raise ValueError(f"cond_img_size must be a positive integer or None, got {self.cond_img_size!r}")
-            for n in ("cond_patch_size", "cond_bottleneck_dim"):
-                v = getattr(self, n)
-                if v is not None and not (isinstance(v, int) and v > 0):
-                    raise ValueError(f"{n} must be a positive integer or None, got {v!r}")
-            if self.cond_img_size % self.cond_patch:
-                raise ValueError(
-                    f"cond_img_size ({self.cond_img_size}) must be a multiple of cond_patch_size ({self.cond_patch})"
-                )
-            cg = self.cond_grid
-            if self.pos_max_cond_grid is not None and any(m < g for m, g in zip(self.pos_max_cond_grid, cg)):
-                raise ValueError(f"pos_max_cond_grid {self.pos_max_cond_grid} must cover the condition grid {cg}")
-
-    # Derived geometry.
-    @property
-    def grid(self) -> Tuple[int, int]:
-        g = self.img_size // self.patch_size
-        return (g, g)
-
-    @property
-    def cond_patch(self) -> int:
-        return self.cond_patch_size or self.patch_size
-
-    @property
-    def cond_grid(self) -> Optional[Tuple[int, int]]:
-        if self.cond_img_size is None:
-            return None
-        g = self.cond_img_size // self.cond_patch
-        return (g, g)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        # The official SwiGLUFFN: int(int(width * mlp_ratio) * 2 / 3), e.g. 2048 for width 768.
-        return int(int(self.hidden_size * self.mlp_ratio) * 2 / 3)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> JiTConfig:
-        """A named preset (:data:`PRESETS`) with fields replaced by ``overrides``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown JiT preset {name!r}; known: {list(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> JiTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown JiTConfig field(s): {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 # ----------------------------------------------------------------------------------- layers
@@ -484,9 +302,7 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------- model
 def _accept_published_names(module, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
     """``load_state_dict`` pre-hook: a state dict of the published JiT (separate q_norm / k_norm, its
-    sin-cos ``pos_embed``) loads too, mapped by :func:`jitrope.convert.map_published_names`."""
-    from .convert import ConvertError, map_published_names
-
+    sin-cos ``pos_embed``) loads too, mapped by :func:`jitrope.published.map_published_names`."""
     try:
         map_published_names(state_dict, module, prefix)
     except ConvertError as e:
@@ -497,7 +313,7 @@ class JiT(nn.Module):
     """Just image Transformer; ``forward(x, t, y, cond=None, *, cond_drop=None, pos_scaling=None)``.
 
     Sequence ``[in-context (L_ctx, from block in_context_start) | image (gh*gw) | condition (ch*cw)]``
-    (SPEC §1), described by :meth:`sequence_layout`.
+    (docs/ops.md), described by :meth:`sequence_layout`.
     """
 
     def __init__(self, cfg: JiTConfig):
@@ -553,6 +369,9 @@ class JiT(nn.Module):
         self.final_layer = FinalLayer(w, cfg.patch_size, cfg.in_channels)
         self.initialize_weights()
         self.register_load_state_dict_pre_hook(_accept_published_names)
+        # recompute each block's activations in the backward pass instead of keeping them (the trainer's
+        # train.activation_checkpointing): less memory, one more forward of the blocks, the same numbers
+        self.activation_checkpointing = False
 
     def initialize_weights(self) -> None:
         """The official JiT / DiT initialisation (adaLN-Zero, zero final layer)."""
@@ -807,11 +626,7 @@ class JiT(nn.Module):
         layout = self.sequence_layout(
             tuple(x.shape[-2:]), None if cond is None else tuple(cond.shape[-2:]), scaling=pos_scaling
         )
-        if t.dim() == 0:
-            t = t.expand(B)
-        if y is None:
-            y = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
-
+        t, y = self._time_and_label(t, y, B, x.device)
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
 
@@ -820,22 +635,48 @@ class JiT(nn.Module):
         if self.cond_embedder is not None and layout.n_cond > 0:
             h = torch.cat((h, self._cond_tokens(cond, cond_drop, layout, h)), dim=1)
             key_mask = self._absent_cond_mask(cond_drop, layout, B, x.device)
-        h = self.pos.add(h, layout)
-
-        L, start = cfg.in_context_len, cfg.in_context_start
-        for i, block in enumerate(self.blocks):
-            if L > 0 and i == start:
-                ctx = y_emb.unsqueeze(1).expand(-1, L, -1) + self.in_context_posemb
-                h = torch.cat((ctx.to(h.dtype), h), dim=1)
-                if key_mask is not None:
-                    key_mask = torch.cat((key_mask.new_ones(B, 1, 1, L), key_mask), dim=-1)
-            h = block(h, c, self.pos, layout, key_mask)
+        h = self._blocks(self.pos.add(h, layout), c, y_emb, layout, key_mask)
 
         # Only image tokens reach the final layer: in-context and condition tokens are dropped.
-        n0 = L if L > 0 else 0
+        n0 = cfg.in_context_len
         h = h[:, n0 : n0 + layout.n_image]
         h = self.final_layer(h, c)
         return self.unpatchify(h, layout.grid)
+
+    def _time_and_label(self, t: Tensor, y: Optional[Tensor], n: int, device) -> Tuple[Tensor, Tensor]:
+        """``t`` of ``n`` samples (a scalar: the same for all) and their labels (None: the null class)."""
+        if t.dim() == 0:
+            t = t.expand(n)
+        if y is None:
+            y = torch.full((n,), self.null_class, dtype=torch.long, device=device)
+        return t, y
+
+    def _blocks(
+        self, h: Tensor, c: Tensor, y_emb: Tensor, layout: Union[SeqLayout, PackedLayout], key_mask=None
+    ) -> Tensor:
+        """The transformer blocks over the embedded tokens ``h`` (positions added), shared by the batched
+        and the packed forward. The in-context tokens (each sample's ``y_emb`` plus their learned positions)
+        join at block ``in_context_start``: in front of each sequence of a batch (``layout`` a ``SeqLayout``;
+        ``key_mask`` grows with them), or gathered into each sequence of a packed stream (a ``PackedLayout``,
+        whose blocks then see ``layout.seqs`` instead of ``layout.seqs_in``)."""
+        L, start = self.cfg.in_context_len, self.cfg.in_context_start
+        packed = isinstance(layout, PackedLayout)
+        seqs = layout.seqs_in if packed else layout
+        for i, block in enumerate(self.blocks):
+            if L > 0 and i == start:
+                ctx = (y_emb.unsqueeze(1) + self.in_context_posemb).to(h.dtype)  # [B or S, L, W]
+                if packed:
+                    h = torch.cat((ctx.reshape(1, -1, h.shape[-1]), h), dim=1)[:, layout.ctx_gather]
+                    seqs = layout.seqs
+                else:
+                    h = torch.cat((ctx, h), dim=1)
+                    if key_mask is not None:
+                        key_mask = torch.cat((key_mask.new_ones(h.shape[0], 1, 1, L), key_mask), dim=-1)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, self.pos, seqs, key_mask, use_reentrant=False)
+            else:
+                h = block(h, c, self.pos, seqs, key_mask)
+        return h
 
     def forward_tokens(
         self,
@@ -870,15 +711,11 @@ class JiT(nn.Module):
             raise ValueError(
                 f"x must be pixel tokens [T_img={layout.image_seq_id.shape[0]}, {P}], got {tuple(x.shape)}"
             )
-        if t.dim() == 0:
-            t = t.expand(S)
+        t, y = self._time_and_label(t, y, S, x.device)
         if t.shape != (S,):
             raise ValueError(f"t must be [S={S}] (one noise level per sample) or a scalar, got {tuple(t.shape)}")
-        if y is None:
-            y = torch.full((S,), self.null_class, dtype=torch.long, device=x.device)
         if y.shape != (S,):
             raise ValueError(f"y must be [S={S}] labels, got {tuple(y.shape)}")
-
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
 
@@ -888,16 +725,7 @@ class JiT(nn.Module):
             h = torch.cat((h, self._cond_tokens_packed(cond, cond_drop, layout, h)))[layout.in_gather]
         elif cond is not None:
             raise ValueError("a condition image was given but the model has none (cond_img_size=None)")
-        h = self.pos.add(h.unsqueeze(0), layout)
-
-        L, start = cfg.in_context_len, cfg.in_context_start
-        seqs = layout.seqs_in
-        for i, block in enumerate(self.blocks):
-            if L > 0 and i == start:
-                ctx = (y_emb.unsqueeze(1) + self.in_context_posemb).to(h.dtype)  # [S, L, W]
-                h = torch.cat((ctx.reshape(1, -1, h.shape[-1]), h), dim=1)[:, layout.ctx_gather]
-                seqs = layout.seqs
-            h = block(h, c, self.pos, seqs)
+        h = self._blocks(self.pos.add(h.unsqueeze(0), layout), c, y_emb, layout)
 
         h = h[:, layout.image_index]  # only image tokens reach the final layer
         return self.final_layer(h, c, layout.image_seq_id)[0]
@@ -927,22 +755,8 @@ class JiT(nn.Module):
             one x-prediction ``[C, H_s, W_s]`` per image. Each equals ``forward`` on that image alone.
         """
         cfg = self.cfg
-        if not isinstance(xs, (list, tuple)) or len(xs) == 0:
-            raise ValueError("xs must be a non-empty list of [C, H, W] images")
-        for s, im in enumerate(xs):
-            if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != cfg.in_channels:
-                got = tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__
-                raise ValueError(f"xs[{s}] must be a [{cfg.in_channels}, H, W] image, got {got}")
+        self._check_packed_images(xs, conds)
         S, device = len(xs), xs[0].device
-        if conds is not None:
-            if self.cond_embedder is None:
-                raise ValueError("conds were given but the model has no condition image (cond_img_size=None)")
-            if len(conds) != S:
-                raise ValueError(f"conds must have one entry (image or None) per image in xs ({S}), got {len(conds)}")
-            for s, c in enumerate(conds):
-                if c is not None and (not isinstance(c, Tensor) or c.dim() != 3 or c.shape[0] != cfg.cond_in_channels):
-                    got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
-                    raise ValueError(f"conds[{s}] must be a [{cfg.cond_in_channels}, Hc, Wc] image or None, got {got}")
         cond_sizes = None if conds is None else [None if c is None else tuple(c.shape[-2:]) for c in conds]
         layout = self.packed_layout(
             [tuple(im.shape[-2:]) for im in xs], cond_sizes, pos_scaling=pos_scaling, device=device
@@ -950,22 +764,50 @@ class JiT(nn.Module):
         if t.dim() == 0:
             t = t.expand(S)
         cond_tok = None
-        if conds is not None and cfg.null_cond == "absent":
-            # No condition image is no condition tokens: only the given ones are packed.
-            given = [c for c in conds if c is not None]
-            cond_tok = pack_images(given, cfg.cond_patch, name="conds") if given else None
-        elif conds is not None:
-            # A missing condition image is the null condition: zeros in its grid, dropped below.
-            missing = torch.tensor([c is None for c in conds], device=device)
-            cp = cfg.cond_patch
-            filled = [
-                c if c is not None else xs[s].new_zeros(cfg.cond_in_channels, g[0] * cp, g[1] * cp)
-                for s, (c, g) in enumerate(zip(conds, layout.cond_grids))
-            ]
-            cond_tok = pack_images(filled, cp, name="conds")
-            if missing.any():
-                cond_drop = missing if cond_drop is None else (cond_drop.to(device) | missing)
+        if conds is not None:
+            cond_tok, cond_drop = self._pack_conds(xs, conds, layout, cond_drop)
         out = self.forward_tokens(
             pack_images(list(xs), cfg.patch_size, name="xs"), t, y, cond_tok, cond_drop=cond_drop, layout=layout
         )
         return unpack_images(out, layout, cfg.patch_size)
+
+    def _check_packed_images(self, xs: Sequence[Tensor], conds: Optional[Sequence[Optional[Tensor]]]) -> None:
+        """``forward_packed``'s images: a non-empty list of ``[C, H, W]``, and a condition image or None each."""
+        cfg = self.cfg
+        if not isinstance(xs, (list, tuple)) or len(xs) == 0:
+            raise ValueError("xs must be a non-empty list of [C, H, W] images")
+        for s, im in enumerate(xs):
+            if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != cfg.in_channels:
+                got = tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__
+                raise ValueError(f"xs[{s}] must be a [{cfg.in_channels}, H, W] image, got {got}")
+        if conds is None:
+            return
+        if self.cond_embedder is None:
+            raise ValueError("conds were given but the model has no condition image (cond_img_size=None)")
+        if len(conds) != len(xs):
+            raise ValueError(f"conds must have one entry (image or None) per image in xs ({len(xs)}), got {len(conds)}")
+        for s, c in enumerate(conds):
+            if c is not None and (not isinstance(c, Tensor) or c.dim() != 3 or c.shape[0] != cfg.cond_in_channels):
+                got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+                raise ValueError(f"conds[{s}] must be a [{cfg.cond_in_channels}, Hc, Wc] image or None, got {got}")
+
+    def _pack_conds(
+        self, xs: Sequence[Tensor], conds: Sequence[Optional[Tensor]], layout: PackedLayout, cond_drop: Optional[Tensor]
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The condition images' pixel tokens and the ``cond_drop`` that goes with them. A missing condition
+        image (None) is no condition tokens with ``null_cond="absent"``, else the null condition: zeros in
+        its grid, dropped."""
+        cfg = self.cfg
+        if cfg.null_cond == "absent":
+            given = [c for c in conds if c is not None]
+            return (pack_images(given, cfg.cond_patch, name="conds") if given else None), cond_drop
+        device = xs[0].device
+        missing = torch.tensor([c is None for c in conds], device=device)
+        cp = cfg.cond_patch
+        filled = [
+            c if c is not None else xs[s].new_zeros(cfg.cond_in_channels, g[0] * cp, g[1] * cp)
+            for s, (c, g) in enumerate(zip(conds, layout.cond_grids))
+        ]
+        if missing.any():
+            cond_drop = missing if cond_drop is None else (cond_drop.to(device) | missing)
+        return pack_images(filled, cp, name="conds"), cond_drop

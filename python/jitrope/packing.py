@@ -1,4 +1,4 @@
-"""Packed batches: images of different sizes in one token stream (SPEC.md §10).
+"""Packed batches: images of different sizes in one token stream (docs/ops.md).
 
 A packed batch of S samples concatenates, in sample order, one sequence per sample
 ``[in-context (L) | image (gh*gw) | condition (ch*cw)]`` into T tokens. Attention is block-diagonal
@@ -61,7 +61,7 @@ class PackedSeqs(NamedTuple):
 
     ``cu_seqlens``: int32 ``[S+1]``, 0 first, T last (the flash-attn / ``torch.nn.attention.varlen``
     convention); ``max_seqlen``: the longest sequence; ``seq_id``: int64 ``[T]``, the sample of each
-    token; ``coords``: float32 ``[T, 2]`` (row, column) of SPEC §2 (in-context tokens (0, 0), image
+    token; ``coords``: float32 ``[T, 2]`` (row, column) of docs/ops.md (in-context tokens (0, 0), image
     tokens (i, j) of their own grid, condition tokens at the aligned centres of their image's grid).
 
     Frequency scaling (``pos_scaling`` ntk / yarn; all None otherwise): ``freq_mode`` the mode,
@@ -140,7 +140,7 @@ def _seqs(
 
 @dataclass(frozen=True, eq=False)
 class PackedLayout:
-    """Geometry and index tensors of one packed batch (SPEC §10). Build with :meth:`build`.
+    """Geometry and index tensors of one packed batch (docs/ops.md). Build with :meth:`build`.
 
     Per sample: ``img_grids[s] = (gh, gw)`` (any aspect), ``cond_grids[s]`` (None = no condition
     tokens), the same ``context_len`` in-context tokens. Tensors (all on one device):
@@ -245,140 +245,40 @@ class PackedLayout:
         sizes (default: the largest grids). ``scaling="ntk"|"yarn"`` (relative to ``train_grid``) gives each
         stream its per-sequence frequency scales (:class:`PackedSeqs`). Errors name the argument.
         """
-        if scaling not in SCALING_MODES:
-            raise ValueError(
-                f"scaling (pos_scaling) of a packed batch must be one of {list(SCALING_MODES)}, got {scaling!r}"
-            )
-        img_grids = tuple(_grid(g, f"img_grids[{s}]") for s, g in enumerate(img_grids))
-        S = len(img_grids)
-        if S == 0:
-            raise ValueError("img_grids is empty: a packed batch needs at least one image")
-        if cond_grids is None:
-            cond_grids = (None,) * S
-        if len(cond_grids) != S:
-            raise ValueError(f"cond_grids must have one entry per image (S = {S}), got {len(cond_grids)}")
-        cond_grids = tuple(None if g is None else _grid(g, f"cond_grids[{s}]") for s, g in enumerate(cond_grids))
-        if not (isinstance(context_len, int) and context_len >= 0):
-            raise ValueError(f"context_len must be an integer >= 0, got {context_len!r}")
-        train_grid = _grid(train_grid or img_grids[0], "train_grid")
-        present = [g for g in cond_grids if g is not None]
-        if train_cond_grid is None and present:
-            train_cond_grid = present[0]
-        train_cond_grid = None if train_cond_grid is None else _grid(train_cond_grid, "train_cond_grid")
-        max_grid = _grid(max_grid or tuple(max(g[a] for g in img_grids) for a in (0, 1)), "max_grid")
-        if max_cond_grid is None and present:
-            max_cond_grid = tuple(max(g[a] for g in present) for a in (0, 1))
-        max_cond_grid = None if max_cond_grid is None else _grid(max_cond_grid, "max_cond_grid")
-        if present and train_cond_grid is None:
-            raise ValueError("cond_grids has condition grids but train_cond_grid is None")
+        b = _Batch.plan(
+            img_grids, cond_grids, context_len, scaling, train_grid, train_cond_grid, max_grid, max_cond_grid
+        )
+        L, S = context_len, len(b.img_grids)
+        parts, lens, lens_in = _sequences(b)
+        seqs, seqs_in = _streams(lens, lens_in, torch.cat([p.coords for p in parts]), L, *_freq_tables(b))
 
-        interp = scaling == "interpolate"  # coordinates laid onto the training grid
-        tables_interp = interp or scaling in FREQ_SCALINGS  # tables resampled (ntk / yarn: as in the batched path)
-        image_tables = _distinct(g for g in img_grids if tables_interp and g != train_grid)
-        cond_tables = _distinct(g for g in present if tables_interp and g != train_cond_grid)
-        # Offsets of each table block in the concatenated row / column / slot tables (see the class doc).
-        row_off: Dict[Tuple[str, Grid], int] = {}
-        col_off: Dict[Tuple[str, Grid], int] = {}
-        slot_off: Dict[Tuple[str, Grid], int] = {}
-        n_train_cond = 0 if train_cond_grid is None else train_cond_grid[0] * train_cond_grid[1]
-        slot = train_grid[0] * train_grid[1] + n_train_cond
-        r, c = max_grid
-        for g in image_tables:
-            row_off["image", g], col_off["image", g], slot_off["image", g] = r, c, slot
-            r, c, slot = r + g[0], c + g[1], slot + g[0] * g[1]
-        cond_base = (r, c)
-        if max_cond_grid is not None:
-            r, c = r + max_cond_grid[0], c + max_cond_grid[1]
-        for g in cond_tables:
-            row_off["cond", g], col_off["cond", g], slot_off["cond", g] = r, c, slot
-            r, c, slot = r + g[0], c + g[1], slot + g[0] * g[1]
+        def cat(name: str) -> Tensor:  # the samples' parts of one per-token tensor, in sample order
+            return torch.cat([getattr(p, name) for p in parts])
 
-        L = context_len
-        ref = train_grid if interp else None
-        coords, table_coords, rows, cols, slots, in_gather, ctx_gather, image_index = [], [], [], [], [], [], [], []
-        lens_in, lens = [], []
-        T_img = sum(gh * gw for gh, gw in img_grids)
-        img_off = cond_off = in_off = full_off = 0
-        for s, (grid, cgrid) in enumerate(zip(img_grids, cond_grids)):
-            gh, gw = grid
-            n_img = gh * gw
-            n_cond = 0 if cgrid is None else cgrid[0] * cgrid[1]
-            coords.append(sequence_coords(grid, prefix=L, cond_grid=cgrid, ref_grid=ref))
-            if scaling in FREQ_SCALINGS:
-                table_coords.append(sequence_coords(grid, cond_grid=cgrid, ref_grid=train_grid))
-            i = torch.arange(gh).repeat_interleave(gw)
-            j = torch.arange(gw).repeat(gh)
-            if ("image", grid) in row_off:
-                rows.append(i + row_off["image", grid])
-                cols.append(j + col_off["image", grid])
-                slots.append(i * gw + j + slot_off["image", grid])
-            else:
-                rows.append(i)
-                cols.append(j)
-                slots.append(i * train_grid[1] + j)  # at the training grid (learned1d checks that)
-            in_gather.append(torch.arange(img_off, img_off + n_img))
-            if cgrid is not None:
-                ch, cw = cgrid
-                ci = torch.arange(ch).repeat_interleave(cw)
-                cj = torch.arange(cw).repeat(ch)
-                if ("cond", cgrid) in row_off:
-                    rows.append(ci + row_off["cond", cgrid])
-                    cols.append(cj + col_off["cond", cgrid])
-                    slots.append(ci * cw + cj + slot_off["cond", cgrid])
-                else:
-                    rows.append(ci + cond_base[0])
-                    cols.append(cj + cond_base[1])
-                    slots.append(ci * train_cond_grid[1] + cj + train_grid[0] * train_grid[1])
-                in_gather.append(torch.arange(T_img + cond_off, T_img + cond_off + n_cond))
-            n_in = n_img + n_cond
-            ctx_gather.append(torch.arange(s * L, (s + 1) * L))
-            ctx_gather.append(torch.arange(S * L + in_off, S * L + in_off + n_in))
-            image_index.append(torch.arange(full_off + L, full_off + L + n_img))
-            lens_in.append(n_in)
-            lens.append(L + n_in)
-            img_off, cond_off, in_off, full_off = img_off + n_img, cond_off + n_cond, in_off + n_in, full_off + L + n_in
-
-        freq_mode = freq_scale = seq_factor = None
-        if scaling in FREQ_SCALINGS:
-            freq_mode = scaling
-            scale_hw = [(gh / train_grid[0], gw / train_grid[1]) for gh, gw in img_grids]  # SeqLayout.scale_hw
-            freq_scale = torch.tensor(scale_hw, dtype=torch.float64)
-            factors = [attn_logit_factor(s_hw, scaling) for s_hw in scale_hw]
-            if any(f != 1.0 for f in factors):  # none at all otherwise: the default costs no multiply
-                seq_factor = torch.tensor(factors, dtype=torch.float64)
-        coords = torch.cat(coords)
-        seqs = _seqs(lens, coords, freq_mode, freq_scale, seq_factor)
-        if L == 0:
-            seqs_in = seqs
-        else:
-            starts = torch.tensor([0] + lens[:-1]).cumsum(0).tolist()
-            keep = torch.cat([torch.arange(o + L, o + n) for o, n in zip(starts, lens)])  # drop in-context rows
-            seqs_in = _seqs(lens_in, coords[keep], freq_mode, freq_scale, seq_factor)
-        img_counts = torch.tensor([gh * gw for gh, gw in img_grids], dtype=torch.int64)
-        cond_counts = torch.tensor([0 if g is None else g[0] * g[1] for g in cond_grids], dtype=torch.int64)
+        counts = torch.tensor(b.img_counts, dtype=torch.int64)
         layout = cls(
-            img_grids=img_grids,
-            cond_grids=cond_grids,
+            img_grids=b.img_grids,
+            cond_grids=b.cond_grids,
             context_len=L,
             scaling=scaling,
-            train_grid=train_grid,
-            train_cond_grid=train_cond_grid,
-            max_grid=max_grid,
-            max_cond_grid=max_cond_grid,
-            image_tables=image_tables,
-            cond_tables=cond_tables,
+            train_grid=b.train_grid,
+            train_cond_grid=b.train_cond_grid,
+            max_grid=b.max_grid,
+            max_cond_grid=b.max_cond_grid,
+            image_tables=b.image_tables,
+            cond_tables=b.cond_tables,
             seqs=seqs,
             seqs_in=seqs_in,
-            rows=torch.cat(rows),
-            cols=torch.cat(cols),
-            slots=torch.cat(slots),
-            in_gather=torch.cat(in_gather),
-            ctx_gather=torch.cat(ctx_gather),
-            image_index=torch.cat(image_index),
-            image_seq_id=torch.repeat_interleave(torch.arange(S), img_counts),
-            cond_seq_id=torch.repeat_interleave(torch.arange(S), cond_counts),
-            image_tokens=img_counts,
-            table_coords=torch.cat(table_coords) if table_coords else seqs_in.coords,
+            rows=cat("rows"),
+            cols=cat("cols"),
+            slots=cat("slots"),
+            in_gather=cat("in_gather"),
+            ctx_gather=cat("ctx_gather"),
+            image_index=cat("image_index"),
+            image_seq_id=torch.repeat_interleave(torch.arange(S), counts),
+            cond_seq_id=torch.repeat_interleave(torch.arange(S), torch.tensor(b.cond_counts, dtype=torch.int64)),
+            image_tokens=counts,
+            table_coords=cat("table_coords") if scaling in FREQ_SCALINGS else seqs_in.coords,
         )
         return layout if device is None else layout.to(device)
 
@@ -433,6 +333,208 @@ class PackedLayout:
                 f"tokens must have the layout's {self.n_image} image tokens in dim 0, got {tuple(tokens.shape)}"
             )
         return list(tokens.split([gh * gw for gh, gw in self.img_grids]))
+
+
+class _Offsets(NamedTuple):
+    """Where each resampled table starts in the concatenated row / column / slot tables of a batch
+    (:class:`PackedLayout`), by ``("image" | "cond", grid)``; ``cond_base``: the (row, column) start of the
+    trained condition table."""
+
+    row: Dict[Tuple[str, Grid], int]
+    col: Dict[Tuple[str, Grid], int]
+    slot: Dict[Tuple[str, Grid], int]
+    cond_base: Tuple[int, int]
+
+
+class _Batch(NamedTuple):
+    """The batch-wide geometry of :meth:`PackedLayout.build`, its arguments checked and defaults filled in."""
+
+    img_grids: Tuple[Grid, ...]
+    cond_grids: Tuple[Optional[Grid], ...]
+    context_len: int
+    scaling: str
+    train_grid: Grid
+    train_cond_grid: Optional[Grid]
+    max_grid: Grid
+    max_cond_grid: Optional[Grid]
+    image_tables: Tuple[Grid, ...]
+    cond_tables: Tuple[Grid, ...]
+    offsets: _Offsets
+
+    @property
+    def img_counts(self) -> List[int]:
+        return [gh * gw for gh, gw in self.img_grids]
+
+    @property
+    def cond_counts(self) -> List[int]:
+        return [0 if g is None else g[0] * g[1] for g in self.cond_grids]
+
+    @classmethod
+    def plan(cls, img_grids, cond_grids, context_len, scaling, train_grid, train_cond_grid, max_grid, max_cond_grid):
+        if scaling not in SCALING_MODES:
+            raise ValueError(
+                f"scaling (pos_scaling) of a packed batch must be one of {list(SCALING_MODES)}, got {scaling!r}"
+            )
+        img_grids = tuple(_grid(g, f"img_grids[{s}]") for s, g in enumerate(img_grids))
+        S = len(img_grids)
+        if S == 0:
+            raise ValueError("img_grids is empty: a packed batch needs at least one image")
+        if cond_grids is None:
+            cond_grids = (None,) * S
+        if len(cond_grids) != S:
+            raise ValueError(f"cond_grids must have one entry per image (S = {S}), got {len(cond_grids)}")
+        cond_grids = tuple(None if g is None else _grid(g, f"cond_grids[{s}]") for s, g in enumerate(cond_grids))
+        if not (isinstance(context_len, int) and context_len >= 0):
+            raise ValueError(f"context_len must be an integer >= 0, got {context_len!r}")
+        train_grid = _grid(train_grid or img_grids[0], "train_grid")
+        present = [g for g in cond_grids if g is not None]
+        if train_cond_grid is None and present:
+            train_cond_grid = present[0]
+        train_cond_grid = None if train_cond_grid is None else _grid(train_cond_grid, "train_cond_grid")
+        max_grid = _grid(max_grid or tuple(max(g[a] for g in img_grids) for a in (0, 1)), "max_grid")
+        if max_cond_grid is None and present:
+            max_cond_grid = tuple(max(g[a] for g in present) for a in (0, 1))
+        max_cond_grid = None if max_cond_grid is None else _grid(max_cond_grid, "max_cond_grid")
+        if present and train_cond_grid is None:
+            raise ValueError("cond_grids has condition grids but train_cond_grid is None")
+        # tables resampled to the other grids: interpolate, and ntk / yarn as in the batched path
+        tables_interp = scaling == "interpolate" or scaling in FREQ_SCALINGS
+        image_tables = _distinct(g for g in img_grids if tables_interp and g != train_grid)
+        cond_tables = _distinct(g for g in present if tables_interp and g != train_cond_grid)
+        offsets = _table_offsets(image_tables, cond_tables, train_grid, train_cond_grid, max_grid, max_cond_grid)
+        return cls(
+            img_grids,
+            cond_grids,
+            context_len,
+            scaling,
+            train_grid,
+            train_cond_grid,
+            max_grid,
+            max_cond_grid,
+            image_tables,
+            cond_tables,
+            offsets,
+        )
+
+
+def _table_offsets(image_tables, cond_tables, train_grid, train_cond_grid, max_grid, max_cond_grid) -> _Offsets:
+    """The offsets of each table block: ``[image table (max_grid), one per grid of image_tables, condition
+    table (max_cond_grid), one per grid of cond_tables]``; slots after the trained ones (image, condition)."""
+    row: Dict[Tuple[str, Grid], int] = {}
+    col: Dict[Tuple[str, Grid], int] = {}
+    slot: Dict[Tuple[str, Grid], int] = {}
+    n_train_cond = 0 if train_cond_grid is None else train_cond_grid[0] * train_cond_grid[1]
+    r, c, k = max_grid[0], max_grid[1], train_grid[0] * train_grid[1] + n_train_cond
+    for g in image_tables:
+        row["image", g], col["image", g], slot["image", g] = r, c, k
+        r, c, k = r + g[0], c + g[1], k + g[0] * g[1]
+    cond_base = (r, c)
+    if max_cond_grid is not None:
+        r, c = r + max_cond_grid[0], c + max_cond_grid[1]
+    for g in cond_tables:
+        row["cond", g], col["cond", g], slot["cond", g] = r, c, k
+        r, c, k = r + g[0], c + g[1], k + g[0] * g[1]
+    return _Offsets(row, col, slot, cond_base)
+
+
+class _Sequence(NamedTuple):
+    """One sample's part of each per-token tensor of a :class:`PackedLayout`."""
+
+    coords: Tensor
+    table_coords: Optional[Tensor]
+    rows: Tensor
+    cols: Tensor
+    slots: Tensor
+    in_gather: Tensor
+    ctx_gather: Tensor
+    image_index: Tensor
+
+
+def _sequences(b: _Batch) -> Tuple[List[_Sequence], List[int], List[int]]:
+    """Every sample's :func:`_sequence`, and the lengths of the sequences with and without the in-context
+    tokens."""
+    img_counts, cond_counts = b.img_counts, b.cond_counts
+    lens_in = [i + c for i, c in zip(img_counts, cond_counts)]
+    lens = [b.context_len + n for n in lens_in]
+    # condition tokens gather from after every image token: cat(image tokens, condition tokens)
+    cond_starts = [sum(img_counts) + o for o in _starts(cond_counts)]
+    starts = zip(_starts(img_counts), cond_starts, _starts(lens_in), _starts(lens))
+    return [_sequence(b, s, start) for s, start in enumerate(starts)], lens, lens_in
+
+
+def _sequence(b: _Batch, s: int, start: Tuple[int, int, int, int]) -> _Sequence:
+    """Sample ``s``'s tokens: ``[in-context | image | condition]``. ``start``: where its image tokens and
+    its condition tokens start in ``cat(image tokens, condition tokens)``, and its sequence in the input
+    and the full stream."""
+    grid, cgrid, L, S = b.img_grids[s], b.cond_grids[s], b.context_len, len(b.img_grids)
+    img_off, cond_off, in_off, full_off = start
+    n_img = grid[0] * grid[1]
+    n_in = n_img + (0 if cgrid is None else cgrid[0] * cgrid[1])
+    rows, cols, slots = _entries(grid, ("image", grid), b.offsets, (0, 0), b.train_grid[1], 0)
+    in_gather = torch.arange(img_off, img_off + n_img)
+    if cgrid is not None:
+        n_train = b.train_grid[0] * b.train_grid[1]
+        cond = _entries(cgrid, ("cond", cgrid), b.offsets, b.offsets.cond_base, b.train_cond_grid[1], n_train)
+        rows, cols, slots = (torch.cat(pair) for pair in zip((rows, cols, slots), cond))
+        in_gather = torch.cat((in_gather, torch.arange(cond_off, cond_off + n_in - n_img)))
+    return _Sequence(
+        coords=sequence_coords(
+            grid, prefix=L, cond_grid=cgrid, ref_grid=b.train_grid if b.scaling == "interpolate" else None
+        ),
+        table_coords=(
+            sequence_coords(grid, cond_grid=cgrid, ref_grid=b.train_grid) if b.scaling in FREQ_SCALINGS else None
+        ),
+        rows=rows,
+        cols=cols,
+        slots=slots,
+        in_gather=in_gather,
+        ctx_gather=torch.cat((torch.arange(s * L, (s + 1) * L), torch.arange(S * L + in_off, S * L + in_off + n_in))),
+        image_index=torch.arange(full_off + L, full_off + L + n_img),
+    )
+
+
+def _entries(grid: Grid, key, off: _Offsets, base: Tuple[int, int], slot_width: int, slot_base: int):
+    """``(rows, cols, slots)`` of a token grid: in its resampled tables when it has some (``key`` in
+    ``off``), else in the trained ones (rows and columns from ``base``, slots row-major over
+    ``slot_width`` columns from ``slot_base``)."""
+    gh, gw = grid
+    i = torch.arange(gh).repeat_interleave(gw)
+    j = torch.arange(gw).repeat(gh)
+    if key in off.row:
+        return i + off.row[key], j + off.col[key], i * gw + j + off.slot[key]
+    return i + base[0], j + base[1], i * slot_width + j + slot_base
+
+
+def _starts(counts: Sequence[int]) -> List[int]:
+    """Where each of ``counts`` starts when they are laid end to end."""
+    out, total = [], 0
+    for n in counts:
+        out.append(total)
+        total += n
+    return out
+
+
+def _freq_tables(b: _Batch) -> Tuple[Optional[str], Optional[Tensor], Optional[Tensor]]:
+    """``(freq_mode, freq_scale, seq_factor)`` of the streams: under ntk / yarn each sample's grid ratio to
+    the training grid and YaRN's logit factor (None when every factor is 1); all None otherwise."""
+    if b.scaling not in FREQ_SCALINGS:
+        return None, None, None
+    scale_hw = [(gh / b.train_grid[0], gw / b.train_grid[1]) for gh, gw in b.img_grids]  # SeqLayout.scale_hw
+    factors = [attn_logit_factor(s_hw, b.scaling) for s_hw in scale_hw]
+    # none at all when every factor is 1: the default costs no multiply
+    seq_factor = torch.tensor(factors, dtype=torch.float64) if any(f != 1.0 for f in factors) else None
+    return b.scaling, torch.tensor(scale_hw, dtype=torch.float64), seq_factor
+
+
+def _streams(lens, lens_in, coords: Tensor, L: int, freq_mode, freq_scale, seq_factor) -> Tuple[PackedSeqs, PackedSeqs]:
+    """The full stream (sequences of ``lens`` tokens, ``coords`` of every token) and the input stream
+    without the ``L`` in-context tokens of each sequence (the same stream when L = 0)."""
+    seqs = _seqs(lens, coords, freq_mode, freq_scale, seq_factor)
+    if L == 0:
+        return seqs, seqs
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0).tolist()
+    keep = torch.cat([torch.arange(o + L, o + n) for o, n in zip(starts, lens)])  # drop in-context rows
+    return seqs, _seqs(lens_in, coords[keep], freq_mode, freq_scale, seq_factor)
 
 
 def _grid(g, name: str) -> Grid:

@@ -1,4 +1,4 @@
-"""Positional encodings of the JiT model, one class per ``JiTConfig.pos_embed`` value (SPEC.md §5).
+"""Positional encodings of the JiT model, one class per ``JiTConfig.pos_embed`` value (docs/training.md).
 
 Every encoding has the same two hooks, so the model never asks which one it runs, nor which
 implementation (``pos_impl``) of the ops it uses:
@@ -25,7 +25,7 @@ they have no meaning for a table, so the table parts (``learned1d``, ``sincos2d`
 the sin-cos of ``sincos2d+rope2d``) interpolate under them (``SeqLayout.table_scaling``).
 ``learned1d`` cannot extrapolate and says so.
 
-Packed batches (SPEC §10, :mod:`jitrope.packing`): ``add`` also takes a :class:`PackedLayout` (its
+Packed batches (docs/ops.md, :mod:`jitrope.packing`): ``add`` also takes a :class:`PackedLayout` (its
 input stream ``[image | condition]`` per sample, batch dim 1) and ``qk_norm_rope`` a :class:`PackedSeqs`
 (per-token coordinates). What each encoding does there, per sample, is what it does to that sample
 alone (a loop over single images gives the same numbers):
@@ -152,7 +152,7 @@ class SeqLayout(NamedTuple):
         return self.train_grid if self.scaling == "interpolate" else None
 
     def coords(self, prefix: int = 0, *, device=None) -> Tensor:
-        """``[prefix + n_image + n_cond, 2]`` float32 (row, column) of every token (SPEC §2)."""
+        """``[prefix + n_image + n_cond, 2]`` float32 (row, column) of every token (docs/ops.md)."""
         return sequence_coords(
             self.grid, prefix=prefix, cond_grid=self.cond_grid, ref_grid=self.ref_grid(), device=device
         )
@@ -184,7 +184,7 @@ def resolve_impl(pos_impl: str) -> str:
     """The implementation that runs: ``"fused"`` (the C++/CUDA ops) or ``"torch"`` (plain PyTorch).
 
     ``"fused"`` without a loadable extension falls back to ``"torch"`` and warns once per process
-    (SPEC §9): the numbers are the same, only slower.
+    (docs/training.md): the numbers are the same, only slower.
     """
     global _warned_fallback
     if pos_impl not in IMPLS:
@@ -210,9 +210,9 @@ def qk_norm_rope_fused(
     eps: float,
     freqs_index: Optional[Tensor] = None,
 ) -> Tensor:
-    """``pos_impl="fused"``: ``jitrope::qk_norm_rope`` (SPEC §3a), RMSNorm of q and k (``weight: [2, D]``)
+    """``pos_impl="fused"``: ``jitrope::qk_norm_rope`` (docs/ops.md), RMSNorm of q and k (``weight: [2, D]``)
     and the rotation (when ``freqs``) in one pass over the strided q/k view, written in the layout SDPA reads;
-    ``freqs_index`` (SPEC §10) picks a table of ``freqs [F, ...]`` per token.
+    ``freqs_index`` (docs/ops.md) picks a table of ``freqs [F, ...]`` per token.
 
     The one place where attention meets the fused ops.
     """
@@ -220,7 +220,7 @@ def qk_norm_rope_fused(
 
 
 def qk_norm_rope_tables(qk: Tensor, weight: Tensor, cos_sin: Optional[Tuple[Tensor, Tensor]], eps: float) -> Tensor:
-    """``pos_impl="torch"``: SPEC §3a with precomputed ``cos, sin: [1 or H, N, D/2]`` (None: no rotation).
+    """``pos_impl="torch"``: docs/ops.md with precomputed ``cos, sin: [1 or H, N, D/2]`` (None: no rotation).
 
     Norm and rotation in float32 (float64 for float64), rounded once, as the fused op; both are the
     reference's own functions (:func:`jitrope.reference.rms_norm`, :func:`jitrope.reference.rotate_pairs`).
@@ -234,7 +234,7 @@ def qk_norm_rope_tables(qk: Tensor, weight: Tensor, cos_sin: Optional[Tuple[Tens
 def rope_cos_sin(
     coords: Tensor, freqs: Tensor, dtype: torch.dtype, *, freqs_index: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
-    """cos and sin of the angles of SPEC §2 (:func:`jitrope.reference.rope_angles`, ``freqs_index`` as there:
+    """cos and sin of the angles of docs/ops.md (:func:`jitrope.reference.rope_angles`, ``freqs_index`` as there:
     a table of ``freqs [F, ...]`` per token), ``[1 or H, N, D/2]`` in ``dtype``."""
     phi = rope_angles(coords, freqs, dtype, freqs_index=freqs_index)
     return phi.cos(), phi.sin()
@@ -554,13 +554,13 @@ class Rope2D(PosPart):
     """Seed option A / JiT: axial 2D RoPE on q and k (EVA-02 ``VisionRotaryEmbeddingFast`` layout).
 
     Half of each head's interleaved pairs turn with the row, half with the column. In-context
-    tokens sit at (0, 0) (not rotated), condition tokens at the aligned centres of SPEC §2.
+    tokens sit at (0, 0) (not rotated), condition tokens at the aligned centres of docs/ops.md.
 
     The training sequence's coordinates and (for ``pos_impl="torch"``) its cos/sin tables are
     non-persistent buffers covering ``[in-context | image | condition]``; a sequence without the
     in-context tokens uses their tail. They are made again, in float32 (float64 in a float64
     model), whenever the module moves or is cast, so a model cast wholesale to bf16 keeps
-    float32 angles (SPEC §2) and both implementations see the same frequencies.
+    float32 angles (docs/ops.md) and both implementations see the same frequencies.
     """
 
     rotary = True
@@ -714,7 +714,7 @@ class Rope2DMixed(Rope2D):
         return self
 
     def layer_freqs(self, layer: int) -> Tensor:
-        # Angles are float32 at least (SPEC §2), even in a model cast wholesale to bf16/fp16.
+        # Angles are float32 at least (docs/ops.md), even in a model cast wholesale to bf16/fp16.
         f = self.freqs[layer]
         return f if f.dtype in (torch.float32, torch.float64) else f.float()
 
@@ -735,7 +735,7 @@ PARTS: Dict[str, Type[PosPart]] = {
     "rope2d_mixed": Rope2DMixed,
 }
 
-# pos_embed value -> the parts it is made of (SPEC §5).
+# pos_embed value -> the parts it is made of (docs/training.md).
 POS_EMBEDS: Dict[str, Tuple[str, ...]] = {
     "learned1d": ("learned1d",),
     "sincos2d": ("sincos2d",),

@@ -1,11 +1,11 @@
-"""Pure-PyTorch references of jitrope's ops, written to mirror SPEC.md line by line.
+"""Pure-PyTorch references of jitrope's ops, written to mirror docs/ops.md line by line.
 
 They are what the fused kernels are tested against, what the benchmarks call "eager", and what
 ``pos_impl="torch"`` runs. Both differentiate through plain autograd.
 
-Each formula is written once, here: :func:`rope_angles` (SPEC §2's angle, §10's per-token tables),
+Each formula is written once, here: :func:`rope_angles` (the angle of docs/ops.md, with per-token tables),
 :func:`rotate_pairs` (the rotation of a channel pair), :func:`rms_norm` (JiT's RMSNorm), :func:`pos2d_table`
-(SPEC §3's summed row + column table) and :func:`compute_dtype` (the dtype all of them compute in). The op
+(docs/ops.md's summed row + column table) and :func:`compute_dtype` (the dtype all of them compute in). The op
 references, the ``pos_impl="torch"`` path of :mod:`jitrope.posenc` and the model's RMSNorm modules
 all call them, so they agree bit for bit by construction (as gsplat's ``_torch_impl.py`` serves its
 reference, fallback and tests).
@@ -32,16 +32,16 @@ __all__ = [
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """SPEC: statistics, angles and sums are computed in float32, in float64 for float64 ``x``."""
+    """Statistics, angles and sums are computed in float32, in float64 for float64 ``x``."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def rope_angles(coords: Tensor, freqs: Tensor, dtype: torch.dtype, *, freqs_index: Optional[Tensor] = None) -> Tensor:
-    """The angles of SPEC §2, ``phi[h, n, m] = coords[n, 0] * freqs[h, 0, m] + coords[n, 1] * freqs[h, 1, m]``,
+    """The angles of docs/ops.md, ``phi[h, n, m] = coords[n, 0] * freqs[h, 0, m] + coords[n, 1] * freqs[h, 1, m]``,
     computed in ``dtype``; returns ``[1 or H, N, D/2]`` (1 for shared frequencies ``[2, D/2]``, H for
     per-head ``[H, 2, D/2]``).
 
-    With ``freqs_index`` (int64 ``[N]``, SPEC §10) ``freqs`` has a leading table dim, ``[F, 2, D/2]`` or
+    With ``freqs_index`` (int64 ``[N]``, docs/ops.md) ``freqs`` has a leading table dim, ``[F, 2, D/2]`` or
     ``[F, H, 2, D/2]``, and token n uses table ``freqs_index[n]``. Each angle is the same two products
     and one sum either way, so one table indexed by zeros gives the plain call's bits.
     """
@@ -113,7 +113,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def pos2d_table(
     pos_h: Tensor, pos_w: Tensor, grid: Sequence[int], dtype: torch.dtype, *, row_offset: int = 0, col_offset: int = 0
 ) -> Tensor:
-    """SPEC §3's position table of a ``grid = (gh, gw)``, ``[gh * gw, D]`` in ``dtype``: row ``i * gw + j`` is
+    """docs/ops.md's position table of a ``grid = (gh, gw)``, ``[gh * gw, D]`` in ``dtype``: row ``i * gw + j`` is
     ``pos_h[row_offset + i] + pos_w[col_offset + j]`` (row-major tokens)."""
     gh, gw = (int(g) for g in grid)
     h = pos_h[row_offset : row_offset + gh].to(dtype)
@@ -135,7 +135,7 @@ def rope2d_ref(
     ``[H, 2, D/2]`` (per head). Pair m of token n in head h turns by
     ``phi = coords[n, 0] * freqs[h, 0, m] + coords[n, 1] * freqs[h, 1, m]``.
     Pairs are channels (2m, 2m+1) when ``interleaved``, else (m, m + D/2).
-    With ``freqs_index: [N]`` (int64, SPEC §10) ``freqs`` is ``[F, 2, D/2]`` or ``[F, H, 2, D/2]`` and
+    With ``freqs_index: [N]`` (int64, docs/ops.md) ``freqs`` is ``[F, 2, D/2]`` or ``[F, H, 2, D/2]`` and
     token n uses table ``freqs_index[n]``.
     """
     if x.dim() < 3:
@@ -222,7 +222,7 @@ def qk_norm_rope_ref(
 
 
 def pos2d_add_indexed_ref(x: Tensor, pos_h: Tensor, pos_w: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Factorized 2D position table on packed tokens (SPEC §10), ``x: [..., N, D]``.
+    """Factorized 2D position table on packed tokens (docs/ops.md), ``x: [..., N, D]``.
 
     ``out[..., n, :] = x[..., n, :] + pos_h[rows[n]] + pos_w[cols[n]]``; rows[n] = -1 (cols[n] = -1)
     leaves pos_h (pos_w) out, and a token with both -1 is copied unchanged.

@@ -1,4 +1,4 @@
-"""Frequencies and token coordinates for 2D RoPE (SPEC.md §2), and their scaling to other grids.
+"""Frequencies and token coordinates for 2D RoPE (docs/ops.md), and their scaling to other grids.
 
 Coordinates are ``[N, 2]`` float tensors of (row y, column x), in the units of the image grid.
 
@@ -128,7 +128,7 @@ def scale_axis_freqs(
 
     ``ntk`` and ``yarn`` use ``max(s, 1)``: they only stretch axes longer than in training.
 
-    ``scale`` may be a float tensor ``[F]`` instead (one table per sequence of a packed batch, SPEC §10):
+    ``scale`` may be a float tensor ``[F]`` instead (one table per sequence of a packed batch, docs/ops.md):
     the result is ``[F, *freqs.shape]``, table ``i`` scaled by ``scale[i]`` with the same formulas, computed
     in the graph (a compiled step does not depend on the values). Its values are not read here: they must
     be positive and finite, as :class:`jitrope.packing.PackedLayout` makes them (grid ratios).
@@ -153,20 +153,22 @@ def scale_axis_freqs(
         s = max(float(scale), 1.0)
         if s == 1.0:
             return freqs
-    mag = f.abs()
     if mode == "ntk":
-        if rotary_dim <= 2:
-            raise ValueError(
-                f"ntk: an axis needs more than one frequency (rotary dim > 2), got rotary dim {rotary_dim}"
-            )
-        # ln(1/|f|) / ln(theta), written so that f = 0 (a pair that does not turn with this axis) stays finite
-        k_frac = torch.where(mag > 0, -torch.log(mag.clamp_min(1e-300)) / math.log(theta), torch.ones_like(mag))
-        e = (k_frac * (rotary_dim / (rotary_dim - 2))).clamp(0.0, 1.0)
-        return (f * s ** (-e)).to(freqs.dtype)
+        return (f * s ** (-_ntk_exponent(f.abs(), theta, rotary_dim))).to(freqs.dtype)
     if train_len is None or not train_len > 0:
         raise ValueError(f"yarn needs the training length of the axis (train_len > 0), got {train_len}")
-    gamma = yarn_ramp(train_len * mag / (2 * math.pi), alpha, beta)
+    gamma = yarn_ramp(train_len * f.abs() / (2 * math.pi), alpha, beta)
     return (f * ((1.0 - gamma) / s + gamma)).to(freqs.dtype)
+
+
+def _ntk_exponent(mag: Tensor, theta: float, rotary_dim: int) -> Tensor:
+    """NTK's ``e`` of frequencies of magnitude ``mag`` (:func:`scale_axis_freqs`): ``d/(d-2) * ln(1/|f|) /
+    ln(theta)``, clamped to [0, 1]."""
+    if rotary_dim <= 2:
+        raise ValueError(f"ntk: an axis needs more than one frequency (rotary dim > 2), got rotary dim {rotary_dim}")
+    # ln(1/|f|) / ln(theta), written so that f = 0 (a pair that does not turn with this axis) stays finite
+    k_frac = torch.where(mag > 0, -torch.log(mag.clamp_min(1e-300)) / math.log(theta), torch.ones_like(mag))
+    return (k_frac * (rotary_dim / (rotary_dim - 2))).clamp(0.0, 1.0)
 
 
 def scale_freqs(
@@ -185,7 +187,7 @@ def scale_freqs(
     ``scale_hw[1]`` (:func:`scale_axis_freqs`; each axis has rotary dimension ``head_dim / 2``).
 
     ``scale_hw`` may be a float tensor ``[F, 2]`` of per-table (rows, columns) scales (a packed batch):
-    the result is then ``[F, ..., 2, D/2]``, the tables that ``freqs_index`` picks from (SPEC §10)."""
+    the result is then ``[F, ..., 2, D/2]``, the tables that ``freqs_index`` picks from (docs/ops.md)."""
     if freqs.dim() < 2 or freqs.shape[-2] != 2:
         raise ValueError(f"freqs must be [..., 2, D/2], got {tuple(freqs.shape)}")
     if isinstance(scale_hw, Tensor):

@@ -1,6 +1,6 @@
 """A run's machine-readable training log: ``<run>/metrics.jsonl``, one JSON object per logged step.
 
-The trainer (:mod:`jitrope.train`, rank 0) writes a record at every ``train.log_every`` steps and at
+The trainer (:mod:`jitrope.training`, rank 0) writes a record at every ``train.log_every`` steps and at
 the last one; studies (:mod:`jitrope.eval.study`) read it instead of console lines or folder times.
 A record holds:
 

@@ -9,47 +9,45 @@ Writes the labelled grid to ``--out`` and every image to a folder beside it (``<
 Settings are config keys (``sample.*``, see :class:`jitrope.config.SampleConfig`), read as in
 training: the run's stored config, then ``--config FILE``, then ``section.key=value`` overrides,
 then the flags (each flag sets one key, e.g. ``--steps`` is ``sample.steps``).
-The Python API (:func:`load_model`, :func:`run_config`, :func:`generate`, :func:`make_grid`,
-:func:`condition_rows`) is what the trainer and ``jitrope.evaluate`` use.
+This module is the command line only: the model comes from :func:`jitrope.checkpoint.load_model`
+(or its parts), the samples from :mod:`jitrope.sampling`, the grids and files from :mod:`jitrope.grids`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from tqdm import tqdm
 
-from .checkpoint import CheckpointError, check_state_dict, load_weights, resolve_checkpoint
-from .cli import Flag, add_flags, check_image_out, cpu_setup, fail, flag_layer, resolve_device
-from .config import Config, ConfigError, config_from_dict, load_config
+from .checkpoint import CheckpointError, load_checkpoint, model_from_weights, run_config
+from .cli import Flag, add_flags, check_image_out, fail, flag_layer
+from .config import Config, ConfigError, SampleConfig
 from .data import (
     IMAGE_EXTENSIONS,
     DataError,
     composite_on_white,
+    image_files,
     parse_sizes,
-    resize_images,
     to_float,
     to_rgba8,
     to_uint8,
 )
 from .diffusion import SAMPLERS, Diffusion
+from .grids import condition_rows, label_stem, make_grid, make_size_grid, save_image
 from .posenc import IMPLS
+from .runtime import cpu_setup, resolve_device
+from .sampling import NonFiniteSamples, generate, generate_sizes
 
 __all__ = [
-    "load_model",
-    "load_checkpoint",
-    "run_config",
-    "model_from_weights",
-    "generate",
-    "generate_sizes",
-    "make_size_grid",
-    "make_grid",
-    "condition_rows",
+    "run",
     "parse_classes",
     "load_cond_images",
     "SampleError",
@@ -60,248 +58,6 @@ __all__ = [
 
 class SampleError(ValueError):
     """Bad sampling input; the message says which and why."""
-
-
-def load_checkpoint(ckpt, *, allow_unverified: bool = False) -> Dict[str, Any]:
-    """The weights of a run folder (its newest checkpoint that verifies), ``step_*`` folder or
-    weights file (:func:`jitrope.checkpoint.load_weights`), verified once. ``allow_unverified``:
-    also load a checkpoint that has no manifest to verify it by."""
-    path = resolve_checkpoint(ckpt, allow_unverified=allow_unverified)
-    return load_weights(path, allow_unverified=allow_unverified)
-
-
-def _stored(w: Mapping[str, Any]) -> Dict[str, Any]:
-    stored = dict(w["config"])
-    if w.get("model_config"):  # the resolved fields: independent of later changes to presets
-        stored["model"] = dict(w["model_config"])
-    return stored
-
-
-def run_config(
-    w: Mapping[str, Any], path=None, overrides: Sequence[str] = (), flags: Optional[Mapping[str, Any]] = None
-) -> Config:
-    """The config to sample / evaluate the checkpoint ``w`` (:func:`load_checkpoint`) with: the one
-    stored with it, then the YAML file ``path``, the dotted ``overrides`` and the typed ``flags``
-    (:func:`jitrope.config.load_config`)."""
-    stored = _stored(w)
-    try:  # the run's own config first, so that its faults are not blamed on the command line
-        config_from_dict(stored, where=f"config stored in {w['path']}", stored=True).model_config()
-    except (ConfigError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{w['path']}: its stored config does not build a model: {e}") from None
-    return load_config(path, overrides, base=stored, flags=flags)
-
-
-def model_from_weights(w: Mapping[str, Any], cfg: Config, *, ema: str = "0", device="cpu"):
-    """The model of ``cfg`` with the weights ``ema`` of ``w`` ("0" / "1": an EMA, "none": the raw
-    weights), in eval mode on ``device``; returns ``(model, info)`` (see :func:`load_model`)."""
-    from .model import JiT
-
-    path = w["path"]
-    try:
-        mcfg = cfg.model_config()
-    except (ConfigError, ValueError, TypeError) as e:
-        raise ConfigError(f"model config: {e}") from None
-    model = JiT(mcfg)
-    if ema in ("none", "raw", "model"):
-        sd, which = w["model"], "model"
-    else:
-        try:
-            i = int(ema)
-            sd = w["emas"][i]
-        except (ValueError, IndexError):
-            raise CheckpointError(
-                f"{path} has {len(w['emas'])} EMA(s) ({w['ema_decays']}); ema {ema!r} is not one of "
-                'them ("none": the raw weights)'
-            ) from None
-        which = f"ema{i}"
-    check_state_dict(model.state_dict(), sd, where=f"{path} [{which}]")
-    model.load_state_dict(sd)
-    model.to(device).eval()
-    names = list(w["class_names"])
-    if len(names) != mcfg.num_classes:
-        names = [f"class {i}" for i in range(mcfg.num_classes)]
-    info = {"step": w["step"], "path": path, "weights": which, "ema_decays": w["ema_decays"], "class_names": names}
-    return model, info
-
-
-def load_model(ckpt, *, ema: str = "0", device="cpu", pos_impl: Optional[str] = None, allow_unverified: bool = False):
-    """Load a checkpoint (run folder, ``step_*`` folder or weights file) for sampling.
-
-    ``ema``: "0" / "1" (which EMA; SPEC: the 0.9999 one is sampled) or "none" (raw weights).
-    Returns ``(model in eval mode, Config of the run, info)``; info has step, path, weights (which
-    set), ema_decays and class_names.
-    """
-    w = load_checkpoint(ckpt, allow_unverified=allow_unverified)
-    cfg = run_config(w, flags={"model": {"pos_impl": pos_impl}} if pos_impl is not None else None)
-    model, info = model_from_weights(w, cfg, ema=ema, device=device)
-    return model, cfg, info
-
-
-@torch.no_grad()
-def generate(
-    model,
-    diffusion: Diffusion,
-    labels: Tensor,
-    cond: Optional[Tensor] = None,
-    *,
-    img_size=None,
-    steps: int = 50,
-    sampler: str = "heun",
-    cfg: float = 1.0,
-    cfg_interval: Sequence[float] = (0.1, 1.0),
-    seed: int = 0,
-    batch_size: int = 64,
-    device="cpu",
-    progress: Optional[Callable[[int], None]] = None,
-) -> Tensor:
-    """Samples (float in [-1, 1], on the CPU) for ``labels`` ([N] long) and optional ``cond`` ([N, 3, h, w]).
-
-    ``img_size``: the model's (None), another square size, or ``(H, W)``.
-
-    The noise of all N images comes from one generator seeded with ``seed``, so the result does not
-    depend on ``batch_size``. ``progress(k)`` gets the number of sampler steps done in each batch.
-    """
-    n = labels.shape[0]
-    size = img_size or model.cfg.img_size
-    h, w = (size, size) if isinstance(size, int) else size
-    noise = torch.randn(n, model.cfg.in_channels, h, w, generator=torch.Generator().manual_seed(seed))
-    out = []
-    autocast = torch.device(device).type == "cuda"
-    for s in range(0, n, batch_size):
-        sl = slice(s, s + batch_size)
-        c = cond[sl].to(device) if cond is not None else None
-        last = [0]
-
-        def step_cb(k, last=last):
-            if progress is not None:
-                progress(k - last[0])
-            last[0] = k
-
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            z = diffusion.sample(
-                model,
-                labels[sl].to(device),
-                c,
-                noise=noise[sl].to(device),
-                steps=steps,
-                sampler=sampler,
-                cfg=cfg,
-                cfg_interval=cfg_interval,
-                null_class=model.null_class,
-                progress=step_cb,
-            )
-        out.append(z.float().cpu())
-    return torch.cat(out) if out else noise
-
-
-@torch.no_grad()
-def generate_sizes(
-    model,
-    diffusion: Diffusion,
-    labels: Tensor,
-    sizes: Sequence[Tuple[int, int]],
-    *,
-    steps: int = 50,
-    sampler: str = "heun",
-    cfg: float = 1.0,
-    cfg_interval: Sequence[float] = (0.1, 1.0),
-    seed: int = 0,
-    device="cpu",
-    progress: Optional[Callable[[int], None]] = None,
-) -> List[Tensor]:
-    """One sample per ``(labels[s], sizes[s])`` (images of different sizes and aspect ratios), all in one
-    packed batch: one forward per network evaluation (:meth:`Diffusion.sample` with ``layout=``). A
-    model with a condition image gets the null condition. Returns float ``[C, h, w]`` images on the CPU.
-
-    The noise of image s is drawn after that of images 0..s-1 from one generator seeded with ``seed``."""
-    from .packing import pack_images, unpack_images
-
-    if len(sizes) != labels.shape[0]:
-        raise ValueError(f"generate_sizes: {labels.shape[0]} labels for {len(sizes)} sizes")
-    g = torch.Generator().manual_seed(seed)
-    noise = [torch.randn(model.cfg.in_channels, h, w, generator=g) for h, w in sizes]
-    layout = model.packed_layout(list(sizes), device=device)
-    p = model.cfg.patch_size
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        z = diffusion.sample(
-            model.forward_tokens,
-            labels.to(device),
-            None,
-            noise=pack_images(noise, p).to(device),
-            steps=steps,
-            sampler=sampler,
-            cfg=cfg,
-            cfg_interval=cfg_interval,
-            null_class=model.null_class,
-            progress=progress,
-            layout=layout,
-        )
-    return unpack_images(z.float().cpu(), layout, p)
-
-
-def make_size_grid(
-    images: Sequence[Tensor], ncol: int, *, row_labels: Optional[Sequence[str]] = None, scale: int = 1, pad: int = 2
-):
-    """:func:`make_grid` of images of different sizes: each centred on white in a cell of the largest
-    height and width."""
-    H = max(im.shape[-2] for im in images)
-    W = max(im.shape[-1] for im in images)
-    cells = torch.full((len(images), 3, H, W), 255, dtype=torch.uint8)
-    for i, im in enumerate(images):
-        h, w = im.shape[-2:]
-        top, left = (H - h) // 2, (W - w) // 2
-        cells[i, :, top : top + h, left : left + w] = to_uint8(im)
-    return make_grid(cells, ncol, row_labels=row_labels, scale=scale, pad=pad)
-
-
-def make_grid(images: Tensor, ncol: int, *, row_labels: Optional[Sequence[str]] = None, scale: int = 1, pad: int = 2):
-    """A PIL image of ``images`` (uint8 or float [-1, 1], [N, 3, H, W]) in rows of ``ncol``,
-    with ``row_labels[r]`` written left of row r."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    if images.dtype != torch.uint8:
-        images = to_uint8(images)
-    n, _, h, w = images.shape
-    h, w = h * scale, w * scale
-    nrow = max(1, math.ceil(n / ncol))
-    font = ImageFont.load_default()
-    margin = 0
-    if row_labels:
-        draw0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        margin = max(draw0.textlength(str(t), font=font) for t in row_labels) + 2 * pad + 4
-        margin = int(min(margin, 260))
-    W = margin + ncol * (w + pad) + pad
-    H = nrow * (h + pad) + pad
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        im = Image.fromarray(images[i].permute(1, 2, 0).numpy())
-        if scale != 1:
-            im = im.resize((w, h), Image.NEAREST)
-        canvas.paste(im, (margin + pad + c * (w + pad), pad + r * (h + pad)))
-    for r, text in enumerate(row_labels or []):
-        if r < nrow:
-            draw.text((pad + 2, pad + r * (h + pad) + h // 2 - 6), str(text)[:40], fill=(0, 0, 0), font=font)
-    return canvas
-
-
-def condition_rows(conds: Tensor, samples: Tensor, n: int) -> Tensor:
-    """The cells of condition rows, ``[condition r | its n samples]`` for each row r, to grid with
-    ``make_grid(cells, n + 1)``: ``samples`` holds n per condition, row by row. A condition image is
-    shown at the samples' size: enlarged nearest-neighbour (its pixels stay visible as blocks),
-    or reduced with :func:`jitrope.data.resize_images` when larger. Float [-1, 1] or uint8 samples."""
-    if len(samples) != n * len(conds):
-        raise ValueError(f"condition_rows: {len(samples)} samples for {len(conds)} conditions of {n} each")
-    size = tuple(samples.shape[-2:])
-    if conds.shape[-2] > size[0] or conds.shape[-1] > size[1]:
-        shown = resize_images(conds, size)
-    else:
-        shown = torch.nn.functional.interpolate(conds.float(), size=size, mode="nearest")
-    if samples.dtype == torch.uint8 and shown.dtype != torch.uint8:
-        shown = to_uint8(shown)
-    shown = shown.to(samples.dtype)
-    return torch.cat([torch.cat([shown[r : r + 1], samples[r * n : (r + 1) * n]]) for r in range(len(conds))])
 
 
 def parse_classes(spec: Optional[str], class_names: Sequence[str]) -> List[int]:
@@ -341,11 +97,9 @@ def load_cond_images(path, size: int, *, resize: bool = False) -> Tuple[Tensor, 
 
     Transparency is composited on white (as in training). Wrong sizes are an error unless ``resize``.
     """
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        files, _ = image_files(p)  # not the hidden ones: the AppleDouble ._x.png of macOS is no image
         if not files:
             raise SampleError(f"condition folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     elif p.is_file():
@@ -410,6 +164,12 @@ FLAGS = (
         "each), all sizes in one packed forward per step",
     ),
     Flag(
+        "--max-tokens",
+        "sample.max_tokens",
+        "the most image tokens sampled together (one packed batch, or one batch); more is refused",
+        {"type": int},
+    ),
+    Flag(
         "--img-size", "sample.img_size", "sample at another size (where the positional encoding allows)", {"type": int}
     ),
     Flag("--ema", "sample.ema", "which weights: EMA index 0 / 1, or none (raw)"),
@@ -451,13 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> Path:
     """Sample as ``args`` (from :func:`build_parser`) and the typed ``flags`` layer say; returns the grid's path."""
-    from tqdm import tqdm
-
     w = load_checkpoint(args.ckpt, allow_unverified=args.allow_unverified)
     cfg = run_config(w, args.config, args.overrides, flags)
     s = cfg.sample
     device = resolve_device(s.device, "sample.device")
-    # the output before the work, so that no sampling is lost to a bad name (issue 18)
+    out, singles = _outputs(s)  # the output before the work, so that no sampling is lost to a bad name
+    cpu_setup(s.num_threads)
+    model, info = model_from_weights(w, cfg, ema=s.ema, device=device)
+    img_size = s.img_size if s.img_size is not None else model.cfg.img_size
+    if img_size % model.cfg.patch_size:
+        raise ConfigError(
+            f"config key sample.img_size: {img_size} is not a multiple of the patch size {model.cfg.patch_size}"
+        )
+    if s.sizes is not None:
+        return _run_sizes(cfg, model, info, out, singles)
+    return _run_rows(cfg, model, info, img_size, device, out, singles)
+
+
+def _outputs(s: SampleConfig) -> Tuple[Path, Path]:
+    """The grid image to write and the folder of the single images beside it, both checked."""
     out = check_image_out(s.out, "sample.out")
     singles = out.with_suffix("")
     if s.singles and singles.exists() and not singles.is_dir():
@@ -465,50 +237,68 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
             f"config key sample.out: the single images go to {singles}, which is a file "
             "(set sample.singles=false, or another sample.out)"
         )
-    cpu_setup(s.num_threads)
-    model, info = model_from_weights(w, cfg, ema=s.ema, device=device)
+    return out, singles
+
+
+def _class_name(c: int, class_names: Sequence[str]) -> str:
+    return class_names[c] if c < len(class_names) else "null"
+
+
+def _rows(s: SampleConfig, model, info: Mapping[str, Any], img_size: int) -> Tuple[List[int], List[str], Any]:
+    """The rows of the grid: ``(class of each row, row labels, condition image of each row or None)``;
+    one row per class, or with ``sample.cond`` one per condition image."""
     class_names = info["class_names"]
-    img_size = s.img_size if s.img_size is not None else model.cfg.img_size
-    if img_size % model.cfg.patch_size:
-        raise ConfigError(
-            f"config key sample.img_size: {img_size} is not a multiple of the patch size {model.cfg.patch_size}"
-        )
-
-    if s.sizes is not None:
-        return _run_sizes(cfg, model, info, out, singles)
-
-    conds, cond_names = None, None
-    if s.cond is not None:
-        if model.cfg.cond_img_size is None:
-            raise SampleError(
-                f"{info['path']}: this model takes no condition image (model.cond_img_size is null); "
-                "drop --cond (sample.cond)"
-            )
-        csize = model.cfg.cond_img_size * img_size // model.cfg.img_size
-        conds, cond_names = load_cond_images(s.cond, csize, resize=s.cond_resize)
-        rows = len(conds)
-        cls = parse_classes(s.classes, class_names) if s.classes is not None else [len(class_names)]
-        if len(cls) == 1:
-            cls = cls * rows
-        elif len(cls) != rows:
-            raise SampleError(f"--classes gives {len(cls)} classes for {rows} condition images; give 1 or {rows}")
-        row_labels = [f"{n} | {class_names[c] if c < len(class_names) else 'null'}" for n, c in zip(cond_names, cls)]
-        row_cond = conds
-    else:
+    if s.cond is None:
         cls = parse_classes(s.classes, class_names)
-        row_labels = [class_names[c] if c < len(class_names) else "null" for c in cls]
-        row_cond = None
+        return cls, [_class_name(c, class_names) for c in cls], None
+    mc = model.cfg
+    if mc.cond_img_size is None:
+        raise SampleError(
+            f"{info['path']}: this model takes no condition image (model.cond_img_size is null); "
+            "drop --cond (sample.cond)"
+        )
+    conds, cond_names = load_cond_images(s.cond, mc.cond_img_size * img_size // mc.img_size, resize=s.cond_resize)
+    rows = len(conds)
+    cls = parse_classes(s.classes, class_names) if s.classes is not None else [len(class_names)]
+    if len(cls) == 1:
+        cls = cls * rows
+    elif len(cls) != rows:
+        raise SampleError(f"--classes gives {len(cls)} classes for {rows} condition images; give 1 or {rows}")
+    return cls, [f"{n} | {_class_name(c, class_names)}" for n, c in zip(cond_names, cls)], conds
+
+
+@contextlib.contextmanager
+def _sampling(total_steps: int, show: bool):
+    """A progress bar over ``total_steps`` sampler steps; a ValueError of the sampling (e.g. a grid the
+    positional encoding cannot place) becomes a SampleError."""
+    bar = tqdm(total=total_steps, desc="sampling", unit="step", disable=True if not show else None)
+    try:
+        yield bar
+    except ValueError as e:
+        raise SampleError(f"the model cannot sample this: {e}") from None
+    finally:
+        bar.close()
+
+
+def _run_rows(cfg: Config, model, info: Mapping[str, Any], img_size: int, device, out: Path, singles: Path) -> Path:
+    """``sample.n`` samples per row (:func:`_rows`) at ``img_size``, a condition image first in its row."""
+    s = cfg.sample
+    cls, row_labels, row_cond = _rows(s, model, info, img_size)
     labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(s.n)
     cond = row_cond.repeat_interleave(s.n, dim=0) if row_cond is not None else None
-
-    diffusion = Diffusion.from_config(cfg.diffusion)
+    batch = min(s.batch_size, len(labels))
+    tokens = (img_size // model.cfg.patch_size) ** 2 * batch
+    if tokens > s.max_tokens:
+        raise ConfigError(
+            f"config key sample.img_size: a batch of {batch} images of {img_size}x{img_size} takes {tokens} image "
+            f"tokens, over the sampler's limit sample.max_tokens={s.max_tokens}; lower sample.batch_size, or raise "
+            "sample.max_tokens"
+        )
     interval = tuple(s.cfg_interval)
-    n_batches = math.ceil(len(labels) / s.batch_size)
-    bar = tqdm(total=n_batches * s.steps, desc="sampling", unit="step", disable=True if not s.progress else None)
-    try:
+    with _sampling(math.ceil(len(labels) / s.batch_size) * s.steps, s.progress) as bar:
         x = generate(
             model,
-            diffusion,
+            Diffusion.from_config(cfg.diffusion),
             labels,
             cond,
             img_size=img_size,
@@ -521,11 +311,6 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
             device=device,
             progress=bar.update,
         )
-    except ValueError as e:  # e.g. a grid the positional encoding cannot place
-        raise SampleError(f"the model cannot sample this: {e}") from None
-    finally:
-        bar.close()
-
     u8 = imgs = to_uint8(x)
     ncol = s.n
     if row_cond is not None:  # the condition first in its row, at the sample size
@@ -533,14 +318,10 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     scale_f = s.scale if s.scale is not None else max(1, 64 // img_size)
     make_grid(imgs, ncol, row_labels=row_labels, scale=scale_f).save(out)
     if s.singles:
-        from PIL import Image
-
         singles.mkdir(parents=True, exist_ok=True)
         for i in range(len(u8)):
             r, c = divmod(i, s.n)
-            Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(
-                singles / f"r{r:02d}_c{c:02d}_{_stem(row_labels[r])}.png"
-            )
+            save_image(u8[i], singles / f"r{r:02d}_c{c:02d}_{label_stem(row_labels[r])}.png")
     print(
         f"wrote {out} ({len(labels)} samples, step {info['step']} {info['weights']}, {s.sampler} {s.steps} steps, "
         f"cfg {s.cfg} on {list(interval)})"
@@ -548,16 +329,57 @@ def run(args: argparse.Namespace, flags: Optional[Mapping[str, Any]] = None) -> 
     return out
 
 
-def _stem(row_label: str) -> str:
-    """A row label as part of a file name: letters and digits kept, the rest ``_``, 40 characters."""
-    return "".join(ch if ch.isalnum() else "_" for ch in row_label)[:40]
-
-
 def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: Path) -> Path:
     """``sample.sizes``: rows = classes, columns = sizes (``sample.n`` samples each), in one packed batch."""
-    from tqdm import tqdm
-
     s = cfg.sample
+    sizes = _sizes(s, model)
+    class_names = info["class_names"]
+    cls = parse_classes(s.classes, class_names)
+    row_labels = [_class_name(c, class_names) for c in cls]
+    # row-major: class r, then size k, then sample j
+    labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(len(sizes) * s.n)
+    grid_sizes = [hw for _ in cls for hw in sizes for _ in range(s.n)]
+    p = model.cfg.patch_size
+    tokens = sum((h // p) * (w // p) for h, w in grid_sizes)
+    if tokens > s.max_tokens:  # all of them in one packed batch
+        raise ConfigError(
+            f"config key sample.sizes: {len(cls)} classes x {len(sizes)} sizes x {s.n} samples take {tokens} image "
+            f"tokens in one packed batch, over the sampler's limit sample.max_tokens={s.max_tokens}; sample fewer "
+            "classes, sizes or samples (sample.n), or raise sample.max_tokens"
+        )
+    interval = tuple(s.cfg_interval)
+    with _sampling(s.steps, s.progress) as bar:
+        xs = generate_sizes(
+            model,
+            Diffusion.from_config(cfg.diffusion),
+            labels,
+            grid_sizes,
+            steps=s.steps,
+            sampler=s.sampler,
+            cfg=s.cfg,
+            cfg_interval=interval,
+            seed=s.seed,
+            device=next(model.parameters()).device,
+            progress=lambda k: bar.update(1),
+        )
+    side = max(max(hw) for hw in sizes)
+    scale_f = s.scale if s.scale is not None else max(1, 64 // side)
+    make_size_grid(xs, len(sizes) * s.n, row_labels=row_labels, scale=scale_f).save(out)
+    if s.singles:
+        singles.mkdir(parents=True, exist_ok=True)
+        for i, x in enumerate(xs):
+            r, c = divmod(i, len(sizes) * s.n)
+            h, w = x.shape[-2:]
+            save_image(x, singles / f"r{r:02d}_c{c:02d}_{h}x{w}_{label_stem(row_labels[r])}.png")
+    print(
+        f"wrote {out} ({len(xs)} samples at {len(sizes)} sizes in one packed batch, step {info['step']} "
+        f"{info['weights']}, {s.sampler} {s.steps} steps, cfg {s.cfg} on {list(interval)})"
+    )
+    return out
+
+
+def _sizes(s: SampleConfig, model) -> List[Tuple[int, int]]:
+    """The sizes of ``sample.sizes``, each one the model can sample (class rows, the null condition)."""
     if s.cond is not None:
         raise SampleError(
             "sample.sizes samples class rows with the null condition; drop --cond (sample.cond), "
@@ -573,52 +395,7 @@ def _run_sizes(cfg: Config, model, info: Mapping[str, Any], out: Path, singles: 
             model.packed_layout([(h, w)])
         except ValueError as e:
             raise SampleError(f"config key sample.sizes: the model cannot sample {h}x{w}: {e}") from None
-    class_names = info["class_names"]
-    cls = parse_classes(s.classes, class_names)
-    row_labels = [class_names[c] if c < len(class_names) else "null" for c in cls]
-    # row-major: class r, then size k, then sample j
-    labels = torch.tensor(cls, dtype=torch.long).repeat_interleave(len(sizes) * s.n)
-    grid_sizes = [hw for _ in cls for hw in sizes for _ in range(s.n)]
-    diffusion = Diffusion.from_config(cfg.diffusion)
-    interval = tuple(s.cfg_interval)
-    device = next(model.parameters()).device
-    bar = tqdm(total=s.steps, desc="sampling", unit="step", disable=True if not s.progress else None)
-    try:
-        xs = generate_sizes(
-            model,
-            diffusion,
-            labels,
-            grid_sizes,
-            steps=s.steps,
-            sampler=s.sampler,
-            cfg=s.cfg,
-            cfg_interval=interval,
-            seed=s.seed,
-            device=device,
-            progress=lambda k: bar.update(1),
-        )
-    except ValueError as e:  # e.g. a grid the positional encoding cannot place
-        raise SampleError(f"the model cannot sample this: {e}") from None
-    finally:
-        bar.close()
-    side = max(max(hw) for hw in sizes)
-    scale_f = s.scale if s.scale is not None else max(1, 64 // side)
-    make_size_grid(xs, len(sizes) * s.n, row_labels=row_labels, scale=scale_f).save(out)
-    if s.singles:
-        from PIL import Image
-
-        singles.mkdir(parents=True, exist_ok=True)
-        for i, x in enumerate(xs):
-            r, c = divmod(i, len(sizes) * s.n)
-            h, w = x.shape[-2:]
-            Image.fromarray(to_uint8(x).permute(1, 2, 0).numpy()).save(
-                singles / f"r{r:02d}_c{c:02d}_{h}x{w}_{_stem(row_labels[r])}.png"
-            )
-    print(
-        f"wrote {out} ({len(xs)} samples at {len(sizes)} sizes in one packed batch, step {info['step']} "
-        f"{info['weights']}, {s.sampler} {s.steps} steps, cfg {s.cfg} on {list(interval)})"
-    )
-    return out
+    return sizes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -626,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layer, names = flag_layer(args, FLAGS)
     try:
         run(args, layer)
-    except (SampleError, CheckpointError, DataError, ConfigError, OSError) as e:
+    except (SampleError, CheckpointError, DataError, ConfigError, OSError, NonFiniteSamples) as e:
         return fail(e, names)
     return 0
 

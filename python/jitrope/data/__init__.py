@@ -1,7 +1,6 @@
-"""Training data: the emoji set from npm (SPEC §8), ImageFolder-style folders, a synthetic set.
+"""Training data: the emoji set from npm (docs/training.md), ImageFolder-style folders, a synthetic set.
 
-This package gathers the public names of its modules, one concern each (their old paths,
-``jitrope.imageset`` and so on, still import them):
+This package gathers the public names of its modules, one concern each:
 
 - :mod:`jitrope.data.imageset`: :class:`ImageSet` (in-memory uint8 images), the image conversions
   (:func:`to_float`, :func:`to_uint8`, :func:`to_rgba8`, :func:`resize_images`) and the fixed
@@ -23,6 +22,7 @@ from .datasets import (
     SYNTHETIC_CLASSES,
     build_dataset,
     heldout_picks,
+    image_files,
     load_image_folder,
     make_synthetic,
     write_heldout_conditions,
@@ -54,6 +54,7 @@ __all__ = [
     "fetch_emoji",
     "load_emoji",
     "load_image_folder",
+    "image_files",
     "make_synthetic",
     "heldout_mask",
     "build_dataset",

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -13,8 +13,19 @@ from .emoji import load_emoji
 from .imageset import IMAGE_EXTENSIONS, DataError, ImageSet, composite_on_white, heldout_mask, resize_images, to_rgba8
 
 
-def load_image_folder(path, img_size: int) -> ImageSet:
-    """ImageFolder layout: ``path/<class name>/*.png|jpg|...``; classes sorted by name.
+def image_files(folder: Path) -> Tuple[List[Path], int]:
+    """The image files of ``folder`` (by extension), sorted, and how many hidden files with an image
+    extension were skipped: ``.x.png``, and the AppleDouble ``._x.png`` that macOS writes beside each
+    file on some drives (not an image at all)."""
+    found = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()]
+    shown = sorted(p for p in found if not p.name.startswith("."))
+    return shown, len(found) - len(shown)
+
+
+def load_image_folder(path, img_size: int, *, log: Callable[[str], None] = print) -> ImageSet:
+    """ImageFolder layout: ``path/<class name>/*.png|jpg|...``; classes sorted by name; hidden files
+    and folders (``.*``, the AppleDouble ``._*`` among them) are skipped, and ``log`` gets one line
+    with the counts.
 
     Images are alpha-composited on white, centre-cropped to a square and resized to ``img_size``.
     """
@@ -26,9 +37,10 @@ def load_image_folder(path, img_size: int) -> ImageSet:
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"image folder {path} has no class subfolders (expected {path}/<class>/<image files>)")
-    imgs, labels, names = [], [], []
+    imgs, labels, names, skipped = [], [], [], 0
     for c, cls in enumerate(classes):
-        files = sorted(p for p in (path / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files, hidden = image_files(path / cls)
+        skipped += hidden
         if not files:
             raise DataError(f"class folder {path / cls} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         for p in files:
@@ -45,6 +57,10 @@ def load_image_folder(path, img_size: int) -> ImageSet:
             labels.append(c)
             names.append(f"{cls}/{p.name}")
     n = len(imgs)
+    log(
+        f"read {n} images of {len(classes)} classes from {path}"
+        + (f" (skipped {skipped} hidden files: .* and the AppleDouble ._* of macOS)" if skipped else "")
+    )
     return ImageSet(
         images=torch.stack(imgs),
         labels=torch.tensor(labels, dtype=torch.long),
@@ -114,7 +130,7 @@ def build_dataset(data_cfg, split: str = "train", *, seed: int = 0, log: Callabl
     elif name == "folder":
         if not data_cfg.root:
             raise DataError("data.name=folder needs data.root=<folder with one subfolder per class>")
-        ds = load_image_folder(data_cfg.root, data_cfg.img_size)
+        ds = load_image_folder(data_cfg.root, data_cfg.img_size, log=log)
     elif name == "synthetic":
         ds = make_synthetic(data_cfg.num_images, data_cfg.img_size, seed=seed)
     else:

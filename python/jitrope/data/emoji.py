@@ -1,4 +1,4 @@
-"""The emoji set from npm (SPEC §8): fetch, verify, unpack, and load as an :class:`ImageSet`.
+"""The emoji set from npm (docs/training.md): fetch, verify, unpack, and load as an :class:`ImageSet`.
 
 1. ``npm pack emoji-datasource-<vendor>@16.0.0`` into ``<root>/npm/`` (root: ``data.root``,
    ``$JITROPE_DATA`` or ``~/.cache/jitrope``; npm: ``$JITROPE_NPM`` or ``npm`` on PATH), verified
@@ -205,18 +205,7 @@ def fetch_emoji(
     tgz = npm_dir / f"{package}-{version}.tgz"
     pin = PINS.get((package, version))
     if tgz.is_file():
-        meta_path = tgz.with_suffix(".json")
-        meta = None
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-                if not isinstance(meta, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as e:
-                raise DataError(
-                    f"{meta_path}: unreadable npm metadata of {tgz.name} ({e}); delete both and run again to "
-                    "re-download"
-                ) from None
+        meta = _read_npm_meta(tgz)
         _verify_tarball(tgz, meta, pin)
     elif download:
         if damage:
@@ -235,38 +224,38 @@ def fetch_emoji(
         )
     elif pin is not None:
         expected = int(pin["n64"])
-
     log(f"{damage}; unpacking {tgz.name} again" if damage else f"unpacking {tgz.name} ...")
+    _unpack(tgz, final, vendor, {"package": package, "version": version}, expected)
+    return final
+
+
+def _read_npm_meta(tgz: Path) -> Optional[dict]:
+    """The npm metadata saved beside a downloaded tarball (None: there is none)."""
+    meta_path = tgz.with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"{meta_path}: unreadable npm metadata of {tgz.name} ({e}); delete both and run again to re-download"
+        ) from None
+    return meta
+
+
+def _unpack(tgz: Path, final: Path, vendor: str, about: dict, expected: Optional[int]) -> None:
+    """Unpack ``emoji.json``, ``LICENSE`` and the vendor's 64 px images of the verified tarball into
+    ``final`` (replaced as a whole, atomically), with a manifest of their digests; ``expected``: how many
+    images there must be (None: any). ``about``: the package and version, for the manifest."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{vendor}-{uuid.uuid4().hex}"
     old = final.parent / f".old-{vendor}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        n_png, digests = 0, {}
         prefix = f"package/img/{vendor}/64/"
-        try:
-            with tarfile.open(tgz, "r:gz") as tar:
-                for m in tar:
-                    name = m.name
-                    if not m.isfile():
-                        continue
-                    if name in ("package/emoji.json", "package/LICENSE"):
-                        rel = name[len("package/") :]
-                    elif name.startswith(prefix) and name.endswith(".png") and "/" not in name[len(prefix) :]:
-                        rel = name[len("package/") :]
-                        n_png += 1
-                    else:
-                        continue
-                    out = tmp / rel
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    h = hashlib.sha256()
-                    with tar.extractfile(m) as src, open(out, "wb") as dst:
-                        for chunk in iter(lambda: src.read(1 << 20), b""):
-                            h.update(chunk)
-                            dst.write(chunk)
-                    digests[rel] = h.hexdigest()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"{tgz}: cannot unpack ({e}); delete it and run again to re-download") from None
+        n_png, digests = _extract(tgz, tmp, prefix)
         if not (tmp / "emoji.json").is_file():
             raise DataError(f"{tgz}: has no package/emoji.json")
         if n_png == 0 or (expected is not None and n_png != expected):
@@ -274,7 +263,7 @@ def fetch_emoji(
                 f"{tgz}: found {n_png} images under {prefix}, expected {expected if expected is not None else '> 0'}"
             )
         # the digests of what was read from the verified tarball, not of the files as written back
-        (tmp / _MANIFEST).write_text(json.dumps({"package": package, "version": version, "files": digests}, indent=0))
+        (tmp / _MANIFEST).write_text(json.dumps({**about, "files": digests}, indent=0))
         if final.exists():  # damaged: replaced as a whole (rename is atomic)
             os.rename(final, old)
         try:
@@ -285,7 +274,36 @@ def fetch_emoji(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _extract(tgz: Path, dest: Path, prefix: str) -> Tuple[int, Dict[str, str]]:
+    """Write ``package/emoji.json``, ``package/LICENSE`` and the PNGs directly under ``prefix`` of the
+    tarball into ``dest`` (without ``package/``); returns the number of PNGs and the sha256 of each file."""
+    n_png, digests = 0, {}
+    try:
+        with tarfile.open(tgz, "r:gz") as tar:
+            for m in tar:
+                name = m.name
+                if not m.isfile():
+                    continue
+                if name in ("package/emoji.json", "package/LICENSE"):
+                    rel = name[len("package/") :]
+                elif name.startswith(prefix) and name.endswith(".png") and "/" not in name[len(prefix) :]:
+                    rel = name[len("package/") :]
+                    n_png += 1
+                else:
+                    continue
+                out = dest / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                h = hashlib.sha256()
+                with tar.extractfile(m) as src, open(out, "wb") as dst:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        h.update(chunk)
+                        dst.write(chunk)
+                digests[rel] = h.hexdigest()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{tgz}: cannot unpack ({e}); delete it and run again to re-download") from None
+    return n_png, digests
 
 
 def _emoji_items(meta: list, vendor: str, skin_tones: bool):

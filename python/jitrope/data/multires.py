@@ -1,4 +1,4 @@
-"""Mixed-size data for packed training (issue 16): image sizes, the token-budget packer, and the maker
+"""Mixed-size data for packed training (docs/packing.md): image sizes, the token-budget packer, and the maker
 of a packed batch's images (emoji resized per sample, placed on white canvases of any aspect ratio).
 
 Sizes are spelt ``HEIGHTxWIDTH`` in pixels (rows first, as everywhere in jitrope: ``32x48`` is 32 rows

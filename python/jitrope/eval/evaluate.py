@@ -1,7 +1,7 @@
-"""Evaluate a checkpoint without any downloaded network: prints and writes JSON metrics.
+"""The metrics of a checkpoint, without any downloaded network (``python -m jitrope.evaluate`` runs them:
+:mod:`jitrope.evaluate`).
 
-    python -m jitrope.evaluate --ckpt runs/emoji32 --data emoji
-    python -m jitrope.evaluate --ckpt runs/emoji32/checkpoints/step_00002000 --out eval.json --n-per-class 16
+    metrics = evaluate("runs/emoji32", overrides=["eval.metrics=[vloss,class]", "sample.steps=10"])
 
 Metrics (all on the held-out split unless ``--split`` says otherwise):
 
@@ -39,48 +39,41 @@ Metrics (all on the held-out split unless ``--split`` says otherwise):
 - ``fid`` (``--fid-inception FILE``): standard FID of the class samples against the held-out
   images through torch-fidelity, with the user's Inception weights file (optional dependency).
 
-``--metrics`` picks the groups (``vloss,class,cond,res``; default all).
-
-Settings are config keys, read as in training: the run's stored config, then ``--config FILE``,
-then ``section.key=value`` overrides, then the flags, each of which sets one key. ``eval.*``
-(:class:`jitrope.config.EvalConfig`) says what to measure and where to write; the samples are
-drawn as ``sample.*`` says (``--steps``, ``--sampler``, ``--cfg``, ``--ema`` set those);
-``--data`` and ``--data-root`` set ``data.*``.
+``eval.metrics`` picks the groups (``vloss,class,cond,res``; default all); the other ``eval.*`` keys
+(:class:`jitrope.config.EvalConfig`) say how much to measure, the samples are drawn as ``sample.*`` says.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError
-from ..cli import Flag, add_flags, check_file_out, cpu_setup, fail, flag_layer, resolve_device
-from ..config import EVAL_METRICS, Config, ConfigError, parse_hw
-from ..data import BatchMaker, DataError, build_dataset, resize_images, to_float
-from ..diffusion import SAMPLERS, Diffusion
-from ..fileio import atomic_write_text, check_writable_dir
+from ..checkpoint import load_checkpoint, model_from_weights, run_config
+from ..config import EVAL_METRICS, Config, ConfigError, EvalConfig, parse_hw
+from ..data import BatchMaker, DataError, ImageSet, build_dataset, resize_images, to_float
+from ..diffusion import Diffusion
+from ..grids import make_grid
 from ..posenc import POS_EMBEDS, SCALINGS
 from ..rope import FREQ_SCALINGS
-from ..sample import SampleError, generate, load_checkpoint, make_grid, model_from_weights, run_config
+from ..runtime import resolve_device
+from ..sampling import generate
+from .featnet import load_or_train_featnet
 from .metrics import frechet_distance, gaussian_stats, inception_fid, psnr, ssim
 
 __all__ = [
     "evaluate",
-    "main",
+    "evaluate_weights",
     "resolution_scalings",
     "scaling_same_as",
     "resolution_study",
     "heldout_vloss",
     "METRICS",
-    "FLAGS",
 ]
 
 METRICS = EVAL_METRICS  # the metric groups (eval.metrics)
@@ -215,37 +208,116 @@ def evaluate(
 ) -> Dict[str, Any]:
     """Compute the metrics of the module docstring for a checkpoint; returns them as a dict.
 
-    ``cfg``: the config to evaluate with (:func:`jitrope.sample.run_config`); default: the run's own
+    ``cfg``: the config to evaluate with (:func:`jitrope.checkpoint.run_config`); default: the run's own
     with the dotted ``overrides`` (e.g. ``["eval.metrics=[vloss]", "sample.steps=10"]``)."""
     w = load_checkpoint(ckpt, allow_unverified=allow_unverified)
     if cfg is None:
         cfg = run_config(w, overrides=overrides)
-    return _evaluate(w, cfg, resolve_device(cfg.eval.device, "eval.device"), log=log)
+    return evaluate_weights(w, cfg, resolve_device(cfg.eval.device, "eval.device"), log=log)
 
 
-def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=print) -> Dict[str, Any]:
+@dataclass
+class _Setup:
+    """What every metric group reads: the model and how it samples (``kw``: :func:`generate`'s settings),
+    the held-out batches (``maker``, with condition images) and both splits, and the feature network
+    (``fnet`` with its training statistics ``fextra``; None: no FD-emoji or class accuracy)."""
+
+    model: Any
+    diffusion: Diffusion
+    kw: Dict[str, Any]
+    maker: BatchMaker
+    eval_set: ImageSet
+    train_set: ImageSet
+    e: EvalConfig
+    device: torch.device
+    log: Callable[[str], None]
+    fnet: Any = None
+    fextra: Optional[Dict[str, Any]] = None
+
+    @property
+    def judge(self) -> Optional[Callable[[Tensor, Tensor], Dict[str, float]]]:
+        """FD-emoji and class accuracy of samples asked for classes ``asked``; None without the feature network."""
+        return None if self.fnet is None else self._judge
+
+    def _judge(self, samples: Tensor, asked: Tensor) -> Dict[str, float]:
+        f, pred = self.fnet.embed(samples)
+        return {
+            "fd_emoji": frechet_distance(*gaussian_stats(f), self.fextra["train_mu"], self.fextra["train_sigma"]),
+            "class_acc": float((pred == asked).float().mean()),
+        }
+
+    def vloss(self, **kw) -> Dict[str, Any]:
+        """:func:`heldout_vloss` with the eval settings (``kw``: drop_cond, img_size)."""
+        e = self.e
+        return heldout_vloss(
+            self.model,
+            self.diffusion,
+            self.maker,
+            e.t_grid,
+            max_images=e.max_images,
+            batch_size=e.batch_size,
+            seed=e.seed,
+            device=self.device,
+            **kw,
+        )
+
+
+def evaluate_weights(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=print) -> Dict[str, Any]:
+    """:func:`evaluate` of weights already loaded (:func:`jitrope.checkpoint.load_checkpoint`) with ``cfg``
+    on ``device``."""
     t0 = time.perf_counter()
-    e, s = cfg.eval, cfg.sample
+    e = cfg.eval
     metrics = list(e.metrics)
-    model, info = model_from_weights(w, cfg, ema=s.ema, device=device)
-    dcfg = cfg.data
+    model, info = model_from_weights(w, cfg, ema=cfg.sample.ema, device=device)
+    st, sizes = _setup(model, cfg, device, log)
+    out = _header(st, info, cfg)
+    log(f"{info['path']} (step {info['step']}, {info['weights']}); {len(st.eval_set)} {e.split} images")
+    if e.featnet not in (None, "none") and ({"class", "res"} & set(metrics)):
+        path = None if e.featnet == "auto" else e.featnet
+        st.fnet, st.fextra = load_or_train_featnet(cfg.data, device=device, path=path, log=log)
+        out["featnet"] = {"path": st.fextra["path"], **st.fextra["info"]}
+    if "vloss" in metrics:
+        _vloss_metrics(out, st)
+    if "class" in metrics:
+        _class_metrics(out, st)
+    if "cond" in metrics and model.cfg.cond_img_size is not None:
+        _cond_metrics(out, st)
+    if "res" in metrics and sizes:
+        out["resolution"] = resolution_study(
+            model,
+            st.diffusion,
+            st.kw,
+            sizes,
+            n_per_class=e.res_n_per_class,
+            seed=e.seed,
+            judge=st.judge,
+            grids=e.grids,
+            log=log,
+            scalings=e.res_scalings,
+            vloss=(lambda hw: st.vloss(img_size=hw)) if e.res_vloss else None,  # under the record's pos_scaling
+        )
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _setup(model, cfg: Config, device: torch.device, log) -> Tuple[_Setup, List[Size]]:
+    """The data and sampling settings of an evaluation, and the sizes of its resolution study (checked
+    before any sampling, so that no work is lost)."""
+    e, s, dcfg, mc = cfg.eval, cfg.sample, cfg.data, model.cfg
     eval_set = build_dataset(dcfg, e.split, seed=cfg.train.seed, log=log)
     train_set = build_dataset(dcfg, "train", seed=cfg.train.seed, log=log)
-    if eval_set.num_classes != model.cfg.num_classes:
-        raise DataError(f"data {dcfg.name} has {eval_set.num_classes} classes, the model {model.cfg.num_classes}")
-    mc = model.cfg
+    if eval_set.num_classes != mc.num_classes:
+        raise DataError(f"data {dcfg.name} has {eval_set.num_classes} classes, the model {mc.num_classes}")
     sizes = [*e.res_px, *(parse_hw(hw, "eval.res_hw") for hw in e.res_hw)]
     bad_px = [px for px in sizes if any(v % mc.patch_size for v in _hw(px))]
-    if bad_px and "res" in metrics:  # before any sampling, so no work is lost
+    if bad_px and "res" in e.metrics:
         key = "eval.res_px" if any(isinstance(px, int) for px in bad_px) else "eval.res_hw"
         raise ConfigError(f"config key {key}: {bad_px} not a multiple of the model's patch_size={mc.patch_size}")
-    if sizes and "res" in metrics and e.featnet in (None, "none"):  # a Config built by hand skips its checks
+    if sizes and "res" in e.metrics and e.featnet in (None, "none"):  # a Config built by hand skips its checks
         raise ConfigError(
             "config key eval.res_px: the resolution study needs the feature network (eval.featnet auto or a file)"
         )
     cond_mode = "none" if mc.cond_img_size is None else (dcfg.cond if dcfg.cond != "none" else "downsample")
-    maker = BatchMaker(eval_set, cond=cond_mode, cond_size=mc.cond_img_size, device=device)
-    diffusion = Diffusion.from_config(cfg.diffusion)
     kw = dict(
         steps=s.steps,
         sampler=s.sampler,
@@ -254,183 +326,95 @@ def _evaluate(w: Mapping[str, Any], cfg: Config, device: torch.device, *, log=pr
         batch_size=e.batch_size,
         device=device,
     )
-    out: Dict[str, Any] = {
+    maker = BatchMaker(eval_set, cond=cond_mode, cond_size=mc.cond_img_size, device=device)
+    st = _Setup(model, Diffusion.from_config(cfg.diffusion), kw, maker, eval_set, train_set, e, device, log)
+    return st, sizes
+
+
+def _header(st: _Setup, info: Mapping[str, Any], cfg: Config) -> Dict[str, Any]:
+    """The record's first keys: what was evaluated, on which data, sampled how."""
+    return {
         "checkpoint": str(info["path"]),
         "step": info["step"],
         "weights": info["weights"],
-        "data": dcfg.name,
-        "split": e.split,
-        "pos_embed": mc.pos_embed,
-        "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "device"},
-        "params": sum(p.numel() for p in model.parameters()),
+        "data": cfg.data.name,
+        "split": cfg.eval.split,
+        "pos_embed": st.model.cfg.pos_embed,
+        "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in st.kw.items() if k != "device"},
+        "params": sum(p.numel() for p in st.model.parameters()),
     }
-    log(f"{info['path']} (step {info['step']}, {info['weights']}); {len(eval_set)} {e.split} images")
-    fnet = fextra = None
-    if e.featnet not in (None, "none") and ({"class", "res"} & set(metrics)):
-        from .featnet import load_or_train_featnet
-
-        path = None if e.featnet == "auto" else e.featnet
-        fnet, fextra = load_or_train_featnet(dcfg, device=device, path=path, log=log)
-        out["featnet"] = {"path": fextra["path"], **fextra["info"]}
-
-    def judge(samples: Tensor, asked: Tensor) -> Dict[str, float]:
-        f, pred = fnet.embed(samples)
-        return {
-            "fd_emoji": frechet_distance(*gaussian_stats(f), fextra["train_mu"], fextra["train_sigma"]),
-            "class_acc": float((pred == asked).float().mean()),
-        }
-
-    if "vloss" in metrics:
-        _vloss_metrics(
-            out,
-            model,
-            diffusion,
-            maker,
-            e.t_grid,
-            max_images=e.max_images,
-            batch_size=e.batch_size,
-            seed=e.seed,
-            device=device,
-            log=log,
-        )
-    if "class" in metrics:
-        _class_metrics(
-            out,
-            model,
-            diffusion,
-            kw,
-            train_set,
-            eval_set,
-            n_per_class=e.n_per_class,
-            seed=e.seed,
-            judge=judge if fnet is not None else None,
-            fnet=fnet,
-            fextra=fextra,
-            fid_inception=e.fid_inception,
-            grids=e.grids,
-            log=log,
-        )
-    if "cond" in metrics and mc.cond_img_size is not None:
-        _cond_metrics(
-            out,
-            model,
-            diffusion,
-            kw,
-            maker,
-            eval_set,
-            n_cond=e.n_cond,
-            seed=e.seed,
-            log=log,
-            judge=judge if fnet is not None else None,
-        )
-    if "res" in metrics and sizes:
-
-        def vloss_at(hw):  # the record's pos_scaling is the model's while this runs
-            return heldout_vloss(
-                model,
-                diffusion,
-                maker,
-                e.t_grid,
-                max_images=e.max_images,
-                batch_size=e.batch_size,
-                seed=e.seed,
-                device=device,
-                img_size=hw,
-            )
-
-        out["resolution"] = resolution_study(
-            model,
-            diffusion,
-            kw,
-            sizes,
-            n_per_class=e.res_n_per_class,
-            seed=e.seed,
-            judge=judge,
-            grids=e.grids,
-            log=log,
-            scalings=e.res_scalings,
-            vloss=vloss_at if e.res_vloss else None,
-        )
-    out["seconds"] = round(time.perf_counter() - t0, 2)
-    return out
 
 
-def _vloss_metrics(out, model, diffusion, maker, t_grid, *, max_images, batch_size, seed, device, log) -> None:
-    out["vloss"] = heldout_vloss(
-        model, diffusion, maker, t_grid, max_images=max_images, batch_size=batch_size, seed=seed, device=device
-    )
-    vl = out["vloss"]
+def _vloss_metrics(out: Dict[str, Any], st: _Setup) -> None:
+    out["vloss"] = vl = st.vloss()
     per_t = " ".join(f"{v:.3f}" for v in vl["per_t"])
-    log(f"  held-out v-loss {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f}); per t: {per_t}")
-    if model.cfg.cond_img_size is not None:  # the same with the null condition: class-only denoising
-        out["vloss_null_cond"] = heldout_vloss(
-            model,
-            diffusion,
-            maker,
-            t_grid,
-            max_images=max_images,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            drop_cond=True,
-        )
-        vl = out["vloss_null_cond"]
-        log(f"  ... with the null condition {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f})")
+    st.log(f"  held-out v-loss {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f}); per t: {per_t}")
+    if st.model.cfg.cond_img_size is not None:  # the same with the null condition: class-only denoising
+        out["vloss_null_cond"] = vl = st.vloss(drop_cond=True)
+        st.log(f"  ... with the null condition {vl['mean']:.4f} (x-mse {vl['x_mse_mean']:.4f})")
 
 
-def _class_metrics(
-    out, model, diffusion, kw, train_set, eval_set, *, n_per_class, seed, judge, fnet, fextra, fid_inception, grids, log
-) -> None:
+def _class_metrics(out: Dict[str, Any], st: _Setup) -> None:
     """Class-conditional samples: nearest-neighbour class match, pixel statistics and, with the
     feature network, FD-emoji and class accuracy (real held-out images beside both)."""
-    k = model.cfg.num_classes
-    labels = torch.arange(k).repeat_interleave(n_per_class)
-    x = generate(model, diffusion, labels, None, seed=seed, **kw)
-    ref = to_float(train_set.images)
-    nn_i, nn_d = _nearest(x, ref)
-    acc = (train_set.labels[nn_i] == labels).float()
-    held = to_float(eval_set.images)
-    counts = torch.bincount(train_set.labels, minlength=k).float()
-    real_i, _ = _nearest(held, ref)  # the same nearest-neighbour classifier on real held-out images: its ceiling
-    real_acc = float((train_set.labels[real_i] == eval_set.labels).float().mean())
-    out["class_samples"] = {
-        "n": len(labels),
-        "nn_class_acc": float(acc.mean()),
-        "nn_class_acc_chance": float(counts.max() / counts.sum()),
-        "nn_class_acc_real": real_acc,
-        "nn_class_acc_per_class": [float(acc[labels == c].mean()) for c in range(k)],
-        "nn_rms": float(nn_d.mean()),
-        "pixel_mean": x.mean((0, 2, 3)).tolist(),
-        "pixel_std": x.std((0, 2, 3)).tolist(),
-        "data_pixel_mean": held.mean((0, 2, 3)).tolist(),
-        "data_pixel_std": held.std((0, 2, 3)).tolist(),
-    }
-    cs = out["class_samples"]
-    log(
+    e, k = st.e, st.model.cfg.num_classes
+    labels = torch.arange(k).repeat_interleave(e.n_per_class)
+    x = generate(st.model, st.diffusion, labels, None, seed=e.seed, **st.kw)
+    held = to_float(st.eval_set.images)
+    out["class_samples"] = cs = _nearest_class_match(x, labels, k, st.train_set, st.eval_set)
+    cs.update(
+        pixel_mean=x.mean((0, 2, 3)).tolist(),
+        pixel_std=x.std((0, 2, 3)).tolist(),
+        data_pixel_mean=held.mean((0, 2, 3)).tolist(),
+        data_pixel_std=held.std((0, 2, 3)).tolist(),
+    )
+    st.log(
         f"  class samples: nn-class acc {cs['nn_class_acc']:.3f} (chance {cs['nn_class_acc_chance']:.3f}, "
         f"real held-out images {cs['nn_class_acc_real']:.3f}), "
         f"nn rms {cs['nn_rms']:.3f}, pixel mean {sum(cs['pixel_mean']) / 3:.3f} "
         f"vs data {sum(cs['data_pixel_mean']) / 3:.3f}, "
         f"std {sum(cs['pixel_std']) / 3:.3f} vs {sum(cs['data_pixel_std']) / 3:.3f}"
     )
-    if judge is not None:
-        cs.update(judge(x, labels))
-        # The real held-out images through the same judge, as many as there are samples (FD grows as
-        # the sample count falls, so this is the floor at this count).
-        pick = torch.randperm(len(eval_set), generator=torch.Generator().manual_seed(seed))[: len(labels)]
-        real = judge(held[pick], eval_set.labels[pick])
-        _, real_pred = fnet.embed(held)
-        cs["fd_emoji_real"], cs["n_real"] = real["fd_emoji"], len(pick)
-        cs["class_acc_real"] = float((real_pred == eval_set.labels).float().mean())
-        log(
-            f"  FD-emoji {cs['fd_emoji']:.3f} (real held-out: {cs['fd_emoji_real']:.3f}), class accuracy "
-            f"{cs['class_acc']:.3f} (real held-out: {cs['class_acc_real']:.3f})"
-        )
-    if fid_inception is not None:
-        cs["fid_inception"] = inception_fid(held, x, fid_inception)
-        log(f"  FID (Inception, {len(x)} samples vs {len(held)} held-out images) {cs['fid_inception']:.2f}")
-    if grids is not None:
-        _save_grid(x, labels, k, Path(grids) / f"px{model.cfg.img_size}_train.png")
+    if st.judge is not None:
+        _judge_class_samples(cs, st, x, labels, held)
+    if e.fid_inception is not None:
+        cs["fid_inception"] = inception_fid(held, x, e.fid_inception)
+        st.log(f"  FID (Inception, {len(x)} samples vs {len(held)} held-out images) {cs['fid_inception']:.2f}")
+    if e.grids is not None:
+        _save_grid(x, labels, k, Path(e.grids) / f"px{st.model.cfg.img_size}_train.png")
+
+
+def _nearest_class_match(x: Tensor, labels: Tensor, k: int, train_set: ImageSet, eval_set: ImageSet) -> Dict[str, Any]:
+    """How often a sample's nearest training image has the asked class (of ``k``), against chance and
+    against the same classifier on the real held-out images (its ceiling); the RMS distance to that image."""
+    ref = to_float(train_set.images)
+    nn_i, nn_d = _nearest(x, ref)
+    acc = (train_set.labels[nn_i] == labels).float()
+    counts = torch.bincount(train_set.labels, minlength=k).float()
+    real_i, _ = _nearest(to_float(eval_set.images), ref)
+    return {
+        "n": len(labels),
+        "nn_class_acc": float(acc.mean()),
+        "nn_class_acc_chance": float(counts.max() / counts.sum()),
+        "nn_class_acc_real": float((train_set.labels[real_i] == eval_set.labels).float().mean()),
+        "nn_class_acc_per_class": [float(acc[labels == c].mean()) for c in range(k)],
+        "nn_rms": float(nn_d.mean()),
+    }
+
+
+def _judge_class_samples(cs: Dict[str, Any], st: _Setup, x: Tensor, labels: Tensor, held: Tensor) -> None:
+    """FD-emoji and class accuracy of the class samples, and of as many real held-out images (FD grows
+    as the sample count falls, so this is the floor at this count)."""
+    cs.update(st.judge(x, labels))
+    pick = torch.randperm(len(st.eval_set), generator=torch.Generator().manual_seed(st.e.seed))[: len(labels)]
+    real = st.judge(held[pick], st.eval_set.labels[pick])
+    _, real_pred = st.fnet.embed(held)
+    cs["fd_emoji_real"], cs["n_real"] = real["fd_emoji"], len(pick)
+    cs["class_acc_real"] = float((real_pred == st.eval_set.labels).float().mean())
+    st.log(
+        f"  FD-emoji {cs['fd_emoji']:.3f} (real held-out: {cs['fd_emoji_real']:.3f}), class accuracy "
+        f"{cs['class_acc']:.3f} (real held-out: {cs['class_acc_real']:.3f})"
+    )
 
 
 def _save_grid(x: Tensor, labels: Tensor, k: int, path: Path, per_class: int = 4) -> None:
@@ -462,9 +446,8 @@ def resolution_study(
     record's scaling) when given, or the reason it does not apply (``skipped``). A mode that gives
     exactly the samples of an earlier one (:func:`scaling_same_as`) copies its numbers and says
     ``same_as``. The same noise seed at every size, for every model."""
-    k = model.cfg.num_classes
     p = model.cfg.patch_size
-    labels = torch.arange(k).repeat_interleave(n_per_class)
+    labels = torch.arange(model.cfg.num_classes).repeat_interleave(n_per_class)
     rows: List[Dict[str, Any]] = []
     old = model.cfg.pos_scaling
     try:
@@ -477,49 +460,56 @@ def resolution_study(
                 row: Dict[str, Any] = {"hw": [H, W], "grid_hw": [H // p, W // p], "scaling": scaling}
                 if H == W:
                     row.update(px=H, grid=H // p)
+                same = None if why is not None else scaling_same_as(model, (H, W), scaling, list(done))
                 if why is not None:
                     rows.append({**row, "skipped": why})
-                    continue
-                same = scaling_same_as(model, (H, W), scaling, list(done))
-                if same is not None:
+                elif same is not None:
                     measured = {m: v for m, v in done[same].items() if m not in row and m != "same_as"}
                     rows.append({**row, **measured, "same_as": same})
-                    continue
-                model.cfg.pos_scaling = scaling
-                x = generate(model, diffusion, labels, None, img_size=(H, W), seed=seed, **kw)
-                row.update(judge(x, labels))
-                row["n"] = len(labels)
-                if vloss is not None:
-                    vl = vloss((H, W))
-                    row["vloss"], row["vloss_per_t"] = vl["mean"], vl["per_t"]
-                rows.append(row)
-                done[scaling] = row
-                extra = f", v-loss {row['vloss']:.4f}" if "vloss" in row else ""
-                log(
-                    f"  {H}x{W} ({H // p}x{W // p} grid, {scaling}): FD-emoji {row['fd_emoji']:.3f}, "
-                    f"class accuracy {row['class_acc']:.3f}{extra}"
-                )
-                if grids is not None:
-                    name = f"px{H}" if H == W else f"px{H}x{W}"
-                    _save_grid(x, labels, k, Path(grids) / f"{name}_{scaling}.png")
+                else:
+                    model.cfg.pos_scaling = scaling
+                    _measure_at(row, model, diffusion, kw, labels, seed=seed, judge=judge, vloss=vloss, grids=grids)
+                    rows.append(row)
+                    done[scaling] = row
+                    extra = f", v-loss {row['vloss']:.4f}" if "vloss" in row else ""
+                    log(
+                        f"  {H}x{W} ({H // p}x{W // p} grid, {scaling}): FD-emoji {row['fd_emoji']:.3f}, "
+                        f"class accuracy {row['class_acc']:.3f}{extra}"
+                    )
     finally:
         model.cfg.pos_scaling = old
     return rows
 
 
-def _cond_metrics(out, model, diffusion, kw, maker, eval_set, *, n_cond, seed, log, judge=None) -> None:
+def _measure_at(row: Dict[str, Any], model, diffusion, kw, labels: Tensor, *, seed: int, judge, vloss, grids) -> None:
+    """Fill ``row`` (one size of the resolution study, under the model's ``pos_scaling`` of the moment)
+    with its samples' FD-emoji and class accuracy and, with ``vloss``, the held-out v-loss; save their
+    grid into ``grids``."""
+    H, W = row["hw"]
+    x = generate(model, diffusion, labels, None, img_size=(H, W), seed=seed, **kw)
+    row.update(judge(x, labels))
+    row["n"] = len(labels)
+    if vloss is not None:
+        vl = vloss((H, W))
+        row["vloss"], row["vloss_per_t"] = vl["mean"], vl["per_t"]
+    if grids is not None:
+        name = f"px{H}" if H == W else f"px{H}x{W}"
+        _save_grid(x, labels, model.cfg.num_classes, Path(grids) / f"{name}_{row['scaling']}.png")
+
+
+def _cond_metrics(out: Dict[str, Any], st: _Setup) -> None:
     """Samples given held-out condition images (and their class): fidelity to the condition and the target
     (PSNR/SSIM) and, with the feature network, FD-emoji and class accuracy, the same measures as the class
     samples' (which have no condition) for a with/without comparison."""
-    mc = model.cfg
-    m = min(n_cond, len(eval_set))
-    idx = torch.linspace(0, len(eval_set) - 1, m).round().long()
+    mc, seed, maker = st.model.cfg, st.e.seed, st.maker
+    m = min(st.e.n_cond, len(st.eval_set))
+    idx = torch.linspace(0, len(st.eval_set) - 1, m).round().long()
     u = torch.rand(m, 2, generator=torch.Generator().manual_seed(seed + 1))
     xt, y, cond = maker(idx, u)
-    xs = generate(model, diffusion, y.cpu(), cond.cpu(), seed=seed + 2, **kw)
+    xs = generate(st.model, st.diffusion, y.cpu(), cond.cpu(), seed=seed + 2, **st.kw)
     cond_rms = (resize_images(xs, mc.cond_img_size) - cond.cpu()).pow(2).flatten(1).mean(1).sqrt()
     target_rms = (xs - xt.cpu()).pow(2).flatten(1).mean(1).sqrt()
-    out["cond_samples"] = {
+    out["cond_samples"] = cd = {
         "n": m,
         "cond_rms": float(cond_rms.mean()),
         "target_rms": float(target_rms.mean()),
@@ -527,159 +517,11 @@ def _cond_metrics(out, model, diffusion, kw, maker, eval_set, *, n_cond, seed, l
         "ssim": float(ssim(xs, xt.cpu()).mean()),
         "cond_mode": maker.cond,
     }
-    cd = out["cond_samples"]
-    if judge is not None:
-        cd.update(judge(xs, y.cpu()))
-    log(
+    judged = st.judge is not None and m >= 2  # a Fréchet distance needs two samples at least
+    if judged:
+        cd.update(st.judge(xs, y.cpu()))
+    st.log(
         f"  condition samples ({maker.cond}): cond rms {cd['cond_rms']:.3f}, target rms {cd['target_rms']:.3f}, "
         f"PSNR {cd['psnr']:.2f} dB, SSIM {cd['ssim']:.3f}"
-        + (f", FD-emoji {cd['fd_emoji']:.3f}, class accuracy {cd['class_acc']:.3f}" if judge is not None else "")
+        + (f", FD-emoji {cd['fd_emoji']:.3f}, class accuracy {cd['class_acc']:.3f}" if judged else "")
     )
-
-
-def _comma_list(kind, what: str):
-    def parse(s: str):
-        try:
-            return [kind(v) for v in s.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--{what} wants comma-separated {kind.__name__} values, got {s!r}"
-            ) from None
-
-    return parse
-
-
-# Every flag sets one config key; the key's value in the run's config, --config and the overrides
-# stands where the flag is not given. --data is handled apart: it sets data.name, or data.root too.
-FLAGS = (
-    Flag("--data-root", "data.root", "the data folder (emoji cache, or the image folder)"),
-    Flag("--split", "eval.split", "held-out split to evaluate", {"choices": ("val", "train", "all")}),
-    Flag("--out", "eval.out", "JSON file (default: <run>/eval/step_<N>.json)"),
-    Flag("--ema", "sample.ema", "EMA index 0 / 1 or none"),
-    Flag("--t-grid", "eval.t_grid", "comma-separated t values of the v-loss", {"type": _comma_list(float, "t-grid")}),
-    Flag("--max-images", "eval.max_images", "held-out images in the v-loss", {"type": int}),
-    Flag("--n-per-class", "eval.n_per_class", "class-conditional samples per class", {"type": int}),
-    Flag("--n-cond", "eval.n_cond", "condition-image samples", {"type": int}),
-    Flag("--steps", "sample.steps", "sampler steps", {"type": int}),
-    Flag("--sampler", "sample.sampler", "sampler", {"choices": tuple(SAMPLERS)}),
-    Flag("--cfg", "sample.cfg", "guidance scale", {"type": float}),
-    Flag("--batch-size", "eval.batch_size", "images per forward pass", {"type": int}),
-    Flag("--seed", "eval.seed", "seed of the fixed noise and samples", {"type": int}),
-    Flag("--device", "eval.device", "auto | cpu | cuda | cuda:N"),
-    Flag(
-        "--metrics",
-        "eval.metrics",
-        f"comma-separated metric groups: {', '.join(EVAL_METRICS)}",
-        {"type": _comma_list(str, "metrics")},
-    ),
-    Flag(
-        "--featnet",
-        "eval.featnet",
-        "feature network of FD-emoji / class accuracy: auto (cached, trained once on "
-        "the training split if missing), a .safetensors file, or none",
-    ),
-    Flag(
-        "--res-px",
-        "eval.res_px",
-        "comma-separated image sizes of the resolution study (e.g. 24,40,48 for a model trained at 32x32); empty: none",
-        {"type": _comma_list(int, "res-px")},
-    ),
-    Flag(
-        "--res-hw",
-        "eval.res_hw",
-        "comma-separated sizes HxW of the resolution study (rows x columns, e.g. 32x48,48x32)",
-        {"type": _comma_list(str, "res-hw")},
-    ),
-    Flag(
-        "--res-scalings",
-        "eval.res_scalings",
-        f"comma-separated pos_scaling modes of the resolution study ({', '.join(SCALINGS)}; default all)",
-        {"type": _comma_list(str, "res-scalings")},
-    ),
-    Flag("--res-n-per-class", "eval.res_n_per_class", "samples per class at each size of --res-px", {"type": int}),
-    Flag("--grids", "eval.grids", "folder for sample grid PNGs (training size and every --res-px / --res-hw size)"),
-    Flag(
-        "--fid-inception",
-        "eval.fid_inception",
-        "Inception weights file (torch-fidelity's "
-        "pt_inception-2015-12-05-6726825d.pth): adds the standard FID; needs pip install torch-fidelity",
-    ),
-    Flag(
-        "--num-threads",
-        "eval.num_threads",
-        "CPU threads (default: torch's; 1 is fastest on a busy machine)",
-        {"type": int},
-    ),
-)
-_DATA_NAMES = ("emoji", "synthetic", "folder")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jitrope.evaluate",
-        description="Evaluate a JiT checkpoint on held-out data: v-loss on a fixed t grid with fixed noise, "
-        "class-following of samples by nearest training image, pixel statistics, and (with a condition "
-        "image) how closely samples follow their condition. Prints a summary and writes JSON. Settings are "
-        "the config keys in brackets, from the run's config, --config FILE and section.key=value "
-        "overrides; a flag sets its key.",
-    )
-    p.add_argument(
-        "--ckpt", required=True, help="run folder (newest checkpoint), checkpoints/step_* folder or weights file"
-    )
-    p.add_argument("--config", help="YAML file of config keys (e.g. an eval: section), over the run's config")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (values parsed as YAML)")
-    p.add_argument(
-        "--allow-unverified", action="store_true", help="load a checkpoint that has no manifest to verify its files by"
-    )
-    p.add_argument(
-        "--data",
-        default=None,
-        help=f"{' | '.join(_DATA_NAMES)} [data.name], or a folder of class "
-        "subfolders [data.name=folder, data.root] (default: the run's data)",
-    )
-    add_flags(p, FLAGS)
-    return p
-
-
-def _out_path(cfg: Config, w: Mapping[str, Any]) -> Path:
-    if cfg.eval.out is not None:
-        return check_file_out(cfg.eval.out, "eval.out")
-    p = Path(w["path"]).parent  # .../checkpoints/step_N
-    run = p.parent.parent if p.parent.name == "checkpoints" else p
-    return check_file_out(run / "eval" / f"step_{w['step']:08d}.json", "eval.out")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # flags may come between the overrides
-    layer, names = flag_layer(args, FLAGS)
-    if args.data is not None:
-        data = layer.setdefault("data", {})
-        if args.data in _DATA_NAMES:
-            data["name"] = args.data
-        else:  # a folder of images
-            data["name"], data["root"] = "folder", args.data
-        names.update({"data.name": "--data", **({} if args.data in _DATA_NAMES else {"data.root": "--data"})})
-    try:
-        w = load_checkpoint(args.ckpt, allow_unverified=args.allow_unverified)
-        cfg = run_config(w, args.config, args.overrides, layer)
-        e = cfg.eval
-        device = resolve_device(e.device, "eval.device")
-        # every output and input file before the evaluation, so that no work is lost (issue 18)
-        out = _out_path(cfg, w)
-        if e.grids is not None:
-            check_writable_dir(e.grids, "eval.grids")
-        if e.fid_inception is not None and not Path(e.fid_inception).expanduser().is_file():
-            raise ConfigError(f"config key eval.fid_inception: no Inception weights file at {e.fid_inception}")
-        if e.featnet not in (None, "none", "auto") and not Path(e.featnet).expanduser().is_file():
-            raise ConfigError(f"config key eval.featnet: no feature network file at {e.featnet} (auto, none or a file)")
-        cpu_setup(e.num_threads)
-        res = _evaluate(w, cfg, device)
-        atomic_write_text(out, json.dumps(res, indent=2))
-    except (CheckpointError, DataError, ConfigError, SampleError, OSError, ImportError) as err:
-        return fail(err, names)
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,63 +1,87 @@
-"""Reading, statistics and verdicts of the positional-encoding study (``scripts/ablate_posenc.py``).
+"""Reading, statistics and verdicts of the positional-encoding study (``studies/posenc/run.py``).
 
 The study trains the same JiT once per encoding, seed and training regime and evaluates each run
-with :mod:`jitrope.eval.evaluate`; this module turns what the runs left on disk into numbers:
+with ``jitrope.eval.evaluate``; this module turns what the runs left on disk into numbers:
 
 - readers: a run's ``metrics.jsonl`` (:mod:`jitrope.runlog`: loss curve, step time, wall and CPU
   time), its evaluation JSONs (the final one, one per checkpoint for FD-emoji vs step, the
   every-size study), gathered into one record per run (:func:`run_record`);
-- statistics over seeds: mean and sample standard deviation (:func:`mean_sd`), and the rule that
-  calls two encodings different only when their means differ by more than twice the combined seed
-  spread, ``|m1 - m2| > 2 sqrt(sd1^2 + sd2^2)`` (:func:`compare`, :func:`verdict`, :func:`top_group`);
+- statistics over seeds: mean and sample standard deviation per encoding (:func:`mean_sd`), and the
+  verdict rule (:func:`compare`, :func:`verdict`, :func:`top_group`): two encodings differ clearly
+  only when the gap of their means exceeds the 95% margin of a two-sided t-test with the *pooled*
+  standard deviation of every encoding in the comparison, ``t(0.975, df) * s_p * sqrt(1/n1 + 1/n2)``
+  with ``s_p^2 = sum((n_i - 1) s_i^2) / df`` and ``df = sum(n_i - 1)``. A spread estimated from
+  2 or 3 seeds of one encoding can be tiny by chance; the pooled one, from every encoding's
+  seeds, does not collapse that way, and the t quantile pays for its few degrees of freedom;
 - the every-size study: one flat record per (run, size, scaling) (:func:`size_records`), held-out
   v-loss as a ratio to an "oracle" run trained at that size (:func:`add_oracle_ratios`), the best
   scaling mode per encoding and regime, and the answer for one model across sizes (:func:`across_sizes`);
 - FD-emoji sanity checks on real images (:func:`fd_sanity_checks`);
-- the time a study plan takes on a machine of a measured step time (:func:`estimate_seconds`), and
-  what its runs have trained so far with the time the rest takes at their own step time
-  (:func:`training_progress`).
+- where each encoding places the condition tokens, read from the model (:func:`condition_placement`).
 
-Plots and the Markdown page are :mod:`jitrope.eval.report`'s.
+The page is :mod:`studies.posenc.report`'s; the plans and the time they take, :mod:`studies.posenc.plan`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from ..runlog import read_metrics
+import torch
+import torch.nn.functional as F
 
-__all__ = [
-    "get",
-    "mean_sd",
-    "fmt_pm",
-    "per_encoding",
-    "Comparison",
-    "compare",
-    "verdict",
-    "top_group",
-    "curve_from_metrics",
-    "step_times",
-    "fd_vs_step",
-    "run_record",
-    "size_label",
-    "size_records",
-    "add_oracle_ratios",
-    "size_stats",
-    "best_scalings",
-    "across_sizes_values",
-    "across_sizes",
-    "ranking_by_step",
-    "fd_sanity_checks",
-    "StudyPlan",
-    "estimate_seconds",
-    "training_progress",
-]
+from jitrope.eval.metrics import frechet_distance, gaussian_stats
+from jitrope.model import JiT
+from jitrope.posenc import sincos_2d
+from jitrope.runlog import read_metrics
 
 KeyPath = Sequence[str]  # keys into a nested record, e.g. ("vloss", "mean")
+CONFIDENCE = 0.95  # two-sided: an encoding is clearly apart when a t-test at this level says so
+
+
+class Metric(NamedTuple):
+    """A number of a run record: where it is, its label on the page, its format, and its direction."""
+
+    path: Tuple[str, ...]
+    label: str
+    spec: str
+    lower: bool  # lower is better
+
+
+# What the study measures of each run, in page order (a column without a value in any run is left out).
+QUALITY = [
+    Metric(("final_train_loss",), "final train loss", ".4f", True),
+    Metric(("vloss", "mean"), "held-out v-loss", ".4f", True),
+    Metric(("vloss_null_cond", "mean"), "v-loss, no condition", ".4f", True),
+    Metric(("class_samples", "fd_emoji"), "FD-emoji", ".3f", True),
+    Metric(("class_samples", "class_acc"), "class acc", ".3f", False),
+    Metric(("cond_samples", "fd_emoji"), "FD-emoji, cond. samples", ".3f", True),
+    Metric(("cond_samples", "class_acc"), "class acc, cond. samples", ".3f", False),
+    Metric(("cond_samples", "psnr"), "PSNR (dB)", ".2f", False),
+    Metric(("cond_samples", "ssim"), "SSIM", ".3f", False),
+]
+CLOCKS = [
+    Metric(("step_ms",), "wall ms/step", ".0f", True),
+    Metric(("cpu_ms",), "CPU ms/step", ".0f", True),
+    Metric(("train_wall_s",), "training wall (s)", ".0f", True),
+]
+# The same measure with the condition image (its tokens in the sequence) and without it (class only):
+# label, with, without. The samples differ in more than the condition: see the page.
+WITH_WITHOUT = [
+    (QUALITY[1], ("vloss_null_cond", "mean"), "held-out v-loss"),
+    (QUALITY[5], ("class_samples", "fd_emoji"), "FD-emoji"),
+    (QUALITY[6], ("class_samples", "class_acc"), "class acc"),
+]
+SIZE_METRICS = [  # key, label, format, lower is better
+    ("fd_emoji", "FD-emoji", ".3f", True),
+    ("class_acc", "class acc", ".3f", False),
+    ("vloss", "held-out v-loss", ".4f", True),
+    ("vloss_ratio", "v-loss / oracle", ".3f", True),
+]
 
 
 # ----------------------------------------------------------------------------------- statistics
@@ -71,9 +95,13 @@ def get(record: Mapping[str, Any], path: KeyPath) -> Optional[float]:
     return None if r is None else float(r)
 
 
+def _finite(vals: Iterable[Optional[float]]) -> List[float]:
+    return [x for x in vals if x is not None and math.isfinite(x)]
+
+
 def mean_sd(vals: Iterable[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
     """Mean and sample standard deviation of the finite values (sd None for one value: no noise estimate)."""
-    v = [x for x in vals if x is not None and math.isfinite(x)]
+    v = _finite(vals)
     if not v:
         return None, None
     m = sum(v) / len(v)
@@ -85,7 +113,7 @@ def fmt_pm(m: Optional[float], sd: Optional[float], spec: str) -> str:
     """``"m ± sd"`` in ``spec``; ``"m"`` without a spread, ``"-"`` without a value."""
     if m is None:
         return "-"
-    return format(m, spec) if sd is None else f"{format(m, spec)} ± {format(sd, spec)}"
+    return format(m, spec) if sd is None else f"{format(m, spec)} ± {format(sd, spec.lstrip('+'))}"
 
 
 def per_encoding(rows: Sequence[Mapping], names: Sequence[str], path: KeyPath) -> Dict[str, List[Optional[float]]]:
@@ -93,43 +121,120 @@ def per_encoding(rows: Sequence[Mapping], names: Sequence[str], path: KeyPath) -
     return {n: [get(r, path) for r in rows if r["pos_embed"] == n] for n in names}
 
 
+def pooled_sd(groups: Iterable[Sequence[Optional[float]]]) -> Tuple[Optional[float], int]:
+    """The pooled standard deviation ``s_p`` of the groups' finite values and its degrees of freedom
+    ``df = sum(n_i - 1)``: the spread around each group's own mean, from every group at once (groups
+    of one value add nothing). ``(None, 0)`` when no group has two values."""
+    ss, df = 0.0, 0
+    for g in groups:
+        v = _finite(g)
+        if len(v) > 1:
+            m = sum(v) / len(v)
+            ss += sum((x - m) ** 2 for x in v)
+            df += len(v) - 1
+    return (math.sqrt(ss / df), df) if df else (None, 0)
+
+
+def _t_within(t: float, df: int) -> float:
+    """``P(|T| < t)`` of Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4)."""
+    th = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(th), math.cos(th) ** 2
+    if df % 2 == 0:
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return s * total
+    if df == 1:
+        return 2 * th / math.pi
+    term = total = 1.0
+    for k in range(1, (df - 1) // 2):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (th + s * math.cos(th) * total)
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """The two-sided critical value ``t`` with ``P(|T| < t) = confidence`` for Student's t with ``df``
+    degrees of freedom (e.g. 12.71 at df 1, 2.31 at df 8, 1.96 as df grows), by bisection."""
+    if df < 1:
+        raise ValueError(f"t_quantile: df must be >= 1, got {df}")
+    lo, hi = 0.0, 1.0
+    while _t_within(hi, df) < confidence:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_within(mid, df) < confidence else (lo, mid)
+    return (lo + hi) / 2
+
+
+class Stat(NamedTuple):
+    mean: float
+    sd: Optional[float]  # the group's own sample standard deviation (shown), None for one value
+    n: int
+
+
 @dataclass
 class Comparison:
     """The outcome of :func:`compare`: the best name, the others apart from it or within noise
-    (``(name, mean)`` pairs), and whether every name had a spread (else: no noise estimate)."""
+    (``(name, mean)`` pairs), every name's :class:`Stat`, and the pooled spread ``sd_pooled`` with its
+    degrees of freedom ``df`` (0: no noise estimate, nothing is called apart)."""
 
     best: Optional[str]
-    stats: Dict[str, Tuple[float, Optional[float]]]
+    stats: Dict[str, Stat]
     apart: List[Tuple[str, float]]
     near: List[Tuple[str, float]]
-    has_noise: bool
+    sd_pooled: Optional[float] = None
+    df: int = 0
+
+    @property
+    def has_noise(self) -> bool:
+        return self.df > 0
 
     @property
     def top(self) -> List[str]:
         """The best and those within noise of it (empty without a noise estimate)."""
         return [self.best] + [n for n, _ in self.near] if self.best is not None and self.has_noise else []
 
+    def margin(self, n1: int, n2: int) -> Optional[float]:
+        """The gap two means of ``n1`` and ``n2`` runs must exceed to be called apart."""
+        if not self.has_noise:
+            return None
+        return t_quantile(CONFIDENCE, self.df) * self.sd_pooled * math.sqrt(1 / n1 + 1 / n2)
+
 
 def compare(values: Mapping[str, Sequence[Optional[float]]], lower: bool) -> Comparison:
-    """Best by mean, and which others differ from it by more than twice the combined seed spread
-    ``sqrt(sd_best^2 + sd^2)`` (apart) or not (within noise). Names without a value are left out."""
-    stats = {n: mean_sd(v) for n, v in values.items()}
-    stats = {n: s for n, s in stats.items() if s[0] is not None}
+    """Best by mean, and which others are apart from it (gap above :meth:`Comparison.margin`, the 95%
+    two-sided t-test with the pooled standard deviation of every name) or within noise. Names without
+    a value are left out; a pooled spread of 0 calls nothing apart."""
+    stats = {}
+    for n, v in values.items():
+        m, sd = mean_sd(v)
+        if m is not None:
+            stats[n] = Stat(m, sd, len(_finite(v)))
     if not stats:
-        return Comparison(None, {}, [], [], False)
-    best = (min if lower else max)(stats, key=lambda n: stats[n][0])
-    has_noise = all(sd is not None for _, sd in stats.values())
-    bm, bsd = stats[best]
-    apart, near = [], []
-    for n, (m, sd) in stats.items():
-        if n == best:
-            continue
-        if not has_noise:
-            near.append((n, m))
-            continue
-        noise = math.sqrt(bsd**2 + sd**2)
-        (apart if abs(m - bm) > 2 * noise and noise > 0 else near).append((n, m))
-    return Comparison(best, stats, apart, near, has_noise)
+        return Comparison(None, {}, [], [])
+    best = (min if lower else max)(stats, key=lambda n: stats[n].mean)
+    sp, df = pooled_sd(values[n] for n in stats)
+    if sp is not None and sp <= 1e-12 * max(abs(s.mean) for s in stats.values()):
+        sp = 0.0  # rounding, not spread: identical runs call nothing apart
+    c = Comparison(best, stats, [], [], sp, df)
+    for n, s in stats.items():
+        if n != best:
+            margin = c.margin(stats[best].n, s.n)
+            apart = margin is not None and margin > 0 and abs(s.mean - stats[best].mean) > margin
+            (c.apart if apart else c.near).append((n, s.mean))
+    return c
+
+
+def rule_text(c: Comparison, spec: str) -> str:
+    """The spread behind a verdict, in words: the pooled sd, its df and the margin at the best's count."""
+    if not c.has_noise:
+        return ""
+    n = c.stats[c.best].n
+    return (
+        f"pooled sd {format(c.sd_pooled, spec)}, df {c.df}; margin {format(c.margin(n, n), spec)} at {n} vs {n} seeds"
+    )
 
 
 def verdict(values: Mapping[str, Sequence[Optional[float]]], lower: bool, spec: str, label: str) -> str:
@@ -138,18 +243,17 @@ def verdict(values: Mapping[str, Sequence[Optional[float]]], lower: bool, spec: 
     if len(c.stats) < 2:
         return f"{label}: too few runs to compare."
     if not c.has_noise:
-        order = sorted(c.stats, key=lambda n: c.stats[n][0], reverse=not lower)
+        order = sorted(c.stats, key=lambda n: c.stats[n].mean, reverse=not lower)
         return (
             f"{label} (one seed, no noise estimate): "
-            + (" < " if lower else " > ").join(f"`{n}` {format(c.stats[n][0], spec)}" for n in order)
+            + (" < " if lower else " > ").join(f"`{n}` {format(c.stats[n].mean, spec)}" for n in order)
             + ("" if lower else " (higher is better)")
             + "."
         )
-    out = f"{label}: best `{c.best}` ({fmt_pm(*c.stats[c.best], spec)})"
+    b = c.stats[c.best]
+    out = f"{label}: best `{c.best}` ({fmt_pm(b.mean, b.sd, spec)}; {rule_text(c, spec)})"
     if c.apart:
-        out += "; clearly worse (gap > 2x the combined seed spread): " + ", ".join(
-            f"`{n}` {format(m, spec)}" for n, m in c.apart
-        )
+        out += "; clearly worse: " + ", ".join(f"`{n}` {format(m, spec)}" for n, m in c.apart)
     if c.near:
         out += "; within noise of it: " + ", ".join(f"`{n}` {format(m, spec)}" for n, m in c.near)
     return out + "."
@@ -390,17 +494,13 @@ def fd_sanity_checks(
 ) -> Dict[str, float]:
     """FD-emoji sanity checks: ``fd(images)`` (FD of a float [-1, 1] batch to the training split's
     features) of the training split itself (~0), of the real held-out images and of ``n`` training
-    images (the floor at the sample count), of blurred held-out images and of uniform noise (both
-    large), the feature network's accuracies, and the Fréchet distance of two Gaussians against the
-    closed form ``|dmu|^2 + d (sqrt(a) - 1)^2`` (from exact moments and from 20000 samples)."""
-    import torch
-    import torch.nn.functional as F
-
-    from .metrics import frechet_distance, gaussian_stats
-
+    images (the floor at the sample count), of blurred held-out images (box blur over an eighth of the
+    image side: 4x4 at 32x32, 8x8 at 64x64, so every size loses the same detail) and of uniform noise
+    (both large), the feature network's accuracies, and the Fréchet distance of two Gaussians against
+    the closed form ``|dmu|^2 + d (sqrt(a) - 1)^2`` (from exact moments and from 20000 samples)."""
     g = generator
     sub = train_images[torch.randperm(len(train_images), generator=g)[:n]]
-    k = 4  # blur: average 4x4 blocks, then back to size
+    k = max(2, held_images.shape[-1] // 8)
     blur = F.avg_pool2d(held_images, k).repeat_interleave(k, -1).repeat_interleave(k, -2)
     d = 16
     mu, s1 = torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
@@ -410,7 +510,7 @@ def fd_sanity_checks(
         "identical (training split vs itself)": float(fd(train_images)),
         f"real held-out images (all {len(held_images)})": float(fd(held_images)),
         f"real training images ({len(sub)}, the sample count)": float(fd(sub)),
-        "blurred held-out images (4x4 box)": float(fd(blur)),
+        f"blurred held-out images ({k}x{k} box)": float(fd(blur)),
         "uniform noise images": float(fd(torch.rand(held_images.shape, generator=g) * 2 - 1)),
         "featnet class accuracy, held-out": float(featnet_info.get("val_cat_acc", float("nan"))),
         "featnet class accuracy, chance": float(featnet_info.get("chance_cat_acc", float("nan"))),
@@ -423,72 +523,57 @@ def fd_sanity_checks(
     }
 
 
-# ----------------------------------------------------------------------------------- time
-@dataclass
-class StudyPlan:
-    """What a study runs, for :func:`estimate_seconds`."""
-
-    train_runs: int  # runs of the main ablation
-    extra_train_runs: int  # runs of the other regimes (mixed sizes), the same steps
-    steps: int
-    batch: int
-    checkpoints: int  # FD-vs-step evaluations per main run
-    size_sets: int  # (seed, regime) pairs that get the every-size study, each for every encoding
-    size_units: float  # per such pair: the sum over encodings, sizes and the modes that sample on their own
-    #                    (others repeat one: same_as) of the size's token count over the training size's
-    n_classes: int
-    n_per_class: int  # final evaluation
-    step_n_per_class: int
-    res_n_per_class: int
-    n_cond: int
-    max_images: int  # held-out images of the v-loss, final evaluation
-    res_max_images: int  # ... at each size and mode
-    t_points: int
-    sample_steps: int  # Heun steps (2 evaluations each but the last, x2 for guidance)
-    jobs: int
+# ----------------------------------------------------------------------------------- condition tokens
+def _centres(n_cond: int, n_image: int) -> List[float]:
+    """Where the aligned centres of ``n_cond`` condition cells fall on an image axis of ``n_image``
+    cells: ``(i + 0.5) * n_image / n_cond - 0.5``."""
+    return [(i + 0.5) * n_image / n_cond - 0.5 for i in range(n_cond)]
 
 
-def estimate_seconds(plan: StudyPlan, step_s: float) -> Dict[str, float]:
-    """Seconds per stage on a machine where one training step (of ``plan.batch`` images at the training
-    size) takes ``step_s``, with ``plan.jobs`` runs at a time. A forward pass of one image is taken as
-    a third of a training step's per-image cost (forward + backward ~ 3 forwards), scaled by the
-    token count of its size; sampling costs ``2 * (2 * steps - 1)`` forwards per image (Heun, CFG)."""
-    fwd = step_s / (3.0 * plan.batch)  # one image at the training size
-    per_sample = 2 * (2 * plan.sample_steps - 1)
-    k = plan.n_classes
-    final = (k * plan.n_per_class + plan.n_cond) * per_sample + 2 * plan.t_points * plan.max_images
-    steps_eval = plan.checkpoints * k * plan.step_n_per_class * per_sample
-    per_unit = k * plan.res_n_per_class * per_sample + plan.t_points * plan.res_max_images
-    j = max(1, plan.jobs)
-    out = {
-        "train": (plan.train_runs + plan.extra_train_runs) * plan.steps * step_s / j,
-        "eval": plan.train_runs * (final + steps_eval) * fwd / j,
-        "sizes": plan.size_sets * plan.size_units * per_unit * fwd / j,
-    }
-    out["total"] = sum(out.values())
+def _listed(vals: Sequence[float]) -> str:
+    v = [f"{x:g}" for x in vals]
+    return ", ".join(v) if len(v) <= 4 else f"{v[0]}, {v[1]}, ..., {v[-1]}"
+
+
+def condition_placement(mc, names: Sequence[str]) -> Dict[str, str]:
+    """``{encoding: one line}``: where each encoding of ``names`` puts the condition tokens of a model of
+    config ``mc`` (a ``JiTConfig`` with a condition image), read from the model's own position parts
+    and checked against the rule the line states (aligned centres ``y = (i + 0.5) * gh / ch - 0.5``
+    for RoPE and the sin-cos table, the slots after the image's for ``learned1d``, the condition's
+    own row/column tables for ``factorized2d``). Raises ``AssertionError`` if the model disagrees."""
+    out = {}
+    for name in names:
+        model = JiT(dataclasses.replace(mc, pos_embed=name, pos_impl="torch"))
+        (gh, gw), (ch, cw) = model.cfg.grid, model.cfg.cond_grid
+        n_img, n_cond = gh * gw, ch * cw
+        want = torch.tensor([(y, x) for y in _centres(ch, gh) for x in _centres(cw, gw)])
+        said = []
+        for part_name, part in model.pos.parts.items():
+            if part_name == "learned1d":
+                assert part.pos_embed.shape[0] == n_img + n_cond, part.pos_embed.shape
+                slots = f"slots {n_img}..{n_img + n_cond - 1} of its {n_img + n_cond}-slot table"
+                said.append(
+                    f"a learned vector per slot: the {n_cond} condition tokens take {slots}, after the image's "
+                    f"0..{n_img - 1} (no 2D relation between them)"
+                )
+            elif part_name == "factorized2d":
+                rows, cols = part.cond_pos_h.shape[0], part.cond_pos_w.shape[0]
+                said.append(
+                    f"its own row and column tables for the condition grid: token (i, j) of the {ch}x{cw} grid gets "
+                    f"`cond_pos_h[i] + cond_pos_w[j]` (tables of {rows} x {cols} rows), apart from the image's "
+                    f"`pos_h`/`pos_w`"
+                )
+            elif part.rotary:
+                got = part.coords[-n_cond:].double()
+                assert torch.allclose(got, want.double(), atol=1e-6), (name, got[:3])
+                said.append(
+                    f"rotated by the aligned centres of its cells on the {gh}x{gw} image grid, y = (i + 0.5) * {gh} / "
+                    f"{ch} - 0.5: rows {_listed(_centres(ch, gh))} among the image's 0..{gh - 1}"
+                    + ("" if (ch, gh) == (cw, gw) else f", columns {_listed(_centres(cw, gw))}")
+                )
+            elif part_name == "sincos2d":
+                table = part.table[n_img:].double()
+                assert torch.allclose(table, sincos_2d(want, part.width).double(), atol=1e-6), name
+                said.append(f"the fixed sin-cos table evaluated at the aligned centres ({_listed(_centres(ch, gh))})")
+        out[name] = "; plus ".join(said) if len(said) < 2 else f"{said[0]}, plus the same rotation as `rope2d`"
     return out
-
-
-def training_progress(runs: Sequence[Sequence[Mapping[str, Any]]], steps: int, jobs: int) -> Dict[str, Optional[float]]:
-    """What the runs of a study have trained: ``runs`` holds each run's ``metrics.jsonl`` records (empty
-    for a run not started), ``steps`` the steps of every run. Returns the counts of runs ``done``,
-    ``partial`` and ``todo``, the ``remaining`` steps, the CPU seconds per step measured over every
-    run's intervals that hold no (re)start (``cpu_s_per_step``, None before one such interval) and
-    the hours the remaining steps take at that rate, ``jobs`` at a time (``hours``)."""
-    cpu = n = 0.0
-    for recs in runs:
-        for a, b in zip(recs, recs[1:]):
-            if not b.get("startup") and a.get("cpu_s") is not None and b.get("cpu_s") is not None:
-                cpu += b["cpu_s"] - a["cpu_s"]
-                n += b["step"] - a["step"]
-    last = [min(recs[-1]["step"], steps) if recs else 0 for recs in runs]
-    remaining = sum(steps - k for k in last)
-    rate = cpu / n if n else None
-    return {
-        "done": sum(1 for k in last if k >= steps),
-        "partial": sum(1 for k in last if 0 < k < steps),
-        "todo": sum(1 for k in last if k == 0),
-        "remaining": remaining,
-        "cpu_s_per_step": rate,
-        "hours": None if rate is None else remaining * rate / max(1, jobs) / 3600,
-    }
