@@ -624,7 +624,7 @@ PACKED_COLUMNS = [
 
 
 def packed_goals(rows: List[Dict[str, object]], device: torch.device) -> None:
-    """The issue's goals next to each row: >= 1.5x compiled on the CPU; >= 70% of HBM peak on a GPU."""
+    """The goals next to each row: >= 1.5x compiled on the CPU; >= 70% of HBM peak on a GPU."""
     peak = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -4,7 +4,7 @@
 
 Shapes cover odd sizes, strided q/k views of a qkv tensor, misaligned (unvectorizable) rows,
 B = 0, per-head frequencies, prefix tokens and offsets, in every dtype; packed [2, 1, H, T, D] q/k views with
-per-token coords of several grids (SPEC §10), ``freqs_index`` (per-sequence
+per-token coords of several grids (packed batches, docs/ops.md), ``freqs_index`` (per-sequence
 frequency tables of rope2d / qk_norm_rope) and ``pos2d_add_indexed``. Each result is compared
 with the reference so a kernel that reads the wrong bytes fails here too, not only under the
 sanitizer. Exits non-zero on any mismatch.

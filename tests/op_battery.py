@@ -6,7 +6,7 @@ absent, without a GPU).
 What it checks, per sample (one call of the op):
 
 - ``test_forward_matches_reference``: float64 and float32 against the reference in the same dtype and in
-  float64 (SPEC §4: 1e-12 / 1e-5), output shape, dtype and layout (:meth:`OpBattery.check_layout`);
+  float64 (1e-12 / 1e-5, docs/ops.md), output shape, dtype and layout (:meth:`OpBattery.check_layout`);
 - ``test_backward_matches_reference``: the gradient of every leaf against the reference's autograd;
 - ``test_gradcheck``: float64 ``gradcheck`` with all leaves differentiable, and with each leaf alone (the
   kernels skip the gradients nobody asked for, a code path of its own);

@@ -1,4 +1,4 @@
-"""Per-sequence frequencies (SPEC §10): rope2d, rope2d_ and qk_norm_rope with ``freqs_index``
+"""Per-sequence frequencies (docs/ops.md, packed batches): rope2d, rope2d_ and qk_norm_rope with ``freqs_index``
 (int64 [N]), where ``freqs`` gains a leading table dim ([F, 2, D/2] or [F, H, 2, D/2]) and token n
 turns by table ``freqs_index[n]``. The op battery (tests/op_battery.py) runs rope2d and qk_norm_rope
 over one input generator with ``freqs_index=`` (parity with the float64 reference, float64 gradcheck,

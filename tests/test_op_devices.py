@@ -33,6 +33,8 @@ def _inputs(device):
     weight = rnd(2, D)
     tokens = rnd(B, 7, D)
     pos_h, pos_w = rnd(3, D), rnd(4, D)
+    rows = torch.tensor([-1, 0, 1, 2, 0, 1, 2]).to(device)
+    cols = torch.tensor([-1, 0, 1, 2, 3, 0, 1]).to(device)
     return [
         ("rope2d", ops.rope2d.default, [x, coords, freqs, True], {0: "x", 1: "coords", 2: "freqs"}),
         ("rope2d_", ops.rope2d_.default, [x.clone(), coords, freqs, True], {0: "x", 1: "coords", 2: "freqs"}),
@@ -60,6 +62,18 @@ def _inputs(device):
             ops.pos2d_add_.default,
             [tokens.clone(), pos_h, pos_w, [2, 3], 1, 0, 0],
             {0: "x", 1: "pos_h", 2: "pos_w"},
+        ),
+        (
+            "pos2d_add_indexed",
+            ops.pos2d_add_indexed.default,
+            [tokens, pos_h, pos_w, rows, cols],
+            {0: "x", 1: "pos_h", 2: "pos_w", 3: "rows", 4: "cols"},
+        ),
+        (
+            "pos2d_add_indexed_backward",
+            ops.pos2d_add_indexed_backward.default,
+            [tokens, rows, cols, 3, 4],
+            {0: "grad_out", 1: "rows", 2: "cols"},
         ),
     ]
 
@@ -124,6 +138,9 @@ def test_python_api_and_autograd_refuse_mixed_devices(grad):
     t = torch.randn(2, 7, 8, requires_grad=grad)
     with pytest.raises(RuntimeError, match=r"pos2d_add: pos_w must be on x's device cpu, got meta"):
         jitrope.ops.pos2d_add(t, torch.randn(3, 8), torch.randn(4, 8).to("meta"), (2, 3), token_offset=1)
+    idx = torch.zeros(7, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"pos2d_add_indexed: pos_h must be on x's device cpu, got meta"):
+        jitrope.ops.pos2d_add_indexed(t, torch.randn(3, 8).to("meta"), torch.randn(4, 8), idx, idx)
 
 
 def test_all_meta_calls_still_give_meta_results():

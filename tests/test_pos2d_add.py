@@ -1,4 +1,4 @@
-"""Tests of jitrope::pos2d_add (SPEC §3, §4): the op battery (tests/op_battery.py) over one input
+"""Tests of jitrope::pos2d_add (docs/ops.md): the op battery (tests/op_battery.py) over one input
 generator, then the in-place twin, the rounding, errors, torch.compile and the CUDA-only checks."""
 
 from typing import List

@@ -1,4 +1,4 @@
-"""Battery for jitrope::pos2d_add_indexed (SPEC §10, §4): parity with the float64 reference for every
+"""Battery for jitrope::pos2d_add_indexed (docs/ops.md): parity with the float64 reference for every
 dtype, gradients, opcheck, layouts (any leading dims, any strides, B = 0), -1 and repeated indices,
 determinism of the table gradients, equality with pos2d_add on a grid, torch.compile, errors. Every
 test runs on CPU and CUDA (skipped without a GPU); one input generator feeds them all."""

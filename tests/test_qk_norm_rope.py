@@ -1,8 +1,13 @@
-"""Tests of jitrope::qk_norm_rope (SPEC §3a, §4): the op battery (tests/op_battery.py) over one input
+"""Tests of jitrope::qk_norm_rope (docs/ops.md): the op battery (tests/op_battery.py) over one input
 generator, then special cases, torch.compile, errors and CUDA graph capture."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 from typing import List
 
 import pytest
@@ -148,6 +153,85 @@ def test_weight_gradient_dtype_follows_weight(device):
     out = ops.qk_norm_rope(qk, weight, sequence_coords((1, 3), device=device), freqs)
     gq, gw, gf = torch.autograd.grad(out.float().sum(), (qk, weight, freqs))
     assert gq.dtype == torch.bfloat16 and gw.dtype == torch.float32 and gf.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- CPU row kernels
+
+
+def _row_kernel_results(qk, freqs_kind, interleaved, seed=7):
+    """Output and gradients (qk, weight, freqs) of one call on `qk` (a leaf of any layout)."""
+    g = torch.Generator().manual_seed(seed)
+    _, _, H, N, D = qk.shape
+    weight = (1 + 0.5 * torch.randn(2, D, generator=g)).requires_grad_()
+    coords = freqs = None
+    if freqs_kind != "none":
+        coords = torch.rand(N, 2, generator=g) * 12 - 2
+        shape = (H, 2, D // 2) if freqs_kind == "per_head" else (2, D // 2)
+        freqs = torch.randn(*shape, generator=g).requires_grad_()
+    out = ops.qk_norm_rope(qk, weight, coords, freqs, interleaved=interleaved)
+    leaves = [t for t in (qk, weight, freqs) if t is not None]
+    grads = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g).to(out.dtype))
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half_split"])
+@pytest.mark.parametrize("freqs_kind", ["none", "shared", "per_head"])
+def test_cpu_vector_rows_equal_scalar_rows_bitwise(dtype, interleaved, freqs_kind):
+    """Rows of D = 64 with unit channel stride run eight lanes at a time (where the CPU has AVX2); the
+    same values read through a channel stride of 2 run the scalar rows. The output and every gradient
+    (qk, weight, freqs) have the same bits: the same operations in the same order."""
+    B, H, N, D = 2, 3, 37, 64  # B * N = 74 rows per (s, h): two chunks of the backward's reduction
+    wide = torch.randn(2, B, H, N, 2 * D, generator=torch.Generator().manual_seed(3)).to(dtype)
+    strided = wide[..., ::2].detach().requires_grad_()
+    dense = strided.detach().contiguous().requires_grad_()
+    assert strided.stride(-1) == 2 and dense.stride(-1) == 1
+    for a, b in zip(
+        _row_kernel_results(strided, freqs_kind, interleaved), _row_kernel_results(dense, freqs_kind, interleaved)
+    ):
+        assert torch.equal(a, b.reshape(a.shape)), (dtype, interleaved, freqs_kind)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+import jitrope
+from jitrope import ops
+torch.manual_seed(0)
+out = []
+for dtype in (torch.float32, torch.bfloat16):
+    qkv = torch.randn(2, 37, 3 * 3 * 64).to(dtype)
+    qk = qkv.view(2, 37, 3, 3, 64).permute(2, 0, 3, 1, 4)[:2].detach().requires_grad_()
+    w = (torch.rand(2, 64) + 0.5).requires_grad_()
+    coords, freqs = torch.rand(37, 2) * 10, torch.randn(3, 2, 32).requires_grad_()
+    for il in (True, False):
+        y = ops.qk_norm_rope(qk, w, coords, freqs, interleaved=il)
+        out += [y.detach(), *torch.autograd.grad(y, (qk, w, freqs), torch.randn(y.shape).to(dtype))]
+        r = ops.rope2d(qk, coords, freqs, interleaved=il)
+        out += [r.detach(), *torch.autograd.grad(r, (qk, freqs), torch.randn(r.shape).to(dtype))]
+    x = torch.randn(4, 40, 96).to(dtype).requires_grad_()
+    ph, pw = torch.randn(5, 96).to(dtype).requires_grad_(), torch.randn(6, 96).to(dtype).requires_grad_()
+    p = ops.pos2d_add(x, ph, pw, (5, 6), token_offset=3)
+    out += [p.detach(), *torch.autograd.grad(p, (ph, pw), torch.randn(p.shape).to(dtype))]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 build exists on x86-64 only")
+def test_cpu_isa_builds_give_the_same_bits(tmp_path):
+    """The CPU row loops are compiled for the baseline ISA and for AVX2, picked at run time;
+    JITROPE_CPU_ISA=baseline forces the baseline build. Both give the same bits (qk_norm_rope, rope2d
+    and pos2d_add, outputs and gradients, float32 and bfloat16, strided q/k views)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(jitrope.__file__).parent.parent), *sys.path]))
+    results = []
+    for isa in ("baseline", "auto"):
+        path = tmp_path / f"{isa}.pt"
+        run_env = dict(env, JITROPE_CPU_ISA=isa, OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=run_env, check=True, timeout=600)
+        results.append(torch.load(path))
+    assert len(results[0]) == len(results[1])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), i
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -1,4 +1,4 @@
-"""Tests of jitrope::rope2d (SPEC §2, §4): the op battery (tests/op_battery.py) over one input generator,
+"""Tests of jitrope::rope2d (docs/ops.md): the op battery (tests/op_battery.py) over one input generator,
 then the in-place twin, special cases, torch.compile, errors and the coordinate helpers."""
 
 from __future__ import annotations
@@ -318,7 +318,7 @@ def test_device_mismatch_raises():
         ops.rope2d(x, c.cuda(), f)
 
 
-# ---------------------------------------------------------------- coordinates (SPEC §2)
+# ---------------------------------------------------------------- coordinates (docs/ops.md)
 
 
 def test_condition_grid_sits_at_aligned_centres():
@@ -326,7 +326,7 @@ def test_condition_grid_sits_at_aligned_centres():
     ch = cw = 8
     cond = grid_coords(ch, cw, ref_grid=(gh, gw), dtype=torch.float64)
     i = torch.arange(ch, dtype=torch.float64)
-    expect = (i + 0.5) * gh / ch - 0.5  # SPEC §2
+    expect = (i + 0.5) * gh / ch - 0.5  # condition token centres, docs/ops.md
     assert torch.equal(cond[:, 0], expect.repeat_interleave(cw))
     assert torch.equal(cond[:, 1], expect.repeat(ch))
     # each condition token sits at the centre of the 2x2 image patches it covers
@@ -354,7 +354,7 @@ def test_axial_freqs_layout_and_grid_helpers():
     # interpolation: a 32x32 sampling grid laid over a 16x16 training grid stays in its range
     big = grid_coords(32, 32, ref_grid=(16, 16))
     assert big.min().item() == -0.25 and big.max().item() == 15.25
-    # a token of the image grid and a prefix token rotate as SPEC §2 says
+    # a token of the image grid and a prefix token rotate as docs/ops.md says
     x = torch.randn(1, 5, 16, dtype=torch.float64)
     coords = sequence_coords((2, 2), prefix=1, dtype=torch.float64)
     out = ops.rope2d(x, coords, f)

@@ -1,60 +1,42 @@
-// CPU kernels of jitrope::pos2d_add_indexed. Layout: x and grad_out are read as rows of D channels
-// through their (merged) leading strides and token stride (only a strided channel dim, or more than
-// kMaxLeadingDims unmergeable leading dims, is copied to contiguous first); tables and indices are
-// made contiguous; outputs are contiguous. Forward: at::parallel_for over (leading index, token)
+// CPU launchers of jitrope::pos2d_add_indexed (ops/pos2d_add_indexed_impl.h; the host wrapper is
+// ops/pos2d_add_indexed.cpp). Layout: x and grad_out are read as rows of D channels through their
+// (merged) leading strides and token stride (the wrapper copies a strided channel dim, or more than
+// kMaxLeadingDims unmergeable leading dims, to contiguous first); tables and indices are
+// contiguous; outputs are contiguous. Forward: at::parallel_for over (leading index, token)
 // rows, each row one vectorized pass of x + (pos_h[r] + pos_w[c]), x + one table row, or a memcpy:
 // the bytes of a copy of x plus cache-resident table rows. Backward: a stable counting sort lists
 // each table row's tokens in ascending order, then the three stages of math/pos2d_add_indexed_math.h
-// (batch chunks when B > 1, segments of kSegment tokens, per-row sums of the segments), each an
-// at::parallel_for over independent sums; the order of every sum is fixed there, independent of
-// the thread count, and the CUDA kernels add in the same order.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// (batch chunks when B > 1, cpu/batch_chunks.h shared with pos2d_add; segments of kSegment tokens, per-row sums of the
+// segments), each an at::parallel_for over independent sums; the order of every sum is fixed there, independent of the
+// thread count, and the CUDA kernels add in the same order.
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
 #include "common/op_utils.h"
+#include "cpu/batch_chunks.h"
+#include "cpu/isa.h"
+#include "cpu/rows.h"
 #include "math/pos2d_add_indexed_math.h"
-#include "ops/pos2d_add_indexed.h"
 #include "ops/pos2d_add_indexed_impl.h"
 
-namespace jitrope {
+namespace jitrope::cpu {
 namespace {
 
 namespace math = pos2d_add_indexed_math;
 
-// The kernels need unit channel stride and leading dims that LeadingDims can describe.
-at::Tensor kernel_layout(const at::Tensor& t, math::LeadingDims& lead) {
-  const bool unit_channels = t.size(-1) <= 1 || t.stride(-1) == 1;
-  if (unit_channels && detail::leading_dims(t, lead)) {
-    return t;
-  }
-  at::Tensor c = t.contiguous();
-  TORCH_INTERNAL_ASSERT(detail::leading_dims(c, lead));
-  return c;
-}
-
-int64_t leading_count(const at::Tensor& t) {
-  int64_t B = 1;
-  for (int64_t d = 0; d < t.dim() - 2; ++d) {
-    B *= t.size(d);
-  }
-  return B;
-}
-
 // One row of the forward in the compute type, rounded once. Plain loops that GCC vectorizes (as in
-// pos2d_add_cpu.cpp); the case is picked once per row.
+// pos2d_add_cpu.cpp: baseline and AVX2 builds, cpu/isa.h); the case is picked once per row.
 template <typename scalar_t>
 void add_both(
     scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph, const scalar_t* __restrict__ pw, int64_t D) {
   using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
-    out[d] = static_cast<scalar_t>(
-        math::add_positions(static_cast<acc>(x[d]), static_cast<acc>(ph[d]), static_cast<acc>(pw[d])));
+    out[d] = from_acc<scalar_t>(math::add_positions(to_acc<acc>(x[d]), to_acc<acc>(ph[d]), to_acc<acc>(pw[d])));
   }
 }
 
@@ -62,64 +44,43 @@ template <typename scalar_t>
 void add_one(scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ p, int64_t D) {
   using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
-    out[d] = static_cast<scalar_t>(math::add_position(static_cast<acc>(x[d]), static_cast<acc>(p[d])));
+    out[d] = from_acc<scalar_t>(math::add_position(to_acc<acc>(x[d]), to_acc<acc>(p[d])));
   }
 }
 
 template <typename scalar_t>
-void forward_kernel(
-    const at::Tensor& x,
-    const math::LeadingDims& lead,
-    at::Tensor& out,
-    const at::Tensor& pos_h,
-    const at::Tensor& pos_w,
-    const at::Tensor& rows,
-    const at::Tensor& cols) {
-  const int64_t B = leading_count(x), N = x.size(-2), D = x.size(-1);
+void forward_kernel(const Pos2dAddIndexedForward& a) {
+  const at::Tensor& x = a.x;
+  const math::LeadingDims& lead = a.lead;
+  const int64_t B = a.B, N = x.size(-2), D = x.size(-1);
   const int64_t x_st = x.stride(-2);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const scalar_t* ph = pos_h.const_data_ptr<scalar_t>();
-  const scalar_t* pw = pos_w.const_data_ptr<scalar_t>();
-  const int64_t* r = rows.const_data_ptr<int64_t>();
-  const int64_t* c = cols.const_data_ptr<int64_t>();
+  scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
+  const scalar_t* ph = a.pos_h.const_data_ptr<scalar_t>();
+  const scalar_t* pw = a.pos_w.const_data_ptr<scalar_t>();
+  const int64_t* r = a.rows.const_data_ptr<int64_t>();
+  const int64_t* c = a.cols.const_data_ptr<int64_t>();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
   at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / N;
-      const int64_t n = row - b * N;
-      const scalar_t* src = xp + lead.offset(b) + n * x_st;
-      scalar_t* dst = op + row * D;
-      const int64_t i = r[n], j = c[n];
-      if (i >= 0 && j >= 0) {
-        add_both(dst, src, ph + i * D, pw + j * D, D);
-      } else if (i >= 0) {
-        add_one(dst, src, ph + i * D, D);
-      } else if (j >= 0) {
-        add_one(dst, src, pw + j * D, D);
-      } else {
-        std::memcpy(dst, src, D * sizeof(scalar_t));
+    run_isa([&] {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / N;
+        const int64_t n = row - b * N;
+        const scalar_t* src = xp + lead.offset(b) + n * x_st;
+        scalar_t* dst = op + row * D;
+        const int64_t i = r[n], j = c[n];
+        if (i >= 0 && j >= 0) {
+          add_both(dst, src, ph + i * D, pw + j * D, D);
+        } else if (i >= 0) {
+          add_one(dst, src, ph + i * D, D);
+        } else if (j >= 0) {
+          add_one(dst, src, pw + j * D, D);
+        } else {
+          std::memcpy(dst, src, D * sizeof(scalar_t));
+        }
       }
-    }
+    });
   });
-}
-
-at::Tensor pos2d_add_indexed_cpu(
-    const at::Tensor& x,
-    const at::Tensor& pos_h,
-    const at::Tensor& pos_w,
-    const at::Tensor& rows,
-    const at::Tensor& cols) {
-  check_pos2d_add_indexed_args(x, pos_h, pos_w, rows, cols);
-  math::LeadingDims lead;
-  const at::Tensor xr = kernel_layout(x, lead);
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const at::Tensor ph = pos_h.contiguous(), pw = pos_w.contiguous();
-  const at::Tensor r = rows.contiguous(), c = cols.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_indexed_cpu", [&] {
-    forward_kernel<scalar_t>(xr, lead, out, ph, pw, r, c);
-  });
-  return out;
 }
 
 // The entries of the combined table of max_h + max_w rows (pos_h's, then pos_w's) sorted stably by
@@ -155,41 +116,19 @@ SortedTokens sort_tokens(const at::Tensor& rows, const at::Tensor& cols, int64_t
 }
 
 template <typename scalar_t>
-void backward_kernel(
-    const at::Tensor& g,
-    const math::LeadingDims& lead,
-    const at::Tensor& rows,
-    const at::Tensor& cols,
-    at::Tensor& grad_h,
-    at::Tensor& grad_w) {
+void backward_kernel(const Pos2dAddIndexedBackward& a) {
   using acc = acc_type<scalar_t>;
-  const int64_t B = leading_count(g), N = g.size(-2), D = g.size(-1), g_st = g.stride(-2);
-  const int64_t max_h = grad_h.size(0), max_w = grad_w.size(0), R = max_h + max_w;
-  const SortedTokens sorted = sort_tokens(rows, cols, max_h, max_w);
+  const at::Tensor& g = a.grad_out;
+  const int64_t B = a.B, N = g.size(-2), D = g.size(-1), g_st = g.stride(-2);
+  const int64_t max_h = a.grad_h.size(0), max_w = a.grad_w.size(0), R = max_h + max_w;
+  const SortedTokens sorted = sort_tokens(a.rows, a.cols, max_h, max_w);
   const int64_t* tokens = sorted.tokens.data();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const pos2d_add_math::BatchChunks& chunks = a.chunks;
 
   // Stage 1 (B > 1): partials [chunks, N, D], one task per (chunk, token).
-  const pos2d_add_math::BatchChunks chunks = pos2d_add_math::batch_chunks(B, N * D);
-  at::Tensor partials_t;
   if (B > 1) {
-    partials_t = at::empty({chunks.count, N, D}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
-    acc* partials = partials_t.mutable_data_ptr<acc>();
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(chunks.size * D, 1));
-    at::parallel_for(0, chunks.count * N, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t k = task / N, n = task - k * N;
-        acc* s = partials + task * D;
-        std::fill(s, s + D, acc(0));
-        const int64_t b_end = std::min(B, (k + 1) * chunks.size);
-        for (int64_t b = k * chunks.size; b < b_end; ++b) {
-          const scalar_t* src = gp + lead.offset(b) + n * g_st;
-          for (int64_t d = 0; d < D; ++d) {
-            s[d] += static_cast<acc>(src[d]);
-          }
-        }
-      }
-    });
+    sum_batch_chunks<scalar_t>(gp, a.lead, g_st, 0, N, B, D, chunks, a.partials.mutable_data_ptr<acc>());
   }
 
   // Stage 2: one task per segment of kSegment tokens of a row.
@@ -208,17 +147,17 @@ void backward_kernel(
       const int64_t count = std::min(math::kSegment, sorted.start[q + 1] - first);
       if (B > 1) {
         math::sum_segment(
-            seg.data() + s * D, partials_t.const_data_ptr<acc>(), D, chunks.count, N * D, tokens + first, count, D);
+            seg.data() + s * D, a.partials.const_data_ptr<acc>(), D, chunks.count, N * D, tokens + first, count, D);
       } else {
-        // B = 1: one chunk whose partials are grad_out's rows themselves; B = 0: no chunk, zeros.
-        math::sum_segment(seg.data() + s * D, gp, D, B, 0, tokens + first, count, g_st);
+        // B = 1: one chunk whose partials are grad_out's rows themselves.
+        math::sum_segment(seg.data() + s * D, gp, D, 1, 0, tokens + first, count, g_st);
       }
     }
   });
 
   // Stage 3: one task per table row.
-  scalar_t* out_h = grad_h.mutable_data_ptr<scalar_t>();
-  scalar_t* out_w = grad_w.mutable_data_ptr<scalar_t>();
+  scalar_t* out_h = a.grad_h.mutable_data_ptr<scalar_t>();
+  scalar_t* out_w = a.grad_w.mutable_data_ptr<scalar_t>();
   const int64_t row_work = D * (S / std::max<int64_t>(R, 1) + 1);
   const int64_t grain3 = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row_work, 1));
   at::parallel_for(0, R, grain3, [&](int64_t begin, int64_t end) {
@@ -227,32 +166,23 @@ void backward_kernel(
       scalar_t* out = q < max_h ? out_h + q * D : out_w + (q - max_h) * D;
       math::sum_segments(s.data(), seg.data() + seg_begin[q] * D, D, seg_begin[q + 1] - seg_begin[q], D);
       for (int64_t d = 0; d < D; ++d) {
-        out[d] = static_cast<scalar_t>(s[d]);
+        out[d] = from_acc<scalar_t>(s[d]);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w) {
-  check_pos2d_add_indexed_backward_args(grad_out, rows, cols, max_h, max_w);
-  math::LeadingDims lead;
-  const at::Tensor g = kernel_layout(grad_out, lead);
-  const int64_t D = g.size(-1);
-  at::Tensor grad_h = at::empty({max_h, D}, g.options());
-  at::Tensor grad_w = at::empty({max_w, D}, g.options());
-  const at::Tensor r = rows.contiguous(), c = cols.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pos2d_add_indexed_backward_cpu", [&] {
-    backward_kernel<scalar_t>(g, lead, r, c, grad_h, grad_w);
-  });
-  return {grad_h, grad_w};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jitrope, CPU, m) {
-  m.impl("pos2d_add_indexed", &pos2d_add_indexed_cpu);
-  m.impl("pos2d_add_indexed_backward", &pos2d_add_indexed_backward_cpu);
+void pos2d_add_indexed_forward(const Pos2dAddIndexedForward& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.x.scalar_type(), "pos2d_add_indexed_cpu", [&] { forward_kernel<scalar_t>(a); });
 }
 
-}  // namespace jitrope
+void pos2d_add_indexed_backward(const Pos2dAddIndexedBackward& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.grad_out.scalar_type(), "pos2d_add_indexed_backward_cpu",
+      [&] { backward_kernel<scalar_t>(a); });
+}
+
+}  // namespace jitrope::cpu

@@ -1,169 +1,400 @@
-// CPU kernels of jitrope::qk_norm_rope and qk_norm_rope_backward. qk is [2, B, H, N, D] with any
-// strides (the q/k view of a qkv projection is read in place); the outputs are contiguous. A row
-// is one (s, b, h, n) token of D channels: its sum of squares (float32; float64 for float64), then
-// each channel pair normalized, scaled by weight[s] and rotated by the cos/sin table of rope2d's
-// CPU kernel (cpu/rope2d_table.h), all in registers, and rounded once. Traffic: qk read once (the
-// row is re-read from L1), the result written once; the table and the weights stay in cache.
-// Forward: at::parallel_for over rows. Backward: one task per (s, h, chunk of B*N rows) of the
-// fixed chunking of math/qk_norm_rope_math.h; each task writes grad_qk for its rows and one
-// weight (and freqs) partial, and the partials are summed in a fixed order, so the gradients have
-// the same bits for any thread count. With freqs_index (SPEC §10) the freqs partial is split by the
-// chunk's runs of rows with one table (math/qk_norm_rope_math.h).
+// CPU launchers of jitrope::qk_norm_rope and qk_norm_rope_backward (ops/qk_norm_rope_impl.h; the
+// host wrapper is ops/qk_norm_rope.cpp). qk is [2, B, H, N, D] with any strides (the q/k view of a
+// qkv projection is read in place); the outputs are contiguous. A row is one (s, b, h, n) token of
+// D channels, computed in float32 (float64 for float64) and rounded once: its sum of squares, then
+// each channel pair normalized, scaled by weight[s] and rotated by the cos/sin table of rope2d's CPU
+// kernel (cpu/rope2d_table.h; computed once per call, reused by every row of a token).
+//
+// Memory. Forward: a qkv view is walked token by token, q's and k's heads inside (the view's memory
+// order; the rows a few tokens ahead are prefetched, since the skipped v rows break the hardware
+// prefetcher's stream), any other layout in the output's order. Backward: each thread walks its
+// (s, h, chunk) tasks in (s, h)-major order, so grad_out and grad_qk are sequential streams, and the
+// qk rows (9 KB apart in a qkv view) are prefetched kPrefetchBytes ahead, continuously across
+// tasks. Traffic: qk (and grad_out) read once, the result written once; tables and weights stay in
+// cache.
+//
+// Compute. float32 and bfloat16 rows with unit channel stride and D a multiple of 16 run eight
+// lanes at a time (cpu/vec8.h) in the AVX2 build (cpu/isa.h); other rows run the scalar loops
+// (vectorized by the compiler where it can) through a float scratch row (cpu/rows.h: bfloat16
+// converts through its bits). Both forms do the same operations in the same order and give the
+// same bits, as do the ISA builds.
+//
+// Order of the sums. A row's sum of squares and its dot product sum(dL/dxhat * xhat) are summed
+// over 8 lanes (channel d in lane d mod 8, lanes added pairwise). The backward's tasks are the
+// (s, h, chunk of B*N rows) of the fixed chunking of math/qk_norm_rope_math.h; each writes grad_qk
+// for its rows and one weight (and freqs) partial, summing its rows in order, and the partials are
+// summed in a fixed order, so the gradients have the same bits for any thread count, layout or ISA.
+// With freqs_index (packed batches) the freqs partial is split by the chunk's runs of rows with one table
+// (math/qk_norm_rope_math.h).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "common/op_utils.h"
 #include "common/static_switch.h"
+#include "cpu/isa.h"
 #include "cpu/rope2d_table.h"
+#include "cpu/rows.h"
+#include "cpu/vec8.h"
 #include "math/qk_norm_rope_math.h"
 #include "math/rope2d_math.h"
 #include "ops/qk_norm_rope_impl.h"
-#include "ops/rope2d_impl.h"
 
-namespace jitrope {
+namespace jitrope::cpu {
 namespace {
 
 namespace qm = qk_norm_rope_math;
 namespace rm = rope2d_math;
 using detail::QkLayout;
 
-constexpr int64_t kGrainElems = 32768;  // elements of qk per parallel task, at least
+constexpr int64_t kGrainElems = 32768;    // elements of qk per parallel task, at least
+constexpr int64_t kPrefetchBytes = 8192;  // how far ahead the rows of a strided qk are prefetched
+constexpr int kLanes = 8;
 
-// Sum of squares of one row in a fixed order: 8 running sums over channels d = l (mod 8), added
-// pairwise at the end, so that the loop vectorizes for contiguous rows and the result does not
-// depend on how the rows are split over threads.
-template <bool kContig, typename scalar_t, typename acc_t>
-inline acc_t sum_squares(const scalar_t* x, int64_t sd, int64_t D) {
-  if constexpr (kContig) {
-    sd = 1;
-  }
-  acc_t lanes[8] = {};
+// sum_d a[d] * b[d] in a fixed order: kLanes running sums over channels d = l (mod kLanes), added
+// pairwise at the end, so that the loop vectorizes and the result does not depend on the ISA, the
+// layout or how rows are split over threads.
+template <typename acc_t>
+inline acc_t lane_dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t D) {
+  acc_t lanes[kLanes] = {};
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    for (int l = 0; l < 8; ++l) {
-      const acc_t v = static_cast<acc_t>(x[(d + l) * sd]);
-      lanes[l] += v * v;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      lanes[l] += a[d + l] * b[d + l];
     }
   }
   for (int l = 0; d < D; ++d, ++l) {
-    const acc_t v = static_cast<acc_t>(x[d * sd]);
-    lanes[l] += v * v;
+    lanes[l] += a[d] * b[d];
   }
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
 // The cos/sin table (cos [Hf, N, D/2] then sin, -sin when `inverse`), or an undefined tensor
-// without rotation. `index` is the contiguous freqs_index or undefined.
+// without rotation.
 template <typename acc_t>
-at::Tensor rotation_table(
-    const at::Tensor& qk,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    const at::Tensor& index,
-    bool per_head,
-    bool inverse) {
-  if (!coords.has_value() || !coords->defined()) {
+at::Tensor rotation_table(const QkNormRopeParams& p, const QkLayout& L, bool inverse) {
+  if (!p.rotate()) {
     return at::Tensor();
   }
-  const auto [c, f] = detail::rope2d_acc_tables(qk, *coords, *freqs);
-  const int64_t groups = per_head ? qk.size(2) : 1;
-  const int64_t* ip = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
-  return cpu::angle_table<acc_t>(c, f, groups, qk.size(3), qk.size(4) / 2, inverse, ip);
+  const int64_t* ip = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
+  return angle_table<acc_t>(p.coords, p.freqs, p.per_head ? L.H : 1, L.N, L.D / 2, inverse, ip);
+}
+
+// Position (s, b, h, n) of a row in the output's order, stepped row by row, with qk's offset of it.
+struct RowCursor {
+  const QkLayout& L;
+  int64_t s, b, h, n, off;
+
+  RowCursor(const QkLayout& layout, int64_t row) : L(layout) {
+    n = row % L.N;
+    row /= L.N;
+    h = row % L.H;
+    row /= L.H;
+    b = row % L.B;
+    s = row / L.B;
+    off = s * L.ss + b * L.sb + h * L.sh + n * L.sn;
+  }
+
+  void next() {
+    off += L.sn;
+    if (++n < L.N) {
+      return;
+    }
+    off -= L.N * L.sn;
+    n = 0;
+    off += L.sh;
+    if (++h < L.H) {
+      return;
+    }
+    off -= L.H * L.sh;
+    h = 0;
+    off += L.sb;
+    if (++b < L.B) {
+      return;
+    }
+    off -= L.B * L.sb;
+    b = 0;
+    off += L.ss;
+    ++s;
+  }
+};
+
+// Rows of qk ahead of the walk to prefetch (0: qk's rows follow one another in memory).
+inline int64_t prefetch_rows(const QkLayout& L, int64_t elem_bytes) {
+  const int64_t row_bytes = L.D * elem_bytes;
+  const bool sequential = L.sn == L.D && L.sd == 1;
+  return sequential ? 0 : std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
+}
+
+// One row of the forward: y = RMSNorm(x) * w, pairs rotated by (c, s). x and y are contiguous rows
+// in the accumulation type (y may be the output itself for float32).
+template <bool kRotate, bool kInterleaved, typename acc_t>
+inline void forward_row(
+    const acc_t* __restrict__ x,
+    acc_t* __restrict__ y,
+    const acc_t* __restrict__ w,
+    const acc_t* __restrict__ c,
+    const acc_t* __restrict__ s,
+    int64_t D,
+    acc_t eps) {
+  const int64_t half = D / 2;
+  const acc_t inv = qm::inv_rms(lane_dot(x, x, D), D, eps);
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+    acc_t ya = qm::normalize(x[ia], inv, w[ia]);
+    acc_t yb = qm::normalize(x[ib], inv, w[ib]);
+    if constexpr (kRotate) {
+      acc_t oa, ob;
+      rm::rotate(ya, yb, c[m], s[m], oa, ob);
+      ya = oa;
+      yb = ob;
+    }
+    y[ia] = ya;
+    y[ib] = yb;
+  }
+}
+
+// The same rows eight lanes at a time (cpu/vec8.h), for float32 and bfloat16 rows with unit channel
+// stride and D a multiple of 16, in the AVX2 build (the baseline build's lowering of eight-lane
+// vectors to SSE2 is slower than its own vectorization of the scalar rows): the same operations in
+// the same order, hence the same bits. An
+// interleaved pair is turned in channel order, out = y * (c, c) + swap(y) * (-s, s) (a product by
+// -s is minus the product by s, exactly); a half-split row in pair order. bfloat16 rows are
+// converted once into xs, a float32 scratch row.
+template <typename scalar_t>
+constexpr bool kVec8Type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <typename scalar_t>
+inline const float* sum_squares_v8(const scalar_t* x, float* xs, int64_t D, vec8::F8& acc) {
+  acc = vec8::F8{};
+  for (int64_t d = 0; d < D; d += 8) {
+    const vec8::F8 v = vec8::load(x + d);
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      vec8::store(xs + d, v);
+    }
+    acc += v * v;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    return xs;
+  }
+}
+
+template <bool kRotate, bool kInterleaved, typename scalar_t>
+inline void forward_row_v8(
+    const scalar_t* __restrict__ x,
+    scalar_t* __restrict__ y,
+    const float* __restrict__ w,
+    const float* __restrict__ c,
+    const float* __restrict__ s,
+    int64_t D,
+    float eps,
+    float* __restrict__ xs) {
+  using namespace vec8;
+  F8 acc;
+  const float* xr = sum_squares_v8(x, xs, D, acc);
+  const float inv = qm::inv_rms(sum_lanes(acc), D, eps);
+  if constexpr (kInterleaved) {
+    for (int64_t d = 0; d < D; d += 16) {
+      F8 y0 = (load(xr + d) * inv) * load(w + d);
+      F8 y1 = (load(xr + d + 8) * inv) * load(w + d + 8);
+      if constexpr (kRotate) {
+        const F8 cv = load(c + d / 2), sv = load(s + d / 2);
+        y0 = y0 * dup_lo(cv) + swap_pairs(y0) * negate_even(dup_lo(sv));
+        y1 = y1 * dup_hi(cv) + swap_pairs(y1) * negate_even(dup_hi(sv));
+      }
+      store(y + d, y0);
+      store(y + d + 8, y1);
+    }
+  } else {
+    const int64_t half = D / 2;
+    for (int64_t m = 0; m < half; m += 8) {
+      F8 a = (load(xr + m) * inv) * load(w + m);
+      F8 b = (load(xr + half + m) * inv) * load(w + half + m);
+      if constexpr (kRotate) {
+        const F8 cv = load(c + m), sv = load(s + m);
+        const F8 oa = a * cv - b * sv;
+        b = a * sv + b * cv;
+        a = oa;
+      }
+      store(y + m, a);
+      store(y + half + m, b);
+    }
+  }
+}
+
+// The backward row of backward_row. Scratch: xs [D] (bfloat16 only), gxhat [D].
+template <bool kRotate, bool kInterleaved, bool kFreqsGrad, typename scalar_t>
+inline void backward_row_v8(
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ g,
+    scalar_t* __restrict__ gx,
+    const float* __restrict__ w,
+    const float* __restrict__ c,
+    const float* __restrict__ ns,
+    float cy,
+    float cx,
+    float* __restrict__ wp,
+    float* __restrict__ fy,
+    float* __restrict__ fx,
+    float* __restrict__ xs,
+    float* __restrict__ gxhat,
+    int64_t D,
+    float eps) {
+  using namespace vec8;
+  F8 acc;
+  const float* xr = sum_squares_v8(x, xs, D, acc);
+  const float inv = qm::inv_rms(sum_lanes(acc), D, eps);
+  F8 dot{};
+  if constexpr (kInterleaved) {
+    for (int64_t d = 0; d < D; d += 16) {
+      const F8 x0 = load(xr + d), x1 = load(xr + d + 8);
+      const F8 w0 = load(w + d), w1 = load(w + d + 8);
+      F8 r0 = load(g + d), r1 = load(g + d + 8);
+      if constexpr (kRotate) {  // dL/dy = R(-phi) dL/dout; ns holds -sin
+        const F8 cv = load(c + d / 2), nv = load(ns + d / 2);
+        r0 = r0 * dup_lo(cv) + swap_pairs(r0) * negate_even(dup_lo(nv));
+        r1 = r1 * dup_hi(cv) + swap_pairs(r1) * negate_even(dup_hi(nv));
+        if constexpr (kFreqsGrad) {  // dL/dphi = rb * ya - ra * yb per pair
+          const F8 t0 = swap_pairs(r0) * ((x0 * inv) * w0), t1 = swap_pairs(r1) * ((x1 * inv) * w1);
+          const F8 dphi = even_lanes(t0, t1) - odd_lanes(t0, t1);
+          store(fy + d / 2, load(fy + d / 2) + cy * dphi);
+          store(fx + d / 2, load(fx + d / 2) + cx * dphi);
+        }
+      }
+      const F8 h0 = x0 * inv, h1 = x1 * inv;
+      store(wp + d, load(wp + d) + r0 * h0);
+      store(wp + d + 8, load(wp + d + 8) + r1 * h1);
+      const F8 q0 = r0 * w0, q1 = r1 * w1;
+      store(gxhat + d, q0);
+      store(gxhat + d + 8, q1);
+      dot += q0 * h0;
+      dot += q1 * h1;
+    }
+  } else {
+    const int64_t half = D / 2;
+    for (int64_t m = 0; m < half; m += 8) {
+      const F8 xa = load(xr + m), xb = load(xr + half + m);
+      const F8 wa = load(w + m), wb = load(w + half + m);
+      F8 ra = load(g + m), rb = load(g + half + m);
+      if constexpr (kRotate) {
+        const F8 cv = load(c + m), nv = load(ns + m);
+        const F8 oa = ra * cv - rb * nv;
+        rb = ra * nv + rb * cv;
+        ra = oa;
+        if constexpr (kFreqsGrad) {
+          const F8 dphi = rb * ((xa * inv) * wa) - ra * ((xb * inv) * wb);
+          store(fy + m, load(fy + m) + cy * dphi);
+          store(fx + m, load(fx + m) + cx * dphi);
+        }
+      }
+      const F8 ha = xa * inv, hb = xb * inv;
+      store(wp + m, load(wp + m) + ra * ha);
+      store(wp + half + m, load(wp + half + m) + rb * hb);
+      store(gxhat + m, ra * wa);
+      store(gxhat + half + m, rb * wb);
+    }
+    // The dot product in channel order (lane d mod 8, d ascending), as the scalar row sums it.
+    for (int64_t d = 0; d < D; d += 8) {
+      dot += load(gxhat + d) * (load(xr + d) * inv);
+    }
+  }
+  const float mean_dot = sum_lanes(dot) / static_cast<float>(D);
+  for (int64_t d = 0; d < D; d += 8) {
+    store(gx + d, inv * (load(gxhat + d) - (load(xr + d) * inv) * mean_dot));
+  }
+}
+
+// Whether qk's tokens lie farther apart than its q/k and head rows, as in a qkv view ([B, N, 3, H, D]
+// in memory): then rows are walked token by token with q's and k's heads inside, memory's order.
+inline bool tokens_outer(const QkLayout& L) {
+  return std::abs(L.sn) > std::abs(L.ss) && std::abs(L.sn) > std::abs(L.sh);
+}
+
+// Tokens ahead of a token-by-token walk whose rows are prefetched: about kPrefetchBytes of qk.
+inline int64_t prefetch_tokens(const QkLayout& L, int64_t elem_bytes) {
+  return std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, 2 * L.H * L.D * elem_bytes));
 }
 
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kContig>
-void forward_kernel(
-    const scalar_t* qk,
-    const QkLayout& L,
-    scalar_t* out,
-    const acc_type<scalar_t>* w,
-    const acc_type<scalar_t>* cos_t,
-    const acc_type<scalar_t>* sin_t,
-    bool per_head,
-    acc_type<scalar_t> eps) {
+void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t, const acc_type<scalar_t>* sin_t) {
   using acc_t = acc_type<scalar_t>;
+  // float32 / float64 rows with unit channel stride are read and written in place.
+  constexpr bool kDirect = kContig && std::is_same_v<scalar_t, acc_t>;
+  const QkLayout& L = a.L;
   const int64_t D = L.D, half = D / 2, rows = 2 * L.B * L.H * L.N;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, D));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    // r enumerates (s, b, h, n) in the output's (contiguous) order; split once per task, then
-    // stepped, so that no row pays for four 64-bit divisions.
-    int64_t t = begin;
-    int64_t n = t % L.N;
-    t /= L.N;
-    int64_t h = t % L.H;
-    t /= L.H;
-    int64_t b = t % L.B;
-    int64_t s = t / L.B;
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* x = qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
-      const int64_t sd = kContig ? 1 : L.sd;
-      scalar_t* o = out + r * D;
-      const acc_t inv = qm::inv_rms(sum_squares<kContig, scalar_t, acc_t>(x, sd, D), D, eps);
-      const acc_t* ws = w + s * D;
-      const int64_t trow = ((per_head ? h : 0) * L.N + n) * half;
-      for (int64_t m = 0; m < half; ++m) {
-        const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
-        acc_t ya = qm::normalize(static_cast<acc_t>(x[ia * sd]), inv, ws[ia]);
-        acc_t yb = qm::normalize(static_cast<acc_t>(x[ib * sd]), inv, ws[ib]);
-        if constexpr (kRotate) {
-          acc_t oa, ob;
-          rm::rotate(ya, yb, cos_t[trow + m], sin_t[trow + m], oa, ob);
-          ya = oa;
-          yb = ob;
-        }
-        o[ia] = static_cast<scalar_t>(ya);
-        o[ib] = static_cast<scalar_t>(yb);
+  const scalar_t* qk = a.qk.const_data_ptr<scalar_t>();
+  scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+  const acc_t* w = a.p.weight.const_data_ptr<acc_t>();
+  const acc_t eps = static_cast<acc_t>(a.p.eps);
+  const bool per_head = a.p.per_head;
+  // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h).
+  const bool vec = kVec8Type<scalar_t> && kContig && D % 16 == 0 && use_avx2();
+  // Row (s, b, h, n): x at qk + x_off, out row r = ((s * B + b) * H + h) * N + n.
+  auto row = [&](int64_t x_off, int64_t r, int64_t s, int64_t h, int64_t n, acc_t* scratch) {
+    const scalar_t* x = qk + x_off;
+    scalar_t* o = out + r * D;
+    const int64_t trow = ((per_head ? h : 0) * L.N + n) * half;
+    const acc_t* c = kRotate ? cos_t + trow : nullptr;
+    const acc_t* sn = kRotate ? sin_t + trow : nullptr;
+    if (vec) {
+      if constexpr (kVec8Type<scalar_t> && kContig) {
+        forward_row_v8<kRotate, kInterleaved>(x, o, w + s * D, c, sn, D, eps, scratch);
       }
-      if (++n == L.N) {
-        n = 0;
-        if (++h == L.H) {
-          h = 0;
-          if (++b == L.B) {
-            b = 0;
-            ++s;
+    } else if constexpr (kDirect) {
+      forward_row<kRotate, kInterleaved>(x, o, w + s * D, c, sn, D, eps);
+    } else {
+      load_row<kContig>(x, L.sd, scratch, D);
+      forward_row<kRotate, kInterleaved>(scratch, scratch + D, w + s * D, c, sn, D, eps);
+      store_row(scratch + D, o, D);
+    }
+  };
+  if (tokens_outer(L)) {
+    const int64_t BN = L.B * L.N, ahead = prefetch_tokens(L, sizeof(scalar_t));
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * L.H * D));
+    at::parallel_for(0, BN, grain, [&](int64_t begin, int64_t end) {
+      run_isa([&] {
+        std::vector<acc_t> scratch(2 * D);
+        for (int64_t bn = begin; bn < end; ++bn) {
+          const int64_t b = bn / L.N, n = bn - b * L.N;
+          const int64_t pb = (bn + ahead) / L.N, pn = (bn + ahead) - pb * L.N;
+          for (int64_t s = 0; s < 2; ++s) {
+            for (int64_t h = 0; h < L.H; ++h) {
+              if (bn + ahead < end) {
+                prefetch_bytes(qk + s * L.ss + pb * L.sb + h * L.sh + pn * L.sn, D * sizeof(scalar_t));
+              }
+              row(s * L.ss + b * L.sb + h * L.sh + n * L.sn, ((s * L.B + b) * L.H + h) * L.N + n, s, h, n,
+                  scratch.data());
+            }
           }
         }
-      }
-    }
-  });
-}
-
-at::Tensor qk_norm_rope_cpu(
-    const at::Tensor& qk,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    double eps,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_qk_norm_rope_args("qk_norm_rope", qk, weight, coords, freqs, eps, nullptr, false, freqs_index);
-  auto out = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) {
-    return out;
+      });
+    });
+    return;
   }
-  const bool rotate = coords.has_value() && coords->defined();
-  const bool per_head = rotate && rope2d_per_head(*freqs, freqs_index);
-  const at::Tensor index = detail::rope2d_index(freqs_index);
-  const QkLayout L = detail::qk_layout(qk);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const at::Tensor w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
-    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, index, per_head, /*inverse=*/false);
-    const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* sin_t = rotate ? cos_t + table.numel() / 2 : nullptr;
-    JITROPE_BOOL_SWITCH3(rotate, kRotate, interleaved, kInterleaved, L.sd == 1, kContig, [&] {
-      forward_kernel<scalar_t, kRotate, kInterleaved, kContig>(
-          qk.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), cos_t, sin_t,
-          per_head, static_cast<acc_t>(eps));
+  // Otherwise in the output's order; rows of qk that do not follow one another are prefetched.
+  const int64_t ahead = prefetch_rows(L, sizeof(scalar_t));
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, D));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    run_isa([&] {
+      std::vector<acc_t> scratch(2 * D);
+      RowCursor cur(L, begin);
+      RowCursor next(L, std::min(begin + ahead, rows - 1));
+      for (int64_t r = begin; r < end; ++r, cur.next()) {
+        if (ahead > 0 && r + ahead < end) {
+          prefetch_bytes(qk + next.off, D * sizeof(scalar_t));
+          next.next();
+        }
+        row(cur.off, r, cur.s, cur.h, cur.n, scratch.data());
+      }
     });
   });
-  return out;
 }
 
 // What the backward's tasks read and write; the partials are [2, H, chunks, D] and, for the freqs,
@@ -188,136 +419,177 @@ struct BackwardArgs {
   int64_t runs;
 };
 
-// One (s, h, chunk) task of the backward: grad_qk for its rows, and its weight partial wp[D] and,
-// with kFreqsGrad, its freqs partials fp[runs][2 * D/2] (y-axis then x-axis), one per run of rows
-// with one table (the whole chunk without freqs_index).
-template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
-void backward_task(
-    const BackwardArgs<scalar_t>& a,
-    int64_t s,
-    int64_t h,
-    int64_t row0,
-    int64_t row1,
-    acc_type<scalar_t>* wp,
-    acc_type<scalar_t>* fp,
-    std::vector<acc_type<scalar_t>>& scratch) {
-  using acc_t = acc_type<scalar_t>;
-  const QkLayout& L = a.L;
-  const int64_t D = L.D, half = D / 2;
-  const acc_t* ws = a.w + s * D;
-  std::fill(wp, wp + D, acc_t(0));
-  // scratch: xhat [D], gxhat [D] of the current row.
-  acc_t* xhat = scratch.data();
-  acc_t* gxhat = xhat + D;
-  const int64_t sd = kContig ? 1 : L.sd;
-  int64_t b = row0 / L.N, n = row0 % L.N;
-  int64_t run1 = row1;  // end of the current run
-  for (int64_t bn = row0; bn < row1; ++bn) {
-    if (kFreqsGrad && (bn == row0 || bn == run1)) {
-      if (bn != row0) {
-        fp += D;
+// One row of the backward, in the accumulation type: x the forward input, g = dL/dout, gx = dL/dx
+// (contiguous rows; gx may be the output itself). Adds the row's terms to the weight partial wp[D]
+// and, with kFreqsGrad, to the freqs partials fy[D/2], fx[D/2]; xhat and gxhat are scratch rows.
+template <bool kRotate, bool kInterleaved, bool kFreqsGrad, typename acc_t>
+inline void backward_row(
+    const acc_t* __restrict__ x,
+    const acc_t* __restrict__ g,
+    acc_t* __restrict__ gx,
+    const acc_t* __restrict__ w,
+    const acc_t* __restrict__ c,
+    const acc_t* __restrict__ ns,
+    acc_t cy,
+    acc_t cx,
+    acc_t* __restrict__ wp,
+    acc_t* __restrict__ fy,
+    acc_t* __restrict__ fx,
+    acc_t* __restrict__ xhat,
+    acc_t* __restrict__ gxhat,
+    int64_t D,
+    acc_t eps) {
+  const int64_t half = D / 2;
+  const acc_t inv = qm::inv_rms(lane_dot(x, x, D), D, eps);
+  for (int64_t m = 0; m < half; ++m) {
+    const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
+    const acc_t xa = x[ia], xb = x[ib];
+    acc_t ga = g[ia], gb = g[ib];
+    if constexpr (kRotate) {
+      acc_t ra, rb;
+      rm::rotate(ga, gb, c[m], ns[m], ra, rb);  // dL/dy = R(-phi) dL/dout
+      if constexpr (kFreqsGrad) {
+        const acc_t dphi = rm::angle_grad(qm::normalize(xa, inv, w[ia]), qm::normalize(xb, inv, w[ib]), ra, rb);
+        fy[m] += rm::mul_rn(cy, dphi);
+        fx[m] += rm::mul_rn(cx, dphi);
       }
-      std::fill(fp, fp + D, acc_t(0));
-      run1 = a.index != nullptr ? qm::run_end(a.index, bn, row1, L.N) : row1;
+      ga = ra;
+      gb = rb;
     }
-    const scalar_t* x = a.qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
-    const int64_t orow = ((s * L.B + b) * L.H + h) * L.N + n;  // row of the contiguous g and gx
-    const scalar_t* gr = a.g + orow * D;
-    scalar_t* gxr = a.gx + orow * D;
-    const acc_t inv = qm::inv_rms(sum_squares<kContig, scalar_t, acc_t>(x, sd, D), D, a.eps);
-    const int64_t trow = ((a.per_head ? h : 0) * L.N + n) * half;
-    acc_t cy = 0, cx = 0;
-    if constexpr (kFreqsGrad) {
-      cy = a.coords[2 * n];
-      cx = a.coords[2 * n + 1];
-    }
-    acc_t dot = 0;
-    for (int64_t m = 0; m < half; ++m) {
-      const int64_t ia = rm::channel_a<kInterleaved>(m, half), ib = rm::channel_b<kInterleaved>(m, half);
-      const acc_t xa = static_cast<acc_t>(x[ia * sd]), xb = static_cast<acc_t>(x[ib * sd]);
-      acc_t ga = static_cast<acc_t>(gr[ia]), gb = static_cast<acc_t>(gr[ib]);
-      if constexpr (kRotate) {
-        acc_t ra, rb;
-        rm::rotate(ga, gb, a.cos_t[trow + m], a.nsin_t[trow + m], ra, rb);  // dL/dy = R(-phi) dL/dout
-        if constexpr (kFreqsGrad) {
-          const acc_t dphi = rm::angle_grad(qm::normalize(xa, inv, ws[ia]), qm::normalize(xb, inv, ws[ib]), ra, rb);
-          fp[m] += rm::mul_rn(cy, dphi);
-          fp[half + m] += rm::mul_rn(cx, dphi);
-        }
-        ga = ra;
-        gb = rb;
-      }
-      const acc_t ha = rm::mul_rn(xa, inv), hb = rm::mul_rn(xb, inv);
-      wp[ia] += rm::mul_rn(ga, ha);
-      wp[ib] += rm::mul_rn(gb, hb);
-      xhat[ia] = ha;
-      xhat[ib] = hb;
-      gxhat[ia] = rm::mul_rn(ga, ws[ia]);
-      gxhat[ib] = rm::mul_rn(gb, ws[ib]);
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      dot += rm::mul_rn(gxhat[d], xhat[d]);
-    }
-    const acc_t mean_dot = dot / static_cast<acc_t>(D);
-    for (int64_t d = 0; d < D; ++d) {
-      gxr[d] = static_cast<scalar_t>(qm::norm_input_grad(gxhat[d], xhat[d], inv, mean_dot));
-    }
-    if (++n == L.N) {
-      n = 0;
-      ++b;
-    }
+    const acc_t ha = rm::mul_rn(xa, inv), hb = rm::mul_rn(xb, inv);
+    wp[ia] += rm::mul_rn(ga, ha);
+    wp[ib] += rm::mul_rn(gb, hb);
+    xhat[ia] = ha;
+    xhat[ib] = hb;
+    gxhat[ia] = rm::mul_rn(ga, w[ia]);
+    gxhat[ib] = rm::mul_rn(gb, w[ib]);
+  }
+  const acc_t mean_dot = lane_dot(gxhat, xhat, D) / static_cast<acc_t>(D);
+  for (int64_t d = 0; d < D; ++d) {
+    gx[d] = qm::norm_input_grad(gxhat[d], xhat[d], inv, mean_dot);
   }
 }
 
-// Step 1 of the backward: every (s, h, chunk) task, in parallel; task = (s * H + h) * chunks + k is
-// also the index of its partials.
+// Offset in qk of row i of the (s, h)-major order: i = (s * H + h) * B * N + b * N + n.
+inline int64_t plane_row_offset(const QkLayout& L, int64_t i) {
+  const int64_t bn = i % (L.B * L.N), sh = i / (L.B * L.N);
+  const int64_t b = bn / L.N;
+  return (sh / L.H) * L.ss + (sh % L.H) * L.sh + b * L.sb + (bn - b * L.N) * L.sn;
+}
+
+// Step 1 of the backward: one task per (s, h, chunk); task = (s * H + h) * chunks + k is also the
+// index of its partials: wp[D] and, with kFreqsGrad, fp[runs][2 * D/2] (y-axis then x-axis), one
+// per run of rows with one table (the whole chunk without freqs_index), each the sum of the chunk's
+// rows (b, n) in ascending order. The rows a thread walks, (s, h)-major, keep grad_out and grad_qk
+// sequential; the qk rows of a strided view (a qkv projection's: 9 KB apart) are prefetched
+// `ahead` rows in advance, continuously across the thread's tasks.
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
-void run_backward_tasks(const BackwardArgs<scalar_t>& a) {
+void run_backward(const BackwardArgs<scalar_t>& a) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t D = a.L.D, BN = a.L.B * a.L.N;
-  const int64_t tasks = 2 * a.L.H * a.chunks;
+  constexpr bool kDirect = kContig && std::is_same_v<scalar_t, acc_t>;
+  const QkLayout& L = a.L;
+  const int64_t D = L.D, half = D / 2, H = L.H, BN = L.B * L.N, chunks = a.chunks;
+  // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h).
+  const bool vec = kVec8Type<scalar_t> && kContig && D % 16 == 0 && use_avx2();
+  const int64_t ahead = prefetch_rows(L, sizeof(scalar_t));
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, a.rpc * D));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(2 * D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task % a.chunks, sh = task / a.chunks;
-      const int64_t h = sh % a.L.H, s = sh / a.L.H;
-      backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
-          a, s, h, k * a.rpc, std::min(BN, (k + 1) * a.rpc), a.wpart + task * D,
-          kFreqsGrad ? a.fpart + task * a.runs * D : nullptr, scratch);
-    }
+  at::parallel_for(0, 2 * H * chunks, grain, [&](int64_t begin, int64_t end) {
+    run_isa([&] {
+      // scratch: xhat [D], gxhat [D], then (not kDirect) x [D], g [D], gx [D] of the current row.
+      std::vector<acc_t> scratch(5 * D);
+      acc_t* xhat = scratch.data();
+      acc_t* gxhat = xhat + D;
+      acc_t* xs = gxhat + D;
+      acc_t* gs = xs + D;
+      acc_t* gxs = gs + D;
+      // The prefetched rows: from the first task's first row + ahead to the last task's last row.
+      const int64_t last = (end - 1) / chunks * BN + std::min(BN, ((end - 1) % chunks + 1) * a.rpc);
+      int64_t next = begin / chunks * BN + (begin % chunks) * a.rpc;
+      for (const int64_t stop = ahead > 0 ? std::min(last, next + ahead) : next; next < stop; ++next) {
+        prefetch_bytes(a.qk + plane_row_offset(L, next), D * sizeof(scalar_t));
+      }
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t k = task % chunks, sh = task / chunks;
+        const int64_t h = sh % H, s = sh / H;
+        const int64_t row0 = k * a.rpc, row1 = std::min(BN, row0 + a.rpc);
+        acc_t* wp = a.wpart + task * D;
+        acc_t* fp = kFreqsGrad ? a.fpart + task * a.runs * D : nullptr;
+        std::fill(wp, wp + D, acc_t(0));
+        if constexpr (kFreqsGrad) {
+          std::fill(fp, fp + a.runs * D, acc_t(0));
+        }
+        const scalar_t* plane = a.qk + s * L.ss + h * L.sh;
+        const acc_t* ws = a.w + s * D;
+        int64_t b = row0 / L.N, n = row0 - b * L.N;
+        int64_t run1 = row1;  // end of the current run
+        if constexpr (kFreqsGrad) {
+          run1 = a.index != nullptr ? qm::run_end(a.index, row0, row1, L.N) : row1;
+        }
+        for (int64_t bn = row0; bn < row1; ++bn) {
+          if (ahead > 0 && next < last) {
+            prefetch_bytes(a.qk + plane_row_offset(L, next++), D * sizeof(scalar_t));
+          }
+          if (kFreqsGrad && bn == run1) {
+            fp += D;
+            run1 = qm::run_end(a.index, bn, row1, L.N);
+          }
+          const scalar_t* x = plane + b * L.sb + n * L.sn;
+          const int64_t orow = ((s * L.B + b) * H + h) * L.N + n;  // row of the contiguous g and gx
+          const scalar_t* gr = a.g + orow * D;
+          scalar_t* gxr = a.gx + orow * D;
+          const int64_t trow = ((a.per_head ? h : 0) * L.N + n) * half;
+          const acc_t* c = kRotate ? a.cos_t + trow : nullptr;
+          const acc_t* ns = kRotate ? a.nsin_t + trow : nullptr;
+          const acc_t cy = kFreqsGrad ? a.coords[2 * n] : acc_t(0);
+          const acc_t cx = kFreqsGrad ? a.coords[2 * n + 1] : acc_t(0);
+          acc_t* fy = kFreqsGrad ? fp : nullptr;
+          acc_t* fx = kFreqsGrad ? fp + half : nullptr;
+          if (vec) {
+            if constexpr (kVec8Type<scalar_t> && kContig) {
+              backward_row_v8<kRotate, kInterleaved, kFreqsGrad>(
+                  x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xs, gxhat, D, a.eps);
+            }
+          } else if constexpr (kDirect) {
+            backward_row<kRotate, kInterleaved, kFreqsGrad>(
+                x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
+          } else {
+            load_row<kContig>(x, L.sd, xs, D);
+            load_row<true>(gr, 1, gs, D);
+            backward_row<kRotate, kInterleaved, kFreqsGrad>(
+                xs, gs, gxs, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
+            store_row(gxs, gxr, D);
+          }
+          if (++n == L.N) {
+            n = 0;
+            ++b;
+          }
+        }
+      }
+    });
   });
 }
 
-// Step 2: the partials to (grad_weight [2, D], grad_freqs [F * Hf, D] or undefined), in the
-// accumulation dtype and the fixed order of the math header. `run_table` is defined with
-// freqs_index (F tables), undefined without (F = 1).
-std::tuple<at::Tensor, at::Tensor> reduce_partials(
-    const at::Tensor& wpart,
-    const at::Tensor& fpart,
-    const at::Tensor& run_table,
-    int64_t F,
-    int64_t H,
-    bool per_head) {
-  const int64_t chunks = wpart.size(2), D = wpart.size(3);
-  at::Tensor gw = at::empty({2, D}, wpart.options());
-  at::Tensor gf;
-  AT_DISPATCH_FLOATING_TYPES(wpart.scalar_type(), "qk_norm_rope_backward_cpu_reduce", [&] {
-    const scalar_t* wp = wpart.const_data_ptr<scalar_t>();
-    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+// Step 2: the partials to grad_weight [2, D] and (with the freqs gradient) grad_freqs [F * Hf, D],
+// in the accumulation dtype and the fixed order of the math header; with freqs_index (run_table
+// defined) F = the number of tables, else 1.
+void reduce_partials(const QkNormRopeBackward& a) {
+  const int64_t chunks = a.chunks, D = a.L.D, H = a.L.H;
+  const bool per_head = a.p.per_head;
+  AT_DISPATCH_FLOATING_TYPES(a.wpart.scalar_type(), "qk_norm_rope_backward_cpu_reduce", [&] {
+    const scalar_t* wp = a.wpart.const_data_ptr<scalar_t>();
+    scalar_t* gwp = a.grad_weight.mutable_data_ptr<scalar_t>();
     for (int64_t s = 0; s < 2; ++s) {
       for (int64_t d = 0; d < D; ++d) {
         gwp[s * D + d] = qm::sum_weight_partials(wp, s, d, H, chunks, D);
       }
     }
-    if (!fpart.defined()) {
+    if (!a.freqs_grad) {
       return;
     }
     const int64_t groups = per_head ? H : 1;
-    gf = at::empty({F * groups, D}, wpart.options());
-    const scalar_t* fpp = fpart.const_data_ptr<scalar_t>();
-    scalar_t* gfp = gf.mutable_data_ptr<scalar_t>();
-    if (!run_table.defined()) {
+    const scalar_t* fpp = a.fpart.const_data_ptr<scalar_t>();
+    scalar_t* gfp = a.grad_freqs.mutable_data_ptr<scalar_t>();
+    if (!a.run_table.defined()) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         for (int64_t e = 0; e < D; ++e) {
           gfp[grp * D + e] = qm::sum_freqs_partials(fpp, grp, e, H, chunks, D, per_head);
@@ -325,8 +597,9 @@ std::tuple<at::Tensor, at::Tensor> reduce_partials(
       }
       return;
     }
-    const int64_t* rt = run_table.const_data_ptr<int64_t>();
-    const int64_t runs = run_table.size(1);
+    const int64_t* rt = a.run_table.const_data_ptr<int64_t>();
+    const int64_t runs = a.run_table.size(1);
+    const int64_t F = a.grad_freqs.size(0) / groups;
     for (int64_t f = 0; f < F; ++f) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         for (int64_t e = 0; e < D; ++e) {
@@ -336,78 +609,58 @@ std::tuple<at::Tensor, at::Tensor> reduce_partials(
       }
     }
   });
-  return {gw, gf};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& qk,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    double eps,
-    bool interleaved,
-    bool freqs_grad,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_qk_norm_rope_args("qk_norm_rope_backward", qk, weight, coords, freqs, eps, &grad_out, freqs_grad, freqs_index);
-  const bool rotate = coords.has_value() && coords->defined();
-  const bool per_head = rotate && rope2d_per_head(*freqs, freqs_index);
-  const at::Tensor index = detail::rope2d_index(freqs_index);
-  const at::Tensor g = grad_out.contiguous();
-  auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
-  const auto acc = acc_dtype(qk.scalar_type());
-  const QkLayout L = detail::qk_layout(qk);
-  const int64_t D = L.D, BN = L.B * L.N;
-  const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
-  at::Tensor wpart = at::zeros({2, L.H, chunks, D}, qk.options().dtype(acc));
-  const at::Tensor run_table =
-      freqs_grad && index.defined() ? detail::chunk_run_table(index, L.B, L.N, chunks, rpc) : at::Tensor();
-  const int64_t runs = run_table.defined() ? run_table.size(1) : 1;
-  at::Tensor fpart = freqs_grad ? at::zeros({2, L.H, chunks, runs, D}, qk.options().dtype(acc)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_backward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    if (grad_qk.numel() == 0) {
-      return;
-    }
-    const at::Tensor w = weight.to(acc).contiguous();
-    const at::Tensor table = rotation_table<acc_t>(qk, coords, freqs, index, per_head, /*inverse=*/true);
-    const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
-    const at::Tensor c = freqs_grad ? coords->to(acc).contiguous() : at::Tensor();
-    const BackwardArgs<scalar_t> args{
-        g.const_data_ptr<scalar_t>(),
-        qk.const_data_ptr<scalar_t>(),
-        L,
-        grad_qk.mutable_data_ptr<scalar_t>(),
-        w.const_data_ptr<acc_t>(),
-        cos_t,
-        rotate ? cos_t + table.numel() / 2 : nullptr,
-        freqs_grad ? c.const_data_ptr<acc_t>() : nullptr,
-        per_head,
-        static_cast<acc_t>(eps),
-        chunks,
-        rpc,
-        wpart.mutable_data_ptr<acc_t>(),
-        freqs_grad ? fpart.mutable_data_ptr<acc_t>() : nullptr,
-        index.defined() ? index.const_data_ptr<int64_t>() : nullptr,
-        runs};
-    JITROPE_BOOL_SWITCH4(rotate, kRotate, interleaved, kInterleaved, freqs_grad, kFreqsGrad, L.sd == 1, kContig, [&] {
-      // The check refuses freqs_grad without rotation.
-      if constexpr (kRotate || !kFreqsGrad) {
-        run_backward_tasks<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(args);
-      }
-    });
-  });
-  const int64_t F = index.defined() ? freqs->size(0) : 1;
-  const auto [gw, gf] = reduce_partials(wpart, fpart, run_table, F, L.H, per_head);
-  auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
-  return {grad_qk, grad_weight, grad_freqs};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jitrope, CPU, m) {
-  m.impl("qk_norm_rope", &qk_norm_rope_cpu);
-  m.impl("qk_norm_rope_backward", &qk_norm_rope_backward_cpu);
+void qk_norm_rope_forward(const QkNormRopeForward& a) {
+  const at::Tensor& qk = a.qk;
+  const QkLayout& L = a.L;
+  const QkNormRopeParams& p = a.p;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor table = rotation_table<acc_t>(p, L, /*inverse=*/false);
+    const acc_t* cos_t = p.rotate() ? table.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* sin_t = p.rotate() ? cos_t + table.numel() / 2 : nullptr;
+    JITROPE_BOOL_SWITCH3(p.rotate(), kRotate, p.interleaved, kInterleaved, L.sd == 1, kContig, [&] {
+      forward_kernel<scalar_t, kRotate, kInterleaved, kContig>(a, cos_t, sin_t);
+    });
+  });
 }
 
-}  // namespace jitrope
+void qk_norm_rope_backward(const QkNormRopeBackward& a) {
+  const QkNormRopeParams& p = a.p;
+  const bool rotate = p.rotate(), freqs_grad = a.freqs_grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.qk.scalar_type(), "qk_norm_rope_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor table = rotation_table<acc_t>(p, a.L, /*inverse=*/true);
+    const acc_t* cos_t = rotate ? table.const_data_ptr<acc_t>() : nullptr;
+    const BackwardArgs<scalar_t> args{
+        a.grad_out.const_data_ptr<scalar_t>(),
+        a.qk.const_data_ptr<scalar_t>(),
+        a.L,
+        a.grad_qk.mutable_data_ptr<scalar_t>(),
+        p.weight.const_data_ptr<acc_t>(),
+        cos_t,
+        rotate ? cos_t + table.numel() / 2 : nullptr,
+        freqs_grad ? p.coords.const_data_ptr<acc_t>() : nullptr,
+        p.per_head,
+        static_cast<acc_t>(p.eps),
+        a.chunks,
+        a.rows_per_chunk,
+        a.wpart.mutable_data_ptr<acc_t>(),
+        freqs_grad ? a.fpart.mutable_data_ptr<acc_t>() : nullptr,
+        p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr,
+        a.run_table.defined() ? a.run_table.size(1) : 1};
+    JITROPE_BOOL_SWITCH4(
+        rotate, kRotate, p.interleaved, kInterleaved, freqs_grad, kFreqsGrad, a.L.sd == 1, kContig, [&] {
+          // The check refuses freqs_grad without rotation.
+          if constexpr (kRotate || !kFreqsGrad) {
+            run_backward<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(args);
+          }
+        });
+  });
+  reduce_partials(a);
+}
+
+}  // namespace jitrope::cpu

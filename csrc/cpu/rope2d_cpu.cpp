@@ -1,4 +1,5 @@
-// CPU kernels of jitrope::rope2d, rope2d_ and rope2d_backward. x is [..., H, N, D] with any strides.
+// CPU launcher of jitrope::rope2d, rope2d_ and rope2d_backward (ops/rope2d_impl.h; the host wrapper
+// is ops/rope2d.cpp). x is [..., H, N, D] with any strides.
 // A first pass fills a cos/sin table [Hf, N, D/2] in the accumulation type (float32; float64 for
 // float64 x), so each token's angles are computed once and reused by every head (Hf = 1) and every
 // leading index. The rotation is an at::parallel_for over the rows of D channels walked in x's
@@ -8,7 +9,7 @@
 // stays in cache. The freqs gradient runs in parallel over tokens: each thread owns its tokens'
 // rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices) into them in plane order, then
 // the rows are contracted with coords in token order, so the result has the same bits for any
-// thread count. With freqs_index (SPEC §10) the table rows of token n come from table freqs_index[n]
+// thread count. With freqs_index (packed batches) the table rows of token n come from table freqs_index[n]
 // and the contraction adds each token into its table, tokens still in order (one table: the plain
 // op's bits).
 #include <algorithm>
@@ -20,15 +21,16 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "common/op_utils.h"
 #include "common/static_switch.h"
+#include "cpu/isa.h"
 #include "cpu/rope2d_table.h"
+#include "cpu/rows.h"
 #include "math/rope2d_math.h"
 #include "ops/rope2d_impl.h"
 
-namespace jitrope {
+namespace jitrope::cpu {
 namespace {
 
 using rope2d_math::kMaxTensors;
@@ -38,13 +40,6 @@ constexpr int64_t kGrainElems = 32768;  // elements of x per parallel task, at l
 // Rows are prefetched this far ahead of the walk: a qkv view reads q and k and skips v, a gap the
 // hardware prefetcher does not bridge (the walk then runs 2x slower than a copy of the view).
 constexpr int64_t kPrefetchBytes = 8192;
-
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) {
-    __builtin_prefetch(c + b, /*rw=*/0, /*locality=*/0);
-  }
-}
 
 // One row of D channels rotated pair by pair: out = R(phi) in with (c, s) = (cos, sin) of the row's
 // angles. Three forms of the same loop, so that the compiler vectorizes the contiguous ones without
@@ -60,9 +55,9 @@ inline void rotate_row(
     const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
                   ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
-    rope2d_math::rotate(static_cast<acc_t>(in[ia]), static_cast<acc_t>(in[ib]), c[m], s[m], oa, ob);
-    out[ia] = static_cast<scalar_t>(oa);
-    out[ib] = static_cast<scalar_t>(ob);
+    rope2d_math::rotate(to_acc<acc_t>(in[ia]), to_acc<acc_t>(in[ib]), c[m], s[m], oa, ob);
+    out[ia] = from_acc<scalar_t>(oa);
+    out[ib] = from_acc<scalar_t>(ob);
   }
 }
 
@@ -72,9 +67,9 @@ inline void rotate_row_in_place(scalar_t* io, const acc_t* __restrict__ c, const
     const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
                   ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
-    rope2d_math::rotate(static_cast<acc_t>(io[ia]), static_cast<acc_t>(io[ib]), c[m], s[m], oa, ob);
-    io[ia] = static_cast<scalar_t>(oa);
-    io[ib] = static_cast<scalar_t>(ob);
+    rope2d_math::rotate(to_acc<acc_t>(io[ia]), to_acc<acc_t>(io[ib]), c[m], s[m], oa, ob);
+    io[ia] = from_acc<scalar_t>(oa);
+    io[ib] = from_acc<scalar_t>(ob);
   }
 }
 
@@ -85,9 +80,9 @@ inline void rotate_row_strided(
     const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
                   ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
-    rope2d_math::rotate(static_cast<acc_t>(in[ia * in_cs]), static_cast<acc_t>(in[ib * in_cs]), c[m], s[m], oa, ob);
-    out[ia * out_cs] = static_cast<scalar_t>(oa);
-    out[ib * out_cs] = static_cast<scalar_t>(ob);
+    rope2d_math::rotate(to_acc<acc_t>(in[ia * in_cs]), to_acc<acc_t>(in[ib * in_cs]), c[m], s[m], oa, ob);
+    out[ia * out_cs] = from_acc<scalar_t>(oa);
+    out[ib * out_cs] = from_acc<scalar_t>(ob);
   }
 }
 
@@ -111,10 +106,10 @@ inline void rotate_row_angle_grad(
     const int64_t ia = rope2d_math::channel_a<kInterleaved>(m, half),
                   ib = rope2d_math::channel_b<kInterleaved>(m, half);
     acc_t oa, ob;
-    rope2d_math::rotate(static_cast<acc_t>(g[ia * g_cs]), static_cast<acc_t>(g[ib * g_cs]), c[m], s[m], oa, ob);
-    dphi[m] += rope2d_math::angle_grad(static_cast<acc_t>(x[ia * x_cs]), static_cast<acc_t>(x[ib * x_cs]), oa, ob);
-    gx[ia * gx_cs] = static_cast<scalar_t>(oa);
-    gx[ib * gx_cs] = static_cast<scalar_t>(ob);
+    rope2d_math::rotate(to_acc<acc_t>(g[ia * g_cs]), to_acc<acc_t>(g[ib * g_cs]), c[m], s[m], oa, ob);
+    dphi[m] += rope2d_math::angle_grad(to_acc<acc_t>(x[ia * x_cs]), to_acc<acc_t>(x[ib * x_cs]), oa, ob);
+    gx[ia * gx_cs] = from_acc<scalar_t>(oa);
+    gx[ib * gx_cs] = from_acc<scalar_t>(ob);
   }
 }
 
@@ -217,22 +212,24 @@ void rotate_rows(
   const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
   at::parallel_for(0, walk.rows, grain, [&](int64_t begin, int64_t end) {
-    RowCursor row(walk, begin);
-    RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
-    for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
-      if (contig && r + prefetch_rows < end) {
-        prefetch_row(in_p + ahead.off[0], row_bytes);
+    run_isa([&] {
+      RowCursor row(walk, begin);
+      RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
+      for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
+        if (contig && r + prefetch_rows < end) {
+          prefetch_bytes</*kLocality=*/0>(in_p + ahead.off[0], row_bytes);
+        }
+        const acc_t* cr = cos_t + row.off[2];
+        const acc_t* sr = sin_t + row.off[2];
+        if (contig && in_place) {
+          rotate_row_in_place<kInterleaved>(out_p + row.off[1], cr, sr, half);
+        } else if (contig) {
+          rotate_row<kInterleaved>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
+        } else {
+          rotate_row_strided<kInterleaved>(in_p + row.off[0], in_cs, out_p + row.off[1], out_cs, cr, sr, half);
+        }
       }
-      const acc_t* cr = cos_t + row.off[2];
-      const acc_t* sr = sin_t + row.off[2];
-      if (contig && in_place) {
-        rotate_row_in_place<kInterleaved>(out_p + row.off[1], cr, sr, half);
-      } else if (contig) {
-        rotate_row<kInterleaved>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
-      } else {
-        rotate_row_strided<kInterleaved>(in_p + row.off[0], in_cs, out_p + row.off[1], out_cs, cr, sr, half);
-      }
-    }
+    });
   });
 }
 
@@ -241,29 +238,20 @@ inline const int64_t* index_ptr(const at::Tensor& index) {
   return index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
 }
 
-// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_). `index` is the
-// contiguous freqs_index or undefined.
-void rotate_cpu(
-    const at::Tensor& in,
-    const at::Tensor& out,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    const at::Tensor& index,
-    bool interleaved,
-    bool inverse) {
-  const bool per_head = freqs.dim() == (index.defined() ? 4 : 3);
-  const RowWalk walk = make_row_walk(in, out, per_head);
-  const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
+// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_).
+void rotate(const Rope2dLaunch& a) {
+  const at::Tensor& in = a.in;
+  const int64_t N = a.geo.n_tokens, half = a.geo.half, groups = a.geo.groups;
+  const RowWalk walk = make_row_walk(in, a.out, /*per_head=*/groups > 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t N = in.size(-2), half = in.size(-1) / 2, groups = per_head ? in.size(-3) : 1;
-    const at::Tensor table = cpu::angle_table<acc_t>(c, f, groups, N, half, inverse, index_ptr(index));
+    const at::Tensor table = angle_table<acc_t>(a.coords, a.freqs, groups, N, half, a.inverse, index_ptr(a.index));
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
     const acc_t* sin_t = cos_t + groups * N * half;
-    JITROPE_BOOL_SWITCH(interleaved, kInterleaved, [&] {
+    JITROPE_BOOL_SWITCH(a.interleaved, kInterleaved, [&] {
       rotate_rows<kInterleaved>(
-          walk, in.const_data_ptr<scalar_t>(), in.stride(-1), out.mutable_data_ptr<scalar_t>(), out.stride(-1), cos_t,
-          sin_t, half);
+          walk, in.const_data_ptr<scalar_t>(), in.stride(-1), a.out.mutable_data_ptr<scalar_t>(), a.out.stride(-1),
+          cos_t, sin_t, half);
     });
   });
 }
@@ -309,30 +297,32 @@ void rotate_back_with_angle_grad(
   }
   const bool tokens_outer = std::abs(geo.token_stride[0]) > inner_plane_stride;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    int64_t off[kMaxTensors];
-    if (tokens_outer) {
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t g = 0; g < groups; ++g) {
-          for (int64_t q = 0; q < P; ++q) {
-            plane_offsets(geo, g, q, off);
+    run_isa([&] {
+      int64_t off[kMaxTensors];
+      if (tokens_outer) {
+        for (int64_t n = n0; n < n1; ++n) {
+          for (int64_t g = 0; g < groups; ++g) {
+            for (int64_t q = 0; q < P; ++q) {
+              plane_offsets(geo, g, q, off);
+              row(g, n, off);
+            }
+          }
+        }
+        return;
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t q = 0; q < P; ++q) {
+          plane_offsets(geo, g, q, off);
+          for (int64_t n = n0; n < n1; ++n) {
+            if (contig && n + prefetch_rows < n1) {
+              prefetch_bytes</*kLocality=*/0>(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
+              prefetch_bytes</*kLocality=*/0>(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
+            }
             row(g, n, off);
           }
         }
       }
-      return;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t q = 0; q < P; ++q) {
-        plane_offsets(geo, g, q, off);
-        for (int64_t n = n0; n < n1; ++n) {
-          if (contig && n + prefetch_rows < n1) {
-            prefetch_row(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
-            prefetch_row(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
-          }
-          row(g, n, off);
-        }
-      }
-    }
+    });
   });
 }
 
@@ -356,104 +346,35 @@ void reduce_freqs_grad(
   }
 }
 
-// grad_x = grad_out rotated by -phi and grad_freqs from x (the forward input).
-void backward_with_freqs_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const at::Tensor& grad_x,
-    const at::Tensor& grad_freqs,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    const at::Tensor& index,
-    bool interleaved) {
-  const bool per_head = freqs.dim() == (index.defined() ? 4 : 3);
-  Rope2dGeometry geo;
-  if (!detail::make_rope2d_geometry({&grad_out, &grad_x, &x}, per_head, geo)) {
-    auto tmp = at::empty(grad_out.sizes(), grad_out.options());
-    backward_with_freqs_cpu(grad_out.contiguous(), x.contiguous(), tmp, grad_freqs, coords, freqs, index, interleaved);
-    grad_x.copy_(tmp);
-    return;
-  }
-  const auto [c, f] = detail::rope2d_acc_tables(grad_out, coords, freqs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "rope2d_backward_cpu", [&] {
+// grad_x (a.out) = grad_out (a.in) rotated by -phi and grad_freqs from x (the forward input).
+void backward_with_freqs(const Rope2dLaunch& a) {
+  const Rope2dGeometry& geo = a.geo;
+  const int64_t N = geo.n_tokens, half = geo.half, groups = geo.groups;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.in.scalar_type(), "rope2d_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t N = geo.n_tokens, half = geo.half, groups = geo.groups;
-    const at::Tensor table = cpu::angle_table<acc_t>(c, f, groups, N, half, /*inverse=*/true, index_ptr(index));
+    const at::Tensor table = angle_table<acc_t>(a.coords, a.freqs, groups, N, half, a.inverse, index_ptr(a.index));
     const acc_t* cos_t = table.const_data_ptr<acc_t>();
-    at::Tensor dphi = at::zeros({groups, N, half}, c.options());
-    JITROPE_BOOL_SWITCH(interleaved, kInterleaved, [&] {
+    at::Tensor dphi = at::zeros({groups, N, half}, a.coords.options());
+    JITROPE_BOOL_SWITCH(a.interleaved, kInterleaved, [&] {
       rotate_back_with_angle_grad<kInterleaved>(
-          geo, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+          geo, a.in.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), a.out.mutable_data_ptr<scalar_t>(),
           cos_t, cos_t + groups * N * half, dphi.mutable_data_ptr<acc_t>());
     });
-    at::Tensor acc = at::zeros({f.size(0), 2, half}, c.options());
+    a.grad_freqs.zero_();
     reduce_freqs_grad(
-        c.const_data_ptr<acc_t>(), dphi.const_data_ptr<acc_t>(), index_ptr(index), groups, N, half,
-        acc.mutable_data_ptr<acc_t>());
-    grad_freqs.copy_(acc.view(grad_freqs.sizes()));
+        a.coords.const_data_ptr<acc_t>(), dphi.const_data_ptr<acc_t>(), index_ptr(a.index), groups, N, half,
+        a.grad_freqs.mutable_data_ptr<acc_t>());
   });
-}
-
-at::Tensor rope2d_cpu(
-    const at::Tensor& x,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_rope2d_args("rope2d", "x", x, coords, freqs, nullptr, false, freqs_index);
-  auto out = at::empty_like(x);
-  if (out.numel() > 0) {
-    rotate_cpu(x, out, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
-  }
-  return out;
-}
-
-at::Tensor& rope2d__cpu(
-    at::Tensor& x,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true, freqs_index);
-  if (x.numel() > 0) {
-    rotate_cpu(x, x, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
-  }
-  return x;
-}
-
-std::tuple<at::Tensor, at::Tensor> rope2d_backward_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    const std::optional<at::Tensor>& x,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  const bool want_freqs = x.has_value() && x->defined();
-  check_rope2d_args(
-      "rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr, false, freqs_index);
-  const at::Tensor index = detail::rope2d_index(freqs_index);
-  auto grad_x = at::empty_like(grad_out);
-  if (!want_freqs) {
-    if (grad_x.numel() > 0) {
-      rotate_cpu(grad_out, grad_x, coords, freqs, index, interleaved, /*inverse=*/true);
-    }
-    return {grad_x, at::empty({0}, freqs.options())};
-  }
-  auto grad_freqs = at::empty(freqs.sizes(), freqs.options());
-  if (grad_x.numel() == 0) {
-    grad_freqs.zero_();
-  } else {
-    backward_with_freqs_cpu(grad_out, *x, grad_x, grad_freqs, coords, freqs, index, interleaved);
-  }
-  return {grad_x, grad_freqs};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jitrope, CPU, m) {
-  m.impl("rope2d", &rope2d_cpu);
-  m.impl("rope2d_", &rope2d__cpu);
-  m.impl("rope2d_backward", &rope2d_backward_cpu);
+void rope2d_rotate(const Rope2dLaunch& a) {
+  if (a.x.defined()) {
+    backward_with_freqs(a);
+  } else {
+    rotate(a);
+  }
 }
 
-}  // namespace jitrope
+}  // namespace jitrope::cpu

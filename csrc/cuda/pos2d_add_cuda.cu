@@ -1,6 +1,7 @@
-// CUDA kernels of jitrope::pos2d_add. Layout: x and grad_out are read as (b, t) rows of D channels
-// through their batch and token strides (a strided channel dim is copied to contiguous first),
-// tables are contiguous [rows, D], outputs contiguous. Forward: a grid-stride loop over
+// CUDA kernels and launchers of jitrope::pos2d_add (ops/pos2d_add_impl.h; the host wrapper with the
+// checks and allocations is ops/pos2d_add.cpp). Layout: x and grad_out are read as (b, t) rows of D
+// channels through their batch and token strides (unit channel stride), tables are contiguous
+// [rows, D], outputs contiguous. Forward: a grid-stride loop over
 // (b, t, channel pack) items, a pack being 16 bytes (V = 16 / itemsize elements) when D, the
 // strides and every pointer allow aligned vector loads and stores, one element otherwise; 32-bit
 // item indices when they fit. Each item reads its x pack and, for a grid token, two table packs
@@ -16,8 +17,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -28,7 +27,7 @@
 #include "math/pos2d_add_math.h"
 #include "ops/pos2d_add_impl.h"
 
-namespace jitrope {
+namespace jitrope::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -103,89 +102,6 @@ void launch_forward_packed(const ForwardArgs<scalar_t>& a, int64_t B, int64_t to
     pos2d_add_forward_kernel<scalar_t, V, int64_t><<<blocks, kThreads, 0, stream>>>(a, items, tokens, packs);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void launch_forward(
-    const at::Tensor& x,
-    at::Tensor& out,
-    const at::Tensor& pos_h,
-    const at::Tensor& pos_w,
-    at::IntArrayRef grid,
-    int64_t token_offset,
-    int64_t row_offset,
-    int64_t col_offset,
-    bool grid_rows_only) {
-  const at::Tensor ph = pos_h.contiguous();
-  const at::Tensor pw = pos_w.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  const int64_t cells = grid[0] * grid[1];
-  const int64_t t_begin = grid_rows_only ? token_offset : 0;
-  const int64_t tokens = grid_rows_only ? cells : N;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_cuda", [&] {
-    const ForwardArgs<scalar_t> a{
-        x.const_data_ptr<scalar_t>(),
-        x.stride(0),
-        x.stride(1),
-        out.data_ptr<scalar_t>(),
-        out.stride(0),
-        out.stride(1),
-        ph.const_data_ptr<scalar_t>(),
-        pw.const_data_ptr<scalar_t>(),
-        D,
-        t_begin,
-        token_offset,
-        cells,
-        grid[1],
-        row_offset,
-        col_offset};
-    const int V = pack_width<scalar_t>(D, {a.x_sb, a.x_st, a.out_sb, a.out_st}, {a.x, a.out, a.pos_h, a.pos_w});
-    if (V > 1) {
-      launch_forward_packed<scalar_t, 16 / sizeof(scalar_t)>(a, B, tokens, N);
-    } else {
-      launch_forward_packed<scalar_t, 1>(a, B, tokens, N);
-    }
-  });
-}
-
-// Unit channel stride is all the kernels need; batch and token strides are taken as they are.
-at::Tensor with_unit_channel_stride(const at::Tensor& t) {
-  return (t.size(2) <= 1 || t.stride(2) == 1) ? t : t.contiguous();
-}
-
-at::Tensor pos2d_add_cuda(
-    const at::Tensor& x,
-    const at::Tensor& pos_h,
-    const at::Tensor& pos_w,
-    at::IntArrayRef grid,
-    int64_t token_offset,
-    int64_t row_offset,
-    int64_t col_offset) {
-  check_pos2d_add_args(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset, /*inplace=*/false);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xr = with_unit_channel_stride(x);
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  launch_forward(xr, out, pos_h, pos_w, grid, token_offset, row_offset, col_offset, false);
-  return out;
-}
-
-at::Tensor& pos2d_add__cuda(
-    at::Tensor& x,
-    const at::Tensor& pos_h,
-    const at::Tensor& pos_w,
-    at::IntArrayRef grid,
-    int64_t token_offset,
-    int64_t row_offset,
-    int64_t col_offset) {
-  check_pos2d_add_args(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset, /*inplace=*/true);
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (x.size(2) <= 1 || x.stride(2) == 1) {
-    launch_forward(x, x, pos_h, pos_w, grid, token_offset, row_offset, col_offset, true);
-  } else {
-    at::Tensor xc = x.contiguous();
-    launch_forward(xc, xc, pos_h, pos_w, grid, token_offset, row_offset, col_offset, true);
-    x.copy_(xc);
-  }
-  return x;
 }
 
 // Stage 1: item = (chunk k, cell, pack dv), in that order from slowest to fastest, so that
@@ -289,49 +205,61 @@ void launch_partials(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_cuda(
-    const at::Tensor& grad_out,
-    at::IntArrayRef grid,
-    int64_t max_h,
-    int64_t max_w,
-    int64_t token_offset,
-    int64_t row_offset,
-    int64_t col_offset) {
-  check_pos2d_add_backward_args(grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  const at::Tensor g = with_unit_channel_stride(grad_out);
-  const int64_t B = g.size(0), D = g.size(2);
-  const int64_t gh = grid[0], gw = grid[1];
-  const int64_t cells = gh * gw;
-  at::Tensor grad_h = at::empty({max_h, D}, g.options());
-  at::Tensor grad_w = at::empty({max_w, D}, g.options());
-  const pos2d_add_math::BatchChunks chunks = pos2d_add_math::batch_chunks(B, cells * D);
+}  // namespace
+
+void pos2d_add_forward(const Pos2dAddForward& f) {
+  const at::Tensor& x = f.x;
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  const int64_t cells = f.gh * f.gw;
+  const int64_t t_begin = f.grid_rows_only ? f.token_offset : 0;
+  const int64_t tokens = f.grid_rows_only ? cells : N;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_cuda", [&] {
+    const ForwardArgs<scalar_t> a{
+        x.const_data_ptr<scalar_t>(),
+        x.stride(0),
+        x.stride(1),
+        f.out.mutable_data_ptr<scalar_t>(),
+        f.out.stride(0),
+        f.out.stride(1),
+        f.pos_h.const_data_ptr<scalar_t>(),
+        f.pos_w.const_data_ptr<scalar_t>(),
+        D,
+        t_begin,
+        f.token_offset,
+        cells,
+        f.gw,
+        f.row_offset,
+        f.col_offset};
+    const int V = pack_width<scalar_t>(D, {a.x_sb, a.x_st, a.out_sb, a.out_st}, {a.x, a.out, a.pos_h, a.pos_w});
+    if (V > 1) {
+      launch_forward_packed<scalar_t, 16 / sizeof(scalar_t)>(a, B, tokens, N);
+    } else {
+      launch_forward_packed<scalar_t, 1>(a, B, tokens, N);
+    }
+  });
+}
+
+void pos2d_add_backward(const Pos2dAddBackward& b) {
+  const at::Tensor& g = b.grad_out;
+  const int64_t D = g.size(2), cells = b.gh * b.gw;
+  const int64_t max_h = b.grad_h.size(0), max_w = b.grad_w.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pos2d_add_backward_cuda", [&] {
     using acc = acc_type<scalar_t>;
-    at::Tensor partials = at::empty({chunks.count, cells, D}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    acc* partials = b.partials.mutable_data_ptr<acc>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     if (pack_width<scalar_t>(D, {g.stride(0), g.stride(1)}, {gp}) > 1) {
-      launch_partials<scalar_t, 16 / sizeof(scalar_t)>(g, token_offset, cells, chunks, partials.data_ptr<acc>());
+      launch_partials<scalar_t, 16 / sizeof(scalar_t)>(g, b.token_offset, cells, b.chunks, partials);
     } else {
-      launch_partials<scalar_t, 1>(g, token_offset, cells, chunks, partials.data_ptr<acc>());
+      launch_partials<scalar_t, 1>(g, b.token_offset, cells, b.chunks, partials);
     }
     const int64_t items = (max_h + max_w) * D;
     if (items > 0) {
       pos2d_add_table_grads_kernel<scalar_t><<<grid_blocks(items), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          partials.const_data_ptr<acc>(), chunks.count, gh, gw, D, max_h, max_w, row_offset, col_offset,
-          grad_h.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
+          partials, b.chunks.count, b.gh, b.gw, D, max_h, max_w, b.row_offset, b.col_offset,
+          b.grad_h.mutable_data_ptr<scalar_t>(), b.grad_w.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {grad_h, grad_w};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(jitrope, CUDA, m) {
-  m.impl("pos2d_add", &pos2d_add_cuda);
-  m.impl("pos2d_add_", &pos2d_add__cuda);
-  m.impl("pos2d_add_backward", &pos2d_add_backward_cuda);
-}
-
-}  // namespace jitrope
+}  // namespace jitrope::cuda

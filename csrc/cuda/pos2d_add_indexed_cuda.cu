@@ -1,24 +1,22 @@
-// CUDA kernels of jitrope::pos2d_add_indexed. Layout: x and grad_out are read as rows of D channels
-// through their (merged) leading strides and token stride (a strided channel dim, or more than
-// kMaxLeadingDims unmergeable leading dims, is copied to contiguous first); tables and indices are
-// contiguous; outputs are contiguous. Forward: a grid-stride loop over (leading index, token,
-// channel pack) items, a pack being 16 bytes when D, the strides and every pointer allow it, one
-// element otherwise; 32-bit item indices when they fit. Each item reads its x pack, the token's two
-// indices and up to two table packs (cached: tables are small and shared by every token), and
-// writes one pack: the traffic of a copy of x. Backward, deterministic and without atomics, in the
-// order of math/pos2d_add_indexed_math.h: a stable at::sort of the (table row, token) entries
-// (ascending tokens within a row) and at::searchsorted give each row's token list; stage 1 (B > 1)
-// sums grad_out over fixed batch chunks into float32 partials [chunks, N, D]; stage 2, one thread
-// per (segment, channel), sums a segment's kSegment tokens (adjacent threads read adjacent
-// channels of the same token: coalesced); stage 3, one thread per (table row, channel), sums the
-// row's segments. No value is read back to the host: the segment buffer is sized by a bound that
-// depends on the shapes only. The CPU kernels add in the same order, so both give the same bits.
+// CUDA kernels and launchers of jitrope::pos2d_add_indexed (ops/pos2d_add_indexed_impl.h; the host
+// wrapper with the checks and allocations is ops/pos2d_add_indexed.cpp). Layout: x and grad_out are
+// read as rows of D channels through their (merged) leading strides and token stride (the wrapper
+// copies a strided channel dim, or more than kMaxLeadingDims unmergeable leading dims, to contiguous
+// first); tables and indices are contiguous; outputs are contiguous. Forward: a grid-stride loop over (leading index,
+// token, channel pack) items, a pack being 16 bytes when D, the strides and every pointer allow it, one element
+// otherwise; 32-bit item indices when they fit. Each item reads its x pack, the token's two indices and up to two table
+// packs (cached: tables are small and shared by every token), and writes one pack: the traffic of a copy of x.
+// Backward, deterministic and without atomics, in the order of math/pos2d_add_indexed_math.h: a stable at::sort of the
+// (table row, token) entries (ascending tokens within a row) and at::searchsorted give each row's token list; stage 1
+// (B > 1) sums grad_out over fixed batch chunks into float32 partials [chunks, N, D]; stage 2, one thread per (segment,
+// channel), sums a segment's kSegment tokens (adjacent threads read adjacent channels of the same token: coalesced);
+// stage 3, one thread per (table row, channel), sums the row's segments. No value is read back to the host: the segment
+// buffer is sized by a bound that depends on the shapes only. The CPU kernels add in the same order, so both give the
+// same bits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -26,10 +24,9 @@
 #include "common/op_utils.h"
 #include "cuda/vector_pack.cuh"
 #include "math/pos2d_add_indexed_math.h"
-#include "ops/pos2d_add_indexed.h"
 #include "ops/pos2d_add_indexed_impl.h"
 
-namespace jitrope {
+namespace jitrope::cuda {
 namespace {
 
 namespace math = pos2d_add_indexed_math;
@@ -42,25 +39,6 @@ constexpr int kThreads = 256;
 
 int64_t grid_blocks(int64_t items) {
   return vector_pack::grid_blocks(items, kThreads);
-}
-
-// The kernels need unit channel stride and leading dims that LeadingDims can describe.
-at::Tensor kernel_layout(const at::Tensor& t, math::LeadingDims& lead) {
-  const bool unit_channels = t.size(-1) <= 1 || t.stride(-1) == 1;
-  if (unit_channels && detail::leading_dims(t, lead)) {
-    return t;
-  }
-  at::Tensor c = t.contiguous();
-  TORCH_INTERNAL_ASSERT(detail::leading_dims(c, lead));
-  return c;
-}
-
-int64_t leading_count(const at::Tensor& t) {
-  int64_t B = 1;
-  for (int64_t d = 0; d < t.dim() - 2; ++d) {
-    B *= t.size(d);
-  }
-  return B;
 }
 
 template <typename scalar_t>
@@ -127,42 +105,6 @@ void launch_forward(const ForwardArgs<scalar_t>& a, int64_t B, int64_t N) {
         <<<grid_blocks(items), kThreads, 0, stream>>>(a, items, N, packs);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor pos2d_add_indexed_cuda(
-    const at::Tensor& x,
-    const at::Tensor& pos_h,
-    const at::Tensor& pos_w,
-    const at::Tensor& rows,
-    const at::Tensor& cols) {
-  check_pos2d_add_indexed_args(x, pos_h, pos_w, rows, cols);
-  const c10::cuda::CUDAGuard guard(x.device());
-  math::LeadingDims lead;
-  const at::Tensor xr = kernel_layout(x, lead);
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const at::Tensor ph = pos_h.contiguous(), pw = pos_w.contiguous();
-  const at::Tensor r = rows.contiguous(), c = cols.contiguous();
-  const int64_t B = leading_count(x), N = x.size(-2), D = x.size(-1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_indexed_cuda", [&] {
-    const ForwardArgs<scalar_t> a{
-        xr.const_data_ptr<scalar_t>(),
-        lead,
-        xr.stride(-2),
-        out.mutable_data_ptr<scalar_t>(),
-        ph.const_data_ptr<scalar_t>(),
-        pw.const_data_ptr<scalar_t>(),
-        r.const_data_ptr<int64_t>(),
-        c.const_data_ptr<int64_t>(),
-        D};
-    const int V = pack_width<scalar_t>(
-        D, {lead.stride[0], lead.stride[1], lead.stride[2], lead.stride[3], a.x_st}, {a.x, a.out, a.pos_h, a.pos_w});
-    if (V > 1) {
-      launch_forward<scalar_t, 16 / sizeof(scalar_t)>(a, B, N);
-    } else {
-      launch_forward<scalar_t, 1>(a, B, N);
-    }
-  });
-  return out;
 }
 
 // Stage 1: item = (chunk k, token n, channel d), slowest to fastest: partials[k][n][d].
@@ -252,20 +194,39 @@ __global__ void __launch_bounds__(kThreads) pos2d_add_indexed_table_grads_kernel
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w) {
-  check_pos2d_add_indexed_backward_args(grad_out, rows, cols, max_h, max_w);
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  math::LeadingDims lead;
-  const at::Tensor g = kernel_layout(grad_out, lead);
-  const int64_t B = leading_count(g), N = g.size(-2), D = g.size(-1), R = max_h + max_w;
-  at::Tensor grad_h = at::empty({max_h, D}, g.options());
-  at::Tensor grad_w = at::empty({max_w, D}, g.options());
-  if (N == 0 || D == 0 || R == 0) {
-    grad_h.zero_();
-    grad_w.zero_();
-    return {grad_h, grad_w};
-  }
+}  // namespace
+
+void pos2d_add_indexed_forward(const Pos2dAddIndexedForward& f) {
+  const at::Tensor& x = f.x;
+  const math::LeadingDims& lead = f.lead;
+  const int64_t N = x.size(-2), D = x.size(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pos2d_add_indexed_cuda", [&] {
+    const ForwardArgs<scalar_t> a{
+        x.const_data_ptr<scalar_t>(),
+        lead,
+        x.stride(-2),
+        f.out.mutable_data_ptr<scalar_t>(),
+        f.pos_h.const_data_ptr<scalar_t>(),
+        f.pos_w.const_data_ptr<scalar_t>(),
+        f.rows.const_data_ptr<int64_t>(),
+        f.cols.const_data_ptr<int64_t>(),
+        D};
+    const int V = pack_width<scalar_t>(
+        D, {lead.stride[0], lead.stride[1], lead.stride[2], lead.stride[3], a.x_st}, {a.x, a.out, a.pos_h, a.pos_w});
+    if (V > 1) {
+      launch_forward<scalar_t, 16 / sizeof(scalar_t)>(a, f.B, N);
+    } else {
+      launch_forward<scalar_t, 1>(a, f.B, N);
+    }
+  });
+}
+
+void pos2d_add_indexed_backward(const Pos2dAddIndexedBackward& a) {
+  const at::Tensor& g = a.grad_out;
+  const int64_t B = a.B, N = g.size(-2), D = g.size(-1);
+  const int64_t max_h = a.grad_h.size(0), R = max_h + a.grad_w.size(0);
+  const at::Tensor& rows = a.rows;
+  const at::Tensor& cols = a.cols;
   // Entries (table row, token): pos_h's rows, then pos_w's shifted by max_h; -1 sorts first and is
   // skipped by start[0]. The stable sort keeps each row's tokens ascending.
   const at::Tensor keys = at::cat({rows, at::where(cols >= 0, cols + max_h, cols)});
@@ -276,45 +237,35 @@ std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_cuda(
       {at::zeros({1}, keys.options()),
        at::div(at::diff(start) + (math::kSegment - 1), math::kSegment, "floor").cumsum(0)});
   const int64_t seg_bound = math::max_segments(2 * N, R);
-  const pos2d_add_math::BatchChunks chunks = pos2d_add_math::batch_chunks(B, N * D);
+  const pos2d_add_math::BatchChunks& chunks = a.chunks;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pos2d_add_indexed_backward_cuda", [&] {
     using acc = acc_type<scalar_t>;
-    const auto acc_options = g.options().dtype(c10::CppTypeToScalarType<acc>::value);
-    at::Tensor seg = at::empty({seg_bound, D}, acc_options);
+    at::Tensor seg = at::empty({seg_bound, D}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
     const int64_t seg_items = seg_bound * D;
     const int64_t* tok = tokens.const_data_ptr<int64_t>();
     const int64_t* st = start.const_data_ptr<int64_t>();
     const int64_t* sb = seg_begin.const_data_ptr<int64_t>();
     if (B > 1) {
-      at::Tensor partials = at::empty({chunks.count, N, D}, acc_options);
       const int64_t items = chunks.count * N * D;
       pos2d_add_indexed_partials_kernel<scalar_t><<<grid_blocks(items), kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), lead, g.stride(-2), B, N, D, chunks.size, items,
-          partials.mutable_data_ptr<acc>());
+          g.const_data_ptr<scalar_t>(), a.lead, g.stride(-2), B, N, D, chunks.size, items,
+          a.partials.mutable_data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       pos2d_add_indexed_segments_kernel<acc, acc><<<grid_blocks(seg_items), kThreads, 0, stream>>>(
-          partials.const_data_ptr<acc>(), chunks.count, N * D, D, tok, st, sb, R, D, seg_items,
+          a.partials.const_data_ptr<acc>(), chunks.count, N * D, D, tok, st, sb, R, D, seg_items,
           seg.mutable_data_ptr<acc>());
     } else {
-      // B = 1: one chunk whose partials are grad_out's rows themselves; B = 0: no chunk, zeros.
+      // B = 1: one chunk whose partials are grad_out's rows themselves.
       pos2d_add_indexed_segments_kernel<acc, scalar_t><<<grid_blocks(seg_items), kThreads, 0, stream>>>(
           g.const_data_ptr<scalar_t>(), B, 0, g.stride(-2), tok, st, sb, R, D, seg_items, seg.mutable_data_ptr<acc>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pos2d_add_indexed_table_grads_kernel<scalar_t><<<grid_blocks(R * D), kThreads, 0, stream>>>(
-        seg.const_data_ptr<acc>(), sb, max_h, R, D, grad_h.mutable_data_ptr<scalar_t>(),
-        grad_w.mutable_data_ptr<scalar_t>());
+        seg.const_data_ptr<acc>(), sb, max_h, R, D, a.grad_h.mutable_data_ptr<scalar_t>(),
+        a.grad_w.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_h, grad_w};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(jitrope, CUDA, m) {
-  m.impl("pos2d_add_indexed", &pos2d_add_indexed_cuda);
-  m.impl("pos2d_add_indexed_backward", &pos2d_add_indexed_backward_cuda);
-}
-
-}  // namespace jitrope
+}  // namespace jitrope::cuda

@@ -1,6 +1,8 @@
-// CUDA kernels of jitrope::qk_norm_rope and qk_norm_rope_backward. qk is [2, B, H, N, D] with any
-// strides (the q/k view of a qkv projection is read in place); the outputs are contiguous. One warp
-// per row (one (s, b, h, n) token): lane l owns the channel pairs m = l + 32k, k < kPairs (D <= 64
+// CUDA kernels and launchers of jitrope::qk_norm_rope and qk_norm_rope_backward
+// (ops/qk_norm_rope_impl.h; the host wrapper with the checks and allocations is
+// ops/qk_norm_rope.cpp). qk is [2, B, H, N, D] with any strides (the q/k view of a qkv projection is read in place);
+// the outputs are contiguous. One warp per row (one (s, b, h, n) token): lane l owns the channel pairs m = l + 32k, k <
+// kPairs (D <= 64
 // * kPairs), loads them once, sums their squares in float32 (float64 for float64) and reduces over
 // the warp with an xor butterfly (every lane ends with the same sum), then normalizes, scales,
 // rotates (sincos of rope2d's angle) and stores: qk read once, the result written once. The
@@ -10,7 +12,7 @@
 // order into one partial, and a second kernel sums the partials in the fixed order of the math
 // header. The launch shapes depend on the tensor shapes only, so every run gives the same bits.
 // No host synchronization and no allocation outside PyTorch's caching allocator (CUDA-graph safe),
-// except with freqs_index (SPEC §10): its values are checked on the host, and for the gradient of
+// except with freqs_index (packed batches): its values are checked on the host, and for the gradient of
 // indexed freqs the chunks' runs of rows with one table (math/qk_norm_rope_math.h) are found there.
 #include <algorithm>
 #include <cstdint>
@@ -19,17 +21,14 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "common/op_utils.h"
 #include "common/static_switch.h"
 #include "math/qk_norm_rope_math.h"
 #include "math/rope2d_math.h"
 #include "ops/qk_norm_rope_impl.h"
-#include "ops/rope2d_impl.h"
 
-namespace jitrope {
+namespace jitrope::cuda {
 namespace {
 
 namespace qm = qk_norm_rope_math;
@@ -320,41 +319,21 @@ void check_cuda_head_dim(const char* op, const at::Tensor& qk) {
   TORCH_CHECK(qk.size(2) <= 65535, op, ": the CUDA kernel takes at most 65535 heads, got H = ", qk.size(2));
 }
 
-// The angle tables in the accumulation type (unset without rotation), the contiguous freqs_index
-// (unset without it) and the Tables view of them.
+// The Tables view of the accumulation-type tables.
 template <typename acc_t>
-struct AccTables {
-  at::Tensor w, c, f, index;
-  Tables<acc_t> view;
-};
-
-template <typename acc_t>
-AccTables<acc_t> acc_tables(
-    const at::Tensor& qk,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    const std::optional<at::Tensor>& freqs_index,
-    double eps) {
-  AccTables<acc_t> t;
-  t.w = weight.to(acc_dtype(qk.scalar_type())).contiguous();
-  const bool rotate = coords.has_value() && coords->defined();
-  if (rotate) {
-    std::tie(t.c, t.f) = detail::rope2d_acc_tables(qk, *coords, *freqs);
-    t.index = detail::rope2d_index(freqs_index);
-  }
-  t.view = Tables<acc_t>{
-      t.w.template const_data_ptr<acc_t>(),
-      rotate ? t.c.template const_data_ptr<acc_t>() : nullptr,
-      rotate ? t.f.template const_data_ptr<acc_t>() : nullptr,
-      rotate && rope2d_per_head(*freqs, freqs_index),
-      static_cast<acc_t>(eps),
-      t.index.defined() ? t.index.template const_data_ptr<int64_t>() : nullptr};
-  return t;
+Tables<acc_t> tables_view(const QkNormRopeParams& p) {
+  return Tables<acc_t>{
+      p.weight.const_data_ptr<acc_t>(),
+      p.rotate() ? p.coords.const_data_ptr<acc_t>() : nullptr,
+      p.rotate() ? p.freqs.const_data_ptr<acc_t>() : nullptr,
+      p.per_head,
+      static_cast<acc_t>(p.eps),
+      p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr};
 }
 
 template <typename scalar_t, bool kRotate, bool kInterleaved>
-void launch_forward(const at::Tensor& qk, const QkLayout& L, at::Tensor& out, const Tables<acc_type<scalar_t>>& t) {
+void launch_forward(
+    const at::Tensor& qk, const QkLayout& L, const at::Tensor& out, const Tables<acc_type<scalar_t>>& t) {
   const int64_t rows = 2 * L.B * L.H * L.N;
   const int64_t blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxBlocks);
   QK_PAIRS_SWITCH(L.D / 2, kPairs, [&] {
@@ -365,33 +344,6 @@ void launch_forward(const at::Tensor& qk, const QkLayout& L, at::Tensor& out, co
   });
 }
 
-at::Tensor qk_norm_rope_cuda(
-    const at::Tensor& qk,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    double eps,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  constexpr const char* op = "qk_norm_rope";
-  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps, nullptr, false, freqs_index);
-  check_cuda_head_dim(op, qk);
-  const c10::cuda::CUDAGuard guard(qk.device());
-  auto out = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) {
-    return out;
-  }
-  const bool rotate = coords.has_value() && coords->defined();
-  const QkLayout L = detail::qk_layout(qk);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_cuda", [&] {
-    const auto t = acc_tables<acc_type<scalar_t>>(qk, weight, coords, freqs, freqs_index, eps);
-    JITROPE_BOOL_SWITCH2(rotate, kRotate, interleaved, kInterleaved, [&] {
-      launch_forward<scalar_t, kRotate, kInterleaved>(qk, L, out, t.view);
-    });
-  });
-  return out;
-}
-
 // Step 1 of the backward: grad_qk, the [2, H, chunks, D] weight partials and the [2, H, chunks, runs,
 // D] freqs partials.
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad>
@@ -399,13 +351,13 @@ void launch_backward(
     const at::Tensor& g,
     const at::Tensor& qk,
     const QkLayout& L,
-    at::Tensor& grad_qk,
+    const at::Tensor& grad_qk,
     const Tables<acc_type<scalar_t>>& t,
     int64_t chunks,
     int64_t rpc,
     int64_t runs,
-    at::Tensor& wpart,
-    at::Tensor& fpart) {
+    const at::Tensor& wpart,
+    const at::Tensor& fpart) {
   using acc_t = acc_type<scalar_t>;
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(L.H), 2);
   QK_PAIRS_SWITCH(L.D / 2, kPairs, [&] {
@@ -425,8 +377,8 @@ void reduce_partials(
     const at::Tensor& wpart,
     const at::Tensor& fpart,
     const at::Tensor& run_table,
-    at::Tensor& gw,
-    at::Tensor& gf,
+    const at::Tensor& gw,
+    const at::Tensor& gf,
     int64_t tables,
     int64_t groups,
     bool per_head) {
@@ -445,64 +397,36 @@ void reduce_partials(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
-    const at::Tensor& grad_out,
-    const at::Tensor& qk,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    double eps,
-    bool interleaved,
-    bool freqs_grad,
-    const std::optional<at::Tensor>& freqs_index) {
-  constexpr const char* op = "qk_norm_rope_backward";
-  check_qk_norm_rope_args(op, qk, weight, coords, freqs, eps, &grad_out, freqs_grad, freqs_index);
-  check_cuda_head_dim(op, qk);
-  const bool rotate = coords.has_value() && coords->defined();
-  const bool per_head = rotate && rope2d_per_head(*freqs, freqs_index);
-  const bool indexed = rotate && freqs_index.has_value() && freqs_index->defined();
-  const c10::cuda::CUDAGuard guard(qk.device());
-  const at::Tensor g = grad_out.contiguous();
-  auto grad_qk = at::empty(qk.sizes(), qk.options().memory_format(at::MemoryFormat::Contiguous));
-  const auto acc = acc_dtype(qk.scalar_type());
-  const QkLayout L = detail::qk_layout(qk);
-  const int64_t D = L.D, BN = L.B * L.N;
-  const int64_t chunks = qm::chunk_count(BN), rpc = qm::rows_per_chunk(BN);
-  const int64_t groups = per_head ? L.H : 1;
-  at::Tensor wpart = at::empty({2, L.H, chunks, D}, qk.options().dtype(acc));
-  // The runs of each chunk are read on the host (one wait for the device), only for the gradient
-  // of indexed freqs.
-  const at::Tensor run_table = freqs_grad && indexed
-      ? detail::chunk_run_table(*freqs_index, L.B, L.N, chunks, rpc).to(qk.device())
-      : at::Tensor();
-  const int64_t runs = run_table.defined() ? run_table.size(1) : 1;
-  const int64_t tables = indexed ? freqs->size(0) : 1;
-  at::Tensor fpart = freqs_grad ? at::empty({2, L.H, chunks, runs, D}, qk.options().dtype(acc)) : at::Tensor();
-  at::Tensor gw = at::empty({2, D}, qk.options().dtype(acc));
-  at::Tensor gf = freqs_grad ? at::empty({tables * groups, D}, qk.options().dtype(acc)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qk_norm_rope_backward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const auto t = acc_tables<acc_t>(qk, weight, coords, freqs, freqs_index, eps);
-    if (chunks > 0 && L.H > 0 && D > 0) {
-      JITROPE_BOOL_SWITCH3(rotate, kRotate, interleaved, kInterleaved, freqs_grad, kFreqsGrad, [&] {
-        // The check refuses freqs_grad without rotation.
-        if constexpr (kRotate || !kFreqsGrad) {
-          launch_backward<scalar_t, kRotate, kInterleaved, kFreqsGrad>(
-              g, qk, L, grad_qk, t.view, chunks, rpc, runs, wpart, fpart);
-        }
-      });
-    }
-    reduce_partials<acc_t>(wpart, fpart, run_table, gw, gf, tables, groups, per_head);
-  });
-  auto [grad_weight, grad_freqs] = detail::finish_param_grads(gw, gf, weight, freqs, freqs_grad);
-  return {grad_qk, grad_weight, grad_freqs};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jitrope, CUDA, m) {
-  m.impl("qk_norm_rope", &qk_norm_rope_cuda);
-  m.impl("qk_norm_rope_backward", &qk_norm_rope_backward_cuda);
+void qk_norm_rope_forward(const QkNormRopeForward& a) {
+  check_cuda_head_dim("qk_norm_rope", a.qk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.qk.scalar_type(), "qk_norm_rope_cuda", [&] {
+    const auto t = tables_view<acc_type<scalar_t>>(a.p);
+    JITROPE_BOOL_SWITCH2(a.p.rotate(), kRotate, a.p.interleaved, kInterleaved, [&] {
+      launch_forward<scalar_t, kRotate, kInterleaved>(a.qk, a.L, a.out, t);
+    });
+  });
 }
 
-}  // namespace jitrope
+void qk_norm_rope_backward(const QkNormRopeBackward& a) {
+  check_cuda_head_dim("qk_norm_rope_backward", a.qk);
+  const QkNormRopeParams& p = a.p;
+  const int64_t runs = a.run_table.defined() ? a.run_table.size(1) : 1;
+  const int64_t groups = p.per_head ? a.L.H : 1;
+  const int64_t tables = a.freqs_grad ? a.grad_freqs.size(0) / groups : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.qk.scalar_type(), "qk_norm_rope_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto t = tables_view<acc_t>(p);
+    JITROPE_BOOL_SWITCH3(p.rotate(), kRotate, p.interleaved, kInterleaved, a.freqs_grad, kFreqsGrad, [&] {
+      // The check refuses freqs_grad without rotation.
+      if constexpr (kRotate || !kFreqsGrad) {
+        launch_backward<scalar_t, kRotate, kInterleaved, kFreqsGrad>(
+            a.grad_out, a.qk, a.L, a.grad_qk, t, a.chunks, a.rows_per_chunk, runs, a.wpart, a.fpart);
+      }
+    });
+    reduce_partials<acc_t>(a.wpart, a.fpart, a.run_table, a.grad_weight, a.grad_freqs, tables, groups, p.per_head);
+  });
+}
+
+}  // namespace jitrope::cuda

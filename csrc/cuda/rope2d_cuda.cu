@@ -1,4 +1,6 @@
-// CUDA kernels of jitrope::rope2d, rope2d_ and rope2d_backward. x is [..., H, N, D] with any strides:
+// CUDA kernels and launcher of jitrope::rope2d, rope2d_ and rope2d_backward (ops/rope2d_impl.h; the
+// host wrapper with the checks, allocations and layout fallback is ops/rope2d.cpp). x is
+// [..., H, N, D] with any strides:
 // the leading dims (and H when freqs is shared) are walked as "planes" of [N, D] by a coalesced
 // multi-dim indexer with 64-bit offsets, so q and k of a qkv projection go in one launch as one
 // [2, B, H, N, D] view without a copy. A thread owns one token and a few channel pairs (one 16-byte
@@ -10,7 +12,7 @@
 // gradient needs no atomics: each thread sums dL/dphi over its planes, a block sums its tokens
 // (times their coordinates) in a fixed order into a partial [chunk, group, token tile, 2, D/2], and
 // a second kernel reduces the partials in a fixed order; the launch shape does not depend on the
-// device, so the bits are the same on every run and every GPU. With freqs_index (SPEC §10) a token
+// device, so the bits are the same on every run and every GPU. With freqs_index (packed batches) a token
 // reads table freqs_index[n], and a block splits its tokens into runs of one table, each with its
 // own partial; the second kernel adds, per table, the runs of that table in the same fixed order
 // (one table: the plain op's terms in its order, hence its bits).
@@ -21,15 +23,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "common/op_utils.h"
 #include "common/static_switch.h"
 #include "math/rope2d_math.h"
 #include "ops/rope2d_impl.h"
 
-namespace jitrope {
+namespace jitrope::cuda {
 namespace {
 
 using rope2d_math::kMaxTensors;
@@ -379,7 +379,7 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// How rotate_cuda launches the main kernel: block (bdx, bdy) = (pair items of a row, tokens), grid
+// How rope2d_rotate launches the main kernel: block (bdx, bdy) = (pair items of a row, tokens), grid
 // (token tiles, plane chunks, groups). Fixed numbers, not the device's SM count, so that the
 // freqs-gradient reduction order is device-independent.
 struct LaunchShape {
@@ -457,15 +457,18 @@ void launch_rotate(
   });
 }
 
-// Step 2: the partials to the freqs gradient [F * Hf, 2, D/2] in the accumulation dtype (F = 1
+// Step 2: the partials to the freqs gradient `grad` [F * Hf, 2, D/2] in the accumulation dtype (F = 1
 // without freqs_index).
 template <typename acc_t>
-at::Tensor reduce_freqs_grad(
-    const FreqsPartials& parts, int64_t tables, const Rope2dGeometry& geo, const LaunchShape& ls) {
-  at::Tensor grad = at::empty({tables * geo.groups, 2, geo.half}, parts.partial.options());
+void reduce_freqs_grad(
+    const FreqsPartials& parts,
+    int64_t tables,
+    const Rope2dGeometry& geo,
+    const LaunchShape& ls,
+    const at::Tensor& grad) {
   const int64_t blocks = tables * geo.groups * 2 * geo.half;
   if (blocks == 0) {
-    return grad;
+    return;
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (!parts.run_table.defined()) {
@@ -478,130 +481,44 @@ at::Tensor reduce_freqs_grad(
         grad.mutable_data_ptr<acc_t>(), ls.chunks, geo.groups, ls.token_tiles, ls.bdy, geo.half);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad;
-}
-
-// Rotates `in` into `out` by phi (or -phi when `inverse`); with the forward input `x`, rotates by
-// -phi and returns the freqs gradient [F * Hf, 2, D/2] in the accumulation dtype. `index` is the
-// contiguous freqs_index or undefined.
-at::Tensor rotate_cuda(
-    const at::Tensor& in,
-    const at::Tensor& out,
-    const at::Tensor* x,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    const at::Tensor& index,
-    bool interleaved,
-    bool inverse) {
-  const bool per_head = freqs.dim() == (index.defined() ? 4 : 3);
-  Rope2dGeometry geo;
-  const bool fits = x != nullptr ? detail::make_rope2d_geometry({&in, &out, x}, per_head, geo)
-                                 : detail::make_rope2d_geometry({&in, &out}, per_head, geo);
-  if (!fits) {
-    auto tmp = at::empty(in.sizes(), in.options());
-    const auto xc = x != nullptr ? x->contiguous() : at::Tensor();
-    auto grad =
-        rotate_cuda(in.contiguous(), tmp, x != nullptr ? &xc : nullptr, coords, freqs, index, interleaved, inverse);
-    out.copy_(tmp);
-    return grad;
-  }
-  const auto [c, f] = detail::rope2d_acc_tables(in, coords, freqs);
-  TORCH_CHECK(
-      geo.groups <= kMaxGridY, "rope2d: the CUDA kernel takes at most 65535 heads with per-head freqs, got ",
-      geo.groups);
-  const int64_t* ip = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
-  at::Tensor grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* ptrs[kMaxTensors] = {
-        in.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-        x != nullptr ? x->const_data_ptr<scalar_t>() : nullptr};
-    const LaunchShape ls = launch_shape<scalar_t>(geo, ptrs, x != nullptr ? 3 : 2, interleaved, x != nullptr);
-    if (x == nullptr) {
-      launch_rotate<scalar_t>(
-          geo, ls, ptrs[0], out.mutable_data_ptr<scalar_t>(), nullptr, c.const_data_ptr<acc_t>(),
-          f.const_data_ptr<acc_t>(), ip, nullptr, interleaved, inverse);
-      return;
-    }
-    FreqsPartials parts;
-    if (index.defined()) {
-      parts.partial = at::empty({ls.chunks, geo.groups, ls.token_tiles, ls.bdy, 2, geo.half}, c.options());
-      parts.run_table = at::empty({ls.token_tiles, ls.bdy}, index.options());
-    } else {
-      parts.partial = at::empty({ls.chunks, geo.groups, ls.token_tiles, 2, geo.half}, c.options());
-    }
-    launch_rotate<scalar_t>(
-        geo, ls, ptrs[0], out.mutable_data_ptr<scalar_t>(), ptrs[2], c.const_data_ptr<acc_t>(),
-        f.const_data_ptr<acc_t>(), ip, &parts, interleaved, inverse);
-    grad = reduce_freqs_grad<acc_t>(parts, f.size(0) / geo.groups, geo, ls);
-  });
-  return grad;
-}
-
-at::Tensor rope2d_cuda(
-    const at::Tensor& x,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_rope2d_args("rope2d", "x", x, coords, freqs, nullptr, false, freqs_index);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty_like(x);
-  if (out.numel() > 0) {
-    rotate_cuda(x, out, nullptr, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
-  }
-  return out;
-}
-
-at::Tensor& rope2d__cuda(
-    at::Tensor& x,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true, freqs_index);
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (x.numel() > 0) {
-    rotate_cuda(x, x, nullptr, coords, freqs, detail::rope2d_index(freqs_index), interleaved, /*inverse=*/false);
-  }
-  return x;
-}
-
-std::tuple<at::Tensor, at::Tensor> rope2d_backward_cuda(
-    const at::Tensor& grad_out,
-    const at::Tensor& coords,
-    const at::Tensor& freqs,
-    const std::optional<at::Tensor>& x,
-    bool interleaved,
-    const std::optional<at::Tensor>& freqs_index) {
-  const bool want_freqs = x.has_value() && x->defined();
-  check_rope2d_args(
-      "rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr, false, freqs_index);
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  const at::Tensor index = detail::rope2d_index(freqs_index);
-  auto grad_x = at::empty_like(grad_out);
-  if (!want_freqs) {
-    if (grad_x.numel() > 0) {
-      rotate_cuda(grad_out, grad_x, nullptr, coords, freqs, index, interleaved, /*inverse=*/true);
-    }
-    return {grad_x, at::empty({0}, freqs.options())};
-  }
-  auto grad_freqs = at::empty(freqs.sizes(), freqs.options());
-  if (grad_x.numel() == 0) {
-    grad_freqs.zero_();
-  } else {
-    grad_freqs.copy_(rotate_cuda(grad_out, grad_x, &*x, coords, freqs, index, interleaved, /*inverse=*/true)
-                         .view(grad_freqs.sizes()));
-  }
-  return {grad_x, grad_freqs};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jitrope, CUDA, m) {
-  m.impl("rope2d", &rope2d_cuda);
-  m.impl("rope2d_", &rope2d__cuda);
-  m.impl("rope2d_backward", &rope2d_backward_cuda);
+// Rotates a.in into a.out by phi (or -phi when `inverse`); with the forward input a.x, rotates by
+// -phi and fills a.grad_freqs.
+void rope2d_rotate(const Rope2dLaunch& a) {
+  const Rope2dGeometry& geo = a.geo;
+  const at::Tensor& in = a.in;
+  TORCH_CHECK(
+      geo.groups <= kMaxGridY, "rope2d: the CUDA kernel takes at most 65535 heads with per-head freqs, got ",
+      geo.groups);
+  const bool angle_grad = a.x.defined();
+  const int64_t* ip = a.index.defined() ? a.index.const_data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rope2d_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* ptrs[kMaxTensors] = {
+        in.const_data_ptr<scalar_t>(), a.out.const_data_ptr<scalar_t>(),
+        angle_grad ? a.x.const_data_ptr<scalar_t>() : nullptr};
+    const LaunchShape ls = launch_shape<scalar_t>(geo, ptrs, angle_grad ? 3 : 2, a.interleaved, angle_grad);
+    const acc_t* c = a.coords.const_data_ptr<acc_t>();
+    const acc_t* f = a.freqs.const_data_ptr<acc_t>();
+    if (!angle_grad) {
+      launch_rotate<scalar_t>(
+          geo, ls, ptrs[0], a.out.mutable_data_ptr<scalar_t>(), nullptr, c, f, ip, nullptr, a.interleaved, a.inverse);
+      return;
+    }
+    FreqsPartials parts;
+    if (a.index.defined()) {
+      parts.partial = at::empty({ls.chunks, geo.groups, ls.token_tiles, ls.bdy, 2, geo.half}, a.coords.options());
+      parts.run_table = at::empty({ls.token_tiles, ls.bdy}, a.index.options());
+    } else {
+      parts.partial = at::empty({ls.chunks, geo.groups, ls.token_tiles, 2, geo.half}, a.coords.options());
+    }
+    launch_rotate<scalar_t>(
+        geo, ls, ptrs[0], a.out.mutable_data_ptr<scalar_t>(), ptrs[2], c, f, ip, &parts, a.interleaved, a.inverse);
+    reduce_freqs_grad<acc_t>(parts, a.freqs.size(0) / geo.groups, geo, ls, a.grad_freqs);
+  });
 }
 
-}  // namespace jitrope
+}  // namespace jitrope::cuda

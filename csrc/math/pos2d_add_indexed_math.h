@@ -1,4 +1,4 @@
-// Per-element arithmetic of jitrope::pos2d_add_indexed (SPEC §10), shared by the CPU and the CUDA
+// Per-element arithmetic of jitrope::pos2d_add_indexed (docs/ops.md), shared by the CPU and the CUDA
 // kernels: the position sum of a token whose row and/or column may be -1, the offset of a leading
 // index of x, and the order of every sum of the backward. Both devices therefore add the same
 // numbers in the same order and give the same bits, and the CPU tests exercise what the GPU runs.
@@ -55,26 +55,9 @@ C10_HOST_DEVICE inline T add_position(const T& x, const T& p) {
   return x + p;
 }
 
-// The leading dims of x ([..., N, D]) after merging the dims that step as one, outermost first:
-// leading index b (row-major over the leading sizes) starts at offset(b) elements.
-constexpr int kMaxLeadingDims = 4;
-
-struct LeadingDims {
-  int ndim = 0;
-  int64_t size[kMaxLeadingDims] = {};
-  int64_t stride[kMaxLeadingDims] = {};
-
-  // The outermost dim takes what is left of b, so one merged dim (the common case) divides never.
-  C10_HOST_DEVICE inline int64_t offset(int64_t b) const {
-    int64_t off = 0;
-    for (int i = ndim - 1; i > 0; --i) {
-      const int64_t q = b / size[i];
-      off += (b - q * size[i]) * stride[i];
-      b = q;
-    }
-    return ndim > 0 ? off + b * stride[0] : off;
-  }
-};
+// The leading dims of x ([..., N, D]): pos2d_add_math's, shared with pos2d_add.
+using pos2d_add_math::kMaxLeadingDims;
+using pos2d_add_math::LeadingDims;
 
 // The table row of segment s: the last row r < rows whose first segment seg_begin[r] <= s (rows
 // without tokens have no segments, so that row's segments are the ones holding s).

@@ -1,7 +1,7 @@
-// Per-element arithmetic of jitrope::pos2d_add, shared by the CPU and the CUDA kernels: the
-// position sum, the grid cell of a token, and the batch chunking and summation order of the
-// backward reduction. Both devices therefore run the same arithmetic in the same order and give
-// the same bits, and the CPU tests exercise what the GPU runs.
+// Per-element arithmetic of jitrope::pos2d_add, shared by the CPU and the CUDA kernels (and by
+// pos2d_add_indexed's): the position sum, the grid cell of a token, the offset of a leading index,
+// and the batch chunking and summation order of the backward reduction. Both devices therefore run the same arithmetic
+// in the same order and give the same bits, and the CPU tests exercise what the GPU runs.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -32,6 +32,28 @@ C10_HOST_DEVICE inline bool grid_cell(
   col = cell - row * gw;
   return true;
 }
+
+// The leading dims of a [..., N, D] tensor after merging the dims that step as one, outermost
+// first: leading index b (row-major over the leading sizes) starts at offset(b) elements. pos2d_add's
+// [B, N, D] has at most one; pos2d_add_indexed takes up to kMaxLeadingDims.
+constexpr int kMaxLeadingDims = 4;
+
+struct LeadingDims {
+  int ndim = 0;
+  int64_t size[kMaxLeadingDims] = {};
+  int64_t stride[kMaxLeadingDims] = {};
+
+  // The outermost dim takes what is left of b, so one merged dim (the common case) divides never.
+  C10_HOST_DEVICE inline int64_t offset(int64_t b) const {
+    int64_t off = 0;
+    for (int i = ndim - 1; i > 0; --i) {
+      const int64_t q = b / size[i];
+      off += (b - q * size[i]) * stride[i];
+      b = q;
+    }
+    return ndim > 0 ? off + b * stride[0] : off;
+  }
+};
 
 // Backward reduction, stage 1: partials[k][cell][d] = sum of grad_out[b, token_offset + cell, d]
 // over the k-th chunk of the batch, b ascending from 0. Stage 2: grad_pos_h[row_offset + i][d] =

@@ -1,4 +1,4 @@
-// Per-element math of jitrope::qk_norm_rope (SPEC §3a), shared by the CPU and the CUDA kernels:
+// Per-element math of jitrope::qk_norm_rope (docs/ops.md), shared by the CPU and the CUDA kernels:
 // the RMS statistic, the normalized and scaled channel, its gradient, and the chunking and order of
 // the deterministic weight / freqs gradient reduction. The rotation, the angle and its gradient are
 // rope2d's (math/rope2d_math.h), so both ops turn a pair by the same arithmetic.
@@ -95,7 +95,7 @@ C10_HOST_DEVICE inline acc_t sum_freqs_partials(
   return sum;
 }
 
-// With freqs_index (SPEC §10) the rows of a chunk are split further into runs: maximal stretches of
+// With freqs_index (packed batches) the rows of a chunk are split further into runs: maximal stretches of
 // consecutive rows whose tokens use one table. Each (s, h, chunk, run) writes its own freqs partial,
 // laid out [2, H, chunks, runs, D] (runs = the most any chunk has), and run_table[chunk * runs + r]
 // holds the table of run r (-1 past the chunk's last run). A chunk of one table is one run, so with

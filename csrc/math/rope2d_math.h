@@ -1,8 +1,8 @@
-// Per-element math of jitrope::rope2d (SPEC §2), shared by the CPU and the CUDA kernels so that
+// Per-element math of jitrope::rope2d (docs/ops.md), shared by the CPU and the CUDA kernels so that
 // the CPU tests exercise the arithmetic the GPU runs: the angle of a channel pair, the rotation,
 // the angle gradient, the channels of a pair, and the offset of a "plane" (one [N, D] matrix of x:
-// one leading index and head) from its linear index. sin_cos is the GPU's (sincosf); the CPU fills
-// its cos/sin table with ATen's vectorized sin/cos instead.
+// one leading index and head) from its linear index. No CUDA header: CPU builds include it too. sin_cos is the GPU's
+// (sincosf); the CPU fills its cos/sin table with ATen's vectorized sin/cos instead.
 #pragma once
 
 #include <cmath>
@@ -10,8 +10,6 @@
 #include <type_traits>
 
 #include <c10/macros/Macros.h>
-// Header-only and host-safe (used by TensorIterator's offset calculator on host and device).
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 
 // Loop unrolling hint for nvcc; host compilers unroll the constant-trip loops at -O3 on their own.
 #if defined(__CUDACC__)
@@ -104,15 +102,48 @@ C10_HOST_DEVICE inline int64_t channel_b(int64_t m, int64_t half) {
   return kInterleaved ? 2 * m + 1 : m + half;
 }
 
+// Division by a fixed 32-bit divisor d (1 <= d <= 2^31 - 1) as a multiply and a shift, the
+// algorithm of TensorIterator's IntDivider<uint32_t> (Granlund and Montgomery), here without its
+// CUDA header so that CPU builds include none: shift = ceil(log2 d), m1 = 2^32 (2^shift - d) / d + 1,
+// n / d = (umulhi(n, m1) + n) >> shift for every n < 2^31. Exact, the same on host and device.
+struct PlaneDivider {
+  uint32_t divisor = 1;
+  uint32_t m1 = 0;
+  uint32_t shift = 0;
+
+  PlaneDivider() = default;
+
+  explicit PlaneDivider(uint32_t d) : divisor(d) {
+    while (shift < 32 && (uint32_t{1} << shift) < d) {
+      ++shift;
+    }
+    m1 = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+
+  struct DivMod {
+    uint32_t div, mod;
+  };
+
+  C10_HOST_DEVICE inline DivMod divmod(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    // t < n < 2^31, so t + n does not overflow.
+    const uint32_t q = (__umulhi(n, m1) + n) >> shift;
+#else
+    const uint32_t q = static_cast<uint32_t>((((static_cast<uint64_t>(n) * m1) >> 32) + n) >> shift);
+#endif
+    return {q, n - q * divisor};
+  }
+};
+
 // Planes of a group (see Rope2dGeometry) as coalesced dims, innermost first, each with one stride
-// per tensor; plane sizes fit in 32 bits so the index is split with multiply-shift division (the
-// same divider TensorIterator uses on host and device), offsets are 64-bit.
+// per tensor; plane sizes and indices fit in 31 bits so the index is split with PlaneDivider,
+// offsets are 64-bit.
 constexpr int kMaxPlaneDims = 6;
 constexpr int kMaxTensors = 3;
 
 struct PlaneIndexer {
   int ndim = 0;
-  at::cuda::detail::IntDivider<uint32_t> sizes[kMaxPlaneDims];
+  PlaneDivider sizes[kMaxPlaneDims];
   int64_t strides[kMaxPlaneDims][kMaxTensors] = {};
 
   C10_HOST_DEVICE inline void offsets(uint32_t plane, int64_t (&off)[kMaxTensors]) const {

@@ -1,11 +1,16 @@
 // C++ entry points of jitrope::pos2d_add (dispatcher calls, like torchvision's ops/roi_align.cpp),
-// its device check on the BackendSelect key and the one place its arguments are validated.
+// its device check on the BackendSelect key, and its one host wrapper for the CPU and CUDA keys:
+// argument checks, device guard, outputs, the empty case, then the device's launcher
+// (common/launch.h). Also the row layout (kernel_layout) that pos2d_add_indexed shares.
 #include "ops/pos2d_add.h"
 
+#include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "common/launch.h"
 #include "common/op_utils.h"
 #include "ops/pos2d_add_impl.h"
 
@@ -126,8 +131,8 @@ void check_geometry(
       " holds: wanted N >= token_offset + gh*gw, got N = ", N, " (", x_name, " of shape ", x.sizes(), ")");
 }
 
-}  // namespace
-
+// Argument checks of pos2d_add / pos2d_add_ (each message names the operator, the argument, what
+// it got and what it wanted); the in-place twin also refuses an x that overlaps itself or the tables.
 void check_pos2d_add_args(
     const at::Tensor& x,
     const at::Tensor& pos_h,
@@ -148,6 +153,7 @@ void check_pos2d_add_args(
   }
 }
 
+// The same checks for pos2d_add_backward, which knows the tables only by their row counts.
 void check_pos2d_add_backward_args(
     const at::Tensor& grad_out,
     at::IntArrayRef grid,
@@ -161,6 +167,8 @@ void check_pos2d_add_backward_args(
   TORCH_CHECK(max_h >= 0 && max_w >= 0, op, ": max_h and max_w must be >= 0, got ", max_h, " and ", max_w);
   check_geometry(op, "grad_out", grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
 }
+
+}  // namespace
 
 namespace {
 
@@ -199,5 +207,149 @@ TORCH_LIBRARY_IMPL(jitrope, BackendSelect, m) {
   m.impl("pos2d_add", &pos2d_add_entry);
   m.impl("pos2d_add_", &pos2d_add__entry);
 }
+
+namespace detail {
+
+bool leading_dims(const at::Tensor& t, pos2d_add_math::LeadingDims& lead) {
+  lead = pos2d_add_math::LeadingDims{};
+  for (int64_t d = 0; d < t.dim() - 2; ++d) {
+    const int64_t size = t.size(d), stride = t.stride(d);
+    if (size == 1) {
+      continue;
+    }
+    if (lead.ndim > 0 && lead.stride[lead.ndim - 1] == stride * size) {
+      lead.size[lead.ndim - 1] *= size;
+      lead.stride[lead.ndim - 1] = stride;
+      continue;
+    }
+    if (lead.ndim == pos2d_add_math::kMaxLeadingDims) {
+      return false;
+    }
+    lead.size[lead.ndim] = size;
+    lead.stride[lead.ndim] = stride;
+    ++lead.ndim;
+  }
+  return true;
+}
+
+at::Tensor kernel_layout(const at::Tensor& t, pos2d_add_math::LeadingDims& lead) {
+  const bool unit_channels = t.size(-1) <= 1 || t.stride(-1) == 1;
+  if (unit_channels && leading_dims(t, lead)) {
+    return t;
+  }
+  at::Tensor c = t.contiguous();
+  TORCH_INTERNAL_ASSERT(leading_dims(c, lead));
+  return c;
+}
+
+int64_t leading_count(const at::Tensor& t) {
+  int64_t B = 1;
+  for (int64_t d = 0; d < t.dim() - 2; ++d) {
+    B *= t.size(d);
+  }
+  return B;
+}
+
+}  // namespace detail
+namespace {
+
+// The forward launch: x and out in kernel layout (out may be x).
+void launch_forward(
+    const at::Tensor& x,
+    const at::Tensor& out,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset,
+    bool grid_rows_only) {
+  const Pos2dAddForward a{x,       out,          pos_h.contiguous(), pos_w.contiguous(), grid[0],
+                          grid[1], token_offset, row_offset,         col_offset,         grid_rows_only};
+  JITROPE_LAUNCH(x.device(), pos2d_add_forward, a);
+}
+
+at::Tensor pos2d_add_kernel(
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  check_pos2d_add_args(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset, /*inplace=*/false);
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  pos2d_add_math::LeadingDims lead;
+  const at::Tensor xr = detail::kernel_layout(x, lead);
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (out.numel() > 0) {
+    launch_forward(xr, out, pos_h, pos_w, grid, token_offset, row_offset, col_offset, /*grid_rows_only=*/false);
+  }
+  return out;
+}
+
+at::Tensor& pos2d_add__kernel(
+    at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    at::IntArrayRef grid,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  check_pos2d_add_args(x, pos_h, pos_w, grid, token_offset, row_offset, col_offset, /*inplace=*/true);
+  if (x.numel() == 0 || grid[0] * grid[1] == 0) {
+    return x;
+  }
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  pos2d_add_math::LeadingDims lead;
+  const at::Tensor xr = detail::kernel_layout(x, lead);  // x itself, or a contiguous copy written back
+  launch_forward(xr, xr, pos_h, pos_w, grid, token_offset, row_offset, col_offset, /*grid_rows_only=*/true);
+  if (!xr.is_same(x)) {
+    x.copy_(xr);
+  }
+  return x;
+}
+
+std::tuple<at::Tensor, at::Tensor> pos2d_add_backward_kernel(
+    const at::Tensor& grad_out,
+    at::IntArrayRef grid,
+    int64_t max_h,
+    int64_t max_w,
+    int64_t token_offset,
+    int64_t row_offset,
+    int64_t col_offset) {
+  check_pos2d_add_backward_args(grad_out, grid, max_h, max_w, token_offset, row_offset, col_offset);
+  const at::OptionalDeviceGuard guard(at::device_of(grad_out));
+  Pos2dAddBackward a;
+  a.grad_out = detail::kernel_layout(grad_out, a.lead);
+  const int64_t B = grad_out.size(0), D = grad_out.size(2);
+  a.gh = grid[0];
+  a.gw = grid[1];
+  a.grad_h = at::empty({max_h, D}, grad_out.options());
+  a.grad_w = at::empty({max_w, D}, grad_out.options());
+  const int64_t cells = a.gh * a.gw;
+  if (grad_out.numel() == 0 || cells == 0) {
+    a.grad_h.zero_();
+    a.grad_w.zero_();
+    return {a.grad_h, a.grad_w};
+  }
+  a.chunks = pos2d_add_math::batch_chunks(B, cells * D);
+  a.partials = at::empty({a.chunks.count, cells, D}, grad_out.options().dtype(acc_dtype(grad_out.scalar_type())));
+  a.token_offset = token_offset;
+  a.row_offset = row_offset;
+  a.col_offset = col_offset;
+  JITROPE_LAUNCH(grad_out.device(), pos2d_add_backward, a);
+  return {a.grad_h, a.grad_w};
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("pos2d_add", &pos2d_add_kernel);
+  m.impl("pos2d_add_", &pos2d_add__kernel);
+  m.impl("pos2d_add_backward", &pos2d_add_backward_kernel);
+}
+
+}  // namespace
+
+JITROPE_REGISTER_KERNELS(register_kernels)
 
 }  // namespace jitrope

@@ -1,4 +1,4 @@
-// C++ API of jitrope::pos2d_add (SPEC §3): the same operators torch.ops.jitrope.* exposes to
+// C++ API of jitrope::pos2d_add (docs/ops.md): the same operators torch.ops.jitrope.* exposes to
 // Python, called through the dispatcher so that autograd, CPU and CUDA kernels are picked as they
 // are from Python.
 #pragma once

@@ -1,18 +1,41 @@
-// C++ entry points of jitrope::pos2d_add_indexed (dispatcher calls), the one place its arguments
-// (index values included) are validated, and the leading-dims geometry its kernels share.
+// C++ entry points of jitrope::pos2d_add_indexed (dispatcher calls), its device check on the
+// BackendSelect key, and its one host wrapper for the CPU and CUDA keys: argument checks (index
+// values included), device guard, outputs, the empty case, then the device's launcher
+// (common/launch.h).
 #include "ops/pos2d_add_indexed.h"
-#include "ops/pos2d_add_indexed_impl.h"
-
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
 
+#include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "common/launch.h"
 #include "common/op_utils.h"
+#include "ops/pos2d_add_impl.h"
+#include "ops/pos2d_add_indexed_impl.h"
 
 namespace jitrope {
+namespace {
+
+const auto& pos2d_add_indexed_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("jitrope::pos2d_add_indexed", "")
+                             .typed<decltype(pos2d_add_indexed)>();
+  return op;
+}
+
+const auto& pos2d_add_indexed_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("jitrope::pos2d_add_indexed_backward", "")
+                             .typed<decltype(pos2d_add_indexed_backward)>();
+  return op;
+}
+
+}  // namespace
 
 at::Tensor pos2d_add_indexed(
     const at::Tensor& x,
@@ -20,18 +43,12 @@ at::Tensor pos2d_add_indexed(
     const at::Tensor& pos_w,
     const at::Tensor& rows,
     const at::Tensor& cols) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("jitrope::pos2d_add_indexed", "")
-                       .typed<decltype(pos2d_add_indexed)>();
-  return op.call(x, pos_h, pos_w, rows, cols);
+  return pos2d_add_indexed_op().call(x, pos_h, pos_w, rows, cols);
 }
 
 std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward(
     const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("jitrope::pos2d_add_indexed_backward", "")
-                       .typed<decltype(pos2d_add_indexed_backward)>();
-  return op.call(grad_out, rows, cols, max_h, max_w);
+  return pos2d_add_indexed_backward_op().call(grad_out, rows, cols, max_h, max_w);
 }
 
 std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_symint(
@@ -103,8 +120,9 @@ void check_index_values(const char* op, const at::Tensor& rows, int64_t max_h, c
       ") (a pos_w row, or -1 for none), got values in [", range[2], ", ", range[3], "]");
 }
 
-}  // namespace
-
+// Argument checks of pos2d_add_indexed; each message names the argument, what it got and what it
+// wanted. The index values are checked too (on a CUDA device with one synchronizing read of their
+// minima and maxima), so no kernel reads out of bounds.
 void check_pos2d_add_indexed_args(
     const at::Tensor& x,
     const at::Tensor& pos_h,
@@ -120,6 +138,7 @@ void check_pos2d_add_indexed_args(
   check_index_values(op, rows, pos_h.size(0), cols, pos_w.size(0));
 }
 
+// The same checks for pos2d_add_indexed_backward, which knows the tables only by their row counts.
 void check_pos2d_add_indexed_backward_args(
     const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w) {
   constexpr const char* op = "pos2d_add_indexed_backward";
@@ -130,29 +149,90 @@ void check_pos2d_add_indexed_backward_args(
   check_index_values(op, rows, max_h, cols, max_w);
 }
 
-namespace detail {
-
-bool leading_dims(const at::Tensor& x, pos2d_add_indexed_math::LeadingDims& lead) {
-  lead = pos2d_add_indexed_math::LeadingDims{};
-  for (int64_t d = 0; d < x.dim() - 2; ++d) {
-    const int64_t size = x.size(d), stride = x.stride(d);
-    if (size == 1) {
-      continue;
-    }
-    if (lead.ndim > 0 && lead.stride[lead.ndim - 1] == stride * size) {
-      lead.size[lead.ndim - 1] *= size;
-      lead.stride[lead.ndim - 1] = stride;
-      continue;
-    }
-    if (lead.ndim == pos2d_add_indexed_math::kMaxLeadingDims) {
-      return false;
-    }
-    lead.size[lead.ndim] = size;
-    lead.stride[lead.ndim] = stride;
-    ++lead.ndim;
-  }
-  return true;
+// The entries every call passes before a backend kernel (common/op_utils.h: check_same_device).
+at::Tensor pos2d_add_indexed_entry(
+    c10::DispatchKeySet ks,
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
+    const at::Tensor& cols) {
+  check_same_device(
+      "pos2d_add_indexed", {"x", x}, {{"pos_h", pos_h}, {"pos_w", pos_w}, {"rows", rows}, {"cols", cols}});
+  return pos2d_add_indexed_op().redispatch(ks & kAfterEntry, x, pos_h, pos_w, rows, cols);
 }
 
-}  // namespace detail
+std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_entry(
+    c10::DispatchKeySet ks,
+    const at::Tensor& grad_out,
+    const at::Tensor& rows,
+    const at::Tensor& cols,
+    int64_t max_h,
+    int64_t max_w) {
+  check_same_device("pos2d_add_indexed_backward", {"grad_out", grad_out}, {{"rows", rows}, {"cols", cols}});
+  return pos2d_add_indexed_backward_op().redispatch(ks & kAfterEntry, grad_out, rows, cols, max_h, max_w);
+}
+
+at::Tensor pos2d_add_indexed_kernel(
+    const at::Tensor& x,
+    const at::Tensor& pos_h,
+    const at::Tensor& pos_w,
+    const at::Tensor& rows,
+    const at::Tensor& cols) {
+  check_pos2d_add_indexed_args(x, pos_h, pos_w, rows, cols);
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  Pos2dAddIndexedForward a;
+  a.x = detail::kernel_layout(x, a.lead);
+  a.out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (a.out.numel() == 0) {
+    return a.out;
+  }
+  a.B = detail::leading_count(x);
+  a.pos_h = pos_h.contiguous();
+  a.pos_w = pos_w.contiguous();
+  a.rows = rows.contiguous();
+  a.cols = cols.contiguous();
+  JITROPE_LAUNCH(x.device(), pos2d_add_indexed_forward, a);
+  return a.out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pos2d_add_indexed_backward_kernel(
+    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w) {
+  check_pos2d_add_indexed_backward_args(grad_out, rows, cols, max_h, max_w);
+  const at::OptionalDeviceGuard guard(at::device_of(grad_out));
+  Pos2dAddIndexedBackward a;
+  a.grad_out = detail::kernel_layout(grad_out, a.lead);
+  const int64_t N = grad_out.size(-2), D = grad_out.size(-1);
+  a.grad_h = at::empty({max_h, D}, grad_out.options());
+  a.grad_w = at::empty({max_w, D}, grad_out.options());
+  if (grad_out.numel() == 0 || max_h + max_w == 0) {
+    a.grad_h.zero_();
+    a.grad_w.zero_();
+    return {a.grad_h, a.grad_w};
+  }
+  a.B = detail::leading_count(grad_out);
+  a.rows = rows.contiguous();
+  a.cols = cols.contiguous();
+  a.chunks = pos2d_add_math::batch_chunks(a.B, N * D);
+  if (a.B > 1) {
+    a.partials = at::empty({a.chunks.count, N, D}, grad_out.options().dtype(acc_dtype(grad_out.scalar_type())));
+  }
+  JITROPE_LAUNCH(grad_out.device(), pos2d_add_indexed_backward, a);
+  return {a.grad_h, a.grad_w};
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("pos2d_add_indexed", &pos2d_add_indexed_kernel);
+  m.impl("pos2d_add_indexed_backward", &pos2d_add_indexed_backward_kernel);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jitrope, BackendSelect, m) {
+  m.impl("pos2d_add_indexed", &pos2d_add_indexed_entry);
+  m.impl("pos2d_add_indexed_backward", &pos2d_add_indexed_backward_entry);
+}
+
+JITROPE_REGISTER_KERNELS(register_kernels)
+
 }  // namespace jitrope

@@ -1,4 +1,4 @@
-// C++ API of jitrope::pos2d_add_indexed (SPEC §10): the factorized 2D position table on packed
+// C++ API of jitrope::pos2d_add_indexed (docs/ops.md): the factorized 2D position table on packed
 // tokens, each token with its own (row, column). Dispatcher calls, as from Python, so that
 // autograd, CPU and CUDA kernels are picked the same way.
 #pragma once

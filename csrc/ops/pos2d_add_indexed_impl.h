@@ -1,34 +1,49 @@
-// Internals of jitrope::pos2d_add_indexed shared by its CPU and CUDA kernels: the argument checks
-// and the leading-dims helper. Not installed: the C++ API is ops/pos2d_add_indexed.h.
+// Internals of jitrope::pos2d_add_indexed, shared by its host wrapper (ops/pos2d_add_indexed.cpp) and
+// its launchers (cpu/pos2d_add_indexed_cpu.cpp, cuda/pos2d_add_indexed_cuda.cu). Not installed: the
+// C++ API is ops/pos2d_add_indexed.h. The wrapper checks the arguments (index values included),
+// lays x out with pos2d_add's kernel_layout (ops/pos2d_add_impl.h), allocates every output and
+// handles the empty case; a launcher fills what it is given.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-#include <cstdint>
-
 #include "math/pos2d_add_indexed_math.h"
+#include "math/pos2d_add_math.h"
 
 namespace jitrope {
 
-// Argument checks every pos2d_add_indexed kernel (CPU, CUDA) runs first; each message names the
-// argument, what it got and what it wanted. The index values are checked too (on a CUDA device
-// with one synchronizing read of their minima and maxima), so no kernel reads out of bounds.
-void check_pos2d_add_indexed_args(
-    const at::Tensor& x,
-    const at::Tensor& pos_h,
-    const at::Tensor& pos_w,
-    const at::Tensor& rows,
-    const at::Tensor& cols);
+// out[b, n] = x[b, n] + pos_h[rows[n]] + pos_w[cols[n]] (-1 leaving a table out), b over the
+// leading dims; x has at least one element.
+struct Pos2dAddIndexedForward {
+  at::Tensor x;                      // [..., N, D], kernel layout
+  pos2d_add_math::LeadingDims lead;  // x's leading dims
+  int64_t B;                         // the product of x's leading dims
+  at::Tensor out;                    // contiguous, x's shape
+  at::Tensor pos_h, pos_w;           // contiguous [max_h, D], [max_w, D]
+  at::Tensor rows, cols;             // contiguous int64 [N], values checked
+};
 
-// The same checks for pos2d_add_indexed_backward, which knows the tables only by their row counts.
-void check_pos2d_add_indexed_backward_args(
-    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w);
+// grad_h, grad_w filled in the order of math/pos2d_add_indexed_math.h; partials is the stage-1
+// scratch [chunks.count, N, D] in the accumulation dtype when B > 1 (undefined for B = 1). grad_out
+// has at least one element and max_h + max_w >= 1.
+struct Pos2dAddIndexedBackward {
+  at::Tensor grad_out;               // [..., N, D], kernel layout
+  pos2d_add_math::LeadingDims lead;  // its leading dims
+  int64_t B;                         // the product of its leading dims
+  at::Tensor rows, cols;             // contiguous int64 [N], values checked
+  at::Tensor grad_h, grad_w;         // contiguous [max_h, D], [max_w, D]
+  at::Tensor partials;
+  pos2d_add_math::BatchChunks chunks;
+};
 
-namespace detail {
+namespace cpu {
+void pos2d_add_indexed_forward(const Pos2dAddIndexedForward& a);
+void pos2d_add_indexed_backward(const Pos2dAddIndexedBackward& a);
+}  // namespace cpu
 
-// x's leading dims merged for pos2d_add_indexed_math::LeadingDims, or false when more than
-// kMaxLeadingDims remain (the kernels then read a contiguous copy).
-bool leading_dims(const at::Tensor& x, pos2d_add_indexed_math::LeadingDims& lead);
+namespace cuda {
+void pos2d_add_indexed_forward(const Pos2dAddIndexedForward& a);
+void pos2d_add_indexed_backward(const Pos2dAddIndexedBackward& a);
+}  // namespace cuda
 
-}  // namespace detail
 }  // namespace jitrope

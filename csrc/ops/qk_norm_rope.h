@@ -1,4 +1,4 @@
-// C++ API of jitrope::qk_norm_rope (SPEC §3a): RMSNorm of q and k over head_dim (weight [2, D],
+// C++ API of jitrope::qk_norm_rope (docs/ops.md): RMSNorm of q and k over head_dim (weight [2, D],
 // float32 statistics) followed by rope2d's rotation, in one pass over qk: [2, B, H, N, D] (any
 // strides: the q/k view of a fused qkv projection is read in place). The result is a new contiguous
 // [2, B, H, N, D] tensor. Each function calls the registered operator through the dispatcher, so

@@ -1,30 +1,15 @@
-// Internals of jitrope::qk_norm_rope shared by its CPU and CUDA kernels: the argument check, the
-// row layout of qk and the last step of the parameter gradients. Not installed: the C++ API is
-// ops/qk_norm_rope.h.
+// Internals of jitrope::qk_norm_rope, shared by its host wrapper (ops/qk_norm_rope.cpp) and its
+// launchers (cpu/qk_norm_rope_cpu.cpp, cuda/qk_norm_rope_cuda.cu). Not installed: the C++ API is
+// ops/qk_norm_rope.h. The wrapper checks the arguments, converts the tables to the accumulation
+// dtype, allocates every output and scratch tensor and handles the empty case; a launcher fills
+// what it is given.
 #pragma once
 
 #include <cstdint>
-#include <optional>
-#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
 namespace jitrope {
-
-// The one argument check of the qk_norm_rope kernels (CPU and CUDA, forward and backward); with
-// grad_out, the backward's checks too. Throws c10::Error naming the argument, the shape it got and
-// the shape it wanted.
-void check_qk_norm_rope_args(
-    const char* op,
-    const at::Tensor& qk,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& coords,
-    const std::optional<at::Tensor>& freqs,
-    double eps,
-    const at::Tensor* grad_out = nullptr,
-    bool freqs_grad = false,
-    const std::optional<at::Tensor>& freqs_index = std::nullopt);
-
 namespace detail {
 
 // Where the rows of qk live, for the CPU and CUDA kernels: element (s, b, h, n, d) is at
@@ -39,20 +24,56 @@ inline QkLayout qk_layout(const at::Tensor& qk) {
           qk.stride(1), qk.stride(2), qk.stride(3), qk.stride(4)};
 }
 
-// The backward's (grad_weight, grad_freqs) from the kernels' sums in the accumulation dtype:
-// grad_weight [2, D] in weight's dtype; grad_freqs ([Hf, D] sums) in freqs' shape and dtype when
-// freqs_grad, else an empty tensor.
-std::tuple<at::Tensor, at::Tensor> finish_param_grads(
-    const at::Tensor& grad_weight_acc,
-    const at::Tensor& grad_freqs_acc,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& freqs,
-    bool freqs_grad);
-
-// The runs of the backward's chunks with freqs_index (math/qk_norm_rope_math.h): run_table [chunks,
-// runs] int64 on the CPU, runs being the most any chunk has. Reads the index on the host.
-at::Tensor chunk_run_table(const at::Tensor& index, int64_t B, int64_t N, int64_t chunks, int64_t rows_per_chunk);
-
 }  // namespace detail
+
+// The norm weights and the rotation of both passes, in the accumulation dtype (float32; float64 for
+// float64 qk), contiguous.
+struct QkNormRopeParams {
+  at::Tensor weight;         // [2, D]
+  at::Tensor coords, freqs;  // [N, 2], [F * Hf, 2, D/2] (F = 1 without freqs_index); undefined: no rotation
+  at::Tensor index;          // freqs_index [N], or undefined
+  bool per_head;             // Hf = H (else 1)
+  bool interleaved;
+  double eps;
+
+  bool rotate() const {
+    return coords.defined();
+  }
+};
+
+// out = RMSNorm(qk) * weight, rotated. qk has at least one element.
+struct QkNormRopeForward {
+  at::Tensor qk;  // [2, B, H, N, D], any strides
+  detail::QkLayout L;
+  QkNormRopeParams p;
+  at::Tensor out;  // contiguous [2, B, H, N, D]
+};
+
+// grad_qk, grad_weight and (freqs_grad) grad_freqs of qk_norm_rope, the parameter gradients through
+// the fixed chunking and order of math/qk_norm_rope_math.h. qk has at least one element.
+struct QkNormRopeBackward {
+  at::Tensor grad_out;  // contiguous [2, B, H, N, D]
+  at::Tensor qk;        // [2, B, H, N, D], any strides
+  detail::QkLayout L;
+  QkNormRopeParams p;
+  bool freqs_grad;
+  int64_t chunks, rows_per_chunk;
+  at::Tensor run_table;    // int64 [chunks, runs] on qk's device with freqs_grad and freqs_index, else undefined
+  at::Tensor wpart;        // scratch [2, H, chunks, D], accumulation dtype
+  at::Tensor fpart;        // scratch [2, H, chunks, runs, D] (runs = 1 without run_table), with freqs_grad
+  at::Tensor grad_qk;      // contiguous [2, B, H, N, D]
+  at::Tensor grad_weight;  // [2, D], accumulation dtype
+  at::Tensor grad_freqs;   // [F * Hf, D] (y-axis then x-axis halves), accumulation dtype, with freqs_grad
+};
+
+namespace cpu {
+void qk_norm_rope_forward(const QkNormRopeForward& a);
+void qk_norm_rope_backward(const QkNormRopeBackward& a);
+}  // namespace cpu
+
+namespace cuda {
+void qk_norm_rope_forward(const QkNormRopeForward& a);
+void qk_norm_rope_backward(const QkNormRopeBackward& a);
+}  // namespace cuda
 
 }  // namespace jitrope

@@ -1,15 +1,20 @@
 // C++ entry points of jitrope::rope2d (dispatcher calls), its device check on the BackendSelect key,
-// its argument check and the geometry the CPU and CUDA kernels share.
+// its argument check, and its one host wrapper for the CPU and CUDA keys: argument checks, device
+// guard, outputs, the empty case, the accumulation-type tables and the plane geometry (contiguous
+// copies where it cannot describe a layout), then the device's launcher (common/launch.h).
 #include "ops/rope2d.h"
 
 #include <array>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "common/launch.h"
 #include "common/op_utils.h"
 #include "ops/rope2d_impl.h"
 
@@ -153,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor> rope2d_acc_tables(
   return {c, f};
 }
 
+}  // namespace detail
 namespace {
 
 // One dim of the planes with its stride in each tensor.
@@ -195,8 +201,10 @@ std::vector<PlaneDim> coalesced_plane_dims(
   return dims;
 }
 
-}  // namespace
-
+// Geometry of tensors of x's shape (tensor 0 gives the shape; 1 and 2 may differ in strides):
+// frequency groups, and each group's planes coalesced into at most kMaxPlaneDims dims. Returns
+// false when the leading dims cannot be coalesced that far (the kernels then work on contiguous
+// copies).
 bool make_rope2d_geometry(
     std::initializer_list<const at::Tensor*> tensors, bool per_head, rope2d_math::Rope2dGeometry& geo) {
   using rope2d_math::kMaxPlaneDims;
@@ -235,16 +243,13 @@ bool make_rope2d_geometry(
   geo.planes.ndim = static_cast<int>(dims.size());
   for (size_t i = 0; i < dims.size(); ++i) {
     const PlaneDim& dim = dims[dims.size() - 1 - i];
-    geo.planes.sizes[i] = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(dim.size));
+    geo.planes.sizes[i] = rope2d_math::PlaneDivider(static_cast<uint32_t>(dim.size));
     for (t = 0; t < nt; ++t) {
       geo.planes.strides[i][t] = dim.stride[t];
     }
   }
   return true;
 }
-
-}  // namespace detail
-namespace {
 
 // The entries every call passes before a backend kernel (common/op_utils.h: check_same_device).
 at::Tensor rope2d_entry(
@@ -283,6 +288,109 @@ std::tuple<at::Tensor, at::Tensor> rope2d_backward_entry(
   return rope2d_backward_op().redispatch(ks & kAfterEntry, grad_out, coords, freqs, x, interleaved, freqs_index);
 }
 
+// Fills a.geo for in, out (and x) and launches; where the geometry cannot describe the layout, the
+// launcher works on contiguous copies and out gets the result.
+void launch_rotate(Rope2dLaunch& a, const at::Tensor& in, const at::Tensor& out, const at::Tensor& x, bool per_head) {
+  const bool fits = x.defined() ? make_rope2d_geometry({&in, &out, &x}, per_head, a.geo)
+                                : make_rope2d_geometry({&in, &out}, per_head, a.geo);
+  if (!fits) {
+    at::Tensor tmp = at::empty(in.sizes(), in.options());
+    launch_rotate(a, in.contiguous(), tmp, x.defined() ? x.contiguous() : x, per_head);
+    out.copy_(tmp);
+    return;
+  }
+  a.in = in;
+  a.out = out;
+  a.x = x;
+  JITROPE_LAUNCH(in.device(), rope2d_rotate, a);
+}
+
+// out = in rotated by phi (or -phi when `inverse`); out may be in (rope2d_). With the forward input
+// x, returns the freqs gradient [F * Hf, 2, D/2] in the accumulation dtype, else an undefined tensor.
+at::Tensor rotate(
+    const at::Tensor& in,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    const std::optional<at::Tensor>& freqs_index,
+    bool interleaved,
+    bool inverse) {
+  Rope2dLaunch a;
+  std::tie(a.coords, a.freqs) = detail::rope2d_acc_tables(in, coords, freqs);
+  a.index = detail::rope2d_index(freqs_index);
+  a.interleaved = interleaved;
+  a.inverse = inverse;
+  if (x.defined()) {
+    a.grad_freqs = at::empty_like(a.freqs);
+  }
+  launch_rotate(a, in, out, x, rope2d_per_head(freqs, freqs_index));
+  return a.grad_freqs;
+}
+
+at::Tensor rope2d_kernel(
+    const at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_rope2d_args("rope2d", "x", x, coords, freqs, nullptr, false, freqs_index);
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  at::Tensor out = at::empty_like(x);
+  if (out.numel() > 0) {
+    rotate(x, out, at::Tensor(), coords, freqs, freqs_index, interleaved, /*inverse=*/false);
+  }
+  return out;
+}
+
+at::Tensor& rope2d__kernel(
+    at::Tensor& x,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  check_rope2d_args("rope2d_", "x", x, coords, freqs, nullptr, /*inplace=*/true, freqs_index);
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  if (x.numel() > 0) {
+    rotate(x, x, at::Tensor(), coords, freqs, freqs_index, interleaved, /*inverse=*/false);
+  }
+  return x;
+}
+
+std::tuple<at::Tensor, at::Tensor> rope2d_backward_kernel(
+    const at::Tensor& grad_out,
+    const at::Tensor& coords,
+    const at::Tensor& freqs,
+    const std::optional<at::Tensor>& x,
+    bool interleaved,
+    const std::optional<at::Tensor>& freqs_index) {
+  const bool want_freqs = x.has_value() && x->defined();
+  check_rope2d_args(
+      "rope2d_backward", "grad_out", grad_out, coords, freqs, want_freqs ? &*x : nullptr, false, freqs_index);
+  const at::OptionalDeviceGuard guard(at::device_of(grad_out));
+  at::Tensor grad_x = at::empty_like(grad_out);
+  if (!want_freqs) {
+    if (grad_x.numel() > 0) {
+      rotate(grad_out, grad_x, at::Tensor(), coords, freqs, freqs_index, interleaved, /*inverse=*/true);
+    }
+    return {grad_x, at::empty({0}, freqs.options())};
+  }
+  at::Tensor grad_freqs = at::empty(freqs.sizes(), freqs.options());
+  if (grad_x.numel() == 0) {
+    grad_freqs.zero_();
+  } else {
+    grad_freqs.copy_(
+        rotate(grad_out, grad_x, *x, coords, freqs, freqs_index, interleaved, /*inverse=*/true).view(freqs.sizes()));
+  }
+  return {grad_x, grad_freqs};
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("rope2d", &rope2d_kernel);
+  m.impl("rope2d_", &rope2d__kernel);
+  m.impl("rope2d_backward", &rope2d_backward_kernel);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(jitrope, BackendSelect, m) {
@@ -290,5 +398,7 @@ TORCH_LIBRARY_IMPL(jitrope, BackendSelect, m) {
   m.impl("rope2d_", &rope2d__entry);
   m.impl("rope2d_backward", &rope2d_backward_entry);
 }
+
+JITROPE_REGISTER_KERNELS(register_kernels)
 
 }  // namespace jitrope

@@ -1,6 +1,6 @@
-// C++ API of jitrope::rope2d (SPEC §2): fused 2D rotary embedding of x: [..., H, N, D] by per-token
+// C++ API of jitrope::rope2d (docs/ops.md): fused 2D rotary embedding of x: [..., H, N, D] by per-token
 // coordinates coords: [N, 2] and frequencies freqs: [2, D/2] or [H, 2, D/2]. With freqs_index
-// (int64 [N], SPEC §10) freqs has a leading table dim ([F, 2, D/2] or [F, H, 2, D/2]) and token n
+// (int64 [N], packed batches) freqs has a leading table dim ([F, 2, D/2] or [F, H, 2, D/2]) and token n
 // turns by table freqs_index[n]. Each function calls the registered operator through the
 // dispatcher, so LibTorch code gets the same CPU/CUDA kernels and autograd as torch.ops.jitrope.*
 // in Python.

@@ -1,6 +1,8 @@
-// Internals of jitrope::rope2d shared by its CPU and CUDA kernels and by qk_norm_rope: the argument
-// check, the accumulation-type tables and the plane geometry. Not installed: the C++ API is
-// ops/rope2d.h.
+// Internals of jitrope::rope2d, shared by its host wrapper (ops/rope2d.cpp), its launchers
+// (cpu/rope2d_cpu.cpp, cuda/rope2d_cuda.cu) and qk_norm_rope: the argument check, the
+// accumulation-type tables and the launch description. Not installed: the C++ API is ops/rope2d.h.
+// The wrapper checks the arguments, allocates every output, handles the empty case and the layouts
+// the geometry cannot describe; a launcher fills what it is given.
 #pragma once
 
 #include <initializer_list>
@@ -13,9 +15,9 @@
 
 namespace jitrope {
 
-// The one argument check of every rope2d kernel (CPU and CUDA, forward and backward). `x_name`
+// The one argument check of rope2d, rope2d_ and rope2d_backward (and of qk_norm_rope's rotation). `x_name`
 // names the [..., H, N, D] tensor in messages ("x" or "grad_out"); `fwd_x` is the forward input a
-// backward gets; `inplace` adds the checks of rope2d_; `freqs_index` (SPEC §10) is checked down to
+// backward gets; `inplace` adds the checks of rope2d_; `freqs_index` (docs/ops.md) is checked down to
 // its values (on CUDA that waits for the device), so that no kernel reads a table out of bounds.
 // Throws c10::Error naming the argument, the shape it got and the shape it wanted.
 void check_rope2d_args(
@@ -45,12 +47,28 @@ inline at::Tensor rope2d_index(const std::optional<at::Tensor>& freqs_index) {
   return freqs_index.has_value() && freqs_index->defined() ? freqs_index->contiguous() : at::Tensor();
 }
 
-// Geometry of tensors of x's shape (tensor 0 gives the shape; 1 and 2 may differ in strides):
-// frequency groups, and each group's planes coalesced into at most kMaxPlaneDims dims. Returns
-// false when the leading dims cannot be coalesced that far (the kernels then work on contiguous
-// copies).
-bool make_rope2d_geometry(
-    std::initializer_list<const at::Tensor*> tensors, bool per_head, rope2d_math::Rope2dGeometry& geo);
-
 }  // namespace detail
+
+// One rotation: out = R(phi) in, or R(-phi) in when `inverse`; with the forward input x (the
+// backward with the freqs gradient) also grad_freqs = dL/dfreqs. in has at least one element.
+struct Rope2dLaunch {
+  at::Tensor in;                    // x, or grad_out in the backward: [..., H, N, D]
+  at::Tensor out;                   // in's shape, any strides (in itself for rope2d_)
+  at::Tensor x;                     // the forward input (in's shape), or undefined
+  at::Tensor coords;                // accumulation dtype, contiguous [N, 2]
+  at::Tensor freqs;                 // accumulation dtype, contiguous [F * Hf, 2, D/2] (F = 1 without freqs_index)
+  at::Tensor index;                 // contiguous freqs_index [N], or undefined
+  rope2d_math::Rope2dGeometry geo;  // of in, out (and x): groups = Hf
+  bool interleaved, inverse;
+  at::Tensor grad_freqs;  // accumulation dtype, freqs' [F * Hf, 2, D/2]: filled when x is defined
+};
+
+namespace cpu {
+void rope2d_rotate(const Rope2dLaunch& a);
+}  // namespace cpu
+
+namespace cuda {
+void rope2d_rotate(const Rope2dLaunch& a);
+}  // namespace cuda
+
 }  // namespace jitrope

@@ -1,4 +1,4 @@
-"""Python entry points of jitrope's fused operators (SPEC.md §2, §3, §3a, §10).
+"""Python entry points of jitrope's fused operators; docs/ops.md says what each computes.
 
 Thin wrappers over ``torch.ops.jitrope.*``. The kernels (CPU, CUDA) and the autograd formulas
 are C++ (csrc/), so the ops train the same way from LibTorch; this module adds the fake
@@ -39,7 +39,7 @@ def rope2d(
         freqs: float ``[2, D/2]`` shared by all heads or ``[H, 2, D/2]`` per head; differentiable
             (learned "mixed" frequencies).
         interleaved: pairs are channels (2m, 2m+1) (EVA-02 / JiT) if True, else (m, m + D/2).
-        freqs_index: optional int64 ``[N]`` (SPEC §10, per-sequence frequencies of a packed batch):
+        freqs_index: optional int64 ``[N]`` (per-sequence frequencies of a packed batch):
             ``freqs`` then has a leading table dim, ``[F, 2, D/2]`` or ``[F, H, 2, D/2]``, and token n
             turns by table ``freqs_index[n]``; its gradient is per table, deterministic. Its values
             are checked, which on CUDA waits for the device.
@@ -185,7 +185,7 @@ if HAS_EXTENSION:
 
 
 def pos2d_add_indexed(x: Tensor, pos_h: Tensor, pos_w: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """The factorized 2D position table on packed tokens (SPEC §10): every token its own row and column.
+    """The factorized 2D position table on packed tokens (docs/ops.md): every token its own row and column.
 
     Args:
         x: float16/bfloat16/float32/float64 ``[..., N, D]``, any leading dims (B = 0 too), any strides.

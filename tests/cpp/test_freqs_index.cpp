@@ -1,4 +1,4 @@
-// GoogleTest cases of per-sequence frequencies (SPEC §10) from LibTorch: rope2d, rope2d_ and
+// GoogleTest cases of per-sequence frequencies (docs/ops.md) from LibTorch: rope2d, rope2d_ and
 // qk_norm_rope with freqs_index, where freqs [F, (H,) 2, D/2] holds one table per sequence and
 // token n turns by table freqs_index[n]. Checked against one plain call per table, forward and
 // through torch::autograd, the single-table case bit for bit, and the argument errors.

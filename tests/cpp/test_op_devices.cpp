@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "ops/pos2d_add.h"
+#include "ops/pos2d_add_indexed.h"
 #include "ops/qk_norm_rope.h"
 #include "ops/rope2d.h"
 
@@ -69,6 +70,24 @@ TEST(OpDevices, Pos2dAddRefusesMetaMixedWithCpu) {
   expect_error(
       [&] { jitrope::pos2d_add_(x, ph, pw.to(kMeta), {2, 3}, 1); },
       "pos2d_add_: pos_w must be on x's device cpu, got meta");
+}
+
+// A meta x with CPU indices has no kernel to reach from LibTorch (the fake kernels are Python's):
+// the entry's check names the argument instead of the dispatcher failing to find a Meta kernel.
+TEST(OpDevices, Pos2dAddIndexedRefusesMetaMixedWithCpu) {
+  const auto x = torch::randn({2, 7, 8});
+  const auto ph = torch::randn({3, 8});
+  const auto pw = torch::randn({4, 8});
+  const auto idx = torch::zeros({7}, torch::kLong);
+  expect_error(
+      [&] { jitrope::pos2d_add_indexed(x, ph, pw.to(kMeta), idx, idx); },
+      "pos2d_add_indexed: pos_w must be on x's device cpu, got meta");
+  expect_error(
+      [&] { jitrope::pos2d_add_indexed(x.to(kMeta), ph.to(kMeta), pw.to(kMeta), idx, idx.to(kMeta)); },
+      "pos2d_add_indexed: rows must be on x's device meta, got cpu");
+  expect_error(
+      [&] { jitrope::pos2d_add_indexed_backward(x.to(kMeta), idx, idx.to(kMeta), 3, 4); },
+      "pos2d_add_indexed_backward: rows must be on grad_out's device meta, got cpu");
 }
 
 TEST(OpDevices, CudaMixedWithCpuIsRefused) {

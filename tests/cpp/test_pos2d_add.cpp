@@ -30,7 +30,7 @@ const Case kCases[] = {
     {5, 2, 6, 5, 1, 32, 8, 8, 2, 2, 3},  // D a multiple of the vector widths
 };
 
-// SPEC §3 in ATen ops, differentiable: the grid segment gets (pos_h[r] + pos_w[c]) added in the
+// The op (docs/ops.md) in ATen ops, differentiable: the grid segment gets (pos_h[r] + pos_w[c]) added in the
 // compute type and rounded once.
 at::Tensor reference(const at::Tensor& x, const at::Tensor& pos_h, const at::Tensor& pos_w, const Case& c) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -38,7 +38,7 @@ std::pair<at::Tensor, at::Tensor> make_indices(const Case& c) {
   return {rows, cols};
 }
 
-// SPEC §10 as a loop over tokens, in the compute type, rounded once; a token with no table is copied.
+// The op (docs/ops.md) as a loop over tokens, in the compute type, rounded once; a token with no table is copied.
 at::Tensor loop_reference(
     const at::Tensor& x,
     const at::Tensor& pos_h,

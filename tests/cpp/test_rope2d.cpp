@@ -17,7 +17,7 @@ namespace {
 using jitrope_test::expect_error;
 using jitrope_test::qk_view;
 
-// SPEC §2 in ATen, in float64: phi[h, n, m] = y_n f[h, 0, m] + x_n f[h, 1, m]; pairs (2m, 2m+1) or
+// The op (docs/ops.md) in ATen, in float64: phi[h, n, m] = y_n f[h, 0, m] + x_n f[h, 1, m]; pairs (2m, 2m+1) or
 // (m, m + D/2) turn by phi. Differentiable through LibTorch autograd.
 torch::Tensor rope2d_reference(
     const torch::Tensor& x, const torch::Tensor& coords, const torch::Tensor& freqs, bool interleaved) {
@@ -118,7 +118,7 @@ TEST(Rope2d, BackwardOpWithoutInputIsInverseRotation) {
 }
 
 TEST(Rope2d, ThroughTheDispatcherByName) {
-  // The schema's C++ signature, freqs_index (SPEC §10) included.
+  // The schema's C++ signature, freqs_index included.
   const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("jitrope::rope2d", "")

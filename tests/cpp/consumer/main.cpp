@@ -1,5 +1,5 @@
 // rope2d and pos2d_add through the installed C++ API, with autograd, against values worked out by
-// hand (SPEC §2, §3). Exits non-zero on any mismatch.
+// hand (docs/ops.md). Exits non-zero on any mismatch.
 #include <ATen/ATen.h>
 #include <jitrope/ops/pos2d_add.h>
 #include <jitrope/ops/rope2d.h>

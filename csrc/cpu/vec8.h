@@ -1,0 +1,98 @@
+// Eight float32 lanes for the CPU row kernels, as GCC/Clang vector extensions: the compiler lowers
+// them to two SSE registers in the baseline build and one AVX2 register in the AVX2 build
+// (cpu/isa.h). Every operation is the IEEE float32 operation of the scalar code, lane by lane, so a
+// row computed with F8 has the bits of the same row computed one element at a time; the
+// accumulations keep their lane order (channel d in lane d mod 8, as cpu kernels' lane sums do).
+// bfloat16 converts through its bits exactly as c10::BFloat16 does (cpu/rows.h).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <c10/util/BFloat16.h>
+
+// Values of these types cross no function boundary that is not inlined: GCC's note that their
+// passing ABI differs with and without AVX does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace jitrope::cpu::vec8 {
+
+using F8 = float __attribute__((vector_size(32)));
+using I8 = int32_t __attribute__((vector_size(32)));
+using U8 = uint32_t __attribute__((vector_size(32)));
+using H8 = uint16_t __attribute__((vector_size(16)));
+
+#if defined(__clang__)
+#define JITROPE_SHUFFLE8(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#define JITROPE_SHUFFLE16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define JITROPE_SHUFFLE8(v, ...) __builtin_shuffle(v, I8{__VA_ARGS__})
+#define JITROPE_SHUFFLE16(a, b, ...) __builtin_shuffle(a, b, I8{__VA_ARGS__})
+#endif
+
+inline F8 load(const float* p) {
+  F8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline F8 load(const c10::BFloat16* p) {
+  H8 h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<F8>(__builtin_convertvector(h, U8) << 16);
+}
+
+inline void store(float* p, F8 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Round to nearest even, NaN to 0x7FC0: c10::BFloat16(float) lane by lane.
+inline void store(c10::BFloat16* p, F8 v) {
+  const U8 u = reinterpret_cast<U8>(v);
+  const U8 rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
+  const U8 bits = reinterpret_cast<U8>(v != v) ? U8{} + 0x7FC0u : rounded;
+  const H8 h = __builtin_convertvector(bits, H8);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+inline F8 broadcast(float x) {
+  return F8{} + x;
+}
+
+// (v1, v0, v3, v2, ...): the other channel of each interleaved pair.
+inline F8 swap_pairs(F8 v) {
+  return JITROPE_SHUFFLE8(v, 1, 0, 3, 2, 5, 4, 7, 6);
+}
+
+// Each of lanes 0..3 (lo) or 4..7 (hi) twice: a pair's value on both of its channels.
+inline F8 dup_lo(F8 v) {
+  return JITROPE_SHUFFLE8(v, 0, 0, 1, 1, 2, 2, 3, 3);
+}
+
+inline F8 dup_hi(F8 v) {
+  return JITROPE_SHUFFLE8(v, 4, 4, 5, 5, 6, 6, 7, 7);
+}
+
+// Even lanes negated (exactly: the sign bit flips).
+inline F8 negate_even(F8 v) {
+  return reinterpret_cast<F8>(
+      reinterpret_cast<U8>(v) ^ U8{0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0});
+}
+
+// The even and the odd lanes of the 16 lanes a, b: one channel of each of 8 interleaved pairs.
+inline F8 even_lanes(F8 a, F8 b) {
+  return JITROPE_SHUFFLE16(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+}
+
+inline F8 odd_lanes(F8 a, F8 b) {
+  return JITROPE_SHUFFLE16(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+// The lanes added pairwise in the order of the scalar lane sums.
+inline float sum_lanes(F8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+}  // namespace jitrope::cpu::vec8
