@@ -42,7 +42,6 @@ import os
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -667,10 +666,12 @@ class _Run:
         bad: List[str] = []
         with D.together(f"probing the weights of step {self.step}"):
             if D.main:
-                model, ema = self.model, self.ema
-                if self.par.sharded:  # the gathered EMAs (on the CPU) stand in for the sharded ones
-                    on_device = lambda i: {k: v.to(self.device) for k, v in full[1][i].items()}  # noqa: E731
-                    model, ema = self._plain_model(full[0]), SimpleNamespace(parameters_dict=on_device)
+                i = None if sampled == "none" else int(sampled)
+                if self.par.sharded:  # the gathered weights and EMA (on the CPU) stand in for the sharded ones
+                    model = self._plain_model(full[0])
+                    ema = None if i is None else {k: v.to(self.device) for k, v in full[1][i].items()}
+                else:
+                    model, ema = self.model, None if i is None else self.ema.parameters_dict(i)
                 bad = unusable_state(model, ema, sampled, self.diffusion, train_loss)
         return D.broadcast(bad)
 

@@ -68,14 +68,17 @@ def probe_loss(model, diffusion: Diffusion, params: Optional[Mapping[str, Tensor
     return float(loss)
 
 
-def unusable_state(model, ema, sampled: str, diffusion: Diffusion, train_loss: float) -> List[str]:
+def unusable_state(
+    model, ema_params: Optional[Mapping[str, Tensor]], sampled: str, diffusion: Diffusion, train_loss: float
+) -> List[str]:
     """What makes the training state of a step unusable, one phrase each (empty: usable): the
     training loss since the last log line, and the probe loss of the raw weights and of the EMA that
-    sampling uses (``sampled``: ``sample.ema``, an EMA index or "none")."""
+    sampling uses (``sampled``: ``sample.ema``, an EMA index or "none"; ``ema_params``: its
+    parameters by name, None when it is "none")."""
     bad = [] if math.isfinite(train_loss) else [f"the training loss is {train_loss}"]
     probed = {"the model weights": probe_loss(model, diffusion)}
-    if sampled != "none":
-        probed[f"EMA {sampled} (the one sampled)"] = probe_loss(model, diffusion, ema.parameters_dict(int(sampled)))
+    if ema_params is not None:
+        probed[f"EMA {sampled} (the one sampled)"] = probe_loss(model, diffusion, ema_params)
     failed = {name: loss for name, loss in probed.items() if not math.isfinite(loss)}
     if failed:
         names = list(failed)
