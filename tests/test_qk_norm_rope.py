@@ -136,6 +136,36 @@ def test_qkv_view_equals_separate_q_and_k(device, dtype):
         assert torch.equal(both[0], q_only[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("freqs_kind", ["none", "shared", "per_head", "indexed"])
+def test_backward_of_a_qkv_view_equals_contiguous_bitwise(dtype, freqs_kind):
+    """The CPU backward reads a qkv view chunk by chunk of tokens (memory order) and a contiguous qk
+    plane by plane; both add every partial's rows in the same order, so the gradients of qk,
+    weight and freqs have the same bits. B * N = 3 * 45 rows: three chunks, the last one short."""
+    B, N, H, D = 3, 45, 2, 16
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(B, N, 3 * H * D, generator=g).to(dtype)
+    view = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = (1 + 0.5 * torch.randn(2, D, generator=g)).to(acc)
+    coords = freqs = None
+    kw = {}
+    if freqs_kind != "none":
+        coords = (torch.rand(N, 2, generator=g) * 12 - 2).to(acc)
+        shape = {"shared": (2, D // 2), "per_head": (H, 2, D // 2), "indexed": (3, 2, D // 2)}[freqs_kind]
+        freqs = torch.randn(*shape, generator=g).to(acc)
+        if freqs_kind == "indexed":
+            kw["freqs_index"] = torch.tensor([0] * 20 + [2] * 15 + [1] * 10)
+    grad = torch.randn(view.shape, generator=g).to(dtype)
+    results = []
+    for qk in (view, view.contiguous()):
+        leaves = [t.detach().requires_grad_() for t in (qk, weight, freqs) if t is not None]
+        out = ops.qk_norm_rope(leaves[0], leaves[1], coords, leaves[2] if freqs is not None else None, **kw)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b), (dtype, freqs_kind)
+
+
 def test_jit_axial_prefix_tokens_not_rotated():
     B, H, N, D = 2, 3, 4 + 9, 16
     qk = torch.randn(2, B, H, N, D)

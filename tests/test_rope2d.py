@@ -112,6 +112,31 @@ class TestRope2D(OpBattery):
 # ---------------------------------------------------------------- op-specific
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half_split"])
+@pytest.mark.parametrize("freqs_kind", ["fixed", "shared", "per_head"])
+def test_cpu_vector_rows_equal_scalar_rows_bitwise(dtype, interleaved, freqs_kind):
+    """CPU rows of D = 64 with unit channel stride run eight lanes at a time (where the CPU has AVX2);
+    the same values read through a channel stride of 2 run the scalar rows. The forward, the in-place
+    op and the backward (with a freqs gradient or without: fixed freqs) have the same bits."""
+    B, H, N, D = 2, 3, 37, 64
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(2, B, H, N, 2 * D, generator=gen).to(dtype)
+    coords = torch.rand(N, 2, generator=gen) * 12 - 2
+    freqs = torch.randn(*((H, 2, D // 2) if freqs_kind == "per_head" else (2, D // 2)), generator=gen)
+    grad = torch.randn(2, B, H, N, D, generator=gen).to(dtype)
+    results = []
+    for x in (wide[..., ::2], wide[..., ::2].contiguous()):
+        xs = x.detach().requires_grad_()
+        fs = freqs.clone().requires_grad_(freqs_kind != "fixed")
+        out = ops.rope2d(xs, coords, fs, interleaved=interleaved)
+        leaves = (xs, fs) if freqs_kind != "fixed" else (xs,)
+        inplace = ops.rope2d_(x.clone(), coords, freqs, interleaved=interleaved)
+        results.append([out.detach(), inplace, *torch.autograd.grad(out, leaves, grad)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b), (dtype, interleaved, freqs_kind)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_inplace_matches_out_of_place(device, dtype):

@@ -7,11 +7,11 @@
 //
 // Memory. Forward: a qkv view is walked token by token, q's and k's heads inside (the view's memory
 // order; the rows a few tokens ahead are prefetched, since the skipped v rows break the hardware
-// prefetcher's stream), any other layout in the output's order. Backward: each thread walks its
-// (s, h, chunk) tasks in (s, h)-major order, so grad_out and grad_qk are sequential streams, and the
-// qk rows (9 KB apart in a qkv view) are prefetched kPrefetchBytes ahead, continuously across
-// tasks. Traffic: qk (and grad_out) read once, the result written once; tables and weights stay in
-// cache.
+// prefetcher's stream), any other layout in the output's order. Backward: rows (s, h)-major, so
+// grad_out and grad_qk are sequential streams; a qkv view's rows are first copied chunk by chunk of
+// tokens, in memory order, into a scratch block that stays in cache; the rows of other strided
+// layouts are prefetched kPrefetchBytes ahead. Traffic: qk (and grad_out) read once, the result
+// written once; tables and weights stay in cache.
 //
 // Compute. float32 and bfloat16 rows with unit channel stride and D a multiple of 16 run eight
 // lanes at a time (cpu/vec8.h) in the AVX2 build (cpu/isa.h); other rows run the scalar loops
@@ -477,31 +477,72 @@ inline int64_t plane_row_offset(const QkLayout& L, int64_t i) {
   return (sh / L.H) * L.ss + (sh % L.H) * L.sh + b * L.sb + (bn - b * L.N) * L.sn;
 }
 
-// Step 1 of the backward: one task per (s, h, chunk); task = (s * H + h) * chunks + k is also the
-// index of its partials: wp[D] and, with kFreqsGrad, fp[runs][2 * D/2] (y-axis then x-axis), one
-// per run of rows with one table (the whole chunk without freqs_index), each the sum of the chunk's
-// rows (b, n) in ascending order. The rows a thread walks, (s, h)-major, keep grad_out and grad_qk
-// sequential; the qk rows of a strided view (a qkv projection's: 9 KB apart) are prefetched
-// `ahead` rows in advance, continuously across the thread's tasks.
+// One row of the backward in the form the layout and the build allow (see forward_kernel's row):
+// row (s, b, h, n) of qk at x, of grad_out and grad_qk at row orow; adds to the partials wp and fp
+// (fp: the row's run, [2 * D/2]). scratch: 5 * D values.
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
-void run_backward(const BackwardArgs<scalar_t>& a) {
+inline void backward_one_row(
+    const BackwardArgs<scalar_t>& a,
+    bool vec,
+    const scalar_t* x,
+    int64_t orow,
+    int64_t s,
+    int64_t h,
+    int64_t n,
+    acc_type<scalar_t>* wp,
+    acc_type<scalar_t>* fp,
+    acc_type<scalar_t>* scratch) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kDirect = kContig && std::is_same_v<scalar_t, acc_t>;
   const QkLayout& L = a.L;
-  const int64_t D = L.D, half = D / 2, H = L.H, BN = L.B * L.N, chunks = a.chunks;
-  // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h).
-  const bool vec = kVec8Type<scalar_t> && kContig && D % 16 == 0 && use_avx2();
+  const int64_t D = L.D, half = D / 2;
+  acc_t* xhat = scratch;
+  acc_t* gxhat = xhat + D;
+  acc_t* xs = gxhat + D;
+  acc_t* gs = xs + D;
+  acc_t* gxs = gs + D;
+  const scalar_t* gr = a.g + orow * D;
+  scalar_t* gxr = a.gx + orow * D;
+  const acc_t* ws = a.w + s * D;
+  const int64_t trow = ((a.per_head ? h : 0) * L.N + n) * half;
+  const acc_t* c = kRotate ? a.cos_t + trow : nullptr;
+  const acc_t* ns = kRotate ? a.nsin_t + trow : nullptr;
+  const acc_t cy = kFreqsGrad ? a.coords[2 * n] : acc_t(0);
+  const acc_t cx = kFreqsGrad ? a.coords[2 * n + 1] : acc_t(0);
+  acc_t* fy = kFreqsGrad ? fp : nullptr;
+  acc_t* fx = kFreqsGrad ? fp + half : nullptr;
+  if (vec) {
+    if constexpr (kVec8Type<scalar_t> && kContig) {
+      backward_row_v8<kRotate, kInterleaved, kFreqsGrad>(x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xs, gxhat, D, a.eps);
+    }
+  } else if constexpr (kDirect) {
+    backward_row<kRotate, kInterleaved, kFreqsGrad>(x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
+  } else {
+    load_row<kContig>(x, L.sd, xs, D);
+    load_row<true>(gr, 1, gs, D);
+    backward_row<kRotate, kInterleaved, kFreqsGrad>(xs, gs, gxs, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
+    store_row(gxs, gxr, D);
+  }
+}
+
+// Step 1 of the backward, in one of two walks that give the same bits. Task (s, h, k) of the math
+// header's chunking owns the partials at index (s * H + h) * chunks + k: wp[D] and, with
+// kFreqsGrad, fp[runs][2 * D/2] (y-axis then x-axis), one per run of rows with one table (the
+// whole chunk without freqs_index), each the sum of the chunk's rows (b, n) in ascending order.
+//
+// run_backward_planes: one parallel task per (s, h, chunk), rows walked (s, h)-major, so that
+// grad_out and grad_qk are sequential streams and a contiguous qk is too; the qk rows of other
+// strided layouts are prefetched `ahead` rows in advance, continuously across a thread's tasks.
+template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
+void run_backward_planes(const BackwardArgs<scalar_t>& a, bool vec) {
+  using acc_t = acc_type<scalar_t>;
+  const QkLayout& L = a.L;
+  const int64_t D = L.D, H = L.H, BN = L.B * L.N, chunks = a.chunks;
   const int64_t ahead = prefetch_rows(L, sizeof(scalar_t));
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, a.rpc * D));
   at::parallel_for(0, 2 * H * chunks, grain, [&](int64_t begin, int64_t end) {
     run_isa([&] {
-      // scratch: xhat [D], gxhat [D], then (not kDirect) x [D], g [D], gx [D] of the current row.
       std::vector<acc_t> scratch(5 * D);
-      acc_t* xhat = scratch.data();
-      acc_t* gxhat = xhat + D;
-      acc_t* xs = gxhat + D;
-      acc_t* gs = xs + D;
-      acc_t* gxs = gs + D;
       // The prefetched rows: from the first task's first row + ahead to the last task's last row.
       const int64_t last = (end - 1) / chunks * BN + std::min(BN, ((end - 1) % chunks + 1) * a.rpc);
       int64_t next = begin / chunks * BN + (begin % chunks) * a.rpc;
@@ -519,7 +560,6 @@ void run_backward(const BackwardArgs<scalar_t>& a) {
           std::fill(fp, fp + a.runs * D, acc_t(0));
         }
         const scalar_t* plane = a.qk + s * L.ss + h * L.sh;
-        const acc_t* ws = a.w + s * D;
         int64_t b = row0 / L.N, n = row0 - b * L.N;
         int64_t run1 = row1;  // end of the current run
         if constexpr (kFreqsGrad) {
@@ -533,32 +573,9 @@ void run_backward(const BackwardArgs<scalar_t>& a) {
             fp += D;
             run1 = qm::run_end(a.index, bn, row1, L.N);
           }
-          const scalar_t* x = plane + b * L.sb + n * L.sn;
           const int64_t orow = ((s * L.B + b) * H + h) * L.N + n;  // row of the contiguous g and gx
-          const scalar_t* gr = a.g + orow * D;
-          scalar_t* gxr = a.gx + orow * D;
-          const int64_t trow = ((a.per_head ? h : 0) * L.N + n) * half;
-          const acc_t* c = kRotate ? a.cos_t + trow : nullptr;
-          const acc_t* ns = kRotate ? a.nsin_t + trow : nullptr;
-          const acc_t cy = kFreqsGrad ? a.coords[2 * n] : acc_t(0);
-          const acc_t cx = kFreqsGrad ? a.coords[2 * n + 1] : acc_t(0);
-          acc_t* fy = kFreqsGrad ? fp : nullptr;
-          acc_t* fx = kFreqsGrad ? fp + half : nullptr;
-          if (vec) {
-            if constexpr (kVec8Type<scalar_t> && kContig) {
-              backward_row_v8<kRotate, kInterleaved, kFreqsGrad>(
-                  x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xs, gxhat, D, a.eps);
-            }
-          } else if constexpr (kDirect) {
-            backward_row<kRotate, kInterleaved, kFreqsGrad>(
-                x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
-          } else {
-            load_row<kContig>(x, L.sd, xs, D);
-            load_row<true>(gr, 1, gs, D);
-            backward_row<kRotate, kInterleaved, kFreqsGrad>(
-                xs, gs, gxs, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
-            store_row(gxs, gxr, D);
-          }
+          backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
+              a, vec, plane + b * L.sb + n * L.sn, orow, s, h, n, wp, fp, scratch.data());
           if (++n == L.N) {
             n = 0;
             ++b;
@@ -567,6 +584,81 @@ void run_backward(const BackwardArgs<scalar_t>& a) {
       }
     });
   });
+}
+
+// run_backward_tokens: for a qk with unit channel stride whose tokens lie farther apart than its
+// q/k and head rows (a qkv view), one parallel task per chunk k: first the chunk's qk rows are
+// copied token by token (qk's memory order: one sequential stream, the forward's walk) into a
+// scratch block in (s, h)-major order (2H * rpc * D values, in cache), then the chunk's tasks
+// (s, h, k) run on the block as run_backward_planes runs them, so grad_out and grad_qk stay
+// sequential and every partial gets the same rows in the same order: the same bits.
+template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad>
+void run_backward_tokens(const BackwardArgs<scalar_t>& a, bool vec) {
+  using acc_t = acc_type<scalar_t>;
+  const QkLayout& L = a.L;
+  const int64_t D = L.D, H = L.H, BN = L.B * L.N, chunks = a.chunks, rpc = a.rpc;
+  const int64_t ahead = prefetch_tokens(L, sizeof(scalar_t));
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, rpc * 2 * H * D));
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    run_isa([&] {
+      std::vector<acc_t> scratch(5 * D);
+      std::vector<scalar_t> block(2 * H * rpc * D);
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t row0 = k * rpc, row1 = std::min(BN, row0 + rpc);
+        for (int64_t bn = row0; bn < row1; ++bn) {
+          const int64_t b = bn / L.N, n = bn - b * L.N;
+          const int64_t pb = (bn + ahead) / L.N, pn = (bn + ahead) - pb * L.N;
+          for (int64_t s = 0; s < 2; ++s) {
+            for (int64_t h = 0; h < H; ++h) {
+              if (bn + ahead < BN) {
+                prefetch_bytes(a.qk + s * L.ss + pb * L.sb + h * L.sh + pn * L.sn, D * sizeof(scalar_t));
+              }
+              const scalar_t* x = a.qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
+              std::copy(x, x + D, block.data() + ((s * H + h) * rpc + (bn - row0)) * D);
+            }
+          }
+        }
+        for (int64_t sh = 0; sh < 2 * H; ++sh) {
+          const int64_t h = sh % H, s = sh / H, task = sh * chunks + k;
+          acc_t* wp = a.wpart + task * D;
+          acc_t* fp = kFreqsGrad ? a.fpart + task * a.runs * D : nullptr;
+          std::fill(wp, wp + D, acc_t(0));
+          if constexpr (kFreqsGrad) {
+            std::fill(fp, fp + a.runs * D, acc_t(0));
+          }
+          int64_t run1 = row1;  // end of the current run
+          if constexpr (kFreqsGrad) {
+            run1 = a.index != nullptr ? qm::run_end(a.index, row0, row1, L.N) : row1;
+          }
+          int64_t b = row0 / L.N, n = row0 - b * L.N;
+          for (int64_t bn = row0; bn < row1; ++bn) {
+            if (kFreqsGrad && bn == run1) {
+              fp += D;
+              run1 = qm::run_end(a.index, bn, row1, L.N);
+            }
+            backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, /*kContig=*/true>(
+                a, vec, block.data() + (sh * rpc + (bn - row0)) * D, ((s * L.B + b) * H + h) * L.N + n, s, h, n, wp,
+                fp, scratch.data());
+            if (++n == L.N) {
+              n = 0;
+              ++b;
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
+void run_backward(const BackwardArgs<scalar_t>& a) {
+  // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h).
+  const bool vec = kVec8Type<scalar_t> && kContig && a.L.D % 16 == 0 && use_avx2();
+  if (kContig && tokens_outer(a.L)) {
+    run_backward_tokens<scalar_t, kRotate, kInterleaved, kFreqsGrad>(a, vec);
+  } else {
+    run_backward_planes<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(a, vec);
+  }
 }
 
 // Step 2: the partials to grad_weight [2, D] and (with the freqs gradient) grad_freqs [F * Hf, D],

@@ -4,8 +4,9 @@
 // float64 x), so each token's angles are computed once and reused by every head (Hf = 1) and every
 // leading index. The rotation is an at::parallel_for over the rows of D channels walked in x's
 // memory order (dims sorted by stride, as a copy walks them: B, N, then q/k and heads for a qkv
-// view), rows prefetched ahead; a row with channel stride 1 is rotated by a loop the compiler
-// vectorizes. Traffic: x read once, the result written once; the table, 1/(leading * H / Hf) of x,
+// view), rows prefetched ahead; a float32 or bfloat16 row with channel stride 1 and D a multiple
+// of 16 is rotated eight lanes at a time in the AVX2 build (cpu/vec8.h, cpu/isa.h), other rows by
+// loops the compiler vectorizes where it can: the same bits either way. Traffic: x read once, the result written once; the table, 1/(leading * H / Hf) of x,
 // stays in cache. The freqs gradient runs in parallel over tokens: each thread owns its tokens'
 // rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices) into them in plane order, then
 // the rows are contracted with coords in token order, so the result has the same bits for any
@@ -27,6 +28,7 @@
 #include "cpu/isa.h"
 #include "cpu/rope2d_table.h"
 #include "cpu/rows.h"
+#include "cpu/vec8.h"
 #include "math/rope2d_math.h"
 #include "ops/rope2d_impl.h"
 
@@ -111,6 +113,69 @@ inline void rotate_row_angle_grad(
     gx[ia * gx_cs] = from_acc<scalar_t>(oa);
     gx[ib * gx_cs] = from_acc<scalar_t>(ob);
   }
+}
+
+// The rows above eight lanes at a time (cpu/vec8.h), for float32 and bfloat16 rows with unit
+// channel stride and D a multiple of 16, in the AVX2 build (as qk_norm_rope's rows): the same
+// operations in the same order, hence the same bits. An interleaved pair turns in channel order,
+// out = v * (c, c) + swap(v) * (-s, s) (a product by -s is minus the product by s, exactly; the
+// odd lane's b * c + a * s is the scalar a * s + b * c); a half-split row in pair order. Every
+// load of a block comes before its stores, so out may be in.
+template <typename scalar_t>
+constexpr bool kVec8Type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <bool kInterleaved, typename scalar_t>
+inline void rotate_row_v8(const scalar_t* in, scalar_t* out, const float* c, const float* s, int64_t half) {
+  using namespace vec8;
+  if constexpr (kInterleaved) {
+    for (int64_t d = 0; d < 2 * half; d += 16) {
+      const F8 y0 = load(in + d), y1 = load(in + d + 8);
+      const F8 cv = load(c + d / 2), sv = load(s + d / 2);
+      store(out + d, y0 * dup_lo(cv) + swap_pairs(y0) * negate_even(dup_lo(sv)));
+      store(out + d + 8, y1 * dup_hi(cv) + swap_pairs(y1) * negate_even(dup_hi(sv)));
+    }
+  } else {
+    for (int64_t m = 0; m < half; m += 8) {
+      const F8 a = load(in + m), b = load(in + half + m);
+      const F8 cv = load(c + m), sv = load(s + m);
+      store(out + m, a * cv - b * sv);
+      store(out + half + m, a * sv + b * cv);
+    }
+  }
+}
+
+// rotate_row_angle_grad's row: gx = R(-phi) g (s holds -sin) and dphi += gb * xa - ga * xb.
+template <bool kInterleaved, typename scalar_t>
+inline void rotate_row_angle_grad_v8(
+    const scalar_t* g, const scalar_t* x, scalar_t* gx, const float* c, const float* s, float* dphi, int64_t half) {
+  using namespace vec8;
+  if constexpr (kInterleaved) {
+    for (int64_t d = 0; d < 2 * half; d += 16) {
+      const F8 g0 = load(g + d), g1 = load(g + d + 8);
+      const F8 cv = load(c + d / 2), sv = load(s + d / 2);
+      const F8 o0 = g0 * dup_lo(cv) + swap_pairs(g0) * negate_even(dup_lo(sv));
+      const F8 o1 = g1 * dup_hi(cv) + swap_pairs(g1) * negate_even(dup_hi(sv));
+      const F8 t0 = swap_pairs(o0) * load(x + d), t1 = swap_pairs(o1) * load(x + d + 8);
+      store(dphi + d / 2, load(dphi + d / 2) + (even_lanes(t0, t1) - odd_lanes(t0, t1)));
+      store(gx + d, o0);
+      store(gx + d + 8, o1);
+    }
+  } else {
+    for (int64_t m = 0; m < half; m += 8) {
+      const F8 ga = load(g + m), gb = load(g + half + m);
+      const F8 cv = load(c + m), sv = load(s + m);
+      const F8 oa = ga * cv - gb * sv, ob = ga * sv + gb * cv;
+      store(dphi + m, load(dphi + m) + (ob * load(x + m) - oa * load(x + half + m)));
+      store(gx + m, oa);
+      store(gx + half + m, ob);
+    }
+  }
+}
+
+// Whether rows of `half` pairs of scalar_t with unit channel stride take the eight-lane rows.
+template <typename scalar_t>
+inline bool use_vec8_rows(bool contig, int64_t half) {
+  return kVec8Type<scalar_t> && contig && half % 8 == 0 && use_avx2();
 }
 
 // Offsets of plane q of group g for every tensor.
@@ -208,6 +273,7 @@ void rotate_rows(
     int64_t half) {
   const bool in_place = in_p == out_p;
   const bool contig = in_cs == 1 && out_cs == 1;
+  const bool vec = use_vec8_rows<scalar_t>(contig, half);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
   const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
@@ -217,11 +283,15 @@ void rotate_rows(
       RowCursor ahead(walk, std::min(begin + prefetch_rows, walk.rows - 1));
       for (int64_t r = begin; r < end; ++r, row.next(), ahead.next()) {
         if (contig && r + prefetch_rows < end) {
-          prefetch_bytes</*kLocality=*/0>(in_p + ahead.off[0], row_bytes);
+          prefetch_bytes(in_p + ahead.off[0], row_bytes);
         }
         const acc_t* cr = cos_t + row.off[2];
         const acc_t* sr = sin_t + row.off[2];
-        if (contig && in_place) {
+        if (vec) {
+          if constexpr (kVec8Type<scalar_t>) {
+            rotate_row_v8<kInterleaved>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
+          }
+        } else if (contig && in_place) {
           rotate_row_in_place<kInterleaved>(out_p + row.off[1], cr, sr, half);
         } else if (contig) {
           rotate_row<kInterleaved>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
@@ -270,6 +340,7 @@ void rotate_back_with_angle_grad(
     acc_t* dphi_p) {
   const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group, groups = geo.groups;
   const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1 && geo.channel_stride[2] == 1;
+  const bool vec = use_vec8_rows<scalar_t>(contig, half);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
   const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
@@ -278,7 +349,11 @@ void rotate_back_with_angle_grad(
     scalar_t* gxr = gx_p + off[1] + n * geo.token_stride[1];
     const scalar_t* xr = x_p + off[2] + n * geo.token_stride[2];
     const int64_t t = (g * N + n) * half;
-    if (contig) {
+    if (vec) {
+      if constexpr (kVec8Type<scalar_t>) {
+        rotate_row_angle_grad_v8<kInterleaved>(gr, xr, gxr, cos_t + t, sin_t + t, dphi_p + t, half);
+      }
+    } else if (contig) {
       rotate_row_angle_grad<kInterleaved, true>(gr, 1, xr, 1, gxr, 1, cos_t + t, sin_t + t, dphi_p + t, half);
     } else {
       rotate_row_angle_grad<kInterleaved, false>(
@@ -315,8 +390,8 @@ void rotate_back_with_angle_grad(
           plane_offsets(geo, g, q, off);
           for (int64_t n = n0; n < n1; ++n) {
             if (contig && n + prefetch_rows < n1) {
-              prefetch_bytes</*kLocality=*/0>(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
-              prefetch_bytes</*kLocality=*/0>(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
+              prefetch_bytes(g_p + off[0] + (n + prefetch_rows) * geo.token_stride[0], row_bytes);
+              prefetch_bytes(x_p + off[2] + (n + prefetch_rows) * geo.token_stride[2], row_bytes);
             }
             row(g, n, off);
           }
