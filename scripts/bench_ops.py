@@ -20,6 +20,7 @@ over --reps runs after --warmup runs, taken with CUDA events on a GPU.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import sys
@@ -39,8 +40,11 @@ from jitrope.rope import axial_freqs, sequence_coords  # noqa: E402
 # ---------------------------------------------------------------- generic harness
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int, clock: str = "wall") -> float:
+    """Median time of fn() in milliseconds: CUDA events on a GPU; on a CPU wall time, or with
+    clock="cpu" the CPU time of this process (its threads' time on the CPU, page faults included,
+    time spent waiting for a core while other jobs run excluded: with 1 thread, what a quiet
+    machine's wall clock would read)."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -54,12 +58,33 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps
             end.synchronize()
             times.append(start.elapsed_time(end))
         return statistics.median(times)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((now() - t0) * 1e3)
     return statistics.median(times)
+
+
+def keep_freed_blocks() -> str:
+    """On glibc, keep freed blocks in the heap for the next allocation instead of handing them back
+    to the OS (mallopt: the largest mmap threshold, 32 MiB, and no trimming), so that a timed call
+    reuses the memory its previous call freed, as a caching allocator (jemalloc, tcmalloc; the
+    advice of PyTorch's CPU performance guide) does. With the defaults, whether a call's 14 MB
+    outputs come back as fresh pages, each one faulted in and zeroed by the kernel, depends on the
+    allocation history of the process: the same copy then times at 2.4 or at 11 ms. The setting
+    applies to every column (fused, eager, compiled, copy). Returns what was set, for the header."""
+    if not sys.platform.startswith("linux"):
+        return "the platform's allocator"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "the platform's allocator"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2**31 - 1):
+        return "glibc malloc keeping freed blocks (mmap threshold 32 MiB, no trim)"
+    return "glibc malloc, defaults (mallopt refused)"
 
 
 def measure(
@@ -81,7 +106,7 @@ def measure(
     fns = [("fused", fused), ("eager", eager), ("copy", copy)]
     if compiled is not None and args.compile:
         fns.append(("compiled", compiled))
-    t = {name: time_ms(fn, device, warmup=args.warmup, reps=args.reps) for name, fn in fns}
+    t = {name: time_ms(fn, device, warmup=args.warmup, reps=args.reps, clock=args.clock) for name, fn in fns}
     return {
         "op": op,
         "case": case,
@@ -682,6 +707,15 @@ def main(argv=None) -> int:
         "compiling takes minutes on a CPU",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="CPU timing: wall time (default) or the process's CPU time (with --threads 1, robust to other jobs)",
+    )
+    p.add_argument(
+        "--malloc-defaults", action="store_true", help="CPU: leave glibc malloc as it is (see keep_freed_blocks)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     p.add_argument(
         "--packed",
@@ -704,6 +738,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    alloc = keep_freed_blocks() if device.type == "cpu" and not args.malloc_defaults else "default allocator"
     dtypes = args.dtype or ("bfloat16,float32" if device.type == "cuda" else "float32")
     dtypes = [getattr(torch, d.strip()) for d in dtypes.split(",")]
     names = OPS if args.op == "all" else [args.op]
@@ -735,7 +770,9 @@ def main(argv=None) -> int:
             with torch.inference_mode(False):
                 rows.extend(BENCHES[name](device, dtype, args))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; median of {args.reps} runs\n")
+    print(
+        f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}, {alloc}; median of {args.reps} runs, {args.clock} clock\n"
+    )
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=2))
