@@ -588,7 +588,7 @@ README_METRICS = ("held-out v-loss", "FD-emoji", "class acc", "PSNR (dB)")
 
 def readme_answer(sections: Sequence[Section], page_link: str, command: str) -> List[str]:
     """The README's answer, from the same records and rule as the page: one claim a line (the lead
-    section's, whether each later section's answer held, and the later sections'), the lead section's
+    section's, whether each later section's answer held, and each later section's first), the lead section's
     main metrics with their seed spread, its limits, and a link ``page_link`` to the page."""
     preps = [prepare(s) for s in sections]
     lead, lp = sections[0], preps[0]
@@ -604,7 +604,7 @@ def readme_answer(sections: Sequence[Section], page_link: str, command: str) -> 
             L.append(f"- {held[0]}")
             L += [f"  - The best-or-within-noise groups differ on: {'; '.join(changed)}."] if changed else []
         L += ["", f"**{sec.info.title}** ({sec.info.steps} steps, seeds {'/'.join(map(str, prep.seeds))}):", ""]
-        L += [f"- {c}" for c in section_claims(prep, sec.info)]
+        L += [f"- {c}" for c in section_claims(prep, sec.info)[:1]]  # the rest is on the page
     metrics = [m for m in quality_metrics(lp.main) if m.label in README_METRICS]
     body = [
         [f"`{n}`", *(fmt_pm(*mean_sd(per_encoding(lp.main, lp.names, m.path)[n]), m.spec) for m in metrics)]
