@@ -771,7 +771,8 @@ def main(argv=None) -> int:
                 rows.extend(BENCHES[name](device, dtype, args))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}, {alloc}; median of {args.reps} runs, {args.clock} clock\n"
+        f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}, {alloc}; "
+        f"median of {args.reps} runs, {args.clock} clock\n"
     )
     print_table(rows)
     if args.json:

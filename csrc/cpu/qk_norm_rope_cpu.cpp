@@ -513,7 +513,8 @@ inline void backward_one_row(
   acc_t* fx = kFreqsGrad ? fp + half : nullptr;
   if (vec) {
     if constexpr (kVec8Type<scalar_t> && kContig) {
-      backward_row_v8<kRotate, kInterleaved, kFreqsGrad>(x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xs, gxhat, D, a.eps);
+      backward_row_v8<kRotate, kInterleaved, kFreqsGrad>(
+          x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xs, gxhat, D, a.eps);
     }
   } else if constexpr (kDirect) {
     backward_row<kRotate, kInterleaved, kFreqsGrad>(x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
@@ -637,8 +638,8 @@ void run_backward_tokens(const BackwardArgs<scalar_t>& a, bool vec) {
               run1 = qm::run_end(a.index, bn, row1, L.N);
             }
             backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, /*kContig=*/true>(
-                a, vec, block.data() + (sh * rpc + (bn - row0)) * D, ((s * L.B + b) * H + h) * L.N + n, s, h, n, wp,
-                fp, scratch.data());
+                a, vec, block.data() + (sh * rpc + (bn - row0)) * D, ((s * L.B + b) * H + h) * L.N + n, s, h, n, wp, fp,
+                scratch.data());
             if (++n == L.N) {
               n = 0;
               ++b;

@@ -6,9 +6,10 @@
 // memory order (dims sorted by stride, as a copy walks them: B, N, then q/k and heads for a qkv
 // view), rows prefetched ahead; a float32 or bfloat16 row with channel stride 1 and D a multiple
 // of 16 is rotated eight lanes at a time in the AVX2 build (cpu/vec8.h, cpu/isa.h), other rows by
-// loops the compiler vectorizes where it can: the same bits either way. Traffic: x read once, the result written once; the table, 1/(leading * H / Hf) of x,
-// stays in cache. The freqs gradient runs in parallel over tokens: each thread owns its tokens'
-// rows of dL/dphi [Hf, N, D/2] and sums the planes ([N, D] matrices) into them in plane order, then
+// loops the compiler vectorizes where it can: the same bits either way. Traffic: x read once, the
+// result written once; the table, 1/(leading * H / Hf) of x, stays in cache. The freqs gradient
+// runs in parallel over tokens: each thread owns its tokens' rows of dL/dphi [Hf, N, D/2] and
+// sums the planes ([N, D] matrices) into them in plane order, then
 // the rows are contracted with coords in token order, so the result has the same bits for any
 // thread count. With freqs_index (packed batches) the table rows of token n come from table freqs_index[n]
 // and the contraction adds each token into its table, tokens still in order (one table: the plain
