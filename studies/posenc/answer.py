@@ -129,9 +129,10 @@ def held_claims(lead, lead_info, other, other_info) -> List[str]:
     if not l1 or not l2:
         return []
     word = "Yes" if l1 == l2 else ("Partly" if set(l1) & set(l2) else "No")
+    verb = "lead" if len(l1) > 1 else "leads"
     out = [
         f"Did the {other_info.short} answer hold at {lead_info.short}? {word}: {names_text(l2)} led at "
-        f"{other_info.short} ({t2[l2[0]]} of {len(common)} quality metrics both measured), {names_text(l1)} lead at "
+        f"{other_info.short} ({t2[l2[0]]} of {len(common)} quality metrics both measured), {names_text(l1)} {verb} at "
         f"{lead_info.short} ({t1[l1[0]]} of {len(common)})."
     ]
     for m in common:

@@ -420,9 +420,15 @@ def _times(info: PageInfo, prep: Prepared, rows, timing, sanity) -> List[str]:
     if walls:
         h = sum(walls) / 3600
         times.append(f"training {h:.1f} h of {len(walls)} runs, {info.jobs} at a time (about {h / info.jobs:.1f} h)")
-    for stage in ("eval", "sizes"):
-        if timing.get(stage) is not None:
-            times.append(f"{'evaluation' if stage == 'eval' else stage} {timing[stage] / 60:.0f} min")
+    if timing.get("eval_count"):
+        times.append(
+            f"evaluation {timing['eval'] / 3600:.1f} h of {timing['eval_count']} evaluations (each one's wall time, "
+            "summed; several ran side by side)"
+        )
+    elif timing.get("eval") is not None:
+        times.append(f"evaluation {timing['eval'] / 60:.0f} min")
+    if timing.get("sizes") is not None:
+        times.append(f"sizes {timing['sizes'] / 60:.0f} min")
     if sanity.get("_featnet_seconds") is not None:
         times.append(f"feature network {sanity['_featnet_seconds'] / 60:.0f} min (once, cached)")
     if times:

@@ -326,7 +326,11 @@ def report(args, timing: Dict) -> Path:
         rows = runs.collect(args)
         if not any(r.get("regime", "single") == "single" and "vloss" in r for r in rows):
             raise RuntimeError("no evaluated run to report; run --stage train and --stage eval first")
-        sections = [R.Section(page_info(args, rows), rows, runs.fd_sanity(args), dict(timing))] + also_shown(args)
+        # Evaluation time from the evaluations' own records, like training's from metrics.jsonl: a
+        # stage's wall time would miss calls made side by side or in other sessions.
+        timing = dict(timing)
+        timing["eval"], timing["eval_count"] = runs.eval_seconds(args)
+        sections = [R.Section(page_info(args, rows), rows, runs.fd_sanity(args), timing)] + also_shown(args)
     page = R.write_page(sections, out, command=command)
     if args.readme:
         readme = Path(args.readme)

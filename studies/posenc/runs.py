@@ -9,6 +9,7 @@ step_XXXXXXXX``, ``metrics.jsonl`` and logs, and the evaluations ``eval_<steps>.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -239,6 +240,22 @@ def collect(args) -> List[Dict]:
         r["grids"] = str(run / f"grids_sizes_{args.steps:08d}")
         rows.append(r)
     return rows
+
+
+def eval_seconds(args) -> Tuple[float, int]:
+    """The wall seconds of every evaluation the runs hold (each record's own ``seconds``: main, every-size
+    and FD-vs-step evaluations) summed, and their count; evaluations that ran side by side count each."""
+    total, count = 0.0, 0
+    for name, seed, regime in regime_runs(args):
+        run = run_dir(args, name, seed, regime)
+        for f in [*run.glob("eval_*.json"), *(run / "eval_steps").glob("step_*.json")]:
+            try:
+                sec = json.loads(f.read_text()).get("seconds")
+            except (OSError, ValueError):
+                continue
+            if isinstance(sec, (int, float)):
+                total, count = total + float(sec), count + 1
+    return total, count
 
 
 def fd_sanity(args) -> Dict[str, float]:
