@@ -619,6 +619,10 @@ void run_backward_tokens(const BackwardArgs<scalar_t>& a, bool vec) {
             }
           }
         }
+        // While this chunk computes, the next one's rows are prefetched, one row per row computed,
+        // in the order its copy reads them: the copy then finds them in cache.
+        const int64_t next0 = row1, next_rows = k + 1 < end ? 2 * H * (std::min(BN, next0 + rpc) - next0) : 0;
+        int64_t fetched = 0;
         for (int64_t sh = 0; sh < 2 * H; ++sh) {
           const int64_t h = sh % H, s = sh / H, task = sh * chunks + k;
           acc_t* wp = a.wpart + task * D;
@@ -636,6 +640,12 @@ void run_backward_tokens(const BackwardArgs<scalar_t>& a, bool vec) {
             if (kFreqsGrad && bn == run1) {
               fp += D;
               run1 = qm::run_end(a.index, bn, row1, L.N);
+            }
+            if (fetched < next_rows) {
+              const int64_t fbn = next0 + fetched / (2 * H), fsh = fetched % (2 * H);
+              const int64_t fb = fbn / L.N, fn = fbn - fb * L.N;
+              prefetch_bytes(a.qk + (fsh / H) * L.ss + fb * L.sb + (fsh % H) * L.sh + fn * L.sn, D * sizeof(scalar_t));
+              ++fetched;
             }
             backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, /*kContig=*/true>(
                 a, vec, block.data() + (sh * rpc + (bn - row0)) * D, ((s * L.B + b) * H + h) * L.N + n, s, h, n, wp, fp,
