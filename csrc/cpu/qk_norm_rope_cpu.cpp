@@ -159,16 +159,9 @@ inline void forward_row(
   }
 }
 
-// The same rows eight lanes at a time (cpu/vec8.h), for float32 and bfloat16 rows with unit channel
-// stride and D a multiple of 16, in the AVX2 build (the baseline build's lowering of eight-lane
-// vectors to SSE2 is slower than its own vectorization of the scalar rows): the same operations in
-// the same order, hence the same bits. An
-// interleaved pair is turned in channel order, out = y * (c, c) + swap(y) * (-s, s) (a product by
-// -s is minus the product by s, exactly); a half-split row in pair order. bfloat16 rows are
-// converted once into xs, a float32 scratch row.
-template <typename scalar_t>
-constexpr bool kVec8Type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-
+// The same rows eight lanes at a time where vec8::use_rows says so: the same operations in the same
+// order, hence the same bits (interleaved pairs by vec8::rotate_pairs, half-split rows in pair
+// order). bfloat16 rows are converted once into xs, a float32 scratch row.
 template <typename scalar_t>
 inline const float* sum_squares_v8(const scalar_t* x, float* xs, int64_t D, vec8::F8& acc) {
   acc = vec8::F8{};
@@ -206,8 +199,8 @@ inline void forward_row_v8(
       F8 y1 = (load(xr + d + 8) * inv) * load(w + d + 8);
       if constexpr (kRotate) {
         const F8 cv = load(c + d / 2), sv = load(s + d / 2);
-        y0 = y0 * dup_lo(cv) + swap_pairs(y0) * negate_even(dup_lo(sv));
-        y1 = y1 * dup_hi(cv) + swap_pairs(y1) * negate_even(dup_hi(sv));
+        y0 = rotate_pairs(y0, dup_lo(cv), dup_lo(sv));
+        y1 = rotate_pairs(y1, dup_hi(cv), dup_hi(sv));
       }
       store(y + d, y0);
       store(y + d + 8, y1);
@@ -259,8 +252,8 @@ inline void backward_row_v8(
       F8 r0 = load(g + d), r1 = load(g + d + 8);
       if constexpr (kRotate) {  // dL/dy = R(-phi) dL/dout; ns holds -sin
         const F8 cv = load(c + d / 2), nv = load(ns + d / 2);
-        r0 = r0 * dup_lo(cv) + swap_pairs(r0) * negate_even(dup_lo(nv));
-        r1 = r1 * dup_hi(cv) + swap_pairs(r1) * negate_even(dup_hi(nv));
+        r0 = rotate_pairs(r0, dup_lo(cv), dup_lo(nv));
+        r1 = rotate_pairs(r1, dup_hi(cv), dup_hi(nv));
         if constexpr (kFreqsGrad) {  // dL/dphi = rb * ya - ra * yb per pair
           const F8 t0 = swap_pairs(r0) * ((x0 * inv) * w0), t1 = swap_pairs(r1) * ((x1 * inv) * w1);
           const F8 dphi = even_lanes(t0, t1) - odd_lanes(t0, t1);
@@ -335,7 +328,7 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
   const acc_t eps = static_cast<acc_t>(a.p.eps);
   const bool per_head = a.p.per_head;
   // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h).
-  const bool vec = kVec8Type<scalar_t> && kContig && D % 16 == 0 && use_avx2();
+  const bool vec = vec8::use_rows<scalar_t>(kContig, D);
   // Row (s, b, h, n): x at qk + x_off, out row r = ((s * B + b) * H + h) * N + n.
   auto row = [&](int64_t x_off, int64_t r, int64_t s, int64_t h, int64_t n, acc_t* scratch) {
     const scalar_t* x = qk + x_off;
@@ -344,7 +337,7 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
     const acc_t* c = kRotate ? cos_t + trow : nullptr;
     const acc_t* sn = kRotate ? sin_t + trow : nullptr;
     if (vec) {
-      if constexpr (kVec8Type<scalar_t> && kContig) {
+      if constexpr (vec8::kType<scalar_t> && kContig) {
         forward_row_v8<kRotate, kInterleaved>(x, o, w + s * D, c, sn, D, eps, scratch);
       }
     } else if constexpr (kDirect) {
@@ -512,7 +505,7 @@ inline void backward_one_row(
   acc_t* fy = kFreqsGrad ? fp : nullptr;
   acc_t* fx = kFreqsGrad ? fp + half : nullptr;
   if (vec) {
-    if constexpr (kVec8Type<scalar_t> && kContig) {
+    if constexpr (vec8::kType<scalar_t> && kContig) {
       backward_row_v8<kRotate, kInterleaved, kFreqsGrad>(
           x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xs, gxhat, D, a.eps);
     }
@@ -523,6 +516,57 @@ inline void backward_one_row(
     load_row<true>(gr, 1, gs, D);
     backward_row<kRotate, kInterleaved, kFreqsGrad>(xs, gs, gxs, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
     store_row(gxs, gxr, D);
+  }
+}
+
+// Task (s, h, k) of step 1: zeroes its partials, then adds its rows (b, n), row0 <= b * N + n < row1,
+// in ascending order. x_at(bn, b, n) is the task's row bn of qk (in qk itself or in a copy);
+// before_row() runs before each row (the walks' prefetches).
+template <
+    typename scalar_t,
+    bool kRotate,
+    bool kInterleaved,
+    bool kFreqsGrad,
+    bool kContig,
+    typename XAt,
+    typename BeforeRow>
+inline void backward_task(
+    const BackwardArgs<scalar_t>& a,
+    bool vec,
+    int64_t s,
+    int64_t h,
+    int64_t k,
+    const XAt& x_at,
+    const BeforeRow& before_row,
+    acc_type<scalar_t>* scratch) {
+  using acc_t = acc_type<scalar_t>;
+  const QkLayout& L = a.L;
+  const int64_t D = L.D, H = L.H, task = (s * H + h) * a.chunks + k;
+  const int64_t row0 = k * a.rpc, row1 = std::min(L.B * L.N, row0 + a.rpc);
+  acc_t* wp = a.wpart + task * D;
+  acc_t* fp = kFreqsGrad ? a.fpart + task * a.runs * D : nullptr;
+  std::fill(wp, wp + D, acc_t(0));
+  if constexpr (kFreqsGrad) {
+    std::fill(fp, fp + a.runs * D, acc_t(0));
+  }
+  int64_t run1 = row1;  // end of the current run
+  if constexpr (kFreqsGrad) {
+    run1 = a.index != nullptr ? qm::run_end(a.index, row0, row1, L.N) : row1;
+  }
+  int64_t b = row0 / L.N, n = row0 - b * L.N;
+  for (int64_t bn = row0; bn < row1; ++bn) {
+    before_row();
+    if (kFreqsGrad && bn == run1) {
+      fp += D;
+      run1 = qm::run_end(a.index, bn, row1, L.N);
+    }
+    const int64_t orow = ((s * L.B + b) * H + h) * L.N + n;  // row of the contiguous g and gx
+    backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
+        a, vec, x_at(bn, b, n), orow, s, h, n, wp, fp, scratch);
+    if (++n == L.N) {
+      n = 0;
+      ++b;
+    }
   }
 }
 
@@ -551,37 +595,16 @@ void run_backward_planes(const BackwardArgs<scalar_t>& a, bool vec) {
         prefetch_bytes(a.qk + plane_row_offset(L, next), D * sizeof(scalar_t));
       }
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t k = task % chunks, sh = task / chunks;
-        const int64_t h = sh % H, s = sh / H;
-        const int64_t row0 = k * a.rpc, row1 = std::min(BN, row0 + a.rpc);
-        acc_t* wp = a.wpart + task * D;
-        acc_t* fp = kFreqsGrad ? a.fpart + task * a.runs * D : nullptr;
-        std::fill(wp, wp + D, acc_t(0));
-        if constexpr (kFreqsGrad) {
-          std::fill(fp, fp + a.runs * D, acc_t(0));
-        }
+        const int64_t k = task % chunks, sh = task / chunks, h = sh % H, s = sh / H;
         const scalar_t* plane = a.qk + s * L.ss + h * L.sh;
-        int64_t b = row0 / L.N, n = row0 - b * L.N;
-        int64_t run1 = row1;  // end of the current run
-        if constexpr (kFreqsGrad) {
-          run1 = a.index != nullptr ? qm::run_end(a.index, row0, row1, L.N) : row1;
-        }
-        for (int64_t bn = row0; bn < row1; ++bn) {
-          if (ahead > 0 && next < last) {
-            prefetch_bytes(a.qk + plane_row_offset(L, next++), D * sizeof(scalar_t));
-          }
-          if (kFreqsGrad && bn == run1) {
-            fp += D;
-            run1 = qm::run_end(a.index, bn, row1, L.N);
-          }
-          const int64_t orow = ((s * L.B + b) * H + h) * L.N + n;  // row of the contiguous g and gx
-          backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
-              a, vec, plane + b * L.sb + n * L.sn, orow, s, h, n, wp, fp, scratch.data());
-          if (++n == L.N) {
-            n = 0;
-            ++b;
-          }
-        }
+        backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
+            a, vec, s, h, k, [&](int64_t, int64_t b, int64_t n) { return plane + b * L.sb + n * L.sn; },
+            [&] {
+              if (ahead > 0 && next < last) {
+                prefetch_bytes(a.qk + plane_row_offset(L, next++), D * sizeof(scalar_t));
+              }
+            },
+            scratch.data());
       }
     });
   });
@@ -611,7 +634,7 @@ void run_backward_tokens(const BackwardArgs<scalar_t>& a, bool vec) {
           const int64_t pb = (bn + ahead) / L.N, pn = (bn + ahead) - pb * L.N;
           for (int64_t s = 0; s < 2; ++s) {
             for (int64_t h = 0; h < H; ++h) {
-              if (bn + ahead < BN) {
+              if (k == begin && bn + ahead < BN) {  // later chunks were prefetched while the one before computed
                 prefetch_bytes(a.qk + s * L.ss + pb * L.sb + h * L.sh + pn * L.sn, D * sizeof(scalar_t));
               }
               const scalar_t* x = a.qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
@@ -624,37 +647,19 @@ void run_backward_tokens(const BackwardArgs<scalar_t>& a, bool vec) {
         const int64_t next0 = row1, next_rows = k + 1 < end ? 2 * H * (std::min(BN, next0 + rpc) - next0) : 0;
         int64_t fetched = 0;
         for (int64_t sh = 0; sh < 2 * H; ++sh) {
-          const int64_t h = sh % H, s = sh / H, task = sh * chunks + k;
-          acc_t* wp = a.wpart + task * D;
-          acc_t* fp = kFreqsGrad ? a.fpart + task * a.runs * D : nullptr;
-          std::fill(wp, wp + D, acc_t(0));
-          if constexpr (kFreqsGrad) {
-            std::fill(fp, fp + a.runs * D, acc_t(0));
-          }
-          int64_t run1 = row1;  // end of the current run
-          if constexpr (kFreqsGrad) {
-            run1 = a.index != nullptr ? qm::run_end(a.index, row0, row1, L.N) : row1;
-          }
-          int64_t b = row0 / L.N, n = row0 - b * L.N;
-          for (int64_t bn = row0; bn < row1; ++bn) {
-            if (kFreqsGrad && bn == run1) {
-              fp += D;
-              run1 = qm::run_end(a.index, bn, row1, L.N);
-            }
-            if (fetched < next_rows) {
-              const int64_t fbn = next0 + fetched / (2 * H), fsh = fetched % (2 * H);
-              const int64_t fb = fbn / L.N, fn = fbn - fb * L.N;
-              prefetch_bytes(a.qk + (fsh / H) * L.ss + fb * L.sb + (fsh % H) * L.sh + fn * L.sn, D * sizeof(scalar_t));
-              ++fetched;
-            }
-            backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, /*kContig=*/true>(
-                a, vec, block.data() + (sh * rpc + (bn - row0)) * D, ((s * L.B + b) * H + h) * L.N + n, s, h, n, wp, fp,
-                scratch.data());
-            if (++n == L.N) {
-              n = 0;
-              ++b;
-            }
-          }
+          const scalar_t* rows = block.data() + sh * rpc * D;
+          backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, /*kContig=*/true>(
+              a, vec, sh / H, sh % H, k, [&](int64_t bn, int64_t, int64_t) { return rows + (bn - row0) * D; },
+              [&] {
+                if (fetched < next_rows) {
+                  const int64_t fbn = next0 + fetched / (2 * H), fsh = fetched % (2 * H);
+                  const int64_t fb = fbn / L.N, fn = fbn - fb * L.N;
+                  prefetch_bytes(
+                      a.qk + (fsh / H) * L.ss + fb * L.sb + (fsh % H) * L.sh + fn * L.sn, D * sizeof(scalar_t));
+                  ++fetched;
+                }
+              },
+              scratch.data());
         }
       }
     });
@@ -664,7 +669,7 @@ void run_backward_tokens(const BackwardArgs<scalar_t>& a, bool vec) {
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
 void run_backward(const BackwardArgs<scalar_t>& a) {
   // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h).
-  const bool vec = kVec8Type<scalar_t> && kContig && a.L.D % 16 == 0 && use_avx2();
+  const bool vec = vec8::use_rows<scalar_t>(kContig, a.L.D);
   if (kContig && tokens_outer(a.L)) {
     run_backward_tokens<scalar_t, kRotate, kInterleaved, kFreqsGrad>(a, vec);
   } else {

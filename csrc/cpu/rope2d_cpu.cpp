@@ -116,15 +116,9 @@ inline void rotate_row_angle_grad(
   }
 }
 
-// The rows above eight lanes at a time (cpu/vec8.h), for float32 and bfloat16 rows with unit
-// channel stride and D a multiple of 16, in the AVX2 build (as qk_norm_rope's rows): the same
-// operations in the same order, hence the same bits. An interleaved pair turns in channel order,
-// out = v * (c, c) + swap(v) * (-s, s) (a product by -s is minus the product by s, exactly; the
-// odd lane's b * c + a * s is the scalar a * s + b * c); a half-split row in pair order. Every
-// load of a block comes before its stores, so out may be in.
-template <typename scalar_t>
-constexpr bool kVec8Type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-
+// The rows above eight lanes at a time where vec8::use_rows says so: the same operations in the
+// same order, hence the same bits (interleaved pairs by vec8::rotate_pairs, half-split rows in pair
+// order). Every load of a block comes before its stores, so out may be in.
 template <bool kInterleaved, typename scalar_t>
 inline void rotate_row_v8(const scalar_t* in, scalar_t* out, const float* c, const float* s, int64_t half) {
   using namespace vec8;
@@ -132,8 +126,8 @@ inline void rotate_row_v8(const scalar_t* in, scalar_t* out, const float* c, con
     for (int64_t d = 0; d < 2 * half; d += 16) {
       const F8 y0 = load(in + d), y1 = load(in + d + 8);
       const F8 cv = load(c + d / 2), sv = load(s + d / 2);
-      store(out + d, y0 * dup_lo(cv) + swap_pairs(y0) * negate_even(dup_lo(sv)));
-      store(out + d + 8, y1 * dup_hi(cv) + swap_pairs(y1) * negate_even(dup_hi(sv)));
+      store(out + d, rotate_pairs(y0, dup_lo(cv), dup_lo(sv)));
+      store(out + d + 8, rotate_pairs(y1, dup_hi(cv), dup_hi(sv)));
     }
   } else {
     for (int64_t m = 0; m < half; m += 8) {
@@ -154,8 +148,8 @@ inline void rotate_row_angle_grad_v8(
     for (int64_t d = 0; d < 2 * half; d += 16) {
       const F8 g0 = load(g + d), g1 = load(g + d + 8);
       const F8 cv = load(c + d / 2), sv = load(s + d / 2);
-      const F8 o0 = g0 * dup_lo(cv) + swap_pairs(g0) * negate_even(dup_lo(sv));
-      const F8 o1 = g1 * dup_hi(cv) + swap_pairs(g1) * negate_even(dup_hi(sv));
+      const F8 o0 = rotate_pairs(g0, dup_lo(cv), dup_lo(sv));
+      const F8 o1 = rotate_pairs(g1, dup_hi(cv), dup_hi(sv));
       const F8 t0 = swap_pairs(o0) * load(x + d), t1 = swap_pairs(o1) * load(x + d + 8);
       store(dphi + d / 2, load(dphi + d / 2) + (even_lanes(t0, t1) - odd_lanes(t0, t1)));
       store(gx + d, o0);
@@ -171,12 +165,6 @@ inline void rotate_row_angle_grad_v8(
       store(gx + half + m, ob);
     }
   }
-}
-
-// Whether rows of `half` pairs of scalar_t with unit channel stride take the eight-lane rows.
-template <typename scalar_t>
-inline bool use_vec8_rows(bool contig, int64_t half) {
-  return kVec8Type<scalar_t> && contig && half % 8 == 0 && use_avx2();
 }
 
 // Offsets of plane q of group g for every tensor.
@@ -274,7 +262,7 @@ void rotate_rows(
     int64_t half) {
   const bool in_place = in_p == out_p;
   const bool contig = in_cs == 1 && out_cs == 1;
-  const bool vec = use_vec8_rows<scalar_t>(contig, half);
+  const bool vec = vec8::use_rows<scalar_t>(contig, 2 * half);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * half));
   const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
@@ -289,7 +277,7 @@ void rotate_rows(
         const acc_t* cr = cos_t + row.off[2];
         const acc_t* sr = sin_t + row.off[2];
         if (vec) {
-          if constexpr (kVec8Type<scalar_t>) {
+          if constexpr (vec8::kType<scalar_t>) {
             rotate_row_v8<kInterleaved>(in_p + row.off[0], out_p + row.off[1], cr, sr, half);
           }
         } else if (contig && in_place) {
@@ -341,7 +329,7 @@ void rotate_back_with_angle_grad(
     acc_t* dphi_p) {
   const int64_t N = geo.n_tokens, half = geo.half, P = geo.planes_per_group, groups = geo.groups;
   const bool contig = geo.channel_stride[0] == 1 && geo.channel_stride[1] == 1 && geo.channel_stride[2] == 1;
-  const bool vec = use_vec8_rows<scalar_t>(contig, half);
+  const bool vec = vec8::use_rows<scalar_t>(contig, 2 * half);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, 2 * half * groups * P));
   const int64_t row_bytes = 2 * half * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_rows = std::max<int64_t>(4, kPrefetchBytes / std::max<int64_t>(1, row_bytes));
@@ -351,7 +339,7 @@ void rotate_back_with_angle_grad(
     const scalar_t* xr = x_p + off[2] + n * geo.token_stride[2];
     const int64_t t = (g * N + n) * half;
     if (vec) {
-      if constexpr (kVec8Type<scalar_t>) {
+      if constexpr (vec8::kType<scalar_t>) {
         rotate_row_angle_grad_v8<kInterleaved>(gr, xr, gxr, cos_t + t, sin_t + t, dphi_p + t, half);
       }
     } else if (contig) {

@@ -8,8 +8,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
+
+#include "cpu/isa.h"
 
 // Values of these types cross no function boundary that is not inlined: GCC's note that their
 // passing ABI differs with and without AVX does not apply.
@@ -81,6 +84,14 @@ inline F8 negate_even(F8 v) {
       reinterpret_cast<U8>(v) ^ U8{0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0});
 }
 
+// Eight lanes of four interleaved pairs (a, b) turned by (c, s) per pair, given on both channels of
+// the pair (dup_lo / dup_hi of the per-pair table): (a c - b s, b c + a s), in channel order as
+// v * c + swap(v) * (-s, s). A product by -s is minus the product by s and b c + a s is the scalar
+// a s + b c, so the lanes have the bits of the scalar rotation (math/rope2d_math.h).
+inline F8 rotate_pairs(F8 v, F8 c, F8 s) {
+  return v * c + swap_pairs(v) * negate_even(s);
+}
+
 // The even and the odd lanes of the 16 lanes a, b: one channel of each of 8 interleaved pairs.
 inline F8 even_lanes(F8 a, F8 b) {
   return JITROPE_SHUFFLE16(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
@@ -93,6 +104,19 @@ inline F8 odd_lanes(F8 a, F8 b) {
 // The lanes added pairwise in the order of the scalar lane sums.
 inline float sum_lanes(F8 v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// The element types whose rows run eight lanes at a time (float32, and bfloat16 converted on load
+// and store).
+template <typename scalar_t>
+constexpr bool kType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+// Whether rows of D channels of scalar_t (unit channel stride when `contig`) take the eight-lane
+// form: whole pairs of eight lanes (D a multiple of 16), in the AVX2 build (the baseline build's
+// lowering of eight-lane vectors to SSE2 is slower than its own vectorization of the scalar rows).
+template <typename scalar_t>
+inline bool use_rows(bool contig, int64_t D) {
+  return kType<scalar_t> && contig && D % 16 == 0 && use_avx2();
 }
 
 }  // namespace jitrope::cpu::vec8
