@@ -738,7 +738,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    alloc = keep_freed_blocks() if device.type == "cpu" and not args.malloc_defaults else "default allocator"
+    alloc = keep_freed_blocks() if device.type == "cpu" and not args.malloc_defaults else "the allocator as it is"
     dtypes = args.dtype or ("bfloat16,float32" if device.type == "cuda" else "float32")
     dtypes = [getattr(torch, d.strip()) for d in dtypes.split(",")]
     names = OPS if args.op == "all" else [args.op]
