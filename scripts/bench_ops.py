@@ -73,7 +73,7 @@ def keep_freed_blocks() -> str:
     reuses the memory its previous call freed, as a caching allocator (jemalloc, tcmalloc; the
     advice of PyTorch's CPU performance guide) does. With the defaults, whether a call's 14 MB
     outputs come back as fresh pages, each one faulted in and zeroed by the kernel, depends on the
-    allocation history of the process: the same copy then times at 2.4 or at 11 ms. The setting
+    allocation history of the process, and so does the copy column. The setting
     applies to every column (fused, eager, compiled, copy). Returns what was set, for the header."""
     if not sys.platform.startswith("linux"):
         return "the platform's allocator"

@@ -29,13 +29,12 @@ alone); ``all`` (default) does the three in order. Every stage resumes, across s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
@@ -317,7 +316,7 @@ def also_shown(args) -> List[R.Section]:
     return out
 
 
-def report(args, timing: Dict) -> Path:
+def report(args) -> Path:
     out = Path(args.report) if args.report else Path(args.out_dir) / "results.md"
     command = "python studies/posenc/run.py " + " ".join(args.argv)
     if args.from_json:
@@ -326,10 +325,9 @@ def report(args, timing: Dict) -> Path:
         rows = runs.collect(args)
         if not any(r.get("regime", "single") == "single" and "vloss" in r for r in rows):
             raise RuntimeError("no evaluated run to report; run --stage train and --stage eval first")
-        # Evaluation time from the evaluations' own records, like training's from metrics.jsonl: a
-        # stage's wall time would miss calls made side by side or in other sessions.
-        timing = dict(timing)
-        timing["eval"], timing["eval_count"] = runs.eval_seconds(args)
+        # Times come from the runs' own records (training: metrics.jsonl; evaluation: each record's
+        # seconds), so calls made side by side or in other sessions all count.
+        timing = dict(zip(("eval", "eval_count"), runs.eval_seconds(args)))
         sections = [R.Section(page_info(args, rows), rows, runs.fd_sanity(args), timing)] + also_shown(args)
     page = R.write_page(sections, out, command=command)
     if args.readme:
@@ -368,9 +366,9 @@ def run_stage(args, stage: str, jobs, failures: List[str]) -> None:
     bar.close()
 
 
-def _report_and_say(args, timing) -> int:
+def _report_and_say(args) -> int:
     try:
-        out = report(args, timing)
+        out = report(args)
     except (RuntimeError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if args.from_json else 1
@@ -390,7 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print_plan(args, jobs)
         return 0
     if args.from_json is not None:  # a page from a results JSON alone: no run folder is touched
-        return _report_and_say(args, {})
+        return _report_and_say(args)
     try:
         runs.check_regimes(args)
     except ConfigError as e:
@@ -399,8 +397,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failures: List[str] = []
     t_all = time.perf_counter()
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    timing_file = Path(args.out_dir) / "timing.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     print(
         f"ablation ({args.plan_name}): {len(args.names)} encodings x seeds {args.seed_list} x {args.steps} steps, "
         f"regimes {args.regime_list}, {args.jobs} at a time on {args.device}, runs in {args.out_dir}",
@@ -409,14 +405,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The main evaluations come before FD vs step and the every-size study, so a cut-short one still has tables.
     for stage in ("train", "eval"):
         if args.stage in (stage, "all") and not failures:
-            t0 = time.perf_counter()
             run_stage(args, stage, jobs, failures)
-            if stage == "eval":  # training time comes from the runs' metrics.jsonl (it may span several calls)
-                timing[stage] = round(timing.get(stage, 0.0) + time.perf_counter() - t0, 1)
-                timing_file.write_text(json.dumps(timing, indent=2))
     rc = 1 if failures else 0
     if args.stage in ("report", "all") and not failures:
-        rc = _report_and_say(args, timing)
+        rc = _report_and_say(args)
     for f in failures:
         print(f"error: {f}", file=sys.stderr)
     print(f"wall time {(time.perf_counter() - t_all) / 60:.1f} min")
