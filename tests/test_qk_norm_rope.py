@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICES
 from op_battery import OPCHECK_UTILS, Leaf, OpBattery, OpSample
+from test_rope2d import _with_special_bfloat16
 
 import jitrope
 from jitrope import ops
@@ -220,6 +221,32 @@ def test_cpu_vector_rows_equal_scalar_rows_bitwise(dtype, interleaved, freqs_kin
         _row_kernel_results(strided, freqs_kind, interleaved), _row_kernel_results(dense, freqs_kind, interleaved)
     ):
         assert torch.equal(a, b.reshape(a.shape)), (dtype, interleaved, freqs_kind)
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half_split"])
+def test_cpu_vector_rows_round_special_values_as_scalar_rows(interleaved):
+    """bfloat16 rows with NaNs, infinities, subnormals and the largest finite values (test_rope2d's
+    mix, in a few rows; the other rows hold tiny and huge values): the vector rows give the bits of
+    the scalar rows, output and gradients, except that a NaN of the float32 weight and freqs
+    gradients may differ in sign and payload (IEEE leaves them to the order of an operation's
+    operands) while staying NaN."""
+    B, H, N, D = 1, 2, 37, 64
+    gen = torch.Generator().manual_seed(13)
+    wide = torch.randn(2, B, H, N, 2 * D, generator=gen) * torch.logspace(-30, 30, N).view(N, 1)
+    wide = wide.to(torch.bfloat16)
+    wide[:, :, :, :4] = _with_special_bfloat16(wide[:, :, :, :4], gen)
+    results = [
+        _row_kernel_results(x.detach().requires_grad_(), "shared", interleaved)
+        for x in (wide[..., ::2], wide[..., ::2].contiguous())
+    ]
+    assert results[0][0].isnan().any()
+    for a, b in zip(*results):
+        b = b.reshape(a.shape)
+        if a.dtype == torch.float32:  # the weight and freqs gradients
+            assert torch.equal(a.isnan(), b.isnan()), interleaved
+            a, b = a.masked_fill(a.isnan(), 0.0), b.masked_fill(b.isnan(), 0.0)
+        bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(a.view(bits), b.view(bits)), interleaved
 
 
 _ISA_SCRIPT = """

@@ -137,6 +137,38 @@ def test_cpu_vector_rows_equal_scalar_rows_bitwise(dtype, interleaved, freqs_kin
         assert torch.equal(a, b), (dtype, interleaved, freqs_kind)
 
 
+def _with_special_bfloat16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x (bfloat16) with one in 7 values replaced by NaNs of both signs and several payloads, infinities,
+    subnormals, zeros of both signs and the largest finite values (which overflow when turned)."""
+    bits = [0x7FC0, 0xFFC0, 0x7F81, 0xFFFF, 0x7F80, 0xFF80, 0x0001, 0x807F, 0x0000, 0x8000, 0x7F7F, 0xFF7F]
+    special = torch.tensor([b - (1 << 16) if b >= 1 << 15 else b for b in bits], dtype=torch.int16)
+    special = special.view(torch.bfloat16)
+    pick = torch.randint(0, 7 * len(bits), x.shape, generator=gen)
+    return torch.where(pick < len(bits), special[pick.clamp(max=len(bits) - 1)], x)
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half_split"])
+def test_cpu_vector_rows_round_special_values_as_scalar_rows(interleaved):
+    """bfloat16 rows round each float32 result in the vector rows as c10::BFloat16 does in the scalar
+    rows, special values included: every NaN to 0x7FC0, overflow to infinity, subnormal results kept.
+    Compared bit for bit (as int16), forward, in place and backward."""
+    B, H, N, D = 1, 2, 37, 64
+    gen = torch.Generator().manual_seed(11)
+    wide = _with_special_bfloat16(torch.randn(2, B, H, N, 2 * D, generator=gen).to(torch.bfloat16), gen)
+    coords = torch.rand(N, 2, generator=gen) * 12 - 2
+    freqs = torch.randn(2, D // 2, generator=gen)
+    grad = _with_special_bfloat16(torch.randn(2, B, H, N, D, generator=gen).to(torch.bfloat16), gen)
+    results = []
+    for x in (wide[..., ::2], wide[..., ::2].contiguous()):
+        xs = x.detach().requires_grad_()
+        out = ops.rope2d(xs, coords, freqs, interleaved=interleaved)
+        inplace = ops.rope2d_(x.clone(), coords, freqs, interleaved=interleaved)
+        results.append([out.detach(), inplace, *torch.autograd.grad(out, (xs,), grad)])
+    assert results[0][0].isnan().any() and results[0][0].isinf().any()
+    for a, b in zip(*results):
+        assert torch.equal(a.view(torch.int16), b.reshape(a.shape).view(torch.int16)), interleaved
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_inplace_matches_out_of_place(device, dtype):

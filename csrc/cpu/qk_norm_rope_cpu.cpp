@@ -8,16 +8,16 @@
 // Memory. Forward: a qkv view is walked token by token, q's and k's heads inside (the view's memory
 // order; the rows a few tokens ahead are prefetched, since the skipped v rows break the hardware
 // prefetcher's stream), any other layout in the output's order. Backward: rows (s, h)-major, so
-// grad_out and grad_qk are sequential streams; a qkv view's rows are first copied chunk by chunk of
-// tokens, in memory order, into a scratch block that stays in cache; the rows of other strided
+// grad_out and grad_qk are sequential streams; a qkv view is taken chunk by chunk of tokens, the
+// next chunk's rows prefetched in memory order while one computes; the rows of other strided
 // layouts are prefetched kPrefetchBytes ahead. Traffic: qk (and grad_out) read once, the result
 // written once; tables and weights stay in cache.
 //
 // Compute. float32 and bfloat16 rows with unit channel stride and D a multiple of 16 run eight
-// lanes at a time (cpu/vec8.h) in the AVX2 build (cpu/isa.h); other rows run the scalar loops
-// (vectorized by the compiler where it can) through a float scratch row (cpu/rows.h: bfloat16
-// converts through its bits). Both forms do the same operations in the same order and give the
-// same bits, as do the ISA builds.
+// lanes at a time (cpu/vec8.h) in the AVX2 build (cpu/isa.h), kRowBlock rows at a time; other rows
+// run the scalar loops (vectorized by the compiler where it can) through a float scratch row
+// (cpu/rows.h: bfloat16 converts through its bits). Both forms do the same operations in the same
+// order and give the same bits, as do the ISA builds.
 //
 // Order of the sums. A row's sum of squares and its dot product sum(dL/dxhat * xhat) are summed
 // over 8 lanes (channel d in lane d mod 8, lanes added pairwise). The backward's tasks are the
@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -161,55 +162,83 @@ inline void forward_row(
 
 // The same rows eight lanes at a time where vec8::use_rows says so: the same operations in the same
 // order, hence the same bits (interleaved pairs by vec8::rotate_pairs, half-split rows in pair
-// order). bfloat16 rows are converted once into xs, a float32 scratch row.
+// order).
+//
+// A row's scale 1 / rms waits on its whole sum of squares, a chain of D / 8 dependent adds, then a
+// sqrt and a division; every other operation of the row waits on the scale. One row at a time, the
+// CPU's scheduler fills with the row's waiting work and the next row's sum does not start, so the
+// rows are taken kRowBlock at a time: their sums are interleaved (independent chains), then each
+// row is finished with its scale.
+constexpr int kRowBlock = 4;
+// Scratch values per channel of a backward task: 5 rows for the scalar form, 2 * kRowBlock for the
+// vector rows (backward_task).
+constexpr int64_t kBackwardScratch = std::max<int64_t>(5, 2 * kRowBlock);
+
+// inv[k] = 1 / rms of row x[k] for k < kRowBlock (rows given twice are computed twice). With xs,
+// the rows converted to float32 are also written to xs + k * D (for bfloat16 rows read again).
 template <typename scalar_t>
-inline const float* sum_squares_v8(const scalar_t* x, float* xs, int64_t D, vec8::F8& acc) {
-  acc = vec8::F8{};
+inline void inv_rms_rows_v8(const scalar_t* const* x, int64_t D, float eps, float* inv, float* xs = nullptr) {
+  using namespace vec8;
+  F8 acc[kRowBlock] = {};
   for (int64_t d = 0; d < D; d += 8) {
-    const vec8::F8 v = vec8::load(x + d);
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      vec8::store(xs + d, v);
+    for (int k = 0; k < kRowBlock; ++k) {
+      const F8 v = load(x[k] + d);
+      if (xs != nullptr) {
+        store(xs + k * D + d, v);
+      }
+      acc[k] += v * v;
     }
-    acc += v * v;
   }
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return x;
-  } else {
-    return xs;
+  for (int k = 0; k < kRowBlock; ++k) {
+    inv[k] = qm::inv_rms(sum_lanes(acc[k]), D, eps);
   }
 }
 
+// One forward row given its scale. w: the weight row; for bfloat16 rows of interleaved pairs,
+// w_eo is the same row as its even channels then its odd channels (vec8::load_even_odd's lanes).
 template <bool kRotate, bool kInterleaved, typename scalar_t>
 inline void forward_row_v8(
     const scalar_t* __restrict__ x,
     scalar_t* __restrict__ y,
     const float* __restrict__ w,
+    const float* __restrict__ w_eo,
     const float* __restrict__ c,
     const float* __restrict__ s,
     int64_t D,
-    float eps,
-    float* __restrict__ xs) {
+    float inv) {
   using namespace vec8;
-  F8 acc;
-  const float* xr = sum_squares_v8(x, xs, D, acc);
-  const float inv = qm::inv_rms(sum_lanes(acc), D, eps);
-  if constexpr (kInterleaved) {
+  if constexpr (kInterleaved && std::is_same_v<scalar_t, c10::BFloat16>) {
+    // Pairs (a, b) as the even and odd lanes of 16 channels: no shuffles (vec8::load_even_odd).
+    const int64_t half = D / 2;
     for (int64_t d = 0; d < D; d += 16) {
-      F8 y0 = (load(xr + d) * inv) * load(w + d);
-      F8 y1 = (load(xr + d + 8) * inv) * load(w + d + 8);
+      F8 a, b;
+      load_even_odd(x + d, a, b);
+      a = (a * inv) * load(w_eo + d / 2);
+      b = (b * inv) * load(w_eo + half + d / 2);
+      if constexpr (kRotate) {  // the half-split rows' arithmetic: rotate_pairs's bits
+        const F8 cv = load(c + d / 2), sv = load(s + d / 2);
+        const F8 oa = a * cv - b * sv;
+        b = a * sv + b * cv;
+        a = oa;
+      }
+      store_even_odd(y + d, a, b);
+    }
+  } else if constexpr (kInterleaved) {
+    for (int64_t d = 0; d < D; d += 16) {
+      F8 y0 = (load(x + d) * inv) * load(w + d);
+      F8 y1 = (load(x + d + 8) * inv) * load(w + d + 8);
       if constexpr (kRotate) {
         const F8 cv = load(c + d / 2), sv = load(s + d / 2);
         y0 = rotate_pairs(y0, dup_lo(cv), dup_lo(sv));
         y1 = rotate_pairs(y1, dup_hi(cv), dup_hi(sv));
       }
-      store(y + d, y0);
-      store(y + d + 8, y1);
+      store(y + d, y0, y1);
     }
   } else {
     const int64_t half = D / 2;
     for (int64_t m = 0; m < half; m += 8) {
-      F8 a = (load(xr + m) * inv) * load(w + m);
-      F8 b = (load(xr + half + m) * inv) * load(w + half + m);
+      F8 a = (load(x + m) * inv) * load(w + m);
+      F8 b = (load(x + half + m) * inv) * load(w + half + m);
       if constexpr (kRotate) {
         const F8 cv = load(c + m), sv = load(s + m);
         const F8 oa = a * cv - b * sv;
@@ -222,12 +251,15 @@ inline void forward_row_v8(
   }
 }
 
-// The backward row of backward_row. Scratch: xs [D] (bfloat16 only), gxhat [D].
+// The backward row of backward_row in two steps, given the row's scale (inv_rms_rows_v8), so that
+// kRowBlock rows can take each step in turn (the second waits on the first's sum, as the first
+// on the scale). backward_grads_v8: adds the row's terms to the partials, writes gxhat = dL/dxhat
+// and returns mean(gxhat * xhat); backward_input_v8: dL/dx from them.
+// x: the row of qk in float32 (bfloat16 rows converted once, by inv_rms_rows_v8).
 template <bool kRotate, bool kInterleaved, bool kFreqsGrad, typename scalar_t>
-inline void backward_row_v8(
-    const scalar_t* __restrict__ x,
+inline float backward_grads_v8(
+    const float* __restrict__ x,
     const scalar_t* __restrict__ g,
-    scalar_t* __restrict__ gx,
     const float* __restrict__ w,
     const float* __restrict__ c,
     const float* __restrict__ ns,
@@ -236,18 +268,14 @@ inline void backward_row_v8(
     float* __restrict__ wp,
     float* __restrict__ fy,
     float* __restrict__ fx,
-    float* __restrict__ xs,
     float* __restrict__ gxhat,
     int64_t D,
-    float eps) {
+    float inv) {
   using namespace vec8;
-  F8 acc;
-  const float* xr = sum_squares_v8(x, xs, D, acc);
-  const float inv = qm::inv_rms(sum_lanes(acc), D, eps);
   F8 dot{};
   if constexpr (kInterleaved) {
     for (int64_t d = 0; d < D; d += 16) {
-      const F8 x0 = load(xr + d), x1 = load(xr + d + 8);
+      const F8 x0 = load(x + d), x1 = load(x + d + 8);
       const F8 w0 = load(w + d), w1 = load(w + d + 8);
       F8 r0 = load(g + d), r1 = load(g + d + 8);
       if constexpr (kRotate) {  // dL/dy = R(-phi) dL/dout; ns holds -sin
@@ -273,7 +301,7 @@ inline void backward_row_v8(
   } else {
     const int64_t half = D / 2;
     for (int64_t m = 0; m < half; m += 8) {
-      const F8 xa = load(xr + m), xb = load(xr + half + m);
+      const F8 xa = load(x + m), xb = load(x + half + m);
       const F8 wa = load(w + m), wb = load(w + half + m);
       F8 ra = load(g + m), rb = load(g + half + m);
       if constexpr (kRotate) {
@@ -295,12 +323,25 @@ inline void backward_row_v8(
     }
     // The dot product in channel order (lane d mod 8, d ascending), as the scalar row sums it.
     for (int64_t d = 0; d < D; d += 8) {
-      dot += load(gxhat + d) * (load(xr + d) * inv);
+      dot += load(gxhat + d) * (load(x + d) * inv);
     }
   }
-  const float mean_dot = sum_lanes(dot) / static_cast<float>(D);
-  for (int64_t d = 0; d < D; d += 8) {
-    store(gx + d, inv * (load(gxhat + d) - (load(xr + d) * inv) * mean_dot));
+  return sum_lanes(dot) / static_cast<float>(D);
+}
+
+template <typename scalar_t>
+inline void backward_input_v8(
+    const float* __restrict__ x,
+    scalar_t* __restrict__ gx,
+    const float* __restrict__ gxhat,
+    int64_t D,
+    float inv,
+    float mean_dot) {
+  using namespace vec8;
+  for (int64_t d = 0; d < D; d += 16) {
+    store(
+        gx + d, inv * (load(gxhat + d) - (load(x + d) * inv) * mean_dot),
+        inv * (load(gxhat + d + 8) - (load(x + d + 8) * inv) * mean_dot));
   }
 }
 
@@ -327,25 +368,54 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
   const acc_t* w = a.p.weight.const_data_ptr<acc_t>();
   const acc_t eps = static_cast<acc_t>(a.p.eps);
   const bool per_head = a.p.per_head;
-  // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h).
+  // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h), kRowBlock
+  // rows at a time. w_eo: the weight rows as even then odd channels (forward_row_v8).
   const bool vec = vec8::use_rows<scalar_t>(kContig, D);
+  std::vector<acc_t> w_eo(2 * D);
+  for (int64_t s = 0; s < 2; ++s) {
+    for (int64_t m = 0; m < half; ++m) {
+      w_eo[s * D + m] = w[s * D + 2 * m];
+      w_eo[s * D + half + m] = w[s * D + 2 * m + 1];
+    }
+  }
   // Row (s, b, h, n): x at qk + x_off, out row r = ((s * B + b) * H + h) * N + n.
-  auto row = [&](int64_t x_off, int64_t r, int64_t s, int64_t h, int64_t n, acc_t* scratch) {
-    const scalar_t* x = qk + x_off;
-    scalar_t* o = out + r * D;
-    const int64_t trow = ((per_head ? h : 0) * L.N + n) * half;
-    const acc_t* c = kRotate ? cos_t + trow : nullptr;
-    const acc_t* sn = kRotate ? sin_t + trow : nullptr;
+  struct Row {
+    int64_t x_off, r, s, h, n;
+  };
+  auto table_row = [&](const Row& q) { return ((per_head ? q.h : 0) * L.N + q.n) * half; };
+  // Rows rs[0..count) (count <= kRowBlock) in the form the layout and the build allow.
+  auto run_rows = [&](const Row* rs, int count, acc_t* scratch) {
     if (vec) {
       if constexpr (vec8::kType<scalar_t> && kContig) {
-        forward_row_v8<kRotate, kInterleaved>(x, o, w + s * D, c, sn, D, eps, scratch);
+        const scalar_t* xk[kRowBlock];
+        float inv[kRowBlock];
+        for (int k = 0; k < kRowBlock; ++k) {
+          xk[k] = qk + rs[std::min(k, count - 1)].x_off;
+        }
+        inv_rms_rows_v8(xk, D, eps, inv);
+        for (int k = 0; k < count; ++k) {
+          const int64_t t = table_row(rs[k]);
+          forward_row_v8<kRotate, kInterleaved>(
+              xk[k], out + rs[k].r * D, w + rs[k].s * D, w_eo.data() + rs[k].s * D, kRotate ? cos_t + t : nullptr,
+              kRotate ? sin_t + t : nullptr, D, inv[k]);
+        }
       }
-    } else if constexpr (kDirect) {
-      forward_row<kRotate, kInterleaved>(x, o, w + s * D, c, sn, D, eps);
-    } else {
-      load_row<kContig>(x, L.sd, scratch, D);
-      forward_row<kRotate, kInterleaved>(scratch, scratch + D, w + s * D, c, sn, D, eps);
-      store_row(scratch + D, o, D);
+      return;
+    }
+    for (int k = 0; k < count; ++k) {
+      const Row& q = rs[k];
+      const scalar_t* x = qk + q.x_off;
+      scalar_t* o = out + q.r * D;
+      const int64_t t = table_row(q);
+      const acc_t* c = kRotate ? cos_t + t : nullptr;
+      const acc_t* sn = kRotate ? sin_t + t : nullptr;
+      if constexpr (kDirect) {
+        forward_row<kRotate, kInterleaved>(x, o, w + q.s * D, c, sn, D, eps);
+      } else {
+        load_row<kContig>(x, L.sd, scratch, D);
+        forward_row<kRotate, kInterleaved>(scratch, scratch + D, w + q.s * D, c, sn, D, eps);
+        store_row(scratch + D, o, D);
+      }
     }
   };
   if (tokens_outer(L)) {
@@ -354,6 +424,8 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
     at::parallel_for(0, BN, grain, [&](int64_t begin, int64_t end) {
       run_isa([&] {
         std::vector<acc_t> scratch(2 * D);
+        Row block[kRowBlock];
+        int count = 0;
         for (int64_t bn = begin; bn < end; ++bn) {
           const int64_t b = bn / L.N, n = bn - b * L.N;
           const int64_t pb = (bn + ahead) / L.N, pn = (bn + ahead) - pb * L.N;
@@ -362,10 +434,17 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
               if (bn + ahead < end) {
                 prefetch_bytes(qk + s * L.ss + pb * L.sb + h * L.sh + pn * L.sn, D * sizeof(scalar_t));
               }
-              row(s * L.ss + b * L.sb + h * L.sh + n * L.sn, ((s * L.B + b) * L.H + h) * L.N + n, s, h, n,
-                  scratch.data());
+              block[count++] = {
+                  s * L.ss + b * L.sb + h * L.sh + n * L.sn, ((s * L.B + b) * L.H + h) * L.N + n, s, h, n};
+              if (count == kRowBlock) {
+                run_rows(block, count, scratch.data());
+                count = 0;
+              }
             }
           }
+        }
+        if (count > 0) {
+          run_rows(block, count, scratch.data());
         }
       });
     });
@@ -377,6 +456,8 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     run_isa([&] {
       std::vector<acc_t> scratch(2 * D);
+      Row block[kRowBlock];
+      int count = 0;
       RowCursor cur(L, begin);
       RowCursor next(L, std::min(begin + ahead, rows - 1));
       for (int64_t r = begin; r < end; ++r, cur.next()) {
@@ -384,7 +465,11 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
           prefetch_bytes(qk + next.off, D * sizeof(scalar_t));
           next.next();
         }
-        row(cur.off, r, cur.s, cur.h, cur.n, scratch.data());
+        block[count++] = {cur.off, r, cur.s, cur.h, cur.n};
+        if (count == kRowBlock || r + 1 == end) {
+          run_rows(block, count, scratch.data());
+          count = 0;
+        }
       }
     });
   });
@@ -470,13 +555,12 @@ inline int64_t plane_row_offset(const QkLayout& L, int64_t i) {
   return (sh / L.H) * L.ss + (sh % L.H) * L.sh + b * L.sb + (bn - b * L.N) * L.sn;
 }
 
-// One row of the backward in the form the layout and the build allow (see forward_kernel's row):
-// row (s, b, h, n) of qk at x, of grad_out and grad_qk at row orow; adds to the partials wp and fp
-// (fp: the row's run, [2 * D/2]). scratch: 5 * D values.
+// One row of the backward in the scalar form (the vector rows: backward_task): row (s, b, h, n) of
+// qk at x, of grad_out and grad_qk at row orow; adds to the partials wp and fp (fp: the row's run,
+// [2 * D/2]). scratch: 5 * D values.
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad, bool kContig>
 inline void backward_one_row(
     const BackwardArgs<scalar_t>& a,
-    bool vec,
     const scalar_t* x,
     int64_t orow,
     int64_t s,
@@ -504,12 +588,7 @@ inline void backward_one_row(
   const acc_t cx = kFreqsGrad ? a.coords[2 * n + 1] : acc_t(0);
   acc_t* fy = kFreqsGrad ? fp : nullptr;
   acc_t* fx = kFreqsGrad ? fp + half : nullptr;
-  if (vec) {
-    if constexpr (vec8::kType<scalar_t> && kContig) {
-      backward_row_v8<kRotate, kInterleaved, kFreqsGrad>(
-          x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xs, gxhat, D, a.eps);
-    }
-  } else if constexpr (kDirect) {
+  if constexpr (kDirect) {
     backward_row<kRotate, kInterleaved, kFreqsGrad>(x, gr, gxr, ws, c, ns, cy, cx, wp, fy, fx, xhat, gxhat, D, a.eps);
   } else {
     load_row<kContig>(x, L.sd, xs, D);
@@ -554,19 +633,69 @@ inline void backward_task(
     run1 = a.index != nullptr ? qm::run_end(a.index, row0, row1, L.N) : row1;
   }
   int64_t b = row0 / L.N, n = row0 - b * L.N;
-  for (int64_t bn = row0; bn < row1; ++bn) {
-    before_row();
+  // The row at bn: its run (moving fp to the next run where one starts) and its place (b, n).
+  auto next_row = [&](int64_t bn) {
     if (kFreqsGrad && bn == run1) {
       fp += D;
       run1 = qm::run_end(a.index, bn, row1, L.N);
     }
-    const int64_t orow = ((s * L.B + b) * H + h) * L.N + n;  // row of the contiguous g and gx
-    backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
-        a, vec, x_at(bn, b, n), orow, s, h, n, wp, fp, scratch);
+    const int64_t rb = b, rn = n;
     if (++n == L.N) {
       n = 0;
       ++b;
     }
+    return std::pair<int64_t, int64_t>(rb, rn);
+  };
+  auto out_row = [&](int64_t rb, int64_t rn) { return ((s * L.B + rb) * H + h) * L.N + rn; };
+  if (vec) {
+    // Vector rows kRowBlock at a time, each step for every row of the block in turn (the rows
+    // still add to the partials in ascending order).
+    if constexpr (vec8::kType<scalar_t> && kContig) {
+      // gxhat of row j at scratch + j * D; bfloat16 rows in float32 at xs + j * D.
+      float* xs = scratch + kRowBlock * D;
+      const int64_t half = D / 2;
+      for (int64_t bn0 = row0; bn0 < row1; bn0 += kRowBlock) {
+        const int count = static_cast<int>(std::min<int64_t>(kRowBlock, row1 - bn0));
+        const scalar_t* xk[kRowBlock];
+        int64_t orow[kRowBlock];
+        float inv[kRowBlock], mean_dot[kRowBlock];
+        for (int j = 0; j < kRowBlock; ++j) {
+          const int64_t bj = std::min<int64_t>(bn0 + j, row1 - 1), bb = bj / L.N;
+          xk[j] = x_at(bj, bb, bj - bb * L.N);
+        }
+        const float* xf[kRowBlock];
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          inv_rms_rows_v8(xk, D, a.eps, inv);
+          std::copy(xk, xk + kRowBlock, xf);
+        } else {
+          inv_rms_rows_v8(xk, D, a.eps, inv, xs);
+          for (int j = 0; j < kRowBlock; ++j) {
+            xf[j] = xs + j * D;
+          }
+        }
+        for (int j = 0; j < count; ++j) {
+          before_row();
+          const auto [rb, rn] = next_row(bn0 + j);
+          orow[j] = out_row(rb, rn);
+          const int64_t trow = ((a.per_head ? h : 0) * L.N + rn) * half;
+          mean_dot[j] = backward_grads_v8<kRotate, kInterleaved, kFreqsGrad>(
+              xf[j], a.g + orow[j] * D, a.w + s * D, kRotate ? a.cos_t + trow : nullptr,
+              kRotate ? a.nsin_t + trow : nullptr, kFreqsGrad ? a.coords[2 * rn] : 0.0f,
+              kFreqsGrad ? a.coords[2 * rn + 1] : 0.0f, wp, kFreqsGrad ? fp : nullptr, kFreqsGrad ? fp + half : nullptr,
+              scratch + j * D, D, inv[j]);
+        }
+        for (int j = 0; j < count; ++j) {
+          backward_input_v8(xf[j], a.gx + orow[j] * D, scratch + j * D, D, inv[j], mean_dot[j]);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t bn = row0; bn < row1; ++bn) {
+    before_row();
+    const auto [rb, rn] = next_row(bn);
+    backward_one_row<scalar_t, kRotate, kInterleaved, kFreqsGrad, kContig>(
+        a, x_at(bn, rb, rn), out_row(rb, rn), s, h, rn, wp, fp, scratch);
   }
 }
 
@@ -587,7 +716,7 @@ void run_backward_planes(const BackwardArgs<scalar_t>& a, bool vec) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, a.rpc * D));
   at::parallel_for(0, 2 * H * chunks, grain, [&](int64_t begin, int64_t end) {
     run_isa([&] {
-      std::vector<acc_t> scratch(5 * D);
+      std::vector<acc_t> scratch(kBackwardScratch * D);
       // The prefetched rows: from the first task's first row + ahead to the last task's last row.
       const int64_t last = (end - 1) / chunks * BN + std::min(BN, ((end - 1) % chunks + 1) * a.rpc);
       int64_t next = begin / chunks * BN + (begin % chunks) * a.rpc;
@@ -611,52 +740,42 @@ void run_backward_planes(const BackwardArgs<scalar_t>& a, bool vec) {
 }
 
 // run_backward_tokens: for a qk with unit channel stride whose tokens lie farther apart than its
-// q/k and head rows (a qkv view), one parallel task per chunk k: first the chunk's qk rows are
-// copied token by token (qk's memory order: one sequential stream, the forward's walk) into a
-// scratch block in (s, h)-major order (2H * rpc * D values, in cache), then the chunk's tasks
-// (s, h, k) run on the block as run_backward_planes runs them, so grad_out and grad_qk stay
-// sequential and every partial gets the same rows in the same order: the same bits.
+// q/k and head rows (a qkv view), one parallel task per chunk k of tokens: the chunk's tasks
+// (s, h, k) run as run_backward_planes runs them, on rows of qk read in place, so grad_out and
+// grad_qk stay sequential and every partial gets the same rows in the same order: the same bits.
+// Plane by plane, a chunk's qk rows lie 2H rows apart, which the hardware prefetcher does not
+// follow; but the chunk's rows together are one stretch of qk's memory (its tokens), so while a
+// chunk computes, the next chunk's rows are prefetched in memory order, one row per row computed,
+// and the chunk finds its rows in cache.
 template <typename scalar_t, bool kRotate, bool kInterleaved, bool kFreqsGrad>
 void run_backward_tokens(const BackwardArgs<scalar_t>& a, bool vec) {
   using acc_t = acc_type<scalar_t>;
   const QkLayout& L = a.L;
   const int64_t D = L.D, H = L.H, BN = L.B * L.N, chunks = a.chunks, rpc = a.rpc;
-  const int64_t ahead = prefetch_tokens(L, sizeof(scalar_t));
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, rpc * 2 * H * D));
+  // Row i (token-major: i = token * 2H + s * H + h) of the chunk starting at token bn0.
+  auto prefetch_row = [&](int64_t bn0, int64_t i) {
+    const int64_t bn = bn0 + i / (2 * H), sh = i % (2 * H), b = bn / L.N, n = bn - b * L.N;
+    prefetch_bytes(a.qk + (sh / H) * L.ss + b * L.sb + (sh % H) * L.sh + n * L.sn, D * sizeof(scalar_t));
+  };
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
     run_isa([&] {
-      std::vector<acc_t> scratch(5 * D);
-      std::vector<scalar_t> block(2 * H * rpc * D);
+      std::vector<acc_t> scratch(kBackwardScratch * D);
+      const int64_t first0 = begin * rpc;
+      for (int64_t i = 0, rows = 2 * H * (std::min(BN, first0 + rpc) - first0); i < rows; ++i) {
+        prefetch_row(first0, i);
+      }
       for (int64_t k = begin; k < end; ++k) {
-        const int64_t row0 = k * rpc, row1 = std::min(BN, row0 + rpc);
-        for (int64_t bn = row0; bn < row1; ++bn) {
-          const int64_t b = bn / L.N, n = bn - b * L.N;
-          const int64_t pb = (bn + ahead) / L.N, pn = (bn + ahead) - pb * L.N;
-          for (int64_t s = 0; s < 2; ++s) {
-            for (int64_t h = 0; h < H; ++h) {
-              if (k == begin && bn + ahead < BN) {  // later chunks were prefetched while the one before computed
-                prefetch_bytes(a.qk + s * L.ss + pb * L.sb + h * L.sh + pn * L.sn, D * sizeof(scalar_t));
-              }
-              const scalar_t* x = a.qk + s * L.ss + b * L.sb + h * L.sh + n * L.sn;
-              std::copy(x, x + D, block.data() + ((s * H + h) * rpc + (bn - row0)) * D);
-            }
-          }
-        }
-        // While this chunk computes, the next one's rows are prefetched, one row per row computed,
-        // in the order its copy reads them: the copy then finds them in cache.
-        const int64_t next0 = row1, next_rows = k + 1 < end ? 2 * H * (std::min(BN, next0 + rpc) - next0) : 0;
+        const int64_t next0 = (k + 1) * rpc;
+        const int64_t next_rows = k + 1 < end ? 2 * H * (std::min(BN, next0 + rpc) - next0) : 0;
         int64_t fetched = 0;
         for (int64_t sh = 0; sh < 2 * H; ++sh) {
-          const scalar_t* rows = block.data() + sh * rpc * D;
+          const scalar_t* plane = a.qk + (sh / H) * L.ss + (sh % H) * L.sh;
           backward_task<scalar_t, kRotate, kInterleaved, kFreqsGrad, /*kContig=*/true>(
-              a, vec, sh / H, sh % H, k, [&](int64_t bn, int64_t, int64_t) { return rows + (bn - row0) * D; },
+              a, vec, sh / H, sh % H, k, [&](int64_t, int64_t b, int64_t n) { return plane + b * L.sb + n * L.sn; },
               [&] {
                 if (fetched < next_rows) {
-                  const int64_t fbn = next0 + fetched / (2 * H), fsh = fetched % (2 * H);
-                  const int64_t fb = fbn / L.N, fn = fbn - fb * L.N;
-                  prefetch_bytes(
-                      a.qk + (fsh / H) * L.ss + fb * L.sb + (fsh % H) * L.sh + fn * L.sn, D * sizeof(scalar_t));
-                  ++fetched;
+                  prefetch_row(next0, fetched++);
                 }
               },
               scratch.data());
