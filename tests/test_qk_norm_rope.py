@@ -208,11 +208,13 @@ def _row_kernel_results(qk, freqs_kind, interleaved, seed=7):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half_split"])
 @pytest.mark.parametrize("freqs_kind", ["none", "shared", "per_head"])
-def test_cpu_vector_rows_equal_scalar_rows_bitwise(dtype, interleaved, freqs_kind):
-    """Rows of D = 64 with unit channel stride run eight lanes at a time (where the CPU has AVX2); the
-    same values read through a channel stride of 2 run the scalar rows. The output and every gradient
-    (qk, weight, freqs) have the same bits: the same operations in the same order."""
-    B, H, N, D = 2, 3, 37, 64  # B * N = 74 rows per (s, h): two chunks of the backward's reduction
+@pytest.mark.parametrize("D", [64, 96])
+def test_cpu_vector_rows_equal_scalar_rows_bitwise(dtype, interleaved, freqs_kind, D):
+    """Rows of D channels (a multiple of 16) with unit channel stride run eight lanes at a time (where
+    the CPU has AVX2; D = 64 with a compile-time row length); the same values read through a channel
+    stride of 2 run the scalar rows. The output and every gradient (qk, weight, freqs) have the same
+    bits: the same operations in the same order."""
+    B, H, N = 2, 3, 37  # B * N = 74 rows per (s, h): two chunks of the backward's reduction
     wide = torch.randn(2, B, H, N, 2 * D, generator=torch.Generator().manual_seed(3)).to(dtype)
     strided = wide[..., ::2].detach().requires_grad_()
     dense = strided.detach().contiguous().requires_grad_()

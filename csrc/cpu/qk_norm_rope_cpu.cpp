@@ -174,6 +174,31 @@ constexpr int kRowBlock = 4;
 // vector rows (backward_task).
 constexpr int64_t kBackwardScratch = std::max<int64_t>(5, 2 * kRowBlock);
 
+// f(D) with D = 64 (JiT's head size) as a compile-time constant, so that the vector rows' loops
+// unroll completely; f(D) as given otherwise.
+template <typename F>
+inline void with_row_length(int64_t D, const F& f) {
+  if (D == 64) {
+    f(std::integral_constant<int64_t, 64>{});
+  } else {
+    f(D);
+  }
+}
+
+static_assert(kRowBlock == 4, "the row blocks' sums are taken four at a time (vec8::sum_lanes)");
+
+// qm::inv_rms of four sums at once: the same IEEE operations lane by lane, hence the same bits,
+// with one division unit pass for four rows.
+inline vec8::F4 inv_rms4(vec8::F4 sum_sq, int64_t D, float eps) {
+  const vec8::F4 m = sum_sq / static_cast<float>(D) + eps;
+#if defined(__SSE__)
+  const vec8::F4 r = __builtin_ia32_sqrtps(m);
+#else
+  const vec8::F4 r{std::sqrt(m[0]), std::sqrt(m[1]), std::sqrt(m[2]), std::sqrt(m[3])};
+#endif
+  return 1.0f / r;
+}
+
 // inv[k] = 1 / rms of row x[k] for k < kRowBlock (rows given twice are computed twice). With xs,
 // the rows converted to float32 are also written to xs + k * D (for bfloat16 rows read again).
 template <typename scalar_t>
@@ -189,8 +214,9 @@ inline void inv_rms_rows_v8(const scalar_t* const* x, int64_t D, float eps, floa
       acc[k] += v * v;
     }
   }
+  const F4 v = inv_rms4(sum_lanes(acc[0], acc[1], acc[2], acc[3]), D, eps);
   for (int k = 0; k < kRowBlock; ++k) {
-    inv[k] = qm::inv_rms(sum_lanes(acc[k]), D, eps);
+    inv[k] = v[k];
   }
 }
 
@@ -254,10 +280,11 @@ inline void forward_row_v8(
 // The backward row of backward_row in two steps, given the row's scale (inv_rms_rows_v8), so that
 // kRowBlock rows can take each step in turn (the second waits on the first's sum, as the first
 // on the scale). backward_grads_v8: adds the row's terms to the partials, writes gxhat = dL/dxhat
-// and returns mean(gxhat * xhat); backward_input_v8: dL/dx from them.
+// and returns the lanes of sum(gxhat * xhat) (summed, four rows at once, by the caller);
+// backward_input_v8: dL/dx from them.
 // x: the row of qk in float32 (bfloat16 rows converted once, by inv_rms_rows_v8).
 template <bool kRotate, bool kInterleaved, bool kFreqsGrad, typename scalar_t>
-inline float backward_grads_v8(
+inline vec8::F8 backward_grads_v8(
     const float* __restrict__ x,
     const scalar_t* __restrict__ g,
     const float* __restrict__ w,
@@ -326,7 +353,7 @@ inline float backward_grads_v8(
       dot += load(gxhat + d) * (load(x + d) * inv);
     }
   }
-  return sum_lanes(dot) / static_cast<float>(D);
+  return dot;
 }
 
 template <typename scalar_t>
@@ -392,13 +419,15 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
         for (int k = 0; k < kRowBlock; ++k) {
           xk[k] = qk + rs[std::min(k, count - 1)].x_off;
         }
-        inv_rms_rows_v8(xk, D, eps, inv);
-        for (int k = 0; k < count; ++k) {
-          const int64_t t = table_row(rs[k]);
-          forward_row_v8<kRotate, kInterleaved>(
-              xk[k], out + rs[k].r * D, w + rs[k].s * D, w_eo.data() + rs[k].s * D, kRotate ? cos_t + t : nullptr,
-              kRotate ? sin_t + t : nullptr, D, inv[k]);
-        }
+        with_row_length(D, [&](auto Dc) {
+          inv_rms_rows_v8(xk, Dc, eps, inv);
+          for (int k = 0; k < count; ++k) {
+            const int64_t t = table_row(rs[k]);
+            forward_row_v8<kRotate, kInterleaved>(
+                xk[k], out + rs[k].r * D, w + rs[k].s * D, w_eo.data() + rs[k].s * D, kRotate ? cos_t + t : nullptr,
+                kRotate ? sin_t + t : nullptr, Dc, inv[k]);
+          }
+        });
       }
       return;
     }
@@ -654,40 +683,44 @@ inline void backward_task(
       // gxhat of row j at scratch + j * D; bfloat16 rows in float32 at xs + j * D.
       float* xs = scratch + kRowBlock * D;
       const int64_t half = D / 2;
-      for (int64_t bn0 = row0; bn0 < row1; bn0 += kRowBlock) {
-        const int count = static_cast<int>(std::min<int64_t>(kRowBlock, row1 - bn0));
-        const scalar_t* xk[kRowBlock];
-        int64_t orow[kRowBlock];
-        float inv[kRowBlock], mean_dot[kRowBlock];
-        for (int j = 0; j < kRowBlock; ++j) {
-          const int64_t bj = std::min<int64_t>(bn0 + j, row1 - 1), bb = bj / L.N;
-          xk[j] = x_at(bj, bb, bj - bb * L.N);
-        }
-        const float* xf[kRowBlock];
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          inv_rms_rows_v8(xk, D, a.eps, inv);
-          std::copy(xk, xk + kRowBlock, xf);
-        } else {
-          inv_rms_rows_v8(xk, D, a.eps, inv, xs);
+      with_row_length(D, [&](auto Dc) {
+        for (int64_t bn0 = row0; bn0 < row1; bn0 += kRowBlock) {
+          const int count = static_cast<int>(std::min<int64_t>(kRowBlock, row1 - bn0));
+          const scalar_t* xk[kRowBlock];
+          int64_t orow[kRowBlock];
+          float inv[kRowBlock];
+          vec8::F8 dot[kRowBlock] = {};
           for (int j = 0; j < kRowBlock; ++j) {
-            xf[j] = xs + j * D;
+            const int64_t bj = std::min<int64_t>(bn0 + j, row1 - 1), bb = bj / L.N;
+            xk[j] = x_at(bj, bb, bj - bb * L.N);
+          }
+          const float* xf[kRowBlock];
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            inv_rms_rows_v8(xk, Dc, a.eps, inv);
+            std::copy(xk, xk + kRowBlock, xf);
+          } else {
+            inv_rms_rows_v8(xk, Dc, a.eps, inv, xs);
+            for (int j = 0; j < kRowBlock; ++j) {
+              xf[j] = xs + j * D;
+            }
+          }
+          for (int j = 0; j < count; ++j) {
+            before_row();
+            const auto [rb, rn] = next_row(bn0 + j);
+            orow[j] = out_row(rb, rn);
+            const int64_t trow = ((a.per_head ? h : 0) * L.N + rn) * half;
+            dot[j] = backward_grads_v8<kRotate, kInterleaved, kFreqsGrad>(
+                xf[j], a.g + orow[j] * D, a.w + s * D, kRotate ? a.cos_t + trow : nullptr,
+                kRotate ? a.nsin_t + trow : nullptr, kFreqsGrad ? a.coords[2 * rn] : 0.0f,
+                kFreqsGrad ? a.coords[2 * rn + 1] : 0.0f, wp, kFreqsGrad ? fp : nullptr,
+                kFreqsGrad ? fp + half : nullptr, scratch + j * D, Dc, inv[j]);
+          }
+          const vec8::F4 mean_dot = vec8::sum_lanes(dot[0], dot[1], dot[2], dot[3]) / static_cast<float>(D);
+          for (int j = 0; j < count; ++j) {
+            backward_input_v8(xf[j], a.gx + orow[j] * D, scratch + j * D, Dc, inv[j], mean_dot[j]);
           }
         }
-        for (int j = 0; j < count; ++j) {
-          before_row();
-          const auto [rb, rn] = next_row(bn0 + j);
-          orow[j] = out_row(rb, rn);
-          const int64_t trow = ((a.per_head ? h : 0) * L.N + rn) * half;
-          mean_dot[j] = backward_grads_v8<kRotate, kInterleaved, kFreqsGrad>(
-              xf[j], a.g + orow[j] * D, a.w + s * D, kRotate ? a.cos_t + trow : nullptr,
-              kRotate ? a.nsin_t + trow : nullptr, kFreqsGrad ? a.coords[2 * rn] : 0.0f,
-              kFreqsGrad ? a.coords[2 * rn + 1] : 0.0f, wp, kFreqsGrad ? fp : nullptr, kFreqsGrad ? fp + half : nullptr,
-              scratch + j * D, D, inv[j]);
-        }
-        for (int j = 0; j < count; ++j) {
-          backward_input_v8(xf[j], a.gx + orow[j] * D, scratch + j * D, D, inv[j], mean_dot[j]);
-        }
-      }
+      });
     }
     return;
   }

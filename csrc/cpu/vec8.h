@@ -152,6 +152,22 @@ inline float sum_lanes(F8 v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+using F4 = float __attribute__((vector_size(16)));
+
+// sum_lanes of four vectors at once, with the same adds in the same order: lane k of the result is
+// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) of v[k], from three rounds of pairwise adds
+// across the four vectors (no lane is extracted alone).
+inline F4 sum_lanes(F8 v0, F8 v1, F8 v2, F8 v3) {
+  // (a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7) for two vectors a, b.
+  auto pairs = [](F8 a, F8 b) {
+    return JITROPE_SHUFFLE16(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + JITROPE_SHUFFLE16(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const F8 p = pairs(v0, v1), q = pairs(v2, v3);
+  // (s0 lo, s1 lo, s2 lo, s3 lo, s0 hi, s1 hi, s2 hi, s3 hi): each row's two halves.
+  const F8 r = JITROPE_SHUFFLE16(p, q, 0, 2, 8, 10, 4, 6, 12, 14) + JITROPE_SHUFFLE16(p, q, 1, 3, 9, 11, 5, 7, 13, 15);
+  return F4{r[0], r[1], r[2], r[3]} + F4{r[4], r[5], r[6], r[7]};
+}
+
 // The element types whose rows run eight lanes at a time (float32, and bfloat16 converted on load
 // and store).
 template <typename scalar_t>
