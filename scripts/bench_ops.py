@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 import jitrope  # noqa: E402
 from jitrope import ops  # noqa: E402
-from jitrope.reference import rope2d_ref  # noqa: E402
+from jitrope.reference import qk_norm_rope_ref, rope2d_ref  # noqa: E402
 from jitrope.rope import axial_freqs, sequence_coords  # noqa: E402
 
 # ---------------------------------------------------------------- generic harness
@@ -427,64 +427,86 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch
 
 def bench_qk_norm_rope(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> List[Dict[str, object]]:
     """The rope2d case with JiT's q/k RMSNorm in front: qk is the [2, B, H, N, D] view of a qkv
-    projection. Fused: one qk_norm_rope call on the view. Eager: the published JiT code, the
-    RMSNorm module on q and on k, then x*cos + rotate_half(x)*sin with cached per-token tables.
-    Copy: a clone of the view (plus one of the gradient for forward+backward)."""
+    projection, then the same values as a contiguous tensor. Fused: one
+    qk_norm_rope call. Eager: the published JiT code, the RMSNorm module on q and on k, then
+    x*cos + rotate_half(x)*sin with cached per-token tables. Copy: a clone of qk (plus one of the
+    gradient for forward+backward). Last, on the view, learned per-head frequencies (RoPE-Mixed)
+    with their gradient, against jitrope.reference.qk_norm_rope_ref."""
     B, H, D, prefix, grid = 8, 12, 64, 32, (16, 16)
     N = prefix + grid[0] * grid[1]
     gen = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, generator=gen)
-    x = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
+    view = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[:2]
     weight = 1 + 0.1 * torch.randn(2, D, device=device, generator=gen)
     coords = sequence_coords(grid, prefix=prefix, device=device)
     freqs = axial_freqs(D, device=device)
     cos, sin = _eva_tables(coords, freqs, dtype)
+    g = torch.randn(view.shape, device=device, dtype=dtype, generator=gen)
 
     def published(t, w):
         q, k = _rms_norm(t[0], w[0]), _rms_norm(t[1], w[1])
         return q * cos + _rotate_half_interleaved(q) * sin, k * cos + _rotate_half_interleaved(k) * sin
 
     published_compiled = _compiled(published, args)
-    case = f"B{B} H{H} N{N} D{D} qk-view"
     note = "eager = published JiT: RMSNorm modules, then rope with cached cos/sin tables"
-    rows = [
-        measure(
-            "qk_norm_rope",
-            case,
-            "fwd",
-            device=device,
-            dtype=dtype,
-            args=args,
-            fused=lambda: ops.qk_norm_rope(x, weight, coords, freqs),
-            eager=lambda: published(x, weight),
-            compiled=lambda: published_compiled(x, weight),
-            copy=lambda: x.clone(),
-            note=note,
+    rows = []
+    for layout, x in (("qk-view", view), ("contiguous", view.contiguous())):
+        case = f"B{B} H{H} N{N} D{D} {layout}"
+        rows.append(
+            measure(
+                "qk_norm_rope",
+                case,
+                "fwd",
+                device=device,
+                dtype=dtype,
+                args=args,
+                fused=lambda x=x: ops.qk_norm_rope(x, weight, coords, freqs),
+                eager=lambda x=x: published(x, weight),
+                compiled=lambda x=x: published_compiled(x, weight),
+                copy=lambda x=x: x.clone(),
+                note=note,
+            )
         )
-    ]
-    xg = x.detach().requires_grad_()
+        xg = x.detach().requires_grad_()
+        wg = weight.detach().requires_grad_()
+
+        def fused_fb(xg=xg, wg=wg):
+            return torch.autograd.grad(ops.qk_norm_rope(xg, wg, coords, freqs), (xg, wg), g)
+
+        def eager_fb(fn=published, xg=xg, wg=wg):
+            return torch.autograd.grad(fn(xg, wg), (xg, wg), (g[0], g[1]))
+
+        rows.append(
+            measure(
+                "qk_norm_rope",
+                case,
+                "fwd+bwd",
+                device=device,
+                dtype=dtype,
+                args=args,
+                fused=fused_fb,
+                eager=eager_fb,
+                compiled=lambda eager_fb=eager_fb: eager_fb(published_compiled),
+                copy=lambda x=x: (x.clone(), g.clone()),
+                note=note,
+            )
+        )
+    # RoPE-Mixed: learned per-head frequencies get a gradient too.
+    xg = view.detach().requires_grad_()
     wg = weight.detach().requires_grad_()
-    g = torch.randn(x.shape, device=device, dtype=dtype, generator=gen)
-
-    def fused_fb():
-        return torch.autograd.grad(ops.qk_norm_rope(xg, wg, coords, freqs), (xg, wg), g)
-
-    def eager_fb(fn=published):
-        return torch.autograd.grad(fn(xg, wg), (xg, wg), (g[0], g[1]))
-
+    fh = (torch.randn(H, 2, D // 2, device=device, generator=gen) * 0.1).requires_grad_()
     rows.append(
         measure(
             "qk_norm_rope",
-            case,
+            f"B{B} H{H} N{N} D{D} qk-view per-head learned freqs",
             "fwd+bwd",
             device=device,
             dtype=dtype,
             args=args,
-            fused=fused_fb,
-            eager=eager_fb,
-            compiled=lambda: eager_fb(published_compiled),
-            copy=lambda: (x.clone(), g.clone()),
-            note=note,
+            fused=lambda: torch.autograd.grad(ops.qk_norm_rope(xg, wg, coords, fh), (xg, wg, fh), g),
+            eager=lambda: torch.autograd.grad(qk_norm_rope_ref(xg, wg, coords, fh), (xg, wg, fh), g),
+            copy=lambda: (view.clone(), g.clone()),
+            note="eager = jitrope.reference.qk_norm_rope_ref (learned freqs: sin/cos recomputed every step)",
         )
     )
     return rows
