@@ -241,11 +241,8 @@ inline void forward_row_v8(
       load_even_odd(x + d, a, b);
       a = (a * inv) * load(w_eo + d / 2);
       b = (b * inv) * load(w_eo + half + d / 2);
-      if constexpr (kRotate) {  // the half-split rows' arithmetic: rotate_pairs's bits
-        const F8 cv = load(c + d / 2), sv = load(s + d / 2);
-        const F8 oa = a * cv - b * sv;
-        b = a * sv + b * cv;
-        a = oa;
+      if constexpr (kRotate) {  // rotate_pairs's bits
+        rotate_split(a, b, load(c + d / 2), load(s + d / 2));
       }
       store_even_odd(y + d, a, b);
     }
@@ -266,10 +263,7 @@ inline void forward_row_v8(
       F8 a = (load(x + m) * inv) * load(w + m);
       F8 b = (load(x + half + m) * inv) * load(w + half + m);
       if constexpr (kRotate) {
-        const F8 cv = load(c + m), sv = load(s + m);
-        const F8 oa = a * cv - b * sv;
-        b = a * sv + b * cv;
-        a = oa;
+        rotate_split(a, b, load(c + m), load(s + m));
       }
       store(y + m, a);
       store(y + half + m, b);
@@ -332,10 +326,7 @@ inline vec8::F8 backward_grads_v8(
       const F8 wa = load(w + m), wb = load(w + half + m);
       F8 ra = load(g + m), rb = load(g + half + m);
       if constexpr (kRotate) {
-        const F8 cv = load(c + m), nv = load(ns + m);
-        const F8 oa = ra * cv - rb * nv;
-        rb = ra * nv + rb * cv;
-        ra = oa;
+        rotate_split(ra, rb, load(c + m), load(ns + m));
         if constexpr (kFreqsGrad) {
           const F8 dphi = rb * ((xa * inv) * wa) - ra * ((xb * inv) * wb);
           store(fy + m, load(fy + m) + cy * dphi);
@@ -396,13 +387,17 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
   const acc_t eps = static_cast<acc_t>(a.p.eps);
   const bool per_head = a.p.per_head;
   // Rows of whole pairs of eight lanes in the AVX2 build: the vector row (cpu/vec8.h), kRowBlock
-  // rows at a time. w_eo: the weight rows as even then odd channels (forward_row_v8).
+  // rows at a time. w_eo: for bfloat16 rows of interleaved pairs, the weight rows as even then odd
+  // channels (forward_row_v8); empty otherwise.
   const bool vec = vec8::use_rows<scalar_t>(kContig, D);
-  std::vector<acc_t> w_eo(2 * D);
-  for (int64_t s = 0; s < 2; ++s) {
-    for (int64_t m = 0; m < half; ++m) {
-      w_eo[s * D + m] = w[s * D + 2 * m];
-      w_eo[s * D + half + m] = w[s * D + 2 * m + 1];
+  std::vector<acc_t> w_eo;
+  if (vec && std::is_same_v<scalar_t, c10::BFloat16> && kInterleaved) {
+    w_eo.resize(2 * D);
+    for (int64_t s = 0; s < 2; ++s) {
+      for (int64_t m = 0; m < half; ++m) {
+        w_eo[s * D + m] = w[s * D + 2 * m];
+        w_eo[s * D + half + m] = w[s * D + 2 * m + 1];
+      }
     }
   }
   // Row (s, b, h, n): x at qk + x_off, out row r = ((s * B + b) * H + h) * N + n.
@@ -424,8 +419,8 @@ void forward_kernel(const QkNormRopeForward& a, const acc_type<scalar_t>* cos_t,
           for (int k = 0; k < count; ++k) {
             const int64_t t = table_row(rs[k]);
             forward_row_v8<kRotate, kInterleaved>(
-                xk[k], out + rs[k].r * D, w + rs[k].s * D, w_eo.data() + rs[k].s * D, kRotate ? cos_t + t : nullptr,
-                kRotate ? sin_t + t : nullptr, Dc, inv[k]);
+                xk[k], out + rs[k].r * D, w + rs[k].s * D, w_eo.empty() ? nullptr : w_eo.data() + rs[k].s * D,
+                kRotate ? cos_t + t : nullptr, kRotate ? sin_t + t : nullptr, Dc, inv[k]);
           }
         });
       }

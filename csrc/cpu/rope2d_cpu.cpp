@@ -131,10 +131,10 @@ inline void rotate_row_v8(const scalar_t* in, scalar_t* out, const float* c, con
     }
   } else {
     for (int64_t m = 0; m < half; m += 8) {
-      const F8 a = load(in + m), b = load(in + half + m);
-      const F8 cv = load(c + m), sv = load(s + m);
-      store(out + m, a * cv - b * sv);
-      store(out + half + m, a * sv + b * cv);
+      F8 a = load(in + m), b = load(in + half + m);
+      rotate_split(a, b, load(c + m), load(s + m));
+      store(out + m, a);
+      store(out + half + m, b);
     }
   }
 }
@@ -157,9 +157,8 @@ inline void rotate_row_angle_grad_v8(
     }
   } else {
     for (int64_t m = 0; m < half; m += 8) {
-      const F8 ga = load(g + m), gb = load(g + half + m);
-      const F8 cv = load(c + m), sv = load(s + m);
-      const F8 oa = ga * cv - gb * sv, ob = ga * sv + gb * cv;
+      F8 oa = load(g + m), ob = load(g + half + m);
+      rotate_split(oa, ob, load(c + m), load(s + m));
       store(dphi + m, load(dphi + m) + (ob * load(x + m) - oa * load(x + half + m)));
       store(gx + m, oa);
       store(gx + half + m, ob);

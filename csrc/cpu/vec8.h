@@ -138,6 +138,15 @@ inline F8 rotate_pairs(F8 v, F8 c, F8 s) {
   return v * c + swap_pairs(v) * negate_even(s);
 }
 
+// Eight pairs given as two vectors, their first channels a and second channels b (half-split rows,
+// or vec8::load_even_odd's lanes), turned by (c, s) per pair: a <- a c - b s, b <- a s + b c, the
+// scalar rotation's operations (math/rope2d_math.h), hence its bits.
+inline void rotate_split(F8& a, F8& b, F8 c, F8 s) {
+  const F8 oa = a * c - b * s;
+  b = a * s + b * c;
+  a = oa;
+}
+
 // The even and the odd lanes of the 16 lanes a, b: one channel of each of 8 interleaved pairs.
 inline F8 even_lanes(F8 a, F8 b) {
   return JITROPE_SHUFFLE16(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
