@@ -8,7 +8,9 @@ picks instead of a custom kernel), the time of a plain copy of the bytes the op 
 clone of x; forward+backward: a clone of x and of the gradient), and the ratios fused/copy (1.0 =
 as fast as a copy, the memory-bandwidth bound), eager/fused and compiled/fused (speed-ups), for the
 forward and the forward+backward. All ratios of a row come from the same run. Times are medians
-over --reps runs after --warmup runs, taken with CUDA events on a GPU.
+over --reps runs after --warmup runs, taken with CUDA events on a GPU; the columns of a row are
+timed in turns (one call of each per round), so that a shared machine's changing load weighs on
+them alike (--order blocked: all runs of one column, then the next).
 
     python scripts/bench_ops.py --op rope2d --device cpu --dtype float32
     python scripts/bench_ops.py --op qk_norm_rope --threads 2 --compile
@@ -40,31 +42,68 @@ from jitrope.rope import axial_freqs, sequence_coords  # noqa: E402
 # ---------------------------------------------------------------- generic harness
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int, clock: str = "wall") -> float:
-    """Median time of fn() in milliseconds: CUDA events on a GPU; on a CPU wall time, or with
+def _timer(device: torch.device, clock: str) -> Callable[[Callable[[], object]], float]:
+    """One call of fn timed in milliseconds: CUDA events on a GPU; on a CPU wall time, or with
     clock="cpu" the CPU time of this process (its threads' time on the CPU, page faults included,
     time spent waiting for a core while other jobs run excluded: with 1 thread, what a quiet
     machine's wall clock would read)."""
-    for _ in range(warmup):
-        fn()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(reps):
+
+        def one(fn: Callable[[], object]) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+            return start.elapsed_time(end)
+
+        return one
     now = time.process_time if clock == "cpu" else time.perf_counter
-    times = []
-    for _ in range(reps):
+
+    def one(fn: Callable[[], object]) -> float:
         t0 = now()
         fn()
-        times.append((now() - t0) * 1e3)
-    return statistics.median(times)
+        return (now() - t0) * 1e3
+
+    return one
+
+
+def time_ms(
+    fns: Dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int,
+    reps: int,
+    clock: str = "wall",
+    order: str = "interleaved",
+) -> Dict[str, float]:
+    """Median time in milliseconds of each of fns, after `warmup` untimed calls of each.
+
+    order="interleaved" (the default) takes the timed calls in rounds, one call of every function
+    per round, each round starting one function later: a shared machine's load, which drifts over
+    seconds, then weighs on every column of a row alike, and no column always follows the same one
+    (whose memory traffic it would inherit). order="blocked" times all calls of one function, then
+    the next (the order of sessions before 2026-12-07), for comparison."""
+    one = _timer(device, clock)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    names = list(fns)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    if order == "blocked":
+        for name in names:
+            for _ in range(warmup):
+                fns[name]()
+            for _ in range(reps):
+                times[name].append(one(fns[name]))
+    else:
+        for _ in range(warmup):
+            for name in names:
+                fns[name]()
+        for r in range(reps):
+            for k in range(len(names)):
+                name = names[(r + k) % len(names)]
+                times[name].append(one(fns[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def keep_freed_blocks() -> str:
@@ -106,7 +145,7 @@ def measure(
     fns = [("fused", fused), ("eager", eager), ("copy", copy)]
     if compiled is not None and args.compile:
         fns.append(("compiled", compiled))
-    t = {name: time_ms(fn, device, warmup=args.warmup, reps=args.reps, clock=args.clock) for name, fn in fns}
+    t = time_ms(dict(fns), device, warmup=args.warmup, reps=args.reps, clock=args.clock, order=args.order)
     return {
         "op": op,
         "case": case,
@@ -736,6 +775,13 @@ def main(argv=None) -> int:
         help="CPU timing: wall time (default) or the process's CPU time (with --threads 1, robust to other jobs)",
     )
     p.add_argument(
+        "--order",
+        choices=["interleaved", "blocked"],
+        default="interleaved",
+        help="timed calls of a row's columns in rounds, one of each per round (default), or all calls of one "
+        "column, then the next",
+    )
+    p.add_argument(
         "--malloc-defaults", action="store_true", help="CPU: leave glibc malloc as it is (see keep_freed_blocks)"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
@@ -775,7 +821,7 @@ def main(argv=None) -> int:
         )
         print(
             f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}; packed batches, "
-            f"{args.packed_calls} size mixes per run, median of {args.reps} runs"
+            f"{args.packed_calls} size mixes per run, median of {args.reps} runs, {args.order}"
         )
         print(
             "compiled = torch.compile(dynamic=True, fullgraph=True) of the eager code: one graph for every T; "
@@ -794,7 +840,7 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"jitrope {jitrope.__version__}, torch {torch.__version__}, {where}, {alloc}; "
-        f"median of {args.reps} runs, {args.clock} clock\n"
+        f"median of {args.reps} runs, {args.order}, {args.clock} clock\n"
     )
     print_table(rows)
     if args.json:

@@ -1,5 +1,5 @@
-"""scripts/bench_ops.py --packed on the CPU: its baselines compute the fused ops' results, and a tiny run prints
-every row with its goal."""
+"""scripts/bench_ops.py on the CPU: the timing rounds, the --packed baselines compute the fused ops' results,
+and a tiny run prints every row with its goal."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ bench_ops = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench_ops)
 
 needs_ext = pytest.mark.skipif(not jitrope.HAS_EXTENSION, reason="jitrope extension not built")
+
+
+@pytest.mark.parametrize("order", ["interleaved", "blocked"])
+def test_time_ms_calls_each_function_warmup_plus_reps_times_in_the_asked_order(order):
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = bench_ops.time_ms(fns, torch.device("cpu"), warmup=1, reps=3, order=order)
+    assert sorted(times) == ["a", "b", "c"] and all(t >= 0 for t in times.values())
+    if order == "interleaved":  # warm-up round, then rounds starting one function later each
+        assert "".join(calls) == "abc" + "abc" + "bca" + "cab"
+    else:
+        assert "".join(calls) == "aaaabbbbcccc"
 
 
 def test_packed_mixes_fill_the_budget_with_each_image_on_its_own_grid():
