@@ -4,11 +4,12 @@
 // kMaxLeadingDims unmergeable leading dims, to contiguous first); tables and indices are
 // contiguous; outputs are contiguous. Forward: at::parallel_for over (leading index, token)
 // rows, each row one vectorized pass of x + (pos_h[r] + pos_w[c]), x + one table row, or a memcpy:
-// the bytes of a copy of x plus cache-resident table rows. Backward: a stable counting sort lists
-// each table row's tokens in ascending order, then the three stages of math/pos2d_add_indexed_math.h
-// (batch chunks when B > 1, cpu/batch_chunks.h shared with pos2d_add; segments of kSegment tokens, per-row sums of the
-// segments), each an at::parallel_for over independent sums; the order of every sum is fixed there, independent of the
-// thread count, and the CUDA kernels add in the same order.
+// the bytes of a copy of x plus cache-resident table rows. Backward: the three stages of
+// math/pos2d_add_indexed_math.h (batch chunks when B > 1, cpu/batch_chunks.h shared with pos2d_add;
+// segments of kSegment tokens of each table row, filled in one pass over the tokens that reads each
+// gradient row once for both tables; per-row sums of the segments), each an at::parallel_for over
+// independent sums; the order of every sum is fixed there, independent of the thread count, and
+// the CUDA kernels add in the same order.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -83,36 +84,45 @@ void forward_kernel(const Pos2dAddIndexedForward& a) {
   });
 }
 
-// The entries of the combined table of max_h + max_w rows (pos_h's, then pos_w's) sorted stably by
-// row: row q's tokens are tokens[start[q] : start[q + 1]], ascending. A counting sort, O(N + rows).
-struct SortedTokens {
-  std::vector<int64_t> start;   // [rows + 1]
-  std::vector<int64_t> tokens;  // [entries]
+// Where each entry of the backward goes (math/pos2d_add_indexed_math.h): the combined table of
+// max_h + max_w rows (pos_h's, then pos_w's), each row's tokens in ascending order cut into
+// segments of kSegment; row q's segments are seg_begin[q] .. seg_begin[q + 1), and token n's entry
+// of pos_h lies in segment seg_of[2 n], its entry of pos_w in seg_of[2 n + 1] (-1: no entry).
+// O(N + rows).
+struct EntrySegments {
+  std::vector<int64_t> seg_begin;  // [rows + 1]
+  std::vector<int64_t> seg_of;     // [2 N]
 };
 
-SortedTokens sort_tokens(const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w) {
+EntrySegments entry_segments(const at::Tensor& rows, const at::Tensor& cols, int64_t max_h, int64_t max_w) {
   const int64_t N = rows.numel(), R = max_h + max_w;
   const int64_t* r = rows.const_data_ptr<int64_t>();
   const int64_t* c = cols.const_data_ptr<int64_t>();
-  SortedTokens s{std::vector<int64_t>(R + 1, 0), {}};
+  // The combined row of token n's entry in table t (0: pos_h, 1: pos_w), or -1.
+  auto row_of = [&](int64_t n, int t) { return t == 0 ? r[n] : (c[n] >= 0 ? max_h + c[n] : -1); };
+  std::vector<int64_t> count(R, 0);
   for (int64_t n = 0; n < N; ++n) {
-    s.start[r[n] + 1] += r[n] >= 0;
-    s.start[max_h + c[n] + 1] += c[n] >= 0;
+    for (int t = 0; t < 2; ++t) {
+      const int64_t q = row_of(n, t);
+      if (q >= 0) {
+        ++count[q];
+      }
+    }
   }
+  EntrySegments e{std::vector<int64_t>(R + 1, 0), std::vector<int64_t>(2 * N, -1)};
   for (int64_t q = 0; q < R; ++q) {
-    s.start[q + 1] += s.start[q];
+    e.seg_begin[q + 1] = e.seg_begin[q] + math::segments(count[q]);
   }
-  s.tokens.resize(s.start[R]);
-  std::vector<int64_t> next(s.start.begin(), s.start.end() - 1);
+  std::fill(count.begin(), count.end(), 0);  // now: the entries of each row seen so far
   for (int64_t n = 0; n < N; ++n) {
-    if (r[n] >= 0) {
-      s.tokens[next[r[n]]++] = n;
-    }
-    if (c[n] >= 0) {
-      s.tokens[next[max_h + c[n]]++] = n;
+    for (int t = 0; t < 2; ++t) {
+      const int64_t q = row_of(n, t);
+      if (q >= 0) {
+        e.seg_of[2 * n + t] = e.seg_begin[q] + count[q]++ / math::kSegment;
+      }
     }
   }
-  return s;
+  return e;
 }
 
 template <typename scalar_t>
@@ -121,8 +131,8 @@ void backward_kernel(const Pos2dAddIndexedBackward& a) {
   const at::Tensor& g = a.grad_out;
   const int64_t B = a.B, N = g.size(-2), D = g.size(-1), g_st = g.stride(-2);
   const int64_t max_h = a.grad_h.size(0), max_w = a.grad_w.size(0), R = max_h + max_w;
-  const SortedTokens sorted = sort_tokens(a.rows, a.cols, max_h, max_w);
-  const int64_t* tokens = sorted.tokens.data();
+  const EntrySegments e = entry_segments(a.rows, a.cols, max_h, max_w);
+  const int64_t* seg_of = e.seg_of.data();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const pos2d_add_math::BatchChunks& chunks = a.chunks;
 
@@ -131,28 +141,36 @@ void backward_kernel(const Pos2dAddIndexedBackward& a) {
     sum_batch_chunks<scalar_t>(gp, a.lead, g_st, 0, N, B, D, chunks, a.partials.mutable_data_ptr<acc>());
   }
 
-  // Stage 2: one task per segment of kSegment tokens of a row.
-  std::vector<int64_t> seg_begin(R + 1, 0);
-  for (int64_t q = 0; q < R; ++q) {
-    seg_begin[q + 1] = seg_begin[q] + math::segments(sorted.start[q + 1] - sorted.start[q]);
-  }
-  const int64_t S = seg_begin[R];
-  std::vector<acc> seg(S * D);
-  const int64_t grain2 = std::max<int64_t>(
-      1, at::internal::GRAIN_SIZE / std::max<int64_t>(math::kSegment * std::max<int64_t>(chunks.count, 1) * D, 1));
-  at::parallel_for(0, S, grain2, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t q = math::segment_row(seg_begin.data(), R, s);
-      const int64_t first = sorted.start[q] + (s - seg_begin[q]) * math::kSegment;
-      const int64_t count = std::min(math::kSegment, sorted.start[q + 1] - first);
+  // Stage 2 in one pass over the tokens: token n's row (of stage 1's partials, or of grad_out when
+  // B = 1) is added to the segment of its pos_h entry and to that of its pos_w entry, chunks outer
+  // and tokens ascending inside, which is the order of math::sum_segment (each segment starts at
+  // zero and takes its tokens in ascending order), so the sums have its bits; the rows are read once
+  // and in memory order, not once per table in each table row's order. Tasks are slices of
+  // channels, whose sums are independent, so every thread reads its slice of every row.
+  const int64_t S = e.seg_begin[R];
+  std::vector<acc> seg(S * D, acc(0));
+  const int64_t passes = B > 1 ? chunks.count : 1;
+  const int64_t grain2 = std::max<int64_t>(16, at::internal::GRAIN_SIZE / std::max<int64_t>(passes * N, 1));
+  at::parallel_for(0, D, grain2, [&](int64_t d0, int64_t d1) {
+    run_isa([&] {
+      auto add_rows = [&](const auto* src, int64_t chunk_stride, int64_t token_stride) {
+        for (int64_t k = 0; k < passes; ++k) {
+          for (int64_t n = 0; n < N; ++n) {
+            const auto* q = src + k * chunk_stride + n * token_stride + d0;
+            for (int t = 0; t < 2; ++t) {
+              if (seg_of[2 * n + t] >= 0) {
+                accumulate_row(seg.data() + seg_of[2 * n + t] * D + d0, q, d1 - d0);
+              }
+            }
+          }
+        }
+      };
       if (B > 1) {
-        math::sum_segment(
-            seg.data() + s * D, a.partials.const_data_ptr<acc>(), D, chunks.count, N * D, tokens + first, count, D);
+        add_rows(a.partials.const_data_ptr<acc>(), N * D, D);
       } else {
-        // B = 1: one chunk whose partials are grad_out's rows themselves.
-        math::sum_segment(seg.data() + s * D, gp, D, 1, 0, tokens + first, count, g_st);
+        add_rows(gp, 0, g_st);
       }
-    }
+    });
   });
 
   // Stage 3: one task per table row.
@@ -164,7 +182,7 @@ void backward_kernel(const Pos2dAddIndexedBackward& a) {
     std::vector<acc> s(D);
     for (int64_t q = begin; q < end; ++q) {
       scalar_t* out = q < max_h ? out_h + q * D : out_w + (q - max_h) * D;
-      math::sum_segments(s.data(), seg.data() + seg_begin[q] * D, D, seg_begin[q + 1] - seg_begin[q], D);
+      math::sum_segments(s.data(), seg.data() + e.seg_begin[q] * D, D, e.seg_begin[q + 1] - e.seg_begin[q], D);
       for (int64_t d = 0; d < D; ++d) {
         out[d] = from_acc<scalar_t>(s[d]);
       }
