@@ -29,10 +29,10 @@ namespace {
 // out[d] = x[d] + (ph[d] + pw[d]) in the compute type, rounded once. A plain loop that GCC
 // vectorizes for float32, float64 and bfloat16 (cpu/rows.h's conversions, branch-free), in the
 // baseline and the AVX2 build (cpu/isa.h), where at::vec's generic reduced-type conversions are
-// scalar calls.
-template <typename scalar_t>
+// scalar calls. The table rows are in x's dtype or already in the compute type (table_t).
+template <typename scalar_t, typename table_t>
 void add_position_row(
-    scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph, const scalar_t* __restrict__ pw, int64_t D) {
+    scalar_t* out, const scalar_t* x, const table_t* __restrict__ ph, const table_t* __restrict__ pw, int64_t D) {
   using acc = acc_type<scalar_t>;
   for (int64_t d = 0; d < D; ++d) {
     out[d] =
@@ -44,8 +44,13 @@ template <typename scalar_t>
 void forward_rows(const Pos2dAddForward& a) {
   const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
   scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
-  const scalar_t* ph = a.pos_h.const_data_ptr<scalar_t>();
-  const scalar_t* pw = a.pos_w.const_data_ptr<scalar_t>();
+  // bfloat16 / float16 tables converted once to the compute type (they are a few rows, read for
+  // every token): the rows then convert only x, and the sums are the same.
+  using acc = acc_type<scalar_t>;
+  const at::Tensor ph_acc = a.pos_h.to(c10::CppTypeToScalarType<acc>::value);
+  const at::Tensor pw_acc = a.pos_w.to(c10::CppTypeToScalarType<acc>::value);
+  const acc* ph = ph_acc.const_data_ptr<acc>();
+  const acc* pw = pw_acc.const_data_ptr<acc>();
   const int64_t x_sb = a.x.stride(0), x_st = a.x.stride(1), out_sb = a.out.stride(0), out_st = a.out.stride(1);
   const int64_t D = a.x.size(2), cells = a.gh * a.gw;
   // The token range visited: the grid's tokens for the in-place twin, else every token.

@@ -31,19 +31,17 @@ namespace {
 namespace math = pos2d_add_indexed_math;
 
 // One row of the forward in the compute type, rounded once. Plain loops that GCC vectorizes (as in
-// pos2d_add_cpu.cpp: baseline and AVX2 builds, cpu/isa.h); the case is picked once per row.
-template <typename scalar_t>
-void add_both(
-    scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ ph, const scalar_t* __restrict__ pw, int64_t D) {
-  using acc = acc_type<scalar_t>;
+// pos2d_add_cpu.cpp: baseline and AVX2 builds, cpu/isa.h); the case is picked once per row. The
+// table rows are in the compute type already (forward_kernel converts the tables once).
+template <typename scalar_t, typename acc = acc_type<scalar_t>>
+void add_both(scalar_t* out, const scalar_t* x, const acc* __restrict__ ph, const acc* __restrict__ pw, int64_t D) {
   for (int64_t d = 0; d < D; ++d) {
     out[d] = from_acc<scalar_t>(math::add_positions(to_acc<acc>(x[d]), to_acc<acc>(ph[d]), to_acc<acc>(pw[d])));
   }
 }
 
-template <typename scalar_t>
-void add_one(scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ p, int64_t D) {
-  using acc = acc_type<scalar_t>;
+template <typename scalar_t, typename acc = acc_type<scalar_t>>
+void add_one(scalar_t* out, const scalar_t* x, const acc* __restrict__ p, int64_t D) {
   for (int64_t d = 0; d < D; ++d) {
     out[d] = from_acc<scalar_t>(math::add_position(to_acc<acc>(x[d]), to_acc<acc>(p[d])));
   }
@@ -57,8 +55,13 @@ void forward_kernel(const Pos2dAddIndexedForward& a) {
   const int64_t x_st = x.stride(-2);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
-  const scalar_t* ph = a.pos_h.const_data_ptr<scalar_t>();
-  const scalar_t* pw = a.pos_w.const_data_ptr<scalar_t>();
+  // bfloat16 / float16 tables converted once to the compute type (a few rows, read for every
+  // token): the rows then convert only x, and the sums are the same.
+  using acc = acc_type<scalar_t>;
+  const at::Tensor ph_acc = a.pos_h.to(c10::CppTypeToScalarType<acc>::value);
+  const at::Tensor pw_acc = a.pos_w.to(c10::CppTypeToScalarType<acc>::value);
+  const acc* ph = ph_acc.const_data_ptr<acc>();
+  const acc* pw = pw_acc.const_data_ptr<acc>();
   const int64_t* r = a.rows.const_data_ptr<int64_t>();
   const int64_t* c = a.cols.const_data_ptr<int64_t>();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
