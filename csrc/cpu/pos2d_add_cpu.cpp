@@ -2,7 +2,7 @@
 // Layout: x and grad_out are read row by row ((b, t) rows of D channels through their batch and
 // token strides, unit channel stride), the tables are contiguous, outputs are contiguous. Forward:
 // at::parallel_for over rows, each row one vectorized pass x + (pos_h[row] + pos_w[col]) or a
-// memcpy, so it moves the bytes of a copy of x plus the (cache-resident) table rows; the in-place
+// plain copy, so it moves the bytes of a copy of x plus the (cache-resident) table rows; the in-place
 // twin visits only the grid's rows. Backward: stage 1 sums grad_out over fixed batch chunks, one
 // task per (chunk, grid cell), into float32 (float64 for float64) partials [chunks, gh*gw, D] (one
 // read of the grid's part of grad_out; cpu/batch_chunks.h, shared with pos2d_add_indexed); stage 2
@@ -68,7 +68,7 @@ void forward_rows(const Pos2dAddForward& a) {
         if (pos2d_add_math::grid_cell<int64_t>(t, a.token_offset, cells, a.gw, i, j)) {
           add_position_row(out, x, ph + (a.row_offset + i) * D, pw + (a.col_offset + j) * D, D);
         } else if (out != x) {
-          std::memcpy(out, x, D * sizeof(scalar_t));
+          copy_bytes(out, x, D * sizeof(scalar_t));
         }
       }
     });

@@ -3,7 +3,7 @@
 // (merged) leading strides and token stride (the wrapper copies a strided channel dim, or more than
 // kMaxLeadingDims unmergeable leading dims, to contiguous first); tables and indices are
 // contiguous; outputs are contiguous. Forward: at::parallel_for over (leading index, token)
-// rows, each row one vectorized pass of x + (pos_h[r] + pos_w[c]), x + one table row, or a memcpy:
+// rows, each row one vectorized pass of x + (pos_h[r] + pos_w[c]), x + one table row, or a plain copy:
 // the bytes of a copy of x plus cache-resident table rows. Backward: the three stages of
 // math/pos2d_add_indexed_math.h (batch chunks when B > 1, cpu/batch_chunks.h shared with pos2d_add;
 // segments of kSegment tokens of each table row, filled in one pass over the tokens that reads each
@@ -80,7 +80,7 @@ void forward_kernel(const Pos2dAddIndexedForward& a) {
         } else if (j >= 0) {
           add_one(dst, src, pw + j * D, D);
         } else {
-          std::memcpy(dst, src, D * sizeof(scalar_t));
+          copy_bytes(dst, src, D * sizeof(scalar_t));
         }
       }
     });

@@ -7,6 +7,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -58,6 +59,29 @@ template <typename scalar_t, typename acc_t>
 inline void store_row(const acc_t* __restrict__ acc, scalar_t* __restrict__ out, int64_t n) {
   for (int64_t d = 0; d < n; ++d) {
     out[d] = from_acc<scalar_t>(acc[d]);
+  }
+}
+
+// out[0, bytes) = in[0, bytes) through 32-byte vector moves (two 16-byte moves in the baseline
+// build), for the rows that a position op copies unchanged. Not std::memcpy: glibc's memcpy of rows
+// of a few KB into an output whose pages are touched for the first time ran markedly slower than
+// this loop (pos2d_add's condition-prefix rows, scripts/bench_ops.py --op pos2d_add), so GCC is
+// kept from turning the loop back into a memcpy call.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+#endif
+inline void copy_bytes(void* __restrict__ out, const void* __restrict__ in, int64_t bytes) {
+  using V = uint64_t __attribute__((vector_size(32)));
+  char* o = static_cast<char*>(out);
+  const char* i = static_cast<const char*>(in);
+  int64_t b = 0;
+  for (; b + 32 <= bytes; b += 32) {
+    V v;
+    std::memcpy(&v, i + b, sizeof(v));
+    std::memcpy(o + b, &v, sizeof(v));
+  }
+  for (; b < bytes; ++b) {
+    o[b] = i[b];
   }
 }
 
