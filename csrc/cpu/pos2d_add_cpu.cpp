@@ -29,11 +29,11 @@ namespace {
 // out[d] = x[d] + (ph[d] + pw[d]) in the compute type, rounded once. A plain loop that GCC
 // vectorizes for float32, float64 and bfloat16 (cpu/rows.h's conversions, branch-free), in the
 // baseline and the AVX2 build (cpu/isa.h), where at::vec's generic reduced-type conversions are
-// scalar calls. The table rows are in x's dtype or already in the compute type (table_t).
-template <typename scalar_t, typename table_t>
+// scalar calls. The table rows are in the compute type already (forward_rows converts the tables
+// once).
+template <typename scalar_t, typename acc = acc_type<scalar_t>>
 void add_position_row(
-    scalar_t* out, const scalar_t* x, const table_t* __restrict__ ph, const table_t* __restrict__ pw, int64_t D) {
-  using acc = acc_type<scalar_t>;
+    scalar_t* out, const scalar_t* x, const acc* __restrict__ ph, const acc* __restrict__ pw, int64_t D) {
   for (int64_t d = 0; d < D; ++d) {
     out[d] =
         from_acc<scalar_t>(pos2d_add_math::add_position(to_acc<acc>(x[d]), to_acc<acc>(ph[d]), to_acc<acc>(pw[d])));
@@ -47,8 +47,8 @@ void forward_rows(const Pos2dAddForward& a) {
   // bfloat16 / float16 tables converted once to the compute type (they are a few rows, read for
   // every token): the rows then convert only x, and the sums are the same.
   using acc = acc_type<scalar_t>;
-  const at::Tensor ph_acc = a.pos_h.to(c10::CppTypeToScalarType<acc>::value);
-  const at::Tensor pw_acc = a.pos_w.to(c10::CppTypeToScalarType<acc>::value);
+  const at::Tensor ph_acc = a.pos_h.to(acc_dtype(a.x.scalar_type()));
+  const at::Tensor pw_acc = a.pos_w.to(acc_dtype(a.x.scalar_type()));
   const acc* ph = ph_acc.const_data_ptr<acc>();
   const acc* pw = pw_acc.const_data_ptr<acc>();
   const int64_t x_sb = a.x.stride(0), x_st = a.x.stride(1), out_sb = a.out.stride(0), out_st = a.out.stride(1);

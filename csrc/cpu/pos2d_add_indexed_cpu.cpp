@@ -58,8 +58,8 @@ void forward_kernel(const Pos2dAddIndexedForward& a) {
   // bfloat16 / float16 tables converted once to the compute type (a few rows, read for every
   // token): the rows then convert only x, and the sums are the same.
   using acc = acc_type<scalar_t>;
-  const at::Tensor ph_acc = a.pos_h.to(c10::CppTypeToScalarType<acc>::value);
-  const at::Tensor pw_acc = a.pos_w.to(c10::CppTypeToScalarType<acc>::value);
+  const at::Tensor ph_acc = a.pos_h.to(acc_dtype(a.x.scalar_type()));
+  const at::Tensor pw_acc = a.pos_w.to(acc_dtype(a.x.scalar_type()));
   const acc* ph = ph_acc.const_data_ptr<acc>();
   const acc* pw = pw_acc.const_data_ptr<acc>();
   const int64_t* r = a.rows.const_data_ptr<int64_t>();
